@@ -1,0 +1,836 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/* underpass datapath.
+ *
+ * parent_egress (TC egress on a macvlan/ipvlan parent NIC) turns the parent
+ * into a hairpin: a frame whose destination is local is redirected into the
+ * parent's own receive path, where the macvlan/ipvlan rx_handler delivers it
+ * to the right slave or to the host stack. It also steers endpoint traffic
+ * for service/host destinations to the host stack and guards against stale
+ * service VIPs. uplink_egress is the stale guard alone, for other NICs.
+ * endpoint_ingress/endpoint_egress count and validate one endpoint; they are
+ * loaded once per endpoint with endpoint_id set, because a tc program on a
+ * slave inside a container netns has no other reliable way to know which
+ * endpoint it runs for (ifindexes repeat across netns). */
+
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "net.h"
+#include "underpass.h"
+
+char __license[] SEC("license") = "Dual BSD/GPL";
+
+/* Set by the loader of the endpoint programs; 0 in the shared collection. */
+volatile const __u32 endpoint_id = 0;
+/* Tests set this to record every redirect in the trace map; the verifier
+ * removes the code when it is 0. */
+volatile const __u8 trace_redirects = 0;
+
+/* Force enums that only name constants into BTF, so bpf2go -type can share
+ * them with Go. */
+const enum up_mode *unused_mode __attribute__((unused));
+const enum up_config_flags *unused_config_flags __attribute__((unused));
+const enum up_host_flags *unused_host_flags __attribute__((unused));
+const enum up_drop_reason *unused_drop_reason __attribute__((unused));
+const enum up_stat *unused_stat __attribute__((unused));
+const enum up_trace_kind *unused_trace_kind __attribute__((unused));
+
+#define MAX_ENDPOINTS 16384
+#define MAX_SERVICES 65536
+#define MAX_CIDRS 1024
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct up_config);
+} config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 256);
+	__type(key, __u32);
+	__type(value, struct up_parent);
+} parents SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_ENDPOINTS);
+	__type(key, struct up_mac_key);
+	__type(value, struct up_ep_ref);
+} ep_by_mac SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_ENDPOINTS * 4);
+	__type(key, struct up_ip_key);
+	__type(value, struct up_ep_ref);
+} ep_by_ip SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_ENDPOINTS);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __u32);
+	__type(value, struct up_endpoint);
+} endpoints SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, MAX_ENDPOINTS);
+	__type(key, __u32);
+	__type(value, struct up_ep_stats);
+} ep_stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, UP_STAT_MAX);
+	__type(key, __u32);
+	__type(value, struct up_counter);
+} stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, UP_DROP_MAX);
+	__type(key, __u32);
+	__type(value, struct up_counter);
+} drops SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, MAX_CIDRS);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct up_lpm_key);
+	__type(value, __u32);
+} svc_cidrs SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_SERVICES);
+	__type(key, struct up_ip_key);
+	__type(value, __u32);
+} live_svcs SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, MAX_CIDRS);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct up_lpm_key);
+	__type(value, struct up_host_entry);
+} host_cidrs SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct up_trace);
+} trace SEC(".maps");
+
+/* What parse_l3 learnt about a frame. Addresses are IPv4-mapped. */
+struct pkt {
+	struct up_ip_key saddr;
+	struct up_ip_key daddr;
+	__u16 proto;    /* host order: ETH_P_IP, ETH_P_IPV6 or ETH_P_ARP */
+	__u8 l4proto;
+	__u8 tcp_flags;
+	__u8 arp_op;
+	__u8 nd_type;   /* ICMPv6 NS/NA, 0 otherwise */
+	__u8 first_frag;/* 1 unless this is a non-first IPv4 fragment */
+	__u8 _pad;
+	struct up_ip_key target; /* ARP tpa or ND target */
+};
+
+static __always_inline void map_v4(struct up_ip_key *k, const __u8 *a)
+{
+	__builtin_memset(k, 0, sizeof(*k));
+	k->addr[10] = 0xff;
+	k->addr[11] = 0xff;
+	k->addr[12] = a[0];
+	k->addr[13] = a[1];
+	k->addr[14] = a[2];
+	k->addr[15] = a[3];
+}
+
+static __always_inline int mac_eq(const __u8 *a, const __u8 *b)
+{
+	/* Byte by byte: the headers live in packed stack copies, where wider
+	 * loads would be misaligned. */
+	return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3] && a[4] == b[4] &&
+	       a[5] == b[5];
+}
+
+static __always_inline int is_multicast(const __u8 *mac)
+{
+	return mac[0] & 1;
+}
+
+static __always_inline struct up_config *get_config(void)
+{
+	__u32 zero = 0;
+	return bpf_map_lookup_elem(&config, &zero);
+}
+
+static __always_inline void count(__u32 stat, __u32 len)
+{
+	struct up_counter *c = bpf_map_lookup_elem(&stats, &stat);
+	if (c) {
+		c->packets++;
+		c->bytes += len;
+	}
+}
+
+static __always_inline struct up_ep_stats *ep_stats_of(__u32 id)
+{
+	if (!id)
+		return 0;
+	return bpf_map_lookup_elem(&ep_stats, &id);
+}
+
+static __always_inline void count_drop(__u32 reason, __u32 ep_id, __u32 len)
+{
+	struct up_counter *c = bpf_map_lookup_elem(&drops, &reason);
+	if (c) {
+		c->packets++;
+		c->bytes += len;
+	}
+	struct up_ep_stats *s = ep_stats_of(ep_id);
+	if (s && reason < UP_DROP_MAX)
+		s->drops[reason]++;
+}
+
+static __always_inline void record(__u32 kind, __u32 ifindex, __u64 flags, __u32 ep_id)
+{
+	if (!trace_redirects)
+		return;
+	__u32 zero = 0;
+	struct up_trace *t = bpf_map_lookup_elem(&trace, &zero);
+	if (t) {
+		t->kind = kind;
+		t->ifindex = ifindex;
+		t->flags = flags;
+		t->ep_id = ep_id;
+		t->count++;
+	}
+}
+
+/* Back into the parent's own receive path. The redirect stays inside the
+ * host netns, so the kernel keeps skb->mark: clear it, or a host mark would
+ * leak into the pod. */
+static __always_inline int to_ingress(struct __sk_buff *skb, __u32 ep_id)
+{
+	skb->mark = 0;
+	record(UP_TRACE_REDIRECT, skb->ifindex, BPF_F_INGRESS, ep_id);
+	return bpf_redirect(skb->ifindex, BPF_F_INGRESS);
+}
+
+/* A copy goes to the parent's receive path, the original on to the wire. */
+static __always_inline void clone_to_ingress(struct __sk_buff *skb, __u32 stat)
+{
+	__u32 mark = skb->mark;
+	skb->mark = 0;
+	long err = bpf_clone_redirect(skb, skb->ifindex, BPF_F_INGRESS);
+	skb->mark = mark;
+	if (err) {
+		count(UP_STAT_CLONE_FAILED, skb->len);
+		return;
+	}
+	record(UP_TRACE_CLONE, skb->ifindex, BPF_F_INGRESS, 0);
+	count(stat, skb->len);
+}
+
+static __always_inline int in_lpm(void *map, const struct up_ip_key *addr, __u32 *flags)
+{
+	struct up_lpm_key k = {.prefixlen = 128};
+	__builtin_memcpy(k.addr, addr->addr, 16);
+	__u32 *v = bpf_map_lookup_elem(map, &k);
+	if (!v)
+		return 0;
+	if (flags)
+		*flags = *v;
+	return 1;
+}
+
+/* Reads the headers the decisions need with bpf_skb_load_bytes, which works
+ * whatever part of the frame is linear and never leaves stale packet
+ * pointers behind (bpf_clone_redirect invalidates those). Returns 0 when the
+ * frame is not something the programs act on. */
+static __always_inline int parse_l3(struct __sk_buff *skb, __u16 proto, struct pkt *p)
+{
+	__builtin_memset(p, 0, sizeof(*p));
+	p->proto = proto;
+	p->first_frag = 1;
+
+	if (proto == ETH_P_IP) {
+		struct iphdr ip;
+		if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)))
+			return 0;
+		__u32 ihl = ip.ver_ihl & 0xf;
+		if ((ip.ver_ihl >> 4) != 4 || ihl < 5)
+			return 0;
+		map_v4(&p->saddr, (const __u8 *)&ip.saddr);
+		map_v4(&p->daddr, (const __u8 *)&ip.daddr);
+		p->l4proto = ip.protocol;
+		if (ip.frag_off & bpf_htons(0x1fff))
+			p->first_frag = 0;
+		if (ip.protocol == IPPROTO_TCP && p->first_frag) {
+			struct tcphdr th;
+			if (!bpf_skb_load_bytes(skb, ETH_HLEN + ihl * 4, &th, sizeof(th)))
+				p->tcp_flags = th.flags;
+		}
+		return 1;
+	}
+	if (proto == ETH_P_IPV6) {
+		struct ipv6hdr ip6;
+		if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip6, sizeof(ip6)))
+			return 0;
+		if ((ip6.ver_tc >> 4) != 6)
+			return 0;
+		__builtin_memcpy(p->saddr.addr, ip6.saddr, 16);
+		__builtin_memcpy(p->daddr.addr, ip6.daddr, 16);
+		/* Extension headers are not walked: such packets are classified
+		 * by address only, which is all the guard and the steering need. */
+		p->l4proto = ip6.nexthdr;
+		if (ip6.nexthdr == IPPROTO_TCP) {
+			struct tcphdr th;
+			if (!bpf_skb_load_bytes(skb, ETH_HLEN + sizeof(ip6), &th, sizeof(th)))
+				p->tcp_flags = th.flags;
+		} else if (ip6.nexthdr == IPPROTO_ICMPV6) {
+			struct icmp6_nd nd;
+			if (!bpf_skb_load_bytes(skb, ETH_HLEN + sizeof(ip6), &nd, sizeof(nd)) &&
+			    (nd.type == ICMPV6_ND_NS || nd.type == ICMPV6_ND_NA) && nd.code == 0) {
+				p->nd_type = nd.type;
+				__builtin_memcpy(p->target.addr, nd.target, 16);
+			}
+		}
+		return 1;
+	}
+	if (proto == ETH_P_ARP) {
+		struct arp_eth arp;
+		if (bpf_skb_load_bytes(skb, ETH_HLEN, &arp, sizeof(arp)))
+			return 0;
+		if (arp.htype != bpf_htons(1) || arp.ptype != bpf_htons(ETH_P_IP) ||
+		    arp.hlen != 6 || arp.plen != 4)
+			return 0;
+		p->arp_op = bpf_ntohs(arp.op);
+		map_v4(&p->saddr, arp.spa);
+		map_v4(&p->target, arp.tpa);
+		return 1;
+	}
+	return 0;
+}
+
+/* ---- checksums, for the answers built in reject mode ---------------------- */
+
+static __always_inline __u16 csum_fold(__u64 sum)
+{
+	sum = (sum & 0xffffffff) + (sum >> 32);
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	return ~sum & 0xffff;
+}
+
+/* One's complement sum of 16-bit words as they lie in memory: storing the
+ * folded result back in memory order gives the network-order checksum. */
+static __always_inline __u64 csum_add(const void *buf, __u32 words, __u64 sum)
+{
+	const __u16 *w = buf;
+#pragma unroll
+	for (__u32 i = 0; i < 64; i++) {
+		if (i >= words)
+			break;
+		sum += w[i];
+	}
+	return sum;
+}
+
+/* ---- reject mode ------------------------------------------------------------ */
+
+struct rst4 {
+	struct iphdr ip;
+	struct tcphdr tcp;
+};
+
+/* TCP SYN to a stale IPv4 VIP -> RST|ACK from the VIP, sent back where the SYN
+ * came from, so the client fails at once instead of retrying for minutes. */
+static __always_inline int reject_tcp4(struct __sk_buff *skb)
+{
+	struct ethhdr eth;
+	struct iphdr ip;
+	struct tcphdr th;
+	if (bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)) ||
+	    bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) || ip.ver_ihl != 0x45 ||
+	    bpf_skb_load_bytes(skb, ETH_HLEN + sizeof(ip), &th, sizeof(th)))
+		return -1;
+	int payload = (int)bpf_ntohs(ip.tot_len) - (int)sizeof(ip) - (int)(th.doff_res >> 4) * 4;
+	if (payload < 0)
+		return -1;
+
+	struct ethhdr oeth;
+	__builtin_memcpy(oeth.h_dest, eth.h_source, ETH_ALEN);
+	__builtin_memcpy(oeth.h_source, eth.h_dest, ETH_ALEN);
+	oeth.h_proto = eth.h_proto;
+
+	struct rst4 r = {};
+	r.ip.ver_ihl = 0x45;
+	r.ip.tot_len = bpf_htons(sizeof(r));
+	r.ip.frag_off = bpf_htons(0x4000); /* DF */
+	r.ip.ttl = 64;
+	r.ip.protocol = IPPROTO_TCP;
+	r.ip.saddr = ip.daddr;
+	r.ip.daddr = ip.saddr;
+	r.ip.check = csum_fold(csum_add(&r.ip, sizeof(r.ip) / 2, 0));
+
+	r.tcp.source = th.dest;
+	r.tcp.dest = th.source;
+	r.tcp.ack_seq = bpf_htonl(bpf_ntohl(th.seq) + 1 + payload);
+	r.tcp.doff_res = (sizeof(r.tcp) / 4) << 4;
+	r.tcp.flags = TCP_FLAG_RST | TCP_FLAG_ACK;
+	__u64 sum = csum_add(&r.tcp, sizeof(r.tcp) / 2, 0);
+	sum += (__u64)r.ip.saddr + r.ip.daddr;
+	sum += bpf_htons(IPPROTO_TCP) + bpf_htons(sizeof(r.tcp));
+	r.tcp.check = csum_fold(sum);
+
+	if (bpf_skb_change_tail(skb, ETH_HLEN + sizeof(r), 0) ||
+	    bpf_skb_store_bytes(skb, 0, &oeth, sizeof(oeth), 0) ||
+	    bpf_skb_store_bytes(skb, ETH_HLEN, &r, sizeof(r), 0))
+		return -1;
+	return 0;
+}
+
+struct rst6 {
+	struct ipv6hdr ip;
+	struct tcphdr tcp;
+};
+
+static __always_inline __u64 csum_pseudo6(const __u8 *s, const __u8 *d, __u32 len, __u8 proto)
+{
+	__u64 sum = csum_add(s, 8, 0);
+	sum = csum_add(d, 8, sum);
+	sum += bpf_htonl(len);
+	sum += bpf_htonl(proto);
+	return sum;
+}
+
+static __always_inline int reject_tcp6(struct __sk_buff *skb)
+{
+	struct ethhdr eth;
+	struct ipv6hdr ip;
+	struct tcphdr th;
+	if (bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)) ||
+	    bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) || ip.nexthdr != IPPROTO_TCP ||
+	    bpf_skb_load_bytes(skb, ETH_HLEN + sizeof(ip), &th, sizeof(th)))
+		return -1;
+	int payload = (int)bpf_ntohs(ip.payload_len) - (int)(th.doff_res >> 4) * 4;
+	if (payload < 0)
+		return -1;
+
+	struct ethhdr oeth;
+	__builtin_memcpy(oeth.h_dest, eth.h_source, ETH_ALEN);
+	__builtin_memcpy(oeth.h_source, eth.h_dest, ETH_ALEN);
+	oeth.h_proto = eth.h_proto;
+
+	struct rst6 r = {};
+	r.ip.ver_tc = 0x60;
+	r.ip.payload_len = bpf_htons(sizeof(r.tcp));
+	r.ip.nexthdr = IPPROTO_TCP;
+	r.ip.hop_limit = 64;
+	__builtin_memcpy(r.ip.saddr, ip.daddr, 16);
+	__builtin_memcpy(r.ip.daddr, ip.saddr, 16);
+
+	r.tcp.source = th.dest;
+	r.tcp.dest = th.source;
+	r.tcp.ack_seq = bpf_htonl(bpf_ntohl(th.seq) + 1 + payload);
+	r.tcp.doff_res = (sizeof(r.tcp) / 4) << 4;
+	r.tcp.flags = TCP_FLAG_RST | TCP_FLAG_ACK;
+	__u64 sum = csum_pseudo6(r.ip.saddr, r.ip.daddr, sizeof(r.tcp), IPPROTO_TCP);
+	r.tcp.check = csum_fold(csum_add(&r.tcp, sizeof(r.tcp) / 2, sum));
+
+	if (bpf_skb_change_tail(skb, ETH_HLEN + sizeof(r), 0) ||
+	    bpf_skb_store_bytes(skb, 0, &oeth, sizeof(oeth), 0) ||
+	    bpf_skb_store_bytes(skb, ETH_HLEN, &r, sizeof(r), 0))
+		return -1;
+	return 0;
+}
+
+/* ICMP port unreachable: new IP + ICMP header in front of the original IP
+ * header and the first 8 bytes of the datagram (RFC 792). */
+struct unreach4 {
+	struct iphdr ip;
+	struct icmphdr icmp;
+	struct iphdr orig;
+	__u8 orig_l4[8];
+};
+
+static __always_inline int reject_udp4(struct __sk_buff *skb)
+{
+	struct ethhdr eth;
+	struct unreach4 u = {};
+	if (bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)) ||
+	    bpf_skb_load_bytes(skb, ETH_HLEN, &u.orig, sizeof(u.orig)) || u.orig.ver_ihl != 0x45 ||
+	    bpf_skb_load_bytes(skb, ETH_HLEN + sizeof(u.orig), u.orig_l4, sizeof(u.orig_l4)))
+		return -1;
+
+	struct ethhdr oeth;
+	__builtin_memcpy(oeth.h_dest, eth.h_source, ETH_ALEN);
+	__builtin_memcpy(oeth.h_source, eth.h_dest, ETH_ALEN);
+	oeth.h_proto = eth.h_proto;
+
+	u.ip.ver_ihl = 0x45;
+	u.ip.tos = 0xc0;
+	u.ip.tot_len = bpf_htons(sizeof(u));
+	u.ip.ttl = 64;
+	u.ip.protocol = IPPROTO_ICMP;
+	u.ip.saddr = u.orig.daddr;
+	u.ip.daddr = u.orig.saddr;
+	u.ip.check = csum_fold(csum_add(&u.ip, sizeof(u.ip) / 2, 0));
+	u.icmp.type = 3; /* destination unreachable */
+	u.icmp.code = 3; /* port unreachable */
+	u.icmp.checksum = csum_fold(csum_add(&u.icmp, (sizeof(u) - sizeof(u.ip)) / 2, 0));
+
+	__u32 grow = sizeof(u) - sizeof(u.orig) - sizeof(u.orig_l4);
+	if (bpf_skb_adjust_room(skb, grow, BPF_ADJ_ROOM_MAC, 0) ||
+	    bpf_skb_change_tail(skb, ETH_HLEN + sizeof(u), 0) ||
+	    bpf_skb_store_bytes(skb, 0, &oeth, sizeof(oeth), 0) ||
+	    bpf_skb_store_bytes(skb, ETH_HLEN, &u, sizeof(u), 0))
+		return -1;
+	return 0;
+}
+
+struct unreach6 {
+	struct ipv6hdr ip;
+	struct icmphdr icmp;
+	struct ipv6hdr orig;
+	__u8 orig_l4[8];
+};
+
+static __always_inline int reject_udp6(struct __sk_buff *skb)
+{
+	struct ethhdr eth;
+	struct unreach6 u = {};
+	if (bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)) ||
+	    bpf_skb_load_bytes(skb, ETH_HLEN, &u.orig, sizeof(u.orig)) ||
+	    u.orig.nexthdr != IPPROTO_UDP ||
+	    bpf_skb_load_bytes(skb, ETH_HLEN + sizeof(u.orig), u.orig_l4, sizeof(u.orig_l4)))
+		return -1;
+
+	struct ethhdr oeth;
+	__builtin_memcpy(oeth.h_dest, eth.h_source, ETH_ALEN);
+	__builtin_memcpy(oeth.h_source, eth.h_dest, ETH_ALEN);
+	oeth.h_proto = eth.h_proto;
+
+	__u32 icmp_len = sizeof(u) - sizeof(u.ip);
+	u.ip.ver_tc = 0x60;
+	u.ip.payload_len = bpf_htons(icmp_len);
+	u.ip.nexthdr = IPPROTO_ICMPV6;
+	u.ip.hop_limit = 64;
+	__builtin_memcpy(u.ip.saddr, u.orig.daddr, 16);
+	__builtin_memcpy(u.ip.daddr, u.orig.saddr, 16);
+	u.icmp.type = 1; /* destination unreachable */
+	u.icmp.code = 4; /* port unreachable */
+	__u64 sum = csum_pseudo6(u.ip.saddr, u.ip.daddr, icmp_len, IPPROTO_ICMPV6);
+	u.icmp.checksum = csum_fold(csum_add(&u.icmp, icmp_len / 2, sum));
+
+	__u32 grow = sizeof(u) - sizeof(u.orig) - sizeof(u.orig_l4);
+	if (bpf_skb_adjust_room(skb, grow, BPF_ADJ_ROOM_MAC, 0) ||
+	    bpf_skb_change_tail(skb, ETH_HLEN + sizeof(u), 0) ||
+	    bpf_skb_store_bytes(skb, 0, &oeth, sizeof(oeth), 0) ||
+	    bpf_skb_store_bytes(skb, ETH_HLEN, &u, sizeof(u), 0))
+		return -1;
+	return 0;
+}
+
+/* ---- the stale-service guard ------------------------------------------------ */
+
+enum svc_verdict {
+	SVC_NONE = 0,  /* not a service address */
+	SVC_LIVE = 1,
+	SVC_STALE = 2,
+};
+
+static __always_inline int classify_service(const struct pkt *p)
+{
+	if (!in_lpm(&svc_cidrs, &p->daddr, 0))
+		return SVC_NONE;
+	if (bpf_map_lookup_elem(&live_svcs, &p->daddr))
+		return SVC_LIVE;
+	return SVC_STALE;
+}
+
+/* Drop, or in reject mode answer in place: TCP SYN -> RST|ACK, UDP -> ICMP
+ * port unreachable, both sent back into this NIC's receive path. Anything
+ * else (or an answer that cannot be built) is dropped. */
+static __always_inline int handle_stale(struct __sk_buff *skb, const struct up_config *cfg,
+					const struct pkt *p, __u32 ep_id)
+{
+	__u32 len = skb->len;
+	struct up_ep_stats *s = ep_stats_of(ep_id);
+
+	if (cfg && (cfg->flags & UP_CFG_STALE_REJECT)) {
+		int err = 1;
+		if (p->l4proto == IPPROTO_TCP &&
+		    (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK | TCP_FLAG_RST)) == TCP_FLAG_SYN)
+			err = p->proto == ETH_P_IP ? reject_tcp4(skb) : reject_tcp6(skb);
+		else if (p->l4proto == IPPROTO_UDP && p->first_frag)
+			err = p->proto == ETH_P_IP ? reject_udp4(skb) : reject_udp6(skb);
+		if (!err) {
+			count(UP_STAT_STALE_REJECTED, len);
+			if (s)
+				s->stale_rejected++;
+			return to_ingress(skb, ep_id);
+		}
+		if (err < 0)
+			count_drop(UP_DROP_REJECT_FAILED, ep_id, len);
+	}
+	count(UP_STAT_STALE_DROPPED, len);
+	count_drop(UP_DROP_STALE_SERVICE, ep_id, len);
+	if (s)
+		s->stale_dropped++;
+	return TC_ACT_SHOT;
+}
+
+/* ---- parent NIC ------------------------------------------------------------- */
+
+static __always_inline __u32 ep_by_mac_on(const __u8 *mac, __u32 ifindex)
+{
+	struct up_mac_key k = {};
+	__builtin_memcpy(k.mac, mac, ETH_ALEN);
+	struct up_ep_ref *r = bpf_map_lookup_elem(&ep_by_mac, &k);
+	if (r && r->parent_ifindex == ifindex)
+		return r->id;
+	return 0;
+}
+
+static __always_inline __u32 ep_by_ip_on(const struct up_ip_key *ip, __u32 ifindex)
+{
+	struct up_ep_ref *r = bpf_map_lookup_elem(&ep_by_ip, ip);
+	if (r && r->parent_ifindex == ifindex)
+		return r->id;
+	return 0;
+}
+
+static __always_inline int host_blocked(const struct up_config *cfg)
+{
+	return cfg && (cfg->flags & UP_CFG_HOST_BLOCKED);
+}
+
+static __always_inline int endpoint_to_host(struct __sk_buff *skb, const struct up_config *cfg,
+					    __u32 ep_id, int steered, const __u8 *parent_mac)
+{
+	__u32 len = skb->len;
+	if (host_blocked(cfg)) {
+		count_drop(UP_DROP_HOST_UNREACHABLE, ep_id, len);
+		return TC_ACT_SHOT;
+	}
+	if (steered) {
+		if (bpf_skb_store_bytes(skb, 0, parent_mac, ETH_ALEN, 0))
+			return TC_ACT_OK;
+		count(UP_STAT_STEERED, len);
+	}
+	count(UP_STAT_EP_TO_HOST, len);
+	struct up_ep_stats *s = ep_stats_of(ep_id);
+	if (s) {
+		s->ep_to_host.packets++;
+		s->ep_to_host.bytes += len;
+	}
+	return to_ingress(skb, ep_id);
+}
+
+static __always_inline int host_to_endpoint(struct __sk_buff *skb, const struct up_config *cfg,
+					    __u32 ep_id)
+{
+	__u32 len = skb->len;
+	if (host_blocked(cfg)) {
+		count_drop(UP_DROP_HOST_UNREACHABLE, ep_id, len);
+		return TC_ACT_SHOT;
+	}
+	count(UP_STAT_HOST_TO_EP, len);
+	struct up_ep_stats *s = ep_stats_of(ep_id);
+	if (s) {
+		s->host_to_ep.packets++;
+		s->host_to_ep.bytes += len;
+	}
+	return to_ingress(skb, ep_id);
+}
+
+/* Broadcast ARP and multicast ND: the kernel never shows the parent's own
+ * transmissions to its slaves, nor a slave's to the host, so a request for a
+ * local address gets a copy into the receive path. A slave asking for another
+ * slave is skipped: macvlan bridge mode delivered that already. */
+static __always_inline void clone_resolution(struct __sk_buff *skb, const struct up_config *cfg,
+					     const struct pkt *p, __u32 src_ep, __u32 ifindex)
+{
+	if (host_blocked(cfg))
+		return;
+	__u32 stat = p->proto == ETH_P_ARP ? UP_STAT_ARP_CLONED : UP_STAT_ND_CLONED;
+	if (src_ep) {
+		__u32 flags = 0;
+		if (in_lpm(&host_cidrs, &p->target, &flags) && (flags & UP_HOST_LOCAL))
+			clone_to_ingress(skb, stat);
+		return;
+	}
+	if (ep_by_ip_on(&p->target, ifindex))
+		clone_to_ingress(skb, stat);
+}
+
+SEC("tc")
+int parent_egress(struct __sk_buff *skb)
+{
+	__u32 ifindex = skb->ifindex;
+	struct up_parent *parent = bpf_map_lookup_elem(&parents, &ifindex);
+	if (!parent)
+		return TC_ACT_OK;
+
+	struct ethhdr eth;
+	if (bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)))
+		return TC_ACT_OK;
+	__u16 proto = bpf_ntohs(eth.h_proto);
+	/* VLAN-tagged frames belong to a VLAN device's own parent program:
+	 * a slave on eth0.100 has eth0.100 as its parent. */
+	if (proto == ETH_P_8021Q || proto == ETH_P_8021AD)
+		return TC_ACT_OK;
+
+	struct pkt p;
+	if (!parse_l3(skb, proto, &p))
+		return TC_ACT_OK;
+
+	struct up_config *cfg = get_config();
+	int macvlan = parent->mode == UP_MODE_MACVLAN;
+	int from_parent_mac = mac_eq(eth.h_source, parent->mac);
+	int to_parent_mac = mac_eq(eth.h_dest, parent->mac);
+
+	/* Who sent it: a macvlan slave has its own MAC; ipvlan slaves share the
+	 * parent's, so their source IP tells. */
+	__u32 src_ep = 0;
+	if (macvlan) {
+		if (!from_parent_mac)
+			src_ep = ep_by_mac_on(eth.h_source, ifindex);
+	} else if (from_parent_mac) {
+		src_ep = ep_by_ip_on(&p.saddr, ifindex);
+	}
+
+	if (is_multicast(eth.h_dest)) {
+		if ((proto == ETH_P_ARP && p.arp_op == ARPOP_REQUEST) || p.nd_type == ICMPV6_ND_NS)
+			clone_resolution(skb, cfg, &p, src_ep, ifindex);
+		return TC_ACT_OK;
+	}
+
+	if (proto != ETH_P_ARP) {
+		int svc = classify_service(&p);
+		if (svc == SVC_STALE) {
+			/* Attribute host-forwarded pod traffic to the pod too. */
+			__u32 id = src_ep ? src_ep : ep_by_ip_on(&p.saddr, ifindex);
+			return handle_stale(skb, cfg, &p, id);
+		}
+		if (src_ep) {
+			if (svc == SVC_LIVE)
+				return endpoint_to_host(skb, cfg, src_ep, !to_parent_mac, parent->mac);
+			__u32 flags = 0;
+			if (in_lpm(&host_cidrs, &p.daddr, &flags) && (flags & (UP_HOST_STEER | UP_HOST_LOCAL)))
+				return endpoint_to_host(skb, cfg, src_ep, !to_parent_mac, parent->mac);
+		}
+	}
+
+	if (src_ep) {
+		if (to_parent_mac)
+			return endpoint_to_host(skb, cfg, src_ep, 0, parent->mac);
+		return TC_ACT_OK;
+	}
+
+	/* From the host (or forwarded by it). */
+	__u32 dst_ep = 0;
+	if (macvlan)
+		dst_ep = ep_by_mac_on(eth.h_dest, ifindex);
+	else if (to_parent_mac && proto != ETH_P_ARP)
+		dst_ep = ep_by_ip_on(&p.daddr, ifindex);
+	else if (to_parent_mac)
+		dst_ep = ep_by_ip_on(&p.target, ifindex);
+	if (dst_ep)
+		return host_to_endpoint(skb, cfg, dst_ep);
+	return TC_ACT_OK;
+}
+
+/* ---- other uplinks: the stale guard alone ----------------------------------- */
+
+SEC("tc")
+int uplink_egress(struct __sk_buff *skb)
+{
+	struct ethhdr eth;
+	if (bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)))
+		return TC_ACT_OK;
+	__u16 proto = bpf_ntohs(eth.h_proto);
+	if (proto != ETH_P_IP && proto != ETH_P_IPV6)
+		return TC_ACT_OK;
+	struct pkt p;
+	if (!parse_l3(skb, proto, &p))
+		return TC_ACT_OK;
+	if (classify_service(&p) != SVC_STALE)
+		return TC_ACT_OK;
+	__u32 id = 0;
+	struct up_ep_ref *r = bpf_map_lookup_elem(&ep_by_ip, &p.saddr);
+	if (r)
+		id = r->id;
+	return handle_stale(skb, get_config(), &p, id);
+}
+
+/* ---- one endpoint's slave, inside the container netns ----------------------- */
+
+SEC("tc")
+int endpoint_ingress(struct __sk_buff *skb)
+{
+	struct up_ep_stats *s = ep_stats_of(endpoint_id);
+	if (s) {
+		s->rx.packets++;
+		s->rx.bytes += skb->len;
+	}
+	return TC_ACT_OK;
+}
+
+/* Link-local IPv6 and unspecified sources (DAD, DHCP) are not registered
+ * addresses but are legitimate. */
+static __always_inline int src_exempt(const struct pkt *p)
+{
+	const __u8 *a = p->saddr.addr;
+	if (p->proto == ETH_P_IPV6) {
+		if (a[0] == 0xfe && (a[1] & 0xc0) == 0x80)
+			return 1;
+		__u64 hi, lo;
+		__builtin_memcpy(&hi, a, 8);
+		__builtin_memcpy(&lo, a + 8, 8);
+		return (hi | lo) == 0;
+	}
+	return (a[12] | a[13] | a[14] | a[15]) == 0;
+}
+
+SEC("tc")
+int endpoint_egress(struct __sk_buff *skb)
+{
+	__u32 id = endpoint_id;
+	__u32 len = skb->len;
+	struct ethhdr eth;
+	if (bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)))
+		return TC_ACT_OK;
+
+	int spoofed = 0;
+	struct up_endpoint *ep = bpf_map_lookup_elem(&endpoints, &id);
+	if (ep && !mac_eq(eth.h_source, ep->mac))
+		spoofed = 1;
+
+	struct pkt p;
+	if (!spoofed && ep && parse_l3(skb, bpf_ntohs(eth.h_proto), &p) && !src_exempt(&p)) {
+		struct up_ep_ref *r = bpf_map_lookup_elem(&ep_by_ip, &p.saddr);
+		if (!r || r->id != id)
+			spoofed = 1;
+	}
+	if (spoofed) {
+		count_drop(UP_DROP_SPOOFED_SOURCE, id, len);
+		return TC_ACT_SHOT;
+	}
+	struct up_ep_stats *s = ep_stats_of(id);
+	if (s) {
+		s->tx.packets++;
+		s->tx.bytes += len;
+	}
+	return TC_ACT_OK;
+}

@@ -1,0 +1,157 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* Types shared by the programs and by Go (bpf2go -type): change them here only.
+ * Every struct is padded by hand so that C and Go agree without guessing and so
+ * that hash keys never carry uninitialised bytes. */
+#ifndef __UNDERPASS_H
+#define __UNDERPASS_H
+
+#include <linux/types.h>
+
+/* How a parent NIC carries its endpoints. macvlan finds a slave by MAC;
+ * ipvlan slaves share the parent MAC, so they are found by IP. */
+enum up_mode {
+	UP_MODE_NONE = 0,
+	UP_MODE_MACVLAN = 1,
+	UP_MODE_IPVLAN_L2 = 2,
+	UP_MODE_IPVLAN_L3 = 3,
+	UP_MODE_IPVLAN_L3S = 4,
+};
+
+/* up_config.flags. Zero is the safe default: host reachable, stale VIPs dropped. */
+enum up_config_flags {
+	UP_CFG_HOST_BLOCKED = 1 << 0, /* hostReachability: false */
+	UP_CFG_STALE_REJECT = 1 << 1, /* staleServices.action: reject */
+};
+
+/* The single entry of the config array: read on every packet, written live by
+ * the agent. */
+struct up_config {
+	__u32 flags;
+	__u32 _pad;
+	__u64 generation; /* bumped by the agent on every apply: shows up in bpftool */
+};
+
+/* parents: ifindex of a parent NIC -> what is needed to hairpin on it. */
+struct up_parent {
+	__u8 mac[6];
+	__u8 mode; /* enum up_mode */
+	__u8 _pad;
+};
+
+struct up_mac_key {
+	__u8 mac[6];
+	__u16 _pad;
+};
+
+/* Both families in one key: IPv4 as IPv4-mapped IPv6 (::ffff:a.b.c.d). */
+struct up_ip_key {
+	__u8 addr[16];
+};
+
+struct up_lpm_key {
+	__u32 prefixlen; /* IPv4 prefixes are stored as /96 + len */
+	__u8 addr[16];
+};
+
+/* Value of ep_by_mac and ep_by_ip. */
+struct up_ep_ref {
+	__u32 id;
+	__u32 parent_ifindex;
+};
+
+/* host_cidrs values. */
+enum up_host_flags {
+	UP_HOST_LOCAL = 1 << 0, /* a node address: ARP/ND for it is cloned to the host */
+	UP_HOST_STEER = 1 << 1, /* endpoint traffic to it goes to the host stack */
+};
+
+struct up_host_entry {
+	__u32 flags;
+};
+
+enum up_drop_reason {
+	UP_DROP_STALE_SERVICE = 0,
+	UP_DROP_HOST_UNREACHABLE = 1,
+	UP_DROP_SPOOFED_SOURCE = 2,
+	UP_DROP_REJECT_FAILED = 3, /* reject mode could not build the answer: dropped instead */
+	UP_DROP_MAX = 4,
+};
+
+/* Global counters (per-CPU array "stats"), by what happened. */
+enum up_stat {
+	UP_STAT_HOST_TO_EP = 0,   /* hairpin host -> endpoint */
+	UP_STAT_EP_TO_HOST = 1,   /* hairpin endpoint -> host (incl. steered) */
+	UP_STAT_STEERED = 2,      /* of those, steered by destination IP */
+	UP_STAT_ARP_CLONED = 3,
+	UP_STAT_ND_CLONED = 4,
+	UP_STAT_STALE_DROPPED = 5,
+	UP_STAT_STALE_REJECTED = 6,
+	UP_STAT_CLONE_FAILED = 7,
+	UP_STAT_IP_CONFLICT = 8,  /* ARP/ND from the wire claiming an endpoint IP */
+	UP_STAT_WIRE_RX = 9,      /* frames from the wire for an endpoint (XDP) */
+	UP_STAT_MAX = 10,
+};
+
+struct up_counter {
+	__u64 packets;
+	__u64 bytes;
+};
+
+/* ep_stats: per-CPU, per endpoint id. The parent program writes host_*,
+ * stale_* and drops; the endpoint programs write rx/tx; XDP writes wire_rx. */
+struct up_ep_stats {
+	struct up_counter rx;          /* delivered to the endpoint */
+	struct up_counter tx;          /* sent by the endpoint */
+	struct up_counter host_to_ep;  /* hairpinned from the host */
+	struct up_counter ep_to_host;  /* hairpinned to the host */
+	struct up_counter wire_rx;     /* seen on the parent from the wire */
+	__u64 stale_dropped;
+	__u64 stale_rejected;
+	__u64 drops[UP_DROP_MAX];
+	__u64 ip_conflicts;
+};
+
+#define UP_MAX_ADDRS 4
+
+struct up_ep_addr {
+	__u8 addr[16];   /* IPv4 mapped, as in up_ip_key */
+	__u8 prefixlen;  /* native length: 24 for 10.0.0.5/24 */
+	__u8 family;     /* 4 or 6; 0 = unused slot */
+	__u8 _pad[2];
+};
+
+/* endpoints: id -> everything userspace needs to name, check and clean up an
+ * endpoint. Never read on the hot path. */
+struct up_endpoint {
+	__u32 id;
+	__u32 parent_ifindex;
+	__u32 ifindex;          /* the slave, inside the container netns */
+	__u8 mode;              /* enum up_mode */
+	__u8 flags;
+	__u8 mac[6];
+	__u64 created_unix;
+	struct up_ep_addr addrs[UP_MAX_ADDRS];
+	char container_id[72];
+	char ifname[16];
+	char parent[16];
+	char pod_name[128];
+	char pod_namespace[64];
+	char netns[128];
+};
+
+/* trace (tests only, see trace_redirects): the last redirect decision. */
+enum up_trace_kind {
+	UP_TRACE_NONE = 0,
+	UP_TRACE_REDIRECT = 1,
+	UP_TRACE_CLONE = 2,
+};
+
+struct up_trace {
+	__u32 kind;
+	__u32 ifindex;
+	__u64 flags;
+	__u32 ep_id;
+	__u32 count;
+};
+
+#endif

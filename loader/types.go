@@ -1,0 +1,92 @@
+package loader
+
+// Go names for the C types in bpf/underpass.h. They are aliases of the
+// bpf2go output, so C stays the single definition.
+type (
+	Config        = datapathUpConfig
+	Parent        = datapathUpParent
+	MACKey        = datapathUpMacKey
+	IPKey         = datapathUpIpKey
+	LPMKey        = datapathUpLpmKey
+	EndpointRef   = datapathUpEpRef
+	HostEntry     = datapathUpHostEntry
+	Counter       = datapathUpCounter
+	EndpointStats = datapathUpEpStats
+	EndpointAddr  = datapathUpEpAddr
+	Endpoint      = datapathUpEndpoint
+	Trace         = datapathUpTrace
+	Mode          = datapathUpMode
+	ConfigFlags   = datapathUpConfigFlags
+	HostFlags     = datapathUpHostFlags
+	DropReason    = datapathUpDropReason
+	Stat          = datapathUpStat
+	TraceKind     = datapathUpTraceKind
+)
+
+const (
+	ModeNone      = datapathUpModeUP_MODE_NONE
+	ModeMacvlan   = datapathUpModeUP_MODE_MACVLAN
+	ModeIPvlanL2  = datapathUpModeUP_MODE_IPVLAN_L2
+	ModeIPvlanL3  = datapathUpModeUP_MODE_IPVLAN_L3
+	ModeIPvlanL3S = datapathUpModeUP_MODE_IPVLAN_L3S
+
+	ConfigHostBlocked = datapathUpConfigFlagsUP_CFG_HOST_BLOCKED
+	ConfigStaleReject = datapathUpConfigFlagsUP_CFG_STALE_REJECT
+
+	HostLocal = datapathUpHostFlagsUP_HOST_LOCAL
+	HostSteer = datapathUpHostFlagsUP_HOST_STEER
+
+	DropStaleService    = datapathUpDropReasonUP_DROP_STALE_SERVICE
+	DropHostUnreachable = datapathUpDropReasonUP_DROP_HOST_UNREACHABLE
+	DropSpoofedSource   = datapathUpDropReasonUP_DROP_SPOOFED_SOURCE
+	DropRejectFailed    = datapathUpDropReasonUP_DROP_REJECT_FAILED
+	DropMax             = datapathUpDropReasonUP_DROP_MAX
+
+	StatHostToEndpoint = datapathUpStatUP_STAT_HOST_TO_EP
+	StatEndpointToHost = datapathUpStatUP_STAT_EP_TO_HOST
+	StatSteered        = datapathUpStatUP_STAT_STEERED
+	StatARPCloned      = datapathUpStatUP_STAT_ARP_CLONED
+	StatNDCloned       = datapathUpStatUP_STAT_ND_CLONED
+	StatStaleDropped   = datapathUpStatUP_STAT_STALE_DROPPED
+	StatStaleRejected  = datapathUpStatUP_STAT_STALE_REJECTED
+	StatCloneFailed    = datapathUpStatUP_STAT_CLONE_FAILED
+	StatIPConflict     = datapathUpStatUP_STAT_IP_CONFLICT
+	StatWireRx         = datapathUpStatUP_STAT_WIRE_RX
+	StatMax            = datapathUpStatUP_STAT_MAX
+
+	TraceNone     = datapathUpTraceKindUP_TRACE_NONE
+	TraceRedirect = datapathUpTraceKindUP_TRACE_REDIRECT
+	TraceClone    = datapathUpTraceKindUP_TRACE_CLONE
+)
+
+// String names used in logs, metrics labels and the CLI.
+func (r DropReason) String() string {
+	switch r {
+	case DropStaleService:
+		return "stale_service"
+	case DropHostUnreachable:
+		return "host_unreachable"
+	case DropSpoofedSource:
+		return "spoofed_source"
+	case DropRejectFailed:
+		return "reject_failed"
+	}
+	return "unknown"
+}
+
+func (m Mode) String() string {
+	switch m {
+	case ModeMacvlan:
+		return "macvlan"
+	case ModeIPvlanL2:
+		return "ipvlan-l2"
+	case ModeIPvlanL3:
+		return "ipvlan-l3"
+	case ModeIPvlanL3S:
+		return "ipvlan-l3s"
+	}
+	return "none"
+}
+
+// MaxAddrs is UP_MAX_ADDRS: how many addresses an endpoint can have.
+const MaxAddrs = len(Endpoint{}.Addrs)

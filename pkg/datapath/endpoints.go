@@ -1,0 +1,225 @@
+package datapath
+
+import (
+	"errors"
+	"fmt"
+	"hash/fnv"
+	"net"
+	"net/netip"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/underpass-cni/underpass/loader"
+)
+
+// EndpointSpec is what registering an endpoint needs.
+type EndpointSpec struct {
+	ContainerID   string
+	IfName        string // inside the container
+	Netns         string
+	ParentIfindex int
+	ParentName    string
+	Ifindex       int // the slave, inside the container netns
+	Mode          loader.Mode
+	MAC           net.HardwareAddr
+	Addrs         []netip.Prefix
+	PodName       string
+	PodNamespace  string
+}
+
+// ErrAddrInUse means an address is registered to another endpoint.
+var ErrAddrInUse = errors.New("address registered to another endpoint")
+
+// EndpointID derives a stable id from the attachment (container id +
+// ifname), so that DEL and GC find it without state files. Collisions are
+// resolved by probing in Register.
+func EndpointID(containerID, ifname string) uint32 {
+	h := fnv.New32a()
+	h.Write([]byte(containerID))
+	h.Write([]byte{0})
+	h.Write([]byte(ifname))
+	id := h.Sum32() & 0x7fffffff
+	if id == 0 {
+		id = 1 // 0 means "no endpoint" to the programs
+	}
+	return id
+}
+
+// Find returns the id registered for an attachment, or 0.
+func Find(m *loader.Maps, containerID, ifname string) (uint32, *loader.Endpoint, error) {
+	id := EndpointID(containerID, ifname)
+	for i := 0; i < 64; i++ {
+		var ep loader.Endpoint
+		err := m.Endpoints.Lookup(id, &ep)
+		if isNotExist(err) {
+			return 0, nil, nil
+		}
+		if err != nil {
+			return 0, nil, fmt.Errorf("look up endpoint %d: %w", id, err)
+		}
+		if GoString(ep.ContainerId[:]) == containerID && GoString(ep.Ifname[:]) == ifname {
+			return id, &ep, nil
+		}
+		id = next(id)
+	}
+	return 0, nil, nil
+}
+
+func next(id uint32) uint32 {
+	id = (id + 1) & 0x7fffffff
+	if id == 0 {
+		id = 1
+	}
+	return id
+}
+
+// Register writes every entry of an endpoint. An attachment registered
+// already is replaced (ADD retried by the runtime). On error nothing of the
+// new registration is left behind.
+func Register(m *loader.Maps, s EndpointSpec) (id uint32, err error) {
+	if len(s.Addrs) > loader.MaxAddrs {
+		return 0, fmt.Errorf("endpoint has %d addresses, at most %d are supported", len(s.Addrs), loader.MaxAddrs)
+	}
+	if old, _, err := Find(m, s.ContainerID, s.IfName); err != nil {
+		return 0, err
+	} else if old != 0 {
+		if err := Unregister(m, old); err != nil {
+			return 0, err
+		}
+	}
+
+	ep := loader.Endpoint{
+		ParentIfindex: uint32(s.ParentIfindex),
+		Ifindex:       uint32(s.Ifindex),
+		Mode:          uint8(s.Mode),
+		CreatedUnix:   uint64(time.Now().Unix()),
+	}
+	copy(ep.Mac[:], s.MAC)
+	for i, p := range s.Addrs {
+		ep.Addrs[i] = loader.EndpointAddr{Addr: p.Addr().As16(), Prefixlen: uint8(p.Bits()), Family: family(p.Addr())}
+	}
+	CString(ep.ContainerId[:], s.ContainerID)
+	CString(ep.Ifname[:], s.IfName)
+	CString(ep.Parent[:], s.ParentName)
+	CString(ep.PodName[:], s.PodName)
+	CString(ep.PodNamespace[:], s.PodNamespace)
+	CString(ep.Netns[:], s.Netns)
+
+	// Claim an id: inserting the metadata with NoExist is the lock.
+	id = EndpointID(s.ContainerID, s.IfName)
+	for i := 0; ; i++ {
+		ep.Id = id
+		err := m.Endpoints.Update(id, &ep, ebpf.UpdateNoExist)
+		if err == nil {
+			break
+		}
+		if !errors.Is(err, ebpf.ErrKeyExist) || i == 64 {
+			return 0, fmt.Errorf("register endpoint: %w", err)
+		}
+		id = next(id)
+	}
+	defer func() {
+		if err != nil {
+			Unregister(m, id)
+		}
+	}()
+
+	ref := loader.EndpointRef{Id: id, ParentIfindex: uint32(s.ParentIfindex)}
+	for _, p := range s.Addrs {
+		k := IPKey(p.Addr())
+		var other loader.EndpointRef
+		if err := m.EpByIP.Lookup(&k, &other); err == nil && other.Id != id {
+			return 0, fmt.Errorf("%w: %s belongs to endpoint %d", ErrAddrInUse, p.Addr(), other.Id)
+		}
+		if err := m.EpByIP.Update(&k, &ref, ebpf.UpdateAny); err != nil {
+			return 0, fmt.Errorf("register %s: %w", p.Addr(), err)
+		}
+	}
+	if s.Mode == loader.ModeMacvlan {
+		k := MACKey(s.MAC)
+		if err := m.EpByMAC.Update(&k, &ref, ebpf.UpdateAny); err != nil {
+			return 0, fmt.Errorf("register %s: %w", s.MAC, err)
+		}
+	}
+	if err := zeroStats(m, id); err != nil {
+		return 0, err
+	}
+	return id, nil
+}
+
+// Unregister removes every entry of endpoint id; absent entries are fine, and
+// entries that now belong to another endpoint are left alone.
+func Unregister(m *loader.Maps, id uint32) error {
+	var ep loader.Endpoint
+	err := m.Endpoints.Lookup(id, &ep)
+	if isNotExist(err) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("look up endpoint %d: %w", id, err)
+	}
+	var errs []error
+	for _, a := range ep.Addrs {
+		if a.Family == 0 {
+			continue
+		}
+		k := loader.IPKey{Addr: a.Addr}
+		var ref loader.EndpointRef
+		if m.EpByIP.Lookup(&k, &ref) == nil && ref.Id == id {
+			if err := m.EpByIP.Delete(&k); err != nil && !isNotExist(err) {
+				errs = append(errs, err)
+			}
+		}
+	}
+	mk := loader.MACKey{Mac: ep.Mac}
+	var ref loader.EndpointRef
+	if m.EpByMAC.Lookup(&mk, &ref) == nil && ref.Id == id {
+		if err := m.EpByMAC.Delete(&mk); err != nil && !isNotExist(err) {
+			errs = append(errs, err)
+		}
+	}
+	if err := m.EpStats.Delete(id); err != nil && !isNotExist(err) {
+		errs = append(errs, err)
+	}
+	if err := m.Endpoints.Delete(id); err != nil && !isNotExist(err) {
+		errs = append(errs, err)
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("unregister endpoint %d: %w", id, err)
+	}
+	return nil
+}
+
+// Endpoints lists the registered endpoints by id.
+func Endpoints(m *loader.Maps) (map[uint32]loader.Endpoint, error) {
+	out := map[uint32]loader.Endpoint{}
+	var k uint32
+	var v loader.Endpoint
+	it := m.Endpoints.Iterate()
+	for it.Next(&k, &v) {
+		out[k] = v
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("list endpoints: %w", err)
+	}
+	return out, nil
+}
+
+// EndpointAddrs decodes an endpoint's addresses.
+func EndpointAddrs(ep *loader.Endpoint) []netip.Prefix {
+	var out []netip.Prefix
+	for _, a := range ep.Addrs {
+		if a.Family == 0 {
+			continue
+		}
+		out = append(out, netip.PrefixFrom(netip.AddrFrom16(a.Addr).Unmap(), int(a.Prefixlen)))
+	}
+	return out
+}
+
+func family(a netip.Addr) uint8 {
+	if a.Is4() {
+		return 4
+	}
+	return 6
+}

@@ -1,0 +1,71 @@
+// Package datapath is typed access to the pinned maps: the endpoint
+// registry, the steering and service sets, the config word and the counters.
+// It never loads or attaches programs (that is package loader).
+package datapath
+
+import (
+	"net"
+	"net/netip"
+
+	"github.com/underpass-cni/underpass/loader"
+)
+
+// IPKey encodes an address the way the programs look it up: IPv4 as
+// IPv4-mapped IPv6.
+func IPKey(a netip.Addr) loader.IPKey {
+	return loader.IPKey{Addr: a.As16()}
+}
+
+// AddrOf decodes an IPKey.
+func AddrOf(k loader.IPKey) netip.Addr {
+	return netip.AddrFrom16(k.Addr).Unmap()
+}
+
+// LPMKey encodes a prefix for the LPM tries (IPv4 as /96+len).
+func LPMKey(p netip.Prefix) loader.LPMKey {
+	p = p.Masked()
+	bits := p.Bits()
+	if p.Addr().Is4() {
+		bits += 96
+	}
+	return loader.LPMKey{Prefixlen: uint32(bits), Addr: p.Addr().As16()}
+}
+
+// PrefixOf decodes an LPMKey.
+func PrefixOf(k loader.LPMKey) netip.Prefix {
+	a := netip.AddrFrom16(k.Addr)
+	bits := int(k.Prefixlen)
+	if a.Is4In6() {
+		return netip.PrefixFrom(a.Unmap(), bits-96)
+	}
+	return netip.PrefixFrom(a, bits)
+}
+
+// MACKey encodes a MAC address.
+func MACKey(mac net.HardwareAddr) loader.MACKey {
+	var k loader.MACKey
+	copy(k.Mac[:], mac)
+	return k
+}
+
+// CString fills a fixed C char array, truncating and NUL-terminating.
+func CString(dst []int8, s string) {
+	for i := range dst {
+		dst[i] = 0
+	}
+	for i := 0; i < len(s) && i < len(dst)-1; i++ {
+		dst[i] = int8(s[i])
+	}
+}
+
+// GoString reads a C char array.
+func GoString(src []int8) string {
+	b := make([]byte, 0, len(src))
+	for _, c := range src {
+		if c == 0 {
+			break
+		}
+		b = append(b, byte(c))
+	}
+	return string(b)
+}

@@ -1,0 +1,149 @@
+package datapath
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+
+	"github.com/cilium/ebpf"
+	"github.com/underpass-cni/underpass/loader"
+)
+
+func isNotExist(err error) bool { return errors.Is(err, ebpf.ErrKeyNotExist) }
+
+// SyncServiceCIDRs makes svc_cidrs hold exactly want.
+func SyncServiceCIDRs(m *loader.Maps, want []netip.Prefix) error {
+	vals := make(map[netip.Prefix]uint32, len(want))
+	for _, p := range want {
+		vals[p.Masked()] = 1
+	}
+	if err := syncLPM(m.SvcCIDRs, vals); err != nil {
+		return fmt.Errorf("sync service CIDRs: %w", err)
+	}
+	return nil
+}
+
+// HostSet is what host_cidrs holds: the node's addresses (LOCAL: ARP/ND for
+// them is cloned to the host) and hostCIDRs (STEER).
+type HostSet map[netip.Prefix]loader.HostFlags
+
+// Add merges flags for p.
+func (s HostSet) Add(p netip.Prefix, f loader.HostFlags) { s[p.Masked()] |= f }
+
+// SyncHostCIDRs makes host_cidrs hold exactly want.
+func SyncHostCIDRs(m *loader.Maps, want HostSet) error {
+	vals := make(map[netip.Prefix]uint32, len(want))
+	for p, f := range want {
+		vals[p] = uint32(f)
+	}
+	if err := syncLPM(m.HostCIDRs, vals); err != nil {
+		return fmt.Errorf("sync host CIDRs: %w", err)
+	}
+	return nil
+}
+
+// syncLPM adds and updates before it deletes, so a prefix that stays is never
+// missing for a moment.
+func syncLPM(m *ebpf.Map, want map[netip.Prefix]uint32) error {
+	have := map[loader.LPMKey]uint32{}
+	var k loader.LPMKey
+	var v uint32
+	it := m.Iterate()
+	for it.Next(&k, &v) {
+		have[k] = v
+	}
+	if err := it.Err(); err != nil {
+		return err
+	}
+	for p, val := range want {
+		key := LPMKey(p)
+		if old, ok := have[key]; ok && old == val {
+			continue
+		}
+		if err := m.Update(&key, &val, ebpf.UpdateAny); err != nil {
+			return fmt.Errorf("add %s: %w", p, err)
+		}
+	}
+	for key := range have {
+		if _, ok := want[PrefixOf(key)]; ok {
+			continue
+		}
+		if err := m.Delete(&key); err != nil && !isNotExist(err) {
+			return fmt.Errorf("delete %s: %w", PrefixOf(key), err)
+		}
+	}
+	return nil
+}
+
+// LPMEntries reads an LPM map (svc_cidrs or host_cidrs).
+func LPMEntries(m *ebpf.Map) (map[netip.Prefix]uint32, error) {
+	out := map[netip.Prefix]uint32{}
+	var k loader.LPMKey
+	var v uint32
+	it := m.Iterate()
+	for it.Next(&k, &v) {
+		out[PrefixOf(k)] = v
+	}
+	return out, it.Err()
+}
+
+// AddLiveService marks a VIP live.
+func AddLiveService(m *loader.Maps, a netip.Addr) error {
+	k := IPKey(a)
+	if err := m.LiveSvcs.Update(&k, uint32(1), ebpf.UpdateAny); err != nil {
+		return fmt.Errorf("add live service %s: %w", a, err)
+	}
+	return nil
+}
+
+// DeleteLiveService makes a VIP stale; absent is fine.
+func DeleteLiveService(m *loader.Maps, a netip.Addr) error {
+	k := IPKey(a)
+	if err := m.LiveSvcs.Delete(&k); err != nil && !isNotExist(err) {
+		return fmt.Errorf("delete live service %s: %w", a, err)
+	}
+	return nil
+}
+
+// LiveServices lists the live VIPs.
+func LiveServices(m *loader.Maps) (map[netip.Addr]bool, error) {
+	out := map[netip.Addr]bool{}
+	var k loader.IPKey
+	var v uint32
+	it := m.LiveSvcs.Iterate()
+	for it.Next(&k, &v) {
+		out[AddrOf(k)] = true
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("list live services: %w", err)
+	}
+	return out, nil
+}
+
+// SyncLiveServices makes live_svcs hold exactly want: additions first, then
+// removals, so a VIP that stays live never looks stale in between.
+func SyncLiveServices(m *loader.Maps, want map[netip.Addr]bool) (added, removed int, err error) {
+	have, err := LiveServices(m)
+	if err != nil {
+		return 0, 0, err
+	}
+	for a := range want {
+		if have[a] {
+			continue
+		}
+		if err := AddLiveService(m, a); err != nil {
+			return added, removed, err
+		}
+		added++
+	}
+	for a := range have {
+		if want[a] {
+			continue
+		}
+		if err := DeleteLiveService(m, a); err != nil {
+			return added, removed, err
+		}
+		removed++
+	}
+	return added, removed, nil
+}

@@ -1,0 +1,219 @@
+package netenv
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+
+	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+)
+
+// NetnsDir is where named network namespaces live, as with `ip netns add`.
+const NetnsDir = "/var/run/netns"
+
+// NS is a named network namespace of the lab.
+type NS struct {
+	Name string // file name under NetnsDir
+	Path string // NetnsDir/Name, for nsenter --net= and CNI_NETNS
+
+	handle *netlink.Handle
+}
+
+// Netlink returns a rtnetlink handle bound to the namespace; it stays valid
+// until the lab is cleaned up.
+func (n *NS) Netlink() *netlink.Handle { return n.handle }
+
+// Do runs fn on a thread switched into the namespace. Sockets created inside
+// fn stay in the namespace after Do returns.
+func (n *NS) Do(fn func() error) error {
+	return ns.WithNetNSPath(n.Path, func(ns.NetNS) error { return fn() })
+}
+
+// Command returns a command that runs inside the namespace through
+// `nsenter --net=`. Unlike `ip netns exec` it keeps the caller's mount
+// namespace, so /sys/fs/bpf (and the pins in it) stay visible.
+func (n *NS) Command(ctx context.Context, name string, args ...string) *exec.Cmd {
+	return exec.CommandContext(ctx, "nsenter", append([]string{"--net=" + n.Path, "--", name}, args...)...)
+}
+
+// Exec runs a command inside the namespace and returns its output.
+func (n *NS) Exec(ctx context.Context, name string, args ...string) (stdout, stderr string, err error) {
+	var out, errb bytes.Buffer
+	cmd := n.Command(ctx, name, args...)
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	if err := cmd.Run(); err != nil {
+		return out.String(), errb.String(), fmt.Errorf("run %s in %s: %w (stderr: %s)",
+			name, n.Name, err, strings.TrimSpace(errb.String()))
+	}
+	return out.String(), errb.String(), nil
+}
+
+func (n *NS) String() string { return n.Name }
+
+// createNS creates a named network namespace without switching the caller's
+// thread: the work happens on a throw-away locked thread that exits with the
+// goroutine (Go kills a thread that is still locked when its goroutine ends),
+// so no thread is ever left in the wrong namespace.
+func createNS(name string) (*NS, error) {
+	if err := prepareNetnsDir(); err != nil {
+		return nil, err
+	}
+	path := filepath.Join(NetnsDir, name)
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_EXCL|os.O_RDONLY, 0o444)
+	if err != nil {
+		return nil, fmt.Errorf("create netns %s: %w", name, err)
+	}
+	f.Close()
+
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread() // never unlocked: the thread dies with the goroutine
+		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
+			errc <- fmt.Errorf("unshare: %w", err)
+			return
+		}
+		self := fmt.Sprintf("/proc/%d/task/%d/ns/net", os.Getpid(), unix.Gettid())
+		if err := unix.Mount(self, path, "none", unix.MS_BIND, ""); err != nil {
+			errc <- fmt.Errorf("bind mount: %w", err)
+			return
+		}
+		errc <- nil
+	}()
+	if err := <-errc; err != nil {
+		os.Remove(path)
+		return nil, fmt.Errorf("create netns %s: %w", name, err)
+	}
+
+	n := &NS{Name: name, Path: path}
+	h, err := netns.GetFromPath(path)
+	if err != nil {
+		deleteNSPath(path)
+		return nil, fmt.Errorf("open netns %s: %w", name, err)
+	}
+	defer h.Close()
+	// NETLINK_ROUTE only: the default family list includes xfrm, which not
+	// every test kernel has.
+	n.handle, err = netlink.NewHandleAt(h, unix.NETLINK_ROUTE)
+	if err != nil {
+		deleteNSPath(path)
+		return nil, fmt.Errorf("netlink handle in %s: %w", name, err)
+	}
+	return n, nil
+}
+
+// delete releases the namespace. The kernel destroys it (and every interface
+// in it, including veth peers elsewhere) once the last reference is gone, so
+// sockets opened inside it must be closed first (test cleanups run in reverse
+// order, so counters and listeners registered after the lab close first).
+func (n *NS) delete() error {
+	if n.handle != nil {
+		n.handle.Close()
+		n.handle = nil
+	}
+	return deleteNSPath(n.Path)
+}
+
+func deleteNSPath(path string) error {
+	if err := unix.Unmount(path, unix.MNT_DETACH); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
+		return fmt.Errorf("unmount netns %s: %w", path, err)
+	}
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("remove netns %s: %w", path, err)
+	}
+	return nil
+}
+
+var prepareOnce sync.Once
+var prepareErr error
+
+// prepareNetnsDir creates NetnsDir and makes it a shared mount, as
+// `ip netns add` does, so namespaces mounted here propagate into mount
+// namespaces cloned later (ip netns exec, containers).
+func prepareNetnsDir() error {
+	prepareOnce.Do(func() {
+		if err := os.MkdirAll(NetnsDir, 0o755); err != nil {
+			prepareErr = fmt.Errorf("create %s: %w", NetnsDir, err)
+			return
+		}
+		err := unix.Mount("", NetnsDir, "none", unix.MS_SHARED|unix.MS_REC, "")
+		if errors.Is(err, unix.EINVAL) { // not a mount point yet: bind it onto itself
+			if err = unix.Mount(NetnsDir, NetnsDir, "none", unix.MS_BIND|unix.MS_REC, ""); err == nil {
+				err = unix.Mount("", NetnsDir, "none", unix.MS_SHARED|unix.MS_REC, "")
+			}
+		}
+		if err != nil {
+			prepareErr = fmt.Errorf("make %s a shared mount: %w", NetnsDir, err)
+		}
+	})
+	return prepareErr
+}
+
+// sysctl writes a /proc/sys value inside the current thread's network
+// namespace (call it from NS.Do: /proc/sys/net follows the opening thread).
+func sysctl(key, value string) error {
+	p := filepath.Join("/proc/sys", strings.ReplaceAll(key, ".", "/"))
+	if err := os.WriteFile(p, []byte(value), 0o644); err != nil {
+		return fmt.Errorf("sysctl %s=%s: %w", key, value, err)
+	}
+	return nil
+}
+
+// CleanupStale removes named namespaces left behind by crashed runs: those
+// whose name is prefix + "<pid>-…" where <pid> is no longer a running
+// process. Namespaces of live processes (parallel test binaries) and names
+// that do not parse are left alone.
+func CleanupStale(prefix string) error {
+	entries, err := os.ReadDir(NetnsDir)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("list %s: %w", NetnsDir, err)
+	}
+	var errs []error
+	for _, e := range entries {
+		pid, ok := ownerPID(e.Name(), prefix)
+		if !ok || processAlive(pid) {
+			continue
+		}
+		if err := deleteNSPath(filepath.Join(NetnsDir, e.Name())); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func ownerPID(name, prefix string) (int, bool) {
+	rest, ok := strings.CutPrefix(name, prefix)
+	if !ok {
+		return 0, false
+	}
+	digits, _, ok := strings.Cut(rest, "-")
+	if !ok {
+		return 0, false
+	}
+	pid, err := strconv.Atoi(digits)
+	if err != nil || pid <= 0 {
+		return 0, false
+	}
+	return pid, true
+}
+
+func processAlive(pid int) bool {
+	if pid == os.Getpid() {
+		return true
+	}
+	err := unix.Kill(pid, 0)
+	return err == nil || errors.Is(err, unix.EPERM)
+}

@@ -1,0 +1,88 @@
+package netenv
+
+import (
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"sync"
+	"testing"
+	"time"
+)
+
+// ListenTCP starts a TCP echo server on addr inside ns (port 0 picks a free
+// port: read it from the listener's Addr). The socket is created inside the
+// namespace and stays there, while the accept loop runs on any thread. The
+// listener and its connections are closed when the test ends.
+func ListenTCP(tb testing.TB, ns *NS, addr netip.AddrPort) net.Listener {
+	tb.Helper()
+	var ln net.Listener
+	err := ns.Do(func() error {
+		var err error
+		ln, err = net.Listen("tcp", addr.String())
+		return err
+	})
+	if err != nil {
+		tb.Fatalf("netenv: listen on %s in %s: %v", addr, ns.Name, err)
+	}
+
+	var (
+		wg    sync.WaitGroup
+		mu    sync.Mutex
+		conns = map[net.Conn]struct{}{}
+	)
+	wg.Go(func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return // closed
+			}
+			mu.Lock()
+			conns[c] = struct{}{}
+			mu.Unlock()
+			wg.Go(func() {
+				io.Copy(c, c) //nolint:errcheck // the peer decides when the echo ends
+				c.Close()
+				mu.Lock()
+				delete(conns, c)
+				mu.Unlock()
+			})
+		}
+	})
+	tb.Cleanup(func() {
+		ln.Close()
+		mu.Lock()
+		for c := range conns {
+			c.Close()
+		}
+		mu.Unlock()
+		wg.Wait()
+	})
+	return ln
+}
+
+// DialTCPConn connects to addr from inside ns. Errors keep their syscall
+// cause, so errors.Is(err, syscall.ECONNREFUSED) tells a reset from a
+// timeout.
+func DialTCPConn(ns *NS, addr netip.AddrPort, timeout time.Duration) (net.Conn, error) {
+	var c net.Conn
+	err := ns.Do(func() error {
+		var err error
+		c, err = net.DialTimeout("tcp", addr.String(), timeout)
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("dial %s from %s: %w", addr, ns.Name, err)
+	}
+	return c, nil
+}
+
+// DialTCP connects to addr from inside ns, closes the connection and returns
+// the dial error, if any.
+func DialTCP(ns *NS, addr netip.AddrPort, timeout time.Duration) error {
+	c, err := DialTCPConn(ns, addr, timeout)
+	if err != nil {
+		return err
+	}
+	return c.Close()
+}
