@@ -28,9 +28,12 @@ test: check-generate
 	$(GO) vet $(PKGS)
 	$(GO) test $(TESTFLAGS) -p 1 $(PKGS)
 
+# Figures side by side, never asserted: ns/packet per program path
+# (prog.Benchmark), then TCP throughput and request/response rate through the
+# hairpin vs a veth pair vs macvlan slave<->slave.
 bench:
-	$(GO) test -run '^$$' -bench . -benchtime 2s ./loader/...
-	./test/bench/hairpin.sh
+	$(GO) test -run '^$$' -bench . -benchtime 20x ./loader/
+	$(GO) test -run '^$$' -bench Paths -benchtime 1x ./test/bench/
 
 test-kernels:
 	./test/vm/run.sh

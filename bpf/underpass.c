@@ -132,8 +132,8 @@ struct pkt {
 	struct up_ip_key saddr;
 	struct up_ip_key daddr;
 	__u16 proto;    /* host order: ETH_P_IP, ETH_P_IPV6 or ETH_P_ARP */
+	__u16 l4off;
 	__u8 l4proto;
-	__u8 tcp_flags;
 	__u8 arp_op;
 	__u8 nd_type;   /* ICMPv6 NS/NA, 0 otherwise */
 	__u8 first_frag;/* 1 unless this is a non-first IPv4 fragment */
@@ -273,11 +273,7 @@ static __always_inline int parse_l3(struct __sk_buff *skb, __u16 proto, struct p
 		p->l4proto = ip.protocol;
 		if (ip.frag_off & bpf_htons(0x1fff))
 			p->first_frag = 0;
-		if (ip.protocol == IPPROTO_TCP && p->first_frag) {
-			struct tcphdr th;
-			if (!bpf_skb_load_bytes(skb, ETH_HLEN + ihl * 4, &th, sizeof(th)))
-				p->tcp_flags = th.flags;
-		}
+		p->l4off = ETH_HLEN + ihl * 4;
 		return 1;
 	}
 	if (proto == ETH_P_IPV6) {
@@ -291,11 +287,8 @@ static __always_inline int parse_l3(struct __sk_buff *skb, __u16 proto, struct p
 		/* Extension headers are not walked: such packets are classified
 		 * by address only, which is all the guard and the steering need. */
 		p->l4proto = ip6.nexthdr;
-		if (ip6.nexthdr == IPPROTO_TCP) {
-			struct tcphdr th;
-			if (!bpf_skb_load_bytes(skb, ETH_HLEN + sizeof(ip6), &th, sizeof(th)))
-				p->tcp_flags = th.flags;
-		} else if (ip6.nexthdr == IPPROTO_ICMPV6) {
+		p->l4off = ETH_HLEN + sizeof(ip6);
+		if (ip6.nexthdr == IPPROTO_ICMPV6) {
 			struct icmp6_nd nd;
 			if (!bpf_skb_load_bytes(skb, ETH_HLEN + sizeof(ip6), &nd, sizeof(nd)) &&
 			    (nd.type == ICMPV6_ND_NS || nd.type == ICMPV6_ND_NA) && nd.code == 0) {
@@ -569,8 +562,11 @@ static __always_inline int handle_stale(struct __sk_buff *skb, const struct up_c
 
 	if (cfg && (cfg->flags & UP_CFG_STALE_REJECT)) {
 		int err = 1;
-		if (p->l4proto == IPPROTO_TCP &&
-		    (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK | TCP_FLAG_RST)) == TCP_FLAG_SYN)
+		/* The TCP header is read only here: the common paths never need it. */
+		struct tcphdr th = {};
+		if (p->l4proto == IPPROTO_TCP && p->first_frag &&
+		    !bpf_skb_load_bytes(skb, p->l4off, &th, sizeof(th)) &&
+		    (th.flags & (TCP_FLAG_SYN | TCP_FLAG_ACK | TCP_FLAG_RST)) == TCP_FLAG_SYN)
 			err = p->proto == ETH_P_IP ? reject_tcp4(skb) : reject_tcp6(skb);
 		else if (p->l4proto == IPPROTO_UDP && p->first_frag)
 			err = p->proto == ETH_P_IP ? reject_udp4(skb) : reject_udp6(skb);

@@ -1,0 +1,82 @@
+package loader_test
+
+import (
+	"testing"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
+	"github.com/gopacket/gopacket/layers"
+	"github.com/underpass-cni/underpass/pkg/datapath"
+)
+
+// BenchmarkParentEgress measures ns/packet of each path through the parent
+// program with BPF_PROG_TEST_RUN (the kernel's own loop, so Go overhead is
+// not in the figure). Run with: make bench.
+//
+// "ns/pkt" is the program's own cost: the time of an empty program under
+// the same harness (the test-run loop's overhead) is measured first and
+// subtracted; "raw-ns/pkt" is before the subtraction.
+func BenchmarkParentEgress(b *testing.B) {
+	r := newRig(b)
+	empty, err := ebpf.NewProgram(&ebpf.ProgramSpec{
+		Type: ebpf.SchedCLS, License: "GPL",
+		Instructions: asm.Instructions{asm.Mov.Imm(asm.R0, 0), asm.Return()},
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer empty.Close()
+	baseline := measure(b, empty, icmpEcho(b, macA, macGW, ipA, ipRemote), 20)
+	b.Logf("test-run overhead (empty program): %.1f ns/pkt", baseline)
+	for _, tc := range []struct {
+		name  string
+		frame []byte
+	}{
+		{"pass/endpoint-to-wire", icmpEcho(b, macA, macGW, ipA, ipRemote)},
+		{"pass/host-to-wire", icmpEcho(b, macParent, macGW, ipHost, ipRemote)},
+		{"hairpin/host-to-endpoint", icmpEcho(b, macParent, macA, ipHost, ipA)},
+		{"hairpin/endpoint-to-host", icmpEcho(b, macA, macParent, ipA, ipHost)},
+		{"hairpin/host-to-endpoint-v6", icmpEcho(b, macParent, macA, ipHost6, ipA6)},
+		{"steer/live-vip", tcpSYN(b, macA, macGW, ipA, vipLive, "S")},
+		{"guard/stale-drop", tcpSYN(b, macA, macGW, ipA, vipStale, "S")},
+		{"arp/not-local", arp(b, layers.ARPRequest, macA, macBcast, macA, ipA, ipGW)},
+	} {
+		b.Run(tc.name, func(b *testing.B) {
+			benchProg(b, r, tc.frame, false, baseline)
+		})
+	}
+	b.Run("guard/stale-reject", func(b *testing.B) {
+		r.setConfig(b, datapath.Config{HostReachable: true, StaleReject: true})
+		defer r.setConfig(b, datapath.Config{HostReachable: true})
+		benchProg(b, r, tcpSYN(b, macA, macGW, ipA, vipStale, "S"), false, baseline)
+	})
+	b.Run("uplink/pass", func(b *testing.B) {
+		benchProg(b, r, icmpEcho(b, macParent, macGW, ipHost, ipRemote), true, baseline)
+	})
+}
+
+func benchProg(b *testing.B, r *rig, frame []byte, uplink bool, baseline float64) {
+	prog := r.dp.Programs.ParentEgress
+	if uplink {
+		prog = r.dp.Programs.UplinkEgress
+	}
+	b.ResetTimer()
+	raw := measure(b, prog, frame, b.N)
+	b.ReportMetric(raw, "raw-ns/pkt")
+	b.ReportMetric(raw-baseline, "ns/pkt")
+	b.ReportMetric(0, "ns/op")
+}
+
+// measure returns the mean ns per run over rounds of the kernel's loop.
+func measure(b *testing.B, prog *ebpf.Program, frame []byte, rounds int) float64 {
+	const repeat = 100000
+	var total float64
+	for i := 0; i < rounds; i++ {
+		_, d, err := prog.Benchmark(frame, repeat, nil)
+		if err != nil {
+			b.Fatal(err)
+		}
+		total += float64(d.Nanoseconds())
+	}
+	return total / float64(rounds)
+}
