@@ -30,6 +30,8 @@
 #define ICMPV6_ND_NS 135
 #define ICMPV6_ND_NA 136
 
+#define XDP_PASS 2
+
 #define TC_ACT_OK 0
 #define TC_ACT_SHOT 2
 #define TC_ACT_REDIRECT 7

@@ -35,6 +35,8 @@ const enum up_host_flags *unused_host_flags __attribute__((unused));
 const enum up_drop_reason *unused_drop_reason __attribute__((unused));
 const enum up_stat *unused_stat __attribute__((unused));
 const enum up_trace_kind *unused_trace_kind __attribute__((unused));
+const enum up_event_kind *unused_event_kind __attribute__((unused));
+const struct up_event *unused_event __attribute__((unused));
 
 #define MAX_ENDPOINTS 16384
 #define MAX_SERVICES 65536
@@ -126,6 +128,11 @@ struct {
 	__type(key, __u32);
 	__type(value, struct up_trace);
 } trace SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 64 * 1024);
+} events SEC(".maps");
 
 /* What parse_l3 learnt about a frame. Addresses are IPv4-mapped. */
 struct pkt {
@@ -829,4 +836,118 @@ int endpoint_egress(struct __sk_buff *skb)
 		s->tx.bytes += len;
 	}
 	return TC_ACT_OK;
+}
+
+/* ---- parent NIC, frames from the wire (XDP) --------------------------------- */
+
+static __always_inline int xdp_load(struct xdp_md *ctx, __u32 off, void *dst, __u32 len)
+{
+	return bpf_xdp_load_bytes(ctx, off, dst, len);
+}
+
+/* An ARP or ND frame from the wire whose sender claims an endpoint's address
+ * with a MAC that is not the endpoint's: two hosts think they own one IP.
+ * Counted and reported, never dropped: the operator decides. */
+static __always_inline void check_conflict(struct xdp_md *ctx, const struct up_parent *parent,
+					   const struct up_ip_key *claimed, const __u8 *mac, __u16 proto)
+{
+	struct up_ep_ref *r = bpf_map_lookup_elem(&ep_by_ip, claimed);
+	if (!r || r->parent_ifindex != ctx->ingress_ifindex)
+		return;
+	__u32 id = r->id;
+	int same;
+	if (parent->mode == UP_MODE_MACVLAN) {
+		struct up_endpoint *ep = bpf_map_lookup_elem(&endpoints, &id);
+		if (!ep)
+			return;
+		same = mac_eq(mac, ep->mac);
+	} else {
+		same = mac_eq(mac, parent->mac); /* ipvlan slaves use the parent's MAC */
+	}
+	if (same)
+		return;
+	count(UP_STAT_IP_CONFLICT, 1);
+	struct up_ep_stats *s = ep_stats_of(id);
+	if (s)
+		s->ip_conflicts++;
+	struct up_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!e)
+		return;
+	e->kind = UP_EVENT_IP_CONFLICT;
+	e->ep_id = id;
+	e->ifindex = ctx->ingress_ifindex;
+	e->proto = proto;
+	__builtin_memcpy(e->mac, mac, ETH_ALEN);
+	__builtin_memcpy(e->addr, claimed->addr, 16);
+	bpf_ringbuf_submit(e, 0);
+}
+
+SEC("xdp")
+int parent_xdp(struct xdp_md *ctx)
+{
+	__u32 ifindex = ctx->ingress_ifindex;
+	struct up_parent *parent = bpf_map_lookup_elem(&parents, &ifindex);
+	if (!parent)
+		return XDP_PASS;
+	struct ethhdr eth;
+	if (xdp_load(ctx, 0, &eth, sizeof(eth)))
+		return XDP_PASS;
+	__u16 proto = bpf_ntohs(eth.h_proto);
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	__u32 len = data_end - data;
+
+	if (proto == ETH_P_ARP) {
+		struct arp_eth arp;
+		if (!xdp_load(ctx, ETH_HLEN, &arp, sizeof(arp)) && arp.htype == bpf_htons(1) &&
+		    arp.ptype == bpf_htons(ETH_P_IP) && arp.hlen == 6 && arp.plen == 4) {
+			struct up_ip_key spa;
+			map_v4(&spa, arp.spa);
+			check_conflict(ctx, parent, &spa, arp.sha, ETH_P_ARP);
+		}
+	} else if (proto == ETH_P_IPV6) {
+		struct ipv6hdr ip6;
+		struct icmp6_nd nd;
+		if (!xdp_load(ctx, ETH_HLEN, &ip6, sizeof(ip6)) && ip6.nexthdr == IPPROTO_ICMPV6 &&
+		    !xdp_load(ctx, ETH_HLEN + sizeof(ip6), &nd, sizeof(nd)) && nd.code == 0) {
+			struct up_ip_key k;
+			if (nd.type == ICMPV6_ND_NA) {
+				__builtin_memcpy(k.addr, nd.target, 16);
+				check_conflict(ctx, parent, &k, eth.h_source, ETH_P_IPV6);
+			} else if (nd.type == ICMPV6_ND_NS) {
+				__builtin_memcpy(k.addr, ip6.saddr, 16);
+				check_conflict(ctx, parent, &k, eth.h_source, ETH_P_IPV6);
+			}
+		}
+	}
+
+	if (is_multicast(eth.h_dest))
+		return XDP_PASS;
+	__u32 id = 0;
+	if (parent->mode == UP_MODE_MACVLAN) {
+		id = ep_by_mac_on(eth.h_dest, ifindex);
+	} else if (mac_eq(eth.h_dest, parent->mac) && (proto == ETH_P_IP || proto == ETH_P_IPV6)) {
+		struct up_ip_key dst;
+		if (proto == ETH_P_IP) {
+			struct iphdr ip;
+			if (xdp_load(ctx, ETH_HLEN, &ip, sizeof(ip)))
+				return XDP_PASS;
+			map_v4(&dst, (const __u8 *)&ip.daddr);
+		} else {
+			struct ipv6hdr ip6;
+			if (xdp_load(ctx, ETH_HLEN, &ip6, sizeof(ip6)))
+				return XDP_PASS;
+			__builtin_memcpy(dst.addr, ip6.daddr, 16);
+		}
+		id = ep_by_ip_on(&dst, ifindex);
+	}
+	if (id) {
+		count(UP_STAT_WIRE_RX, len);
+		struct up_ep_stats *s = ep_stats_of(id);
+		if (s) {
+			s->wire_rx.packets++;
+			s->wire_rx.bytes += len;
+		}
+	}
+	return XDP_PASS;
 }

@@ -139,6 +139,20 @@ struct up_endpoint {
 	char netns[128];
 };
 
+/* events ring buffer: what userspace must log, not count. */
+enum up_event_kind {
+	UP_EVENT_IP_CONFLICT = 1, /* a frame from the wire claims an endpoint's IP */
+};
+
+struct up_event {
+	__u32 kind;     /* enum up_event_kind */
+	__u32 ep_id;
+	__u32 ifindex;  /* the parent it arrived on */
+	__u16 proto;    /* ETH_P_ARP or ETH_P_IPV6 (ND) */
+	__u8 mac[6];    /* the offending MAC */
+	__u8 addr[16];  /* the claimed address, IPv4 mapped */
+};
+
 /* trace (tests only, see trace_redirects): the last redirect decision. */
 enum up_trace_kind {
 	UP_TRACE_NONE = 0,

@@ -34,6 +34,7 @@ type Maps struct {
 	LiveSvcs  *ebpf.Map
 	HostCIDRs *ebpf.Map
 	Trace     *ebpf.Map
+	Events    *ebpf.Map // ring buffer of up_event, read by the agent
 }
 
 // Programs are the programs shared by all attachments. The endpoint programs
@@ -44,6 +45,7 @@ type Programs struct {
 	UplinkEgress    *ebpf.Program
 	EndpointIngress *ebpf.Program
 	EndpointEgress  *ebpf.Program
+	ParentXDP       *ebpf.Program
 }
 
 // Datapath is a loaded (or opened) datapath.
@@ -302,6 +304,7 @@ func (dp *Datapath) eachMap(fn func(string, **ebpf.Map)) {
 	fn("live_svcs", &dp.Maps.LiveSvcs)
 	fn("host_cidrs", &dp.Maps.HostCIDRs)
 	fn("trace", &dp.Maps.Trace)
+	fn("events", &dp.Maps.Events)
 }
 
 func (dp *Datapath) eachProgram(fn func(string, **ebpf.Program)) {
@@ -309,6 +312,7 @@ func (dp *Datapath) eachProgram(fn func(string, **ebpf.Program)) {
 	fn("uplink_egress", &dp.Programs.UplinkEgress)
 	fn("endpoint_ingress", &dp.Programs.EndpointIngress)
 	fn("endpoint_egress", &dp.Programs.EndpointEgress)
+	fn("parent_xdp", &dp.Programs.ParentXDP)
 }
 
 func (dp *Datapath) maps() map[string]*ebpf.Map {

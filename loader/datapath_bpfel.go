@@ -89,6 +89,22 @@ type datapathUpEpStats struct {
 	IpConflicts   uint64
 }
 
+type datapathUpEvent struct {
+	_       structs.HostLayout
+	Kind    uint32
+	EpId    uint32
+	Ifindex uint32
+	Proto   uint16
+	Mac     [6]uint8
+	Addr    [16]uint8
+}
+
+type datapathUpEventKind uint32
+
+const (
+	datapathUpEventKindUP_EVENT_IP_CONFLICT datapathUpEventKind = 1
+)
+
 type datapathUpHostEntry struct {
 	_     structs.HostLayout
 	Flags uint32
@@ -178,6 +194,7 @@ const (
 	datapathMapEpByIp            = "ep_by_ip"
 	datapathMapEpByMac           = "ep_by_mac"
 	datapathMapEpStats           = "ep_stats"
+	datapathMapEvents            = "events"
 	datapathMapHostCidrs         = "host_cidrs"
 	datapathMapLiveSvcs          = "live_svcs"
 	datapathMapParents           = "parents"
@@ -187,11 +204,14 @@ const (
 	datapathProgEndpointEgress   = "endpoint_egress"
 	datapathProgEndpointIngress  = "endpoint_ingress"
 	datapathProgParentEgress     = "parent_egress"
+	datapathProgParentXdp        = "parent_xdp"
 	datapathProgUplinkEgress     = "uplink_egress"
 	datapathVarEndpointId        = "endpoint_id"
 	datapathVarTraceRedirects    = "trace_redirects"
 	datapathVarUnusedConfigFlags = "unused_config_flags"
 	datapathVarUnusedDropReason  = "unused_drop_reason"
+	datapathVarUnusedEvent       = "unused_event"
+	datapathVarUnusedEventKind   = "unused_event_kind"
 	datapathVarUnusedHostFlags   = "unused_host_flags"
 	datapathVarUnusedMode        = "unused_mode"
 	datapathVarUnusedStat        = "unused_stat"
@@ -243,6 +263,7 @@ type datapathProgramSpecs struct {
 	EndpointEgress  *ebpf.ProgramSpec `ebpf:"endpoint_egress"`
 	EndpointIngress *ebpf.ProgramSpec `ebpf:"endpoint_ingress"`
 	ParentEgress    *ebpf.ProgramSpec `ebpf:"parent_egress"`
+	ParentXdp       *ebpf.ProgramSpec `ebpf:"parent_xdp"`
 	UplinkEgress    *ebpf.ProgramSpec `ebpf:"uplink_egress"`
 }
 
@@ -256,6 +277,7 @@ type datapathMapSpecs struct {
 	EpByIp    *ebpf.MapSpec `ebpf:"ep_by_ip"`
 	EpByMac   *ebpf.MapSpec `ebpf:"ep_by_mac"`
 	EpStats   *ebpf.MapSpec `ebpf:"ep_stats"`
+	Events    *ebpf.MapSpec `ebpf:"events"`
 	HostCidrs *ebpf.MapSpec `ebpf:"host_cidrs"`
 	LiveSvcs  *ebpf.MapSpec `ebpf:"live_svcs"`
 	Parents   *ebpf.MapSpec `ebpf:"parents"`
@@ -272,6 +294,8 @@ type datapathVariableSpecs struct {
 	TraceRedirects    *ebpf.VariableSpec `ebpf:"trace_redirects"`
 	UnusedConfigFlags *ebpf.VariableSpec `ebpf:"unused_config_flags"`
 	UnusedDropReason  *ebpf.VariableSpec `ebpf:"unused_drop_reason"`
+	UnusedEvent       *ebpf.VariableSpec `ebpf:"unused_event"`
+	UnusedEventKind   *ebpf.VariableSpec `ebpf:"unused_event_kind"`
 	UnusedHostFlags   *ebpf.VariableSpec `ebpf:"unused_host_flags"`
 	UnusedMode        *ebpf.VariableSpec `ebpf:"unused_mode"`
 	UnusedStat        *ebpf.VariableSpec `ebpf:"unused_stat"`
@@ -304,6 +328,7 @@ type datapathMaps struct {
 	EpByIp    *ebpf.Map `ebpf:"ep_by_ip"`
 	EpByMac   *ebpf.Map `ebpf:"ep_by_mac"`
 	EpStats   *ebpf.Map `ebpf:"ep_stats"`
+	Events    *ebpf.Map `ebpf:"events"`
 	HostCidrs *ebpf.Map `ebpf:"host_cidrs"`
 	LiveSvcs  *ebpf.Map `ebpf:"live_svcs"`
 	Parents   *ebpf.Map `ebpf:"parents"`
@@ -320,6 +345,7 @@ func (m *datapathMaps) Close() error {
 		m.EpByIp,
 		m.EpByMac,
 		m.EpStats,
+		m.Events,
 		m.HostCidrs,
 		m.LiveSvcs,
 		m.Parents,
@@ -337,6 +363,8 @@ type datapathVariables struct {
 	TraceRedirects    *ebpf.Variable `ebpf:"trace_redirects"`
 	UnusedConfigFlags *ebpf.Variable `ebpf:"unused_config_flags"`
 	UnusedDropReason  *ebpf.Variable `ebpf:"unused_drop_reason"`
+	UnusedEvent       *ebpf.Variable `ebpf:"unused_event"`
+	UnusedEventKind   *ebpf.Variable `ebpf:"unused_event_kind"`
 	UnusedHostFlags   *ebpf.Variable `ebpf:"unused_host_flags"`
 	UnusedMode        *ebpf.Variable `ebpf:"unused_mode"`
 	UnusedStat        *ebpf.Variable `ebpf:"unused_stat"`
@@ -350,6 +378,7 @@ type datapathPrograms struct {
 	EndpointEgress  *ebpf.Program `ebpf:"endpoint_egress"`
 	EndpointIngress *ebpf.Program `ebpf:"endpoint_ingress"`
 	ParentEgress    *ebpf.Program `ebpf:"parent_egress"`
+	ParentXdp       *ebpf.Program `ebpf:"parent_xdp"`
 	UplinkEgress    *ebpf.Program `ebpf:"uplink_egress"`
 }
 
@@ -358,6 +387,7 @@ func (p *datapathPrograms) Close() error {
 		p.EndpointEgress,
 		p.EndpointIngress,
 		p.ParentEgress,
+		p.ParentXdp,
 		p.UplinkEgress,
 	)
 }

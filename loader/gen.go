@@ -2,4 +2,4 @@ package loader
 
 // The one generate line. clang is pinned (Debian bookworm's clang 14) so that
 // the committed objects are reproducible: CI rebuilds them and fails on a diff.
-//go:generate go run github.com/cilium/ebpf/cmd/bpf2go -cc clang-14 -target bpfel -cflags "-O2 -g -Wall -Werror -I../bpf/include" -type up_config -type up_parent -type up_mac_key -type up_ip_key -type up_lpm_key -type up_ep_ref -type up_host_entry -type up_counter -type up_ep_stats -type up_ep_addr -type up_endpoint -type up_trace -type up_mode -type up_config_flags -type up_host_flags -type up_drop_reason -type up_stat -type up_trace_kind datapath ../bpf/underpass.c
+//go:generate go run github.com/cilium/ebpf/cmd/bpf2go -cc clang-14 -target bpfel -cflags "-O2 -g -Wall -Werror -I../bpf/include" -type up_config -type up_parent -type up_mac_key -type up_ip_key -type up_lpm_key -type up_ep_ref -type up_host_entry -type up_counter -type up_ep_stats -type up_ep_addr -type up_endpoint -type up_trace -type up_mode -type up_config_flags -type up_host_flags -type up_drop_reason -type up_stat -type up_trace_kind -type up_event -type up_event_kind datapath ../bpf/underpass.c

@@ -21,6 +21,8 @@ type (
 	DropReason    = datapathUpDropReason
 	Stat          = datapathUpStat
 	TraceKind     = datapathUpTraceKind
+	Event         = datapathUpEvent
+	EventKind     = datapathUpEventKind
 )
 
 const (
@@ -53,6 +55,8 @@ const (
 	StatIPConflict     = datapathUpStatUP_STAT_IP_CONFLICT
 	StatWireRx         = datapathUpStatUP_STAT_WIRE_RX
 	StatMax            = datapathUpStatUP_STAT_MAX
+
+	EventIPConflict = datapathUpEventKindUP_EVENT_IP_CONFLICT
 
 	TraceNone     = datapathUpTraceKindUP_TRACE_NONE
 	TraceRedirect = datapathUpTraceKindUP_TRACE_REDIRECT
