@@ -35,8 +35,31 @@ bench:
 	$(GO) test -run '^$$' -bench . -benchtime 20x ./loader/
 	$(GO) test -run '^$$' -bench Paths -benchtime 1x ./test/bench/
 
+# A node in network namespaces with the real underpassd, the real plugin and
+# two pods, shown step by step (as root; see test/demo). It waits for Ctrl-C
+# and then removes everything; DEMO_ONCE=1 exits after the steps. The
+# host-local IPAM plugin comes from containernetworking/plugins at go.mod's
+# version, cached like test/cni does.
+demo: build
+	@set -e; \
+	v=$$($(GO) list -m -f '{{.Version}}' github.com/containernetworking/plugins); \
+	cni=$$HOME/.cache/underpass/cni-plugins-$$v; \
+	if [ ! -x $$cni/host-local ]; then \
+		echo "installing host-local $$v into $$cni"; \
+		(cd / && GOBIN=$$cni CGO_ENABLED=0 $(GO) install github.com/containernetworking/plugins/plugins/ipam/host-local@$$v); \
+	fi; \
+	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/demo/underpass-demo ./test/demo/cmd/demo; \
+	exec $(BIN)/demo/underpass-demo --bin $(BIN) --cni-path $$cni
+
+# Tier 3, the kernel matrix: the program tests (./loader), the netns
+# end-to-end tests (./test/datapath), the lab and the harness' own checks in
+# qemu (TCG) on Debian's 6.1 (no tcx: legacy clsact) and 6.12 kernels, where
+# ipvlan is required (test/vm/README.md, results in test/vm/RESULTS.md).
+# Not part of `make test`: it takes minutes; CI runs it. Prints per-kernel
+# wall time and the verifier table of each kernel. More vmtest flags:
+# make test-kernels VMTEST='-v -run Ipvlan'.
 test-kernels:
-	./test/vm/run.sh
+	./test/vm/run.sh -kernel all -pkgs ./loader,./test/datapath,./test/netenv,./test/vm/selftest -timeout 10m -show 'verifier: ' $(VMTEST)
 
 clean:
 	rm -rf $(BIN)

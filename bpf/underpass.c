@@ -36,6 +36,7 @@ const enum up_drop_reason *unused_drop_reason __attribute__((unused));
 const enum up_stat *unused_stat __attribute__((unused));
 const enum up_trace_kind *unused_trace_kind __attribute__((unused));
 const enum up_event_kind *unused_event_kind __attribute__((unused));
+const enum up_limits *unused_limits __attribute__((unused));
 const struct up_event *unused_event __attribute__((unused));
 
 #define MAX_ENDPOINTS 16384
@@ -50,11 +51,20 @@ struct {
 } config SEC(".maps");
 
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 256);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, UP_MAX_PARENT_IFINDEX);
 	__type(key, __u32);
 	__type(value, struct up_parent);
 } parents SEC(".maps");
+
+/* The parent registration of ifindex, or NULL. */
+static __always_inline struct up_parent *parent_of(__u32 ifindex)
+{
+	struct up_parent *p = bpf_map_lookup_elem(&parents, &ifindex);
+	if (!p || p->mode == UP_MODE_NONE)
+		return 0;
+	return p;
+}
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -640,14 +650,17 @@ static __always_inline int endpoint_to_host(struct __sk_buff *skb, const struct 
 	return to_ingress(skb, ep_id);
 }
 
+/* dst_mac, when set, readdresses the frame first (ipvlan: see parent_egress). */
 static __always_inline int host_to_endpoint(struct __sk_buff *skb, const struct up_config *cfg,
-					    __u32 ep_id)
+					    __u32 ep_id, const __u8 *dst_mac)
 {
 	__u32 len = skb->len;
 	if (host_blocked(cfg)) {
 		count_drop(UP_DROP_HOST_UNREACHABLE, ep_id, len);
 		return TC_ACT_SHOT;
 	}
+	if (dst_mac && bpf_skb_store_bytes(skb, 0, dst_mac, ETH_ALEN, 0))
+		return TC_ACT_OK;
 	count(UP_STAT_HOST_TO_EP, len);
 	struct up_ep_stats *s = ep_stats_of(ep_id);
 	if (s) {
@@ -681,7 +694,7 @@ SEC("tc")
 int parent_egress(struct __sk_buff *skb)
 {
 	__u32 ifindex = skb->ifindex;
-	struct up_parent *parent = bpf_map_lookup_elem(&parents, &ifindex);
+	struct up_parent *parent = parent_of(ifindex);
 	if (!parent)
 		return TC_ACT_OK;
 
@@ -741,16 +754,25 @@ int parent_egress(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	}
 
-	/* From the host (or forwarded by it). */
+	/* From the host (or forwarded by it). ipvlan slaves are found by
+	 * destination IP whatever the destination MAC: L3/L3S slaves answer no
+	 * ARP/ND, so the host reaches a pod subnet through a route via the
+	 * wire gateway and the frame carries the gateway's MAC. It is
+	 * readdressed to the parent's MAC, which the slave's stack accepts
+	 * (anything else would be PACKET_OTHERHOST there). */
 	__u32 dst_ep = 0;
-	if (macvlan)
+	const __u8 *readdress = 0;
+	if (macvlan) {
 		dst_ep = ep_by_mac_on(eth.h_dest, ifindex);
-	else if (to_parent_mac && proto != ETH_P_ARP)
+	} else if (proto != ETH_P_ARP) {
 		dst_ep = ep_by_ip_on(&p.daddr, ifindex);
-	else if (to_parent_mac)
+		if (!to_parent_mac)
+			readdress = parent->mac;
+	} else if (to_parent_mac) {
 		dst_ep = ep_by_ip_on(&p.target, ifindex);
+	}
 	if (dst_ep)
-		return host_to_endpoint(skb, cfg, dst_ep);
+		return host_to_endpoint(skb, cfg, dst_ep, readdress);
 	return TC_ACT_OK;
 }
 
@@ -886,7 +908,7 @@ SEC("xdp")
 int parent_xdp(struct xdp_md *ctx)
 {
 	__u32 ifindex = ctx->ingress_ifindex;
-	struct up_parent *parent = bpf_map_lookup_elem(&parents, &ifindex);
+	struct up_parent *parent = parent_of(ifindex);
 	if (!parent)
 		return XDP_PASS;
 	struct ethhdr eth;

@@ -122,6 +122,12 @@ type datapathUpIpKey struct {
 	Addr [16]uint8
 }
 
+type datapathUpLimits uint32
+
+const (
+	datapathUpLimitsUP_MAX_PARENT_IFINDEX datapathUpLimits = 65536
+)
+
 type datapathUpLpmKey struct {
 	_         structs.HostLayout
 	Prefixlen uint32
@@ -213,6 +219,7 @@ const (
 	datapathVarUnusedEvent       = "unused_event"
 	datapathVarUnusedEventKind   = "unused_event_kind"
 	datapathVarUnusedHostFlags   = "unused_host_flags"
+	datapathVarUnusedLimits      = "unused_limits"
 	datapathVarUnusedMode        = "unused_mode"
 	datapathVarUnusedStat        = "unused_stat"
 	datapathVarUnusedTraceKind   = "unused_trace_kind"
@@ -297,6 +304,7 @@ type datapathVariableSpecs struct {
 	UnusedEvent       *ebpf.VariableSpec `ebpf:"unused_event"`
 	UnusedEventKind   *ebpf.VariableSpec `ebpf:"unused_event_kind"`
 	UnusedHostFlags   *ebpf.VariableSpec `ebpf:"unused_host_flags"`
+	UnusedLimits      *ebpf.VariableSpec `ebpf:"unused_limits"`
 	UnusedMode        *ebpf.VariableSpec `ebpf:"unused_mode"`
 	UnusedStat        *ebpf.VariableSpec `ebpf:"unused_stat"`
 	UnusedTraceKind   *ebpf.VariableSpec `ebpf:"unused_trace_kind"`
@@ -366,6 +374,7 @@ type datapathVariables struct {
 	UnusedEvent       *ebpf.Variable `ebpf:"unused_event"`
 	UnusedEventKind   *ebpf.Variable `ebpf:"unused_event_kind"`
 	UnusedHostFlags   *ebpf.Variable `ebpf:"unused_host_flags"`
+	UnusedLimits      *ebpf.Variable `ebpf:"unused_limits"`
 	UnusedMode        *ebpf.Variable `ebpf:"unused_mode"`
 	UnusedStat        *ebpf.Variable `ebpf:"unused_stat"`
 	UnusedTraceKind   *ebpf.Variable `ebpf:"unused_trace_kind"`

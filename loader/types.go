@@ -92,5 +92,8 @@ func (m Mode) String() string {
 	return "none"
 }
 
+// MaxParentIfindex bounds the ifindex of a parent NIC (the parents array).
+const MaxParentIfindex = int(datapathUpLimitsUP_MAX_PARENT_IFINDEX)
+
 // MaxAddrs is UP_MAX_ADDRS: how many addresses an endpoint can have.
 const MaxAddrs = len(Endpoint{}.Addrs)

@@ -1,6 +1,7 @@
 package datapath
 
 import (
+	"errors"
 	"fmt"
 	"net"
 
@@ -43,8 +44,24 @@ func GetConfig(m *loader.Maps) (Config, uint64, error) {
 	}, v.Generation, nil
 }
 
+// ErrNoParent means the ifindex is not a registered parent.
+var ErrNoParent = errors.New("not a registered parent")
+
+func checkParentIndex(ifindex int) error {
+	if ifindex <= 0 || ifindex >= loader.MaxParentIfindex {
+		return fmt.Errorf("parent ifindex %d is outside 1..%d, which the datapath supports: recreate the NIC (its index is assigned at creation)", ifindex, loader.MaxParentIfindex-1)
+	}
+	return nil
+}
+
 // PutParent registers a parent NIC so its egress program hairpins.
 func PutParent(m *loader.Maps, ifindex int, mac net.HardwareAddr, mode loader.Mode) error {
+	if err := checkParentIndex(ifindex); err != nil {
+		return err
+	}
+	if mode == loader.ModeNone {
+		return fmt.Errorf("register parent ifindex %d: no mode", ifindex)
+	}
 	var v loader.Parent
 	copy(v.Mac[:], mac)
 	v.Mode = uint8(mode)
@@ -54,32 +71,52 @@ func PutParent(m *loader.Maps, ifindex int, mac net.HardwareAddr, mode loader.Mo
 	return nil
 }
 
-// GetParent reads a parent's registration.
+// GetParent reads a parent's registration; ErrNoParent if there is none.
 func GetParent(m *loader.Maps, ifindex int) (loader.Parent, error) {
 	var v loader.Parent
-	err := m.Parents.Lookup(uint32(ifindex), &v)
-	return v, err
+	if err := checkParentIndex(ifindex); err != nil {
+		return v, err
+	}
+	if err := m.Parents.Lookup(uint32(ifindex), &v); err != nil {
+		return v, fmt.Errorf("look up parent ifindex %d: %w", ifindex, err)
+	}
+	if v.Mode == uint8(loader.ModeNone) {
+		return v, fmt.Errorf("ifindex %d: %w", ifindex, ErrNoParent)
+	}
+	return v, nil
 }
 
 // DeleteParent forgets a parent; absent is fine.
 func DeleteParent(m *loader.Maps, ifindex int) error {
-	if err := m.Parents.Delete(uint32(ifindex)); err != nil && !isNotExist(err) {
+	if checkParentIndex(ifindex) != nil {
+		return nil
+	}
+	if err := m.Parents.Update(uint32(ifindex), &loader.Parent{}, ebpf.UpdateAny); err != nil {
 		return fmt.Errorf("forget parent ifindex %d: %w", ifindex, err)
 	}
 	return nil
 }
 
-// Parents lists the registered parents by ifindex.
+// Parents lists the registered parents by ifindex, reading the array in
+// batches (one syscall per 4096 slots, not one per slot).
 func Parents(m *loader.Maps) (map[int]loader.Parent, error) {
 	out := map[int]loader.Parent{}
-	var k uint32
-	var v loader.Parent
-	it := m.Parents.Iterate()
-	for it.Next(&k, &v) {
-		out[int(k)] = v
+	const chunk = 4096
+	keys := make([]uint32, chunk)
+	vals := make([]loader.Parent, chunk)
+	var cursor ebpf.MapBatchCursor
+	for {
+		n, err := m.Parents.BatchLookup(&cursor, keys, vals, nil)
+		for i := 0; i < n; i++ {
+			if vals[i].Mode != uint8(loader.ModeNone) {
+				out[int(keys[i])] = vals[i]
+			}
+		}
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return out, nil
+		}
+		if err != nil {
+			return nil, fmt.Errorf("list parents: %w", err)
+		}
 	}
-	if err := it.Err(); err != nil {
-		return nil, fmt.Errorf("list parents: %w", err)
-	}
-	return out, nil
 }

@@ -118,9 +118,11 @@ func Register(m *loader.Maps, s EndpointSpec) (id uint32, err error) {
 		}
 		id = next(id)
 	}
+	// Roll back by the claimed id: the error returns below zero id.
+	claimed := id
 	defer func() {
 		if err != nil {
-			Unregister(m, id)
+			Unregister(m, claimed)
 		}
 	}()
 

@@ -49,6 +49,13 @@ func must(tb testing.TB, err error) {
 // register and attach the parent, publish the node's addresses and services.
 func newNode(t *testing.T, opts netenv.Options) *node {
 	t.Helper()
+	return newNodeMode(t, opts, loader.ModeMacvlan)
+}
+
+// newNodeMode is newNode with the parent registered in another mode
+// (ipvlan_test.go).
+func newNodeMode(t *testing.T, opts netenv.Options, mode loader.Mode) *node {
+	t.Helper()
 	env := netenv.New(t, opts)
 	dir := filepath.Join(testutil.MountBPFFS(t), "underpass")
 	dp, err := loader.Load(dir, loader.Options{})
@@ -57,7 +64,7 @@ func newNode(t *testing.T, opts netenv.Options) *node {
 	n := &node{env: env, dp: dp, up: env.Uplinks[0]}
 	m := &dp.Maps
 	must(t, datapath.SetConfig(m, datapath.Config{HostReachable: true}, 1))
-	must(t, datapath.PutParent(m, n.up.Index, n.up.MAC, loader.ModeMacvlan))
+	must(t, datapath.PutParent(m, n.up.Index, n.up.MAC, mode))
 	must(t, env.Node.Do(func() error {
 		_, err := dp.AttachEgress(loader.RoleParent, n.up.Index)
 		return err
@@ -308,7 +315,7 @@ func TestTwoNICNode(t *testing.T) {
 	}
 	for _, vip := range []netip.Addr{vipStale4, vipStale6} {
 		netenv.DialTCP(n.env.Node, netip.AddrPortFrom(vip, 80), 300*time.Millisecond) // from the host
-		netenv.DialTCP(c.NS, netip.AddrPortFrom(vip, 80), 300*time.Millisecond)      // from the pod
+		netenv.DialTCP(c.NS, netip.AddrPortFrom(vip, 80), 300*time.Millisecond)       // from the pod
 	}
 	netenv.Barrier(t, n.env.Node, up2.Name, cnt[2], cnt[3])
 	netenv.Barrier(t, c.NS, c.IfName, cnt[0], cnt[1])

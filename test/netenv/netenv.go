@@ -1,12 +1,14 @@
 // Package netenv builds a small network lab for end-to-end tests out of named
-// network namespaces, veth pairs, Linux bridges and macvlan (this kernel has
-// no dummy or ipvlan driver):
+// network namespaces, veth pairs, Linux bridges, macvlan and ipvlan (where
+// the kernel has the driver; the VM kernel matrix does, the dev host does not):
 //
 //	wire netns (switch + gateway, routes between uplinks)
 //	  br0  192.0.2.1/24 2001:db8:1::1/64 ── node0 ══ veth ══ eth0  node netns
 //	  br1  198.51.100.1/24 2001:db8:2::1/64 ─ node1 ══ veth ══ eth1  (Options.SecondUplink)
 //	  h<N>-<name> ══ veth ══ eth0  wire host netns (AddWireHost)
 //	node eth0 ── macvlan (bridge) ── eth0 in a container netns (AddMacvlanContainer)
+//	node eth0 ── ipvlan (l2|l3|l3s) ── eth0 in a container netns (AddIpvlanContainer;
+//	             one parent carries either macvlan or ipvlan slaves, of one mode)
 //
 // The node's eth0 plays the physical parent NIC. Every link the lab creates
 // lives inside one of its namespaces, so deleting the namespaces removes
@@ -35,6 +37,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -318,16 +321,197 @@ func (e *Env) addMacvlan(u *Uplink, name string, ip4, ip6 netip.Prefix) (*Contai
 		return nil, fmt.Errorf("open netns %s: %w", n.Name, err)
 	}
 	defer fd.Close()
-	// Created straight inside the container netns (IFLA_NET_NS_FD) with its
-	// final name: no temporary name on the node, no rename.
 	mv := &netlink.Macvlan{
-		LinkAttrs: netlink.LinkAttrs{Name: "eth0", ParentIndex: u.Index, Namespace: netlink.NsFd(int(fd))},
+		LinkAttrs: netlink.LinkAttrs{ParentIndex: u.Index, Namespace: netlink.NsFd(int(fd))},
 		Mode:      netlink.MACVLAN_MODE_BRIDGE,
 	}
-	if err := e.Node.Netlink().LinkAdd(mv); err != nil {
+	if err := e.addSlave(n, mv, "eth0"); err != nil {
 		return nil, fmt.Errorf("create macvlan on %s: %w", u.Name, err)
 	}
 	return e.finishContainer(n, u, ip4, ip6, u.Name, u.Index)
+}
+
+// addSlave creates l (a macvlan or ipvlan whose LinkAttrs carry the parent
+// and the target netns) straight inside the container netns n
+// (IFLA_NET_NS_FD) under a temporary name, and renames it to ifname there.
+// The temporary name matters on kernels before 6.13 or so: they look the
+// new name up in the caller's netns first, and the node's own eth0 makes
+// creating "eth0" fail with EEXIST. The slave never appears on the node.
+func (e *Env) addSlave(n *NS, l netlink.Link, ifname string) error {
+	tmpb := make([]byte, 4)
+	if _, err := rand.Read(tmpb); err != nil {
+		return err
+	}
+	tmp := "upslv" + hex.EncodeToString(tmpb)
+	l.Attrs().Name = tmp
+	if err := e.Node.Netlink().LinkAdd(l); err != nil {
+		return err
+	}
+	created, err := n.Netlink().LinkByName(tmp)
+	if err != nil {
+		return fmt.Errorf("find new slave %s in %s: %w", tmp, n.Name, err)
+	}
+	if err := n.Netlink().LinkSetName(created, ifname); err != nil {
+		_ = n.Netlink().LinkDel(created)
+		return fmt.Errorf("rename %s to %s in %s: %w", tmp, ifname, n.Name, err)
+	}
+	return nil
+}
+
+// IPvlanMode is the mode of an ipvlan container's slave (the mode is a
+// property of the parent's ipvlan port: one lab parent carries one mode).
+type IPvlanMode = netlink.IPVlanMode
+
+const (
+	IPvlanL2  = netlink.IPVLAN_MODE_L2
+	IPvlanL3  = netlink.IPVLAN_MODE_L3
+	IPvlanL3S = netlink.IPVLAN_MODE_L3S
+)
+
+// AddIpvlanContainer creates a container on the node's eth0: an ipvlan
+// slave (bridge flag) in the given mode, moved into a new netns as eth0,
+// with the given addresses (a zero prefix skips that family).
+//
+// Routes follow how each mode is deployed:
+//   - L2: default routes via the uplink's gateway, like a macvlan container.
+//   - L3, L3S: the slave has no ARP/ND (the driver routes its traffic in
+//     the node's netns), so the container gets device default routes
+//     ("default dev eth0"). The wire cannot resolve an L3 slave's address
+//     either: addresses outside the uplink's subnets get a route on the
+//     wire via the node's address, as an L3 deployment's router has.
+//
+// The slave shares the parent's MAC (Container.MAC is the parent's). A
+// kernel without the ipvlan driver skips the test through
+// testutil.SkipIfNotSupported (feature "ipvlan"), which fails instead when
+// UNDERPASS_REQUIRE_FEATURES names ipvlan.
+func (e *Env) AddIpvlanContainer(name string, mode IPvlanMode, ip4, ip6 netip.Prefix) *Container {
+	e.tb.Helper()
+	return e.AddIpvlanContainerOn(e.Uplinks[0], name, mode, ip4, ip6)
+}
+
+// AddIpvlanContainerOn is AddIpvlanContainer on another uplink of the node.
+func (e *Env) AddIpvlanContainerOn(u *Uplink, name string, mode IPvlanMode, ip4, ip6 netip.Prefix) *Container {
+	e.tb.Helper()
+	c, err := e.addIpvlan(u, name, mode, ip4, ip6)
+	if err != nil {
+		if errors.Is(err, unix.EOPNOTSUPP) {
+			testutil.SkipIfNotSupported(e.tb, testutil.NotSupported("ipvlan", err))
+		}
+		e.tb.Fatalf("netenv: ipvlan container %s: %v", name, err)
+	}
+	return c
+}
+
+// ProbeIpvlan reports whether the kernel can create ipvlan links: nil, or
+// an error wrapped with testutil.NotSupported("ipvlan", …) when the driver
+// is missing, for tests that want to skip before building a lab.
+func ProbeIpvlan() error {
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread() // never unlocked: the thread dies in its throw-away netns
+		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
+			errc <- fmt.Errorf("unshare: %w", err)
+			return
+		}
+		h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
+		if err != nil {
+			errc <- err
+			return
+		}
+		defer h.Close()
+		if err := h.LinkAdd(&netlink.Dummy{LinkAttrs: netlink.LinkAttrs{Name: "probe0"}}); err != nil {
+			// No dummy driver: a veth pair is the parent then.
+			if err := h.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "probe0"}, PeerName: "probe1"}); err != nil {
+				errc <- fmt.Errorf("probe parent: %w", err)
+				return
+			}
+		}
+		p, err := h.LinkByName("probe0")
+		if err != nil {
+			errc <- err
+			return
+		}
+		err = h.LinkAdd(&netlink.IPVlan{LinkAttrs: netlink.LinkAttrs{Name: "probe2", ParentIndex: p.Attrs().Index}, Mode: netlink.IPVLAN_MODE_L2})
+		if errors.Is(err, unix.EOPNOTSUPP) {
+			err = testutil.NotSupported("ipvlan", err)
+		}
+		errc <- err
+	}()
+	return <-errc
+}
+
+func (e *Env) addIpvlan(u *Uplink, name string, mode IPvlanMode, ip4, ip6 netip.Prefix) (*Container, error) {
+	n, err := e.newNS(name, false)
+	if err != nil {
+		return nil, err
+	}
+	fd, err := netns.GetFromPath(n.Path)
+	if err != nil {
+		return nil, fmt.Errorf("open netns %s: %w", n.Name, err)
+	}
+	defer fd.Close()
+	ipv := &netlink.IPVlan{
+		LinkAttrs: netlink.LinkAttrs{ParentIndex: u.Index, Namespace: netlink.NsFd(int(fd))},
+		Mode:      mode,
+		Flag:      netlink.IPVLAN_FLAG_BRIDGE,
+	}
+	if err := e.addSlave(n, ipv, "eth0"); err != nil {
+		return nil, fmt.Errorf("create ipvlan %s on %s: %w", ipvlanModeName(mode), u.Name, err)
+	}
+	if mode == IPvlanL2 {
+		return e.finishContainer(n, u, ip4, ip6, u.Name, u.Index)
+	}
+	// L3/L3S: device routes, no gateway.
+	l, err := configureIface(n.Netlink(), "eth0", ip4, ip6, netip.Addr{}, netip.Addr{})
+	if err != nil {
+		return nil, err
+	}
+	for _, p := range []netip.Prefix{ip4, ip6} {
+		if !p.IsValid() {
+			continue
+		}
+		dst, family := netip.PrefixFrom(netip.IPv4Unspecified(), 0), netlink.FAMILY_V4
+		if p.Addr().Is6() {
+			dst, family = netip.PrefixFrom(netip.IPv6Unspecified(), 0), netlink.FAMILY_V6
+		}
+		r := &netlink.Route{LinkIndex: l.Attrs().Index, Dst: ipNet(dst), Scope: netlink.SCOPE_LINK, Family: family}
+		if err := n.Netlink().RouteAdd(r); err != nil {
+			return nil, fmt.Errorf("add default route dev eth0 in %s: %w", n.Name, err)
+		}
+	}
+	// The wire reaches the slave through the node, as L3 mode wants.
+	for _, p := range []netip.Prefix{ip4, ip6} {
+		if !p.IsValid() || u.Subnet4.Contains(p.Addr()) || u.Subnet6.Contains(p.Addr()) {
+			continue
+		}
+		via := u.Node4.Addr()
+		if p.Addr().Is6() {
+			via = u.Node6.Addr()
+		}
+		host := netip.PrefixFrom(p.Addr(), p.Addr().BitLen())
+		if err := e.Wire.Netlink().RouteAdd(&netlink.Route{Dst: ipNet(host), Gw: via.AsSlice()}); err != nil {
+			return nil, fmt.Errorf("add wire route %s via %s: %w", host, via, err)
+		}
+	}
+	if err := waitAddrsReady(n); err != nil {
+		return nil, err
+	}
+	return &Container{
+		NS: n, IfName: "eth0", Index: l.Attrs().Index, MAC: l.Attrs().HardwareAddr,
+		IP4: ip4, IP6: ip6, Parent: u.Name, ParentIndex: u.Index,
+	}, nil
+}
+
+func ipvlanModeName(m IPvlanMode) string {
+	switch m {
+	case IPvlanL2:
+		return "l2"
+	case IPvlanL3:
+		return "l3"
+	case IPvlanL3S:
+		return "l3s"
+	}
+	return fmt.Sprintf("mode %d", m)
 }
 
 // AddWireHost adds a host on the wire side of eth0's subnet: a netns whose
@@ -517,27 +701,48 @@ func ipNet(p netip.Prefix) *net.IPNet {
 	return &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
 }
 
-// waitAddrsReady waits until no IPv6 address in the netns is tentative.
+// isLocalRoute says whether the netns routes ip to itself (RTN_LOCAL).
+func isLocalRoute(n *NS, ip net.IP) bool {
+	rs, err := n.Netlink().RouteGet(ip)
+	return err == nil && len(rs) > 0 && rs[0].Type == unix.RTN_LOCAL
+}
+
+// waitAddrsReady waits until no IPv6 address in the netns is tentative and
+// every global one has its local route.
 // NODAD addresses on a link without carrier stay tentative until the carrier
 // comes up (a bridge gets it only once a port is forwarding).
 func waitAddrsReady(n *NS) error {
 	deadline := time.Now().Add(5 * time.Second)
 	for {
 		addrs, err := n.Netlink().AddrList(nil, netlink.FAMILY_V6)
+		if errors.Is(err, netlink.ErrDumpInterrupted) && time.Now().Before(deadline) {
+			// The address list changed during the dump (DAD, a carrier
+			// coming up): ask again.
+			time.Sleep(5 * time.Millisecond)
+			continue
+		}
 		if err != nil {
 			return fmt.Errorf("list addresses in %s: %w", n.Name, err)
 		}
-		var tentative []string
+		var tentative, unrouted []string
 		for _, a := range addrs {
 			if a.Flags&unix.IFA_F_TENTATIVE != 0 {
 				tentative = append(tentative, a.IPNet.String())
+				continue
+			}
+			// The address's local route is installed by addrconf's work
+			// queue after the link comes up, NODAD or not; until then the
+			// netns drops what is sent to the address. Seen under TCG:
+			// the first pings to a fresh ipvlan L3 slave all lost.
+			if a.Scope == unix.RT_SCOPE_UNIVERSE && !isLocalRoute(n, a.IP) {
+				unrouted = append(unrouted, a.IPNet.String())
 			}
 		}
-		if len(tentative) == 0 {
+		if len(tentative) == 0 && len(unrouted) == 0 {
 			return nil
 		}
 		if time.Now().After(deadline) {
-			return fmt.Errorf("addresses in %s still tentative: %v", n.Name, tentative)
+			return fmt.Errorf("addresses in %s still tentative %v or without their local route %v", n.Name, tentative, unrouted)
 		}
 		time.Sleep(10 * time.Millisecond)
 	}

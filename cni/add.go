@@ -1,0 +1,231 @@
+package cni
+
+import (
+	"errors"
+	"fmt"
+
+	"github.com/containernetworking/cni/pkg/skel"
+	"github.com/containernetworking/cni/pkg/types"
+	current "github.com/containernetworking/cni/pkg/types/100"
+	"github.com/containernetworking/plugins/pkg/ipam"
+	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/containernetworking/plugins/pkg/utils/sysctl"
+	"github.com/vishvananda/netlink"
+
+	"github.com/underpass-cni/underpass/loader"
+)
+
+// Funcs are the verbs for skel.PluginMainFuncs.
+func Funcs() skel.CNIFuncs {
+	return skel.CNIFuncs{Add: Add, Del: Del, Check: Check, Status: Status, GC: GC}
+}
+
+// Add is CNI ADD.
+func Add(args *skel.CmdArgs) error { return cniError(add(args)) }
+
+func add(args *skel.CmdArgs) error {
+	c, err := ParseConf(args.StdinData)
+	if err != nil {
+		return err
+	}
+	podName, podNamespace, err := parsePodArgs(args.Args)
+	if err != nil {
+		return err
+	}
+	// The datapath first: without it there is nothing to create a pod for.
+	dp, err := openDatapath(c.BPFFS, types.ErrTryAgainLater)
+	if err != nil {
+		return err
+	}
+	defer dp.Close()
+	netns, err := ns.GetNS(args.Netns)
+	if err != nil {
+		return errorf(types.ErrInvalidNetNS, "open container netns %q: %v", args.Netns, err)
+	}
+	defer netns.Close()
+
+	base := endpoint{ContainerID: args.ContainerID, IfName: args.IfName, Netns: args.Netns, PodName: podName, PodNamespace: podNamespace}
+	var result types.Result
+	if c.Chained {
+		result, err = addChained(c, dp, netns, base)
+	} else {
+		result, err = addMain(c, args, dp, netns, base)
+	}
+	if err != nil {
+		return err
+	}
+	return types.PrintResult(result, c.CNIVersion)
+}
+
+// addMain creates the slave, runs IPAM and registers the endpoint. Every
+// step undoes itself when a later one fails: the named err is what the
+// deferred rollbacks look at.
+func addMain(c *Conf, args *skel.CmdArgs, dp *loader.Datapath, netns ns.NetNS, ep endpoint) (_ types.Result, err error) {
+	m := &dp.Maps
+	if err := checkServiceOverlap(m, "ipam subnet", c.IPAMSubnets); err != nil {
+		return nil, err
+	}
+	if c.PrevResult != nil {
+		if prev, perr := current.NewResultFromResult(c.PrevResult); perr == nil {
+			if _, intf := resultIface(prev, args.IfName, args.Netns); intf != nil {
+				return nil, invalidConf("a previous plugin created %s already: to chain underpass after it, remove master, mode, macvlanMode, ipvlanMode, mtu and ipam from the underpass entry", args.IfName)
+			}
+		}
+	}
+	master, err := resolveMaster(c.Master)
+	if err != nil {
+		return nil, err
+	}
+	if mtu := master.Attrs().MTU; c.MTU > mtu {
+		return nil, invalidConf("mtu %d is larger than master %s's MTU %d: lower mtu, or leave it out to use the master's", c.MTU, master.Attrs().Name, mtu)
+	}
+
+	link, err := createSlave(c, master, args.IfName, netns)
+	if err != nil {
+		return nil, err
+	}
+	defer func() {
+		if err != nil {
+			if derr := deleteLinkIn(netns.Path(), args.IfName); derr != nil {
+				err = errors.Join(err, fmt.Errorf("roll back: delete %s: %w", args.IfName, derr))
+			}
+		}
+	}()
+	result := &current.Result{
+		CNIVersion: current.ImplementedSpecVersion,
+		Interfaces: []*current.Interface{{Name: args.IfName, Mac: link.Attrs().HardwareAddr.String(), Sandbox: netns.Path()}},
+		DNS:        c.DNS,
+	}
+
+	if c.IPAM.Type != "" {
+		// No := in here: the deferred rollbacks must see the named err.
+		var r types.Result
+		r, err = ipam.ExecAdd(c.IPAM.Type, args.StdinData)
+		if err != nil {
+			return nil, fmt.Errorf("ipam %s: %w", c.IPAM.Type, err)
+		}
+		defer func() {
+			if err != nil {
+				if derr := ipam.ExecDel(c.IPAM.Type, args.StdinData); derr != nil {
+					err = errors.Join(err, fmt.Errorf("roll back: release the address (ipam %s): %w", c.IPAM.Type, derr))
+				}
+			}
+		}()
+		var ir *current.Result
+		ir, err = current.NewResultFromResult(r)
+		if err != nil {
+			return nil, fmt.Errorf("ipam %s result: %w", c.IPAM.Type, err)
+		}
+		if len(ir.IPs) == 0 {
+			return nil, fmt.Errorf("ipam %s returned no address: check its ranges", c.IPAM.Type)
+		}
+		for _, ipc := range ir.IPs {
+			ipc.Interface = current.Int(0) // every address is the slave's
+		}
+		result.IPs, result.Routes = ir.IPs, ir.Routes
+		if !ir.DNS.IsEmpty() && c.DNS.IsEmpty() {
+			result.DNS = ir.DNS
+		}
+	}
+	_, addrs, err := ifaceIPs(result, 0)
+	if err != nil {
+		return nil, err
+	}
+	// IPAMs whose config is not readable here (whereabouts, dhcp) are
+	// checked on what they handed out.
+	if err := checkServiceOverlap(m, "pod subnet", addrs); err != nil {
+		return nil, err
+	}
+
+	ep.Ifindex = link.Attrs().Index
+	ep.MAC = link.Attrs().HardwareAddr
+	ep.Addrs = addrs
+	ep.ParentIndex = master.Attrs().Index
+	ep.ParentName = master.Attrs().Name
+	ep.ParentMAC = master.Attrs().HardwareAddr
+	ep.Mode = c.DatapathMode
+	// Before the link comes up, so the counters see its first frame and
+	// the spoofing guard is in place before it can send.
+	undo, err := attachEndpoint(dp, &ep, netns)
+	if err != nil {
+		return nil, err
+	}
+	defer func() {
+		if err != nil {
+			if uerr := undo(); uerr != nil {
+				err = errors.Join(err, fmt.Errorf("roll back: unregister endpoint: %w", uerr))
+			}
+		}
+	}()
+
+	err = netns.Do(func(ns.NetNS) error {
+		// Announce the addresses at once (the reference macvlan plugin
+		// does the same): neighbours may remember a previous owner's MAC.
+		_, _ = sysctl.Sysctl(fmt.Sprintf("net/ipv4/conf/%s/arp_notify", args.IfName), "1")
+		_, _ = sysctl.Sysctl(fmt.Sprintf("net/ipv6/conf/%s/ndisc_notify", args.IfName), "1")
+		if len(result.IPs) > 0 {
+			return ipam.ConfigureIface(args.IfName, result)
+		}
+		l, err := netlink.LinkByIndex(ep.Ifindex)
+		if err != nil {
+			return err
+		}
+		return netlink.LinkSetUp(l)
+	})
+	if err != nil {
+		return nil, fmt.Errorf("configure %s: %w", args.IfName, err)
+	}
+	return result, nil
+}
+
+// addChained adopts the slave a previous plugin created and passes its
+// result on unchanged.
+func addChained(c *Conf, dp *loader.Datapath, netns ns.NetNS, ep endpoint) (types.Result, error) {
+	prev, err := current.NewResultFromResult(c.PrevResult)
+	if err != nil {
+		return nil, errorf(types.ErrDecodingFailure, "prevResult: %v", err)
+	}
+	idx, intf := resultIface(prev, ep.IfName, ep.Netns)
+	if intf == nil {
+		return nil, invalidConf("prevResult has no interface %q in the container netns: chain underpass after the macvlan or ipvlan plugin that creates it", ep.IfName)
+	}
+	_, addrs, err := ifaceIPs(prev, idx)
+	if err != nil {
+		return nil, err
+	}
+	if err := checkServiceOverlap(&dp.Maps, "pod subnet", addrs); err != nil {
+		return nil, err
+	}
+	var s *slave
+	if err := netns.Do(func(ns.NetNS) error {
+		var err error
+		s, err = inspectSlave(ep.IfName)
+		return err
+	}); err != nil {
+		return nil, err
+	}
+	if intf.Mac != "" && intf.Mac != s.MAC.String() {
+		return nil, fmt.Errorf("prevResult says %s has MAC %s, the container's has %s: the previous plugin's result is stale", ep.IfName, intf.Mac, s.MAC)
+	}
+	parent, err := netlink.LinkByIndex(s.ParentIndex)
+	if err != nil {
+		return nil, fmt.Errorf("the parent of %s (ifindex %d) is not in the host netns: underpass needs the slave's parent on the node (no linkInContainer): %w", ep.IfName, s.ParentIndex, err)
+	}
+	// ipvlan slaves carry their parent's MAC: a mismatch means the index
+	// named some other link of the host.
+	if s.Kind == ModeIPvlan && parent.Attrs().HardwareAddr.String() != s.MAC.String() {
+		return nil, fmt.Errorf("the parent of %s (ifindex %d) is not in the host netns: %s has another MAC", ep.IfName, s.ParentIndex, parent.Attrs().Name)
+	}
+
+	ep.Ifindex = s.Ifindex
+	ep.MAC = s.MAC
+	ep.Addrs = addrs
+	ep.ParentIndex = parent.Attrs().Index
+	ep.ParentName = parent.Attrs().Name
+	ep.ParentMAC = parent.Attrs().HardwareAddr
+	ep.Mode = s.Mode
+	if _, err := attachEndpoint(dp, &ep, netns); err != nil {
+		return nil, err
+	}
+	return c.PrevResult, nil
+}

@@ -1,0 +1,347 @@
+package cni
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+
+	"github.com/cilium/ebpf"
+	"github.com/containernetworking/cni/pkg/types"
+	"github.com/containernetworking/plugins/pkg/ns"
+	"golang.org/x/sys/unix"
+
+	"github.com/underpass-cni/underpass/loader"
+	"github.com/underpass-cni/underpass/pkg/cidrs"
+	"github.com/underpass-cni/underpass/pkg/datapath"
+)
+
+// LockPath is the per-node lock around the plugin's datapath updates. Ids
+// are claimed atomically by datapath.Register already; the lock serialises
+// the read-modify-write steps around it: the parent's registration and
+// attachment (two ADDs on a new parent would both attach), evicting stale
+// owners of an address, and rolling back a parent only when no endpoint uses
+// it any more.
+var LockPath = "/run/underpass/cni.lock"
+
+func lockNode() (unlock func(), err error) {
+	if err := os.MkdirAll(filepath.Dir(LockPath), 0o700); err != nil {
+		return nil, fmt.Errorf("create lock dir: %w", err)
+	}
+	f, err := os.OpenFile(LockPath, os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("open lock %s: %w", LockPath, err)
+	}
+	for {
+		err = unix.Flock(int(f.Fd()), unix.LOCK_EX)
+		if !errors.Is(err, unix.EINTR) {
+			break
+		}
+	}
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("lock %s: %w", LockPath, err)
+	}
+	return func() { f.Close() }, nil // closing the last fd releases the flock
+}
+
+// openDatapath opens the pinned datapath; "not loaded" becomes a CNI error
+// with code (11 for ADD and CHECK, 50 for STATUS) telling what to do.
+func openDatapath(dir string, code uint) (*loader.Datapath, error) {
+	dp, err := loader.Open(dir)
+	if errors.Is(err, loader.ErrNotLoaded) {
+		return nil, types.NewError(code, fmt.Sprintf("underpass datapath not loaded in %s: start underpassd", dir), err.Error())
+	}
+	if err != nil {
+		return nil, fmt.Errorf("open underpass datapath in %s: %w", dir, err)
+	}
+	return dp, nil
+}
+
+// endpoint is everything the datapath learns about one attachment.
+type endpoint struct {
+	ContainerID  string
+	IfName       string
+	Netns        string
+	Ifindex      int // in the container netns
+	MAC          net.HardwareAddr
+	Addrs        []netip.Prefix
+	ParentIndex  int // in the host netns
+	ParentName   string
+	ParentMAC    net.HardwareAddr
+	Mode         loader.Mode
+	PodName      string
+	PodNamespace string
+}
+
+func (e *endpoint) spec() datapath.EndpointSpec {
+	return datapath.EndpointSpec{
+		ContainerID: e.ContainerID, IfName: e.IfName, Netns: e.Netns,
+		ParentIfindex: e.ParentIndex, ParentName: e.ParentName, Ifindex: e.Ifindex,
+		Mode: e.Mode, MAC: e.MAC, Addrs: e.Addrs, PodName: e.PodName, PodNamespace: e.PodNamespace,
+	}
+}
+
+// checkServiceOverlap refuses endpoint subnets that overlap a service CIDR:
+// the datapath would take traffic to such a pod for a stale service.
+func checkServiceOverlap(m *loader.Maps, what string, prefixes []netip.Prefix) error {
+	if len(prefixes) == 0 {
+		return nil
+	}
+	svc, err := datapath.LPMEntries(m.SvcCIDRs)
+	if err != nil {
+		return fmt.Errorf("read service CIDRs: %w", err)
+	}
+	set := make([]netip.Prefix, 0, len(svc))
+	for p := range svc {
+		set = append(set, p)
+	}
+	if err := cidrs.CheckDisjoint(what, prefixes, "service CIDR", set); err != nil {
+		return invalidConf("%v", err)
+	}
+	return nil
+}
+
+// parentState records what an ADD did to the parent, so that a failed ADD
+// undoes exactly that.
+type parentState struct {
+	registered bool // the parents entry is ours
+	attached   bool // the parent's egress link is ours
+}
+
+// attachEndpoint registers ep (and its parent) and attaches the endpoint
+// programs inside netns. On error nothing of it is left. The returned undo
+// removes it again, for failures later in ADD.
+func attachEndpoint(dp *loader.Datapath, ep *endpoint, netns ns.NetNS) (undo func() error, err error) {
+	id, ps, err := registerEndpoint(dp, ep)
+	if err != nil {
+		return nil, err
+	}
+	// Not the named result: a failing return sets that to nil before the
+	// deferred rollback runs.
+	rollback := func() error { return unregisterEndpoint(dp, id, ep.ParentIndex, ps) }
+	defer func() {
+		if err != nil {
+			if uerr := rollback(); uerr != nil {
+				err = errors.Join(err, fmt.Errorf("roll back: %w", uerr))
+			}
+		}
+	}()
+	// Outside the lock: loading the programs is the slow part, and the
+	// registration already owns the id.
+	err = netns.Do(func(ns.NetNS) error {
+		att, err := loader.AttachEndpoint(dp, id, ep.Ifindex)
+		if err == nil {
+			log.Debug("attached endpoint programs", "id", id, "ifindex", ep.Ifindex, "mode", att.Mode)
+		}
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("attach endpoint programs to %s in %s: %w", ep.IfName, ep.Netns, err)
+	}
+	return rollback, nil
+}
+
+// registerEndpoint does the locked part of ADD: parent, stale owners, the
+// endpoint's entries.
+func registerEndpoint(dp *loader.Datapath, ep *endpoint) (id uint32, ps parentState, err error) {
+	unlock, err := lockNode()
+	if err != nil {
+		return 0, ps, err
+	}
+	defer unlock()
+	m := &dp.Maps
+
+	if ps, err = ensureParent(dp, ep); err != nil {
+		return 0, ps, err
+	}
+	defer func() {
+		if err != nil {
+			if perr := undoParent(dp, ep.ParentIndex, ps); perr != nil {
+				err = errors.Join(err, fmt.Errorf("roll back parent: %w", perr))
+			}
+		}
+	}()
+
+	// A retried ADD: its old links go with its old registration (Register
+	// replaces the entries but knows nothing of links).
+	if old, _, err := datapath.Find(m, ep.ContainerID, ep.IfName); err != nil {
+		return 0, ps, err
+	} else if old != 0 {
+		if err := removeEndpoint(dp, old); err != nil {
+			return 0, ps, err
+		}
+	}
+	if err := evictStaleOwners(dp, ep); err != nil {
+		return 0, ps, err
+	}
+	id, err = datapath.Register(m, ep.spec())
+	if err != nil {
+		return 0, ps, fmt.Errorf("register endpoint %s/%s: %w", ep.ContainerID, ep.IfName, err)
+	}
+	log.Debug("registered endpoint", "id", id, "container", ep.ContainerID, "ifname", ep.IfName, "addrs", ep.Addrs)
+	return id, ps, nil
+}
+
+// ensureParent registers the parent and attaches its egress program unless
+// that is done: the agent does it too, but pods must come up while the
+// agent restarts.
+func ensureParent(dp *loader.Datapath, ep *endpoint) (ps parentState, err error) {
+	m := &dp.Maps
+	cur, gerr := datapath.GetParent(m, ep.ParentIndex)
+	switch {
+	case gerr == nil && net.HardwareAddr(cur.Mac[:]).String() == ep.ParentMAC.String() && cur.Mode == uint8(ep.Mode):
+	case gerr == nil || errors.Is(gerr, datapath.ErrNoParent) || errors.Is(gerr, ebpf.ErrKeyNotExist):
+		if err := datapath.PutParent(m, ep.ParentIndex, ep.ParentMAC, ep.Mode); err != nil {
+			return ps, err
+		}
+		ps.registered = gerr != nil
+	default:
+		return ps, fmt.Errorf("read parent %s: %w", ep.ParentName, gerr)
+	}
+	defer func() {
+		if err != nil {
+			if perr := undoParent(dp, ep.ParentIndex, ps); perr != nil {
+				err = errors.Join(err, perr)
+			}
+			ps = parentState{}
+		}
+	}()
+
+	had, err := parentAttached(dp, ep.ParentIndex)
+	if err != nil {
+		return ps, fmt.Errorf("attach the hairpin program to parent %s: %w", ep.ParentName, err)
+	}
+	// Re-attaching an attached parent swaps in the pinned program, which is
+	// the one in force anyway: cheap and self-healing.
+	att, err := dp.AttachEgress(loader.RoleParent, ep.ParentIndex)
+	if err != nil {
+		return ps, fmt.Errorf("attach the hairpin program to parent %s: %w", ep.ParentName, err)
+	}
+	ps.attached = !had && att.Mode == loader.AttachTCX
+	return ps, nil
+}
+
+func parentAttached(dp *loader.Datapath, ifindex int) (bool, error) {
+	atts, err := loader.Attachments(dp.Dir)
+	if err != nil {
+		return false, err
+	}
+	for _, a := range atts {
+		if a.Role == loader.RoleParent && a.Ifindex == ifindex {
+			return true, nil
+		}
+	}
+	return false, nil
+}
+
+// undoParent removes what an ADD added to the parent, unless an endpoint
+// uses the parent by now. Call with the lock held.
+func undoParent(dp *loader.Datapath, ifindex int, ps parentState) error {
+	if !ps.registered && !ps.attached {
+		return nil
+	}
+	eps, err := datapath.Endpoints(&dp.Maps)
+	if err != nil {
+		return err
+	}
+	for _, e := range eps {
+		if int(e.ParentIfindex) == ifindex {
+			return nil
+		}
+	}
+	var errs []error
+	if ps.attached {
+		errs = append(errs, dp.DetachEgress(loader.RoleParent, ifindex))
+	}
+	if ps.registered {
+		errs = append(errs, datapath.DeleteParent(&dp.Maps, ifindex))
+	}
+	return errors.Join(errs...)
+}
+
+// unregisterEndpoint is the rollback of a whole attachEndpoint.
+func unregisterEndpoint(dp *loader.Datapath, id uint32, parentIndex int, ps parentState) error {
+	unlock, err := lockNode()
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	return errors.Join(removeEndpoint(dp, id), undoParent(dp, parentIndex, ps))
+}
+
+// removeEndpoint detaches and unregisters endpoint id. Call with the lock.
+func removeEndpoint(dp *loader.Datapath, id uint32) error {
+	return errors.Join(loader.DetachEndpoint(dp, id), datapath.Unregister(&dp.Maps, id))
+}
+
+// evictStaleOwners handles an address IPAM handed out that the datapath
+// still has for another endpoint. IPAM is the authority on addresses, so
+// when that endpoint's netns is gone its DEL was lost, and its entries go.
+// A live owner is a real conflict: fail, saying which pod has it.
+func evictStaleOwners(dp *loader.Datapath, ep *endpoint) error {
+	m := &dp.Maps
+	for _, p := range ep.Addrs {
+		k := datapath.IPKey(p.Addr())
+		var ref loader.EndpointRef
+		if err := m.EpByIP.Lookup(&k, &ref); err != nil {
+			continue
+		}
+		var other loader.Endpoint
+		if err := m.Endpoints.Lookup(ref.Id, &other); err != nil {
+			continue // Unregister of that one is under way or done
+		}
+		cid, ifname := datapath.GoString(other.ContainerId[:]), datapath.GoString(other.Ifname[:])
+		if cid == ep.ContainerID && ifname == ep.IfName {
+			continue
+		}
+		netnsPath := datapath.GoString(other.Netns[:])
+		if netnsPath != "" {
+			if _, err := os.Stat(netnsPath); errors.Is(err, fs.ErrNotExist) {
+				log.Debug("evicting stale endpoint", "id", ref.Id, "container", cid, "netns", netnsPath, "addr", p.Addr())
+				if err := removeEndpoint(dp, ref.Id); err != nil {
+					return fmt.Errorf("remove stale endpoint %d (container %s): %w", ref.Id, cid, err)
+				}
+				continue
+			}
+		}
+		pod := ""
+		if n := datapath.GoString(other.PodName[:]); n != "" {
+			pod = fmt.Sprintf(" (pod %s/%s)", datapath.GoString(other.PodNamespace[:]), n)
+		}
+		return errorf(types.ErrInternal, "address %s is registered to container %s interface %s%s, whose netns %s still exists: two pods got the same address from IPAM; delete that pod or fix the IPAM ranges",
+			p.Addr(), cid, ifname, pod, netnsPath)
+	}
+	return nil
+}
+
+// detachEndpoint is DEL's part in the datapath: absent is fine.
+func detachEndpoint(dp *loader.Datapath, containerID, ifname string) error {
+	unlock, err := lockNode()
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	m := &dp.Maps
+	id, _, err := datapath.Find(m, containerID, ifname)
+	if err != nil {
+		return err
+	}
+	var errs []error
+	if id != 0 {
+		errs = append(errs, removeEndpoint(dp, id))
+	}
+	// Links pinned under the attachment's natural id without a registration
+	// (a crash between the two steps) go too, unless the id is another
+	// attachment's after a hash collision.
+	if natural := datapath.EndpointID(containerID, ifname); natural != id {
+		var other loader.Endpoint
+		if err := m.Endpoints.Lookup(natural, &other); errors.Is(err, ebpf.ErrKeyNotExist) {
+			errs = append(errs, loader.DetachEndpoint(dp, natural))
+		}
+	}
+	return errors.Join(errs...)
+}

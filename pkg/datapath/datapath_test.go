@@ -1,0 +1,107 @@
+package datapath_test
+
+import (
+	"errors"
+	"net"
+	"net/netip"
+	"path/filepath"
+	"testing"
+
+	"github.com/underpass-cni/underpass/internal/testutil"
+	"github.com/underpass-cni/underpass/loader"
+	"github.com/underpass-cni/underpass/pkg/datapath"
+)
+
+func load(t *testing.T) *loader.Maps {
+	t.Helper()
+	testutil.RequireRoot(t)
+	dp, err := loader.Load(filepath.Join(testutil.MountBPFFS(t), "underpass"), loader.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { dp.Close() })
+	return &dp.Maps
+}
+
+func TestParents(t *testing.T) {
+	m := load(t)
+	mac := net.HardwareAddr{2, 0, 0, 0, 0, 1}
+	for _, i := range []int{2, 4097, loader.MaxParentIfindex - 1} {
+		if err := datapath.PutParent(m, i, mac, loader.ModeMacvlan); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := datapath.PutParent(m, loader.MaxParentIfindex, mac, loader.ModeMacvlan); err == nil {
+		t.Fatal("ifindex beyond the array accepted")
+	}
+	ps, err := datapath.Parents(m)
+	if err != nil || len(ps) != 3 {
+		t.Fatalf("parents %v, %v", ps, err)
+	}
+	if err := datapath.DeleteParent(m, 4097); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := datapath.GetParent(m, 4097); !errors.Is(err, datapath.ErrNoParent) {
+		t.Fatalf("deleted parent: %v", err)
+	}
+	if p, err := datapath.GetParent(m, 2); err != nil || loader.Mode(p.Mode) != loader.ModeMacvlan {
+		t.Fatalf("parent 2: %+v %v", p, err)
+	}
+}
+
+func TestRegisterRoundTrip(t *testing.T) {
+	m := load(t)
+	spec := datapath.EndpointSpec{ContainerID: "c1", IfName: "eth0", ParentIfindex: 2, Mode: loader.ModeMacvlan,
+		MAC: net.HardwareAddr{2, 1, 2, 3, 4, 5}, Addrs: []netip.Prefix{netip.MustParsePrefix("192.0.2.10/24"), netip.MustParsePrefix("2001:db8::10/64")},
+		PodName: "web-0", PodNamespace: "shop"}
+	id, err := datapath.Register(m, spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A retried ADD replaces, it does not duplicate.
+	id2, err := datapath.Register(m, spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	eps, _ := datapath.Endpoints(m)
+	if len(eps) != 1 || id2 != id {
+		t.Fatalf("after re-register: ids %d/%d, %d endpoints", id, id2, len(eps))
+	}
+	ep := eps[id]
+	if datapath.GoString(ep.PodName[:]) != "web-0" || len(datapath.EndpointAddrs(&ep)) != 2 {
+		t.Fatalf("metadata: %+v", ep)
+	}
+	// Another endpoint cannot claim the same address.
+	other := spec
+	other.ContainerID, other.MAC = "c2", net.HardwareAddr{2, 9, 9, 9, 9, 9}
+	if _, err := datapath.Register(m, other); !errors.Is(err, datapath.ErrAddrInUse) {
+		t.Fatalf("duplicate address: %v", err)
+	}
+	if eps, _ := datapath.Endpoints(m); len(eps) != 1 {
+		t.Fatalf("failed register left %d endpoints", len(eps))
+	}
+	if err := datapath.Unregister(m, id); err != nil {
+		t.Fatal(err)
+	}
+	if err := datapath.Unregister(m, id); err != nil {
+		t.Fatalf("second unregister: %v", err)
+	}
+	if n := count(t, m); n != 0 {
+		t.Fatalf("%d entries left after unregister", n)
+	}
+}
+
+func count(t *testing.T, m *loader.Maps) int {
+	n := 0
+	for _, mp := range []interface {
+		NextKey(key, nextKeyOut any) error
+	}{m.EpByMAC, m.EpByIP, m.Endpoints, m.EpStats} {
+		var k [16]byte
+		var next [16]byte
+		_ = k
+		if err := mp.NextKey(nil, &next); err == nil {
+			n++
+		}
+	}
+	return n
+}

@@ -1,0 +1,61 @@
+package datapath_test
+
+import (
+	"net"
+	"net/netip"
+	"path/filepath"
+	"testing"
+
+	"github.com/underpass-cni/underpass/internal/testutil"
+	"github.com/underpass-cni/underpass/loader"
+	"github.com/underpass-cni/underpass/pkg/datapath"
+)
+
+func TestMoveParentAndCount(t *testing.T) {
+	testutil.RequireRoot(t)
+	dp, err := loader.Load(filepath.Join(testutil.MountBPFFS(t), "underpass"), loader.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dp.Close()
+	m := &dp.Maps
+	if n, err := datapath.CountEndpoints(m); err != nil || n != 0 {
+		t.Fatalf("empty: %d %v", n, err)
+	}
+	reg := func(id string, parent int, mac byte, ip string) uint32 {
+		t.Helper()
+		epID, err := datapath.Register(m, datapath.EndpointSpec{
+			ContainerID: id, IfName: "eth0", ParentIfindex: parent, Mode: loader.ModeMacvlan,
+			MAC: net.HardwareAddr{2, 0, 0, 0, 0, mac}, Addrs: []netip.Prefix{netip.MustParsePrefix(ip)},
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return epID
+	}
+	a := reg("a", 5, 1, "10.0.0.1/24")
+	b := reg("b", 5, 2, "10.0.0.2/24")
+	c := reg("c", 6, 3, "10.0.1.3/24")
+	if n, _ := datapath.CountEndpoints(m); n != 3 {
+		t.Fatalf("count %d, want 3", n)
+	}
+	moved, err := datapath.MoveParent(m, 5, 9)
+	if err != nil || moved != 2 {
+		t.Fatalf("moved %d, %v; want 2", moved, err)
+	}
+	eps, _ := datapath.Endpoints(m)
+	for id, want := range map[uint32]uint32{a: 9, b: 9, c: 6} {
+		if got := eps[id].ParentIfindex; got != want {
+			t.Errorf("endpoint %d on parent %d, want %d", id, got, want)
+		}
+	}
+	var ref loader.EndpointRef
+	k := datapath.IPKey(netip.MustParseAddr("10.0.0.2"))
+	if err := m.EpByIP.Lookup(&k, &ref); err != nil || ref.ParentIfindex != 9 || ref.Id != b {
+		t.Fatalf("ep_by_ip ref %+v %v", ref, err)
+	}
+	mk := datapath.MACKey(net.HardwareAddr{2, 0, 0, 0, 0, 1})
+	if err := m.EpByMAC.Lookup(&mk, &ref); err != nil || ref.ParentIfindex != 9 || ref.Id != a {
+		t.Fatalf("ep_by_mac ref %+v %v", ref, err)
+	}
+}

@@ -1,0 +1,223 @@
+// Package endpointgc removes endpoint registrations whose container is gone:
+// the CNI plugin's DEL never ran (node crash, runtime bug, a plugin binary
+// removed), so nothing else would ever clean them up, and their addresses
+// would stay claimed.
+package endpointgc
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"path/filepath"
+	"strconv"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+
+	"github.com/underpass-cni/underpass/loader"
+	"github.com/underpass-cni/underpass/pkg/datapath"
+)
+
+// Removed describes one collected endpoint.
+type Removed struct {
+	ID          uint32
+	ContainerID string
+	IfName      string
+	Reason      string
+	Links       []string // link pins removed
+}
+
+// Collector removes dead endpoints; it remembers orphan link pins between
+// runs.
+type Collector struct {
+	Maps *loader.Maps
+	Dir  string
+	Log  *slog.Logger
+
+	suspects map[uint32]bool // endpoint link pins without an endpoint, last run
+}
+
+// Run checks every registered endpoint once and removes the dead ones:
+// those whose netns path is gone (or no longer a namespace) or whose
+// interface is gone from it. Registrations whose state cannot be judged
+// (no netns recorded, a permission error) are kept: removing a live pod's
+// entries would break it, keeping a dead one only wastes an entry.
+//
+// Endpoint link pins without a registration are removed too, but only when
+// two runs in a row saw them so: the plugin may be between pinning and
+// registering.
+func (c *Collector) Run() ([]Removed, error) {
+	m, log := c.Maps, c.Log
+	eps, err := datapath.Endpoints(m)
+	if err != nil {
+		return nil, err
+	}
+	ch := &checker{handles: map[string]*netlink.Handle{}}
+	defer ch.close()
+	var out []Removed
+	var errs []error
+	for id, ep := range eps {
+		reason, err := ch.dead(&ep)
+		if err != nil {
+			log.Debug("endpoint gc: cannot judge endpoint; keeping it", "id", id, "error", err)
+			continue
+		}
+		if reason == "" {
+			continue
+		}
+		// The plugin may have re-registered the same attachment (same id)
+		// since the list: only remove the record that was judged.
+		var now loader.Endpoint
+		if err := m.Endpoints.Lookup(id, &now); err != nil || now != ep {
+			continue
+		}
+		if err := datapath.Unregister(m, id); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		delete(eps, id)
+		r := Removed{ID: id, ContainerID: datapath.GoString(ep.ContainerId[:]), IfName: datapath.GoString(ep.Ifname[:]), Reason: reason}
+		r.Links, err = c.removeLinks(id)
+		if err != nil {
+			errs = append(errs, err)
+		}
+		log.Info("endpoint gc: removed endpoint", "id", id, "container", r.ContainerID, "ifname", r.IfName,
+			"pod", datapath.GoString(ep.PodNamespace[:])+"/"+datapath.GoString(ep.PodName[:]), "reason", reason, "links", r.Links)
+		out = append(out, r)
+	}
+
+	links, err := loader.EndpointLinks(c.Dir)
+	if err != nil {
+		errs = append(errs, err)
+	}
+	suspects := map[uint32]bool{}
+	for id := range links {
+		if _, ok := eps[id]; ok {
+			continue
+		}
+		var now loader.Endpoint
+		if m.Endpoints.Lookup(id, &now) == nil {
+			continue
+		}
+		if !c.suspects[id] {
+			suspects[id] = true
+			continue
+		}
+		names, err := c.removeLinks(id)
+		if err != nil {
+			errs = append(errs, err)
+		}
+		log.Info("endpoint gc: removed links of an endpoint that is not registered", "id", id, "links", names)
+		out = append(out, Removed{ID: id, Reason: "links without endpoint", Links: names})
+	}
+	c.suspects = suspects
+	return out, errors.Join(errs...)
+}
+
+// removeLinks detaches and unpins the endpoint links <dir>/links/ep-<id>-*.
+func (c *Collector) removeLinks(id uint32) ([]string, error) {
+	pins, err := filepath.Glob(filepath.Join(c.Dir, "links", "ep-"+strconv.FormatUint(uint64(id), 10)+"-*"))
+	if err != nil {
+		return nil, err
+	}
+	var names []string
+	for _, p := range pins {
+		names = append(names, filepath.Base(p))
+	}
+	return names, loader.DetachEndpointLinkPins(pins)
+}
+
+type checker struct {
+	handles map[string]*netlink.Handle
+	gone    map[string]string // netns path -> why it is gone
+}
+
+func (c *checker) close() {
+	for _, h := range c.handles {
+		h.Close()
+	}
+}
+
+// dead returns why ep is dead, "" if it is alive, or an error when it
+// cannot tell.
+func (c *checker) dead(ep *loader.Endpoint) (string, error) {
+	path := datapath.GoString(ep.Netns[:])
+	if path == "" {
+		return "", errors.New("no netns recorded")
+	}
+	if why, ok := c.gone[path]; ok {
+		return why, nil
+	}
+	h, ok := c.handles[path]
+	if !ok {
+		var why string
+		var err error
+		h, why, err = openNetns(path)
+		if err != nil {
+			return "", err
+		}
+		if why != "" {
+			if c.gone == nil {
+				c.gone = map[string]string{}
+			}
+			c.gone[path] = why
+			return why, nil
+		}
+		c.handles[path] = h
+	}
+
+	ifname := datapath.GoString(ep.Ifname[:])
+	var l netlink.Link
+	var err error
+	if ep.Ifindex != 0 {
+		l, err = h.LinkByIndex(int(ep.Ifindex))
+	} else {
+		l, err = h.LinkByName(ifname)
+	}
+	var nf netlink.LinkNotFoundError
+	if errors.As(err, &nf) || errors.Is(err, unix.ENODEV) {
+		return "interface gone", nil
+	}
+	if err != nil {
+		return "", fmt.Errorf("look up interface in %s: %w", path, err)
+	}
+	// The index can be reused by another interface in the same netns.
+	if ifname != "" && l.Attrs().Name != ifname {
+		return "interface gone (its index now belongs to " + l.Attrs().Name + ")", nil
+	}
+	if loader.Mode(ep.Mode) == loader.ModeMacvlan && string(l.Attrs().HardwareAddr) != string(ep.Mac[:]) {
+		return "interface replaced (MAC changed)", nil
+	}
+	return "", nil
+}
+
+// openNetns opens a netlink handle in the namespace at path, or says why the
+// namespace is gone.
+func openNetns(path string) (*netlink.Handle, string, error) {
+	var st unix.Statfs_t
+	if err := unix.Statfs(path, &st); err != nil {
+		if errors.Is(err, unix.ENOENT) {
+			return nil, "netns gone", nil
+		}
+		return nil, "", fmt.Errorf("statfs %s: %w", path, err)
+	}
+	// A runtime unmounts the namespace before removing the file; an empty
+	// file left behind is not a namespace any more.
+	if st.Type != unix.NSFS_MAGIC {
+		return nil, "netns gone (path is no longer a namespace)", nil
+	}
+	ns, err := netns.GetFromPath(path)
+	if errors.Is(err, unix.ENOENT) {
+		return nil, "netns gone", nil
+	}
+	if err != nil {
+		return nil, "", fmt.Errorf("open netns %s: %w", path, err)
+	}
+	defer ns.Close()
+	h, err := netlink.NewHandleAt(ns, unix.NETLINK_ROUTE)
+	if err != nil {
+		return nil, "", fmt.Errorf("netlink in %s: %w", path, err)
+	}
+	return h, "", nil
+}

@@ -1,0 +1,408 @@
+// Package agent_test runs the real underpassd binary in a netenv node
+// namespace (nsenter --net, so /sys/fs/bpf stays visible) and checks it from
+// the outside: its HTTP endpoints, the pinned maps and real traffic.
+package agent_test
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+
+	"github.com/underpass-cni/underpass/internal/testutil"
+	"github.com/underpass-cni/underpass/loader"
+	"github.com/underpass-cni/underpass/pkg/datapath"
+	"github.com/underpass-cni/underpass/test/netenv"
+)
+
+var (
+	agentBin   string // underpassd
+	upgradeBin string // underpassd built with -tags underpass_upgradetest
+)
+
+func TestMain(m *testing.M) {
+	os.Exit(testMain(m))
+}
+
+func testMain(m *testing.M) int {
+	dir, err := os.MkdirTemp("", "underpassd-test-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	defer os.RemoveAll(dir)
+	agentBin = filepath.Join(dir, "underpassd")
+	upgradeBin = filepath.Join(dir, "underpassd-upgrade")
+	for _, b := range []struct{ out, tags string }{{agentBin, ""}, {upgradeBin, "underpass_upgradetest"}} {
+		args := []string{"build", "-o", b.out}
+		if os.Getenv("UNDERPASS_RACE") == "1" {
+			args = append(args, "-race") // the agent under the race detector
+		}
+		if b.tags != "" {
+			args = append(args, "-tags", b.tags)
+		}
+		args = append(args, "github.com/underpass-cni/underpass/cmd/underpassd")
+		cmd := exec.Command("go", args...)
+		cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+		if err := cmd.Run(); err != nil {
+			fmt.Fprintf(os.Stderr, "build underpassd: %v\n", err)
+			return 1
+		}
+	}
+	return m.Run()
+}
+
+// metricsAddr is where every test's agent listens: each lab has its own
+// node netns and so its own loopback.
+const metricsAddr = "127.0.0.1:9775"
+
+// lab is a netenv with a pin directory and a config file for the agent.
+type lab struct {
+	*netenv.Env
+	t      *testing.T
+	dir    string // bpffs pin dir
+	cfg    string // config path
+	client *http.Client
+
+	gcInterval string // default 1s, so GC tests are quick
+
+	dpOnce sync.Once
+	dp     *loader.Datapath
+}
+
+func newLab(t *testing.T, opts netenv.Options) *lab {
+	t.Helper()
+	testutil.RequireRoot(t)
+	env := netenv.New(t, opts)
+	l := &lab{
+		Env: env,
+		t:   t,
+		dir: filepath.Join(testutil.MountBPFFS(t), "underpass"),
+		cfg: filepath.Join(t.TempDir(), "underpass.yaml"),
+	}
+	// Sockets made inside the node netns reach the agent's loopback.
+	l.client = &http.Client{
+		Timeout: 5 * time.Second,
+		Transport: &http.Transport{
+			DisableKeepAlives: true,
+			DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+				var c net.Conn
+				err := env.Node.Do(func() error {
+					var err error
+					c, err = (&net.Dialer{}).DialContext(ctx, network, addr)
+					return err
+				})
+				return c, err
+			},
+		},
+	}
+	t.Cleanup(func() { l.client.CloseIdleConnections() })
+	return l
+}
+
+// writeConfig writes the agent config atomically (as a ConfigMap update or
+// an editor's rename would), with bpffs and metrics.listen filled in.
+func (l *lab) writeConfig(body string) {
+	l.t.Helper()
+	gc := l.gcInterval
+	if gc == "" {
+		gc = "1s"
+	}
+	full := fmt.Sprintf("bpffs: %s\nmetrics: {listen: %q}\ngcInterval: %s\n%s", l.dir, metricsAddr, gc, body)
+	tmp := l.cfg + ".tmp"
+	if err := os.WriteFile(tmp, []byte(full), 0o644); err != nil {
+		l.t.Fatal(err)
+	}
+	if err := os.Rename(tmp, l.cfg); err != nil {
+		l.t.Fatal(err)
+	}
+}
+
+// agent is one running underpassd.
+type agent struct {
+	l    *lab
+	cmd  *exec.Cmd
+	out  *syncBuffer
+	done chan struct{}
+	err  error
+}
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// start runs bin in the node netns. The agent is killed when the test ends
+// (if still running) and its log is printed if the test failed.
+func (l *lab) start(bin string, args ...string) *agent {
+	l.t.Helper()
+	a := &agent{l: l, out: &syncBuffer{}, done: make(chan struct{})}
+	args = append([]string{"--config", l.cfg, "--log-level", "debug"}, args...)
+	a.cmd = l.Node.Command(context.Background(), bin, args...)
+	a.cmd.Stdout, a.cmd.Stderr = a.out, a.out
+	if err := a.cmd.Start(); err != nil {
+		l.t.Fatalf("start underpassd: %v", err)
+	}
+	go func() {
+		a.err = a.cmd.Wait()
+		close(a.done)
+	}()
+	l.t.Cleanup(func() {
+		a.kill()
+		if l.t.Failed() {
+			l.t.Logf("underpassd (%s) log:\n%s", filepath.Base(bin), a.out.String())
+		}
+	})
+	return a
+}
+
+func (a *agent) exited() bool {
+	select {
+	case <-a.done:
+		return true
+	default:
+		return false
+	}
+}
+
+// kill -9s the agent and waits for it.
+func (a *agent) kill() {
+	if a.exited() {
+		return
+	}
+	_ = a.cmd.Process.Signal(syscall.SIGKILL)
+	<-a.done
+}
+
+// stop sends SIGTERM and waits for a clean exit.
+func (a *agent) stop() {
+	a.l.t.Helper()
+	_ = a.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-a.done:
+	case <-time.After(10 * time.Second):
+		a.l.t.Fatalf("underpassd did not stop on SIGTERM")
+	}
+	if a.err != nil {
+		a.l.t.Fatalf("underpassd exited with %v:\n%s", a.err, a.out.String())
+	}
+}
+
+// wait waits for the agent to exit by itself and returns its error.
+func (a *agent) wait(timeout time.Duration) error {
+	a.l.t.Helper()
+	select {
+	case <-a.done:
+		return a.err
+	case <-time.After(timeout):
+		a.l.t.Fatalf("underpassd still running after %s", timeout)
+		return nil
+	}
+}
+
+func (l *lab) get(path string) (int, string, error) {
+	resp, err := l.client.Get("http://" + metricsAddr + path)
+	if err != nil {
+		return 0, "", err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b), err
+}
+
+// waitReady waits for /readyz to say ok.
+func (a *agent) waitReady() time.Duration {
+	a.l.t.Helper()
+	start := time.Now()
+	var last string
+	for time.Since(start) < 60*time.Second {
+		if a.exited() {
+			a.l.t.Fatalf("underpassd exited (%v) before it was ready:\n%s", a.err, a.out.String())
+		}
+		code, body, err := a.l.get("/readyz")
+		if err == nil && code == http.StatusOK {
+			return time.Since(start)
+		}
+		last = fmt.Sprint(code, " ", strings.TrimSpace(body), " ", err)
+		time.Sleep(20 * time.Millisecond)
+	}
+	a.l.t.Fatalf("underpassd not ready after 60s (last /readyz: %s)", last)
+	return 0
+}
+
+// metric returns the value of one series from /metrics (labels as written
+// in the exposition, e.g. `result="error"`), or -1 if absent.
+func (l *lab) metric(name, labels string) float64 {
+	l.t.Helper()
+	code, body, err := l.get("/metrics")
+	if err != nil || code != http.StatusOK {
+		l.t.Fatalf("scrape /metrics: %d %v", code, err)
+	}
+	series := name
+	if labels != "" {
+		series += "{" + labels + "}"
+	}
+	sc := bufio.NewScanner(strings.NewReader(body))
+	for sc.Scan() {
+		line := sc.Text()
+		if rest, ok := strings.CutPrefix(line, series+" "); ok {
+			v, err := strconv.ParseFloat(strings.TrimSpace(rest), 64)
+			if err != nil {
+				l.t.Fatalf("metric %s: %v", line, err)
+			}
+			return v
+		}
+	}
+	return -1
+}
+
+func (l *lab) waitMetric(name, labels string, want float64) {
+	l.t.Helper()
+	waitFor(l.t, 15*time.Second, fmt.Sprintf("%s{%s} == %v", name, labels, want), func() bool {
+		return l.metric(name, labels) == want
+	})
+}
+
+func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %s waiting for %s", timeout, what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// open opens the pinned datapath as the CNI plugin does.
+func (l *lab) open() *loader.Datapath {
+	l.t.Helper()
+	dp, err := loader.Open(l.dir)
+	if err != nil {
+		l.t.Fatal(err)
+	}
+	l.t.Cleanup(func() { dp.Close() })
+	return dp
+}
+
+// register registers a container's endpoint the way the CNI plugin does.
+func (l *lab) register(dp *loader.Datapath, c *netenv.Container, id string) uint32 {
+	l.t.Helper()
+	var addrs []netip.Prefix
+	for _, p := range []netip.Prefix{c.IP4, c.IP6} {
+		if p.IsValid() {
+			addrs = append(addrs, p)
+		}
+	}
+	epID, err := datapath.Register(&dp.Maps, datapath.EndpointSpec{
+		ContainerID: id, IfName: c.IfName, Netns: c.Path,
+		ParentIfindex: c.ParentIndex, ParentName: c.Parent, Ifindex: c.Index,
+		Mode: loader.ModeMacvlan, MAC: c.MAC, Addrs: addrs,
+		PodName: id, PodNamespace: "test",
+	})
+	if err != nil {
+		l.t.Fatal(err)
+	}
+	return epID
+}
+
+// parentLink returns the pinned tcx link of the parent program on ifindex.
+func (l *lab) parentLink(ifindex int) (*link.Info, bool) {
+	for _, att := range mustAttachments(l.t, l.dir) {
+		if att.Role == loader.RoleParent && att.Ifindex == ifindex {
+			lk, err := link.LoadPinnedLink(att.Pin, nil)
+			if err != nil {
+				return nil, false
+			}
+			defer lk.Close()
+			info, err := lk.Info()
+			if err != nil {
+				return nil, false
+			}
+			return info, true
+		}
+	}
+	return nil, false
+}
+
+func (l *lab) waitParentAttached(ifindex int) *link.Info {
+	l.t.Helper()
+	var info *link.Info
+	waitFor(l.t, 10*time.Second, fmt.Sprintf("parent program on ifindex %d", ifindex), func() bool {
+		var ok bool
+		info, ok = l.parentLink(ifindex)
+		return ok
+	})
+	return info
+}
+
+func mustAttachments(t *testing.T, dir string) []loader.Attachment {
+	t.Helper()
+	atts, err := loader.Attachments(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return atts
+}
+
+// tcxPrograms lists the program IDs attached to ifindex's tcx egress in ns.
+func tcxPrograms(t *testing.T, ns *netenv.NS, ifindex int) []uint32 {
+	t.Helper()
+	var ids []uint32
+	err := ns.Do(func() error {
+		res, err := link.QueryPrograms(link.QueryOptions{Target: ifindex, Attach: ebpf.AttachTCXEgress})
+		if err != nil {
+			return err
+		}
+		for _, p := range res.Programs {
+			ids = append(ids, uint32(p.ID))
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatalf("query tcx programs: %v", err)
+	}
+	return ids
+}
+
+var logKey = regexp.MustCompile(`level=ERROR msg="config rejected[^\n]*`)
+
+// rejections returns the agent's "config rejected" log lines.
+func (a *agent) rejections() []string {
+	return logKey.FindAllString(a.out.String(), -1)
+}
+
+// openOnce is open, shared by the helpers that poll the maps.
+func (l *lab) openOnce() *loader.Datapath {
+	l.dpOnce.Do(func() { l.dp = l.open() })
+	return l.dp
+}

@@ -1,0 +1,157 @@
+package cni_test
+
+import (
+	"errors"
+	"net/netip"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/containernetworking/cni/libcni"
+
+	"github.com/underpass-cni/underpass/loader"
+	"github.com/underpass-cni/underpass/test/netenv"
+)
+
+var specVersions = []string{"0.4.0", "1.0.0", "1.1.0"}
+
+func TestMainMode(t *testing.T) {
+	for _, v := range specVersions {
+		t.Run(v, func(t *testing.T) {
+			h := newHarness(t, harnessOpts{})
+			l := h.conflist("up-main", v, h.mainConf(true))
+			h.lifecycle(t, l, v)
+		})
+	}
+}
+
+func TestChainedMode(t *testing.T) {
+	for _, v := range specVersions {
+		t.Run(v, func(t *testing.T) {
+			h := newHarness(t, harnessOpts{})
+			l := h.conflist("up-chained", v, h.chainedConfs(true)...)
+			h.lifecycle(t, l, v)
+		})
+	}
+}
+
+// lifecycle: two pods up, every path works both ways with exact counters,
+// CHECK passes, DEL leaves nothing.
+func (h *harness) lifecycle(t *testing.T, l *libcni.NetworkConfigList, version string) {
+	a, b := h.newPod("a"), h.newPod("b")
+	h.add(l, a)
+	h.add(l, b)
+	h.baselineParents()
+	if !a.ip4.IsValid() || !a.ip6.IsValid() || a.mac == nil {
+		t.Fatalf("pod a result lacks addresses or MAC: %+v", a.res)
+	}
+	if len(a.res.Routes) != 2 {
+		t.Errorf("pod a got routes %v: want only IPAM's two default routes (no service or host routes)", a.res.Routes)
+	}
+	h.checkRegistered(t, a)
+
+	h.connectivity(t, a, b)
+
+	if err := h.check(l, a); err != nil {
+		t.Fatalf("CHECK a: %v", err)
+	}
+	if version == "1.1.0" {
+		if err := h.status(l); err != nil {
+			t.Fatalf("STATUS: %v", err)
+		}
+	}
+	h.del(l, a)
+	h.del(l, b)
+	h.del(l, a) // idempotent
+	h.assertNoLeak(t, nil, a.ns, b.ns)
+}
+
+func (h *harness) checkRegistered(t *testing.T, p *pod) {
+	t.Helper()
+	_, ep := h.endpointOf(t, p)
+	u := h.env.Uplinks[0]
+	if int(ep.ParentIfindex) != u.Index || ep.Mode != uint8(loader.ModeMacvlan) {
+		t.Errorf("registered on parent %d mode %d, want %d macvlan", ep.ParentIfindex, ep.Mode, u.Index)
+	}
+	if got := string(ep.Mac[:]); got != string(p.mac) {
+		t.Errorf("registered MAC %x, pod has %s", ep.Mac, p.mac)
+	}
+	var name []byte
+	for _, c := range ep.PodName {
+		if c == 0 {
+			break
+		}
+		name = append(name, byte(c))
+	}
+	if string(name) != p.name {
+		t.Errorf("registered pod name %q, want %q (from CNI_ARGS)", name, p.name)
+	}
+}
+
+// connectivity checks every path of pod a, both ways, and that a's
+// counters moved by exactly what its interface carried.
+func (h *harness) connectivity(t *testing.T, a, b *pod) {
+	t.Helper()
+	u := h.env.Uplinks[0]
+	node4, node6 := u.Node4.Addr(), u.Node6.Addr()
+	const n = 5
+
+	// Neighbours first, so the counted run is not about resolution (it
+	// would be counted exactly anyway; this keeps the echo count clean).
+	for _, dst := range []netip.Addr{b.ip4, b.ip6, u.Gateway4, u.Gateway6, node4, node6, vipLive} {
+		netenv.Ping(t, a.ns, dst, 1)
+	}
+	before := h.stats(t, a)
+	h.exactCounters(t, a, 7*n, func() {
+		for _, dst := range []netip.Addr{b.ip4, b.ip6, u.Gateway4, u.Gateway6, node4, node6, vipLive} {
+			if r := netenv.Ping(t, a.ns, dst, n); r.Lost() != 0 {
+				t.Errorf("pod a -> %s: %v", dst, r)
+			}
+		}
+		// The other way: the node, the wire and pod b reach a.
+		for _, from := range []*netenv.NS{h.env.Node, h.env.Wire, b.ns} {
+			for _, dst := range []netip.Addr{a.ip4, a.ip6} {
+				if r := netenv.Ping(t, from, dst, n); r.Lost() != 0 {
+					t.Errorf("%s -> pod a %s: %v", from.Name, dst, r)
+				}
+			}
+		}
+	})
+	after := h.stats(t, a)
+	// Host traffic went through the hairpin: node pings both ways plus the
+	// VIP, each request or reply one redirect.
+	if got := after.EpToHost.Packets - before.EpToHost.Packets; got < 3*n {
+		t.Errorf("endpoint->host redirects moved by %d, want at least %d", got, 3*n)
+	}
+	if got := after.HostToEp.Packets - before.HostToEp.Packets; got < 3*n {
+		t.Errorf("host->endpoint redirects moved by %d, want at least %d", got, 3*n)
+	}
+
+	// TCP both ways through the host: to the VIP (the host stack answers
+	// for it) and from the node to a server in the pod.
+	ln := netenv.ListenTCP(t, h.env.Node, netip.AddrPortFrom(vipLive, 0))
+	port := uint16(ln.Addr().(interface{ AddrPort() netip.AddrPort }).AddrPort().Port())
+	if err := netenv.DialTCP(a.ns, netip.AddrPortFrom(vipLive, port), 2*time.Second); err != nil {
+		t.Errorf("pod a -> live VIP: %v", err)
+	}
+	lp := netenv.ListenTCP(t, a.ns, netip.AddrPortFrom(netip.IPv6Unspecified(), 0))
+	pport := uint16(lp.Addr().(interface{ AddrPort() netip.AddrPort }).AddrPort().Port())
+	for _, dst := range []netip.Addr{a.ip4, a.ip6} {
+		if err := netenv.DialTCP(h.env.Node, netip.AddrPortFrom(dst, pport), 2*time.Second); err != nil {
+			t.Errorf("node -> pod a %s: %v", dst, err)
+		}
+	}
+
+	// A stale VIP never reaches the gateway: dropped, counted for pod a.
+	s0 := h.stats(t, a)
+	if r := netenv.Ping(t, a.ns, vipStale, 3); r.Received != 0 {
+		t.Errorf("stale VIP answered: %v", r)
+	}
+	err := netenv.DialTCP(a.ns, netip.AddrPortFrom(vipStale, 80), 300*time.Millisecond)
+	if err == nil || errors.Is(err, syscall.ECONNREFUSED) {
+		t.Errorf("dial to stale VIP: %v, want a timeout (drop mode)", err)
+	}
+	if s1 := h.stats(t, a); s1.StaleDropped-s0.StaleDropped < 3 {
+		t.Errorf("stale drops for pod a moved by %d, want at least 3", s1.StaleDropped-s0.StaleDropped)
+	}
+}

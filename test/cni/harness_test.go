@@ -1,0 +1,482 @@
+// Package cni_test drives the real underpass plugin binary through libcni,
+// as a container runtime does, inside a netenv lab whose node netns stands
+// for the Kubernetes node. The test loads the datapath itself, standing in
+// for underpassd.
+package cni_test
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/containernetworking/cni/libcni"
+	"github.com/containernetworking/cni/pkg/types"
+	current "github.com/containernetworking/cni/pkg/types/100"
+	"github.com/vishvananda/netlink"
+
+	"github.com/underpass-cni/underpass/internal/testutil"
+	"github.com/underpass-cni/underpass/loader"
+	"github.com/underpass-cni/underpass/pkg/datapath"
+	"github.com/underpass-cni/underpass/test/netenv"
+)
+
+// RefPluginsVersion is the containernetworking/plugins release the tests
+// compare and chain with.
+const RefPluginsVersion = "v1.9.1"
+
+var (
+	pluginDir string // holds the freshly built underpass binary
+	refDir    string // the reference plugins, cached across runs
+)
+
+func TestMain(m *testing.M) {
+	os.Exit(run(m))
+}
+
+func run(m *testing.M) int {
+	if os.Geteuid() != 0 {
+		fmt.Fprintln(os.Stderr, "test/cni must run as root (netns, eBPF): sudo go test ./test/cni")
+		return 1
+	}
+	tmp, err := os.MkdirTemp("", "underpass-cni-test-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	defer os.RemoveAll(tmp)
+	pluginDir = tmp
+	if err := buildPlugin(filepath.Join(tmp, "underpass")); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	if refDir, err = installReferencePlugins(); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	return m.Run()
+}
+
+func buildPlugin(out string) error {
+	cmd := exec.Command("go", "build", "-o", out, "github.com/underpass-cni/underpass/cmd/underpass")
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if b, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("build the plugin: %v\n%s", err, b)
+	}
+	return nil
+}
+
+// installReferencePlugins builds the reference plugins once per version
+// into $HOME/.cache/underpass/cni-plugins-<version>.
+func installReferencePlugins() (string, error) {
+	home, err := os.UserHomeDir()
+	if err != nil {
+		return "", err
+	}
+	dir := filepath.Join(home, ".cache", "underpass", "cni-plugins-"+RefPluginsVersion)
+	want := map[string]string{
+		"macvlan":    "main/macvlan",
+		"ptp":        "main/ptp",
+		"host-local": "ipam/host-local",
+		"static":     "ipam/static",
+	}
+	var pkgs []string
+	for name, p := range want {
+		if _, err := os.Stat(filepath.Join(dir, name)); err != nil {
+			pkgs = append(pkgs, "github.com/containernetworking/plugins/plugins/"+p+"@"+RefPluginsVersion)
+		}
+	}
+	if len(pkgs) == 0 {
+		return dir, nil
+	}
+	slices.Sort(pkgs)
+	cmd := exec.Command("go", append([]string{"install"}, pkgs...)...)
+	// Outside the module: @version installs ignore go.mod anyway, and the
+	// neutral directory keeps it that way.
+	cmd.Dir = os.TempDir()
+	cmd.Env = append(os.Environ(), "GOBIN="+dir, "CGO_ENABLED=0")
+	if b, err := cmd.CombinedOutput(); err != nil {
+		return "", fmt.Errorf("install reference plugins %v: %v\n%s", pkgs, err, b)
+	}
+	return dir, nil
+}
+
+// Lab addresses: pods get .100-.199 and ::100-::1ff from host-local on the
+// wire subnet, as underlay pods do.
+var (
+	vipLive  = netip.MustParseAddr("10.96.0.10")
+	vipStale = netip.MustParseAddr("10.96.0.99")
+	svcCIDR  = netip.MustParsePrefix("10.96.0.0/16")
+)
+
+type harness struct {
+	t        *testing.T
+	env      *netenv.Env
+	dp       *loader.Datapath
+	bpffs    string // the datapath's pin dir
+	dataDir  string // host-local leases
+	confDir  string
+	cni      *libcni.CNIConfig
+	cacheDir string
+
+	baseLinks   []string
+	baseParents map[int]loader.Parent
+	baseAtts    []loader.Attachment
+}
+
+type harnessOpts struct {
+	netenv    netenv.Options
+	noVIPHost bool
+}
+
+// newHarness builds the lab and loads the datapath like underpassd does:
+// config, the node's addresses in host_cidrs, the service CIDR and one live
+// VIP, which the node answers for on lo.
+func newHarness(t *testing.T, o harnessOpts) *harness {
+	t.Helper()
+	testutil.RequireRoot(t)
+	h := &harness{t: t, env: netenv.New(t, o.netenv)}
+	h.bpffs = filepath.Join(testutil.MountBPFFS(t), "underpass")
+	dp, err := loader.Load(h.bpffs, loader.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { dp.Close() })
+	h.dp = dp
+	m := &dp.Maps
+	must(t, datapath.SetConfig(m, datapath.Config{HostReachable: true}, 1))
+	hosts := datapath.HostSet{}
+	for _, u := range h.env.Uplinks {
+		hosts.Add(netip.PrefixFrom(u.Node4.Addr(), 32), loader.HostLocal)
+		hosts.Add(netip.PrefixFrom(u.Node6.Addr(), 128), loader.HostLocal)
+	}
+	must(t, datapath.SyncHostCIDRs(m, hosts))
+	must(t, datapath.SyncServiceCIDRs(m, []netip.Prefix{svcCIDR}))
+	must(t, datapath.AddLiveService(m, vipLive))
+	// The "service implementation": the node owns the live VIP (no
+	// iptables on this machine for a DNAT rule).
+	lo, err := h.env.Node.Netlink().LinkByName("lo")
+	must(t, err)
+	must(t, h.env.Node.Netlink().AddrAdd(lo, &netlink.Addr{IPNet: &net.IPNet{IP: vipLive.AsSlice(), Mask: net.CIDRMask(32, 32)}}))
+
+	h.dataDir, h.confDir, h.cacheDir = t.TempDir(), t.TempDir(), t.TempDir()
+	h.cni = libcni.NewCNIConfigWithCacheDir([]string{pluginDir, refDir}, h.cacheDir, nil)
+	h.baseline()
+	return h
+}
+
+func (h *harness) baseline() {
+	h.baseLinks = linkNames(h.t, h.env.Node)
+	h.baselineParents()
+}
+
+// baselineParents accepts the parent state as it is now: a successful ADD
+// registers the parent and attaches its program for good (node state the
+// agent shares); only a failed ADD must leave it as it found it.
+func (h *harness) baselineParents() {
+	var err error
+	h.baseParents, err = datapath.Parents(&h.dp.Maps)
+	must(h.t, err)
+	h.baseAtts, err = loader.Attachments(h.bpffs)
+	must(h.t, err)
+}
+
+func must(tb testing.TB, err error) {
+	tb.Helper()
+	if err != nil {
+		tb.Fatal(err)
+	}
+}
+
+// conflist writes a conflist to the conf dir and loads it back, as a
+// runtime reads /etc/cni/net.d.
+func (h *harness) conflist(name, version string, plugins ...map[string]any) *libcni.NetworkConfigList {
+	h.t.Helper()
+	b, err := json.MarshalIndent(map[string]any{"cniVersion": version, "name": name, "plugins": plugins}, "", "  ")
+	must(h.t, err)
+	path := filepath.Join(h.confDir, name+".conflist")
+	must(h.t, os.WriteFile(path, b, 0o644))
+	l, err := libcni.NetworkConfFromFile(path)
+	must(h.t, err)
+	return l
+}
+
+// hostLocal is a dual-stack host-local IPAM section on the lab's eth0
+// subnet; v6=false leaves IPv6 out.
+func (h *harness) hostLocal(v6 bool) map[string]any {
+	u := h.env.Uplinks[0]
+	ranges := []any{[]any{map[string]any{
+		"subnet": u.Subnet4.String(), "rangeStart": u.IP4(100).Addr().String(), "rangeEnd": u.IP4(199).Addr().String(),
+		"gateway": u.Gateway4.String(),
+	}}}
+	routes := []any{map[string]any{"dst": "0.0.0.0/0"}}
+	if v6 {
+		ranges = append(ranges, []any{map[string]any{
+			"subnet": u.Subnet6.String(), "rangeStart": u.IP6(0x100).Addr().String(), "rangeEnd": u.IP6(0x1ff).Addr().String(),
+			"gateway": u.Gateway6.String(),
+		}})
+		routes = append(routes, map[string]any{"dst": "::/0"})
+	}
+	return map[string]any{"type": "host-local", "dataDir": h.dataDir, "ranges": ranges, "routes": routes}
+}
+
+// mainConf is underpass as the main plugin on eth0.
+func (h *harness) mainConf(v6 bool) map[string]any {
+	return map[string]any{"type": "underpass", "master": "eth0", "mode": "macvlan", "macvlanMode": "bridge", "bpffs": h.bpffs, "ipam": h.hostLocal(v6)}
+}
+
+// chainedConfs are the reference macvlan plugin followed by underpass.
+func (h *harness) chainedConfs(v6 bool) []map[string]any {
+	return []map[string]any{
+		{"type": "macvlan", "master": "eth0", "mode": "bridge", "ipam": h.hostLocal(v6)},
+		{"type": "underpass", "bpffs": h.bpffs},
+	}
+}
+
+type pod struct {
+	name   string
+	ns     *netenv.NS
+	netns  string // path
+	id     string // container id
+	ifname string
+	res    *current.Result
+	ip4    netip.Addr
+	ip6    netip.Addr
+	mac    net.HardwareAddr
+}
+
+func (h *harness) newPod(name string) *pod {
+	n := h.env.AddNS(name)
+	return &pod{name: name, ns: n, netns: n.Path, id: "ctr-" + name + "-" + strings.Repeat("0", 8), ifname: "eth0"}
+}
+
+func (p *pod) rt() *libcni.RuntimeConf {
+	return &libcni.RuntimeConf{
+		ContainerID: p.id, NetNS: p.netns, IfName: p.ifname,
+		Args: [][2]string{{"IgnoreUnknown", "1"}, {"K8S_POD_NAMESPACE", "default"}, {"K8S_POD_NAME", p.name}, {"K8S_POD_UID", "0000"}},
+	}
+}
+
+// inNode runs fn with the node netns as the thread's netns: plugins exec'd
+// from fn start there, as they would on the node.
+func (h *harness) inNode(fn func() error) error {
+	return h.env.Node.Do(fn)
+}
+
+func (h *harness) tryAdd(l *libcni.NetworkConfigList, p *pod) (*current.Result, error) {
+	var res types.Result
+	err := h.inNode(func() error {
+		var err error
+		res, err = h.cni.AddNetworkList(context.Background(), l, p.rt())
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	r, err := current.NewResultFromResult(res)
+	if err != nil {
+		return nil, err
+	}
+	p.res = r
+	for _, ipc := range r.IPs {
+		a, _ := netip.AddrFromSlice(ipc.Address.IP)
+		if a = a.Unmap(); a.Is4() {
+			p.ip4 = a
+		} else {
+			p.ip6 = a
+		}
+	}
+	for _, intf := range r.Interfaces {
+		if intf.Name == p.ifname && intf.Sandbox != "" {
+			p.mac, _ = net.ParseMAC(intf.Mac)
+		}
+	}
+	return r, nil
+}
+
+func (h *harness) add(l *libcni.NetworkConfigList, p *pod) *current.Result {
+	h.t.Helper()
+	r, err := h.tryAdd(l, p)
+	if err != nil {
+		h.t.Fatalf("ADD %s: %v", p.name, err)
+	}
+	return r
+}
+
+func (h *harness) tryDel(l *libcni.NetworkConfigList, p *pod) error {
+	return h.inNode(func() error { return h.cni.DelNetworkList(context.Background(), l, p.rt()) })
+}
+
+func (h *harness) del(l *libcni.NetworkConfigList, p *pod) {
+	h.t.Helper()
+	if err := h.tryDel(l, p); err != nil {
+		h.t.Fatalf("DEL %s: %v", p.name, err)
+	}
+}
+
+func (h *harness) check(l *libcni.NetworkConfigList, p *pod) error {
+	return h.inNode(func() error { return h.cni.CheckNetworkList(context.Background(), l, p.rt()) })
+}
+
+func (h *harness) status(l *libcni.NetworkConfigList) error {
+	return h.inNode(func() error { return h.cni.GetStatusNetworkList(context.Background(), l) })
+}
+
+func (h *harness) gc(l *libcni.NetworkConfigList, valid ...*pod) error {
+	args := &libcni.GCArgs{}
+	for _, p := range valid {
+		args.ValidAttachments = append(args.ValidAttachments, types.GCAttachment{ContainerID: p.id, IfName: p.ifname})
+	}
+	return h.inNode(func() error { return h.cni.GCNetworkList(context.Background(), l, args) })
+}
+
+// wantCNIError checks that err is a CNI error with code whose message
+// contains every part.
+func wantCNIError(t *testing.T, err error, code uint, parts ...string) {
+	t.Helper()
+	if err == nil {
+		t.Fatalf("no error, want code %d", code)
+	}
+	var te *types.Error
+	if !errors.As(err, &te) {
+		t.Fatalf("error %q is not a CNI error (want code %d)", err, code)
+	}
+	if te.Code != code {
+		t.Fatalf("code %d (%q), want %d", te.Code, te.Msg, code)
+	}
+	for _, p := range parts {
+		if !strings.Contains(te.Msg, p) {
+			t.Fatalf("message %q does not say %q", te.Msg, p)
+		}
+	}
+}
+
+func linkNames(tb testing.TB, n *netenv.NS) []string {
+	tb.Helper()
+	links, err := n.Netlink().LinkList()
+	must(tb, err)
+	var out []string
+	for _, l := range links {
+		out = append(out, l.Attrs().Name)
+	}
+	slices.Sort(out)
+	return out
+}
+
+// assertNoLeak checks that nothing of any pod but live is left: links on
+// the node and in the given container netns, host-local leases, datapath
+// entries, parent state an ADD added, and pinned links.
+func (h *harness) assertNoLeak(t *testing.T, live []*pod, nss ...*netenv.NS) {
+	t.Helper()
+	if got := linkNames(t, h.env.Node); !slices.Equal(got, h.baseLinks) {
+		t.Errorf("node links %v, want %v", got, h.baseLinks)
+	}
+	for _, n := range nss {
+		if got := linkNames(t, n); !slices.Equal(got, []string{"lo"}) {
+			t.Errorf("links left in %s: %v", n.Name, got)
+		}
+	}
+	liveIPs := map[string]bool{}
+	liveIDs := map[string]bool{}
+	for _, p := range live {
+		liveIDs[p.id] = true
+		for _, a := range []netip.Addr{p.ip4, p.ip6} {
+			if a.IsValid() {
+				liveIPs[a.String()] = true
+			}
+		}
+	}
+	var leases []string
+	_ = filepath.WalkDir(h.dataDir, func(path string, d os.DirEntry, err error) error {
+		if err == nil && !d.IsDir() {
+			if a, perr := netip.ParseAddr(strings.ReplaceAll(d.Name(), "_", ":")); perr == nil && !liveIPs[a.String()] {
+				leases = append(leases, d.Name())
+			}
+		}
+		return nil
+	})
+	if len(leases) > 0 {
+		t.Errorf("host-local leases left: %v", leases)
+	}
+
+	m := &h.dp.Maps
+	eps, err := datapath.Endpoints(m)
+	must(t, err)
+	for id, ep := range eps {
+		if !liveIDs[datapath.GoString(ep.ContainerId[:])] {
+			t.Errorf("endpoint %d (%s/%s) left registered", id, datapath.GoString(ep.ContainerId[:]), datapath.GoString(ep.Ifname[:]))
+		}
+	}
+	if n := countEntries(t, m.EpByIP); n != len(liveIPs) {
+		t.Errorf("ep_by_ip has %d entries, want %d", n, len(liveIPs))
+	}
+	if n := countEntries(t, m.EpStats); n != len(eps) {
+		t.Errorf("ep_stats has %d entries for %d endpoints", n, len(eps))
+	}
+	if n := countEntries(t, m.EpByMAC); n > len(eps) {
+		t.Errorf("ep_by_mac has %d entries for %d endpoints", n, len(eps))
+	}
+	links, err := loader.EndpointLinks(h.bpffs)
+	must(t, err)
+	for id, pins := range links {
+		if _, ok := eps[id]; !ok {
+			t.Errorf("pinned links of endpoint %d left: %v", id, pins)
+		}
+	}
+	if len(live) == 0 {
+		parents, err := datapath.Parents(m)
+		must(t, err)
+		if len(parents) != len(h.baseParents) {
+			t.Errorf("parents %v, want %v", parents, h.baseParents)
+		}
+		atts, err := loader.Attachments(h.bpffs)
+		must(t, err)
+		if len(atts) != len(h.baseAtts) {
+			t.Errorf("parent attachments %v, want %v", atts, h.baseAtts)
+		}
+	}
+}
+
+func countEntries(tb testing.TB, m interface {
+	NextKeyBytes(key any) ([]byte, error)
+}) int {
+	tb.Helper()
+	n := 0
+	var key any
+	for {
+		next, err := m.NextKeyBytes(key)
+		must(tb, err)
+		if next == nil {
+			return n
+		}
+		n++
+		key = next
+	}
+}
+
+// endpointOf returns the registration of p.
+func (h *harness) endpointOf(t *testing.T, p *pod) (uint32, *loader.Endpoint) {
+	t.Helper()
+	id, ep, err := datapath.Find(&h.dp.Maps, p.id, p.ifname)
+	must(t, err)
+	if id == 0 {
+		t.Fatalf("pod %s is not registered", p.name)
+	}
+	return id, ep
+}
+
+func (h *harness) stats(t *testing.T, p *pod) loader.EndpointStats {
+	t.Helper()
+	id, _ := h.endpointOf(t, p)
+	s, err := datapath.EndpointStats(&h.dp.Maps, id)
+	must(t, err)
+	return s
+}

@@ -1,0 +1,476 @@
+//go:build linux
+
+// Package kapi starts a real etcd and kube-apiserver on loopback for tests
+// that need a Kubernetes API (informers, watches, RBAC), not the fake
+// clientset. The binaries are built from the Go module proxy by
+// test/k8s/build.sh (versions in test/k8s/build/go.mod) and cached under
+// $HOME/.cache/underpass/k8s/<k8s-version>-<etcd-version>/.
+//
+// There is no controller-manager or scheduler: nothing creates
+// EndpointSlices, ServiceAccounts or default tokens, so tests write the
+// objects they need themselves. The ServiceAccount admission plugin is off so
+// that Pods can be created without a default ServiceAccount.
+package kapi
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+)
+
+const (
+	// ServiceCIDRv4 and ServiceCIDRv6 are the apiserver's
+	// --service-cluster-ip-range (dual stack, IPv4 primary).
+	ServiceCIDRv4 = "10.96.0.0/16"
+	ServiceCIDRv6 = "fd00:96::/108"
+
+	// AdminUser is the user the Cluster's clients authenticate as (token
+	// auth); it is in group system:masters, so RBAC allows everything.
+	AdminUser = "underpass-admin"
+
+	// EnvBin names a directory holding the etcd and kube-apiserver binaries;
+	// it overrides the cache directory derived from test/k8s/build/go.mod.
+	EnvBin = "UNDERPASS_K8S_BIN"
+	// EnvCache overrides $HOME/.cache/underpass/k8s (same as build.sh).
+	EnvCache = "UNDERPASS_K8S_CACHE"
+
+	startTimeout = 90 * time.Second
+)
+
+// Cluster is a running etcd + kube-apiserver pair; it is torn down by the
+// testing.TB's Cleanup.
+type Cluster struct {
+	// Kubeconfig is the path of a kubeconfig file for the admin user
+	// (context "underpass-test").
+	Kubeconfig string
+	// RestConfig is the admin user's client config. Callers may Copy it.
+	RestConfig *rest.Config
+	// Client is a clientset built from RestConfig.
+	Client kubernetes.Interface
+	// URL is the apiserver's https URL, Dir the cluster's temp directory
+	// (certificates, etcd data, logs *.log).
+	URL, Dir string
+	// CAFile is the PEM CA that signed the apiserver's serving cert (and
+	// the client CA, see CAKeyFile); Token the admin bearer token.
+	CAFile, CAKeyFile, Token string
+}
+
+// As returns a copy of RestConfig that impersonates user (with groups):
+// e.g. As("system:serviceaccount:kube-system:underpass") to test the RBAC
+// rules in deploy/. The impersonated identity is subject to RBAC.
+func (c *Cluster) As(user string, groups ...string) *rest.Config {
+	cfg := rest.CopyConfig(c.RestConfig)
+	cfg.Impersonate = rest.ImpersonationConfig{UserName: user, Groups: groups}
+	return cfg
+}
+
+// Start starts etcd and kube-apiserver on free loopback ports, waits until
+// the apiserver's /readyz is ok and returns the Cluster. It fails tb (with
+// the processes' logs) if the binaries are missing or start-up fails. Each
+// call is a separate cluster; start-up takes a few seconds, so share one per
+// package (e.g. from TestMain via a helper) when many tests need it.
+func Start(tb testing.TB) *Cluster {
+	tb.Helper()
+	bin, err := BinDir()
+	if err != nil {
+		tb.Fatalf("kapi: %v", err)
+	}
+	begin := time.Now()
+	dir := tb.TempDir()
+	c := &Cluster{Dir: dir}
+	var procs []*proc // started order; stopped in reverse
+	tb.Cleanup(func() {
+		for i := len(procs) - 1; i >= 0; i-- {
+			procs[i].stop()
+		}
+		if tb.Failed() {
+			for _, p := range procs {
+				tb.Logf("kapi: %s", p.logTail())
+			}
+		}
+	})
+	fail := func(format string, args ...any) {
+		tb.Helper()
+		for _, p := range procs {
+			tb.Logf("kapi: %s", p.logTail())
+		}
+		procs = nil // already printed
+		tb.Fatalf("kapi: "+format, args...)
+	}
+
+	pki, err := writePKI(dir)
+	if err != nil {
+		fail("certificates: %v", err)
+	}
+	c.CAFile, c.CAKeyFile = pki.caFile, pki.caKeyFile
+	c.Token = randomToken()
+	tokens := filepath.Join(dir, "tokens.csv")
+	if err := os.WriteFile(tokens, []byte(fmt.Sprintf("%s,%s,%s,\"system:masters\"\n", c.Token, AdminUser, AdminUser)), 0o600); err != nil {
+		fail("%v", err)
+	}
+
+	// etcd. Free ports are found by binding :0 and closing; another process
+	// may grab one in between, so a start that fails is retried on new ports.
+	var etcdURL string
+	for attempt := 1; ; attempt++ {
+		ports, err := freePorts(2)
+		if err != nil {
+			fail("%v", err)
+		}
+		etcdURL = "http://127.0.0.1:" + strconv.Itoa(ports[0])
+		peerURL := "http://127.0.0.1:" + strconv.Itoa(ports[1])
+		p, err := startProc(filepath.Join(bin, "etcd"), filepath.Join(dir, fmt.Sprintf("etcd.%d.log", attempt)),
+			"--name=kapi",
+			"--data-dir="+filepath.Join(dir, "etcd"),
+			"--listen-client-urls="+etcdURL,
+			"--advertise-client-urls="+etcdURL,
+			"--listen-peer-urls="+peerURL,
+			"--initial-advertise-peer-urls="+peerURL,
+			"--initial-cluster=kapi="+peerURL,
+			"--initial-cluster-state=new",
+			"--unsafe-no-fsync", // test data; much faster on slow disks
+			"--log-level=warn",
+		)
+		if err != nil {
+			fail("%v", err)
+		}
+		procs = append(procs, p)
+		err = p.waitReady(30*time.Second, plainGet(etcdURL+"/health", `"health":"true"`))
+		if err == nil {
+			break
+		}
+		if attempt < 3 && p.exitedWithPortInUse() {
+			p.stop()
+			os.RemoveAll(filepath.Join(dir, "etcd"))
+			continue
+		}
+		fail("etcd did not start: %v", err)
+	}
+
+	// kube-apiserver.
+	for attempt := 1; ; attempt++ {
+		ports, err := freePorts(1)
+		if err != nil {
+			fail("%v", err)
+		}
+		c.URL = "https://127.0.0.1:" + strconv.Itoa(ports[0])
+		p, err := startProc(filepath.Join(bin, "kube-apiserver"), filepath.Join(dir, fmt.Sprintf("kube-apiserver.%d.log", attempt)),
+			"--bind-address=127.0.0.1",
+			"--advertise-address=127.0.0.1",
+			"--secure-port="+strconv.Itoa(ports[0]),
+			"--etcd-servers="+etcdURL,
+			"--cert-dir="+filepath.Join(dir, "apiserver-certs"),
+			"--tls-cert-file="+pki.serverCertFile,
+			"--tls-private-key-file="+pki.serverKeyFile,
+			"--client-ca-file="+pki.caFile,
+			"--token-auth-file="+tokens,
+			"--authorization-mode=RBAC",
+			"--anonymous-auth=false",
+			"--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+			"--service-account-key-file="+pki.saPubFile,
+			"--service-account-signing-key-file="+pki.saKeyFile,
+			"--service-cluster-ip-range="+ServiceCIDRv4+","+ServiceCIDRv6,
+			// Nothing runs the ServiceAccount controller, and loopback
+			// addresses are invalid in the kubernetes Service's endpoints.
+			"--disable-admission-plugins=ServiceAccount",
+			"--endpoint-reconciler-type=none",
+			"--allow-privileged=true",
+			"--profiling=false",
+			"--v=1",
+		)
+		if err != nil {
+			fail("%v", err)
+		}
+		procs = append(procs, p)
+		err = p.waitReady(startTimeout, tlsGet(c.URL+"/readyz", pki.caPEM, c.Token, "ok"))
+		if err == nil {
+			break
+		}
+		if attempt < 3 && p.exitedWithPortInUse() {
+			p.stop()
+			continue
+		}
+		fail("kube-apiserver did not become ready: %v", err)
+	}
+
+	c.RestConfig = &rest.Config{
+		Host:            c.URL,
+		BearerToken:     c.Token,
+		TLSClientConfig: rest.TLSClientConfig{CAData: pki.caPEM},
+		QPS:             200,
+		Burst:           400,
+		Timeout:         30 * time.Second,
+	}
+	c.Client, err = kubernetes.NewForConfig(c.RestConfig)
+	if err != nil {
+		fail("clientset: %v", err)
+	}
+	c.Kubeconfig = filepath.Join(dir, "kubeconfig")
+	if err := os.WriteFile(c.Kubeconfig, []byte(kubeconfig(c.URL, pki.caFile, c.Token)), 0o600); err != nil {
+		fail("%v", err)
+	}
+	tb.Logf("kapi: cluster at %s ready in %v (dir %s)", c.URL, time.Since(begin).Round(time.Millisecond), dir)
+	return c
+}
+
+// BinDir returns the directory with the etcd and kube-apiserver binaries:
+// $UNDERPASS_K8S_BIN, or the cache directory build.sh builds into for the
+// versions pinned in test/k8s/build/go.mod.
+func BinDir() (string, error) {
+	const hint = "run test/k8s/build.sh first (it builds etcd and kube-apiserver from the Go module proxy, ~6-8 min cold, then cached) or set " + EnvBin + " to a directory with both binaries"
+	dir := os.Getenv(EnvBin)
+	if dir == "" {
+		_, self, _, ok := runtime.Caller(0)
+		if !ok {
+			return "", errors.New("cannot locate test/k8s/build/go.mod; " + hint)
+		}
+		gomod := filepath.Join(filepath.Dir(self), "..", "build", "go.mod")
+		k8sVer, etcdVer, err := pinnedVersions(gomod)
+		if err != nil {
+			return "", fmt.Errorf("%v; %s", err, hint)
+		}
+		cache := os.Getenv(EnvCache)
+		if cache == "" {
+			home, err := os.UserHomeDir()
+			if err != nil {
+				return "", fmt.Errorf("%v; %s", err, hint)
+			}
+			cache = filepath.Join(home, ".cache", "underpass", "k8s")
+		}
+		dir = filepath.Join(cache, k8sVer+"-"+etcdVer)
+	}
+	for _, name := range []string{"etcd", "kube-apiserver"} {
+		fi, err := os.Stat(filepath.Join(dir, name))
+		if err != nil || fi.IsDir() || fi.Mode()&0o111 == 0 {
+			return "", fmt.Errorf("no executable %s in %s: %s", name, dir, hint)
+		}
+	}
+	return dir, nil
+}
+
+// pinnedVersions reads the k8s.io/kubernetes and go.etcd.io/etcd/server/v3
+// versions from the wrapper module's go.mod (the same ones build.sh uses).
+func pinnedVersions(gomod string) (k8sVer, etcdVer string, err error) {
+	data, err := os.ReadFile(gomod)
+	if err != nil {
+		return "", "", err
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		f := strings.Fields(strings.TrimPrefix(strings.TrimSpace(line), "require "))
+		if len(f) < 2 {
+			continue
+		}
+		switch f[0] {
+		case "k8s.io/kubernetes":
+			k8sVer = f[1]
+		case "go.etcd.io/etcd/server/v3":
+			etcdVer = f[1]
+		}
+	}
+	if k8sVer == "" || etcdVer == "" {
+		return "", "", fmt.Errorf("%s does not require k8s.io/kubernetes and go.etcd.io/etcd/server/v3", gomod)
+	}
+	return k8sVer, etcdVer, nil
+}
+
+func kubeconfig(url, caFile, token string) string {
+	return fmt.Sprintf(`apiVersion: v1
+kind: Config
+clusters:
+- name: underpass-test
+  cluster:
+    server: %s
+    certificate-authority: %s
+users:
+- name: %s
+  user:
+    token: %s
+contexts:
+- name: underpass-test
+  context:
+    cluster: underpass-test
+    user: %s
+current-context: underpass-test
+`, url, caFile, AdminUser, token, AdminUser)
+}
+
+func freePorts(n int) ([]int, error) {
+	var ls []net.Listener
+	defer func() {
+		for _, l := range ls {
+			l.Close()
+		}
+	}()
+	var ports []int
+	for range n {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return nil, fmt.Errorf("free port: %w", err)
+		}
+		ls = append(ls, l)
+		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
+	}
+	return ports, nil
+}
+
+// proc is a child process in its own process group, its output in a file.
+type proc struct {
+	name, logFile string
+	cmd           *exec.Cmd
+	done          chan struct{} // closed when the process has exited
+	err           error         // Wait's result, valid after done
+	stopOnce      sync.Once
+}
+
+func startProc(path, logFile string, args ...string) (*proc, error) {
+	log, err := os.Create(logFile)
+	if err != nil {
+		return nil, err
+	}
+	cmd := exec.Command(path, args...)
+	cmd.Stdout, cmd.Stderr = log, log
+	cmd.Env = os.Environ()
+	cmd.SysProcAttr = &syscall.SysProcAttr{
+		Setpgid:   true,            // stop() signals the whole group
+		Pdeathsig: syscall.SIGKILL, // no orphans if the test binary dies
+	}
+	p := &proc{name: filepath.Base(path), logFile: logFile, cmd: cmd, done: make(chan struct{})}
+	if err := cmd.Start(); err != nil {
+		log.Close()
+		return nil, fmt.Errorf("start %s: %w", path, err)
+	}
+	go func() {
+		p.err = cmd.Wait()
+		log.Close()
+		close(p.done)
+	}()
+	return p, nil
+}
+
+func (p *proc) exited() bool {
+	select {
+	case <-p.done:
+		return true
+	default:
+		return false
+	}
+}
+
+// stop sends SIGTERM to the process group, SIGKILL after 10 s.
+func (p *proc) stop() {
+	p.stopOnce.Do(func() {
+		pgid := p.cmd.Process.Pid
+		_ = syscall.Kill(-pgid, syscall.SIGTERM)
+		select {
+		case <-p.done:
+		case <-time.After(10 * time.Second):
+			_ = syscall.Kill(-pgid, syscall.SIGKILL)
+			<-p.done
+		}
+		// Anything left in the group (there should be nothing).
+		_ = syscall.Kill(-pgid, syscall.SIGKILL)
+	})
+}
+
+// waitReady polls check until it succeeds, the process exits or timeout.
+func (p *proc) waitReady(timeout time.Duration, check func() error) error {
+	deadline := time.Now().Add(timeout)
+	last := errors.New("not checked yet")
+	for {
+		if p.exited() {
+			return fmt.Errorf("%s exited: %v (last check: %v)", p.name, p.err, last)
+		}
+		if last = check(); last == nil {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%s not ready after %v: %v", p.name, timeout, last)
+		}
+		select {
+		case <-p.done:
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+func (p *proc) exitedWithPortInUse() bool {
+	if !p.exited() {
+		return false
+	}
+	data, _ := os.ReadFile(p.logFile)
+	return bytes.Contains(data, []byte("address already in use"))
+}
+
+// logTail returns the last 64 KiB of the process's log.
+func (p *proc) logTail() string {
+	const max = 64 << 10
+	data, err := os.ReadFile(p.logFile)
+	if err != nil {
+		return fmt.Sprintf("%s log: %v", p.name, err)
+	}
+	cut := ""
+	if len(data) > max {
+		data = data[len(data)-max:]
+		if i := bytes.IndexByte(data, '\n'); i >= 0 {
+			data = data[i+1:]
+		}
+		cut = " (last 64 KiB)"
+	}
+	return fmt.Sprintf("%s log %s%s:\n%s", p.name, p.logFile, cut, data)
+}
+
+func plainGet(url, want string) func() error {
+	client := &http.Client{Timeout: 2 * time.Second}
+	return func() error { return get(client, url, "", want) }
+}
+
+func tlsGet(url string, caPEM []byte, token, want string) func() error {
+	pool := x509.NewCertPool()
+	pool.AppendCertsFromPEM(caPEM)
+	client := &http.Client{
+		Timeout:   5 * time.Second,
+		Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}},
+	}
+	return func() error { return get(client, url, token, want) }
+}
+
+func get(client *http.Client, url, token, want string) error {
+	ctx, cancel := context.WithTimeout(context.Background(), client.Timeout)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return err
+	}
+	if token != "" {
+		req.Header.Set("Authorization", "Bearer "+token)
+	}
+	resp, err := client.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	var body bytes.Buffer
+	_, _ = body.ReadFrom(http.MaxBytesReader(nil, resp.Body, 64<<10))
+	if resp.StatusCode != http.StatusOK || !strings.Contains(body.String(), want) {
+		return fmt.Errorf("GET %s: %s: %s", url, resp.Status, strings.TrimSpace(body.String()))
+	}
+	return nil
+}

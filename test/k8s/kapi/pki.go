@@ -1,0 +1,133 @@
+//go:build linux
+
+package kapi
+
+import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/hex"
+	"encoding/pem"
+	"math/big"
+	"net"
+	"os"
+	"path/filepath"
+	"time"
+)
+
+// pki holds the files of a throw-away CA, the apiserver's serving cert and
+// the service-account token signing key, all ECDSA P-256 (fast to make).
+type pki struct {
+	caPEM                         []byte
+	caFile, caKeyFile             string
+	serverCertFile, serverKeyFile string
+	saKeyFile, saPubFile          string
+}
+
+func writePKI(dir string) (*pki, error) {
+	p := &pki{
+		caFile:         filepath.Join(dir, "ca.crt"),
+		caKeyFile:      filepath.Join(dir, "ca.key"),
+		serverCertFile: filepath.Join(dir, "apiserver.crt"),
+		serverKeyFile:  filepath.Join(dir, "apiserver.key"),
+		saKeyFile:      filepath.Join(dir, "sa.key"),
+		saPubFile:      filepath.Join(dir, "sa.pub"),
+	}
+	now := time.Now()
+	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, err
+	}
+	ca := &x509.Certificate{
+		SerialNumber:          serial(),
+		Subject:               pkix.Name{CommonName: "underpass-test-ca"},
+		NotBefore:             now.Add(-time.Hour),
+		NotAfter:              now.Add(24 * time.Hour),
+		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign | x509.KeyUsageDigitalSignature,
+		BasicConstraintsValid: true,
+		IsCA:                  true,
+	}
+	caDER, err := x509.CreateCertificate(rand.Reader, ca, ca, &caKey.PublicKey, caKey)
+	if err != nil {
+		return nil, err
+	}
+	if ca, err = x509.ParseCertificate(caDER); err != nil {
+		return nil, err
+	}
+	p.caPEM = pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: caDER})
+
+	srvKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, err
+	}
+	srv := &x509.Certificate{
+		SerialNumber: serial(),
+		Subject:      pkix.Name{CommonName: "kube-apiserver"},
+		NotBefore:    now.Add(-time.Hour),
+		NotAfter:     now.Add(24 * time.Hour),
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		DNSNames: []string{"localhost", "kubernetes", "kubernetes.default",
+			"kubernetes.default.svc", "kubernetes.default.svc.cluster.local"},
+		IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1), net.IPv6loopback,
+			net.IPv4(10, 96, 0, 1), net.ParseIP("fd00:96::1")},
+	}
+	srvDER, err := x509.CreateCertificate(rand.Reader, srv, ca, &srvKey.PublicKey, caKey)
+	if err != nil {
+		return nil, err
+	}
+
+	saKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, err
+	}
+	saPub, err := x509.MarshalPKIXPublicKey(&saKey.PublicKey)
+	if err != nil {
+		return nil, err
+	}
+
+	files := []struct {
+		path string
+		typ  string
+		der  []byte
+		key  any
+	}{
+		{p.caFile, "CERTIFICATE", caDER, nil},
+		{p.caKeyFile, "", nil, caKey},
+		{p.serverCertFile, "CERTIFICATE", srvDER, nil},
+		{p.serverKeyFile, "", nil, srvKey},
+		{p.saKeyFile, "", nil, saKey},
+		{p.saPubFile, "PUBLIC KEY", saPub, nil},
+	}
+	for _, f := range files {
+		if f.key != nil {
+			der, err := x509.MarshalPKCS8PrivateKey(f.key)
+			if err != nil {
+				return nil, err
+			}
+			f.typ, f.der = "PRIVATE KEY", der
+		}
+		if err := os.WriteFile(f.path, pem.EncodeToMemory(&pem.Block{Type: f.typ, Bytes: f.der}), 0o600); err != nil {
+			return nil, err
+		}
+	}
+	return p, nil
+}
+
+func serial() *big.Int {
+	n, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 120))
+	if err != nil {
+		panic(err)
+	}
+	return n
+}
+
+func randomToken() string {
+	b := make([]byte, 24)
+	if _, err := rand.Read(b); err != nil {
+		panic(err)
+	}
+	return hex.EncodeToString(b)
+}
