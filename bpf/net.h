@@ -32,6 +32,9 @@
 
 #define XDP_PASS 2
 
+/* Passing programs on a parent or uplink return TC_ACT_UNSPEC (tcx: "next"),
+ * so programs attached after ours (another tool's) still run. */
+#define TC_ACT_UNSPEC (-1)
 #define TC_ACT_OK 0
 #define TC_ACT_SHOT 2
 #define TC_ACT_REDIRECT 7

@@ -638,7 +638,7 @@ static __always_inline int endpoint_to_host(struct __sk_buff *skb, const struct 
 	}
 	if (steered) {
 		if (bpf_skb_store_bytes(skb, 0, parent_mac, ETH_ALEN, 0))
-			return TC_ACT_OK;
+			return TC_ACT_UNSPEC;
 		count(UP_STAT_STEERED, len);
 	}
 	count(UP_STAT_EP_TO_HOST, len);
@@ -660,7 +660,7 @@ static __always_inline int host_to_endpoint(struct __sk_buff *skb, const struct 
 		return TC_ACT_SHOT;
 	}
 	if (dst_mac && bpf_skb_store_bytes(skb, 0, dst_mac, ETH_ALEN, 0))
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	count(UP_STAT_HOST_TO_EP, len);
 	struct up_ep_stats *s = ep_stats_of(ep_id);
 	if (s) {
@@ -696,20 +696,20 @@ int parent_egress(struct __sk_buff *skb)
 	__u32 ifindex = skb->ifindex;
 	struct up_parent *parent = parent_of(ifindex);
 	if (!parent)
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 
 	struct ethhdr eth;
 	if (bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)))
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	__u16 proto = bpf_ntohs(eth.h_proto);
 	/* VLAN-tagged frames belong to a VLAN device's own parent program:
 	 * a slave on eth0.100 has eth0.100 as its parent. */
 	if (proto == ETH_P_8021Q || proto == ETH_P_8021AD)
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 
 	struct pkt p;
 	if (!parse_l3(skb, proto, &p))
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 
 	struct up_config *cfg = get_config();
 	int macvlan = parent->mode == UP_MODE_MACVLAN;
@@ -729,7 +729,7 @@ int parent_egress(struct __sk_buff *skb)
 	if (is_multicast(eth.h_dest)) {
 		if ((proto == ETH_P_ARP && p.arp_op == ARPOP_REQUEST) || p.nd_type == ICMPV6_ND_NS)
 			clone_resolution(skb, cfg, &p, src_ep, ifindex);
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	}
 
 	if (proto != ETH_P_ARP) {
@@ -751,7 +751,7 @@ int parent_egress(struct __sk_buff *skb)
 	if (src_ep) {
 		if (to_parent_mac)
 			return endpoint_to_host(skb, cfg, src_ep, 0, parent->mac);
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	}
 
 	/* From the host (or forwarded by it). ipvlan slaves are found by
@@ -773,7 +773,7 @@ int parent_egress(struct __sk_buff *skb)
 	}
 	if (dst_ep)
 		return host_to_endpoint(skb, cfg, dst_ep, readdress);
-	return TC_ACT_OK;
+	return TC_ACT_UNSPEC;
 }
 
 /* ---- other uplinks: the stale guard alone ----------------------------------- */
@@ -783,15 +783,15 @@ int uplink_egress(struct __sk_buff *skb)
 {
 	struct ethhdr eth;
 	if (bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)))
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	__u16 proto = bpf_ntohs(eth.h_proto);
 	if (proto != ETH_P_IP && proto != ETH_P_IPV6)
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	struct pkt p;
 	if (!parse_l3(skb, proto, &p))
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	if (classify_service(&p) != SVC_STALE)
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	__u32 id = 0;
 	struct up_ep_ref *r = bpf_map_lookup_elem(&ep_by_ip, &p.saddr);
 	if (r)

@@ -80,7 +80,7 @@ func TestIpvlanHostToEndpoint(t *testing.T) {
 			})
 			t.Run("host asks for the slave", func(t *testing.T) {
 				res := r.parent(t, arp(t, layers.ARPRequest, macParent, macBcast, macParent, ipHost, ipPod))
-				if res.verdict != actOK || res.trace.Kind != uint32(loader.TraceClone) {
+				if res.verdict != actPass || res.trace.Kind != uint32(loader.TraceClone) {
 					t.Fatalf("verdict %d trace %+v, want the original passed and a clone to ingress", res.verdict, res.trace)
 				}
 			})

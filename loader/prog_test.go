@@ -20,6 +20,7 @@ import (
 
 const (
 	actOK       = 0
+	actPass     = 0xffffffff // TC_ACT_UNSPEC: the parent programs pass to the next program
 	actShot     = 2
 	actRedirect = 7
 
@@ -182,7 +183,7 @@ func wantRedirect(tb testing.TB, res result, ep uint32) {
 
 func wantPass(tb testing.TB, res result, frame []byte) {
 	tb.Helper()
-	if res.verdict != actOK {
+	if res.verdict != actPass {
 		tb.Fatalf("verdict %d, want pass", res.verdict)
 	}
 	if res.trace.Count != 0 && res.trace.Kind == uint32(loader.TraceRedirect) {
@@ -291,7 +292,7 @@ func TestResolutionClones(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			before := r.stats(t)
 			res := r.parent(t, tc.frame)
-			if res.verdict != actOK {
+			if res.verdict != actPass {
 				t.Fatalf("verdict %d: the original must go on to the wire", res.verdict)
 			}
 			cloned := res.trace.Kind == uint32(loader.TraceClone)
@@ -524,7 +525,7 @@ func TestHostReachabilityOff(t *testing.T) {
 		}
 	}
 	f := arp(t, layers.ARPRequest, macParent, macBcast, macParent, ipHost, ipA)
-	if res := r.parent(t, f); res.verdict != actOK || res.trace.Count != 0 {
+	if res := r.parent(t, f); res.verdict != actPass || res.trace.Count != 0 {
 		t.Fatalf("ARP with the host blocked: %+v", res)
 	}
 	// The wire is unaffected.
@@ -611,7 +612,7 @@ func TestGarbage(t *testing.T) {
 			}
 			ran++
 			switch res.verdict {
-			case actOK, actShot:
+			case actPass, actShot:
 			case actRedirect:
 				if res.trace.Ifindex != parentIfindex || res.trace.Flags != bpfFIngress {
 					t.Fatalf("frame % x redirected to %+v", f, res.trace)

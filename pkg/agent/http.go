@@ -53,6 +53,15 @@ func newMetrics(a *Agent) *metrics {
 			n, _ := datapath.CountEndpoints(&dp.Maps)
 			return float64(n)
 		}),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "underpass_agent_ready",
+			Help: "1 when /readyz is ok (datapath attached, live services synced), else 0.",
+		}, func() float64 {
+			if ok, _ := a.ready(); ok {
+				return 1
+			}
+			return 0
+		}),
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 	)

@@ -154,9 +154,8 @@ func (a *Agent) attachParent(l netlink.Link, mode loader.Mode) bool {
 	} else {
 		a.log.Info("parent program attached", "parent", attrs.Name, "ifindex", attrs.Index, "mode", mode.String(), "attach", att.Mode)
 	}
-	// The uplink program would end the tcx chain before the parent program
-	// (it passes with TC_ACT_OK), and the parent program guards stale
-	// services itself: one program per NIC.
+	// The parent program guards stale services itself, so running the
+	// uplink program too would only look the VIP up twice: one per NIC.
 	if idx, ok := a.uplinks[attrs.Name]; ok && idx == attrs.Index {
 		if err := dp.DetachEgress(loader.RoleUplink, idx); err != nil {
 			a.log.Error("detach uplink program from a parent", "interface", attrs.Name, "error", err)

@@ -139,21 +139,30 @@ func (a *Agent) syncHosts(c *config.Config) error {
 	return nil
 }
 
-// nodeSubnets are the subnets of the node's addresses (link-local left out:
-// no service range can be there), for the overlap check.
+// nodeSubnets are the subnets of the node's addresses, for the overlap check.
 func nodeSubnets() ([]netip.Prefix, error) {
 	addrs, err := netwatch.Addrs()
 	if err != nil {
 		return nil, err
 	}
+	return subnetsOf(addrs), nil
+}
+
+// subnetsOf keeps the addresses that stand for a subnet hosts live in.
+// Link-local and loopback are left out (no service range can be there), and
+// so are single-address prefixes (/32, /128): kube-proxy in IPVS mode puts
+// every ClusterIP on kube-ipvs0 as a /32, and node-local DNS binds its VIP
+// the same way; those sit inside the service range by design.
+func subnetsOf(addrs []netip.Prefix) []netip.Prefix {
 	var out []netip.Prefix
 	for _, p := range addrs {
-		if p.Addr().IsLinkLocalUnicast() {
+		a := p.Addr()
+		if a.IsLinkLocalUnicast() || a.IsLoopback() || p.Bits() == a.BitLen() {
 			continue
 		}
 		out = append(out, p.Masked())
 	}
-	return out, nil
+	return out
 }
 
 // endpointSubnets are the subnets of the registered endpoints' addresses.

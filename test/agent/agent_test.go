@@ -84,6 +84,9 @@ func TestStartAndEndpoints(t *testing.T) {
 		t.Fatalf("underpass_live_services = %v, want 2", v)
 	}
 	r.waitMetric("underpass_endpoints", "", 1)
+	if v := r.metric("underpass_agent_ready", ""); v != 1 {
+		t.Fatalf("underpass_agent_ready = %v on a ready agent, want 1", v)
+	}
 	for _, res := range []string{"success", "error"} {
 		if v := r.metric("underpass_config_reloads_total", `result="`+res+`"`); v != 0 {
 			t.Fatalf("reloads{%s} = %v before any reload", res, v)
