@@ -24,11 +24,12 @@ func lockPath(bpffs string) string {
 
 // lock makes sure one agent owns a pin directory.
 func lock(bpffs string) (func(), error) {
-	if err := os.MkdirAll(LockDir, 0o755); err != nil {
+	// Root-only, like the pins: the plugin keeps its lock here too.
+	if err := os.MkdirAll(LockDir, 0o700); err != nil {
 		return nil, fmt.Errorf("create %s: %w", LockDir, err)
 	}
 	path := lockPath(bpffs)
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o644)
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("open lock %s: %w", path, err)
 	}
