@@ -268,6 +268,22 @@ static __always_inline int in_lpm(void *map, const struct up_ip_key *addr, __u32
 	return 1;
 }
 
+/* Copies a header into a stack copy: straight from packet memory when it is
+ * in the linear part (the common case; no helper call), else with
+ * bpf_skb_load_bytes. Stack copies outlive bpf_clone_redirect, which
+ * invalidates packet pointers. */
+#define LOAD_HDR(skb, off, dst)                                                         \
+	({                                                                              \
+		void *__d = (void *)(long)(skb)->data;                                  \
+		void *__e = (void *)(long)(skb)->data_end;                              \
+		long __r = 0;                                                           \
+		if (__d + (off) + sizeof(*(dst)) <= __e)                                \
+			__builtin_memcpy((dst), __d + (off), sizeof(*(dst)));           \
+		else                                                                    \
+			__r = bpf_skb_load_bytes((skb), (off), (dst), sizeof(*(dst)));  \
+		__r;                                                                    \
+	})
+
 /* Reads the headers the decisions need with bpf_skb_load_bytes, which works
  * whatever part of the frame is linear and never leaves stale packet
  * pointers behind (bpf_clone_redirect invalidates those). Returns 0 when the
@@ -280,7 +296,7 @@ static __always_inline int parse_l3(struct __sk_buff *skb, __u16 proto, struct p
 
 	if (proto == ETH_P_IP) {
 		struct iphdr ip;
-		if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)))
+		if (LOAD_HDR(skb, ETH_HLEN, &ip))
 			return 0;
 		__u32 ihl = ip.ver_ihl & 0xf;
 		if ((ip.ver_ihl >> 4) != 4 || ihl < 5)
@@ -295,7 +311,7 @@ static __always_inline int parse_l3(struct __sk_buff *skb, __u16 proto, struct p
 	}
 	if (proto == ETH_P_IPV6) {
 		struct ipv6hdr ip6;
-		if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip6, sizeof(ip6)))
+		if (LOAD_HDR(skb, ETH_HLEN, &ip6))
 			return 0;
 		if ((ip6.ver_tc >> 4) != 6)
 			return 0;
@@ -307,7 +323,7 @@ static __always_inline int parse_l3(struct __sk_buff *skb, __u16 proto, struct p
 		p->l4off = ETH_HLEN + sizeof(ip6);
 		if (ip6.nexthdr == IPPROTO_ICMPV6) {
 			struct icmp6_nd nd;
-			if (!bpf_skb_load_bytes(skb, ETH_HLEN + sizeof(ip6), &nd, sizeof(nd)) &&
+			if (!LOAD_HDR(skb, ETH_HLEN + sizeof(ip6), &nd) &&
 			    (nd.type == ICMPV6_ND_NS || nd.type == ICMPV6_ND_NA) && nd.code == 0) {
 				p->nd_type = nd.type;
 				__builtin_memcpy(p->target.addr, nd.target, 16);
@@ -317,7 +333,7 @@ static __always_inline int parse_l3(struct __sk_buff *skb, __u16 proto, struct p
 	}
 	if (proto == ETH_P_ARP) {
 		struct arp_eth arp;
-		if (bpf_skb_load_bytes(skb, ETH_HLEN, &arp, sizeof(arp)))
+		if (LOAD_HDR(skb, ETH_HLEN, &arp))
 			return 0;
 		if (arp.htype != bpf_htons(1) || arp.ptype != bpf_htons(ETH_P_IP) ||
 		    arp.hlen != 6 || arp.plen != 4)
@@ -699,7 +715,7 @@ int parent_egress(struct __sk_buff *skb)
 		return TC_ACT_UNSPEC;
 
 	struct ethhdr eth;
-	if (bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)))
+	if (LOAD_HDR(skb, 0, &eth))
 		return TC_ACT_UNSPEC;
 	__u16 proto = bpf_ntohs(eth.h_proto);
 	/* VLAN-tagged frames belong to a VLAN device's own parent program:
@@ -782,7 +798,7 @@ SEC("tc")
 int uplink_egress(struct __sk_buff *skb)
 {
 	struct ethhdr eth;
-	if (bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)))
+	if (LOAD_HDR(skb, 0, &eth))
 		return TC_ACT_UNSPEC;
 	__u16 proto = bpf_ntohs(eth.h_proto);
 	if (proto != ETH_P_IP && proto != ETH_P_IPV6)
