@@ -37,6 +37,7 @@ const enum up_stat *unused_stat __attribute__((unused));
 const enum up_trace_kind *unused_trace_kind __attribute__((unused));
 const enum up_event_kind *unused_event_kind __attribute__((unused));
 const enum up_limits *unused_limits __attribute__((unused));
+const enum up_prefilter_limits *unused_prefilter_limits __attribute__((unused));
 const struct up_event *unused_event __attribute__((unused));
 
 #define MAX_ENDPOINTS 16384
@@ -138,6 +139,16 @@ struct {
 	__type(key, __u32);
 	__type(value, struct up_trace);
 } trace SEC(".maps");
+
+#define PREFILTER_SVC 0
+#define PREFILTER_HOST 1
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 2);
+	__type(key, __u32);
+	__type(value, struct up_prefilter);
+} prefilter SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -254,6 +265,33 @@ static __always_inline void clone_to_ingress(struct __sk_buff *skb, __u32 stat)
 	}
 	record(UP_TRACE_CLONE, skb->ifindex, BPF_F_INGRESS, 0);
 	count(stat, skb->len);
+}
+
+/* 0 when addr is certainly not in set `which`; 1 when the trie must say. */
+static __always_inline int maybe_in(__u32 which, const struct up_ip_key *addr)
+{
+	struct up_prefilter *f = bpf_map_lookup_elem(&prefilter, &which);
+	if (!f || !f->exact)
+		return 1;
+	__u64 hi, lo;
+	__builtin_memcpy(&hi, addr->addr, 8);
+	__builtin_memcpy(&lo, addr->addr + 8, 8);
+	/* IPv4-mapped: ::ffff:a.b.c.d, i.e. hi == 0 and the low word's first
+	 * half is 0x0000ffff in memory order. */
+	if (hi == 0 && (lo & 0xffffffff) == bpf_htonl(0x0000ffff)) {
+		__u32 a = lo >> 32;
+#pragma unroll
+		for (int i = 0; i < UP_PREFILTER_V4; i++)
+			if (f->v4[i].valid && (a & f->v4[i].mask) == f->v4[i].addr)
+				return 1;
+		return 0;
+	}
+#pragma unroll
+	for (int i = 0; i < UP_PREFILTER_V6; i++)
+		if (f->v6[i].valid && (hi & f->v6[i].mask[0]) == f->v6[i].addr[0] &&
+		    (lo & f->v6[i].mask[1]) == f->v6[i].addr[1])
+			return 1;
+	return 0;
 }
 
 static __always_inline int in_lpm(void *map, const struct up_ip_key *addr, __u32 *flags)
@@ -577,7 +615,7 @@ enum svc_verdict {
 
 static __always_inline int classify_service(const struct pkt *p)
 {
-	if (!in_lpm(&svc_cidrs, &p->daddr, 0))
+	if (!maybe_in(PREFILTER_SVC, &p->daddr) || !in_lpm(&svc_cidrs, &p->daddr, 0))
 		return SVC_NONE;
 	if (bpf_map_lookup_elem(&live_svcs, &p->daddr))
 		return SVC_LIVE;
@@ -698,7 +736,7 @@ static __always_inline void clone_resolution(struct __sk_buff *skb, const struct
 	__u32 stat = p->proto == ETH_P_ARP ? UP_STAT_ARP_CLONED : UP_STAT_ND_CLONED;
 	if (src_ep) {
 		__u32 flags = 0;
-		if (in_lpm(&host_cidrs, &p->target, &flags) && (flags & UP_HOST_LOCAL))
+		if (maybe_in(PREFILTER_HOST, &p->target) && in_lpm(&host_cidrs, &p->target, &flags) && (flags & UP_HOST_LOCAL))
 			clone_to_ingress(skb, stat);
 		return;
 	}
@@ -759,7 +797,7 @@ int parent_egress(struct __sk_buff *skb)
 			if (svc == SVC_LIVE)
 				return endpoint_to_host(skb, cfg, src_ep, !to_parent_mac, parent->mac);
 			__u32 flags = 0;
-			if (in_lpm(&host_cidrs, &p.daddr, &flags) && (flags & (UP_HOST_STEER | UP_HOST_LOCAL)))
+			if (maybe_in(PREFILTER_HOST, &p.daddr) && in_lpm(&host_cidrs, &p.daddr, &flags) && (flags & (UP_HOST_STEER | UP_HOST_LOCAL)))
 				return endpoint_to_host(skb, cfg, src_ep, !to_parent_mac, parent->mac);
 		}
 	}

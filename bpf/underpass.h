@@ -76,6 +76,37 @@ struct up_host_entry {
 	__u32 flags;
 };
 
+/* prefilter: a negative filter in front of the svc_cidrs (index 0) and
+ * host_cidrs (index 1) tries. Array lookups are inlined and a handful of
+ * mask compares is cheaper than a trie walk; most packets go to neither set.
+ * It only ever says "certainly not in the set": userspace keeps it a
+ * superset of its trie, so a torn read can only cost a trie lookup. Zero
+ * value (exact = 0) means "consult the trie". */
+enum up_prefilter_limits {
+	UP_PREFILTER_V4 = 8,
+	UP_PREFILTER_V6 = 4,
+};
+
+struct up_net4 {
+	__u32 addr;  /* network order, masked */
+	__u32 mask;
+	__u32 valid;
+};
+
+struct up_net6 {
+	__u64 addr[2];
+	__u64 mask[2];
+	__u32 valid;
+	__u32 _pad;
+};
+
+struct up_prefilter {
+	__u32 exact;  /* 1: the entries cover the whole set */
+	__u32 _pad;
+	struct up_net4 v4[UP_PREFILTER_V4];
+	struct up_net6 v6[UP_PREFILTER_V6];
+};
+
 enum up_drop_reason {
 	UP_DROP_STALE_SERVICE = 0,
 	UP_DROP_HOST_UNREACHABLE = 1,

@@ -35,6 +35,7 @@ type Maps struct {
 	HostCIDRs *ebpf.Map
 	Trace     *ebpf.Map
 	Events    *ebpf.Map // ring buffer of up_event, read by the agent
+	Prefilter *ebpf.Map // [0] svc_cidrs, [1] host_cidrs: see pkg/datapath
 }
 
 // Programs are the programs shared by all attachments. The endpoint programs
@@ -305,6 +306,7 @@ func (dp *Datapath) eachMap(fn func(string, **ebpf.Map)) {
 	fn("host_cidrs", &dp.Maps.HostCIDRs)
 	fn("trace", &dp.Maps.Trace)
 	fn("events", &dp.Maps.Events)
+	fn("prefilter", &dp.Maps.Prefilter)
 }
 
 func (dp *Datapath) eachProgram(fn func(string, **ebpf.Program)) {

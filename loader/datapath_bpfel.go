@@ -150,12 +150,42 @@ const (
 	datapathUpModeUP_MODE_IPVLAN_L3S datapathUpMode = 4
 )
 
+type datapathUpNet4 struct {
+	_     structs.HostLayout
+	Addr  uint32
+	Mask  uint32
+	Valid uint32
+}
+
+type datapathUpNet6 struct {
+	_     structs.HostLayout
+	Addr  [2]uint64
+	Mask  [2]uint64
+	Valid uint32
+	Pad   uint32
+}
+
 type datapathUpParent struct {
 	_    structs.HostLayout
 	Mac  [6]uint8
 	Mode uint8
 	Pad  uint8
 }
+
+type datapathUpPrefilter struct {
+	_     structs.HostLayout
+	Exact uint32
+	Pad   uint32
+	V4    [8]datapathUpNet4
+	V6    [4]datapathUpNet6
+}
+
+type datapathUpPrefilterLimits uint32
+
+const (
+	datapathUpPrefilterLimitsUP_PREFILTER_V4 datapathUpPrefilterLimits = 8
+	datapathUpPrefilterLimitsUP_PREFILTER_V6 datapathUpPrefilterLimits = 4
+)
 
 type datapathUpStat uint32
 
@@ -194,35 +224,37 @@ const (
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	datapathMapConfig            = "config"
-	datapathMapDrops             = "drops"
-	datapathMapEndpoints         = "endpoints"
-	datapathMapEpByIp            = "ep_by_ip"
-	datapathMapEpByMac           = "ep_by_mac"
-	datapathMapEpStats           = "ep_stats"
-	datapathMapEvents            = "events"
-	datapathMapHostCidrs         = "host_cidrs"
-	datapathMapLiveSvcs          = "live_svcs"
-	datapathMapParents           = "parents"
-	datapathMapStats             = "stats"
-	datapathMapSvcCidrs          = "svc_cidrs"
-	datapathMapTrace             = "trace"
-	datapathProgEndpointEgress   = "endpoint_egress"
-	datapathProgEndpointIngress  = "endpoint_ingress"
-	datapathProgParentEgress     = "parent_egress"
-	datapathProgParentXdp        = "parent_xdp"
-	datapathProgUplinkEgress     = "uplink_egress"
-	datapathVarEndpointId        = "endpoint_id"
-	datapathVarTraceRedirects    = "trace_redirects"
-	datapathVarUnusedConfigFlags = "unused_config_flags"
-	datapathVarUnusedDropReason  = "unused_drop_reason"
-	datapathVarUnusedEvent       = "unused_event"
-	datapathVarUnusedEventKind   = "unused_event_kind"
-	datapathVarUnusedHostFlags   = "unused_host_flags"
-	datapathVarUnusedLimits      = "unused_limits"
-	datapathVarUnusedMode        = "unused_mode"
-	datapathVarUnusedStat        = "unused_stat"
-	datapathVarUnusedTraceKind   = "unused_trace_kind"
+	datapathMapConfig                = "config"
+	datapathMapDrops                 = "drops"
+	datapathMapEndpoints             = "endpoints"
+	datapathMapEpByIp                = "ep_by_ip"
+	datapathMapEpByMac               = "ep_by_mac"
+	datapathMapEpStats               = "ep_stats"
+	datapathMapEvents                = "events"
+	datapathMapHostCidrs             = "host_cidrs"
+	datapathMapLiveSvcs              = "live_svcs"
+	datapathMapParents               = "parents"
+	datapathMapPrefilter             = "prefilter"
+	datapathMapStats                 = "stats"
+	datapathMapSvcCidrs              = "svc_cidrs"
+	datapathMapTrace                 = "trace"
+	datapathProgEndpointEgress       = "endpoint_egress"
+	datapathProgEndpointIngress      = "endpoint_ingress"
+	datapathProgParentEgress         = "parent_egress"
+	datapathProgParentXdp            = "parent_xdp"
+	datapathProgUplinkEgress         = "uplink_egress"
+	datapathVarEndpointId            = "endpoint_id"
+	datapathVarTraceRedirects        = "trace_redirects"
+	datapathVarUnusedConfigFlags     = "unused_config_flags"
+	datapathVarUnusedDropReason      = "unused_drop_reason"
+	datapathVarUnusedEvent           = "unused_event"
+	datapathVarUnusedEventKind       = "unused_event_kind"
+	datapathVarUnusedHostFlags       = "unused_host_flags"
+	datapathVarUnusedLimits          = "unused_limits"
+	datapathVarUnusedMode            = "unused_mode"
+	datapathVarUnusedPrefilterLimits = "unused_prefilter_limits"
+	datapathVarUnusedStat            = "unused_stat"
+	datapathVarUnusedTraceKind       = "unused_trace_kind"
 )
 
 // loadDatapath returns the embedded CollectionSpec for datapath.
@@ -288,6 +320,7 @@ type datapathMapSpecs struct {
 	HostCidrs *ebpf.MapSpec `ebpf:"host_cidrs"`
 	LiveSvcs  *ebpf.MapSpec `ebpf:"live_svcs"`
 	Parents   *ebpf.MapSpec `ebpf:"parents"`
+	Prefilter *ebpf.MapSpec `ebpf:"prefilter"`
 	Stats     *ebpf.MapSpec `ebpf:"stats"`
 	SvcCidrs  *ebpf.MapSpec `ebpf:"svc_cidrs"`
 	Trace     *ebpf.MapSpec `ebpf:"trace"`
@@ -297,17 +330,18 @@ type datapathMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type datapathVariableSpecs struct {
-	EndpointId        *ebpf.VariableSpec `ebpf:"endpoint_id"`
-	TraceRedirects    *ebpf.VariableSpec `ebpf:"trace_redirects"`
-	UnusedConfigFlags *ebpf.VariableSpec `ebpf:"unused_config_flags"`
-	UnusedDropReason  *ebpf.VariableSpec `ebpf:"unused_drop_reason"`
-	UnusedEvent       *ebpf.VariableSpec `ebpf:"unused_event"`
-	UnusedEventKind   *ebpf.VariableSpec `ebpf:"unused_event_kind"`
-	UnusedHostFlags   *ebpf.VariableSpec `ebpf:"unused_host_flags"`
-	UnusedLimits      *ebpf.VariableSpec `ebpf:"unused_limits"`
-	UnusedMode        *ebpf.VariableSpec `ebpf:"unused_mode"`
-	UnusedStat        *ebpf.VariableSpec `ebpf:"unused_stat"`
-	UnusedTraceKind   *ebpf.VariableSpec `ebpf:"unused_trace_kind"`
+	EndpointId            *ebpf.VariableSpec `ebpf:"endpoint_id"`
+	TraceRedirects        *ebpf.VariableSpec `ebpf:"trace_redirects"`
+	UnusedConfigFlags     *ebpf.VariableSpec `ebpf:"unused_config_flags"`
+	UnusedDropReason      *ebpf.VariableSpec `ebpf:"unused_drop_reason"`
+	UnusedEvent           *ebpf.VariableSpec `ebpf:"unused_event"`
+	UnusedEventKind       *ebpf.VariableSpec `ebpf:"unused_event_kind"`
+	UnusedHostFlags       *ebpf.VariableSpec `ebpf:"unused_host_flags"`
+	UnusedLimits          *ebpf.VariableSpec `ebpf:"unused_limits"`
+	UnusedMode            *ebpf.VariableSpec `ebpf:"unused_mode"`
+	UnusedPrefilterLimits *ebpf.VariableSpec `ebpf:"unused_prefilter_limits"`
+	UnusedStat            *ebpf.VariableSpec `ebpf:"unused_stat"`
+	UnusedTraceKind       *ebpf.VariableSpec `ebpf:"unused_trace_kind"`
 }
 
 // datapathObjects contains all objects after they have been loaded into the kernel.
@@ -340,6 +374,7 @@ type datapathMaps struct {
 	HostCidrs *ebpf.Map `ebpf:"host_cidrs"`
 	LiveSvcs  *ebpf.Map `ebpf:"live_svcs"`
 	Parents   *ebpf.Map `ebpf:"parents"`
+	Prefilter *ebpf.Map `ebpf:"prefilter"`
 	Stats     *ebpf.Map `ebpf:"stats"`
 	SvcCidrs  *ebpf.Map `ebpf:"svc_cidrs"`
 	Trace     *ebpf.Map `ebpf:"trace"`
@@ -357,6 +392,7 @@ func (m *datapathMaps) Close() error {
 		m.HostCidrs,
 		m.LiveSvcs,
 		m.Parents,
+		m.Prefilter,
 		m.Stats,
 		m.SvcCidrs,
 		m.Trace,
@@ -367,17 +403,18 @@ func (m *datapathMaps) Close() error {
 //
 // It can be passed to loadDatapathObjects or ebpf.CollectionSpec.LoadAndAssign.
 type datapathVariables struct {
-	EndpointId        *ebpf.Variable `ebpf:"endpoint_id"`
-	TraceRedirects    *ebpf.Variable `ebpf:"trace_redirects"`
-	UnusedConfigFlags *ebpf.Variable `ebpf:"unused_config_flags"`
-	UnusedDropReason  *ebpf.Variable `ebpf:"unused_drop_reason"`
-	UnusedEvent       *ebpf.Variable `ebpf:"unused_event"`
-	UnusedEventKind   *ebpf.Variable `ebpf:"unused_event_kind"`
-	UnusedHostFlags   *ebpf.Variable `ebpf:"unused_host_flags"`
-	UnusedLimits      *ebpf.Variable `ebpf:"unused_limits"`
-	UnusedMode        *ebpf.Variable `ebpf:"unused_mode"`
-	UnusedStat        *ebpf.Variable `ebpf:"unused_stat"`
-	UnusedTraceKind   *ebpf.Variable `ebpf:"unused_trace_kind"`
+	EndpointId            *ebpf.Variable `ebpf:"endpoint_id"`
+	TraceRedirects        *ebpf.Variable `ebpf:"trace_redirects"`
+	UnusedConfigFlags     *ebpf.Variable `ebpf:"unused_config_flags"`
+	UnusedDropReason      *ebpf.Variable `ebpf:"unused_drop_reason"`
+	UnusedEvent           *ebpf.Variable `ebpf:"unused_event"`
+	UnusedEventKind       *ebpf.Variable `ebpf:"unused_event_kind"`
+	UnusedHostFlags       *ebpf.Variable `ebpf:"unused_host_flags"`
+	UnusedLimits          *ebpf.Variable `ebpf:"unused_limits"`
+	UnusedMode            *ebpf.Variable `ebpf:"unused_mode"`
+	UnusedPrefilterLimits *ebpf.Variable `ebpf:"unused_prefilter_limits"`
+	UnusedStat            *ebpf.Variable `ebpf:"unused_stat"`
+	UnusedTraceKind       *ebpf.Variable `ebpf:"unused_trace_kind"`
 }
 
 // datapathPrograms contains all programs after they have been loaded into the kernel.

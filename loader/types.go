@@ -92,6 +92,19 @@ func (m Mode) String() string {
 	return "none"
 }
 
+// Prefilter types: see up_prefilter in bpf/underpass.h.
+type (
+	Prefilter = datapathUpPrefilter
+	Net4      = datapathUpNet4
+	Net6      = datapathUpNet6
+)
+
+// Prefilter slots per family.
+const (
+	PrefilterV4 = int(datapathUpPrefilterLimitsUP_PREFILTER_V4)
+	PrefilterV6 = int(datapathUpPrefilterLimitsUP_PREFILTER_V6)
+)
+
 // MaxParentIfindex bounds the ifindex of a parent NIC (the parents array).
 const MaxParentIfindex = int(datapathUpLimitsUP_MAX_PARENT_IFINDEX)
 

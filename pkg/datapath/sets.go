@@ -1,8 +1,10 @@
 package datapath
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 
 	"github.com/cilium/ebpf"
@@ -17,7 +19,7 @@ func SyncServiceCIDRs(m *loader.Maps, want []netip.Prefix) error {
 	for _, p := range want {
 		vals[p.Masked()] = 1
 	}
-	if err := syncLPM(m.SvcCIDRs, vals); err != nil {
+	if err := syncFiltered(m, prefilterSvc, m.SvcCIDRs, vals); err != nil {
 		return fmt.Errorf("sync service CIDRs: %w", err)
 	}
 	return nil
@@ -36,8 +38,92 @@ func SyncHostCIDRs(m *loader.Maps, want HostSet) error {
 	for p, f := range want {
 		vals[p] = uint32(f)
 	}
-	if err := syncLPM(m.HostCIDRs, vals); err != nil {
+	if err := syncFiltered(m, prefilterHost, m.HostCIDRs, vals); err != nil {
 		return fmt.Errorf("sync host CIDRs: %w", err)
+	}
+	return nil
+}
+
+// Indexes of the prefilter array, as in bpf/underpass.c.
+const (
+	prefilterSvc  = uint32(0)
+	prefilterHost = uint32(1)
+)
+
+// syncFiltered syncs a trie and its prefilter so that the prefilter is a
+// superset of the trie at every moment: first it covers old and new
+// prefixes, then the trie changes, then it narrows to the new set.
+func syncFiltered(m *loader.Maps, which uint32, trie *ebpf.Map, want map[netip.Prefix]uint32) error {
+	have, err := LPMEntries(trie)
+	if err != nil {
+		return err
+	}
+	union := make([]netip.Prefix, 0, len(have)+len(want))
+	for p := range have {
+		union = append(union, p)
+	}
+	for p := range want {
+		if _, ok := have[p]; !ok {
+			union = append(union, p)
+		}
+	}
+	if err := writePrefilter(m, which, union); err != nil {
+		return err
+	}
+	if err := syncLPM(trie, want); err != nil {
+		return err
+	}
+	final := make([]netip.Prefix, 0, len(want))
+	for p := range want {
+		final = append(final, p)
+	}
+	return writePrefilter(m, which, final)
+}
+
+// BuildPrefilter lays prefixes out in the filter; more than fit leaves it
+// inexact, so the program consults the trie for every packet.
+func BuildPrefilter(prefixes []netip.Prefix) loader.Prefilter {
+	var f loader.Prefilter
+	n4, n6 := 0, 0
+	f.Exact = 1
+	for _, p := range prefixes {
+		p = p.Masked()
+		a := p.Addr()
+		if a.Is4In6() {
+			p = netip.PrefixFrom(a.Unmap(), max(p.Bits()-96, 0))
+			a = p.Addr()
+		}
+		if a.Is4() {
+			if n4 == loader.PrefilterV4 {
+				f.Exact = 0
+				continue
+			}
+			b := a.As4()
+			mask := net.CIDRMask(p.Bits(), 32)
+			f.V4[n4] = loader.Net4{Addr: binary.NativeEndian.Uint32(b[:]), Mask: binary.NativeEndian.Uint32(mask), Valid: 1}
+			n4++
+			continue
+		}
+		if n6 == loader.PrefilterV6 {
+			f.Exact = 0
+			continue
+		}
+		b := a.As16()
+		mask := net.CIDRMask(p.Bits(), 128)
+		f.V6[n6] = loader.Net6{
+			Addr:  [2]uint64{binary.NativeEndian.Uint64(b[:8]), binary.NativeEndian.Uint64(b[8:])},
+			Mask:  [2]uint64{binary.NativeEndian.Uint64(mask[:8]), binary.NativeEndian.Uint64(mask[8:])},
+			Valid: 1,
+		}
+		n6++
+	}
+	return f
+}
+
+func writePrefilter(m *loader.Maps, which uint32, prefixes []netip.Prefix) error {
+	f := BuildPrefilter(prefixes)
+	if err := m.Prefilter.Update(which, &f, ebpf.UpdateAny); err != nil {
+		return fmt.Errorf("write prefilter: %w", err)
 	}
 	return nil
 }
