@@ -271,7 +271,7 @@ static __always_inline void clone_to_ingress(struct __sk_buff *skb, __u32 stat)
 static __always_inline int maybe_in(__u32 which, const struct up_ip_key *addr)
 {
 	struct up_prefilter *f = bpf_map_lookup_elem(&prefilter, &which);
-	if (!f || !f->exact)
+	if (!f)
 		return 1;
 	__u64 hi, lo;
 	__builtin_memcpy(&hi, addr->addr, 8);
@@ -279,6 +279,8 @@ static __always_inline int maybe_in(__u32 which, const struct up_ip_key *addr)
 	/* IPv4-mapped: ::ffff:a.b.c.d, i.e. hi == 0 and the low word's first
 	 * half is 0x0000ffff in memory order. */
 	if (hi == 0 && (lo & 0xffffffff) == bpf_htonl(0x0000ffff)) {
+		if (!f->exact4)
+			return 1;
 		__u32 a = lo >> 32;
 #pragma unroll
 		for (int i = 0; i < UP_PREFILTER_V4; i++)
@@ -286,6 +288,8 @@ static __always_inline int maybe_in(__u32 which, const struct up_ip_key *addr)
 				return 1;
 		return 0;
 	}
+	if (!f->exact6)
+		return 1;
 #pragma unroll
 	for (int i = 0; i < UP_PREFILTER_V6; i++)
 		if (f->v6[i].valid && (hi & f->v6[i].mask[0]) == f->v6[i].addr[0] &&
@@ -294,11 +298,16 @@ static __always_inline int maybe_in(__u32 which, const struct up_ip_key *addr)
 	return 0;
 }
 
-static __always_inline int in_lpm(void *map, const struct up_ip_key *addr, __u32 *flags)
+/* Is addr in the service (PREFILTER_SVC) or host (PREFILTER_HOST) set? *flags,
+ * if given, gets the matching trie entry's value. The prefilter answers most
+ * "no"s without a trie walk. */
+static __always_inline int in_set(__u32 which, const struct up_ip_key *addr, __u32 *flags)
 {
+	if (!maybe_in(which, addr))
+		return 0;
 	struct up_lpm_key k = {.prefixlen = 128};
 	__builtin_memcpy(k.addr, addr->addr, 16);
-	__u32 *v = bpf_map_lookup_elem(map, &k);
+	__u32 *v = bpf_map_lookup_elem(which == PREFILTER_SVC ? (void *)&svc_cidrs : (void *)&host_cidrs, &k);
 	if (!v)
 		return 0;
 	if (flags)
@@ -307,25 +316,25 @@ static __always_inline int in_lpm(void *map, const struct up_ip_key *addr, __u32
 }
 
 /* Copies a header into a stack copy: straight from packet memory when it is
- * in the linear part (the common case; no helper call), else with
- * bpf_skb_load_bytes. Stack copies outlive bpf_clone_redirect, which
+ * in the linear part (the common case; no helper call), else with the
+ * program type's load helper. Stack copies outlive bpf_clone_redirect, which
  * invalidates packet pointers. */
-#define LOAD_HDR(skb, off, dst)                                                         \
+#define LOAD_HDR_WITH(ctx, off, dst, load_bytes)                                        \
 	({                                                                              \
-		void *__d = (void *)(long)(skb)->data;                                  \
-		void *__e = (void *)(long)(skb)->data_end;                              \
+		void *__d = (void *)(long)(ctx)->data;                                  \
+		void *__e = (void *)(long)(ctx)->data_end;                              \
 		long __r = 0;                                                           \
 		if (__d + (off) + sizeof(*(dst)) <= __e)                                \
 			__builtin_memcpy((dst), __d + (off), sizeof(*(dst)));           \
 		else                                                                    \
-			__r = bpf_skb_load_bytes((skb), (off), (dst), sizeof(*(dst)));  \
+			__r = load_bytes((ctx), (off), (dst), sizeof(*(dst)));          \
 		__r;                                                                    \
 	})
+#define LOAD_HDR(skb, off, dst) LOAD_HDR_WITH(skb, off, dst, bpf_skb_load_bytes)
+#define XDP_LOAD_HDR(xdp, off, dst) LOAD_HDR_WITH(xdp, off, dst, bpf_xdp_load_bytes)
 
-/* Reads the headers the decisions need with bpf_skb_load_bytes, which works
- * whatever part of the frame is linear and never leaves stale packet
- * pointers behind (bpf_clone_redirect invalidates those). Returns 0 when the
- * frame is not something the programs act on. */
+/* Reads the headers the decisions need into *p (see LOAD_HDR). Returns 0
+ * when the frame is not something the programs act on. */
 static __always_inline int parse_l3(struct __sk_buff *skb, __u16 proto, struct pkt *p)
 {
 	__builtin_memset(p, 0, sizeof(*p));
@@ -615,7 +624,7 @@ enum svc_verdict {
 
 static __always_inline int classify_service(const struct pkt *p)
 {
-	if (!maybe_in(PREFILTER_SVC, &p->daddr) || !in_lpm(&svc_cidrs, &p->daddr, 0))
+	if (!in_set(PREFILTER_SVC, &p->daddr, 0))
 		return SVC_NONE;
 	if (bpf_map_lookup_elem(&live_svcs, &p->daddr))
 		return SVC_LIVE;
@@ -736,7 +745,7 @@ static __always_inline void clone_resolution(struct __sk_buff *skb, const struct
 	__u32 stat = p->proto == ETH_P_ARP ? UP_STAT_ARP_CLONED : UP_STAT_ND_CLONED;
 	if (src_ep) {
 		__u32 flags = 0;
-		if (maybe_in(PREFILTER_HOST, &p->target) && in_lpm(&host_cidrs, &p->target, &flags) && (flags & UP_HOST_LOCAL))
+		if (in_set(PREFILTER_HOST, &p->target, &flags) && (flags & UP_HOST_LOCAL))
 			clone_to_ingress(skb, stat);
 		return;
 	}
@@ -797,7 +806,7 @@ int parent_egress(struct __sk_buff *skb)
 			if (svc == SVC_LIVE)
 				return endpoint_to_host(skb, cfg, src_ep, !to_parent_mac, parent->mac);
 			__u32 flags = 0;
-			if (maybe_in(PREFILTER_HOST, &p.daddr) && in_lpm(&host_cidrs, &p.daddr, &flags) && (flags & (UP_HOST_STEER | UP_HOST_LOCAL)))
+			if (in_set(PREFILTER_HOST, &p.daddr, &flags) && (flags & (UP_HOST_STEER | UP_HOST_LOCAL)))
 				return endpoint_to_host(skb, cfg, src_ep, !to_parent_mac, parent->mac);
 		}
 	}
@@ -916,11 +925,6 @@ int endpoint_egress(struct __sk_buff *skb)
 
 /* ---- parent NIC, frames from the wire (XDP) --------------------------------- */
 
-static __always_inline int xdp_load(struct xdp_md *ctx, __u32 off, void *dst, __u32 len)
-{
-	return bpf_xdp_load_bytes(ctx, off, dst, len);
-}
-
 /* An ARP or ND frame from the wire whose sender claims an endpoint's address
  * with a MAC that is not the endpoint's: two hosts think they own one IP.
  * Counted and reported, never dropped: the operator decides. */
@@ -966,7 +970,7 @@ int parent_xdp(struct xdp_md *ctx)
 	if (!parent)
 		return XDP_PASS;
 	struct ethhdr eth;
-	if (xdp_load(ctx, 0, &eth, sizeof(eth)))
+	if (XDP_LOAD_HDR(ctx, 0, &eth))
 		return XDP_PASS;
 	__u16 proto = bpf_ntohs(eth.h_proto);
 	void *data = (void *)(long)ctx->data;
@@ -975,7 +979,7 @@ int parent_xdp(struct xdp_md *ctx)
 
 	if (proto == ETH_P_ARP) {
 		struct arp_eth arp;
-		if (!xdp_load(ctx, ETH_HLEN, &arp, sizeof(arp)) && arp.htype == bpf_htons(1) &&
+		if (!XDP_LOAD_HDR(ctx, ETH_HLEN, &arp) && arp.htype == bpf_htons(1) &&
 		    arp.ptype == bpf_htons(ETH_P_IP) && arp.hlen == 6 && arp.plen == 4) {
 			struct up_ip_key spa;
 			map_v4(&spa, arp.spa);
@@ -984,8 +988,8 @@ int parent_xdp(struct xdp_md *ctx)
 	} else if (proto == ETH_P_IPV6) {
 		struct ipv6hdr ip6;
 		struct icmp6_nd nd;
-		if (!xdp_load(ctx, ETH_HLEN, &ip6, sizeof(ip6)) && ip6.nexthdr == IPPROTO_ICMPV6 &&
-		    !xdp_load(ctx, ETH_HLEN + sizeof(ip6), &nd, sizeof(nd)) && nd.code == 0) {
+		if (!XDP_LOAD_HDR(ctx, ETH_HLEN, &ip6) && ip6.nexthdr == IPPROTO_ICMPV6 &&
+		    !XDP_LOAD_HDR(ctx, ETH_HLEN + sizeof(ip6), &nd) && nd.code == 0) {
 			struct up_ip_key k;
 			if (nd.type == ICMPV6_ND_NA) {
 				__builtin_memcpy(k.addr, nd.target, 16);
@@ -1006,12 +1010,12 @@ int parent_xdp(struct xdp_md *ctx)
 		struct up_ip_key dst;
 		if (proto == ETH_P_IP) {
 			struct iphdr ip;
-			if (xdp_load(ctx, ETH_HLEN, &ip, sizeof(ip)))
+			if (XDP_LOAD_HDR(ctx, ETH_HLEN, &ip))
 				return XDP_PASS;
 			map_v4(&dst, (const __u8 *)&ip.daddr);
 		} else {
 			struct ipv6hdr ip6;
-			if (xdp_load(ctx, ETH_HLEN, &ip6, sizeof(ip6)))
+			if (XDP_LOAD_HDR(ctx, ETH_HLEN, &ip6))
 				return XDP_PASS;
 			__builtin_memcpy(dst.addr, ip6.daddr, 16);
 		}

@@ -81,7 +81,7 @@ struct up_host_entry {
  * mask compares is cheaper than a trie walk; most packets go to neither set.
  * It only ever says "certainly not in the set": userspace keeps it a
  * superset of its trie, so a torn read can only cost a trie lookup. Zero
- * value (exact = 0) means "consult the trie". */
+ * value (exact4 = exact6 = 0) means "consult the trie". */
 enum up_prefilter_limits {
 	UP_PREFILTER_V4 = 8,
 	UP_PREFILTER_V6 = 4,
@@ -101,8 +101,10 @@ struct up_net6 {
 };
 
 struct up_prefilter {
-	__u32 exact;  /* 1: the entries cover the whole set */
-	__u32 _pad;
+	/* 1: the entries of that family cover the whole set; one flag per
+	 * family, so many IPv6 entries do not switch off the IPv4 filter. */
+	__u32 exact4;
+	__u32 exact6;
 	struct up_net4 v4[UP_PREFILTER_V4];
 	struct up_net6 v6[UP_PREFILTER_V6];
 };

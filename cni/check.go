@@ -8,7 +8,6 @@ import (
 	"slices"
 	"strings"
 
-	"github.com/cilium/ebpf"
 	"github.com/containernetworking/cni/pkg/skel"
 	"github.com/containernetworking/cni/pkg/types"
 	current "github.com/containernetworking/cni/pkg/types/100"
@@ -149,7 +148,7 @@ func checkRegistration(dp *loader.Datapath, args *skel.CmdArgs, s *slave, addrs 
 			return fmt.Errorf("MAC %s does not lead to endpoint %d in ep_by_mac", s.MAC, id)
 		}
 	}
-	if _, err := datapath.GetParent(m, s.ParentIndex); errors.Is(err, datapath.ErrNoParent) || errors.Is(err, ebpf.ErrKeyNotExist) {
+	if _, err := datapath.GetParent(m, s.ParentIndex); errors.Is(err, datapath.ErrNoParent) {
 		return fmt.Errorf("parent ifindex %d is not registered", s.ParentIndex)
 	} else if err != nil {
 		return err

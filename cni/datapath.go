@@ -194,7 +194,7 @@ func ensureParent(dp *loader.Datapath, ep *endpoint) (ps parentState, err error)
 	cur, gerr := datapath.GetParent(m, ep.ParentIndex)
 	switch {
 	case gerr == nil && net.HardwareAddr(cur.Mac[:]).String() == ep.ParentMAC.String() && cur.Mode == uint8(ep.Mode):
-	case gerr == nil || errors.Is(gerr, datapath.ErrNoParent) || errors.Is(gerr, ebpf.ErrKeyNotExist):
+	case gerr == nil || errors.Is(gerr, datapath.ErrNoParent):
 		if err := datapath.PutParent(m, ep.ParentIndex, ep.ParentMAC, ep.Mode); err != nil {
 			return ps, err
 		}
@@ -211,10 +211,7 @@ func ensureParent(dp *loader.Datapath, ep *endpoint) (ps parentState, err error)
 		}
 	}()
 
-	had, err := parentAttached(dp, ep.ParentIndex)
-	if err != nil {
-		return ps, fmt.Errorf("attach the hairpin program to parent %s: %w", ep.ParentName, err)
-	}
+	had := dp.EgressPinned(loader.RoleParent, ep.ParentIndex)
 	// Re-attaching an attached parent swaps in the pinned program, which is
 	// the one in force anyway: cheap and self-healing.
 	att, err := dp.AttachEgress(loader.RoleParent, ep.ParentIndex)
@@ -223,19 +220,6 @@ func ensureParent(dp *loader.Datapath, ep *endpoint) (ps parentState, err error)
 	}
 	ps.attached = !had && att.Mode == loader.AttachTCX
 	return ps, nil
-}
-
-func parentAttached(dp *loader.Datapath, ifindex int) (bool, error) {
-	atts, err := loader.Attachments(dp.Dir)
-	if err != nil {
-		return false, err
-	}
-	for _, a := range atts {
-		if a.Role == loader.RoleParent && a.Ifindex == ifindex {
-			return true, nil
-		}
-	}
-	return false, nil
 }
 
 // undoParent removes what an ADD added to the parent, unless an endpoint

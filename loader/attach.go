@@ -45,7 +45,8 @@ type Attachment struct {
 	Pin     string // tcx link pin, empty for legacy
 }
 
-func linkPin(dir string, role Role, ifindex int) string {
+// LinkPin is where the tcx link of role on ifindex is pinned.
+func LinkPin(dir string, role Role, ifindex int) string {
 	return filepath.Join(dir, linkDir, fmt.Sprintf("%s-egress-%d", role, ifindex))
 }
 
@@ -58,38 +59,25 @@ func (dp *Datapath) AttachEgress(role Role, ifindex int) (Attachment, error) {
 	if err != nil {
 		return Attachment{}, err
 	}
-	name := ifaceName(ifindex)
-	pin := linkPin(dp.Dir, role, ifindex)
+	pin := LinkPin(dp.Dir, role, ifindex)
 	att := Attachment{Role: role, Ifindex: ifindex, Mode: AttachTCX, Pin: pin}
 
-	if l, err := link.LoadPinnedLink(pin, nil); err == nil {
-		defer l.Close()
-		if err := l.Update(prog); err == nil {
-			return att, nil
-		}
-		// The interface went away and came back with the same index: the
-		// old link is defunct. Drop the pin and attach afresh.
-		l.Unpin()
-	} else if !errors.Is(err, fs.ErrNotExist) {
-		os.Remove(pin)
+	if updatePinned(pin, prog) {
+		return att, nil
 	}
 
 	l, err := link.AttachTCX(link.TCXOptions{Interface: ifindex, Program: prog, Attach: ebpf.AttachTCXEgress})
 	if errors.Is(err, ebpf.ErrNotSupported) {
 		if err := attachLegacy(ifindex, prog, role); err != nil {
-			return Attachment{}, fmt.Errorf("attach legacy tc egress %s: %w", name, err)
+			return Attachment{}, fmt.Errorf("attach legacy tc egress %s: %w", ifaceName(ifindex), err)
 		}
 		return Attachment{Role: role, Ifindex: ifindex, Mode: AttachLegacy}, nil
 	}
 	if err != nil {
-		return Attachment{}, fmt.Errorf("attach tcx egress %s: %w", name, err)
+		return Attachment{}, fmt.Errorf("attach tcx egress %s: %w", ifaceName(ifindex), err)
 	}
-	defer l.Close()
-	if err := os.MkdirAll(filepath.Dir(pin), 0o700); err != nil {
-		return Attachment{}, fmt.Errorf("create link dir: %w", err)
-	}
-	if err := l.Pin(pin); err != nil {
-		return Attachment{}, fmt.Errorf("pin tcx link of %s: %w", name, err)
+	if err := pinLink(l, pin); err != nil {
+		return Attachment{}, fmt.Errorf("pin tcx link of %s: %w", ifaceName(ifindex), err)
 	}
 	// A legacy filter left by an older kernel's run would run twice.
 	_ = detachLegacy(ifindex, role)
@@ -98,25 +86,51 @@ func (dp *Datapath) AttachEgress(role Role, ifindex int) (Attachment, error) {
 
 // DetachEgress removes the attachment of role from ifindex; absent is fine.
 func (dp *Datapath) DetachEgress(role Role, ifindex int) error {
-	pin := linkPin(dp.Dir, role, ifindex)
-	l, err := link.LoadPinnedLink(pin, nil)
-	switch {
-	case err == nil:
-		// Detach works even when other processes hold the link open.
-		derr := l.Detach()
-		l.Unpin()
-		l.Close()
-		if derr != nil && !errors.Is(derr, unix.ENOLINK) && !errors.Is(derr, ebpf.ErrNotSupported) {
-			return fmt.Errorf("detach tcx egress %s: %w", ifaceName(ifindex), derr)
-		}
-	case errors.Is(err, fs.ErrNotExist):
-	default:
-		os.Remove(pin)
+	if err := unpinAndDetach(LinkPin(dp.Dir, role, ifindex)); err != nil {
+		return fmt.Errorf("detach tcx egress %s: %w", ifaceName(ifindex), err)
 	}
 	if err := detachLegacy(ifindex, role); err != nil {
 		return fmt.Errorf("detach legacy tc egress %s: %w", ifaceName(ifindex), err)
 	}
 	return nil
+}
+
+// updatePinned swaps prog into the link pinned at pin, with no moment
+// without a program. False when there is no usable link there: none, or a
+// defunct one (its interface went away and came back with the same index),
+// whose pin it removes; the caller attaches afresh.
+func updatePinned(pin string, prog *ebpf.Program) bool {
+	l, err := link.LoadPinnedLink(pin, nil)
+	if errors.Is(err, fs.ErrNotExist) {
+		return false
+	}
+	if err != nil {
+		os.Remove(pin)
+		return false
+	}
+	defer l.Close()
+	if err := l.Update(prog); err == nil {
+		return true
+	}
+	l.Unpin()
+	return false
+}
+
+// pinLink pins a new link and drops this process's reference: from here on
+// the pin keeps the attachment (closing an unpinned link detaches it).
+func pinLink(l link.Link, pin string) error {
+	defer l.Close()
+	if err := os.MkdirAll(filepath.Dir(pin), 0o700); err != nil {
+		return fmt.Errorf("create link dir: %w", err)
+	}
+	return l.Pin(pin)
+}
+
+// EgressPinned says whether role has a pinned tcx link on ifindex: one stat,
+// where Attachments reads the whole link directory (two pins per pod).
+func (dp *Datapath) EgressPinned(role Role, ifindex int) bool {
+	_, err := os.Stat(LinkPin(dp.Dir, role, ifindex))
+	return err == nil
 }
 
 // Attachments lists the pinned tcx links in dir (legacy filters are not
@@ -193,6 +207,13 @@ func attachLegacy(ifindex int, prog *ebpf.Program, role Role) error {
 	return nil
 }
 
+// IsLegacyFilter says whether f is one of our cls_bpf filters whose name
+// starts with prefix ("underpass-parent", "underpass-endpoint", …).
+func IsLegacyFilter(f netlink.Filter, prefix string) bool {
+	bf, ok := f.(*netlink.BpfFilter)
+	return ok && bf.Priority == legacyPrio && strings.HasPrefix(bf.Name, prefix)
+}
+
 func detachLegacy(ifindex int, role Role) error {
 	l, err := netlink.LinkByIndex(ifindex)
 	if err != nil {
@@ -203,11 +224,10 @@ func detachLegacy(ifindex int, role Role) error {
 		return nil // no clsact qdisc
 	}
 	for _, f := range filters {
-		bf, ok := f.(*netlink.BpfFilter)
-		if !ok || bf.Priority != legacyPrio || !strings.HasPrefix(bf.Name, "underpass-"+string(role)) {
+		if !IsLegacyFilter(f, "underpass-"+string(role)) {
 			continue
 		}
-		if err := netlink.FilterDel(bf); err != nil && !errors.Is(err, unix.ENOENT) {
+		if err := netlink.FilterDel(f); err != nil && !errors.Is(err, unix.ENOENT) {
 			return err
 		}
 	}

@@ -40,6 +40,21 @@ func EnsureBPFFS(dir string) error {
 	if probe != root {
 		return fmt.Errorf("%s is not on a bpffs: mount one (mount -t bpf bpf %s) or set bpffs under %s", dir, probe, root)
 	}
+	// Check and mount under a lock: two processes starting together (the
+	// agent, the demo, test binaries) would otherwise stack two empty
+	// instances and hide the pins made in the lower one. The lock is taken
+	// on /sys/fs, the same inode for everyone and needing no lock file.
+	lock, err := os.Open(filepath.Dir(root))
+	if err != nil {
+		return fmt.Errorf("lock %s: %w", filepath.Dir(root), err)
+	}
+	defer lock.Close() // closing unlocks
+	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX); err != nil {
+		return fmt.Errorf("lock %s: %w", filepath.Dir(root), err)
+	}
+	if onBPF, err := isBPFFS(root); err != nil || onBPF {
+		return err
+	}
 	if err := unix.Mount("bpf", root, "bpf", 0, "mode=0700"); err != nil && !errors.Is(err, unix.EBUSY) {
 		return fmt.Errorf("mount bpffs at %s: %w", root, err)
 	}

@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
@@ -69,13 +70,17 @@ const (
 	linkDir = "links"
 )
 
-// Spec returns the embedded collection spec.
+// parsedSpec parses the embedded ELF once per process: the CNI plugin needs
+// it twice per ADD (Open's compatibility check, the endpoint programs).
+var parsedSpec = sync.OnceValues(loadDatapath)
+
+// Spec returns a copy of the embedded collection spec, free to modify.
 func Spec() (*ebpf.CollectionSpec, error) {
-	spec, err := loadDatapath()
+	spec, err := parsedSpec()
 	if err != nil {
 		return nil, fmt.Errorf("parse embedded datapath: %w", err)
 	}
-	return spec, nil
+	return spec.Copy(), nil
 }
 
 // Load loads the programs, adopting maps already pinned in dir so that
@@ -338,7 +343,8 @@ func (dp *Datapath) programs() map[string]*ebpf.Program {
 }
 
 // Unload removes every pin under dir: programs stay attached only through
-// links, so detach first (DetachAll) or the attachments go with them.
+// links, so detach first (DetachEgress, DetachXDP, DetachEndpoint) or the
+// attachments go with them.
 func Unload(dir string) error {
 	if err := os.RemoveAll(dir); err != nil {
 		return fmt.Errorf("remove pins in %s: %w", dir, err)

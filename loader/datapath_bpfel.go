@@ -173,11 +173,11 @@ type datapathUpParent struct {
 }
 
 type datapathUpPrefilter struct {
-	_     structs.HostLayout
-	Exact uint32
-	Pad   uint32
-	V4    [8]datapathUpNet4
-	V6    [4]datapathUpNet6
+	_      structs.HostLayout
+	Exact4 uint32
+	Exact6 uint32
+	V4     [8]datapathUpNet4
+	V6     [4]datapathUpNet6
 }
 
 type datapathUpPrefilterLimits uint32

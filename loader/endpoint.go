@@ -151,10 +151,6 @@ func attachEndpoint(dp *Datapath, id uint32, ifindex int, legacy bool) (att Endp
 		}
 		return EndpointAttachment{ID: id, Ifindex: ifindex, Mode: AttachLegacy}, nil
 	}
-	if err := os.MkdirAll(filepath.Join(dp.Dir, linkDir), 0o700); err != nil {
-		return EndpointAttachment{}, fmt.Errorf("create link dir: %w", err)
-	}
-
 	att = EndpointAttachment{ID: id, Ifindex: ifindex, Mode: AttachTCX}
 	type dirProg struct {
 		name   string
@@ -185,16 +181,12 @@ func attachEndpoint(dp *Datapath, id uint32, ifindex int, legacy bool) (att Endp
 			return EndpointAttachment{}, fmt.Errorf("attach tcx %s of endpoint %d to ifindex %d: %w", d.name, id, ifindex, err)
 		}
 		pin := EndpointLinkPin(dp.Dir, id, d.name)
-		err = l.Pin(pin)
-		l.Close() // pinned: the pin keeps it; not pinned: closing detaches it
-		if err != nil {
+		if err := pinLink(l, pin); err != nil {
 			return EndpointAttachment{}, fmt.Errorf("pin tcx %s link of endpoint %d: %w", d.name, id, err)
 		}
 		pinned = append(pinned, pin)
 		*d.pin = pin
 	}
-	// A legacy filter left by an older kernel's run would count twice.
-	_ = DetachEndpointLegacy(ifindex)
 	return att, nil
 }
 
@@ -337,11 +329,10 @@ func DetachEndpointLegacy(ifindex int) error {
 			continue // no clsact qdisc
 		}
 		for _, f := range filters {
-			bf, ok := f.(*netlink.BpfFilter)
-			if !ok || bf.Priority != legacyPrio || !strings.HasPrefix(bf.Name, legacyEndpointName) {
+			if !IsLegacyFilter(f, legacyEndpointName) {
 				continue
 			}
-			if err := netlink.FilterDel(bf); err != nil && !errors.Is(err, unix.ENOENT) {
+			if err := netlink.FilterDel(f); err != nil && !errors.Is(err, unix.ENOENT) {
 				errs = append(errs, err)
 			}
 		}
@@ -385,7 +376,7 @@ func EndpointLegacyAttached(ifindex int) (bool, error) {
 		}
 		found := false
 		for _, f := range filters {
-			if bf, ok := f.(*netlink.BpfFilter); ok && bf.Priority == legacyPrio && strings.HasPrefix(bf.Name, legacyEndpointName) {
+			if IsLegacyFilter(f, legacyEndpointName) {
 				found = true
 			}
 		}

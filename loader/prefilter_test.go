@@ -35,7 +35,7 @@ func TestPrefilter(t *testing.T) {
 	t.Run("exact", func(t *testing.T) {
 		var f loader.Prefilter
 		must(t, m.Prefilter.Lookup(uint32(0), &f))
-		if f.Exact != 1 || f.V4[0].Valid != 1 || f.V6[0].Valid != 1 {
+		if f.Exact4 != 1 || f.Exact6 != 1 || f.V4[0].Valid != 1 || f.V6[0].Valid != 1 {
 			t.Fatalf("service prefilter not laid out: %+v", f)
 		}
 		check(t)
@@ -49,7 +49,7 @@ func TestPrefilter(t *testing.T) {
 		must(t, datapath.SyncServiceCIDRs(m, cidrs))
 		var f loader.Prefilter
 		must(t, m.Prefilter.Lookup(uint32(0), &f))
-		if f.Exact != 0 {
+		if f.Exact4 != 0 {
 			t.Fatal("overflowing prefilter claims to be exact")
 		}
 		check(t)

@@ -7,13 +7,12 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
 	"reflect"
 	"strings"
 	"testing"
 
 	"github.com/cilium/ebpf"
-	"golang.org/x/sys/unix"
+	"github.com/underpass-cni/underpass/loader"
 )
 
 // RequireFeaturesEnv names the environment variable that turns skips into
@@ -161,7 +160,7 @@ func RequireRoot(tb testing.TB) {
 // see the same pins.
 func MountBPFFS(tb testing.TB) string {
 	tb.Helper()
-	if err := ensureBPFFS(BPFFSRoot); err != nil {
+	if err := loader.EnsureBPFFS(BPFFSRoot); err != nil {
 		tb.Fatalf("bpffs: %v", err)
 	}
 	dir, err := os.MkdirTemp(BPFFSRoot, "underpass-test-")
@@ -174,47 +173,4 @@ func MountBPFFS(tb testing.TB) string {
 		}
 	})
 	return dir
-}
-
-// ensureBPFFS mounts bpffs at dir unless one is there already. Test binaries
-// of different packages run in parallel; a lock file serialises check and
-// mount, because two racing mounts would stack two empty instances and hide
-// pins made in the lower one. The lock is taken on the parent directory
-// (/sys/fs), which needs no lock file and is the same inode for everyone.
-func ensureBPFFS(dir string) error {
-	lock, err := os.Open(filepath.Dir(dir))
-	if err != nil {
-		return fmt.Errorf("open lock: %w", err)
-	}
-	defer lock.Close()
-	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX); err != nil {
-		return fmt.Errorf("lock: %w", err)
-	}
-	defer unix.Flock(int(lock.Fd()), unix.LOCK_UN) //nolint:errcheck // closing the fd unlocks anyway
-
-	if mounted, err := isBPFFS(dir); err == nil && mounted {
-		return nil
-	}
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return fmt.Errorf("create %s: %w", dir, err)
-	}
-	if err := unix.Mount("bpffs", dir, "bpf", 0, "mode=0700"); err != nil {
-		return fmt.Errorf("mount bpffs at %s: %w", dir, err)
-	}
-	mounted, err := isBPFFS(dir)
-	if err != nil {
-		return err
-	}
-	if !mounted {
-		return fmt.Errorf("%s is not a bpffs after mounting it", dir)
-	}
-	return nil
-}
-
-func isBPFFS(dir string) (bool, error) {
-	var st unix.Statfs_t
-	if err := unix.Statfs(dir, &st); err != nil {
-		return false, fmt.Errorf("statfs %s: %w", dir, err)
-	}
-	return uint32(st.Type) == unix.BPF_FS_MAGIC, nil
 }

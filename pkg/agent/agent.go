@@ -14,7 +14,6 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
-	"path/filepath"
 	"reflect"
 	"sync/atomic"
 	"time"
@@ -309,5 +308,3 @@ func sendLatest[T any](ctx context.Context, ch chan T, v T) {
 		}
 	}
 }
-
-func linkPinDir(dir string) string { return filepath.Join(dir, "links") }

@@ -214,6 +214,9 @@ func (a *Agent) parentRecreated(l netlink.Link) {
 	if err := datapath.DeleteParent(m, st.ifindex); err != nil {
 		a.log.Error("forget old parent ifindex", "parent", attrs.Name, "error", err)
 	}
+	// The old index's pins outlive it when the parent was deleted while
+	// the agent was down.
+	dropParentLinks(a.dp.Load(), st.ifindex)
 	delete(a.lost, attrs.Name)
 	a.log.Info("parent re-created: program re-attached and endpoints moved",
 		"parent", attrs.Name, "old_ifindex", st.ifindex, "ifindex", attrs.Index, "endpoints_moved", moved)
@@ -238,8 +241,7 @@ func (a *Agent) forgetDeadParents() {
 			continue
 		}
 		if err := datapath.DeleteParent(&dp.Maps, ifindex); err == nil {
-			_ = dp.DetachEgress(loader.RoleParent, ifindex)
-			_ = dp.DetachXDP(ifindex)
+			dropParentLinks(dp, ifindex)
 			a.log.Info("forgot parent of a deleted interface", "ifindex", ifindex)
 		}
 	}
@@ -273,8 +275,7 @@ func (a *Agent) linkDeleted(ev netwatch.Event) {
 		delete(a.parents, ev.Index)
 		a.lost[p.name] = p
 		// The links died with the interface; drop their pins.
-		_ = dp.DetachEgress(loader.RoleParent, ev.Index)
-		_ = dp.DetachXDP(ev.Index)
+		dropParentLinks(dp, ev.Index)
 		a.log.Warn("parent interface deleted; its endpoints lost their interfaces too. Will re-attach when it is re-created",
 			"parent", p.name, "ifindex", ev.Index)
 	}
@@ -325,10 +326,8 @@ func (a *Agent) linkChanged(ev netwatch.Event) {
 
 // ensureAttached re-attaches a parent whose link pin went missing.
 func (a *Agent) ensureAttached(p *parentState) {
-	for _, att := range a.attachments() {
-		if att.Role == loader.RoleParent && att.Ifindex == p.ifindex {
-			return
-		}
+	if a.dp.Load().EgressPinned(loader.RoleParent, p.ifindex) {
+		return
 	}
 	if l, err := netlink.LinkByIndex(p.ifindex); err == nil {
 		a.attachParent(l, p.mode)
@@ -354,14 +353,6 @@ func (a *Agent) checkParents() {
 			a.parentRecreated(l)
 		}
 	}
-}
-
-func (a *Agent) attachments() []loader.Attachment {
-	atts, err := loader.Attachments(a.dp.Load().Dir)
-	if err != nil {
-		a.log.Error("list attachments", "error", err)
-	}
-	return atts
 }
 
 // syncUplinks attaches the uplink program to configured uplinks that exist
@@ -429,4 +420,11 @@ func (a *Agent) attachXDP(ifindex int, name string) {
 		return
 	}
 	a.log.Debug("parent XDP program", "parent", name, "ifindex", ifindex, "xdp", got)
+}
+
+// dropParentLinks removes the pins of a parent whose interface is gone: its
+// links died with it. Errors are of no consequence for a dead index.
+func dropParentLinks(dp *loader.Datapath, ifindex int) {
+	_ = dp.DetachEgress(loader.RoleParent, ifindex)
+	_ = dp.DetachXDP(ifindex)
 }

@@ -119,7 +119,15 @@ func (a *Agent) syncHosts(c *config.Config) error {
 	if err != nil {
 		return err
 	}
+	svc := c.ServiceCIDRs()
 	for _, p := range addrs {
+		// A node address inside the service range (kube-proxy IPVS puts
+		// every ClusterIP on kube-ipvs0) is decided by the service check,
+		// which runs first, and pods never ARP for it: leaving it out
+		// keeps the set small enough for the program's prefilter.
+		if slices.ContainsFunc(svc, func(s netip.Prefix) bool { return s.Contains(p.Addr()) }) {
+			continue
+		}
 		set.Add(netip.PrefixFrom(p.Addr(), p.Addr().BitLen()), loader.HostLocal)
 	}
 	flat := map[netip.Prefix]uint32{}

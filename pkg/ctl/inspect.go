@@ -2,11 +2,8 @@ package ctl
 
 import (
 	"errors"
-	"fmt"
 	"math"
 	"os"
-	"path/filepath"
-	"strings"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
@@ -28,16 +25,9 @@ const (
 	attachDefunct = "defunct"
 )
 
-// linkDir is where the loader pins links (it exports the endpoint pin
-// names only, which live in the same directory).
-func linkDir(dir string) string {
-	return filepath.Dir(loader.EndpointLinkPin(dir, 1, "ingress"))
-}
-
 // egressMode tells how role's program is attached to ifindex's egress.
 func egressMode(dir string, role loader.Role, ifindex int) string {
-	pin := filepath.Join(linkDir(dir), fmt.Sprintf("%s-egress-%d", role, ifindex))
-	if mode, ok := tcxMode(pin); ok {
+	if mode, ok := tcxMode(loader.LinkPin(dir, role, ifindex)); ok {
 		return mode
 	}
 	if legacyFilter(nil, ifindex, netlink.HANDLE_MIN_EGRESS, "underpass-"+string(role)) {
@@ -81,7 +71,7 @@ func legacyFilter(h *netlink.Handle, ifindex int, parent uint32, prefix string) 
 		return false
 	}
 	for _, f := range filters {
-		if bf, ok := f.(*netlink.BpfFilter); ok && strings.HasPrefix(bf.Name, prefix) {
+		if loader.IsLegacyFilter(f, prefix) {
 			return true
 		}
 	}
@@ -92,7 +82,7 @@ func legacyFilter(h *netlink.Handle, ifindex int, parent uint32, prefix string) 
 // mode on the interface, not on the link.
 func xdpMode(dir string, ifindex int) string {
 	pinned := false
-	if l, err := link.LoadPinnedLink(filepath.Join(linkDir(dir), fmt.Sprintf("parent-xdp-%d", ifindex)), nil); err == nil {
+	if l, err := link.LoadPinnedLink(loader.XDPLinkPin(dir, ifindex), nil); err == nil {
 		pinned = true
 		l.Close()
 	}

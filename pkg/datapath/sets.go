@@ -4,8 +4,10 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"net/netip"
+	"slices"
 
 	"github.com/cilium/ebpf"
 	"github.com/underpass-cni/underpass/loader"
@@ -58,6 +60,10 @@ func syncFiltered(m *loader.Maps, which uint32, trie *ebpf.Map, want map[netip.P
 	if err != nil {
 		return err
 	}
+	if maps.Equal(have, want) {
+		// Rewrite the filter alone: cheap, and it repairs a zeroed one.
+		return writePrefilter(m, which, slices.Collect(maps.Keys(want)))
+	}
 	union := make([]netip.Prefix, 0, len(have)+len(want))
 	for p := range have {
 		union = append(union, p)
@@ -70,7 +76,7 @@ func syncFiltered(m *loader.Maps, which uint32, trie *ebpf.Map, want map[netip.P
 	if err := writePrefilter(m, which, union); err != nil {
 		return err
 	}
-	if err := syncLPM(trie, want); err != nil {
+	if err := syncLPM(trie, have, want); err != nil {
 		return err
 	}
 	final := make([]netip.Prefix, 0, len(want))
@@ -80,12 +86,12 @@ func syncFiltered(m *loader.Maps, which uint32, trie *ebpf.Map, want map[netip.P
 	return writePrefilter(m, which, final)
 }
 
-// BuildPrefilter lays prefixes out in the filter; more than fit leaves it
-// inexact, so the program consults the trie for every packet.
+// BuildPrefilter lays prefixes out in the filter; more than fit of one family
+// leaves that family inexact, so the program consults the trie for it.
 func BuildPrefilter(prefixes []netip.Prefix) loader.Prefilter {
 	var f loader.Prefilter
 	n4, n6 := 0, 0
-	f.Exact = 1
+	f.Exact4, f.Exact6 = 1, 1
 	for _, p := range prefixes {
 		p = p.Masked()
 		a := p.Addr()
@@ -95,7 +101,7 @@ func BuildPrefilter(prefixes []netip.Prefix) loader.Prefilter {
 		}
 		if a.Is4() {
 			if n4 == loader.PrefilterV4 {
-				f.Exact = 0
+				f.Exact4 = 0
 				continue
 			}
 			b := a.As4()
@@ -105,7 +111,7 @@ func BuildPrefilter(prefixes []netip.Prefix) loader.Prefilter {
 			continue
 		}
 		if n6 == loader.PrefilterV6 {
-			f.Exact = 0
+			f.Exact6 = 0
 			continue
 		}
 		b := a.As16()
@@ -128,34 +134,26 @@ func writePrefilter(m *loader.Maps, which uint32, prefixes []netip.Prefix) error
 	return nil
 }
 
-// syncLPM adds and updates before it deletes, so a prefix that stays is never
-// missing for a moment.
-func syncLPM(m *ebpf.Map, want map[netip.Prefix]uint32) error {
-	have := map[loader.LPMKey]uint32{}
-	var k loader.LPMKey
-	var v uint32
-	it := m.Iterate()
-	for it.Next(&k, &v) {
-		have[k] = v
-	}
-	if err := it.Err(); err != nil {
-		return err
-	}
+// syncLPM moves a trie from have (its current entries) to want. It adds and
+// updates before it deletes, so a prefix that stays is never missing for a
+// moment.
+func syncLPM(m *ebpf.Map, have, want map[netip.Prefix]uint32) error {
 	for p, val := range want {
-		key := LPMKey(p)
-		if old, ok := have[key]; ok && old == val {
+		if old, ok := have[p]; ok && old == val {
 			continue
 		}
+		key := LPMKey(p)
 		if err := m.Update(&key, &val, ebpf.UpdateAny); err != nil {
 			return fmt.Errorf("add %s: %w", p, err)
 		}
 	}
-	for key := range have {
-		if _, ok := want[PrefixOf(key)]; ok {
+	for p := range have {
+		if _, ok := want[p]; ok {
 			continue
 		}
+		key := LPMKey(p)
 		if err := m.Delete(&key); err != nil && !isNotExist(err) {
-			return fmt.Errorf("delete %s: %w", PrefixOf(key), err)
+			return fmt.Errorf("delete %s: %w", p, err)
 		}
 	}
 	return nil

@@ -9,7 +9,6 @@ import (
 	"fmt"
 	"log/slog"
 	"path/filepath"
-	"strconv"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
@@ -57,6 +56,11 @@ func (c *Collector) Run() ([]Removed, error) {
 	defer ch.close()
 	var out []Removed
 	var errs []error
+	// One read of the link directory serves both passes.
+	links, err := loader.EndpointLinks(c.Dir)
+	if err != nil {
+		errs = append(errs, err)
+	}
 	for id, ep := range eps {
 		reason, err := ch.dead(&ep)
 		if err != nil {
@@ -78,7 +82,7 @@ func (c *Collector) Run() ([]Removed, error) {
 		}
 		delete(eps, id)
 		r := Removed{ID: id, ContainerID: datapath.GoString(ep.ContainerId[:]), IfName: datapath.GoString(ep.Ifname[:]), Reason: reason}
-		r.Links, err = c.removeLinks(id)
+		r.Links, err = removeLinks(links[id])
 		if err != nil {
 			errs = append(errs, err)
 		}
@@ -87,10 +91,6 @@ func (c *Collector) Run() ([]Removed, error) {
 		out = append(out, r)
 	}
 
-	links, err := loader.EndpointLinks(c.Dir)
-	if err != nil {
-		errs = append(errs, err)
-	}
 	suspects := map[uint32]bool{}
 	for id := range links {
 		if _, ok := eps[id]; ok {
@@ -104,7 +104,7 @@ func (c *Collector) Run() ([]Removed, error) {
 			suspects[id] = true
 			continue
 		}
-		names, err := c.removeLinks(id)
+		names, err := removeLinks(links[id])
 		if err != nil {
 			errs = append(errs, err)
 		}
@@ -115,12 +115,9 @@ func (c *Collector) Run() ([]Removed, error) {
 	return out, errors.Join(errs...)
 }
 
-// removeLinks detaches and unpins the endpoint links <dir>/links/ep-<id>-*.
-func (c *Collector) removeLinks(id uint32) ([]string, error) {
-	pins, err := filepath.Glob(filepath.Join(c.Dir, "links", "ep-"+strconv.FormatUint(uint64(id), 10)+"-*"))
-	if err != nil {
-		return nil, err
-	}
+// removeLinks detaches and unpins an endpoint's link pins (as listed by
+// loader.EndpointLinks) and returns their names.
+func removeLinks(pins []string) ([]string, error) {
 	var names []string
 	for _, p := range pins {
 		names = append(names, filepath.Base(p))

@@ -12,7 +12,6 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
-	"sync"
 	"time"
 
 	"github.com/cilium/ebpf"
@@ -47,8 +46,7 @@ type Reader struct {
 	endpoints *ebpf.Map
 	opts      Options
 
-	mu   sync.Mutex
-	last map[conflictKey]*seen
+	last map[conflictKey]*seen // only Run's goroutine touches it
 }
 
 type conflictKey struct {
@@ -148,11 +146,9 @@ func (r *Reader) conflict(ev *loader.Event, now time.Time) {
 	mac := net.HardwareAddr(ev.Mac[:])
 	k := conflictKey{id: ev.EpId, addr: addr, mac: ev.Mac}
 
-	r.mu.Lock()
 	s := r.last[k]
 	if s != nil && r.opts.RepeatInterval > 0 && now.Sub(s.at) < r.opts.RepeatInterval {
 		s.suppressed++
-		r.mu.Unlock()
 		return
 	}
 	suppressed := 0
@@ -161,7 +157,6 @@ func (r *Reader) conflict(ev *loader.Event, now time.Time) {
 	}
 	r.last[k] = &seen{at: now}
 	r.forget(now)
-	r.mu.Unlock()
 
 	proto := "arp"
 	if ev.Proto == unix.ETH_P_IPV6 {
@@ -189,7 +184,7 @@ func (r *Reader) conflict(ev *loader.Event, now time.Time) {
 }
 
 // forget drops conflicts not seen for a while, so the map stays small on a
-// long-running agent. Called with mu held.
+// long-running agent.
 func (r *Reader) forget(now time.Time) {
 	if len(r.last) < 1024 {
 		return

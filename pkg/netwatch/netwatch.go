@@ -11,6 +11,7 @@ import (
 	"net/netip"
 	"time"
 
+	"github.com/containernetworking/plugins/pkg/netlinksafe"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 )
@@ -36,12 +37,11 @@ func (k Kind) String() string {
 
 // Event is one change. Link fields are set for link events.
 type Event struct {
-	Kind    Kind
-	Index   int
-	Name    string
-	MAC     net.HardwareAddr
-	Up      bool // administratively up and with carrier
-	Deleted bool
+	Kind  Kind
+	Index int
+	Name  string
+	MAC   net.HardwareAddr
+	Up    bool // administratively up and with carrier
 }
 
 // Watch subscribes to link and address changes and sends them to out until
@@ -96,7 +96,7 @@ func watchOnce(ctx context.Context, out chan<- Event) error {
 			ev := Event{Kind: LinkChanged, Index: a.Index, Name: a.Name, MAC: a.HardwareAddr,
 				Up: a.Flags&net.FlagUp != 0 && a.OperState != netlink.OperDown}
 			if u.Header.Type == unix.RTM_DELLINK {
-				ev.Kind, ev.Deleted = LinkDeleted, true
+				ev.Kind = LinkDeleted
 			}
 			send(ctx, out, ev)
 		case _, ok := <-addrs:
@@ -118,7 +118,8 @@ func send(ctx context.Context, out chan<- Event, ev Event) {
 // Addrs lists the addresses of the namespace's interfaces, with their prefix
 // length, leaving out loopback.
 func Addrs() ([]netip.Prefix, error) {
-	list, err := netlink.AddrList(nil, netlink.FAMILY_ALL)
+	// netlinksafe retries a dump interrupted by address churn.
+	list, err := netlinksafe.AddrList(nil, netlink.FAMILY_ALL)
 	if err != nil {
 		return nil, fmt.Errorf("list node addresses: %w", err)
 	}

@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"maps"
 	"net/netip"
 	"slices"
 	"sync"
@@ -37,7 +36,6 @@ type Manager struct {
 
 	kubeEnabled bool
 	kubeSynced  bool
-	dirty       bool // a store write failed: Reconcile retries
 }
 
 // NewManager adopts what the store holds.
@@ -165,13 +163,6 @@ func (m *Manager) Len() int {
 	return len(m.have)
 }
 
-// Live returns a copy of the live set as the store holds it.
-func (m *Manager) Live() map[netip.Addr]bool {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return maps.Clone(m.have)
-}
-
 // Reconcile re-reads the store and repairs any difference (a failed write,
 // someone editing the map with bpftool).
 func (m *Manager) Reconcile() error {
@@ -248,7 +239,6 @@ func (m *Manager) addMissing() error {
 
 func (m *Manager) add(a netip.Addr) error {
 	if err := m.store.Add(a); err != nil {
-		m.dirty = true
 		return err
 	}
 	m.have[a] = true
@@ -258,7 +248,6 @@ func (m *Manager) add(a netip.Addr) error {
 
 func (m *Manager) del(a netip.Addr) error {
 	if err := m.store.Delete(a); err != nil {
-		m.dirty = true
 		return err
 	}
 	delete(m.have, a)

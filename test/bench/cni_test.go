@@ -16,7 +16,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"runtime"
 	"slices"
@@ -31,8 +30,6 @@ import (
 	"github.com/underpass-cni/underpass/loader"
 	"github.com/underpass-cni/underpass/test/netenv"
 )
-
-const cniRefVersion = "v1.9.1"
 
 // cniSetup is one way to network a pod: conflists applied in order, each
 // with its interface name.
@@ -55,11 +52,9 @@ func BenchmarkCNILatency(b *testing.B) {
 		runs = n
 	}
 	tmp := b.TempDir()
-	cmd := exec.Command("go", "build", "-o", filepath.Join(tmp, "underpass"), "github.com/underpass-cni/underpass/cmd/underpass")
-	if out, err := cmd.CombinedOutput(); err != nil {
-		b.Fatalf("build the plugin: %v\n%s", err, out)
-	}
-	refDir := cniReferencePlugins(b)
+	must(b, testutil.BuildPlugin(filepath.Join(tmp, "underpass")))
+	refDir, err := testutil.ReferencePlugins()
+	must(b, err)
 
 	env := netenv.New(b, netenv.Options{})
 	bpffs := filepath.Join(testutil.MountBPFFS(b), "underpass")
@@ -156,28 +151,4 @@ func cpus() int {
 		return n
 	}
 	return runtime.NumCPU()
-}
-
-// cniReferencePlugins installs the reference plugins once per version into
-// $HOME/.cache/underpass/cni-plugins-<version> (shared with test/cni).
-func cniReferencePlugins(tb testing.TB) string {
-	tb.Helper()
-	home, err := os.UserHomeDir()
-	must(tb, err)
-	dir := filepath.Join(home, ".cache", "underpass", "cni-plugins-"+cniRefVersion)
-	var pkgs []string
-	for name, p := range map[string]string{"macvlan": "main/macvlan", "ptp": "main/ptp", "host-local": "ipam/host-local", "static": "ipam/static"} {
-		if _, err := os.Stat(filepath.Join(dir, name)); err != nil {
-			pkgs = append(pkgs, "github.com/containernetworking/plugins/plugins/"+p+"@"+cniRefVersion)
-		}
-	}
-	if len(pkgs) > 0 {
-		cmd := exec.Command("go", append([]string{"install"}, pkgs...)...)
-		cmd.Dir = os.TempDir()
-		cmd.Env = append(os.Environ(), "GOBIN="+dir, "CGO_ENABLED=0")
-		if out, err := cmd.CombinedOutput(); err != nil {
-			tb.Fatalf("install reference plugins: %v\n%s", err, out)
-		}
-	}
-	return dir
 }

@@ -12,7 +12,6 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -28,10 +27,6 @@ import (
 	"github.com/underpass-cni/underpass/pkg/datapath"
 	"github.com/underpass-cni/underpass/test/netenv"
 )
-
-// RefPluginsVersion is the containernetworking/plugins release the tests
-// compare and chain with.
-const RefPluginsVersion = "v1.9.1"
 
 var (
 	pluginDir string // holds the freshly built underpass binary
@@ -54,59 +49,15 @@ func run(m *testing.M) int {
 	}
 	defer os.RemoveAll(tmp)
 	pluginDir = tmp
-	if err := buildPlugin(filepath.Join(tmp, "underpass")); err != nil {
+	if err := testutil.BuildPlugin(filepath.Join(tmp, "underpass")); err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
 	}
-	if refDir, err = installReferencePlugins(); err != nil {
+	if refDir, err = testutil.ReferencePlugins(); err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
 	}
 	return m.Run()
-}
-
-func buildPlugin(out string) error {
-	cmd := exec.Command("go", "build", "-o", out, "github.com/underpass-cni/underpass/cmd/underpass")
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if b, err := cmd.CombinedOutput(); err != nil {
-		return fmt.Errorf("build the plugin: %v\n%s", err, b)
-	}
-	return nil
-}
-
-// installReferencePlugins builds the reference plugins once per version
-// into $HOME/.cache/underpass/cni-plugins-<version>.
-func installReferencePlugins() (string, error) {
-	home, err := os.UserHomeDir()
-	if err != nil {
-		return "", err
-	}
-	dir := filepath.Join(home, ".cache", "underpass", "cni-plugins-"+RefPluginsVersion)
-	want := map[string]string{
-		"macvlan":    "main/macvlan",
-		"ptp":        "main/ptp",
-		"host-local": "ipam/host-local",
-		"static":     "ipam/static",
-	}
-	var pkgs []string
-	for name, p := range want {
-		if _, err := os.Stat(filepath.Join(dir, name)); err != nil {
-			pkgs = append(pkgs, "github.com/containernetworking/plugins/plugins/"+p+"@"+RefPluginsVersion)
-		}
-	}
-	if len(pkgs) == 0 {
-		return dir, nil
-	}
-	slices.Sort(pkgs)
-	cmd := exec.Command("go", append([]string{"install"}, pkgs...)...)
-	// Outside the module: @version installs ignore go.mod anyway, and the
-	// neutral directory keeps it that way.
-	cmd.Dir = os.TempDir()
-	cmd.Env = append(os.Environ(), "GOBIN="+dir, "CGO_ENABLED=0")
-	if b, err := cmd.CombinedOutput(); err != nil {
-		return "", fmt.Errorf("install reference plugins %v: %v\n%s", pkgs, err, b)
-	}
-	return dir, nil
 }
 
 // Lab addresses: pods get .100-.199 and ::100-::1ff from host-local on the

@@ -210,38 +210,7 @@ func TestServices(t *testing.T) {
 		echo(t, c.NS, netip.AddrPortFrom(vipLive6, port))
 	})
 
-	t.Run("stale VIP never reaches the wire", func(t *testing.T) {
-		c4 := netenv.StartCounter(t, n.env.Wire, n.up.Port, netenv.MatchDstIP(vipStale4))
-		c6 := netenv.StartCounter(t, n.env.Wire, n.up.Port, netenv.MatchDstIP(vipStale6))
-		before := n.stats(t, id)
-		for _, vip := range []netip.Addr{vipStale4, vipStale6} {
-			err := netenv.DialTCP(c.NS, netip.AddrPortFrom(vip, 80), 300*time.Millisecond)
-			if err == nil {
-				t.Fatalf("connected to stale VIP %s", vip)
-			}
-			wantNoPing(t, c.NS, vip)
-		}
-		netenv.Barrier(t, c.NS, c.IfName, c4, c6)
-		if c4.Count() != 0 || c6.Count() != 0 {
-			t.Fatalf("%d+%d frames to stale VIPs reached the wire", c4.Count(), c6.Count())
-		}
-		after := n.stats(t, id)
-		if after.StaleDropped < before.StaleDropped+4 {
-			t.Fatalf("stale drops for the client went %d -> %d", before.StaleDropped, after.StaleDropped)
-		}
-	})
-
-	t.Run("control: the counter sees leaks", func(t *testing.T) {
-		// Without the guard (VIP outside the service CIDRs) the same
-		// traffic goes to the gateway, and the counter sees it.
-		leak := netip.MustParseAddr("10.97.0.99")
-		cnt := netenv.StartCounter(t, n.env.Wire, n.up.Port, netenv.MatchDstIP(leak))
-		netenv.DialTCP(c.NS, netip.AddrPortFrom(leak, 80), 200*time.Millisecond)
-		netenv.Barrier(t, c.NS, c.IfName, cnt)
-		if cnt.Count() == 0 {
-			t.Fatal("counter saw nothing: the stale test above proves nothing")
-		}
-	})
+	testStaleNeverLeaks(t, n, c.NS, id, c.NS, c.IfName)
 
 	t.Run("reject mode refuses at once", func(t *testing.T) {
 		n.config(t, datapath.Config{HostReachable: true, StaleReject: true})
@@ -269,6 +238,44 @@ func TestServices(t *testing.T) {
 		}
 		must(t, datapath.AddLiveService(&n.dp.Maps, vipLive4))
 		echo(t, c.NS, netip.AddrPortFrom(vipLive4, port))
+	})
+}
+
+// testStaleNeverLeaks: a pod's TCP and ping to stale VIPs leave no frame at
+// the wire and are counted for the pod; then a control proves the wire
+// counter would have seen a leak. The barrier marker is sent from
+// (barrierNS, barrierIf), the side the pod's traffic leaves from.
+func testStaleNeverLeaks(t *testing.T, n *node, client *netenv.NS, id uint32, barrierNS *netenv.NS, barrierIf string) {
+	t.Run("stale VIP never reaches the wire", func(t *testing.T) {
+		c4 := netenv.StartCounter(t, n.env.Wire, n.up.Port, netenv.MatchDstIP(vipStale4))
+		c6 := netenv.StartCounter(t, n.env.Wire, n.up.Port, netenv.MatchDstIP(vipStale6))
+		before := n.stats(t, id)
+		for _, vip := range []netip.Addr{vipStale4, vipStale6} {
+			if err := netenv.DialTCP(client, netip.AddrPortFrom(vip, 80), 300*time.Millisecond); err == nil {
+				t.Fatalf("connected to stale VIP %s", vip)
+			}
+			wantNoPing(t, client, vip)
+		}
+		netenv.Barrier(t, barrierNS, barrierIf, c4, c6)
+		if c4.Count() != 0 || c6.Count() != 0 {
+			t.Fatalf("%d+%d frames to stale VIPs reached the wire", c4.Count(), c6.Count())
+		}
+		after := n.stats(t, id)
+		if after.StaleDropped < before.StaleDropped+4 {
+			t.Fatalf("stale drops for the client went %d -> %d", before.StaleDropped, after.StaleDropped)
+		}
+	})
+
+	t.Run("control: the counter sees leaks", func(t *testing.T) {
+		// Without the guard (VIP outside the service CIDRs) the same
+		// traffic goes to the gateway, and the counter sees it.
+		leak := netip.MustParseAddr("10.97.0.99")
+		cnt := netenv.StartCounter(t, n.env.Wire, n.up.Port, netenv.MatchDstIP(leak))
+		netenv.DialTCP(client, netip.AddrPortFrom(leak, 80), 200*time.Millisecond)
+		netenv.Barrier(t, barrierNS, barrierIf, cnt)
+		if cnt.Count() == 0 {
+			t.Fatal("counter saw nothing: the stale test above proves nothing")
+		}
 	})
 }
 

@@ -88,12 +88,14 @@ type Uplink struct {
 
 // IP4 returns the n-th address of the uplink's IPv4 subnet with the subnet's
 // length (n=1 is the gateway, n=2 the node), for containers and wire hosts.
-func (u *Uplink) IP4(n int) netip.Prefix { return nthAddr(u.Subnet4, n) }
+func (u *Uplink) IP4(n int) netip.Prefix { return NthAddr(u.Subnet4, n) }
 
 // IP6 is IP4 for IPv6.
-func (u *Uplink) IP6(n int) netip.Prefix { return nthAddr(u.Subnet6, n) }
+func (u *Uplink) IP6(n int) netip.Prefix { return NthAddr(u.Subnet6, n) }
 
-func nthAddr(p netip.Prefix, n int) netip.Prefix {
+// NthAddr returns the n-th address of p with p's length (n=1: the first
+// after the network address).
+func NthAddr(p netip.Prefix, n int) netip.Prefix {
 	a := p.Masked().Addr()
 	for range n {
 		a = a.Next()
@@ -209,8 +211,8 @@ func (e *Env) addUplink(i int, sub4, sub6 netip.Prefix, defaultRoute bool) (*Upl
 		Subnet4:    sub4,
 		Subnet6:    sub6,
 	}
-	u.Gateway4, u.Gateway6 = nthAddr(sub4, 1).Addr(), nthAddr(sub6, 1).Addr()
-	u.Node4, u.Node6 = nthAddr(sub4, 2), nthAddr(sub6, 2)
+	u.Gateway4, u.Gateway6 = NthAddr(sub4, 1).Addr(), NthAddr(sub6, 1).Addr()
+	u.Node4, u.Node6 = NthAddr(sub4, 2), NthAddr(sub6, 2)
 
 	wire, node := e.Wire.Netlink(), e.Node.Netlink()
 	// Multicast snooping off: without a querier it can swallow IPv6 neighbour
@@ -240,7 +242,7 @@ func (e *Env) addUplink(i int, sub4, sub6 netip.Prefix, defaultRoute bool) (*Upl
 	if err != nil {
 		return nil, fmt.Errorf("find %s: %w", u.Bridge, err)
 	}
-	for _, a := range []netip.Prefix{nthAddr(sub4, 1), nthAddr(sub6, 1)} {
+	for _, a := range []netip.Prefix{NthAddr(sub4, 1), NthAddr(sub6, 1)} {
 		if err := addAddr(wire, brLink, a); err != nil {
 			return nil, err
 		}

@@ -1,0 +1,59 @@
+package testutil
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+)
+
+// RefPluginsVersion is the containernetworking/plugins release the tests and
+// benchmarks compare with: the one go.mod requires.
+const RefPluginsVersion = "v1.9.1"
+
+// BuildPlugin builds the underpass CNI plugin to out, static as released.
+func BuildPlugin(out string) error {
+	cmd := exec.Command("go", "build", "-o", out, "github.com/underpass-cni/underpass/cmd/underpass")
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if b, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("build the plugin: %v\n%s", err, b)
+	}
+	return nil
+}
+
+// ReferencePlugins builds the reference plugins (macvlan, ptp, host-local,
+// static) once per version into $HOME/.cache/underpass/cni-plugins-<version>
+// and returns that directory. No testing.TB: TestMain calls it too.
+func ReferencePlugins() (string, error) {
+	home, err := os.UserHomeDir()
+	if err != nil {
+		return "", err
+	}
+	dir := filepath.Join(home, ".cache", "underpass", "cni-plugins-"+RefPluginsVersion)
+	want := map[string]string{
+		"macvlan":    "main/macvlan",
+		"ptp":        "main/ptp",
+		"host-local": "ipam/host-local",
+		"static":     "ipam/static",
+	}
+	var pkgs []string
+	for name, p := range want {
+		if _, err := os.Stat(filepath.Join(dir, name)); err != nil {
+			pkgs = append(pkgs, "github.com/containernetworking/plugins/plugins/"+p+"@"+RefPluginsVersion)
+		}
+	}
+	if len(pkgs) == 0 {
+		return dir, nil
+	}
+	slices.Sort(pkgs)
+	cmd := exec.Command("go", append([]string{"install"}, pkgs...)...)
+	// Outside the module: @version installs ignore go.mod anyway, and the
+	// neutral directory keeps it that way.
+	cmd.Dir = os.TempDir()
+	cmd.Env = append(os.Environ(), "GOBIN="+dir, "CGO_ENABLED=0")
+	if b, err := cmd.CombinedOutput(); err != nil {
+		return "", fmt.Errorf("install reference plugins %v: %v\n%s", pkgs, err, b)
+	}
+	return dir, nil
+}
