@@ -91,6 +91,9 @@ func addMain(c *Conf, args *skel.CmdArgs, dp *loader.Datapath, netns ns.NetNS, e
 			}
 		}
 	}()
+	if err := failpoint("add-link"); err != nil {
+		return nil, err
+	}
 	result := &current.Result{
 		CNIVersion: current.ImplementedSpecVersion,
 		Interfaces: []*current.Interface{{Name: args.IfName, Mac: link.Attrs().HardwareAddr.String(), Sandbox: netns.Path()}},
@@ -127,6 +130,9 @@ func addMain(c *Conf, args *skel.CmdArgs, dp *loader.Datapath, netns ns.NetNS, e
 			result.DNS = ir.DNS
 		}
 	}
+	if err := failpoint("add-ipam"); err != nil {
+		return nil, err
+	}
 	_, addrs, err := ifaceIPs(result, 0)
 	if err != nil {
 		return nil, err
@@ -158,6 +164,9 @@ func addMain(c *Conf, args *skel.CmdArgs, dp *loader.Datapath, netns ns.NetNS, e
 		}
 	}()
 
+	if err := failpoint("add-attach"); err != nil {
+		return nil, err
+	}
 	err = netns.Do(func(ns.NetNS) error {
 		// Announce the addresses at once (the reference macvlan plugin
 		// does the same): neighbours may remember a previous owner's MAC.

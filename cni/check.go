@@ -3,7 +3,6 @@ package cni
 import (
 	"errors"
 	"fmt"
-	"io/fs"
 	"net/netip"
 	"slices"
 	"strings"
@@ -156,34 +155,25 @@ func checkRegistration(dp *loader.Datapath, args *skel.CmdArgs, s *slave, addrs 
 	if _, err := datapath.EndpointStats(m, id); err != nil {
 		return fmt.Errorf("endpoint %d has no counters", id)
 	}
-	// tcx links are pinned and name their interface; legacy filters have
-	// no pins and are looked up in the netns.
-	var problems []string
-	for _, d := range []string{"ingress", "egress"} {
-		ifindex, err := loader.EndpointLinkIfindex(dp.Dir, id, d)
-		switch {
-		case errors.Is(err, fs.ErrNotExist):
-			problems = append(problems, d+" not attached")
-		case err != nil:
-			problems = append(problems, fmt.Sprintf("%s: %v", d, err))
-		case ifindex == 0:
-			problems = append(problems, d+" link defunct (its interface was deleted)")
-		case ifindex != s.Ifindex:
-			problems = append(problems, fmt.Sprintf("%s attached to ifindex %d, not %d", d, ifindex, s.Ifindex))
-		}
+	att, err := loader.AttachedEndpoint(args.Netns, s.Ifindex)
+	if err != nil {
+		return fmt.Errorf("programs of endpoint %d: %w", id, err)
 	}
-	if len(problems) == 2 && strings.HasSuffix(problems[0], "not attached") && strings.HasSuffix(problems[1], "not attached") {
-		var legacy bool
-		_ = ns.WithNetNSPath(args.Netns, func(ns.NetNS) error {
-			legacy, _ = loader.EndpointLegacyAttached(s.Ifindex)
-			return nil
-		})
-		if legacy {
-			problems = nil
+	var problems []string
+	for _, d := range []struct {
+		name string
+		id   uint32
+	}{{"ingress", att.Ingress}, {"egress", att.Egress}} {
+		switch d.id {
+		case id:
+		case 0:
+			problems = append(problems, d.name+" not attached")
+		default:
+			problems = append(problems, fmt.Sprintf("%s runs endpoint %d's program", d.name, d.id))
 		}
 	}
 	if len(problems) > 0 {
-		return fmt.Errorf("programs of endpoint %d: %s", id, strings.Join(problems, "; "))
+		return fmt.Errorf("programs of endpoint %d on %s: %s", id, args.IfName, strings.Join(problems, "; "))
 	}
 	return nil
 }

@@ -9,7 +9,6 @@ import (
 	"os"
 	"path/filepath"
 
-	"github.com/cilium/ebpf"
 	"github.com/containernetworking/cni/pkg/types"
 	"github.com/containernetworking/plugins/pkg/ns"
 	"golang.org/x/sys/unix"
@@ -130,18 +129,15 @@ func attachEndpoint(dp *loader.Datapath, ep *endpoint, netns ns.NetNS) (undo fun
 			}
 		}
 	}()
+	if err := failpoint("add-register"); err != nil {
+		return nil, err
+	}
 	// Outside the lock: loading the programs is the slow part, and the
 	// registration already owns the id.
-	err = netns.Do(func(ns.NetNS) error {
-		att, err := loader.AttachEndpoint(dp, id, ep.Ifindex)
-		if err == nil {
-			log.Debug("attached endpoint programs", "id", id, "ifindex", ep.Ifindex, "mode", att.Mode)
-		}
-		return err
-	})
-	if err != nil {
-		return nil, fmt.Errorf("attach endpoint programs to %s in %s: %w", ep.IfName, ep.Netns, err)
+	if err := loader.AttachEndpoint(dp, id, ep.Netns, ep.Ifindex); err != nil {
+		return nil, fmt.Errorf("attach endpoint programs to %s: %w", ep.IfName, err)
 	}
+	log.Debug("attached endpoint programs", "id", id, "ifindex", ep.Ifindex)
 	return rollback, nil
 }
 
@@ -166,8 +162,8 @@ func registerEndpoint(dp *loader.Datapath, ep *endpoint) (id uint32, ps parentSt
 		}
 	}()
 
-	// A retried ADD: its old links go with its old registration (Register
-	// replaces the entries but knows nothing of links).
+	// A retried ADD: its old filters go with its old registration
+	// (Register replaces the entries but knows nothing of filters).
 	if old, _, err := datapath.Find(m, ep.ContainerID, ep.IfName); err != nil {
 		return 0, ps, err
 	} else if old != 0 {
@@ -258,8 +254,15 @@ func unregisterEndpoint(dp *loader.Datapath, id uint32, parentIndex int, ps pare
 }
 
 // removeEndpoint detaches and unregisters endpoint id. Call with the lock.
+// The filters are found through the registration: they live on the slave
+// in the pod's netns (nothing to do when that is gone).
 func removeEndpoint(dp *loader.Datapath, id uint32) error {
-	return errors.Join(loader.DetachEndpoint(dp, id), datapath.Unregister(&dp.Maps, id))
+	var ep loader.Endpoint
+	var errs []error
+	if err := dp.Maps.Endpoints.Lookup(id, &ep); err == nil {
+		errs = append(errs, loader.DetachEndpoint(datapath.GoString(ep.Netns[:]), int(ep.Ifindex), id))
+	}
+	return errors.Join(append(errs, datapath.Unregister(&dp.Maps, id))...)
 }
 
 // evictStaleOwners handles an address IPAM handed out that the datapath
@@ -314,18 +317,8 @@ func detachEndpoint(dp *loader.Datapath, containerID, ifname string) error {
 	if err != nil {
 		return err
 	}
-	var errs []error
-	if id != 0 {
-		errs = append(errs, removeEndpoint(dp, id))
+	if id == 0 {
+		return nil
 	}
-	// Links pinned under the attachment's natural id without a registration
-	// (a crash between the two steps) go too, unless the id is another
-	// attachment's after a hash collision.
-	if natural := datapath.EndpointID(containerID, ifname); natural != id {
-		var other loader.Endpoint
-		if err := m.Endpoints.Lookup(natural, &other); errors.Is(err, ebpf.ErrKeyNotExist) {
-			errs = append(errs, loader.DetachEndpoint(dp, natural))
-		}
-	}
-	return errors.Join(errs...)
+	return removeEndpoint(dp, id)
 }

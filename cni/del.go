@@ -6,8 +6,6 @@ import (
 
 	"github.com/containernetworking/cni/pkg/skel"
 	"github.com/containernetworking/plugins/pkg/ipam"
-	"github.com/containernetworking/plugins/pkg/netlinksafe"
-	"github.com/containernetworking/plugins/pkg/ns"
 
 	"github.com/underpass-cni/underpass/loader"
 )
@@ -25,16 +23,17 @@ func del(args *skel.CmdArgs) error {
 	}
 	var errs []error
 
-	// Main mode: the link goes first. Deleting it tears its tcx entries
-	// down with the device, so the links unpinned below are defunct
-	// already and detaching them is free; detaching live tcx links costs
-	// an RCU grace period each (~10-20 ms on a busy VM), under rtnl.
+	// Main mode: the link goes first, and the endpoint filters with it, so
+	// unregistering below has nothing left to detach.
 	if !c.Chained && args.Netns != "" {
 		if err := deleteLinkIn(args.Netns, args.IfName); err != nil {
 			errs = append(errs, fmt.Errorf("delete %s: %w", args.IfName, err))
 		}
 	}
 
+	if err := failpoint("del-link"); err != nil {
+		return err
+	}
 	dp, err := loader.Open(c.BPFFS)
 	switch {
 	case errors.Is(err, loader.ErrNotLoaded):
@@ -48,23 +47,11 @@ func del(args *skel.CmdArgs) error {
 		}
 	}
 
+	if err := failpoint("del-unregister"); err != nil {
+		return err
+	}
 	if c.Chained {
-		// The link is the previous plugin's, which deletes it after us.
-		// Legacy filters (no tcx) hold our programs until then; remove
-		// them so nothing of ours outlives the registration.
-		if args.Netns != "" {
-			err := ns.WithNetNSPath(args.Netns, func(ns.NetNS) error {
-				if l, err := netlinksafe.LinkByName(args.IfName); err == nil {
-					return loader.DetachEndpointLegacy(l.Attrs().Index)
-				}
-				return nil
-			})
-			var gone ns.NSPathNotExistErr
-			if err != nil && !errors.As(err, &gone) {
-				errs = append(errs, err)
-			}
-		}
-		return errors.Join(errs...)
+		return errors.Join(errs...) // the link and the lease are the previous plugin's
 	}
 
 	if c.IPAM.Type != "" {

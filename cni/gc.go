@@ -14,8 +14,8 @@ import (
 )
 
 // GC is CNI GC (1.1.0): registrations whose attachment is not in
-// cni.dev/valid-attachments go, with their links, and so do links pinned for
-// no registration; then the IPAM plugin collects its leases.
+// cni.dev/valid-attachments go, with their filters in the pod netns if that
+// still exists; then the IPAM plugin collects its leases.
 //
 // The registry is node-wide and does not record which network an endpoint
 // belongs to, so in main mode GC only looks at endpoints on this network's
@@ -59,8 +59,7 @@ func gc(args *skel.CmdArgs) error {
 	return errors.Join(errs...)
 }
 
-// collect removes endpoints on parent (0: any) that are not valid, and
-// links of ids nobody has registered.
+// collect removes endpoints on parent (0: any) that are not valid.
 func collect(dp *loader.Datapath, valid []types.GCAttachment, parent int) error {
 	unlock, err := lockNode()
 	if err != nil {
@@ -87,20 +86,7 @@ func collect(dp *loader.Datapath, valid []types.GCAttachment, parent int) error 
 		log.Debug("collecting endpoint", "id", id, "container", a.ContainerID, "ifname", a.IfName)
 		if err := removeEndpoint(dp, id); err != nil {
 			errs = append(errs, err)
-		} else {
-			delete(eps, id)
 		}
-	}
-	links, err := loader.EndpointLinks(dp.Dir)
-	if err != nil {
-		return errors.Join(append(errs, err)...)
-	}
-	for id, pins := range links {
-		if _, ok := eps[id]; ok {
-			continue
-		}
-		log.Debug("collecting orphan links", "id", id, "pins", pins)
-		errs = append(errs, loader.DetachEndpointLinkPins(pins))
 	}
 	return errors.Join(errs...)
 }

@@ -30,13 +30,6 @@ const (
 	RoleUplink Role = "uplink"
 )
 
-// legacyPrio/legacyHandle identify our cls_bpf filter, so that replacing it
-// swaps the program in place and detaching removes only ours.
-const (
-	legacyPrio   = 0xc0de
-	legacyHandle = 1
-)
-
 // Attachment describes one attached program.
 type Attachment struct {
 	Role    Role
@@ -68,7 +61,7 @@ func (dp *Datapath) AttachEgress(role Role, ifindex int) (Attachment, error) {
 
 	l, err := link.AttachTCX(link.TCXOptions{Interface: ifindex, Program: prog, Attach: ebpf.AttachTCXEgress})
 	if errors.Is(err, ebpf.ErrNotSupported) {
-		if err := attachLegacy(ifindex, prog, role); err != nil {
+		if err := parentFilter(ifindex, role).replace(prog); err != nil {
 			return Attachment{}, fmt.Errorf("attach legacy tc egress %s: %w", ifaceName(ifindex), err)
 		}
 		return Attachment{Role: role, Ifindex: ifindex, Mode: AttachLegacy}, nil
@@ -80,7 +73,7 @@ func (dp *Datapath) AttachEgress(role Role, ifindex int) (Attachment, error) {
 		return Attachment{}, fmt.Errorf("pin tcx link of %s: %w", ifaceName(ifindex), err)
 	}
 	// A legacy filter left by an older kernel's run would run twice.
-	_ = detachLegacy(ifindex, role)
+	_ = parentFilter(ifindex, role).remove("underpass-" + string(role))
 	return att, nil
 }
 
@@ -89,7 +82,7 @@ func (dp *Datapath) DetachEgress(role Role, ifindex int) error {
 	if err := unpinAndDetach(LinkPin(dp.Dir, role, ifindex)); err != nil {
 		return fmt.Errorf("detach tcx egress %s: %w", ifaceName(ifindex), err)
 	}
-	if err := detachLegacy(ifindex, role); err != nil {
+	if err := parentFilter(ifindex, role).remove("underpass-" + string(role)); err != nil {
 		return fmt.Errorf("detach legacy tc egress %s: %w", ifaceName(ifindex), err)
 	}
 	return nil
@@ -114,6 +107,32 @@ func updatePinned(pin string, prog *ebpf.Program) bool {
 	}
 	l.Unpin()
 	return false
+}
+
+// unpinAndDetach detaches the link pinned at pin and removes the pin.
+func unpinAndDetach(pin string) error {
+	l, err := link.LoadPinnedLink(pin, nil)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return nil
+	case err != nil:
+		// Not a link we can open (a half-written pin): the pin is all there is.
+		if rerr := os.Remove(pin); rerr != nil && !errors.Is(rerr, fs.ErrNotExist) {
+			return rerr
+		}
+		return nil
+	}
+	defer l.Close()
+	// Detach works even when other processes hold the link open. A link
+	// whose interface is gone is defunct already: ENOLINK.
+	derr := l.Detach()
+	if err := l.Unpin(); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return err
+	}
+	if derr != nil && !errors.Is(derr, unix.ENOLINK) && !errors.Is(derr, ebpf.ErrNotSupported) {
+		return derr
+	}
+	return nil
 }
 
 // pinLink pins a new link and drops this process's reference: from here on
@@ -173,63 +192,7 @@ func ifaceName(ifindex int) string {
 	return fmt.Sprintf("ifindex %d", ifindex)
 }
 
-func legacyFilter(ifindex int, prog *ebpf.Program, role Role) *netlink.BpfFilter {
-	f := &netlink.BpfFilter{
-		FilterAttrs: netlink.FilterAttrs{
-			LinkIndex: ifindex,
-			Parent:    netlink.HANDLE_MIN_EGRESS,
-			Handle:    legacyHandle,
-			Protocol:  unix.ETH_P_ALL,
-			Priority:  legacyPrio,
-		},
-		Name:         "underpass-" + string(role),
-		DirectAction: true,
-	}
-	if prog != nil {
-		f.Fd = prog.FD()
-	}
-	return f
-}
-
-func attachLegacy(ifindex int, prog *ebpf.Program, role Role) error {
-	qdisc := &netlink.GenericQdisc{
-		QdiscAttrs: netlink.QdiscAttrs{LinkIndex: ifindex, Handle: netlink.MakeHandle(0xffff, 0), Parent: netlink.HANDLE_CLSACT},
-		QdiscType:  "clsact",
-	}
-	// Add, not replace: replacing a clsact would drop other tools' filters.
-	if err := netlink.QdiscAdd(qdisc); err != nil && !errors.Is(err, unix.EEXIST) {
-		return fmt.Errorf("add clsact qdisc: %w", err)
-	}
-	// Replace swaps the program of an existing filter atomically.
-	if err := netlink.FilterReplace(legacyFilter(ifindex, prog, role)); err != nil {
-		return fmt.Errorf("replace cls_bpf filter: %w", err)
-	}
-	return nil
-}
-
-// IsLegacyFilter says whether f is one of our cls_bpf filters whose name
-// starts with prefix ("underpass-parent", "underpass-endpoint", …).
-func IsLegacyFilter(f netlink.Filter, prefix string) bool {
-	bf, ok := f.(*netlink.BpfFilter)
-	return ok && bf.Priority == legacyPrio && strings.HasPrefix(bf.Name, prefix)
-}
-
-func detachLegacy(ifindex int, role Role) error {
-	l, err := netlink.LinkByIndex(ifindex)
-	if err != nil {
-		return nil // interface gone: so is the filter
-	}
-	filters, err := netlink.FilterList(l, netlink.HANDLE_MIN_EGRESS)
-	if err != nil {
-		return nil // no clsact qdisc
-	}
-	for _, f := range filters {
-		if !IsLegacyFilter(f, "underpass-"+string(role)) {
-			continue
-		}
-		if err := netlink.FilterDel(f); err != nil && !errors.Is(err, unix.ENOENT) {
-			return err
-		}
-	}
-	return nil
+// parentFilter is the legacy attachment of role on ifindex in the host netns.
+func parentFilter(ifindex int, role Role) clsBPF {
+	return clsBPF{h: hostHandle, ifindex: ifindex, hook: netlink.HANDLE_MIN_EGRESS, name: "underpass-" + string(role)}
 }

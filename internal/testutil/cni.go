@@ -6,15 +6,21 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strings"
 )
 
 // RefPluginsVersion is the containernetworking/plugins release the tests and
 // benchmarks compare with: the one go.mod requires.
 const RefPluginsVersion = "v1.9.1"
 
-// BuildPlugin builds the underpass CNI plugin to out, static as released.
-func BuildPlugin(out string) error {
-	cmd := exec.Command("go", "build", "-o", out, "github.com/underpass-cni/underpass/cmd/underpass")
+// BuildPlugin builds the underpass CNI plugin to out, static as released;
+// tags add build tags (underpass_failpoints: the fault-injection build).
+func BuildPlugin(out string, tags ...string) error {
+	args := []string{"build", "-o", out}
+	if len(tags) > 0 {
+		args = append(args, "-tags", strings.Join(tags, ","))
+	}
+	cmd := exec.Command("go", append(args, "github.com/underpass-cni/underpass/cmd/underpass")...)
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 	if b, err := cmd.CombinedOutput(); err != nil {
 		return fmt.Errorf("build the plugin: %v\n%s", err, b)

@@ -20,7 +20,7 @@ import (
 )
 
 // Uninstall detaches every program underpass attached (parents, uplinks,
-// endpoint links in pod namespaces) and removes the pin directory, telling
+// endpoint filters in pod namespaces) and removes the pin directory, telling
 // out what it removed. It works with a config that no longer parses (the
 // default pin directory is used then) and refuses while an agent runs on
 // the directory, which would attach again.
@@ -89,19 +89,20 @@ func Uninstall(configPath string, out io.Writer) error {
 		fmt.Fprintf(out, "detached XDP program from %s\n", ifaceName(ifindex))
 	}
 
-	// Endpoint links live in pod namespaces; a link detaches from anywhere.
-	eps, err := loader.EndpointLinks(dir)
-	if err != nil {
-		errs = append(errs, err)
-	}
-	ids := slices.Sorted(maps.Keys(eps))
-	for _, id := range ids {
-		for _, p := range eps[id] {
-			if err := loader.DetachEndpointLinkPins([]string{p}); err != nil {
+	// Endpoint filters live on the slaves in pod namespaces: the
+	// registrations say where.
+	if eps, err := openEndpoints(dir); err == nil {
+		for _, id := range slices.Sorted(maps.Keys(eps)) {
+			ep := eps[id]
+			netnsPath, ifname := datapath.GoString(ep.Netns[:]), datapath.GoString(ep.Ifname[:])
+			if _, err := os.Stat(netnsPath); err != nil {
+				continue // the netns took the filters with it
+			}
+			if err := loader.DetachEndpoint(netnsPath, int(ep.Ifindex), id); err != nil {
 				errs = append(errs, err)
 				continue
 			}
-			fmt.Fprintf(out, "detached endpoint link %s\n", filepath.Base(p))
+			fmt.Fprintf(out, "detached endpoint programs from %s in %s\n", ifname, netnsPath)
 		}
 	}
 
@@ -139,6 +140,15 @@ func openParents(dir string) (map[int]loader.Parent, error) {
 	}
 	defer dp.Close()
 	return datapath.Parents(&dp.Maps)
+}
+
+func openEndpoints(dir string) (map[uint32]loader.Endpoint, error) {
+	dp, err := loader.Open(dir)
+	if err != nil {
+		return nil, err
+	}
+	defer dp.Close()
+	return datapath.Endpoints(&dp.Maps)
 }
 
 func ifaceName(ifindex int) string {

@@ -57,7 +57,7 @@ func endpoints(dp *loader.Datapath) ([]EndpointView, error) {
 	var out []EndpointView
 	for id, ep := range eps {
 		info := epinfo.Decode(&ep)
-		out = append(out, EndpointView{Info: info, Attach: endpointMode(dp.Dir, id, info.Netns, info.Ifindex)})
+		out = append(out, EndpointView{Info: info, Attach: endpointMode(id, info.Netns, info.Ifindex)})
 	}
 	slices.SortFunc(out, func(a, b EndpointView) int { return compareInfo(&a.Info, &b.Info) })
 	return out, nil

@@ -10,7 +10,6 @@ import (
 	"github.com/cilium/ebpf/features"
 	"github.com/cilium/ebpf/link"
 	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
 	"github.com/underpass-cni/underpass/loader"
@@ -18,11 +17,14 @@ import (
 
 // Attachment states, as shown. "defunct" is a pinned tcx link whose
 // interface was deleted: the pin outlives it until underpassd cleans up.
+// Endpoints show "tc", "none" or "wrong-endpoint".
 const (
 	attachTCX     = "tcx"
 	attachLegacy  = "legacy"
 	attachNone    = "none"
 	attachDefunct = "defunct"
+	attachTC      = "tc"             // endpoint filters
+	attachWrong   = "wrong-endpoint" // filters of another endpoint id
 )
 
 // egressMode tells how role's program is attached to ifindex's egress.
@@ -110,36 +112,25 @@ func xdpMode(dir string, ifindex int) string {
 	return mode
 }
 
-// endpointMode tells how an endpoint's programs are attached: tcx links
-// are pinned by id; legacy filters live on the slave inside the pod's netns.
-func endpointMode(dir string, id uint32, netnsPath string, ifindex int) string {
-	in, inOK := tcxMode(loader.EndpointLinkPin(dir, id, "ingress"))
-	out, outOK := tcxMode(loader.EndpointLinkPin(dir, id, "egress"))
-	if inOK || outOK {
-		if in == attachTCX && out == attachTCX {
-			return attachTCX
-		}
-		return attachDefunct
-	}
+// endpointMode tells whether an endpoint's programs are attached: they
+// are cls_bpf filters on the slave inside the pod's netns, named with the
+// endpoint id.
+func endpointMode(id uint32, netnsPath string, ifindex int) string {
 	if netnsPath == "" {
-		return attachNone
+		return attachNone // registered by hand, not by the plugin
 	}
-	ns, err := netns.GetFromPath(netnsPath)
-	if err != nil {
+	att, err := loader.AttachedEndpoint(netnsPath, ifindex)
+	switch {
+	case errors.Is(err, loader.ErrNetnsGone):
 		return attachNone + " (netns gone)"
-	}
-	defer ns.Close()
-	// A handle opened in the pod's netns: no thread has to switch.
-	h, err := netlink.NewHandleAt(ns, unix.NETLINK_ROUTE)
-	if err != nil {
+	case err != nil:
+		return attachNone + " (interface gone)"
+	case att.Ingress == id && att.Egress == id:
+		return attachTC
+	case att.Ingress == 0 && att.Egress == 0:
 		return attachNone
 	}
-	defer h.Close()
-	if legacyFilter(h, ifindex, netlink.HANDLE_MIN_INGRESS, "underpass-endpoint") &&
-		legacyFilter(h, ifindex, netlink.HANDLE_MIN_EGRESS, "underpass-endpoint") {
-		return attachLegacy
-	}
-	return attachNone
+	return attachWrong
 }
 
 func ifName(ifindex int) string {

@@ -113,7 +113,7 @@ func status(dp *loader.Datapath) (*Status, error) {
 	st.Endpoints = EndpointCounts{Registered: len(eps), Attach: map[string]int{}}
 	for id, ep := range eps {
 		perParent[int(ep.ParentIfindex)]++
-		mode := endpointMode(dp.Dir, id, datapath.GoString(ep.Netns[:]), int(ep.Ifindex))
+		mode := endpointMode(id, datapath.GoString(ep.Netns[:]), int(ep.Ifindex))
 		mode, _, _ = strings.Cut(mode, " ")
 		st.Endpoints.Attach[mode]++
 	}

@@ -8,7 +8,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"path/filepath"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
@@ -24,17 +23,13 @@ type Removed struct {
 	ContainerID string
 	IfName      string
 	Reason      string
-	Links       []string // link pins removed
 }
 
-// Collector removes dead endpoints; it remembers orphan link pins between
-// runs.
+// Collector removes dead endpoints. Their programs need no collecting: they
+// are filters on the endpoint's interface, and go with it.
 type Collector struct {
 	Maps *loader.Maps
-	Dir  string
 	Log  *slog.Logger
-
-	suspects map[uint32]bool // endpoint link pins without an endpoint, last run
 }
 
 // Run checks every registered endpoint once and removes the dead ones:
@@ -42,10 +37,6 @@ type Collector struct {
 // interface is gone from it. Registrations whose state cannot be judged
 // (no netns recorded, a permission error) are kept: removing a live pod's
 // entries would break it, keeping a dead one only wastes an entry.
-//
-// Endpoint link pins without a registration are removed too, but only when
-// two runs in a row saw them so: the plugin may be between pinning and
-// registering.
 func (c *Collector) Run() ([]Removed, error) {
 	m, log := c.Maps, c.Log
 	eps, err := datapath.Endpoints(m)
@@ -56,11 +47,6 @@ func (c *Collector) Run() ([]Removed, error) {
 	defer ch.close()
 	var out []Removed
 	var errs []error
-	// One read of the link directory serves both passes.
-	links, err := loader.EndpointLinks(c.Dir)
-	if err != nil {
-		errs = append(errs, err)
-	}
 	for id, ep := range eps {
 		reason, err := ch.dead(&ep)
 		if err != nil {
@@ -80,49 +66,12 @@ func (c *Collector) Run() ([]Removed, error) {
 			errs = append(errs, err)
 			continue
 		}
-		delete(eps, id)
 		r := Removed{ID: id, ContainerID: datapath.GoString(ep.ContainerId[:]), IfName: datapath.GoString(ep.Ifname[:]), Reason: reason}
-		r.Links, err = removeLinks(links[id])
-		if err != nil {
-			errs = append(errs, err)
-		}
 		log.Info("endpoint gc: removed endpoint", "id", id, "container", r.ContainerID, "ifname", r.IfName,
-			"pod", datapath.GoString(ep.PodNamespace[:])+"/"+datapath.GoString(ep.PodName[:]), "reason", reason, "links", r.Links)
+			"pod", datapath.GoString(ep.PodNamespace[:])+"/"+datapath.GoString(ep.PodName[:]), "reason", reason)
 		out = append(out, r)
 	}
-
-	suspects := map[uint32]bool{}
-	for id := range links {
-		if _, ok := eps[id]; ok {
-			continue
-		}
-		var now loader.Endpoint
-		if m.Endpoints.Lookup(id, &now) == nil {
-			continue
-		}
-		if !c.suspects[id] {
-			suspects[id] = true
-			continue
-		}
-		names, err := removeLinks(links[id])
-		if err != nil {
-			errs = append(errs, err)
-		}
-		log.Info("endpoint gc: removed links of an endpoint that is not registered", "id", id, "links", names)
-		out = append(out, Removed{ID: id, Reason: "links without endpoint", Links: names})
-	}
-	c.suspects = suspects
 	return out, errors.Join(errs...)
-}
-
-// removeLinks detaches and unpins an endpoint's link pins (as listed by
-// loader.EndpointLinks) and returns their names.
-func removeLinks(pins []string) ([]string, error) {
-	var names []string
-	for _, p := range pins {
-		names = append(names, filepath.Base(p))
-	}
-	return names, loader.DetachEndpointLinkPins(pins)
 }
 
 type checker struct {

@@ -6,7 +6,6 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -14,7 +13,6 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
-	"github.com/cilium/ebpf/link"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
@@ -359,18 +357,6 @@ func TestEndpointGC(t *testing.T) {
 	noIf.MAC = append([]byte(nil), r.ctr.MAC...)
 	noIf.MAC[5] ^= 0x55
 	noIfID := r.register(r.dp, &noIf, "noif")
-	// Pinned endpoint links of the dead endpoints: any pinnable object will
-	// do for the name.
-	for _, id := range []uint32{goneID, noIfID} {
-		for _, dir := range []string{"ingress", "egress"} {
-			pinStandIn(t, filepath.Join(r.dir, "links", linkName(id, dir)))
-		}
-	}
-
-	// Link pins of an endpoint that was never registered (a plugin that
-	// died between pinning and registering).
-	const orphan = 77777
-	pinStandIn(t, filepath.Join(r.dir, "links", linkName(orphan, "egress")))
 
 	if err := syscall.Unmount(gone.Path, syscall.MNT_DETACH); err != nil {
 		t.Fatal(err)
@@ -388,11 +374,6 @@ func TestEndpointGC(t *testing.T) {
 	if _, ok := eps[r.ep]; !ok {
 		t.Fatal("GC removed a live endpoint")
 	}
-	// The orphan goes on the second run that sees it.
-	waitFor(t, 5*time.Second, "all endpoint link pins removed", func() bool {
-		left, _ := filepath.Glob(filepath.Join(r.dir, "links", "ep-*"))
-		return len(left) == 0
-	})
 	var ref loader.EndpointRef
 	k := datapath.IPKey(r.Uplinks[0].IP4(11).Addr())
 	if err := m.EpByIP.Lookup(&k, &ref); err == nil {
@@ -403,22 +384,6 @@ func TestEndpointGC(t *testing.T) {
 		t.Fatalf("GC did not log its reasons:\n%s", out)
 	}
 	netenv.MustPing(t, r.Node, r.ctr.IP4.Addr(), 5)
-}
-
-func linkName(id uint32, dir string) string {
-	return "ep-" + strconv.FormatUint(uint64(id), 10) + "-" + dir
-}
-
-func pinStandIn(t *testing.T, path string) {
-	t.Helper()
-	m, err := ebpf.NewMap(&ebpf.MapSpec{Type: ebpf.Array, KeySize: 4, ValueSize: 4, MaxEntries: 1})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Close()
-	if err := m.Pin(path); err != nil {
-		t.Fatal(err)
-	}
 }
 
 func TestUninstall(t *testing.T) {
@@ -433,16 +398,9 @@ func TestUninstall(t *testing.T) {
 	if p := tcxPrograms(t, l.Node, l.Uplinks[1].Index); len(p) != 1 {
 		t.Fatalf("uplink eth1 has programs %v, want one", p)
 	}
-	// An endpoint link inside the container, as the CNI plugin pins it.
-	err := ctr.Do(func() error {
-		lk, err := link.AttachTCX(link.TCXOptions{Interface: ctr.Index, Program: dp.Programs.EndpointIngress, Attach: ebpf.AttachTCXIngress})
-		if err != nil {
-			return err
-		}
-		defer lk.Close()
-		return lk.Pin(filepath.Join(l.dir, "links", linkName(id, "ingress")))
-	})
-	if err != nil {
+	// The endpoint's programs inside the container, as the CNI plugin
+	// attaches them.
+	if err := loader.AttachEndpoint(dp, id, ctr.Path, ctr.Index); err != nil {
 		t.Fatal(err)
 	}
 
@@ -462,7 +420,7 @@ func TestUninstall(t *testing.T) {
 		"detached parent program from eth0",
 		"detached uplink program from eth1",
 		"detached XDP program from eth0",
-		"detached endpoint link " + linkName(id, "ingress"),
+		"detached endpoint programs from eth0 in " + ctr.Path,
 		"removed " + l.dir,
 	} {
 		if !strings.Contains(out, want) {
@@ -477,19 +435,8 @@ func TestUninstall(t *testing.T) {
 			t.Fatalf("programs left on %s: %v", u.Name, p)
 		}
 	}
-	var left []uint32
-	err = ctr.Do(func() error {
-		res, err := link.QueryPrograms(link.QueryOptions{Target: ctr.Index, Attach: ebpf.AttachTCXIngress})
-		if err != nil {
-			return err
-		}
-		for _, p := range res.Programs {
-			left = append(left, uint32(p.ID))
-		}
-		return nil
-	})
-	if err != nil || len(left) != 0 {
-		t.Fatalf("endpoint programs left in the container: %v %v", left, err)
+	if att, err := loader.AttachedEndpoint(ctr.Path, ctr.Index); err != nil || att != (loader.EndpointFilters{}) {
+		t.Fatalf("endpoint programs left in the container: %+v %v", att, err)
 	}
 	out, _, err = l.Node.Exec(t.Context(), agentBin, "--config", l.cfg, "--uninstall")
 	if err != nil || !strings.Contains(out, "nothing to remove") {

@@ -68,7 +68,8 @@ func (h *harness) lifecycle(t *testing.T, l *libcni.NetworkConfigList, version s
 
 func (h *harness) checkRegistered(t *testing.T, p *pod) {
 	t.Helper()
-	_, ep := h.endpointOf(t, p)
+	id, ep := h.endpointOf(t, p)
+	h.checkFilters(t, p, id)
 	u := h.env.Uplinks[0]
 	if int(ep.ParentIfindex) != u.Index || ep.Mode != uint8(loader.ModeMacvlan) {
 		t.Errorf("registered on parent %d mode %d, want %d macvlan", ep.ParentIfindex, ep.Mode, u.Index)
@@ -85,6 +86,17 @@ func (h *harness) checkRegistered(t *testing.T, p *pod) {
 	}
 	if string(name) != p.name {
 		t.Errorf("registered pod name %q, want %q (from CNI_ARGS)", name, p.name)
+	}
+}
+
+// checkFilters checks that p's interface runs the programs of endpoint id
+// both ways.
+func (h *harness) checkFilters(t *testing.T, p *pod, id uint32) {
+	t.Helper()
+	att, err := loader.AttachedEndpoint(p.netns, mustIndex(t, p))
+	must(t, err)
+	if att != (loader.EndpointFilters{Ingress: id, Egress: id}) {
+		t.Errorf("pod %s runs the programs of endpoints %+v, want %d", p.name, att, id)
 	}
 }
 

@@ -51,12 +51,14 @@ func TestAddFailures(t *testing.T) {
 		must(t, err)
 	}
 
+	main := func() []map[string]any { return []map[string]any{h.mainConf(true)} }
 	for i, tc := range []struct {
-		name    string
-		plugins func() []map[string]any
-		prep    func(t *testing.T, p *pod) (undo func())
-		code    uint
-		msg     []string
+		name      string
+		plugins   func() []map[string]any
+		prep      func(t *testing.T, p *pod) (undo func())
+		failpoint string // fails the step of ADD after it, see cni/failpoint_on.go
+		code      uint
+		msg       []string
 	}{
 		{
 			name:    "missing master",
@@ -147,21 +149,12 @@ func TestAddFailures(t *testing.T) {
 			code: types.ErrInternal,
 			msg:  []string{"address " + u.IP4(150).Addr().String() + " is registered to container live-squatter", "pod default/squatter"},
 		},
-		{
-			name:    "endpoint programs cannot be pinned",
-			plugins: func() []map[string]any { return []map[string]any{h.mainConf(true)} },
-			prep: func(t *testing.T, p *pod) func() {
-				// A non-empty directory where the link pin goes: the attach
-				// step fails after IPAM, the link, the parent and the
-				// registration are all in place.
-				id := datapath.EndpointID(p.id, p.ifname)
-				block := filepath.Join(loader.EndpointLinkPin(h.bpffs, id, "ingress"), "block")
-				must(t, os.MkdirAll(block, 0o700))
-				return func() { must(t, os.RemoveAll(filepath.Dir(block))) }
-			},
-			code: types.ErrInternal,
-			msg:  []string{"attach endpoint programs to eth0"},
-		},
+		// Failpoints: a step fails after everything before it is in place
+		// (the slave; IPAM; the parent and the registration; the programs).
+		{name: "failure after the link", failpoint: "add-link", plugins: main, code: types.ErrInternal, msg: []string{"failpoint add-link"}},
+		{name: "failure after IPAM", failpoint: "add-ipam", plugins: main, code: types.ErrInternal, msg: []string{"failpoint add-ipam"}},
+		{name: "failure after registration", failpoint: "add-register", plugins: main, code: types.ErrInternal, msg: []string{"failpoint add-register"}},
+		{name: "failure after attach", failpoint: "add-attach", plugins: main, code: types.ErrInternal, msg: []string{"failpoint add-attach"}},
 		{
 			name:    "parent program cannot be pinned",
 			plugins: func() []map[string]any { return []map[string]any{h.mainConf(true)} },
@@ -224,6 +217,9 @@ func TestAddFailures(t *testing.T) {
 				defer undo() // also when the test fails half-way
 			}
 			l := h.conflist("up-fail", ver, tc.plugins()...)
+			if tc.failpoint != "" {
+				h.failpoints(t, tc.failpoint+"=error")
+			}
 			_, err := h.tryAdd(l, p)
 			wantCNIError(t, err, tc.code, tc.msg...)
 			t.Logf("ADD failed as it should: %v", err)

@@ -24,8 +24,8 @@ import (
 	"github.com/underpass-cni/underpass/test/netenv"
 )
 
-// DEL after the runtime deleted the netns: the slave went with it, the
-// registration, the links and the lease must still go.
+// DEL after the runtime deleted the netns: the slave and its filters went
+// with it, the registration and the lease must still go.
 func TestDelAfterNetnsDeleted(t *testing.T) {
 	h := newHarness(t, harnessOpts{})
 	l := h.conflist("up-gone", "1.1.0", h.mainConf(false))
@@ -34,19 +34,13 @@ func TestDelAfterNetnsDeleted(t *testing.T) {
 	p := &pod{name: "gone", netns: n.Path(), id: "ctr-gone", ifname: "eth0"}
 	h.add(l, p)
 	h.baselineParents()
-	id, _ := h.endpointOf(t, p)
+	h.endpointOf(t, p)
 
 	n.Close()
 	must(t, testutils.UnmountNS(n))
 	if _, err := os.Stat(p.netns); !errors.Is(err, fs.ErrNotExist) {
 		t.Fatalf("netns still there: %v", err)
 	}
-	// The kernel destroys the netns (and the slave) asynchronously; the
-	// pinned links go defunct once it has.
-	waitFor(t, "the slave to be destroyed with its netns", func() bool {
-		ifindex, err := loader.EndpointLinkIfindex(h.bpffs, id, "ingress")
-		return err == nil && ifindex == 0
-	})
 	h.del(l, p)
 	h.del(l, p) // and again
 	h.assertNoLeak(t, nil)
@@ -154,8 +148,12 @@ func TestCheckDrift(t *testing.T) {
 		}, "is not registered"},
 		{"programs detached", func(t *testing.T, p *pod) {
 			id, _ := h.endpointOf(t, p)
-			must(t, loader.DetachEndpoint(h.dp, id))
-		}, "ingress not attached"},
+			must(t, loader.DetachEndpoint(p.netns, mustIndex(t, p), id))
+		}, "ingress not attached; egress not attached"},
+		{"another endpoint attached", func(t *testing.T, p *pod) {
+			id, _ := h.endpointOf(t, p)
+			must(t, loader.AttachEndpoint(h.dp, id+1, p.netns, mustIndex(t, p)))
+		}, "runs endpoint"},
 		{"address removed", func(t *testing.T, p *pod) {
 			l, err := p.ns.Netlink().LinkByName("eth0")
 			must(t, err)
@@ -195,9 +193,9 @@ func TestCheckDrift(t *testing.T) {
 	h.assertNoLeak(t, nil)
 }
 
-// GC: attachments not in cni.dev/valid-attachments lose their registration,
-// links and lease even when the runtime lost every trace of them (no libcni
-// cache, so libcni itself issues no DEL); links of no registration go too.
+// GC: attachments not in cni.dev/valid-attachments lose their registration
+// and programs even when the runtime lost every trace of them (no libcni
+// cache, so libcni itself issues no DEL).
 func TestGC(t *testing.T) {
 	h := newHarness(t, harnessOpts{})
 	l := h.conflist("up-gc", "1.1.0", h.mainConf(false))
@@ -206,16 +204,8 @@ func TestGC(t *testing.T) {
 		h.add(l, p)
 	}
 	h.baselineParents()
-	cid, _ := h.endpointOf(t, c)
 	// The runtime forgot c.
 	must(t, os.Remove(filepath.Join(h.cacheDir, "results", fmt.Sprintf("%s-%s-%s", l.Name, c.id, c.ifname))))
-	// A link pinned for an id nobody has: a crash between attach and
-	// registration.
-	const orphan = 4242
-	must(t, a.ns.Do(func() error {
-		_, err := loader.AttachEndpoint(h.dp, orphan, mustIndex(t, a))
-		return err
-	}))
 
 	if err := h.gc(l, a, b); err != nil {
 		t.Fatalf("GC: %v", err)
@@ -223,18 +213,17 @@ func TestGC(t *testing.T) {
 	if id, _, _ := datapath.Find(&h.dp.Maps, c.id, c.ifname); id != 0 {
 		t.Fatalf("c still registered as %d", id)
 	}
-	links, err := loader.EndpointLinks(h.bpffs)
-	must(t, err)
-	if len(links[cid]) != 0 || len(links[orphan]) != 0 {
-		t.Fatalf("links left: c %v, orphan %v", links[cid], links[orphan])
+	// c's netns still exists: its interface no longer runs its programs.
+	if att, err := loader.AttachedEndpoint(c.netns, mustIndex(t, c)); err != nil || att != (loader.EndpointFilters{}) {
+		t.Fatalf("c's interface after GC: filters %+v, %v; want none", att, err)
 	}
 	// host-local v1.9.1 has no GC of its own (its GC is a FIXME), so c's
 	// lease outlives the delegated GC; DEL of c below releases it.
 	if n := h.leaseCount(); n != 2 && n != 3 {
 		t.Fatalf("%d leases after GC, want 2 or 3", n)
 	}
-	h.endpointOf(t, a)
-	h.endpointOf(t, b)
+	h.checkRegistered(t, a)
+	h.checkRegistered(t, b)
 	netenv.MustPing(t, a.ns, b.ip4, 2)
 	netenv.MustPing(t, h.env.Node, a.ip4, 2)
 
@@ -286,17 +275,12 @@ func TestConcurrentAddDel(t *testing.T) {
 			t.Fatalf("address %s handed out twice", p.ip4)
 		}
 		seen[p.ip4] = true
-		h.endpointOf(t, p)
+		h.checkRegistered(t, p)
 	}
 	eps, err := datapath.Endpoints(&h.dp.Maps)
 	must(t, err)
 	if len(eps) != n {
 		t.Fatalf("%d endpoints registered, want %d", len(eps), n)
-	}
-	links, err := loader.EndpointLinks(h.bpffs)
-	must(t, err)
-	if len(links) != n {
-		t.Fatalf("%d endpoints have pinned links, want %d", len(links), n)
 	}
 	netenv.MustPing(t, pods[0].ns, pods[n-1].ip4, 2)
 	netenv.MustPing(t, h.env.Node, pods[n/2].ip4, 2)

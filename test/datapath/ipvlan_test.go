@@ -82,11 +82,8 @@ func (n *node) ipvlanContainer(t *testing.T, m ipvlanMode, name string, host int
 	}
 	// The slave's own programs, as the plugin attaches them: every test
 	// below runs with the per-endpoint counters and the spoofing check.
-	must(t, c.Do(func() error {
-		_, err := loader.AttachEndpoint(n.dp, id, c.Index)
-		return err
-	}))
-	t.Cleanup(func() { loader.DetachEndpoint(n.dp, id) })
+	must(t, loader.AttachEndpoint(n.dp, id, c.Path, c.Index))
+	t.Cleanup(func() { loader.DetachEndpoint(c.Path, c.Index, id) })
 	return c, id
 }
 

@@ -88,7 +88,7 @@ func TestTrafficCounters(t *testing.T) {
 	}
 
 	// A deleted endpoint's series are gone at the next scrape.
-	must(t, loader.DetachEndpoint(l.dp, b.id))
+	must(t, loader.DetachEndpoint(b.Path, b.Index, b.id))
 	must(t, datapath.Unregister(&l.dp.Maps, b.id))
 	for k := range scrape(t, c) {
 		if strings.Contains(k, "pod=b") {
@@ -300,14 +300,14 @@ func TestUnderpassctl(t *testing.T) {
 	if par.Name != "eth0" || par.Egress != "tcx" || par.XDP != string(l.xdp) || par.Endpoints != 1 {
 		t.Errorf("parent: %+v (xdp attached %s)", par, l.xdp)
 	}
-	if st.Endpoints.Attach["tcx"] != 1 || !st.Kernel.TCX || st.LiveServices != 1 || st.ServiceCIDRs != 1 {
+	if st.Endpoints.Attach["tc"] != 1 || !st.Kernel.TCX || st.LiveServices != 1 || st.ServiceCIDRs != 1 {
 		t.Errorf("status: %+v", st)
 	}
 	if st.Counters["host_to_endpoint"].Packets < 3 {
 		t.Errorf("host->endpoint counter: %+v", st.Counters)
 	}
 	text := run("status")
-	for _, want := range []string{"eth0", "tcx", string(l.xdp), "tcx 1"} {
+	for _, want := range []string{"eth0", "tcx", string(l.xdp), "tc 1"} {
 		if !strings.Contains(text, want) {
 			t.Errorf("status lacks %q:\n%s", want, text)
 		}
@@ -315,7 +315,7 @@ func TestUnderpassctl(t *testing.T) {
 
 	var eps []ctl.EndpointView
 	must(t, json.Unmarshal([]byte(run("endpoints", "-o", "json")), &eps))
-	if len(eps) != 1 || eps[0].Pod != "web" || eps[0].Attach != "tcx" || eps[0].Parent != "eth0" || eps[0].Netns != p.Path {
+	if len(eps) != 1 || eps[0].Pod != "web" || eps[0].Attach != "tc" || eps[0].Parent != "eth0" || eps[0].Netns != p.Path {
 		t.Errorf("endpoints: %+v", eps)
 	}
 
@@ -331,15 +331,16 @@ func TestUnderpassctl(t *testing.T) {
 		t.Errorf("stats: %+v", rep)
 	}
 
-	// The same from a detached legacy endpoint: the CLI looks inside the
-	// pod's netns for the filters.
-	must(t, loader.DetachEndpoint(l.dp, p.id))
-	must(t, p.Do(func() error {
-		_, err := loader.AttachEndpointLegacy(l.dp, p.id, p.Index)
-		return err
-	}))
+	// Detached, and then another endpoint's programs on the interface:
+	// the CLI reads the filters inside the pod's netns.
+	must(t, loader.DetachEndpoint(p.Path, p.Index, p.id))
 	must(t, json.Unmarshal([]byte(run("endpoints", "-o", "json")), &eps))
-	if len(eps) != 1 || eps[0].Attach != "legacy" {
-		t.Errorf("legacy endpoint shown as %+v", eps)
+	if len(eps) != 1 || eps[0].Attach != "none" {
+		t.Errorf("detached endpoint shown as %+v", eps)
+	}
+	must(t, loader.AttachEndpoint(l.dp, p.id+1, p.Path, p.Index))
+	must(t, json.Unmarshal([]byte(run("endpoints", "-o", "json")), &eps))
+	if len(eps) != 1 || eps[0].Attach != "wrong-endpoint" {
+		t.Errorf("endpoint with another's programs shown as %+v", eps)
 	}
 }

@@ -106,11 +106,8 @@ func (l *lab) pod(t *testing.T, name string, host int) *pod {
 		Addrs: []netip.Prefix{c.IP4}, PodName: name, PodNamespace: namespace,
 	})
 	must(t, err)
-	must(t, c.Do(func() error {
-		_, err := loader.AttachEndpoint(l.dp, id, c.Index)
-		return err
-	}))
-	t.Cleanup(func() { _ = loader.DetachEndpoint(l.dp, id) })
+	must(t, loader.AttachEndpoint(l.dp, id, c.Path, c.Index))
+	t.Cleanup(func() { _ = loader.DetachEndpoint(c.Path, c.Index, id) })
 	return &pod{Container: c, name: name, id: id}
 }
 

@@ -1,0 +1,106 @@
+package loader
+
+import (
+	"errors"
+	"fmt"
+	"strings"
+
+	"github.com/cilium/ebpf"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// legacyPrio/legacyHandle identify our cls_bpf filters, so that replacing
+// one swaps the program in place and detaching removes only ours. One filter
+// per hook: parents and uplinks use egress, endpoints both directions.
+const (
+	legacyPrio   = 0xc0de
+	legacyHandle = 1
+)
+
+// clsBPF is one of our cls_bpf filters: on a clsact hook (HANDLE_MIN_INGRESS
+// or HANDLE_MIN_EGRESS) of ifindex, in the netns h works in. The name says
+// whose it is ("underpass-parent", "underpass-endpoint-7", …).
+type clsBPF struct {
+	h       *netlink.Handle
+	ifindex int
+	hook    uint32
+	name    string
+}
+
+func (c clsBPF) filter(prog *ebpf.Program) *netlink.BpfFilter {
+	f := &netlink.BpfFilter{
+		FilterAttrs: netlink.FilterAttrs{
+			LinkIndex: c.ifindex,
+			Parent:    c.hook,
+			Handle:    legacyHandle,
+			Protocol:  unix.ETH_P_ALL,
+			Priority:  legacyPrio,
+		},
+		Name:         c.name,
+		DirectAction: true,
+	}
+	if prog != nil {
+		f.Fd = prog.FD()
+	}
+	return f
+}
+
+// replace installs prog, creating the clsact qdisc if needed; an existing
+// filter of ours on the hook has its program swapped atomically.
+func (c clsBPF) replace(prog *ebpf.Program) error {
+	qdisc := &netlink.GenericQdisc{
+		QdiscAttrs: netlink.QdiscAttrs{LinkIndex: c.ifindex, Handle: netlink.MakeHandle(0xffff, 0), Parent: netlink.HANDLE_CLSACT},
+		QdiscType:  "clsact",
+	}
+	// Add, not replace: replacing a clsact would drop other tools' filters.
+	if err := c.h.QdiscAdd(qdisc); err != nil && !errors.Is(err, unix.EEXIST) {
+		return fmt.Errorf("add clsact qdisc: %w", err)
+	}
+	if err := c.h.FilterReplace(c.filter(prog)); err != nil {
+		return fmt.Errorf("replace cls_bpf filter %s: %w", c.name, err)
+	}
+	return nil
+}
+
+// find returns our filters on the hook whose name starts with prefix.
+// A missing interface or qdisc means none.
+func (c clsBPF) find(prefix string) []*netlink.BpfFilter {
+	l, err := c.h.LinkByIndex(c.ifindex)
+	if err != nil {
+		return nil
+	}
+	filters, err := c.h.FilterList(l, c.hook)
+	if err != nil {
+		return nil // no clsact qdisc
+	}
+	var out []*netlink.BpfFilter
+	for _, f := range filters {
+		if IsLegacyFilter(f, prefix) {
+			out = append(out, f.(*netlink.BpfFilter))
+		}
+	}
+	return out
+}
+
+// remove deletes our filters on the hook whose name starts with prefix;
+// absent is fine.
+func (c clsBPF) remove(prefix string) error {
+	for _, f := range c.find(prefix) {
+		if err := c.h.FilterDel(f); err != nil && !errors.Is(err, unix.ENOENT) && !errors.Is(err, unix.ENODEV) {
+			return fmt.Errorf("delete cls_bpf filter %s: %w", f.Name, err)
+		}
+	}
+	return nil
+}
+
+// IsLegacyFilter says whether f is one of our cls_bpf filters whose name
+// starts with prefix ("underpass-parent", "underpass-endpoint", …).
+func IsLegacyFilter(f netlink.Filter, prefix string) bool {
+	bf, ok := f.(*netlink.BpfFilter)
+	return ok && bf.Priority == legacyPrio && strings.HasPrefix(bf.Name, prefix)
+}
+
+// hostHandle works in the caller's netns, like the netlink package
+// functions.
+var hostHandle = &netlink.Handle{}
