@@ -20,6 +20,8 @@ import (
 	"net/netip"
 	"path/filepath"
 	"strings"
+	"unicode"
+	"unicode/utf8"
 
 	"github.com/containernetworking/cni/pkg/types"
 	"github.com/containernetworking/cni/pkg/version"
@@ -267,7 +269,16 @@ func parsePodArgs(s string) (name, namespace string, err error) {
 	if err := types.LoadArgs(s, &a); err != nil {
 		return "", "", types.NewError(types.ErrInvalidEnvironmentVariables, fmt.Sprintf("CNI_ARGS: %v", err), "")
 	}
-	return string(a.K8S_POD_NAME), string(a.K8S_POD_NAMESPACE), nil
+	name, namespace = string(a.K8S_POD_NAME), string(a.K8S_POD_NAMESPACE)
+	// They become metric labels and registry strings: Kubernetes names are
+	// printable ASCII, so anything else is a broken runtime. Long names are
+	// kept, truncated in the registry (127 bytes for the name).
+	for _, kv := range [][2]string{{"K8S_POD_NAME", name}, {"K8S_POD_NAMESPACE", namespace}} {
+		if !utf8.ValidString(kv[1]) || strings.ContainsFunc(kv[1], unicode.IsControl) {
+			return "", "", types.NewError(types.ErrInvalidEnvironmentVariables, fmt.Sprintf("CNI_ARGS: %s=%q has control characters or invalid UTF-8", kv[0], kv[1]), "")
+		}
+	}
+	return name, namespace, nil
 }
 
 func invalidConf(format string, args ...any) *types.Error {

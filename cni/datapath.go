@@ -7,7 +7,6 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"path/filepath"
 
 	"github.com/containernetworking/cni/pkg/types"
 	"github.com/containernetworking/plugins/pkg/ns"
@@ -18,33 +17,30 @@ import (
 	"github.com/underpass-cni/underpass/pkg/datapath"
 )
 
-// LockPath is the per-node lock around the plugin's datapath updates. Ids
-// are claimed atomically by datapath.Register already; the lock serialises
-// the read-modify-write steps around it: the parent's registration and
-// attachment (two ADDs on a new parent would both attach), evicting stale
-// owners of an address, and rolling back a parent only when no endpoint uses
-// it any more.
-var LockPath = "/run/underpass/cni.lock"
-
-func lockNode() (unlock func(), err error) {
-	if err := os.MkdirAll(filepath.Dir(LockPath), 0o700); err != nil {
-		return nil, fmt.Errorf("create lock dir: %w", err)
-	}
-	f, err := os.OpenFile(LockPath, os.O_CREATE|os.O_RDWR, 0o600)
+// lockDatapath takes the lock around the plugin's updates of dp: an flock
+// on its pin directory, so the plugin keeps no state file (nothing to fill
+// a disk or to find read-only) and the kernel drops the lock when a plugin
+// dies. Ids are claimed atomically by datapath.Register already; the lock
+// serialises the read-modify-write steps around it: the parent's
+// registration and attachment (two ADDs on a new parent would both attach),
+// evicting stale owners of an address, and rolling back a parent only when
+// no endpoint uses it any more.
+func lockDatapath(dp *loader.Datapath) (unlock func(), err error) {
+	fd, err := unix.Open(dp.Dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
-		return nil, fmt.Errorf("open lock %s: %w", LockPath, err)
+		return nil, fmt.Errorf("open %s to lock it: %w", dp.Dir, err)
 	}
 	for {
-		err = unix.Flock(int(f.Fd()), unix.LOCK_EX)
+		err = unix.Flock(fd, unix.LOCK_EX)
 		if !errors.Is(err, unix.EINTR) {
 			break
 		}
 	}
 	if err != nil {
-		f.Close()
-		return nil, fmt.Errorf("lock %s: %w", LockPath, err)
+		unix.Close(fd)
+		return nil, fmt.Errorf("lock %s: %w", dp.Dir, err)
 	}
-	return func() { f.Close() }, nil // closing the last fd releases the flock
+	return func() { unix.Close(fd) }, nil // closing the last fd releases the flock
 }
 
 // openDatapath opens the pinned datapath; "not loaded" becomes a CNI error
@@ -144,7 +140,7 @@ func attachEndpoint(dp *loader.Datapath, ep *endpoint, netns ns.NetNS) (undo fun
 // registerEndpoint does the locked part of ADD: parent, stale owners, the
 // endpoint's entries.
 func registerEndpoint(dp *loader.Datapath, ep *endpoint) (id uint32, ps parentState, err error) {
-	unlock, err := lockNode()
+	unlock, err := lockDatapath(dp)
 	if err != nil {
 		return 0, ps, err
 	}
@@ -245,7 +241,7 @@ func undoParent(dp *loader.Datapath, ifindex int, ps parentState) error {
 
 // unregisterEndpoint is the rollback of a whole attachEndpoint.
 func unregisterEndpoint(dp *loader.Datapath, id uint32, parentIndex int, ps parentState) error {
-	unlock, err := lockNode()
+	unlock, err := lockDatapath(dp)
 	if err != nil {
 		return err
 	}
@@ -307,7 +303,7 @@ func evictStaleOwners(dp *loader.Datapath, ep *endpoint) error {
 
 // detachEndpoint is DEL's part in the datapath: absent is fine.
 func detachEndpoint(dp *loader.Datapath, containerID, ifname string) error {
-	unlock, err := lockNode()
+	unlock, err := lockDatapath(dp)
 	if err != nil {
 		return err
 	}

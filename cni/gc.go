@@ -61,7 +61,7 @@ func gc(args *skel.CmdArgs) error {
 
 // collect removes endpoints on parent (0: any) that are not valid.
 func collect(dp *loader.Datapath, valid []types.GCAttachment, parent int) error {
-	unlock, err := lockNode()
+	unlock, err := lockDatapath(dp)
 	if err != nil {
 		return err
 	}

@@ -24,7 +24,7 @@ func lockPath(bpffs string) string {
 
 // lock makes sure one agent owns a pin directory.
 func lock(bpffs string) (func(), error) {
-	// Root-only, like the pins: the plugin keeps its lock here too.
+	// Root-only, like the pins.
 	if err := os.MkdirAll(LockDir, 0o700); err != nil {
 		return nil, fmt.Errorf("create %s: %w", LockDir, err)
 	}
