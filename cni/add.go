@@ -38,6 +38,8 @@ func add(args *skel.CmdArgs) error {
 		return err
 	}
 	defer dp.Close()
+	pre := startPreload(dp, args.ContainerID, args.IfName)
+	defer pre.close()
 	netns, err := ns.GetNS(args.Netns)
 	if err != nil {
 		return errorf(types.ErrInvalidNetNS, "open container netns %q: %v", args.Netns, err)
@@ -47,9 +49,9 @@ func add(args *skel.CmdArgs) error {
 	base := endpoint{ContainerID: args.ContainerID, IfName: args.IfName, Netns: args.Netns, PodName: podName, PodNamespace: podNamespace}
 	var result types.Result
 	if c.Chained {
-		result, err = addChained(c, dp, netns, base)
+		result, err = addChained(c, dp, netns, base, pre)
 	} else {
-		result, err = addMain(c, args, dp, netns, base)
+		result, err = addMain(c, args, dp, netns, base, pre)
 	}
 	if err != nil {
 		return err
@@ -60,7 +62,7 @@ func add(args *skel.CmdArgs) error {
 // addMain creates the slave, runs IPAM and registers the endpoint. Every
 // step undoes itself when a later one fails: the named err is what the
 // deferred rollbacks look at.
-func addMain(c *Conf, args *skel.CmdArgs, dp *loader.Datapath, netns ns.NetNS, ep endpoint) (_ types.Result, err error) {
+func addMain(c *Conf, args *skel.CmdArgs, dp *loader.Datapath, netns ns.NetNS, ep endpoint, pre *preload) (_ types.Result, err error) {
 	m := &dp.Maps
 	if err := checkServiceOverlap(m, "ipam subnet", c.IPAMSubnets); err != nil {
 		return nil, err
@@ -152,7 +154,7 @@ func addMain(c *Conf, args *skel.CmdArgs, dp *loader.Datapath, netns ns.NetNS, e
 	ep.Mode = c.DatapathMode
 	// Before the link comes up, so the counters see its first frame and
 	// the spoofing guard is in place before it can send.
-	undo, err := attachEndpoint(dp, &ep, netns)
+	undo, err := attachEndpoint(dp, &ep, pre)
 	if err != nil {
 		return nil, err
 	}
@@ -189,7 +191,7 @@ func addMain(c *Conf, args *skel.CmdArgs, dp *loader.Datapath, netns ns.NetNS, e
 
 // addChained adopts the slave a previous plugin created and passes its
 // result on unchanged.
-func addChained(c *Conf, dp *loader.Datapath, netns ns.NetNS, ep endpoint) (types.Result, error) {
+func addChained(c *Conf, dp *loader.Datapath, netns ns.NetNS, ep endpoint, pre *preload) (types.Result, error) {
 	prev, err := current.NewResultFromResult(c.PrevResult)
 	if err != nil {
 		return nil, errorf(types.ErrDecodingFailure, "prevResult: %v", err)
@@ -233,7 +235,7 @@ func addChained(c *Conf, dp *loader.Datapath, netns ns.NetNS, ep endpoint) (type
 	ep.ParentName = parent.Attrs().Name
 	ep.ParentMAC = parent.Attrs().HardwareAddr
 	ep.Mode = s.Mode
-	if _, err := attachEndpoint(dp, &ep, netns); err != nil {
+	if _, err := attachEndpoint(dp, &ep, pre); err != nil {
 		return nil, err
 	}
 	return c.PrevResult, nil

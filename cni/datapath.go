@@ -8,8 +8,8 @@ import (
 	"net/netip"
 	"os"
 
+	"github.com/cilium/ebpf"
 	"github.com/containernetworking/cni/pkg/types"
-	"github.com/containernetworking/plugins/pkg/ns"
 	"golang.org/x/sys/unix"
 
 	"github.com/underpass-cni/underpass/loader"
@@ -107,10 +107,59 @@ type parentState struct {
 	attached   bool // the parent's egress link is ours
 }
 
+// preload loads the endpoint programs for the id an attachment will most
+// likely get (its natural id; Register picks another only on a hash
+// collision) while ADD does other things: loading is CPU work of a few
+// milliseconds, IPAM mostly waits for a process.
+type preload struct {
+	id      uint32
+	done    chan struct{}
+	in, eg  *ebpf.Program
+	err     error
+	claimed bool
+}
+
+func startPreload(dp *loader.Datapath, containerID, ifname string) *preload {
+	p := &preload{id: datapath.EndpointID(containerID, ifname), done: make(chan struct{})}
+	go func() {
+		defer close(p.done)
+		p.in, p.eg, p.err = loader.LoadEndpointPrograms(dp, p.id)
+	}()
+	return p
+}
+
+// programs returns programs for id: the preloaded ones when id is the one
+// they were loaded for, else freshly loaded ones. close releases them.
+func (p *preload) programs(dp *loader.Datapath, id uint32) (in, eg *ebpf.Program, close func(), err error) {
+	if p != nil {
+		<-p.done
+		if p.id == id && p.err == nil && !p.claimed {
+			p.claimed = true
+			return p.in, p.eg, func() {}, nil // p.close releases them
+		}
+	}
+	in, eg, err = loader.LoadEndpointPrograms(dp, id)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	return in, eg, func() { in.Close(); eg.Close() }, nil
+}
+
+// close waits for the load and releases its programs: attached filters
+// hold their own references.
+func (p *preload) close() {
+	<-p.done
+	if p.err == nil {
+		p.in.Close()
+		p.eg.Close()
+	}
+}
+
 // attachEndpoint registers ep (and its parent) and attaches the endpoint
-// programs inside netns. On error nothing of it is left. The returned undo
+// programs inside netns, taking them from pre when it loaded the right ones
+// (pre may be nil). On error nothing of it is left. The returned undo
 // removes it again, for failures later in ADD.
-func attachEndpoint(dp *loader.Datapath, ep *endpoint, netns ns.NetNS) (undo func() error, err error) {
+func attachEndpoint(dp *loader.Datapath, ep *endpoint, pre *preload) (undo func() error, err error) {
 	id, ps, err := registerEndpoint(dp, ep)
 	if err != nil {
 		return nil, err
@@ -130,7 +179,12 @@ func attachEndpoint(dp *loader.Datapath, ep *endpoint, netns ns.NetNS) (undo fun
 	}
 	// Outside the lock: loading the programs is the slow part, and the
 	// registration already owns the id.
-	if err := loader.AttachEndpoint(dp, id, ep.Netns, ep.Ifindex); err != nil {
+	in, eg, release, err := pre.programs(dp, id)
+	if err != nil {
+		return nil, err
+	}
+	defer release()
+	if err := loader.AttachEndpointPrograms(in, eg, id, ep.Netns, ep.Ifindex); err != nil {
 		return nil, fmt.Errorf("attach endpoint programs to %s: %w", ep.IfName, err)
 	}
 	log.Debug("attached endpoint programs", "id", id, "ifindex", ep.Ifindex)

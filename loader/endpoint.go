@@ -156,7 +156,7 @@ func endpointFilters(h *netlink.Handle, ifindex int) [2]clsBPF {
 // ingress and egress of ifindex in the netns at netnsPath. Attaching again
 // (a retried ADD) swaps the programs in place. On error nothing of this
 // attachment is left.
-func AttachEndpoint(dp *Datapath, id uint32, netnsPath string, ifindex int) (err error) {
+func AttachEndpoint(dp *Datapath, id uint32, netnsPath string, ifindex int) error {
 	ingress, egress, err := LoadEndpointPrograms(dp, id)
 	if err != nil {
 		return err
@@ -164,6 +164,13 @@ func AttachEndpoint(dp *Datapath, id uint32, netnsPath string, ifindex int) (err
 	// The filters hold their own references.
 	defer ingress.Close()
 	defer egress.Close()
+	return AttachEndpointPrograms(ingress, egress, id, netnsPath, ifindex)
+}
+
+// AttachEndpointPrograms is AttachEndpoint with programs LoadEndpointPrograms
+// loaded for id already (the plugin loads them while IPAM runs). The caller
+// keeps its references.
+func AttachEndpointPrograms(ingress, egress *ebpf.Program, id uint32, netnsPath string, ifindex int) (err error) {
 	h, err := netnsHandle(netnsPath)
 	if err != nil {
 		return fmt.Errorf("attach endpoint %d: %w", id, err)
