@@ -8,7 +8,7 @@ BIN       := bin
 PKGS      := ./...
 TESTFLAGS ?= -count=1 -timeout 20m
 
-.PHONY: all generate check-generate build test test-unit bench demo test-kernels clean
+.PHONY: all generate check-generate build test test-unit bench demo test-kernels vm-cni-bins clean
 
 all: build
 
@@ -58,8 +58,28 @@ demo: build
 # Not part of `make test`: it takes minutes; CI runs it. Prints per-kernel
 # wall time and the verifier table of each kernel. More vmtest flags:
 # make test-kernels VMTEST='-v -run Ipvlan'.
-test-kernels:
+test-kernels: vm-cni-bins
 	./test/vm/run.sh -kernel all -pkgs ./loader,./test/datapath,./test/netenv,./test/vm/selftest -timeout 10m -show 'verifier: ' $(VMTEST)
+	./test/vm/run.sh -kernel all -pkgs ./test/cni -timeout 10m -run '$(VMCNI_RUN)' \
+		-env UNDERPASS_CNI_BINS=/opt/underpass-cni $(VMTEST) \
+		$$(cd $(VMCNI) && for f in */*; do printf -- '-file %s:/opt/underpass-cni/%s ' "$$PWD/$$f" "$$f"; done)
+
+# The plugin through libcni in the VMs: ipvlan (which this host lacks), and
+# main, chained and crash paths on the 6.1 legacy-TC parents. The VMs have no
+# Go toolchain, so the binaries test/cni would build come prebuilt.
+VMCNI     := $(BIN)/vm-cni
+VMCNI_RUN := TestIpvlan|TestMainMode|TestChainedMode|TestKilledMidAdd$$|TestGC$$|TestCheckDrift|TestDelAfterNetnsDeleted
+vm-cni-bins:
+	@set -e; rm -rf $(VMCNI); mkdir -p $(VMCNI)/release $(VMCNI)/failpoints $(VMCNI)/ref; \
+	CGO_ENABLED=0 $(GO) build -trimpath -o $(VMCNI)/release/underpass ./cmd/underpass; \
+	CGO_ENABLED=0 $(GO) build -trimpath -tags underpass_failpoints -o $(VMCNI)/failpoints/underpass ./cmd/underpass; \
+	v=$$($(GO) list -m -f '{{.Version}}' github.com/containernetworking/plugins); \
+	cd / && GOBIN=$(CURDIR)/$(VMCNI)/ref CGO_ENABLED=0 $(GO) install \
+		github.com/containernetworking/plugins/plugins/main/macvlan@$$v \
+		github.com/containernetworking/plugins/plugins/main/ipvlan@$$v \
+		github.com/containernetworking/plugins/plugins/main/ptp@$$v \
+		github.com/containernetworking/plugins/plugins/ipam/host-local@$$v \
+		github.com/containernetworking/plugins/plugins/ipam/static@$$v
 
 clean:
 	rm -rf $(BIN)

@@ -13,6 +13,7 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/underpass-cni/underpass/loader"
+	"github.com/underpass-cni/underpass/pkg/datapath"
 )
 
 // Funcs are the verbs for skel.PluginMainFuncs.
@@ -31,6 +32,9 @@ func add(args *skel.CmdArgs) error {
 	podName, podNamespace, err := parsePodArgs(args.Args)
 	if err != nil {
 		return err
+	}
+	if err := datapath.CheckAttachment(args.ContainerID, args.IfName, args.Netns); err != nil {
+		return errorf(types.ErrInvalidEnvironmentVariables, "%v", err)
 	}
 	// The datapath first: without it there is nothing to create a pod for.
 	dp, err := openDatapath(c.BPFFS, types.ErrTryAgainLater)

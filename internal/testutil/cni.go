@@ -39,6 +39,7 @@ func ReferencePlugins() (string, error) {
 	dir := filepath.Join(home, ".cache", "underpass", "cni-plugins-"+RefPluginsVersion)
 	want := map[string]string{
 		"macvlan":    "main/macvlan",
+		"ipvlan":     "main/ipvlan",
 		"ptp":        "main/ptp",
 		"host-local": "ipam/host-local",
 		"static":     "ipam/static",

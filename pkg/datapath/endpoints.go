@@ -73,10 +73,37 @@ func next(id uint32) uint32 {
 	return id
 }
 
+// ErrTooLong means a name does not fit its field in the registry: stored
+// cut short, DEL, CHECK and GC could not find the endpoint again.
+var ErrTooLong = errors.New("too long for the endpoint registry")
+
+// CheckAttachment says whether an attachment's names fit the registry; the
+// plugin asks before it creates anything.
+func CheckAttachment(containerID, ifname, netns string) error {
+	var ep loader.Endpoint
+	for _, f := range []struct {
+		what, v string
+		max     int
+	}{
+		{"container id", containerID, len(ep.ContainerId) - 1},
+		{"interface name", ifname, len(ep.Ifname) - 1},
+		{"netns path", netns, len(ep.Netns) - 1},
+	} {
+		if len(f.v) > f.max {
+			return fmt.Errorf("%s %q is %d bytes, at most %d fit: %w", f.what, f.v, len(f.v), f.max, ErrTooLong)
+		}
+	}
+	return nil
+}
+
 // Register writes every entry of an endpoint. An attachment registered
 // already is replaced (ADD retried by the runtime). On error nothing of the
-// new registration is left behind.
+// new registration is left behind. The pod name and namespace are cut to fit
+// (they only label metrics); every other name must fit (CheckAttachment).
 func Register(m *loader.Maps, s EndpointSpec) (id uint32, err error) {
+	if err := CheckAttachment(s.ContainerID, s.IfName, s.Netns); err != nil {
+		return 0, err
+	}
 	if len(s.Addrs) > loader.MaxAddrs {
 		return 0, fmt.Errorf("endpoint has %d addresses, at most %d are supported", len(s.Addrs), loader.MaxAddrs)
 	}
@@ -96,6 +123,7 @@ func Register(m *loader.Maps, s EndpointSpec) (id uint32, err error) {
 	}
 	copy(ep.Mac[:], s.MAC)
 	for i, p := range s.Addrs {
+		p = unmapAddr(p)
 		ep.Addrs[i] = loader.EndpointAddr{Addr: p.Addr().As16(), Prefixlen: uint8(p.Bits()), Family: family(p.Addr())}
 	}
 	CString(ep.ContainerId[:], s.ContainerID)
@@ -217,6 +245,16 @@ func EndpointAddrs(ep *loader.Endpoint) []netip.Prefix {
 		out = append(out, netip.PrefixFrom(netip.AddrFrom16(a.Addr).Unmap(), int(a.Prefixlen)))
 	}
 	return out
+}
+
+// unmapAddr writes an interface address given as ::ffff:a.b.c.d/96+n as
+// a.b.c.d/n: the datapath keys both spellings alike, and reading the
+// registration back must give one of them.
+func unmapAddr(p netip.Prefix) netip.Prefix {
+	if a := p.Addr(); a.Is4In6() && p.Bits() >= 96 {
+		return netip.PrefixFrom(a.Unmap(), p.Bits()-96)
+	}
+	return p
 }
 
 func family(a netip.Addr) uint8 {

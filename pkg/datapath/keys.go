@@ -8,6 +8,7 @@ import (
 	"net/netip"
 
 	"github.com/underpass-cni/underpass/loader"
+	"github.com/underpass-cni/underpass/pkg/cidrs"
 )
 
 // IPKey encodes an address the way the programs look it up: IPv4 as
@@ -31,14 +32,12 @@ func LPMKey(p netip.Prefix) loader.LPMKey {
 	return loader.LPMKey{Prefixlen: uint32(bits), Addr: p.Addr().As16()}
 }
 
-// PrefixOf decodes an LPMKey.
+// PrefixOf decodes an LPMKey in canonical form (cidrs.Canonical): host
+// bits cleared, IPv4 as IPv4. Keys written by hand (bpftool) may carry host
+// bits or put an IPv4-mapped address under a /96-or-shorter prefix, which
+// is an IPv6 prefix then.
 func PrefixOf(k loader.LPMKey) netip.Prefix {
-	a := netip.AddrFrom16(k.Addr)
-	bits := int(k.Prefixlen)
-	if a.Is4In6() {
-		return netip.PrefixFrom(a.Unmap(), bits-96)
-	}
-	return netip.PrefixFrom(a, bits)
+	return cidrs.Canonical(netip.PrefixFrom(netip.AddrFrom16(k.Addr), int(k.Prefixlen)))
 }
 
 // MACKey encodes a MAC address.

@@ -11,6 +11,7 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/underpass-cni/underpass/loader"
+	"github.com/underpass-cni/underpass/pkg/cidrs"
 )
 
 func isNotExist(err error) bool { return errors.Is(err, ebpf.ErrKeyNotExist) }
@@ -19,7 +20,7 @@ func isNotExist(err error) bool { return errors.Is(err, ebpf.ErrKeyNotExist) }
 func SyncServiceCIDRs(m *loader.Maps, want []netip.Prefix) error {
 	vals := make(map[netip.Prefix]uint32, len(want))
 	for _, p := range want {
-		vals[p.Masked()] = 1
+		vals[cidrs.Canonical(p)] = 1
 	}
 	if err := syncFiltered(m, prefilterSvc, m.SvcCIDRs, vals); err != nil {
 		return fmt.Errorf("sync service CIDRs: %w", err)
@@ -31,14 +32,14 @@ func SyncServiceCIDRs(m *loader.Maps, want []netip.Prefix) error {
 // them is cloned to the host) and hostCIDRs (STEER).
 type HostSet map[netip.Prefix]loader.HostFlags
 
-// Add merges flags for p.
-func (s HostSet) Add(p netip.Prefix, f loader.HostFlags) { s[p.Masked()] |= f }
+// Add merges flags for p; both spellings of an IPv4 prefix are one entry.
+func (s HostSet) Add(p netip.Prefix, f loader.HostFlags) { s[cidrs.Canonical(p)] |= f }
 
 // SyncHostCIDRs makes host_cidrs hold exactly want.
 func SyncHostCIDRs(m *loader.Maps, want HostSet) error {
 	vals := make(map[netip.Prefix]uint32, len(want))
 	for p, f := range want {
-		vals[p] = uint32(f)
+		vals[cidrs.Canonical(p)] |= uint32(f) // a HostSet built by hand may hold both spellings
 	}
 	if err := syncFiltered(m, prefilterHost, m.HostCIDRs, vals); err != nil {
 		return fmt.Errorf("sync host CIDRs: %w", err)
@@ -92,23 +93,31 @@ func BuildPrefilter(prefixes []netip.Prefix) loader.Prefilter {
 	var f loader.Prefilter
 	n4, n6 := 0, 0
 	f.Exact4, f.Exact6 = 1, 1
-	for _, p := range prefixes {
-		p = p.Masked()
-		a := p.Addr()
-		if a.Is4In6() {
-			p = netip.PrefixFrom(a.Unmap(), max(p.Bits()-96, 0))
-			a = p.Addr()
+	addV4 := func(p netip.Prefix) {
+		if n4 == loader.PrefilterV4 {
+			f.Exact4 = 0
+			return
 		}
-		if a.Is4() {
-			if n4 == loader.PrefilterV4 {
-				f.Exact4 = 0
-				continue
-			}
-			b := a.As4()
-			mask := net.CIDRMask(p.Bits(), 32)
-			f.V4[n4] = loader.Net4{Addr: binary.NativeEndian.Uint32(b[:]), Mask: binary.NativeEndian.Uint32(mask), Valid: 1}
-			n4++
+		b := p.Addr().As4()
+		mask := net.CIDRMask(p.Bits(), 32)
+		f.V4[n4] = loader.Net4{Addr: binary.NativeEndian.Uint32(b[:]), Mask: binary.NativeEndian.Uint32(mask), Valid: 1}
+		n4++
+	}
+	for _, p := range prefixes {
+		p = cidrs.Canonical(p)
+		if !p.IsValid() {
 			continue
+		}
+		a := p.Addr()
+		if a.Is4() {
+			addV4(p)
+			continue
+		}
+		// An IPv6 prefix over ::ffff:0:0/96 matches every IPv4 address in
+		// the trie (the config refuses such prefixes; a hand-made entry
+		// may still hold one).
+		if cidrs.CoversIPv4(p) {
+			addV4(netip.PrefixFrom(netip.IPv4Unspecified(), 0))
 		}
 		if n6 == loader.PrefilterV6 {
 			f.Exact6 = 0

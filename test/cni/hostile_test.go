@@ -44,6 +44,8 @@ func TestMalformedEnv(t *testing.T) {
 		{"unknown command", map[string]string{"CNI_COMMAND": "EXPLODE"}, conf, types.ErrInvalidEnvironmentVariables, "EXPLODE"},
 		{"no container id", map[string]string{"CNI_CONTAINERID": ""}, conf, types.ErrInvalidEnvironmentVariables, "CNI_CONTAINERID"},
 		{"container id with a slash", map[string]string{"CNI_CONTAINERID": "../../etc"}, conf, types.ErrInvalidEnvironmentVariables, "containerID"},
+		{"container id too long for the registry", map[string]string{"CNI_CONTAINERID": strings.Repeat("c", 72)}, conf, types.ErrInvalidEnvironmentVariables, "container id"},
+		{"netns path too long for the registry", map[string]string{"CNI_NETNS": "/var/run/netns/" + strings.Repeat("n", 120)}, conf, types.ErrInvalidEnvironmentVariables, "netns path"},
 		{"no netns", map[string]string{"CNI_NETNS": ""}, conf, types.ErrInvalidEnvironmentVariables, "CNI_NETNS"},
 		{"netns that does not exist", map[string]string{"CNI_NETNS": "/var/run/netns/underpass-no-such-ns"}, conf, types.ErrInvalidNetNS, "underpass-no-such-ns"},
 		{"netns that is a plain file", map[string]string{"CNI_NETNS": notNS}, conf, types.ErrInvalidNetNS, "not-a-netns"},
