@@ -8,7 +8,7 @@ BIN       := bin
 PKGS      := ./...
 TESTFLAGS ?= -count=1 -timeout 20m
 
-.PHONY: all generate check-generate build test test-unit bench demo test-kernels vm-cni-bins clean
+.PHONY: all generate check-generate build test test-unit bench fuzz demo test-kernels vm-cni-bins clean
 
 all: build
 
@@ -34,6 +34,18 @@ test: check-generate
 bench:
 	$(GO) test -run '^$$' -bench . -benchtime 20x ./loader/
 	$(GO) test -run '^$$' -bench Paths -benchtime 1x ./test/bench/
+
+# Fuzzing, beyond the seed corpora that `make test` runs: every target for
+# FUZZTIME each (go test runs one -fuzz target per invocation). As root: the
+# map encoders are checked against the kernel's maps.
+FUZZTIME ?= 30s
+FUZZPKGS := ./cni ./pkg/config ./pkg/datapath ./loader
+fuzz:
+	@set -e; for p in $(FUZZPKGS); do \
+		for f in $$($(GO) test -list '^Fuzz' $$p | grep '^Fuzz'); do \
+			echo "== $$p $$f"; $(GO) test -run '^$$' -fuzz "^$$f\$$" -fuzztime $(FUZZTIME) $$p; \
+		done; \
+	done
 
 # A node in network namespaces with the real underpassd, the real plugin and
 # two pods, shown step by step (as root; see test/demo). It waits for Ctrl-C
