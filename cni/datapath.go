@@ -10,38 +10,11 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/containernetworking/cni/pkg/types"
-	"golang.org/x/sys/unix"
 
 	"github.com/underpass-cni/underpass/loader"
 	"github.com/underpass-cni/underpass/pkg/cidrs"
 	"github.com/underpass-cni/underpass/pkg/datapath"
 )
-
-// lockDatapath takes the lock around the plugin's updates of dp: an flock
-// on its pin directory, so the plugin keeps no state file (nothing to fill
-// a disk or to find read-only) and the kernel drops the lock when a plugin
-// dies. Ids are claimed atomically by datapath.Register already; the lock
-// serialises the read-modify-write steps around it: the parent's
-// registration and attachment (two ADDs on a new parent would both attach),
-// evicting stale owners of an address, and rolling back a parent only when
-// no endpoint uses it any more.
-func lockDatapath(dp *loader.Datapath) (unlock func(), err error) {
-	fd, err := unix.Open(dp.Dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
-	if err != nil {
-		return nil, fmt.Errorf("open %s to lock it: %w", dp.Dir, err)
-	}
-	for {
-		err = unix.Flock(fd, unix.LOCK_EX)
-		if !errors.Is(err, unix.EINTR) {
-			break
-		}
-	}
-	if err != nil {
-		unix.Close(fd)
-		return nil, fmt.Errorf("lock %s: %w", dp.Dir, err)
-	}
-	return func() { unix.Close(fd) }, nil // closing the last fd releases the flock
-}
 
 // openDatapath opens the pinned datapath; "not loaded" becomes a CNI error
 // with code (11 for ADD and CHECK, 50 for STATUS) telling what to do.
@@ -194,7 +167,7 @@ func attachEndpoint(dp *loader.Datapath, ep *endpoint, pre *preload) (undo func(
 // registerEndpoint does the locked part of ADD: parent, stale owners, the
 // endpoint's entries.
 func registerEndpoint(dp *loader.Datapath, ep *endpoint) (id uint32, ps parentState, err error) {
-	unlock, err := lockDatapath(dp)
+	unlock, err := dp.Lock()
 	if err != nil {
 		return 0, ps, err
 	}
@@ -295,7 +268,7 @@ func undoParent(dp *loader.Datapath, ifindex int, ps parentState) error {
 
 // unregisterEndpoint is the rollback of a whole attachEndpoint.
 func unregisterEndpoint(dp *loader.Datapath, id uint32, parentIndex int, ps parentState) error {
-	unlock, err := lockDatapath(dp)
+	unlock, err := dp.Lock()
 	if err != nil {
 		return err
 	}
@@ -355,15 +328,10 @@ func evictStaleOwners(dp *loader.Datapath, ep *endpoint) error {
 	return nil
 }
 
-// detachEndpoint is DEL's part in the datapath: absent is fine.
+// detachEndpoint is DEL's part in the datapath: absent is fine. Call with
+// the lock.
 func detachEndpoint(dp *loader.Datapath, containerID, ifname string) error {
-	unlock, err := lockDatapath(dp)
-	if err != nil {
-		return err
-	}
-	defer unlock()
-	m := &dp.Maps
-	id, _, err := datapath.Find(m, containerID, ifname)
+	id, _, err := datapath.Find(&dp.Maps, containerID, ifname)
 	if err != nil {
 		return err
 	}

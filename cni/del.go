@@ -23,30 +23,12 @@ func del(args *skel.CmdArgs) error {
 	}
 	var errs []error
 
-	// Main mode: the link goes first, and the endpoint filters with it, so
-	// unregistering below has nothing left to detach.
-	if !c.Chained && args.Netns != "" {
-		if err := deleteLinkIn(args.Netns, args.IfName); err != nil {
-			errs = append(errs, fmt.Errorf("delete %s: %w", args.IfName, err))
+	if err := delLinkAndEndpoint(c, args); err != nil {
+		if errors.Is(err, errFailpoint) {
+			return err
 		}
+		errs = append(errs, err)
 	}
-
-	if err := failpoint("del-link"); err != nil {
-		return err
-	}
-	dp, err := loader.Open(c.BPFFS)
-	switch {
-	case errors.Is(err, loader.ErrNotLoaded):
-		log.Debug("datapath not loaded: nothing to unregister", "bpffs", c.BPFFS)
-	case err != nil:
-		errs = append(errs, fmt.Errorf("open underpass datapath in %s: %w", c.BPFFS, err))
-	default:
-		defer dp.Close()
-		if err := detachEndpoint(dp, args.ContainerID, args.IfName); err != nil {
-			errs = append(errs, fmt.Errorf("unregister endpoint: %w", err))
-		}
-	}
-
 	if err := failpoint("del-unregister"); err != nil {
 		return err
 	}
@@ -58,6 +40,48 @@ func del(args *skel.CmdArgs) error {
 		// host-local and static succeed for an address already released.
 		if err := ipam.ExecDel(c.IPAM.Type, args.StdinData); err != nil {
 			errs = append(errs, fmt.Errorf("ipam %s: %w", c.IPAM.Type, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// delLinkAndEndpoint deletes the slave (main mode) and the registration,
+// under the datapath lock from before the link goes until the registration
+// is gone: the agent's endpoint GC confirms under the same lock, so it never
+// finds the endpoint half-deleted (interface gone, registration still
+// there) and takes it for a lost DEL. IPAM runs after, outside the lock.
+func delLinkAndEndpoint(c *Conf, args *skel.CmdArgs) error {
+	var errs []error
+	dp, err := loader.Open(c.BPFFS)
+	switch {
+	case errors.Is(err, loader.ErrNotLoaded):
+		log.Debug("datapath not loaded: nothing to unregister", "bpffs", c.BPFFS)
+		dp = nil
+	case err != nil:
+		errs = append(errs, fmt.Errorf("open underpass datapath in %s: %w", c.BPFFS, err))
+		dp = nil
+	default:
+		defer dp.Close()
+		unlock, err := dp.Lock()
+		if err != nil {
+			return err // the runtime retries DEL
+		}
+		defer unlock()
+	}
+
+	// Main mode: the link goes first, and the endpoint filters with it, so
+	// unregistering has nothing left to detach.
+	if !c.Chained && args.Netns != "" {
+		if err := deleteLinkIn(args.Netns, args.IfName); err != nil {
+			errs = append(errs, fmt.Errorf("delete %s: %w", args.IfName, err))
+		}
+	}
+	if err := failpoint("del-link"); err != nil {
+		return err
+	}
+	if dp != nil {
+		if err := detachEndpoint(dp, args.ContainerID, args.IfName); err != nil {
+			errs = append(errs, fmt.Errorf("unregister endpoint: %w", err))
 		}
 	}
 	return errors.Join(errs...)

@@ -3,12 +3,16 @@
 package cni
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
 	"time"
 )
+
+// errFailpoint is what an "error" failpoint returns.
+var errFailpoint = errors.New("failpoint")
 
 // failpoint, in test builds, acts on UNDERPASS_FAILPOINTS, a comma-separated
 // list of name=action:
@@ -24,7 +28,7 @@ func failpoint(name string) error {
 		}
 		switch action {
 		case "error":
-			return fmt.Errorf("failpoint %s", name)
+			return fmt.Errorf("%w %s", errFailpoint, name)
 		case "hang":
 			marker := filepath.Join(os.Getenv("UNDERPASS_FAILPOINT_DIR"), name)
 			if err := os.WriteFile(marker, fmt.Appendf(nil, "%d", os.Getpid()), 0o600); err != nil {

@@ -61,7 +61,7 @@ func gc(args *skel.CmdArgs) error {
 
 // collect removes endpoints on parent (0: any) that are not valid.
 func collect(dp *loader.Datapath, valid []types.GCAttachment, parent int) error {
-	unlock, err := lockDatapath(dp)
+	unlock, err := dp.Lock()
 	if err != nil {
 		return err
 	}

@@ -160,7 +160,7 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 		return err
 	}
 	a.svc.Store(svc)
-	a.gc = &endpointgc.Collector{Maps: &dp.Maps, Log: a.log.With("component", "gc")}
+	a.gc = &endpointgc.Collector{Maps: &dp.Maps, Log: a.log.With("component", "gc"), Lock: dp.Lock}
 	a.kube = newKubeSource(svc, a.log.With("component", "kubernetes"))
 	defer a.kube.stop()
 

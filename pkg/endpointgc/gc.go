@@ -30,6 +30,12 @@ type Removed struct {
 type Collector struct {
 	Maps *loader.Maps
 	Log  *slog.Logger
+	// Lock is the datapath's writer lock (loader.Datapath.Lock), held to
+	// confirm and remove each dead endpoint: the CNI plugin's DEL holds it
+	// from deleting the interface to unregistering, so an endpoint seen
+	// half-deleted is re-judged after that DEL and found gone. Nil: no lock
+	// (tests of the judging alone).
+	Lock func() (unlock func(), err error)
 }
 
 // Run checks every registered endpoint once and removes the dead ones:
@@ -56,14 +62,11 @@ func (c *Collector) Run() ([]Removed, error) {
 		if reason == "" {
 			continue
 		}
-		// The plugin may have re-registered the same attachment (same id)
-		// since the list: only remove the record that was judged.
-		var now loader.Endpoint
-		if err := m.Endpoints.Lookup(id, &now); err != nil || now != ep {
-			continue
-		}
-		if err := datapath.Unregister(m, id); err != nil {
+		removed, err := c.confirmAndRemove(id, &ep)
+		if err != nil {
 			errs = append(errs, err)
+		}
+		if !removed {
 			continue
 		}
 		r := Removed{ID: id, ContainerID: datapath.GoString(ep.ContainerId[:]), IfName: datapath.GoString(ep.Ifname[:]), Reason: reason}
@@ -72,6 +75,33 @@ func (c *Collector) Run() ([]Removed, error) {
 		out = append(out, r)
 	}
 	return out, errors.Join(errs...)
+}
+
+// confirmAndRemove removes endpoint id if, under the lock, its record is
+// still the one judged and it is still dead: a DEL in flight when it was
+// judged has finished by then (and removed it), and a retried ADD may have
+// re-registered the same attachment.
+func (c *Collector) confirmAndRemove(id uint32, judged *loader.Endpoint) (bool, error) {
+	if c.Lock != nil {
+		unlock, err := c.Lock()
+		if err != nil {
+			return false, err
+		}
+		defer unlock()
+	}
+	var now loader.Endpoint
+	if err := c.Maps.Endpoints.Lookup(id, &now); err != nil || now != *judged {
+		return false, nil
+	}
+	fresh := &checker{handles: map[string]*netlink.Handle{}}
+	defer fresh.close()
+	if reason, err := fresh.dead(&now); err != nil || reason == "" {
+		return false, err
+	}
+	if err := datapath.Unregister(c.Maps, id); err != nil {
+		return false, err
+	}
+	return true, nil
 }
 
 type checker struct {
