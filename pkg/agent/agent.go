@@ -74,6 +74,7 @@ type Agent struct {
 	metrics   *metrics
 	http      *httpServer
 	attached  atomic.Bool  // start-up attach done
+	pins      pinGuard     // restores pins removed from under the agent
 	heartbeat atomic.Int64 // unix nanos of the event loop's last turn
 }
 
@@ -179,6 +180,9 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 	a.reconcileParents(true)
 	a.syncUplinks(true)
 	a.runGC()
+	if err := a.startPinGuard(); err != nil {
+		return err
+	}
 	a.attached.Store(true)
 	a.log.Info("underpassd started", "version", a.opts.Version, "bpffs", cfg.BPFFS,
 		"parents", len(a.parents), "uplinks", len(a.uplinks), "took", time.Since(start).Round(time.Millisecond),
@@ -217,6 +221,7 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 		case ev := <-netEvents:
 			a.onNetEvent(ev)
 		case <-reconcile.C:
+			a.checkPins()
 			a.reconcileParents(false)
 		case <-gcTick.C:
 			a.runGC()
@@ -237,6 +242,9 @@ func (a *Agent) ready() (bool, string) {
 	}
 	if svc := a.svc.Load(); svc == nil || !svc.Synced() {
 		why = append(why, "live services not synced yet")
+	}
+	if failed := a.repairFailure(); failed != "" {
+		why = append(why, failed)
 	}
 	if len(why) > 0 {
 		return false, fmt.Sprint(why)
