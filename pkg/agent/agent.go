@@ -39,7 +39,8 @@ type Options struct {
 	// Loader is passed to loader.Load (tests load modified program builds).
 	Loader  loader.Options
 	Version string
-	// Reload triggers a reload of the config file (SIGHUP).
+	// Reload triggers a reload of the config file (SIGHUP), once the file
+	// holds still (config.Watch).
 	Reload <-chan struct{}
 	// Collectors is the hook for more /metrics collectors that need the
 	// datapath (per-endpoint counters): called once the datapath is
@@ -188,10 +189,16 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 		"parents", len(a.parents), "uplinks", len(a.uplinks), "took", time.Since(start).Round(time.Millisecond),
 		"metrics", a.http.addr())
 
-	cfgChanges := make(chan *config.Config, 1)
+	// SIGHUP goes through the watcher: it then waits, as for any change,
+	// until the file holds still, and remembers what it reported.
+	type cfgChange struct {
+		c       *config.Config
+		trigger string
+	}
+	cfgChanges := make(chan cfgChange, 1)
 	cfgErrors := make(chan error, 1)
-	go config.Watch(ctx, a.opts.ConfigPath, 0,
-		func(c *config.Config) { sendLatest(ctx, cfgChanges, c) },
+	go config.Watch(ctx, a.opts.ConfigPath, 0, a.opts.Reload,
+		func(c *config.Config, trigger string) { sendLatest(ctx, cfgChanges, cfgChange{c, trigger}) },
 		func(err error) { sendLatest(ctx, cfgErrors, err) })
 
 	reconcile := time.NewTicker(a.opts.ReconcileInterval)
@@ -204,20 +211,13 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 		case <-ctx.Done():
 			a.log.Info("underpassd stopping; the datapath stays pinned and attached")
 			return nil
-		case c := <-cfgChanges:
-			if reflect.DeepEqual(c, a.cfg) {
+		case ch := <-cfgChanges:
+			if ch.trigger != "SIGHUP" && reflect.DeepEqual(ch.c, a.cfg) {
 				continue // the watcher's first report, or a rewrite of the same content
 			}
-			a.reload(ctx, c, "file changed")
+			a.reload(ctx, ch.c, ch.trigger)
 		case err := <-cfgErrors:
 			a.rejected(err)
-		case <-a.opts.Reload:
-			c, err := config.Load(a.opts.ConfigPath)
-			if err != nil {
-				a.rejected(err)
-				continue
-			}
-			a.reload(ctx, c, "SIGHUP")
 		case ev := <-netEvents:
 			a.onNetEvent(ev)
 		case <-reconcile.C:

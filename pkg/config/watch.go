@@ -30,11 +30,18 @@ const DefaultWatchInterval = 500 * time.Millisecond
 // caller's Load and the start of Watch is never lost; a caller that already
 // applied that config can compare with reflect.DeepEqual (equal files parse
 // to deeply equal configs). interval <= 0 means DefaultWatchInterval.
-func Watch(ctx context.Context, path string, interval time.Duration, onChange func(*Config), onError func(error)) {
+//
+// A receive on reload (SIGHUP) makes Watch forget what it reported and
+// read the file again: the state it finds is reported, changed or not,
+// once it has held still for an interval, with trigger "SIGHUP". Going through the same stability
+// check is why a SIGHUP never applies a half-written file, and going through
+// the same memory is why a file put back after a SIGHUP is noticed.
+func Watch(ctx context.Context, path string, interval time.Duration, reload <-chan struct{}, onChange func(c *Config, trigger string), onError func(error)) {
 	if interval <= 0 {
 		interval = DefaultWatchInterval
 	}
 	var pending, reported string
+	trigger := "file changed"
 	poll := func() {
 		data, err := readFile(path)
 		var state string
@@ -47,15 +54,17 @@ func Watch(ctx context.Context, path string, interval time.Duration, onChange fu
 			pending = state // wait for the next poll to confirm it settled
 			return
 		}
+		why := trigger
 		if state == reported {
 			return
 		}
 		reported = state
+		trigger = "file changed"
 		if err == nil {
 			var c *Config
 			if c, err = Parse(data); err == nil {
 				if onChange != nil {
-					onChange(c)
+					onChange(c, why)
 				}
 				return
 			}
@@ -75,6 +84,13 @@ func Watch(ctx context.Context, path string, interval time.Duration, onChange fu
 			return
 		case <-t.C:
 			poll()
+		case <-reload:
+			// A fresh stability check: this read, and the next poll one
+			// interval from now confirms it (two reads back to back would
+			// both see a writer that paused half-way).
+			pending, reported, trigger = "", "", "SIGHUP"
+			poll()
+			t.Reset(interval)
 		}
 	}
 }

@@ -12,12 +12,18 @@ import (
 )
 
 type watchEvent struct {
-	cfg *Config
-	err error
+	cfg     *Config
+	trigger string
+	err     error
 }
 
 // startWatch runs Watch on path with a short interval and returns its events.
 func startWatch(t *testing.T, path string) <-chan watchEvent {
+	t.Helper()
+	return startWatchReload(t, path, 5*time.Millisecond, nil)
+}
+
+func startWatchReload(t *testing.T, path string, interval time.Duration, reload <-chan struct{}) <-chan watchEvent {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	events := make(chan watchEvent, 16)
@@ -25,8 +31,8 @@ func startWatch(t *testing.T, path string) <-chan watchEvent {
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		Watch(ctx, path, 5*time.Millisecond,
-			func(c *Config) { events <- watchEvent{cfg: c} },
+		Watch(ctx, path, interval, reload,
+			func(c *Config, trigger string) { events <- watchEvent{cfg: c, trigger: trigger} },
 			func(err error) { events <- watchEvent{err: err} })
 	}()
 	t.Cleanup(func() {
@@ -162,7 +168,7 @@ func TestWatchStopsAndNilCallbacks(t *testing.T) {
 	defer cancel()
 	done := make(chan struct{})
 	go func() {
-		Watch(ctx, filepath.Join(t.TempDir(), "missing.yaml"), 0, nil, nil)
+		Watch(ctx, filepath.Join(t.TempDir(), "missing.yaml"), 0, nil, nil, nil)
 		close(done)
 	}()
 	select {
@@ -170,4 +176,54 @@ func TestWatchStopsAndNilCallbacks(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("Watch did not return after its context ended")
 	}
+}
+
+// SIGHUP: the file is re-read and reported even when unchanged, never while
+// it is half-written, and a file put back after a SIGHUP is noticed.
+func TestWatchReload(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "underpass.yaml")
+	a := "logLevel: warn\nstaleServices: {action: drop}\n"
+	b := "logLevel: debug\nstaleServices: {action: reject}\n"
+	writeAtomic(t, path, a)
+	reload := make(chan struct{})
+	// A long interval, so that the half-written file below is caught
+	// between two polls.
+	events := startWatchReload(t, path, 300*time.Millisecond, reload)
+	if ev := next(t, events); ev.err != nil || ev.cfg.LogLevel != "warn" || ev.trigger != "file changed" {
+		t.Fatalf("first report: %+v", ev)
+	}
+
+	// Unchanged file: SIGHUP reports it again.
+	reload <- struct{}{}
+	if ev := next(t, events); ev.err != nil || ev.cfg.LogLevel != "warn" || ev.trigger != "SIGHUP" {
+		t.Fatalf("SIGHUP on an unchanged file: %+v", ev)
+	}
+
+	// Half-written when the SIGHUP comes, complete right after: only the
+	// complete file is reported.
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_TRUNC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteString(b[:len("logLevel: debug\n")]); err != nil {
+		t.Fatal(err)
+	}
+	reload <- struct{}{}
+	time.Sleep(20 * time.Millisecond)
+	if _, err := f.WriteString(b[len("logLevel: debug\n"):]); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	ev := next(t, events)
+	if ev.err != nil || ev.cfg.StaleServices.Action != "reject" {
+		t.Fatalf("after a SIGHUP during a rewrite: %+v (the half-written file was applied)", ev)
+	}
+
+	// Put back after the SIGHUP: the watcher's memory is what the SIGHUP
+	// reported, so the old content is a change.
+	writeAtomic(t, path, a)
+	if ev := next(t, events); ev.err != nil || ev.cfg.LogLevel != "warn" || ev.trigger != "file changed" {
+		t.Fatalf("file put back after a SIGHUP: %+v", ev)
+	}
+	expectQuiet(t, events)
 }
