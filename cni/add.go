@@ -25,6 +25,7 @@ func Funcs() skel.CNIFuncs {
 func Add(args *skel.CmdArgs) error { return cniError(add(args)) }
 
 func add(args *skel.CmdArgs) error {
+	loader.ParseInBackground()
 	c, err := ParseConf(args.StdinData)
 	if err != nil {
 		return err
