@@ -8,7 +8,7 @@ BIN       := bin
 PKGS      := ./...
 TESTFLAGS ?= -count=1 -timeout 20m
 
-.PHONY: all generate check-generate build test test-unit bench fuzz demo test-kernels vm-cni-bins clean
+.PHONY: all generate check-generate build deps test test-unit bench fuzz demo test-kernels vm-cni-bins clean
 
 all: build
 
@@ -23,10 +23,17 @@ check-generate: generate
 build:
 	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/ ./cmd/...
 
-# All tiers that run on this kernel; the VM matrix is test-kernels.
-test: check-generate
+# All tiers that run on this kernel; the VM matrix is test-kernels. The
+# missing Debian packages are installed first and kube-apiserver + etcd built
+# (cached), so this works on a fresh machine.
+test: deps check-generate
 	$(GO) vet $(PKGS)
-	$(GO) test $(TESTFLAGS) -p 1 $(PKGS)
+	UNDERPASS_K8S_BIN=$$(test/k8s/build.sh) $(GO) test $(TESTFLAGS) -p 1 $(PKGS)
+
+# What `make test` installs (missing Debian packages) and builds (etcd and
+# kube-apiserver, cached), on its own.
+deps:
+	test/deps.sh >/dev/null
 
 # Figures side by side, never asserted: ns/packet per program path
 # (prog.Benchmark), then TCP throughput and request/response rate through the

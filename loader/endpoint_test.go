@@ -13,6 +13,7 @@ import (
 	"github.com/cilium/ebpf/link"
 	"github.com/gopacket/gopacket/layers"
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 
 	"github.com/underpass-cni/underpass/internal/testutil"
 	"github.com/underpass-cni/underpass/loader"
@@ -276,8 +277,8 @@ func tcxPrograms(tb testing.TB, n *netenv.NS, ifindex int) int {
 	must(tb, n.Do(func() error {
 		for _, a := range []ebpf.AttachType{ebpf.AttachTCXIngress, ebpf.AttachTCXEgress} {
 			res, err := link.QueryPrograms(link.QueryOptions{Target: ifindex, Attach: a})
-			if errors.Is(err, ebpf.ErrNotSupported) {
-				return nil // no tcx on this kernel: certainly none there
+			if errors.Is(err, ebpf.ErrNotSupported) || errors.Is(err, unix.EINVAL) {
+				return nil // no tcx on this kernel (6.1 says EINVAL): certainly none there
 			}
 			if err != nil {
 				return err

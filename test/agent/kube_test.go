@@ -31,7 +31,7 @@ import (
 func startKube(t *testing.T, l *lab) (*kapi.Cluster, string) {
 	t.Helper()
 	if _, err := kapi.BinDir(); err != nil {
-		t.Skipf("no kube-apiserver binaries (run test/k8s/build.sh): %v", err)
+		t.Fatalf("no kube-apiserver binaries (make deps builds them): %v", err)
 	}
 	c := kapi.Start(t)
 	host := strings.TrimPrefix(c.URL, "https://")

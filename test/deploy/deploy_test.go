@@ -47,6 +47,7 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/underpass-cni/underpass/cni"
+	"github.com/underpass-cni/underpass/internal/testutil"
 	"github.com/underpass-cni/underpass/pkg/config"
 	"github.com/underpass-cni/underpass/test/k8s/kapi"
 )
@@ -642,7 +643,7 @@ func imageShell(t *testing.T) string {
 	t.Helper()
 	bb, err := exec.LookPath("busybox")
 	if err != nil {
-		t.Skip("no busybox on this machine to run the image's init scripts with")
+		t.Fatal("no busybox to run the image's init scripts with: make deps (apt-get install busybox-static)")
 	}
 	dir := t.TempDir()
 	for _, a := range imageApplets(t) {
@@ -803,9 +804,10 @@ func TestInstallCNIScript(t *testing.T) {
 func TestMountBPFFSScript(t *testing.T) {
 	script, _ := initScript(t, "mount-bpffs")
 	shdir := imageShell(t)
+	testutil.MountBPFFS(t) // mounts /sys/fs/bpf if it is not a bpffs yet
 	var st unix.Statfs_t
 	if err := unix.Statfs("/sys/fs/bpf", &st); err != nil || st.Type != unix.BPF_FS_MAGIC {
-		t.Skip("/sys/fs/bpf is not a bpffs here")
+		t.Fatalf("/sys/fs/bpf is not a bpffs (statfs: %v)", err)
 	}
 	cmd := exec.Command(filepath.Join(shdir, "sh"), "-c", script)
 	cmd.Env = []string{"PATH=" + shdir}
@@ -855,9 +857,6 @@ func TestImage(t *testing.T) {
 // must match the pod template's labels.
 func TestScrapeJobFindsAgent(t *testing.T) {
 	b, err := os.ReadFile("../../deploy/prometheus/scrape-kubernetes.yaml")
-	if errors.Is(err, os.ErrNotExist) {
-		t.Skip("no deploy/prometheus/scrape-kubernetes.yaml")
-	}
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs what `make test` needs on a Debian bookworm machine (as root, only
+# the packages that are missing) and builds the kube-apiserver and etcd the
+# informer and manifest tests run (test/k8s/build.sh, cached by version).
+# Prints the k8s binary directory on stdout; progress goes to stderr.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+pkgs=(clang-14 llvm-14 libbpf-dev bpftool iproute2 iperf3 tcpdump kmod busybox-static cpio xz-utils zstd prometheus)
+missing=()
+for p in "${pkgs[@]}"; do
+	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+	if [ "$(id -u)" != 0 ]; then
+		echo "test/deps.sh: missing ${missing[*]}: run as root, or apt-get install them" >&2
+		exit 1
+	fi
+	echo "test/deps.sh: installing ${missing[*]}" >&2
+	export DEBIAN_FRONTEND=noninteractive
+	apt-get update -qq >&2
+	apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+test/k8s/build.sh
