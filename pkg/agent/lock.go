@@ -22,27 +22,40 @@ func lockPath(bpffs string) string {
 	return filepath.Join(LockDir, fmt.Sprintf("underpassd-%x.lock", sum[:8]))
 }
 
-// lock makes sure one agent owns a pin directory.
+// lock makes sure one agent owns a pin directory. The lock file goes when
+// the agent stops (a kill -9 leaves it, unlocked, for the next start): a
+// holder unlinks it before it unlocks, and whoever locks a file checks that
+// it is still the one at the path, so two agents never hold two files.
 func lock(bpffs string) (func(), error) {
 	// Root-only, like the pins.
 	if err := os.MkdirAll(LockDir, 0o700); err != nil {
 		return nil, fmt.Errorf("create %s: %w", LockDir, err)
 	}
 	path := lockPath(bpffs)
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
-	if err != nil {
-		return nil, fmt.Errorf("open lock %s: %w", path, err)
-	}
-	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
-		f.Close()
-		if errors.Is(err, unix.EWOULDBLOCK) {
-			return nil, fmt.Errorf("another underpassd (pid %s) already runs on %s", holder(path), bpffs)
+	for {
+		f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+		if err != nil {
+			return nil, fmt.Errorf("open lock %s: %w", path, err)
 		}
-		return nil, fmt.Errorf("lock %s: %w", path, err)
+		if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+			f.Close()
+			if errors.Is(err, unix.EWOULDBLOCK) {
+				return nil, fmt.Errorf("another underpassd (pid %s) already runs on %s", holder(path), bpffs)
+			}
+			return nil, fmt.Errorf("lock %s: %w", path, err)
+		}
+		var held, now unix.Stat_t
+		if unix.Fstat(int(f.Fd()), &held) != nil || unix.Stat(path, &now) != nil || held.Ino != now.Ino || held.Dev != now.Dev {
+			f.Close() // its holder removed it as we locked it: take the new one
+			continue
+		}
+		_ = f.Truncate(0)
+		_, _ = f.WriteAt([]byte(strconv.Itoa(os.Getpid())+"\n"), 0)
+		return func() {
+			os.Remove(path)
+			f.Close()
+		}, nil
 	}
-	_ = f.Truncate(0)
-	_, _ = f.WriteAt([]byte(strconv.Itoa(os.Getpid())+"\n"), 0)
-	return func() { f.Close() }, nil
 }
 
 // running returns the pid of the agent holding bpffs, or 0.
