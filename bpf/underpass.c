@@ -7,10 +7,14 @@
  * to the right slave or to the host stack. It also steers endpoint traffic
  * for service/host destinations to the host stack and guards against stale
  * service VIPs. uplink_egress is the stale guard alone, for other NICs.
- * endpoint_ingress/endpoint_egress count and validate one endpoint; they are
- * loaded once per endpoint with endpoint_id set, because a tc program on a
- * slave inside a container netns has no other reliable way to know which
- * endpoint it runs for (ifindexes repeat across netns). */
+ * endpoint_ingress/endpoint_egress run on every endpoint's slave, inside the
+ * container netns, where nothing in the packet says which endpoint it is
+ * (ifindexes repeat across netns). The endpoint id rides in the cls_bpf
+ * filter instead: its classid, which cls_bpf copies into skb->tc_classid
+ * before it runs the program. So one loaded copy serves every endpoint and a
+ * pod costs no program load at all. They only tail-call the programs that do
+ * the work (ep_ingress_body, ep_egress_body) through ep_progs, so that an
+ * upgrade swaps those for every endpoint with one map update. */
 
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
@@ -21,8 +25,6 @@
 
 char __license[] SEC("license") = "Dual BSD/GPL";
 
-/* Set by the loader of the endpoint programs; 0 in the shared collection. */
-volatile const __u32 endpoint_id = 0;
 /* Tests set this to record every redirect in the trace map; the verifier
  * removes the code when it is 0. */
 volatile const __u8 trace_redirects = 0;
@@ -38,6 +40,7 @@ const enum up_trace_kind *unused_trace_kind __attribute__((unused));
 const enum up_event_kind *unused_event_kind __attribute__((unused));
 const enum up_limits *unused_limits __attribute__((unused));
 const enum up_prefilter_limits *unused_prefilter_limits __attribute__((unused));
+const enum up_ep_prog *unused_ep_prog __attribute__((unused));
 const struct up_event *unused_event __attribute__((unused));
 
 #define MAX_ENDPOINTS 16384
@@ -149,6 +152,22 @@ struct {
 	__type(key, __u32);
 	__type(value, struct up_prefilter);
 } prefilter SEC(".maps");
+
+/* The endpoint programs' bodies, by enum up_ep_prog. The loader fills it;
+ * prog arrays carry no BTF (the kernel refuses it for them). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PROG_ARRAY);
+	__uint(max_entries, UP_EP_PROG_MAX);
+	__uint(key_size, sizeof(__u32));
+	__uint(value_size, sizeof(__u32));
+} ep_progs SEC(".maps");
+
+/* The endpoint a frame on a slave belongs to: the classid of the filter
+ * that runs the program (16 bits, see EndpointID in pkg/datapath). */
+static __always_inline __u32 filter_endpoint(const struct __sk_buff *skb)
+{
+	return skb->tc_classid;
+}
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -864,10 +883,26 @@ int uplink_egress(struct __sk_buff *skb)
 
 /* ---- one endpoint's slave, inside the container netns ----------------------- */
 
+/* What the filters on the slaves run. When the slot is empty (a datapath
+ * being removed) the frame passes untouched, as without underpass. */
 SEC("tc")
 int endpoint_ingress(struct __sk_buff *skb)
 {
-	struct up_ep_stats *s = ep_stats_of(endpoint_id);
+	bpf_tail_call(skb, &ep_progs, UP_EP_PROG_INGRESS);
+	return TC_ACT_UNSPEC;
+}
+
+SEC("tc")
+int endpoint_egress(struct __sk_buff *skb)
+{
+	bpf_tail_call(skb, &ep_progs, UP_EP_PROG_EGRESS);
+	return TC_ACT_UNSPEC;
+}
+
+SEC("tc")
+int ep_ingress_body(struct __sk_buff *skb)
+{
+	struct up_ep_stats *s = ep_stats_of(filter_endpoint(skb));
 	if (s) {
 		s->rx.packets++;
 		s->rx.bytes += skb->len;
@@ -892,9 +927,9 @@ static __always_inline int src_exempt(const struct pkt *p)
 }
 
 SEC("tc")
-int endpoint_egress(struct __sk_buff *skb)
+int ep_egress_body(struct __sk_buff *skb)
 {
-	__u32 id = endpoint_id;
+	__u32 id = filter_endpoint(skb);
 	__u32 len = skb->len;
 	struct ethhdr eth;
 	if (bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)))

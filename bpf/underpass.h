@@ -179,6 +179,13 @@ struct up_endpoint {
 	char netns[128];
 };
 
+/* ep_progs slots: the bodies endpoint_ingress/endpoint_egress tail-call. */
+enum up_ep_prog {
+	UP_EP_PROG_INGRESS = 0,
+	UP_EP_PROG_EGRESS = 1,
+	UP_EP_PROG_MAX = 2,
+};
+
 /* events ring buffer: what userspace must log, not count. */
 enum up_event_kind {
 	UP_EVENT_IP_CONFLICT = 1, /* a frame from the wire claims an endpoint's IP */

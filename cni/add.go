@@ -25,7 +25,8 @@ func Funcs() skel.CNIFuncs {
 func Add(args *skel.CmdArgs) error { return cniError(add(args)) }
 
 func add(args *skel.CmdArgs) error {
-	loader.ParseInBackground()
+	ph := newPhases()
+	defer ph.log("add")
 	c, err := ParseConf(args.StdinData)
 	if err != nil {
 		return err
@@ -38,13 +39,13 @@ func add(args *skel.CmdArgs) error {
 		return errorf(types.ErrInvalidEnvironmentVariables, "%v", err)
 	}
 	// The datapath first: without it there is nothing to create a pod for.
+	ph.mark("parse")
 	dp, err := openDatapath(c.BPFFS, types.ErrTryAgainLater)
 	if err != nil {
 		return err
 	}
 	defer dp.Close()
-	pre := startPreload(dp, args.ContainerID, args.IfName)
-	defer pre.close()
+	ph.mark("open_datapath")
 	netns, err := ns.GetNS(args.Netns)
 	if err != nil {
 		return errorf(types.ErrInvalidNetNS, "open container netns %q: %v", args.Netns, err)
@@ -54,9 +55,9 @@ func add(args *skel.CmdArgs) error {
 	base := endpoint{ContainerID: args.ContainerID, IfName: args.IfName, Netns: args.Netns, PodName: podName, PodNamespace: podNamespace}
 	var result types.Result
 	if c.Chained {
-		result, err = addChained(c, dp, netns, base, pre)
+		result, err = addChained(c, dp, netns, base, ph)
 	} else {
-		result, err = addMain(c, args, dp, netns, base, pre)
+		result, err = addMain(c, args, dp, netns, base, ph)
 	}
 	if err != nil {
 		return err
@@ -64,10 +65,11 @@ func add(args *skel.CmdArgs) error {
 	return types.PrintResult(result, c.CNIVersion)
 }
 
-// addMain creates the slave, runs IPAM and registers the endpoint. Every
+// addMain creates the slave, runs IPAM and registers the endpoint. IPAM
+// runs while the slave is created when its type allows (overlapIPAM). Every
 // step undoes itself when a later one fails: the named err is what the
 // deferred rollbacks look at.
-func addMain(c *Conf, args *skel.CmdArgs, dp *loader.Datapath, netns ns.NetNS, ep endpoint, pre *preload) (_ types.Result, err error) {
+func addMain(c *Conf, args *skel.CmdArgs, dp *loader.Datapath, netns ns.NetNS, ep endpoint, ph *phases) (_ types.Result, err error) {
 	m := &dp.Maps
 	if err := checkServiceOverlap(m, "ipam subnet", c.IPAMSubnets); err != nil {
 		return nil, err
@@ -86,11 +88,25 @@ func addMain(c *Conf, args *skel.CmdArgs, dp *loader.Datapath, netns ns.NetNS, e
 	if mtu := master.Attrs().MTU; c.MTU > mtu {
 		return nil, invalidConf("mtu %d is larger than master %s's MTU %d: lower mtu, or leave it out to use the master's", c.MTU, master.Attrs().Name, mtu)
 	}
+	ph.mark("master")
 
+	var call *ipamCall
+	if c.IPAM.Type != "" {
+		call = newIPAMCall(c.IPAM.Type, args.StdinData)
+		if overlapIPAM[c.IPAM.Type] {
+			call.start()
+		}
+		defer func() {
+			if err != nil {
+				err = call.joinRelease(err)
+			}
+		}()
+	}
 	link, err := createSlave(c, master, args.IfName, netns)
 	if err != nil {
 		return nil, err
 	}
+	ph.mark("create_slave")
 	defer func() {
 		if err != nil {
 			if derr := deleteLinkIn(netns.Path(), args.IfName); derr != nil {
@@ -106,28 +122,10 @@ func addMain(c *Conf, args *skel.CmdArgs, dp *loader.Datapath, netns ns.NetNS, e
 		Interfaces: []*current.Interface{{Name: args.IfName, Mac: link.Attrs().HardwareAddr.String(), Sandbox: netns.Path()}},
 		DNS:        c.DNS,
 	}
-
-	if c.IPAM.Type != "" {
-		// No := in here: the deferred rollbacks must see the named err.
-		var r types.Result
-		r, err = ipam.ExecAdd(c.IPAM.Type, args.StdinData)
+	if call != nil {
+		ir, err := call.result()
 		if err != nil {
-			return nil, fmt.Errorf("ipam %s: %w", c.IPAM.Type, err)
-		}
-		defer func() {
-			if err != nil {
-				if derr := ipam.ExecDel(c.IPAM.Type, args.StdinData); derr != nil {
-					err = errors.Join(err, fmt.Errorf("roll back: release the address (ipam %s): %w", c.IPAM.Type, derr))
-				}
-			}
-		}()
-		var ir *current.Result
-		ir, err = current.NewResultFromResult(r)
-		if err != nil {
-			return nil, fmt.Errorf("ipam %s result: %w", c.IPAM.Type, err)
-		}
-		if len(ir.IPs) == 0 {
-			return nil, fmt.Errorf("ipam %s returned no address: check its ranges", c.IPAM.Type)
+			return nil, err
 		}
 		for _, ipc := range ir.IPs {
 			ipc.Interface = current.Int(0) // every address is the slave's
@@ -137,6 +135,7 @@ func addMain(c *Conf, args *skel.CmdArgs, dp *loader.Datapath, netns ns.NetNS, e
 			result.DNS = ir.DNS
 		}
 	}
+	ph.mark("ipam")
 	if err := failpoint("add-ipam"); err != nil {
 		return nil, err
 	}
@@ -157,46 +156,37 @@ func addMain(c *Conf, args *skel.CmdArgs, dp *loader.Datapath, netns ns.NetNS, e
 	ep.ParentName = master.Attrs().Name
 	ep.ParentMAC = master.Attrs().HardwareAddr
 	ep.Mode = c.DatapathMode
-	// Before the link comes up, so the counters see its first frame and
-	// the spoofing guard is in place before it can send.
-	undo, err := attachEndpoint(dp, &ep, pre)
-	if err != nil {
-		return nil, err
-	}
-	defer func() {
-		if err != nil {
-			if uerr := undo(); uerr != nil {
-				err = errors.Join(err, fmt.Errorf("roll back: unregister endpoint: %w", uerr))
-			}
-		}
-	}()
-
-	if err := failpoint("add-attach"); err != nil {
-		return nil, err
-	}
-	err = netns.Do(func(ns.NetNS) error {
+	// The programs go on before the link comes up, so the counters see its
+	// first frame and the spoofing guard is in place before it can send.
+	err = attachEndpoint(dp, netns, &ep, ph, func() error {
 		// Announce the addresses at once (the reference macvlan plugin
 		// does the same): neighbours may remember a previous owner's MAC.
 		_, _ = sysctl.Sysctl(fmt.Sprintf("net/ipv4/conf/%s/arp_notify", args.IfName), "1")
 		_, _ = sysctl.Sysctl(fmt.Sprintf("net/ipv6/conf/%s/ndisc_notify", args.IfName), "1")
+		var err error
 		if len(result.IPs) > 0 {
-			return ipam.ConfigureIface(args.IfName, result)
+			err = ipam.ConfigureIface(args.IfName, result)
+		} else {
+			var l netlink.Link
+			if l, err = netlink.LinkByIndex(ep.Ifindex); err == nil {
+				err = netlink.LinkSetUp(l)
+			}
 		}
-		l, err := netlink.LinkByIndex(ep.Ifindex)
 		if err != nil {
-			return err
+			return fmt.Errorf("configure %s: %w", args.IfName, err)
 		}
-		return netlink.LinkSetUp(l)
+		return nil
 	})
 	if err != nil {
-		return nil, fmt.Errorf("configure %s: %w", args.IfName, err)
+		return nil, err
 	}
+	ph.mark("configure")
 	return result, nil
 }
 
 // addChained adopts the slave a previous plugin created and passes its
 // result on unchanged.
-func addChained(c *Conf, dp *loader.Datapath, netns ns.NetNS, ep endpoint, pre *preload) (types.Result, error) {
+func addChained(c *Conf, dp *loader.Datapath, netns ns.NetNS, ep endpoint, ph *phases) (types.Result, error) {
 	prev, err := current.NewResultFromResult(c.PrevResult)
 	if err != nil {
 		return nil, errorf(types.ErrDecodingFailure, "prevResult: %v", err)
@@ -240,7 +230,7 @@ func addChained(c *Conf, dp *loader.Datapath, netns ns.NetNS, ep endpoint, pre *
 	ep.ParentName = parent.Attrs().Name
 	ep.ParentMAC = parent.Attrs().HardwareAddr
 	ep.Mode = s.Mode
-	if _, err := attachEndpoint(dp, &ep, pre); err != nil {
+	if err := attachEndpoint(dp, netns, &ep, ph, nil); err != nil {
 		return nil, err
 	}
 	return c.PrevResult, nil

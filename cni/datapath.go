@@ -8,8 +8,8 @@ import (
 	"net/netip"
 	"os"
 
-	"github.com/cilium/ebpf"
 	"github.com/containernetworking/cni/pkg/types"
+	"github.com/containernetworking/plugins/pkg/ns"
 
 	"github.com/underpass-cni/underpass/loader"
 	"github.com/underpass-cni/underpass/pkg/cidrs"
@@ -19,12 +19,17 @@ import (
 // openDatapath opens the pinned datapath; "not loaded" becomes a CNI error
 // with code (11 for ADD and CHECK, 50 for STATUS) telling what to do.
 func openDatapath(dir string, code uint) (*loader.Datapath, error) {
-	dp, err := loader.Open(dir)
+	dp, err := loader.OpenForEndpoints(dir)
 	if errors.Is(err, loader.ErrNotLoaded) {
 		return nil, types.NewError(code, fmt.Sprintf("underpass datapath not loaded in %s: start underpassd", dir), err.Error())
 	}
 	if err != nil {
 		return nil, fmt.Errorf("open underpass datapath in %s: %w", dir, err)
+	}
+	// A pod attached now would run with no counters and no spoofing guard.
+	if err := dp.CheckEndpointPrograms(); err != nil {
+		dp.Close()
+		return nil, types.NewError(code, fmt.Sprintf("underpass datapath in %s is incomplete (%v): restart underpassd", dir, err), "")
 	}
 	return dp, nil
 }
@@ -80,88 +85,41 @@ type parentState struct {
 	attached   bool // the parent's egress link is ours
 }
 
-// preload loads the endpoint programs for the id an attachment will most
-// likely get (its natural id; Register picks another only on a hash
-// collision) while ADD does other things: loading is CPU work of a few
-// milliseconds, IPAM mostly waits for a process.
-type preload struct {
-	id      uint32
-	done    chan struct{}
-	in, eg  *ebpf.Program
-	err     error
-	claimed bool
-}
-
-func startPreload(dp *loader.Datapath, containerID, ifname string) *preload {
-	p := &preload{id: datapath.EndpointID(containerID, ifname), done: make(chan struct{})}
-	go func() {
-		defer close(p.done)
-		p.in, p.eg, p.err = loader.LoadEndpointPrograms(dp, p.id)
-	}()
-	return p
-}
-
-// programs returns programs for id: the preloaded ones when id is the one
-// they were loaded for, else freshly loaded ones. close releases them.
-func (p *preload) programs(dp *loader.Datapath, id uint32) (in, eg *ebpf.Program, close func(), err error) {
-	if p != nil {
-		<-p.done
-		if p.id == id && p.err == nil && !p.claimed {
-			p.claimed = true
-			return p.in, p.eg, func() {}, nil // p.close releases them
-		}
-	}
-	in, eg, err = loader.LoadEndpointPrograms(dp, id)
-	if err != nil {
-		return nil, nil, nil, err
-	}
-	return in, eg, func() { in.Close(); eg.Close() }, nil
-}
-
-// close waits for the load and releases its programs: attached filters
-// hold their own references.
-func (p *preload) close() {
-	<-p.done
-	if p.err == nil {
-		p.in.Close()
-		p.eg.Close()
-	}
-}
-
-// attachEndpoint registers ep (and its parent) and attaches the endpoint
-// programs inside netns, taking them from pre when it loaded the right ones
-// (pre may be nil). On error nothing of it is left. The returned undo
-// removes it again, for failures later in ADD.
-func attachEndpoint(dp *loader.Datapath, ep *endpoint, pre *preload) (undo func() error, err error) {
+// attachEndpoint registers ep (and its parent), attaches the endpoint
+// programs inside netns and then, still in there, runs then (nil: nothing),
+// with which ADD configures the interface. On error nothing of it is left.
+func attachEndpoint(dp *loader.Datapath, netns ns.NetNS, ep *endpoint, ph *phases, then func() error) (err error) {
 	id, ps, err := registerEndpoint(dp, ep)
 	if err != nil {
-		return nil, err
+		return err
 	}
-	// Not the named result: a failing return sets that to nil before the
-	// deferred rollback runs.
-	rollback := func() error { return unregisterEndpoint(dp, id, ep.ParentIndex, ps) }
+	ph.mark("register")
 	defer func() {
 		if err != nil {
-			if uerr := rollback(); uerr != nil {
+			if uerr := unregisterEndpoint(dp, id, ep.ParentIndex, ps); uerr != nil {
 				err = errors.Join(err, fmt.Errorf("roll back: %w", uerr))
 			}
 		}
 	}()
 	if err := failpoint("add-register"); err != nil {
-		return nil, err
+		return err
 	}
-	// Outside the lock: loading the programs is the slow part, and the
-	// registration already owns the id.
-	in, eg, release, err := pre.programs(dp, id)
-	if err != nil {
-		return nil, err
-	}
-	defer release()
-	if err := loader.AttachEndpointPrograms(in, eg, id, ep.Netns, ep.Ifindex); err != nil {
-		return nil, fmt.Errorf("attach endpoint programs to %s: %w", ep.IfName, err)
-	}
-	log.Debug("attached endpoint programs", "id", id, "ifindex", ep.Ifindex)
-	return rollback, nil
+	// Outside the lock: the registration owns the id already.
+	err = netns.Do(func(ns.NetNS) error {
+		if err := loader.AttachEndpointHere(dp, id, ep.Ifindex); err != nil {
+			return fmt.Errorf("attach endpoint programs to %s: %w", ep.IfName, err)
+		}
+		ph.mark("attach_programs")
+		log.Debug("attached endpoint programs", "id", id, "ifindex", ep.Ifindex)
+		if err := failpoint("add-attach"); err != nil {
+			return err
+		}
+		if then == nil {
+			return nil
+		}
+		return then()
+	})
+	return err
 }
 
 // registerEndpoint does the locked part of ADD: parent, stale owners, the

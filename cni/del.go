@@ -52,7 +52,7 @@ func del(args *skel.CmdArgs) error {
 // there) and takes it for a lost DEL. IPAM runs after, outside the lock.
 func delLinkAndEndpoint(c *Conf, args *skel.CmdArgs) error {
 	var errs []error
-	dp, err := loader.Open(c.BPFFS)
+	dp, err := loader.OpenForEndpoints(c.BPFFS)
 	switch {
 	case errors.Is(err, loader.ErrNotLoaded):
 		log.Debug("datapath not loaded: nothing to unregister", "bpffs", c.BPFFS)

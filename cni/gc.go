@@ -29,7 +29,7 @@ func gc(args *skel.CmdArgs) error {
 		return err
 	}
 	var errs []error
-	dp, err := loader.Open(c.BPFFS)
+	dp, err := loader.OpenForEndpoints(c.BPFFS)
 	switch {
 	case errors.Is(err, loader.ErrNotLoaded):
 		log.Debug("datapath not loaded: nothing to collect", "bpffs", c.BPFFS)

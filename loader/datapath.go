@@ -37,17 +37,20 @@ type Maps struct {
 	Trace     *ebpf.Map
 	Events    *ebpf.Map // ring buffer of up_event, read by the agent
 	Prefilter *ebpf.Map // [0] svc_cidrs, [1] host_cidrs: see pkg/datapath
+	EpProgs   *ebpf.Map // the endpoint programs' bodies, for their tail calls
 }
 
-// Programs are the programs shared by all attachments. The endpoint programs
-// are loaded per endpoint (LoadEndpointPrograms); these copies serve as the
-// pinned reference of what the running datapath is.
+// Programs are the programs shared by all attachments. EndpointIngress and
+// EndpointEgress are what every endpoint's filters run; they tail-call the
+// bodies through ep_progs.
 type Programs struct {
-	ParentEgress    *ebpf.Program
-	UplinkEgress    *ebpf.Program
-	EndpointIngress *ebpf.Program
-	EndpointEgress  *ebpf.Program
-	ParentXDP       *ebpf.Program
+	ParentEgress        *ebpf.Program
+	UplinkEgress        *ebpf.Program
+	EndpointIngress     *ebpf.Program
+	EndpointEgress      *ebpf.Program
+	EndpointIngressBody *ebpf.Program
+	EndpointEgressBody  *ebpf.Program
+	ParentXDP           *ebpf.Program
 }
 
 // Datapath is a loaded (or opened) datapath.
@@ -70,14 +73,10 @@ const (
 	linkDir = "links"
 )
 
-// parsedSpec parses the embedded ELF once per process: the CNI plugin needs
-// it twice per ADD (Open's compatibility check, the endpoint programs).
+// parsedSpec parses the embedded ELF once per process. Only Load needs it:
+// the CNI plugin and underpassctl never parse it (Open checks the pins
+// against mapABI).
 var parsedSpec = sync.OnceValues(loadDatapath)
-
-// ParseInBackground starts parsing the embedded spec on another goroutine,
-// for a short-lived process (the CNI plugin) that needs it soon: the
-// parse, ~1.5 ms of CPU, then overlaps Open's syscalls.
-func ParseInBackground() { go parsedSpec() }
 
 // Spec returns a copy of the embedded collection spec, free to modify.
 func Spec() (*ebpf.CollectionSpec, error) {
@@ -164,6 +163,11 @@ func Load(dir string, opts Options) (_ *Datapath, err error) {
 	if len(missing) > 0 {
 		return nil, fmt.Errorf("load datapath: build lacks %s", strings.Join(missing, ", "))
 	}
+	// Into an adopted ep_progs this is the upgrade of every endpoint at
+	// once: their filters reach the new bodies from the next packet on.
+	if err := dp.RestoreEndpointPrograms(); err != nil {
+		return nil, err
+	}
 
 	if _, statErr := os.Stat(dir); errors.Is(statErr, fs.ErrNotExist) {
 		if err := dp.pinFresh(dir); err != nil {
@@ -242,54 +246,78 @@ func pinAtomic(path string, pin func(string) error) error {
 	return nil
 }
 
-// Open opens a pinned datapath without loading anything: what the CNI
-// plugin and underpassctl do. It fails with ErrNotLoaded when nothing is
-// pinned in dir.
-func Open(dir string) (_ *Datapath, err error) {
+// Open opens a pinned datapath without loading anything: what
+// underpassctl and the agent's --uninstall do. It fails with ErrNotLoaded
+// when nothing is pinned in dir.
+func Open(dir string) (*Datapath, error) {
+	return open(dir, nil)
+}
+
+// forEndpoints are the objects the CNI plugin works on: the endpoint maps
+// it owns entries of, parents and svc_cidrs (which it reads), ep_progs
+// (checked) and the programs it attaches.
+var forEndpoints = map[string]bool{
+	"parents": true, "ep_by_mac": true, "ep_by_ip": true, "endpoints": true, "ep_stats": true,
+	"svc_cidrs": true, "ep_progs": true,
+	"parent_egress": true, "endpoint_ingress": true, "endpoint_egress": true,
+}
+
+// OpenForEndpoints is Open for the CNI plugin: only the objects it uses
+// are opened (forEndpoints), the others stay nil. A third of the objects,
+// so a third of the syscalls, on every pod start.
+func OpenForEndpoints(dir string) (*Datapath, error) {
+	return open(dir, forEndpoints)
+}
+
+// open opens the pinned objects named in only, all of them when only is nil.
+func open(dir string, only map[string]bool) (_ *Datapath, err error) {
 	if _, err := os.Stat(filepath.Join(dir, progDir)); errors.Is(err, fs.ErrNotExist) {
 		return nil, fmt.Errorf("%w: nothing pinned in %s: start underpassd", ErrNotLoaded, dir)
 	}
+	want := func(name string) bool { return only == nil || only[name] }
 	dp := &Datapath{Dir: dir}
 	defer func() {
 		if err != nil {
 			dp.Close()
 		}
 	}()
-	maps := map[string]**ebpf.Map{}
-	dp.eachMap(func(name string, m **ebpf.Map) { maps[name] = m })
-	for name, ptr := range maps {
+	var openErr error
+	dp.eachMap(func(name string, ptr **ebpf.Map) {
+		if openErr != nil || !want(name) {
+			return
+		}
 		m, err := ebpf.LoadPinnedMap(filepath.Join(dir, name), nil)
-		if errors.Is(err, fs.ErrNotExist) {
-			return nil, fmt.Errorf("%w: map %s missing in %s: restart underpassd", ErrNotLoaded, name, dir)
-		}
-		if err != nil {
-			return nil, fmt.Errorf("open pinned map %s: %w", name, err)
-		}
-		*ptr = m
-	}
-	progs := map[string]**ebpf.Program{}
-	dp.eachProgram(func(name string, p **ebpf.Program) { progs[name] = p })
-	for name, ptr := range progs {
-		p, err := ebpf.LoadPinnedProgram(filepath.Join(dir, progDir, name), nil)
-		if errors.Is(err, fs.ErrNotExist) {
-			return nil, fmt.Errorf("%w: program %s missing in %s: restart underpassd", ErrNotLoaded, name, dir)
-		}
-		if err != nil {
-			return nil, fmt.Errorf("open pinned program %s: %w", name, err)
-		}
-		*ptr = p
-	}
-	// The spec last: its parse may still be running (ParseInBackground).
-	spec, err := parsedSpec()
-	if err != nil {
-		return nil, fmt.Errorf("parse embedded datapath: %w", err)
-	}
-	for name, ptr := range maps {
-		if ms, ok := spec.Maps[name]; ok {
-			if err := ms.Compatible(*ptr); err != nil {
-				return nil, fmt.Errorf("pinned map %s was made by another underpass version (%w): use the plugin that matches the running underpassd", name, err)
+		switch {
+		case errors.Is(err, fs.ErrNotExist):
+			openErr = fmt.Errorf("%w: map %s missing in %s: restart underpassd", ErrNotLoaded, name, dir)
+		case err != nil:
+			openErr = fmt.Errorf("open pinned map %s: %w", name, err)
+		default:
+			*ptr = m
+			if err := checkABI(name, m); err != nil {
+				openErr = fmt.Errorf("pinned map %s was made by another underpass version (%w): use the plugin that matches the running underpassd", name, err)
 			}
 		}
+	})
+	if openErr != nil {
+		return nil, openErr
+	}
+	dp.eachProgram(func(name string, ptr **ebpf.Program) {
+		if openErr != nil || !want(name) {
+			return
+		}
+		p, err := ebpf.LoadPinnedProgram(filepath.Join(dir, progDir, name), nil)
+		switch {
+		case errors.Is(err, fs.ErrNotExist):
+			openErr = fmt.Errorf("%w: program %s missing in %s: restart underpassd", ErrNotLoaded, name, dir)
+		case err != nil:
+			openErr = fmt.Errorf("open pinned program %s: %w", name, err)
+		default:
+			*ptr = p
+		}
+	})
+	if openErr != nil {
+		return nil, openErr
 	}
 	return dp, nil
 }
@@ -320,6 +348,36 @@ func (dp *Datapath) eachMap(fn func(string, **ebpf.Map)) {
 	fn("trace", &dp.Maps.Trace)
 	fn("events", &dp.Maps.Events)
 	fn("prefilter", &dp.Maps.Prefilter)
+	fn("ep_progs", &dp.Maps.EpProgs)
+}
+
+// ErrNoEndpointPrograms means ep_progs lacks an endpoint program body: the
+// filters on the slaves let traffic through unchecked and uncounted.
+var ErrNoEndpointPrograms = errors.New("endpoint programs missing from ep_progs")
+
+// CheckEndpointPrograms says whether both ep_progs slots hold a program.
+func (dp *Datapath) CheckEndpointPrograms() error {
+	for _, slot := range []EpProg{EpProgIngress, EpProgEgress} {
+		var id uint32
+		if err := dp.Maps.EpProgs.Lookup(uint32(slot), &id); err != nil {
+			if errors.Is(err, ebpf.ErrKeyNotExist) {
+				return fmt.Errorf("%w: slot %d is empty", ErrNoEndpointPrograms, slot)
+			}
+			return fmt.Errorf("read ep_progs slot %d: %w", slot, err)
+		}
+	}
+	return nil
+}
+
+// RestoreEndpointPrograms points the ep_progs slots at this datapath's
+// endpoint program bodies.
+func (dp *Datapath) RestoreEndpointPrograms() error {
+	for slot, p := range map[EpProg]*ebpf.Program{EpProgIngress: dp.Programs.EndpointIngressBody, EpProgEgress: dp.Programs.EndpointEgressBody} {
+		if err := dp.Maps.EpProgs.Put(uint32(slot), p); err != nil {
+			return fmt.Errorf("put endpoint program %d into ep_progs: %w", slot, err)
+		}
+	}
+	return nil
 }
 
 func (dp *Datapath) eachProgram(fn func(string, **ebpf.Program)) {
@@ -327,6 +385,8 @@ func (dp *Datapath) eachProgram(fn func(string, **ebpf.Program)) {
 	fn("uplink_egress", &dp.Programs.UplinkEgress)
 	fn("endpoint_ingress", &dp.Programs.EndpointIngress)
 	fn("endpoint_egress", &dp.Programs.EndpointEgress)
+	fn("ep_ingress_body", &dp.Programs.EndpointIngressBody)
+	fn("ep_egress_body", &dp.Programs.EndpointEgressBody)
 	fn("parent_xdp", &dp.Programs.ParentXDP)
 }
 

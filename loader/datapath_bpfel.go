@@ -70,6 +70,14 @@ type datapathUpEpAddr struct {
 	Pad       [2]uint8
 }
 
+type datapathUpEpProg uint32
+
+const (
+	datapathUpEpProgUP_EP_PROG_INGRESS datapathUpEpProg = 0
+	datapathUpEpProgUP_EP_PROG_EGRESS  datapathUpEpProg = 1
+	datapathUpEpProgUP_EP_PROG_MAX     datapathUpEpProg = 2
+)
+
 type datapathUpEpRef struct {
 	_             structs.HostLayout
 	Id            uint32
@@ -229,6 +237,7 @@ const (
 	datapathMapEndpoints             = "endpoints"
 	datapathMapEpByIp                = "ep_by_ip"
 	datapathMapEpByMac               = "ep_by_mac"
+	datapathMapEpProgs               = "ep_progs"
 	datapathMapEpStats               = "ep_stats"
 	datapathMapEvents                = "events"
 	datapathMapHostCidrs             = "host_cidrs"
@@ -240,13 +249,15 @@ const (
 	datapathMapTrace                 = "trace"
 	datapathProgEndpointEgress       = "endpoint_egress"
 	datapathProgEndpointIngress      = "endpoint_ingress"
+	datapathProgEpEgressBody         = "ep_egress_body"
+	datapathProgEpIngressBody        = "ep_ingress_body"
 	datapathProgParentEgress         = "parent_egress"
 	datapathProgParentXdp            = "parent_xdp"
 	datapathProgUplinkEgress         = "uplink_egress"
-	datapathVarEndpointId            = "endpoint_id"
 	datapathVarTraceRedirects        = "trace_redirects"
 	datapathVarUnusedConfigFlags     = "unused_config_flags"
 	datapathVarUnusedDropReason      = "unused_drop_reason"
+	datapathVarUnusedEpProg          = "unused_ep_prog"
 	datapathVarUnusedEvent           = "unused_event"
 	datapathVarUnusedEventKind       = "unused_event_kind"
 	datapathVarUnusedHostFlags       = "unused_host_flags"
@@ -301,6 +312,8 @@ type datapathSpecs struct {
 type datapathProgramSpecs struct {
 	EndpointEgress  *ebpf.ProgramSpec `ebpf:"endpoint_egress"`
 	EndpointIngress *ebpf.ProgramSpec `ebpf:"endpoint_ingress"`
+	EpEgressBody    *ebpf.ProgramSpec `ebpf:"ep_egress_body"`
+	EpIngressBody   *ebpf.ProgramSpec `ebpf:"ep_ingress_body"`
 	ParentEgress    *ebpf.ProgramSpec `ebpf:"parent_egress"`
 	ParentXdp       *ebpf.ProgramSpec `ebpf:"parent_xdp"`
 	UplinkEgress    *ebpf.ProgramSpec `ebpf:"uplink_egress"`
@@ -315,6 +328,7 @@ type datapathMapSpecs struct {
 	Endpoints *ebpf.MapSpec `ebpf:"endpoints"`
 	EpByIp    *ebpf.MapSpec `ebpf:"ep_by_ip"`
 	EpByMac   *ebpf.MapSpec `ebpf:"ep_by_mac"`
+	EpProgs   *ebpf.MapSpec `ebpf:"ep_progs"`
 	EpStats   *ebpf.MapSpec `ebpf:"ep_stats"`
 	Events    *ebpf.MapSpec `ebpf:"events"`
 	HostCidrs *ebpf.MapSpec `ebpf:"host_cidrs"`
@@ -330,10 +344,10 @@ type datapathMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type datapathVariableSpecs struct {
-	EndpointId            *ebpf.VariableSpec `ebpf:"endpoint_id"`
 	TraceRedirects        *ebpf.VariableSpec `ebpf:"trace_redirects"`
 	UnusedConfigFlags     *ebpf.VariableSpec `ebpf:"unused_config_flags"`
 	UnusedDropReason      *ebpf.VariableSpec `ebpf:"unused_drop_reason"`
+	UnusedEpProg          *ebpf.VariableSpec `ebpf:"unused_ep_prog"`
 	UnusedEvent           *ebpf.VariableSpec `ebpf:"unused_event"`
 	UnusedEventKind       *ebpf.VariableSpec `ebpf:"unused_event_kind"`
 	UnusedHostFlags       *ebpf.VariableSpec `ebpf:"unused_host_flags"`
@@ -369,6 +383,7 @@ type datapathMaps struct {
 	Endpoints *ebpf.Map `ebpf:"endpoints"`
 	EpByIp    *ebpf.Map `ebpf:"ep_by_ip"`
 	EpByMac   *ebpf.Map `ebpf:"ep_by_mac"`
+	EpProgs   *ebpf.Map `ebpf:"ep_progs"`
 	EpStats   *ebpf.Map `ebpf:"ep_stats"`
 	Events    *ebpf.Map `ebpf:"events"`
 	HostCidrs *ebpf.Map `ebpf:"host_cidrs"`
@@ -387,6 +402,7 @@ func (m *datapathMaps) Close() error {
 		m.Endpoints,
 		m.EpByIp,
 		m.EpByMac,
+		m.EpProgs,
 		m.EpStats,
 		m.Events,
 		m.HostCidrs,
@@ -403,10 +419,10 @@ func (m *datapathMaps) Close() error {
 //
 // It can be passed to loadDatapathObjects or ebpf.CollectionSpec.LoadAndAssign.
 type datapathVariables struct {
-	EndpointId            *ebpf.Variable `ebpf:"endpoint_id"`
 	TraceRedirects        *ebpf.Variable `ebpf:"trace_redirects"`
 	UnusedConfigFlags     *ebpf.Variable `ebpf:"unused_config_flags"`
 	UnusedDropReason      *ebpf.Variable `ebpf:"unused_drop_reason"`
+	UnusedEpProg          *ebpf.Variable `ebpf:"unused_ep_prog"`
 	UnusedEvent           *ebpf.Variable `ebpf:"unused_event"`
 	UnusedEventKind       *ebpf.Variable `ebpf:"unused_event_kind"`
 	UnusedHostFlags       *ebpf.Variable `ebpf:"unused_host_flags"`
@@ -423,6 +439,8 @@ type datapathVariables struct {
 type datapathPrograms struct {
 	EndpointEgress  *ebpf.Program `ebpf:"endpoint_egress"`
 	EndpointIngress *ebpf.Program `ebpf:"endpoint_ingress"`
+	EpEgressBody    *ebpf.Program `ebpf:"ep_egress_body"`
+	EpIngressBody   *ebpf.Program `ebpf:"ep_ingress_body"`
 	ParentEgress    *ebpf.Program `ebpf:"parent_egress"`
 	ParentXdp       *ebpf.Program `ebpf:"parent_xdp"`
 	UplinkEgress    *ebpf.Program `ebpf:"uplink_egress"`
@@ -432,6 +450,8 @@ func (p *datapathPrograms) Close() error {
 	return _DatapathClose(
 		p.EndpointEgress,
 		p.EndpointIngress,
+		p.EpEgressBody,
+		p.EpIngressBody,
 		p.ParentEgress,
 		p.ParentXdp,
 		p.UplinkEgress,

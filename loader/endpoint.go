@@ -13,98 +13,10 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// The endpoint programs and the constant that tells them their endpoint.
-const (
-	progEndpointIngress = "endpoint_ingress"
-	progEndpointEgress  = "endpoint_egress"
-	varEndpointID       = "endpoint_id"
-)
-
-// LoadEndpointPrograms loads endpoint_ingress and endpoint_egress with
-// endpoint_id = id, sharing dp's maps. Each endpoint gets its own copy because
-// the programs run inside the container netns, where the ifindex says
-// nothing about which endpoint it is (ifindexes repeat across netns); the
-// only per-endpoint state is the private .rodata holding the id. The caller
-// owns the returned programs (an attachment keeps them alive after Close).
-func LoadEndpointPrograms(dp *Datapath, id uint32) (ingress, egress *ebpf.Program, err error) {
-	if id == 0 {
-		return nil, nil, errors.New("load endpoint programs: endpoint id 0 means \"no endpoint\" to the programs")
-	}
-	spec, err := Spec()
-	if err != nil {
-		return nil, nil, err
-	}
-	for name := range spec.Programs {
-		if name != progEndpointIngress && name != progEndpointEgress {
-			delete(spec.Programs, name)
-		}
-	}
-	// Without line info: a fifth less load time per pod (1.7 -> 1.4 ms on
-	// the test VM), and the source lines of these two small programs are
-	// in bpf/underpass.c (the datapath's own copies keep theirs).
-	for _, p := range spec.Programs {
-		for i := range p.Instructions {
-			p.Instructions[i] = p.Instructions[i].WithSource(nil)
-		}
-	}
-	v, ok := spec.Variables[varEndpointID]
-	if !ok {
-		return nil, nil, fmt.Errorf("load endpoint programs: build has no %s constant", varEndpointID)
-	}
-	if err := v.Set(id); err != nil {
-		return nil, nil, fmt.Errorf("set %s: %w", varEndpointID, err)
-	}
-
-	// Only the maps the endpoint programs use are loaded (NewCollection
-	// would create every map of the spec otherwise). Each is the pinned
-	// one: the programs must count into and look up in the maps the agent
-	// and the parent program see. Only the data sections (.rodata with
-	// endpoint_id) are created per endpoint.
-	used := map[string]bool{}
-	for _, p := range spec.Programs {
-		for _, ins := range p.Instructions {
-			if ins.IsLoadFromMap() && ins.Reference() != "" {
-				used[ins.Reference()] = true
-			}
-		}
-	}
-	maps := dp.maps()
-	replacements := map[string]*ebpf.Map{}
-	for name := range spec.Maps {
-		if strings.HasPrefix(name, ".") {
-			continue // data sections: small, and the variables need them
-		}
-		if !used[name] {
-			delete(spec.Maps, name)
-			continue
-		}
-		m, ok := maps[name]
-		if !ok {
-			return nil, nil, fmt.Errorf("load endpoint programs: datapath has no map %s open", name)
-		}
-		replacements[name] = m
-	}
-	coll, err := ebpf.NewCollectionWithOptions(spec, ebpf.CollectionOptions{MapReplacements: replacements})
-	if err != nil {
-		var ve *ebpf.VerifierError
-		if errors.As(err, &ve) {
-			return nil, nil, fmt.Errorf("load endpoint programs: %+v", ve)
-		}
-		return nil, nil, fmt.Errorf("load endpoint programs: %w", err)
-	}
-	defer coll.Close()
-	ingress = coll.DetachProgram(progEndpointIngress)
-	egress = coll.DetachProgram(progEndpointEgress)
-	if ingress == nil || egress == nil {
-		ingress.Close()
-		egress.Close()
-		return nil, nil, errors.New("load endpoint programs: build lacks the endpoint programs")
-	}
-	return ingress, egress, nil
-}
-
 // Endpoint programs are attached as cls_bpf filters on the slave's clsact
-// hooks, also where tcx exists. A tcx attach or detach waits for an RCU grace
+// hooks, also where tcx exists. The filter's classid is the endpoint id:
+// cls_bpf hands it to the program in skb->tc_classid, which is how one
+// loaded program serves every endpoint. A tcx attach or detach waits for an RCU grace
 // period (measured 8-16 ms each on the 2-CPU test VM, longer on big busy
 // nodes), and an endpoint needs two of them on ADD: that was two thirds of
 // the plugin's ADD latency. A filter costs well under a millisecond, goes
@@ -160,30 +72,50 @@ func endpointFilters(h *netlink.Handle, ifindex int) [2]clsBPF {
 	}
 }
 
-// AttachEndpoint loads the programs of endpoint id and attaches them to the
+// MaxEndpointID is the largest endpoint id a filter can carry: cls_bpf
+// passes 16 bits of its classid to the program.
+const MaxEndpointID = 0xffff
+
+// AttachEndpoint attaches the endpoint programs for endpoint id to the
 // ingress and egress of ifindex in the netns at netnsPath. Attaching again
-// (a retried ADD) swaps the programs in place. On error nothing of this
+// (a retried ADD) swaps the filters in place. On error nothing of this
 // attachment is left.
 func AttachEndpoint(dp *Datapath, id uint32, netnsPath string, ifindex int) error {
-	ingress, egress, err := LoadEndpointPrograms(dp, id)
-	if err != nil {
-		return err
-	}
-	// The filters hold their own references.
-	defer ingress.Close()
-	defer egress.Close()
-	return AttachEndpointPrograms(ingress, egress, id, netnsPath, ifindex)
-}
-
-// AttachEndpointPrograms is AttachEndpoint with programs LoadEndpointPrograms
-// loaded for id already (the plugin loads them while IPAM runs). The caller
-// keeps its references.
-func AttachEndpointPrograms(ingress, egress *ebpf.Program, id uint32, netnsPath string, ifindex int) (err error) {
 	h, err := netnsHandle(netnsPath)
 	if err != nil {
 		return fmt.Errorf("attach endpoint %d: %w", id, err)
 	}
 	defer h.Close()
+	if err := dp.attachEndpoint(h, id, ifindex); err != nil {
+		return fmt.Errorf("attach endpoint %d to ifindex %d in %s: %w", id, ifindex, netnsPath, err)
+	}
+	return nil
+}
+
+// AttachEndpointHere is AttachEndpoint in the calling thread's netns, for
+// a caller inside ns.Do already: the CNI plugin, which is there anyway to
+// configure the interface.
+func AttachEndpointHere(dp *Datapath, id uint32, ifindex int) error {
+	// One socket for the three requests (the package-level netlink
+	// functions open one per request).
+	h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
+	if err != nil {
+		return fmt.Errorf("attach endpoint %d: netlink: %w", id, err)
+	}
+	defer h.Close()
+	if err := dp.attachEndpoint(h, id, ifindex); err != nil {
+		return fmt.Errorf("attach endpoint %d to ifindex %d: %w", id, ifindex, err)
+	}
+	return nil
+}
+
+func (dp *Datapath) attachEndpoint(h *netlink.Handle, id uint32, ifindex int) (err error) {
+	if id == 0 || id > MaxEndpointID {
+		return fmt.Errorf("endpoint id %d out of range 1-%d", id, MaxEndpointID)
+	}
+	if dp.Programs.EndpointIngress == nil || dp.Programs.EndpointEgress == nil {
+		return errors.New("datapath has no endpoint programs open")
+	}
 	filters := endpointFilters(h, ifindex)
 	defer func() {
 		if err != nil {
@@ -192,11 +124,15 @@ func AttachEndpointPrograms(ingress, egress *ebpf.Program, id uint32, netnsPath 
 			}
 		}
 	}()
-	for i, prog := range []*ebpf.Program{ingress, egress} {
+	if err := filters[0].ensureClsact(); err != nil {
+		return err
+	}
+	for i, prog := range []*ebpf.Program{dp.Programs.EndpointIngress, dp.Programs.EndpointEgress} {
 		f := filters[i]
 		f.name = endpointFilterName(id)
-		if err := f.replace(prog); err != nil {
-			return fmt.Errorf("attach endpoint %d to ifindex %d in %s: %w", id, ifindex, netnsPath, err)
+		f.classid = id
+		if err := f.replaceFilter(prog); err != nil {
+			return err
 		}
 	}
 	return nil

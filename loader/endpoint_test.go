@@ -10,6 +10,8 @@ import (
 	"testing"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
+	"github.com/cilium/ebpf/btf"
 	"github.com/cilium/ebpf/link"
 	"github.com/gopacket/gopacket/layers"
 	"github.com/vishvananda/netlink"
@@ -23,16 +25,64 @@ import (
 
 var ipRemote6 = netip.MustParseAddr("2001:db8:9::7")
 
+// loadEndpoint returns programs that run dp's endpoint programs as endpoint
+// id's filters do. BPF_PROG_TEST_RUN cannot set skb->tc_classid, which
+// cls_bpf sets from the filter's classid, so each wrapper writes it (tc
+// programs may) and tail-calls the endpoint program through a prog array
+// of the test's own.
 func loadEndpoint(tb testing.TB, dp *loader.Datapath, id uint32) (ingress, egress *ebpf.Program) {
 	tb.Helper()
-	in, eg, err := loader.LoadEndpointPrograms(dp, id)
-	must(tb, err)
-	tb.Cleanup(func() { in.Close(); eg.Close() })
-	return in, eg
+	return loadEndpointInto(tb, dp.Programs.EndpointIngress, dp.Programs.EndpointEgress, id)
 }
 
-// Each endpoint's programs know their endpoint by the constant they were
-// loaded with: A's programs count into A only, by exact frame bytes.
+// loadEndpointInto wraps ingress and egress for endpoint id.
+func loadEndpointInto(tb testing.TB, ingress, egress *ebpf.Program, id uint32) (*ebpf.Program, *ebpf.Program) {
+	tb.Helper()
+	progs, err := ebpf.NewMap(&ebpf.MapSpec{Type: ebpf.ProgramArray, KeySize: 4, ValueSize: 4, MaxEntries: 2})
+	must(tb, err)
+	tb.Cleanup(func() { progs.Close() })
+	must(tb, progs.Put(uint32(0), ingress))
+	must(tb, progs.Put(uint32(1), egress))
+	off := skbFieldOffset(tb, "tc_classid")
+	wrap := func(slot int32) *ebpf.Program {
+		p, err := ebpf.NewProgram(&ebpf.ProgramSpec{
+			Type: ebpf.SchedCLS, License: "Dual BSD/GPL",
+			Instructions: asm.Instructions{
+				asm.Mov.Imm32(asm.R2, int32(id)),
+				asm.StoreMem(asm.R1, off, asm.R2, asm.Word),
+				asm.LoadMapPtr(asm.R2, progs.FD()),
+				asm.Mov.Imm(asm.R3, slot),
+				asm.FnTailCall.Call(),
+				asm.Mov.Imm(asm.R0, 0x5a5a), // the tail call failed
+				asm.Return(),
+			},
+		})
+		must(tb, err)
+		tb.Cleanup(func() { p.Close() })
+		return p
+	}
+	return wrap(0), wrap(1)
+}
+
+// skbFieldOffset is the offset of a struct __sk_buff field, from the BTF
+// of the build.
+func skbFieldOffset(tb testing.TB, field string) int16 {
+	tb.Helper()
+	spec, err := loader.Spec()
+	must(tb, err)
+	var skb *btf.Struct
+	must(tb, spec.Types.TypeByName("__sk_buff", &skb))
+	for _, m := range skb.Members {
+		if m.Name == field {
+			return int16(m.Offset.Bytes())
+		}
+	}
+	tb.Fatalf("struct __sk_buff has no %s", field)
+	return 0
+}
+
+// The filter's classid tells the shared programs whose frame it is: A's
+// filters count into A only, by exact frame bytes.
 func TestEndpointProgramsCount(t *testing.T) {
 	r := newRig(t)
 	inA, egA := loadEndpoint(t, r.dp, r.idA)
@@ -135,10 +185,73 @@ func dropCount(tb testing.TB, r *rig, reason loader.DropReason) loader.Counter {
 	return d[reason]
 }
 
-func TestLoadEndpointProgramsRefusesIDZero(t *testing.T) {
+// With its ep_progs slot empty (a datapath being removed) an endpoint
+// program lets the frame through untouched and counts nothing: pods keep
+// working.
+func TestEndpointProgramsPassWhenSlotEmpty(t *testing.T) {
 	r := newRig(t)
-	if _, _, err := loader.LoadEndpointPrograms(r.dp, 0); err == nil {
-		t.Fatal("endpoint id 0 accepted")
+	inA, egA := loadEndpoint(t, r.dp, r.idA)
+	for _, slot := range []loader.EpProg{loader.EpProgIngress, loader.EpProgEgress} {
+		must(t, r.dp.Maps.EpProgs.Delete(uint32(slot)))
+	}
+	spoofed := icmpEcho(t, macB, macGW, ipB, ipRemote)
+	before := r.epStats(t, r.idA)
+	if res := r.run(t, egA, spoofed); res.verdict != actPass {
+		t.Errorf("egress with no body: verdict %d, want %d (TC_ACT_UNSPEC)", res.verdict, uint32(actPass))
+	}
+	if res := r.run(t, inA, icmpEcho(t, macGW, macA, ipRemote, ipA)); res.verdict != actPass {
+		t.Errorf("ingress with no body: verdict %d, want %d (TC_ACT_UNSPEC)", res.verdict, uint32(actPass))
+	}
+	if after := r.epStats(t, r.idA); after != before {
+		t.Errorf("counted with no program: %+v -> %+v", before, after)
+	}
+}
+
+// A new datapath build loaded over the pinned one replaces the endpoint
+// program bodies of every endpoint at once: filters attached before the
+// upgrade run the new bodies from the next frame on, and the previous
+// build's again after a downgrade.
+func TestEndpointProgramsUpgradeInPlace(t *testing.T) {
+	r := newRig(t)
+	_, egA := loadEndpoint(t, r.dp, r.idA)
+	own := icmpEcho(t, macA, macGW, ipA, ipRemote)
+	if res := r.run(t, egA, own); res.verdict != actOK {
+		t.Fatalf("before the upgrade: verdict %d, want pass", res.verdict)
+	}
+
+	spec, err := loader.Spec()
+	must(t, err)
+	// The "new build": an egress body that drops everything.
+	spec.Programs["ep_egress_body"].Instructions = asm.Instructions{
+		asm.Mov.Imm(asm.R0, actShot),
+		asm.Return(),
+	}
+	up, err := loader.Load(r.dp.Dir, loader.Options{Spec: spec})
+	must(t, err)
+	defer up.Close()
+	if res := r.run(t, egA, own); res.verdict != actShot {
+		t.Fatalf("after the upgrade: verdict %d, want the new program's drop", res.verdict)
+	}
+
+	down, err := loader.Load(r.dp.Dir, loader.Options{})
+	must(t, err)
+	defer down.Close()
+	before := r.epStats(t, r.idA)
+	if res := r.run(t, egA, own); res.verdict != actOK {
+		t.Fatalf("after the downgrade: verdict %d, want pass", res.verdict)
+	}
+	if after := r.epStats(t, r.idA); after.Tx.Packets != before.Tx.Packets+1 {
+		t.Fatalf("after the downgrade: tx %+v -> %+v, want +1 packet", before.Tx, after.Tx)
+	}
+}
+
+// A filter's classid carries 16 bits of endpoint id; 0 means "no endpoint".
+func TestAttachEndpointRefusesIDsOutOfRange(t *testing.T) {
+	r := newRig(t)
+	for _, id := range []uint32{0, loader.MaxEndpointID + 1} {
+		if err := loader.AttachEndpointHere(r.dp, id, 1); err == nil || !strings.Contains(err.Error(), "out of range") {
+			t.Errorf("endpoint id %d: %v, want out of range", id, err)
+		}
 	}
 }
 

@@ -127,7 +127,7 @@ func mapsOf(dp *loader.Datapath) map[string]*ebpf.Map {
 		"config": m.Config, "parents": m.Parents, "ep_by_mac": m.EpByMAC, "ep_by_ip": m.EpByIP,
 		"endpoints": m.Endpoints, "ep_stats": m.EpStats, "stats": m.Stats, "drops": m.Drops,
 		"svc_cidrs": m.SvcCIDRs, "live_svcs": m.LiveSvcs, "host_cidrs": m.HostCIDRs, "trace": m.Trace,
-		"events": m.Events, "prefilter": m.Prefilter,
+		"events": m.Events, "prefilter": m.Prefilter, "ep_progs": m.EpProgs,
 	}
 }
 
@@ -135,7 +135,8 @@ func progsOf(dp *loader.Datapath) map[string]*ebpf.Program {
 	p := &dp.Programs
 	return map[string]*ebpf.Program{
 		"parent_egress": p.ParentEgress, "uplink_egress": p.UplinkEgress, "endpoint_ingress": p.EndpointIngress,
-		"endpoint_egress": p.EndpointEgress, "parent_xdp": p.ParentXDP,
+		"endpoint_egress": p.EndpointEgress, "ep_ingress_body": p.EndpointIngressBody,
+		"ep_egress_body": p.EndpointEgressBody, "parent_xdp": p.ParentXDP,
 	}
 }
 

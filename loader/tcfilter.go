@@ -26,6 +26,7 @@ type clsBPF struct {
 	ifindex int
 	hook    uint32
 	name    string
+	classid uint32 // endpoints: the endpoint id, see AttachEndpoint
 }
 
 func (c clsBPF) filter(prog *ebpf.Program) *netlink.BpfFilter {
@@ -38,6 +39,7 @@ func (c clsBPF) filter(prog *ebpf.Program) *netlink.BpfFilter {
 			Priority:  legacyPrio,
 		},
 		Name:         c.name,
+		ClassId:      c.classid,
 		DirectAction: true,
 	}
 	if prog != nil {
@@ -49,6 +51,14 @@ func (c clsBPF) filter(prog *ebpf.Program) *netlink.BpfFilter {
 // replace installs prog, creating the clsact qdisc if needed; an existing
 // filter of ours on the hook has its program swapped atomically.
 func (c clsBPF) replace(prog *ebpf.Program) error {
+	if err := c.ensureClsact(); err != nil {
+		return err
+	}
+	return c.replaceFilter(prog)
+}
+
+// ensureClsact adds the clsact qdisc (both hooks) unless there is one.
+func (c clsBPF) ensureClsact() error {
 	qdisc := &netlink.GenericQdisc{
 		QdiscAttrs: netlink.QdiscAttrs{LinkIndex: c.ifindex, Handle: netlink.MakeHandle(0xffff, 0), Parent: netlink.HANDLE_CLSACT},
 		QdiscType:  "clsact",
@@ -57,6 +67,11 @@ func (c clsBPF) replace(prog *ebpf.Program) error {
 	if err := c.h.QdiscAdd(qdisc); err != nil && !errors.Is(err, unix.EEXIST) {
 		return fmt.Errorf("add clsact qdisc: %w", err)
 	}
+	return nil
+}
+
+// replaceFilter is replace on a link that has its clsact qdisc.
+func (c clsBPF) replaceFilter(prog *ebpf.Program) error {
 	if err := c.h.FilterReplace(c.filter(prog)); err != nil {
 		return fmt.Errorf("replace cls_bpf filter %s: %w", c.name, err)
 	}

@@ -108,5 +108,14 @@ const (
 // MaxParentIfindex bounds the ifindex of a parent NIC (the parents array).
 const MaxParentIfindex = int(datapathUpLimitsUP_MAX_PARENT_IFINDEX)
 
+// EpProg is a slot of ep_progs: which body endpoint_ingress or
+// endpoint_egress tail-calls.
+type EpProg = datapathUpEpProg
+
+const (
+	EpProgIngress = datapathUpEpProgUP_EP_PROG_INGRESS
+	EpProgEgress  = datapathUpEpProgUP_EP_PROG_EGRESS
+)
+
 // MaxAddrs is UP_MAX_ADDRS: how many addresses an endpoint can have.
 const MaxAddrs = len(Endpoint{}.Addrs)

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
 	"golang.org/x/sys/unix"
 
 	"github.com/underpass-cni/underpass/internal/testutil"
@@ -49,13 +50,12 @@ type verifierFigures struct {
 //	go test -run VerifierFigures -v ./loader
 //	test/vm/run.sh -pkgs ./loader -run VerifierFigures -show verifier:
 //
-// Endpoint programs are loaded with endpoint_id set, as LoadEndpointPrograms
-// does (with 0 the verifier would prune their counting away).
+// Pods cost no program load: their filters share endpoint_ingress and
+// endpoint_egress.
 func TestVerifierFigures(t *testing.T) {
 	testutil.RequireRoot(t)
 	spec, err := loader.Spec()
 	must(t, err)
-	must(t, spec.Variables["endpoint_id"].Set(uint32(1)))
 
 	// The maps once; each program is then loaded into them on its own, so
 	// the load time is the program's (verification, mostly).
@@ -84,43 +84,9 @@ func TestVerifierFigures(t *testing.T) {
 		if err != nil {
 			t.Fatalf("load %s: %v", name, err)
 		}
-		prog := coll.Programs[name]
-		f := verifierFigures{name: name, insns: len(spec.Programs[name].Instructions), load: load}
-		for _, ins := range spec.Programs[name].Instructions {
-			if ins.OpCode.IsDWordLoad() {
-				f.insns++
-			}
-		}
-		log := prog.VerifierLog
-		if m := statsLine.FindStringSubmatch(log); m != nil {
-			f.processed, _ = strconv.Atoi(m[1])
-			f.maxStates, _ = strconv.Atoi(m[2])
-			f.total, _ = strconv.Atoi(m[3])
-			f.peak, _ = strconv.Atoi(m[4])
-		} else {
-			t.Errorf("%s: no statistics in the verifier log:\n%s", name, log)
-		}
-		if m := timeLine.FindStringSubmatch(log); m != nil {
-			f.verifyUsec, _ = strconv.Atoi(m[1])
-		}
-		if m := stackLine.FindStringSubmatch(log); m != nil {
-			f.stack = m[1]
-		}
-		if info, err := prog.Info(); err == nil {
-			f.verified, f.verifiedOK = info.VerifiedInstructions()
-		}
+		rows = append(rows, figures(t, name, spec.Programs[name].Instructions, coll.Programs[name], load))
 		coll.Close()
-		rows = append(rows, f)
-
-		if f.processed >= verifierBudget {
-			t.Errorf("%s: the verifier processed %d instructions, over the budget of %d (10%% of its %d limit)",
-				name, f.processed, verifierBudget, verifierLimit)
-		}
-		if f.verifiedOK && f.processed != 0 && int(f.verified) != f.processed {
-			t.Errorf("%s: verified_insns %d but the log says %d processed", name, f.verified, f.processed)
-		}
 	}
-
 	var u unix.Utsname
 	_ = unix.Uname(&u)
 	var b strings.Builder
@@ -133,4 +99,42 @@ func TestVerifierFigures(t *testing.T) {
 			f.total, f.peak, f.maxStates, f.stack, f.verifyUsec, float64(f.load.Microseconds())/1000)
 	}
 	t.Log("\n" + strings.TrimRight(b.String(), "\n"))
+}
+
+// figures reads the verifier's statistics of a loaded program and holds
+// them to the budget.
+func figures(t *testing.T, name string, insns asm.Instructions, prog *ebpf.Program, load time.Duration) verifierFigures {
+	t.Helper()
+	f := verifierFigures{name: name, insns: len(insns), load: load}
+	for _, ins := range insns {
+		if ins.OpCode.IsDWordLoad() {
+			f.insns++
+		}
+	}
+	log := prog.VerifierLog
+	if m := statsLine.FindStringSubmatch(log); m != nil {
+		f.processed, _ = strconv.Atoi(m[1])
+		f.maxStates, _ = strconv.Atoi(m[2])
+		f.total, _ = strconv.Atoi(m[3])
+		f.peak, _ = strconv.Atoi(m[4])
+	} else {
+		t.Errorf("%s: no statistics in the verifier log:\n%s", name, log)
+	}
+	if m := timeLine.FindStringSubmatch(log); m != nil {
+		f.verifyUsec, _ = strconv.Atoi(m[1])
+	}
+	if m := stackLine.FindStringSubmatch(log); m != nil {
+		f.stack = m[1]
+	}
+	if info, err := prog.Info(); err == nil {
+		f.verified, f.verifiedOK = info.VerifiedInstructions()
+	}
+	if f.processed >= verifierBudget {
+		t.Errorf("%s: the verifier processed %d instructions, over the budget of %d (10%% of its %d limit)",
+			name, f.processed, verifierBudget, verifierLimit)
+	}
+	if f.verifiedOK && f.processed != 0 && int(f.verified) != f.processed {
+		t.Errorf("%s: verified_insns %d but the log says %d processed", name, f.verified, f.processed)
+	}
+	return f
 }

@@ -36,11 +36,13 @@ func (a *Agent) startPinGuard() error {
 	a.pins.repairs = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "underpass_agent_repairs_total",
 		Help: "State removed from under the agent and restored: what=pins (map and program pins in the bpffs dir pinned again), " +
-			"what=links (parent, XDP or uplink programs re-attached after their link pins were removed).",
+			"what=links (parent, XDP or uplink programs re-attached after their link pins were removed), " +
+			"what=endpoint_programs (the shared endpoint programs put back into ep_progs after someone emptied a slot).",
 	}, []string{"what"})
-	// Both series exist from the start, so increase() and alerts work.
+	// Every series exists from the start, so increase() and alerts work.
 	a.pins.repairs.WithLabelValues("pins")
 	a.pins.repairs.WithLabelValues("links")
+	a.pins.repairs.WithLabelValues("endpoint_programs")
 	if err := a.metrics.reg.Register(a.pins.repairs); err != nil {
 		return fmt.Errorf("register repair metric: %w", err)
 	}
@@ -54,7 +56,7 @@ func (a *Agent) startPinGuard() error {
 func (a *Agent) checkPins() {
 	dp := a.dp.Load()
 	var why []string
-	for _, err := range []error{a.restorePins(dp), a.restoreLinks(dp)} {
+	for _, err := range []error{a.restorePins(dp), a.restoreLinks(dp), a.restoreEndpointPrograms(dp)} {
 		if err != nil {
 			why = append(why, err.Error())
 		}
@@ -100,6 +102,26 @@ func (a *Agent) restorePins(dp *loader.Datapath) error {
 	}
 	a.log.Warn("pins removed from under the agent; pinned the running maps and programs again",
 		"dir", dp.Dir, "missing", what, "restored", len(restored))
+	return nil
+}
+
+// restoreEndpointPrograms puts the shared endpoint programs back into
+// ep_progs when a slot was emptied (bpftool map delete): until then every
+// pod's stub lets its traffic through unchecked and uncounted.
+func (a *Agent) restoreEndpointPrograms(dp *loader.Datapath) error {
+	cerr := dp.CheckEndpointPrograms()
+	if cerr == nil {
+		delete(a.warned, "ep-progs")
+		return nil
+	}
+	if err := dp.RestoreEndpointPrograms(); err != nil {
+		a.errorOnce("ep-progs", "endpoint programs missing from ep_progs and not restored: pods run unchecked and uncounted; retrying",
+			"problem", cerr, "error", err)
+		return fmt.Errorf("endpoint programs missing from ep_progs and not restored: %w", err)
+	}
+	delete(a.warned, "ep-progs")
+	a.pins.repairs.WithLabelValues("endpoint_programs").Inc()
+	a.log.Warn("endpoint programs removed from under the agent; put them back into ep_progs", "problem", cerr)
 	return nil
 }
 

@@ -16,18 +16,21 @@ import (
 
 // Status is the output of `underpassctl status`.
 type Status struct {
-	BPFFS        string                 `json:"bpffs"`
-	Loaded       bool                   `json:"loaded"`
-	Config       ConfigView             `json:"config"`
-	Kernel       Kernel                 `json:"kernel"`
-	Parents      []ParentView           `json:"parents"`
-	Uplinks      []UplinkView           `json:"uplinks"`
-	Endpoints    EndpointCounts         `json:"endpoints"`
-	LiveServices int                    `json:"liveServices"`
-	ServiceCIDRs int                    `json:"serviceCIDRs"`
-	HostCIDRs    int                    `json:"hostCIDRs"`
-	Counters     map[string]CounterView `json:"counters"`
-	Drops        map[string]CounterView `json:"drops"`
+	BPFFS     string         `json:"bpffs"`
+	Loaded    bool           `json:"loaded"`
+	Config    ConfigView     `json:"config"`
+	Kernel    Kernel         `json:"kernel"`
+	Parents   []ParentView   `json:"parents"`
+	Uplinks   []UplinkView   `json:"uplinks"`
+	Endpoints EndpointCounts `json:"endpoints"`
+	// EndpointPrograms is "ok" when both shared endpoint programs are in
+	// ep_progs, else what is missing: pods then run unchecked and uncounted.
+	EndpointPrograms string                 `json:"endpointPrograms"`
+	LiveServices     int                    `json:"liveServices"`
+	ServiceCIDRs     int                    `json:"serviceCIDRs"`
+	HostCIDRs        int                    `json:"hostCIDRs"`
+	Counters         map[string]CounterView `json:"counters"`
+	Drops            map[string]CounterView `json:"drops"`
 }
 
 // ConfigView is the config word the agent wrote.
@@ -116,6 +119,11 @@ func status(dp *loader.Datapath) (*Status, error) {
 		mode := endpointMode(id, datapath.GoString(ep.Netns[:]), int(ep.Ifindex))
 		mode, _, _ = strings.Cut(mode, " ")
 		st.Endpoints.Attach[mode]++
+	}
+
+	st.EndpointPrograms = "ok"
+	if err := dp.CheckEndpointPrograms(); err != nil {
+		st.EndpointPrograms = err.Error()
 	}
 
 	parents, err := datapath.Parents(m)
@@ -231,6 +239,11 @@ func printStatus(env Env, st *Status) error {
 		attach = append(attach, fmt.Sprintf("%s %d", k, st.Endpoints.Attach[k]))
 	}
 	fmt.Fprintf(w, "endpoints:\t%d registered (programs: %s)\n", st.Endpoints.Registered, joinOr(attach, "-"))
+	progs := "shared programs in ep_progs"
+	if st.EndpointPrograms != "ok" {
+		progs = st.EndpointPrograms + ": pods run unchecked and uncounted, restart underpassd"
+	}
+	fmt.Fprintf(w, "endpoint programs:\t%s\n", progs)
 	fmt.Fprintf(w, "services:\t%d live service IPs, %d service CIDRs, %d host CIDRs\n", st.LiveServices, st.ServiceCIDRs, st.HostCIDRs)
 	var ups []string
 	for _, u := range st.Uplinks {

@@ -2,6 +2,8 @@ package datapath_test
 
 import (
 	"errors"
+	"fmt"
+	"hash/fnv"
 	"net"
 	"net/netip"
 	"path/filepath"
@@ -104,4 +106,78 @@ func count(t *testing.T, m *loader.Maps) int {
 		}
 	}
 	return n
+}
+
+// Ids collide in 16 bits: the second attachment to hash to a taken id gets
+// the next free one, and each is found again by its own names.
+func TestRegisterProbesPastCollisions(t *testing.T) {
+	m := load(t)
+	// Find a pair of attachments whose natural ids are equal.
+	seen := map[uint32]string{}
+	var a, b string
+	for i := 0; a == ""; i++ {
+		cid := fmt.Sprintf("ctr-%d", i)
+		id := datapath.EndpointID(cid, "eth0")
+		if prev, ok := seen[id]; ok {
+			a, b = prev, cid
+		}
+		seen[id] = cid
+	}
+	spec := func(cid string, last byte) datapath.EndpointSpec {
+		return datapath.EndpointSpec{ContainerID: cid, IfName: "eth0", ParentIfindex: 2, Mode: loader.ModeMacvlan,
+			MAC: net.HardwareAddr{2, 0, 0, 0, 0, last}, Addrs: []netip.Prefix{netip.PrefixFrom(netip.AddrFrom4([4]byte{192, 0, 2, last}), 24)}}
+	}
+	idA, err := datapath.Register(m, spec(a, 1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	idB, err := datapath.Register(m, spec(b, 2))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if idA != datapath.EndpointID(a, "eth0") || idB == idA || idB > loader.MaxEndpointID {
+		t.Fatalf("ids %d and %d for two attachments whose natural id is %d", idA, idB, idA)
+	}
+	for cid, want := range map[string]uint32{a: idA, b: idB} {
+		if got, _, err := datapath.Find(m, cid, "eth0"); err != nil || got != want {
+			t.Fatalf("Find(%s) = %d, %v; want %d", cid, got, err, want)
+		}
+	}
+}
+
+// Registrations of releases with 31-bit ids (a program per endpoint) are
+// still found, so DEL and CHECK work for pods created before an upgrade.
+func TestFindLegacyRegistration(t *testing.T) {
+	m := load(t)
+	const cid = "made-before-the-upgrade"
+	legacy := legacyID(cid, "eth0")
+	if legacy <= loader.MaxEndpointID {
+		t.Fatalf("pick another name: its legacy id %d is a 16-bit one", legacy)
+	}
+	var ep loader.Endpoint
+	ep.Id = legacy
+	datapath.CString(ep.ContainerId[:], cid)
+	datapath.CString(ep.Ifname[:], "eth0")
+	if err := m.Endpoints.Put(legacy, &ep); err != nil {
+		t.Fatal(err)
+	}
+	if got, _, err := datapath.Find(m, cid, "eth0"); err != nil || got != legacy {
+		t.Fatalf("Find = %d, %v; want the legacy id %d", got, err, legacy)
+	}
+	if got, _, err := datapath.Find(m, "another", "eth0"); err != nil || got != 0 {
+		t.Fatalf("Find of an unregistered attachment = %d, %v", got, err)
+	}
+}
+
+// legacyID is the id such a release gave an attachment: FNV-1a of the
+// names, 31 bits.
+func legacyID(containerID, ifname string) uint32 {
+	h := fnv.New32a()
+	h.Write([]byte(containerID))
+	h.Write([]byte{0})
+	h.Write([]byte(ifname))
+	if id := h.Sum32() & 0x7fffffff; id != 0 {
+		return id
+	}
+	return 1
 }

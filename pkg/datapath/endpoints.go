@@ -30,25 +30,56 @@ type EndpointSpec struct {
 // ErrAddrInUse means an address is registered to another endpoint.
 var ErrAddrInUse = errors.New("address registered to another endpoint")
 
+// Endpoint ids are 16 bits: the endpoint programs learn whose frame they
+// see from the classid of the filter that runs them, of which cls_bpf
+// passes 16 bits (loader.MaxEndpointID). At most 16,384 endpoints share
+// the 65,535 ids, so the probe chains stay short.
+const (
+	idMask    = loader.MaxEndpointID
+	maxProbes = 256
+)
+
 // EndpointID derives a stable id from the attachment (container id +
 // ifname), so that DEL and GC find it without state files. Collisions are
 // resolved by probing in Register.
 func EndpointID(containerID, ifname string) uint32 {
+	return nonZero(attachmentHash(containerID, ifname) & idMask)
+}
+
+// legacyEndpointID is the 31-bit id of releases whose endpoints each had a
+// program of their own: their registrations are still found, so that DEL
+// and CHECK of pods made before an upgrade work.
+func legacyEndpointID(containerID, ifname string) uint32 {
+	return nonZero(attachmentHash(containerID, ifname) & 0x7fffffff)
+}
+
+func attachmentHash(containerID, ifname string) uint32 {
 	h := fnv.New32a()
 	h.Write([]byte(containerID))
 	h.Write([]byte{0})
 	h.Write([]byte(ifname))
-	id := h.Sum32() & 0x7fffffff
+	return h.Sum32()
+}
+
+func nonZero(id uint32) uint32 {
 	if id == 0 {
-		id = 1 // 0 means "no endpoint" to the programs
+		return 1 // 0 means "no endpoint" to the programs
 	}
 	return id
 }
 
 // Find returns the id registered for an attachment, or 0.
 func Find(m *loader.Maps, containerID, ifname string) (uint32, *loader.Endpoint, error) {
-	id := EndpointID(containerID, ifname)
-	for i := 0; i < 64; i++ {
+	id, ep, err := probe(m, EndpointID(containerID, ifname), idMask, containerID, ifname)
+	if id != 0 || err != nil {
+		return id, ep, err
+	}
+	return probe(m, legacyEndpointID(containerID, ifname), 0x7fffffff, containerID, ifname)
+}
+
+// probe walks the chain that starts at id (ids wrap at mask).
+func probe(m *loader.Maps, id, mask uint32, containerID, ifname string) (uint32, *loader.Endpoint, error) {
+	for i := 0; i < maxProbes; i++ {
 		var ep loader.Endpoint
 		err := m.Endpoints.Lookup(id, &ep)
 		if isNotExist(err) {
@@ -60,17 +91,9 @@ func Find(m *loader.Maps, containerID, ifname string) (uint32, *loader.Endpoint,
 		if GoString(ep.ContainerId[:]) == containerID && GoString(ep.Ifname[:]) == ifname {
 			return id, &ep, nil
 		}
-		id = next(id)
+		id = nonZero((id + 1) & mask)
 	}
 	return 0, nil, nil
-}
-
-func next(id uint32) uint32 {
-	id = (id + 1) & 0x7fffffff
-	if id == 0 {
-		id = 1
-	}
-	return id
 }
 
 // ErrTooLong means a name does not fit its field in the registry: stored
@@ -141,10 +164,10 @@ func Register(m *loader.Maps, s EndpointSpec) (id uint32, err error) {
 		if err == nil {
 			break
 		}
-		if !errors.Is(err, ebpf.ErrKeyExist) || i == 64 {
+		if !errors.Is(err, ebpf.ErrKeyExist) || i == maxProbes-1 {
 			return 0, fmt.Errorf("register endpoint: %w", err)
 		}
-		id = next(id)
+		id = nonZero((id + 1) & idMask)
 	}
 	// Roll back by the claimed id: the error returns below zero id.
 	claimed := id

@@ -518,15 +518,15 @@ func FuzzCString(f *testing.F) {
 	})
 }
 
-// FuzzEndpointID: ids are never 0 (the programs' "no endpoint") and fit in 31
-// bits (the probe sequence wraps there), whatever the attachment.
+// FuzzEndpointID: ids are never 0 (the programs' "no endpoint") and fit in
+// the 16 bits a filter's classid carries, whatever the attachment.
 func FuzzEndpointID(f *testing.F) {
 	f.Add("0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef", "eth0")
 	f.Add("", "")
 	f.Add("a\x00b", "c")
 	f.Fuzz(func(t *testing.T, containerID, ifname string) {
 		id := datapath.EndpointID(containerID, ifname)
-		if id == 0 || id > 0x7fffffff {
+		if id == 0 || id > loader.MaxEndpointID {
 			t.Fatalf("EndpointID(%q, %q) = %#x", containerID, ifname, id)
 		}
 		if again := datapath.EndpointID(containerID, ifname); again != id {

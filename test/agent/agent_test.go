@@ -295,6 +295,10 @@ func TestUpgrade(t *testing.T) {
 	r := setup(t)
 	before := r.waitParentAttached(r.Uplinks[0].Index)
 	progs0 := tcxPrograms(t, r.Node, r.Uplinks[0].Index)
+	// The pod's programs, as the plugin attaches them: its stubs must run
+	// the new build's endpoint programs afterwards, without a re-attach.
+	must(t, loader.AttachEndpoint(r.dp, r.ep, r.ctr.Path, r.ctr.Index))
+	ep0 := epProgIDs(t, r.dp)
 
 	var wg sync.WaitGroup
 	var ping, pingBack netenv.PingResult
@@ -340,6 +344,53 @@ func TestUpgrade(t *testing.T) {
 	if !slices.ContainsFunc(traces, func(tr loader.Trace) bool { return tr.Count > 0 }) {
 		t.Fatal("the upgraded program did not record redirects")
 	}
+
+	// Every endpoint moved to the new endpoint programs at once.
+	ep1 := epProgIDs(t, r.dp)
+	for slot, id := range ep1 {
+		if id == ep0[slot] {
+			t.Fatalf("ep_progs slot %d still holds program %d after the upgrade", slot, id)
+		}
+	}
+	for slot, name := range []string{"ep_ingress_body", "ep_egress_body"} {
+		if want := pinnedProgramID(t, filepath.Join(r.dir, "progs", name)); ep1[slot] != want {
+			t.Fatalf("ep_progs slot %d holds program %d, pinned %s is %d", slot, ep1[slot], name, want)
+		}
+	}
+	tx0 := r.epTx(t)
+	netenv.MustPing(t, r.ctr.NS, r.nodeIP(), 3)
+	if tx := r.epTx(t); tx < tx0+3 {
+		t.Fatalf("the pod's tx counter moved %d -> %d over 3 pings after the upgrade", tx0, tx)
+	}
+}
+
+// epProgIDs reads the program ids in the ep_progs slots (ingress, egress).
+func epProgIDs(t *testing.T, dp *loader.Datapath) [2]uint32 {
+	t.Helper()
+	var ids [2]uint32
+	for slot, s := range []loader.EpProg{loader.EpProgIngress, loader.EpProgEgress} {
+		must(t, dp.Maps.EpProgs.Lookup(uint32(s), &ids[slot]))
+	}
+	return ids
+}
+
+func pinnedProgramID(t *testing.T, path string) uint32 {
+	t.Helper()
+	p, err := ebpf.LoadPinnedProgram(path, nil)
+	must(t, err)
+	defer p.Close()
+	info, err := p.Info()
+	must(t, err)
+	id, _ := info.ID()
+	return uint32(id)
+}
+
+// epTx is the rig's endpoint's tx packet counter.
+func (r *rig) epTx(t *testing.T) uint64 {
+	t.Helper()
+	s, err := datapath.EndpointStats(&r.dp.Maps, r.ep)
+	must(t, err)
+	return s.Tx.Packets
 }
 
 func TestEndpointGC(t *testing.T) {

@@ -212,6 +212,36 @@ func mountOver(t *testing.T, dir, fstype string) func() {
 // leave nothing of the old ifindex behind; a pod on the new NIC must reach
 // the host and back. (TestParentEvents covers the endpoints that survive
 // the deletion; this one covers traffic and leftovers.)
+// An emptied ep_progs slot (bpftool map delete …/ep_progs key 1) lets
+// every pod's traffic through unchecked and uncounted: the agent puts the
+// program back on its next tick, counts the repair and logs it.
+func TestEndpointProgramsRemoved(t *testing.T) {
+	r := setup(t)
+	must(t, loader.AttachEndpoint(r.dp, r.ep, r.ctr.Path, r.ctr.Index))
+	netenv.MustPing(t, r.ctr.NS, r.nodeIP(), 3)
+	tx0 := r.epTx(t)
+	if tx0 < 3 {
+		t.Fatalf("tx counter %d after 3 pings with the programs in place", tx0)
+	}
+	repairs0 := r.metric("underpass_agent_repairs_total", `what="endpoint_programs"`)
+	must(t, r.dp.Maps.EpProgs.Delete(uint32(loader.EpProgEgress)))
+	at := time.Now()
+	r.waitMetric("underpass_agent_repairs_total", `what="endpoint_programs"`, repairs0+1)
+	t.Logf("endpoint programs back in ep_progs after %s", time.Since(at).Round(time.Millisecond))
+	must(t, r.dp.CheckEndpointPrograms())
+	tx1 := r.epTx(t)
+	netenv.MustPing(t, r.ctr.NS, r.nodeIP(), 3)
+	if tx := r.epTx(t); tx < tx1+3 {
+		t.Fatalf("tx counter moved %d -> %d over 3 pings after the repair", tx1, tx)
+	}
+	if !strings.Contains(r.ag.out.String(), "endpoint programs removed from under the agent") {
+		t.Fatalf("the repair was not logged:\n%s", r.ag.out.String())
+	}
+	if code, body, err := r.get("/readyz"); err != nil || code != http.StatusOK {
+		t.Fatalf("/readyz after the repair: %d %q %v", code, body, err)
+	}
+}
+
 func TestParentRecreated(t *testing.T) {
 	r := setup(t)
 	eth0 := r.Uplinks[0]

@@ -406,3 +406,10 @@ func (l *lab) openOnce() *loader.Datapath {
 	l.dpOnce.Do(func() { l.dp = l.open() })
 	return l.dp
 }
+
+func must(t testing.TB, err error) {
+	t.Helper()
+	if err != nil {
+		t.Fatal(err)
+	}
+}

@@ -117,6 +117,18 @@ func TestAddFailures(t *testing.T) {
 			msg:  []string{"underpass datapath not loaded in " + h.bpffs + "_gone: start underpassd"},
 		},
 		{
+			name:    "endpoint programs missing from ep_progs",
+			plugins: main,
+			prep: func(t *testing.T, p *pod) func() {
+				// What a half-removed datapath looks like: pods attached
+				// now would run unchecked and uncounted.
+				must(t, h.dp.Maps.EpProgs.Delete(uint32(loader.EpProgEgress)))
+				return func() { must(t, h.dp.Maps.EpProgs.Put(uint32(loader.EpProgEgress), h.dp.Programs.EndpointEgress)) }
+			},
+			code: types.ErrTryAgainLater,
+			msg:  []string{"underpass datapath in " + h.bpffs + " is incomplete (endpoint programs missing from ep_progs: slot 1 is empty): restart underpassd"},
+		},
+		{
 			name: "IPAM exhausted",
 			plugins: func() []map[string]any {
 				return []map[string]any{with(h.mainConf(false), "ipam", ipamOne(u.IP4(160).Addr()))}
