@@ -24,6 +24,7 @@ type Result struct {
 	Pass, Fail     int
 	ModFail        int
 	Complete       bool // the UNDERPASS-VM-RESULT line was seen
+	Panicked       bool // the kernel panicked (oops=panic: any oops)
 	Packages       []*PackageResult
 	ModuleFailures []string
 	Dmesg          []string
@@ -63,6 +64,9 @@ func ParseLog(log []byte) *Result {
 		if inDmesg {
 			r.Dmesg = append(r.Dmesg, line)
 			continue
+		}
+		if strings.Contains(line, "Kernel panic - not syncing") {
+			r.Panicked = true
 		}
 		if m := reResult.FindStringSubmatch(line); m != nil {
 			r.Complete = true
@@ -109,6 +113,15 @@ func ParseLog(log []byte) *Result {
 		}
 	}
 	return r
+}
+
+// BootCrashed says the kernel panicked before any test binary started:
+// nothing of ours had run yet. Under TCG a stock kernel now and then oopses
+// while it boots (an int3 from live code patching racing the other vCPU,
+// seen on 6.12); such a run is worth booting again, a crash during the
+// tests never is.
+func (r *Result) BootCrashed() bool {
+	return r.Panicked && !r.Complete && len(r.Packages) == 0
 }
 
 // Err says why a run failed, or nil.

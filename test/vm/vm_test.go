@@ -188,6 +188,13 @@ func TestParseLog(t *testing.T) {
 	if crashed.Complete || crashed.Err() == nil || crashed.Packages[0].Status != "crash" {
 		t.Errorf("crashed log parsed as %+v", crashed)
 	}
+	if !crashed.Panicked || crashed.BootCrashed() {
+		t.Errorf("a panic during the tests counts as a boot crash: %+v", crashed)
+	}
+	atBoot := ParseLog([]byte("[ 1.2] Oops: int3: 0000 [#1] PREEMPT SMP NOPTI\n[ 1.3] Kernel panic - not syncing: Fatal exception in interrupt\n"))
+	if !atBoot.BootCrashed() || atBoot.Err() == nil {
+		t.Errorf("a panic while booting is not a boot crash: %+v", atBoot)
+	}
 	ok := ParseLog([]byte("UNDERPASS-VM-BEGIN pkg=a\nUNDERPASS-VM-END pkg=a status=pass exit=0 secs=0.1\nUNDERPASS-VM-RESULT kernel=x pass=1 fail=0\n"))
 	if ok.Err() != nil {
 		t.Errorf("good log: %v", ok.Err())

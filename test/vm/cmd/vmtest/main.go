@@ -395,19 +395,27 @@ func runKernel(ctx context.Context, o *options, series string, r vm.Resolved, te
 	if o.verbose {
 		stopFollow = follow(serial, "["+series+"] ")
 	}
-	kr.wall, kr.err = vm.Boot(ctx, vm.BootOptions{
-		Kernel: k.Image(), Initrd: initrd, Log: serial,
-		Memory: o.memory, CPUs: o.cpus, Timeout: o.timeout,
-	})
+	var raw []byte
+	for attempt := 1; ; attempt++ {
+		kr.wall, kr.err = vm.Boot(ctx, vm.BootOptions{
+			Kernel: k.Image(), Initrd: initrd, Log: serial,
+			Memory: o.memory, CPUs: o.cpus, Timeout: o.timeout,
+		})
+		raw, _ = os.ReadFile(serial)
+		kr.result = vm.ParseLog(raw)
+		if !kr.result.BootCrashed() || attempt == bootAttempts {
+			break
+		}
+		fmt.Printf("vmtest: %s: the kernel panicked while booting, before any test ran (attempt %d of %d); last lines:\n%s\nvmtest: %s: booting again\n",
+			series, attempt, bootAttempts, indent(vm.Tail(raw, 12)), series)
+	}
 	if stopFollow != nil {
 		stopFollow()
 	}
-	raw, _ := os.ReadFile(serial)
 	tmp := kr.log + fmt.Sprintf(".%d", os.Getpid())
 	if os.WriteFile(tmp, vm.CleanLog(raw), 0o644) == nil {
 		_ = os.Rename(tmp, kr.log)
 	}
-	kr.result = vm.ParseLog(raw)
 	if kr.err == nil {
 		kr.err = kr.result.Err()
 	}
@@ -417,6 +425,10 @@ func runKernel(ctx context.Context, o *options, series string, r vm.Resolved, te
 	o.logf("%s done in %.1fs (prepare %.1fs)", series, kr.wall.Seconds(), kr.prepare.Seconds())
 	return kr
 }
+
+// bootAttempts bounds the boots of one kernel that panic before any test
+// ran (vm.Result.BootCrashed).
+const bootAttempts = 3
 
 // follow prints complete new lines of a growing file until stopped.
 func follow(path, prefix string) func() {
