@@ -18,14 +18,7 @@ import (
 // subtracted; "raw-ns/pkt" is before the subtraction.
 func BenchmarkParentEgress(b *testing.B) {
 	r := newRig(b)
-	empty, err := ebpf.NewProgram(&ebpf.ProgramSpec{
-		Type: ebpf.SchedCLS, License: "GPL",
-		Instructions: asm.Instructions{asm.Mov.Imm(asm.R0, 0), asm.Return()},
-	})
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer empty.Close()
+	empty := emptyProgram(b)
 	baseline := measure(b, empty, icmpEcho(b, macA, macGW, ipA, ipRemote), 20)
 	b.Logf("test-run overhead (empty program): %.1f ns/pkt", baseline)
 	for _, tc := range []struct {
@@ -90,14 +83,7 @@ func BenchmarkEndpoint(b *testing.B) {
 	r := newRig(b)
 	in, eg := loadEndpoint(b, r.dp, r.idA)
 	// The wrapper on its own: tail-calling a program that only returns.
-	empty, err := ebpf.NewProgram(&ebpf.ProgramSpec{
-		Type: ebpf.SchedCLS, License: "GPL",
-		Instructions: asm.Instructions{asm.Mov.Imm(asm.R0, 0), asm.Return()},
-	})
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer empty.Close()
+	empty := emptyProgram(b)
 	wrapOnly, _ := loadEndpointInto(b, empty, empty, r.idA)
 	frame := icmpEcho(b, macA, macGW, ipA, ipRemote)
 	wrapper := measure(b, wrapOnly, frame, 20)
@@ -120,4 +106,17 @@ func BenchmarkEndpoint(b *testing.B) {
 			b.ReportMetric(0, "ns/op")
 		})
 	}
+}
+
+// emptyProgram only returns: the harness's own cost.
+func emptyProgram(b *testing.B) *ebpf.Program {
+	p, err := ebpf.NewProgram(&ebpf.ProgramSpec{
+		Type: ebpf.SchedCLS, License: "GPL",
+		Instructions: asm.Instructions{asm.Mov.Imm(asm.R0, 0), asm.Return()},
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { p.Close() })
+	return p
 }

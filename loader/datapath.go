@@ -287,16 +287,13 @@ func open(dir string, only map[string]bool) (_ *Datapath, err error) {
 			return
 		}
 		m, err := ebpf.LoadPinnedMap(filepath.Join(dir, name), nil)
-		switch {
-		case errors.Is(err, fs.ErrNotExist):
-			openErr = fmt.Errorf("%w: map %s missing in %s: restart underpassd", ErrNotLoaded, name, dir)
-		case err != nil:
-			openErr = fmt.Errorf("open pinned map %s: %w", name, err)
-		default:
-			*ptr = m
-			if err := checkABI(name, m); err != nil {
-				openErr = fmt.Errorf("pinned map %s was made by another underpass version (%w): use the plugin that matches the running underpassd", name, err)
-			}
+		if err != nil {
+			openErr = pinnedErr("map", name, dir, err)
+			return
+		}
+		*ptr = m
+		if err := checkABI(name, m); err != nil {
+			openErr = fmt.Errorf("pinned map %s was made by another underpass version (%w): use the plugin that matches the running underpassd", name, err)
 		}
 	})
 	if openErr != nil {
@@ -307,19 +304,24 @@ func open(dir string, only map[string]bool) (_ *Datapath, err error) {
 			return
 		}
 		p, err := ebpf.LoadPinnedProgram(filepath.Join(dir, progDir, name), nil)
-		switch {
-		case errors.Is(err, fs.ErrNotExist):
-			openErr = fmt.Errorf("%w: program %s missing in %s: restart underpassd", ErrNotLoaded, name, dir)
-		case err != nil:
-			openErr = fmt.Errorf("open pinned program %s: %w", name, err)
-		default:
-			*ptr = p
+		if err != nil {
+			openErr = pinnedErr("program", name, dir, err)
+			return
 		}
+		*ptr = p
 	})
 	if openErr != nil {
 		return nil, openErr
 	}
 	return dp, nil
+}
+
+// pinnedErr says why the pinned kind (map, program) name would not open.
+func pinnedErr(kind, name, dir string, err error) error {
+	if errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("%w: %s %s missing in %s: restart underpassd", ErrNotLoaded, kind, name, dir)
+	}
+	return fmt.Errorf("open pinned %s %s: %w", kind, name, err)
 }
 
 // Close releases file descriptors; pinned objects stay in the kernel.
