@@ -47,15 +47,8 @@ func TestChurn(t *testing.T) {
 
 	l := newLab(t)
 	a, b := l.stablePod("pod-a"), l.stablePod("pod-b")
-	node4, node6 := l.up.Node4.Addr(), l.up.Node6.Addr()
-
-	// Every path works before the churn starts.
-	netenv.MustPing(t, a.ns, b.ip4, 3)
-	netenv.MustPing(t, b.ns, a.ip6, 3)
-	netenv.MustPing(t, l.env.Node, a.ip4, 3)
-	netenv.MustPing(t, l.env.Node, b.ip6, 3)
-	netenv.MustPing(t, a.ns, node4, 3)
-	netenv.MustPing(t, b.ns, node6, 3)
+	node4 := l.up.Node4.Addr()
+	checkStablePaths(t, l, a, b)
 	lnA := netenv.ListenTCP(t, a.ns, netip.AddrPortFrom(a.ip4, 0))
 	lnNode := netenv.ListenTCP(t, l.env.Node, netip.AddrPortFrom(node4, 0))
 
@@ -70,14 +63,7 @@ func TestChurn(t *testing.T) {
 	stop := make(chan struct{})
 	var bg sync.WaitGroup
 	trafficProbs, scrapeProbs := &problems{}, &problems{}
-	pings := []*pingFlow{
-		{name: "pod-a -> pod-b " + b.ip4.String(), from: a.ns, dst: b.ip4},
-		{name: "pod-b -> pod-a " + a.ip6.String(), from: b.ns, dst: a.ip6},
-		{name: "host -> pod-a " + a.ip4.String(), from: l.env.Node, dst: a.ip4},
-		{name: "host -> pod-b " + b.ip6.String(), from: l.env.Node, dst: b.ip6},
-		{name: "pod-a -> host " + node4.String(), from: a.ns, dst: node4},
-		{name: "pod-b -> host " + node6.String(), from: b.ns, dst: node6},
-	}
+	pings := stablePings(l, a, b)
 	for _, f := range pings {
 		bg.Go(func() { f.run(t, stop, trafficProbs) })
 	}
@@ -118,77 +104,9 @@ func TestChurn(t *testing.T) {
 	})
 
 	// The churn.
-	var (
-		mu                   sync.Mutex
-		addDur, delDur       []time.Duration
-		cycleLog             []string // one TSV line per cycle, for UNDERPASS_SOAK_LOG_DIR
-		failures             []string
-		churnSent, churnRecv atomic.Int64
-	)
-	fail := func(format string, args ...any) {
-		mu.Lock()
-		failures = append(failures, fmt.Sprintf(format, args...))
-		mu.Unlock()
-	}
-	work := make(chan int)
-	var workers sync.WaitGroup
-	start := time.Now()
-	for range parallel {
-		workers.Go(func() {
-			for i := range work {
-				name := fmt.Sprintf("churn%05d", i)
-				n, err := createChurnNS(l.env.Prefix + name)
-				if err != nil {
-					fail("cycle %d: %v", i, err)
-					continue
-				}
-				p := &pod{name: name, id: fmt.Sprintf("soak-churn-%05d", i), netns: n.Path, ns: n}
-				t0 := time.Now()
-				err = l.add(p)
-				d := time.Since(t0)
-				addStart := t0
-				if err != nil {
-					fail("cycle %d: ADD %s: %v", i, p.id, err)
-				} else {
-					mu.Lock()
-					addDur = append(addDur, d)
-					mu.Unlock()
-					r, err := tryPing(t, n, a.ip4, 2)
-					if err != nil {
-						fail("cycle %d: ping from %s: %v", i, p.id, err)
-					}
-					churnSent.Add(int64(r.Sent))
-					churnRecv.Add(int64(r.Received))
-					if r.Received == 0 {
-						fail("cycle %d: pod %s (%s) never reached pod-a: %v", i, p.id, p.ip4, r)
-					}
-				}
-				t0 = time.Now()
-				derr := l.del(p)
-				dd := time.Since(t0)
-				if derr != nil {
-					fail("cycle %d: DEL %s: %v", i, p.id, derr)
-				}
-				mu.Lock()
-				if derr == nil {
-					delDur = append(delDur, dd)
-				}
-				cycleLog = append(cycleLog, fmt.Sprintf("%d\t%s\t%s\t%s\t%s\t%s\t%s\t%v\t%v",
-					i, p.id, p.ip4, addStart.Format("15:04:05.000000"), d.Round(time.Microsecond),
-					t0.Format("15:04:05.000000"), dd.Round(time.Microsecond), err, derr))
-				mu.Unlock()
-				if err := removeNS(n.Path); err != nil {
-					fail("cycle %d: %v", i, err)
-				}
-			}
-		})
-	}
-	for i := range cycles {
-		work <- i
-	}
-	close(work)
-	workers.Wait()
-	churnTook := time.Since(start)
+	run := l.churn(t, a, cycles, parallel)
+	addDur, delDur, cycleLog, failures := run.addDur, run.delDur, run.cycleLog, run.failures
+	churnSent, churnRecv, churnTook := &run.sent, &run.recv, run.took
 	close(stop)
 	bg.Wait()
 
@@ -413,4 +331,112 @@ func checkAgentLog(t *testing.T, log string) (gcRemoved int) {
 		t.Errorf("agent log: unexpected line during the churn: %s", line)
 	}
 	return gcRemoved
+}
+
+// checkStablePaths pings every path between the two stable pods and the
+// host once: they work before any churn starts.
+func checkStablePaths(t *testing.T, l *lab, a, b *pod) {
+	t.Helper()
+	for _, f := range stablePings(l, a, b) {
+		netenv.MustPing(t, f.from, f.dst, 3)
+	}
+}
+
+// stablePings are the ping flows between two stable pods and the host,
+// both families.
+func stablePings(l *lab, a, b *pod) []*pingFlow {
+	node4, node6 := l.up.Node4.Addr(), l.up.Node6.Addr()
+	return []*pingFlow{
+		{name: "pod-a -> pod-b " + b.ip4.String(), from: a.ns, dst: b.ip4},
+		{name: "pod-b -> pod-a " + a.ip6.String(), from: b.ns, dst: a.ip6},
+		{name: "host -> pod-a " + a.ip4.String(), from: l.env.Node, dst: a.ip4},
+		{name: "host -> pod-b " + b.ip6.String(), from: l.env.Node, dst: b.ip6},
+		{name: "pod-a -> host " + node4.String(), from: a.ns, dst: node4},
+		{name: "pod-b -> host " + node6.String(), from: b.ns, dst: node6},
+	}
+}
+
+// churnRun is what l.churn did.
+type churnRun struct {
+	mu             sync.Mutex
+	addDur, delDur []time.Duration
+	cycleLog       []string // one TSV line per cycle, for UNDERPASS_SOAK_LOG_DIR
+	failures       []string
+	sent, recv     atomic.Int64 // pings from the churned pods to target
+	took           time.Duration
+}
+
+func (r *churnRun) fail(format string, args ...any) {
+	r.mu.Lock()
+	r.failures = append(r.failures, fmt.Sprintf(format, args...))
+	r.mu.Unlock()
+}
+
+// churn runs cycles of short-lived pods, parallel at a time, through the
+// plugin: a new netns, ADD, two pings to target, DEL, the netns removed.
+func (l *lab) churn(t *testing.T, target *pod, cycles, parallel int) *churnRun {
+	run := &churnRun{}
+	work := make(chan int)
+	var workers sync.WaitGroup
+	start := time.Now()
+	for range parallel {
+		workers.Go(func() {
+			for i := range work {
+				l.churnOnce(t, run, target, i)
+			}
+		})
+	}
+	for i := range cycles {
+		work <- i
+	}
+	close(work)
+	workers.Wait()
+	run.took = time.Since(start)
+	return run
+}
+
+func (l *lab) churnOnce(t *testing.T, run *churnRun, target *pod, i int) {
+	name := fmt.Sprintf("churn%05d", i)
+	n, err := createChurnNS(l.env.Prefix + name)
+	if err != nil {
+		run.fail("cycle %d: %v", i, err)
+		return
+	}
+	p := &pod{name: name, id: fmt.Sprintf("soak-churn-%05d", i), netns: n.Path, ns: n}
+	addStart := time.Now()
+	err = l.add(p)
+	d := time.Since(addStart)
+	if err != nil {
+		run.fail("cycle %d: ADD %s: %v", i, p.id, err)
+	} else {
+		run.mu.Lock()
+		run.addDur = append(run.addDur, d)
+		run.mu.Unlock()
+		r, err := tryPing(t, n, target.ip4, 2)
+		if err != nil {
+			run.fail("cycle %d: ping from %s: %v", i, p.id, err)
+		}
+		run.sent.Add(int64(r.Sent))
+		run.recv.Add(int64(r.Received))
+		if r.Received == 0 {
+			run.fail("cycle %d: pod %s (%s) never reached %s: %v", i, p.id, p.ip4, target.name, r)
+		}
+	}
+	delStart := time.Now()
+	derr := l.del(p)
+	dd := time.Since(delStart)
+	if derr != nil {
+		run.fail("cycle %d: DEL %s: %v", i, p.id, derr)
+	}
+	run.mu.Lock()
+	if derr == nil {
+		run.delDur = append(run.delDur, dd)
+	}
+	run.cycleLog = append(run.cycleLog, fmt.Sprintf("%d\t%s\t%s\t%s\t%s\t%s\t%s\t%v\t%v",
+		i, p.id, p.ip4, addStart.Format("15:04:05.000000"), d.Round(time.Microsecond),
+		delStart.Format("15:04:05.000000"), dd.Round(time.Microsecond), err, derr))
+	run.mu.Unlock()
+	if err := removeNS(n.Path); err != nil {
+		run.fail("cycle %d: %v", i, err)
+	}
 }

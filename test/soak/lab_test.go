@@ -62,6 +62,7 @@ type lab struct {
 	cni     *libcni.CNIConfig
 	net     *libcni.NetworkConfigList
 	ag      *agent
+	cfg     string // the agent's config file
 	client  *http.Client
 	dp      *loader.Datapath // opened like the plugin does, for reading maps
 }
@@ -110,9 +111,9 @@ func newLab(t *testing.T) *lab {
 	lockFile := filepath.Join("/run/underpass", fmt.Sprintf("underpassd-%x.lock", sum[:8]))
 	t.Cleanup(func() { os.Remove(lockFile) })
 
-	cfg := filepath.Join(t.TempDir(), "underpass.yaml")
-	must(t, os.WriteFile(cfg, fmt.Appendf(nil, agentConfig, l.bpffs, metricsAddr), 0o644))
-	l.ag = startAgent(t, env.Node, cfg)
+	l.cfg = filepath.Join(t.TempDir(), "underpass.yaml")
+	must(t, os.WriteFile(l.cfg, fmt.Appendf(nil, agentConfig, l.bpffs, metricsAddr), 0o644))
+	l.ag = startAgent(t, env.Node, l.cfg)
 	l.ag.waitReady(l)
 
 	dp, err := loader.Open(l.bpffs)

@@ -39,6 +39,10 @@
 //
 //	sudo UNDERPASS_SOAK_CYCLES=2000 go test -count=1 -timeout 60m -v -run TestChurn ./test/soak
 //
+// TestChurnAcrossAgentKills runs the same churn while underpassd is
+// SIGKILLed and restarted every 400 ms (see its comment); its long run is
+// UNDERPASS_SOAK_KILL_CYCLES=2000.
+//
 // UNDERPASS_SOAK_LOG_DIR=<dir> writes the agent's log (agent.log) and one
 // line per cycle with its ADD/DEL start times and durations (cycles.tsv)
 // there. UNDERPASS_RACE=1 builds the agent with the race detector, as
