@@ -111,7 +111,8 @@ func TestStatus(t *testing.T) {
 	r := newRig(t)
 	out := r.ctl(t, "status")
 	for _, want := range []string{"loaded, pinned in " + r.dp.Dir, "host reachability on, stale services reject, generation 7",
-		"2 registered", "2 live service IPs, 1 service CIDRs, 2 host CIDRs", "lo", "macvlan"} {
+		"2 registered", "2 live service IPs, 1 service CIDRs, 2 host CIDRs", "lo", "macvlan",
+		"endpoint programs:  shared programs in ep_progs"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("status lacks %q:\n%s", want, out)
 		}
@@ -131,6 +132,17 @@ func TestStatus(t *testing.T) {
 	if st.Endpoints.Attach["none"] != 2 {
 		t.Errorf("endpoint attachments: %+v", st.Endpoints.Attach)
 	}
+	if st.EndpointPrograms != "ok" {
+		t.Errorf("endpoint programs: %q, want ok", st.EndpointPrograms)
+	}
+
+	// An emptied slot is what status must make plain: pods run unchecked.
+	must(t, r.dp.Maps.EpProgs.Delete(uint32(loader.EpProgIngress)))
+	out = r.ctl(t, "status")
+	if want := "endpoint programs missing from ep_progs: slot 0 is empty: pods run unchecked and uncounted, restart underpassd"; !strings.Contains(out, want) {
+		t.Errorf("status with an empty ep_progs slot lacks %q:\n%s", want, out)
+	}
+	must(t, r.dp.RestoreEndpointPrograms())
 }
 
 func TestEndpoints(t *testing.T) {
