@@ -114,6 +114,7 @@ func (h *harness) connectivity(t *testing.T, a, b *pod) {
 		netenv.Ping(t, a.ns, dst, 1)
 	}
 	before := h.stats(t, a)
+	nat0 := h.svcNAT.Packets(t)
 	h.exactCounters(t, a, 7*n, func() {
 		for _, dst := range []netip.Addr{b.ip4, b.ip6, u.Gateway4, u.Gateway6, node4, node6, vipLive} {
 			if r := netenv.Ping(t, a.ns, dst, n); r.Lost() != 0 {
@@ -139,12 +140,19 @@ func (h *harness) connectivity(t *testing.T, a, b *pod) {
 		t.Errorf("host->endpoint redirects moved by %d, want at least %d", got, 3*n)
 	}
 
-	// TCP both ways through the host: to the VIP (the host stack answers
-	// for it) and from the node to a server in the pod.
-	ln := netenv.ListenTCP(t, h.env.Node, netip.AddrPortFrom(vipLive, 0))
+	// TCP both ways through the host: to the VIP (the node's DNAT sends it
+	// to a server on the node's address) and from the node to a server in
+	// the pod.
+	ln := netenv.ListenTCP(t, h.env.Node, netip.AddrPortFrom(node4, 0))
 	port := uint16(ln.Addr().(interface{ AddrPort() netip.AddrPort }).AddrPort().Port())
 	if err := netenv.DialTCP(a.ns, netip.AddrPortFrom(vipLive, port), 2*time.Second); err != nil {
 		t.Errorf("pod a -> live VIP: %v", err)
+	}
+	// The pings to the VIP and the connection went through the node's NAT,
+	// as they would through kube-proxy's: the rule sees the first packet
+	// of each flow (the ping run, the TCP connection), conntrack the rest.
+	if got := h.svcNAT.Packets(t) - nat0; got != 2 {
+		t.Errorf("the node's DNAT of %s translated %d flows, want 2 (the pings, the connection)", vipLive, got)
 	}
 	lp := netenv.ListenTCP(t, a.ns, netip.AddrPortFrom(netip.IPv6Unspecified(), 0))
 	pport := uint16(lp.Addr().(interface{ AddrPort() netip.AddrPort }).AddrPort().Port())

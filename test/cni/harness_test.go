@@ -20,7 +20,6 @@ import (
 	"github.com/containernetworking/cni/libcni"
 	"github.com/containernetworking/cni/pkg/types"
 	current "github.com/containernetworking/cni/pkg/types/100"
-	"github.com/vishvananda/netlink"
 
 	"github.com/underpass-cni/underpass/internal/testutil"
 	"github.com/underpass-cni/underpass/loader"
@@ -88,6 +87,7 @@ type harness struct {
 	confDir  string
 	cni      *libcni.CNIConfig
 	cacheDir string
+	svcNAT   *netenv.ServiceNAT // vipLive -> the node's address, as kube-proxy would
 
 	baseLinks   []string
 	baseParents map[int]loader.Parent
@@ -95,13 +95,13 @@ type harness struct {
 }
 
 type harnessOpts struct {
-	netenv    netenv.Options
-	noVIPHost bool
+	netenv netenv.Options
 }
 
 // newHarness builds the lab and loads the datapath like underpassd does:
 // config, the node's addresses in host_cidrs, the service CIDR and one live
-// VIP, which the node answers for on lo.
+// VIP, which a DNAT rule on the node sends to the node's address (the
+// stand-in for kube-proxy).
 func newHarness(t *testing.T, o harnessOpts) *harness {
 	t.Helper()
 	testutil.RequireRoot(t)
@@ -123,11 +123,9 @@ func newHarness(t *testing.T, o harnessOpts) *harness {
 	must(t, datapath.SyncHostCIDRs(m, hosts))
 	must(t, datapath.SyncServiceCIDRs(m, []netip.Prefix{svcCIDR}))
 	must(t, datapath.AddLiveService(m, vipLive))
-	// The "service implementation": the node owns the live VIP (no
-	// iptables on this machine for a DNAT rule).
-	lo, err := h.env.Node.Netlink().LinkByName("lo")
-	must(t, err)
-	must(t, h.env.Node.Netlink().AddrAdd(lo, &netlink.Addr{IPNet: &net.IPNet{IP: vipLive.AsSlice(), Mask: net.CIDRMask(32, 32)}}))
+	// The service implementation: DNAT of the live VIP to the node's own
+	// address, in prerouting and output, as kube-proxy does.
+	h.svcNAT = netenv.AddServiceNAT(t, h.env.Node, vipLive, h.env.Uplinks[0].Node4.Addr())
 
 	h.dataDir, h.confDir, h.cacheDir = t.TempDir(), t.TempDir(), t.TempDir()
 	h.cni = libcni.NewCNIConfigWithCacheDir([]string{pluginDir, refDir}, h.cacheDir, nil)

@@ -30,8 +30,9 @@ var Series = map[string]*regexp.Regexp{
 var SeriesOrder = []string{"6.1", "6.12"}
 
 // DefaultModules are the modules loaded at boot (their dependencies are
-// added in load order).
-var DefaultModules = []string{"veth", "dummy", "macvlan", "ipvlan", "bridge", "8021q", "sch_ingress", "cls_bpf", "act_bpf"}
+// added in load order). nft_chain_nat and nft_nat are test/cni's stand-in
+// for kube-proxy (a DNAT of the live VIP on the node).
+var DefaultModules = []string{"veth", "dummy", "macvlan", "ipvlan", "bridge", "8021q", "sch_ingress", "cls_bpf", "act_bpf", "nft_chain_nat", "nft_nat"}
 
 // moduleParams are fixed options (the host's /etc/modprobe.d is ignored).
 var moduleParams = map[string]string{
