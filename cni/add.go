@@ -24,7 +24,7 @@ func Funcs() skel.CNIFuncs {
 // Add is CNI ADD.
 func Add(args *skel.CmdArgs) error { return cniError(add(args)) }
 
-func add(args *skel.CmdArgs) error {
+func add(args *skel.CmdArgs) (err error) {
 	ph := newPhases()
 	defer ph.log("add")
 	c, err := ParseConf(args.StdinData)
@@ -38,8 +38,23 @@ func add(args *skel.CmdArgs) error {
 	if err := datapath.CheckAttachment(args.ContainerID, args.IfName, args.Netns); err != nil {
 		return errorf(types.ErrInvalidEnvironmentVariables, "%v", err)
 	}
-	// The datapath first: without it there is nothing to create a pod for.
 	ph.mark("parse")
+	// IPAM, the longest step, runs from here while everything up to the
+	// registration does (see overlapIPAM); a failed ADD releases what it
+	// got.
+	var call *ipamCall
+	if !c.Chained && c.IPAM.Type != "" {
+		call = newIPAMCall(c.IPAM.Type, args.StdinData)
+		if overlapIPAM[c.IPAM.Type] {
+			call.start()
+		}
+		defer func() {
+			if err != nil {
+				err = call.joinRelease(err)
+			}
+		}()
+	}
+	// The datapath first: without it there is nothing to create a pod for.
 	dp, err := openDatapath(c.BPFFS, types.ErrTryAgainLater)
 	if err != nil {
 		return err
@@ -57,7 +72,7 @@ func add(args *skel.CmdArgs) error {
 	if c.Chained {
 		result, err = addChained(c, dp, netns, base, ph)
 	} else {
-		result, err = addMain(c, args, dp, netns, base, ph)
+		result, err = addMain(c, args, dp, netns, base, call, ph)
 	}
 	if err != nil {
 		return err
@@ -65,11 +80,11 @@ func add(args *skel.CmdArgs) error {
 	return types.PrintResult(result, c.CNIVersion)
 }
 
-// addMain creates the slave, runs IPAM and registers the endpoint. IPAM
-// runs while the slave is created when its type allows (overlapIPAM). Every
-// step undoes itself when a later one fails: the named err is what the
-// deferred rollbacks look at.
-func addMain(c *Conf, args *skel.CmdArgs, dp *loader.Datapath, netns ns.NetNS, ep endpoint, ph *phases) (_ types.Result, err error) {
+// addMain creates the slave, takes the addresses from call (nil: no IPAM)
+// and registers the endpoint. Every step undoes itself when a later one
+// fails: the named err is what the deferred rollbacks look at (add releases
+// the addresses).
+func addMain(c *Conf, args *skel.CmdArgs, dp *loader.Datapath, netns ns.NetNS, ep endpoint, call *ipamCall, ph *phases) (_ types.Result, err error) {
 	m := &dp.Maps
 	if err := checkServiceOverlap(m, "ipam subnet", c.IPAMSubnets); err != nil {
 		return nil, err
@@ -90,18 +105,6 @@ func addMain(c *Conf, args *skel.CmdArgs, dp *loader.Datapath, netns ns.NetNS, e
 	}
 	ph.mark("master")
 
-	var call *ipamCall
-	if c.IPAM.Type != "" {
-		call = newIPAMCall(c.IPAM.Type, args.StdinData)
-		if overlapIPAM[c.IPAM.Type] {
-			call.start()
-		}
-		defer func() {
-			if err != nil {
-				err = call.joinRelease(err)
-			}
-		}()
-	}
 	link, err := createSlave(c, master, args.IfName, netns)
 	if err != nil {
 		return nil, err

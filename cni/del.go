@@ -5,7 +5,6 @@ import (
 	"fmt"
 
 	"github.com/containernetworking/cni/pkg/skel"
-	"github.com/containernetworking/plugins/pkg/ipam"
 
 	"github.com/underpass-cni/underpass/loader"
 )
@@ -23,7 +22,20 @@ func del(args *skel.CmdArgs) error {
 	}
 	var errs []error
 
-	if err := delLinkAndEndpoint(c, args); err != nil {
+	// The lease goes while the link and the registration do, for the IPAM
+	// types that need nothing of the interface (see overlapIPAM), but only
+	// once the datapath lock is held: an ADD that gets the address next
+	// registers it only after this DEL unregistered it.
+	var release *background
+	if !c.Chained && c.IPAM.Type != "" {
+		release = newIPAMDel(c.IPAM.Type, args.StdinData)
+	}
+	locked := func() {
+		if release != nil && overlapIPAM[c.IPAM.Type] {
+			release.start()
+		}
+	}
+	if err := delLinkAndEndpoint(c, args, locked); err != nil {
 		if errors.Is(err, errFailpoint) {
 			return err
 		}
@@ -32,25 +44,22 @@ func del(args *skel.CmdArgs) error {
 	if err := failpoint("del-unregister"); err != nil {
 		return err
 	}
-	if c.Chained {
-		return errors.Join(errs...) // the link and the lease are the previous plugin's
-	}
-
-	if c.IPAM.Type != "" {
+	if release != nil {
 		// host-local and static succeed for an address already released.
-		if err := ipam.ExecDel(c.IPAM.Type, args.StdinData); err != nil {
-			errs = append(errs, fmt.Errorf("ipam %s: %w", c.IPAM.Type, err))
+		if err := release.wait(); err != nil {
+			errs = append(errs, err)
 		}
 	}
-	return errors.Join(errs...)
+	return errors.Join(errs...) // chained: the link and the lease are the previous plugin's
 }
 
 // delLinkAndEndpoint deletes the slave (main mode) and the registration,
 // under the datapath lock from before the link goes until the registration
 // is gone: the agent's endpoint GC confirms under the same lock, so it never
 // finds the endpoint half-deleted (interface gone, registration still
-// there) and takes it for a lost DEL. IPAM runs after, outside the lock.
-func delLinkAndEndpoint(c *Conf, args *skel.CmdArgs) error {
+// there) and takes it for a lost DEL. locked runs once the lock is held
+// (or known not to be needed: no datapath).
+func delLinkAndEndpoint(c *Conf, args *skel.CmdArgs, locked func()) error {
 	var errs []error
 	dp, err := loader.OpenForEndpoints(c.BPFFS)
 	switch {
@@ -68,6 +77,7 @@ func delLinkAndEndpoint(c *Conf, args *skel.CmdArgs) error {
 		}
 		defer unlock()
 	}
+	locked()
 
 	// Main mode: the link goes first, and the endpoint filters with it, so
 	// unregistering has nothing left to detach.

@@ -9,47 +9,66 @@ import (
 	"github.com/containernetworking/plugins/pkg/ipam"
 )
 
-// ipamCall is the delegated IPAM ADD of one plugin call. For IPAM plugins
-// that never look at the interface it runs while ADD creates the slave and
-// loads the endpoint programs: it is mostly another process starting, the
-// largest part of ADD, and hiding the rest behind it keeps underpass's ADD
-// as fast as the reference macvlan plugin's.
+// The delegated IPAM plugin is another process starting: the largest part
+// of ADD and DEL. For IPAM types that never look at the interface it runs
+// while the plugin does its own work (ADD: creating the slave; DEL:
+// deleting it and the registration), which keeps underpass as fast as the
+// reference macvlan plugin. Anything else (dhcp talks through the
+// interface, unknown plugins might) runs in the reference plugins' order.
+var overlapIPAM = map[string]bool{"host-local": true, "static": true, "whereabouts": true}
+
+// background runs fn once, on another goroutine, from the first start or
+// wait.
+type background struct {
+	fn   func() error
+	done chan struct{}
+	err  error
+}
+
+func (b *background) start() {
+	if b.done != nil {
+		return
+	}
+	b.done = make(chan struct{})
+	go func() {
+		defer close(b.done)
+		b.err = b.fn()
+	}()
+}
+
+func (b *background) started() bool { return b.done != nil }
+
+func (b *background) wait() error {
+	b.start()
+	<-b.done
+	return b.err
+}
+
+// ipamCall is the IPAM ADD of one plugin ADD.
 type ipamCall struct {
 	typ   string
 	stdin []byte
-	done  chan struct{}
 	res   types.Result
-	err   error
+	add   background
 }
-
-// overlapIPAM are the IPAM types known to need nothing of the interface.
-// Anything else (dhcp talks through the interface, unknown plugins might)
-// runs once the slave exists, as in the reference plugins.
-var overlapIPAM = map[string]bool{"host-local": true, "static": true, "whereabouts": true}
 
 func newIPAMCall(typ string, stdin []byte) *ipamCall {
-	return &ipamCall{typ: typ, stdin: stdin}
+	c := &ipamCall{typ: typ, stdin: stdin}
+	c.add.fn = func() (err error) {
+		c.res, err = ipam.ExecAdd(typ, stdin)
+		return err
+	}
+	return c
 }
 
-// start runs the IPAM ADD on another goroutine; a second start is a no-op.
-func (c *ipamCall) start() {
-	if c.done != nil {
-		return
-	}
-	c.done = make(chan struct{})
-	go func() {
-		defer close(c.done)
-		c.res, c.err = ipam.ExecAdd(c.typ, c.stdin)
-	}()
-}
+// start runs the ADD in the background.
+func (c *ipamCall) start() { c.add.start() }
 
 // result waits for the ADD (starting it if it was not) and converts what
 // it returned.
 func (c *ipamCall) result() (*current.Result, error) {
-	c.start()
-	<-c.done
-	if c.err != nil {
-		return nil, fmt.Errorf("ipam %s: %w", c.typ, c.err)
+	if err := c.add.wait(); err != nil {
+		return nil, fmt.Errorf("ipam %s: %w", c.typ, err)
 	}
 	r, err := current.NewResultFromResult(c.res)
 	if err != nil {
@@ -61,26 +80,25 @@ func (c *ipamCall) result() (*current.Result, error) {
 	return r, nil
 }
 
-// release undoes a started ADD, for a failed plugin ADD: it waits for the
-// IPAM plugin and, unless its ADD failed, tells it to release the address.
-func (c *ipamCall) release() error {
-	if c.done == nil {
-		return nil
-	}
-	<-c.done
-	if c.err != nil {
-		return nil
-	}
-	if err := ipam.ExecDel(c.typ, c.stdin); err != nil {
-		return fmt.Errorf("roll back: release the address (ipam %s): %w", c.typ, err)
-	}
-	return nil
-}
-
-// joinRelease adds a failed release to err.
+// joinRelease undoes a started ADD, for a failed plugin ADD: it waits for
+// the IPAM plugin and, unless its ADD failed, tells it to release the
+// address; a failed release joins err.
 func (c *ipamCall) joinRelease(err error) error {
-	if rerr := c.release(); rerr != nil {
-		return errors.Join(err, rerr)
+	if !c.add.started() || c.add.wait() != nil {
+		return err
+	}
+	if derr := ipam.ExecDel(c.typ, c.stdin); derr != nil {
+		return errors.Join(err, fmt.Errorf("roll back: release the address (ipam %s): %w", c.typ, derr))
 	}
 	return err
+}
+
+// newIPAMDel is the IPAM DEL of one plugin DEL.
+func newIPAMDel(typ string, stdin []byte) *background {
+	return &background{fn: func() error {
+		if err := ipam.ExecDel(typ, stdin); err != nil {
+			return fmt.Errorf("ipam %s: %w", typ, err)
+		}
+		return nil
+	}}
 }
