@@ -18,7 +18,7 @@ generate:
 
 # Fails when the committed bpf2go output does not match the C sources.
 check-generate: generate
-	@git diff --exit-code --stat -- loader/ || { echo "committed bpf2go output is stale: run 'make generate' and commit loader/*_bpfel.*"; exit 1; }
+	@git diff --exit-code --stat -- 'loader/*_bpfel.go' 'loader/*_bpfel.o' || { echo "committed bpf2go output is stale: run 'make generate' and commit loader/*_bpfel.*"; exit 1; }
 
 build:
 	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/ ./cmd/...

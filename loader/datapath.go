@@ -357,15 +357,25 @@ func (dp *Datapath) eachMap(fn func(string, **ebpf.Map)) {
 // filters on the slaves let traffic through unchecked and uncounted.
 var ErrNoEndpointPrograms = errors.New("endpoint programs missing from ep_progs")
 
+// endpointBody is an ep_progs slot and this datapath's program for it.
+type endpointBody struct {
+	slot EpProg
+	prog *ebpf.Program
+}
+
+func (dp *Datapath) endpointBodies() []endpointBody {
+	return []endpointBody{{EpProgIngress, dp.Programs.EndpointIngressBody}, {EpProgEgress, dp.Programs.EndpointEgressBody}}
+}
+
 // CheckEndpointPrograms says whether both ep_progs slots hold a program.
 func (dp *Datapath) CheckEndpointPrograms() error {
-	for _, slot := range []EpProg{EpProgIngress, EpProgEgress} {
+	for _, b := range dp.endpointBodies() {
 		var id uint32
-		if err := dp.Maps.EpProgs.Lookup(uint32(slot), &id); err != nil {
+		if err := dp.Maps.EpProgs.Lookup(uint32(b.slot), &id); err != nil {
 			if errors.Is(err, ebpf.ErrKeyNotExist) {
-				return fmt.Errorf("%w: slot %d is empty", ErrNoEndpointPrograms, slot)
+				return fmt.Errorf("%w: slot %d is empty", ErrNoEndpointPrograms, b.slot)
 			}
-			return fmt.Errorf("read ep_progs slot %d: %w", slot, err)
+			return fmt.Errorf("read ep_progs slot %d: %w", b.slot, err)
 		}
 	}
 	return nil
@@ -374,9 +384,9 @@ func (dp *Datapath) CheckEndpointPrograms() error {
 // RestoreEndpointPrograms points the ep_progs slots at this datapath's
 // endpoint program bodies.
 func (dp *Datapath) RestoreEndpointPrograms() error {
-	for slot, p := range map[EpProg]*ebpf.Program{EpProgIngress: dp.Programs.EndpointIngressBody, EpProgEgress: dp.Programs.EndpointEgressBody} {
-		if err := dp.Maps.EpProgs.Put(uint32(slot), p); err != nil {
-			return fmt.Errorf("put endpoint program %d into ep_progs: %w", slot, err)
+	for _, b := range dp.endpointBodies() {
+		if err := dp.Maps.EpProgs.Put(uint32(b.slot), b.prog); err != nil {
+			return fmt.Errorf("put endpoint program %d into ep_progs: %w", b.slot, err)
 		}
 	}
 	return nil

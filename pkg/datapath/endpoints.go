@@ -91,9 +91,14 @@ func probe(m *loader.Maps, id, mask uint32, containerID, ifname string) (uint32,
 		if GoString(ep.ContainerId[:]) == containerID && GoString(ep.Ifname[:]) == ifname {
 			return id, &ep, nil
 		}
-		id = nonZero((id + 1) & mask)
+		id = nextID(id, mask)
 	}
 	return 0, nil, nil
+}
+
+// nextID is the id after id on a probe chain whose ids wrap at mask.
+func nextID(id, mask uint32) uint32 {
+	return nonZero((id + 1) & mask)
 }
 
 // ErrTooLong means a name does not fit its field in the registry: stored
@@ -167,7 +172,7 @@ func Register(m *loader.Maps, s EndpointSpec) (id uint32, err error) {
 		if !errors.Is(err, ebpf.ErrKeyExist) || i == maxProbes-1 {
 			return 0, fmt.Errorf("register endpoint: %w", err)
 		}
-		id = nonZero((id + 1) & idMask)
+		id = nextID(id, idMask)
 	}
 	// Roll back by the claimed id: the error returns below zero id.
 	claimed := id
