@@ -19,6 +19,12 @@
 #define IPPROTO_UDP 17
 #define IPPROTO_ICMPV6 58
 
+/* IPv6 extension headers the programs walk. */
+#define IPV6_HOPOPTS 0
+#define IPV6_ROUTING 43
+#define IPV6_FRAGMENT 44
+#define IPV6_DSTOPTS 60
+
 #define TCP_FLAG_FIN 0x01
 #define TCP_FLAG_SYN 0x02
 #define TCP_FLAG_RST 0x04
@@ -27,8 +33,15 @@
 #define ARPOP_REQUEST 1
 #define ARPOP_REPLY 2
 
+#define ICMPV6_ND_RS 133
+#define ICMPV6_ND_RA 134
 #define ICMPV6_ND_NS 135
 #define ICMPV6_ND_NA 136
+#define ICMPV6_ND_REDIRECT 137
+
+/* ND options (RFC 4861 4.6.1), lengths in units of 8 bytes. */
+#define ND_OPT_SOURCE_LL 1
+#define ND_OPT_TARGET_LL 2
 
 #define XDP_PASS 2
 
@@ -106,6 +119,18 @@ struct icmphdr {
 	__u8 code;
 	__sum16 checksum;
 	__be32 unused;
+};
+
+struct ipv6_opt_hdr {
+	__u8 nexthdr;
+	__u8 hdrlen; /* in 8-byte units, not counting the first 8 */
+};
+
+/* An ND option with a link-layer address (source or target). */
+struct nd_opt_ll {
+	__u8 type;
+	__u8 len;
+	__u8 mac[ETH_ALEN];
 };
 
 /* ICMPv6 header plus the target of a neighbour solicitation/advertisement. */

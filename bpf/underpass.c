@@ -41,6 +41,9 @@ const enum up_event_kind *unused_event_kind __attribute__((unused));
 const enum up_limits *unused_limits __attribute__((unused));
 const enum up_prefilter_limits *unused_prefilter_limits __attribute__((unused));
 const enum up_ep_prog *unused_ep_prog __attribute__((unused));
+const enum up_marks *unused_marks __attribute__((unused));
+const enum up_ref_flags *unused_ref_flags __attribute__((unused));
+const struct up_attach_key *unused_attach_key __attribute__((unused));
 const struct up_event *unused_event __attribute__((unused));
 
 #define MAX_ENDPOINTS 16384
@@ -77,12 +80,33 @@ struct {
 	__type(value, struct up_ep_ref);
 } ep_by_mac SEC(".maps");
 
+/* Registered addresses (UP_MAX_ADDRS per endpoint) and learnt ones
+ * (UP_MAX_LEARNED), per parent. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, MAX_ENDPOINTS * 4);
-	__type(key, struct up_ip_key);
+	__uint(max_entries, MAX_ENDPOINTS * 12);
+	__type(key, struct up_ep_ip_key);
 	__type(value, struct up_ep_ref);
 } ep_by_ip SEC(".maps");
+
+/* Written by userspace only (pkg/datapath): never read by the programs. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_ENDPOINTS);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct up_attach_key);
+	__type(value, __u32);
+} ep_names SEC(".maps");
+
+/* Addresses seen on the wire in ND and router advertisements, per parent
+ * (XDP writes): an endpoint never learns an address someone on the wire
+ * already uses, such as the router's link-local. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct up_ep_ip_key);
+	__type(value, __u64);
+} wire_addrs SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -108,7 +132,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, UP_DROP_MAX);
+	__uint(max_entries, UP_DROP_SLOTS);
 	__type(key, __u32);
 	__type(value, struct up_counter);
 } drops SEC(".maps");
@@ -183,9 +207,14 @@ struct pkt {
 	__u8 l4proto;
 	__u8 arp_op;
 	__u8 nd_type;   /* ICMPv6 NS/NA, 0 otherwise */
-	__u8 first_frag;/* 1 unless this is a non-first IPv4 fragment */
-	__u8 _pad;
+	__u8 first_frag;/* 1 unless this is a non-first fragment */
+	__u8 icmp6_type;/* the ICMPv6 type, 0 when not ICMPv6 (or not read) */
+	__u8 ext6;      /* IPv6 extension headers precede l4off */
+	__u8 hop_limit; /* IPv6 */
+	__u8 _pad[3];
 	struct up_ip_key target; /* ARP tpa or ND target */
+	__u8 arp_sha[ETH_ALEN];
+	__u16 _pad2;
 };
 
 static __always_inline void map_v4(struct up_ip_key *k, const __u8 *a)
@@ -242,7 +271,7 @@ static __always_inline void count_drop(__u32 reason, __u32 ep_id, __u32 len)
 		c->bytes += len;
 	}
 	struct up_ep_stats *s = ep_stats_of(ep_id);
-	if (s && reason < UP_DROP_MAX)
+	if (s && reason < UP_DROP_SLOTS)
 		s->drops[reason]++;
 }
 
@@ -383,16 +412,45 @@ static __always_inline int parse_l3(struct __sk_buff *skb, __u16 proto, struct p
 			return 0;
 		__builtin_memcpy(p->saddr.addr, ip6.saddr, 16);
 		__builtin_memcpy(p->daddr.addr, ip6.daddr, 16);
-		/* Extension headers are not walked: such packets are classified
-		 * by address only, which is all the guard and the steering need. */
-		p->l4proto = ip6.nexthdr;
-		p->l4off = ETH_HLEN + sizeof(ip6);
-		if (ip6.nexthdr == IPPROTO_ICMPV6) {
+		p->hop_limit = ip6.hop_limit;
+		__u8 next = ip6.nexthdr;
+		__u16 off = ETH_HLEN + sizeof(ip6);
+		/* A few extension headers are walked so that ICMPv6 behind them
+		 * (MLD behind hop-by-hop, or ND someone hid) is still seen; the
+		 * guard and the steering need the addresses only. */
+#pragma unroll
+		for (int i = 0; i < 4; i++) {
+			if (next != IPV6_HOPOPTS && next != IPV6_ROUTING && next != IPV6_DSTOPTS &&
+			    next != IPV6_FRAGMENT)
+				break;
+			struct ipv6_opt_hdr h;
+			if (LOAD_HDR(skb, off, &h))
+				return 0;
+			p->ext6 = 1;
+			if (next == IPV6_FRAGMENT) {
+				__be16 fo;
+				if (LOAD_HDR(skb, off + 2, &fo))
+					return 0;
+				if (fo & bpf_htons(0xfff8))
+					p->first_frag = 0;
+				off += 8;
+			} else {
+				off += (h.hdrlen + 1) * 8;
+			}
+			next = h.nexthdr;
+		}
+		p->l4proto = next;
+		p->l4off = off;
+		if (next == IPPROTO_ICMPV6 && p->first_frag) {
 			struct icmp6_nd nd;
-			if (!LOAD_HDR(skb, ETH_HLEN + sizeof(ip6), &nd) &&
-			    (nd.type == ICMPV6_ND_NS || nd.type == ICMPV6_ND_NA) && nd.code == 0) {
-				p->nd_type = nd.type;
-				__builtin_memcpy(p->target.addr, nd.target, 16);
+			if (!LOAD_HDR(skb, off, &nd)) {
+				p->icmp6_type = nd.type;
+				if ((nd.type == ICMPV6_ND_NS || nd.type == ICMPV6_ND_NA) && nd.code == 0) {
+					p->nd_type = nd.type;
+					__builtin_memcpy(p->target.addr, nd.target, 16);
+				}
+			} else if (LOAD_HDR(skb, off, &p->icmp6_type)) {
+				p->icmp6_type = 0;
 			}
 		}
 		return 1;
@@ -407,6 +465,7 @@ static __always_inline int parse_l3(struct __sk_buff *skb, __u16 proto, struct p
 		p->arp_op = bpf_ntohs(arp.op);
 		map_v4(&p->saddr, arp.spa);
 		map_v4(&p->target, arp.tpa);
+		__builtin_memcpy(p->arp_sha, arp.sha, ETH_ALEN);
 		return 1;
 	}
 	return 0;
@@ -641,11 +700,16 @@ enum svc_verdict {
 	SVC_STALE = 2,
 };
 
-static __always_inline int classify_service(const struct pkt *p)
+/* Until the agent has synced the live set once, nothing is stale: a
+ * destination in a service CIDR is steered to the host as if live, where
+ * kube-proxy (synced or not) decides, as it would without underpass. */
+static __always_inline int classify_service(const struct up_config *cfg, const struct pkt *p)
 {
 	if (!in_set(PREFILTER_SVC, &p->daddr, 0))
 		return SVC_NONE;
 	if (bpf_map_lookup_elem(&live_svcs, &p->daddr))
+		return SVC_LIVE;
+	if (!cfg || !(cfg->flags & UP_CFG_SVC_SYNCED))
 		return SVC_LIVE;
 	return SVC_STALE;
 }
@@ -685,40 +749,224 @@ static __always_inline int handle_stale(struct __sk_buff *skb, const struct up_c
 	return TC_ACT_SHOT;
 }
 
-/* ---- parent NIC ------------------------------------------------------------- */
+/* ---- endpoint lookups, per parent ------------------------------------------- */
+
+static __always_inline struct up_ep_ref *ref_by_mac(const __u8 *mac, __u32 parent_ifindex)
+{
+	struct up_mac_key k = {.parent_ifindex = parent_ifindex};
+	__builtin_memcpy(k.mac, mac, ETH_ALEN);
+	return bpf_map_lookup_elem(&ep_by_mac, &k);
+}
+
+static __always_inline struct up_ep_ref *ref_by_ip(const struct up_ip_key *ip, __u32 parent_ifindex)
+{
+	struct up_ep_ip_key k = {.parent_ifindex = parent_ifindex};
+	__builtin_memcpy(k.addr, ip->addr, 16);
+	return bpf_map_lookup_elem(&ep_by_ip, &k);
+}
 
 static __always_inline __u32 ep_by_mac_on(const __u8 *mac, __u32 ifindex)
 {
-	struct up_mac_key k = {};
-	__builtin_memcpy(k.mac, mac, ETH_ALEN);
-	struct up_ep_ref *r = bpf_map_lookup_elem(&ep_by_mac, &k);
-	if (r && r->parent_ifindex == ifindex)
-		return r->id;
-	return 0;
+	struct up_ep_ref *r = ref_by_mac(mac, ifindex);
+	return r ? r->id : 0;
 }
 
 static __always_inline __u32 ep_by_ip_on(const struct up_ip_key *ip, __u32 ifindex)
 {
-	struct up_ep_ref *r = bpf_map_lookup_elem(&ep_by_ip, ip);
-	if (r && r->parent_ifindex == ifindex)
-		return r->id;
-	return 0;
+	struct up_ep_ref *r = ref_by_ip(ip, ifindex);
+	return r ? r->id : 0;
 }
+
+static __always_inline int is_unspecified(const struct up_ip_key *a)
+{
+	__u64 hi, lo;
+	__builtin_memcpy(&hi, a->addr, 8);
+	__builtin_memcpy(&lo, a->addr + 8, 8);
+	/* :: and the IPv4-mapped 0.0.0.0 */
+	return hi == 0 && (lo == 0 || lo == bpf_htonl(0x0000ffff));
+}
+
+static __always_inline int is_link_local6(const struct up_ip_key *a)
+{
+	return a->addr[0] == 0xfe && (a->addr[1] & 0xc0) == 0x80;
+}
+
+/* ---- the source guard: what an endpoint may send ---------------------------- */
+
+/* Learnt addresses remember when they were last used as a source, so that
+ * the least recently used one makes room for a new one; once a second is
+ * enough for that and keeps the write off most packets. */
+static __always_inline void touch(struct up_ep_ref *r)
+{
+	if (!(r->flags & UP_REF_LEARNED))
+		return;
+	__u64 now = bpf_ktime_get_ns();
+	if (now - r->used_ns > 1000000000ULL)
+		r->used_ns = now;
+}
+
+/* Is addr one of endpoint id's own (registered or learnt) on its parent? */
+static __always_inline int owns(__u32 id, __u32 parent_ifindex, const struct up_ip_key *addr)
+{
+	struct up_ep_ref *r = ref_by_ip(addr, parent_ifindex);
+	if (!r || r->id != id)
+		return 0;
+	touch(r);
+	return 1;
+}
+
+/* Learns the target of an endpoint's duplicate address detection (an NS from
+ * ::), which is how SLAAC, privacy and link-local addresses announce
+ * themselves: the kernel runs DAD for each before using it. Never an
+ * address that is registered or learnt by anyone on this parent, a node
+ * address, a steered or service address, or one seen on the wire in ND or
+ * router advertisements (the router's link-local). At most UP_MAX_LEARNED
+ * per endpoint: the least recently used one is given up. */
+static __noinline void learn_address(struct up_endpoint *ep, __u32 id, const struct up_ip_key *t)
+{
+	if (t->addr[0] == 0xff || is_unspecified(t))
+		return;
+	if (in_set(PREFILTER_HOST, t, 0) || in_set(PREFILTER_SVC, t, 0))
+		return;
+	struct up_ep_ip_key k = {.parent_ifindex = ep->parent_ifindex};
+	__builtin_memcpy(k.addr, t->addr, 16);
+	if (bpf_map_lookup_elem(&wire_addrs, &k))
+		return;
+	if (bpf_map_lookup_elem(&ep_by_ip, &k))
+		return;
+
+	/* A free slot, else the least recently used learnt address. */
+	struct up_ep_ip_key ok = {.parent_ifindex = ep->parent_ifindex};
+	__u32 slot = 0;
+	__u64 oldest = ~0ULL;
+#pragma clang loop unroll(disable)
+	for (__u32 i = 0; i < UP_MAX_LEARNED; i++) {
+		__u64 used = 0;
+		if (ep->learned[i].learned_ns) {
+			__builtin_memcpy(ok.addr, ep->learned[i].addr, 16);
+			struct up_ep_ref *r = bpf_map_lookup_elem(&ep_by_ip, &ok);
+			if (r && r->id == id)
+				used = r->used_ns ? r->used_ns : ep->learned[i].learned_ns;
+		}
+		if (used < oldest) {
+			oldest = used;
+			slot = i;
+		}
+	}
+	if (slot >= UP_MAX_LEARNED)
+		return;
+	struct up_learned *l = &ep->learned[slot];
+	if (l->learned_ns) {
+		__builtin_memcpy(ok.addr, l->addr, 16);
+		struct up_ep_ref *r = bpf_map_lookup_elem(&ep_by_ip, &ok);
+		if (r && r->id == id && (r->flags & UP_REF_LEARNED))
+			bpf_map_delete_elem(&ep_by_ip, &ok);
+	}
+	__u64 now = bpf_ktime_get_ns();
+	struct up_ep_ref ref = {.id = id, .flags = UP_REF_LEARNED, .used_ns = now};
+	if (bpf_map_update_elem(&ep_by_ip, &k, &ref, BPF_NOEXIST))
+		return;
+	__builtin_memcpy(l->addr, t->addr, 16);
+	l->learned_ns = now;
+	count(UP_STAT_LEARNED, 1);
+}
+
+/* The link-layer address options of an NS (source) or NA (target) must be
+ * the endpoint's MAC, or a pod could point its neighbours' caches at another
+ * host. Walks at most 4 options; more is not vetted. */
+static __always_inline int nd_options_ok(struct __sk_buff *skb, const struct pkt *p, const __u8 *mac)
+{
+	__u32 off = p->l4off + sizeof(struct icmp6_nd);
+#pragma unroll
+	for (int i = 0; i < 4; i++) {
+		struct nd_opt_ll o;
+		if (LOAD_HDR(skb, off, &o))
+			return 1; /* no room for another link-layer option: done */
+		if (o.len == 0)
+			return 0;
+		if ((o.type == ND_OPT_SOURCE_LL || o.type == ND_OPT_TARGET_LL) && !mac_eq(o.mac, mac))
+			return 0;
+		off += o.len * 8;
+	}
+	__u8 more;
+	return LOAD_HDR(skb, off, &more) != 0;
+}
+
+/* 0 when endpoint ep (id) may send this frame, else the drop reason in
+ * *reason. Fills *p. learn: learn the target of its DAD. Fails closed:
+ * whatever cannot be vetted is refused. */
+static __always_inline int vet_source(struct __sk_buff *skb, const struct ethhdr *eth, struct up_endpoint *ep,
+				      __u32 id, struct pkt *p, int learn, __u32 *reason)
+{
+	*reason = UP_DROP_SPOOFED_SOURCE;
+	if (!mac_eq(eth->h_source, ep->mac))
+		return 1;
+	*reason = UP_DROP_UNVETTED;
+	__u16 proto = bpf_ntohs(eth->h_proto);
+	if (proto != ETH_P_IP && proto != ETH_P_IPV6 && proto != ETH_P_ARP)
+		return 1; /* VLAN tags (802.1Q/ad) and every other ethertype */
+	if (!parse_l3(skb, proto, p))
+		return 1; /* truncated, or ARP for other hardware */
+	__u32 parent = ep->parent_ifindex;
+
+	if (proto == ETH_P_ARP) {
+		if (p->arp_op != ARPOP_REQUEST && p->arp_op != ARPOP_REPLY)
+			return 1;
+		*reason = UP_DROP_SPOOFED_SOURCE;
+		if (!mac_eq(p->arp_sha, ep->mac))
+			return 1;
+		/* 0.0.0.0 is an ARP probe (RFC 5227). */
+		return !is_unspecified(&p->saddr) && !owns(id, parent, &p->saddr);
+	}
+	if (proto == ETH_P_IPV6 && p->icmp6_type) {
+		__u8 t = p->icmp6_type;
+		/* Pods are not routers: no router advertisements or redirects.
+		 * ND never needs extension headers; hiding it behind them is
+		 * refused. */
+		if (t == ICMPV6_ND_RA || t == ICMPV6_ND_REDIRECT)
+			return 1;
+		if (p->ext6 && t >= ICMPV6_ND_RS && t <= ICMPV6_ND_REDIRECT)
+			return 1;
+		if (p->nd_type) {
+			*reason = UP_DROP_SPOOFED_SOURCE;
+			if (!nd_options_ok(skb, p, ep->mac))
+				return 1;
+			if (p->nd_type == ICMPV6_ND_NA && !owns(id, parent, &p->target))
+				return 1;
+			if (p->nd_type == ICMPV6_ND_NS && is_unspecified(&p->saddr)) {
+				if (learn)
+					learn_address(ep, id, &p->target);
+				return 0;
+			}
+		}
+	}
+	*reason = UP_DROP_SPOOFED_SOURCE;
+	/* Unspecified sources: DHCP discovery, DAD. */
+	if (is_unspecified(&p->saddr))
+		return 0;
+	return !owns(id, parent, &p->saddr);
+}
+
+/* ---- parent NIC ------------------------------------------------------------- */
 
 static __always_inline int host_blocked(const struct up_config *cfg)
 {
 	return cfg && (cfg->flags & UP_CFG_HOST_BLOCKED);
 }
 
-static __always_inline int endpoint_to_host(struct __sk_buff *skb, const struct up_config *cfg,
-					    __u32 ep_id, int steered, const __u8 *parent_mac)
+/* Why an endpoint frame enters the host stack. */
+enum to_host {
+	TO_HOST_STEERED = 0,    /* a live Service VIP or a steered host CIDR */
+	TO_HOST_DIRECT = 1,     /* one of the host's own addresses */
+	TO_HOST_RESOLUTION = 2, /* ARP/ND for the host */
+};
+
+/* readdress: give the frame the parent's MAC (steered by destination IP). */
+static __always_inline int endpoint_to_host(struct __sk_buff *skb, const struct up_config *cfg, __u32 ep_id,
+					    __u32 why, int readdress, const __u8 *parent_mac)
 {
 	__u32 len = skb->len;
-	if (host_blocked(cfg)) {
-		count_drop(UP_DROP_HOST_UNREACHABLE, ep_id, len);
-		return TC_ACT_SHOT;
-	}
-	if (steered) {
+	if (readdress) {
 		if (bpf_skb_store_bytes(skb, 0, parent_mac, ETH_ALEN, 0))
 			return TC_ACT_UNSPEC;
 		count(UP_STAT_STEERED, len);
@@ -729,15 +977,44 @@ static __always_inline int endpoint_to_host(struct __sk_buff *skb, const struct 
 		s->ep_to_host.packets++;
 		s->ep_to_host.bytes += len;
 	}
-	return to_ingress(skb, ep_id);
+	/* The marks for the host's nftables table (enum up_marks); every other
+	 * redirect clears the mark, so no host mark leaks into a pod. */
+	__u32 mark = 0;
+	if (why == TO_HOST_STEERED)
+		mark = UP_MARK_STEERED;
+	else if (why == TO_HOST_DIRECT && host_blocked(cfg))
+		mark = UP_MARK_DIRECT;
+	skb->mark = mark;
+	record(UP_TRACE_REDIRECT, skb->ifindex, BPF_F_INGRESS, ep_id);
+	return bpf_redirect(skb->ifindex, BPF_F_INGRESS);
+}
+
+/* hostReachability: false cuts the host's own traffic to endpoints, not
+ * what the host forwards or answers on behalf of a Service: resolution,
+ * frames the host forwards (a Service flow DNATed to a backend pod, the
+ * wire routed through the node), and frames from a Service VIP or a steered
+ * host CIDR (kube-proxy's de-NATed replies, node-local DNS). */
+static __always_inline int host_may_reach(const struct __sk_buff *skb, const struct up_config *cfg,
+					  const struct pkt *p)
+{
+	if (!host_blocked(cfg))
+		return 1;
+	if (p->proto == ETH_P_ARP || p->nd_type)
+		return 1;
+	if (skb->ingress_ifindex)
+		return 1;
+	if (in_set(PREFILTER_SVC, &p->saddr, 0))
+		return 1;
+	__u32 flags = 0;
+	return in_set(PREFILTER_HOST, &p->saddr, &flags) && (flags & UP_HOST_STEER);
 }
 
 /* dst_mac, when set, readdresses the frame first (ipvlan: see parent_egress). */
 static __always_inline int host_to_endpoint(struct __sk_buff *skb, const struct up_config *cfg,
-					    __u32 ep_id, const __u8 *dst_mac)
+					    const struct pkt *p, __u32 ep_id, const __u8 *dst_mac)
 {
 	__u32 len = skb->len;
-	if (host_blocked(cfg)) {
+	if (!host_may_reach(skb, cfg, p)) {
 		count_drop(UP_DROP_HOST_UNREACHABLE, ep_id, len);
 		return TC_ACT_SHOT;
 	}
@@ -755,17 +1032,24 @@ static __always_inline int host_to_endpoint(struct __sk_buff *skb, const struct 
 /* Broadcast ARP and multicast ND: the kernel never shows the parent's own
  * transmissions to its slaves, nor a slave's to the host, so a request for a
  * local address gets a copy into the receive path. A slave asking for another
- * slave is skipped: macvlan bridge mode delivered that already. */
-static __always_inline void clone_resolution(struct __sk_buff *skb, const struct up_config *cfg,
-					     const struct pkt *p, __u32 src_ep, __u32 ifindex)
+ * slave is skipped: macvlan bridge mode delivered that already.
+ *
+ * A slave's request for the host goes in as a unicast to the parent's MAC:
+ * macvlan hands that to the host alone. As a broadcast, macvlan would reflect
+ * a private slave's copy back to that slave only (the host never answered a
+ * private pod that spoke first) and show a bridge slave's to VEPA slaves. */
+static __always_inline void clone_resolution(struct __sk_buff *skb, const struct pkt *p, __u32 src_ep,
+					     __u32 ifindex, const struct ethhdr *eth, const __u8 *parent_mac)
 {
-	if (host_blocked(cfg))
-		return;
 	__u32 stat = p->proto == ETH_P_ARP ? UP_STAT_ARP_CLONED : UP_STAT_ND_CLONED;
 	if (src_ep) {
 		__u32 flags = 0;
-		if (in_set(PREFILTER_HOST, &p->target, &flags) && (flags & UP_HOST_LOCAL))
-			clone_to_ingress(skb, stat);
+		if (!in_set(PREFILTER_HOST, &p->target, &flags) || !(flags & UP_HOST_LOCAL))
+			return;
+		if (bpf_skb_store_bytes(skb, 0, parent_mac, ETH_ALEN, 0))
+			return;
+		clone_to_ingress(skb, stat);
+		bpf_skb_store_bytes(skb, 0, eth->h_dest, ETH_ALEN, 0);
 		return;
 	}
 	if (ep_by_ip_on(&p->target, ifindex))
@@ -784,38 +1068,46 @@ int parent_egress(struct __sk_buff *skb)
 	if (LOAD_HDR(skb, 0, &eth))
 		return TC_ACT_UNSPEC;
 	__u16 proto = bpf_ntohs(eth.h_proto);
-	/* VLAN-tagged frames belong to a VLAN device's own parent program:
-	 * a slave on eth0.100 has eth0.100 as its parent. */
-	if (proto == ETH_P_8021Q || proto == ETH_P_8021AD)
-		return TC_ACT_UNSPEC;
-
-	struct pkt p;
-	if (!parse_l3(skb, proto, &p))
-		return TC_ACT_UNSPEC;
-
 	struct up_config *cfg = get_config();
 	int macvlan = parent->mode == UP_MODE_MACVLAN;
 	int from_parent_mac = mac_eq(eth.h_source, parent->mac);
 	int to_parent_mac = mac_eq(eth.h_dest, parent->mac);
+	struct pkt p;
 
 	/* Who sent it: a macvlan slave has its own MAC; ipvlan slaves share the
 	 * parent's, so their source IP tells. */
 	__u32 src_ep = 0;
-	if (macvlan) {
-		if (!from_parent_mac)
-			src_ep = ep_by_mac_on(eth.h_source, ifindex);
-	} else if (from_parent_mac) {
-		src_ep = ep_by_ip_on(&p.saddr, ifindex);
+	if (macvlan && !from_parent_mac)
+		src_ep = ep_by_mac_on(eth.h_source, ifindex);
+	if (src_ep) {
+		/* Vetted here as well as on the slave: a pod can skip its own
+		 * egress hook (PACKET_QDISC_BYPASS, AF_XDP, tc with NET_ADMIN)
+		 * but every frame it sends off its slave passes here. */
+		struct up_endpoint *ep = bpf_map_lookup_elem(&endpoints, &src_ep);
+		__u32 reason = UP_DROP_UNVETTED;
+		if (!ep || vet_source(skb, &eth, ep, src_ep, &p, 1, &reason)) {
+			count_drop(reason, src_ep, skb->len);
+			return TC_ACT_SHOT;
+		}
+	} else {
+		/* VLAN-tagged frames of the host belong to a VLAN device's own
+		 * parent program: a slave on eth0.100 has eth0.100 as its parent. */
+		if (proto == ETH_P_8021Q || proto == ETH_P_8021AD)
+			return TC_ACT_UNSPEC;
+		if (!parse_l3(skb, proto, &p))
+			return TC_ACT_UNSPEC;
+		if (!macvlan && from_parent_mac)
+			src_ep = ep_by_ip_on(&p.saddr, ifindex);
 	}
 
 	if (is_multicast(eth.h_dest)) {
 		if ((proto == ETH_P_ARP && p.arp_op == ARPOP_REQUEST) || p.nd_type == ICMPV6_ND_NS)
-			clone_resolution(skb, cfg, &p, src_ep, ifindex);
+			clone_resolution(skb, &p, src_ep, ifindex, &eth, parent->mac);
 		return TC_ACT_UNSPEC;
 	}
 
 	if (proto != ETH_P_ARP) {
-		int svc = classify_service(&p);
+		int svc = classify_service(cfg, &p);
 		if (svc == SVC_STALE) {
 			/* Attribute host-forwarded pod traffic to the pod too. */
 			__u32 id = src_ep ? src_ep : ep_by_ip_on(&p.saddr, ifindex);
@@ -823,17 +1115,32 @@ int parent_egress(struct __sk_buff *skb)
 		}
 		if (src_ep) {
 			if (svc == SVC_LIVE)
-				return endpoint_to_host(skb, cfg, src_ep, !to_parent_mac, parent->mac);
+				return endpoint_to_host(skb, cfg, src_ep, TO_HOST_STEERED, !to_parent_mac, parent->mac);
 			__u32 flags = 0;
-			if (in_set(PREFILTER_HOST, &p.daddr, &flags) && (flags & (UP_HOST_STEER | UP_HOST_LOCAL)))
-				return endpoint_to_host(skb, cfg, src_ep, !to_parent_mac, parent->mac);
+			if (in_set(PREFILTER_HOST, &p.daddr, &flags)) {
+				if (flags & UP_HOST_STEER)
+					return endpoint_to_host(skb, cfg, src_ep, TO_HOST_STEERED, !to_parent_mac,
+								parent->mac);
+				if (flags & UP_HOST_LOCAL)
+					return endpoint_to_host(skb, cfg, src_ep, TO_HOST_DIRECT, !to_parent_mac,
+								parent->mac);
+			}
 		}
 	}
 
 	if (src_ep) {
-		if (to_parent_mac)
-			return endpoint_to_host(skb, cfg, src_ep, 0, parent->mac);
-		return TC_ACT_UNSPEC;
+		if (!to_parent_mac)
+			return TC_ACT_UNSPEC; /* to the wire (or a VEPA/private peer through it) */
+		/* To the host, but not for the host: with ip_forward=1 the node
+		 * would route it. Only resolution (ARP, ND to the host's
+		 * addresses, handled above), link-local and multicast
+		 * destinations, which the host never forwards, go in. */
+		if (proto == ETH_P_ARP)
+			return endpoint_to_host(skb, cfg, src_ep, TO_HOST_RESOLUTION, 0, parent->mac);
+		if (p.daddr.addr[0] == 0xff || is_link_local6(&p.daddr))
+			return endpoint_to_host(skb, cfg, src_ep, TO_HOST_DIRECT, 0, parent->mac);
+		count_drop(UP_DROP_ROUTED, src_ep, skb->len);
+		return TC_ACT_SHOT;
 	}
 
 	/* From the host (or forwarded by it). ipvlan slaves are found by
@@ -854,7 +1161,7 @@ int parent_egress(struct __sk_buff *skb)
 		dst_ep = ep_by_ip_on(&p.target, ifindex);
 	}
 	if (dst_ep)
-		return host_to_endpoint(skb, cfg, dst_ep, readdress);
+		return host_to_endpoint(skb, cfg, &p, dst_ep, readdress);
 	return TC_ACT_UNSPEC;
 }
 
@@ -872,13 +1179,13 @@ int uplink_egress(struct __sk_buff *skb)
 	struct pkt p;
 	if (!parse_l3(skb, proto, &p))
 		return TC_ACT_UNSPEC;
-	if (classify_service(&p) != SVC_STALE)
+	struct up_config *cfg = get_config();
+	if (classify_service(cfg, &p) != SVC_STALE)
 		return TC_ACT_UNSPEC;
-	__u32 id = 0;
-	struct up_ep_ref *r = bpf_map_lookup_elem(&ep_by_ip, &p.saddr);
-	if (r)
-		id = r->id;
-	return handle_stale(skb, get_config(), &p, id);
+	/* Pods' own stale traffic stops at their parent (and the node routes
+	 * nothing else for them), so what reaches an uplink is the host's: not
+	 * attributed to an endpoint. */
+	return handle_stale(skb, cfg, &p, 0);
 }
 
 /* ---- one endpoint's slave, inside the container netns ----------------------- */
@@ -899,31 +1206,33 @@ int endpoint_egress(struct __sk_buff *skb)
 	return TC_ACT_UNSPEC;
 }
 
+/* Frames from another macvlan slave of the same parent reach a pod without
+ * passing the parent (bridge mode delivers them inside the driver), so the
+ * sender is vetted again on arrival: a sender that skipped its own egress
+ * hook still cannot reach its neighbours with another's address. */
 SEC("tc")
 int ep_ingress_body(struct __sk_buff *skb)
 {
-	struct up_ep_stats *s = ep_stats_of(filter_endpoint(skb));
+	__u32 id = filter_endpoint(skb);
+	__u32 len = skb->len;
+	struct ethhdr eth;
+	struct up_endpoint *ep = bpf_map_lookup_elem(&endpoints, &id);
+	if (ep && ep->mode == UP_MODE_MACVLAN && !LOAD_HDR(skb, 0, &eth)) {
+		__u32 from = ep_by_mac_on(eth.h_source, ep->parent_ifindex);
+		struct up_endpoint *sender = from && from != id ? bpf_map_lookup_elem(&endpoints, &from) : 0;
+		struct pkt p;
+		__u32 reason = UP_DROP_UNVETTED;
+		if (sender && vet_source(skb, &eth, sender, from, &p, 0, &reason)) {
+			count_drop(reason, from, len);
+			return TC_ACT_SHOT;
+		}
+	}
+	struct up_ep_stats *s = ep_stats_of(id);
 	if (s) {
 		s->rx.packets++;
-		s->rx.bytes += skb->len;
+		s->rx.bytes += len;
 	}
 	return TC_ACT_OK;
-}
-
-/* Link-local IPv6 and unspecified sources (DAD, DHCP) are not registered
- * addresses but are legitimate. */
-static __always_inline int src_exempt(const struct pkt *p)
-{
-	const __u8 *a = p->saddr.addr;
-	if (p->proto == ETH_P_IPV6) {
-		if (a[0] == 0xfe && (a[1] & 0xc0) == 0x80)
-			return 1;
-		__u64 hi, lo;
-		__builtin_memcpy(&hi, a, 8);
-		__builtin_memcpy(&lo, a + 8, 8);
-		return (hi | lo) == 0;
-	}
-	return (a[12] | a[13] | a[14] | a[15]) == 0;
 }
 
 SEC("tc")
@@ -932,25 +1241,34 @@ int ep_egress_body(struct __sk_buff *skb)
 	__u32 id = filter_endpoint(skb);
 	__u32 len = skb->len;
 	struct ethhdr eth;
-	if (bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)))
-		return TC_ACT_OK;
-
-	int spoofed = 0;
-	struct up_endpoint *ep = bpf_map_lookup_elem(&endpoints, &id);
-	if (ep && !mac_eq(eth.h_source, ep->mac))
-		spoofed = 1;
-
 	struct pkt p;
-	if (!spoofed && ep && parse_l3(skb, bpf_ntohs(eth.h_proto), &p) && !src_exempt(&p)) {
-		struct up_ep_ref *r = bpf_map_lookup_elem(&ep_by_ip, &p.saddr);
-		if (!r || r->id != id)
-			spoofed = 1;
-	}
-	if (spoofed) {
-		count_drop(UP_DROP_SPOOFED_SOURCE, id, len);
+	__u32 reason = UP_DROP_UNVETTED;
+	/* A filter whose endpoint is not registered (any more) vets nothing:
+	 * fail closed. */
+	struct up_endpoint *ep = bpf_map_lookup_elem(&endpoints, &id);
+	if (!ep || LOAD_HDR(skb, 0, &eth) || vet_source(skb, &eth, ep, id, &p, 1, &reason)) {
+		count_drop(reason, id, len);
 		return TC_ACT_SHOT;
 	}
 	struct up_ep_stats *s = ep_stats_of(id);
+	/* An ipvlan slave's frames to the host never reach the parent's program
+	 * (the driver hands them to the host itself): its host traffic is
+	 * counted, and cut by hostReachability: false, here. */
+	if (ep->mode != UP_MODE_MACVLAN && p.proto != ETH_P_ARP && !p.nd_type && mac_eq(eth.h_dest, ep->mac)) {
+		__u32 flags = 0;
+		if (in_set(PREFILTER_HOST, &p.daddr, &flags) && (flags & UP_HOST_LOCAL) && !(flags & UP_HOST_STEER) &&
+		    !in_set(PREFILTER_SVC, &p.daddr, 0)) {
+			if (host_blocked(get_config())) {
+				count_drop(UP_DROP_HOST_UNREACHABLE, id, len);
+				return TC_ACT_SHOT;
+			}
+			count(UP_STAT_EP_TO_HOST, len);
+			if (s) {
+				s->ep_to_host.packets++;
+				s->ep_to_host.bytes += len;
+			}
+		}
+	}
 	if (s) {
 		s->tx.packets++;
 		s->tx.bytes += len;
@@ -960,16 +1278,33 @@ int ep_egress_body(struct __sk_buff *skb)
 
 /* ---- parent NIC, frames from the wire (XDP) --------------------------------- */
 
+/* An address someone on the wire uses in ND: never learnt by an endpoint. */
+static __always_inline void seen_on_wire(__u32 ifindex, const __u8 *addr)
+{
+	if (addr[0] == 0xff)
+		return;
+	struct up_ep_ip_key k = {.parent_ifindex = ifindex};
+	__builtin_memcpy(k.addr, addr, 16);
+	if (is_unspecified((const struct up_ip_key *)k.addr))
+		return;
+	__u64 now = bpf_ktime_get_ns();
+	bpf_map_update_elem(&wire_addrs, &k, &now, BPF_ANY);
+}
+
 /* An ARP or ND frame from the wire whose sender claims an endpoint's address
  * with a MAC that is not the endpoint's: two hosts think they own one IP.
- * Counted and reported, never dropped: the operator decides. */
+ * Counted and reported, never dropped: the operator decides. A learnt
+ * address is given up at once: the endpoint only guessed it was free. */
 static __always_inline void check_conflict(struct xdp_md *ctx, const struct up_parent *parent,
 					   const struct up_ip_key *claimed, const __u8 *mac, __u16 proto)
 {
-	struct up_ep_ref *r = bpf_map_lookup_elem(&ep_by_ip, claimed);
-	if (!r || r->parent_ifindex != ctx->ingress_ifindex)
+	struct up_ep_ip_key k = {.parent_ifindex = ctx->ingress_ifindex};
+	__builtin_memcpy(k.addr, claimed->addr, 16);
+	struct up_ep_ref *r = bpf_map_lookup_elem(&ep_by_ip, &k);
+	if (!r)
 		return;
 	__u32 id = r->id;
+	__u32 learned = r->flags & UP_REF_LEARNED;
 	int same;
 	if (parent->mode == UP_MODE_MACVLAN) {
 		struct up_endpoint *ep = bpf_map_lookup_elem(&endpoints, &id);
@@ -981,6 +1316,8 @@ static __always_inline void check_conflict(struct xdp_md *ctx, const struct up_p
 	}
 	if (same)
 		return;
+	if (learned && !bpf_map_delete_elem(&ep_by_ip, &k))
+		count(UP_STAT_UNLEARNED, 1);
 	count(UP_STAT_IP_CONFLICT, 1);
 	struct up_ep_stats *s = ep_stats_of(id);
 	if (s)
@@ -1028,10 +1365,14 @@ int parent_xdp(struct xdp_md *ctx)
 			struct up_ip_key k;
 			if (nd.type == ICMPV6_ND_NA) {
 				__builtin_memcpy(k.addr, nd.target, 16);
+				seen_on_wire(ifindex, nd.target);
 				check_conflict(ctx, parent, &k, eth.h_source, ETH_P_IPV6);
 			} else if (nd.type == ICMPV6_ND_NS) {
 				__builtin_memcpy(k.addr, ip6.saddr, 16);
+				seen_on_wire(ifindex, ip6.saddr);
 				check_conflict(ctx, parent, &k, eth.h_source, ETH_P_IPV6);
+			} else if (nd.type == ICMPV6_ND_RA) {
+				seen_on_wire(ifindex, ip6.saddr);
 			}
 		}
 	}

@@ -17,10 +17,31 @@ enum up_mode {
 	UP_MODE_IPVLAN_L3S = 4,
 };
 
-/* up_config.flags. Zero is the safe default: host reachable, stale VIPs dropped. */
+/* up_config.flags. Zero is the safe default: host reachable, nothing judged
+ * stale (the live set is not known yet), stale VIPs dropped once it is. */
 enum up_config_flags {
 	UP_CFG_HOST_BLOCKED = 1 << 0, /* hostReachability: false */
 	UP_CFG_STALE_REJECT = 1 << 1, /* staleServices.action: reject */
+	/* The agent has synced the live set once (every source it is configured
+	 * with). Until then a destination in a service CIDR is treated as live
+	 * (steered to the host, where kube-proxy decides): a fresh datapath must
+	 * not call every ClusterIP stale before the informers report. */
+	UP_CFG_SVC_SYNCED = 1 << 2,
+};
+
+/* skb->mark values the parent program gives the endpoint frames it hands to
+ * the host stack (every other redirect clears the mark). The agent's
+ * nftables table (table inet underpass) acts on them: see
+ * docs/architecture.md, "Services: the host path is symmetric". */
+enum up_marks {
+	/* To a live Service VIP or a steered host CIDR. Masqueraded when the host
+	 * forwards it (kube-proxy DNATed it to a backend elsewhere), so that the
+	 * backend's reply comes back through the host's conntrack. */
+	UP_MARK_STEERED = 0x00200000,
+	/* To one of the host's own addresses while hostReachability is false:
+	 * dropped in the host's input path. A reply to a masqueraded Service
+	 * flow is forwarded (conntrack undoes the NAT first) and is not. */
+	UP_MARK_DIRECT = 0x00400000,
 };
 
 /* The single entry of the config array: read on every packet, written live by
@@ -45,9 +66,17 @@ struct up_parent {
 	__u8 _pad;
 };
 
+/* ep_by_mac and ep_by_ip are keyed per parent: two networks on one node
+ * (Multus) may reuse a MAC or an address range on different parents. */
 struct up_mac_key {
 	__u8 mac[6];
 	__u16 _pad;
+	__u32 parent_ifindex;
+};
+
+struct up_ep_ip_key {
+	__u8 addr[16]; /* IPv4 mapped, as in up_ip_key */
+	__u32 parent_ifindex;
 };
 
 /* Both families in one key: IPv4 as IPv4-mapped IPv6 (::ffff:a.b.c.d). */
@@ -60,10 +89,17 @@ struct up_lpm_key {
 	__u8 addr[16];
 };
 
+enum up_ref_flags {
+	/* An address the endpoint configured itself (SLAAC, privacy, link-local)
+	 * and the datapath learnt from its duplicate address detection. */
+	UP_REF_LEARNED = 1 << 0,
+};
+
 /* Value of ep_by_mac and ep_by_ip. */
 struct up_ep_ref {
 	__u32 id;
-	__u32 parent_ifindex;
+	__u32 flags;    /* enum up_ref_flags */
+	__u64 used_ns;  /* learnt addresses: last seen as a source (1 s resolution) */
 };
 
 /* host_cidrs values. */
@@ -114,7 +150,15 @@ enum up_drop_reason {
 	UP_DROP_HOST_UNREACHABLE = 1,
 	UP_DROP_SPOOFED_SOURCE = 2,
 	UP_DROP_REJECT_FAILED = 3, /* reject mode could not build the answer: dropped instead */
-	UP_DROP_MAX = 4,
+	/* A frame from an endpoint the programs cannot vet: VLAN-tagged, an
+	 * ethertype other than IPv4/IPv6/ARP, ARP for other hardware, ND behind
+	 * extension headers, a router advertisement or redirect. */
+	UP_DROP_UNVETTED = 4,
+	/* An endpoint frame to the parent's MAC for a destination that is not
+	 * the host, a steered set or a Service: the node would route it. */
+	UP_DROP_ROUTED = 5,
+	UP_DROP_MAX = 6,
+	UP_DROP_SLOTS = 8, /* array sizes: room for reasons without a layout change */
 };
 
 /* Global counters (per-CPU array "stats"), by what happened. */
@@ -129,7 +173,9 @@ enum up_stat {
 	UP_STAT_CLONE_FAILED = 7,
 	UP_STAT_IP_CONFLICT = 8,  /* ARP/ND from the wire claiming an endpoint IP */
 	UP_STAT_WIRE_RX = 9,      /* frames from the wire for an endpoint (XDP) */
-	UP_STAT_MAX = 10,
+	UP_STAT_LEARNED = 10,     /* endpoint addresses learnt from DAD */
+	UP_STAT_UNLEARNED = 11,   /* learnt addresses given up: the wire defends them */
+	UP_STAT_MAX = 12,
 };
 
 struct up_counter {
@@ -147,11 +193,18 @@ struct up_ep_stats {
 	struct up_counter wire_rx;     /* seen on the parent from the wire */
 	__u64 stale_dropped;
 	__u64 stale_rejected;
-	__u64 drops[UP_DROP_MAX];
+	__u64 drops[UP_DROP_SLOTS];
 	__u64 ip_conflicts;
 };
 
 #define UP_MAX_ADDRS 4
+#define UP_MAX_LEARNED 16
+
+/* An address learnt from the endpoint's DAD; learned_ns 0 = free slot. */
+struct up_learned {
+	__u8 addr[16];
+	__u64 learned_ns; /* bpf_ktime_get_ns() */
+};
 
 struct up_ep_addr {
 	__u8 addr[16];   /* IPv4 mapped, as in up_ip_key */
@@ -177,6 +230,18 @@ struct up_endpoint {
 	char pod_name[128];
 	char pod_namespace[64];
 	char netns[128];
+	char network[64];       /* the CNI network name: GC and STATUS are per network */
+	/* Written by the programs only (see learn_address); userspace keeps
+	 * them across re-registration and removes their ep_by_ip entries. */
+	struct up_learned learned[UP_MAX_LEARNED];
+};
+
+/* ep_names: attachment (container id, ifname) -> endpoint id. DEL, CHECK
+ * and re-ADD find an endpoint with one lookup, whatever the probing of its
+ * id went through (ids are claimed by linear probing from a hash). */
+struct up_attach_key {
+	char container_id[72];
+	char ifname[16];
 };
 
 /* ep_progs slots: the bodies endpoint_ingress/endpoint_egress tail-call. */

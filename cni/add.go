@@ -35,7 +35,7 @@ func add(args *skel.CmdArgs) (err error) {
 	if err != nil {
 		return err
 	}
-	if err := datapath.CheckAttachment(args.ContainerID, args.IfName, args.Netns); err != nil {
+	if err := datapath.CheckAttachment(args.ContainerID, args.IfName, args.Netns, c.Name); err != nil {
 		return errorf(types.ErrInvalidEnvironmentVariables, "%v", err)
 	}
 	ph.mark("parse")
@@ -67,7 +67,7 @@ func add(args *skel.CmdArgs) (err error) {
 	}
 	defer netns.Close()
 
-	base := endpoint{ContainerID: args.ContainerID, IfName: args.IfName, Netns: args.Netns, PodName: podName, PodNamespace: podNamespace}
+	base := endpoint{ContainerID: args.ContainerID, IfName: args.IfName, Netns: args.Netns, PodName: podName, PodNamespace: podNamespace, Network: c.Name}
 	var result types.Result
 	if c.Chained {
 		result, err = addChained(c, dp, netns, base, ph)

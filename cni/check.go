@@ -120,7 +120,7 @@ func checkRegistration(dp *loader.Datapath, args *skel.CmdArgs, s *slave, addrs 
 	if int(ep.ParentIfindex) != s.ParentIndex {
 		return fmt.Errorf("endpoint %d is registered on parent ifindex %d, %s hangs off ifindex %d", id, ep.ParentIfindex, args.IfName, s.ParentIndex)
 	}
-	if mac := datapath.MACKey(s.MAC); mac.Mac != ep.Mac {
+	if mac := datapath.MACKey(s.MAC, s.ParentIndex); mac.Mac != ep.Mac {
 		return fmt.Errorf("endpoint %d is registered with MAC %x, %s has %s", id, ep.Mac, args.IfName, s.MAC)
 	}
 	if ep.Mode != uint8(s.Mode) {
@@ -134,14 +134,14 @@ func checkRegistration(dp *loader.Datapath, args *skel.CmdArgs, s *slave, addrs 
 		return fmt.Errorf("endpoint %d is registered with addresses %v, prevResult has %v", id, got, want)
 	}
 	for _, p := range want {
-		k := datapath.IPKey(p.Addr())
+		k := datapath.EpIPKey(p.Addr(), s.ParentIndex)
 		var ref loader.EndpointRef
 		if err := m.EpByIP.Lookup(&k, &ref); err != nil || ref.Id != id {
 			return fmt.Errorf("address %s does not lead to endpoint %d in ep_by_ip", p.Addr(), id)
 		}
 	}
 	if s.Mode == loader.ModeMacvlan {
-		k := datapath.MACKey(s.MAC)
+		k := datapath.MACKey(s.MAC, s.ParentIndex)
 		var ref loader.EndpointRef
 		if err := m.EpByMAC.Lookup(&k, &ref); err != nil || ref.Id != id {
 			return fmt.Errorf("MAC %s does not lead to endpoint %d in ep_by_mac", s.MAC, id)

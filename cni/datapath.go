@@ -48,6 +48,7 @@ type endpoint struct {
 	Mode         loader.Mode
 	PodName      string
 	PodNamespace string
+	Network      string // the CNI network name
 }
 
 func (e *endpoint) spec() datapath.EndpointSpec {
@@ -55,6 +56,7 @@ func (e *endpoint) spec() datapath.EndpointSpec {
 		ContainerID: e.ContainerID, IfName: e.IfName, Netns: e.Netns,
 		ParentIfindex: e.ParentIndex, ParentName: e.ParentName, Ifindex: e.Ifindex,
 		Mode: e.Mode, MAC: e.MAC, Addrs: e.Addrs, PodName: e.PodName, PodNamespace: e.PodNamespace,
+		Network: e.Network,
 	}
 }
 
@@ -253,7 +255,7 @@ func removeEndpoint(dp *loader.Datapath, id uint32) error {
 func evictStaleOwners(dp *loader.Datapath, ep *endpoint) error {
 	m := &dp.Maps
 	for _, p := range ep.Addrs {
-		k := datapath.IPKey(p.Addr())
+		k := datapath.EpIPKey(p.Addr(), ep.ParentIndex)
 		var ref loader.EndpointRef
 		if err := m.EpByIP.Lookup(&k, &ref); err != nil {
 			continue

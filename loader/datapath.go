@@ -38,6 +38,8 @@ type Maps struct {
 	Events    *ebpf.Map // ring buffer of up_event, read by the agent
 	Prefilter *ebpf.Map // [0] svc_cidrs, [1] host_cidrs: see pkg/datapath
 	EpProgs   *ebpf.Map // the endpoint programs' bodies, for their tail calls
+	EpNames   *ebpf.Map // attachment (container id, ifname) -> endpoint id
+	WireAddrs *ebpf.Map // addresses seen on the wire in ND (XDP writes; LRU)
 }
 
 // Programs are the programs shared by all attachments. EndpointIngress and
@@ -258,7 +260,7 @@ func Open(dir string) (*Datapath, error) {
 // (checked) and the programs it attaches.
 var forEndpoints = map[string]bool{
 	"parents": true, "ep_by_mac": true, "ep_by_ip": true, "endpoints": true, "ep_stats": true,
-	"svc_cidrs": true, "ep_progs": true,
+	"svc_cidrs": true, "ep_progs": true, "ep_names": true,
 	"parent_egress": true, "endpoint_ingress": true, "endpoint_egress": true,
 }
 
@@ -351,6 +353,8 @@ func (dp *Datapath) eachMap(fn func(string, **ebpf.Map)) {
 	fn("events", &dp.Maps.Events)
 	fn("prefilter", &dp.Maps.Prefilter)
 	fn("ep_progs", &dp.Maps.EpProgs)
+	fn("ep_names", &dp.Maps.EpNames)
+	fn("wire_addrs", &dp.Maps.WireAddrs)
 }
 
 // ErrNoEndpointPrograms means ep_progs lacks an endpoint program body: the

@@ -13,6 +13,12 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type datapathUpAttachKey struct {
+	_           structs.HostLayout
+	ContainerId [72]int8
+	Ifname      [16]int8
+}
+
 type datapathUpConfig struct {
 	_          structs.HostLayout
 	Flags      uint32
@@ -25,6 +31,7 @@ type datapathUpConfigFlags uint32
 const (
 	datapathUpConfigFlagsUP_CFG_HOST_BLOCKED datapathUpConfigFlags = 1
 	datapathUpConfigFlagsUP_CFG_STALE_REJECT datapathUpConfigFlags = 2
+	datapathUpConfigFlagsUP_CFG_SVC_SYNCED   datapathUpConfigFlags = 4
 )
 
 type datapathUpCounter struct {
@@ -40,7 +47,10 @@ const (
 	datapathUpDropReasonUP_DROP_HOST_UNREACHABLE datapathUpDropReason = 1
 	datapathUpDropReasonUP_DROP_SPOOFED_SOURCE   datapathUpDropReason = 2
 	datapathUpDropReasonUP_DROP_REJECT_FAILED    datapathUpDropReason = 3
-	datapathUpDropReasonUP_DROP_MAX              datapathUpDropReason = 4
+	datapathUpDropReasonUP_DROP_UNVETTED         datapathUpDropReason = 4
+	datapathUpDropReasonUP_DROP_ROUTED           datapathUpDropReason = 5
+	datapathUpDropReasonUP_DROP_MAX              datapathUpDropReason = 6
+	datapathUpDropReasonUP_DROP_SLOTS            datapathUpDropReason = 8
 )
 
 type datapathUpEndpoint struct {
@@ -60,6 +70,8 @@ type datapathUpEndpoint struct {
 	PodName       [128]int8
 	PodNamespace  [64]int8
 	Netns         [128]int8
+	Network       [64]int8
+	Learned       [16]datapathUpLearned
 }
 
 type datapathUpEpAddr struct {
@@ -68,6 +80,12 @@ type datapathUpEpAddr struct {
 	Prefixlen uint8
 	Family    uint8
 	Pad       [2]uint8
+}
+
+type datapathUpEpIpKey struct {
+	_             structs.HostLayout
+	Addr          [16]uint8
+	ParentIfindex uint32
 }
 
 type datapathUpEpProg uint32
@@ -79,9 +97,10 @@ const (
 )
 
 type datapathUpEpRef struct {
-	_             structs.HostLayout
-	Id            uint32
-	ParentIfindex uint32
+	_      structs.HostLayout
+	Id     uint32
+	Flags  uint32
+	UsedNs uint64
 }
 
 type datapathUpEpStats struct {
@@ -93,7 +112,7 @@ type datapathUpEpStats struct {
 	WireRx        datapathUpCounter
 	StaleDropped  uint64
 	StaleRejected uint64
-	Drops         [4]uint64
+	Drops         [8]uint64
 	IpConflicts   uint64
 }
 
@@ -130,6 +149,12 @@ type datapathUpIpKey struct {
 	Addr [16]uint8
 }
 
+type datapathUpLearned struct {
+	_         structs.HostLayout
+	Addr      [16]uint8
+	LearnedNs uint64
+}
+
 type datapathUpLimits uint32
 
 const (
@@ -143,10 +168,18 @@ type datapathUpLpmKey struct {
 }
 
 type datapathUpMacKey struct {
-	_   structs.HostLayout
-	Mac [6]uint8
-	Pad uint16
+	_             structs.HostLayout
+	Mac           [6]uint8
+	Pad           uint16
+	ParentIfindex uint32
 }
+
+type datapathUpMarks uint32
+
+const (
+	datapathUpMarksUP_MARK_STEERED datapathUpMarks = 2097152
+	datapathUpMarksUP_MARK_DIRECT  datapathUpMarks = 4194304
+)
 
 type datapathUpMode uint32
 
@@ -195,6 +228,12 @@ const (
 	datapathUpPrefilterLimitsUP_PREFILTER_V6 datapathUpPrefilterLimits = 4
 )
 
+type datapathUpRefFlags uint32
+
+const (
+	datapathUpRefFlagsUP_REF_LEARNED datapathUpRefFlags = 1
+)
+
 type datapathUpStat uint32
 
 const (
@@ -208,7 +247,9 @@ const (
 	datapathUpStatUP_STAT_CLONE_FAILED   datapathUpStat = 7
 	datapathUpStatUP_STAT_IP_CONFLICT    datapathUpStat = 8
 	datapathUpStatUP_STAT_WIRE_RX        datapathUpStat = 9
-	datapathUpStatUP_STAT_MAX            datapathUpStat = 10
+	datapathUpStatUP_STAT_LEARNED        datapathUpStat = 10
+	datapathUpStatUP_STAT_UNLEARNED      datapathUpStat = 11
+	datapathUpStatUP_STAT_MAX            datapathUpStat = 12
 )
 
 type datapathUpTrace struct {
@@ -237,6 +278,7 @@ const (
 	datapathMapEndpoints             = "endpoints"
 	datapathMapEpByIp                = "ep_by_ip"
 	datapathMapEpByMac               = "ep_by_mac"
+	datapathMapEpNames               = "ep_names"
 	datapathMapEpProgs               = "ep_progs"
 	datapathMapEpStats               = "ep_stats"
 	datapathMapEvents                = "events"
@@ -247,6 +289,7 @@ const (
 	datapathMapStats                 = "stats"
 	datapathMapSvcCidrs              = "svc_cidrs"
 	datapathMapTrace                 = "trace"
+	datapathMapWireAddrs             = "wire_addrs"
 	datapathProgEndpointEgress       = "endpoint_egress"
 	datapathProgEndpointIngress      = "endpoint_ingress"
 	datapathProgEpEgressBody         = "ep_egress_body"
@@ -255,6 +298,7 @@ const (
 	datapathProgParentXdp            = "parent_xdp"
 	datapathProgUplinkEgress         = "uplink_egress"
 	datapathVarTraceRedirects        = "trace_redirects"
+	datapathVarUnusedAttachKey       = "unused_attach_key"
 	datapathVarUnusedConfigFlags     = "unused_config_flags"
 	datapathVarUnusedDropReason      = "unused_drop_reason"
 	datapathVarUnusedEpProg          = "unused_ep_prog"
@@ -262,8 +306,10 @@ const (
 	datapathVarUnusedEventKind       = "unused_event_kind"
 	datapathVarUnusedHostFlags       = "unused_host_flags"
 	datapathVarUnusedLimits          = "unused_limits"
+	datapathVarUnusedMarks           = "unused_marks"
 	datapathVarUnusedMode            = "unused_mode"
 	datapathVarUnusedPrefilterLimits = "unused_prefilter_limits"
+	datapathVarUnusedRefFlags        = "unused_ref_flags"
 	datapathVarUnusedStat            = "unused_stat"
 	datapathVarUnusedTraceKind       = "unused_trace_kind"
 )
@@ -328,6 +374,7 @@ type datapathMapSpecs struct {
 	Endpoints *ebpf.MapSpec `ebpf:"endpoints"`
 	EpByIp    *ebpf.MapSpec `ebpf:"ep_by_ip"`
 	EpByMac   *ebpf.MapSpec `ebpf:"ep_by_mac"`
+	EpNames   *ebpf.MapSpec `ebpf:"ep_names"`
 	EpProgs   *ebpf.MapSpec `ebpf:"ep_progs"`
 	EpStats   *ebpf.MapSpec `ebpf:"ep_stats"`
 	Events    *ebpf.MapSpec `ebpf:"events"`
@@ -338,6 +385,7 @@ type datapathMapSpecs struct {
 	Stats     *ebpf.MapSpec `ebpf:"stats"`
 	SvcCidrs  *ebpf.MapSpec `ebpf:"svc_cidrs"`
 	Trace     *ebpf.MapSpec `ebpf:"trace"`
+	WireAddrs *ebpf.MapSpec `ebpf:"wire_addrs"`
 }
 
 // datapathVariableSpecs contains global variables before they are loaded into the kernel.
@@ -345,6 +393,7 @@ type datapathMapSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type datapathVariableSpecs struct {
 	TraceRedirects        *ebpf.VariableSpec `ebpf:"trace_redirects"`
+	UnusedAttachKey       *ebpf.VariableSpec `ebpf:"unused_attach_key"`
 	UnusedConfigFlags     *ebpf.VariableSpec `ebpf:"unused_config_flags"`
 	UnusedDropReason      *ebpf.VariableSpec `ebpf:"unused_drop_reason"`
 	UnusedEpProg          *ebpf.VariableSpec `ebpf:"unused_ep_prog"`
@@ -352,8 +401,10 @@ type datapathVariableSpecs struct {
 	UnusedEventKind       *ebpf.VariableSpec `ebpf:"unused_event_kind"`
 	UnusedHostFlags       *ebpf.VariableSpec `ebpf:"unused_host_flags"`
 	UnusedLimits          *ebpf.VariableSpec `ebpf:"unused_limits"`
+	UnusedMarks           *ebpf.VariableSpec `ebpf:"unused_marks"`
 	UnusedMode            *ebpf.VariableSpec `ebpf:"unused_mode"`
 	UnusedPrefilterLimits *ebpf.VariableSpec `ebpf:"unused_prefilter_limits"`
+	UnusedRefFlags        *ebpf.VariableSpec `ebpf:"unused_ref_flags"`
 	UnusedStat            *ebpf.VariableSpec `ebpf:"unused_stat"`
 	UnusedTraceKind       *ebpf.VariableSpec `ebpf:"unused_trace_kind"`
 }
@@ -383,6 +434,7 @@ type datapathMaps struct {
 	Endpoints *ebpf.Map `ebpf:"endpoints"`
 	EpByIp    *ebpf.Map `ebpf:"ep_by_ip"`
 	EpByMac   *ebpf.Map `ebpf:"ep_by_mac"`
+	EpNames   *ebpf.Map `ebpf:"ep_names"`
 	EpProgs   *ebpf.Map `ebpf:"ep_progs"`
 	EpStats   *ebpf.Map `ebpf:"ep_stats"`
 	Events    *ebpf.Map `ebpf:"events"`
@@ -393,6 +445,7 @@ type datapathMaps struct {
 	Stats     *ebpf.Map `ebpf:"stats"`
 	SvcCidrs  *ebpf.Map `ebpf:"svc_cidrs"`
 	Trace     *ebpf.Map `ebpf:"trace"`
+	WireAddrs *ebpf.Map `ebpf:"wire_addrs"`
 }
 
 func (m *datapathMaps) Close() error {
@@ -402,6 +455,7 @@ func (m *datapathMaps) Close() error {
 		m.Endpoints,
 		m.EpByIp,
 		m.EpByMac,
+		m.EpNames,
 		m.EpProgs,
 		m.EpStats,
 		m.Events,
@@ -412,6 +466,7 @@ func (m *datapathMaps) Close() error {
 		m.Stats,
 		m.SvcCidrs,
 		m.Trace,
+		m.WireAddrs,
 	)
 }
 
@@ -420,6 +475,7 @@ func (m *datapathMaps) Close() error {
 // It can be passed to loadDatapathObjects or ebpf.CollectionSpec.LoadAndAssign.
 type datapathVariables struct {
 	TraceRedirects        *ebpf.Variable `ebpf:"trace_redirects"`
+	UnusedAttachKey       *ebpf.Variable `ebpf:"unused_attach_key"`
 	UnusedConfigFlags     *ebpf.Variable `ebpf:"unused_config_flags"`
 	UnusedDropReason      *ebpf.Variable `ebpf:"unused_drop_reason"`
 	UnusedEpProg          *ebpf.Variable `ebpf:"unused_ep_prog"`
@@ -427,8 +483,10 @@ type datapathVariables struct {
 	UnusedEventKind       *ebpf.Variable `ebpf:"unused_event_kind"`
 	UnusedHostFlags       *ebpf.Variable `ebpf:"unused_host_flags"`
 	UnusedLimits          *ebpf.Variable `ebpf:"unused_limits"`
+	UnusedMarks           *ebpf.Variable `ebpf:"unused_marks"`
 	UnusedMode            *ebpf.Variable `ebpf:"unused_mode"`
 	UnusedPrefilterLimits *ebpf.Variable `ebpf:"unused_prefilter_limits"`
+	UnusedRefFlags        *ebpf.Variable `ebpf:"unused_ref_flags"`
 	UnusedStat            *ebpf.Variable `ebpf:"unused_stat"`
 	UnusedTraceKind       *ebpf.Variable `ebpf:"unused_trace_kind"`
 }

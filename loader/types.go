@@ -7,6 +7,10 @@ type (
 	Parent        = datapathUpParent
 	MACKey        = datapathUpMacKey
 	IPKey         = datapathUpIpKey
+	EpIPKey       = datapathUpEpIpKey
+	AttachKey     = datapathUpAttachKey
+	Learned       = datapathUpLearned
+	RefFlags      = datapathUpRefFlags
 	LPMKey        = datapathUpLpmKey
 	EndpointRef   = datapathUpEpRef
 	HostEntry     = datapathUpHostEntry
@@ -34,6 +38,14 @@ const (
 
 	ConfigHostBlocked = datapathUpConfigFlagsUP_CFG_HOST_BLOCKED
 	ConfigStaleReject = datapathUpConfigFlagsUP_CFG_STALE_REJECT
+	ConfigSvcSynced   = datapathUpConfigFlagsUP_CFG_SVC_SYNCED
+
+	// MarkSteered and MarkDirect are the skb marks the parent program puts
+	// on endpoint frames it hands to the host stack (enum up_marks).
+	MarkSteered = uint32(datapathUpMarksUP_MARK_STEERED)
+	MarkDirect  = uint32(datapathUpMarksUP_MARK_DIRECT)
+
+	RefLearned = datapathUpRefFlagsUP_REF_LEARNED
 
 	HostLocal = datapathUpHostFlagsUP_HOST_LOCAL
 	HostSteer = datapathUpHostFlagsUP_HOST_STEER
@@ -42,6 +54,8 @@ const (
 	DropHostUnreachable = datapathUpDropReasonUP_DROP_HOST_UNREACHABLE
 	DropSpoofedSource   = datapathUpDropReasonUP_DROP_SPOOFED_SOURCE
 	DropRejectFailed    = datapathUpDropReasonUP_DROP_REJECT_FAILED
+	DropUnvetted        = datapathUpDropReasonUP_DROP_UNVETTED
+	DropRouted          = datapathUpDropReasonUP_DROP_ROUTED
 	DropMax             = datapathUpDropReasonUP_DROP_MAX
 
 	StatHostToEndpoint = datapathUpStatUP_STAT_HOST_TO_EP
@@ -54,6 +68,8 @@ const (
 	StatCloneFailed    = datapathUpStatUP_STAT_CLONE_FAILED
 	StatIPConflict     = datapathUpStatUP_STAT_IP_CONFLICT
 	StatWireRx         = datapathUpStatUP_STAT_WIRE_RX
+	StatLearned        = datapathUpStatUP_STAT_LEARNED
+	StatUnlearned      = datapathUpStatUP_STAT_UNLEARNED
 	StatMax            = datapathUpStatUP_STAT_MAX
 
 	EventIPConflict = datapathUpEventKindUP_EVENT_IP_CONFLICT
@@ -74,6 +90,10 @@ func (r DropReason) String() string {
 		return "spoofed_source"
 	case DropRejectFailed:
 		return "reject_failed"
+	case DropUnvetted:
+		return "unvetted_frame"
+	case DropRouted:
+		return "routed_via_node"
 	}
 	return "unknown"
 }
@@ -119,3 +139,7 @@ const (
 
 // MaxAddrs is UP_MAX_ADDRS: how many addresses an endpoint can have.
 const MaxAddrs = len(Endpoint{}.Addrs)
+
+// MaxLearned is UP_MAX_LEARNED: how many addresses an endpoint can have
+// learnt from its DAD.
+const MaxLearned = len(Endpoint{}.Learned)

@@ -29,20 +29,21 @@ type parentState struct {
 // in batches: this runs every second.
 func parentRefs(m *loader.Maps) map[int]bool {
 	out := map[int]bool{}
-	collectRefs(m.EpByMAC, make([]loader.MACKey, refBatch), out)
-	collectRefs(m.EpByIP, make([]loader.IPKey, refBatch), out)
+	collectRefs(m.EpByMAC, make([]loader.MACKey, refBatch), func(k loader.MACKey) uint32 { return k.ParentIfindex }, out)
+	collectRefs(m.EpByIP, make([]loader.EpIPKey, refBatch), func(k loader.EpIPKey) uint32 { return k.ParentIfindex }, out)
 	return out
 }
 
 const refBatch = 1024
 
-func collectRefs[K any](m *ebpf.Map, keys []K, out map[int]bool) {
+// The refs are keyed by parent, so the keys alone say which parents are used.
+func collectRefs[K any](m *ebpf.Map, keys []K, parent func(K) uint32, out map[int]bool) {
 	vals := make([]loader.EndpointRef, len(keys))
 	var cursor ebpf.MapBatchCursor
 	for {
 		n, err := m.BatchLookup(&cursor, keys, vals, nil)
-		for _, v := range vals[:n] {
-			out[int(v.ParentIfindex)] = true
+		for _, k := range keys[:n] {
+			out[int(parent(k))] = true
 		}
 		if err == nil {
 			continue
@@ -55,7 +56,7 @@ func collectRefs[K any](m *ebpf.Map, keys []K, out map[int]bool) {
 		var ref loader.EndpointRef
 		it := m.Iterate()
 		for it.Next(&k, &ref) {
-			out[int(ref.ParentIfindex)] = true
+			out[int(parent(k))] = true
 		}
 		return
 	}

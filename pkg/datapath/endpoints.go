@@ -25,6 +25,7 @@ type EndpointSpec struct {
 	Addrs         []netip.Prefix
 	PodName       string
 	PodNamespace  string
+	Network       string // the CNI network name (GC and STATUS are per network)
 }
 
 // ErrAddrInUse means an address is registered to another endpoint.
@@ -32,28 +33,23 @@ var ErrAddrInUse = errors.New("address registered to another endpoint")
 
 // Endpoint ids are 16 bits: the endpoint programs learn whose frame they
 // see from the classid of the filter that runs them, of which cls_bpf
-// passes 16 bits (loader.MaxEndpointID). At most 16,384 endpoints share
-// the 65,535 ids, so the probe chains stay short.
+// passes 16 bits (loader.MaxEndpointID). An id is claimed by linear probing
+// from a hash of the attachment; the attachment is found again through
+// ep_names, never by walking the probe chain, so a chain with holes (an
+// endpoint in the middle deleted) loses nobody.
 const (
 	idMask    = loader.MaxEndpointID
-	maxProbes = 256
+	maxProbes = loader.MaxEndpointID
 )
 
-// EndpointID derives a stable id from the attachment (container id +
-// ifname), so that DEL and GC find it without state files. Collisions are
-// resolved by probing in Register.
+// EndpointID is where the probing for an attachment's id starts.
 func EndpointID(containerID, ifname string) uint32 {
 	return nonZero(attachmentHash(containerID, ifname) & idMask)
 }
 
-// legacyEndpointID is the 31-bit id of releases whose endpoints each had a
-// program of their own: their registrations are still found, so that DEL
-// and CHECK of pods made before an upgrade work.
-func legacyEndpointID(containerID, ifname string) uint32 {
-	return nonZero(attachmentHash(containerID, ifname) & 0x7fffffff)
-}
-
-func attachmentHash(containerID, ifname string) uint32 {
+// attachmentHash is a variable so that tests can force every attachment
+// onto one probe chain.
+var attachmentHash = func(containerID, ifname string) uint32 {
 	h := fnv.New32a()
 	h.Write([]byte(containerID))
 	h.Write([]byte{0})
@@ -68,32 +64,36 @@ func nonZero(id uint32) uint32 {
 	return id
 }
 
-// Find returns the id registered for an attachment, or 0.
-func Find(m *loader.Maps, containerID, ifname string) (uint32, *loader.Endpoint, error) {
-	id, ep, err := probe(m, EndpointID(containerID, ifname), idMask, containerID, ifname)
-	if id != 0 || err != nil {
-		return id, ep, err
-	}
-	return probe(m, legacyEndpointID(containerID, ifname), 0x7fffffff, containerID, ifname)
+func attachKey(containerID, ifname string) loader.AttachKey {
+	var k loader.AttachKey
+	CString(k.ContainerId[:], containerID)
+	CString(k.Ifname[:], ifname)
+	return k
 }
 
-// probe walks the chain that starts at id (ids wrap at mask).
-func probe(m *loader.Maps, id, mask uint32, containerID, ifname string) (uint32, *loader.Endpoint, error) {
-	for i := 0; i < maxProbes; i++ {
-		var ep loader.Endpoint
-		err := m.Endpoints.Lookup(id, &ep)
-		if isNotExist(err) {
-			return 0, nil, nil
-		}
-		if err != nil {
-			return 0, nil, fmt.Errorf("look up endpoint %d: %w", id, err)
-		}
-		if GoString(ep.ContainerId[:]) == containerID && GoString(ep.Ifname[:]) == ifname {
-			return id, &ep, nil
-		}
-		id = nextID(id, mask)
+// Find returns the id registered for an attachment, or 0.
+func Find(m *loader.Maps, containerID, ifname string) (uint32, *loader.Endpoint, error) {
+	k := attachKey(containerID, ifname)
+	var id uint32
+	err := m.EpNames.Lookup(&k, &id)
+	if isNotExist(err) {
+		return 0, nil, nil
 	}
-	return 0, nil, nil
+	if err != nil {
+		return 0, nil, fmt.Errorf("look up endpoint %s/%s: %w", containerID, ifname, err)
+	}
+	var ep loader.Endpoint
+	err = m.Endpoints.Lookup(id, &ep)
+	if isNotExist(err) {
+		return 0, nil, nil
+	}
+	if err != nil {
+		return 0, nil, fmt.Errorf("look up endpoint %d: %w", id, err)
+	}
+	if GoString(ep.ContainerId[:]) != containerID || GoString(ep.Ifname[:]) != ifname {
+		return 0, nil, nil // a stale name entry: the id went to someone else
+	}
+	return id, &ep, nil
 }
 
 // nextID is the id after id on a probe chain whose ids wrap at mask.
@@ -107,7 +107,7 @@ var ErrTooLong = errors.New("too long for the endpoint registry")
 
 // CheckAttachment says whether an attachment's names fit the registry; the
 // plugin asks before it creates anything.
-func CheckAttachment(containerID, ifname, netns string) error {
+func CheckAttachment(containerID, ifname, netns, network string) error {
 	var ep loader.Endpoint
 	for _, f := range []struct {
 		what, v string
@@ -116,6 +116,7 @@ func CheckAttachment(containerID, ifname, netns string) error {
 		{"container id", containerID, len(ep.ContainerId) - 1},
 		{"interface name", ifname, len(ep.Ifname) - 1},
 		{"netns path", netns, len(ep.Netns) - 1},
+		{"network name", network, len(ep.Network) - 1},
 	} {
 		if len(f.v) > f.max {
 			return fmt.Errorf("%s %q is %d bytes, at most %d fit: %w", f.what, f.v, len(f.v), f.max, ErrTooLong)
@@ -129,7 +130,7 @@ func CheckAttachment(containerID, ifname, netns string) error {
 // new registration is left behind. The pod name and namespace are cut to fit
 // (they only label metrics); every other name must fit (CheckAttachment).
 func Register(m *loader.Maps, s EndpointSpec) (id uint32, err error) {
-	if err := CheckAttachment(s.ContainerID, s.IfName, s.Netns); err != nil {
+	if err := CheckAttachment(s.ContainerID, s.IfName, s.Netns, s.Network); err != nil {
 		return 0, err
 	}
 	if len(s.Addrs) > loader.MaxAddrs {
@@ -160,6 +161,7 @@ func Register(m *loader.Maps, s EndpointSpec) (id uint32, err error) {
 	CString(ep.PodName[:], s.PodName)
 	CString(ep.PodNamespace[:], s.PodNamespace)
 	CString(ep.Netns[:], s.Netns)
+	CString(ep.Network[:], s.Network)
 
 	// Claim an id: inserting the metadata with NoExist is the lock.
 	id = EndpointID(s.ContainerID, s.IfName)
@@ -182,19 +184,31 @@ func Register(m *loader.Maps, s EndpointSpec) (id uint32, err error) {
 		}
 	}()
 
-	ref := loader.EndpointRef{Id: id, ParentIfindex: uint32(s.ParentIfindex)}
+	nk := attachKey(s.ContainerID, s.IfName)
+	if err := m.EpNames.Update(&nk, id, ebpf.UpdateAny); err != nil {
+		return 0, fmt.Errorf("register the name of endpoint %d: %w", id, err)
+	}
+	ref := loader.EndpointRef{Id: id}
 	for _, p := range s.Addrs {
-		k := IPKey(p.Addr())
+		k := EpIPKey(p.Addr(), s.ParentIfindex)
 		var other loader.EndpointRef
 		if err := m.EpByIP.Lookup(&k, &other); err == nil && other.Id != id {
-			return 0, fmt.Errorf("%w: %s belongs to endpoint %d", ErrAddrInUse, p.Addr(), other.Id)
+			if other.Flags&uint32(loader.RefLearned) == 0 {
+				return 0, fmt.Errorf("%w: %s belongs to endpoint %d", ErrAddrInUse, p.Addr(), other.Id)
+			}
+			// Another endpoint only learnt it (its DAD raced IPAM): the
+			// assignment wins, the learner's traffic from it stops.
 		}
 		if err := m.EpByIP.Update(&k, &ref, ebpf.UpdateAny); err != nil {
 			return 0, fmt.Errorf("register %s: %w", p.Addr(), err)
 		}
 	}
 	if s.Mode == loader.ModeMacvlan {
-		k := MACKey(s.MAC)
+		k := MACKey(s.MAC, s.ParentIfindex)
+		var other loader.EndpointRef
+		if err := m.EpByMAC.Lookup(&k, &other); err == nil && other.Id != id {
+			return 0, fmt.Errorf("%w: MAC %s belongs to endpoint %d on this parent", ErrAddrInUse, s.MAC, other.Id)
+		}
 		if err := m.EpByMAC.Update(&k, &ref, ebpf.UpdateAny); err != nil {
 			return 0, fmt.Errorf("register %s: %w", s.MAC, err)
 		}
@@ -217,22 +231,15 @@ func Unregister(m *loader.Maps, id uint32) error {
 		return fmt.Errorf("look up endpoint %d: %w", id, err)
 	}
 	var errs []error
-	for _, a := range ep.Addrs {
-		if a.Family == 0 {
-			continue
-		}
-		k := loader.IPKey{Addr: a.Addr}
-		var ref loader.EndpointRef
-		if m.EpByIP.Lookup(&k, &ref) == nil && ref.Id == id {
-			if err := m.EpByIP.Delete(&k); err != nil && !isNotExist(err) {
-				errs = append(errs, err)
-			}
-		}
+	for _, k := range refKeys(&ep) {
+		errs = append(errs, deleteRef(m.EpByIP, &k, id))
 	}
-	mk := loader.MACKey{Mac: ep.Mac}
-	var ref loader.EndpointRef
-	if m.EpByMAC.Lookup(&mk, &ref) == nil && ref.Id == id {
-		if err := m.EpByMAC.Delete(&mk); err != nil && !isNotExist(err) {
+	mk := loader.MACKey{Mac: ep.Mac, ParentIfindex: ep.ParentIfindex}
+	errs = append(errs, deleteRef(m.EpByMAC, &mk, id))
+	nk := loader.AttachKey{ContainerId: ep.ContainerId, Ifname: ep.Ifname}
+	var named uint32
+	if m.EpNames.Lookup(&nk, &named) == nil && named == id {
+		if err := m.EpNames.Delete(&nk); err != nil && !isNotExist(err) {
 			errs = append(errs, err)
 		}
 	}
@@ -246,6 +253,52 @@ func Unregister(m *loader.Maps, id uint32) error {
 		return fmt.Errorf("unregister endpoint %d: %w", id, err)
 	}
 	return nil
+}
+
+// refKeys are the ep_by_ip keys of an endpoint: its registered addresses
+// and those it learnt.
+func refKeys(ep *loader.Endpoint) []loader.EpIPKey {
+	var out []loader.EpIPKey
+	for _, a := range ep.Addrs {
+		if a.Family != 0 {
+			out = append(out, loader.EpIPKey{Addr: a.Addr, ParentIfindex: ep.ParentIfindex})
+		}
+	}
+	for _, l := range ep.Learned {
+		if l.LearnedNs != 0 {
+			out = append(out, loader.EpIPKey{Addr: l.Addr, ParentIfindex: ep.ParentIfindex})
+		}
+	}
+	return out
+}
+
+// deleteRef deletes a ref that still belongs to endpoint id.
+func deleteRef(m *ebpf.Map, key any, id uint32) error {
+	var ref loader.EndpointRef
+	if m.Lookup(key, &ref) != nil || ref.Id != id {
+		return nil
+	}
+	if err := m.Delete(key); err != nil && !isNotExist(err) {
+		return err
+	}
+	return nil
+}
+
+// LearnedAddrs decodes the addresses an endpoint learnt from its DAD that
+// are still its own (a conflict from the wire takes one back).
+func LearnedAddrs(m *loader.Maps, ep *loader.Endpoint) []netip.Addr {
+	var out []netip.Addr
+	for _, l := range ep.Learned {
+		if l.LearnedNs == 0 {
+			continue
+		}
+		k := loader.EpIPKey{Addr: l.Addr, ParentIfindex: ep.ParentIfindex}
+		var ref loader.EndpointRef
+		if m.EpByIP.Lookup(&k, &ref) == nil && ref.Id == ep.Id {
+			out = append(out, netip.AddrFrom16(l.Addr).Unmap())
+		}
+	}
+	return out
 }
 
 // Endpoints lists the registered endpoints by id.

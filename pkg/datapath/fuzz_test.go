@@ -456,13 +456,13 @@ func FuzzMACKey(f *testing.F) {
 	f.Add([]byte{})
 	f.Add([]byte{2, 0, 0, 0, 0, 1, 0xaa, 0xbb})
 	f.Fuzz(func(t *testing.T, mac []byte) {
-		k := datapath.MACKey(mac)
+		k := datapath.MACKey(mac, 0x01020304)
 		var want [6]byte
 		copy(want[:], mac)
-		if k.Mac != want || k.Pad != 0 {
-			t.Fatalf("MACKey(%x) = %x pad %d", mac, k.Mac, k.Pad)
+		if k.Mac != want || k.Pad != 0 || k.ParentIfindex != 0x01020304 {
+			t.Fatalf("MACKey(%x) = %x pad %d parent %d", mac, k.Mac, k.Pad, k.ParentIfindex)
 		}
-		if enc := encode(t, k); !bytes.Equal(enc, append(want[:], 0, 0)) {
+		if enc := encode(t, k); !bytes.Equal(enc, append(want[:], 0, 0, 4, 3, 2, 1)) {
 			t.Fatalf("MACKey(%x) goes to the kernel as %x", mac, enc)
 		}
 		if len(mac) == 6 && net.HardwareAddr(k.Mac[:]).String() != net.HardwareAddr(mac).String() {
@@ -633,7 +633,7 @@ func FuzzRegister(f *testing.F) {
 		id, err := datapath.Register(m, spec)
 		after := uint64(time.Now().Unix())
 		// Names that would not read back whole are refused, not cut.
-		if datapath.CheckAttachment(containerID, ifname, netns) != nil {
+		if datapath.CheckAttachment(containerID, ifname, netns, "") != nil {
 			if !errors.Is(err, datapath.ErrTooLong) {
 				t.Fatalf("container id %d bytes, ifname %d, netns %d: err %v, want ErrTooLong", len(containerID), len(ifname), len(netns), err)
 			}

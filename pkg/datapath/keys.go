@@ -17,6 +17,11 @@ func IPKey(a netip.Addr) loader.IPKey {
 	return loader.IPKey{Addr: a.As16()}
 }
 
+// EpIPKey encodes an endpoint address on a parent, as ep_by_ip is keyed.
+func EpIPKey(a netip.Addr, parentIfindex int) loader.EpIPKey {
+	return loader.EpIPKey{Addr: a.As16(), ParentIfindex: uint32(parentIfindex)}
+}
+
 // AddrOf decodes an IPKey.
 func AddrOf(k loader.IPKey) netip.Addr {
 	return netip.AddrFrom16(k.Addr).Unmap()
@@ -40,9 +45,9 @@ func PrefixOf(k loader.LPMKey) netip.Prefix {
 	return cidrs.Canonical(netip.PrefixFrom(netip.AddrFrom16(k.Addr), int(k.Prefixlen)))
 }
 
-// MACKey encodes a MAC address.
-func MACKey(mac net.HardwareAddr) loader.MACKey {
-	var k loader.MACKey
+// MACKey encodes a MAC address on a parent, as ep_by_mac is keyed.
+func MACKey(mac net.HardwareAddr, parentIfindex int) loader.MACKey {
+	k := loader.MACKey{ParentIfindex: uint32(parentIfindex)}
 	copy(k.Mac[:], mac)
 	return k
 }

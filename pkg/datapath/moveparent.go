@@ -25,22 +25,26 @@ func MoveParent(m *loader.Maps, from, to int) (int, error) {
 		if int(ep.ParentIfindex) != from {
 			continue
 		}
-		ref := loader.EndpointRef{Id: id, ParentIfindex: uint32(to)}
-		for _, a := range ep.Addrs {
-			if a.Family == 0 {
-				continue
-			}
-			k := loader.IPKey{Addr: a.Addr}
-			errs = append(errs, updateRef(m.EpByIP, &k, id, ref))
+		// The refs are keyed by parent: new keys first, the old ones go
+		// after the record moved.
+		old := refKeys(&ep)
+		oldMAC := loader.MACKey{Mac: ep.Mac, ParentIfindex: ep.ParentIfindex}
+		for _, k := range old {
+			nk := loader.EpIPKey{Addr: k.Addr, ParentIfindex: uint32(to)}
+			errs = append(errs, moveRef(m.EpByIP, &k, &nk, id))
 		}
-		mk := loader.MACKey{Mac: ep.Mac}
-		errs = append(errs, updateRef(m.EpByMAC, &mk, id, ref))
+		nmk := loader.MACKey{Mac: ep.Mac, ParentIfindex: uint32(to)}
+		errs = append(errs, moveRef(m.EpByMAC, &oldMAC, &nmk, id))
 		ep.ParentIfindex = uint32(to)
 		// UpdateExist: an endpoint unregistered meanwhile stays gone.
 		if err := m.Endpoints.Update(id, &ep, ebpf.UpdateExist); err != nil && !isNotExist(err) {
 			errs = append(errs, fmt.Errorf("endpoint %d: %w", id, err))
 			continue
 		}
+		for _, k := range old {
+			errs = append(errs, deleteRef(m.EpByIP, &k, id))
+		}
+		errs = append(errs, deleteRef(m.EpByMAC, &oldMAC, id))
 		moved++
 	}
 	if err := errors.Join(errs...); err != nil {
@@ -49,13 +53,13 @@ func MoveParent(m *loader.Maps, from, to int) (int, error) {
 	return moved, nil
 }
 
-// updateRef rewrites a ref that still belongs to endpoint id.
-func updateRef(m *ebpf.Map, key any, id uint32, ref loader.EndpointRef) error {
+// moveRef copies a ref that still belongs to endpoint id to a new key.
+func moveRef(m *ebpf.Map, from, to any, id uint32) error {
 	var cur loader.EndpointRef
-	if err := m.Lookup(key, &cur); err != nil || cur.Id != id {
+	if err := m.Lookup(from, &cur); err != nil || cur.Id != id {
 		return nil
 	}
-	if err := m.Update(key, &ref, ebpf.UpdateExist); err != nil && !isNotExist(err) {
+	if err := m.Update(to, &cur, ebpf.UpdateAny); err != nil {
 		return fmt.Errorf("endpoint %d: %w", id, err)
 	}
 	return nil

@@ -559,9 +559,9 @@ func TestParentEvents(t *testing.T) {
 		t.Fatalf("surviving endpoint still on parent ifindex %d, want %d", ep.ParentIfindex, eth0.Index)
 	}
 	var ref loader.EndpointRef
-	k := datapath.IPKey(surv.IP4.Addr())
-	if err := r.dp.Maps.EpByIP.Lookup(&k, &ref); err != nil || int(ref.ParentIfindex) != eth0.Index {
-		t.Fatalf("ep_by_ip ref %+v %v, want parent %d", ref, err, eth0.Index)
+	k := datapath.EpIPKey(surv.IP4.Addr(), eth0.Index)
+	if err := r.dp.Maps.EpByIP.Lookup(&k, &ref); err != nil || ref.Id != survID {
+		t.Fatalf("ep_by_ip ref on parent %d: %+v %v, want endpoint %d", eth0.Index, ref, err, survID)
 	}
 	// The container's macvlan died with its parent: GC collects it.
 	waitFor(t, 10*time.Second, "dead container collected", func() bool {

@@ -448,3 +448,14 @@ func (h *harness) stats(t *testing.T, p *pod) loader.EndpointStats {
 	must(t, err)
 	return s
 }
+
+// parentIndex is the parent ifindex the pod is registered on (ep_by_ip and
+// ep_by_mac are keyed by it).
+func (p *pod) parentIndex(t *testing.T) int {
+	t.Helper()
+	l, err := p.ns.Netlink().LinkByName(p.ifname)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return l.Attrs().ParentIndex
+}

@@ -167,8 +167,8 @@ func TestCheckDrift(t *testing.T) {
 			must(t, p.ns.Netlink().LinkSetDown(l))
 		}, "eth0 is down"},
 		{"address moved to another endpoint", func(t *testing.T, p *pod) {
-			k := datapath.IPKey(p.ip4)
-			must(t, h.dp.Maps.EpByIP.Put(&k, &loader.EndpointRef{Id: 77, ParentIfindex: 1}))
+			k := datapath.EpIPKey(p.ip4, p.parentIndex(t))
+			must(t, h.dp.Maps.EpByIP.Put(&k, &loader.EndpointRef{Id: 77}))
 			// Unregister leaves another endpoint's entry alone: the test
 			// removes its own forgery.
 			t.Cleanup(func() { must(t, h.dp.Maps.EpByIP.Delete(&k)) })

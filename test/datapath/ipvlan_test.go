@@ -75,7 +75,7 @@ func (n *node) ipvlanContainer(t *testing.T, m ipvlanMode, name string, host int
 		Addrs: []netip.Prefix{c.IP4, c.IP6}, PodName: name, PodNamespace: "e2e",
 	})
 	must(t, err)
-	k := datapath.MACKey(c.MAC)
+	k := datapath.MACKey(c.MAC, c.ParentIndex)
 	var ref loader.EndpointRef
 	if err := n.dp.Maps.EpByMAC.Lookup(&k, &ref); !errors.Is(err, ebpf.ErrKeyNotExist) {
 		t.Fatalf("ipvlan endpoint in ep_by_mac (lookup: %v, %+v): the parent's MAC would be taken for a slave", err, ref)
