@@ -606,7 +606,7 @@ func FuzzRegister(f *testing.F) {
 	wantSize(f, "endpoints", uint32(0), loader.Endpoint{})
 	wantSize(f, "ep_stats", uint32(0), loader.EndpointStats{})
 	m := loadMaps(f)
-	owned := map[string]*ebpf.Map{"endpoints": m.Endpoints, "ep_by_ip": m.EpByIP, "ep_by_mac": m.EpByMAC, "ep_stats": m.EpStats}
+	owned := map[string]*ebpf.Map{"endpoints": m.Endpoints, "ep_by_ip": m.EpByIP, "ep_by_mac": m.EpByMAC, "ep_stats": m.EpStats, "ep_names": m.EpNames}
 
 	v4v6 := []byte{24, 192, 0, 2, 10, 33 + 64, 0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10}
 	cid := "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
@@ -720,15 +720,15 @@ func FuzzRegister(f *testing.F) {
 		if fid, _, err := datapath.Find(m, containerID, ifname); err != nil || fid != id {
 			t.Fatalf("Find(%q, %q) = %d, %v; registered %d", containerID, ifname, fid, err, id)
 		}
-		ref := loader.EndpointRef{Id: id, ParentIfindex: uint32(parentIndex)}
+		ref := loader.EndpointRef{Id: id}
 		for _, p := range spec.Addrs {
-			k := datapath.IPKey(p.Addr())
+			k := datapath.EpIPKey(p.Addr(), int(parentIndex))
 			var r loader.EndpointRef
 			if err := m.EpByIP.Lookup(&k, &r); err != nil || r != ref {
 				t.Fatalf("ep_by_ip[%s] = %+v, %v; want %+v", p.Addr(), r, err, ref)
 			}
 		}
-		k := datapath.MACKey(mac)
+		k := datapath.MACKey(mac, int(parentIndex))
 		var r loader.EndpointRef
 		err = m.EpByMAC.Lookup(&k, &r)
 		if loader.Mode(mode) == loader.ModeMacvlan && (err != nil || r != ref) {

@@ -50,12 +50,21 @@ func TestMoveParentAndCount(t *testing.T) {
 		}
 	}
 	var ref loader.EndpointRef
-	k := datapath.IPKey(netip.MustParseAddr("10.0.0.2"))
-	if err := m.EpByIP.Lookup(&k, &ref); err != nil || ref.ParentIfindex != 9 || ref.Id != b {
-		t.Fatalf("ep_by_ip ref %+v %v", ref, err)
+	k := datapath.EpIPKey(netip.MustParseAddr("10.0.0.2"), 9)
+	if err := m.EpByIP.Lookup(&k, &ref); err != nil || ref.Id != b {
+		t.Fatalf("ep_by_ip ref on the new parent %+v %v", ref, err)
 	}
-	mk := datapath.MACKey(net.HardwareAddr{2, 0, 0, 0, 0, 1})
-	if err := m.EpByMAC.Lookup(&mk, &ref); err != nil || ref.ParentIfindex != 9 || ref.Id != a {
-		t.Fatalf("ep_by_mac ref %+v %v", ref, err)
+	mk := datapath.MACKey(net.HardwareAddr{2, 0, 0, 0, 0, 1}, 9)
+	if err := m.EpByMAC.Lookup(&mk, &ref); err != nil || ref.Id != a {
+		t.Fatalf("ep_by_mac ref on the new parent %+v %v", ref, err)
+	}
+	// Nothing left under the old parent's keys.
+	k = datapath.EpIPKey(netip.MustParseAddr("10.0.0.2"), 5)
+	if err := m.EpByIP.Lookup(&k, &ref); err == nil {
+		t.Fatalf("ep_by_ip still has the old parent's key: %+v", ref)
+	}
+	mk = datapath.MACKey(net.HardwareAddr{2, 0, 0, 0, 0, 1}, 5)
+	if err := m.EpByMAC.Lookup(&mk, &ref); err == nil {
+		t.Fatalf("ep_by_mac still has the old parent's key: %+v", ref)
 	}
 }
