@@ -383,8 +383,10 @@ static __always_inline int in_set(__u32 which, const struct up_ip_key *addr, __u
 
 /* Reads the headers the decisions need into *p (see LOAD_HDR). Returns 0
  * when the frame is not something the programs act on. */
-static __always_inline int parse_l3(struct __sk_buff *skb, __u16 proto, struct pkt *p)
+__noinline int up_parse_l3(struct __sk_buff *skb, __u32 proto, struct pkt *p)
 {
+	if (!skb || !p)
+		return 0;
 	__builtin_memset(p, 0, sizeof(*p));
 	p->proto = proto;
 	p->first_frag = 1;
@@ -418,7 +420,7 @@ static __always_inline int parse_l3(struct __sk_buff *skb, __u16 proto, struct p
 		/* A few extension headers are walked so that ICMPv6 behind them
 		 * (MLD behind hop-by-hop, or ND someone hid) is still seen; the
 		 * guard and the steering need the addresses only. */
-#pragma unroll
+#pragma clang loop unroll(disable)
 		for (int i = 0; i < 4; i++) {
 			if (next != IPV6_HOPOPTS && next != IPV6_ROUTING && next != IPV6_DSTOPTS &&
 			    next != IPV6_FRAGMENT)
@@ -438,6 +440,10 @@ static __always_inline int parse_l3(struct __sk_buff *skb, __u16 proto, struct p
 				off += (h.hdrlen + 1) * 8;
 			}
 			next = h.nexthdr;
+			/* Bounded for the verifier; headers that long are not
+			 * something the programs act on. */
+			if (off > 512)
+				return 0;
 		}
 		p->l4proto = next;
 		p->l4off = off;
@@ -469,6 +475,14 @@ static __always_inline int parse_l3(struct __sk_buff *skb, __u16 proto, struct p
 		return 1;
 	}
 	return 0;
+}
+
+/* parse_l3 is a global function (verified once, not at every call site):
+ * its header walk multiplied with the callers' branches would cost the
+ * verifier minutes. */
+static __always_inline int parse_l3(struct __sk_buff *skb, __u16 proto, struct pkt *p)
+{
+	return up_parse_l3(skb, proto, p);
 }
 
 /* ---- checksums, for the answers built in reject mode ---------------------- */
@@ -717,13 +731,14 @@ static __always_inline int classify_service(const struct up_config *cfg, const s
 /* Drop, or in reject mode answer in place: TCP SYN -> RST|ACK, UDP -> ICMP
  * port unreachable, both sent back into this NIC's receive path. Anything
  * else (or an answer that cannot be built) is dropped. */
-static __always_inline int handle_stale(struct __sk_buff *skb, const struct up_config *cfg,
-					const struct pkt *p, __u32 ep_id)
+__noinline int up_handle_stale(struct __sk_buff *skb, __u32 cfg_flags, const struct pkt *p, __u32 ep_id)
 {
+	if (!skb || !p)
+		return TC_ACT_SHOT;
 	__u32 len = skb->len;
 	struct up_ep_stats *s = ep_stats_of(ep_id);
 
-	if (cfg && (cfg->flags & UP_CFG_STALE_REJECT)) {
+	if (cfg_flags & UP_CFG_STALE_REJECT) {
 		int err = 1;
 		/* The TCP header is read only here: the common paths never need it. */
 		struct tcphdr th = {};
@@ -747,6 +762,14 @@ static __always_inline int handle_stale(struct __sk_buff *skb, const struct up_c
 	if (s)
 		s->stale_dropped++;
 	return TC_ACT_SHOT;
+}
+
+/* A global function too: the answers it builds take stack the hot path
+ * should not carry. */
+static __always_inline int handle_stale(struct __sk_buff *skb, const struct up_config *cfg,
+					const struct pkt *p, __u32 ep_id)
+{
+	return up_handle_stale(skb, cfg ? cfg->flags : 0, p, ep_id);
 }
 
 /* ---- endpoint lookups, per parent ------------------------------------------- */
@@ -815,6 +838,22 @@ static __always_inline int owns(__u32 id, __u32 parent_ifindex, const struct up_
 	return 1;
 }
 
+/* When learnt slot i was last used: 0 when free (or no longer the
+ * endpoint's, taken back after a conflict). */
+static __noinline __u64 slot_used(struct up_endpoint *ep, __u32 i, __u32 id, struct up_ep_ip_key *k)
+{
+	if (!ep || !k || i >= UP_MAX_LEARNED)
+		return 0;
+	struct up_learned *l = &ep->learned[i];
+	if (!l->learned_ns)
+		return 0;
+	__builtin_memcpy(k->addr, l->addr, 16);
+	struct up_ep_ref *r = bpf_map_lookup_elem(&ep_by_ip, k);
+	if (!r || r->id != id)
+		return 0;
+	return r->used_ns ? r->used_ns : l->learned_ns;
+}
+
 /* Learns the target of an endpoint's duplicate address detection (an NS from
  * ::), which is how SLAAC, privacy and link-local addresses announce
  * themselves: the kernel runs DAD for each before using it. Never an
@@ -835,22 +874,23 @@ static __noinline void learn_address(struct up_endpoint *ep, __u32 id, const str
 	if (bpf_map_lookup_elem(&ep_by_ip, &k))
 		return;
 
-	/* A free slot, else the least recently used learnt address. */
+	/* A free slot, else the least recently used learnt address. Two passes
+	 * (the oldest use, then the first slot that has it) so that the
+	 * verifier does not carry a different slot number down every path. */
 	struct up_ep_ip_key ok = {.parent_ifindex = ep->parent_ifindex};
-	__u32 slot = 0;
 	__u64 oldest = ~0ULL;
 #pragma clang loop unroll(disable)
 	for (__u32 i = 0; i < UP_MAX_LEARNED; i++) {
-		__u64 used = 0;
-		if (ep->learned[i].learned_ns) {
-			__builtin_memcpy(ok.addr, ep->learned[i].addr, 16);
-			struct up_ep_ref *r = bpf_map_lookup_elem(&ep_by_ip, &ok);
-			if (r && r->id == id)
-				used = r->used_ns ? r->used_ns : ep->learned[i].learned_ns;
-		}
-		if (used < oldest) {
+		__u64 used = slot_used(ep, i, id, &ok);
+		if (used < oldest)
 			oldest = used;
+	}
+	__u32 slot = UP_MAX_LEARNED;
+#pragma clang loop unroll(disable)
+	for (__u32 i = 0; i < UP_MAX_LEARNED; i++) {
+		if (slot_used(ep, i, id, &ok) == oldest) {
 			slot = i;
+			break;
 		}
 	}
 	if (slot >= UP_MAX_LEARNED)
@@ -877,9 +917,11 @@ static __noinline void learn_address(struct up_endpoint *ep, __u32 id, const str
 static __always_inline int nd_options_ok(struct __sk_buff *skb, const struct pkt *p, const __u8 *mac)
 {
 	__u32 off = p->l4off + sizeof(struct icmp6_nd);
-#pragma unroll
+#pragma clang loop unroll(disable)
 	for (int i = 0; i < 4; i++) {
 		struct nd_opt_ll o;
+		if (off > 1024)
+			return 0;
 		if (LOAD_HDR(skb, off, &o))
 			return 1; /* no room for another link-layer option: done */
 		if (o.len == 0)
@@ -889,34 +931,45 @@ static __always_inline int nd_options_ok(struct __sk_buff *skb, const struct pkt
 		off += o.len * 8;
 	}
 	__u8 more;
+	if (off > 1024)
+		return 0;
 	return LOAD_HDR(skb, off, &more) != 0;
 }
 
 /* 0 when endpoint ep (id) may send this frame, else the drop reason in
  * *reason. Fills *p. learn: learn the target of its DAD. Fails closed:
  * whatever cannot be vetted is refused. */
-static __always_inline int vet_source(struct __sk_buff *skb, const struct ethhdr *eth, struct up_endpoint *ep,
-				      __u32 id, struct pkt *p, int learn, __u32 *reason)
+/* The source guard proper: a global function, so that the verifier checks
+ * it once rather than at every call site (its branches multiplied with
+ * parent_egress's would exceed the verifier's budget). Returns the drop
+ * reason, UP_DROP_MAX when the frame may go. */
+__noinline int up_vet_source(struct __sk_buff *skb, const struct ethhdr *eth, struct up_endpoint *ep,
+			     struct pkt *p, int learn)
 {
-	*reason = UP_DROP_SPOOFED_SOURCE;
+	if (!skb || !eth || !ep || !p)
+		return UP_DROP_UNVETTED;
+	__u32 id = ep->id;
+	__u32 reason = UP_DROP_SPOOFED_SOURCE;
 	if (!mac_eq(eth->h_source, ep->mac))
-		return 1;
-	*reason = UP_DROP_UNVETTED;
+		return reason;
+	reason = UP_DROP_UNVETTED;
 	__u16 proto = bpf_ntohs(eth->h_proto);
 	if (proto != ETH_P_IP && proto != ETH_P_IPV6 && proto != ETH_P_ARP)
-		return 1; /* VLAN tags (802.1Q/ad) and every other ethertype */
+		return reason; /* VLAN tags (802.1Q/ad) and every other ethertype */
 	if (!parse_l3(skb, proto, p))
-		return 1; /* truncated, or ARP for other hardware */
+		return reason; /* truncated, or ARP for other hardware */
 	__u32 parent = ep->parent_ifindex;
 
 	if (proto == ETH_P_ARP) {
 		if (p->arp_op != ARPOP_REQUEST && p->arp_op != ARPOP_REPLY)
-			return 1;
-		*reason = UP_DROP_SPOOFED_SOURCE;
+			return reason;
+		reason = UP_DROP_SPOOFED_SOURCE;
 		if (!mac_eq(p->arp_sha, ep->mac))
-			return 1;
+			return reason;
 		/* 0.0.0.0 is an ARP probe (RFC 5227). */
-		return !is_unspecified(&p->saddr) && !owns(id, parent, &p->saddr);
+		if (!is_unspecified(&p->saddr) && !owns(id, parent, &p->saddr))
+			return reason;
+		return UP_DROP_MAX;
 	}
 	if (proto == ETH_P_IPV6 && p->icmp6_type) {
 		__u8 t = p->icmp6_type;
@@ -924,27 +977,38 @@ static __always_inline int vet_source(struct __sk_buff *skb, const struct ethhdr
 		 * ND never needs extension headers; hiding it behind them is
 		 * refused. */
 		if (t == ICMPV6_ND_RA || t == ICMPV6_ND_REDIRECT)
-			return 1;
+			return reason;
 		if (p->ext6 && t >= ICMPV6_ND_RS && t <= ICMPV6_ND_REDIRECT)
-			return 1;
+			return reason;
 		if (p->nd_type) {
-			*reason = UP_DROP_SPOOFED_SOURCE;
+			reason = UP_DROP_SPOOFED_SOURCE;
 			if (!nd_options_ok(skb, p, ep->mac))
-				return 1;
+				return reason;
 			if (p->nd_type == ICMPV6_ND_NA && !owns(id, parent, &p->target))
-				return 1;
+				return reason;
 			if (p->nd_type == ICMPV6_ND_NS && is_unspecified(&p->saddr)) {
 				if (learn)
 					learn_address(ep, id, &p->target);
-				return 0;
+				return UP_DROP_MAX;
 			}
 		}
 	}
-	*reason = UP_DROP_SPOOFED_SOURCE;
+	reason = UP_DROP_SPOOFED_SOURCE;
 	/* Unspecified sources: DHCP discovery, DAD. */
 	if (is_unspecified(&p->saddr))
-		return 0;
-	return !owns(id, parent, &p->saddr);
+		return UP_DROP_MAX;
+	if (!owns(id, parent, &p->saddr))
+		return reason;
+	return UP_DROP_MAX;
+}
+
+
+static __always_inline int vet_source(struct __sk_buff *skb, const struct ethhdr *eth, struct up_endpoint *ep,
+				      __u32 id, struct pkt *p, int learn, __u32 *reason)
+{
+	/* ep->id is id: the registry keeps the two equal. */
+	*reason = up_vet_source(skb, eth, ep, p, learn);
+	return *reason != UP_DROP_MAX;
 }
 
 /* ---- parent NIC ------------------------------------------------------------- */
