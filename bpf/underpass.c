@@ -828,6 +828,17 @@ static __always_inline void touch(struct up_ep_ref *r)
 		r->used_ns = now;
 }
 
+/* A link-local address whose interface id is the EUI-64 of mac: the
+ * address the kernel gives a slave by default, provably the endpoint's own
+ * without waiting for its DAD (which may come before its filters do). */
+static __always_inline int eui64_link_local(const struct up_ip_key *a, const __u8 *mac)
+{
+	const __u8 *x = a->addr;
+	return x[0] == 0xfe && x[1] == 0x80 && !x[2] && !x[3] && !x[4] && !x[5] && !x[6] && !x[7] &&
+	       x[8] == (mac[0] ^ 0x02) && x[9] == mac[1] && x[10] == mac[2] && x[11] == 0xff && x[12] == 0xfe &&
+	       x[13] == mac[3] && x[14] == mac[4] && x[15] == mac[5];
+}
+
 /* Is addr one of endpoint id's own (registered or learnt) on its parent? */
 static __always_inline int owns(__u32 id, __u32 parent_ifindex, const struct up_ip_key *addr)
 {
@@ -984,7 +995,8 @@ __noinline int up_vet_source(struct __sk_buff *skb, const struct ethhdr *eth, st
 			reason = UP_DROP_SPOOFED_SOURCE;
 			if (!nd_options_ok(skb, p, ep->mac))
 				return reason;
-			if (p->nd_type == ICMPV6_ND_NA && !owns(id, parent, &p->target))
+			if (p->nd_type == ICMPV6_ND_NA && !eui64_link_local(&p->target, ep->mac) &&
+			    !owns(id, parent, &p->target))
 				return reason;
 			if (p->nd_type == ICMPV6_ND_NS && is_unspecified(&p->saddr)) {
 				if (learn)
@@ -995,7 +1007,7 @@ __noinline int up_vet_source(struct __sk_buff *skb, const struct ethhdr *eth, st
 	}
 	reason = UP_DROP_SPOOFED_SOURCE;
 	/* Unspecified sources: DHCP discovery, DAD. */
-	if (is_unspecified(&p->saddr))
+	if (is_unspecified(&p->saddr) || eui64_link_local(&p->saddr, ep->mac))
 		return UP_DROP_MAX;
 	if (!owns(id, parent, &p->saddr))
 		return reason;
@@ -1030,6 +1042,14 @@ static __always_inline int endpoint_to_host(struct __sk_buff *skb, const struct 
 					    __u32 why, int readdress, const __u8 *parent_mac)
 {
 	__u32 len = skb->len;
+	/* hostReachability: false cuts the endpoint's own traffic to the
+	 * host's addresses; Services, steered host CIDRs and resolution go on.
+	 * (A Service DNATed to a pod backend answers the node's address when
+	 * masqueraded: see up_marks, not applied yet.) */
+	if (why == TO_HOST_DIRECT && host_blocked(cfg)) {
+		count_drop(UP_DROP_HOST_UNREACHABLE, ep_id, len);
+		return TC_ACT_SHOT;
+	}
 	if (readdress) {
 		if (bpf_skb_store_bytes(skb, 0, parent_mac, ETH_ALEN, 0))
 			return TC_ACT_UNSPEC;
@@ -1041,16 +1061,7 @@ static __always_inline int endpoint_to_host(struct __sk_buff *skb, const struct 
 		s->ep_to_host.packets++;
 		s->ep_to_host.bytes += len;
 	}
-	/* The marks for the host's nftables table (enum up_marks); every other
-	 * redirect clears the mark, so no host mark leaks into a pod. */
-	__u32 mark = 0;
-	if (why == TO_HOST_STEERED)
-		mark = UP_MARK_STEERED;
-	else if (why == TO_HOST_DIRECT && host_blocked(cfg))
-		mark = UP_MARK_DIRECT;
-	skb->mark = mark;
-	record(UP_TRACE_REDIRECT, skb->ifindex, BPF_F_INGRESS, ep_id);
-	return bpf_redirect(skb->ifindex, BPF_F_INGRESS);
+	return to_ingress(skb, ep_id);
 }
 
 /* hostReachability: false cuts the host's own traffic to endpoints, not
@@ -1246,10 +1257,9 @@ int uplink_egress(struct __sk_buff *skb)
 	struct up_config *cfg = get_config();
 	if (classify_service(cfg, &p) != SVC_STALE)
 		return TC_ACT_UNSPEC;
-	/* Pods' own stale traffic stops at their parent (and the node routes
-	 * nothing else for them), so what reaches an uplink is the host's: not
-	 * attributed to an endpoint. */
-	return handle_stale(skb, cfg, &p, 0);
+	/* Traffic the host forwards from a pod came in on the pod's parent
+	 * (the hairpin put it there): attribute it to the pod. */
+	return handle_stale(skb, cfg, &p, ep_by_ip_on(&p.saddr, skb->ingress_ifindex));
 }
 
 /* ---- one endpoint's slave, inside the container netns ----------------------- */

@@ -29,10 +29,10 @@ enum up_config_flags {
 	UP_CFG_SVC_SYNCED = 1 << 2,
 };
 
-/* skb->mark values the parent program gives the endpoint frames it hands to
- * the host stack (every other redirect clears the mark). The agent's
- * nftables table (table inet underpass) acts on them: see
- * docs/architecture.md, "Services: the host path is symmetric". */
+/* Reserved skb->mark values for the endpoint frames the parent program
+ * hands to the host stack, for the host's nftables table that will make the
+ * Service path symmetric (masquerade what the host forwards). Not set yet:
+ * today every redirect clears the mark. */
 enum up_marks {
 	/* To a live Service VIP or a steered host CIDR. Masqueraded when the host
 	 * forwards it (kube-proxy DNATed it to a backend elsewhere), so that the

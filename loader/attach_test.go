@@ -92,7 +92,12 @@ func TestAttachEgress(t *testing.T) {
 	env := netenv.New(t, netenv.Options{})
 	u := env.Uplinks[0]
 	must(t, datapath.PutParent(&dp.Maps, u.Index, u.MAC, loader.ModeMacvlan))
-	must(t, datapath.SetConfig(&dp.Maps, datapath.Config{HostReachable: true}, 1))
+	must(t, datapath.SetConfig(&dp.Maps, datapath.Config{ServicesSynced: true, HostReachable: true}, 1))
+	// The node's own address, as underpassd writes it: a pod frame to the
+	// parent's MAC for anything else is not the host's to take.
+	hosts := datapath.HostSet{}
+	hosts.Add(netip.PrefixFrom(u.Node4.Addr(), 32), loader.HostLocal)
+	must(t, datapath.SyncHostCIDRs(&dp.Maps, hosts))
 	c := env.AddMacvlanContainer("c1", u.IP4(10), netip.Prefix{})
 	_, err = datapath.Register(&dp.Maps, datapath.EndpointSpec{
 		ContainerID: "attach-egress", IfName: "eth0", ParentIfindex: u.Index, Ifindex: c.Index,

@@ -39,8 +39,8 @@ func BenchmarkParentEgress(b *testing.B) {
 		})
 	}
 	b.Run("guard/stale-reject", func(b *testing.B) {
-		r.setConfig(b, datapath.Config{HostReachable: true, StaleReject: true})
-		defer r.setConfig(b, datapath.Config{HostReachable: true})
+		r.setConfig(b, datapath.Config{ServicesSynced: true, HostReachable: true, StaleReject: true})
+		defer r.setConfig(b, datapath.Config{ServicesSynced: true, HostReachable: true})
 		benchProg(b, r, tcpSYN(b, macA, macGW, ipA, vipStale, "S"), false, baseline)
 	})
 	b.Run("uplink/pass", func(b *testing.B) {

@@ -18,7 +18,7 @@ import (
 // XDP only observes. TestGarbage does the same with a fixed random stream.
 func FuzzFrames(f *testing.F) {
 	r := newRig(f)
-	r.setConfig(f, datapath.Config{HostReachable: true, StaleReject: true})
+	r.setConfig(f, datapath.Config{ServicesSynced: true, HostReachable: true, StaleReject: true})
 	for _, s := range [][]byte{
 		icmpEcho(f, macParent, macA, ipHost, ipA),
 		tcpSYN(f, macA, macGW, ipA, vipStale, "S"),

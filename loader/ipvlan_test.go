@@ -30,7 +30,7 @@ func newIpvlanRig(tb testing.TB, mode loader.Mode) (*rig, uint32) {
 	tb.Cleanup(func() { dp.Close() })
 	m := &dp.Maps
 	must(tb, datapath.PutParent(m, parentIfindex, macParent, mode))
-	must(tb, datapath.SetConfig(m, datapath.Config{HostReachable: true}, 1))
+	must(tb, datapath.SetConfig(m, datapath.Config{ServicesSynced: true, HostReachable: true}, 1))
 	id, err := datapath.Register(m, datapath.EndpointSpec{
 		ContainerID: "ctr-ipvlan", IfName: "eth0", ParentIfindex: parentIfindex, Mode: mode, MAC: macParent,
 		Addrs: []netip.Prefix{netip.PrefixFrom(ipPod, 24), netip.PrefixFrom(ipPod6, 64)},
@@ -89,8 +89,8 @@ func TestIpvlanHostToEndpoint(t *testing.T) {
 				wantPass(t, r.parent(t, f), f)
 			})
 			t.Run("blocked host", func(t *testing.T) {
-				r.setConfig(t, datapath.Config{HostReachable: false})
-				defer r.setConfig(t, datapath.Config{HostReachable: true})
+				r.setConfig(t, datapath.Config{ServicesSynced: true, HostReachable: false})
+				defer r.setConfig(t, datapath.Config{ServicesSynced: true, HostReachable: true})
 				if res := r.parent(t, icmpEcho(t, macParent, macGW, ipHost, ipPod)); res.verdict != actShot {
 					t.Fatalf("verdict %d, want drop", res.verdict)
 				}

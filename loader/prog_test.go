@@ -57,6 +57,9 @@ type rig struct {
 	dp  *loader.Datapath
 	idA uint32
 	idB uint32
+	// ingress is the frames' skb->ingress_ifindex: 0 for the host's own
+	// traffic, the input device for what the host forwards.
+	ingress uint32
 }
 
 func newRig(tb testing.TB) *rig {
@@ -71,7 +74,7 @@ func newRig(tb testing.TB) *rig {
 	m := &dp.Maps
 
 	must(tb, datapath.PutParent(m, parentIfindex, macParent, loader.ModeMacvlan))
-	must(tb, datapath.SetConfig(m, datapath.Config{HostReachable: true}, 1))
+	must(tb, datapath.SetConfig(m, datapath.Config{ServicesSynced: true, HostReachable: true}, 1))
 	r := &rig{dp: dp}
 	r.idA, err = datapath.Register(m, datapath.EndpointSpec{
 		ContainerID: "ctr-a", IfName: "eth0", ParentIfindex: parentIfindex, Mode: loader.ModeMacvlan, MAC: macA,
@@ -124,7 +127,7 @@ func (r *rig) tryRun(tb testing.TB, prog *ebpf.Program, frame []byte) (result, e
 	zero := make([]loader.Trace, ebpf.MustPossibleCPU())
 	must(tb, r.dp.Maps.Trace.Update(uint32(0), zero, ebpf.UpdateAny))
 
-	in := skbCtx{Ifindex: parentIfindex, Mark: 0xbeef}
+	in := skbCtx{Ifindex: parentIfindex, IngressIfindex: r.ingress, Mark: 0xbeef}
 	var outCtx skbCtxOut
 	out := make([]byte, len(frame)+256)
 	opts := ebpf.RunOptions{Data: frame, DataOut: out, Context: in, ContextOut: &outCtx, Repeat: 1}
@@ -399,7 +402,7 @@ func TestStaleDrop(t *testing.T) {
 
 func TestStaleReject(t *testing.T) {
 	r := newRig(t)
-	r.setConfig(t, datapath.Config{HostReachable: true, StaleReject: true})
+	r.setConfig(t, datapath.Config{ServicesSynced: true, HostReachable: true, StaleReject: true})
 
 	for _, tc := range []struct {
 		name     string
@@ -507,14 +510,14 @@ func TestStaleReject(t *testing.T) {
 	})
 }
 
+// hostReachability: false cuts the host's own traffic with endpoints both
+// ways; Services, steered host CIDRs and resolution keep working.
 func TestHostReachabilityOff(t *testing.T) {
 	r := newRig(t)
-	r.setConfig(t, datapath.Config{HostReachable: false})
+	r.setConfig(t, datapath.Config{ServicesSynced: true, HostReachable: false})
 	for _, f := range [][]byte{
 		icmpEcho(t, macParent, macA, ipHost, ipA),
 		icmpEcho(t, macA, macParent, ipA, ipHost),
-		tcpSYN(t, macA, macGW, ipA, vipLive, "S"),
-		udp(t, macA, macGW, ipA, ipDNS),
 	} {
 		before := r.epStats(t, r.idA)
 		if res := r.parent(t, f); res.verdict != actShot {
@@ -524,8 +527,12 @@ func TestHostReachabilityOff(t *testing.T) {
 			t.Fatal("host_unreachable not counted")
 		}
 	}
+	// Services and steered host CIDRs are not host reachability.
+	wantRedirect(t, r.parent(t, tcpSYN(t, macA, macGW, ipA, vipLive, "S")), r.idA)
+	wantRedirect(t, r.parent(t, udp(t, macA, macGW, ipA, ipDNS)), r.idA)
+	// Nor is resolution: the host must resolve a Service's backend pod.
 	f := arp(t, layers.ARPRequest, macParent, macBcast, macParent, ipHost, ipA)
-	if res := r.parent(t, f); res.verdict != actPass || res.trace.Count != 0 {
+	if res := r.parent(t, f); res.verdict != actPass || res.trace.Kind != uint32(loader.TraceClone) {
 		t.Fatalf("ARP with the host blocked: %+v", res)
 	}
 	// The wire is unaffected.
@@ -536,7 +543,7 @@ func TestHostReachabilityOff(t *testing.T) {
 		t.Fatal("stale VIP passed with the host blocked")
 	}
 
-	r.setConfig(t, datapath.Config{HostReachable: true})
+	r.setConfig(t, datapath.Config{ServicesSynced: true, HostReachable: true})
 	wantRedirect(t, r.parent(t, icmpEcho(t, macParent, macA, ipHost, ipA)), r.idA)
 }
 
@@ -551,13 +558,16 @@ func TestUplinkGuard(t *testing.T) {
 		wantPass(t, r.run(t, prog, f), f)
 	}
 	before := r.epStats(t, r.idA)
+	// Forwarded by the host from pod A: it came in on A's parent.
+	r.ingress = parentIfindex
 	if res := r.run(t, prog, tcpSYN(t, macParent, macGW, ipA, vipStale, "S")); res.verdict != actShot {
 		t.Fatalf("stale VIP on uplink: verdict %d", res.verdict)
 	}
+	r.ingress = 0
 	if r.epStats(t, r.idA).StaleDropped != before.StaleDropped+1 {
 		t.Fatal("forwarded pod traffic not attributed to the pod")
 	}
-	r.setConfig(t, datapath.Config{HostReachable: true, StaleReject: true})
+	r.setConfig(t, datapath.Config{ServicesSynced: true, HostReachable: true, StaleReject: true})
 	res := r.run(t, prog, tcpSYN(t, macParent, macGW, ipHost, vipStale, "S"))
 	wantRedirect(t, res, 0)
 	if got := res.out[0:6]; string(got) != string(macParent) {
@@ -570,7 +580,7 @@ func TestUplinkGuard(t *testing.T) {
 // that did not send or receive them.
 func TestGarbage(t *testing.T) {
 	r := newRig(t)
-	r.setConfig(t, datapath.Config{HostReachable: true, StaleReject: true})
+	r.setConfig(t, datapath.Config{ServicesSynced: true, HostReachable: true, StaleReject: true})
 	seeds := [][]byte{
 		icmpEcho(t, macParent, macA, ipHost, ipA),
 		tcpSYN(t, macA, macGW, ipA, vipStale, "S"),

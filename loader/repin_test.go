@@ -127,7 +127,8 @@ func mapsOf(dp *loader.Datapath) map[string]*ebpf.Map {
 		"config": m.Config, "parents": m.Parents, "ep_by_mac": m.EpByMAC, "ep_by_ip": m.EpByIP,
 		"endpoints": m.Endpoints, "ep_stats": m.EpStats, "stats": m.Stats, "drops": m.Drops,
 		"svc_cidrs": m.SvcCIDRs, "live_svcs": m.LiveSvcs, "host_cidrs": m.HostCIDRs, "trace": m.Trace,
-		"events": m.Events, "prefilter": m.Prefilter, "ep_progs": m.EpProgs,
+		"events": m.Events, "prefilter": m.Prefilter, "ep_progs": m.EpProgs, "ep_names": m.EpNames,
+		"wire_addrs": m.WireAddrs,
 	}
 }
 

@@ -57,8 +57,9 @@ type Agent struct {
 	opts Options
 	log  *slog.Logger
 
-	cfg *config.Config // in force
-	gen uint64         // config generation written to the datapath
+	cfg       *config.Config // in force
+	gen       uint64         // config generation written to the datapath
+	svcSynced bool           // the live set has synced once: the stale guard is armed
 
 	dp  atomic.Pointer[loader.Datapath]
 	svc atomic.Pointer[services.Manager]
@@ -171,6 +172,7 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 	}
 	a.cfg = cfg
 	a.gcPeriod = cfg.GCPeriod()
+	a.armGuard()
 
 	// Subscribe before the first full scan, so no change falls in between.
 	netEvents := make(chan netwatch.Event, 1024)
@@ -223,6 +225,7 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 		case <-reconcile.C:
 			a.checkPins()
 			a.reconcileParents(false)
+			a.armGuard()
 		case <-gcTick.C:
 			a.runGC()
 			a.heal()

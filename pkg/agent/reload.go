@@ -66,10 +66,11 @@ func (a *Agent) apply(ctx context.Context, c, old *config.Config) error {
 		a.log.Warn("bpffs changed: it takes effect when underpassd restarts", "in_use", old.BPFFS, "configured", c.BPFFS)
 	}
 	a.setLevel(c)
-	errs = append(errs, a.applyDatapath(c))
-
+	// The live set before the service CIDRs: a VIP of a new CIDR is never
+	// judged stale because its CIDR arrived first.
 	svc := a.svc.Load()
 	errs = append(errs, svc.SetStatic(c.StaticServices()))
+	errs = append(errs, a.applyDatapath(c))
 	if err := a.kube.configure(ctx, c); err != nil {
 		errs = append(errs, err)
 	}
@@ -96,8 +97,12 @@ func (a *Agent) apply(ctx context.Context, c, old *config.Config) error {
 func (a *Agent) applyDatapath(c *config.Config) error {
 	m := &a.dp.Load().Maps
 	var errs []error
-	want := datapath.Config{HostReachable: c.HostReachability, StaleReject: c.StaleAction() == config.ActionReject}
-	if cur, gen, err := datapath.GetConfig(m); err != nil || cur != want || a.gen == 0 {
+	want := datapath.Config{HostReachable: c.HostReachability, StaleReject: c.StaleAction() == config.ActionReject, ServicesSynced: a.svcSynced}
+	cur, gen, err := datapath.GetConfig(m)
+	// Armed once stays armed: a restarted agent adopts the live set the
+	// previous one synced, a better guess than "nothing is stale".
+	want.ServicesSynced = want.ServicesSynced || (err == nil && cur.ServicesSynced)
+	if err != nil || cur != want || a.gen == 0 {
 		// The generation continues from the pinned one, so it grows across
 		// restarts and bpftool shows that an apply happened.
 		a.gen = max(a.gen, gen) + 1
@@ -106,6 +111,24 @@ func (a *Agent) applyDatapath(c *config.Config) error {
 	errs = append(errs, datapath.SyncServiceCIDRs(m, c.ServiceCIDRs()))
 	errs = append(errs, a.syncHosts(c))
 	return errors.Join(errs...)
+}
+
+// armGuard sets the config's ServicesSynced flag once every configured
+// service source has synced: from then on the stale guard judges.
+func (a *Agent) armGuard() {
+	if a.svcSynced {
+		return
+	}
+	if svc := a.svc.Load(); svc == nil || !svc.Synced() {
+		return
+	}
+	a.svcSynced = true
+	if err := a.applyDatapath(a.cfg); err != nil {
+		a.svcSynced = false
+		a.log.Error("arm the stale-service guard", "error", err)
+		return
+	}
+	a.log.Info("live services synced: the stale-service guard is armed")
 }
 
 // syncHosts writes host_cidrs: hostCIDRs steered to the host stack, and the

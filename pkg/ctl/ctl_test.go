@@ -43,7 +43,7 @@ func newRig(t *testing.T) *rig {
 	must(t, err)
 	t.Cleanup(func() { dp.Close() })
 	m := &dp.Maps
-	must(t, datapath.SetConfig(m, datapath.Config{HostReachable: true, StaleReject: true}, 7))
+	must(t, datapath.SetConfig(m, datapath.Config{ServicesSynced: true, HostReachable: true, StaleReject: true}, 7))
 	must(t, datapath.PutParent(m, parentIfindex, net.HardwareAddr{2, 0, 0, 0, 0, 1}, loader.ModeMacvlan))
 	r := &rig{dp: dp}
 	r.idA, err = datapath.Register(m, datapath.EndpointSpec{

@@ -13,6 +13,9 @@ import (
 type Config struct {
 	HostReachable bool
 	StaleReject   bool
+	// ServicesSynced arms the stale guard: the live set has been synced
+	// once. Until then nothing in a service CIDR is judged stale.
+	ServicesSynced bool
 }
 
 // SetConfig writes the config word; generation shows in bpftool which apply
@@ -24,6 +27,9 @@ func SetConfig(m *loader.Maps, c Config, generation uint64) error {
 	}
 	if c.StaleReject {
 		v.Flags |= uint32(loader.ConfigStaleReject)
+	}
+	if c.ServicesSynced {
+		v.Flags |= uint32(loader.ConfigSvcSynced)
 	}
 	v.Generation = generation
 	if err := m.Config.Update(uint32(0), &v, ebpf.UpdateAny); err != nil {
@@ -39,8 +45,9 @@ func GetConfig(m *loader.Maps) (Config, uint64, error) {
 		return Config{}, 0, fmt.Errorf("read config: %w", err)
 	}
 	return Config{
-		HostReachable: v.Flags&uint32(loader.ConfigHostBlocked) == 0,
-		StaleReject:   v.Flags&uint32(loader.ConfigStaleReject) != 0,
+		HostReachable:  v.Flags&uint32(loader.ConfigHostBlocked) == 0,
+		StaleReject:    v.Flags&uint32(loader.ConfigStaleReject) != 0,
+		ServicesSynced: v.Flags&uint32(loader.ConfigSvcSynced) != 0,
 	}, v.Generation, nil
 }
 

@@ -52,7 +52,7 @@ func newRig(tb testing.TB) *rig {
 	must(tb, err)
 	tb.Cleanup(func() { dp.Close() })
 	m := &dp.Maps
-	must(tb, datapath.SetConfig(m, datapath.Config{HostReachable: true}, 1))
+	must(tb, datapath.SetConfig(m, datapath.Config{ServicesSynced: true, HostReachable: true}, 1))
 	must(tb, datapath.PutParent(m, parentIfindex, macParent, loader.ModeMacvlan))
 	r := &rig{dp: dp}
 	r.idA = register(tb, m, cidA, "a", ipA, macA)

@@ -114,7 +114,7 @@ func newHarness(t *testing.T, o harnessOpts) *harness {
 	t.Cleanup(func() { dp.Close() })
 	h.dp = dp
 	m := &dp.Maps
-	must(t, datapath.SetConfig(m, datapath.Config{HostReachable: true}, 1))
+	must(t, datapath.SetConfig(m, datapath.Config{ServicesSynced: true, HostReachable: true}, 1))
 	hosts := datapath.HostSet{}
 	for _, u := range h.env.Uplinks {
 		hosts.Add(netip.PrefixFrom(u.Node4.Addr(), 32), loader.HostLocal)

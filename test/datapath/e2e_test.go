@@ -63,7 +63,7 @@ func newNodeMode(t *testing.T, opts netenv.Options, mode loader.Mode) *node {
 	t.Cleanup(func() { dp.Close() })
 	n := &node{env: env, dp: dp, up: env.Uplinks[0]}
 	m := &dp.Maps
-	must(t, datapath.SetConfig(m, datapath.Config{HostReachable: true}, 1))
+	must(t, datapath.SetConfig(m, datapath.Config{ServicesSynced: true, HostReachable: true}, 1))
 	must(t, datapath.PutParent(m, n.up.Index, n.up.MAC, mode))
 	must(t, env.Node.Do(func() error {
 		_, err := dp.AttachEgress(loader.RoleParent, n.up.Index)
@@ -213,8 +213,8 @@ func TestServices(t *testing.T) {
 	testStaleNeverLeaks(t, n, c.NS, id, c.NS, c.IfName)
 
 	t.Run("reject mode refuses at once", func(t *testing.T) {
-		n.config(t, datapath.Config{HostReachable: true, StaleReject: true})
-		defer n.config(t, datapath.Config{HostReachable: true})
+		n.config(t, datapath.Config{ServicesSynced: true, HostReachable: true, StaleReject: true})
+		defer n.config(t, datapath.Config{ServicesSynced: true, HostReachable: true})
 		for _, vip := range []netip.Addr{vipStale4, vipStale6} {
 			// A generous timeout: a drop would show as a timeout, not as
 			// a refusal, whatever the machine's speed.
@@ -352,14 +352,14 @@ func TestHostReachabilityToggle(t *testing.T) {
 	var wire netenv.PingResult
 	wg.Go(func() { wire = netenv.Ping(t, c.NS, n.up.Gateway4, 150) })
 
-	n.config(t, datapath.Config{HostReachable: false})
+	n.config(t, datapath.Config{ServicesSynced: true, HostReachable: false})
 	wantNoPing(t, n.env.Node, c.IP4.Addr())
 	wantNoPing(t, c.NS, n.up.Node4.Addr())
 	wantNoPing(t, n.env.Node, c.IP6.Addr())
 	if s := n.stats(t, id); s.Drops[loader.DropHostUnreachable] == 0 {
 		t.Fatal("host_unreachable drops not counted")
 	}
-	n.config(t, datapath.Config{HostReachable: true})
+	n.config(t, datapath.Config{ServicesSynced: true, HostReachable: true})
 	wantPing(t, n.env.Node, c.IP4.Addr())
 	wantPing(t, c.NS, n.up.Node4.Addr())
 	wantPing(t, n.env.Node, c.IP6.Addr())

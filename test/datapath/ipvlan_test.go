@@ -179,8 +179,8 @@ func testIpvlanMode(t *testing.T, m ipvlanMode) {
 	testStaleNeverLeaks(t, n, a.NS, idA, barrierNS, barrierIf)
 
 	t.Run("host reachability off", func(t *testing.T) {
-		n.config(t, datapath.Config{HostReachable: false})
-		defer n.config(t, datapath.Config{HostReachable: true})
+		n.config(t, datapath.Config{ServicesSynced: true, HostReachable: false})
+		defer n.config(t, datapath.Config{ServicesSynced: true, HostReachable: true})
 		before := n.stats(t, idA)
 		wantNoPing(t, n.env.Node, a.IP4.Addr())
 		wantNoPing(t, n.env.Node, a.IP6.Addr())

@@ -113,7 +113,7 @@ func TestStaleServiceNamesClient(t *testing.T) {
 	if r := netenv.Ping(t, client.NS, vipStale, n); r.Received != 0 {
 		t.Fatalf("ping to a stale VIP got answers: %v", r)
 	}
-	must(t, datapath.SetConfig(&l.dp.Maps, datapath.Config{HostReachable: true, StaleReject: true}, 2))
+	must(t, datapath.SetConfig(&l.dp.Maps, datapath.Config{ServicesSynced: true, HostReachable: true, StaleReject: true}, 2))
 	start := time.Now()
 	err := netenv.DialTCP(client.NS, netip.AddrPortFrom(vipStale, 443), 3*time.Second)
 	if err == nil || !strings.Contains(err.Error(), "refused") {

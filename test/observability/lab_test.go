@@ -57,7 +57,7 @@ func newLab(t *testing.T) *lab {
 	t.Cleanup(func() { dp.Close() })
 	l := &lab{env: env, dp: dp, up: env.Uplinks[0]}
 	m := &dp.Maps
-	must(t, datapath.SetConfig(m, datapath.Config{HostReachable: true}, 1))
+	must(t, datapath.SetConfig(m, datapath.Config{ServicesSynced: true, HostReachable: true}, 1))
 	must(t, datapath.PutParent(m, l.up.Index, l.up.MAC, loader.ModeMacvlan))
 	must(t, env.Node.Do(func() error {
 		if _, err := dp.AttachEgress(loader.RoleParent, l.up.Index); err != nil {
