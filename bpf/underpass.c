@@ -1434,8 +1434,14 @@ int parent_xdp(struct xdp_md *ctx)
 	} else if (proto == ETH_P_IPV6) {
 		struct ipv6hdr ip6;
 		struct icmp6_nd nd;
+		__u16 icmp_type_code = 0;
 		if (!XDP_LOAD_HDR(ctx, ETH_HLEN, &ip6) && ip6.nexthdr == IPPROTO_ICMPV6 &&
-		    !XDP_LOAD_HDR(ctx, ETH_HLEN + sizeof(ip6), &nd) && nd.code == 0) {
+		    !XDP_LOAD_HDR(ctx, ETH_HLEN + sizeof(ip6), &icmp_type_code) &&
+		    icmp_type_code == bpf_htons(ICMPV6_ND_RA << 8)) {
+			/* Shorter than an NS/NA: the router's address is all we want. */
+			seen_on_wire(ifindex, ip6.saddr);
+		} else if (!XDP_LOAD_HDR(ctx, ETH_HLEN, &ip6) && ip6.nexthdr == IPPROTO_ICMPV6 &&
+			   !XDP_LOAD_HDR(ctx, ETH_HLEN + sizeof(ip6), &nd) && nd.code == 0) {
 			struct up_ip_key k;
 			if (nd.type == ICMPV6_ND_NA) {
 				__builtin_memcpy(k.addr, nd.target, 16);
@@ -1445,8 +1451,6 @@ int parent_xdp(struct xdp_md *ctx)
 				__builtin_memcpy(k.addr, ip6.saddr, 16);
 				seen_on_wire(ifindex, ip6.saddr);
 				check_conflict(ctx, parent, &k, eth.h_source, ETH_P_IPV6);
-			} else if (nd.type == ICMPV6_ND_RA) {
-				seen_on_wire(ifindex, ip6.saddr);
 			}
 		}
 	}
