@@ -44,11 +44,19 @@ func ServiceIPs(svc *corev1.Service) []netip.Addr {
 // HasReadyEndpoint reports whether any of a service's EndpointSlices has an
 // endpoint kube-proxy would send traffic to: ready (a nil condition means
 // ready, as the API documents), or merely present when the service publishes
-// not-ready addresses.
+// not-ready addresses. When none is ready, kube-proxy falls back to
+// endpoints that are terminating but still serving (a rollout, a scale
+// down): those count too, so such a Service is never judged stale.
 func HasReadyEndpoint(slices []*discoveryv1.EndpointSlice, publishNotReady bool) bool {
 	for _, s := range slices {
 		for _, ep := range s.Endpoints {
-			if publishNotReady || ep.Conditions.Ready == nil || *ep.Conditions.Ready {
+			c := ep.Conditions
+			if publishNotReady || c.Ready == nil || *c.Ready {
+				return true
+			}
+			serving := c.Serving == nil || *c.Serving
+			terminating := c.Terminating != nil && *c.Terminating
+			if serving && terminating {
 				return true
 			}
 		}

@@ -129,6 +129,12 @@ func TestLiveIPs(t *testing.T) {
 			return s
 		}(), slices: []*discoveryv1.EndpointSlice{{Endpoints: []discoveryv1.Endpoint{{Conditions: discoveryv1.EndpointConditions{Ready: &no}}}}}, require: true, want: []string{"10.96.0.1"}},
 		{name: "not required, no endpoints", svc: svc("a", "s", "10.96.0.1"), want: []string{"10.96.0.1"}},
+		// A rollout: every endpoint terminating, still serving. kube-proxy
+		// falls back to them, so the Service is live.
+		{name: "require, all terminating but serving", svc: svc("a", "s", "10.96.0.1"), slices: []*discoveryv1.EndpointSlice{{Endpoints: []discoveryv1.Endpoint{
+			{Addresses: []string{"10.244.0.1"}, Conditions: discoveryv1.EndpointConditions{Ready: &no, Serving: &yes, Terminating: &yes}}}}}, require: true, want: []string{"10.96.0.1"}},
+		{name: "require, terminating and no longer serving", svc: svc("a", "s", "10.96.0.1"), slices: []*discoveryv1.EndpointSlice{{Endpoints: []discoveryv1.Endpoint{
+			{Addresses: []string{"10.244.0.1"}, Conditions: discoveryv1.EndpointConditions{Ready: &no, Serving: &no, Terminating: &yes}}}}}, require: true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var got []string
