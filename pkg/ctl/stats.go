@@ -167,7 +167,7 @@ func sampleStats(dp *loader.Datapath) (*StatsReport, error) {
 			StaleDropped: s.StaleDropped, StaleRejected: s.StaleRejected, IPConflicts: s.IpConflicts,
 			Drops: map[string]uint64{}, info: info,
 		}
-		for reason, n := range s.Drops {
+		for reason, n := range s.Drops[:loader.DropMax] {
 			e.Drops[loader.DropReason(reason).String()] = n
 		}
 		r.Endpoints = append(r.Endpoints, e)

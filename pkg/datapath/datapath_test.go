@@ -3,7 +3,6 @@ package datapath_test
 import (
 	"errors"
 	"fmt"
-	"hash/fnv"
 	"net"
 	"net/netip"
 	"path/filepath"
@@ -145,39 +144,3 @@ func TestRegisterProbesPastCollisions(t *testing.T) {
 	}
 }
 
-// Registrations of releases with 31-bit ids (a program per endpoint) are
-// still found, so DEL and CHECK work for pods created before an upgrade.
-func TestFindLegacyRegistration(t *testing.T) {
-	m := load(t)
-	const cid = "made-before-the-upgrade"
-	legacy := legacyID(cid, "eth0")
-	if legacy <= loader.MaxEndpointID {
-		t.Fatalf("pick another name: its legacy id %d is a 16-bit one", legacy)
-	}
-	var ep loader.Endpoint
-	ep.Id = legacy
-	datapath.CString(ep.ContainerId[:], cid)
-	datapath.CString(ep.Ifname[:], "eth0")
-	if err := m.Endpoints.Put(legacy, &ep); err != nil {
-		t.Fatal(err)
-	}
-	if got, _, err := datapath.Find(m, cid, "eth0"); err != nil || got != legacy {
-		t.Fatalf("Find = %d, %v; want the legacy id %d", got, err, legacy)
-	}
-	if got, _, err := datapath.Find(m, "another", "eth0"); err != nil || got != 0 {
-		t.Fatalf("Find of an unregistered attachment = %d, %v", got, err)
-	}
-}
-
-// legacyID is the id such a release gave an attachment: FNV-1a of the
-// names, 31 bits.
-func legacyID(containerID, ifname string) uint32 {
-	h := fnv.New32a()
-	h.Write([]byte(containerID))
-	h.Write([]byte{0})
-	h.Write([]byte(ifname))
-	if id := h.Sum32() & 0x7fffffff; id != 0 {
-		return id
-	}
-	return 1
-}

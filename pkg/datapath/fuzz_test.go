@@ -219,7 +219,7 @@ func probes(extra []byte, sets ...[]netip.Prefix) []netip.Addr {
 // address that encodes back to the same key (keys written by the programs
 // are read back faithfully).
 func FuzzIPKey(f *testing.F) {
-	wantSize(f, "ep_by_ip", loader.IPKey{}, loader.EndpointRef{})
+	wantSize(f, "ep_by_ip", loader.EpIPKey{}, loader.EndpointRef{})
 	wantSize(f, "live_svcs", loader.IPKey{}, nil)
 	for _, s := range []string{"10.96.0.1", "0.0.0.0", "255.255.255.255", "::ffff:10.96.0.1", "fd00:96::1", "::", "::1", "fe80::1"} {
 		f.Add(netip.MustParseAddr(s).AsSlice(), "")

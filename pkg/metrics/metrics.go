@@ -175,7 +175,7 @@ func (c *Collector) collectEndpoint(ch chan<- prometheus.Metric, seen map[string
 	counter(c.redirects, s.EpToHost.Packets, "endpoint_to_host")
 	counter(c.redirectBytes, s.HostToEp.Bytes, "host_to_endpoint")
 	counter(c.redirectBytes, s.EpToHost.Bytes, "endpoint_to_host")
-	for r, n := range s.Drops {
+	for r, n := range s.Drops[:loader.DropMax] { // the rest: room for future reasons
 		counter(c.epDrops, n, loader.DropReason(r).String())
 	}
 	counter(c.stale, s.StaleDropped, "dropped")

@@ -169,12 +169,16 @@ underpass_stale_service_packets_total{action="rejected",%[2]s} 0
 # TYPE underpass_endpoint_drops_total counter
 underpass_endpoint_drops_total{%[1]s,reason="host_unreachable"} 0
 underpass_endpoint_drops_total{%[1]s,reason="reject_failed"} 0
+underpass_endpoint_drops_total{%[1]s,reason="routed_via_node"} 0
 underpass_endpoint_drops_total{%[1]s,reason="spoofed_source"} 3
 underpass_endpoint_drops_total{%[1]s,reason="stale_service"} 16
+underpass_endpoint_drops_total{%[1]s,reason="unvetted_frame"} 0
 underpass_endpoint_drops_total{%[2]s,reason="host_unreachable"} 0
 underpass_endpoint_drops_total{%[2]s,reason="reject_failed"} 0
+underpass_endpoint_drops_total{%[2]s,reason="routed_via_node"} 0
 underpass_endpoint_drops_total{%[2]s,reason="spoofed_source"} 0
 underpass_endpoint_drops_total{%[2]s,reason="stale_service"} 0
+underpass_endpoint_drops_total{%[2]s,reason="unvetted_frame"} 0
 # HELP underpass_ip_conflicts_total ARP/ND frames from the wire claiming the endpoint's IP with another MAC.
 # TYPE underpass_ip_conflicts_total counter
 underpass_ip_conflicts_total{%[1]s} 2
@@ -239,14 +243,18 @@ underpass_stale_service_packets_total{action="rejected",%[2]s} 0
 # TYPE underpass_drops_total counter
 underpass_drops_total{reason="host_unreachable"} 0
 underpass_drops_total{reason="reject_failed"} 0
+underpass_drops_total{reason="routed_via_node"} 0
 underpass_drops_total{reason="spoofed_source"} 0
 underpass_drops_total{reason="stale_service"} 1
+underpass_drops_total{reason="unvetted_frame"} 0
 # HELP underpass_drop_bytes_total Bytes dropped by the datapath on this node, by reason.
 # TYPE underpass_drop_bytes_total counter
 underpass_drop_bytes_total{reason="host_unreachable"} 0
 underpass_drop_bytes_total{reason="reject_failed"} 0
+underpass_drop_bytes_total{reason="routed_via_node"} 0
 underpass_drop_bytes_total{reason="spoofed_source"} 0
 underpass_drop_bytes_total{reason="stale_service"} %[4]d
+underpass_drop_bytes_total{reason="unvetted_frame"} 0
 `, labelsA, labelsB, 3*len(toA), len(stale))
 	must(t, testutil.CollectAndCompare(c, strings.NewReader(want),
 		"underpass_host_redirects_total", "underpass_host_redirect_bytes_total",
@@ -256,9 +264,8 @@ underpass_drop_bytes_total{reason="stale_service"} %[4]d
 func TestDeletedEndpointDisappears(t *testing.T) {
 	r := newRig(t)
 	c := metrics.New(&r.dp.Maps, metrics.Options{})
-	// 2 endpoints x 17 series, 4+4 node drops, 2 gauges, 1 error counter.
-	const perEndpoint = 17
-	if n := testutil.CollectAndCount(c); n != 2*perEndpoint+8+3 {
+	const perEndpoint = 19 // 6 drop reasons
+	if n := testutil.CollectAndCount(c); n != 2*perEndpoint+12+3 { // 6+6 node drops, 2 gauges, 1 error counter
 		t.Fatalf("%d series with two endpoints", n)
 	}
 	must(t, datapath.Unregister(&r.dp.Maps, r.idB))
@@ -275,7 +282,7 @@ func TestDeletedEndpointDisappears(t *testing.T) {
 			}
 		}
 	}
-	if n := testutil.CollectAndCount(c); n != perEndpoint+8+3 {
+	if n := testutil.CollectAndCount(c); n != perEndpoint+12+3 {
 		t.Fatalf("%d series with one endpoint", n)
 	}
 	if v := testutil.ToFloat64(gauge(t, c, "underpass_endpoints")); v != 1 {
