@@ -152,7 +152,7 @@ func TestAddFailures(t *testing.T) {
 				// Its netns exists: a real duplicate, not a lost DEL. It hangs
 				// off another parent, so the failed ADD's own parent rollback
 				// is visible.
-				fakeEndpoint(t, "live-squatter", h.env.Node.Path, 4000, u.IP4(150).Addr())
+				fakeEndpoint(t, "live-squatter", h.env.Node.Path, u.Index, u.IP4(150).Addr())
 				return func() {
 					id, _, _ := datapath.Find(&h.dp.Maps, "live-squatter", "eth0")
 					must(t, datapath.Unregister(&h.dp.Maps, id))

@@ -17,9 +17,12 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// MarkerEtherType is the EtherType of barrier marker frames (IEEE 802 local
-// experimental), which nothing else in the lab sends.
-const MarkerEtherType = 0x88B5
+// MarkerPort is the UDP port of barrier marker frames: IPv4 broadcasts from
+// 0.0.0.0 (the unspecified source a pod may send from, as DHCP does) to the
+// discard port, which nothing else in the lab sends and no stack answers.
+// Not a frame of its own EtherType: underpass drops what it cannot vet from
+// a pod, and a marker must take the path real traffic takes.
+const MarkerPort = 9
 
 var markerMagic = []byte("underpass-netenv-barrier")
 
@@ -176,17 +179,25 @@ func InjectMarker(ns *NS, ifname string, token []byte) error {
 		defer unix.Close(fd)
 
 		bcast := []byte{0xff, 0xff, 0xff, 0xff, 0xff, 0xff}
+		payload := append(append(append([]byte{}, markerMagic...), byte(len(token))), token...)
+		udpLen := 8 + len(payload)
+		ip := []byte{0x45, 0, 0, 0, 0, 0, 0x40, 0, 1, 17, 0, 0, 0, 0, 0, 0, 255, 255, 255, 255}
+		binary.BigEndian.PutUint16(ip[2:], uint16(20+udpLen))
+		binary.BigEndian.PutUint16(ip[10:], ipv4Checksum(ip))
 		frame := make([]byte, 0, 64)
 		frame = append(frame, bcast...)
 		frame = append(frame, ifi.HardwareAddr...)
-		frame = binary.BigEndian.AppendUint16(frame, MarkerEtherType)
-		frame = append(frame, markerMagic...)
-		frame = append(frame, byte(len(token)))
-		frame = append(frame, token...)
+		frame = binary.BigEndian.AppendUint16(frame, 0x0800)
+		frame = append(frame, ip...)
+		frame = binary.BigEndian.AppendUint16(frame, MarkerPort)
+		frame = binary.BigEndian.AppendUint16(frame, MarkerPort)
+		frame = binary.BigEndian.AppendUint16(frame, uint16(udpLen))
+		frame = binary.BigEndian.AppendUint16(frame, 0) // no UDP checksum
+		frame = append(frame, payload...)
 		for len(frame) < 60 { // pad to the Ethernet minimum
 			frame = append(frame, 0)
 		}
-		sa := &unix.SockaddrLinklayer{Protocol: htons(MarkerEtherType), Ifindex: ifi.Index, Halen: 6}
+		sa := &unix.SockaddrLinklayer{Protocol: htons(0x0800), Ifindex: ifi.Index, Halen: 6}
 		copy(sa.Addr[:], bcast)
 		if err := unix.Sendto(fd, frame, 0, sa); err != nil {
 			return fmt.Errorf("send marker on %s: %w", ifname, err)
@@ -195,11 +206,24 @@ func InjectMarker(ns *NS, ifname string, token []byte) error {
 	})
 }
 
+func ipv4Checksum(h []byte) uint16 {
+	var sum uint32
+	for i := 0; i+1 < len(h); i += 2 {
+		sum += uint32(binary.BigEndian.Uint16(h[i:]))
+	}
+	for sum > 0xffff {
+		sum = sum&0xffff + sum>>16
+	}
+	return ^uint16(sum)
+}
+
 func parseMarker(frame []byte) (string, bool) {
-	if len(frame) < 14 || binary.BigEndian.Uint16(frame[12:14]) != MarkerEtherType {
+	const udpOff = 14 + 20
+	if len(frame) < udpOff+8 || binary.BigEndian.Uint16(frame[12:14]) != 0x0800 || frame[14] != 0x45 ||
+		frame[23] != 17 || binary.BigEndian.Uint16(frame[udpOff+2:]) != MarkerPort {
 		return "", false
 	}
-	p, ok := bytes.CutPrefix(frame[14:], markerMagic)
+	p, ok := bytes.CutPrefix(frame[udpOff+8:], markerMagic)
 	if !ok || len(p) < 1 || len(p) < 1+int(p[0]) {
 		return "", false
 	}
