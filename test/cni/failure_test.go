@@ -149,13 +149,17 @@ func TestAddFailures(t *testing.T) {
 				return []map[string]any{with(h.mainConf(false), "ipam", ipamOne(u.IP4(150).Addr()))}
 			},
 			prep: func(t *testing.T, p *pod) func() {
-				// Its netns exists: a real duplicate, not a lost DEL. It hangs
-				// off another parent, so the failed ADD's own parent rollback
-				// is visible.
+				// Its netns exists: a real duplicate, not a lost DEL. It is on
+				// the pod's own parent (endpoints are keyed per parent: on
+				// another parent the address would be another network's), so
+				// the failed ADD leaves the parent to it; the undo removes
+				// both, as the squatter's own DEL would.
 				fakeEndpoint(t, "live-squatter", h.env.Node.Path, u.Index, u.IP4(150).Addr())
 				return func() {
 					id, _, _ := datapath.Find(&h.dp.Maps, "live-squatter", "eth0")
 					must(t, datapath.Unregister(&h.dp.Maps, id))
+					must(t, datapath.DeleteParent(&h.dp.Maps, u.Index))
+					must(t, h.env.Node.Do(func() error { return h.dp.DetachEgress(loader.RoleParent, u.Index) }))
 				}
 			},
 			code: types.ErrInternal,

@@ -502,11 +502,11 @@ func (l *lab) snapshot() state {
 		s.endpoints[id] = datapath.GoString(ep.ContainerId[:])
 	}
 	s.epByIP = map[netip.Addr]uint32{}
-	var ipk loader.IPKey
+	var ipk loader.EpIPKey
 	var ref loader.EndpointRef
 	it := m.EpByIP.Iterate()
 	for it.Next(&ipk, &ref) {
-		s.epByIP[datapath.AddrOf(ipk)] = ref.Id
+		s.epByIP[datapath.AddrOf(loader.IPKey{Addr: ipk.Addr})] = ref.Id
 	}
 	must(t, it.Err())
 	s.epByMAC = map[string]uint32{}
