@@ -874,8 +874,8 @@ static __noinline __u64 slot_used(struct up_endpoint *ep, __u32 i, __u32 id, str
  * per endpoint: the least recently used one is given up. */
 static __noinline void learn_address(struct up_endpoint *ep, __u32 id, const struct up_ip_key *t)
 {
-	if (t->addr[0] == 0xff || is_unspecified(t))
-		return;
+	if (t->addr[0] == 0xff || is_unspecified(t) || eui64_link_local(t, ep->mac))
+		return; /* the EUI-64 link-local is the endpoint's without a slot */
 	if (in_set(PREFILTER_HOST, t, 0) || in_set(PREFILTER_SVC, t, 0))
 		return;
 	struct up_ep_ip_key k = {.parent_ifindex = ep->parent_ifindex};
