@@ -68,3 +68,47 @@ func TestMoveParentAndCount(t *testing.T) {
 		t.Fatalf("ep_by_mac still has the old parent's key: %+v", ref)
 	}
 }
+
+// Two networks on one node (Multus): the same MAC and the same address on
+// two parents are two endpoints, each found on its own parent; removing one
+// leaves the other whole.
+func TestSameMACAndAddressOnTwoParents(t *testing.T) {
+	testutil.RequireRoot(t)
+	dp, err := loader.Load(filepath.Join(testutil.MountBPFFS(t), "underpass"), loader.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dp.Close()
+	m := &dp.Maps
+	mac := net.HardwareAddr{2, 0, 0, 0, 0, 7}
+	addr := netip.MustParsePrefix("10.78.0.2/24")
+	reg := func(cid string, parent int) uint32 {
+		t.Helper()
+		id, err := datapath.Register(m, datapath.EndpointSpec{ContainerID: cid, IfName: "net1", ParentIfindex: parent,
+			Mode: loader.ModeMacvlan, MAC: mac, Addrs: []netip.Prefix{addr}})
+		if err != nil {
+			t.Fatalf("register on parent %d: %v", parent, err)
+		}
+		return id
+	}
+	a, b := reg("pod-on-vlan100", 11), reg("pod-on-vlan200", 12)
+	for parent, want := range map[int]uint32{11: a, 12: b} {
+		k := datapath.EpIPKey(addr.Addr(), parent)
+		mk := datapath.MACKey(mac, parent)
+		var ip, mr loader.EndpointRef
+		if err := m.EpByIP.Lookup(&k, &ip); err != nil || ip.Id != want {
+			t.Fatalf("ep_by_ip on parent %d: %+v %v, want %d", parent, ip, err, want)
+		}
+		if err := m.EpByMAC.Lookup(&mk, &mr); err != nil || mr.Id != want {
+			t.Fatalf("ep_by_mac on parent %d: %+v %v, want %d", parent, mr, err, want)
+		}
+	}
+	if err := datapath.Unregister(m, a); err != nil {
+		t.Fatal(err)
+	}
+	k := datapath.EpIPKey(addr.Addr(), 12)
+	var ref loader.EndpointRef
+	if err := m.EpByIP.Lookup(&k, &ref); err != nil || ref.Id != b {
+		t.Fatalf("the other network's pod lost its address: %+v %v", ref, err)
+	}
+}
