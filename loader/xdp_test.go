@@ -33,14 +33,7 @@ func (r *rig) xdp(tb testing.TB, frame []byte) uint32 {
 }
 
 func neighborAdvert(tb testing.TB, smac net.HardwareAddr, target netip.Addr) []byte {
-	dst := netip.MustParseAddr("ff02::1")
-	i6 := ip6(target, dst, layers.IPProtocolICMPv6)
-	i6.HopLimit = 255
-	ic := &layers.ICMPv6{TypeCode: layers.CreateICMPv6TypeCode(layers.ICMPv6TypeNeighborAdvertisement, 0)}
-	ic.SetNetworkLayerForChecksum(i6)
-	na := &layers.ICMPv6NeighborAdvertisement{Flags: 0x20, TargetAddress: target.AsSlice(),
-		Options: layers.ICMPv6Options{{Type: layers.ICMPv6OptTargetAddress, Data: smac}}}
-	return serialize(tb, eth(smac, net.HardwareAddr{0x33, 0x33, 0, 0, 0, 1}, layers.EthernetTypeIPv6), i6, ic, na)
+	return neighborAdvertFrom(tb, smac, target, target, smac)
 }
 
 func TestXDPConflicts(t *testing.T) {

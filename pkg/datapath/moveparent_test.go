@@ -73,13 +73,7 @@ func TestMoveParentAndCount(t *testing.T) {
 // two parents are two endpoints, each found on its own parent; removing one
 // leaves the other whole.
 func TestSameMACAndAddressOnTwoParents(t *testing.T) {
-	testutil.RequireRoot(t)
-	dp, err := loader.Load(filepath.Join(testutil.MountBPFFS(t), "underpass"), loader.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer dp.Close()
-	m := &dp.Maps
+	m := load(t)
 	mac := net.HardwareAddr{2, 0, 0, 0, 0, 7}
 	addr := netip.MustParsePrefix("10.78.0.2/24")
 	reg := func(cid string, parent int) uint32 {
