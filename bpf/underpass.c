@@ -830,13 +830,15 @@ static __always_inline void touch(struct up_ep_ref *r)
 
 /* A link-local address whose interface id is the EUI-64 of mac: the
  * address the kernel gives a slave by default, provably the endpoint's own
- * without waiting for its DAD (which may come before its filters do). */
+ * without waiting for its DAD (which may come before its filters do). The
+ * middle two bytes are ff:fe, or the device's dev_id, which the kernel puts
+ * there so that ipvlan slaves sharing one MAC get distinct addresses. */
 static __always_inline int eui64_link_local(const struct up_ip_key *a, const __u8 *mac)
 {
 	const __u8 *x = a->addr;
 	return x[0] == 0xfe && x[1] == 0x80 && !x[2] && !x[3] && !x[4] && !x[5] && !x[6] && !x[7] &&
-	       x[8] == (mac[0] ^ 0x02) && x[9] == mac[1] && x[10] == mac[2] && x[11] == 0xff && x[12] == 0xfe &&
-	       x[13] == mac[3] && x[14] == mac[4] && x[15] == mac[5];
+	       x[8] == (mac[0] ^ 0x02) && x[9] == mac[1] && x[10] == mac[2] && x[13] == mac[3] &&
+	       x[14] == mac[4] && x[15] == mac[5];
 }
 
 /* Is addr one of endpoint id's own (registered or learnt) on its parent? */
