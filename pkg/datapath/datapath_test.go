@@ -143,4 +143,3 @@ func TestRegisterProbesPastCollisions(t *testing.T) {
 		}
 	}
 }
-

@@ -205,10 +205,6 @@ func Register(m *loader.Maps, s EndpointSpec) (id uint32, err error) {
 	}
 	if s.Mode == loader.ModeMacvlan {
 		k := MACKey(s.MAC, s.ParentIfindex)
-		var other loader.EndpointRef
-		if err := m.EpByMAC.Lookup(&k, &other); err == nil && other.Id != id {
-			return 0, fmt.Errorf("%w: MAC %s belongs to endpoint %d on this parent", ErrAddrInUse, s.MAC, other.Id)
-		}
 		if err := m.EpByMAC.Update(&k, &ref, ebpf.UpdateAny); err != nil {
 			return 0, fmt.Errorf("register %s: %w", s.MAC, err)
 		}

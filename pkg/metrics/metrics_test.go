@@ -264,8 +264,10 @@ underpass_drop_bytes_total{reason="unvetted_frame"} 0
 func TestDeletedEndpointDisappears(t *testing.T) {
 	r := newRig(t)
 	c := metrics.New(&r.dp.Maps, metrics.Options{})
-	const perEndpoint = 19 // 6 drop reasons
-	if n := testutil.CollectAndCount(c); n != 2*perEndpoint+12+3 { // 6+6 node drops, 2 gauges, 1 error counter
+	// 19 series per endpoint (6 of them drop reasons); 6+6 node drops, 2
+	// gauges, 1 error counter.
+	const perEndpoint = 19
+	if n := testutil.CollectAndCount(c); n != 2*perEndpoint+12+3 {
 		t.Fatalf("%d series with two endpoints", n)
 	}
 	must(t, datapath.Unregister(&r.dp.Maps, r.idB))

@@ -1,15 +1,14 @@
-package datapath
+package datapath_test
 
 import (
 	"fmt"
 	"math/rand/v2"
 	"net"
 	"net/netip"
-	"path/filepath"
 	"testing"
 
-	"github.com/underpass-cni/underpass/internal/testutil"
 	"github.com/underpass-cni/underpass/loader"
+	"github.com/underpass-cni/underpass/pkg/datapath"
 )
 
 // Ids are claimed by linear probing from a hash; with every attachment
@@ -17,20 +16,12 @@ import (
 // lose the others (the chain gets holes): each is still found, CHECKed,
 // unregistered whole, and registered again.
 func TestIDCollisionsDeleteInRandomOrder(t *testing.T) {
-	testutil.RequireRoot(t)
-	dp, err := loader.Load(filepath.Join(testutil.MountBPFFS(t), "underpass"), loader.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer dp.Close()
-	m := &dp.Maps
-	orig := attachmentHash
-	attachmentHash = func(string, string) uint32 { return 4242 }
-	t.Cleanup(func() { attachmentHash = orig })
+	m := load(t)
+	t.Cleanup(datapath.ForceAttachmentHash(4242))
 
 	const n = 2000
-	spec := func(i int) EndpointSpec {
-		return EndpointSpec{
+	spec := func(i int) datapath.EndpointSpec {
+		return datapath.EndpointSpec{
 			ContainerID: fmt.Sprintf("ctr-%04d", i), IfName: "eth0", ParentIfindex: 7, Mode: loader.ModeMacvlan,
 			MAC:   net.HardwareAddr{2, 0, 0, 0, byte(i >> 8), byte(i)},
 			Addrs: []netip.Prefix{netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 1, byte(i >> 8), byte(i)}), 16)},
@@ -38,7 +29,7 @@ func TestIDCollisionsDeleteInRandomOrder(t *testing.T) {
 	}
 	ids := map[int]uint32{}
 	for i := range n {
-		id, err := Register(m, spec(i))
+		id, err := datapath.Register(m, spec(i))
 		if err != nil {
 			t.Fatalf("register %d: %v", i, err)
 		}
@@ -46,27 +37,27 @@ func TestIDCollisionsDeleteInRandomOrder(t *testing.T) {
 	}
 	order := rand.Perm(n)
 	for k, i := range order {
-		id, _, err := Find(m, spec(i).ContainerID, "eth0")
+		id, _, err := datapath.Find(m, spec(i).ContainerID, "eth0")
 		if err != nil || id != ids[i] {
 			t.Fatalf("after %d deletes, %s found as %d (%v), registered as %d", k, spec(i).ContainerID, id, err, ids[i])
 		}
-		if err := Unregister(m, id); err != nil {
+		if err := datapath.Unregister(m, id); err != nil {
 			t.Fatal(err)
 		}
-		if id, _, _ := Find(m, spec(i).ContainerID, "eth0"); id != 0 {
+		if id, _, _ := datapath.Find(m, spec(i).ContainerID, "eth0"); id != 0 {
 			t.Fatalf("%s still found after unregister", spec(i).ContainerID)
 		}
 		// Every 100th comes back at once (a re-ADD), into some hole.
 		if k%100 == 0 {
-			if ids[i], err = Register(m, spec(i)); err != nil {
+			if ids[i], err = datapath.Register(m, spec(i)); err != nil {
 				t.Fatalf("re-register %d: %v", i, err)
 			}
-			if err := Unregister(m, ids[i]); err != nil {
+			if err := datapath.Unregister(m, ids[i]); err != nil {
 				t.Fatal(err)
 			}
 		}
 	}
-	if n, err := CountEndpoints(m); err != nil || n != 0 {
+	if n, err := datapath.CountEndpoints(m); err != nil || n != 0 {
 		t.Fatalf("%d endpoints left, %v", n, err)
 	}
 	var k loader.EpIPKey
