@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 
+	cnins "github.com/containernetworking/cni/pkg/ns"
 	"github.com/containernetworking/cni/pkg/skel"
 	"github.com/containernetworking/cni/pkg/types"
 	current "github.com/containernetworking/cni/pkg/types/100"
@@ -37,6 +38,20 @@ func add(args *skel.CmdArgs) (err error) {
 	}
 	if err := datapath.CheckAttachment(args.ContainerID, args.IfName, args.Netns, c.Name); err != nil {
 		return errorf(types.ErrInvalidEnvironmentVariables, "%v", err)
+	}
+	// skel refuses a plugin that runs inside CNI_NETNS only after ADD has
+	// returned, when IPAM has handed out an address that the IPAM plugin's
+	// own copy of that check then hid from the rollback.
+	if inside, err := cnins.CheckNetNS(args.Netns); err == nil && inside {
+		return errorf(types.ErrInvalidNetNS, "the plugin runs inside CNI_NETNS %s: the runtime must run it from the host network namespace", args.Netns)
+	}
+	// What only the user can fix is reported before what goes away by
+	// itself (the datapath loading), and before IPAM takes an address.
+	var master netlink.Link
+	if !c.Chained {
+		if master, err = resolveMaster(c.Master); err != nil {
+			return err
+		}
 	}
 	ph.mark("parse")
 	// IPAM, the longest step, runs from here while everything up to the
@@ -72,7 +87,7 @@ func add(args *skel.CmdArgs) (err error) {
 	if c.Chained {
 		result, err = addChained(c, dp, netns, base, ph)
 	} else {
-		result, err = addMain(c, args, dp, netns, base, call, ph)
+		result, err = addMain(c, args, dp, netns, master, base, call, ph)
 	}
 	if err != nil {
 		return err
@@ -84,7 +99,7 @@ func add(args *skel.CmdArgs) (err error) {
 // and registers the endpoint. Every step undoes itself when a later one
 // fails: the named err is what the deferred rollbacks look at (add releases
 // the addresses).
-func addMain(c *Conf, args *skel.CmdArgs, dp *loader.Datapath, netns ns.NetNS, ep endpoint, call *ipamCall, ph *phases) (_ types.Result, err error) {
+func addMain(c *Conf, args *skel.CmdArgs, dp *loader.Datapath, netns ns.NetNS, master netlink.Link, ep endpoint, call *ipamCall, ph *phases) (_ types.Result, err error) {
 	m := &dp.Maps
 	if err := checkServiceOverlap(m, "ipam subnet", c.IPAMSubnets); err != nil {
 		return nil, err
@@ -95,10 +110,6 @@ func addMain(c *Conf, args *skel.CmdArgs, dp *loader.Datapath, netns ns.NetNS, e
 				return nil, invalidConf("a previous plugin created %s already: to chain underpass after it, remove master, mode, macvlanMode, ipvlanMode, mtu and ipam from the underpass entry", args.IfName)
 			}
 		}
-	}
-	master, err := resolveMaster(c.Master)
-	if err != nil {
-		return nil, err
 	}
 	if mtu := master.Attrs().MTU; c.MTU > mtu {
 		return nil, invalidConf("mtu %d is larger than master %s's MTU %d: lower mtu, or leave it out to use the master's", c.MTU, master.Attrs().Name, mtu)

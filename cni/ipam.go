@@ -81,12 +81,15 @@ func (c *ipamCall) result() (*current.Result, error) {
 }
 
 // joinRelease undoes a started ADD, for a failed plugin ADD: it waits for
-// the IPAM plugin and, unless its ADD failed, tells it to release the
-// address; a failed release joins err.
+// the IPAM plugin and tells it to release the address, also when its ADD
+// failed: a failed ADD may still have allocated (skel checks the netns
+// after the verb has run), and IPAM DEL of nothing is a no-op. A failed
+// release joins err.
 func (c *ipamCall) joinRelease(err error) error {
-	if !c.add.started() || c.add.wait() != nil {
+	if !c.add.started() {
 		return err
 	}
+	_ = c.add.wait() // its error, if any, is already in err or beside the point
 	if derr := ipam.ExecDel(c.typ, c.stdin); derr != nil {
 		return errors.Join(err, fmt.Errorf("roll back: release the address (ipam %s): %w", c.typ, derr))
 	}

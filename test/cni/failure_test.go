@@ -1,6 +1,7 @@
 package cni_test
 
 import (
+	"context"
 	"fmt"
 	"net"
 	"net/netip"
@@ -57,6 +58,7 @@ func TestAddFailures(t *testing.T) {
 		plugins   func() []map[string]any
 		prep      func(t *testing.T, p *pod) (undo func())
 		failpoint string // fails the step of ADD after it, see cni/failpoint_on.go
+		inPod     bool   // the runtime runs the plugin inside the pod's netns
 		code      uint
 		msg       []string
 	}{
@@ -107,6 +109,29 @@ func TestAddFailures(t *testing.T) {
 			plugins: func() []map[string]any { return []map[string]any{with(h.mainConf(false), "ipam", svcRange)} },
 			code:    types.ErrInvalidNetworkConfig,
 			msg:     []string{"ipam subnet 10.96.7.0/24 overlaps service CIDR 10.96.0.0/16"},
+		},
+		{
+			// What only the user can fix comes first: a restarted agent
+			// would not make this ADD work.
+			name: "missing master while the datapath is not loaded",
+			plugins: func() []map[string]any {
+				return []map[string]any{with(h.mainConf(false), "master", "eth9", "bpffs", h.bpffs+"_gone")}
+			},
+			code: types.ErrInvalidNetworkConfig,
+			msg:  []string{`master "eth9" not found: set master to an existing NIC`},
+		},
+		{
+			// skel refuses this only after the verb: host-local's ADD had
+			// allocated, its skel then failed it, and the rollback skipped
+			// the release of an ADD that "failed" (the lease stayed, ADD
+			// after ADD).
+			name:  "plugin run inside CNI_NETNS",
+			inPod: true,
+			plugins: func() []map[string]any {
+				return []map[string]any{with(h.mainConf(false), "bpffs", h.bpffs+"_gone")}
+			},
+			code: types.ErrInvalidNetNS,
+			msg:  []string{"the plugin runs inside CNI_NETNS", "must run it from the host network namespace"},
 		},
 		{
 			name: "datapath not loaded",
@@ -236,7 +261,15 @@ func TestAddFailures(t *testing.T) {
 			if tc.failpoint != "" {
 				h.failpoints(t, tc.failpoint+"=error")
 			}
-			_, err := h.tryAdd(l, p)
+			var err error
+			if tc.inPod {
+				err = p.ns.Do(func() error {
+					_, err := h.cni.AddNetworkList(context.Background(), l, p.rt())
+					return err
+				})
+			} else {
+				_, err = h.tryAdd(l, p)
+			}
 			wantCNIError(t, err, tc.code, tc.msg...)
 			t.Logf("ADD failed as it should: %v", err)
 			undo()
