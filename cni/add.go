@@ -201,6 +201,9 @@ func addMain(c *Conf, args *skel.CmdArgs, dp *loader.Datapath, netns ns.NetNS, m
 // addChained adopts the slave a previous plugin created and passes its
 // result on unchanged.
 func addChained(c *Conf, dp *loader.Datapath, netns ns.NetNS, ep endpoint, ph *phases) (types.Result, error) {
+	if c.PrevResult == nil {
+		return nil, invalidConf("underpass has no interface keys, so it is chained, but no plugin before it returned a result: put it after the macvlan or ipvlan plugin in the plugins list, or set master (and ipam) for underpass to create the interface itself")
+	}
 	prev, err := current.NewResultFromResult(c.PrevResult)
 	if err != nil {
 		return nil, errorf(types.ErrDecodingFailure, "prevResult: %v", err)

@@ -46,7 +46,8 @@ type NetConf struct {
 	types.PluginConf
 
 	// Master is the parent NIC (main mode). Empty: the NIC of the default
-	// route, or chained mode when nothing else says main mode.
+	// route when another key says main mode; with no interface key at all
+	// the entry is chained.
 	Master      string `json:"master,omitempty"`
 	Mode        string `json:"mode,omitempty"`        // macvlan (default) | ipvlan
 	MacvlanMode string `json:"macvlanMode,omitempty"` // bridge (default) | vepa | private | passthru
@@ -60,7 +61,9 @@ type Conf struct {
 	NetConf
 
 	// Chained: no interface keys (master, mode, macvlanMode, ipvlanMode, mtu,
-	// ipam) and a prevResult. Everything else is main mode.
+	// ipam). It is read from the config alone, never from prevResult:
+	// libcni sends GC and STATUS none, and a runtime that lost its result
+	// cache sends DEL none, but the entry is chained all the same.
 	Chained bool
 	// Kind is the link kind the slave has (main mode) or must have: macvlan
 	// or ipvlan.
@@ -132,7 +135,7 @@ func ParseConf(stdin []byte) (*Conf, error) {
 			return nil, types.NewError(types.ErrDecodingFailure, fmt.Sprintf("prevResult: %v", err), "")
 		}
 	}
-	c.Chained = c.PrevResult != nil && !c.hasInterfaceKeys()
+	c.Chained = !c.hasInterfaceKeys()
 
 	subnets, err := ipamSubnets(stdin)
 	if err != nil {
@@ -158,7 +161,7 @@ func parseConfForDel(stdin []byte) (*Conf, error) {
 	if c.BPFFS == "" || !filepath.IsAbs(c.BPFFS) {
 		c.BPFFS = loader.DefaultBPFFS
 	}
-	c.Chained = c.RawPrevResult != nil && !c.hasInterfaceKeys()
+	c.Chained = !c.hasInterfaceKeys()
 	return c, nil
 }
 

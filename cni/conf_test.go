@@ -26,6 +26,7 @@ func TestParseConf(t *testing.T) {
 		{name: "ipvlan l3", in: `{"cniVersion":"1.1.0","type":"underpass","mode":"ipvlan","ipvlanMode":"l3"}`, mode: loader.ModeIPvlanL3},
 		{name: "ipvlan default l2", in: `{"cniVersion":"1.1.0","type":"underpass","mode":"ipvlan"}`, mode: loader.ModeIPvlanL2},
 		{name: "chained", in: `{"cniVersion":"1.0.0","type":"underpass","prevResult":{"cniVersion":"1.0.0","interfaces":[{"name":"eth0","sandbox":"/x"}]}}`, chained: true, mode: loader.ModeMacvlan},
+		{name: "no interface keys, no prevResult: chained (GC, STATUS)", in: `{"cniVersion":"1.1.0","type":"underpass","name":"n"}`, chained: true, mode: loader.ModeMacvlan},
 		{name: "prevResult but ipam: main", in: `{"cniVersion":"1.0.0","type":"underpass","ipam":{"type":"host-local"},"prevResult":{"cniVersion":"1.0.0"}}`, mode: loader.ModeMacvlan},
 		{name: "unknown mode", in: `{"type":"underpass","mode":"x"}`, code: 7, msg: `unknown mode "x": use macvlan or ipvlan`},
 		{name: "unknown ipvlanMode", in: `{"type":"underpass","mode":"ipvlan","ipvlanMode":"l4"}`, code: 7, msg: `unknown ipvlanMode "l4"`},

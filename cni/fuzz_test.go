@@ -75,8 +75,8 @@ func FuzzParseConf(f *testing.F) {
 		if c.MTU != 0 && (c.MTU < 68 || c.MTU > 65535) {
 			t.Fatalf("mtu %d accepted", c.MTU)
 		}
-		if c.Chained && (c.PrevResult == nil || c.hasInterfaceKeys()) {
-			t.Fatal("chained without prevResult, or with interface keys")
+		if c.Chained == c.hasInterfaceKeys() {
+			t.Fatalf("chained=%v with interface keys=%v", c.Chained, c.hasInterfaceKeys())
 		}
 		if c.Chained != dc.Chained {
 			t.Fatalf("ADD says chained=%v, DEL says %v", c.Chained, dc.Chained)

@@ -13,14 +13,15 @@ import (
 	"github.com/underpass-cni/underpass/pkg/datapath"
 )
 
-// GC is CNI GC (1.1.0): registrations whose attachment is not in
-// cni.dev/valid-attachments go, with their filters in the pod netns if that
-// still exists; then the IPAM plugin collects its leases.
+// GC is CNI GC (1.1.0): this network's registrations whose attachment is
+// not in cni.dev/valid-attachments go, with their filters in the pod netns
+// if that still exists; then the IPAM plugin (main mode) collects its
+// leases.
 //
-// The registry is node-wide and does not record which network an endpoint
-// belongs to, so in main mode GC only looks at endpoints on this network's
-// master; a chained network looks at all of them (one underpass network per
-// node is the supported layout for GC in chained mode).
+// Every registration records the CNI network name it was added under, and
+// GC looks at its own network's only: the runtime sends one GC per network
+// with that network's attachments, so another network's live pods (on the
+// same parent or not) are never in the list and must not be judged by it.
 func GC(args *skel.CmdArgs) error { return cniError(gc(args)) }
 
 func gc(args *skel.CmdArgs) error {
@@ -37,19 +38,7 @@ func gc(args *skel.CmdArgs) error {
 		errs = append(errs, fmt.Errorf("open underpass datapath in %s: %w", c.BPFFS, err))
 	default:
 		defer dp.Close()
-		parent := 0
-		if !c.Chained {
-			if l, err := resolveMaster(c.Master); err == nil {
-				parent = l.Attrs().Index
-			} else {
-				// No master, no endpoints of this network can be live on it;
-				// but another network's might be: collect nothing.
-				errs = append(errs, fmt.Errorf("gc: %w", err))
-			}
-		}
-		if parent != 0 || c.Chained {
-			errs = append(errs, collect(dp, c.ValidAttachments, parent))
-		}
+		errs = append(errs, collect(dp, c.Name, c.ValidAttachments))
 	}
 	if !c.Chained && c.IPAM.Type != "" {
 		if err := invoke.DelegateGC(context.TODO(), c.IPAM.Type, args.StdinData, nil); err != nil {
@@ -59,8 +48,8 @@ func gc(args *skel.CmdArgs) error {
 	return errors.Join(errs...)
 }
 
-// collect removes endpoints on parent (0: any) that are not valid.
-func collect(dp *loader.Datapath, valid []types.GCAttachment, parent int) error {
+// collect removes the endpoints of network that are not valid.
+func collect(dp *loader.Datapath, network string, valid []types.GCAttachment) error {
 	unlock, err := dp.Lock()
 	if err != nil {
 		return err
@@ -76,14 +65,14 @@ func collect(dp *loader.Datapath, valid []types.GCAttachment, parent int) error 
 	}
 	var errs []error
 	for id, ep := range eps {
-		if parent != 0 && int(ep.ParentIfindex) != parent {
+		if datapath.GoString(ep.Network[:]) != network {
 			continue
 		}
 		a := types.GCAttachment{ContainerID: datapath.GoString(ep.ContainerId[:]), IfName: datapath.GoString(ep.Ifname[:])}
 		if keep[a] {
 			continue
 		}
-		log.Debug("collecting endpoint", "id", id, "container", a.ContainerID, "ifname", a.IfName)
+		log.Debug("collecting endpoint", "id", id, "network", network, "container", a.ContainerID, "ifname", a.IfName)
 		if err := removeEndpoint(dp, id); err != nil {
 			errs = append(errs, err)
 		}

@@ -115,6 +115,29 @@ func TestStatus(t *testing.T) {
 	if err := h.status(chained); err != nil {
 		t.Fatalf("STATUS chained: %v", err)
 	}
+	// libcni sends STATUS no prevResult: the chained entry must not be
+	// taken for a main plugin whose master is the default-route NIC (on a
+	// node with no default route, that STATUS failed).
+	routes, err := h.env.Node.Netlink().RouteList(nil, netlink.FAMILY_ALL)
+	must(t, err)
+	var defaults []netlink.Route
+	for _, r := range routes {
+		if isDefault(r) {
+			defaults = append(defaults, r)
+		}
+	}
+	if len(defaults) == 0 {
+		t.Fatal("the lab node has no default route to take away")
+	}
+	for _, r := range defaults {
+		must(t, h.env.Node.Netlink().RouteDel(&r))
+	}
+	if err := h.status(chained); err != nil {
+		t.Fatalf("STATUS chained on a node with no default route: %v", err)
+	}
+	for _, r := range defaults {
+		must(t, h.env.Node.Netlink().RouteAdd(&r))
+	}
 
 	missing := h.mainConf(false)
 	missing["master"] = "eth9"
@@ -233,6 +256,75 @@ func TestGC(t *testing.T) {
 	h.del(l, a)
 	h.del(l, b)
 	h.assertNoLeak(t, nil, a.ns, b.ns, c.ns)
+}
+
+// Two networks on one parent (Multus: a main-mode network and a chained
+// one): GC of each judges only its own pods. Seen before registrations
+// recorded their network: GC of net1 removed every pod of net2, whose
+// attachments are not in net1's list.
+func TestGCPerNetwork(t *testing.T) {
+	h := newHarness(t, harnessOpts{})
+	u := h.env.Uplinks[0]
+	net1 := h.conflist("up-net1", "1.1.0", h.mainConf(false))
+	// net2's range is apart from net1's (.100-.199): one parent, one L2.
+	ipam2 := h.hostLocal(false)
+	ipam2["ranges"] = []any{[]any{map[string]any{
+		"subnet": u.Subnet4.String(), "rangeStart": u.IP4(200).Addr().String(), "rangeEnd": u.IP4(219).Addr().String(),
+		"gateway": u.Gateway4.String(),
+	}}}
+	chained := h.chainedConfs(false)
+	chained[0]["ipam"] = ipam2
+	net2 := h.conflist("up-net2", "1.1.0", chained...)
+
+	a1, b1 := h.newPod("a1"), h.newPod("b1")
+	a2, b2 := h.newPod("a2"), h.newPod("b2")
+	h.add(net1, a1)
+	h.add(net1, b1)
+	h.add(net2, a2)
+	h.add(net2, b2)
+	h.baselineParents()
+
+	// The runtime forgot b1 and b2; each network's GC lists its own live pod.
+	if err := h.gc(net1, a1); err != nil {
+		t.Fatalf("GC net1: %v", err)
+	}
+	for _, p := range []*pod{a1, a2, b2} {
+		h.checkRegistered(t, p)
+	}
+	if id, _, _ := datapath.Find(&h.dp.Maps, b1.id, b1.ifname); id != 0 {
+		t.Fatalf("b1 (net1, not valid) still registered as %d after GC of net1", id)
+	}
+	// net2's pods still have their hairpin: a2 reaches b2 and the node.
+	netenv.MustPing(t, a2.ns, b2.ip4, 2)
+	netenv.MustPing(t, h.env.Node, a2.ip4, 2)
+
+	// GC of the chained network gets no prevResult from libcni: it is
+	// still chained (no lease of the macvlan plugin is touched by it) and
+	// still judges only its own pods.
+	if err := h.gc(net2, a2); err != nil {
+		t.Fatalf("GC net2: %v", err)
+	}
+	h.checkRegistered(t, a1)
+	h.checkRegistered(t, a2)
+	if id, _, _ := datapath.Find(&h.dp.Maps, b2.id, b2.ifname); id != 0 {
+		t.Fatalf("b2 (net2, not valid) still registered as %d after GC of net2", id)
+	}
+	netenv.MustPing(t, a1.ns, a2.ip4, 2)
+	netenv.MustPing(t, h.env.Node, a1.ip4, 2)
+
+	h.del(net1, a1)
+	h.del(net1, b1)
+	h.del(net2, a2)
+	h.del(net2, b2)
+	h.assertNoLeak(t, nil, a1.ns, b1.ns, a2.ns, b2.ns)
+}
+
+func isDefault(r netlink.Route) bool {
+	if r.Dst == nil {
+		return true
+	}
+	ones, _ := r.Dst.Mask.Size()
+	return ones == 0
 }
 
 func mustIndex(t *testing.T, p *pod) int {
