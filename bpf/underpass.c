@@ -293,11 +293,16 @@ static __always_inline void record(__u32 kind, __u32 ifindex, __u64 flags, __u32
 /* Back into the parent's own receive path. The redirect stays inside the
  * host netns, so the kernel keeps skb->mark: clear it, or a host mark would
  * leak into the pod. */
-static __always_inline int to_ingress(struct __sk_buff *skb, __u32 ep_id)
+static __always_inline int to_ingress_marked(struct __sk_buff *skb, __u32 ep_id, __u32 mark)
 {
-	skb->mark = 0;
+	skb->mark = mark;
 	record(UP_TRACE_REDIRECT, skb->ifindex, BPF_F_INGRESS, ep_id);
 	return bpf_redirect(skb->ifindex, BPF_F_INGRESS);
+}
+
+static __always_inline int to_ingress(struct __sk_buff *skb, __u32 ep_id)
+{
+	return to_ingress_marked(skb, ep_id, 0);
 }
 
 /* A copy goes to the parent's receive path, the original on to the wire. */
@@ -1055,9 +1060,7 @@ static __always_inline int endpoint_to_host(struct __sk_buff *skb, const struct 
 {
 	__u32 len = skb->len;
 	/* hostReachability: false cuts the endpoint's own traffic to the
-	 * host's addresses; Services, steered host CIDRs and resolution go on.
-	 * (A Service DNATed to a pod backend answers the node's address when
-	 * masqueraded: see up_marks, not applied yet.) */
+	 * host's addresses; Services, steered host CIDRs and resolution go on. */
 	if (why == TO_HOST_DIRECT && host_blocked(cfg)) {
 		count_drop(UP_DROP_HOST_UNREACHABLE, ep_id, len);
 		return TC_ACT_SHOT;
@@ -1073,7 +1076,10 @@ static __always_inline int endpoint_to_host(struct __sk_buff *skb, const struct 
 		s->ep_to_host.packets++;
 		s->ep_to_host.bytes += len;
 	}
-	return to_ingress(skb, ep_id);
+	/* The mark tells the agent's nftables rule which forwarded flows to
+	 * masquerade (see up_marks); anything else enters unmarked, so a mark
+	 * the pod set never reaches the host. */
+	return to_ingress_marked(skb, ep_id, why == TO_HOST_STEERED ? UP_MARK_STEERED : 0);
 }
 
 /* hostReachability: false cuts the host's own traffic to endpoints, not

@@ -34,13 +34,14 @@ enum up_config_flags {
  * Service path symmetric (masquerade what the host forwards). Not set yet:
  * today every redirect clears the mark. */
 enum up_marks {
-	/* To a live Service VIP or a steered host CIDR. Masqueraded when the host
-	 * forwards it (kube-proxy DNATed it to a backend elsewhere), so that the
-	 * backend's reply comes back through the host's conntrack. */
+	/* Set on an endpoint's frame steered to the host for a live Service VIP
+	 * or a steered host CIDR (every other frame enters the host with mark
+	 * 0). The agent's nftables table masquerades a marked flow that the
+	 * host DNATs and forwards (kube-proxy sent it to a backend pod), so the
+	 * backend's reply comes back through the host's conntrack instead of
+	 * going straight to the client over the underlay. */
 	UP_MARK_STEERED = 0x00200000,
-	/* To one of the host's own addresses while hostReachability is false:
-	 * dropped in the host's input path. A reply to a masqueraded Service
-	 * flow is forwarded (conntrack undoes the NAT first) and is not. */
+	/* Reserved. */
 	UP_MARK_DIRECT = 0x00400000,
 };
 

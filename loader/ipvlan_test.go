@@ -106,7 +106,7 @@ func TestIpvlanEndpointTraffic(t *testing.T) {
 	t.Run("live VIP steered", func(t *testing.T) {
 		f := tcpSYN(t, macParent, macGW, ipPod, vipLive, "S")
 		res := r.parent(t, f)
-		wantRedirect(t, res, id)
+		wantSteered(t, res, id)
 		want := append(append([]byte{}, macParent...), f[6:]...)
 		if string(res.out[:len(f)]) != string(want) {
 			t.Fatalf("steered frame: got % x", res.out[:14])

@@ -109,7 +109,7 @@ func TestNodeIsNotARouter(t *testing.T) {
 	r.wantDrop(t, icmpEcho(t, macA, macParent, ipA6, ipRemote6), r.idA, loader.DropRouted)
 	wantRedirect(t, r.parent(t, icmpEcho(t, macA, macParent, ipA, ipHost)), r.idA)
 	wantRedirect(t, r.parent(t, icmpEcho(t, macA, macParent, linkLocalA, linkLocalGW)), r.idA)
-	wantRedirect(t, r.parent(t, tcpSYN(t, macA, macParent, ipA, vipLive, "S")), r.idA)
+	wantSteered(t, r.parent(t, tcpSYN(t, macA, macParent, ipA, vipLive, "S")), r.idA)
 	wantRedirect(t, r.parent(t, arp(t, layers.ARPReply, macA, macParent, macA, ipA, ipHost)), r.idA)
 }
 
@@ -163,7 +163,7 @@ func TestLearnFromDAD(t *testing.T) {
 func TestGuardBeforeFirstSync(t *testing.T) {
 	r := newRig(t)
 	r.setConfig(t, datapath.Config{HostReachable: true, StaleReject: true})
-	wantRedirect(t, r.parent(t, tcpSYN(t, macA, macGW, ipA, vipStale, "S")), r.idA)
+	wantSteered(t, r.parent(t, tcpSYN(t, macA, macGW, ipA, vipStale, "S")), r.idA)
 	wantPass(t, r.run(t, r.dp.Programs.UplinkEgress, tcpSYN(t, macParent, macGW, ipHost, vipStale, "S")),
 		tcpSYN(t, macParent, macGW, ipHost, vipStale, "S"))
 	r.setConfig(t, datapath.Config{ServicesSynced: true, HostReachable: true})

@@ -28,7 +28,7 @@ func TestPrefilter(t *testing.T) {
 				t.Fatalf("stale VIP: verdict %d, want drop", res.verdict)
 			}
 		}
-		wantRedirect(t, r.parent(t, toDNS), r.idA)
+		wantSteered(t, r.parent(t, toDNS), r.idA)
 		wantPass(t, r.parent(t, wire), wire)
 	}
 

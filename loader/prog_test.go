@@ -170,6 +170,20 @@ func (r *rig) setConfig(tb testing.TB, c datapath.Config) {
 // path, with the mark cleared.
 func wantRedirect(tb testing.TB, res result, ep uint32) {
 	tb.Helper()
+	wantRedirectMarked(tb, res, ep, 0)
+}
+
+// wantSteered is wantRedirect for a frame steered to a Service VIP or a
+// steered host CIDR: it enters the host marked for the masquerade rule.
+func wantSteered(tb testing.TB, res result, ep uint32) {
+	tb.Helper()
+	wantRedirectMarked(tb, res, ep, loader.MarkSteered)
+}
+
+// wantRedirectMarked is wantRedirect with the mark the frame must carry
+// into the host (the run starts with the pod's own mark 0xbeef).
+func wantRedirectMarked(tb testing.TB, res result, ep uint32, mark uint32) {
+	tb.Helper()
 	if res.verdict != actRedirect {
 		tb.Fatalf("verdict %d, want redirect (%d)", res.verdict, actRedirect)
 	}
@@ -179,8 +193,8 @@ func wantRedirect(tb testing.TB, res result, ep uint32) {
 	if res.trace.EpId != ep {
 		tb.Fatalf("redirect attributed to endpoint %d, want %d", res.trace.EpId, ep)
 	}
-	if res.mark != 0 {
-		tb.Fatalf("skb->mark %#x survived the redirect", res.mark)
+	if res.mark != mark {
+		tb.Fatalf("skb->mark %#x after the redirect, want %#x", res.mark, mark)
 	}
 }
 
@@ -323,16 +337,17 @@ func TestSteering(t *testing.T) {
 	for _, tc := range []struct {
 		name  string
 		frame []byte
+		mark  uint32 // what the host's nftables sees: steered flows are masqueraded if forwarded
 	}{
-		{"live VIP v4", tcpSYN(t, macA, macGW, ipA, vipLive, "S")},
-		{"live VIP v6", tcpSYN(t, macA, macGW, ipA6, vip6Live, "S")},
-		{"hostCIDR", udp(t, macA, macGW, ipA, ipDNS)},
-		{"node address via gateway", icmpEcho(t, macA, macGW, ipA, ipHost)},
+		{"live VIP v4", tcpSYN(t, macA, macGW, ipA, vipLive, "S"), loader.MarkSteered},
+		{"live VIP v6", tcpSYN(t, macA, macGW, ipA6, vip6Live, "S"), loader.MarkSteered},
+		{"hostCIDR", udp(t, macA, macGW, ipA, ipDNS), loader.MarkSteered},
+		{"node address via gateway", icmpEcho(t, macA, macGW, ipA, ipHost), 0},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			before := r.stats(t)[loader.StatSteered].Packets
 			res := r.parent(t, tc.frame)
-			wantRedirect(t, res, r.idA)
+			wantRedirectMarked(t, res, r.idA, tc.mark)
 			want := append(append([]byte{}, macParent...), tc.frame[6:]...)
 			if string(res.out[:len(tc.frame)]) != string(want) {
 				t.Fatalf("steered frame: got % x, want dst MAC rewritten to the parent's and nothing else", res.out[:14])
@@ -349,7 +364,7 @@ func TestSteering(t *testing.T) {
 		hosts := datapath.HostSet{}
 		hosts.Add(netip.PrefixFrom(ipDNS, 32), loader.HostSteer)
 		must(t, datapath.SyncHostCIDRs(&r.dp.Maps, hosts))
-		wantRedirect(t, r.parent(t, f), r.idA)
+		wantSteered(t, r.parent(t, f), r.idA)
 	})
 }
 
@@ -392,7 +407,7 @@ func TestStaleDrop(t *testing.T) {
 	t.Run("VIP becomes live", func(t *testing.T) {
 		f := tcpSYN(t, macA, macGW, ipA, vipStale, "S")
 		must(t, datapath.AddLiveService(&r.dp.Maps, vipStale))
-		wantRedirect(t, r.parent(t, f), r.idA)
+		wantSteered(t, r.parent(t, f), r.idA)
 		must(t, datapath.DeleteLiveService(&r.dp.Maps, vipStale))
 		if res := r.parent(t, f); res.verdict != actShot {
 			t.Fatalf("deleted VIP: verdict %d, want drop", res.verdict)
@@ -506,7 +521,7 @@ func TestStaleReject(t *testing.T) {
 		}
 	})
 	t.Run("live VIP still steered", func(t *testing.T) {
-		wantRedirect(t, r.parent(t, tcpSYN(t, macA, macGW, ipA, vipLive, "S")), r.idA)
+		wantSteered(t, r.parent(t, tcpSYN(t, macA, macGW, ipA, vipLive, "S")), r.idA)
 	})
 }
 
@@ -528,8 +543,8 @@ func TestHostReachabilityOff(t *testing.T) {
 		}
 	}
 	// Services and steered host CIDRs are not host reachability.
-	wantRedirect(t, r.parent(t, tcpSYN(t, macA, macGW, ipA, vipLive, "S")), r.idA)
-	wantRedirect(t, r.parent(t, udp(t, macA, macGW, ipA, ipDNS)), r.idA)
+	wantSteered(t, r.parent(t, tcpSYN(t, macA, macGW, ipA, vipLive, "S")), r.idA)
+	wantSteered(t, r.parent(t, udp(t, macA, macGW, ipA, ipDNS)), r.idA)
 	// Nor is resolution: the host must resolve a Service's backend pod.
 	f := arp(t, layers.ARPRequest, macParent, macBcast, macParent, ipHost, ipA)
 	if res := r.parent(t, f); res.verdict != actPass || res.trace.Kind != uint32(loader.TraceClone) {

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Builds etcd and kube-apiserver from the Go module proxy (wrapper module in
+# Builds etcd, kube-apiserver and kube-proxy from the Go module proxy (wrapper module in
 # test/k8s/build/, versions set only in its go.mod) into
 #   ${UNDERPASS_K8S_CACHE:-$HOME/.cache/underpass/k8s}/<k8s-version>-<etcd-version>/
-# unless both binaries are already there, and prints that directory on stdout
+# unless the binaries are already there, and prints that directory on stdout
 # (progress goes to stderr). Idempotent; a version bump builds into a new dir.
 # Cold (empty Go build cache): ~6-8 min on 2 cores; warm: well under 1 s.
 # test/k8s/kapi finds the binaries through UNDERPASS_K8S_BIN=<printed dir>, or
@@ -19,7 +19,7 @@ etcd=$(modver go.etcd.io/etcd/server/v3)
 [[ -n $k8s && -n $etcd ]] || { echo "build.sh: cannot read versions from $mod/go.mod" >&2; exit 1; }
 
 out="${UNDERPASS_K8S_CACHE:-$HOME/.cache/underpass/k8s}/$k8s-$etcd"
-if [[ -x $out/etcd && -x $out/kube-apiserver ]]; then
+if [[ -x $out/etcd && -x $out/kube-apiserver && -x $out/kube-proxy ]]; then
 	echo "$out"
 	exit 0
 fi
@@ -43,4 +43,5 @@ build() { # name package extra-ldflags
 }
 [[ -x $out/etcd ]] || build etcd ./etcd ""
 [[ -x $out/kube-apiserver ]] || build kube-apiserver ./kube-apiserver "$xv"
+[[ -x $out/kube-proxy ]] || build kube-proxy ./kube-proxy "$xv"
 echo "$out"
