@@ -60,6 +60,7 @@ type Agent struct {
 	cfg       *config.Config // in force
 	gen       uint64         // config generation written to the datapath
 	svcSynced bool           // the live set has synced once: the stale guard is armed
+	masq      bool           // table inet underpass is installed (services.masquerade)
 
 	dp  atomic.Pointer[loader.Datapath]
 	svc atomic.Pointer[services.Manager]
@@ -272,6 +273,7 @@ func (a *Agent) heal() {
 	if err := a.applyDatapath(a.cfg); err != nil {
 		a.log.Error("re-apply config to the datapath", "error", err)
 	}
+	a.healMasquerade()
 	if err := a.svc.Load().Reconcile(); err != nil {
 		a.log.Error("reconcile live services", "error", err)
 	}

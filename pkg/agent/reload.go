@@ -15,6 +15,7 @@ import (
 	"github.com/underpass-cni/underpass/loader"
 	"github.com/underpass-cni/underpass/pkg/config"
 	"github.com/underpass-cni/underpass/pkg/datapath"
+	"github.com/underpass-cni/underpass/pkg/hostnat"
 	"github.com/underpass-cni/underpass/pkg/netwatch"
 )
 
@@ -71,6 +72,11 @@ func (a *Agent) apply(ctx context.Context, c, old *config.Config) error {
 	svc := a.svc.Load()
 	errs = append(errs, svc.SetStatic(c.StaticServices()))
 	errs = append(errs, a.applyDatapath(c))
+	// Not fatal: without it only Services with underlay pod backends fail;
+	// heal retries.
+	if err := a.applyMasquerade(c.Services.Masquerade); err != nil {
+		a.errorOnce("masquerade", "Service flows to underlay pod backends will get no reply", "error", err)
+	}
 	if err := a.kube.configure(ctx, c); err != nil {
 		errs = append(errs, err)
 	}
@@ -111,6 +117,48 @@ func (a *Agent) applyDatapath(c *config.Config) error {
 	errs = append(errs, datapath.SyncServiceCIDRs(m, c.ServiceCIDRs()))
 	errs = append(errs, a.syncHosts(c))
 	return errors.Join(errs...)
+}
+
+// applyMasquerade installs or removes the agent's nftables table (see
+// pkg/hostnat): Service flows of underlay pods that the host DNATs to a
+// backend and forwards are masqueraded, so the reply comes back through
+// the host.
+func (a *Agent) applyMasquerade(on bool) error {
+	if on == a.masq {
+		return nil
+	}
+	if on {
+		if err := hostnat.Install(loader.MarkSteered); err != nil {
+			return fmt.Errorf("services.masquerade: %w (without it, a pod's Service flow to another underlay pod gets no reply: set services.masquerade: false only if kube-proxy masquerades them, e.g. masqueradeAll)", err)
+		}
+		a.masq = true
+		a.log.Info("masquerading Service flows the host forwards", "nftables", "table inet "+hostnat.Table)
+		return nil
+	}
+	if err := hostnat.Remove(); err != nil {
+		return fmt.Errorf("services.masquerade: %w", err)
+	}
+	a.masq = false
+	a.log.Info("stopped masquerading Service flows", "nftables", "table inet "+hostnat.Table+" removed")
+	return nil
+}
+
+// healMasquerade puts the table back if something removed it (nft flush
+// ruleset, a firewall reload), or installs it if that failed before.
+func (a *Agent) healMasquerade() {
+	if a.cfg == nil || !a.cfg.Services.Masquerade {
+		return
+	}
+	if a.masq {
+		if ok, _, err := hostnat.Installed(); err != nil || ok {
+			return
+		}
+		a.masq = false
+		a.log.Warn("nftables table inet " + hostnat.Table + " was removed from under the agent: reinstalling")
+	}
+	if err := a.applyMasquerade(true); err != nil {
+		a.errorOnce("masquerade", "Service flows to underlay pod backends will get no reply", "error", err)
+	}
 }
 
 // armGuard sets the config's ServicesSynced flag once every configured

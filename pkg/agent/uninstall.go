@@ -17,6 +17,7 @@ import (
 	"github.com/underpass-cni/underpass/loader"
 	"github.com/underpass-cni/underpass/pkg/config"
 	"github.com/underpass-cni/underpass/pkg/datapath"
+	"github.com/underpass-cni/underpass/pkg/hostnat"
 )
 
 // Uninstall detaches every program underpass attached (parents, uplinks,
@@ -34,6 +35,13 @@ func Uninstall(configPath string, out io.Writer) error {
 	}
 	if pid := running(dir); pid != 0 {
 		return fmt.Errorf("underpassd (pid %d) is running on %s: stop it first, or it attaches again", pid, dir)
+	}
+	// The nftables table is not in bpffs: it goes whatever is pinned.
+	if ok, _, err := hostnat.Installed(); err == nil && ok {
+		if err := hostnat.Remove(); err != nil {
+			return fmt.Errorf("uninstall: %w", err)
+		}
+		fmt.Fprintf(out, "removed nftables table inet %s\n", hostnat.Table)
 	}
 	if _, err := os.Stat(dir); errors.Is(err, fs.ErrNotExist) {
 		fmt.Fprintf(out, "nothing to remove: no datapath pinned at %s\n", dir)

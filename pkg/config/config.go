@@ -85,6 +85,10 @@ type Services struct {
 	Kubernetes string `json:"kubernetes" yaml:"kubernetes"`
 	// Kubeconfig is a kubeconfig path; empty means in-cluster credentials.
 	Kubeconfig string `json:"kubeconfig,omitempty" yaml:"kubeconfig,omitempty"`
+	// Masquerade: the agent's nftables table masquerades the Service flows
+	// of underlay pods that the host DNATs to a backend and forwards, so
+	// that the backend's reply comes back through the host (pkg/hostnat).
+	Masquerade bool `json:"masquerade" yaml:"masquerade"`
 }
 
 // Metrics configures the HTTP endpoint serving /metrics, /healthz and /readyz.
@@ -170,7 +174,7 @@ func Default() *Config {
 	c := &Config{
 		HostReachability: true,
 		StaleServices:    StaleServices{Action: "drop"},
-		Services:         Services{Kubernetes: "auto"},
+		Services:         Services{Kubernetes: "auto", Masquerade: true},
 		XDP:              "auto",
 		Metrics:          Metrics{Listen: DefaultMetricsListen},
 		BPFFS:            DefaultBPFFS,

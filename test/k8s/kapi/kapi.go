@@ -353,15 +353,29 @@ func startProc(path, logFile string, args ...string) (*proc, error) {
 		Pdeathsig: syscall.SIGKILL, // no orphans if the test binary dies
 	}
 	p := &proc{name: filepath.Base(path), logFile: logFile, cmd: cmd, done: make(chan struct{})}
-	if err := cmd.Start(); err != nil {
-		log.Close()
-		return nil, fmt.Errorf("start %s: %w", path, err)
-	}
+	// Pdeathsig fires when the forking *thread* exits, and Go ends a thread
+	// whose goroutine exits locked (netenv creates namespaces that way).
+	// Forked from an unlocked thread, the apiserver was killed whenever
+	// such a goroutine later ran on that thread: about one run in two of a
+	// test that makes namespaces after Start. The forking thread stays
+	// locked to this goroutine until the process has exited.
+	started := make(chan error, 1)
 	go func() {
+		runtime.LockOSThread()
+		defer runtime.UnlockOSThread()
+		if err := cmd.Start(); err != nil {
+			started <- err
+			return
+		}
+		started <- nil
 		p.err = cmd.Wait()
 		log.Close()
 		close(p.done)
 	}()
+	if err := <-started; err != nil {
+		log.Close()
+		return nil, fmt.Errorf("start %s: %w", path, err)
+	}
 	return p, nil
 }
 

@@ -1,0 +1,271 @@
+package agent_test
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
+	"k8s.io/client-go/kubernetes"
+
+	"github.com/underpass-cni/underpass/test/k8s/kapi"
+	"github.com/underpass-cni/underpass/test/netenv"
+)
+
+const kubeNode = "underpass-node"
+
+// A pod's connection to a ClusterIP whose backend is another underlay pod
+// (on this node, or elsewhere on the wire), through the real kube-proxy in
+// iptables and nftables modes with its default settings (no masqueradeAll,
+// no cluster CIDR), driven by a real kube-apiserver.
+//
+// Seen on a real node before the agent masqueraded these flows: kube-proxy
+// DNATs the steered SYN to the backend, the backend answers the client
+// straight over the underlay from its own address, and the client never
+// gets a SYN-ACK from the VIP. The test first shows that failure with
+// services.masquerade off, then the fix: the backend sees the node's
+// address and the client gets its answer.
+func TestServiceToPodBackendThroughKubeProxy(t *testing.T) {
+	for _, mode := range []string{"iptables", "nftables"} {
+		t.Run(mode, func(t *testing.T) { serviceToPodBackend(t, mode) })
+	}
+}
+
+func serviceToPodBackend(t *testing.T, mode string) {
+	for _, tool := range []string{"iptables", "nft"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Fatalf("kube-proxy needs %s (make deps installs it): %v", tool, err)
+		}
+	}
+	l := newLab(t, netenv.Options{})
+	u := l.Uplinks[0]
+	c, kubeconfig := startKube(t, l)
+	cs := c.Client
+
+	client := l.AddMacvlanContainer("client", u.IP4(10), netip.Prefix{})
+	local := l.AddMacvlanContainer("backend", u.IP4(11), netip.Prefix{})
+	wire := l.AddWireHost("remote", u.IP4(20), netip.Prefix{})
+	for _, s := range []*netenv.Container{local, wire} {
+		serveRemoteAddr(t, s.NS, netip.AddrPortFrom(s.IP4.Addr(), 8080))
+	}
+
+	writeConfig := func(masquerade bool) {
+		l.writeConfig(fmt.Sprintf(`
+staleServices:
+  cidrs: [%s, %s]
+services:
+  kubernetes: "true"
+  kubeconfig: %s
+  masquerade: %v
+`, kapi.ServiceCIDRv4, kapi.ServiceCIDRv6, kubeconfig, masquerade))
+	}
+	writeConfig(false)
+	ag := l.start(agentBin)
+	ag.waitReady()
+	createNode(t, cs, u.Node4.Addr())
+	// Every Kubernetes node forwards; the lab's node must too.
+	must(t, l.Node.Do(func() error { return os.WriteFile("/proc/sys/net/ipv4/ip_forward", []byte("1"), 0o644) }))
+	dp := l.open()
+	l.register(dp, client, "client")
+	l.register(dp, local, "backend")
+
+	toLocal := createBackedService(t, cs, "to-local", local.IP4.Addr())
+	toWire := createBackedService(t, cs, "to-wire", wire.IP4.Addr())
+	startKubeProxy(t, l, mode, kubeconfig)
+	for _, vip := range []netip.Addr{toLocal, toWire} {
+		waitProgrammed(t, l, mode, vip)
+		waitFor(t, 10*time.Second, vip.String()+" live in the datapath", l.liveHas([]netip.Addr{vip}, true))
+	}
+
+	// Before: the SYN is DNATed to the backend, whose SYN-ACK goes straight
+	// to the client from the backend's own address; the client resets it
+	// and its connect times out. Any other failure (the node still setting
+	// up) is retried: only that timeout shows the defect.
+	for _, vip := range []netip.Addr{toLocal, toWire} {
+		for attempt := 1; ; attempt++ {
+			seen, err := askRemoteAddr(client.NS, netip.AddrPortFrom(vip, 80), 2*time.Second)
+			if err == nil {
+				t.Fatalf("%s answered without masquerading (backend saw %s): the test cannot show the fix", vip, seen)
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				t.Logf("without masquerade, as on a real node: client -> %s:80 times out: %v", vip, err)
+				break
+			}
+			if attempt == 5 {
+				t.Fatalf("client -> %s:80 never showed the unanswered handshake, last: %v", vip, err)
+			}
+			time.Sleep(time.Second)
+		}
+	}
+
+	writeConfig(true)
+	l.waitMetric("underpass_config_reloads_total", `result="success"`, 1)
+	for _, tc := range []struct {
+		name string
+		vip  netip.Addr
+	}{{"backend pod on the same node", toLocal}, {"backend on the wire", toWire}} {
+		var seen string
+		waitFor(t, 10*time.Second, tc.name+" answers through "+tc.vip.String(), func() bool {
+			var err error
+			seen, err = askRemoteAddr(client.NS, netip.AddrPortFrom(tc.vip, 80), 2*time.Second)
+			return err == nil
+		})
+		// What the README promises: the backend sees the node's address.
+		if host, _, _ := net.SplitHostPort(seen); host != u.Node4.Addr().String() {
+			t.Fatalf("%s: backend saw %s, want the node's address %s", tc.name, seen, u.Node4.Addr())
+		}
+		t.Logf("%s: client -> %s:80 answered; the backend saw %s", tc.name, tc.vip, seen)
+	}
+	out, _, err := l.Node.Exec(context.Background(), "nft", "list", "table", "inet", "underpass")
+	must(t, err)
+	if !strings.Contains(out, "masquerade") || strings.Contains(out, "packets 0 ") {
+		t.Fatalf("table inet underpass does not show the masqueraded flows:\n%s", out)
+	}
+
+	// Off again, live: the table goes, and so do the answers.
+	writeConfig(false)
+	l.waitMetric("underpass_config_reloads_total", `result="success"`, 2)
+	if _, _, err := l.Node.Exec(context.Background(), "nft", "list", "table", "inet", "underpass"); err == nil {
+		t.Fatal("table inet underpass still there with services.masquerade: false")
+	}
+}
+
+// createNode registers the lab's node, whose address kube-proxy looks up.
+func createNode(t *testing.T, cs kubernetes.Interface, addr netip.Addr) {
+	t.Helper()
+	ctx := context.Background()
+	n, err := cs.CoreV1().Nodes().Create(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: kubeNode}}, metav1.CreateOptions{})
+	must(t, err)
+	n.Status.Addresses = []corev1.NodeAddress{{Type: corev1.NodeInternalIP, Address: addr.String()}, {Type: corev1.NodeHostName, Address: kubeNode}}
+	_, err = cs.CoreV1().Nodes().UpdateStatus(ctx, n, metav1.UpdateOptions{})
+	must(t, err)
+}
+
+// createBackedService creates a ClusterIP Service, port 80 -> 8080, with
+// one ready endpoint at backend (no controller-manager here: the test
+// writes the EndpointSlice), and returns its VIP.
+func createBackedService(t *testing.T, cs kubernetes.Interface, name string, backend netip.Addr) netip.Addr {
+	t.Helper()
+	ctx := context.Background()
+	svc, err := cs.CoreV1().Services("default").Create(ctx, &corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Name: name},
+		Spec:       corev1.ServiceSpec{Ports: []corev1.ServicePort{{Name: "http", Port: 80, TargetPort: intstr.FromInt32(8080), Protocol: corev1.ProtocolTCP}}},
+	}, metav1.CreateOptions{})
+	must(t, err)
+	ready, port, pname, proto := true, int32(8080), "http", corev1.ProtocolTCP
+	_, err = cs.DiscoveryV1().EndpointSlices("default").Create(ctx, &discoveryv1.EndpointSlice{
+		ObjectMeta:  metav1.ObjectMeta{Name: name + "-1", Labels: map[string]string{discoveryv1.LabelServiceName: name}},
+		AddressType: discoveryv1.AddressTypeIPv4,
+		Endpoints:   []discoveryv1.Endpoint{{Addresses: []string{backend.String()}, Conditions: discoveryv1.EndpointConditions{Ready: &ready}}},
+		Ports:       []discoveryv1.EndpointPort{{Name: &pname, Port: &port, Protocol: &proto}},
+	}, metav1.CreateOptions{})
+	must(t, err)
+	return netip.MustParseAddr(svc.Spec.ClusterIP)
+}
+
+// startKubeProxy runs the real kube-proxy in the lab's node netns with its
+// defaults for mode. The only settings changed are what a network
+// namespace cannot do: nf_conntrack_max is a host-wide sysctl (maxPerCore
+// 0 leaves it alone), and the ports are on the node's loopback.
+func startKubeProxy(t *testing.T, l *lab, mode, kubeconfig string) {
+	t.Helper()
+	bin, err := kapi.BinDir()
+	must(t, err)
+	bin = filepath.Join(bin, "kube-proxy")
+	if _, err := os.Stat(bin); err != nil {
+		t.Fatalf("no kube-proxy (test/k8s/build.sh builds it): %v", err)
+	}
+	cfg := filepath.Join(t.TempDir(), "kube-proxy.yaml")
+	must(t, os.WriteFile(cfg, []byte(fmt.Sprintf(`apiVersion: kubeproxy.config.k8s.io/v1alpha1
+kind: KubeProxyConfiguration
+mode: %s
+hostnameOverride: %s
+clientConnection:
+  kubeconfig: %s
+metricsBindAddress: 127.0.0.1:10249
+healthzBindAddress: 127.0.0.1:10256
+conntrack:
+  maxPerCore: 0
+`, mode, kubeNode, kubeconfig)), 0o644))
+	out := &syncBuffer{}
+	cmd := l.Node.Command(context.Background(), bin, "--config", cfg, "--v=2")
+	cmd.Stdout, cmd.Stderr = out, out
+	must(t, cmd.Start())
+	var once sync.Once
+	t.Cleanup(func() {
+		once.Do(func() {
+			_ = cmd.Process.Kill()
+			_ = cmd.Wait()
+		})
+		if t.Failed() {
+			t.Logf("kube-proxy (%s) log:\n%s", mode, out.String())
+		}
+	})
+}
+
+// waitProgrammed waits until kube-proxy's rules name vip.
+func waitProgrammed(t *testing.T, l *lab, mode string, vip netip.Addr) {
+	t.Helper()
+	waitFor(t, 60*time.Second, "kube-proxy ("+mode+") programs "+vip.String(), func() bool {
+		var out string
+		if mode == "nftables" {
+			out, _, _ = l.Node.Exec(context.Background(), "nft", "list", "table", "ip", "kube-proxy")
+		} else {
+			out, _, _ = l.Node.Exec(context.Background(), "iptables-save", "-t", "nat")
+		}
+		return strings.Contains(out, vip.String())
+	})
+}
+
+// serveRemoteAddr answers every TCP connection with the address it came
+// from, one line.
+func serveRemoteAddr(t *testing.T, ns *netenv.NS, addr netip.AddrPort) {
+	t.Helper()
+	var ln net.Listener
+	must(t, ns.Do(func() error {
+		var err error
+		ln, err = net.Listen("tcp", addr.String())
+		return err
+	}))
+	var wg sync.WaitGroup
+	t.Cleanup(func() { ln.Close(); wg.Wait() })
+	wg.Go(func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			fmt.Fprintln(c, c.RemoteAddr().String())
+			c.Close()
+		}
+	})
+}
+
+// askRemoteAddr connects from ns and reads what serveRemoteAddr says.
+func askRemoteAddr(ns *netenv.NS, addr netip.AddrPort, timeout time.Duration) (string, error) {
+	c, err := netenv.DialTCPConn(ns, addr, timeout)
+	if err != nil {
+		return "", err
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(timeout))
+	line, err := bufio.NewReader(c).ReadString('\n')
+	if err != nil {
+		return "", fmt.Errorf("read from %s: %w", addr, err)
+	}
+	return strings.TrimSpace(line), nil
+}
