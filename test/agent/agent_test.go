@@ -473,10 +473,14 @@ func TestUninstall(t *testing.T) {
 		"detached XDP program from eth0",
 		"detached endpoint programs from eth0 in " + ctr.Path,
 		"removed " + l.dir,
+		"removed nftables table inet underpass",
 	} {
 		if !strings.Contains(out, want) {
 			t.Errorf("uninstall output lacks %q", want)
 		}
+	}
+	if out, _, err := l.Node.Exec(t.Context(), "nft", "list", "table", "inet", "underpass"); err == nil {
+		t.Errorf("table inet underpass survived the uninstall:\n%s", out)
 	}
 	if _, err := os.Stat(l.dir); !os.IsNotExist(err) {
 		t.Fatalf("pin dir still there: %v", err)
