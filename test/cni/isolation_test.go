@@ -1,11 +1,17 @@
 package cni_test
 
 import (
+	"bytes"
 	"errors"
+	"fmt"
 	"net"
 	"net/netip"
+	"os"
 	"testing"
+	"time"
 
+	"github.com/gopacket/gopacket"
+	"github.com/gopacket/gopacket/layers"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
@@ -101,4 +107,144 @@ func TestSpoofingThroughThePlugin(t *testing.T) {
 	h.del(l, a)
 	h.del(l, b)
 	h.assertNoLeak(t, nil, a.ns, b.ns)
+}
+
+// Attacks that skip the pod's own filter: the source guard runs again at
+// the parent's egress, where a pod cannot reach. Each attack sends frames
+// carrying a unique token; the wire port must see none of them, and the
+// attacking pod's counter shows where they went.
+func TestAttacksPastThePodsOwnFilter(t *testing.T) {
+	h := newHarness(t, harnessOpts{})
+	u := h.env.Uplinks[0]
+	l := h.conflist("up-attack", "1.1.0", h.mainConf(false))
+	a, b := h.newPod("a"), h.newPod("b")
+	h.add(l, a)
+	h.add(l, b)
+	h.baselineParents()
+	netenv.MustPing(t, a.ns, u.Gateway4, 1)
+
+	icmp := func(t *testing.T, src netip.Addr, vlan uint16, token []byte) []byte {
+		t.Helper()
+		eth := &layers.Ethernet{SrcMAC: a.mac, DstMAC: u.GatewayMAC, EthernetType: layers.EthernetTypeIPv4}
+		ls := []gopacket.SerializableLayer{eth}
+		if vlan != 0 {
+			eth.EthernetType = layers.EthernetTypeDot1Q
+			ls = append(ls, &layers.Dot1Q{VLANIdentifier: vlan, Type: layers.EthernetTypeIPv4})
+		}
+		ip := &layers.IPv4{Version: 4, TTL: 64, Protocol: layers.IPProtocolICMPv4, SrcIP: src.AsSlice(), DstIP: u.Gateway4.AsSlice()}
+		ls = append(ls, ip, &layers.ICMPv4{TypeCode: layers.CreateICMPv4TypeCode(layers.ICMPv4TypeEchoRequest, 0), Id: 7, Seq: 1}, gopacket.Payload(token))
+		buf := gopacket.NewSerializeBuffer()
+		must(t, gopacket.SerializeLayers(buf, gopacket.SerializeOptions{FixLengths: true, ComputeChecksums: true}, ls...))
+		return buf.Bytes()
+	}
+	for i, tc := range []struct {
+		name   string
+		bypass bool // PACKET_QDISC_BYPASS: the pod's egress qdisc, and its filter, never see the frame
+		remove bool // the pod (NET_ADMIN) deletes its own filters first
+		src    netip.Addr
+		vlan   uint16
+		reason loader.DropReason
+	}{
+		{name: "raw socket with PACKET_QDISC_BYPASS, pod b's address", bypass: true, src: b.ip4, reason: loader.DropSpoofedSource},
+		{name: "raw socket with PACKET_QDISC_BYPASS, the node's address", bypass: true, src: u.Node4.Addr(), reason: loader.DropSpoofedSource},
+		{name: "raw socket with PACKET_QDISC_BYPASS, 802.1Q tag 100", bypass: true, src: a.ip4, vlan: 100, reason: loader.DropUnvetted},
+		{name: "own filters deleted, pod b's address", remove: true, src: b.ip4, reason: loader.DropSpoofedSource},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			token := []byte(fmt.Sprintf("underpass-attack-%d-%d", i, time.Now().UnixNano()))
+			wire := netenv.StartCounter(t, h.env.Wire, u.Port, func(f []byte) bool { return bytes.Contains(f, token) })
+			if tc.remove {
+				if _, stderr, err := a.ns.Exec(t.Context(), "tc", "qdisc", "del", "dev", "eth0", "clsact"); err != nil {
+					t.Fatalf("pod removes its filters: %v %s", err, stderr)
+				}
+			}
+			before := h.stats(t, a)
+			frame := icmp(t, tc.src, tc.vlan, token)
+			const n = 5
+			refused := 0
+			for range n {
+				// The parent's drop reaches the sender as NET_XMIT_DROP:
+				// ENOBUFS from sendto.
+				err := sendRaw(a.ns, mustIndex(t, a), frame, tc.bypass)
+				if errors.Is(err, unix.ENOBUFS) {
+					refused++
+					continue
+				}
+				must(t, err)
+			}
+			netenv.Barrier(t, h.env.Node, u.Name, wire)
+			after := h.stats(t, a)
+			if c := wire.Count(); c != 0 {
+				t.Errorf("%d of %d attack frames reached the wire", c, n)
+			}
+			if d := after.Drops[tc.reason] - before.Drops[tc.reason]; d < n {
+				t.Errorf("%s drops of pod a moved by %d, want %d", tc.reason, d, n)
+			}
+			t.Logf("%d frames sent (%d refused with ENOBUFS), 0 on the wire, %s +%d (pod a)", n, refused, tc.reason, after.Drops[tc.reason]-before.Drops[tc.reason])
+			// The honest paths still work.
+			netenv.MustPing(t, b.ns, u.Gateway4, 2)
+			netenv.MustPing(t, h.env.Node, a.ip4, 2)
+		})
+	}
+	h.del(l, a)
+	h.del(l, b)
+	h.assertNoLeak(t, nil, a.ns, b.ns)
+}
+
+// sendRaw sends frame out of ifindex inside ns through an AF_PACKET socket,
+// optionally with PACKET_QDISC_BYPASS (straight to the driver: no qdisc, no
+// tc filter of the interface).
+func sendRaw(n *netenv.NS, ifindex int, frame []byte, bypass bool) error {
+	return n.Do(func() error {
+		fd, err := unix.Socket(unix.AF_PACKET, unix.SOCK_RAW, 0)
+		if err != nil {
+			return err
+		}
+		defer unix.Close(fd)
+		if bypass {
+			if err := unix.SetsockoptInt(fd, unix.SOL_PACKET, unix.PACKET_QDISC_BYPASS, 1); err != nil {
+				return fmt.Errorf("PACKET_QDISC_BYPASS: %w", err)
+			}
+		}
+		return unix.Sendto(fd, frame, 0, &unix.SockaddrLinklayer{Ifindex: ifindex, Halen: 6})
+	})
+}
+
+// A pod that routes through the node (a route via the node's address)
+// does not reach a network only the node is on, though the node forwards
+// (ip_forward=1, as on every Kubernetes node): routed_via_node.
+func TestNodeDoesNotRouteForPods(t *testing.T) {
+	h := newHarness(t, harnessOpts{netenv: netenv.Options{SecondUplink: true}})
+	u, u2 := h.env.Uplinks[0], h.env.Uplinks[1]
+	behind := h.env.AddWireHostOn(u2, "behind", u2.IP4(50), netip.Prefix{})
+	must(t, h.env.Node.Do(func() error { return os.WriteFile("/proc/sys/net/ipv4/ip_forward", []byte("1"), 0o644) }))
+	netenv.MustPing(t, h.env.Node, behind.IP4.Addr(), 1) // the node itself reaches it
+
+	l := h.conflist("up-router", "1.1.0", h.mainConf(false))
+	a := h.newPod("a")
+	h.add(l, a)
+	h.baselineParents()
+	eth0, err := a.ns.Netlink().LinkByName("eth0")
+	must(t, err)
+	must(t, a.ns.Netlink().RouteAdd(&netlink.Route{LinkIndex: eth0.Attrs().Index, Dst: &net.IPNet{IP: u2.Subnet4.Addr().AsSlice(), Mask: net.CIDRMask(u2.Subnet4.Bits(), 32)}, Gw: u.Node4.Addr().AsSlice()}))
+
+	wire2 := netenv.StartCounter(t, h.env.Wire, u2.Port, netenv.MatchDstIP(behind.IP4.Addr()))
+	before := h.stats(t, a)
+	r := netenv.Ping(t, a.ns, behind.IP4.Addr(), 3)
+	netenv.Barrier(t, h.env.Node, u2.Name, wire2)
+	after := h.stats(t, a)
+	if r.Received != 0 {
+		t.Errorf("pod reached %s through the node: %v", behind.IP4.Addr(), r)
+	}
+	if c := wire2.Count(); c != 0 {
+		t.Errorf("%d of the pod's pings left the node on %s", c, u2.Name)
+	}
+	if d := after.Drops[loader.DropRouted] - before.Drops[loader.DropRouted]; d < 3 {
+		t.Errorf("routed_via_node of pod a moved by %d, want at least 3", d)
+	}
+	t.Logf("pod -> %s via the node: %v, routed_via_node +%d", behind.IP4.Addr(), r, after.Drops[loader.DropRouted]-before.Drops[loader.DropRouted])
+	// The node's own address is still the pod's to reach.
+	netenv.MustPing(t, a.ns, u.Node4.Addr(), 2)
+	h.del(l, a)
+	h.assertNoLeak(t, nil, a.ns)
 }
