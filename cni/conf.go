@@ -50,7 +50,7 @@ type NetConf struct {
 	// the entry is chained.
 	Master      string `json:"master,omitempty"`
 	Mode        string `json:"mode,omitempty"`        // macvlan (default) | ipvlan
-	MacvlanMode string `json:"macvlanMode,omitempty"` // bridge (default) | vepa | private | passthru
+	MacvlanMode string `json:"macvlanMode,omitempty"` // bridge (default) | vepa | private (passthru is refused)
 	IPvlanMode  string `json:"ipvlanMode,omitempty"`  // l2 (default) | l3 | l3s
 	MTU         int    `json:"mtu,omitempty"`         // 0: the master's
 	BPFFS       string `json:"bpffs,omitempty"`       // default /sys/fs/bpf/underpass
@@ -172,6 +172,11 @@ func (c *Conf) hasInterfaceKeys() bool {
 	return c.Master != "" || c.Mode != "" || c.MacvlanMode != "" || c.IPvlanMode != "" || c.MTU != 0 || c.IPAM.Type != ""
 }
 
+// passthruRefused says why: a passthru slave takes the parent's MAC and
+// all of its traffic, so the host has no path of its own on that NIC for
+// underpass to hairpin, steer or guard.
+const passthruRefused = "underpass cannot honour passthru (the pod takes the parent NIC's MAC and all its traffic, so the host has no path to it on that NIC): use bridge, vepa or private, or leave underpass out of this network"
+
 func macvlanMode(s string) (netlink.MacvlanMode, error) {
 	switch s {
 	case "", "bridge":
@@ -181,9 +186,9 @@ func macvlanMode(s string) (netlink.MacvlanMode, error) {
 	case "private":
 		return netlink.MACVLAN_MODE_PRIVATE, nil
 	case "passthru":
-		return netlink.MACVLAN_MODE_PASSTHRU, nil
+		return 0, invalidConf("macvlanMode passthru: %s", passthruRefused)
 	}
-	return 0, invalidConf("unknown macvlanMode %q: use bridge, vepa, private or passthru", s)
+	return 0, invalidConf("unknown macvlanMode %q: use bridge, vepa or private", s)
 }
 
 func ipvlanMode(s string) (netlink.IPVlanMode, loader.Mode, error) {

@@ -166,6 +166,9 @@ func inspectSlave(ifname string) (*slave, error) {
 	switch v := l.(type) {
 	case *netlink.Macvlan:
 		s.Kind, s.Mode = ModeMacvlan, loader.ModeMacvlan
+		if v.Mode == netlink.MACVLAN_MODE_PASSTHRU {
+			return nil, invalidConf("interface %q in the container is a passthru macvlan slave: %s", ifname, passthruRefused)
+		}
 	case *netlink.IPVlan:
 		s.Kind = ModeIPvlan
 		switch v.Mode {

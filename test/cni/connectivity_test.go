@@ -175,3 +175,40 @@ func (h *harness) connectivity(t *testing.T, a, b *pod) {
 		t.Errorf("stale drops for pod a moved by %d, want at least 3", s1.StaleDropped-s0.StaleDropped)
 	}
 }
+
+// macvlan private and vepa keep their meaning with underpass: the hairpin
+// never carries pod -> pod (private: isolated; vepa: only the wire's
+// switch may turn it around, and the lab's bridge does not), while host
+// <-> pod works both ways, including a private pod that speaks first (its
+// ARP for the node goes in as a unicast to the parent, which macvlan hands
+// to the host alone).
+func TestMacvlanModesKeepTheirMeaning(t *testing.T) {
+	for _, mode := range []string{"private", "vepa"} {
+		t.Run(mode, func(t *testing.T) {
+			h := newHarness(t, harnessOpts{})
+			u := h.env.Uplinks[0]
+			conf := h.mainConf(false)
+			conf["macvlanMode"] = mode
+			l := h.conflist("up-"+mode, "1.1.0", conf)
+			a, b := h.newPod("a"), h.newPod("b")
+			h.add(l, a)
+			h.add(l, b)
+			h.baselineParents()
+
+			// The pod speaks first: no neighbour entry for the node yet.
+			netenv.MustPing(t, a.ns, u.Node4.Addr(), 2)
+			netenv.MustPing(t, h.env.Node, b.ip4, 2)
+			netenv.MustPing(t, b.ns, u.Gateway4, 2)
+
+			if r := netenv.Ping(t, a.ns, b.ip4, 3); r.Received != 0 {
+				t.Errorf("%s: pod a reached pod b: %v", mode, r)
+			}
+			if r := netenv.Ping(t, b.ns, a.ip4, 3); r.Received != 0 {
+				t.Errorf("%s: pod b reached pod a: %v", mode, r)
+			}
+			h.del(l, a)
+			h.del(l, b)
+			h.assertNoLeak(t, nil, a.ns, b.ns)
+		})
+	}
+}

@@ -78,7 +78,23 @@ func TestAddFailures(t *testing.T) {
 			name:    "unknown macvlanMode",
 			plugins: func() []map[string]any { return []map[string]any{with(h.mainConf(false), "macvlanMode", "l2")} },
 			code:    types.ErrInvalidNetworkConfig,
-			msg:     []string{`unknown macvlanMode "l2"`, "bridge, vepa, private or passthru"},
+			msg:     []string{`unknown macvlanMode "l2"`, "bridge, vepa or private"},
+		},
+		{
+			// The host would have no path to the pod on that NIC: nothing
+			// underpass promises could hold.
+			name:    "macvlanMode passthru",
+			plugins: func() []map[string]any { return []map[string]any{with(h.mainConf(false), "macvlanMode", "passthru")} },
+			code:    types.ErrInvalidNetworkConfig,
+			msg:     []string{"macvlanMode passthru: underpass cannot honour passthru", "use bridge, vepa or private"},
+		},
+		{
+			name: "chained after a passthru macvlan",
+			plugins: func() []map[string]any {
+				return []map[string]any{{"type": "macvlan", "master": "eth0", "mode": "passthru", "ipam": h.hostLocal(false)}, {"type": "underpass", "bpffs": h.bpffs}}
+			},
+			code: types.ErrInvalidNetworkConfig,
+			msg:  []string{`interface "eth0" in the container is a passthru macvlan slave`},
 		},
 		{
 			name:    "ipvlanMode with macvlan",
