@@ -95,14 +95,26 @@ func (c *Collector) confirmAndRemove(id uint32, judged *loader.Endpoint) (bool, 
 	}
 	fresh := &checker{handles: map[string]*netlink.Handle{}}
 	defer fresh.close()
-	if reason, err := fresh.dead(&now); err != nil || reason == "" {
+	reason, err := fresh.dead(&now)
+	if err != nil || reason == "" {
 		return false, err
+	}
+	// The interface is still there with another MAC: its filters would go on
+	// running as endpoint id, and once the id is reused, vet its frames as
+	// someone else's. They go first.
+	if reason == reasonMACChanged {
+		if err := loader.DetachEndpoint(datapath.GoString(now.Netns[:]), int(now.Ifindex), id); err != nil {
+			return false, err
+		}
 	}
 	if err := datapath.Unregister(c.Maps, id); err != nil {
 		return false, err
 	}
 	return true, nil
 }
+
+// reasonMACChanged: the interface is still there, with another MAC.
+const reasonMACChanged = "interface replaced (MAC changed)"
 
 type checker struct {
 	handles map[string]*netlink.Handle
@@ -163,7 +175,7 @@ func (c *checker) dead(ep *loader.Endpoint) (string, error) {
 		return "interface gone (its index now belongs to " + l.Attrs().Name + ")", nil
 	}
 	if loader.Mode(ep.Mode) == loader.ModeMacvlan && string(l.Attrs().HardwareAddr) != string(ep.Mac[:]) {
-		return "interface replaced (MAC changed)", nil
+		return reasonMACChanged, nil
 	}
 	return "", nil
 }

@@ -1,6 +1,7 @@
 package agent_test
 
 import (
+	"errors"
 	"net"
 	"net/netip"
 	"os"
@@ -425,16 +426,47 @@ func TestEndpointGC(t *testing.T) {
 	if _, ok := eps[r.ep]; !ok {
 		t.Fatal("GC removed a live endpoint")
 	}
+	// Keyed as ep_by_ip is (address, parent): a lookup with a key of the
+	// wrong size would fail whatever the map holds.
 	var ref loader.EndpointRef
-	k := datapath.IPKey(r.Uplinks[0].IP4(11).Addr())
-	if err := m.EpByIP.Lookup(&k, &ref); err == nil {
-		t.Fatal("address of a collected endpoint still registered")
+	k := datapath.EpIPKey(r.Uplinks[0].IP4(11).Addr(), r.Uplinks[0].Index)
+	if err := m.EpByIP.Lookup(&k, &ref); !errors.Is(err, ebpf.ErrKeyNotExist) {
+		t.Fatalf("address of a collected endpoint: lookup says %+v, %v; want no entry", ref, err)
 	}
 	out := r.ag.out.String()
 	if !strings.Contains(out, `reason="netns gone`) || !strings.Contains(out, `reason="interface gone"`) {
 		t.Fatalf("GC did not log its reasons:\n%s", out)
 	}
 	netenv.MustPing(t, r.Node, r.ctr.IP4.Addr(), 5)
+}
+
+// A pod whose interface got another MAC (a pod with NET_ADMIN, or an
+// interface replaced in place) is collected, and its filters go with the
+// registration: left attached, they would vet its frames as whichever
+// endpoint gets the id next.
+func TestEndpointGCDetachesFiltersOfAChangedMAC(t *testing.T) {
+	r := setup(t)
+	c := r.AddMacvlanContainer("newmac", r.Uplinks[0].IP4(13), netip.Prefix{})
+	id := r.register(r.dp, c, "newmac")
+	must(t, loader.AttachEndpoint(r.dp, id, c.Path, c.Index))
+	if f, err := loader.AttachedEndpoint(c.Path, c.Index); err != nil || f == (loader.EndpointFilters{}) {
+		t.Fatalf("filters before: %+v, %v", f, err)
+	}
+	l, err := c.Netlink().LinkByIndex(c.Index)
+	must(t, err)
+	must(t, c.Netlink().LinkSetHardwareAddr(l, net.HardwareAddr{0x02, 0x6e, 0x65, 0x77, 0, 1}))
+	waitFor(t, 10*time.Second, "endpoint with a changed MAC collected", func() bool {
+		eps, _ := datapath.Endpoints(&r.dp.Maps)
+		_, ok := eps[id]
+		return !ok
+	})
+	if f, err := loader.AttachedEndpoint(c.Path, c.Index); err != nil || f != (loader.EndpointFilters{}) {
+		t.Fatalf("filters after GC: %+v, %v; want none", f, err)
+	}
+	if out := r.ag.out.String(); !strings.Contains(out, `reason="interface replaced (MAC changed)"`) {
+		t.Fatalf("GC did not say why:\n%s", out)
+	}
+	netenv.MustPing(t, r.Node, r.ctr.IP4.Addr(), 3)
 }
 
 func TestUninstall(t *testing.T) {
