@@ -135,12 +135,41 @@ func BuildPrefilter(prefixes []netip.Prefix) loader.Prefilter {
 	return f
 }
 
+// writePrefilter replaces set which's prefilter so that no reader ever
+// trusts slots that are half-written. An array map update is a plain copy:
+// a program on another CPU can read a mix of the old and the new value. So
+// the slots are never changed under exact = 1: first the old slots lose
+// their trust, then the new slots are written untrusted (exact = 0 sends
+// every lookup to the trie, which is right whatever the slots hold), then
+// they are trusted. Any mix of two consecutive writes is safe; a reader
+// would have to span three map updates (it runs for well under a
+// microsecond, in softirq) to see anything else.
 func writePrefilter(m *loader.Maps, which uint32, prefixes []netip.Prefix) error {
-	f := BuildPrefilter(prefixes)
-	if err := m.Prefilter.Update(which, &f, ebpf.UpdateAny); err != nil {
-		return fmt.Errorf("write prefilter: %w", err)
+	f := BuildPrefilter(slices.SortedFunc(slices.Values(prefixes), comparePrefix))
+	var cur loader.Prefilter
+	if err := m.Prefilter.Lookup(which, &cur); err == nil && cur == f {
+		return nil
+	}
+	for _, v := range prefilterSteps(cur, f) {
+		if err := prefilterUpdate(m, which, &v); err != nil {
+			return fmt.Errorf("write prefilter: %w", err)
+		}
 	}
 	return nil
+}
+
+// prefilterSteps are the values written to go from cur to f.
+func prefilterSteps(cur, f loader.Prefilter) []loader.Prefilter {
+	distrust := func(p loader.Prefilter) loader.Prefilter {
+		p.Exact4, p.Exact6 = 0, 0
+		return p
+	}
+	return []loader.Prefilter{distrust(cur), distrust(f), f}
+}
+
+// prefilterUpdate is the one write of a prefilter value (a test records it).
+var prefilterUpdate = func(m *loader.Maps, which uint32, v *loader.Prefilter) error {
+	return m.Prefilter.Update(which, v, ebpf.UpdateAny)
 }
 
 // syncLPM moves a trie from have (its current entries) to want. It adds and
@@ -239,4 +268,13 @@ func SyncLiveServices(m *loader.Maps, want map[netip.Addr]bool) (added, removed 
 		removed++
 	}
 	return added, removed, nil
+}
+
+// comparePrefix orders prefixes by address, then length: the same set is
+// laid out the same way every time.
+func comparePrefix(a, b netip.Prefix) int {
+	if c := a.Addr().Compare(b.Addr()); c != 0 {
+		return c
+	}
+	return a.Bits() - b.Bits()
 }
