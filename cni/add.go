@@ -3,6 +3,7 @@ package cni
 import (
 	"errors"
 	"fmt"
+	"strings"
 
 	cnins "github.com/containernetworking/cni/pkg/ns"
 	"github.com/containernetworking/cni/pkg/skel"
@@ -42,11 +43,16 @@ func add(args *skel.CmdArgs) (err error) {
 	// skel refuses a plugin that runs inside CNI_NETNS only after ADD has
 	// returned, when IPAM has handed out an address that the IPAM plugin's
 	// own copy of that check then hid from the rollback.
-	if inside, err := cnins.CheckNetNS(args.Netns); err == nil && inside {
-		return errorf(types.ErrInvalidNetNS, "the plugin runs inside CNI_NETNS %s: the runtime must run it from the host network namespace", args.Netns)
+	if ov := strings.ToUpper(args.NetnsOverride); ov != "TRUE" && ov != "1" {
+		if inside, err := cnins.CheckNetNS(args.Netns); err == nil && inside {
+			return errorf(types.ErrInvalidNetNS, "the plugin runs inside CNI_NETNS %s: the runtime must run it from the host network namespace", args.Netns)
+		}
 	}
 	// What only the user can fix is reported before what goes away by
 	// itself (the datapath loading), and before IPAM takes an address.
+	if c.Chained && c.PrevResult == nil {
+		return invalidConf("underpass has no interface keys, so it is chained, but no plugin before it returned a result: put it after the macvlan or ipvlan plugin in the plugins list, or set master (and ipam) for underpass to create the interface itself")
+	}
 	var master netlink.Link
 	if !c.Chained {
 		if master, err = resolveMaster(c.Master); err != nil {
@@ -201,9 +207,6 @@ func addMain(c *Conf, args *skel.CmdArgs, dp *loader.Datapath, netns ns.NetNS, m
 // addChained adopts the slave a previous plugin created and passes its
 // result on unchanged.
 func addChained(c *Conf, dp *loader.Datapath, netns ns.NetNS, ep endpoint, ph *phases) (types.Result, error) {
-	if c.PrevResult == nil {
-		return nil, invalidConf("underpass has no interface keys, so it is chained, but no plugin before it returned a result: put it after the macvlan or ipvlan plugin in the plugins list, or set master (and ipam) for underpass to create the interface itself")
-	}
 	prev, err := current.NewResultFromResult(c.PrevResult)
 	if err != nil {
 		return nil, errorf(types.ErrDecodingFailure, "prevResult: %v", err)

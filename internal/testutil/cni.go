@@ -28,8 +28,8 @@ func BuildPlugin(out string, tags ...string) error {
 	return nil
 }
 
-// ReferencePlugins builds the reference plugins (macvlan, ptp, host-local,
-// static) once per version into $HOME/.cache/underpass/cni-plugins-<version>
+// ReferencePlugins builds the reference plugins (macvlan, ipvlan, ptp,
+// loopback, host-local, static) once per version into $HOME/.cache/underpass/cni-plugins-<version>
 // and returns that directory. No testing.TB: TestMain calls it too.
 func ReferencePlugins() (string, error) {
 	home, err := os.UserHomeDir()
@@ -43,6 +43,7 @@ func ReferencePlugins() (string, error) {
 		"ptp":        "main/ptp",
 		"host-local": "ipam/host-local",
 		"static":     "ipam/static",
+		"loopback":   "main/loopback", // containerd's CRI sets up lo with it
 	}
 	var pkgs []string
 	for name, p := range want {

@@ -57,10 +57,12 @@ type Agent struct {
 	opts Options
 	log  *slog.Logger
 
-	cfg       *config.Config // in force
-	gen       uint64         // config generation written to the datapath
-	svcSynced bool           // the live set has synced once: the stale guard is armed
-	masq      bool           // table inet underpass is installed (services.masquerade)
+	cfg         *config.Config // in force
+	gen         uint64         // config generation written to the datapath
+	svcSynced   bool           // the live set has synced once: the stale guard is armed
+	masq        bool           // table inet underpass is installed (services.masquerade)
+	masqParents []string       // the parents its rules name
+	masqErrors  atomic.Uint64  // failed installs or removals since start (read by /metrics)
 
 	dp  atomic.Pointer[loader.Datapath]
 	svc atomic.Pointer[services.Manager]
@@ -227,6 +229,10 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 			a.checkPins()
 			a.reconcileParents(false)
 			a.armGuard()
+			if err := a.syncMasquerade(a.cfg.Services.Masquerade, false); err != nil {
+				a.masqErrors.Add(1)
+				a.errorOnce("masquerade", "Service flows to underlay pod backends will get no reply", "error", err)
+			}
 		case <-gcTick.C:
 			a.runGC()
 			a.heal()

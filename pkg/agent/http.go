@@ -13,6 +13,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/underpass-cni/underpass/pkg/datapath"
+	"github.com/underpass-cni/underpass/pkg/hostnat"
 )
 
 // metrics are the agent's own metrics (names fixed by DESIGN.md).
@@ -61,6 +62,17 @@ func newMetrics(a *Agent) *metrics {
 				return 1
 			}
 			return 0
+		}),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "underpass_masquerade_errors_total",
+			Help: "Failed installs or removals of the nftables table inet underpass (services.masquerade); while it is missing, Service flows to underlay pod backends get no reply.",
+		}, func() float64 { return float64(a.masqErrors.Load()) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "underpass_service_masqueraded_flows_total",
+			Help: "Service flows of underlay pods that the host DNATed and forwarded, masqueraded by the table inet underpass (restarts from 0 when the table is rewritten).",
+		}, func() float64 {
+			st, _ := hostnat.Installed()
+			return float64(st.Flows)
 		}),
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),

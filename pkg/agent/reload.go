@@ -74,7 +74,8 @@ func (a *Agent) apply(ctx context.Context, c, old *config.Config) error {
 	errs = append(errs, a.applyDatapath(c))
 	// Not fatal: without it only Services with underlay pod backends fail;
 	// heal retries.
-	if err := a.applyMasquerade(c.Services.Masquerade); err != nil {
+	if err := a.syncMasquerade(c.Services.Masquerade, old == nil); err != nil {
+		a.masqErrors.Add(1)
 		a.errorOnce("masquerade", "Service flows to underlay pod backends will get no reply", "error", err)
 	}
 	if err := a.kube.configure(ctx, c); err != nil {
@@ -119,44 +120,59 @@ func (a *Agent) applyDatapath(c *config.Config) error {
 	return errors.Join(errs...)
 }
 
-// applyMasquerade installs or removes the agent's nftables table (see
-// pkg/hostnat): Service flows of underlay pods that the host DNATs to a
-// backend and forwards are masqueraded, so the reply comes back through
-// the host.
-func (a *Agent) applyMasquerade(on bool) error {
-	if on == a.masq {
-		return nil
-	}
-	if on {
-		if err := hostnat.Install(loader.MarkSteered); err != nil {
-			return fmt.Errorf("services.masquerade: %w (without it, a pod's Service flow to another underlay pod gets no reply: set services.masquerade: false only if kube-proxy masquerades them, e.g. masqueradeAll)", err)
+// syncMasquerade makes the agent's nftables table (see pkg/hostnat) follow
+// services.masquerade and the attached parents: on, it masquerades the
+// Service flows that arrive steered on a parent and that the host DNATs
+// and forwards, so the backend's reply comes back through the host; off,
+// the table is gone. force checks the kernel's copy instead of trusting
+// what was installed last (start-up, heal).
+func (a *Agent) syncMasquerade(on, force bool) error {
+	if !on {
+		if !a.masq && !force {
+			return nil
 		}
-		a.masq = true
-		a.log.Info("masquerading Service flows the host forwards", "nftables", "table inet "+hostnat.Table)
+		if st, err := hostnat.Installed(); err == nil && !st.Table {
+			a.masq = false
+			return nil
+		}
+		if err := hostnat.Remove(); err != nil {
+			return fmt.Errorf("services.masquerade: %w", err)
+		}
+		a.masq = false
+		a.log.Info("not masquerading Service flows", "nftables", "table inet "+hostnat.Table+" removed")
 		return nil
 	}
-	if err := hostnat.Remove(); err != nil {
-		return fmt.Errorf("services.masquerade: %w", err)
+	parents := make([]string, 0, len(a.parents))
+	for _, p := range a.parents {
+		parents = append(parents, p.name)
 	}
-	a.masq = false
-	a.log.Info("stopped masquerading Service flows", "nftables", "table inet "+hostnat.Table+" removed")
+	slices.Sort(parents)
+	if a.masq && !force && slices.Equal(parents, a.masqParents) {
+		return nil
+	}
+	if a.masq && force && slices.Equal(parents, a.masqParents) {
+		// Trust nothing but a table with one rule per parent.
+		if st, err := hostnat.Installed(); err == nil && st.Table && st.Rules == len(parents) {
+			return nil
+		}
+		a.log.Warn("nftables table inet " + hostnat.Table + " was changed from under the agent: reinstalling")
+	}
+	if err := hostnat.Install(loader.MarkSteered, parents); err != nil {
+		a.masq = false
+		return fmt.Errorf("services.masquerade: %w (without it, a pod's Service flow to another underlay pod gets no reply: set services.masquerade: false only if something else masquerades them, e.g. kube-proxy's masqueradeAll)", err)
+	}
+	a.masq, a.masqParents = true, parents
+	a.log.Info("masquerading Service flows the host forwards", "nftables", "table inet "+hostnat.Table, "parents", parents)
 	return nil
 }
 
-// healMasquerade puts the table back if something removed it (nft flush
-// ruleset, a firewall reload), or installs it if that failed before.
+// healMasquerade re-checks the table against the kernel's copy.
 func (a *Agent) healMasquerade() {
-	if a.cfg == nil || !a.cfg.Services.Masquerade {
+	if a.cfg == nil {
 		return
 	}
-	if a.masq {
-		if ok, _, err := hostnat.Installed(); err != nil || ok {
-			return
-		}
-		a.masq = false
-		a.log.Warn("nftables table inet " + hostnat.Table + " was removed from under the agent: reinstalling")
-	}
-	if err := a.applyMasquerade(true); err != nil {
+	if err := a.syncMasquerade(a.cfg.Services.Masquerade, true); err != nil {
+		a.masqErrors.Add(1)
 		a.errorOnce("masquerade", "Service flows to underlay pod backends will get no reply", "error", err)
 	}
 }

@@ -37,7 +37,7 @@ func Uninstall(configPath string, out io.Writer) error {
 		return fmt.Errorf("underpassd (pid %d) is running on %s: stop it first, or it attaches again", pid, dir)
 	}
 	// The nftables table is not in bpffs: it goes whatever is pinned.
-	if ok, _, err := hostnat.Installed(); err == nil && ok {
+	if st, err := hostnat.Installed(); err == nil && st.Table {
 		if err := hostnat.Remove(); err != nil {
 			return fmt.Errorf("uninstall: %w", err)
 		}

@@ -8,12 +8,14 @@
 // never meets the node's conntrack, the client sees a SYN-ACK from an
 // address it never called, and the connection fails. kube-proxy masquerades
 // such traffic only with masqueradeAll or a cluster CIDR that excludes the
-// pods. So the agent masquerades exactly the flows the datapath steered
-// (skb mark UP_MARK_STEERED, set by the parent program) that the host then
-// DNATed and forwarded: the backend sees the node's address and answers it,
-// and conntrack takes the reply back to the client. Flows to host-network
-// backends are delivered locally and never reach postrouting: their source
-// address is kept.
+// pods. So the agent masquerades the flows the datapath steered (skb mark
+// UP_MARK_STEERED, set by the parent program, arriving on a parent the
+// agent serves) that the host then DNATed and forwarded, whatever the
+// backend: the backend sees the node's address and answers it, and
+// conntrack takes the reply back to the client. Flows to a backend on this
+// host (host network) are delivered locally, never reach postrouting, and
+// keep the pod's address. The parent match keeps other users of the mark
+// bit (Calico, say) out of the rule.
 package hostnat
 
 import (
@@ -39,10 +41,10 @@ func table() *nftables.Table {
 	return &nftables.Table{Name: Table, Family: nftables.TableFamilyINet}
 }
 
-// Install writes the table with its one rule, replacing what was there in
-// the same transaction: a reader never sees the table half-written, and
-// calling it again (every start, every reload) is harmless.
-func Install(mark uint32) error {
+// Install writes the table with one rule per parent, replacing what was
+// there in the same transaction: a reader never sees the table
+// half-written, and calling it again is harmless.
+func Install(mark uint32, parents []string) error {
 	c, err := nftables.New()
 	if err != nil {
 		return fmt.Errorf("nftables: %w", err)
@@ -55,8 +57,10 @@ func Install(mark uint32) error {
 		Name: chain, Table: t, Type: nftables.ChainTypeNAT,
 		Hooknum: nftables.ChainHookPostrouting, Priority: nftables.ChainPriorityNATSource,
 	})
-	c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: masqueradeSteered(mark),
-		UserData: []byte("underpass: masquerade Service flows of underlay pods that the host DNATed and forwarded")})
+	for _, p := range parents {
+		c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: masqueradeSteered(mark, p),
+			UserData: []byte("underpass: masquerade Service flows of underlay pods that the host DNATed and forwarded")})
+	}
 	if err := c.Flush(); err != nil {
 		return fmt.Errorf("install nftables table inet %s: %w", Table, err)
 	}
@@ -65,9 +69,13 @@ func Install(mark uint32) error {
 
 // masqueradeSteered is
 //
-//	meta mark & mark == mark  ct status & dnat == dnat  counter  masquerade
-func masqueradeSteered(mark uint32) []expr.Any {
+//	iifname parent  meta mark & mark == mark  ct status & dnat == dnat  counter  masquerade
+func masqueradeSteered(mark uint32, parent string) []expr.Any {
+	name := make([]byte, unix.IFNAMSIZ)
+	copy(name, parent)
 	return []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyIIFNAME, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: name},
 		&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
 		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4,
 			Mask: binaryutil.NativeEndian.PutUint32(mark), Xor: binaryutil.NativeEndian.PutUint32(0)},
@@ -99,17 +107,24 @@ func Remove() error {
 	return nil
 }
 
-// Installed reports whether the table is there, and how many flows its rule
-// has masqueraded (the first packet of each: conntrack does the rest).
-func Installed() (ok bool, flows uint64, err error) {
+// State is what is installed.
+type State struct {
+	Table bool   // the table exists
+	Rules int    // rules in its chain (-1: no chain)
+	Flows uint64 // flows masqueraded (the first packet of each: conntrack does the rest)
+}
+
+// Installed reads the table back.
+func Installed() (State, error) {
+	st := State{Rules: -1}
 	c, err := nftables.New()
 	if err != nil {
-		return false, 0, fmt.Errorf("nftables: %w", err)
+		return st, fmt.Errorf("nftables: %w", err)
 	}
 	defer c.CloseLasting()
 	tables, err := c.ListTablesOfFamily(nftables.TableFamilyINet)
 	if err != nil {
-		return false, 0, fmt.Errorf("list nftables tables: %w", err)
+		return st, fmt.Errorf("list nftables tables: %w", err)
 	}
 	var t *nftables.Table
 	for _, tt := range tables {
@@ -118,18 +133,20 @@ func Installed() (ok bool, flows uint64, err error) {
 		}
 	}
 	if t == nil {
-		return false, 0, nil
+		return st, nil
 	}
+	st.Table = true
 	rules, err := c.GetRules(t, &nftables.Chain{Name: chain, Table: t})
 	if err != nil {
-		return true, 0, fmt.Errorf("read nftables table inet %s: %w", Table, err)
+		return st, nil // no chain: -1 rules, to be reinstalled
 	}
+	st.Rules = len(rules)
 	for _, r := range rules {
 		for _, e := range r.Exprs {
 			if ctr, ok := e.(*expr.Counter); ok {
-				flows += ctr.Packets
+				st.Flows += ctr.Packets
 			}
 		}
 	}
-	return true, flows, nil
+	return st, nil
 }

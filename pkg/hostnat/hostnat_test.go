@@ -32,40 +32,51 @@ func inNewNetns(t *testing.T, fn func() error) error {
 // twice without error; `nft` shows the rule the README describes.
 func TestInstallRemove(t *testing.T) {
 	testutil.RequireRoot(t)
-	err := inNewNetns(t, func() error {
-		if ok, _, err := Installed(); err != nil || ok {
-			t.Errorf("fresh netns: installed %v, %v", ok, err)
+	nft, err := exec.LookPath("nft")
+	if err != nil {
+		t.Fatalf("this test reads the rules back with nft (make deps installs it): %v", err)
+	}
+	err = inNewNetns(t, func() error {
+		if st, err := Installed(); err != nil || st.Table {
+			t.Errorf("fresh netns: %+v, %v", st, err)
 		}
 		for range 2 {
-			if err := Install(0x00200000); err != nil {
+			if err := Install(0x00200000, []string{"eth0", "eth1"}); err != nil {
 				return err
 			}
 		}
-		ok, flows, err := Installed()
-		if err != nil || !ok || flows != 0 {
-			t.Errorf("after Install: installed %v, %d flows, %v", ok, flows, err)
+		st, err := Installed()
+		if err != nil || !st.Table || st.Rules != 2 || st.Flows != 0 {
+			t.Errorf("after Install: %+v, %v; want the table, 2 rules, 0 flows", st, err)
 		}
-		if nft, err := exec.LookPath("nft"); err == nil {
-			// exec forks from this locked thread: nft lists this netns.
-			out, err := exec.Command(nft, "list", "table", "inet", Table).CombinedOutput()
-			if err != nil {
-				t.Errorf("nft list: %v: %s", err, out)
-			}
-			want := "meta mark & 0x00200000 == 0x00200000 ct status dnat counter packets 0 bytes 0 masquerade"
+		// exec forks from this locked thread: nft lists this netns.
+		out, err := exec.Command(nft, "list", "table", "inet", Table).CombinedOutput()
+		if err != nil {
+			t.Errorf("nft list: %v: %s", err, out)
+		}
+		for _, parent := range []string{"eth0", "eth1"} {
+			want := `iifname "` + parent + `" meta mark & 0x00200000 == 0x00200000 ct status dnat counter packets 0 bytes 0 masquerade`
 			if !strings.Contains(string(out), want) {
 				t.Errorf("nft shows\n%s\nwant a rule %q", out, want)
 			}
-			if n := strings.Count(string(out), "masquerade"); n != 1 {
-				t.Errorf("%d masquerade rules after two installs, want 1", n)
-			}
+		}
+		if n := strings.Count(string(out), "masquerade"); n != 2 {
+			t.Errorf("%d masquerade rules after two installs for two parents, want 2", n)
+		}
+		// A flushed chain is not the table the agent installed.
+		if out, err := exec.Command(nft, "flush", "table", "inet", Table).CombinedOutput(); err != nil {
+			t.Errorf("nft flush: %v: %s", err, out)
+		}
+		if st, _ := Installed(); !st.Table || st.Rules != 0 {
+			t.Errorf("after a flush: %+v, want the table with 0 rules", st)
 		}
 		for range 2 {
 			if err := Remove(); err != nil {
 				return err
 			}
 		}
-		if ok, _, err := Installed(); err != nil || ok {
-			t.Errorf("after Remove: installed %v, %v", ok, err)
+		if st, err := Installed(); err != nil || st.Table {
+			t.Errorf("after Remove: %+v, %v", st, err)
 		}
 		return nil
 	})

@@ -73,8 +73,16 @@ services:
 `, kapi.ServiceCIDRv4, kapi.ServiceCIDRv6, kubeconfig, masquerade))
 	}
 	writeConfig(false)
+	// A table left behind by an earlier agent (stopping leaves it) goes
+	// when one starts with services.masquerade: false.
+	if out, _, err := l.Node.Exec(context.Background(), "nft", "add", "table", "inet", "underpass"); err != nil {
+		t.Fatalf("leftover table: %v %s", err, out)
+	}
 	ag := l.start(agentBin)
 	ag.waitReady()
+	if _, _, err := l.Node.Exec(context.Background(), "nft", "list", "table", "inet", "underpass"); err == nil {
+		t.Fatal("a leftover table inet underpass survived an agent start with services.masquerade: false")
+	}
 	createNode(t, cs, u.Node4.Addr())
 	// Every Kubernetes node forwards; the lab's node must too.
 	must(t, l.Node.Do(func() error { return os.WriteFile("/proc/sys/net/ipv4/ip_forward", []byte("1"), 0o644) }))
@@ -134,6 +142,19 @@ services:
 	must(t, err)
 	if !strings.Contains(out, "masquerade") || strings.Contains(out, "packets 0 ") {
 		t.Fatalf("table inet underpass does not show the masqueraded flows:\n%s", out)
+	}
+
+	// Something flushes the table (a firewall reload): the agent's heal
+	// puts the rule back.
+	if _, stderr, err := l.Node.Exec(context.Background(), "nft", "flush", "table", "inet", "underpass"); err != nil {
+		t.Fatalf("nft flush: %v %s", err, stderr)
+	}
+	waitFor(t, 10*time.Second, "the agent reinstalls its flushed rule", func() bool {
+		out, _, _ := l.Node.Exec(context.Background(), "nft", "list", "table", "inet", "underpass")
+		return strings.Contains(out, "masquerade")
+	})
+	if _, err := askRemoteAddr(client.NS, netip.AddrPortFrom(toLocal, 80), 2*time.Second); err != nil {
+		t.Fatalf("after the heal: %v", err)
 	}
 
 	// Off again, live: the table goes, and so do the answers.

@@ -177,6 +177,9 @@ func TestAttacksPastThePodsOwnFilter(t *testing.T) {
 			if c := wire.Count(); c != 0 {
 				t.Errorf("%d of %d attack frames reached the wire", c, n)
 			}
+			if refused != n {
+				t.Errorf("%d of %d sends refused with ENOBUFS, want all: the parent's drop reaches the sender", refused, n)
+			}
 			if d := after.Drops[tc.reason] - before.Drops[tc.reason]; d < n {
 				t.Errorf("%s drops of pod a moved by %d, want %d", tc.reason, d, n)
 			}

@@ -4,8 +4,8 @@ import (
 	"encoding/binary"
 	"net"
 	"net/netip"
-	"slices"
 	"os"
+	"slices"
 	"testing"
 
 	"github.com/gopacket/gopacket"
