@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds etcd, kube-apiserver and kube-proxy from the Go module proxy (wrapper module in
+# Builds etcd, kube-apiserver, kube-proxy, kubelet and agnhost from the Go module proxy (wrapper module in
 # test/k8s/build/, versions set only in its go.mod) into
 #   ${UNDERPASS_K8S_CACHE:-$HOME/.cache/underpass/k8s}/<k8s-version>-<etcd-version>/
 # unless the binaries are already there, and prints that directory on stdout
@@ -19,7 +19,10 @@ etcd=$(modver go.etcd.io/etcd/server/v3)
 [[ -n $k8s && -n $etcd ]] || { echo "build.sh: cannot read versions from $mod/go.mod" >&2; exit 1; }
 
 out="${UNDERPASS_K8S_CACHE:-$HOME/.cache/underpass/k8s}/$k8s-$etcd"
-if [[ -x $out/etcd && -x $out/kube-apiserver && -x $out/kube-proxy ]]; then
+bins=(etcd kube-apiserver kube-proxy kubelet agnhost)
+have=1
+for b in "${bins[@]}"; do [[ -x $out/$b ]] || have=0; done
+if [[ $have == 1 ]]; then
 	echo "$out"
 	exit 0
 fi
@@ -44,4 +47,6 @@ build() { # name package extra-ldflags
 [[ -x $out/etcd ]] || build etcd ./etcd ""
 [[ -x $out/kube-apiserver ]] || build kube-apiserver ./kube-apiserver "$xv"
 [[ -x $out/kube-proxy ]] || build kube-proxy ./kube-proxy "$xv"
+[[ -x $out/kubelet ]] || build kubelet ./kubelet "$xv"
+[[ -x $out/agnhost ]] || build agnhost ./agnhost ""
 echo "$out"

@@ -1,0 +1,238 @@
+package node
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/underpass-cni/underpass/test/k8s/kapi"
+)
+
+// PauseImage is the sandbox image containerd is told to use; it is built
+// here from agnhost (`agnhost pause`).
+const PauseImage = "registry.k8s.io/pause:3.10"
+
+// AgnhostImage is the test image (`agnhost netexec`: /clientip, /hostname,
+// probes).
+const AgnhostImage = "registry.k8s.io/e2e-test-images/agnhost:underpass"
+
+// Options describe a node.
+type Options struct {
+	Cluster *kapi.Cluster
+	Name    string
+	IP      netip.Addr // the node's address, on its "NIC"
+	// CNIBinDir and CNIConfDir are containerd's CNI directories (one bin
+	// dir: containerd 1.6 takes one).
+	CNIBinDir, CNIConfDir string
+	// Resolv is the pods' resolv.conf (dnsPolicy: Default).
+	Resolv string
+}
+
+// Node is a running containerd + kubelet registered with the cluster.
+type Node struct {
+	Name       string
+	Dir        string
+	Containerd *Proc
+	Kubelet    *Proc
+	Socket     string // containerd's CRI socket
+}
+
+// Start starts containerd (images imported) and the kubelet, and waits
+// until the node is Ready. Everything stops when tb ends; the host state is
+// the caller's to save and restore (SaveHost), since kube-proxy and the
+// agent change it too.
+func Start(tb testing.TB, o Options) *Node {
+	tb.Helper()
+	bin, err := kapi.BinDir()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	for _, b := range []string{"kubelet", "agnhost"} {
+		if _, err := os.Stat(filepath.Join(bin, b)); err != nil {
+			tb.Fatalf("no %s in %s: run test/k8s/build.sh", b, bin)
+		}
+	}
+	dir, err := os.MkdirTemp("", "upnode-") // short: the socket paths must fit 108 bytes
+	if err != nil {
+		tb.Fatal(err)
+	}
+	n := &Node{Name: o.Name, Dir: dir, Socket: filepath.Join(dir, "containerd.sock")}
+	tb.Cleanup(func() {
+		logTails(tb, n.Kubelet, n.Containerd)
+		n.stop(tb)
+		unmountUnder(dir)
+		os.RemoveAll(dir)
+	})
+
+	n.startContainerd(tb, o)
+	n.importImages(tb, bin)
+	n.startKubelet(tb, o, bin)
+	n.waitReady(tb, o.Cluster)
+	return n
+}
+
+func (n *Node) startContainerd(tb testing.TB, o Options) {
+	tb.Helper()
+	cfg := filepath.Join(n.Dir, "containerd.toml")
+	toml := fmt.Sprintf(`version = 2
+root = %q
+state = %q
+[grpc]
+  address = %q
+[ttrpc]
+  address = %q
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = %q
+  # No CAP_SYS_RESOURCE in this sandbox: runc cannot raise oom_score_adj.
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = %q
+    conf_dir = %q
+`, filepath.Join(n.Dir, "containerd"), filepath.Join(n.Dir, "containerd-state"), n.Socket, n.Socket+".ttrpc",
+		PauseImage, o.CNIBinDir, o.CNIConfDir)
+	if err := os.WriteFile(cfg, []byte(toml), 0o644); err != nil {
+		tb.Fatal(err)
+	}
+	p, err := StartProc("/usr/bin/containerd", filepath.Join(n.Dir, "containerd.log"), "--config", cfg)
+	if err != nil {
+		tb.Fatalf("containerd (apt-get install containerd runc): %v", err)
+	}
+	n.Containerd = p
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		if err := run(context.Background(), "ctr", "--address", n.Socket, "version"); err == nil {
+			return
+		} else if time.Now().After(deadline) || p.Exited() {
+			tb.Fatalf("containerd did not come up: %v", err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// importImages builds the pause and agnhost images from the agnhost binary
+// and imports them into containerd's k8s.io namespace.
+func (n *Node) importImages(tb testing.TB, bin string) {
+	tb.Helper()
+	agnhost := filepath.Join(bin, "agnhost")
+	for _, img := range []Image{
+		{Ref: PauseImage, Files: map[string]string{"agnhost": agnhost}, Entrypoint: []string{"/agnhost", "pause"}},
+		{Ref: AgnhostImage, Files: map[string]string{"agnhost": agnhost}, Entrypoint: []string{"/agnhost"}},
+	} {
+		path := filepath.Join(n.Dir, filepath.Base(img.Ref)+".tar")
+		f, err := os.Create(path)
+		if err != nil {
+			tb.Fatal(err)
+		}
+		err = img.WriteDockerArchive(f)
+		if cerr := f.Close(); err == nil {
+			err = cerr
+		}
+		if err != nil {
+			tb.Fatalf("image %s: %v", img.Ref, err)
+		}
+		if err := run(context.Background(), "ctr", "--address", n.Socket, "-n", "k8s.io", "images", "import", path); err != nil {
+			tb.Fatalf("import %s: %v", img.Ref, err)
+		}
+	}
+}
+
+func (n *Node) startKubelet(tb testing.TB, o Options, bin string) {
+	tb.Helper()
+	cfg := filepath.Join(n.Dir, "kubelet.yaml")
+	yaml := fmt.Sprintf(`apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+# This host has cgroup v1 only.
+failCgroupV1: false
+cgroupDriver: cgroupfs
+cgroupsPerQOS: false
+enforceNodeAllocatable: []
+containerRuntimeEndpoint: unix://%s
+failSwapOn: false
+address: 127.0.0.1
+port: 10250
+readOnlyPort: 0
+healthzBindAddress: 127.0.0.1
+healthzPort: 10248
+authentication:
+  anonymous: {enabled: true}
+  webhook: {enabled: false}
+authorization: {mode: AlwaysAllow}
+resolvConf: %s
+volumePluginDir: %s
+podLogsDir: %s
+localStorageCapacityIsolation: false
+evictionHard: {memory.available: "1Mi", nodefs.available: "1%%", imagefs.available: "1%%", nodefs.inodesFree: "1%%"}
+imageGCHighThresholdPercent: 100
+imageGCLowThresholdPercent: 99
+serializeImagePulls: false
+`, n.Socket, o.Resolv, filepath.Join(n.Dir, "volume-plugins"), filepath.Join(n.Dir, "pod-logs"))
+	if err := os.WriteFile(cfg, []byte(yaml), 0o644); err != nil {
+		tb.Fatal(err)
+	}
+	p, err := StartProc(filepath.Join(bin, "kubelet"), filepath.Join(n.Dir, "kubelet.log"),
+		"--config", cfg,
+		"--kubeconfig", o.Cluster.Kubeconfig,
+		"--root-dir", filepath.Join(n.Dir, "kubelet"),
+		"--cert-dir", filepath.Join(n.Dir, "kubelet-pki"),
+		"--hostname-override", o.Name,
+		"--node-ip", o.IP.String(),
+		"--v", "2",
+	)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	n.Kubelet = p
+}
+
+func (n *Node) waitReady(tb testing.TB, c *kapi.Cluster) {
+	tb.Helper()
+	start := time.Now()
+	deadline := start.Add(90 * time.Second)
+	for {
+		nd, err := c.Client.CoreV1().Nodes().Get(context.Background(), n.Name, metav1.GetOptions{})
+		if err == nil {
+			for _, cond := range nd.Status.Conditions {
+				if cond.Type == corev1.NodeReady && cond.Status == corev1.ConditionTrue {
+					tb.Logf("node %s Ready %s after the kubelet started", n.Name, time.Since(start).Round(time.Millisecond))
+					return
+				}
+			}
+		}
+		if time.Now().After(deadline) || n.Kubelet.Exited() {
+			tb.Fatalf("node %s not Ready (kubelet exited: %v): %v", n.Name, n.Kubelet.Exited(), err)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+// stop deletes what runs (the kubelet first, so it restarts nothing), then
+// containerd, its shims and their containers.
+func (n *Node) stop(tb testing.TB) {
+	if n.Kubelet != nil {
+		n.Kubelet.Stop(10 * time.Second)
+	}
+	if n.Containerd != nil {
+		// Containers outlive containerd (their shims do): remove them
+		// through it first.
+		ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+		defer cancel()
+		if err := run(ctx, "sh", "-c", fmt.Sprintf(
+			`for c in $(ctr --address %[1]s -n k8s.io tasks ls -q); do ctr --address %[1]s -n k8s.io tasks kill -s SIGKILL $c; done; sleep 1; for c in $(ctr --address %[1]s -n k8s.io containers ls -q); do ctr --address %[1]s -n k8s.io tasks rm -f $c; ctr --address %[1]s -n k8s.io containers rm $c; done`,
+			n.Socket)); err != nil {
+			tb.Logf("node teardown: %v", err)
+		}
+		n.Containerd.Stop(10 * time.Second)
+	}
+}

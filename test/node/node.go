@@ -1,0 +1,241 @@
+package node
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// Sysctls the kubelet (kernel.*, vm.*) and kube-proxy (route_localnet) set
+// on the host, and ip_forward, which every Kubernetes node has on: saved at
+// start, put back at teardown.
+var hostSysctls = []string{
+	"kernel/panic", "kernel/panic_on_oops", "vm/overcommit_memory",
+	"net/ipv4/ip_forward", "net/ipv4/conf/all/route_localnet",
+}
+
+// Paths the kubelet and containerd write whatever their flags say: removed
+// at teardown unless they were there before.
+var fixedPaths = []string{"/var/lib/kubelet", "/run/containerd"}
+
+// Host is what a node changes on this machine and puts back: sysctls,
+// iptables (v4, v6) and the fixed paths. Save it before anything starts;
+// Restore runs from the test's cleanup.
+type Host struct {
+	sysctls  map[string]string
+	iptables map[string][]byte // iptables-save / ip6tables-save output
+	tables   map[string]bool   // nftables tables ("ip filter"), iptables-nft's included
+	existed  map[string]bool
+}
+
+// SaveHost records the host state a node changes.
+func SaveHost() (*Host, error) {
+	h := &Host{sysctls: map[string]string{}, iptables: map[string][]byte{}, tables: map[string]bool{}, existed: map[string]bool{}}
+	for _, k := range hostSysctls {
+		v, err := os.ReadFile("/proc/sys/" + k)
+		if err != nil {
+			return nil, fmt.Errorf("save sysctl %s: %w", k, err)
+		}
+		h.sysctls[k] = strings.TrimSpace(string(v))
+	}
+	for _, tool := range []string{"iptables", "ip6tables"} {
+		out, err := exec.Command(tool + "-save").Output()
+		if err != nil {
+			return nil, fmt.Errorf("%s-save: %w", tool, err)
+		}
+		h.iptables[tool] = out
+	}
+	tables, err := nftTables()
+	if err != nil {
+		return nil, err
+	}
+	for _, t := range tables {
+		h.tables[t] = true
+	}
+	for _, p := range fixedPaths {
+		_, err := os.Stat(p)
+		h.existed[p] = err == nil
+	}
+	return h, nil
+}
+
+// nftTables lists the nftables tables as "family name".
+func nftTables() ([]string, error) {
+	out, err := exec.Command("nft", "list", "tables").Output()
+	if err != nil {
+		return nil, fmt.Errorf("nft list tables: %w", err)
+	}
+	var ts []string
+	for _, line := range strings.Split(string(out), "\n") {
+		if f := strings.Fields(line); len(f) == 3 && f[0] == "table" {
+			ts = append(ts, f[1]+" "+f[2])
+		}
+	}
+	return ts, nil
+}
+
+// Restore puts back what SaveHost recorded.
+func (h *Host) Restore() error {
+	var errs []error
+	for k, v := range h.sysctls {
+		if err := os.WriteFile("/proc/sys/"+k, []byte(v), 0o644); err != nil {
+			errs = append(errs, fmt.Errorf("restore sysctl %s: %w", k, err))
+		}
+	}
+	for tool, saved := range h.iptables {
+		cmd := exec.Command(tool + "-restore")
+		cmd.Stdin = bytes.NewReader(saved)
+		if out, err := cmd.CombinedOutput(); err != nil {
+			errs = append(errs, fmt.Errorf("%s-restore: %w: %s", tool, err, out))
+		}
+	}
+	// Tables made since (iptables-nft's for the kubelet's and kube-proxy's
+	// chains, kube-proxy's nftables mode, the agent's): iptables-restore
+	// only rewrites the tables the snapshot names.
+	if now, err := nftTables(); err == nil {
+		for _, t := range now {
+			if !h.tables[t] {
+				if err := run(context.Background(), "nft", append([]string{"delete", "table"}, strings.Fields(t)...)...); err != nil {
+					errs = append(errs, err)
+				}
+			}
+		}
+	} else {
+		errs = append(errs, err)
+	}
+	for p, existed := range h.existed {
+		if existed {
+			continue
+		}
+		unmountUnder(p)
+		if err := os.RemoveAll(p); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// unmountUnder lazily unmounts every mount point at or under dir, deepest
+// first (the kubelet and containerd leave bind mounts and tmpfs behind when
+// killed).
+func unmountUnder(dir string) {
+	data, err := os.ReadFile("/proc/self/mounts")
+	if err != nil {
+		return
+	}
+	var points []string
+	for _, line := range strings.Split(string(data), "\n") {
+		f := strings.Fields(line)
+		if len(f) > 1 && (f[1] == dir || strings.HasPrefix(f[1], dir+"/")) {
+			points = append(points, f[1])
+		}
+	}
+	for i := len(points) - 1; i >= 0; i-- {
+		_ = syscall.Unmount(points[i], syscall.MNT_DETACH)
+	}
+}
+
+// Proc is a process of the node (containerd, the kubelet, kube-proxy),
+// forked from a thread that stays locked until it exits: Pdeathsig fires
+// when the forking thread ends, and Go ends locked threads (see kapi).
+type Proc struct {
+	Name string
+	Log  string // its log file
+	cmd  *exec.Cmd
+	done chan struct{}
+	err  error
+	once sync.Once
+}
+
+// StartProc starts path with args, logging to logFile.
+func StartProc(path, logFile string, args ...string) (*Proc, error) {
+	log, err := os.Create(logFile)
+	if err != nil {
+		return nil, err
+	}
+	cmd := exec.Command(path, args...)
+	cmd.Stdout, cmd.Stderr = log, log
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	p := &Proc{Name: filepath.Base(path), Log: logFile, cmd: cmd, done: make(chan struct{})}
+	started := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		defer runtime.UnlockOSThread()
+		if err := cmd.Start(); err != nil {
+			started <- err
+			return
+		}
+		started <- nil
+		p.err = cmd.Wait()
+		log.Close()
+		close(p.done)
+	}()
+	if err := <-started; err != nil {
+		log.Close()
+		return nil, fmt.Errorf("start %s: %w", path, err)
+	}
+	return p, nil
+}
+
+// Exited reports whether the process has ended.
+func (p *Proc) Exited() bool {
+	select {
+	case <-p.done:
+		return true
+	default:
+		return false
+	}
+}
+
+// Stop sends SIGTERM to the process group, then SIGKILL after grace.
+func (p *Proc) Stop(grace time.Duration) {
+	p.once.Do(func() {
+		_ = syscall.Kill(-p.cmd.Process.Pid, syscall.SIGTERM)
+		select {
+		case <-p.done:
+		case <-time.After(grace):
+			_ = syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
+			<-p.done
+		}
+	})
+}
+
+// Tail is the end of the process's log.
+func (p *Proc) Tail(n int) string {
+	data, _ := os.ReadFile(p.Log)
+	if len(data) > n {
+		data = data[len(data)-n:]
+	}
+	return string(data)
+}
+
+// run runs a command and returns its combined output in the error.
+func run(ctx context.Context, name string, args ...string) error {
+	out, err := exec.CommandContext(ctx, name, args...).CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("%s %s: %w: %s", name, strings.Join(args, " "), err, bytes.TrimSpace(out))
+	}
+	return nil
+}
+
+// logTails prints the logs of procs when tb failed.
+func logTails(tb testing.TB, procs ...*Proc) {
+	if !tb.Failed() {
+		return
+	}
+	for _, p := range procs {
+		if p != nil {
+			tb.Logf("%s log (%s, last 16 KiB):\n%s", p.Name, p.Log, p.Tail(16<<10))
+		}
+	}
+}

@@ -1,0 +1,609 @@
+package node_test
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	cnins "github.com/containernetworking/plugins/pkg/ns"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
+	"k8s.io/client-go/kubernetes"
+
+	"github.com/underpass-cni/underpass/internal/testutil"
+	"github.com/underpass-cni/underpass/loader"
+	"github.com/underpass-cni/underpass/pkg/datapath"
+	"github.com/underpass-cni/underpass/test/k8s/kapi"
+	"github.com/underpass-cni/underpass/test/node"
+)
+
+// The node's "NIC" is a veth to a netns that plays switch and gateway and
+// routes nowhere: every packet of the tier stays on the machine.
+const (
+	nic      = "upn0"
+	nodeName = "underpass-node"
+)
+
+// The node's subnet, gateway and address: the first candidate that no
+// route or address of this machine touches (this VM's own NIC is on
+// 192.0.2.0/24: test traffic must never find a real network).
+var (
+	subnet          netip.Prefix
+	gateway, nodeIP netip.Addr
+	ipamDir         string // host-local's leases, shared by every network of the test
+)
+
+func pickSubnet(t *testing.T) {
+	t.Helper()
+	var taken []netip.Prefix
+	routes, err := netlink.RouteListFiltered(netlink.FAMILY_ALL, &netlink.Route{Table: unix.RT_TABLE_UNSPEC}, netlink.RT_FILTER_TABLE)
+	must(t, err)
+	for _, r := range routes {
+		if r.Dst == nil {
+			continue // default routes: everything "overlaps" them
+		}
+		ones, _ := r.Dst.Mask.Size()
+		if a, ok := netip.AddrFromSlice(r.Dst.IP); ok && ones > 0 {
+			taken = append(taken, netip.PrefixFrom(a.Unmap(), ones).Masked())
+		}
+	}
+	addrs, err := netlink.AddrList(nil, netlink.FAMILY_ALL)
+	must(t, err)
+	for _, a := range addrs {
+		ones, _ := a.Mask.Size()
+		if ip, ok := netip.AddrFromSlice(a.IP); ok {
+			taken = append(taken, netip.PrefixFrom(ip.Unmap(), ones).Masked())
+		}
+	}
+	free := func(p netip.Prefix) bool {
+		for _, q := range taken {
+			if q.Overlaps(p) {
+				return false
+			}
+		}
+		return true
+	}
+	if !free(netip.MustParsePrefix(kapi.ServiceCIDRv4)) {
+		t.Fatalf("this machine already routes or holds addresses in %s, the test Service CIDR", kapi.ServiceCIDRv4)
+	}
+	for _, c := range []string{"198.18.7.0/24", "198.19.7.0/24", "100.127.7.0/24"} {
+		p := netip.MustParsePrefix(c)
+		if free(p) {
+			subnet, gateway, nodeIP = p, p.Addr().Next(), p.Addr().Next().Next()
+			return
+		}
+	}
+	t.Fatalf("no free subnet for the node among the candidates: this machine's routes %v", taken)
+}
+
+// A real node: the kubelet and containerd run pods whose network is the
+// reference macvlan plugin with underpass chained after it, the agent runs
+// beside them, kube-proxy (iptables mode, defaults) serves the Services.
+// What the kubelet, containerd and kube-proxy do is theirs, not a stand-in
+// of this repository's.
+func TestRealNode(t *testing.T) {
+	testutil.RequireRoot(t)
+	for _, tool := range []string{"containerd", "runc", "ctr", "iptables", "nft"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Fatalf("the node tier needs %s (make deps installs it): %v", tool, err)
+		}
+	}
+	host, err := node.SaveHost()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := host.Restore(); err != nil {
+			t.Errorf("restore the host: %v", err)
+		}
+	})
+	pickSubnet(t)
+	ipamDir = filepath.Join(t.TempDir(), "ipam")
+	c := kapi.Start(t)
+	makeNIC(t)
+	keepPacketsHere(t)
+	must(t, os.WriteFile("/proc/sys/net/ipv4/ip_forward", []byte("1"), 0o644))
+
+	work := t.TempDir()
+	cniBin, cniConf := filepath.Join(work, "cni-bin"), filepath.Join(work, "cni-conf")
+	must(t, os.MkdirAll(cniConf, 0o755))
+	ref, err := testutil.ReferencePlugins()
+	must(t, err)
+	must(t, os.MkdirAll(cniBin, 0o755))
+	for _, p := range []string{"macvlan", "host-local", "loopback"} {
+		must(t, os.Symlink(filepath.Join(ref, p), filepath.Join(cniBin, p)))
+	}
+	must(t, testutil.BuildPlugin(filepath.Join(cniBin, "underpass")))
+	agentBin := filepath.Join(work, "underpassd")
+	if out, err := exec.Command("go", "build", "-o", agentBin, "github.com/underpass-cni/underpass/cmd/underpassd").CombinedOutput(); err != nil {
+		t.Fatalf("build underpassd: %v\n%s", err, out)
+	}
+	bpffs := filepath.Join(testutil.MountBPFFS(t), "underpass")
+	startAgent(t, agentBin, work, bpffs, c)
+	resolv := filepath.Join(work, "resolv.conf")
+	must(t, os.WriteFile(resolv, []byte("nameserver "+gateway.String()+"\n"), 0o644))
+	// Something to reach on the node and on the wire.
+	serveClientIP(t, nil, netip.AddrPortFrom(nodeIP, 18080))
+	wireNS, err := cnins.GetNS("/var/run/netns/" + wireName())
+	must(t, err)
+	t.Cleanup(func() { wireNS.Close() })
+	serveClientIP(t, wireNS, netip.AddrPortFrom(gateway, 18080))
+
+	// The first network is in place before the kubelet starts: containerd
+	// reports the node's network ready only with a config.
+	nets := []network{
+		{name: "macvlan alone", plugins: []any{macvlanConf()}},
+		{name: "underpass chained after macvlan", plugins: []any{macvlanConf(), map[string]any{"type": "underpass", "bpffs": bpffs}}, underpass: true},
+		{name: "underpass main", plugins: []any{mainConf(bpffs)}, underpass: true},
+	}
+	writeConflist(t, cniConf, nets[0].plugins)
+	node.Start(t, node.Options{Cluster: c, Name: nodeName, IP: nodeIP, CNIBinDir: cniBin, CNIConfDir: cniConf, Resolv: resolv})
+	startKubeProxy(t, work, c)
+
+	var rows []string
+	for i, nw := range nets {
+		t.Run(nw.name, func(t *testing.T) {
+			writeConflist(t, cniConf, nw.plugins)
+			time.Sleep(2 * time.Second) // containerd reloads the CNI config on a file event
+			rows = append(rows, checkNetwork(t, c.Client, bpffs, fmt.Sprint(i), nw))
+		})
+	}
+	t.Logf("On a real node (kubelet, containerd %s, kube-proxy iptables mode, defaults):\n| network | probes | host → pod | pod → node | pod → pod | pod → wire | pod → ClusterIP → pod |\n|---|---|---|---|---|---|---|\n%s",
+		containerdVersion(), strings.Join(rows, "\n"))
+}
+
+// network is one CNI network the node's pods get.
+type network struct {
+	name      string
+	plugins   []any
+	underpass bool // the pods are underpass endpoints
+}
+
+// checkNetwork runs a server and a client pod on nw and tries every path;
+// it returns the README table row.
+func checkNetwork(t *testing.T, cs kubernetes.Interface, bpffs, suffix string, nw network) string {
+	ctx := context.Background()
+	webName, clientName := "web-"+suffix, "client-"+suffix
+	createPod(t, cs, webName)
+	createPod(t, cs, clientName)
+	t.Cleanup(func() {
+		for _, p := range []string{webName, clientName} {
+			_ = cs.CoreV1().Pods("default").Delete(ctx, p, metav1.DeleteOptions{GracePeriodSeconds: new(int64)})
+		}
+		waitFor(t, 60*time.Second, "pods deleted (CNI DEL by the kubelet)", func() bool {
+			l, err := cs.CoreV1().Pods("default").List(ctx, metav1.ListOptions{})
+			return err == nil && len(l.Items) == 0
+		})
+	})
+	if !nw.underpass {
+		// The host cannot reach its own macvlan pods: the kubelet's probes
+		// time out, and the pods are restarted forever.
+		start := time.Now()
+		waitFor(t, 60*time.Second, "the kubelet restarting the unreachable pod", func() bool {
+			p, err := cs.CoreV1().Pods("default").Get(ctx, webName, metav1.GetOptions{})
+			return err == nil && len(p.Status.ContainerStatuses) > 0 && p.Status.ContainerStatuses[0].RestartCount > 0
+		})
+		p, err := cs.CoreV1().Pods("default").Get(ctx, webName, metav1.GetOptions{})
+		must(t, err)
+		ip, _ := netip.ParseAddr(p.Status.PodIP)
+		host := "fail"
+		if tryHTTPGet(nil, netip.AddrPortFrom(ip, 8080), "/clientip") != "" {
+			host = "pass"
+			t.Errorf("host reached a plain macvlan pod: the baseline is not what the README says")
+		}
+		t.Logf("%s: web restarted %d times (liveness probe failed), host -> pod %s", nw.name, p.Status.ContainerStatuses[0].RestartCount, host)
+		return fmt.Sprintf("| %s | fail: never Ready, restarted by its liveness probe %s after creation | %s | not tried | not tried | not tried | not tried |", nw.name, time.Since(start).Round(time.Second), host)
+	}
+
+	start := time.Now()
+	for _, p := range []string{webName, clientName} {
+		waitPodReady(t, cs, p)
+	}
+	ready := time.Since(start).Round(100 * time.Millisecond)
+	time.Sleep(5 * time.Second)
+	for _, p := range []string{webName, clientName} {
+		pod, err := cs.CoreV1().Pods("default").Get(ctx, p, metav1.GetOptions{})
+		must(t, err)
+		if r := pod.Status.ContainerStatuses[0].RestartCount; r != 0 {
+			t.Errorf("pod %s restarted %d times: its probes failed", p, r)
+		}
+	}
+	webIP := podIP(t, cs, webName)
+	clientIP := podIP(t, cs, clientName)
+	clientNS := podNetns(t, bpffs, clientName)
+	t.Logf("pods: %s %s, %s %s; both Ready %s after creation, 0 restarts", webName, webIP, clientName, clientIP, ready)
+
+	path := func(what string, from cnins.NetNS, to netip.AddrPort, wantSource netip.Addr) string {
+		got := httpGet(t, from, to, "/clientip")
+		if !strings.HasPrefix(got, wantSource.String()+":") {
+			t.Errorf("%s: the server saw %q, want %s", what, got, wantSource)
+			return "fail"
+		}
+		t.Logf("%s: answered, the server saw %s", what, got)
+		return "pass (source " + sourceName(wantSource, clientIP) + ")"
+	}
+	hostPod := path("host -> pod", nil, netip.AddrPortFrom(webIP, 8080), nodeIP)
+	podNode := path("pod -> node", clientNS, netip.AddrPortFrom(nodeIP, 18080), clientIP)
+	podPod := path("pod -> pod", clientNS, netip.AddrPortFrom(webIP, 8080), clientIP)
+	podWire := path("pod -> wire", clientNS, netip.AddrPortFrom(gateway, 18080), clientIP)
+
+	vip := createService(t, cs, webName, webIP)
+	t.Cleanup(func() {
+		_ = cs.CoreV1().Services("default").Delete(ctx, webName, metav1.DeleteOptions{})
+		_ = cs.DiscoveryV1().EndpointSlices("default").Delete(ctx, webName+"-1", metav1.DeleteOptions{})
+	})
+	waitFor(t, 60*time.Second, "kube-proxy programs "+vip.String(), func() bool {
+		out, _ := exec.Command("iptables-save", "-t", "nat").Output()
+		return strings.Contains(string(out), vip.String())
+	})
+	svc := path("pod -> ClusterIP "+vip.String()+" -> pod", clientNS, netip.AddrPortFrom(vip, 80), nodeIP)
+	return fmt.Sprintf("| %s | pass: Ready in %s, 0 restarts | %s | %s | %s | %s | %s |", nw.name, ready, hostPod, podNode, podPod, podWire, svc)
+}
+
+func sourceName(a, client netip.Addr) string {
+	switch a {
+	case nodeIP:
+		return "node"
+	case client:
+		return "pod"
+	}
+	return a.String()
+}
+
+func containerdVersion() string {
+	out, _ := exec.Command("containerd", "--version").Output()
+	f := strings.Fields(string(out))
+	if len(f) >= 3 {
+		return f[2]
+	}
+	return "?"
+}
+
+// serveClientIP answers GET /clientip with the caller's address, on addr,
+// inside netns in (nil: the host).
+func serveClientIP(t *testing.T, in cnins.NetNS, addr netip.AddrPort) {
+	t.Helper()
+	var ln net.Listener
+	listen := func() error {
+		var err error
+		ln, err = net.Listen("tcp", addr.String())
+		return err
+	}
+	if in != nil {
+		must(t, in.Do(func(cnins.NetNS) error { return listen() }))
+	} else {
+		must(t, listen())
+	}
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprint(w, r.RemoteAddr)
+	}), ReadHeaderTimeout: 5 * time.Second}
+	go srv.Serve(ln) //nolint:errcheck // ends with Close
+	t.Cleanup(func() { srv.Close() })
+}
+
+func must(t *testing.T, err error) {
+	t.Helper()
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %s waiting for %s", timeout, what)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+// makeNIC creates the node's NIC: upn0 (node address) <-> gw0 in the wire
+// netns (the gateway's address, nothing beyond it). The Service CIDR is
+// routed into it too, so no ClusterIP packet ever heads for a real network.
+func wireName() string { return fmt.Sprintf("upnode-wire-%d", os.Getpid()) }
+
+func makeNIC(t *testing.T) {
+	t.Helper()
+	wire := wireName()
+	cmds := [][]string{
+		{"ip", "netns", "add", wire},
+		{"ip", "link", "add", nic, "type", "veth", "peer", "name", "gw0", "netns", wire},
+		{"ip", "addr", "add", netip.PrefixFrom(nodeIP, subnet.Bits()).String(), "dev", nic},
+		{"ip", "link", "set", nic, "up"},
+		{"ip", "-n", wire, "addr", "add", netip.PrefixFrom(gateway, subnet.Bits()).String(), "dev", "gw0"},
+		{"ip", "-n", wire, "link", "set", "gw0", "up"},
+		{"ip", "-n", wire, "link", "set", "lo", "up"},
+		{"ip", "route", "add", kapi.ServiceCIDRv4, "via", gateway.String(), "dev", nic},
+	}
+	t.Cleanup(func() {
+		_ = exec.Command("ip", "link", "del", nic).Run()
+		_ = exec.Command("ip", "netns", "del", wire).Run()
+	})
+	for _, c := range cmds {
+		if out, err := exec.Command(c[0], c[1:]...).CombinedOutput(); err != nil {
+			t.Fatalf("%v: %v: %s", c, err, out)
+		}
+	}
+}
+
+// keepPacketsHere drops anything the host would forward to or from its
+// real NICs (kube-proxy puts its ACCEPT rules ahead of ours in filter
+// FORWARD, so this is in mangle). SaveHost's restore removes it.
+func keepPacketsHere(t *testing.T) {
+	t.Helper()
+	links, err := net.Interfaces()
+	must(t, err)
+	for _, l := range links {
+		if l.Name == "lo" || l.Name == nic || l.Flags&net.FlagUp == 0 {
+			continue
+		}
+		for _, dir := range []string{"-i", "-o"} {
+			if out, err := exec.Command("iptables", "-t", "mangle", "-I", "FORWARD", dir, l.Name, "-j", "DROP").CombinedOutput(); err != nil {
+				t.Fatalf("iptables: %v: %s", err, out)
+			}
+		}
+	}
+}
+
+// nth is the n-th address of p.
+func nth(p netip.Prefix, n int) netip.Addr {
+	a := p.Addr()
+	for range n {
+		a = a.Next()
+	}
+	return a
+}
+
+func macvlanConf() map[string]any {
+	return map[string]any{"type": "macvlan", "master": nic, "mode": "bridge", "ipam": ipamConf()}
+}
+
+func mainConf(bpffs string) map[string]any {
+	return map[string]any{"type": "underpass", "master": nic, "mode": "macvlan", "ipam": ipamConf(), "bpffs": bpffs}
+}
+
+func ipamConf() map[string]any {
+	return map[string]any{
+		"type": "host-local", "dataDir": ipamDir,
+		"ranges": []any{[]any{map[string]any{"subnet": subnet.String(), "rangeStart": nth(subnet, 100).String(), "rangeEnd": nth(subnet, 199).String(), "gateway": gateway.String()}}},
+		"routes": []any{map[string]any{"dst": "0.0.0.0/0"}},
+	}
+}
+
+// writeConflist replaces the node's one network config (atomically:
+// containerd watches the directory).
+func writeConflist(t *testing.T, dir string, plugins []any) {
+	t.Helper()
+	b, err := json.MarshalIndent(map[string]any{"cniVersion": "1.0.0", "name": "underlay", "plugins": plugins}, "", "  ")
+	must(t, err)
+	tmp := filepath.Join(dir, ".10-underlay.tmp")
+	must(t, os.WriteFile(tmp, b, 0o644))
+	must(t, os.Rename(tmp, filepath.Join(dir, "10-underlay.conflist")))
+}
+
+func startAgent(t *testing.T, bin, work, bpffs string, c *kapi.Cluster) {
+	t.Helper()
+	cfg := filepath.Join(work, "underpass.yaml")
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	must(t, err)
+	port := ln.Addr().(*net.TCPAddr).Port
+	ln.Close()
+	must(t, os.WriteFile(cfg, []byte(fmt.Sprintf(`bpffs: %s
+metrics: {listen: "127.0.0.1:%d"}
+staleServices:
+  cidrs: [%s]
+services:
+  kubernetes: "true"
+  kubeconfig: %s
+`, bpffs, port, kapi.ServiceCIDRv4, c.Kubeconfig)), 0o644))
+	p, err := node.StartProc(bin, filepath.Join(work, "underpassd.log"), "--config", cfg, "--log-level", "debug")
+	must(t, err)
+	// Pods wait for the datapath, as a DaemonSet's readiness gates them.
+	waitFor(t, 60*time.Second, "underpassd ready", func() bool {
+		resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/readyz", port))
+		if err != nil {
+			return p.Exited()
+		}
+		resp.Body.Close()
+		return resp.StatusCode == http.StatusOK || p.Exited()
+	})
+	if p.Exited() {
+		t.Fatalf("underpassd exited:\n%s", p.Tail(4<<10))
+	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("underpassd log:\n%s", p.Tail(16<<10))
+		}
+		p.Stop(10 * time.Second)
+		if out, err := exec.Command(bin, "--config", cfg, "--uninstall").CombinedOutput(); err != nil {
+			t.Errorf("underpassd --uninstall: %v\n%s", err, out)
+		}
+	})
+}
+
+func startKubeProxy(t *testing.T, work string, c *kapi.Cluster) {
+	t.Helper()
+	bin, err := kapi.BinDir()
+	must(t, err)
+	cfg := filepath.Join(work, "kube-proxy.yaml")
+	must(t, os.WriteFile(cfg, []byte(fmt.Sprintf(`apiVersion: kubeproxy.config.k8s.io/v1alpha1
+kind: KubeProxyConfiguration
+mode: iptables
+hostnameOverride: %s
+clientConnection:
+  kubeconfig: %s
+metricsBindAddress: 127.0.0.1:10249
+healthzBindAddress: 127.0.0.1:10256
+conntrack:
+  maxPerCore: 0
+`, nodeName, c.Kubeconfig)), 0o644))
+	p, err := node.StartProc(filepath.Join(bin, "kube-proxy"), filepath.Join(work, "kube-proxy.log"), "--config", cfg, "--v=2")
+	must(t, err)
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("kube-proxy log:\n%s", p.Tail(16<<10))
+		}
+		p.Stop(10 * time.Second)
+	})
+}
+
+func createPod(t *testing.T, cs kubernetes.Interface, name string) *corev1.Pod {
+	t.Helper()
+	probe := func(path string) *corev1.Probe {
+		return &corev1.Probe{
+			ProbeHandler:  corev1.ProbeHandler{HTTPGet: &corev1.HTTPGetAction{Path: path, Port: intstr.FromInt32(8080)}},
+			PeriodSeconds: 1, TimeoutSeconds: 1, FailureThreshold: 3,
+		}
+	}
+	no := false
+	p, err := cs.CoreV1().Pods("default").Create(context.Background(), &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: name, Labels: map[string]string{"app": name}},
+		Spec: corev1.PodSpec{
+			NodeName:                     nodeName, // no scheduler in this tier yet
+			AutomountServiceAccountToken: &no,
+			Containers: []corev1.Container{{
+				Name: "netexec", Image: node.AgnhostImage, ImagePullPolicy: corev1.PullNever,
+				Args:           []string{"netexec", "--http-port=8080"},
+				LivenessProbe:  probe("/healthz"),
+				ReadinessProbe: probe("/readyz"),
+			}},
+		},
+	}, metav1.CreateOptions{})
+	must(t, err)
+	return p
+}
+
+func waitPodReady(t *testing.T, cs kubernetes.Interface, name string) {
+	t.Helper()
+	var last *corev1.Pod
+	deadline := time.Now().Add(90 * time.Second)
+	for time.Now().Before(deadline) {
+		p, err := cs.CoreV1().Pods("default").Get(context.Background(), name, metav1.GetOptions{})
+		if err == nil {
+			last = p
+			for _, c := range p.Status.Conditions {
+				if c.Type == corev1.PodReady && c.Status == corev1.ConditionTrue {
+					return
+				}
+			}
+		}
+		time.Sleep(250 * time.Millisecond)
+	}
+	b, _ := json.MarshalIndent(last.Status, "", " ")
+	ev, _ := cs.CoreV1().Events("default").List(context.Background(), metav1.ListOptions{})
+	var evs []string
+	if ev != nil {
+		for _, e := range ev.Items {
+			evs = append(evs, e.InvolvedObject.Name+": "+e.Reason+": "+e.Message)
+		}
+	}
+	t.Fatalf("pod %s not Ready: %s\nevents:\n%s", name, b, strings.Join(evs, "\n"))
+}
+
+func podIP(t *testing.T, cs kubernetes.Interface, name string) netip.Addr {
+	t.Helper()
+	p, err := cs.CoreV1().Pods("default").Get(context.Background(), name, metav1.GetOptions{})
+	must(t, err)
+	a, err := netip.ParseAddr(p.Status.PodIP)
+	must(t, err)
+	return a
+}
+
+// podNetns is the pod's netns, as underpass registered it.
+func podNetns(t *testing.T, bpffs, pod string) cnins.NetNS {
+	t.Helper()
+	dp, err := loader.Open(bpffs)
+	must(t, err)
+	defer dp.Close()
+	eps, err := datapath.Endpoints(&dp.Maps)
+	must(t, err)
+	for _, ep := range eps {
+		if datapath.GoString(ep.PodName[:]) == pod {
+			n, err := cnins.GetNS(datapath.GoString(ep.Netns[:]))
+			must(t, err)
+			t.Cleanup(func() { n.Close() })
+			return n
+		}
+	}
+	t.Fatalf("pod %s is not registered with underpass", pod)
+	return nil
+}
+
+func createService(t *testing.T, cs kubernetes.Interface, name string, backend netip.Addr) netip.Addr {
+	t.Helper()
+	ctx := context.Background()
+	svc, err := cs.CoreV1().Services("default").Create(ctx, &corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Name: name},
+		Spec:       corev1.ServiceSpec{Ports: []corev1.ServicePort{{Name: "http", Port: 80, TargetPort: intstr.FromInt32(8080)}}},
+	}, metav1.CreateOptions{})
+	must(t, err)
+	// No controller-manager in this tier yet: the EndpointSlice is written here.
+	ready, port, pname := true, int32(8080), "http"
+	_, err = cs.DiscoveryV1().EndpointSlices("default").Create(ctx, &discoveryv1.EndpointSlice{
+		ObjectMeta:  metav1.ObjectMeta{Name: name + "-1", Labels: map[string]string{discoveryv1.LabelServiceName: name}},
+		AddressType: discoveryv1.AddressTypeIPv4,
+		Endpoints:   []discoveryv1.Endpoint{{Addresses: []string{backend.String()}, Conditions: discoveryv1.EndpointConditions{Ready: &ready}}},
+		Ports:       []discoveryv1.EndpointPort{{Name: &pname, Port: &port}},
+	}, metav1.CreateOptions{})
+	must(t, err)
+	return netip.MustParseAddr(svc.Spec.ClusterIP)
+}
+
+func httpGet(t *testing.T, from cnins.NetNS, addr netip.AddrPort, path string) string {
+	t.Helper()
+	got := ""
+	waitFor(t, 10*time.Second, fmt.Sprintf("GET http://%s%s", addr, path), func() bool {
+		got = tryHTTPGet(from, addr, path)
+		return got != ""
+	})
+	return got
+}
+
+// tryHTTPGet GETs path from addr, from inside netns from (nil: the host),
+// and returns the body, or "" on any failure.
+func tryHTTPGet(from cnins.NetNS, addr netip.AddrPort, path string) string {
+	var conn net.Conn
+	dial := func() error {
+		var err error
+		conn, err = net.DialTimeout("tcp", addr.String(), 2*time.Second)
+		return err
+	}
+	var err error
+	if from != nil {
+		err = from.Do(func(cnins.NetNS) error { return dial() })
+	} else {
+		err = dial()
+	}
+	if err != nil {
+		return ""
+	}
+	defer conn.Close()
+	_ = conn.SetDeadline(time.Now().Add(3 * time.Second))
+	cl := &http.Client{Transport: &http.Transport{DialContext: func(context.Context, string, string) (net.Conn, error) { return conn, nil }}}
+	resp, err := cl.Get("http://" + addr.String() + path)
+	if err != nil {
+		return ""
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil || resp.StatusCode != http.StatusOK {
+		return ""
+	}
+	return strings.TrimSpace(string(b))
+}
