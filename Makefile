@@ -24,14 +24,15 @@ build:
 	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/ ./cmd/...
 
 # All tiers that run on this kernel; the VM matrix is test-kernels. The
-# missing Debian packages are installed first and kube-apiserver + etcd built
-# (cached), so this works on a fresh machine.
+# missing Debian packages are installed first and the Kubernetes binaries
+# built (etcd, kube-apiserver, kube-proxy, kubelet, agnhost; cached), so this
+# works on a fresh machine.
 test: deps check-generate
 	$(GO) vet $(PKGS)
 	UNDERPASS_K8S_BIN=$$(test/k8s/build.sh) $(GO) test $(TESTFLAGS) -p 1 $(PKGS)
 
-# What `make test` installs (missing Debian packages) and builds (etcd and
-# kube-apiserver, cached), on its own.
+# What `make test` installs (missing Debian packages) and builds (the
+# Kubernetes binaries, cached), on its own.
 deps:
 	test/deps.sh >/dev/null
 
