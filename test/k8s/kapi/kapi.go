@@ -235,7 +235,7 @@ func Start(tb testing.TB) *Cluster {
 // $UNDERPASS_K8S_BIN, or the cache directory build.sh builds into for the
 // versions pinned in test/k8s/build/go.mod.
 func BinDir() (string, error) {
-	const hint = "run test/k8s/build.sh first (it builds etcd, kube-apiserver, kube-proxy, the kubelet and agnhost from the Go module proxy, ~10-12 min cold, then cached) or set " + EnvBin + " to a directory with them"
+	const hint = "run test/k8s/build.sh first (it builds etcd, kube-apiserver, kube-proxy, the kubelet and agnhost from the Go module proxy, ~12-15 min cold, then cached) or set " + EnvBin + " to a directory with them"
 	dir := os.Getenv(EnvBin)
 	if dir == "" {
 		_, self, _, ok := runtime.Caller(0)
