@@ -152,17 +152,27 @@ func TestRealNode(t *testing.T) {
 	}
 	writeConflist(t, cniConf, nets[0].plugins)
 	node.Start(t, node.Options{Cluster: c, Name: nodeName, IP: nodeIP, CNIBinDir: cniBin, CNIConfDir: cniConf, Resolv: resolv})
-	startKubeProxy(t, work, c)
+	proxy := startKubeProxy(t, work, c, "iptables")
 
 	var rows []string
 	for i, nw := range nets {
 		t.Run(nw.name, func(t *testing.T) {
 			writeConflist(t, cniConf, nw.plugins)
 			time.Sleep(2 * time.Second) // containerd reloads the CNI config on a file event
-			rows = append(rows, checkNetwork(t, c.Client, bpffs, fmt.Sprint(i), nw))
+			rows = append(rows, checkNetwork(t, c.Client, bpffs, fmt.Sprint(i), nw, "iptables"))
 		})
 	}
-	t.Logf("On a real node (kubelet, containerd %s, kube-proxy iptables mode, defaults):\n| network | probes | host → pod | pod → node | pod → pod | pod → wire | pod → ClusterIP → pod |\n|---|---|---|---|---|---|---|\n%s",
+	// kube-proxy's other mode, on the chained network.
+	proxy.Stop(10 * time.Second)
+	startKubeProxy(t, work, c, "nftables")
+	nw := nets[1]
+	nw.name += ", kube-proxy nftables"
+	t.Run(nw.name, func(t *testing.T) {
+		writeConflist(t, cniConf, nw.plugins)
+		time.Sleep(2 * time.Second)
+		rows = append(rows, checkNetwork(t, c.Client, bpffs, "nft", nw, "nftables"))
+	})
+	t.Logf("On a real node (kubelet, containerd %s, kube-proxy iptables mode unless said, defaults):\n| network | probes | host → pod | pod → node | pod → pod | pod → wire | pod → ClusterIP → pod |\n|---|---|---|---|---|---|---|\n%s",
 		containerdVersion(), strings.Join(rows, "\n"))
 }
 
@@ -175,7 +185,7 @@ type network struct {
 
 // checkNetwork runs a server and a client pod on nw and tries every path;
 // it returns the README table row.
-func checkNetwork(t *testing.T, cs kubernetes.Interface, bpffs, suffix string, nw network) string {
+func checkNetwork(t *testing.T, cs kubernetes.Interface, bpffs, suffix string, nw network, proxyMode string) string {
 	ctx := context.Background()
 	webName, clientName := "web-"+suffix, "client-"+suffix
 	createPod(t, cs, webName)
@@ -246,8 +256,13 @@ func checkNetwork(t *testing.T, cs kubernetes.Interface, bpffs, suffix string, n
 		_ = cs.CoreV1().Services("default").Delete(ctx, webName, metav1.DeleteOptions{})
 		_ = cs.DiscoveryV1().EndpointSlices("default").Delete(ctx, webName+"-1", metav1.DeleteOptions{})
 	})
-	waitFor(t, 60*time.Second, "kube-proxy programs "+vip.String(), func() bool {
-		out, _ := exec.Command("iptables-save", "-t", "nat").Output()
+	waitFor(t, 60*time.Second, "kube-proxy ("+proxyMode+") programs "+vip.String(), func() bool {
+		var out []byte
+		if proxyMode == "nftables" {
+			out, _ = exec.Command("nft", "list", "table", "ip", "kube-proxy").Output()
+		} else {
+			out, _ = exec.Command("iptables-save", "-t", "nat").Output()
+		}
 		return strings.Contains(string(out), vip.String())
 	})
 	svc := path("pod -> ClusterIP "+vip.String()+" -> pod", clientNS, netip.AddrPortFrom(vip, 80), nodeIP)
@@ -437,14 +452,14 @@ services:
 	})
 }
 
-func startKubeProxy(t *testing.T, work string, c *kapi.Cluster) {
+func startKubeProxy(t *testing.T, work string, c *kapi.Cluster, mode string) *node.Proc {
 	t.Helper()
 	bin, err := kapi.BinDir()
 	must(t, err)
-	cfg := filepath.Join(work, "kube-proxy.yaml")
+	cfg := filepath.Join(work, "kube-proxy-"+mode+".yaml")
 	must(t, os.WriteFile(cfg, []byte(fmt.Sprintf(`apiVersion: kubeproxy.config.k8s.io/v1alpha1
 kind: KubeProxyConfiguration
-mode: iptables
+mode: %s
 hostnameOverride: %s
 clientConnection:
   kubeconfig: %s
@@ -452,15 +467,16 @@ metricsBindAddress: 127.0.0.1:10249
 healthzBindAddress: 127.0.0.1:10256
 conntrack:
   maxPerCore: 0
-`, nodeName, c.Kubeconfig)), 0o644))
-	p, err := node.StartProc(filepath.Join(bin, "kube-proxy"), filepath.Join(work, "kube-proxy.log"), "--config", cfg, "--v=2")
+`, mode, nodeName, c.Kubeconfig)), 0o644))
+	p, err := node.StartProc(filepath.Join(bin, "kube-proxy"), filepath.Join(work, "kube-proxy-"+mode+".log"), "--config", cfg, "--v=2")
 	must(t, err)
 	t.Cleanup(func() {
 		if t.Failed() {
-			t.Logf("kube-proxy log:\n%s", p.Tail(16<<10))
+			t.Logf("kube-proxy (%s) log:\n%s", mode, p.Tail(16<<10))
 		}
 		p.Stop(10 * time.Second)
 	})
+	return p
 }
 
 func createPod(t *testing.T, cs kubernetes.Interface, name string) *corev1.Pod {
