@@ -25,7 +25,8 @@ build:
 
 # All tiers that run on this kernel; the VM matrix is test-kernels. The
 # missing Debian packages are installed first and the Kubernetes binaries
-# built (etcd, kube-apiserver, kube-proxy, kubelet, agnhost; cached), so this
+# built (etcd, kube-apiserver, -controller-manager, -scheduler, -proxy, kubelet,
+# agnhost; cached), so this
 # works on a fresh machine.
 test: deps check-generate
 	$(GO) vet $(PKGS)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds etcd, kube-apiserver, kube-proxy, kubelet and agnhost from the Go module proxy (wrapper module in
+# Builds etcd, kube-apiserver, kube-controller-manager, kube-scheduler,
+# kube-proxy, kubelet and agnhost from the Go module proxy (wrapper module in
 # test/k8s/build/, versions set only in its go.mod) into
 #   ${UNDERPASS_K8S_CACHE:-$HOME/.cache/underpass/k8s}/<k8s-version>-<etcd-version>/
 # unless the binaries are already there, and prints that directory on stdout
@@ -19,7 +20,7 @@ etcd=$(modver go.etcd.io/etcd/server/v3)
 [[ -n $k8s && -n $etcd ]] || { echo "build.sh: cannot read versions from $mod/go.mod" >&2; exit 1; }
 
 out="${UNDERPASS_K8S_CACHE:-$HOME/.cache/underpass/k8s}/$k8s-$etcd"
-bins=(etcd kube-apiserver kube-proxy kubelet agnhost)
+bins=(etcd kube-apiserver kube-controller-manager kube-scheduler kube-proxy kubelet agnhost)
 have=1
 for b in "${bins[@]}"; do [[ -x $out/$b ]] || have=0; done
 if [[ $have == 1 ]]; then
@@ -46,6 +47,8 @@ build() { # name package extra-ldflags
 }
 [[ -x $out/etcd ]] || build etcd ./etcd ""
 [[ -x $out/kube-apiserver ]] || build kube-apiserver ./kube-apiserver "$xv"
+[[ -x $out/kube-controller-manager ]] || build kube-controller-manager ./kube-controller-manager "$xv"
+[[ -x $out/kube-scheduler ]] || build kube-scheduler ./kube-scheduler "$xv"
 [[ -x $out/kube-proxy ]] || build kube-proxy ./kube-proxy "$xv"
 [[ -x $out/kubelet ]] || build kubelet ./kubelet "$xv"
 [[ -x $out/agnhost ]] || build agnhost ./agnhost ""

@@ -236,3 +236,59 @@ func (n *Node) stop(tb testing.TB) {
 		n.Containerd.Stop(10 * time.Second)
 	}
 }
+
+// StartControlPlane starts kube-controller-manager and kube-scheduler
+// against the cluster: EndpointSlices, ServiceAccount tokens, garbage
+// collection and scheduling are Kubernetes' own, not the test's.
+func StartControlPlane(tb testing.TB, c *kapi.Cluster) {
+	tb.Helper()
+	bin, err := kapi.BinDir()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	dir := tb.TempDir()
+	var procs []*Proc
+	tb.Cleanup(func() {
+		logTails(tb, procs...)
+		for _, p := range procs {
+			p.Stop(10 * time.Second)
+		}
+	})
+	for _, pc := range []struct {
+		name string
+		args []string
+	}{
+		{"kube-controller-manager", []string{
+			"--kubeconfig", c.Kubeconfig, "--leader-elect=false",
+			"--bind-address=127.0.0.1", "--secure-port=0",
+			"--service-account-private-key-file=" + c.SAKeyFile, "--root-ca-file=" + c.CAFile,
+			"--use-service-account-credentials=false",
+		}},
+		{"kube-scheduler", []string{
+			"--kubeconfig", c.Kubeconfig, "--leader-elect=false",
+			"--bind-address=127.0.0.1", "--secure-port=0",
+		}},
+	} {
+		p, err := StartProc(filepath.Join(bin, pc.name), filepath.Join(dir, pc.name+".log"), append(pc.args, "--v=2")...)
+		if err != nil {
+			tb.Fatalf("%s (test/k8s/build.sh builds it): %v", pc.name, err)
+		}
+		procs = append(procs, p)
+	}
+	// The default ServiceAccount appears once the controllers run.
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		if _, err := c.Client.CoreV1().ServiceAccounts("default").Get(context.Background(), "default", metav1.GetOptions{}); err == nil {
+			return
+		}
+		for _, p := range procs {
+			if p.Exited() {
+				tb.Fatalf("%s exited:\n%s", p.Name, p.Tail(8<<10))
+			}
+		}
+		if time.Now().After(deadline) {
+			tb.Fatal("the controller-manager made no default ServiceAccount in 60 s")
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}

@@ -19,7 +19,6 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 	corev1 "k8s.io/api/core/v1"
-	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/client-go/kubernetes"
@@ -114,6 +113,7 @@ func TestRealNode(t *testing.T) {
 	pickSubnet(t)
 	ipamDir = filepath.Join(t.TempDir(), "ipam")
 	c := kapi.Start(t)
+	node.StartControlPlane(t, c)
 	makeNIC(t)
 	keepPacketsHere(t)
 	must(t, os.WriteFile("/proc/sys/net/ipv4/ip_forward", []byte("1"), 0o644))
@@ -251,11 +251,8 @@ func checkNetwork(t *testing.T, cs kubernetes.Interface, bpffs, suffix string, n
 	podPod := path("pod -> pod", clientNS, netip.AddrPortFrom(webIP, 8080), clientIP)
 	podWire := path("pod -> wire", clientNS, netip.AddrPortFrom(gateway, 18080), clientIP)
 
-	vip := createService(t, cs, webName, webIP)
-	t.Cleanup(func() {
-		_ = cs.CoreV1().Services("default").Delete(ctx, webName, metav1.DeleteOptions{})
-		_ = cs.DiscoveryV1().EndpointSlices("default").Delete(ctx, webName+"-1", metav1.DeleteOptions{})
-	})
+	vip := createService(t, cs, webName)
+	t.Cleanup(func() { _ = cs.CoreV1().Services("default").Delete(ctx, webName, metav1.DeleteOptions{}) })
 	waitFor(t, 60*time.Second, "kube-proxy ("+proxyMode+") programs "+vip.String(), func() bool {
 		var out []byte
 		if proxyMode == "nftables" {
@@ -487,12 +484,9 @@ func createPod(t *testing.T, cs kubernetes.Interface, name string) *corev1.Pod {
 			PeriodSeconds: 1, TimeoutSeconds: 1, FailureThreshold: 3,
 		}
 	}
-	no := false
 	p, err := cs.CoreV1().Pods("default").Create(context.Background(), &corev1.Pod{
 		ObjectMeta: metav1.ObjectMeta{Name: name, Labels: map[string]string{"app": name}},
 		Spec: corev1.PodSpec{
-			NodeName:                     nodeName, // no scheduler in this tier yet
-			AutomountServiceAccountToken: &no,
 			Containers: []corev1.Container{{
 				Name: "netexec", Image: node.AgnhostImage, ImagePullPolicy: corev1.PullNever,
 				Args:           []string{"netexec", "--http-port=8080"},
@@ -561,21 +555,17 @@ func podNetns(t *testing.T, bpffs, pod string) cnins.NetNS {
 	return nil
 }
 
-func createService(t *testing.T, cs kubernetes.Interface, name string, backend netip.Addr) netip.Addr {
+// createService creates a ClusterIP Service, port 80 -> 8080, selecting
+// the pod labelled app=name: the controller-manager writes its
+// EndpointSlice.
+func createService(t *testing.T, cs kubernetes.Interface, name string) netip.Addr {
 	t.Helper()
-	ctx := context.Background()
-	svc, err := cs.CoreV1().Services("default").Create(ctx, &corev1.Service{
+	svc, err := cs.CoreV1().Services("default").Create(context.Background(), &corev1.Service{
 		ObjectMeta: metav1.ObjectMeta{Name: name},
-		Spec:       corev1.ServiceSpec{Ports: []corev1.ServicePort{{Name: "http", Port: 80, TargetPort: intstr.FromInt32(8080)}}},
-	}, metav1.CreateOptions{})
-	must(t, err)
-	// No controller-manager in this tier yet: the EndpointSlice is written here.
-	ready, port, pname := true, int32(8080), "http"
-	_, err = cs.DiscoveryV1().EndpointSlices("default").Create(ctx, &discoveryv1.EndpointSlice{
-		ObjectMeta:  metav1.ObjectMeta{Name: name + "-1", Labels: map[string]string{discoveryv1.LabelServiceName: name}},
-		AddressType: discoveryv1.AddressTypeIPv4,
-		Endpoints:   []discoveryv1.Endpoint{{Addresses: []string{backend.String()}, Conditions: discoveryv1.EndpointConditions{Ready: &ready}}},
-		Ports:       []discoveryv1.EndpointPort{{Name: &pname, Port: &port}},
+		Spec: corev1.ServiceSpec{
+			Selector: map[string]string{"app": name},
+			Ports:    []corev1.ServicePort{{Name: "http", Port: 80, TargetPort: intstr.FromInt32(8080)}},
+		},
 	}, metav1.CreateOptions{})
 	must(t, err)
 	return netip.MustParseAddr(svc.Spec.ClusterIP)

@@ -71,6 +71,9 @@ type Cluster struct {
 	// CAFile is the PEM CA that signed the apiserver's serving cert (and
 	// the client CA, see CAKeyFile); Token the admin bearer token.
 	CAFile, CAKeyFile, Token string
+	// SAKeyFile is the service-account token signing key (for a
+	// kube-controller-manager's token controller).
+	SAKeyFile string
 }
 
 // As returns a copy of RestConfig that impersonates user (with groups):
@@ -120,7 +123,7 @@ func Start(tb testing.TB) *Cluster {
 	if err != nil {
 		fail("certificates: %v", err)
 	}
-	c.CAFile, c.CAKeyFile = pki.caFile, pki.caKeyFile
+	c.CAFile, c.CAKeyFile, c.SAKeyFile = pki.caFile, pki.caKeyFile, pki.saKeyFile
 	c.Token = randomToken()
 	tokens := filepath.Join(dir, "tokens.csv")
 	if err := os.WriteFile(tokens, []byte(fmt.Sprintf("%s,%s,%s,\"system:masters\"\n", c.Token, AdminUser, AdminUser)), 0o600); err != nil {
