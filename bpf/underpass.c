@@ -837,12 +837,14 @@ static __always_inline void touch(struct up_ep_ref *r)
  * address the kernel gives a slave by default, provably the endpoint's own
  * without waiting for its DAD (which may come before its filters do). The
  * middle two bytes are ff:fe, or the device's dev_id, which the kernel puts
- * there so that ipvlan slaves sharing one MAC get distinct addresses. */
+ * there so that ipvlan slaves sharing one MAC get distinct addresses; with a
+ * dev_id the kernel does not flip the universal/local bit (addrconf's
+ * addrconf_ifid_eui48), so both forms of the first byte are the MAC's. */
 static __always_inline int eui64_link_local(const struct up_ip_key *a, const __u8 *mac)
 {
 	const __u8 *x = a->addr;
 	return x[0] == 0xfe && x[1] == 0x80 && !x[2] && !x[3] && !x[4] && !x[5] && !x[6] && !x[7] &&
-	       x[8] == (mac[0] ^ 0x02) && x[9] == mac[1] && x[10] == mac[2] && x[13] == mac[3] &&
+	       (x[8] == (mac[0] ^ 0x02) || x[8] == mac[0]) && x[9] == mac[1] && x[10] == mac[2] && x[13] == mac[3] &&
 	       x[14] == mac[4] && x[15] == mac[5];
 }
 
@@ -970,16 +972,6 @@ __noinline int up_vet_source(struct __sk_buff *skb, const struct ethhdr *eth, st
 	__u32 reason = UP_DROP_SPOOFED_SOURCE;
 	if (!mac_eq(eth->h_source, ep->mac))
 		return reason;
-	if (ep->mode != UP_MODE_MACVLAN) {
-		/* ipvlan slaves keep the earlier, looser check for now (source
-		 * MAC and registered source IP; link-local, unspecified and what
-		 * does not parse pass): the strict rules below dropped some of an
-		 * ipvlan slave's own frames in the VM matrix, not yet understood. */
-		if (!parse_l3(skb, bpf_ntohs(eth->h_proto), p) || is_unspecified(&p->saddr) ||
-		    (p->proto == ETH_P_IPV6 && is_link_local6(&p->saddr)))
-			return UP_DROP_MAX;
-		return owns(id, ep->parent_ifindex, &p->saddr) ? UP_DROP_MAX : reason;
-	}
 	reason = UP_DROP_UNVETTED;
 	__u16 proto = bpf_ntohs(eth->h_proto);
 	if (proto != ETH_P_IP && proto != ETH_P_IPV6 && proto != ETH_P_ARP)

@@ -90,6 +90,11 @@ func TestParentVetsEndpointFrames(t *testing.T) {
 	}{
 		{"own IPv4", icmpEcho(t, macA, macGW, ipA, ipRemote)},
 		{"own EUI-64 link-local", icmpEcho(t, macA, macGW, linkLocalA, linkLocalGW)},
+		// What the kernel gives a slave with a dev_id (ipvlan slaves
+		// sharing a MAC): dev_id 1 in the middle, and the universal/local
+		// bit NOT flipped (addrconf_ifid_eui48). The strict source check
+		// dropped these as spoofed_source until it knew that.
+		{"own dev_id link-local", icmpEcho(t, macA, macGW, netip.MustParseAddr("fe80::2aa:0:100:a"), linkLocalGW)},
 		{"own NA", neighborAdvertFrom(t, macA, linkLocalA, ipA6, macA)},
 		{"ARP probe", arp(t, layers.ARPRequest, macA, macBcast, macA, netip.IPv4Unspecified(), ipB)},
 	} {
