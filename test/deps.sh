@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what `make test` needs on a Debian bookworm machine (as root, only
 # the packages that are missing) and builds etcd, kube-apiserver,
-# kube-controller-manager, kube-scheduler, kube-proxy, the kubelet and agnhost that the informer, manifest, kube-proxy and
-# real-node tests run (test/k8s/build.sh, cached by version).
+# kube-controller-manager, kube-scheduler, kube-proxy, the kubelet and
+# agnhost that the informer, manifest, kube-proxy and real-node tests run
+# (test/k8s/build.sh, cached by version).
 # Prints the k8s binary directory on stdout; progress goes to stderr.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -5,7 +5,9 @@
 #   ${UNDERPASS_K8S_CACHE:-$HOME/.cache/underpass/k8s}/<k8s-version>-<etcd-version>/
 # unless the binaries are already there, and prints that directory on stdout
 # (progress goes to stderr). Idempotent; a version bump builds into a new dir.
-# Cold (empty Go build cache): ~12-15 min on 2 cores; warm: well under 1 s.
+# Cold (empty Go build cache): ~15-20 min on 2 cores (etcd and the
+# apiserver alone were 6-8), not measured since the last binaries were added;
+# warm: well under 1 s.
 # test/k8s/kapi finds the binaries through UNDERPASS_K8S_BIN=<printed dir>, or
 # in the same cache dir (it reads the versions from test/k8s/build/go.mod).
 set -euo pipefail

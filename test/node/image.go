@@ -14,6 +14,7 @@ import (
 	"io"
 	"os"
 	"path"
+	"runtime"
 	"sort"
 	"time"
 )
@@ -36,7 +37,7 @@ func (img Image) WriteDockerArchive(w io.Writer) error {
 	sum := sha256.Sum256(layer)
 	diffID := "sha256:" + hex.EncodeToString(sum[:])
 	cfg, err := json.Marshal(map[string]any{
-		"architecture": "amd64",
+		"architecture": runtime.GOARCH, // the binaries are this machine's
 		"os":           "linux",
 		"created":      time.Unix(0, 0).UTC().Format(time.RFC3339),
 		"config": map[string]any{

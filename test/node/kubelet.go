@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"testing"
 	"time"
@@ -66,7 +67,7 @@ func Start(tb testing.TB, o Options) *Node {
 	n := &Node{Name: o.Name, Dir: dir, Socket: filepath.Join(dir, "containerd.sock")}
 	tb.Cleanup(func() {
 		logTails(tb, n.Kubelet, n.Containerd)
-		n.stop(tb)
+		n.stop(tb, o.Cluster)
 		unmountUnder(dir)
 		os.RemoveAll(dir)
 	})
@@ -88,10 +89,18 @@ state = %q
   address = %q
 [ttrpc]
   address = %q
+[plugins."io.containerd.internal.v1.opt"]
+  path = %q
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = %q
   # No CAP_SYS_RESOURCE in this sandbox: runc cannot raise oom_score_adj.
   restrict_oom_score_adj = true
+  # Pod netns mounts under the state dir, so teardown finds them all.
+  netns_mounts_under_state_dir = true
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    # Every image is imported; a pull would go to a dead address, never
+    # to a real registry.
+    config_path = %q
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "overlayfs"
     default_runtime_name = "runc"
@@ -101,7 +110,17 @@ state = %q
     bin_dir = %q
     conf_dir = %q
 `, filepath.Join(n.Dir, "containerd"), filepath.Join(n.Dir, "containerd-state"), n.Socket, n.Socket+".ttrpc",
-		PauseImage, o.CNIBinDir, o.CNIConfDir)
+		filepath.Join(n.Dir, "opt"), PauseImage, filepath.Join(n.Dir, "certs.d"), o.CNIBinDir, o.CNIConfDir)
+	for _, reg := range []string{"registry.k8s.io", "docker.io", "_default"} {
+		d := filepath.Join(n.Dir, "certs.d", reg)
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			tb.Fatal(err)
+		}
+		hosts := "server = \"http://127.0.0.1:1\"\n[host.\"http://127.0.0.1:1\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
+		if err := os.WriteFile(filepath.Join(d, "hosts.toml"), []byte(hosts), 0o644); err != nil {
+			tb.Fatal(err)
+		}
+	}
 	if err := os.WriteFile(cfg, []byte(toml), 0o644); err != nil {
 		tb.Fatal(err)
 	}
@@ -153,7 +172,8 @@ func (n *Node) startKubelet(tb testing.TB, o Options, bin string) {
 	cfg := filepath.Join(n.Dir, "kubelet.yaml")
 	yaml := fmt.Sprintf(`apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
-# This host has cgroup v1 only.
+# Hosts with cgroup v1 only (this development VM) need this; on cgroup v2
+# it changes nothing.
 failCgroupV1: false
 cgroupDriver: cgroupfs
 cgroupsPerQOS: false
@@ -163,8 +183,7 @@ failSwapOn: false
 address: 127.0.0.1
 port: 10250
 readOnlyPort: 0
-healthzBindAddress: 127.0.0.1
-healthzPort: 10248
+healthzPort: 0
 authentication:
   anonymous: {enabled: true}
   webhook: {enabled: false}
@@ -217,9 +236,28 @@ func (n *Node) waitReady(tb testing.TB, c *kapi.Cluster) {
 	}
 }
 
-// stop deletes what runs (the kubelet first, so it restarts nothing), then
-// containerd, its shims and their containers.
-func (n *Node) stop(tb testing.TB) {
+// stop deletes every pod through the API (the kubelet runs CNI DEL for
+// each), stops the kubelet, then removes what containerd still runs and
+// stops containerd and its shims.
+func (n *Node) stop(tb testing.TB, c *kapi.Cluster) {
+	if n.Kubelet != nil && !n.Kubelet.Exited() {
+		ctx := context.Background()
+		zero := int64(0)
+		_ = c.Client.CoreV1().Pods("").DeleteCollection(ctx, metav1.DeleteOptions{GracePeriodSeconds: &zero}, metav1.ListOptions{})
+		if nss, err := c.Client.CoreV1().Namespaces().List(ctx, metav1.ListOptions{}); err == nil {
+			for _, ns := range nss.Items {
+				_ = c.Client.CoreV1().Pods(ns.Name).DeleteCollection(ctx, metav1.DeleteOptions{GracePeriodSeconds: &zero}, metav1.ListOptions{})
+			}
+		}
+		deadline := time.Now().Add(30 * time.Second)
+		for time.Now().Before(deadline) {
+			l, err := c.Client.CoreV1().Pods("").List(ctx, metav1.ListOptions{})
+			if err == nil && len(l.Items) == 0 {
+				break
+			}
+			time.Sleep(250 * time.Millisecond)
+		}
+	}
 	if n.Kubelet != nil {
 		n.Kubelet.Stop(10 * time.Second)
 	}
@@ -234,6 +272,9 @@ func (n *Node) stop(tb testing.TB) {
 			tb.Logf("node teardown: %v", err)
 		}
 		n.Containerd.Stop(10 * time.Second)
+		// Shims are outside containerd's process group: whatever still
+		// names this containerd's socket goes.
+		_ = exec.Command("pkill", "-KILL", "-f", "-address "+n.Socket).Run()
 	}
 }
 

@@ -9,6 +9,8 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
+	"sort"
 	"strings"
 	"sync"
 	"syscall"
@@ -20,13 +22,14 @@ import (
 // on the host, and ip_forward, which every Kubernetes node has on: saved at
 // start, put back at teardown.
 var hostSysctls = []string{
-	"kernel/panic", "kernel/panic_on_oops", "vm/overcommit_memory",
+	"kernel/panic", "kernel/panic_on_oops", "vm/overcommit_memory", "vm/panic_on_oom",
+	"kernel/keys/root_maxkeys", "kernel/keys/root_maxbytes",
 	"net/ipv4/ip_forward", "net/ipv4/conf/all/route_localnet",
 }
 
 // Paths the kubelet and containerd write whatever their flags say: removed
 // at teardown unless they were there before.
-var fixedPaths = []string{"/var/lib/kubelet", "/run/containerd"}
+var fixedPaths = []string{"/var/lib/kubelet", "/run/containerd", "/var/log/containers", "/var/log/pods", "/var/lib/cni", "/opt/containerd"}
 
 // Host is what a node changes on this machine and puts back: sysctls,
 // iptables (v4, v6) and the fixed paths. Save it before anything starts;
@@ -36,6 +39,8 @@ type Host struct {
 	iptables map[string][]byte // iptables-save / ip6tables-save output
 	tables   map[string]bool   // nftables tables ("ip filter"), iptables-nft's included
 	existed  map[string]bool
+	links    []string // link names
+	mounts   []string // mount points
 }
 
 // SaveHost records the host state a node changes.
@@ -49,6 +54,15 @@ func SaveHost() (*Host, error) {
 		h.sysctls[k] = strings.TrimSpace(string(v))
 	}
 	for _, tool := range []string{"iptables", "ip6tables"} {
+		// iptables-legacy saves only the tables already loaded: list them
+		// all first, so the restore rewrites every table the node touches.
+		// (iptables-nft's tables are diffed below instead: listing would
+		// create them.)
+		if v, _ := exec.Command(tool, "-V").Output(); strings.Contains(string(v), "legacy") {
+			for _, t := range []string{"filter", "nat", "mangle", "raw"} {
+				_ = exec.Command(tool, "-t", t, "-S").Run()
+			}
+		}
 		out, err := exec.Command(tool + "-save").Output()
 		if err != nil {
 			return nil, fmt.Errorf("%s-save: %w", tool, err)
@@ -66,7 +80,48 @@ func SaveHost() (*Host, error) {
 		_, err := os.Stat(p)
 		h.existed[p] = err == nil
 	}
+	h.links, h.mounts = linkNames(), mountPoints()
 	return h, nil
+}
+
+func linkNames() []string {
+	out, _ := exec.Command("ip", "-o", "link", "show").Output()
+	var names []string
+	for _, line := range strings.Split(string(out), "\n") {
+		if f := strings.Fields(line); len(f) > 1 {
+			names = append(names, strings.Split(strings.TrimSuffix(f[1], ":"), "@")[0])
+		}
+	}
+	sort.Strings(names)
+	return names
+}
+
+func mountPoints() []string {
+	data, _ := os.ReadFile("/proc/self/mounts")
+	var points []string
+	for _, line := range strings.Split(string(data), "\n") {
+		if f := strings.Fields(line); len(f) > 1 {
+			points = append(points, f[1])
+		}
+	}
+	sort.Strings(points)
+	return points
+}
+
+// rules are the rule and chain lines of an iptables-save output, without
+// comments and counters.
+func rules(save []byte) []string {
+	var out []string
+	for _, line := range strings.Split(string(save), "\n") {
+		if strings.HasPrefix(line, "-A") || strings.HasPrefix(line, ":") {
+			if i := strings.Index(line, " ["); i > 0 && strings.HasPrefix(line, ":") {
+				line = line[:i]
+			}
+			out = append(out, line)
+		}
+	}
+	sort.Strings(out)
+	return out
 }
 
 // nftTables lists the nftables tables as "family name".
@@ -120,6 +175,29 @@ func (h *Host) Restore() error {
 		unmountUnder(p)
 		if err := os.RemoveAll(p); err != nil {
 			errs = append(errs, err)
+		}
+	}
+	// `ip netns add` makes /run/netns a mount point the first time.
+	before := map[string]bool{}
+	for _, m := range h.mounts {
+		before[m] = true
+	}
+	if m, err := filepath.EvalSymlinks("/var/run/netns"); err == nil && !before[m] && slices.Contains(mountPoints(), m) {
+		_ = syscall.Unmount(m, syscall.MNT_DETACH)
+	}
+	// What is left is a leak: say so, so that none passes silently.
+	if got := linkNames(); !slices.Equal(got, h.links) {
+		errs = append(errs, fmt.Errorf("links left: %v, before %v", got, h.links))
+	}
+	if got := mountPoints(); !slices.Equal(got, h.mounts) {
+		errs = append(errs, fmt.Errorf("mounts changed: %v, before %v", got, h.mounts))
+	}
+	if now, err := nftTables(); err == nil && len(now) != len(h.tables) {
+		errs = append(errs, fmt.Errorf("nftables tables %v, before %v", now, h.tables))
+	}
+	for tool, saved := range h.iptables {
+		if out, err := exec.Command(tool + "-save").Output(); err == nil && !slices.Equal(rules(out), rules(saved)) {
+			errs = append(errs, fmt.Errorf("%s rules left: %v", tool, rules(out)))
 		}
 	}
 	return errors.Join(errs...)
@@ -207,6 +285,8 @@ func (p *Proc) Stop(grace time.Duration) {
 			_ = syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
 			<-p.done
 		}
+		// Children it left (CNI plugins, runc, mount helpers).
+		_ = syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
 	})
 }
 

@@ -101,6 +101,7 @@ func TestRealNode(t *testing.T) {
 			t.Fatalf("the node tier needs %s (make deps installs it): %v", tool, err)
 		}
 	}
+	sweepStale(t)
 	host, err := node.SaveHost()
 	if err != nil {
 		t.Fatal(err)
@@ -328,6 +329,34 @@ func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool)
 // makeNIC creates the node's NIC: upn0 (node address) <-> gw0 in the wire
 // netns (the gateway's address, nothing beyond it). The Service CIDR is
 // routed into it too, so no ClusterIP packet ever heads for a real network.
+// staleTag marks this test's iptables rules, so that a run killed before
+// its cleanup (a timeout) is cleaned up by the next one.
+const staleTag = "underpass-node-test"
+
+// sweepStale removes what a killed earlier run left: the NIC, the wire
+// netns, the tagged rules.
+func sweepStale(t *testing.T) {
+	t.Helper()
+	_ = exec.Command("ip", "link", "del", nic).Run()
+	if ents, err := os.ReadDir("/var/run/netns"); err == nil {
+		for _, e := range ents {
+			if strings.HasPrefix(e.Name(), "upnode-wire-") {
+				_ = exec.Command("ip", "netns", "del", e.Name()).Run()
+			}
+		}
+	}
+	out, _ := exec.Command("iptables", "-t", "mangle", "-S", "FORWARD").Output()
+	for _, line := range strings.Split(string(out), "\n") {
+		if strings.Contains(line, staleTag) && strings.HasPrefix(line, "-A ") {
+			args := append([]string{"-t", "mangle", "-D"}, strings.Fields(strings.TrimPrefix(line, "-A "))...)
+			for i, a := range args {
+				args[i] = strings.Trim(a, `"`)
+			}
+			_ = exec.Command("iptables", args...).Run()
+		}
+	}
+}
+
 func wireName() string { return fmt.Sprintf("upnode-wire-%d", os.Getpid()) }
 
 func makeNIC(t *testing.T) {
@@ -366,7 +395,7 @@ func keepPacketsHere(t *testing.T) {
 			continue
 		}
 		for _, dir := range []string{"-i", "-o"} {
-			if out, err := exec.Command("iptables", "-t", "mangle", "-I", "FORWARD", dir, l.Name, "-j", "DROP").CombinedOutput(); err != nil {
+			if out, err := exec.Command("iptables", "-t", "mangle", "-I", "FORWARD", dir, l.Name, "-m", "comment", "--comment", staleTag, "-j", "DROP").CombinedOutput(); err != nil {
 				t.Fatalf("iptables: %v: %s", err, out)
 			}
 		}
@@ -426,6 +455,15 @@ services:
 `, bpffs, port, kapi.ServiceCIDRv4, c.Kubeconfig)), 0o644))
 	p, err := node.StartProc(bin, filepath.Join(work, "underpassd.log"), "--config", cfg, "--log-level", "debug")
 	must(t, err)
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("underpassd log:\n%s", p.Tail(16<<10))
+		}
+		p.Stop(10 * time.Second)
+		if out, err := exec.Command(bin, "--config", cfg, "--uninstall").CombinedOutput(); err != nil {
+			t.Errorf("underpassd --uninstall: %v\n%s", err, out)
+		}
+	})
 	// Pods wait for the datapath, as a DaemonSet's readiness gates them.
 	waitFor(t, 60*time.Second, "underpassd ready", func() bool {
 		resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/readyz", port))
@@ -438,15 +476,6 @@ services:
 	if p.Exited() {
 		t.Fatalf("underpassd exited:\n%s", p.Tail(4<<10))
 	}
-	t.Cleanup(func() {
-		if t.Failed() {
-			t.Logf("underpassd log:\n%s", p.Tail(16<<10))
-		}
-		p.Stop(10 * time.Second)
-		if out, err := exec.Command(bin, "--config", cfg, "--uninstall").CombinedOutput(); err != nil {
-			t.Errorf("underpassd --uninstall: %v\n%s", err, out)
-		}
-	})
 }
 
 func startKubeProxy(t *testing.T, work string, c *kapi.Cluster, mode string) *node.Proc {
@@ -462,8 +491,11 @@ clientConnection:
   kubeconfig: %s
 metricsBindAddress: 127.0.0.1:10249
 healthzBindAddress: 127.0.0.1:10256
+# Host-wide or host-netns conntrack settings: left as they are (0).
 conntrack:
   maxPerCore: 0
+  tcpEstablishedTimeout: 0s
+  tcpCloseWaitTimeout: 0s
 `, mode, nodeName, c.Kubeconfig)), 0o644))
 	p, err := node.StartProc(filepath.Join(bin, "kube-proxy"), filepath.Join(work, "kube-proxy-"+mode+".log"), "--config", cfg, "--v=2")
 	must(t, err)
@@ -481,7 +513,7 @@ func createPod(t *testing.T, cs kubernetes.Interface, name string) *corev1.Pod {
 	probe := func(path string) *corev1.Probe {
 		return &corev1.Probe{
 			ProbeHandler:  corev1.ProbeHandler{HTTPGet: &corev1.HTTPGetAction{Path: path, Port: intstr.FromInt32(8080)}},
-			PeriodSeconds: 1, TimeoutSeconds: 1, FailureThreshold: 3,
+			PeriodSeconds: 1, TimeoutSeconds: 2, FailureThreshold: 5,
 		}
 	}
 	p, err := cs.CoreV1().Pods("default").Create(context.Background(), &corev1.Pod{
@@ -515,7 +547,10 @@ func waitPodReady(t *testing.T, cs kubernetes.Interface, name string) {
 		}
 		time.Sleep(250 * time.Millisecond)
 	}
-	b, _ := json.MarshalIndent(last.Status, "", " ")
+	var b []byte
+	if last != nil {
+		b, _ = json.MarshalIndent(last.Status, "", " ")
+	}
 	ev, _ := cs.CoreV1().Events("default").List(context.Background(), metav1.ListOptions{})
 	var evs []string
 	if ev != nil {

@@ -6,10 +6,11 @@
 // test/k8s/build.sh (versions in test/k8s/build/go.mod) and cached under
 // $HOME/.cache/underpass/k8s/<k8s-version>-<etcd-version>/.
 //
-// There is no controller-manager or scheduler: nothing creates
-// EndpointSlices, ServiceAccounts or default tokens, so tests write the
-// objects they need themselves. The ServiceAccount admission plugin is off so
-// that Pods can be created without a default ServiceAccount.
+// Start runs no controller-manager or scheduler: nothing creates
+// EndpointSlices, ServiceAccounts or default tokens unless the test starts
+// them (test/node does), so tests write the objects they need themselves.
+// The ServiceAccount admission plugin is off so that Pods can be created
+// without a default ServiceAccount.
 package kapi
 
 import (
@@ -100,11 +101,12 @@ func Start(tb testing.TB) *Cluster {
 	dir := tb.TempDir()
 	c := &Cluster{Dir: dir}
 	var procs []*proc // started order; stopped in reverse
+	printed := false
 	tb.Cleanup(func() {
 		for i := len(procs) - 1; i >= 0; i-- {
 			procs[i].stop()
 		}
-		if tb.Failed() {
+		if tb.Failed() && !printed {
 			for _, p := range procs {
 				tb.Logf("kapi: %s", p.logTail())
 			}
@@ -115,7 +117,7 @@ func Start(tb testing.TB) *Cluster {
 		for _, p := range procs {
 			tb.Logf("kapi: %s", p.logTail())
 		}
-		procs = nil // already printed
+		printed = true // the processes are still stopped by the cleanup
 		tb.Fatalf("kapi: "+format, args...)
 	}
 
@@ -238,7 +240,7 @@ func Start(tb testing.TB) *Cluster {
 // $UNDERPASS_K8S_BIN, or the cache directory build.sh builds into for the
 // versions pinned in test/k8s/build/go.mod.
 func BinDir() (string, error) {
-	const hint = "run test/k8s/build.sh first (it builds etcd, kube-apiserver, kube-proxy, the kubelet and agnhost from the Go module proxy, ~12-15 min cold, then cached) or set " + EnvBin + " to a directory with them"
+	const hint = "run test/k8s/build.sh first (it builds etcd, kube-apiserver, kube-proxy, the kubelet and agnhost from the Go module proxy, ~15-20 min cold, then cached) or set " + EnvBin + " to a directory with them"
 	dir := os.Getenv(EnvBin)
 	if dir == "" {
 		_, self, _, ok := runtime.Caller(0)
