@@ -199,9 +199,8 @@ func createBackedService(t *testing.T, cs kubernetes.Interface, name string, bac
 }
 
 // startKubeProxy runs the real kube-proxy in the lab's node netns with its
-// defaults for mode. The only settings changed are what a network
-// namespace cannot do: nf_conntrack_max is a host-wide sysctl (maxPerCore
-// 0 leaves it alone), and the ports are on the node's loopback.
+// defaults for mode (see kapi.KubeProxyConfig for the few settings a test
+// node changes).
 func startKubeProxy(t *testing.T, l *lab, mode, kubeconfig string) {
 	t.Helper()
 	bin, err := kapi.BinDir()
@@ -211,17 +210,7 @@ func startKubeProxy(t *testing.T, l *lab, mode, kubeconfig string) {
 		t.Fatalf("no kube-proxy (test/k8s/build.sh builds it): %v", err)
 	}
 	cfg := filepath.Join(t.TempDir(), "kube-proxy.yaml")
-	must(t, os.WriteFile(cfg, []byte(fmt.Sprintf(`apiVersion: kubeproxy.config.k8s.io/v1alpha1
-kind: KubeProxyConfiguration
-mode: %s
-hostnameOverride: %s
-clientConnection:
-  kubeconfig: %s
-metricsBindAddress: 127.0.0.1:10249
-healthzBindAddress: 127.0.0.1:10256
-conntrack:
-  maxPerCore: 0
-`, mode, kubeNode, kubeconfig)), 0o644))
+	must(t, os.WriteFile(cfg, []byte(kapi.KubeProxyConfig(mode, kubeNode, kubeconfig)), 0o644))
 	out := &syncBuffer{}
 	cmd := l.Node.Command(context.Background(), bin, "--config", cfg, "--v=2")
 	cmd.Stdout, cmd.Stderr = out, out

@@ -483,20 +483,7 @@ func startKubeProxy(t *testing.T, work string, c *kapi.Cluster, mode string) *no
 	bin, err := kapi.BinDir()
 	must(t, err)
 	cfg := filepath.Join(work, "kube-proxy-"+mode+".yaml")
-	must(t, os.WriteFile(cfg, []byte(fmt.Sprintf(`apiVersion: kubeproxy.config.k8s.io/v1alpha1
-kind: KubeProxyConfiguration
-mode: %s
-hostnameOverride: %s
-clientConnection:
-  kubeconfig: %s
-metricsBindAddress: 127.0.0.1:10249
-healthzBindAddress: 127.0.0.1:10256
-# Host-wide or host-netns conntrack settings: left as they are (0).
-conntrack:
-  maxPerCore: 0
-  tcpEstablishedTimeout: 0s
-  tcpCloseWaitTimeout: 0s
-`, mode, nodeName, c.Kubeconfig)), 0o644))
+	must(t, os.WriteFile(cfg, []byte(kapi.KubeProxyConfig(mode, nodeName, c.Kubeconfig)), 0o644))
 	p, err := node.StartProc(filepath.Join(bin, "kube-proxy"), filepath.Join(work, "kube-proxy-"+mode+".log"), "--config", cfg, "--v=2")
 	must(t, err)
 	t.Cleanup(func() {

@@ -493,3 +493,24 @@ func get(client *http.Client, url, token, want string) error {
 	}
 	return nil
 }
+
+// KubeProxyConfig is a KubeProxyConfiguration for the real kube-proxy in
+// mode (iptables, nftables) with its defaults, except what a test node
+// cannot or must not do: conntrack settings are left as they are (the
+// maximum is host-wide, the timeouts belong to the host), and its ports are
+// on loopback.
+func KubeProxyConfig(mode, hostname, kubeconfig string) string {
+	return fmt.Sprintf(`apiVersion: kubeproxy.config.k8s.io/v1alpha1
+kind: KubeProxyConfiguration
+mode: %s
+hostnameOverride: %s
+clientConnection:
+  kubeconfig: %s
+metricsBindAddress: 127.0.0.1:10249
+healthzBindAddress: 127.0.0.1:10256
+conntrack:
+  maxPerCore: 0
+  tcpEstablishedTimeout: 0s
+  tcpCloseWaitTimeout: 0s
+`, mode, hostname, kubeconfig)
+}
