@@ -19,6 +19,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/client-go/kubernetes"
@@ -173,7 +174,7 @@ func TestRealNode(t *testing.T) {
 		time.Sleep(2 * time.Second)
 		rows = append(rows, checkNetwork(t, c.Client, bpffs, "nft", nw, "nftables"))
 	})
-	t.Logf("On a real node (kubelet, containerd %s, kube-proxy iptables mode unless said, defaults):\n| network | probes | host → pod | pod → node | pod → pod | pod → wire | pod → ClusterIP → pod |\n|---|---|---|---|---|---|---|\n%s",
+	t.Logf("On a real node (kubelet, containerd %s, kube-proxy iptables mode unless said, defaults):\n| network | probes | host → pod | pod → node | pod → pod | pod → wire | pod → ClusterIP → pod | pod → ClusterIP → host network |\n|---|---|---|---|---|---|---|---|\n%s",
 		containerdVersion(), strings.Join(rows, "\n"))
 }
 
@@ -217,7 +218,7 @@ func checkNetwork(t *testing.T, cs kubernetes.Interface, bpffs, suffix string, n
 			t.Errorf("host reached a plain macvlan pod: the baseline is not what the README says")
 		}
 		t.Logf("%s: web restarted %d times (liveness probe failed), host -> pod %s", nw.name, p.Status.ContainerStatuses[0].RestartCount, host)
-		return fmt.Sprintf("| %s | fail: never Ready, restarted by its liveness probe %s after creation | %s | not tried | not tried | not tried | not tried |", nw.name, time.Since(start).Round(time.Second), host)
+		return fmt.Sprintf("| %s | fail: never Ready, restarted by its liveness probe %s after creation | %s | not tried | not tried | not tried | not tried | not tried |", nw.name, time.Since(start).Round(time.Second), host)
 	}
 
 	start := time.Now()
@@ -264,7 +265,22 @@ func checkNetwork(t *testing.T, cs kubernetes.Interface, bpffs, suffix string, n
 		return strings.Contains(string(out), vip.String())
 	})
 	svc := path("pod -> ClusterIP "+vip.String()+" -> pod", clientNS, netip.AddrPortFrom(vip, 80), nodeIP)
-	return fmt.Sprintf("| %s | pass: Ready in %s, 0 restarts | %s | %s | %s | %s | %s |", nw.name, ready, hostPod, podNode, podPod, podWire, svc)
+	// A host-network backend (the node's own address, as the kubernetes
+	// Service has on a control-plane node): delivered locally, never
+	// masqueraded, so the backend sees the pod.
+	hostVIP := createHostService(t, cs, "host-"+suffix, netip.AddrPortFrom(nodeIP, 18080))
+	t.Cleanup(func() { _ = cs.CoreV1().Services("default").Delete(ctx, "host-"+suffix, metav1.DeleteOptions{}) })
+	waitFor(t, 60*time.Second, "kube-proxy ("+proxyMode+") programs "+hostVIP.String(), func() bool {
+		var out []byte
+		if proxyMode == "nftables" {
+			out, _ = exec.Command("nft", "list", "table", "ip", "kube-proxy").Output()
+		} else {
+			out, _ = exec.Command("iptables-save", "-t", "nat").Output()
+		}
+		return strings.Contains(string(out), hostVIP.String())
+	})
+	hostSvc := path("pod -> ClusterIP "+hostVIP.String()+" -> host-network backend", clientNS, netip.AddrPortFrom(hostVIP, 80), clientIP)
+	return fmt.Sprintf("| %s | pass: Ready in %s, 0 restarts | %s | %s | %s | %s | %s | %s |", nw.name, ready, hostPod, podNode, podPod, podWire, svc, hostSvc)
 }
 
 func sourceName(a, client netip.Addr) string {
@@ -575,6 +591,27 @@ func podNetns(t *testing.T, bpffs, pod string) cnins.NetNS {
 	}
 	t.Fatalf("pod %s is not registered with underpass", pod)
 	return nil
+}
+
+// createHostService creates a ClusterIP Service, port 80, without a
+// selector, whose one endpoint is backend (on the host), and returns its VIP.
+func createHostService(t *testing.T, cs kubernetes.Interface, name string, backend netip.AddrPort) netip.Addr {
+	t.Helper()
+	ctx := context.Background()
+	svc, err := cs.CoreV1().Services("default").Create(ctx, &corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Name: name},
+		Spec:       corev1.ServiceSpec{Ports: []corev1.ServicePort{{Name: "http", Port: 80, TargetPort: intstr.FromInt32(int32(backend.Port()))}}},
+	}, metav1.CreateOptions{})
+	must(t, err)
+	ready, port, pname := true, int32(backend.Port()), "http"
+	_, err = cs.DiscoveryV1().EndpointSlices("default").Create(ctx, &discoveryv1.EndpointSlice{
+		ObjectMeta:  metav1.ObjectMeta{Name: name + "-host", Labels: map[string]string{discoveryv1.LabelServiceName: name}},
+		AddressType: discoveryv1.AddressTypeIPv4,
+		Endpoints:   []discoveryv1.Endpoint{{Addresses: []string{backend.Addr().String()}, Conditions: discoveryv1.EndpointConditions{Ready: &ready}}},
+		Ports:       []discoveryv1.EndpointPort{{Name: &pname, Port: &port}},
+	}, metav1.CreateOptions{})
+	must(t, err)
+	return netip.MustParseAddr(svc.Spec.ClusterIP)
 }
 
 // createService creates a ClusterIP Service, port 80 -> 8080, selecting
