@@ -8,14 +8,13 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"slices"
 	"sort"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
-	"time"
+
+	"github.com/underpass-cni/underpass/internal/testutil"
 )
 
 // Sysctls the kubelet (kernel.*, vm.*) and kube-proxy (route_localnet) set
@@ -223,80 +222,14 @@ func unmountUnder(dir string) {
 	}
 }
 
-// Proc is a process of the node (containerd, the kubelet, kube-proxy),
-// forked from a thread that stays locked until it exits: Pdeathsig fires
-// when the forking thread ends, and Go ends locked threads (see kapi).
-type Proc struct {
-	Name string
-	Log  string // its log file
-	cmd  *exec.Cmd
-	done chan struct{}
-	err  error
-	once sync.Once
-}
+// Proc is a process of the node (containerd, the kubelet, kube-proxy).
+type Proc = testutil.Proc
 
-// StartProc starts path with args, logging to logFile.
+// StartProc starts path with args, logging to logFile (see
+// testutil.StartProc: it dies with the test, and survives the thread that
+// forked it).
 func StartProc(path, logFile string, args ...string) (*Proc, error) {
-	log, err := os.Create(logFile)
-	if err != nil {
-		return nil, err
-	}
-	cmd := exec.Command(path, args...)
-	cmd.Stdout, cmd.Stderr = log, log
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	p := &Proc{Name: filepath.Base(path), Log: logFile, cmd: cmd, done: make(chan struct{})}
-	started := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		defer runtime.UnlockOSThread()
-		if err := cmd.Start(); err != nil {
-			started <- err
-			return
-		}
-		started <- nil
-		p.err = cmd.Wait()
-		log.Close()
-		close(p.done)
-	}()
-	if err := <-started; err != nil {
-		log.Close()
-		return nil, fmt.Errorf("start %s: %w", path, err)
-	}
-	return p, nil
-}
-
-// Exited reports whether the process has ended.
-func (p *Proc) Exited() bool {
-	select {
-	case <-p.done:
-		return true
-	default:
-		return false
-	}
-}
-
-// Stop sends SIGTERM to the process group, then SIGKILL after grace.
-func (p *Proc) Stop(grace time.Duration) {
-	p.once.Do(func() {
-		_ = syscall.Kill(-p.cmd.Process.Pid, syscall.SIGTERM)
-		select {
-		case <-p.done:
-		case <-time.After(grace):
-			_ = syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
-			<-p.done
-		}
-		// Children it left (CNI plugins, runc, mount helpers).
-		_ = syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
-	})
-}
-
-// Tail is the end of the process's log.
-func (p *Proc) Tail(n int) string {
-	data, _ := os.ReadFile(p.Log)
-	if len(data) > n {
-		data = data[len(data)-n:]
-	}
-	return string(data)
+	return testutil.StartProc(path, logFile, args...)
 }
 
 // run runs a command and returns its combined output in the error.

@@ -23,18 +23,17 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"runtime"
 	"strconv"
 	"strings"
-	"sync"
-	"syscall"
 	"testing"
 	"time"
 
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
+
+	"github.com/underpass-cni/underpass/internal/testutil"
 )
 
 const (
@@ -337,77 +336,21 @@ func freePorts(n int) ([]int, error) {
 }
 
 // proc is a child process in its own process group, its output in a file.
-type proc struct {
-	name, logFile string
-	cmd           *exec.Cmd
-	done          chan struct{} // closed when the process has exited
-	err           error         // Wait's result, valid after done
-	stopOnce      sync.Once
-}
+// proc is one of the cluster's processes.
+type proc struct{ *testutil.Proc }
 
 func startProc(path, logFile string, args ...string) (*proc, error) {
-	log, err := os.Create(logFile)
+	p, err := testutil.StartProc(path, logFile, args...)
 	if err != nil {
 		return nil, err
 	}
-	cmd := exec.Command(path, args...)
-	cmd.Stdout, cmd.Stderr = log, log
-	cmd.Env = os.Environ()
-	cmd.SysProcAttr = &syscall.SysProcAttr{
-		Setpgid:   true,            // stop() signals the whole group
-		Pdeathsig: syscall.SIGKILL, // no orphans if the test binary dies
-	}
-	p := &proc{name: filepath.Base(path), logFile: logFile, cmd: cmd, done: make(chan struct{})}
-	// Pdeathsig fires when the forking *thread* exits, and Go ends a thread
-	// whose goroutine exits locked (netenv creates namespaces that way).
-	// Forked from an unlocked thread, the apiserver was killed whenever
-	// such a goroutine later ran on that thread: about one run in two of a
-	// test that makes namespaces after Start. The forking thread stays
-	// locked to this goroutine until the process has exited.
-	started := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		defer runtime.UnlockOSThread()
-		if err := cmd.Start(); err != nil {
-			started <- err
-			return
-		}
-		started <- nil
-		p.err = cmd.Wait()
-		log.Close()
-		close(p.done)
-	}()
-	if err := <-started; err != nil {
-		log.Close()
-		return nil, fmt.Errorf("start %s: %w", path, err)
-	}
-	return p, nil
+	return &proc{p}, nil
 }
 
-func (p *proc) exited() bool {
-	select {
-	case <-p.done:
-		return true
-	default:
-		return false
-	}
-}
+func (p *proc) exited() bool { return p.Exited() }
 
 // stop sends SIGTERM to the process group, SIGKILL after 10 s.
-func (p *proc) stop() {
-	p.stopOnce.Do(func() {
-		pgid := p.cmd.Process.Pid
-		_ = syscall.Kill(-pgid, syscall.SIGTERM)
-		select {
-		case <-p.done:
-		case <-time.After(10 * time.Second):
-			_ = syscall.Kill(-pgid, syscall.SIGKILL)
-			<-p.done
-		}
-		// Anything left in the group (there should be nothing).
-		_ = syscall.Kill(-pgid, syscall.SIGKILL)
-	})
-}
+func (p *proc) stop() { p.Stop(10 * time.Second) }
 
 // waitReady polls check until it succeeds, the process exits or timeout.
 func (p *proc) waitReady(timeout time.Duration, check func() error) error {
@@ -415,16 +358,16 @@ func (p *proc) waitReady(timeout time.Duration, check func() error) error {
 	last := errors.New("not checked yet")
 	for {
 		if p.exited() {
-			return fmt.Errorf("%s exited: %v (last check: %v)", p.name, p.err, last)
+			return fmt.Errorf("%s exited: %v (last check: %v)", p.Name, p.Err(), last)
 		}
 		if last = check(); last == nil {
 			return nil
 		}
 		if time.Now().After(deadline) {
-			return fmt.Errorf("%s not ready after %v: %v", p.name, timeout, last)
+			return fmt.Errorf("%s not ready after %v: %v", p.Name, timeout, last)
 		}
 		select {
-		case <-p.done:
+		case <-p.Done():
 		case <-time.After(100 * time.Millisecond):
 		}
 	}
@@ -434,16 +377,16 @@ func (p *proc) exitedWithPortInUse() bool {
 	if !p.exited() {
 		return false
 	}
-	data, _ := os.ReadFile(p.logFile)
+	data, _ := os.ReadFile(p.Log)
 	return bytes.Contains(data, []byte("address already in use"))
 }
 
 // logTail returns the last 64 KiB of the process's log.
 func (p *proc) logTail() string {
 	const max = 64 << 10
-	data, err := os.ReadFile(p.logFile)
+	data, err := os.ReadFile(p.Log)
 	if err != nil {
-		return fmt.Sprintf("%s log: %v", p.name, err)
+		return fmt.Sprintf("%s log: %v", p.Name, err)
 	}
 	cut := ""
 	if len(data) > max {
@@ -453,7 +396,7 @@ func (p *proc) logTail() string {
 		}
 		cut = " (last 64 KiB)"
 	}
-	return fmt.Sprintf("%s log %s%s:\n%s", p.name, p.logFile, cut, data)
+	return fmt.Sprintf("%s log %s%s:\n%s", p.Name, p.Log, cut, data)
 }
 
 func plainGet(url, want string) func() error {
