@@ -274,7 +274,7 @@ func (n *Node) stop(tb testing.TB, c *kapi.Cluster) {
 		n.Containerd.Stop(10 * time.Second)
 		// Shims are outside containerd's process group: whatever still
 		// names this containerd's socket goes.
-		_ = exec.Command("pkill", "-KILL", "-f", "-address "+n.Socket).Run()
+		_ = exec.Command("pkill", "-KILL", "-f", "--", "-address "+n.Socket).Run()
 	}
 }
 
