@@ -8,7 +8,7 @@ BIN       := bin
 PKGS      := ./...
 TESTFLAGS ?= -count=1 -timeout 20m
 
-.PHONY: all generate check-generate build deps test test-unit bench fuzz demo test-kernels vm-cni-bins clean
+.PHONY: all generate check-generate build image deps test test-unit bench fuzz demo test-kernels vm-cni-bins clean
 
 all: build
 
@@ -22,6 +22,13 @@ check-generate: generate
 
 build:
 	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/ ./cmd/...
+
+# The release image, the same as the Dockerfile's, as a docker-archive
+# without a Docker daemon: load it with docker load -i, podman load -i or
+# ctr -n k8s.io images import. Needs busybox-static and ca-certificates.
+IMAGE ?= ghcr.io/underpass-cni/underpass:dev
+image: build
+	$(GO) run ./internal/cmd/mkimage --bin $(BIN) --out $(BIN)/underpass-image.tar --ref $(IMAGE)
 
 # All tiers that run on this kernel; the VM matrix is test-kernels. The
 # missing Debian packages are installed first and the Kubernetes binaries

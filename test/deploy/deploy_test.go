@@ -46,6 +46,7 @@ import (
 	"k8s.io/client-go/restmapper"
 	"sigs.k8s.io/yaml"
 
+	"github.com/underpass-cni/underpass/internal/release"
 	"github.com/underpass-cni/underpass/cni"
 	"github.com/underpass-cni/underpass/internal/testutil"
 	"github.com/underpass-cni/underpass/pkg/config"
@@ -826,9 +827,22 @@ func TestImage(t *testing.T) {
 		t.Fatal(err)
 	}
 	df := string(b)
-	for _, want := range []string{"make build", "FROM gcr.io/distroless/static"} {
+	// The Dockerfile and `make image` (internal/release) make one image.
+	entry, _ := json.Marshal(release.Entrypoint)
+	cmd, _ := json.Marshal(release.Cmd)
+	for _, want := range []string{"make build", "FROM scratch", "USER 0:0",
+		"ENTRYPOINT " + strings.ReplaceAll(string(entry), ",", ", "), "CMD " + strings.ReplaceAll(string(cmd), ",", ", "),
+		"/out/etc/ssl/certs/ca-certificates.crt", "/out/etc/passwd", "busybox-static"} {
 		if !strings.Contains(df, want) {
-			t.Errorf("Dockerfile: no %q", want)
+			t.Errorf("Dockerfile: no %q, which make image's release image has (internal/release)", want)
+		}
+	}
+	if got := imageApplets(t); !slices.Equal(got, release.Applets) {
+		t.Errorf("Dockerfile applets %v, make image's %v (internal/release): keep them the same", got, release.Applets)
+	}
+	for _, b := range release.Binaries {
+		if !strings.Contains(df, "/src/bin/"+b+" ") && !strings.Contains(df, "/src/bin/"+b+"\n") {
+			t.Errorf("Dockerfile: %s, which make image installs, is not copied into the image", b)
 		}
 	}
 	cmds, _ := filepath.Glob("../../cmd/*")

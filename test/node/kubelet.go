@@ -13,6 +13,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
+	"github.com/underpass-cni/underpass/internal/ociimage"
 	"github.com/underpass-cni/underpass/test/k8s/kapi"
 )
 
@@ -145,7 +146,7 @@ state = %q
 func (n *Node) importImages(tb testing.TB, bin string) {
 	tb.Helper()
 	agnhost := filepath.Join(bin, "agnhost")
-	for _, img := range []Image{
+	for _, img := range []ociimage.Image{
 		{Ref: PauseImage, Files: map[string]string{"agnhost": agnhost}, Entrypoint: []string{"/agnhost", "pause"}},
 		{Ref: AgnhostImage, Files: map[string]string{"agnhost": agnhost}, Entrypoint: []string{"/agnhost"}},
 	} {

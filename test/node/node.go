@@ -1,3 +1,8 @@
+// Package node runs a real single-node Kubernetes on this machine for the
+// tests: kube-apiserver and etcd (test/k8s/kapi), kube-controller-manager
+// and kube-scheduler, containerd and runc from Debian, the kubelet and
+// kube-proxy built at the same Kubernetes version (test/k8s/build.sh), and
+// images built here (internal/ociimage), without a registry.
 package node
 
 import (

@@ -1,8 +1,9 @@
-// Package node runs a real single-node Kubernetes on this machine for the
-// tests: kube-apiserver and etcd (test/k8s/kapi), containerd and runc from
-// Debian, the kubelet and kube-proxy built at the same Kubernetes version
-// (test/k8s/build.sh), and images built here, without a registry.
-package node
+// Package ociimage writes one-layer container images as docker-archive
+// tarballs (what `docker save` writes, and `docker load`, `podman load` and
+// `ctr images import` read) from files on this machine, without a daemon
+// or a registry: `make image` builds the release image with it, and the
+// real-node tests their images.
+package ociimage
 
 import (
 	"archive/tar"
@@ -16,6 +17,7 @@ import (
 	"path"
 	"runtime"
 	"sort"
+	"strings"
 	"time"
 )
 
@@ -23,8 +25,12 @@ import (
 type Image struct {
 	Ref        string            // e.g. registry.k8s.io/pause:3.10
 	Files      map[string]string // path in the image -> file on the host (copied, mode kept)
+	Data       map[string]string // path in the image -> contents (mode 0644)
+	Links      map[string]string // path in the image -> symlink target
 	Entrypoint []string
 	Cmd        []string
+	Labels     map[string]string
+	User       string
 }
 
 // WriteDockerArchive writes img as a docker-archive tarball (what `docker
@@ -43,7 +49,9 @@ func (img Image) WriteDockerArchive(w io.Writer) error {
 		"config": map[string]any{
 			"Entrypoint": img.Entrypoint,
 			"Cmd":        img.Cmd,
-			"Env":        []string{"PATH=/bin:/usr/bin:/sbin:/usr/sbin"},
+			"Env":        []string{"PATH=/usr/local/bin:/bin:/usr/bin:/sbin:/usr/sbin"},
+			"Labels":     img.Labels,
+			"User":       img.User,
 		},
 		"rootfs": map[string]any{"type": "layers", "diff_ids": []string{diffID}},
 	})
@@ -69,14 +77,17 @@ func (img Image) WriteDockerArchive(w io.Writer) error {
 	return tw.Close()
 }
 
-// layer is the image's filesystem as a tar, with every parent directory.
+// layer is the image's filesystem as a tar, with every parent directory,
+// in a fixed order (the same inputs give the same bytes).
 func (img Image) layer() ([]byte, error) {
 	var buf bytes.Buffer
 	tw := tar.NewWriter(&buf)
 	dirs := map[string]bool{}
-	paths := make([]string, 0, len(img.Files))
-	for p := range img.Files {
-		paths = append(paths, p)
+	var paths []string
+	for _, m := range []map[string]string{img.Files, img.Data, img.Links} {
+		for p := range m {
+			paths = append(paths, p)
+		}
 	}
 	sort.Strings(paths)
 	for _, p := range paths {
@@ -95,17 +106,29 @@ func (img Image) layer() ([]byte, error) {
 		}
 	}
 	for _, p := range paths {
-		src := img.Files[p]
-		data, err := os.ReadFile(src)
-		if err != nil {
-			return nil, fmt.Errorf("image %s: %w", img.Ref, err)
-		}
-		fi, err := os.Stat(src)
-		if err != nil {
-			return nil, err
-		}
-		if err := writeFile(tw, path.Clean(p), int64(fi.Mode().Perm()), data); err != nil {
-			return nil, err
+		name := strings.TrimPrefix(path.Clean("/"+p), "/")
+		switch {
+		case img.Links[p] != "":
+			if err := tw.WriteHeader(&tar.Header{Typeflag: tar.TypeSymlink, Name: name, Linkname: img.Links[p], Mode: 0o777, ModTime: time.Unix(0, 0)}); err != nil {
+				return nil, err
+			}
+		case img.Files[p] != "":
+			src := img.Files[p]
+			data, err := os.ReadFile(src)
+			if err != nil {
+				return nil, fmt.Errorf("image %s: %w", img.Ref, err)
+			}
+			fi, err := os.Stat(src)
+			if err != nil {
+				return nil, err
+			}
+			if err := writeFile(tw, name, int64(fi.Mode().Perm()), data); err != nil {
+				return nil, err
+			}
+		default:
+			if err := writeFile(tw, name, 0o644, []byte(img.Data[p])); err != nil {
+				return nil, err
+			}
 		}
 	}
 	if err := tw.Close(); err != nil {
