@@ -46,8 +46,8 @@ import (
 	"k8s.io/client-go/restmapper"
 	"sigs.k8s.io/yaml"
 
-	"github.com/underpass-cni/underpass/internal/release"
 	"github.com/underpass-cni/underpass/cni"
+	"github.com/underpass-cni/underpass/internal/release"
 	"github.com/underpass-cni/underpass/internal/testutil"
 	"github.com/underpass-cni/underpass/pkg/config"
 	"github.com/underpass-cni/underpass/test/k8s/kapi"
