@@ -4,6 +4,7 @@
 package release
 
 import (
+	"debug/elf"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -70,5 +71,34 @@ func Image(ref string, in Inputs) (ociimage.Image, error) {
 			return img, fmt.Errorf("release image: %w (make build writes the binaries; apt-get install busybox-static ca-certificates)", err)
 		}
 	}
+	// The image has no libc and no dynamic loader.
+	for _, f := range append([]string{in.Busybox}, binPaths(in.BinDir)...) {
+		if err := static(f); err != nil {
+			return img, fmt.Errorf("release image: %w", err)
+		}
+	}
 	return img, nil
+}
+
+func binPaths(dir string) []string {
+	var out []string
+	for _, b := range Binaries {
+		out = append(out, filepath.Join(dir, b))
+	}
+	return out
+}
+
+// static fails for a dynamically linked ELF file (one with an interpreter).
+func static(path string) error {
+	f, err := elf.Open(path)
+	if err != nil {
+		return nil // not ELF (the tests' stand-ins): nothing to load
+	}
+	defer f.Close()
+	for _, p := range f.Progs {
+		if p.Type == elf.PT_INTERP {
+			return fmt.Errorf("%s is dynamically linked: build it static (CGO_ENABLED=0, as make build does)", path)
+		}
+	}
+	return nil
 }

@@ -24,6 +24,7 @@ import (
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/client-go/kubernetes"
 
+	"github.com/underpass-cni/underpass/internal/release"
 	"github.com/underpass-cni/underpass/internal/testutil"
 	"github.com/underpass-cni/underpass/loader"
 	"github.com/underpass-cni/underpass/pkg/datapath"
@@ -153,8 +154,9 @@ func TestRealNode(t *testing.T) {
 		{name: "underpass main", plugins: []any{mainConf(bpffs)}, underpass: true},
 	}
 	writeConflist(t, cniConf, nets[0].plugins)
-	node.Start(t, node.Options{Cluster: c, Name: nodeName, IP: nodeIP, CNIBinDir: cniBin, CNIConfDir: cniConf, Resolv: resolv})
+	n := node.Start(t, node.Options{Cluster: c, Name: nodeName, IP: nodeIP, CNIBinDir: cniBin, CNIConfDir: cniConf, Resolv: resolv})
 	proxy := startKubeProxy(t, work, c, "iptables")
+	t.Run("the release image runs on this containerd", func(t *testing.T) { releaseImageRuns(t, n) })
 
 	var rows []string
 	for i, nw := range nets {
@@ -176,6 +178,48 @@ func TestRealNode(t *testing.T) {
 	})
 	t.Logf("On a real node (kubelet, containerd %s, kube-proxy iptables mode unless said, defaults):\n| network | probes | host → pod | pod → node | pod → pod | pod → wire | pod → ClusterIP → pod | pod → ClusterIP → host network |\n|---|---|---|---|---|---|---|---|\n%s",
 		containerdVersion(), strings.Join(rows, "\n"))
+}
+
+// releaseImageRuns builds the release image as `make image` does, imports
+// it into the node's containerd and runs its three binaries: the image a
+// DaemonSet would run is a working one on a real runtime.
+func releaseImageRuns(t *testing.T, n *node.Node) {
+	bins := t.TempDir()
+	for _, b := range release.Binaries {
+		// As make build does: static, or the image (no libc) cannot run it.
+		cmd := exec.Command("go", "build", "-trimpath", "-o", filepath.Join(bins, b), "github.com/underpass-cni/underpass/cmd/"+b)
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Fatalf("build %s: %v\n%s", b, err, out)
+		}
+	}
+	const ref = "ghcr.io/underpass-cni/underpass:test"
+	img, err := release.Image(ref, release.DefaultInputs(bins))
+	must(t, err)
+	archive := filepath.Join(t.TempDir(), "underpass.tar")
+	f, err := os.Create(archive)
+	must(t, err)
+	must(t, img.WriteDockerArchive(f))
+	must(t, f.Close())
+	ctr := func(args ...string) string {
+		t.Helper()
+		out, err := exec.Command("ctr", append([]string{"--address", n.Socket, "-n", "k8s.io"}, args...)...).CombinedOutput()
+		if err != nil {
+			t.Fatalf("ctr %v: %v\n%s", args, err, out)
+		}
+		return string(out)
+	}
+	ctr("images", "import", archive)
+	t.Cleanup(func() { _ = exec.Command("ctr", "--address", n.Socket, "-n", "k8s.io", "images", "rm", ref).Run() })
+	for i, argv := range [][]string{
+		{"/usr/local/bin/underpassd", "--version"},
+		{"/usr/local/bin/underpassctl", "--help"},
+		{"/usr/local/bin/underpass"}, // the CNI plugin without CNI_COMMAND: its about text
+		{"/bin/sh", "-c", "cmp /bin/busybox /bin/busybox && ls /usr/local/bin && test -s /etc/ssl/certs/ca-certificates.crt"},
+	} {
+		out := ctr(append([]string{"run", "--rm", ref, fmt.Sprintf("underpass-image-%d", i)}, argv...)...)
+		t.Logf("%v in the image: %s", argv, strings.SplitN(strings.TrimSpace(out), "\n", 2)[0])
+	}
 }
 
 // network is one CNI network the node's pods get.
