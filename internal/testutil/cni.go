@@ -16,14 +16,20 @@ const RefPluginsVersion = "v1.9.1"
 // BuildPlugin builds the underpass CNI plugin to out, static as released;
 // tags add build tags (underpass_failpoints: the fault-injection build).
 func BuildPlugin(out string, tags ...string) error {
-	args := []string{"build", "-o", out}
+	return BuildCommand(out, "underpass", tags...)
+}
+
+// BuildCommand builds cmd/<name> to out as make build does: static
+// (CGO_ENABLED=0), so it also runs in the scratch release image.
+func BuildCommand(out, name string, tags ...string) error {
+	args := []string{"build", "-trimpath", "-o", out}
 	if len(tags) > 0 {
 		args = append(args, "-tags", strings.Join(tags, ","))
 	}
-	cmd := exec.Command("go", append(args, "github.com/underpass-cni/underpass/cmd/underpass")...)
+	cmd := exec.Command("go", append(args, "github.com/underpass-cni/underpass/cmd/"+name)...)
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 	if b, err := cmd.CombinedOutput(); err != nil {
-		return fmt.Errorf("build the plugin: %v\n%s", err, b)
+		return fmt.Errorf("build %s: %v\n%s", name, err, b)
 	}
 	return nil
 }

@@ -229,10 +229,7 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 			a.checkPins()
 			a.reconcileParents(false)
 			a.armGuard()
-			if err := a.syncMasquerade(a.cfg.Services.Masquerade, false); err != nil {
-				a.masqErrors.Add(1)
-				a.errorOnce("masquerade", "Service flows to underlay pod backends will get no reply", "error", err)
-			}
+			a.masqueradeFailed(a.syncMasquerade(a.cfg.Services.Masquerade, false))
 		case <-gcTick.C:
 			a.runGC()
 			a.heal()

@@ -74,10 +74,7 @@ func (a *Agent) apply(ctx context.Context, c, old *config.Config) error {
 	errs = append(errs, a.applyDatapath(c))
 	// Not fatal: without it only Services with underlay pod backends fail;
 	// heal retries.
-	if err := a.syncMasquerade(c.Services.Masquerade, old == nil); err != nil {
-		a.masqErrors.Add(1)
-		a.errorOnce("masquerade", "Service flows to underlay pod backends will get no reply", "error", err)
-	}
+	a.masqueradeFailed(a.syncMasquerade(c.Services.Masquerade, old == nil))
 	if err := a.kube.configure(ctx, c); err != nil {
 		errs = append(errs, err)
 	}
@@ -171,10 +168,16 @@ func (a *Agent) healMasquerade() {
 	if a.cfg == nil {
 		return
 	}
-	if err := a.syncMasquerade(a.cfg.Services.Masquerade, true); err != nil {
-		a.masqErrors.Add(1)
-		a.errorOnce("masquerade", "Service flows to underlay pod backends will get no reply", "error", err)
+	a.masqueradeFailed(a.syncMasquerade(a.cfg.Services.Masquerade, true))
+}
+
+// masqueradeFailed counts and logs (once) a failed syncMasquerade.
+func (a *Agent) masqueradeFailed(err error) {
+	if err == nil {
+		return
 	}
+	a.masqErrors.Add(1)
+	a.errorOnce("masquerade", "Service flows to underlay pod backends will get no reply", "error", err)
 }
 
 // armGuard sets the config's ServicesSynced flag once every configured

@@ -13,7 +13,6 @@ import (
 	"testing"
 	"time"
 
-	cnins "github.com/containernetworking/plugins/pkg/ns"
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -36,13 +35,6 @@ func startKube(t *testing.T, l *lab) (*kapi.Cluster, string) {
 	}
 	c := kapi.Start(t)
 	host := strings.TrimPrefix(c.URL, "https://")
-	// The current thread's netns (not /proc/<pid>/ns/net: the main thread
-	// may be parked in a lab netns, see netenv.createNS).
-	hostNS, err := cnins.GetCurrentNS()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { hostNS.Close() })
 	var ln net.Listener
 	if err := l.Node.Do(func() error {
 		var err error
@@ -59,15 +51,8 @@ func startKube(t *testing.T, l *lab) (*kapi.Cluster, string) {
 			if err != nil {
 				return
 			}
-			// Dialled explicitly in the test's own (host) netns: a
-			// goroutine's thread is not guaranteed to be in it (seen: the
-			// dial hung and the agent never synced, about one run in two).
-			var out net.Conn
-			err = hostNS.Do(func(cnins.NetNS) error {
-				var err error
-				out, err = net.DialTimeout("tcp", host, 5*time.Second)
-				return err
-			})
+			// Dialled from a goroutine in the test's own (host) netns.
+			out, err := net.Dial("tcp", host)
 			if err != nil {
 				in.Close()
 				continue

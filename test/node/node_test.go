@@ -130,11 +130,14 @@ func TestRealNode(t *testing.T) {
 	for _, p := range []string{"macvlan", "host-local", "loopback"} {
 		must(t, os.Symlink(filepath.Join(ref, p), filepath.Join(cniBin, p)))
 	}
-	must(t, testutil.BuildPlugin(filepath.Join(cniBin, "underpass")))
-	agentBin := filepath.Join(work, "underpassd")
-	if out, err := exec.Command("go", "build", "-o", agentBin, "github.com/underpass-cni/underpass/cmd/underpassd").CombinedOutput(); err != nil {
-		t.Fatalf("build underpassd: %v\n%s", err, out)
+	// The release binaries, built once: the plugin and the agent run from
+	// here, and the release image is made of them.
+	bins := filepath.Join(work, "release")
+	for _, b := range release.Binaries {
+		must(t, testutil.BuildCommand(filepath.Join(bins, b), b))
 	}
+	must(t, os.Symlink(filepath.Join(bins, "underpass"), filepath.Join(cniBin, "underpass")))
+	agentBin := filepath.Join(bins, "underpassd")
 	bpffs := filepath.Join(testutil.MountBPFFS(t), "underpass")
 	startAgent(t, agentBin, work, bpffs, c)
 	resolv := filepath.Join(work, "resolv.conf")
@@ -156,7 +159,7 @@ func TestRealNode(t *testing.T) {
 	writeConflist(t, cniConf, nets[0].plugins)
 	n := node.Start(t, node.Options{Cluster: c, Name: nodeName, IP: nodeIP, CNIBinDir: cniBin, CNIConfDir: cniConf, Resolv: resolv})
 	proxy := startKubeProxy(t, work, c, "iptables")
-	t.Run("the release image runs on this containerd", func(t *testing.T) { releaseImageRuns(t, n) })
+	t.Run("the release image runs on this containerd", func(t *testing.T) { releaseImageRuns(t, n, bins) })
 
 	var rows []string
 	for i, nw := range nets {
@@ -183,16 +186,7 @@ func TestRealNode(t *testing.T) {
 // releaseImageRuns builds the release image as `make image` does, imports
 // it into the node's containerd and runs its three binaries: the image a
 // DaemonSet would run is a working one on a real runtime.
-func releaseImageRuns(t *testing.T, n *node.Node) {
-	bins := t.TempDir()
-	for _, b := range release.Binaries {
-		// As make build does: static, or the image (no libc) cannot run it.
-		cmd := exec.Command("go", "build", "-trimpath", "-o", filepath.Join(bins, b), "github.com/underpass-cni/underpass/cmd/"+b)
-		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-		if out, err := cmd.CombinedOutput(); err != nil {
-			t.Fatalf("build %s: %v\n%s", b, err, out)
-		}
-	}
+func releaseImageRuns(t *testing.T, n *node.Node, bins string) {
 	const ref = "ghcr.io/underpass-cni/underpass:test"
 	img, err := release.Image(ref, release.DefaultInputs(bins))
 	must(t, err)
@@ -299,32 +293,30 @@ func checkNetwork(t *testing.T, cs kubernetes.Interface, bpffs, suffix string, n
 
 	vip := createService(t, cs, webName)
 	t.Cleanup(func() { _ = cs.CoreV1().Services("default").Delete(ctx, webName, metav1.DeleteOptions{}) })
-	waitFor(t, 60*time.Second, "kube-proxy ("+proxyMode+") programs "+vip.String(), func() bool {
-		var out []byte
-		if proxyMode == "nftables" {
-			out, _ = exec.Command("nft", "list", "table", "ip", "kube-proxy").Output()
-		} else {
-			out, _ = exec.Command("iptables-save", "-t", "nat").Output()
-		}
-		return strings.Contains(string(out), vip.String())
-	})
+	waitProgrammed(t, proxyMode, vip)
 	svc := path("pod -> ClusterIP "+vip.String()+" -> pod", clientNS, netip.AddrPortFrom(vip, 80), nodeIP)
 	// A host-network backend (the node's own address, as the kubernetes
 	// Service has on a control-plane node): delivered locally, never
 	// masqueraded, so the backend sees the pod.
 	hostVIP := createHostService(t, cs, "host-"+suffix, netip.AddrPortFrom(nodeIP, 18080))
 	t.Cleanup(func() { _ = cs.CoreV1().Services("default").Delete(ctx, "host-"+suffix, metav1.DeleteOptions{}) })
-	waitFor(t, 60*time.Second, "kube-proxy ("+proxyMode+") programs "+hostVIP.String(), func() bool {
+	waitProgrammed(t, proxyMode, hostVIP)
+	hostSvc := path("pod -> ClusterIP "+hostVIP.String()+" -> host-network backend", clientNS, netip.AddrPortFrom(hostVIP, 80), clientIP)
+	return fmt.Sprintf("| %s | pass: Ready in %s, 0 restarts | %s | %s | %s | %s | %s | %s |", nw.name, ready, hostPod, podNode, podPod, podWire, svc, hostSvc)
+}
+
+// waitProgrammed waits until kube-proxy's rules (mode) name vip.
+func waitProgrammed(t *testing.T, mode string, vip netip.Addr) {
+	t.Helper()
+	waitFor(t, 60*time.Second, "kube-proxy ("+mode+") programs "+vip.String(), func() bool {
 		var out []byte
-		if proxyMode == "nftables" {
+		if mode == "nftables" {
 			out, _ = exec.Command("nft", "list", "table", "ip", "kube-proxy").Output()
 		} else {
 			out, _ = exec.Command("iptables-save", "-t", "nat").Output()
 		}
-		return strings.Contains(string(out), hostVIP.String())
+		return strings.Contains(string(out), vip.String())
 	})
-	hostSvc := path("pod -> ClusterIP "+hostVIP.String()+" -> host-network backend", clientNS, netip.AddrPortFrom(hostVIP, 80), clientIP)
-	return fmt.Sprintf("| %s | pass: Ready in %s, 0 restarts | %s | %s | %s | %s | %s | %s |", nw.name, ready, hostPod, podNode, podPod, podWire, svc, hostSvc)
 }
 
 func sourceName(a, client netip.Addr) string {
