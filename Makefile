@@ -33,11 +33,11 @@ image: build
 # All tiers that run on this kernel; the VM matrix is test-kernels. The
 # missing Debian packages are installed first and the Kubernetes binaries
 # built (etcd, kube-apiserver, -controller-manager, -scheduler, -proxy, kubelet,
-# agnhost; cached), so this
-# works on a fresh machine.
+# kubectl, agnhost) and helm (cached by version), so this works on a fresh
+# machine.
 test: deps check-generate
 	$(GO) vet $(PKGS)
-	UNDERPASS_K8S_BIN=$$(test/k8s/build.sh) $(GO) test $(TESTFLAGS) -p 1 $(PKGS)
+	UNDERPASS_K8S_BIN=$$(test/k8s/build.sh) UNDERPASS_HELM=$$(test/helm.sh) $(GO) test $(TESTFLAGS) -p 1 $(PKGS)
 
 # What `make test` installs (missing Debian packages) and builds (the
 # Kubernetes binaries, cached), on its own.

@@ -2,8 +2,9 @@
 # Installs what `make test` needs on a Debian bookworm machine (as root, only
 # the packages that are missing) and builds etcd, kube-apiserver,
 # kube-controller-manager, kube-scheduler, kube-proxy, the kubelet and
-# agnhost that the informer, manifest, kube-proxy and real-node tests run
-# (test/k8s/build.sh, cached by version).
+# kubectl and agnhost that the informer, manifest, kube-proxy and real-node
+# tests run (test/k8s/build.sh), and helm for the chart (test/helm.sh), all
+# cached by version.
 # Prints the k8s binary directory on stdout; progress goes to stderr.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,4 +24,5 @@ if [ ${#missing[@]} -gt 0 ]; then
 	apt-get update -qq >&2
 	apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+test/helm.sh >/dev/null
 test/k8s/build.sh

@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strings"
 )
@@ -70,4 +71,26 @@ func ReferencePlugins() (string, error) {
 		return "", fmt.Errorf("install reference plugins %v: %v\n%s", pkgs, err, b)
 	}
 	return dir, nil
+}
+
+// Helm returns the path of the helm binary: $UNDERPASS_HELM (make test sets
+// it), else what test/helm.sh builds (once per version, cached; the version
+// is set only there).
+func Helm() (string, error) {
+	if p := os.Getenv("UNDERPASS_HELM"); p != "" {
+		return p, nil
+	}
+	_, self, _, ok := runtime.Caller(0)
+	if !ok {
+		return "", fmt.Errorf("cannot locate test/helm.sh")
+	}
+	script := filepath.Join(filepath.Dir(self), "..", "..", "test", "helm.sh")
+	var stderr strings.Builder
+	cmd := exec.Command(script)
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		return "", fmt.Errorf("%s: %w\n%s", script, err, stderr.String())
+	}
+	return strings.TrimSpace(string(out)), nil
 }

@@ -184,6 +184,9 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 	// Re-attaching every known parent is also the upgrade: a pinned link is
 	// updated in place to the program just loaded.
 	a.reconcileParents(true)
+	// Installed in one batch with a rule per known parent, replacing the
+	// previous agent's table (or removing it when masquerade is off).
+	a.masqueradeFailed(a.syncMasquerade(cfg.Services.Masquerade, true))
 	a.syncUplinks(true)
 	a.runGC()
 	if err := a.startPinGuard(); err != nil {

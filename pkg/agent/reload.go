@@ -73,8 +73,14 @@ func (a *Agent) apply(ctx context.Context, c, old *config.Config) error {
 	errs = append(errs, svc.SetStatic(c.StaticServices()))
 	errs = append(errs, a.applyDatapath(c))
 	// Not fatal: without it only Services with underlay pod backends fail;
-	// heal retries.
-	a.masqueradeFailed(a.syncMasquerade(c.Services.Masquerade, old == nil))
+	// heal retries. At start-up the parents are not known yet: Run syncs
+	// it once they are, since a table installed now would have no rule
+	// for them, and the previous agent's rules would be gone until then
+	// (seen on a real node: a request through a Service lost on every
+	// agent restart).
+	if old != nil {
+		a.masqueradeFailed(a.syncMasquerade(c.Services.Masquerade, false))
+	}
 	if err := a.kube.configure(ctx, c); err != nil {
 		errs = append(errs, err)
 	}

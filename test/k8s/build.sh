@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds etcd, kube-apiserver, kube-controller-manager, kube-scheduler,
-# kube-proxy, kubelet and agnhost from the Go module proxy (wrapper module in
+# kube-proxy, kubelet, kubectl and agnhost from the Go module proxy (wrapper module in
 # test/k8s/build/, versions set only in its go.mod) into
 #   ${UNDERPASS_K8S_CACHE:-$HOME/.cache/underpass/k8s}/<k8s-version>-<etcd-version>/
 # unless the binaries are already there, and prints that directory on stdout
@@ -22,7 +22,7 @@ etcd=$(modver go.etcd.io/etcd/server/v3)
 [[ -n $k8s && -n $etcd ]] || { echo "build.sh: cannot read versions from $mod/go.mod" >&2; exit 1; }
 
 out="${UNDERPASS_K8S_CACHE:-$HOME/.cache/underpass/k8s}/$k8s-$etcd"
-bins=(etcd kube-apiserver kube-controller-manager kube-scheduler kube-proxy kubelet agnhost)
+bins=(etcd kube-apiserver kube-controller-manager kube-scheduler kube-proxy kubelet kubectl agnhost)
 have=1
 for b in "${bins[@]}"; do [[ -x $out/$b ]] || have=0; done
 if [[ $have == 1 ]]; then
@@ -53,5 +53,6 @@ build() { # name package extra-ldflags
 [[ -x $out/kube-scheduler ]] || build kube-scheduler ./kube-scheduler "$xv"
 [[ -x $out/kube-proxy ]] || build kube-proxy ./kube-proxy "$xv"
 [[ -x $out/kubelet ]] || build kubelet ./kubelet "$xv"
+[[ -x $out/kubectl ]] || build kubectl ./kubectl "$xv"
 [[ -x $out/agnhost ]] || build agnhost ./agnhost ""
 echo "$out"

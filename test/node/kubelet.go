@@ -44,6 +44,9 @@ type Node struct {
 	Containerd *Proc
 	Kubelet    *Proc
 	Socket     string // containerd's CRI socket
+
+	opts Options
+	bin  string
 }
 
 // Start starts containerd (images imported) and the kubelet, and waits
@@ -65,7 +68,7 @@ func Start(tb testing.TB, o Options) *Node {
 	if err != nil {
 		tb.Fatal(err)
 	}
-	n := &Node{Name: o.Name, Dir: dir, Socket: filepath.Join(dir, "containerd.sock")}
+	n := &Node{Name: o.Name, Dir: dir, Socket: filepath.Join(dir, "containerd.sock"), opts: o, bin: bin}
 	tb.Cleanup(func() {
 		logTails(tb, n.Kubelet, n.Containerd)
 		n.stop(tb, o.Cluster)
@@ -78,6 +81,37 @@ func Start(tb testing.TB, o Options) *Node {
 	n.startKubelet(tb, o, bin)
 	n.waitReady(tb, o.Cluster)
 	return n
+}
+
+// RestartKubelet stops the kubelet (SIGTERM) and starts it again with the
+// same flags; it returns once the new kubelet has renewed the node's lease
+// (the Ready condition alone would still be the old kubelet's). Pods keep
+// running.
+func (n *Node) RestartKubelet(tb testing.TB) {
+	tb.Helper()
+	n.Kubelet.Stop(10 * time.Second)
+	restarted := time.Now()
+	n.startKubelet(tb, n.opts, n.bin)
+	deadline := restarted.Add(60 * time.Second)
+	for {
+		l, err := n.opts.Cluster.Client.CoordinationV1().Leases("kube-node-lease").Get(context.Background(), n.Name, metav1.GetOptions{})
+		if err == nil && l.Spec.RenewTime != nil && l.Spec.RenewTime.After(restarted) {
+			tb.Logf("kubelet restarted: the node's lease renewed %s after the restart", l.Spec.RenewTime.Sub(restarted).Round(time.Millisecond))
+			return
+		}
+		if time.Now().After(deadline) || n.Kubelet.Exited() {
+			tb.Fatalf("the restarted kubelet did not renew the node's lease (exited: %v): %v", n.Kubelet.Exited(), err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// RestartContainerd stops containerd (SIGTERM; the containers live on in
+// their shims) and starts it again; it returns once it answers.
+func (n *Node) RestartContainerd(tb testing.TB) {
+	tb.Helper()
+	n.Containerd.Stop(10 * time.Second)
+	n.startContainerd(tb, n.opts)
 }
 
 func (n *Node) startContainerd(tb testing.TB, o Options) {

@@ -45,6 +45,7 @@ type Host struct {
 	existed  map[string]bool
 	links    []string // link names
 	mounts   []string // mount points
+	private  []string // mount points that were private, made shared by ShareMounts
 }
 
 // SaveHost records the host state a node changes.
@@ -143,9 +144,44 @@ func nftTables() ([]string, error) {
 	return ts, nil
 }
 
+// ShareMounts makes every mount shared, as systemd does at boot (this VM
+// has no systemd: its mounts are private). containerd gives a container
+// Bidirectional or HostToContainer propagation only from a shared (or
+// slave) host mount, and the DaemonSet in deploy/kubernetes asks for both:
+// a real node is shared. Restore makes private again what was.
+func (h *Host) ShareMounts() error {
+	data, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return err
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		f := strings.Fields(line)
+		// mountinfo: id parent major:minor root point options optional... - fs
+		if len(f) < 7 {
+			continue
+		}
+		shared := false
+		for _, o := range f[6:] {
+			if o == "-" {
+				break
+			}
+			shared = shared || strings.HasPrefix(o, "shared:") || strings.HasPrefix(o, "master:")
+		}
+		if !shared {
+			h.private = append(h.private, f[4])
+		}
+	}
+	return run(context.Background(), "mount", "--make-rshared", "/")
+}
+
 // Restore puts back what SaveHost recorded.
 func (h *Host) Restore() error {
 	var errs []error
+	for _, m := range slices.Backward(h.private) {
+		// Deepest last in mountinfo order: undo from the end. A point
+		// mounted over twice is made private twice, which is harmless.
+		_ = syscall.Mount("", m, "", syscall.MS_PRIVATE, "")
+	}
 	for k, v := range h.sysctls {
 		if err := os.WriteFile("/proc/sys/"+k, []byte(v), 0o644); err != nil {
 			errs = append(errs, fmt.Errorf("restore sysctl %s: %w", k, err))

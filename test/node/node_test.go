@@ -11,7 +11,10 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
+	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -115,10 +118,15 @@ func TestRealNode(t *testing.T) {
 	})
 	pickSubnet(t)
 	ipamDir = filepath.Join(t.TempDir(), "ipam")
-	c := kapi.Start(t)
-	node.StartControlPlane(t, c)
+	// The NIC first: the apiserver listens on the node's address, as on a
+	// control-plane node, so that the kubernetes Service leads to it and
+	// pods with in-cluster credentials (the agent's DaemonSet) reach it
+	// through kube-proxy.
 	makeNIC(t)
 	keepPacketsHere(t)
+	must(t, host.ShareMounts())
+	c := kapi.StartWith(t, kapi.Options{Address: nodeIP})
+	node.StartControlPlane(t, c)
 	must(t, os.WriteFile("/proc/sys/net/ipv4/ip_forward", []byte("1"), 0o644))
 
 	work := t.TempDir()
@@ -139,7 +147,7 @@ func TestRealNode(t *testing.T) {
 	must(t, os.Symlink(filepath.Join(bins, "underpass"), filepath.Join(cniBin, "underpass")))
 	agentBin := filepath.Join(bins, "underpassd")
 	bpffs := filepath.Join(testutil.MountBPFFS(t), "underpass")
-	startAgent(t, agentBin, work, bpffs, c)
+	agentMetrics, stopAgent := startAgent(t, agentBin, work, bpffs, c)
 	resolv := filepath.Join(work, "resolv.conf")
 	must(t, os.WriteFile(resolv, []byte("nameserver "+gateway.String()+"\n"), 0o644))
 	// Something to reach on the node and on the wire.
@@ -153,15 +161,16 @@ func TestRealNode(t *testing.T) {
 	// reports the node's network ready only with a config.
 	nets := []network{
 		{name: "macvlan alone", plugins: []any{macvlanConf()}},
-		{name: "underpass chained after macvlan", plugins: []any{macvlanConf(), map[string]any{"type": "underpass", "bpffs": bpffs}}, underpass: true},
-		{name: "underpass main", plugins: []any{mainConf(bpffs)}, underpass: true},
+		{name: "underpass chained after macvlan", plugins: []any{macvlanConf(), map[string]any{"type": "underpass", "bpffs": bpffs}}, underpass: true, metrics: agentMetrics},
+		{name: "underpass main", plugins: []any{mainConf(bpffs)}, underpass: true, metrics: agentMetrics},
 	}
 	writeConflist(t, cniConf, nets[0].plugins)
 	n := node.Start(t, node.Options{Cluster: c, Name: nodeName, IP: nodeIP, CNIBinDir: cniBin, CNIConfDir: cniConf, Resolv: resolv})
 	proxy := startKubeProxy(t, work, c, "iptables")
-	t.Run("the release image runs on this containerd", func(t *testing.T) { releaseImageRuns(t, n, bins) })
+	image := importReleaseImage(t, n, bins)
+	t.Run("the release image runs on this containerd", func(t *testing.T) { releaseImageRuns(t, n, image) })
 
-	var rows []string
+	var rows, lifecycle []string
 	for i, nw := range nets {
 		t.Run(nw.name, func(t *testing.T) {
 			writeConflist(t, cniConf, nw.plugins)
@@ -179,15 +188,39 @@ func TestRealNode(t *testing.T) {
 		time.Sleep(2 * time.Second)
 		rows = append(rows, checkNetwork(t, c.Client, bpffs, "nft", nw, "nftables"))
 	})
-	t.Logf("On a real node (kubelet, containerd %s, kube-proxy iptables mode unless said, defaults):\n| network | probes | host → pod | pod → node | pod → pod | pod → wire | pod → ClusterIP → pod | pod → ClusterIP → host network |\n|---|---|---|---|---|---|---|---|\n%s",
+	// Installed as users do: the agent process above goes (its datapath
+	// uninstalled), the DaemonSet brings its own, the plugin and the
+	// conflist.
+	stopAgent()
+	must(t, os.Remove(filepath.Join(cniConf, "10-underlay.conflist")))
+	must(t, os.Remove(filepath.Join(cniBin, "underpass")))
+	t.Run("installed with kubectl apply -k deploy/kubernetes", func(t *testing.T) {
+		installed := network{name: "underpass chained after macvlan, installed by kubectl apply -k deploy/kubernetes, kube-proxy nftables", underpass: true, metrics: defaultMetrics}
+		kube := kubectlInstall(t, c, n, image, cniBin, cniConf, agentBin)
+		rows = append(rows, checkNetwork(t, c.Client, defaultBPFFS, "ds", installed, "nftables"))
+		lifecycle = underTraffic(t, c.Client, defaultBPFFS, "web-ds", "client-ds", "nftables", agentDisruptions(c, n, kube))
+	})
+	t.Run("installed with helm install deploy/helm/underpass", func(t *testing.T) {
+		installed := network{name: "underpass main, installed by helm install deploy/helm/underpass, kube-proxy nftables", underpass: true, metrics: defaultMetrics}
+		helmInstall(t, c, n, cniBin, cniConf, agentBin)
+		rows = append(rows, checkNetwork(t, c.Client, defaultBPFFS, "helm", installed, "nftables"))
+	})
+	t.Logf("On a real node (kubelet, containerd %s, kube-proxy iptables mode unless said, defaults):\n| network | probes | host → pod | pod → node | pod → pod | pod → wire | pod → ClusterIP → pod | pod → ClusterIP → host network | pod → deleted Service |\n|---|---|---|---|---|---|---|---|---|\n%s",
 		containerdVersion(), strings.Join(rows, "\n"))
+	t.Logf("Under traffic (the DaemonSet install):\n%s", strings.Join(lifecycle, "\n"))
 }
 
-// releaseImageRuns builds the release image as `make image` does, imports
-// it into the node's containerd and runs its three binaries: the image a
-// DaemonSet would run is a working one on a real runtime.
-func releaseImageRuns(t *testing.T, n *node.Node, bins string) {
-	const ref = "ghcr.io/underpass-cni/underpass:test"
+// The release image's name on the node: the DaemonSet's image with this
+// tag.
+const (
+	imageName = "ghcr.io/underpass-cni/underpass"
+	imageTag  = "test"
+)
+
+// importReleaseImage builds the release image as `make image` does and
+// imports it into the node's containerd; it returns its reference.
+func importReleaseImage(t *testing.T, n *node.Node, bins string) string {
+	ref := imageName + ":" + imageTag
 	img, err := release.Image(ref, release.DefaultInputs(bins))
 	must(t, err)
 	archive := filepath.Join(t.TempDir(), "underpass.tar")
@@ -195,23 +228,31 @@ func releaseImageRuns(t *testing.T, n *node.Node, bins string) {
 	must(t, err)
 	must(t, img.WriteDockerArchive(f))
 	must(t, f.Close())
-	ctr := func(args ...string) string {
-		t.Helper()
-		out, err := exec.Command("ctr", append([]string{"--address", n.Socket, "-n", "k8s.io"}, args...)...).CombinedOutput()
-		if err != nil {
-			t.Fatalf("ctr %v: %v\n%s", args, err, out)
-		}
-		return string(out)
-	}
-	ctr("images", "import", archive)
+	ctr(t, n, "images", "import", archive)
 	t.Cleanup(func() { _ = exec.Command("ctr", "--address", n.Socket, "-n", "k8s.io", "images", "rm", ref).Run() })
+	return ref
+}
+
+func ctr(t *testing.T, n *node.Node, args ...string) string {
+	t.Helper()
+	out, err := exec.Command("ctr", append([]string{"--address", n.Socket, "-n", "k8s.io"}, args...)...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("ctr %v: %v\n%s", args, err, out)
+	}
+	return string(out)
+}
+
+// releaseImageRuns runs the release image's three binaries on the node's
+// containerd: the image the DaemonSet runs is a working one on a real
+// runtime.
+func releaseImageRuns(t *testing.T, n *node.Node, ref string) {
 	for i, argv := range [][]string{
 		{"/usr/local/bin/underpassd", "--version"},
 		{"/usr/local/bin/underpassctl", "--help"},
 		{"/usr/local/bin/underpass"}, // the CNI plugin without CNI_COMMAND: its about text
 		{"/bin/sh", "-c", "cmp /bin/busybox /bin/busybox && ls /usr/local/bin && test -s /etc/ssl/certs/ca-certificates.crt"},
 	} {
-		out := ctr(append([]string{"run", "--rm", ref, fmt.Sprintf("underpass-image-%d", i)}, argv...)...)
+		out := ctr(t, n, append([]string{"run", "--rm", ref, fmt.Sprintf("underpass-image-%d", i)}, argv...)...)
 		t.Logf("%v in the image: %s", argv, strings.SplitN(strings.TrimSpace(out), "\n", 2)[0])
 	}
 }
@@ -220,7 +261,8 @@ func releaseImageRuns(t *testing.T, n *node.Node, bins string) {
 type network struct {
 	name      string
 	plugins   []any
-	underpass bool // the pods are underpass endpoints
+	underpass bool   // the pods are underpass endpoints
+	metrics   string // the agent's metrics address
 }
 
 // checkNetwork runs a server and a client pod on nw and tries every path;
@@ -234,10 +276,18 @@ func checkNetwork(t *testing.T, cs kubernetes.Interface, bpffs, suffix string, n
 		for _, p := range []string{webName, clientName} {
 			_ = cs.CoreV1().Pods("default").Delete(ctx, p, metav1.DeleteOptions{GracePeriodSeconds: new(int64)})
 		}
-		waitFor(t, 60*time.Second, "pods deleted (CNI DEL by the kubelet)", func() bool {
+		waitFor(t, 60*time.Second, "pods deleted", func() bool {
 			l, err := cs.CoreV1().Pods("default").List(ctx, metav1.ListOptions{})
 			return err == nil && len(l.Items) == 0
 		})
+		// The API forgets a pod deleted with grace 0 before the kubelet
+		// has torn its sandbox down: the registrations go with the CNI
+		// DEL that follows.
+		if nw.underpass {
+			waitFor(t, 60*time.Second, "the kubelet's CNI DEL unregistering the deleted pods", func() bool {
+				return len(registered(t, bpffs, webName, clientName)) == 0
+			})
+		}
 	})
 	if !nw.underpass {
 		// The host cannot reach its own macvlan pods: the kubelet's probes
@@ -256,7 +306,7 @@ func checkNetwork(t *testing.T, cs kubernetes.Interface, bpffs, suffix string, n
 			t.Errorf("host reached a plain macvlan pod: the baseline is not what the README says")
 		}
 		t.Logf("%s: web restarted %d times (liveness probe failed), host -> pod %s", nw.name, p.Status.ContainerStatuses[0].RestartCount, host)
-		return fmt.Sprintf("| %s | fail: never Ready, restarted by its liveness probe %s after creation | %s | not tried | not tried | not tried | not tried | not tried |", nw.name, time.Since(start).Round(time.Second), host)
+		return fmt.Sprintf("| %s | fail: never Ready, restarted by its liveness probe %s after creation | %s | not tried | not tried | not tried | not tried | not tried | not tried |", nw.name, time.Since(start).Round(time.Second), host)
 	}
 
 	start := time.Now()
@@ -291,7 +341,7 @@ func checkNetwork(t *testing.T, cs kubernetes.Interface, bpffs, suffix string, n
 	podPod := path("pod -> pod", clientNS, netip.AddrPortFrom(webIP, 8080), clientIP)
 	podWire := path("pod -> wire", clientNS, netip.AddrPortFrom(gateway, 18080), clientIP)
 
-	vip := createService(t, cs, webName)
+	vip := createService(t, cs, webName, webName)
 	t.Cleanup(func() { _ = cs.CoreV1().Services("default").Delete(ctx, webName, metav1.DeleteOptions{}) })
 	waitProgrammed(t, proxyMode, vip)
 	svc := path("pod -> ClusterIP "+vip.String()+" -> pod", clientNS, netip.AddrPortFrom(vip, 80), nodeIP)
@@ -302,7 +352,117 @@ func checkNetwork(t *testing.T, cs kubernetes.Interface, bpffs, suffix string, n
 	t.Cleanup(func() { _ = cs.CoreV1().Services("default").Delete(ctx, "host-"+suffix, metav1.DeleteOptions{}) })
 	waitProgrammed(t, proxyMode, hostVIP)
 	hostSvc := path("pod -> ClusterIP "+hostVIP.String()+" -> host-network backend", clientNS, netip.AddrPortFrom(hostVIP, 80), clientIP)
-	return fmt.Sprintf("| %s | pass: Ready in %s, 0 restarts | %s | %s | %s | %s | %s | %s |", nw.name, ready, hostPod, podNode, podPod, podWire, svc, hostSvc)
+	deleted := deletedService(t, cs, nw.metrics, clientName, clientNS, webName, vip)
+	return fmt.Sprintf("| %s | pass: Ready in %s, 0 restarts | %s | %s | %s | %s | %s | %s | %s |", nw.name, ready, hostPod, podNode, podPod, podWire, svc, hostSvc, deleted)
+}
+
+// deletedService deletes the Service name (VIP vip) and connects to it
+// from the client pod once the agent's live set has dropped it: the
+// connection must time out, nothing may reach the wire (its counter, not a
+// sleep), and the agent's per-pod counter names the client.
+func deletedService(t *testing.T, cs kubernetes.Interface, metrics, client string, clientNS cnins.NetNS, name string, vip netip.Addr) string {
+	t.Helper()
+	live := scrape(metrics).value("underpass_live_services")
+	must(t, cs.CoreV1().Services("default").Delete(context.Background(), name, metav1.DeleteOptions{}))
+	waitFor(t, 30*time.Second, "the agent dropping the deleted Service from its live set", func() bool {
+		return scrape(metrics).value("underpass_live_services") == live-1
+	})
+	wire0 := wirePackets(t)
+	drops0 := scrape(metrics).sum("underpass_endpoint_drops_total", `pod="`+client+`"`, `reason="stale_service"`)
+	var err error
+	start := time.Now()
+	must(t, clientNS.Do(func(cnins.NetNS) error {
+		var c net.Conn
+		c, err = net.DialTimeout("tcp", netip.AddrPortFrom(vip, 80).String(), time.Second)
+		if err == nil {
+			c.Close()
+		}
+		return nil
+	}))
+	took := time.Since(start).Round(time.Millisecond)
+	wire := wirePackets(t) - wire0
+	drops := scrape(metrics).sum("underpass_endpoint_drops_total", `pod="`+client+`"`, `reason="stale_service"`) - drops0
+	t.Logf("pod -> deleted Service %s: %v after %s; %d packets reached the wire; underpass_endpoint_drops_total{pod=%q,reason=\"stale_service\"} +%g", vip, err, took, wire, client, drops)
+	switch {
+	case err == nil:
+		t.Errorf("a connection to the deleted Service %s succeeded", vip)
+	case wire != 0:
+		t.Errorf("%d packets to the deleted Service %s reached the wire", wire, vip)
+	case drops < 1:
+		t.Errorf("the client's stale_service drop counter did not move (+%g)", drops)
+	default:
+		return fmt.Sprintf("pass: dropped, 0 packets on the wire, %s's stale_service drops +%g", client, drops)
+	}
+	return "fail"
+}
+
+// wirePackets is the wire's count of packets to the Service CIDR.
+func wirePackets(t *testing.T) int {
+	t.Helper()
+	out, err := exec.Command("ip", "netns", "exec", wireName(), "nft", "list", "counter", "inet", "upwire", "services").CombinedOutput()
+	if err != nil {
+		t.Fatalf("the wire's counter: %v: %s", err, out)
+	}
+	f := strings.Fields(string(out))
+	for i := range f[:len(f)-1] {
+		if f[i] == "packets" {
+			n, err := strconv.Atoi(f[i+1])
+			must(t, err)
+			return n
+		}
+	}
+	t.Fatalf("no packet count in %s", out)
+	return 0
+}
+
+// exposition is a /metrics page.
+type exposition string
+
+// scrape reads the agent's /metrics at addr ("" when it cannot).
+func scrape(addr string) exposition {
+	resp, err := http.Get("http://" + addr + "/metrics")
+	if err != nil {
+		return ""
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return exposition(b)
+}
+
+// sum adds the samples of the metric name whose labels contain every one
+// of labels (`key="value"`).
+func (e exposition) sum(name string, labels ...string) float64 {
+	total := 0.0
+	for _, line := range strings.Split(string(e), "\n") {
+		rest, ok := strings.CutPrefix(line, name)
+		if !ok || (rest != "" && rest[0] != '{' && rest[0] != ' ') {
+			continue
+		}
+		i := strings.LastIndexByte(rest, ' ')
+		if i < 0 {
+			continue
+		}
+		match := true
+		for _, l := range labels {
+			match = match && strings.Contains(rest[:i], l)
+		}
+		if v, err := strconv.ParseFloat(rest[i+1:], 64); err == nil && match {
+			total += v
+		}
+	}
+	return total
+}
+
+// value is an unlabelled gauge (-1 when missing).
+func (e exposition) value(name string) float64 {
+	for _, line := range strings.Split(string(e), "\n") {
+		if v, ok := strings.CutPrefix(line, name+" "); ok {
+			if f, err := strconv.ParseFloat(v, 64); err == nil {
+				return f
+			}
+		}
+	}
+	return -1
 }
 
 // waitProgrammed waits until kube-proxy's rules (mode) name vip.
@@ -423,6 +583,12 @@ func makeNIC(t *testing.T) {
 		{"ip", "-n", wire, "link", "set", "gw0", "up"},
 		{"ip", "-n", wire, "link", "set", "lo", "up"},
 		{"ip", "route", "add", kapi.ServiceCIDRv4, "via", gateway.String(), "dev", nic},
+		// The wire's count of what reaches it for the Service CIDR: a
+		// stale Service packet that leaked from the node shows up here.
+		{"ip", "netns", "exec", wire, "nft", "add table inet upwire"},
+		{"ip", "netns", "exec", wire, "nft", "add counter inet upwire services"},
+		{"ip", "netns", "exec", wire, "nft", "add chain inet upwire pre { type filter hook prerouting priority -400 ; }"},
+		{"ip", "netns", "exec", wire, "nft", "add rule inet upwire pre ip daddr " + kapi.ServiceCIDRv4 + " counter name services"},
 	}
 	t.Cleanup(func() {
 		_ = exec.Command("ip", "link", "del", nic).Run()
@@ -490,7 +656,9 @@ func writeConflist(t *testing.T, dir string, plugins []any) {
 	must(t, os.Rename(tmp, filepath.Join(dir, "10-underlay.conflist")))
 }
 
-func startAgent(t *testing.T, bin, work, bpffs string, c *kapi.Cluster) {
+// startAgent runs underpassd as a process of the node and returns what
+// stops it and uninstalls its datapath (also run at cleanup; once).
+func startAgent(t *testing.T, bin, work, bpffs string, c *kapi.Cluster) (metrics string, stop func()) {
 	t.Helper()
 	cfg := filepath.Join(work, "underpass.yaml")
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -507,7 +675,7 @@ services:
 `, bpffs, port, kapi.ServiceCIDRv4, c.Kubeconfig)), 0o644))
 	p, err := node.StartProc(bin, filepath.Join(work, "underpassd.log"), "--config", cfg, "--log-level", "debug")
 	must(t, err)
-	t.Cleanup(func() {
+	stop = sync.OnceFunc(func() {
 		if t.Failed() {
 			t.Logf("underpassd log:\n%s", p.Tail(16<<10))
 		}
@@ -516,6 +684,7 @@ services:
 			t.Errorf("underpassd --uninstall: %v\n%s", err, out)
 		}
 	})
+	t.Cleanup(stop)
 	// Pods wait for the datapath, as a DaemonSet's readiness gates them.
 	waitFor(t, 60*time.Second, "underpassd ready", func() bool {
 		resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/readyz", port))
@@ -528,6 +697,7 @@ services:
 	if p.Exited() {
 		t.Fatalf("underpassd exited:\n%s", p.Tail(4<<10))
 	}
+	return fmt.Sprintf("127.0.0.1:%d", port), stop
 }
 
 func startKubeProxy(t *testing.T, work string, c *kapi.Cluster, mode string) *node.Proc {
@@ -609,6 +779,23 @@ func podIP(t *testing.T, cs kubernetes.Interface, name string) netip.Addr {
 	return a
 }
 
+// registered lists which of pods underpass has endpoints for.
+func registered(t *testing.T, bpffs string, pods ...string) []string {
+	t.Helper()
+	dp, err := loader.Open(bpffs)
+	must(t, err)
+	defer dp.Close()
+	eps, err := datapath.Endpoints(&dp.Maps)
+	must(t, err)
+	var out []string
+	for _, ep := range eps {
+		if name := datapath.GoString(ep.PodName[:]); slices.Contains(pods, name) {
+			out = append(out, name)
+		}
+	}
+	return out
+}
+
 // podNetns is the pod's netns, as underpass registered it.
 func podNetns(t *testing.T, bpffs, pod string) cnins.NetNS {
 	t.Helper()
@@ -651,14 +838,14 @@ func createHostService(t *testing.T, cs kubernetes.Interface, name string, backe
 }
 
 // createService creates a ClusterIP Service, port 80 -> 8080, selecting
-// the pod labelled app=name: the controller-manager writes its
+// the pod labelled app=pod: the controller-manager writes its
 // EndpointSlice.
-func createService(t *testing.T, cs kubernetes.Interface, name string) netip.Addr {
+func createService(t *testing.T, cs kubernetes.Interface, name, pod string) netip.Addr {
 	t.Helper()
 	svc, err := cs.CoreV1().Services("default").Create(context.Background(), &corev1.Service{
 		ObjectMeta: metav1.ObjectMeta{Name: name},
 		Spec: corev1.ServiceSpec{
-			Selector: map[string]string{"app": name},
+			Selector: map[string]string{"app": pod},
 			Ports:    []corev1.ServicePort{{Name: "http", Port: 80, TargetPort: intstr.FromInt32(8080)}},
 		},
 	}, metav1.CreateOptions{})

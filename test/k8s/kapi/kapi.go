@@ -10,7 +10,9 @@
 // EndpointSlices, ServiceAccounts or default tokens unless the test starts
 // them (test/node does), so tests write the objects they need themselves.
 // The ServiceAccount admission plugin is off so that Pods can be created
-// without a default ServiceAccount.
+// without a default ServiceAccount. StartWith an Address is the apiserver of
+// a real node instead (test/node): reachable on that address and through the
+// kubernetes Service, with ServiceAccount tokens in pods.
 package kapi
 
 import (
@@ -22,6 +24,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -92,6 +95,24 @@ func (c *Cluster) As(user string, groups ...string) *rest.Config {
 // package (e.g. from TestMain via a helper) when many tests need it.
 func Start(tb testing.TB) *Cluster {
 	tb.Helper()
+	return StartWith(tb, Options{})
+}
+
+// Options change what Start does.
+type Options struct {
+	// Address, when set, is where the apiserver listens and what it
+	// advertises (a node's address): the kubernetes Service then has it as
+	// its endpoint, so pods with in-cluster credentials (a DaemonSet) reach
+	// the API through kube-proxy as on a real cluster, and the
+	// ServiceAccount admission plugin mounts their tokens (a
+	// controller-manager must run: it makes the ServiceAccounts and the
+	// kube-root-ca.crt ConfigMap). The serving certificate names it.
+	Address netip.Addr
+}
+
+// StartWith is Start with options.
+func StartWith(tb testing.TB, o Options) *Cluster {
+	tb.Helper()
 	bin, err := BinDir()
 	if err != nil {
 		tb.Fatalf("kapi: %v", err)
@@ -120,7 +141,7 @@ func Start(tb testing.TB) *Cluster {
 		tb.Fatalf("kapi: "+format, args...)
 	}
 
-	pki, err := writePKI(dir)
+	pki, err := writePKI(dir, o.Address)
 	if err != nil {
 		fail("certificates: %v", err)
 	}
@@ -175,31 +196,34 @@ func Start(tb testing.TB) *Cluster {
 		if err != nil {
 			fail("%v", err)
 		}
-		c.URL = "https://127.0.0.1:" + strconv.Itoa(ports[0])
-		p, err := startProc(filepath.Join(bin, "kube-apiserver"), filepath.Join(dir, fmt.Sprintf("kube-apiserver.%d.log", attempt)),
-			"--bind-address=127.0.0.1",
-			"--advertise-address=127.0.0.1",
-			"--secure-port="+strconv.Itoa(ports[0]),
-			"--etcd-servers="+etcdURL,
-			"--cert-dir="+filepath.Join(dir, "apiserver-certs"),
-			"--tls-cert-file="+pki.serverCertFile,
-			"--tls-private-key-file="+pki.serverKeyFile,
-			"--client-ca-file="+pki.caFile,
-			"--token-auth-file="+tokens,
+		addr := "127.0.0.1"
+		// Nothing runs the ServiceAccount controller, and loopback
+		// addresses are invalid in the kubernetes Service's endpoints.
+		node := []string{"--disable-admission-plugins=ServiceAccount", "--endpoint-reconciler-type=none"}
+		if o.Address.IsValid() {
+			addr, node = o.Address.String(), nil
+		}
+		c.URL = "https://" + net.JoinHostPort(addr, strconv.Itoa(ports[0]))
+		p, err := startProc(filepath.Join(bin, "kube-apiserver"), filepath.Join(dir, fmt.Sprintf("kube-apiserver.%d.log", attempt)), append([]string{
+			"--bind-address=" + addr,
+			"--advertise-address=" + addr,
+			"--secure-port=" + strconv.Itoa(ports[0]),
+			"--etcd-servers=" + etcdURL,
+			"--cert-dir=" + filepath.Join(dir, "apiserver-certs"),
+			"--tls-cert-file=" + pki.serverCertFile,
+			"--tls-private-key-file=" + pki.serverKeyFile,
+			"--client-ca-file=" + pki.caFile,
+			"--token-auth-file=" + tokens,
 			"--authorization-mode=RBAC",
 			"--anonymous-auth=false",
 			"--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-			"--service-account-key-file="+pki.saPubFile,
-			"--service-account-signing-key-file="+pki.saKeyFile,
-			"--service-cluster-ip-range="+ServiceCIDRv4+","+ServiceCIDRv6,
-			// Nothing runs the ServiceAccount controller, and loopback
-			// addresses are invalid in the kubernetes Service's endpoints.
-			"--disable-admission-plugins=ServiceAccount",
-			"--endpoint-reconciler-type=none",
+			"--service-account-key-file=" + pki.saPubFile,
+			"--service-account-signing-key-file=" + pki.saKeyFile,
+			"--service-cluster-ip-range=" + ServiceCIDRv4 + "," + ServiceCIDRv6,
 			"--allow-privileged=true",
 			"--profiling=false",
 			"--v=1",
-		)
+		}, node...)...)
 		if err != nil {
 			fail("%v", err)
 		}

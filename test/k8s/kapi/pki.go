@@ -12,6 +12,7 @@ import (
 	"encoding/pem"
 	"math/big"
 	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"time"
@@ -26,7 +27,9 @@ type pki struct {
 	saKeyFile, saPubFile          string
 }
 
-func writePKI(dir string) (*pki, error) {
+// writePKI writes them into dir; the serving certificate also names extra
+// (when valid).
+func writePKI(dir string, extra netip.Addr) (*pki, error) {
 	p := &pki{
 		caFile:         filepath.Join(dir, "ca.crt"),
 		caKeyFile:      filepath.Join(dir, "ca.key"),
@@ -73,6 +76,9 @@ func writePKI(dir string) (*pki, error) {
 			"kubernetes.default.svc", "kubernetes.default.svc.cluster.local"},
 		IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1), net.IPv6loopback,
 			net.IPv4(10, 96, 0, 1), net.ParseIP("fd00:96::1")},
+	}
+	if extra.IsValid() {
+		srv.IPAddresses = append(srv.IPAddresses, extra.AsSlice())
 	}
 	srvDER, err := x509.CreateCertificate(rand.Reader, srv, ca, &srvKey.PublicKey, caKey)
 	if err != nil {
