@@ -3,6 +3,7 @@ package node_test
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -157,11 +158,12 @@ func TestRealNode(t *testing.T) {
 	t.Cleanup(func() { wireNS.Close() })
 	serveClientIP(t, wireNS, netip.AddrPortFrom(gateway, 18080))
 
+	var rejectRow string
 	// The first network is in place before the kubelet starts: containerd
 	// reports the node's network ready only with a config.
 	nets := []network{
 		{name: "macvlan alone", plugins: []any{macvlanConf()}},
-		{name: "underpass chained after macvlan", plugins: []any{macvlanConf(), map[string]any{"type": "underpass", "bpffs": bpffs}}, underpass: true, metrics: agentMetrics},
+		{name: "underpass chained after macvlan", plugins: []any{macvlanConf(), map[string]any{"type": "underpass", "bpffs": bpffs}}, underpass: true, metrics: agentMetrics, rejectRow: &rejectRow},
 		{name: "underpass main", plugins: []any{mainConf(bpffs)}, underpass: true, metrics: agentMetrics},
 	}
 	writeConflist(t, cniConf, nets[0].plugins)
@@ -208,6 +210,7 @@ func TestRealNode(t *testing.T) {
 	t.Logf("On a real node (kubelet, containerd %s, kube-proxy iptables mode unless said, defaults):\n| network | probes | host → pod | pod → node | pod → pod | pod → wire | pod → ClusterIP → pod | pod → ClusterIP → host network | pod → deleted Service |\n|---|---|---|---|---|---|---|---|---|\n%s",
 		containerdVersion(), strings.Join(rows, "\n"))
 	t.Logf("Under traffic (the DaemonSet install):\n%s", strings.Join(lifecycle, "\n"))
+	t.Logf("Stale Services, reject mode (underpass chained, agent process):\n%s", rejectRow)
 }
 
 // The release image's name on the node: the DaemonSet's image with this
@@ -263,6 +266,9 @@ type network struct {
 	plugins   []any
 	underpass bool   // the pods are underpass endpoints
 	metrics   string // the agent's metrics address
+	// rejectRow, when set, receives the row of the reject-mode checks
+	// (which need the process agent, whose config the test rewrites).
+	rejectRow *string
 }
 
 // checkNetwork runs a server and a client pod on nw and tries every path;
@@ -353,6 +359,9 @@ func checkNetwork(t *testing.T, cs kubernetes.Interface, bpffs, suffix string, n
 	waitProgrammed(t, proxyMode, hostVIP)
 	hostSvc := path("pod -> ClusterIP "+hostVIP.String()+" -> host-network backend", clientNS, netip.AddrPortFrom(hostVIP, 80), clientIP)
 	deleted := deletedService(t, cs, nw.metrics, clientName, clientNS, webName, vip)
+	if nw.rejectRow != nil {
+		*nw.rejectRow = rejectMode(t, cs, nw.metrics, suffix, clientName, clientNS, vip, proxyMode)
+	}
 	return fmt.Sprintf("| %s | pass: Ready in %s, 0 restarts | %s | %s | %s | %s | %s | %s | %s |", nw.name, ready, hostPod, podNode, podPod, podWire, svc, hostSvc, deleted)
 }
 
@@ -394,6 +403,59 @@ func deletedService(t *testing.T, cs kubernetes.Interface, metrics, client strin
 		return fmt.Sprintf("pass: dropped, 0 packets on the wire, %s's stale_service drops +%g", client, drops)
 	}
 	return "fail"
+}
+
+// rejectMode switches the agent to staleServices.action: reject with
+// requireEndpoints (a live reload), then connects from the client to the
+// deleted Service vip and to a Service with no endpoints (scaled to zero):
+// each must be refused at once by the datapath's RST, counted as rejected
+// for the client. It puts the config back (drop, no requireEndpoints)
+// after.
+func rejectMode(t *testing.T, cs kubernetes.Interface, metrics, suffix, client string, clientNS cnins.NetNS, deletedVIP netip.Addr, proxyMode string) string {
+	t.Helper()
+	reconfigure := func(action string, requireEndpoints bool) {
+		n := scrape(metrics).sum("underpass_config_reloads_total", `result="success"`)
+		writeAgentConfig(action, requireEndpoints)
+		waitFor(t, 30*time.Second, "the agent reloading its config", func() bool {
+			return scrape(metrics).sum("underpass_config_reloads_total", `result="success"`) > n
+		})
+	}
+	reconfigure("reject", true)
+	t.Cleanup(func() { reconfigure("drop", false) })
+
+	refused := func(what string, vip netip.Addr) string {
+		t.Helper()
+		rejected0 := scrape(metrics).sum("underpass_stale_service_packets_total", `pod="`+client+`"`, `action="rejected"`)
+		var err error
+		start := time.Now()
+		must(t, clientNS.Do(func(cnins.NetNS) error {
+			var c net.Conn
+			c, err = net.DialTimeout("tcp", netip.AddrPortFrom(vip, 80).String(), 3*time.Second)
+			if err == nil {
+				c.Close()
+			}
+			return nil
+		}))
+		took := time.Since(start)
+		rejected := scrape(metrics).sum("underpass_stale_service_packets_total", `pod="`+client+`"`, `action="rejected"`) - rejected0
+		t.Logf("reject mode, %s %s: %v after %s; underpass_stale_service_packets_total{pod=%q,action=\"rejected\"} +%g", what, vip, err, took, client, rejected)
+		if err == nil || !errors.Is(err, unix.ECONNREFUSED) || rejected < 1 {
+			t.Errorf("reject mode, %s %s: %v after %s, rejected +%g: want connection refused by the datapath", what, vip, err, took, rejected)
+			return "fail"
+		}
+		return fmt.Sprintf("refused in %s (rejected +%g)", took.Round(10*time.Microsecond), rejected)
+	}
+	deleted := refused("deleted Service", deletedVIP)
+
+	// A Service whose pods are all gone: no endpoints. kube-proxy would
+	// reject it too; the counter shows that the datapath did, before the
+	// host saw the SYN.
+	name := "zero-" + suffix
+	zero := createService(t, cs, name, "no-such-pod")
+	t.Cleanup(func() { _ = cs.CoreV1().Services("default").Delete(context.Background(), name, metav1.DeleteOptions{}) })
+	waitProgrammed(t, proxyMode, zero)
+	scaled := refused("Service with no endpoints, requireEndpoints", zero)
+	return fmt.Sprintf("| reject mode, requireEndpoints (%s) | pod → deleted Service: %s | pod → Service with 0 endpoints: %s |", proxyMode, deleted, scaled)
 }
 
 // wirePackets is the wire's count of packets to the Service CIDR.
@@ -473,7 +535,9 @@ func waitProgrammed(t *testing.T, mode string, vip netip.Addr) {
 		if mode == "nftables" {
 			out, _ = exec.Command("nft", "list", "table", "ip", "kube-proxy").Output()
 		} else {
-			out, _ = exec.Command("iptables-save", "-t", "nat").Output()
+			// All tables: a Service without endpoints is a REJECT in
+			// filter, not a DNAT in nat.
+			out, _ = exec.Command("iptables-save").Output()
 		}
 		return strings.Contains(string(out), vip.String())
 	})
@@ -656,6 +720,10 @@ func writeConflist(t *testing.T, dir string, plugins []any) {
 	must(t, os.Rename(tmp, filepath.Join(dir, "10-underlay.conflist")))
 }
 
+// writeAgentConfig rewrites the process agent's config (startAgent sets
+// it): underpassd reloads it live.
+var writeAgentConfig func(action string, requireEndpoints bool)
+
 // startAgent runs underpassd as a process of the node and returns what
 // stops it and uninstalls its datapath (also run at cleanup; once).
 func startAgent(t *testing.T, bin, work, bpffs string, c *kapi.Cluster) (metrics string, stop func()) {
@@ -665,14 +733,21 @@ func startAgent(t *testing.T, bin, work, bpffs string, c *kapi.Cluster) (metrics
 	must(t, err)
 	port := ln.Addr().(*net.TCPAddr).Port
 	ln.Close()
-	must(t, os.WriteFile(cfg, []byte(fmt.Sprintf(`bpffs: %s
+	writeAgentConfig = func(action string, requireEndpoints bool) {
+		tmp := cfg + ".tmp"
+		must(t, os.WriteFile(tmp, []byte(fmt.Sprintf(`bpffs: %s
 metrics: {listen: "127.0.0.1:%d"}
 staleServices:
   cidrs: [%s]
+  action: %s
+  requireEndpoints: %v
 services:
   kubernetes: "true"
   kubeconfig: %s
-`, bpffs, port, kapi.ServiceCIDRv4, c.Kubeconfig)), 0o644))
+`, bpffs, port, kapi.ServiceCIDRv4, action, requireEndpoints, c.Kubeconfig)), 0o644))
+		must(t, os.Rename(tmp, cfg))
+	}
+	writeAgentConfig("drop", false)
 	p, err := node.StartProc(bin, filepath.Join(work, "underpassd.log"), "--config", cfg, "--log-level", "debug")
 	must(t, err)
 	stop = sync.OnceFunc(func() {
