@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Builds etcd, kube-apiserver, kube-controller-manager, kube-scheduler,
-# kube-proxy, kubelet, kubectl and agnhost from the Go module proxy (wrapper module in
+# kube-proxy, kubelet, kubectl, agnhost and e2e.test (the upstream e2e
+# suite, k8s.io/kubernetes/test/e2e) from the Go module proxy (wrapper module in
 # test/k8s/build/, versions set only in its go.mod) into
 #   ${UNDERPASS_K8S_CACHE:-$HOME/.cache/underpass/k8s}/<k8s-version>-<etcd-version>/
 # unless the binaries are already there, and prints that directory on stdout
 # (progress goes to stderr). Idempotent; a version bump builds into a new dir.
-# Cold (empty Go build cache): ~15-20 min on 2 cores (etcd and the
-# apiserver alone were 6-8), not measured since the last binaries were added;
-# warm: well under 1 s.
+# Cold (empty Go build cache, module cache filled): ~21 min on 2 cores for
+# the servers, kubelet, kube-proxy and agnhost (measured 2026-12-03, with
+# helm building beside it), ~1 min more for kubectl, ~6 for e2e.test; warm:
+# well under 1 s.
 # test/k8s/kapi finds the binaries through UNDERPASS_K8S_BIN=<printed dir>, or
 # in the same cache dir (it reads the versions from test/k8s/build/go.mod).
 set -euo pipefail
@@ -22,7 +24,7 @@ etcd=$(modver go.etcd.io/etcd/server/v3)
 [[ -n $k8s && -n $etcd ]] || { echo "build.sh: cannot read versions from $mod/go.mod" >&2; exit 1; }
 
 out="${UNDERPASS_K8S_CACHE:-$HOME/.cache/underpass/k8s}/$k8s-$etcd"
-bins=(etcd kube-apiserver kube-controller-manager kube-scheduler kube-proxy kubelet kubectl agnhost)
+bins=(etcd kube-apiserver kube-controller-manager kube-scheduler kube-proxy kubelet kubectl agnhost e2e.test)
 have=1
 for b in "${bins[@]}"; do [[ -x $out/$b ]] || have=0; done
 if [[ $have == 1 ]]; then
@@ -55,4 +57,10 @@ build() { # name package extra-ldflags
 [[ -x $out/kubelet ]] || build kubelet ./kubelet "$xv"
 [[ -x $out/kubectl ]] || build kubectl ./kubectl "$xv"
 [[ -x $out/agnhost ]] || build agnhost ./agnhost ""
+if [[ ! -x $out/e2e.test ]]; then
+	echo "build.sh: building e2e.test ($k8s) into $out ..." >&2
+	tmp="$out/.e2e.test.tmp.$$"
+	(cd "$mod" && go test -c -vet=off -trimpath -ldflags="-s -w$xv" -o "$tmp" k8s.io/kubernetes/test/e2e)
+	mv -f "$tmp" "$out/e2e.test"
+fi
 echo "$out"

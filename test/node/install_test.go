@@ -295,8 +295,7 @@ func (i installation) cleanup(t *testing.T, what string, cmd func() (string, err
 
 // podReport says what the underpass-system pods are doing: status, events
 // and the last lines of every container's log (read from the kubelet's pod
-// log directory: the kubelet listens on loopback, so kubectl logs cannot
-// reach it from the apiserver).
+// log directory, which outlives the containers).
 func podReport(cs kubernetes.Interface, n *node.Node) string {
 	ctx := context.Background()
 	var b strings.Builder

@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -175,14 +176,53 @@ state = %q
 	}
 }
 
+// The images e2e.test runs (test/utils/image at the pinned Kubernetes
+// version), built here under the names it asks for.
+const (
+	E2EAgnhostImage = "registry.k8s.io/e2e-test-images/agnhost:2.66.1"
+	E2EBusyboxImage = "registry.k8s.io/e2e-test-images/busybox:1.37.0-2"
+	E2EPauseImage   = "registry.k8s.io/pause:3.10.2"
+)
+
 // importImages builds the pause and agnhost images from the agnhost binary
-// and imports them into containerd's k8s.io namespace.
+// (and e2e.test's: agnhost with a shell, curl and nc, busybox, pause) and
+// imports them into containerd's k8s.io namespace.
 func (n *Node) importImages(tb testing.TB, bin string) {
 	tb.Helper()
 	agnhost := filepath.Join(bin, "agnhost")
+	// e2e.test execs `sh -c "curl ..."` and `nc -u` in agnhost pods: the
+	// published image has a distribution under agnhost, this one gets
+	// Debian's static busybox and test/node/e2etools.
+	tools := filepath.Join(n.Dir, "e2etools")
+	cmd := exec.Command("go", "build", "-trimpath", "-o", tools, "github.com/underpass-cni/underpass/test/node/e2etools")
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		tb.Fatalf("build e2etools: %v\n%s", err, out)
+	}
+	applets, err := exec.Command("/bin/busybox", "--list").Output()
+	if err != nil {
+		tb.Fatalf("busybox --list (apt-get install busybox-static): %v", err)
+	}
+	box := map[string]string{}
+	for _, a := range strings.Fields(string(applets)) {
+		if a != "nc" && a != "busybox" {
+			box["bin/"+a] = "busybox"
+		}
+	}
+	withTools := map[string]string{}
+	for k, v := range box {
+		withTools[k] = v
+	}
+	withTools["usr/bin/curl"], withTools["usr/bin/nc"] = "e2etools", "e2etools"
+	withTools["bin/sh"] = "../usr/bin/e2etools"
+	e2eAgnhost := ociimage.Image{Ref: E2EAgnhostImage, Entrypoint: []string{"/agnhost"},
+		Files: map[string]string{"agnhost": agnhost, "bin/busybox": "/bin/busybox", "usr/bin/e2etools": tools}, Links: withTools}
 	for _, img := range []ociimage.Image{
 		{Ref: PauseImage, Files: map[string]string{"agnhost": agnhost}, Entrypoint: []string{"/agnhost", "pause"}},
+		{Ref: E2EPauseImage, Files: map[string]string{"agnhost": agnhost}, Entrypoint: []string{"/agnhost", "pause"}},
 		{Ref: AgnhostImage, Files: map[string]string{"agnhost": agnhost}, Entrypoint: []string{"/agnhost"}},
+		e2eAgnhost,
+		{Ref: E2EBusyboxImage, Files: map[string]string{"bin/busybox": "/bin/busybox"}, Links: box, Cmd: []string{"sh"}},
 	} {
 		path := filepath.Join(n.Dir, filepath.Base(img.Ref)+".tar")
 		f, err := os.Create(path)
@@ -215,7 +255,10 @@ cgroupsPerQOS: false
 enforceNodeAllocatable: []
 containerRuntimeEndpoint: unix://%s
 failSwapOn: false
-address: 127.0.0.1
+# The node's address, not loopback: the apiserver reaches the kubelet
+# there for exec, logs and port-forward (e2e.test execs in pods), as on a
+# real node. The address is on the node's veth NIC, inside this machine.
+address: %s
 port: 10250
 readOnlyPort: 0
 healthzPort: 0
@@ -231,7 +274,7 @@ evictionHard: {memory.available: "1Mi", nodefs.available: "1%%", imagefs.availab
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 serializeImagePulls: false
-`, n.Socket, o.Resolv, filepath.Join(n.Dir, "volume-plugins"), filepath.Join(n.Dir, "pod-logs"))
+`, n.Socket, o.IP, o.Resolv, filepath.Join(n.Dir, "volume-plugins"), filepath.Join(n.Dir, "pod-logs"))
 	if err := os.WriteFile(cfg, []byte(yaml), 0o644); err != nil {
 		tb.Fatal(err)
 	}

@@ -221,6 +221,9 @@ func StartWith(tb testing.TB, o Options) *Cluster {
 			"--service-account-signing-key-file=" + pki.saKeyFile,
 			"--service-cluster-ip-range=" + ServiceCIDRv4 + "," + ServiceCIDRv6,
 			"--allow-privileged=true",
+			// The kubelet by the node's address (exec, logs): its hostname
+			// would be looked up in this machine's DNS, off the machine.
+			"--kubelet-preferred-address-types=InternalIP",
 			"--profiling=false",
 			"--v=1",
 		}, node...)...)
