@@ -15,16 +15,34 @@ import (
 
 // conformanceTests are the upstream [sig-network] [Conformance] tests this
 // single node runs (e2e.test --ginkgo.focus): pod to pod and node to pod,
-// TCP (HTTP) and UDP. Not yet: "Services should serve a basic endpoint
-// from pods" and "... multiport endpoints from pods", which reach the
-// Service by its DNS name first and the node has no cluster DNS; the rest
-// of the [sig-network] [Conformance] list needs DNS too, or more than one
-// node, or tests API objects only (no data path).
+// TCP (HTTP) and UDP. Not yet:
+//   - the Services specs with a data path ("should serve a basic endpoint
+//     from pods", "... multiport endpoints from pods", NodePort, session
+//     affinity): they reach the Service by its DNS name first, and this
+//     node has no cluster DNS; the DNS specs, for the same reason;
+//   - the Proxy specs (the apiserver proxying to a pod, i.e. host to pod):
+//     their `agnhost porter` pod never got Ready on this node, with or
+//     without porter's TLS cert in the image; not understood yet;
+//   - HostPort (needs the portmap plugin).
+//
+// The rest of the [sig-network] [Conformance] list checks API objects
+// without a data path.
 var conformanceTests = []string{
 	"[sig-network] Networking Granular Checks: Pods should function for intra-pod communication: http [Conformance]",
 	"[sig-network] Networking Granular Checks: Pods should function for intra-pod communication: udp [Conformance]",
 	"[sig-network] Networking Granular Checks: Pods should function for node-pod communication: http [LinuxOnly] [Conformance]",
 	"[sig-network] Networking Granular Checks: Pods should function for node-pod communication: udp [LinuxOnly] [Conformance]",
+}
+
+// baselineTests run on plain macvlan too, one e2e.test run each with its
+// own time limit: the netserver pods of the Granular Checks never get
+// Ready there (the kubelet cannot probe them), so each spec would wait out
+// its 5-minute pod timeout; one is enough to show it.
+var baselineTests = []struct {
+	spec  string
+	limit time.Duration
+}{
+	{conformanceTests[2], 2 * time.Minute},
 }
 
 // e2eResult is one spec's outcome in e2e.test's JSON report.
