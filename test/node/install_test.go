@@ -18,7 +18,6 @@ import (
 	"k8s.io/client-go/kubernetes"
 
 	"github.com/underpass-cni/underpass/internal/testutil"
-	"github.com/underpass-cni/underpass/loader"
 	"github.com/underpass-cni/underpass/pkg/datapath"
 	"github.com/underpass-cni/underpass/test/k8s/kapi"
 	"github.com/underpass-cni/underpass/test/node"
@@ -50,9 +49,6 @@ func kubectlInstall(t *testing.T, c *kapi.Cluster, n *node.Node, image, cniBin, 
 	kubectl := filepath.Join(bin, "kubectl")
 	if _, err := os.Stat(kubectl); err != nil {
 		t.Fatalf("no kubectl in %s: run test/k8s/build.sh", bin)
-	}
-	if _, err := os.Stat(defaultBPFFS); err == nil {
-		t.Fatalf("%s exists before the install: another underpass runs on this machine", defaultBPFFS)
 	}
 	overlay := t.TempDir()
 	base, err := filepath.Abs("../../deploy/kubernetes")
@@ -117,7 +113,7 @@ spec:
 	if out, err := kube("kustomize", overlay); err != nil || !strings.Contains(out, image) {
 		t.Fatalf("kubectl kustomize: %v (want image %s)\n%s", err, image, out)
 	}
-	inst := installation{c: c, n: n, agentBin: agentBin, files: []string{filepath.Join(cniBin, "underpass"), filepath.Join(cniConf, "90-underpass.conflist")}}
+	inst := newInstallation(t, c, n, cniBin, cniConf, agentBin)
 	inst.cleanup(t, "kubectl delete -k", func() (string, error) {
 		return kube("delete", "-k", overlay, "--wait=true", "--timeout=60s")
 	})
@@ -184,16 +180,13 @@ func helmInstall(t *testing.T, c *kapi.Cluster, n *node.Node, cniBin, cniConf, a
 	t.Helper()
 	helm, err := testutil.Helm()
 	must(t, err)
-	if _, err := os.Stat(defaultBPFFS); err == nil {
-		t.Fatalf("%s exists before the install: another underpass runs on this machine", defaultBPFFS)
-	}
 	ipam, err := json.Marshal(ipamConf())
 	must(t, err)
 	run := func(args ...string) (string, error) {
 		out, err := exec.Command(helm, append(args, "--kubeconfig", c.Kubeconfig, "--namespace", systemNamespace)...).CombinedOutput()
 		return string(out), err
 	}
-	inst := installation{c: c, n: n, agentBin: agentBin, files: []string{filepath.Join(cniBin, "underpass"), filepath.Join(cniConf, "90-underpass.conflist")}}
+	inst := newInstallation(t, c, n, cniBin, cniConf, agentBin)
 	inst.cleanup(t, "helm uninstall", func() (string, error) {
 		out, err := run("uninstall", "underpass", "--wait", "--timeout=60s")
 		if err == nil {
@@ -212,6 +205,16 @@ func helmInstall(t *testing.T, c *kapi.Cluster, n *node.Node, cniBin, cniConf, a
 			"--set", "netnsDirs={/var/run/netns,"+n.Dir+"}",
 		)
 	})
+}
+
+// newInstallation is an install about to be made; nothing of underpass may
+// be on the node yet.
+func newInstallation(t *testing.T, c *kapi.Cluster, n *node.Node, cniBin, cniConf, agentBin string) installation {
+	t.Helper()
+	if _, err := os.Stat(defaultBPFFS); err == nil {
+		t.Fatalf("%s exists before the install: another underpass runs on this machine", defaultBPFFS)
+	}
+	return installation{c: c, n: n, agentBin: agentBin, files: []string{filepath.Join(cniBin, "underpass"), filepath.Join(cniConf, "90-underpass.conflist")}}
 }
 
 // installation is underpass installed on the node by a user's tool.
@@ -259,18 +262,12 @@ func (i installation) cleanup(t *testing.T, what string, cmd func() (string, err
 		}
 		// The test's pods are gone (their cleanups ran first and waited
 		// for their CNI DELs): nothing else is registered either.
-		if dp, err := loader.Open(defaultBPFFS); err == nil {
-			eps, err := datapath.Endpoints(&dp.Maps)
-			dp.Close()
-			if err != nil || len(eps) != 0 {
-				var names []string
-				for _, ep := range eps {
-					names = append(names, datapath.GoString(ep.PodName[:])+" "+datapath.GoString(ep.Netns[:]))
-				}
-				t.Errorf("after every pod was deleted: %d endpoints still registered: %v (%v)", len(eps), names, err)
+		if eps, err := endpoints(defaultBPFFS); err != nil || len(eps) != 0 {
+			var names []string
+			for _, ep := range eps {
+				names = append(names, datapath.GoString(ep.PodName[:])+" "+datapath.GoString(ep.Netns[:]))
 			}
-		} else {
-			t.Errorf("open the installed datapath: %v", err)
+			t.Errorf("after every pod was deleted: %d endpoints still registered: %v (%v)", len(eps), names, err)
 		}
 		if out, err := cmd(); err != nil {
 			t.Errorf("%s: %v\n%s", what, err, out)

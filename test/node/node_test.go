@@ -877,13 +877,20 @@ func podIP(t *testing.T, cs kubernetes.Interface, name string) netip.Addr {
 	return a
 }
 
+// endpoints are the endpoints registered in the datapath pinned at bpffs.
+func endpoints(bpffs string) (map[uint32]loader.Endpoint, error) {
+	dp, err := loader.Open(bpffs)
+	if err != nil {
+		return nil, err
+	}
+	defer dp.Close()
+	return datapath.Endpoints(&dp.Maps)
+}
+
 // registered lists which of pods underpass has endpoints for.
 func registered(t *testing.T, bpffs string, pods ...string) []string {
 	t.Helper()
-	dp, err := loader.Open(bpffs)
-	must(t, err)
-	defer dp.Close()
-	eps, err := datapath.Endpoints(&dp.Maps)
+	eps, err := endpoints(bpffs)
 	must(t, err)
 	var out []string
 	for _, ep := range eps {
@@ -897,10 +904,7 @@ func registered(t *testing.T, bpffs string, pods ...string) []string {
 // podNetns is the pod's netns, as underpass registered it.
 func podNetns(t *testing.T, bpffs, pod string) cnins.NetNS {
 	t.Helper()
-	dp, err := loader.Open(bpffs)
-	must(t, err)
-	defer dp.Close()
-	eps, err := datapath.Endpoints(&dp.Maps)
+	eps, err := endpoints(bpffs)
 	must(t, err)
 	for _, ep := range eps {
 		if datapath.GoString(ep.PodName[:]) == pod {
