@@ -17,6 +17,7 @@
 #define IPPROTO_ICMP 1
 #define IPPROTO_TCP 6
 #define IPPROTO_UDP 17
+#define IPPROTO_SCTP 132
 #define IPPROTO_ICMPV6 58
 
 /* IPv6 extension headers the programs walk. */

@@ -44,6 +44,7 @@ const enum up_ep_prog *unused_ep_prog __attribute__((unused));
 const enum up_marks *unused_marks __attribute__((unused));
 const enum up_ref_flags *unused_ref_flags __attribute__((unused));
 const struct up_attach_key *unused_attach_key __attribute__((unused));
+const struct up_flow_key *unused_flow_key __attribute__((unused));
 const struct up_event *unused_event __attribute__((unused));
 
 #define MAX_ENDPOINTS 16384
@@ -107,6 +108,20 @@ struct {
 	__type(key, struct up_ep_ip_key);
 	__type(value, __u64);
 } wire_addrs SEC(".maps");
+
+/* Service flows the host masqueraded and forwarded into an endpoint (a
+ * steered, marked frame that kube-proxy sent to a backend pod), keyed as
+ * the backend's reply: with hostReachability: false that reply is traffic
+ * to the host's own address and would be cut, so the parent program lets
+ * exactly these through. Written and read by the programs only (userspace
+ * never writes it): parent_egress records, parent_egress and ep_egress_body
+ * read; the value is when it was last seen. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct up_flow_key);
+	__type(value, __u64);
+} svc_flows SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -1039,6 +1054,55 @@ static __always_inline int host_blocked(const struct up_config *cfg)
 	return cfg && (cfg->flags & UP_CFG_HOST_BLOCKED);
 }
 
+/* flow_key fills k for the frame's L4 flow as the endpoint's reply carries
+ * it (see svc_flows); from_host: the frame goes host -> endpoint. Only
+ * TCP, UDP and SCTP first fragments have one. */
+static __always_inline int flow_key(struct __sk_buff *skb, const struct pkt *p, int from_host,
+				    struct up_flow_key *k)
+{
+	if (!p->first_frag || (p->l4proto != IPPROTO_TCP && p->l4proto != IPPROTO_UDP && p->l4proto != IPPROTO_SCTP))
+		return 0;
+	__u16 ports[2]; /* source, destination: the same place in all three */
+	if (bpf_skb_load_bytes(skb, p->l4off, ports, sizeof(ports)))
+		return 0;
+	__builtin_memset(k, 0, sizeof(*k));
+	k->l4proto = p->l4proto;
+	if (from_host) {
+		__builtin_memcpy(k->local, p->saddr.addr, 16);
+		__builtin_memcpy(k->peer, p->daddr.addr, 16);
+		k->local_port = ports[0];
+		k->peer_port = ports[1];
+	} else {
+		__builtin_memcpy(k->local, p->daddr.addr, 16);
+		__builtin_memcpy(k->peer, p->saddr.addr, 16);
+		k->local_port = ports[1];
+		k->peer_port = ports[0];
+	}
+	return 1;
+}
+
+/* A masqueraded Service flow into an endpoint (steered in with
+ * UP_MARK_STEERED, DNATed or IPVS-forwarded, masqueraded to the host's
+ * address): remember it, so that its replies pass hostReachability: false. */
+static __always_inline void note_svc_flow(struct __sk_buff *skb, const struct pkt *p)
+{
+	struct up_flow_key k;
+	if (!(skb->mark & UP_MARK_STEERED) || !flow_key(skb, p, 1, &k))
+		return;
+	if (bpf_map_lookup_elem(&svc_flows, &k))
+		return;
+	__u64 now = bpf_ktime_get_ns();
+	bpf_map_update_elem(&svc_flows, &k, &now, BPF_ANY);
+}
+
+/* Whether an endpoint's frame to the host's address answers a Service flow
+ * the host forwarded into it (note_svc_flow). */
+static __always_inline int svc_reply(struct __sk_buff *skb, const struct pkt *p)
+{
+	struct up_flow_key k;
+	return flow_key(skb, p, 0, &k) && bpf_map_lookup_elem(&svc_flows, &k);
+}
+
 /* Why an endpoint frame enters the host stack. */
 enum to_host {
 	TO_HOST_STEERED = 0,    /* a live Service VIP or a steered host CIDR */
@@ -1047,13 +1111,15 @@ enum to_host {
 };
 
 /* readdress: give the frame the parent's MAC (steered by destination IP). */
-static __always_inline int endpoint_to_host(struct __sk_buff *skb, const struct up_config *cfg, __u32 ep_id,
-					    __u32 why, int readdress, const __u8 *parent_mac)
+static __always_inline int endpoint_to_host(struct __sk_buff *skb, const struct up_config *cfg, const struct pkt *p,
+					    __u32 ep_id, __u32 why, int readdress, const __u8 *parent_mac)
 {
 	__u32 len = skb->len;
 	/* hostReachability: false cuts the endpoint's own traffic to the
-	 * host's addresses; Services, steered host CIDRs and resolution go on. */
-	if (why == TO_HOST_DIRECT && host_blocked(cfg)) {
+	 * host's addresses; Services (including a backend's replies to the
+	 * masqueraded flows the host forwarded to it), steered host CIDRs and
+	 * resolution go on. */
+	if (why == TO_HOST_DIRECT && host_blocked(cfg) && !svc_reply(skb, p)) {
 		count_drop(UP_DROP_HOST_UNREACHABLE, ep_id, len);
 		return TC_ACT_SHOT;
 	}
@@ -1103,6 +1169,8 @@ static __always_inline int host_to_endpoint(struct __sk_buff *skb, const struct 
 		count_drop(UP_DROP_HOST_UNREACHABLE, ep_id, len);
 		return TC_ACT_SHOT;
 	}
+	if (host_blocked(cfg) && skb->ingress_ifindex)
+		note_svc_flow(skb, p);
 	if (dst_mac && bpf_skb_store_bytes(skb, 0, dst_mac, ETH_ALEN, 0))
 		return TC_ACT_UNSPEC;
 	count(UP_STAT_HOST_TO_EP, len);
@@ -1200,14 +1268,14 @@ int parent_egress(struct __sk_buff *skb)
 		}
 		if (src_ep) {
 			if (svc == SVC_LIVE)
-				return endpoint_to_host(skb, cfg, src_ep, TO_HOST_STEERED, !to_parent_mac, parent->mac);
+				return endpoint_to_host(skb, cfg, &p, src_ep, TO_HOST_STEERED, !to_parent_mac, parent->mac);
 			__u32 flags = 0;
 			if (in_set(PREFILTER_HOST, &p.daddr, &flags)) {
 				if (flags & UP_HOST_STEER)
-					return endpoint_to_host(skb, cfg, src_ep, TO_HOST_STEERED, !to_parent_mac,
+					return endpoint_to_host(skb, cfg, &p, src_ep, TO_HOST_STEERED, !to_parent_mac,
 								parent->mac);
 				if (flags & UP_HOST_LOCAL)
-					return endpoint_to_host(skb, cfg, src_ep, TO_HOST_DIRECT, !to_parent_mac,
+					return endpoint_to_host(skb, cfg, &p, src_ep, TO_HOST_DIRECT, !to_parent_mac,
 								parent->mac);
 			}
 		}
@@ -1221,9 +1289,9 @@ int parent_egress(struct __sk_buff *skb)
 		 * addresses, handled above), link-local and multicast
 		 * destinations, which the host never forwards, go in. */
 		if (proto == ETH_P_ARP)
-			return endpoint_to_host(skb, cfg, src_ep, TO_HOST_RESOLUTION, 0, parent->mac);
+			return endpoint_to_host(skb, cfg, &p, src_ep, TO_HOST_RESOLUTION, 0, parent->mac);
 		if (p.daddr.addr[0] == 0xff || is_link_local6(&p.daddr))
-			return endpoint_to_host(skb, cfg, src_ep, TO_HOST_DIRECT, 0, parent->mac);
+			return endpoint_to_host(skb, cfg, &p, src_ep, TO_HOST_DIRECT, 0, parent->mac);
 		count_drop(UP_DROP_ROUTED, src_ep, skb->len);
 		return TC_ACT_SHOT;
 	}
@@ -1342,7 +1410,7 @@ int ep_egress_body(struct __sk_buff *skb)
 		__u32 flags = 0;
 		if (in_set(PREFILTER_HOST, &p.daddr, &flags) && (flags & UP_HOST_LOCAL) && !(flags & UP_HOST_STEER) &&
 		    !in_set(PREFILTER_SVC, &p.daddr, 0)) {
-			if (host_blocked(get_config())) {
+			if (host_blocked(get_config()) && !svc_reply(skb, &p)) {
 				count_drop(UP_DROP_HOST_UNREACHABLE, id, len);
 				return TC_ACT_SHOT;
 			}

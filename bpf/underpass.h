@@ -45,6 +45,18 @@ enum up_marks {
 	UP_MARK_DIRECT = 0x00400000,
 };
 
+/* svc_flows key: a Service flow the host forwarded into an endpoint after
+ * masquerading it (see svc_flows in underpass.c), as the endpoint's reply
+ * carries it: from the endpoint (peer) to the host's address (local). */
+struct up_flow_key {
+	__u8 local[16];   /* the host's address, IPv4 mapped as in up_ip_key */
+	__u8 peer[16];    /* the endpoint's address */
+	__u16 local_port; /* network order */
+	__u16 peer_port;  /* network order */
+	__u8 l4proto;
+	__u8 _pad[3];
+};
+
 /* The single entry of the config array: read on every packet, written live by
  * the agent. */
 struct up_config {

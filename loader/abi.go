@@ -25,6 +25,7 @@ var mapABI = map[string]mapLayout{
 	"ep_by_ip":   {ebpf.Hash, EpIPKey{}, EndpointRef{}},
 	"ep_names":   {ebpf.Hash, AttachKey{}, uint32(0)},
 	"wire_addrs": {ebpf.LRUHash, EpIPKey{}, uint64(0)},
+	"svc_flows":  {ebpf.LRUHash, FlowKey{}, uint64(0)},
 	"endpoints":  {ebpf.Hash, uint32(0), Endpoint{}},
 	"ep_stats":   {ebpf.PerCPUHash, uint32(0), EndpointStats{}},
 	"stats":      {ebpf.PerCPUArray, uint32(0), Counter{}},

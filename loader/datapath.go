@@ -40,6 +40,7 @@ type Maps struct {
 	EpProgs   *ebpf.Map // the endpoint programs' bodies, for their tail calls
 	EpNames   *ebpf.Map // attachment (container id, ifname) -> endpoint id
 	WireAddrs *ebpf.Map // addresses seen on the wire in ND (XDP writes; LRU)
+	SvcFlows  *ebpf.Map // masqueraded Service flows into endpoints (the programs write; LRU)
 }
 
 // Programs are the programs shared by all attachments. EndpointIngress and
@@ -355,6 +356,7 @@ func (dp *Datapath) eachMap(fn func(string, **ebpf.Map)) {
 	fn("ep_progs", &dp.Maps.EpProgs)
 	fn("ep_names", &dp.Maps.EpNames)
 	fn("wire_addrs", &dp.Maps.WireAddrs)
+	fn("svc_flows", &dp.Maps.SvcFlows)
 }
 
 // ErrNoEndpointPrograms means ep_progs lacks an endpoint program body: the

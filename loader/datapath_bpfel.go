@@ -132,6 +132,16 @@ const (
 	datapathUpEventKindUP_EVENT_IP_CONFLICT datapathUpEventKind = 1
 )
 
+type datapathUpFlowKey struct {
+	_         structs.HostLayout
+	Local     [16]uint8
+	Peer      [16]uint8
+	LocalPort uint16
+	PeerPort  uint16
+	L4proto   uint8
+	Pad       [3]uint8
+}
+
 type datapathUpHostEntry struct {
 	_     structs.HostLayout
 	Flags uint32
@@ -288,6 +298,7 @@ const (
 	datapathMapPrefilter             = "prefilter"
 	datapathMapStats                 = "stats"
 	datapathMapSvcCidrs              = "svc_cidrs"
+	datapathMapSvcFlows              = "svc_flows"
 	datapathMapTrace                 = "trace"
 	datapathMapWireAddrs             = "wire_addrs"
 	datapathProgEndpointEgress       = "endpoint_egress"
@@ -304,6 +315,7 @@ const (
 	datapathVarUnusedEpProg          = "unused_ep_prog"
 	datapathVarUnusedEvent           = "unused_event"
 	datapathVarUnusedEventKind       = "unused_event_kind"
+	datapathVarUnusedFlowKey         = "unused_flow_key"
 	datapathVarUnusedHostFlags       = "unused_host_flags"
 	datapathVarUnusedLimits          = "unused_limits"
 	datapathVarUnusedMarks           = "unused_marks"
@@ -384,6 +396,7 @@ type datapathMapSpecs struct {
 	Prefilter *ebpf.MapSpec `ebpf:"prefilter"`
 	Stats     *ebpf.MapSpec `ebpf:"stats"`
 	SvcCidrs  *ebpf.MapSpec `ebpf:"svc_cidrs"`
+	SvcFlows  *ebpf.MapSpec `ebpf:"svc_flows"`
 	Trace     *ebpf.MapSpec `ebpf:"trace"`
 	WireAddrs *ebpf.MapSpec `ebpf:"wire_addrs"`
 }
@@ -399,6 +412,7 @@ type datapathVariableSpecs struct {
 	UnusedEpProg          *ebpf.VariableSpec `ebpf:"unused_ep_prog"`
 	UnusedEvent           *ebpf.VariableSpec `ebpf:"unused_event"`
 	UnusedEventKind       *ebpf.VariableSpec `ebpf:"unused_event_kind"`
+	UnusedFlowKey         *ebpf.VariableSpec `ebpf:"unused_flow_key"`
 	UnusedHostFlags       *ebpf.VariableSpec `ebpf:"unused_host_flags"`
 	UnusedLimits          *ebpf.VariableSpec `ebpf:"unused_limits"`
 	UnusedMarks           *ebpf.VariableSpec `ebpf:"unused_marks"`
@@ -444,6 +458,7 @@ type datapathMaps struct {
 	Prefilter *ebpf.Map `ebpf:"prefilter"`
 	Stats     *ebpf.Map `ebpf:"stats"`
 	SvcCidrs  *ebpf.Map `ebpf:"svc_cidrs"`
+	SvcFlows  *ebpf.Map `ebpf:"svc_flows"`
 	Trace     *ebpf.Map `ebpf:"trace"`
 	WireAddrs *ebpf.Map `ebpf:"wire_addrs"`
 }
@@ -465,6 +480,7 @@ func (m *datapathMaps) Close() error {
 		m.Prefilter,
 		m.Stats,
 		m.SvcCidrs,
+		m.SvcFlows,
 		m.Trace,
 		m.WireAddrs,
 	)
@@ -481,6 +497,7 @@ type datapathVariables struct {
 	UnusedEpProg          *ebpf.Variable `ebpf:"unused_ep_prog"`
 	UnusedEvent           *ebpf.Variable `ebpf:"unused_event"`
 	UnusedEventKind       *ebpf.Variable `ebpf:"unused_event_kind"`
+	UnusedFlowKey         *ebpf.Variable `ebpf:"unused_flow_key"`
 	UnusedHostFlags       *ebpf.Variable `ebpf:"unused_host_flags"`
 	UnusedLimits          *ebpf.Variable `ebpf:"unused_limits"`
 	UnusedMarks           *ebpf.Variable `ebpf:"unused_marks"`

@@ -94,6 +94,39 @@ func tcpSYN(tb testing.TB, smac, dmac net.HardwareAddr, src, dst netip.Addr, fla
 	return serialize(tb, eth(smac, dmac, layers.EthernetTypeIPv6), i6, tcp)
 }
 
+// segment is a TCP SYN, a UDP datagram or an SCTP INIT between two ports.
+func segment(tb testing.TB, smac, dmac net.HardwareAddr, src, dst netip.AddrPort, proto layers.IPProtocol) []byte {
+	var l4 gopacket.SerializableLayer
+	var ck interface {
+		SetNetworkLayerForChecksum(gopacket.NetworkLayer) error
+	}
+	switch proto {
+	case layers.IPProtocolTCP:
+		t := &layers.TCP{SrcPort: layers.TCPPort(src.Port()), DstPort: layers.TCPPort(dst.Port()), Seq: 1, SYN: true, Window: 64240}
+		l4, ck = t, t
+	case layers.IPProtocolUDP:
+		u := &layers.UDP{SrcPort: layers.UDPPort(src.Port()), DstPort: layers.UDPPort(dst.Port())}
+		l4, ck = u, u
+	case layers.IPProtocolSCTP:
+		l4 = &layers.SCTP{SrcPort: layers.SCTPPort(src.Port()), DstPort: layers.SCTPPort(dst.Port()), VerificationTag: 0}
+	default:
+		tb.Fatalf("segment: protocol %v", proto)
+	}
+	payload := gopacket.Payload([]byte("sixteen bytes..."))
+	if src.Addr().Is4() {
+		i4 := ip4(src.Addr(), dst.Addr(), proto)
+		if ck != nil {
+			must(tb, ck.SetNetworkLayerForChecksum(i4))
+		}
+		return serialize(tb, eth(smac, dmac, layers.EthernetTypeIPv4), i4, l4, payload)
+	}
+	i6 := ip6(src.Addr(), dst.Addr(), proto)
+	if ck != nil {
+		must(tb, ck.SetNetworkLayerForChecksum(i6))
+	}
+	return serialize(tb, eth(smac, dmac, layers.EthernetTypeIPv6), i6, l4, payload)
+}
+
 func udp(tb testing.TB, smac, dmac net.HardwareAddr, src, dst netip.Addr) []byte {
 	u := &layers.UDP{SrcPort: 40001, DstPort: 53}
 	payload := gopacket.Payload([]byte("a DNS query would be here, and then some padding"))

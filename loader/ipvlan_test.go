@@ -94,6 +94,26 @@ func TestIpvlanHostToEndpoint(t *testing.T) {
 				if res := r.parent(t, icmpEcho(t, macParent, macGW, ipHost, ipPod)); res.verdict != actShot {
 					t.Fatalf("verdict %d, want drop", res.verdict)
 				}
+				// A masqueraded Service flow the host forwards to the
+				// slave passes the parent, and the slave's own egress
+				// program (where an ipvlan pod's frames to the host are
+				// judged) lets its answer through, and nothing else.
+				_, egress := loadEndpoint(t, r.dp, id)
+				masq, backend := netip.AddrPortFrom(ipHost, 40000), netip.AddrPortFrom(ipPod, 8080)
+				reply := segment(t, macParent, macParent, backend, masq, layers.IPProtocolTCP)
+				if res := r.run(t, egress, reply); res.verdict != actShot {
+					t.Fatalf("reply before the flow: verdict %d, want drop", res.verdict)
+				}
+				r.ingress, r.mark = parentIfindex, loader.MarkSteered
+				wantRedirect(t, r.parent(t, segment(t, macParent, macGW, masq, backend, layers.IPProtocolTCP)), id)
+				r.ingress, r.mark = 0, 0
+				if res := r.run(t, egress, reply); res.verdict != actOK {
+					t.Fatalf("reply to the forwarded Service flow: verdict %d, want pass", res.verdict)
+				}
+				other := segment(t, macParent, macParent, backend, netip.AddrPortFrom(ipHost, 40001), layers.IPProtocolTCP)
+				if res := r.run(t, egress, other); res.verdict != actShot {
+					t.Fatalf("to another host port: verdict %d, want drop", res.verdict)
+				}
 			})
 		})
 	}

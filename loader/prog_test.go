@@ -60,6 +60,8 @@ type rig struct {
 	// ingress is the frames' skb->ingress_ifindex: 0 for the host's own
 	// traffic, the input device for what the host forwards.
 	ingress uint32
+	// mark is the frames' skb->mark; 0 means 0xbeef, a mark a pod set.
+	mark uint32
 }
 
 func newRig(tb testing.TB) *rig {
@@ -128,6 +130,9 @@ func (r *rig) tryRun(tb testing.TB, prog *ebpf.Program, frame []byte) (result, e
 	must(tb, r.dp.Maps.Trace.Update(uint32(0), zero, ebpf.UpdateAny))
 
 	in := skbCtx{Ifindex: parentIfindex, IngressIfindex: r.ingress, Mark: 0xbeef}
+	if r.mark != 0 {
+		in.Mark = r.mark
+	}
 	var outCtx skbCtxOut
 	out := make([]byte, len(frame)+256)
 	opts := ebpf.RunOptions{Data: frame, DataOut: out, Context: in, ContextOut: &outCtx, Repeat: 1}
@@ -560,6 +565,74 @@ func TestHostReachabilityOff(t *testing.T) {
 
 	r.setConfig(t, datapath.Config{ServicesSynced: true, HostReachable: true})
 	wantRedirect(t, r.parent(t, icmpEcho(t, macParent, macA, ipHost, ipA)), r.idA)
+}
+
+// With hostReachability: false a Service flow that the host DNATs (or
+// IPVS forwards) to a backend pod and masquerades reaches the backend as
+// traffic from the host's address, and the backend answers that address.
+// Both must pass, and only for that flow: the backend still cannot reach
+// the host on its own.
+func TestHostReachabilityOffKeepsServiceReplies(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		proto layers.IPProtocol
+		host  netip.Addr
+		pod   netip.Addr
+	}{
+		{"tcp", layers.IPProtocolTCP, ipHost, ipA},
+		{"udp", layers.IPProtocolUDP, ipHost, ipA},
+		{"sctp", layers.IPProtocolSCTP, ipHost, ipA},
+		{"tcp6", layers.IPProtocolTCP, ipHost6, ipA6},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := newRig(t)
+			r.setConfig(t, datapath.Config{ServicesSynced: true, HostReachable: false})
+			masq := netip.AddrPortFrom(tc.host, 40000) // the host's masqueraded source
+			backend := netip.AddrPortFrom(tc.pod, 8080)
+			reply := segment(t, macA, macParent, backend, masq, tc.proto)
+
+			wantHostUnreachable := func(what string, f []byte) {
+				t.Helper()
+				before := r.epStats(t, r.idA).Drops[loader.DropHostUnreachable]
+				if res := r.parent(t, f); res.verdict != actShot {
+					t.Fatalf("%s: verdict %d, want drop", what, res.verdict)
+				}
+				if r.epStats(t, r.idA).Drops[loader.DropHostUnreachable] != before+1 {
+					t.Fatalf("%s: host_unreachable not counted", what)
+				}
+			}
+			wantHostUnreachable("a reply before any flow", reply)
+
+			// The host's own frame, even with the Service mark (a process
+			// with SO_MARK), is not a forwarded flow.
+			r.mark = loader.MarkSteered
+			wantHostUnreachable("the host's own marked frame", segment(t, macParent, macA, masq, backend, tc.proto))
+
+			// Forwarded and marked: kube-proxy's translation of a steered
+			// flow, masqueraded (kube-proxy's own mark bit set too).
+			r.ingress, r.mark = parentIfindex, loader.MarkSteered|0x4000
+			wantRedirect(t, r.parent(t, segment(t, macParent, macA, masq, backend, tc.proto)), r.idA)
+			r.ingress, r.mark = 0, 0
+			before := r.epStats(t, r.idA)
+			wantRedirect(t, r.parent(t, reply), r.idA)
+			if got := r.epStats(t, r.idA).EpToHost.Packets; got != before.EpToHost.Packets+1 {
+				t.Fatalf("the reply was not counted as endpoint -> host (%d, was %d)", got, before.EpToHost.Packets)
+			}
+
+			// Only that flow: another port of the host, or the same port
+			// from another of the pod's ports, is still cut.
+			wantHostUnreachable("another host port", segment(t, macA, macParent, backend, netip.AddrPortFrom(tc.host, 40001), tc.proto))
+			wantHostUnreachable("another pod port", segment(t, macA, macParent, netip.AddrPortFrom(tc.pod, 8081), masq, tc.proto))
+
+			// Forwarded but unmarked (routed from the wire, not a steered
+			// Service flow): it passes as before, and opens nothing.
+			r.ingress = parentIfindex
+			other := netip.AddrPortFrom(tc.host, 40002)
+			wantRedirect(t, r.parent(t, segment(t, macParent, macA, other, backend, tc.proto)), r.idA)
+			r.ingress = 0
+			wantHostUnreachable("a reply to an unmarked forwarded flow", segment(t, macA, macParent, backend, other, tc.proto))
+		})
+	}
 }
 
 func TestUplinkGuard(t *testing.T) {

@@ -128,7 +128,7 @@ func mapsOf(dp *loader.Datapath) map[string]*ebpf.Map {
 		"endpoints": m.Endpoints, "ep_stats": m.EpStats, "stats": m.Stats, "drops": m.Drops,
 		"svc_cidrs": m.SvcCIDRs, "live_svcs": m.LiveSvcs, "host_cidrs": m.HostCIDRs, "trace": m.Trace,
 		"events": m.Events, "prefilter": m.Prefilter, "ep_progs": m.EpProgs, "ep_names": m.EpNames,
-		"wire_addrs": m.WireAddrs,
+		"wire_addrs": m.WireAddrs, "svc_flows": m.SvcFlows,
 	}
 }
 

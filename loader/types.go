@@ -9,6 +9,7 @@ type (
 	IPKey         = datapathUpIpKey
 	EpIPKey       = datapathUpEpIpKey
 	AttachKey     = datapathUpAttachKey
+	FlowKey       = datapathUpFlowKey
 	Learned       = datapathUpLearned
 	RefFlags      = datapathUpRefFlags
 	LPMKey        = datapathUpLpmKey
