@@ -1105,9 +1105,10 @@ static __always_inline int svc_reply(struct __sk_buff *skb, const struct pkt *p)
 
 /* Why an endpoint frame enters the host stack. */
 enum to_host {
-	TO_HOST_STEERED = 0,    /* a live Service VIP or a steered host CIDR */
+	TO_HOST_STEERED = 0,    /* a steered host CIDR */
 	TO_HOST_DIRECT = 1,     /* one of the host's own addresses */
 	TO_HOST_RESOLUTION = 2, /* ARP/ND for the host */
+	TO_HOST_SERVICE = 3,    /* a live Service VIP (steered too) */
 };
 
 /* readdress: give the frame the parent's MAC (steered by destination IP). */
@@ -1134,10 +1135,15 @@ static __always_inline int endpoint_to_host(struct __sk_buff *skb, const struct 
 		s->ep_to_host.packets++;
 		s->ep_to_host.bytes += len;
 	}
-	/* The mark tells the agent's nftables rule which forwarded flows to
+	/* The mark tells the agent's nftables rules which forwarded flows to
 	 * masquerade (see up_marks); anything else enters unmarked, so a mark
 	 * the pod set never reaches the host. */
-	return to_ingress_marked(skb, ep_id, why == TO_HOST_STEERED ? UP_MARK_STEERED : 0);
+	__u32 mark = 0;
+	if (why == TO_HOST_STEERED)
+		mark = UP_MARK_STEERED;
+	else if (why == TO_HOST_SERVICE)
+		mark = UP_MARK_STEERED | UP_MARK_SERVICE;
+	return to_ingress_marked(skb, ep_id, mark);
 }
 
 /* hostReachability: false cuts the host's own traffic to endpoints, not
@@ -1268,7 +1274,7 @@ int parent_egress(struct __sk_buff *skb)
 		}
 		if (src_ep) {
 			if (svc == SVC_LIVE)
-				return endpoint_to_host(skb, cfg, &p, src_ep, TO_HOST_STEERED, !to_parent_mac, parent->mac);
+				return endpoint_to_host(skb, cfg, &p, src_ep, TO_HOST_SERVICE, !to_parent_mac, parent->mac);
 			__u32 flags = 0;
 			if (in_set(PREFILTER_HOST, &p.daddr, &flags)) {
 				if (flags & UP_HOST_STEER)

@@ -29,20 +29,23 @@ enum up_config_flags {
 	UP_CFG_SVC_SYNCED = 1 << 2,
 };
 
-/* Reserved skb->mark values for the endpoint frames the parent program
- * hands to the host stack, for the host's nftables table that will make the
- * Service path symmetric (masquerade what the host forwards). Not set yet:
- * today every redirect clears the mark. */
+/* skb->mark values for the endpoint frames the parent program hands to the
+ * host stack, for the agent's nftables table (pkg/hostnat), which makes the
+ * Service path symmetric by masquerading what the host forwards. Every
+ * other frame enters the host with mark 0, so a mark a pod set never
+ * reaches the host. */
 enum up_marks {
 	/* Set on an endpoint's frame steered to the host for a live Service VIP
-	 * or a steered host CIDR (every other frame enters the host with mark
-	 * 0). The agent's nftables table masquerades a marked flow that the
-	 * host DNATs and forwards (kube-proxy sent it to a backend pod), so the
-	 * backend's reply comes back through the host's conntrack instead of
-	 * going straight to the client over the underlay. */
+	 * or a steered host CIDR. The agent masquerades such a flow when the
+	 * host DNATs and forwards it (kube-proxy sent it to a backend pod), so
+	 * the backend's reply comes back through the host's conntrack instead
+	 * of going straight to the client over the underlay. */
 	UP_MARK_STEERED = 0x00200000,
-	/* Reserved. */
-	UP_MARK_DIRECT = 0x00400000,
+	/* Set as well when the destination is a live Service VIP. Whatever the
+	 * host then forwards of such a flow, kube-proxy translated: by DNAT
+	 * (iptables, nftables) or by IPVS, which records no DNAT in conntrack.
+	 * The agent masquerades it on this mark alone. */
+	UP_MARK_SERVICE = 0x00400000,
 };
 
 /* svc_flows key: a Service flow the host forwarded into an endpoint after

@@ -188,7 +188,7 @@ type datapathUpMarks uint32
 
 const (
 	datapathUpMarksUP_MARK_STEERED datapathUpMarks = 2097152
-	datapathUpMarksUP_MARK_DIRECT  datapathUpMarks = 4194304
+	datapathUpMarksUP_MARK_SERVICE datapathUpMarks = 4194304
 )
 
 type datapathUpMode uint32

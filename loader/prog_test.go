@@ -179,10 +179,21 @@ func wantRedirect(tb testing.TB, res result, ep uint32) {
 }
 
 // wantSteered is wantRedirect for a frame steered to a Service VIP or a
-// steered host CIDR: it enters the host marked for the masquerade rule.
+// steered host CIDR: it enters the host marked for the masquerade rules,
+// and as a Service's when its destination is in the rig's Service CIDRs.
 func wantSteered(tb testing.TB, res result, ep uint32) {
 	tb.Helper()
-	wantRedirectMarked(tb, res, ep, loader.MarkSteered)
+	mark := loader.MarkSteered
+	pkt := gopacket.NewPacket(res.out, layers.LayerTypeEthernet, gopacket.Default)
+	if nl := pkt.NetworkLayer(); nl != nil {
+		dst, _ := netip.AddrFromSlice(nl.NetworkFlow().Dst().Raw())
+		for _, svc := range []string{"10.96.0.0/16", "fd00:96::/108"} {
+			if netip.MustParsePrefix(svc).Contains(dst.Unmap()) {
+				mark |= loader.MarkService
+			}
+		}
+	}
+	wantRedirectMarked(tb, res, ep, mark)
 }
 
 // wantRedirectMarked is wantRedirect with the mark the frame must carry
@@ -344,8 +355,8 @@ func TestSteering(t *testing.T) {
 		frame []byte
 		mark  uint32 // what the host's nftables sees: steered flows are masqueraded if forwarded
 	}{
-		{"live VIP v4", tcpSYN(t, macA, macGW, ipA, vipLive, "S"), loader.MarkSteered},
-		{"live VIP v6", tcpSYN(t, macA, macGW, ipA6, vip6Live, "S"), loader.MarkSteered},
+		{"live VIP v4", tcpSYN(t, macA, macGW, ipA, vipLive, "S"), loader.MarkSteered | loader.MarkService},
+		{"live VIP v6", tcpSYN(t, macA, macGW, ipA6, vip6Live, "S"), loader.MarkSteered | loader.MarkService},
 		{"hostCIDR", udp(t, macA, macGW, ipA, ipDNS), loader.MarkSteered},
 		{"node address via gateway", icmpEcho(t, macA, macGW, ipA, ipHost), 0},
 	} {

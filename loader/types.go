@@ -41,10 +41,11 @@ const (
 	ConfigStaleReject = datapathUpConfigFlagsUP_CFG_STALE_REJECT
 	ConfigSvcSynced   = datapathUpConfigFlagsUP_CFG_SVC_SYNCED
 
-	// MarkSteered and MarkDirect are the skb marks the parent program puts
-	// on endpoint frames it hands to the host stack (enum up_marks).
+	// MarkSteered and MarkService are the skb marks the parent program puts
+	// on endpoint frames it hands to the host stack (enum up_marks):
+	// steered, and steered to a live Service VIP.
 	MarkSteered = uint32(datapathUpMarksUP_MARK_STEERED)
-	MarkDirect  = uint32(datapathUpMarksUP_MARK_DIRECT)
+	MarkService = uint32(datapathUpMarksUP_MARK_SERVICE)
 
 	RefLearned = datapathUpRefFlagsUP_REF_LEARNED
 

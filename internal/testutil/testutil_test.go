@@ -116,3 +116,17 @@ func TestMountBPFFS(t *testing.T) {
 		t.Fatalf("%s still there after cleanup: %v", dir, err)
 	}
 }
+
+// On this kernel ip_vs is either there or reported as the missing feature
+// "ip_vs", never as another error.
+func TestProbeIPVS(t *testing.T) {
+	err := ProbeIPVS()
+	t.Logf("ProbeIPVS: %v", err)
+	if err == nil {
+		return
+	}
+	var fe *FeatureError
+	if !errors.As(err, &fe) || fe.Feature != "ip_vs" {
+		t.Fatalf("ProbeIPVS: %v, want nil or a FeatureError for ip_vs", err)
+	}
+}

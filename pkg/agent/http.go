@@ -69,7 +69,7 @@ func newMetrics(a *Agent) *metrics {
 		}, func() float64 { return float64(a.masqErrors.Load()) }),
 		prometheus.NewCounterFunc(prometheus.CounterOpts{
 			Name: "underpass_service_masqueraded_flows_total",
-			Help: "Service flows of underlay pods that the host DNATed and forwarded, masqueraded by the table inet underpass (restarts from 0 when the table is rewritten).",
+			Help: "Service flows of underlay pods that the host translated (kube-proxy DNAT or IPVS) and forwarded, masqueraded by the table inet underpass (restarts from 0 when the table is rewritten).",
 		}, func() float64 {
 			st, _ := hostnat.Installed()
 			return float64(st.Flows)

@@ -125,7 +125,7 @@ func (a *Agent) applyDatapath(c *config.Config) error {
 
 // syncMasquerade makes the agent's nftables table (see pkg/hostnat) follow
 // services.masquerade and the attached parents: on, it masquerades the
-// Service flows that arrive steered on a parent and that the host DNATs
+// Service flows that arrive steered on a parent and that the host translates
 // and forwards, so the backend's reply comes back through the host; off,
 // the table is gone. force checks the kernel's copy instead of trusting
 // what was installed last (start-up, heal).
@@ -154,13 +154,13 @@ func (a *Agent) syncMasquerade(on, force bool) error {
 		return nil
 	}
 	if a.masq && force && slices.Equal(parents, a.masqParents) {
-		// Trust nothing but a table with one rule per parent.
-		if st, err := hostnat.Installed(); err == nil && st.Table && st.Rules == len(parents) {
+		// Trust nothing but a table with the rules Install writes.
+		if st, err := hostnat.Installed(); err == nil && st.Table && st.Rules == hostnat.Rules(len(parents)) {
 			return nil
 		}
 		a.log.Warn("nftables table inet " + hostnat.Table + " was changed from under the agent: reinstalling")
 	}
-	if err := hostnat.Install(loader.MarkSteered, parents); err != nil {
+	if err := hostnat.Install(hostnat.Marks{Steered: loader.MarkSteered, Service: loader.MarkService}, parents); err != nil {
 		a.masq = false
 		return fmt.Errorf("services.masquerade: %w (without it, a pod's Service flow to another underlay pod gets no reply: set services.masquerade: false only if something else masquerades them, e.g. kube-proxy's masqueradeAll)", err)
 	}

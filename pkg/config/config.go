@@ -86,7 +86,8 @@ type Services struct {
 	// Kubeconfig is a kubeconfig path; empty means in-cluster credentials.
 	Kubeconfig string `json:"kubeconfig,omitempty" yaml:"kubeconfig,omitempty"`
 	// Masquerade: the agent's nftables table masquerades the Service flows
-	// of underlay pods that the host DNATs to a backend and forwards, so
+	// of underlay pods that the host translates to a backend (kube-proxy DNAT
+	// or IPVS) and forwards, so
 	// that the backend's reply comes back through the host (pkg/hostnat).
 	Masquerade bool `json:"masquerade" yaml:"masquerade"`
 }

@@ -16,6 +16,16 @@
 // host (host network) are delivered locally, never reach postrouting, and
 // keep the pod's address. The parent match keeps other users of the mark
 // bit (Calico, say) out of the rule.
+//
+// kube-proxy's IPVS mode records no DNAT in conntrack (IPVS rewrites the
+// reply tuple without IPS_DST_NAT), so a rule on "ct status dnat" misses
+// it. The datapath marks frames steered to a live Service VIP with a second
+// bit (UP_MARK_SERVICE); whatever of such a flow the host forwards out
+// again, kube-proxy translated, by DNAT or by IPVS, and the first rule of
+// each parent masquerades it on that mark alone. (IPVS's packets reach
+// postrouting with the parent as their input device, like forwarded ones.)
+// The second rule keeps the DNAT of other steered flows (a host CIDR the
+// host DNATs) masqueraded.
 package hostnat
 
 import (
@@ -41,10 +51,16 @@ func table() *nftables.Table {
 	return &nftables.Table{Name: Table, Family: nftables.TableFamilyINet}
 }
 
-// Install writes the table with one rule per parent, replacing what was
+// Marks are the datapath's skb marks the rules match (loader.MarkSteered,
+// loader.MarkService).
+type Marks struct {
+	Steered, Service uint32
+}
+
+// Install writes the table with two rules per parent, replacing what was
 // there in the same transaction: a reader never sees the table
 // half-written, and calling it again is harmless.
-func Install(mark uint32, parents []string) error {
+func Install(marks Marks, parents []string) error {
 	c, err := nftables.New()
 	if err != nil {
 		return fmt.Errorf("nftables: %w", err)
@@ -58,8 +74,10 @@ func Install(mark uint32, parents []string) error {
 		Hooknum: nftables.ChainHookPostrouting, Priority: nftables.ChainPriorityNATSource,
 	})
 	for _, p := range parents {
-		c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: masqueradeSteered(mark, p),
-			UserData: []byte("underpass: masquerade Service flows of underlay pods that the host DNATed and forwarded")})
+		c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: masqueradeMarked(p, marks.Service, false),
+			UserData: []byte("underpass: masquerade Service flows of underlay pods that the host forwards (kube-proxy DNAT or IPVS)")})
+		c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: masqueradeMarked(p, marks.Steered, true),
+			UserData: []byte("underpass: masquerade steered flows of underlay pods that the host DNATed and forwarded")})
 	}
 	if err := c.Flush(); err != nil {
 		return fmt.Errorf("install nftables table inet %s: %w", Table, err)
@@ -67,27 +85,32 @@ func Install(mark uint32, parents []string) error {
 	return nil
 }
 
-// masqueradeSteered is
+// masqueradeMarked is
 //
-//	iifname parent  meta mark & mark == mark  ct status & dnat == dnat  counter  masquerade
-func masqueradeSteered(mark uint32, parent string) []expr.Any {
+//	iifname parent  meta mark & mark == mark  [ct status & dnat == dnat]  counter  masquerade
+func masqueradeMarked(parent string, mark uint32, dnat bool) []expr.Any {
 	name := make([]byte, unix.IFNAMSIZ)
 	copy(name, parent)
-	return []expr.Any{
+	e := []expr.Any{
 		&expr.Meta{Key: expr.MetaKeyIIFNAME, Register: 1},
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: name},
 		&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
 		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4,
 			Mask: binaryutil.NativeEndian.PutUint32(mark), Xor: binaryutil.NativeEndian.PutUint32(0)},
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(mark)},
-		&expr.Ct{Key: expr.CtKeySTATUS, Register: 1},
-		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4,
-			Mask: binaryutil.NativeEndian.PutUint32(ipsDstNAT), Xor: binaryutil.NativeEndian.PutUint32(0)},
-		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(0)},
-		&expr.Counter{},
-		&expr.Masq{},
 	}
+	if dnat {
+		e = append(e,
+			&expr.Ct{Key: expr.CtKeySTATUS, Register: 1},
+			&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4,
+				Mask: binaryutil.NativeEndian.PutUint32(ipsDstNAT), Xor: binaryutil.NativeEndian.PutUint32(0)},
+			&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(0)})
+	}
+	return append(e, &expr.Counter{}, &expr.Masq{})
 }
+
+// Rules is how many rules Install writes for n parents.
+func Rules(n int) int { return 2 * n }
 
 // Remove deletes the table; it is not an error if there is none.
 func Remove() error {

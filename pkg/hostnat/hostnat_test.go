@@ -41,13 +41,13 @@ func TestInstallRemove(t *testing.T) {
 			t.Errorf("fresh netns: %+v, %v", st, err)
 		}
 		for range 2 {
-			if err := Install(0x00200000, []string{"eth0", "eth1"}); err != nil {
+			if err := Install(Marks{Steered: 0x00200000, Service: 0x00400000}, []string{"eth0", "eth1"}); err != nil {
 				return err
 			}
 		}
 		st, err := Installed()
-		if err != nil || !st.Table || st.Rules != 2 || st.Flows != 0 {
-			t.Errorf("after Install: %+v, %v; want the table, 2 rules, 0 flows", st, err)
+		if err != nil || !st.Table || st.Rules != 4 || st.Rules != Rules(2) || st.Flows != 0 {
+			t.Errorf("after Install: %+v, %v; want the table, 4 rules (two per parent), 0 flows", st, err)
 		}
 		// exec forks from this locked thread: nft lists this netns.
 		out, err := exec.Command(nft, "list", "table", "inet", Table).CombinedOutput()
@@ -55,13 +55,17 @@ func TestInstallRemove(t *testing.T) {
 			t.Errorf("nft list: %v: %s", err, out)
 		}
 		for _, parent := range []string{"eth0", "eth1"} {
-			want := `iifname "` + parent + `" meta mark & 0x00200000 == 0x00200000 ct status dnat counter packets 0 bytes 0 masquerade`
-			if !strings.Contains(string(out), want) {
-				t.Errorf("nft shows\n%s\nwant a rule %q", out, want)
+			for _, want := range []string{
+				`iifname "` + parent + `" meta mark & 0x00400000 == 0x00400000 counter packets 0 bytes 0 masquerade`,
+				`iifname "` + parent + `" meta mark & 0x00200000 == 0x00200000 ct status dnat counter packets 0 bytes 0 masquerade`,
+			} {
+				if !strings.Contains(string(out), want) {
+					t.Errorf("nft shows\n%s\nwant a rule %q", out, want)
+				}
 			}
 		}
-		if n := strings.Count(string(out), "masquerade"); n != 2 {
-			t.Errorf("%d masquerade rules after two installs for two parents, want 2", n)
+		if n := strings.Count(string(out), "masquerade"); n != 4 {
+			t.Errorf("%d masquerade rules after two installs for two parents, want 4", n)
 		}
 		// A flushed chain is not the table the agent installed.
 		if out, err := exec.Command(nft, "flush", "table", "inet", Table).CombinedOutput(); err != nil {

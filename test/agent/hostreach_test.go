@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/underpass-cni/underpass/internal/testutil"
 	"github.com/underpass-cni/underpass/loader"
 	"github.com/underpass-cni/underpass/pkg/datapath"
 	"github.com/underpass-cni/underpass/test/k8s/kapi"
@@ -19,18 +20,21 @@ import (
 // host DNATs the steered flow, the agent masquerades it, and the backend
 // receives it from the node's address and answers the node's address:
 // both directions look like host <-> pod traffic to the datapath. Through
-// the real kube-proxy (iptables and nftables, default settings) and a real
+// the real kube-proxy (iptables, nftables and ipvs, default settings) and a real
 // apiserver, the flow must work while the pods still cannot reach the host
 // nor the host the pods. Before the datapath remembered the forwarded
 // Service flows (svc_flows), the backend's SYN-ACK was dropped as
 // host_unreachable and the client's connect timed out.
 func TestHostReachabilityOffKeepsPodBackedServices(t *testing.T) {
-	for _, mode := range []string{"iptables", "nftables"} {
+	for _, mode := range []string{"iptables", "nftables", "ipvs"} {
 		t.Run(mode, func(t *testing.T) { hostUnreachableServices(t, mode) })
 	}
 }
 
 func hostUnreachableServices(t *testing.T, mode string) {
+	if mode == "ipvs" {
+		testutil.SkipIfNotSupported(t, testutil.ProbeIPVS()) // the kernel matrix runs it
+	}
 	l := newLab(t, netenv.Options{})
 	u := l.Uplinks[0]
 	c, kubeconfig := startKube(t, l)

@@ -21,6 +21,8 @@ import (
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/client-go/kubernetes"
 
+	"github.com/underpass-cni/underpass/internal/testutil"
+	"github.com/underpass-cni/underpass/loader"
 	"github.com/underpass-cni/underpass/test/k8s/kapi"
 	"github.com/underpass-cni/underpass/test/netenv"
 )
@@ -29,8 +31,10 @@ const kubeNode = "underpass-node"
 
 // A pod's connection to a ClusterIP whose backend is another underlay pod
 // (on this node, or elsewhere on the wire), through the real kube-proxy in
-// iptables and nftables modes with its default settings (no masqueradeAll,
-// no cluster CIDR), driven by a real kube-apiserver.
+// iptables, nftables and ipvs modes with its default settings (no
+// masqueradeAll, no cluster CIDR), driven by a real kube-apiserver. The ipvs
+// mode needs ip_vs (a feature, testutil.ProbeIPVS): the kernel matrix
+// requires it (make test-kernels), a host without it skips.
 //
 // Seen on a real node before the agent masqueraded these flows: kube-proxy
 // DNATs the steered SYN to the backend, the backend answers the client
@@ -39,13 +43,18 @@ const kubeNode = "underpass-node"
 // services.masquerade off, then the fix: the backend sees the node's
 // address and the client gets its answer.
 func TestServiceToPodBackendThroughKubeProxy(t *testing.T) {
-	for _, mode := range []string{"iptables", "nftables"} {
+	for _, mode := range []string{"iptables", "nftables", "ipvs"} {
 		t.Run(mode, func(t *testing.T) { serviceToPodBackend(t, mode) })
 	}
 }
 
 func serviceToPodBackend(t *testing.T, mode string) {
-	for _, tool := range []string{"iptables", "nft"} {
+	tools := []string{"iptables", "nft"}
+	if mode == "ipvs" {
+		testutil.SkipIfNotSupported(t, testutil.ProbeIPVS())
+		tools = append(tools, "ipset") // kube-proxy's ipvs mode keeps its sets with it
+	}
+	for _, tool := range tools {
 		if _, err := exec.LookPath(tool); err != nil {
 			t.Fatalf("kube-proxy needs %s (make deps installs it): %v", tool, err)
 		}
@@ -93,6 +102,7 @@ services:
 	toLocal := createBackedService(t, cs, "to-local", local.IP4.Addr())
 	toWire := createBackedService(t, cs, "to-wire", wire.IP4.Addr())
 	startKubeProxy(t, l, mode, kubeconfig)
+	dumpOnFailure(t, l, mode)
 	for _, vip := range []netip.Addr{toLocal, toWire} {
 		waitProgrammed(t, l, mode, vip)
 		waitFor(t, 10*time.Second, vip.String()+" live in the datapath", l.liveHas([]netip.Addr{vip}, true))
@@ -140,8 +150,17 @@ services:
 	}
 	out, _, err := l.Node.Exec(context.Background(), "nft", "list", "table", "inet", "underpass")
 	must(t, err)
-	if !strings.Contains(out, "masquerade") || strings.Contains(out, "packets 0 ") {
-		t.Fatalf("table inet underpass does not show the masqueraded flows:\n%s", out)
+	// The Service mark's rule masquerades in every mode: DNAT (iptables,
+	// nftables) or IPVS, which conntrack does not record as DNAT.
+	rule := fmt.Sprintf("meta mark & 0x%08x == 0x%08x", loader.MarkService, loader.MarkService)
+	counted := false
+	for _, line := range strings.Split(out, "\n") {
+		if strings.Contains(line, rule) && strings.Contains(line, "masquerade") && !strings.Contains(line, "packets 0 ") {
+			counted = true
+		}
+	}
+	if !counted {
+		t.Fatalf("table inet underpass does not show the flows masqueraded by its %s rule:\n%s", mode, out)
 	}
 
 	// Something flushes the table (a firewall reload): the agent's heal
@@ -227,17 +246,76 @@ func startKubeProxy(t *testing.T, l *lab, mode, kubeconfig string) {
 	})
 }
 
-// waitProgrammed waits until kube-proxy's rules name vip.
+// waitProgrammed waits until kube-proxy's rules name vip: for ipvs, until
+// the virtual service vip:80 has a real server.
 func waitProgrammed(t *testing.T, l *lab, mode string, vip netip.Addr) {
 	t.Helper()
-	waitFor(t, 60*time.Second, "kube-proxy ("+mode+") programs "+vip.String(), func() bool {
+	waitFor(t, 2*time.Minute, "kube-proxy ("+mode+") programs "+vip.String(), func() bool {
 		var out string
-		if mode == "nftables" {
+		switch mode {
+		case "nftables":
 			out, _, _ = l.Node.Exec(context.Background(), "nft", "list", "table", "ip", "kube-proxy")
-		} else {
+		case "ipvs":
+			out, _, _ = l.Node.Exec(context.Background(), "cat", "/proc/net/ip_vs")
+			return ipvsHasBackend(out, netip.AddrPortFrom(vip, 80))
+		default:
 			out, _, _ = l.Node.Exec(context.Background(), "iptables-save", "-t", "nat")
 		}
 		return strings.Contains(out, vip.String())
+	})
+}
+
+// ipvsHasBackend reads /proc/net/ip_vs (addresses and ports in hex, a
+// virtual service's real servers on the "->" lines below it) and says
+// whether the TCP virtual service vs has a real server.
+func ipvsHasBackend(procNetIPVS string, vs netip.AddrPort) bool {
+	var want string
+	if a := vs.Addr().Unmap(); a.Is4() {
+		b := a.As4()
+		want = fmt.Sprintf("%02X%02X%02X%02X:%04X", b[0], b[1], b[2], b[3], vs.Port())
+	} else { // %pI6: eight groups of four hex digits
+		b := a.As16()
+		g := make([]string, 8)
+		for i := range g {
+			g[i] = fmt.Sprintf("%02x%02x", b[2*i], b[2*i+1])
+		}
+		want = fmt.Sprintf("[%s]:%04X", strings.Join(g, ":"), vs.Port())
+	}
+	in := false
+	for _, line := range strings.Split(procNetIPVS, "\n") {
+		f := strings.Fields(line)
+		switch {
+		case len(f) >= 2 && f[0] == "->":
+			if in && f[1] != "RemoteAddress:Port" {
+				return true
+			}
+		case len(f) >= 2: // a virtual service, or a header
+			in = f[0] == "TCP" && f[1] == want
+		}
+	}
+	return false
+}
+
+// dumpOnFailure logs what the node's netfilter, IPVS and conntrack hold
+// when the test fails (before the lab goes): the state the failing check
+// saw.
+func dumpOnFailure(t *testing.T, l *lab, mode string) {
+	t.Cleanup(func() {
+		if !t.Failed() {
+			return
+		}
+		cmds := [][]string{{"nft", "list", "ruleset"}, {"cat", "/proc/net/nf_conntrack"}}
+		if mode == "ipvs" {
+			cmds = append(cmds, []string{"cat", "/proc/net/ip_vs"}, []string{"cat", "/proc/net/ip_vs_conn"},
+				[]string{"ip", "-4", "addr", "show", "kube-ipvs0"}, []string{"ipset", "list", "-t"})
+		}
+		for _, c := range cmds {
+			out, stderr, err := l.Node.Exec(context.Background(), c[0], c[1:]...)
+			if err != nil {
+				out += stderr + err.Error()
+			}
+			t.Logf("node (%s mode) at failure, %s:\n%s", mode, strings.Join(c, " "), out)
+		}
 	})
 }
 

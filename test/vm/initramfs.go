@@ -8,6 +8,7 @@ import (
 	"io"
 	"os"
 	"os/exec"
+	"path"
 	"path/filepath"
 	"sort"
 	"strings"
@@ -175,7 +176,10 @@ type Extra struct{ Src, Dst string }
 
 // TestsInitramfs writes the second, per-run cpio: the test binaries, their
 // testdata, /tests/run.sh (when tests is not nil), /tests/env (when env is
-// not nil) and extra files.
+// not nil) and extra files. An extra that is a directory is copied as a tree
+// (for plugins a tool dlopens, e.g. iptables' xtables/); dynamically linked
+// ELF files among the extras bring their interpreter and shared libraries,
+// at the paths the host's ldd resolves (SharedLibs).
 func TestsInitramfs(dst string, tests []TestBinary, extras []Extra, env map[string]string) error {
 	f, err := os.Create(dst)
 	if err != nil {
@@ -212,12 +216,40 @@ func TestsInitramfs(dst string, tests []TestBinary, extras []Extra, env map[stri
 	if env != nil {
 		c.Bytes("/tests/env", 0o644, []byte(e.String()))
 	}
+	// The base archive has lib64 as a link to lib: the ELF interpreter
+	// (/lib64/ld-linux-x86-64.so.2) goes through it, no directory over it.
+	c.dirs["lib64"] = true
+	placed := map[string]bool{}
+	var elfs []string
 	for _, x := range extras {
-		if isDynamic(x.Src) {
+		st, err := os.Stat(x.Src)
+		if err != nil {
 			f.Close()
-			return fmt.Errorf("%s is dynamically linked: the VM has no libc", x.Src)
+			return err
 		}
-		c.File(x.Dst, x.Src, 0o755)
+		if st.IsDir() {
+			c.Tree(x.Dst, x.Src)
+			files, err := treeFiles(x.Src)
+			if err != nil {
+				f.Close()
+				return err
+			}
+			elfs = append(elfs, files...)
+		} else {
+			c.File(x.Dst, x.Src, 0o755)
+			placed[path.Clean("/"+x.Dst)] = true
+			elfs = append(elfs, x.Src)
+		}
+	}
+	libs, err := SharedLibs(elfs)
+	if err != nil {
+		f.Close()
+		return err
+	}
+	for _, l := range libs {
+		if !placed[l] {
+			c.File(l, l, 0o755)
+		}
 	}
 	if err := c.Close(); err != nil {
 		f.Close()
@@ -258,7 +290,101 @@ func shQuote(s string) string {
 	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
 }
 
-// isDynamic says whether p is an ELF binary with an interpreter (the
+// SharedLibs returns what the ELF files among paths load at run time: the
+// ELF interpreter and the shared libraries, as absolute host paths that
+// ldd resolves (one ldd run for all), sorted and without duplicates. Files
+// that are not ELF or need no libraries (static binaries, scripts) are
+// ignored. A library ldd cannot find is an error.
+func SharedLibs(paths []string) ([]string, error) {
+	var dyn []string
+	for _, p := range paths {
+		if needsLibs(p) {
+			dyn = append(dyn, p)
+		}
+	}
+	if len(dyn) == 0 {
+		return nil, nil
+	}
+	cmd := exec.Command("ldd", dyn...)
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		return nil, fmt.Errorf("ldd %s: %v %s", strings.Join(dyn, " "), err, strings.TrimSpace(stderr.String()))
+	}
+	return parseLdd(string(out))
+}
+
+// parseLdd reads ldd's output for one or more files ("file:" headers, then
+// one tab-indented line per object): "name => /path (0x…)" and
+// "/interpreter (0x…)" give paths; the vDSO has none.
+func parseLdd(out string) ([]string, error) {
+	seen := map[string]bool{}
+	var libs, missing []string
+	for _, line := range strings.Split(out, "\n") {
+		if !strings.HasPrefix(line, "\t") {
+			continue // a "file:" header, or empty
+		}
+		line = strings.TrimSpace(line)
+		name, target, arrow := strings.Cut(line, " => ")
+		if !arrow {
+			target = name
+		}
+		if strings.HasPrefix(target, "not found") {
+			missing = append(missing, name)
+			continue
+		}
+		p, _, _ := strings.Cut(target, " (")
+		if !strings.HasPrefix(p, "/") {
+			continue // linux-vdso.so.1, "statically linked"
+		}
+		if p = path.Clean(p); !seen[p] {
+			seen[p] = true
+			libs = append(libs, p)
+		}
+	}
+	if len(missing) > 0 {
+		return nil, fmt.Errorf("ldd: not found: %s", strings.Join(missing, ", "))
+	}
+	sort.Strings(libs)
+	return libs, nil
+}
+
+// treeFiles lists the regular files under dir (symlinks are not followed:
+// their targets are in the tree, or are not copied either).
+func treeFiles(dir string) ([]string, error) {
+	var files []string
+	err := filepath.WalkDir(dir, func(p string, d os.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if d.Type().IsRegular() {
+			files = append(files, p)
+		}
+		return nil
+	})
+	return files, err
+}
+
+// needsLibs says whether p is an ELF file that loads shared objects: an
+// interpreter (dynamic executables) or DT_NEEDED entries (libraries,
+// plugins).
+func needsLibs(p string) bool {
+	f, err := elf.Open(p)
+	if err != nil {
+		return false
+	}
+	defer f.Close()
+	for _, prog := range f.Progs {
+		if prog.Type == elf.PT_INTERP {
+			return true
+		}
+	}
+	needed, err := f.ImportedLibraries()
+	return err == nil && len(needed) > 0
+}
+
+// isDynamic says whether p is an ELF binary with an interpreter (the base
 // initramfs has no libc). Scripts and unreadable files are not.
 func isDynamic(p string) bool {
 	f, err := elf.Open(p)

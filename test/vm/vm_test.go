@@ -279,3 +279,83 @@ func TestModuleNames(t *testing.T) {
 		t.Error("series patterns")
 	}
 }
+
+func TestParseLdd(t *testing.T) {
+	out := "/usr/sbin/ipset:\n" +
+		"\tlinux-vdso.so.1 (0x00007ffd1a3f2000)\n" +
+		"\tlibipset.so.13 => /lib/x86_64-linux-gnu/libipset.so.13 (0x00007fda082cb000)\n" +
+		"\tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007fda080e9000)\n" +
+		"\t/lib64/ld-linux-x86-64.so.2 (0x00007fda0831b000)\n" +
+		"/usr/lib/x86_64-linux-gnu/xtables/libxt_set.so:\n" +
+		"\tlibxtables.so.12 => /lib/x86_64-linux-gnu/libxtables.so.12 (0x00007f0e1c3a5000)\n" +
+		"\tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f0e1c1c3000)\n" +
+		"\t/lib64/ld-linux-x86-64.so.2 (0x00007f0e1c3c9000)\n" +
+		"/opt/static:\n" +
+		"\tstatically linked\n"
+	got, err := parseLdd(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []string{"/lib/x86_64-linux-gnu/libc.so.6", "/lib/x86_64-linux-gnu/libipset.so.13",
+		"/lib/x86_64-linux-gnu/libxtables.so.12", "/lib64/ld-linux-x86-64.so.2"}
+	if strings.Join(got, " ") != strings.Join(want, " ") {
+		t.Fatalf("parseLdd = %q, want %q", got, want)
+	}
+	if _, err := parseLdd("/x:\n\tlibgone.so.1 => not found\n"); err == nil || !strings.Contains(err.Error(), "libgone.so.1") {
+		t.Fatalf("a missing library: err = %v", err)
+	}
+}
+
+// A dynamically linked tool (the host's /bin/sh: dash on Debian) comes with
+// its interpreter and libc; a directory comes as a tree; static files
+// bring nothing.
+func TestTestsInitramfsDynamic(t *testing.T) {
+	const sh = "/bin/sh"
+	if !isDynamic(sh) {
+		t.Fatalf("%s is not dynamically linked here: this test wants a dynamic host binary", sh)
+	}
+	dir := t.TempDir()
+	plugins := filepath.Join(dir, "plugins")
+	os.MkdirAll(plugins, 0o755)
+	os.WriteFile(filepath.Join(plugins, "static.bin"), minimalELF(), 0o755)
+	os.Symlink("static.bin", filepath.Join(plugins, "alias.bin"))
+	dst := filepath.Join(dir, "t.cpio")
+	err := TestsInitramfs(dst, nil, []Extra{{Src: sh, Dst: "/usr/local/bin/dash"}, {Src: plugins, Dst: "/usr/lib/plugins"}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := os.ReadFile(dst)
+	names := map[string]cpioEntry{}
+	for _, e := range readNewc(t, b) {
+		names[e.name] = e
+	}
+	libs, err := SharedLibs([]string{sh})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var interp, libc bool
+	for _, l := range libs {
+		interp = interp || strings.Contains(l, "/ld-linux")
+		libc = libc || strings.HasSuffix(l, "/libc.so.6")
+		if _, ok := names[strings.TrimPrefix(l, "/")]; !ok {
+			t.Errorf("%s (ldd %s) is not in the archive", l, sh)
+		}
+	}
+	if !interp || !libc {
+		t.Errorf("SharedLibs(%s) = %q: no interpreter or libc", sh, libs)
+	}
+	for _, n := range []string{"usr/local/bin/dash", "usr/lib/plugins/static.bin", "usr/lib/plugins/alias.bin"} {
+		if _, ok := names[n]; !ok {
+			t.Errorf("%s missing from the archive", n)
+		}
+	}
+	if e := names["usr/lib/plugins/alias.bin"]; e.mode&0o170000 != modeLink || e.data != "static.bin" {
+		t.Errorf("alias.bin: mode %o -> %q, want a link to static.bin", e.mode, e.data)
+	}
+	if _, ok := names["lib64"]; ok {
+		t.Error("a lib64 directory would shadow the base archive's lib64 -> lib link")
+	}
+	if got, _ := SharedLibs([]string{filepath.Join(plugins, "static.bin")}); len(got) != 0 {
+		t.Errorf("a static ELF needs %q", got)
+	}
+}

@@ -99,7 +99,7 @@ func run() error {
 	flag.DurationVar(&o.timeout, "timeout", 5*time.Minute, "per kernel: the VM is killed and the run fails after this")
 	flag.StringVar(&modules, "modules", "", "more kernel modules to load at boot, comma-separated (added to "+strings.Join(vm.DefaultModules, ",")+")")
 	flag.StringVar(&bins, "bins", "", "comma-separated main packages built statically into /usr/local/bin in the VM (e.g. ./cmd/underpass)")
-	flag.Var(&files, "file", "host[:guest] static file to add to the VM (repeatable; default guest path /usr/local/bin/<name>)")
+	flag.Var(&files, "file", "host[:guest] file to add to the VM (repeatable; default guest path /usr/local/bin/<name>); a dynamically linked ELF brings its interpreter and libraries (ldd), a directory is copied as a tree (default guest path: the host path)")
 	flag.Var(&env, "env", "KEY=VALUE set for the test binaries in the VM (repeatable)")
 	flag.StringVar(&args, "args", "", "more flags for every test binary, space-separated (e.g. '-test.count=1 -test.failfast')")
 	flag.StringVar(&o.cache, "cache", defaultCache(), "cache for kernels and initramfs ($UNDERPASS_VM_CACHE)")
@@ -323,11 +323,16 @@ func buildTests(ctx context.Context, o *options) ([]vm.TestBinary, []vm.Extra, e
 	}
 	for _, f := range o.files {
 		src, dst, ok := strings.Cut(f, ":")
-		if !ok {
-			dst = "/usr/local/bin/" + filepath.Base(src)
-		}
-		if _, err := os.Stat(src); err != nil {
+		st, err := os.Stat(src)
+		if err != nil {
 			return nil, nil, fmt.Errorf("-file: %w", err)
+		}
+		switch {
+		case ok:
+		case st.IsDir():
+			dst = src // dlopened plugins are looked for where they were built to be
+		default:
+			dst = "/usr/local/bin/" + filepath.Base(src)
 		}
 		extras = append(extras, vm.Extra{Src: src, Dst: dst})
 	}
