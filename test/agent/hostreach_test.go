@@ -8,7 +8,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/underpass-cni/underpass/internal/testutil"
 	"github.com/underpass-cni/underpass/loader"
 	"github.com/underpass-cni/underpass/pkg/datapath"
 	"github.com/underpass-cni/underpass/test/k8s/kapi"
@@ -32,20 +31,10 @@ func TestHostReachabilityOffKeepsPodBackedServices(t *testing.T) {
 }
 
 func hostUnreachableServices(t *testing.T, mode string) {
-	if mode == "ipvs" {
-		testutil.SkipIfNotSupported(t, testutil.ProbeIPVS()) // the kernel matrix runs it
-	}
-	l := newLab(t, netenv.Options{})
-	u := l.Uplinks[0]
-	c, kubeconfig := startKube(t, l)
-	cs := c.Client
-
-	client := l.AddMacvlanContainer("client", u.IP4(10), netip.Prefix{})
-	local := l.AddMacvlanContainer("backend", u.IP4(11), netip.Prefix{})
-	wire := l.AddWireHost("remote", u.IP4(20), netip.Prefix{})
-	for _, s := range []*netenv.Container{local, wire, client} {
-		serveRemoteAddr(t, s.NS, netip.AddrPortFrom(s.IP4.Addr(), 8080))
-	}
+	p := newProxyLab(t, mode)
+	l, u, cs, kubeconfig := p.lab, p.u, p.cs, p.kubeconfig
+	client, local, wire := p.client, p.local, p.wire
+	serveRemoteAddr(t, client.NS, netip.AddrPortFrom(client.IP4.Addr(), 8080))
 	// Something on the node for the pods to try to reach directly.
 	serveRemoteAddr(t, l.Node, netip.AddrPortFrom(u.Node4.Addr(), 8081))
 

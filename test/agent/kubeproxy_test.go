@@ -48,11 +48,23 @@ func TestServiceToPodBackendThroughKubeProxy(t *testing.T) {
 	}
 }
 
-func serviceToPodBackend(t *testing.T, mode string) {
+// proxyLab is a lab for the real kube-proxy in mode: the apiserver, a
+// client and a backend pod on the parent, a backend on the wire, both
+// backends answering on :8080 with the address they saw.
+type proxyLab struct {
+	*lab
+	u                   *netenv.Uplink
+	cs                  kubernetes.Interface
+	kubeconfig          string
+	client, local, wire *netenv.Container
+}
+
+func newProxyLab(t *testing.T, mode string) *proxyLab {
+	t.Helper()
 	tools := []string{"iptables", "nft"}
 	if mode == "ipvs" {
-		testutil.SkipIfNotSupported(t, testutil.ProbeIPVS())
-		tools = append(tools, "ipset") // kube-proxy's ipvs mode keeps its sets with it
+		testutil.SkipIfNotSupported(t, testutil.ProbeIPVS()) // the kernel matrix runs it
+		tools = append(tools, "ipset")                       // kube-proxy's ipvs mode keeps its sets with it
 	}
 	for _, tool := range tools {
 		if _, err := exec.LookPath(tool); err != nil {
@@ -60,16 +72,22 @@ func serviceToPodBackend(t *testing.T, mode string) {
 		}
 	}
 	l := newLab(t, netenv.Options{})
-	u := l.Uplinks[0]
+	p := &proxyLab{lab: l, u: l.Uplinks[0]}
 	c, kubeconfig := startKube(t, l)
-	cs := c.Client
-
-	client := l.AddMacvlanContainer("client", u.IP4(10), netip.Prefix{})
-	local := l.AddMacvlanContainer("backend", u.IP4(11), netip.Prefix{})
-	wire := l.AddWireHost("remote", u.IP4(20), netip.Prefix{})
-	for _, s := range []*netenv.Container{local, wire} {
+	p.cs, p.kubeconfig = c.Client, kubeconfig
+	p.client = l.AddMacvlanContainer("client", p.u.IP4(10), netip.Prefix{})
+	p.local = l.AddMacvlanContainer("backend", p.u.IP4(11), netip.Prefix{})
+	p.wire = l.AddWireHost("remote", p.u.IP4(20), netip.Prefix{})
+	for _, s := range []*netenv.Container{p.local, p.wire} {
 		serveRemoteAddr(t, s.NS, netip.AddrPortFrom(s.IP4.Addr(), 8080))
 	}
+	return p
+}
+
+func serviceToPodBackend(t *testing.T, mode string) {
+	p := newProxyLab(t, mode)
+	l, u, cs, kubeconfig := p.lab, p.u, p.cs, p.kubeconfig
+	client, local, wire := p.client, p.local, p.wire
 
 	writeConfig := func(masquerade bool) {
 		l.writeConfig(fmt.Sprintf(`

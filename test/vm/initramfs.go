@@ -370,16 +370,14 @@ func treeFiles(dir string) ([]string, error) {
 // interpreter (dynamic executables) or DT_NEEDED entries (libraries,
 // plugins).
 func needsLibs(p string) bool {
+	if isDynamic(p) {
+		return true
+	}
 	f, err := elf.Open(p)
 	if err != nil {
 		return false
 	}
 	defer f.Close()
-	for _, prog := range f.Progs {
-		if prog.Type == elf.PT_INTERP {
-			return true
-		}
-	}
 	needed, err := f.ImportedLibraries()
 	return err == nil && len(needed) > 0
 }
