@@ -6,9 +6,9 @@ CLANG     ?= clang-14
 CLANG_VERSION := 14.0.6
 BIN       := bin
 PKGS      := ./...
-TESTFLAGS ?= -count=1 -timeout 20m
+TESTFLAGS ?= -count=1 -timeout 45m
 
-.PHONY: all generate check-generate build image deps test test-unit bench fuzz demo test-kernels vm-cni-bins clean
+.PHONY: all generate check-generate build image deps test test-unit bench bench-node fuzz demo test-kernels vm-cni-bins vm-agent-bins clean
 
 all: build
 
@@ -33,11 +33,11 @@ image: build
 # All tiers that run on this kernel; the VM matrix is test-kernels. The
 # missing Debian packages are installed first and the Kubernetes binaries
 # built (etcd, kube-apiserver, -controller-manager, -scheduler, -proxy, kubelet,
-# kubectl, agnhost) and helm (cached by version), so this works on a fresh
-# machine.
+# kubectl, agnhost), helm and CoreDNS (cached by version), so this works on
+# a fresh machine.
 test: deps check-generate
 	$(GO) vet $(PKGS)
-	UNDERPASS_K8S_BIN=$$(test/k8s/build.sh) UNDERPASS_HELM=$$(test/helm.sh) $(GO) test $(TESTFLAGS) -p 1 $(PKGS)
+	UNDERPASS_K8S_BIN=$$(test/k8s/build.sh) UNDERPASS_HELM=$$(test/helm.sh) UNDERPASS_COREDNS=$$(test/coredns.sh) $(GO) test $(TESTFLAGS) -p 1 $(PKGS)
 
 # What `make test` installs (missing Debian packages) and builds (the
 # Kubernetes binaries, cached), on its own.
@@ -50,6 +50,11 @@ deps:
 bench:
 	$(GO) test -run '^$$' -bench . -benchtime 20x ./loader/
 	$(GO) test -run '^$$' -bench Paths -benchtime 1x ./test/bench/
+
+# Pod start at scale on the real node (test/node BenchmarkPodStart: 100 pods,
+# macvlan vs ptp vs underpass, 3 interleaved rounds; ~15 min on 2 cores).
+bench-node: deps
+	UNDERPASS_K8S_BIN=$$(test/k8s/build.sh) UNDERPASS_COREDNS=$$(test/coredns.sh) $(GO) test -run '^$$' -bench PodStart -benchtime 1x -timeout 90m -v ./test/node/
 
 # Fuzzing, beyond the seed corpora that `make test` runs: every target for
 # FUZZTIME each (test/fuzz.sh: a failure is a written reproducer; Go 1.26's
@@ -80,15 +85,44 @@ demo: build
 # Tier 3, the kernel matrix: the program tests (./loader), the netns
 # end-to-end tests (./test/datapath), the lab and the harness' own checks in
 # qemu (TCG) on Debian's 6.1 (no tcx: legacy clsact) and 6.12 kernels, where
-# ipvlan is required (test/vm/README.md, results in test/vm/RESULTS.md).
+# ipvlan is required (test/vm/README.md, results in test/vm/RESULTS.md); then
+# the plugin through libcni, and the real kube-proxy in IPVS mode (which
+# this host's kernel lacks) with the real agent, apiserver and etcd.
 # Not part of `make test`: it takes minutes; CI runs it. Prints per-kernel
 # wall time and the verifier table of each kernel. More vmtest flags:
 # make test-kernels VMTEST='-v -run Ipvlan'.
-test-kernels: vm-cni-bins
+test-kernels: vm-cni-bins vm-agent-bins
 	./test/vm/run.sh -kernel all -pkgs ./loader,./test/datapath,./test/netenv,./test/vm/selftest -timeout 10m -show 'verifier: ' $(VMTEST)
 	./test/vm/run.sh -kernel all -pkgs ./test/cni -timeout 10m -run '$(VMCNI_RUN)' \
 		-env UNDERPASS_CNI_BINS=/opt/underpass-cni $(VMTEST) \
 		$$(cd $(VMCNI) && for f in */*; do printf -- '-file %s:/opt/underpass-cni/%s ' "$$PWD/$$f" "$$f"; done)
+	@for t in $(VMKP_TOOLS); do command -v $$t >/dev/null || { echo "test-kernels: no $$t on this host (make deps installs it)"; exit 1; }; done
+	@test/k8s/build.sh >/dev/null
+	./test/vm/run.sh -kernel all -pkgs ./test/agent -timeout 10m -m 3G -run '$(VMKP_RUN)' \
+		-modules $(VMKP_IPVS),$(VMKP_NF),$(VMKP_XT) -env UNDERPASS_REQUIRE_FEATURES=ipvlan,ip_vs \
+		-env UNDERPASS_K8S_BIN=/opt/k8s -env UNDERPASS_AGENT_BINS=/opt/underpass-agent $(VMTEST) \
+		$$(k8s=$$(test/k8s/build.sh) && for b in etcd kube-apiserver kube-proxy; do printf -- '-file %s:/opt/k8s/%s ' "$$k8s/$$b" "$$b"; done) \
+		$$(cd $(VMAGENT) && for f in *; do printf -- '-file %s:/opt/underpass-agent/%s ' "$$PWD/$$f" "$$f"; done) \
+		$$(for t in $(VMKP_TOOLS); do printf -- '-file %s ' "$$(command -v $$t)"; done) \
+		-file /usr/lib/x86_64-linux-gnu/xtables -file /etc/protocols:/etc/protocols
+
+# kube-proxy in IPVS mode in the VMs (test/agent), with the Debian tools it
+# and the test run: dynamically linked, so they come with their libraries and
+# iptables' dlopened extensions (xtables/); ipset needs /etc/protocols. The
+# modules: IPVS with kube-proxy's default scheduler, the ipset types and
+# iptables (nft backend) matches it uses, and what the agent's table needs.
+# ip_vs is a required feature there (the test cannot skip); underpassd comes
+# prebuilt (UNDERPASS_AGENT_BINS) like the plugin below.
+VMAGENT      := $(BIN)/vm-agent
+VMKP_RUN     := (TestServiceToPodBackendThroughKubeProxy|TestHostReachabilityOffKeepsPodBackedServices)/ipvs
+VMKP_TOOLS   := iptables iptables-save iptables-restore ip6tables ip6tables-save ip6tables-restore ipset nft conntrack
+VMKP_IPVS    := ip_vs,ip_vs_rr,ip_set,ip_set_hash_ip,ip_set_hash_ipport,ip_set_hash_ipportip,ip_set_hash_ipportnet,ip_set_hash_net,ip_set_bitmap_port
+VMKP_NF      := nf_conntrack,nf_conntrack_netlink,nf_nat,nf_tables,nft_compat,nft_ct,nft_masq,nft_fib_inet
+VMKP_XT      := xt_set,xt_comment,xt_addrtype,xt_conntrack,xt_mark,xt_MASQUERADE,xt_ipvs,ipt_REJECT,ip6t_REJECT
+vm-agent-bins:
+	@set -e; rm -rf $(VMAGENT); mkdir -p $(VMAGENT); \
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags='-s -w' -o $(VMAGENT)/underpassd ./cmd/underpassd; \
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags='-s -w' -tags underpass_upgradetest -o $(VMAGENT)/underpassd-upgrade ./cmd/underpassd
 
 # The plugin through libcni in the VMs: ipvlan (which this host lacks), and
 # main, chained and crash paths on the 6.1 legacy-TC parents. The VMs have no

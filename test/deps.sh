@@ -3,13 +3,14 @@
 # the packages that are missing) and builds etcd, kube-apiserver,
 # kube-controller-manager, kube-scheduler, kube-proxy, the kubelet and
 # kubectl and agnhost that the informer, manifest, kube-proxy and real-node
-# tests run (test/k8s/build.sh), and helm for the chart (test/helm.sh), all
-# cached by version.
+# tests run (test/k8s/build.sh), helm for the chart (test/helm.sh) and
+# CoreDNS for the real node's cluster DNS (test/coredns.sh), all cached by
+# version.
 # Prints the k8s binary directory on stdout; progress goes to stderr.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-pkgs=(clang-14 llvm-14 libbpf-dev bpftool iproute2 iperf3 tcpdump kmod busybox-static cpio xz-utils zstd prometheus iptables nftables conntrack containerd runc ca-certificates)
+pkgs=(clang-14 llvm-14 libbpf-dev bpftool iproute2 iperf3 tcpdump kmod busybox-static cpio xz-utils zstd prometheus iptables ipset nftables conntrack containerd runc ca-certificates)
 missing=()
 for p in "${pkgs[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -25,4 +26,5 @@ if [ ${#missing[@]} -gt 0 ]; then
 	apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 test/helm.sh >/dev/null
+test/coredns.sh >/dev/null
 test/k8s/build.sh

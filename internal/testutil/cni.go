@@ -36,7 +36,7 @@ func BuildCommand(out, name string, tags ...string) error {
 }
 
 // ReferencePlugins builds the reference plugins (macvlan, ipvlan, ptp,
-// loopback, host-local, static) once per version into $HOME/.cache/underpass/cni-plugins-<version>
+// loopback, host-local, static, portmap) once per version into $HOME/.cache/underpass/cni-plugins-<version>
 // and returns that directory. No testing.TB: TestMain calls it too.
 func ReferencePlugins() (string, error) {
 	home, err := os.UserHomeDir()
@@ -51,6 +51,7 @@ func ReferencePlugins() (string, error) {
 		"host-local": "ipam/host-local",
 		"static":     "ipam/static",
 		"loopback":   "main/loopback", // containerd's CRI sets up lo with it
+		"portmap":    "meta/portmap",  // hostPort, chained last (test/node)
 	}
 	var pkgs []string
 	for name, p := range want {
@@ -76,21 +77,29 @@ func ReferencePlugins() (string, error) {
 // Helm returns the path of the helm binary: $UNDERPASS_HELM (make test sets
 // it), else what test/helm.sh builds (once per version, cached; the version
 // is set only there).
-func Helm() (string, error) {
-	if p := os.Getenv("UNDERPASS_HELM"); p != "" {
+func Helm() (string, error) { return builtTool("UNDERPASS_HELM", "helm.sh") }
+
+// CoreDNS returns the path of the coredns binary: $UNDERPASS_COREDNS (make
+// test sets it), else what test/coredns.sh builds (cached by version).
+func CoreDNS() (string, error) { return builtTool("UNDERPASS_COREDNS", "coredns.sh") }
+
+// builtTool is $env if set, else the path that test/<script> prints after
+// building the tool into its cache.
+func builtTool(env, script string) (string, error) {
+	if p := os.Getenv(env); p != "" {
 		return p, nil
 	}
 	_, self, _, ok := runtime.Caller(0)
 	if !ok {
-		return "", fmt.Errorf("cannot locate test/helm.sh")
+		return "", fmt.Errorf("cannot locate test/%s", script)
 	}
-	script := filepath.Join(filepath.Dir(self), "..", "..", "test", "helm.sh")
+	path := filepath.Join(filepath.Dir(self), "..", "..", "test", script)
 	var stderr strings.Builder
-	cmd := exec.Command(script)
+	cmd := exec.Command(path)
 	cmd.Stderr = &stderr
 	out, err := cmd.Output()
 	if err != nil {
-		return "", fmt.Errorf("%s: %w\n%s", script, err, stderr.String())
+		return "", fmt.Errorf("%s: %w\n%s", path, err, stderr.String())
 	}
 	return strings.TrimSpace(string(out)), nil
 }

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds etcd, kube-apiserver, kube-controller-manager, kube-scheduler,
-# kube-proxy, kubelet, kubectl, agnhost and e2e.test (the upstream e2e
+# kube-proxy, kubelet, kubectl, agnhost (as agnhost-full) and e2e.test (the upstream e2e
 # suite, k8s.io/kubernetes/test/e2e) from the Go module proxy (wrapper module in
 # test/k8s/build/, versions set only in its go.mod) into
 #   ${UNDERPASS_K8S_CACHE:-$HOME/.cache/underpass/k8s}/<k8s-version>-<etcd-version>/
@@ -24,7 +24,7 @@ etcd=$(modver go.etcd.io/etcd/server/v3)
 [[ -n $k8s && -n $etcd ]] || { echo "build.sh: cannot read versions from $mod/go.mod" >&2; exit 1; }
 
 out="${UNDERPASS_K8S_CACHE:-$HOME/.cache/underpass/k8s}/$k8s-$etcd"
-bins=(etcd kube-apiserver kube-controller-manager kube-scheduler kube-proxy kubelet kubectl agnhost e2e.test)
+bins=(etcd kube-apiserver kube-controller-manager kube-scheduler kube-proxy kubelet kubectl agnhost-full e2e.test)
 have=1
 for b in "${bins[@]}"; do [[ -x $out/$b ]] || have=0; done
 if [[ $have == 1 ]]; then
@@ -56,7 +56,10 @@ build() { # name package extra-ldflags
 [[ -x $out/kube-proxy ]] || build kube-proxy ./kube-proxy "$xv"
 [[ -x $out/kubelet ]] || build kubelet ./kubelet "$xv"
 [[ -x $out/kubectl ]] || build kubectl ./kubectl "$xv"
-[[ -x $out/agnhost ]] || build agnhost ./agnhost ""
+# The whole upstream agnhost, every subcommand the e2e specs run (porter,
+# serve-hostname, connect, ...). "-full": a cache dir from before, with a
+# two-subcommand agnhost, builds it anew.
+[[ -x $out/agnhost-full ]] || build agnhost-full k8s.io/kubernetes/test/images/agnhost ""
 if [[ ! -x $out/e2e.test ]]; then
 	echo "build.sh: building e2e.test ($k8s) into $out ..." >&2
 	tmp="$out/.e2e.test.tmp.$$"

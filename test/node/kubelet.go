@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -36,6 +37,10 @@ type Options struct {
 	CNIBinDir, CNIConfDir string
 	// Resolv is the pods' resolv.conf (dnsPolicy: Default).
 	Resolv string
+	// CoreDNS is the coredns binary (test/coredns.sh): imported as
+	// CoreDNSImage, and the kubelet points pods (dnsPolicy: ClusterFirst)
+	// at ClusterDNS. StartClusterDNS deploys it.
+	CoreDNS string
 }
 
 // Node is a running containerd + kubelet registered with the cluster.
@@ -60,7 +65,7 @@ func Start(tb testing.TB, o Options) *Node {
 	if err != nil {
 		tb.Fatal(err)
 	}
-	for _, b := range []string{"kubelet", "agnhost"} {
+	for _, b := range []string{"kubelet", "agnhost-full"} {
 		if _, err := os.Stat(filepath.Join(bin, b)); err != nil {
 			tb.Fatalf("no %s in %s: run test/k8s/build.sh", b, bin)
 		}
@@ -179,9 +184,10 @@ state = %q
 // The images e2e.test runs (test/utils/image at the pinned Kubernetes
 // version), built here under the names it asks for.
 const (
-	E2EAgnhostImage = "registry.k8s.io/e2e-test-images/agnhost:2.66.1"
-	E2EBusyboxImage = "registry.k8s.io/e2e-test-images/busybox:1.37.0-2"
-	E2EPauseImage   = "registry.k8s.io/pause:3.10.2"
+	E2EAgnhostImage  = "registry.k8s.io/e2e-test-images/agnhost:2.66.1"
+	E2EBusyboxImage  = "registry.k8s.io/e2e-test-images/busybox:1.37.0-2"
+	E2EGlibcDNSImage = "registry.k8s.io/e2e-test-images/glibc-dns-testing:2.1.1"
+	E2EPauseImage    = "registry.k8s.io/pause:3.10.2"
 )
 
 // importImages builds the pause and agnhost images from the agnhost binary
@@ -189,7 +195,7 @@ const (
 // imports them into containerd's k8s.io namespace.
 func (n *Node) importImages(tb testing.TB, bin string) {
 	tb.Helper()
-	agnhost := filepath.Join(bin, "agnhost")
+	agnhost := filepath.Join(bin, "agnhost-full")
 	// e2e.test execs `sh -c "curl ..."` and `nc -u` in agnhost pods: the
 	// published image has a distribution under agnhost, this one gets
 	// Debian's static busybox and test/node/e2etools.
@@ -213,17 +219,31 @@ func (n *Node) importImages(tb testing.TB, bin string) {
 	for k, v := range box {
 		withTools[k] = v
 	}
-	withTools["usr/bin/curl"], withTools["usr/bin/nc"] = "e2etools", "e2etools"
+	for _, tool := range []string{"curl", "nc", "dig", "getent"} {
+		withTools["usr/bin/"+tool] = "e2etools"
+	}
 	withTools["bin/sh"] = "../usr/bin/e2etools"
-	e2eAgnhost := ociimage.Image{Ref: E2EAgnhostImage, Entrypoint: []string{"/agnhost"},
+	var extra []ociimage.Image
+	if n.opts.CoreDNS != "" {
+		extra = append(extra, ociimage.Image{Ref: CoreDNSImage, Files: map[string]string{"coredns": n.opts.CoreDNS}, Entrypoint: []string{"/coredns"}})
+	}
+	// As the upstream Dockerfile: ENTRYPOINT /agnhost, CMD pause (a pod
+	// that names no command, e2e's host-exec pod, runs pause).
+	e2eAgnhost := ociimage.Image{Ref: E2EAgnhostImage, Entrypoint: []string{"/agnhost"}, Cmd: []string{"pause"},
 		Files: map[string]string{"agnhost": agnhost, "bin/busybox": "/bin/busybox", "usr/bin/e2etools": tools}, Links: withTools}
-	for _, img := range []ociimage.Image{
+	// porter's TLS ports (the Proxy specs) serve the image's localhost.crt.
+	porter := filepath.Join(k8sSource(tb), "test", "images", "agnhost", "porter")
+	e2eAgnhost.Files["localhost.crt"], e2eAgnhost.Files["localhost.key"] = filepath.Join(porter, "localhost.crt"), filepath.Join(porter, "localhost.key")
+	for _, img := range append(extra, []ociimage.Image{
 		{Ref: PauseImage, Files: map[string]string{"agnhost": agnhost}, Entrypoint: []string{"/agnhost", "pause"}},
 		{Ref: E2EPauseImage, Files: map[string]string{"agnhost": agnhost}, Entrypoint: []string{"/agnhost", "pause"}},
 		{Ref: AgnhostImage, Files: map[string]string{"agnhost": agnhost}, Entrypoint: []string{"/agnhost"}},
 		e2eAgnhost,
+		// The DNS specs' "glibc" querier: the same tools (their dig and
+		// getent are e2etools', not glibc's).
+		{Ref: E2EGlibcDNSImage, Files: e2eAgnhost.Files, Links: withTools, Cmd: []string{"sh"}},
 		{Ref: E2EBusyboxImage, Files: map[string]string{"bin/busybox": "/bin/busybox"}, Links: box, Cmd: []string{"sh"}},
-	} {
+	}...) {
 		path := filepath.Join(n.Dir, filepath.Base(img.Ref)+".tar")
 		f, err := os.Create(path)
 		if err != nil {
@@ -240,6 +260,21 @@ func (n *Node) importImages(tb testing.TB, bin string) {
 			tb.Fatalf("import %s: %v", img.Ref, err)
 		}
 	}
+}
+
+// k8sSource is the k8s.io/kubernetes module's directory in the module
+// cache, at the version test/k8s/build pins (the binaries' source).
+func k8sSource(tb testing.TB) string {
+	tb.Helper()
+	_, self, _, _ := runtime.Caller(0)
+	cmd := exec.Command("go", "list", "-mod=mod", "-m", "-f", "{{.Dir}}", "k8s.io/kubernetes")
+	cmd.Dir = filepath.Join(filepath.Dir(self), "..", "k8s", "build")
+	cmd.Env = append(os.Environ(), "GOWORK=off", "GOFLAGS=-mod=mod")
+	out, err := cmd.Output()
+	if err != nil || len(strings.TrimSpace(string(out))) == 0 {
+		tb.Fatalf("go list -m k8s.io/kubernetes in %s: %v", cmd.Dir, err)
+	}
+	return strings.TrimSpace(string(out))
 }
 
 func (n *Node) startKubelet(tb testing.TB, o Options, bin string) {
@@ -267,6 +302,8 @@ authentication:
   webhook: {enabled: false}
 authorization: {mode: AlwaysAllow}
 resolvConf: %s
+clusterDomain: cluster.local
+clusterDNS: [%s]
 volumePluginDir: %s
 podLogsDir: %s
 localStorageCapacityIsolation: false
@@ -274,7 +311,7 @@ evictionHard: {memory.available: "1Mi", nodefs.available: "1%%", imagefs.availab
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 serializeImagePulls: false
-`, n.Socket, o.IP, o.Resolv, filepath.Join(n.Dir, "volume-plugins"), filepath.Join(n.Dir, "pod-logs"))
+`, n.Socket, o.IP, o.Resolv, ClusterDNS, filepath.Join(n.Dir, "volume-plugins"), filepath.Join(n.Dir, "pod-logs"))
 	if err := os.WriteFile(cfg, []byte(yaml), 0o644); err != nil {
 		tb.Fatal(err)
 	}

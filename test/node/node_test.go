@@ -52,7 +52,7 @@ var (
 	ipamDir         string // host-local's leases, shared by every network of the test
 )
 
-func pickSubnet(t *testing.T) {
+func pickSubnet(t testing.TB) {
 	t.Helper()
 	var taken []netip.Prefix
 	routes, err := netlink.RouteListFiltered(netlink.FAMILY_ALL, &netlink.Route{Table: unix.RT_TABLE_UNSPEC}, netlink.RT_FILTER_TABLE)
@@ -101,74 +101,18 @@ func pickSubnet(t *testing.T) {
 // What the kubelet, containerd and kube-proxy do is theirs, not a stand-in
 // of this repository's.
 func TestRealNode(t *testing.T) {
-	testutil.RequireRoot(t)
-	for _, tool := range []string{"containerd", "runc", "ctr", "iptables", "nft"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			t.Fatalf("the node tier needs %s (make deps installs it): %v", tool, err)
-		}
-	}
-	sweepStale(t)
-	host, err := node.SaveHost()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if err := host.Restore(); err != nil {
-			t.Errorf("restore the host: %v", err)
-		}
-	})
-	pickSubnet(t)
-	ipamDir = filepath.Join(t.TempDir(), "ipam")
-	// The NIC first: the apiserver listens on the node's address, as on a
-	// control-plane node, so that the kubernetes Service leads to it and
-	// pods with in-cluster credentials (the agent's DaemonSet) reach it
-	// through kube-proxy.
-	makeNIC(t)
-	keepPacketsHere(t)
-	must(t, host.ShareMounts())
-	c := kapi.StartWith(t, kapi.Options{Address: nodeIP})
-	node.StartControlPlane(t, c)
-	must(t, os.WriteFile("/proc/sys/net/ipv4/ip_forward", []byte("1"), 0o644))
-
-	work := t.TempDir()
-	cniBin, cniConf := filepath.Join(work, "cni-bin"), filepath.Join(work, "cni-conf")
-	must(t, os.MkdirAll(cniConf, 0o755))
-	ref, err := testutil.ReferencePlugins()
-	must(t, err)
-	must(t, os.MkdirAll(cniBin, 0o755))
-	for _, p := range []string{"macvlan", "host-local", "loopback"} {
-		must(t, os.Symlink(filepath.Join(ref, p), filepath.Join(cniBin, p)))
-	}
-	// The release binaries, built once: the plugin and the agent run from
-	// here, and the release image is made of them.
-	bins := filepath.Join(work, "release")
-	for _, b := range release.Binaries {
-		must(t, testutil.BuildCommand(filepath.Join(bins, b), b))
-	}
-	must(t, os.Symlink(filepath.Join(bins, "underpass"), filepath.Join(cniBin, "underpass")))
-	agentBin := filepath.Join(bins, "underpassd")
-	bpffs := filepath.Join(testutil.MountBPFFS(t), "underpass")
-	agentMetrics, stopAgent := startAgent(t, agentBin, work, bpffs, c)
-	resolv := filepath.Join(work, "resolv.conf")
-	must(t, os.WriteFile(resolv, []byte("nameserver "+gateway.String()+"\n"), 0o644))
-	// Something to reach on the node and on the wire.
-	serveClientIP(t, nil, netip.AddrPortFrom(nodeIP, 18080))
-	wireNS, err := cnins.GetNS("/var/run/netns/" + wireName())
-	must(t, err)
-	t.Cleanup(func() { wireNS.Close() })
-	serveClientIP(t, wireNS, netip.AddrPortFrom(gateway, 18080))
-
 	var rejectRow string
 	// The first network is in place before the kubelet starts: containerd
 	// reports the node's network ready only with a config.
+	tier := startTier(t, []any{macvlanConf()})
+	c, n, bpffs, agentMetrics := tier.c, tier.n, tier.bpffs, tier.agentMetrics
+	work, cniBin, cniConf, bins, agentBin := tier.work, tier.cniBin, tier.cniConf, tier.bins, tier.agentBin
+	stopAgent, proxy := tier.stopAgent, tier.proxy
 	nets := []network{
 		{name: "macvlan alone", plugins: []any{macvlanConf()}},
-		{name: "underpass chained after macvlan", plugins: []any{macvlanConf(), map[string]any{"type": "underpass", "bpffs": bpffs}}, underpass: true, metrics: agentMetrics, rejectRow: &rejectRow},
+		{name: "underpass chained after macvlan", plugins: chainedConf(bpffs), underpass: true, metrics: agentMetrics, rejectRow: &rejectRow},
 		{name: "underpass main", plugins: []any{mainConf(bpffs)}, underpass: true, metrics: agentMetrics},
 	}
-	writeConflist(t, cniConf, nets[0].plugins)
-	n := node.Start(t, node.Options{Cluster: c, Name: nodeName, IP: nodeIP, CNIBinDir: cniBin, CNIConfDir: cniConf, Resolv: resolv})
-	proxy := startKubeProxy(t, work, c, "iptables")
 	image := importReleaseImage(t, n, bins)
 	t.Run("the release image runs on this containerd", func(t *testing.T) { releaseImageRuns(t, n, image) })
 
@@ -194,10 +138,15 @@ func TestRealNode(t *testing.T) {
 	// passes them all; on plain macvlan two of them show what fails (see
 	// baselineTests).
 	var conformance []string
+	stopDNS := func() {}
 	t.Run("upstream conformance tests on underpass chained", func(t *testing.T) {
-		writeConflist(t, cniConf, nets[1].plugins)
+		// portmap last, as clusters chain it: the HostPort spec needs it.
+		writeConflist(t, cniConf, append(slices.Clone(nets[1].plugins), portmapConf()))
 		time.Sleep(2 * time.Second)
-		for _, r := range runConformance(t, c, conformanceTests, 15*time.Minute) {
+		// The cluster's DNS, on the same network: the Services specs
+		// reach a Service by name first.
+		stopDNS = node.StartClusterDNS(t, c.Client)
+		for _, r := range runConformance(t, c, conformanceTests, 25*time.Minute) {
 			conformance = append(conformance, fmt.Sprintf("| %s | %s in %s |", r.name, r.state, r.runTime.Round(time.Second)))
 			if r.state != "passed" {
 				t.Errorf("%s: %s: %s", r.name, r.state, r.failure)
@@ -216,6 +165,9 @@ func TestRealNode(t *testing.T) {
 			}
 		}
 	})
+
+	// CoreDNS was an endpoint of the agent process's datapath, which goes.
+	stopDNS()
 
 	// Installed as users do: the agent process above goes (its datapath
 	// uninstalled), the DaemonSet brings its own, the plugin and the
@@ -239,6 +191,89 @@ func TestRealNode(t *testing.T) {
 	t.Logf("Under traffic (the DaemonSet install):\n%s", strings.Join(lifecycle, "\n"))
 	t.Logf("Stale Services, reject mode (underpass chained, agent process):\n%s", rejectRow)
 	t.Logf("Upstream conformance tests (e2e.test, kube-proxy nftables):\n%s", strings.Join(conformance, "\n"))
+}
+
+// tier is a running node: the control plane on the node's address, the
+// node (containerd, kubelet) with the reference plugins and underpass in
+// its CNI bin dir, the agent as a process on a datapath of its own, and
+// kube-proxy (iptables mode). It all goes, and the host is restored, when
+// t ends.
+type tier struct {
+	c                                     *kapi.Cluster
+	n                                     *node.Node
+	work, cniBin, cniConf, bins, agentBin string
+	bpffs, agentMetrics                   string
+	stopAgent                             func()
+	proxy                                 *node.Proc
+}
+
+// startTier starts the tier with first as the CNI config the kubelet
+// starts with.
+func startTier(t testing.TB, first []any) *tier {
+	t.Helper()
+	testutil.RequireRoot(t)
+	for _, tool := range []string{"containerd", "runc", "ctr", "iptables", "nft"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Fatalf("the node tier needs %s (make deps installs it): %v", tool, err)
+		}
+	}
+	sweepStale(t)
+	host, err := node.SaveHost()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := host.Restore(); err != nil {
+			t.Errorf("restore the host: %v", err)
+		}
+	})
+	pickSubnet(t)
+	ipamDir = filepath.Join(t.TempDir(), "ipam")
+	// The NIC first: the apiserver listens on the node's address, as on a
+	// control-plane node, so that the kubernetes Service leads to it and
+	// pods with in-cluster credentials (the agent's DaemonSet) reach it
+	// through kube-proxy.
+	makeNIC(t)
+	keepPacketsHere(t)
+	must(t, host.ShareMounts())
+	tr := &tier{c: kapi.StartWith(t, kapi.Options{Address: nodeIP})}
+	node.StartControlPlane(t, tr.c)
+	must(t, os.WriteFile("/proc/sys/net/ipv4/ip_forward", []byte("1"), 0o644))
+
+	tr.work = t.TempDir()
+	tr.cniBin, tr.cniConf = filepath.Join(tr.work, "cni-bin"), filepath.Join(tr.work, "cni-conf")
+	must(t, os.MkdirAll(tr.cniConf, 0o755))
+	ref, err := testutil.ReferencePlugins()
+	must(t, err)
+	must(t, os.MkdirAll(tr.cniBin, 0o755))
+	for _, p := range []string{"macvlan", "ptp", "host-local", "loopback", "portmap"} {
+		must(t, os.Symlink(filepath.Join(ref, p), filepath.Join(tr.cniBin, p)))
+	}
+	// The release binaries, built once: the plugin and the agent run from
+	// here, and the release image is made of them.
+	tr.bins = filepath.Join(tr.work, "release")
+	for _, b := range release.Binaries {
+		must(t, testutil.BuildCommand(filepath.Join(tr.bins, b), b))
+	}
+	must(t, os.Symlink(filepath.Join(tr.bins, "underpass"), filepath.Join(tr.cniBin, "underpass")))
+	tr.agentBin = filepath.Join(tr.bins, "underpassd")
+	tr.bpffs = filepath.Join(testutil.MountBPFFS(t), "underpass")
+	tr.agentMetrics, tr.stopAgent = startAgent(t, tr.agentBin, tr.work, tr.bpffs, tr.c)
+	resolv := filepath.Join(tr.work, "resolv.conf")
+	must(t, os.WriteFile(resolv, []byte("nameserver "+gateway.String()+"\n"), 0o644))
+	// Something to reach on the node and on the wire.
+	serveClientIP(t, nil, netip.AddrPortFrom(nodeIP, 18080))
+	wireNS, err := cnins.GetNS("/var/run/netns/" + wireName())
+	must(t, err)
+	t.Cleanup(func() { wireNS.Close() })
+	serveClientIP(t, wireNS, netip.AddrPortFrom(gateway, 18080))
+
+	writeConflist(t, tr.cniConf, first)
+	coredns, err := testutil.CoreDNS()
+	must(t, err)
+	tr.n = node.Start(t, node.Options{Cluster: tr.c, Name: nodeName, IP: nodeIP, CNIBinDir: tr.cniBin, CNIConfDir: tr.cniConf, Resolv: resolv, CoreDNS: coredns})
+	tr.proxy = startKubeProxy(t, tr.work, tr.c, "iptables")
+	return tr
 }
 
 // The release image's name on the node: the DaemonSet's image with this
@@ -587,7 +622,7 @@ func containerdVersion() string {
 
 // serveClientIP answers GET /clientip with the caller's address, on addr,
 // inside netns in (nil: the host).
-func serveClientIP(t *testing.T, in cnins.NetNS, addr netip.AddrPort) {
+func serveClientIP(t testing.TB, in cnins.NetNS, addr netip.AddrPort) {
 	t.Helper()
 	var ln net.Listener
 	listen := func() error {
@@ -607,14 +642,14 @@ func serveClientIP(t *testing.T, in cnins.NetNS, addr netip.AddrPort) {
 	t.Cleanup(func() { srv.Close() })
 }
 
-func must(t *testing.T, err error) {
+func must(t testing.TB, err error) {
 	t.Helper()
 	if err != nil {
 		t.Fatal(err)
 	}
 }
 
-func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool) {
+func waitFor(t testing.TB, timeout time.Duration, what string, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(timeout)
 	for !cond() {
@@ -634,7 +669,7 @@ const staleTag = "underpass-node-test"
 
 // sweepStale removes what a killed earlier run left: the NIC, the wire
 // netns, the tagged rules.
-func sweepStale(t *testing.T) {
+func sweepStale(t testing.TB) {
 	t.Helper()
 	_ = exec.Command("ip", "link", "del", nic).Run()
 	if ents, err := os.ReadDir("/var/run/netns"); err == nil {
@@ -658,7 +693,7 @@ func sweepStale(t *testing.T) {
 
 func wireName() string { return fmt.Sprintf("upnode-wire-%d", os.Getpid()) }
 
-func makeNIC(t *testing.T) {
+func makeNIC(t testing.TB) {
 	t.Helper()
 	wire := wireName()
 	cmds := [][]string{
@@ -691,7 +726,7 @@ func makeNIC(t *testing.T) {
 // keepPacketsHere drops anything the host would forward to or from its
 // real NICs (kube-proxy puts its ACCEPT rules ahead of ours in filter
 // FORWARD, so this is in mangle). SaveHost's restore removes it.
-func keepPacketsHere(t *testing.T) {
+func keepPacketsHere(t testing.TB) {
 	t.Helper()
 	links, err := net.Interfaces()
 	must(t, err)
@@ -716,8 +751,17 @@ func nth(p netip.Prefix, n int) netip.Addr {
 	return a
 }
 
+func portmapConf() map[string]any {
+	return map[string]any{"type": "portmap", "capabilities": map[string]any{"portMappings": true}}
+}
+
 func macvlanConf() map[string]any {
 	return map[string]any{"type": "macvlan", "master": nic, "mode": "bridge", "ipam": ipamConf()}
+}
+
+// chainedConf is underpass chained after the reference macvlan plugin.
+func chainedConf(bpffs string) []any {
+	return []any{macvlanConf(), map[string]any{"type": "underpass", "bpffs": bpffs}}
 }
 
 func mainConf(bpffs string) map[string]any {
@@ -727,14 +771,14 @@ func mainConf(bpffs string) map[string]any {
 func ipamConf() map[string]any {
 	return map[string]any{
 		"type": "host-local", "dataDir": ipamDir,
-		"ranges": []any{[]any{map[string]any{"subnet": subnet.String(), "rangeStart": nth(subnet, 100).String(), "rangeEnd": nth(subnet, 199).String(), "gateway": gateway.String()}}},
+		"ranges": []any{[]any{map[string]any{"subnet": subnet.String(), "rangeStart": nth(subnet, 100).String(), "rangeEnd": nth(subnet, 249).String(), "gateway": gateway.String()}}},
 		"routes": []any{map[string]any{"dst": "0.0.0.0/0"}},
 	}
 }
 
 // writeConflist replaces the node's one network config (atomically:
 // containerd watches the directory).
-func writeConflist(t *testing.T, dir string, plugins []any) {
+func writeConflist(t testing.TB, dir string, plugins []any) {
 	t.Helper()
 	b, err := json.MarshalIndent(map[string]any{"cniVersion": "1.0.0", "name": "underlay", "plugins": plugins}, "", "  ")
 	must(t, err)
@@ -749,7 +793,7 @@ var writeAgentConfig func(action string, requireEndpoints bool)
 
 // startAgent runs underpassd as a process of the node and returns what
 // stops it and uninstalls its datapath (also run at cleanup; once).
-func startAgent(t *testing.T, bin, work, bpffs string, c *kapi.Cluster) (metrics string, stop func()) {
+func startAgent(t testing.TB, bin, work, bpffs string, c *kapi.Cluster) (metrics string, stop func()) {
 	t.Helper()
 	cfg := filepath.Join(work, "underpass.yaml")
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -798,7 +842,7 @@ services:
 	return fmt.Sprintf("127.0.0.1:%d", port), stop
 }
 
-func startKubeProxy(t *testing.T, work string, c *kapi.Cluster, mode string) *node.Proc {
+func startKubeProxy(t testing.TB, work string, c *kapi.Cluster, mode string) *node.Proc {
 	t.Helper()
 	bin, err := kapi.BinDir()
 	must(t, err)
@@ -815,7 +859,7 @@ func startKubeProxy(t *testing.T, work string, c *kapi.Cluster, mode string) *no
 	return p
 }
 
-func createPod(t *testing.T, cs kubernetes.Interface, name string) *corev1.Pod {
+func createPod(t testing.TB, cs kubernetes.Interface, name string) *corev1.Pod {
 	t.Helper()
 	probe := func(path string) *corev1.Probe {
 		return &corev1.Probe{
@@ -838,7 +882,7 @@ func createPod(t *testing.T, cs kubernetes.Interface, name string) *corev1.Pod {
 	return p
 }
 
-func waitPodReady(t *testing.T, cs kubernetes.Interface, name string) {
+func waitPodReady(t testing.TB, cs kubernetes.Interface, name string) {
 	t.Helper()
 	var last *corev1.Pod
 	deadline := time.Now().Add(90 * time.Second)
@@ -868,7 +912,7 @@ func waitPodReady(t *testing.T, cs kubernetes.Interface, name string) {
 	t.Fatalf("pod %s not Ready: %s\nevents:\n%s", name, b, strings.Join(evs, "\n"))
 }
 
-func podIP(t *testing.T, cs kubernetes.Interface, name string) netip.Addr {
+func podIP(t testing.TB, cs kubernetes.Interface, name string) netip.Addr {
 	t.Helper()
 	p, err := cs.CoreV1().Pods("default").Get(context.Background(), name, metav1.GetOptions{})
 	must(t, err)

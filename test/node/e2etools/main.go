@@ -1,11 +1,11 @@
-// Command e2etools is the curl and nc that the upstream e2e tests exec in
+// Command e2etools is the curl, nc, dig and getent that the upstream e2e tests exec in
 // their agnhost pods (the published agnhost image ships both; the one built
 // here from agnhost's source has no distribution under it). It is
 // multi-call, by the name it is run as, and knows only what e2e.test's
 // sig-network tests pass:
 //
-//	curl [-g] [-q] [-s] [-i] [-o FILE] [-w '%{http_code}'] [--max-time S|-m S] [--connect-timeout S] URL
-//	nc [-w S] [-u] HOST PORT    (stdin is sent; the reply is printed)
+//	curl [-g] [-q] [-s] [-i] [-o FILE] [-w '%{http_code}'] [--max-time S|-m S] [--connect-timeout S] [--interface ADDR] URL
+//	nc [-w S] [-u|-t] [-v] [-z] HOST PORT    (stdin is sent; the reply is printed)
 //
 // Exit codes follow curl's: 7 could not connect, 28 timed out, 3 bad URL.
 // As sh it is busybox's sh with nc defined as a function (busybox's sh
@@ -21,6 +21,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httputil"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -40,17 +41,25 @@ func main() {
 		os.Exit(curl(args, os.Stdout, os.Stderr))
 	case "nc":
 		os.Exit(nc(args, os.Stdin, os.Stdout, os.Stderr))
+	case "dig":
+		os.Exit(dig(args, os.Stdout, os.Stderr))
+	case "getent":
+		os.Exit(getent(args, os.Stdout, os.Stderr))
 	case "sh":
 		// busybox's sh runs its own applets before anything on PATH, and
 		// its nc has no -u: a function comes first, so define one.
-		if len(args) >= 2 && args[0] == "-c" {
-			args = append([]string{"-c", `nc() { /usr/bin/nc "$@"; }; ` + args[1]}, args[2:]...)
+		// The script follows -c, after any other options (`sh -x -c ...`).
+		for i := 0; i+1 < len(args) && strings.HasPrefix(args[i], "-"); i++ {
+			if args[i] == "-c" {
+				args[i+1] = `nc() { /usr/bin/nc "$@"; }; ` + args[i+1]
+				break
+			}
 		}
 		err := syscall.Exec("/bin/busybox", append([]string{"sh"}, args...), os.Environ())
 		fmt.Fprintf(os.Stderr, "sh (e2etools): %v\n", err)
 		os.Exit(127)
 	}
-	fmt.Fprintf(os.Stderr, "e2etools: run as curl or nc, not %q\n", name)
+	fmt.Fprintf(os.Stderr, "e2etools: run as curl, nc, dig, getent or sh, not %q\n", name)
 	os.Exit(2)
 }
 
@@ -64,6 +73,7 @@ func curl(args []string, stdout, stderr io.Writer) int {
 		url, out, format       string
 		include, silent        bool
 		maxTime, connectTimout time.Duration
+		local                  netip.Addr
 	)
 	for i := 0; i < len(args); i++ {
 		a := args[i]
@@ -89,6 +99,10 @@ func curl(args []string, stdout, stderr io.Writer) int {
 			maxTime, err = seconds(next())
 		case "--connect-timeout":
 			connectTimout, err = seconds(next())
+		case "--interface":
+			if local, err = netip.ParseAddr(next()); err != nil {
+				err = fmt.Errorf("an address (no interface names here): %w", err)
+			}
 		default:
 			if strings.HasPrefix(a, "-") {
 				fmt.Fprintf(stderr, "curl (e2etools): unsupported option %s\n", a)
@@ -111,6 +125,9 @@ func curl(args []string, stdout, stderr io.Writer) int {
 		defer cancel()
 	}
 	dialer := &net.Dialer{Timeout: connectTimout}
+	if local.IsValid() {
+		dialer.LocalAddr = &net.TCPAddr{IP: local.AsSlice()}
+	}
 	client := &http.Client{Transport: &http.Transport{DialContext: dialer.DialContext, DisableKeepAlives: true}}
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
 	if err != nil {
@@ -161,10 +178,19 @@ func curl(args []string, stdout, stderr io.Writer) int {
 func nc(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 	proto, timeout := "tcp", 5*time.Second
 	var rest []string
+	var verbose, zero bool
 	for i := 0; i < len(args); i++ {
 		switch a := args[i]; {
 		case a == "-u":
 			proto = "udp"
+		case a == "-t":
+			proto = "tcp"
+		case a == "-v":
+			verbose = true
+		case a == "-z":
+			zero = true
+		case a == "-vz" || a == "-zv":
+			verbose, zero = true, true
 		case a == "-w" && i+1 < len(args):
 			d, err := seconds(args[i+1])
 			if err != nil {
@@ -187,7 +213,7 @@ func nc(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 		}
 	}
 	if len(rest) != 2 {
-		fmt.Fprintln(stderr, "usage: nc [-w S] [-u] HOST PORT")
+		fmt.Fprintln(stderr, "usage: nc [-w S] [-u|-t] [-v] [-z] HOST PORT")
 		return 2
 	}
 	c, err := net.DialTimeout(proto, net.JoinHostPort(rest[0], rest[1]), timeout)
@@ -196,6 +222,13 @@ func nc(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 		return 1
 	}
 	defer c.Close()
+	if verbose {
+		// As OpenBSD nc, on stderr (e2e.test looks at stdout only).
+		fmt.Fprintf(stderr, "Connection to %s %s port [%s] succeeded!\n", rest[0], rest[1], proto)
+	}
+	if zero {
+		return 0
+	}
 	msg, _ := io.ReadAll(bufio.NewReader(stdin))
 	if _, err := c.Write(msg); err != nil {
 		fmt.Fprintf(stderr, "nc (e2etools): %v\n", err)

@@ -1,0 +1,200 @@
+package node_test
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	appsv1 "k8s.io/api/apps/v1"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/watch"
+	"k8s.io/client-go/kubernetes"
+
+	"github.com/underpass-cni/underpass/pkg/datapath"
+	"github.com/underpass-cni/underpass/test/node"
+)
+
+// BenchmarkPodStart is pod start at scale on the real node: a Deployment of
+// 100 pods (UNDERPASS_PODSTART_PODS), from its creation until every pod is
+// Ready, and each pod's start (first seen by a watch, unscheduled, until
+// seen Ready), on plain macvlan, on a veth pair (ptp), and on underpass
+// chained after macvlan and as the main plugin. The networks take turns
+// within each round (UNDERPASS_PODSTART_ROUNDS, default 3), so a slow
+// moment of the machine falls on all of them; the table shows the median
+// and the spread over rounds. A benchmark: it prints figures and asserts
+// no time.
+//
+//	make bench-node     # or: go test -run '^$' -bench PodStart -benchtime 1x ./test/node
+func BenchmarkPodStart(b *testing.B) {
+	tr := startTier(b, []any{macvlanConf()})
+	pods, rounds := envInt(b, "UNDERPASS_PODSTART_PODS", 100), envInt(b, "UNDERPASS_PODSTART_ROUNDS", 3)
+	nets := []struct {
+		name    string
+		plugins []any
+	}{
+		{"macvlan alone", []any{macvlanConf()}},
+		{"ptp (veth pair)", []any{ptpConf()}},
+		{"underpass chained after macvlan", chainedConf(tr.bpffs)},
+		{"underpass main", []any{mainConf(tr.bpffs)}},
+	}
+	all := map[string][]time.Duration{}  // time to all Ready, per round
+	each := map[string][]time.Duration{} // every pod's start, all rounds
+	for range b.N {
+		for r := range rounds {
+			for _, nw := range nets {
+				writeConflist(b, tr.cniConf, nw.plugins)
+				time.Sleep(2 * time.Second) // containerd reloads the CNI config on a file event
+				total, starts := startPods(b, tr.c.Client, tr.bpffs, pods)
+				all[nw.name] = append(all[nw.name], total)
+				each[nw.name] = append(each[nw.name], starts...)
+				b.Logf("round %d, %s: %d pods Ready in %s", r+1, nw.name, pods, total.Round(time.Millisecond))
+			}
+		}
+	}
+	base := median(all[nets[0].name])
+	var rows []string
+	for _, nw := range nets {
+		a, e := all[nw.name], each[nw.name]
+		slices.Sort(a)
+		rows = append(rows, fmt.Sprintf("| %s | %s (%s–%s) | %+.0f%% | %s | %s |", nw.name,
+			median(a).Round(10*time.Millisecond), a[0].Round(10*time.Millisecond), a[len(a)-1].Round(10*time.Millisecond),
+			100*(float64(median(a))/float64(base)-1), quantile(e, 0.5).Round(time.Millisecond), quantile(e, 0.99).Round(time.Millisecond)))
+	}
+	b.Logf("Pod start, %d pods of one Deployment, %d rounds (containerd %s, 2 cores):\n| network | all Ready: median (min–max) | vs macvlan alone | pod start p50 | p99 |\n|---|---|---|---|---|\n%s",
+		pods, rounds*b.N, containerdVersion(), strings.Join(rows, "\n"))
+	b.ReportMetric(0, "ns/op") // the figures are the table's
+}
+
+// startPods creates a Deployment of n pods (agnhost pause, no probes: a
+// pod is Ready when its container runs), waits until all are Ready, then
+// deletes it and waits until every pod and its registration are gone. It
+// returns the time from the Deployment's creation to the last pod Ready,
+// and each pod's time from first seen to seen Ready.
+func startPods(b *testing.B, cs kubernetes.Interface, bpffs string, n int) (time.Duration, []time.Duration) {
+	b.Helper()
+	ctx := context.Background()
+	const name = "podstart"
+	labels := map[string]string{"app": name}
+	w, err := cs.CoreV1().Pods("default").Watch(ctx, metav1.ListOptions{LabelSelector: "app=" + name})
+	must(b, err)
+	defer w.Stop()
+	replicas := int32(n)
+	zero := int64(0)
+	start := time.Now()
+	_, err = cs.AppsV1().Deployments("default").Create(ctx, &appsv1.Deployment{
+		ObjectMeta: metav1.ObjectMeta{Name: name},
+		Spec: appsv1.DeploymentSpec{
+			Replicas: &replicas,
+			Selector: &metav1.LabelSelector{MatchLabels: labels},
+			Template: corev1.PodTemplateSpec{
+				ObjectMeta: metav1.ObjectMeta{Labels: labels},
+				Spec: corev1.PodSpec{
+					TerminationGracePeriodSeconds: &zero,
+					Containers:                    []corev1.Container{{Name: "pause", Image: node.AgnhostImage, ImagePullPolicy: corev1.PullNever, Args: []string{"pause"}}},
+				},
+			},
+		},
+	}, metav1.CreateOptions{})
+	must(b, err)
+	seen, ready := map[string]time.Time{}, map[string]time.Duration{}
+	var last time.Time
+	timeout := time.After(10 * time.Minute)
+	for len(ready) < n {
+		select {
+		case ev, ok := <-w.ResultChan():
+			if !ok {
+				b.Fatal("pod watch closed")
+			}
+			p, isPod := ev.Object.(*corev1.Pod)
+			if !isPod || ev.Type == watch.Deleted {
+				continue
+			}
+			now := time.Now()
+			if _, ok := seen[p.Name]; !ok {
+				seen[p.Name] = now
+			}
+			if _, done := ready[p.Name]; !done && podReady(p) {
+				ready[p.Name], last = now.Sub(seen[p.Name]), now
+			}
+		case <-timeout:
+			b.Fatalf("%d of %d pods Ready after 10 min", len(ready), n)
+		}
+	}
+	total := last.Sub(start)
+	var starts []time.Duration
+	for _, d := range ready {
+		starts = append(starts, d)
+	}
+
+	must(b, cs.AppsV1().Deployments("default").Delete(ctx, name, metav1.DeleteOptions{}))
+	var names []string
+	for p := range seen {
+		names = append(names, p)
+	}
+	waitFor(b, 5*time.Minute, "the benchmark's pods and their registrations gone", func() bool {
+		left, err := cs.CoreV1().Pods("default").List(ctx, metav1.ListOptions{LabelSelector: "app=" + name})
+		if err != nil || len(left.Items) > 0 {
+			return false
+		}
+		eps, err := endpoints(bpffs)
+		if err != nil {
+			return false
+		}
+		for _, ep := range eps {
+			if slices.Contains(names, datapath.GoString(ep.PodName[:])) {
+				return false
+			}
+		}
+		return true
+	})
+	return total, starts
+}
+
+func podReady(p *corev1.Pod) bool {
+	for _, c := range p.Status.Conditions {
+		if c.Type == corev1.PodReady {
+			return c.Status == corev1.ConditionTrue
+		}
+	}
+	return false
+}
+
+// ptpConf is a veth pair per pod (the reference ptp plugin), on its own
+// subnet in the benchmarking range: the non-underlay alternative.
+func ptpConf() map[string]any {
+	return map[string]any{"type": "ptp", "ipam": map[string]any{
+		"type": "host-local", "dataDir": ipamDir,
+		"ranges": []any{[]any{map[string]any{"subnet": "198.19.250.0/24"}}},
+	}}
+}
+
+func envInt(tb testing.TB, name string, def int) int {
+	s := os.Getenv(name)
+	if s == "" {
+		return def
+	}
+	v, err := strconv.Atoi(s)
+	if err != nil || v < 1 {
+		tb.Fatalf("%s=%q: want a positive number", name, s)
+	}
+	return v
+}
+
+func median(d []time.Duration) time.Duration { return quantile(d, 0.5) }
+
+// quantile is the q-quantile of d (nearest rank).
+func quantile(d []time.Duration, q float64) time.Duration {
+	if len(d) == 0 {
+		return 0
+	}
+	s := slices.Clone(d)
+	slices.Sort(s)
+	i := int(q*float64(len(s)) + 0.5)
+	return s[min(max(i-1, 0), len(s)-1)]
+}
