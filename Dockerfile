@@ -10,7 +10,7 @@
 #
 # Stage 1 builds with `make build` (CGO_ENABLED=0 go build -trimpath): static
 # binaries, no libc needed at run time. The eBPF objects are committed
-# (loader/*_bpfel.o, embedded by bpf2go), so no clang is needed here; they are
+# (internal/loader/*_bpfel.o, embedded by bpf2go), so no clang is needed here; they are
 # little-endian, like every platform above.
 #
 # The final stage is FROM scratch: the three binaries, CA certificates,

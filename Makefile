@@ -14,11 +14,11 @@ all: build
 
 generate:
 	@$(CLANG) --version | grep -q "version $(CLANG_VERSION)" || { echo "make generate needs $(CLANG) $(CLANG_VERSION) (apt-get install clang-14)"; exit 1; }
-	cd loader && BPF2GO_CC=$(CLANG) $(GO) generate ./...
+	cd internal/loader && BPF2GO_CC=$(CLANG) $(GO) generate ./...
 
 # Fails when the committed bpf2go output does not match the C sources.
 check-generate: generate
-	@git diff --exit-code --stat -- 'loader/*_bpfel.go' 'loader/*_bpfel.o' || { echo "committed bpf2go output is stale: run 'make generate' and commit loader/*_bpfel.*"; exit 1; }
+	@git diff --exit-code --stat -- 'internal/loader/*_bpfel.go' 'internal/loader/*_bpfel.o' || { echo "committed bpf2go output is stale: run 'make generate' and commit internal/loader/*_bpfel.*"; exit 1; }
 
 build:
 	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/ ./cmd/...
@@ -48,7 +48,7 @@ deps:
 # (prog.Benchmark), then TCP throughput and request/response rate through the
 # hairpin vs a veth pair vs macvlan slave<->slave.
 bench:
-	$(GO) test -run '^$$' -bench . -benchtime 20x ./loader/
+	$(GO) test -run '^$$' -bench . -benchtime 20x ./internal/loader/
 	$(GO) test -run '^$$' -bench Paths -benchtime 1x ./test/bench/
 
 # Pod start at scale on the real node (test/node BenchmarkPodStart: 100 pods,
@@ -62,7 +62,7 @@ bench-node: deps
 # not failed). As root: the map encoders are checked against the kernel's
 # maps.
 FUZZTIME ?= 30s
-FUZZPKGS := ./cni ./pkg/config ./pkg/datapath ./loader
+FUZZPKGS := ./internal/cni ./internal/config ./internal/datapath ./internal/loader
 fuzz:
 	FUZZTIME=$(FUZZTIME) GO=$(GO) test/fuzz.sh $(FUZZPKGS)
 
@@ -82,7 +82,7 @@ demo: build
 	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/demo/underpass-demo ./test/demo/cmd/demo; \
 	exec $(BIN)/demo/underpass-demo --bin $(BIN) --cni-path $$cni
 
-# Tier 3, the kernel matrix: the program tests (./loader), the netns
+# Tier 3, the kernel matrix: the program tests (./internal/loader), the netns
 # end-to-end tests (./test/datapath), the lab and the harness' own checks in
 # qemu (TCG) on Debian's 6.1 (no tcx: legacy clsact) and 6.12 kernels, where
 # ipvlan is required (test/vm/README.md, results in test/vm/RESULTS.md); then
@@ -92,7 +92,7 @@ demo: build
 # wall time and the verifier table of each kernel. More vmtest flags:
 # make test-kernels VMTEST='-v -run Ipvlan'.
 test-kernels: vm-cni-bins vm-agent-bins
-	./test/vm/run.sh -kernel all -pkgs ./loader,./test/datapath,./test/netenv,./test/vm/selftest -timeout 10m -show 'verifier: ' $(VMTEST)
+	./test/vm/run.sh -kernel all -pkgs ./internal/loader,./test/datapath,./test/netenv,./test/vm/selftest -timeout 10m -show 'verifier: ' $(VMTEST)
 	./test/vm/run.sh -kernel all -pkgs ./test/cni -timeout 10m -run '$(VMCNI_RUN)' \
 		-env UNDERPASS_CNI_BINS=/opt/underpass-cni $(VMTEST) \
 		$$(cd $(VMCNI) && for f in */*; do printf -- '-file %s:/opt/underpass-cni/%s ' "$$PWD/$$f" "$$f"; done)

@@ -90,7 +90,7 @@ struct {
 	__type(value, struct up_ep_ref);
 } ep_by_ip SEC(".maps");
 
-/* Written by userspace only (pkg/datapath): never read by the programs. */
+/* Written by userspace only (internal/datapath): never read by the programs. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, MAX_ENDPOINTS);
@@ -202,7 +202,7 @@ struct {
 } ep_progs SEC(".maps");
 
 /* The endpoint a frame on a slave belongs to: the classid of the filter
- * that runs the program (16 bits, see EndpointID in pkg/datapath). */
+ * that runs the program (16 bits, see EndpointID in internal/datapath). */
 static __always_inline __u32 filter_endpoint(const struct __sk_buff *skb)
 {
 	return skb->tc_classid;

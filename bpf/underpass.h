@@ -30,7 +30,7 @@ enum up_config_flags {
 };
 
 /* skb->mark values for the endpoint frames the parent program hands to the
- * host stack, for the agent's nftables table (pkg/hostnat), which makes the
+ * host stack, for the agent's nftables table (internal/hostnat), which makes the
  * Service path symmetric by masquerading what the host forwards. Every
  * other frame enters the host with mark 0, so a mark a pod set never
  * reaches the host. */

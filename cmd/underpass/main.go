@@ -7,7 +7,7 @@ import (
 
 	"github.com/containernetworking/cni/pkg/skel"
 
-	"github.com/underpass-cni/underpass/cni"
+	"github.com/underpass-cni/underpass/internal/cni"
 )
 
 // The plugin switches network namespaces per thread: keep main on the main

@@ -11,7 +11,7 @@ import (
 	"os/signal"
 	"syscall"
 
-	"github.com/underpass-cni/underpass/pkg/ctl"
+	"github.com/underpass-cni/underpass/internal/ctl"
 )
 
 func main() {

@@ -2,7 +2,7 @@
 
 package main
 
-import "github.com/underpass-cni/underpass/loader"
+import "github.com/underpass-cni/underpass/internal/loader"
 
 // loaderOptions, in the test-only build (-tags underpass_upgradetest), loads
 // a different program build: the same source with redirect tracing compiled

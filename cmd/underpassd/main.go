@@ -14,7 +14,7 @@ import (
 	"strings"
 	"syscall"
 
-	"github.com/underpass-cni/underpass/pkg/agent"
+	"github.com/underpass-cni/underpass/internal/agent"
 )
 
 // version is set at build time: -ldflags "-X main.version=v0.1.0".

@@ -6,9 +6,9 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
-	"github.com/underpass-cni/underpass/loader"
-	"github.com/underpass-cni/underpass/pkg/events"
-	"github.com/underpass-cni/underpass/pkg/metrics"
+	"github.com/underpass-cni/underpass/internal/events"
+	"github.com/underpass-cni/underpass/internal/loader"
+	"github.com/underpass-cni/underpass/internal/metrics"
 )
 
 // observability is the agent's Collectors hook: once the datapath is

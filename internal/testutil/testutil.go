@@ -12,7 +12,7 @@ import (
 	"testing"
 
 	"github.com/cilium/ebpf"
-	"github.com/underpass-cni/underpass/loader"
+	"github.com/underpass-cni/underpass/internal/loader"
 )
 
 // RequireFeaturesEnv names the environment variable that turns skips into

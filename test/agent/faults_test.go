@@ -25,12 +25,12 @@ import (
 	"github.com/cilium/ebpf/link"
 	"golang.org/x/sys/unix"
 
-	"github.com/underpass-cni/underpass/loader"
-	"github.com/underpass-cni/underpass/pkg/datapath"
+	"github.com/underpass-cni/underpass/internal/datapath"
+	"github.com/underpass-cni/underpass/internal/loader"
 	"github.com/underpass-cni/underpass/test/netenv"
 )
 
-// The agent's log lines for a repair (pkg/agent/pins.go).
+// The agent's log lines for a repair (internal/agent/pins.go).
 const (
 	msgPinsRestored  = `msg="pins removed from under the agent; pinned the running maps and programs again"`
 	msgLinksRestored = `msg="link pins removed from under the agent; restored the attachments"`

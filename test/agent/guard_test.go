@@ -10,8 +10,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/underpass-cni/underpass/loader"
-	"github.com/underpass-cni/underpass/pkg/datapath"
+	"github.com/underpass-cni/underpass/internal/datapath"
+	"github.com/underpass-cni/underpass/internal/loader"
 	"github.com/underpass-cni/underpass/test/netenv"
 )
 

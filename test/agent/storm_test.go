@@ -38,8 +38,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/underpass-cni/underpass/loader"
-	"github.com/underpass-cni/underpass/pkg/datapath"
+	"github.com/underpass-cni/underpass/internal/datapath"
+	"github.com/underpass-cni/underpass/internal/loader"
 	"github.com/underpass-cni/underpass/test/netenv"
 )
 
@@ -193,7 +193,7 @@ func stormCanon(items []string, parse func(string) string) []string {
 }
 
 // want is the datapath state a valid variant must produce (computed from the
-// variant, not through pkg/config).
+// variant, not through internal/config).
 func (c stormCfg) want() stormState {
 	pfx := func(s string) string { return netip.MustParsePrefix(s).Masked().String() }
 	addr := func(s string) string { return netip.MustParseAddr(s).String() }

@@ -14,8 +14,8 @@ import (
 	"github.com/containernetworking/cni/pkg/types"
 	"github.com/vishvananda/netlink"
 
-	"github.com/underpass-cni/underpass/loader"
-	"github.com/underpass-cni/underpass/pkg/datapath"
+	"github.com/underpass-cni/underpass/internal/datapath"
+	"github.com/underpass-cni/underpass/internal/loader"
 )
 
 // Every ADD error path: the right code and a message that says what to
@@ -57,7 +57,7 @@ func TestAddFailures(t *testing.T) {
 		name      string
 		plugins   func() []map[string]any
 		prep      func(t *testing.T, p *pod) (undo func())
-		failpoint string // fails the step of ADD after it, see cni/failpoint_on.go
+		failpoint string // fails the step of ADD after it, see internal/cni/failpoint_on.go
 		inPod     bool   // the runtime runs the plugin inside the pod's netns
 		code      uint
 		msg       []string

@@ -21,15 +21,15 @@ import (
 	"github.com/containernetworking/cni/pkg/types"
 	current "github.com/containernetworking/cni/pkg/types/100"
 
+	"github.com/underpass-cni/underpass/internal/datapath"
+	"github.com/underpass-cni/underpass/internal/loader"
 	"github.com/underpass-cni/underpass/internal/testutil"
-	"github.com/underpass-cni/underpass/loader"
-	"github.com/underpass-cni/underpass/pkg/datapath"
 	"github.com/underpass-cni/underpass/test/netenv"
 )
 
 var (
 	pluginDir string // holds the freshly built underpass binary
-	fpDir     string // the same built with failpoints (cni/failpoint_on.go)
+	fpDir     string // the same built with failpoints (internal/cni/failpoint_on.go)
 	refDir    string // the reference plugins, cached across runs
 )
 

@@ -6,8 +6,8 @@ import (
 
 	"github.com/containernetworking/cni/libcni"
 
+	"github.com/underpass-cni/underpass/internal/loader"
 	"github.com/underpass-cni/underpass/internal/testutil"
-	"github.com/underpass-cni/underpass/loader"
 	"github.com/underpass-cni/underpass/test/netenv"
 )
 

@@ -17,9 +17,9 @@ import (
 
 	"github.com/vishvananda/netlink"
 
+	"github.com/underpass-cni/underpass/internal/datapath"
+	"github.com/underpass-cni/underpass/internal/loader"
 	"github.com/underpass-cni/underpass/internal/testutil"
-	"github.com/underpass-cni/underpass/loader"
-	"github.com/underpass-cni/underpass/pkg/datapath"
 	"github.com/underpass-cni/underpass/test/netenv"
 )
 

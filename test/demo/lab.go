@@ -51,7 +51,7 @@ const (
 	// MetricsAddr is the agent's metrics.listen inside the node netns.
 	MetricsAddr = "127.0.0.1:9775"
 	// AgentLockDir is where underpassd keeps its per-pin-directory lock
-	// files (pkg/agent.LockDir); the demo removes its agent's one.
+	// files (internal/agent.LockDir); the demo removes its agent's one.
 	AgentLockDir = "/run/underpass"
 )
 
@@ -257,7 +257,7 @@ func Processes() []int {
 }
 
 // AgentLockFile is the lock file underpassd keeps for the demo's pin
-// directory: pkg/agent names it after a hash of the directory
+// directory: internal/agent names it after a hash of the directory
 // (underpassd-<first 8 bytes of sha256, hex>.lock) and leaves it in place
 // when it exits (flock, not the file, is the lock).
 func AgentLockFile() string {

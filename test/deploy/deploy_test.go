@@ -7,7 +7,7 @@
 // fields such as Bidirectional mount propagation) and warnings fail the test
 // naming the file. It also parses every CNI conflist in deploy/ with libcni
 // and the underpass plugin's own config parser, the agent config in the
-// ConfigMap with pkg/config, and checks the RBAC rules by impersonating the
+// ConfigMap with internal/config, and checks the RBAC rules by impersonating the
 // agent's ServiceAccount.
 package deploy_test
 
@@ -46,10 +46,10 @@ import (
 	"k8s.io/client-go/restmapper"
 	"sigs.k8s.io/yaml"
 
-	"github.com/underpass-cni/underpass/cni"
+	"github.com/underpass-cni/underpass/internal/cni"
+	"github.com/underpass-cni/underpass/internal/config"
 	"github.com/underpass-cni/underpass/internal/release"
 	"github.com/underpass-cni/underpass/internal/testutil"
-	"github.com/underpass-cni/underpass/pkg/config"
 	"github.com/underpass-cni/underpass/test/k8s/kapi"
 )
 

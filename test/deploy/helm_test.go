@@ -19,9 +19,9 @@ import (
 	k8syaml "k8s.io/apimachinery/pkg/util/yaml"
 	"sigs.k8s.io/yaml"
 
-	"github.com/underpass-cni/underpass/cni"
+	"github.com/underpass-cni/underpass/internal/cni"
+	"github.com/underpass-cni/underpass/internal/config"
 	"github.com/underpass-cni/underpass/internal/testutil"
-	"github.com/underpass-cni/underpass/pkg/config"
 )
 
 const chartDir = "../../deploy/helm/underpass"

@@ -28,10 +28,10 @@ import (
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/client-go/kubernetes"
 
+	"github.com/underpass-cni/underpass/internal/datapath"
+	"github.com/underpass-cni/underpass/internal/loader"
 	"github.com/underpass-cni/underpass/internal/release"
 	"github.com/underpass-cni/underpass/internal/testutil"
-	"github.com/underpass-cni/underpass/loader"
-	"github.com/underpass-cni/underpass/pkg/datapath"
 	"github.com/underpass-cni/underpass/test/k8s/kapi"
 	"github.com/underpass-cni/underpass/test/node"
 )

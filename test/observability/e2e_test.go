@@ -16,10 +16,10 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/underpass-cni/underpass/loader"
-	"github.com/underpass-cni/underpass/pkg/ctl"
-	"github.com/underpass-cni/underpass/pkg/datapath"
-	"github.com/underpass-cni/underpass/pkg/events"
+	"github.com/underpass-cni/underpass/internal/ctl"
+	"github.com/underpass-cni/underpass/internal/datapath"
+	"github.com/underpass-cni/underpass/internal/events"
+	"github.com/underpass-cni/underpass/internal/loader"
 	"github.com/underpass-cni/underpass/test/netenv"
 )
 

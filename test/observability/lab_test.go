@@ -18,10 +18,10 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/vishvananda/netlink"
 
+	"github.com/underpass-cni/underpass/internal/datapath"
+	"github.com/underpass-cni/underpass/internal/loader"
+	"github.com/underpass-cni/underpass/internal/metrics"
 	"github.com/underpass-cni/underpass/internal/testutil"
-	"github.com/underpass-cni/underpass/loader"
-	"github.com/underpass-cni/underpass/pkg/datapath"
-	"github.com/underpass-cni/underpass/pkg/metrics"
 	"github.com/underpass-cni/underpass/test/netenv"
 )
 

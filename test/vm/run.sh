@@ -3,7 +3,7 @@
 # kernels. `make test-kernels` calls this; any vmtest flag passes through:
 #
 #   test/vm/run.sh                                   # selftest on 6.1 and 6.12
-#   test/vm/run.sh -kernel 6.1 -pkgs ./loader,./test/... -run 'TCX|Clsact'
+#   test/vm/run.sh -kernel 6.1 -pkgs ./internal/loader,./test/... -run 'TCX|Clsact'
 #   test/vm/run.sh -h                                # all flags
 #
 # Installs the host tools it needs (as root, from Debian's packages) and

@@ -50,7 +50,7 @@ import (
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
-	"github.com/underpass-cni/underpass/pkg/config"
+	"github.com/underpass-cni/underpass/internal/config"
 	"github.com/underpass-cni/underpass/test/demo"
 )
 

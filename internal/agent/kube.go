@@ -1,0 +1,113 @@
+package agent
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+
+	"github.com/underpass-cni/underpass/internal/config"
+	"github.com/underpass-cni/underpass/internal/services"
+)
+
+// kubeSource runs (and restarts on config changes) the Kubernetes informers
+// that feed services.Manager.
+type kubeSource struct {
+	mgr *services.Manager
+	log *slog.Logger
+
+	running kubeSettings
+	cancel  context.CancelFunc
+	done    chan struct{}
+}
+
+// kubeSettings are the config keys the informers depend on.
+type kubeSettings struct {
+	enabled          bool
+	kubeconfig       string
+	requireEndpoints bool
+}
+
+func settingsOf(c *config.Config) kubeSettings {
+	s := kubeSettings{enabled: services.KubeWanted(c.Kubernetes(), c.Services.Kubeconfig)}
+	if s.enabled {
+		s.kubeconfig = c.Services.Kubeconfig
+		s.requireEndpoints = c.StaleServices.RequireEndpoints
+	}
+	return s
+}
+
+func newKubeSource(mgr *services.Manager, log *slog.Logger) *kubeSource {
+	return &kubeSource{mgr: mgr, log: log}
+}
+
+// check reports whether c's Kubernetes settings can be used (credentials
+// readable), without changing anything.
+func (k *kubeSource) check(c *config.Config) error {
+	s := settingsOf(c)
+	if !s.enabled || s == k.running {
+		return nil
+	}
+	_, err := services.RestConfig(s.kubeconfig)
+	return err
+}
+
+// configure starts, restarts or stops the informers to match c. A restart
+// keeps the live set as it is until the new informers have synced.
+func (k *kubeSource) configure(ctx context.Context, c *config.Config) error {
+	s := settingsOf(c)
+	if s == k.running && (k.cancel != nil || !s.enabled) {
+		return nil
+	}
+	var rc *rest.Config
+	if s.enabled {
+		var err error
+		if rc, err = services.RestConfig(s.kubeconfig); err != nil {
+			return err
+		}
+	}
+	k.stop()
+	k.running = s
+	if !s.enabled {
+		k.log.Info("live services from the static list only (services.kubernetes off)")
+		return k.mgr.SetKubernetes(false)
+	}
+	rc = rest.CopyConfig(rc)
+	rc.UserAgent = "underpassd"
+	client, err := kubernetes.NewForConfig(rc)
+	if err != nil {
+		return fmt.Errorf("kubernetes client: %w", err)
+	}
+	if err := k.mgr.SetKubernetes(true); err != nil {
+		return err
+	}
+	kctx, cancel := context.WithCancel(ctx)
+	k.cancel, k.done = cancel, make(chan struct{})
+	src := services.NewKube(client, k.mgr, services.KubeOptions{RequireEndpoints: s.requireEndpoints, Log: k.log})
+	where := s.kubeconfig
+	if where == "" {
+		where = "in-cluster"
+	}
+	k.log.Info("watching Kubernetes services", "api", rc.Host, "credentials", where, "requireEndpoints", s.requireEndpoints)
+	go func(done chan struct{}) {
+		defer close(done)
+		if err := src.Run(kctx); err != nil && kctx.Err() == nil {
+			k.log.Error("kubernetes service watch ended", "error", err)
+		}
+	}(k.done)
+	return nil
+}
+
+// stop stops the informers and waits for them, so an old view never lands
+// after a new one.
+func (k *kubeSource) stop() {
+	if k.cancel == nil {
+		return
+	}
+	k.cancel()
+	<-k.done
+	k.cancel, k.done = nil, nil
+	k.running = kubeSettings{}
+}

@@ -1,0 +1,167 @@
+package agent
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"maps"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+
+	"github.com/vishvananda/netlink"
+
+	"github.com/underpass-cni/underpass/internal/config"
+	"github.com/underpass-cni/underpass/internal/datapath"
+	"github.com/underpass-cni/underpass/internal/hostnat"
+	"github.com/underpass-cni/underpass/internal/loader"
+)
+
+// Uninstall detaches every program underpass attached (parents, uplinks,
+// endpoint filters in pod namespaces) and removes the pin directory, telling
+// out what it removed. It works with a config that no longer parses (the
+// default pin directory is used then) and refuses while an agent runs on
+// the directory, which would attach again.
+func Uninstall(configPath string, out io.Writer) error {
+	dir := config.DefaultBPFFS
+	var uplinks []string
+	if c, err := config.Load(configPath); err == nil {
+		dir, uplinks = c.BPFFS, c.Uplinks
+	} else {
+		fmt.Fprintf(out, "warning: %v; using the default bpffs %s\n", err, dir)
+	}
+	if pid := running(dir); pid != 0 {
+		return fmt.Errorf("underpassd (pid %d) is running on %s: stop it first, or it attaches again", pid, dir)
+	}
+	// The nftables table is not in bpffs: it goes whatever is pinned.
+	if st, err := hostnat.Installed(); err == nil && st.Table {
+		if err := hostnat.Remove(); err != nil {
+			return fmt.Errorf("uninstall: %w", err)
+		}
+		fmt.Fprintf(out, "removed nftables table inet %s\n", hostnat.Table)
+	}
+	if _, err := os.Stat(dir); errors.Is(err, fs.ErrNotExist) {
+		fmt.Fprintf(out, "nothing to remove: no datapath pinned at %s\n", dir)
+		return nil
+	}
+
+	dp := &loader.Datapath{Dir: dir}
+	var errs []error
+	detached := map[string]bool{}
+
+	// Pinned tcx links of parents and uplinks.
+	atts, err := loader.Attachments(dir)
+	if err != nil {
+		errs = append(errs, err)
+	}
+	for _, att := range atts {
+		if err := dp.DetachEgress(att.Role, att.Ifindex); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		detached[fmt.Sprint(att.Role, att.Ifindex)] = true
+		fmt.Fprintf(out, "detached %s program from %s\n", att.Role, ifaceName(att.Ifindex))
+	}
+	// Legacy (clsact) filters are not pinned: ask every parent and uplink.
+	if pm, err := openParents(dir); err == nil {
+		for ifindex := range pm {
+			if !detached[fmt.Sprint(loader.RoleParent, ifindex)] {
+				if err := dp.DetachEgress(loader.RoleParent, ifindex); err != nil {
+					errs = append(errs, err)
+				}
+			}
+		}
+	}
+	for _, name := range uplinks {
+		if l, err := netlink.LinkByName(name); err == nil && !detached[fmt.Sprint(loader.RoleUplink, l.Attrs().Index)] {
+			if err := dp.DetachEgress(loader.RoleUplink, l.Attrs().Index); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+
+	// XDP links of parents.
+	xdps, _ := filepath.Glob(filepath.Join(dir, "links", "parent-xdp-*"))
+	for _, p := range xdps {
+		ifindex, err := strconv.Atoi(strings.TrimPrefix(filepath.Base(p), "parent-xdp-"))
+		if err != nil {
+			continue
+		}
+		if err := dp.DetachXDP(ifindex); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		fmt.Fprintf(out, "detached XDP program from %s\n", ifaceName(ifindex))
+	}
+
+	// Endpoint filters live on the slaves in pod namespaces: the
+	// registrations say where.
+	if eps, err := openEndpoints(dir); err == nil {
+		for _, id := range slices.Sorted(maps.Keys(eps)) {
+			ep := eps[id]
+			netnsPath, ifname := datapath.GoString(ep.Netns[:]), datapath.GoString(ep.Ifname[:])
+			if _, err := os.Stat(netnsPath); err != nil {
+				continue // the netns took the filters with it
+			}
+			if err := loader.DetachEndpoint(netnsPath, int(ep.Ifindex), id); err != nil {
+				errs = append(errs, err)
+				continue
+			}
+			fmt.Fprintf(out, "detached endpoint programs from %s in %s\n", ifname, netnsPath)
+		}
+	}
+
+	var nMaps, nProgs, nOther int
+	_ = filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+		if err != nil || d.IsDir() {
+			return nil
+		}
+		switch filepath.Base(filepath.Dir(p)) {
+		case "progs":
+			nProgs++
+		case filepath.Base(dir):
+			nMaps++
+		default:
+			nOther++
+		}
+		return nil
+	})
+	if err := loader.Unload(dir); err != nil {
+		errs = append(errs, err)
+	} else {
+		fmt.Fprintf(out, "removed %s (%d maps, %d programs, %d other pins)\n", dir, nMaps, nProgs, nOther)
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("uninstall: %w", err)
+	}
+	fmt.Fprintln(out, "underpass is uninstalled from this node")
+	return nil
+}
+
+func openParents(dir string) (map[int]loader.Parent, error) {
+	dp, err := loader.Open(dir)
+	if err != nil {
+		return nil, err
+	}
+	defer dp.Close()
+	return datapath.Parents(&dp.Maps)
+}
+
+func openEndpoints(dir string) (map[uint32]loader.Endpoint, error) {
+	dp, err := loader.Open(dir)
+	if err != nil {
+		return nil, err
+	}
+	defer dp.Close()
+	return datapath.Endpoints(&dp.Maps)
+}
+
+func ifaceName(ifindex int) string {
+	if l, err := netlink.LinkByIndex(ifindex); err == nil {
+		return fmt.Sprintf("%s (ifindex %d)", l.Attrs().Name, ifindex)
+	}
+	return fmt.Sprintf("ifindex %d (gone)", ifindex)
+}

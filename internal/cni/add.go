@@ -1,0 +1,257 @@
+package cni
+
+import (
+	"errors"
+	"fmt"
+	"strings"
+
+	cnins "github.com/containernetworking/cni/pkg/ns"
+	"github.com/containernetworking/cni/pkg/skel"
+	"github.com/containernetworking/cni/pkg/types"
+	current "github.com/containernetworking/cni/pkg/types/100"
+	"github.com/containernetworking/plugins/pkg/ipam"
+	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/containernetworking/plugins/pkg/utils/sysctl"
+	"github.com/vishvananda/netlink"
+
+	"github.com/underpass-cni/underpass/internal/datapath"
+	"github.com/underpass-cni/underpass/internal/loader"
+)
+
+// Funcs are the verbs for skel.PluginMainFuncs.
+func Funcs() skel.CNIFuncs {
+	return skel.CNIFuncs{Add: Add, Del: Del, Check: Check, Status: Status, GC: GC}
+}
+
+// Add is CNI ADD.
+func Add(args *skel.CmdArgs) error { return cniError(add(args)) }
+
+func add(args *skel.CmdArgs) (err error) {
+	ph := newPhases()
+	defer ph.log("add")
+	c, err := ParseConf(args.StdinData)
+	if err != nil {
+		return err
+	}
+	podName, podNamespace, err := parsePodArgs(args.Args)
+	if err != nil {
+		return err
+	}
+	if err := datapath.CheckAttachment(args.ContainerID, args.IfName, args.Netns, c.Name); err != nil {
+		return errorf(types.ErrInvalidEnvironmentVariables, "%v", err)
+	}
+	// skel refuses a plugin that runs inside CNI_NETNS only after ADD has
+	// returned, when IPAM has handed out an address that the IPAM plugin's
+	// own copy of that check then hid from the rollback.
+	if ov := strings.ToUpper(args.NetnsOverride); ov != "TRUE" && ov != "1" {
+		if inside, err := cnins.CheckNetNS(args.Netns); err == nil && inside {
+			return errorf(types.ErrInvalidNetNS, "the plugin runs inside CNI_NETNS %s: the runtime must run it from the host network namespace", args.Netns)
+		}
+	}
+	// What only the user can fix is reported before what goes away by
+	// itself (the datapath loading), and before IPAM takes an address.
+	if c.Chained && c.PrevResult == nil {
+		return invalidConf("underpass has no interface keys, so it is chained, but no plugin before it returned a result: put it after the macvlan or ipvlan plugin in the plugins list, or set master (and ipam) for underpass to create the interface itself")
+	}
+	var master netlink.Link
+	if !c.Chained {
+		if master, err = resolveMaster(c.Master); err != nil {
+			return err
+		}
+	}
+	ph.mark("parse")
+	// IPAM, the longest step, runs from here while everything up to the
+	// registration does (see overlapIPAM); a failed ADD releases what it
+	// got.
+	var call *ipamCall
+	if !c.Chained && c.IPAM.Type != "" {
+		call = newIPAMCall(c.IPAM.Type, args.StdinData)
+		if overlapIPAM[c.IPAM.Type] {
+			call.start()
+		}
+		defer func() {
+			if err != nil {
+				err = call.joinRelease(err)
+			}
+		}()
+	}
+	// The datapath first: without it there is nothing to create a pod for.
+	dp, err := openDatapath(c.BPFFS, types.ErrTryAgainLater)
+	if err != nil {
+		return err
+	}
+	defer dp.Close()
+	ph.mark("open_datapath")
+	netns, err := ns.GetNS(args.Netns)
+	if err != nil {
+		return errorf(types.ErrInvalidNetNS, "open container netns %q: %v", args.Netns, err)
+	}
+	defer netns.Close()
+
+	base := endpoint{ContainerID: args.ContainerID, IfName: args.IfName, Netns: args.Netns, PodName: podName, PodNamespace: podNamespace, Network: c.Name}
+	var result types.Result
+	if c.Chained {
+		result, err = addChained(c, dp, netns, base, ph)
+	} else {
+		result, err = addMain(c, args, dp, netns, master, base, call, ph)
+	}
+	if err != nil {
+		return err
+	}
+	return types.PrintResult(result, c.CNIVersion)
+}
+
+// addMain creates the slave, takes the addresses from call (nil: no IPAM)
+// and registers the endpoint. Every step undoes itself when a later one
+// fails: the named err is what the deferred rollbacks look at (add releases
+// the addresses).
+func addMain(c *Conf, args *skel.CmdArgs, dp *loader.Datapath, netns ns.NetNS, master netlink.Link, ep endpoint, call *ipamCall, ph *phases) (_ types.Result, err error) {
+	m := &dp.Maps
+	if err := checkServiceOverlap(m, "ipam subnet", c.IPAMSubnets); err != nil {
+		return nil, err
+	}
+	if c.PrevResult != nil {
+		if prev, perr := current.NewResultFromResult(c.PrevResult); perr == nil {
+			if _, intf := resultIface(prev, args.IfName, args.Netns); intf != nil {
+				return nil, invalidConf("a previous plugin created %s already: to chain underpass after it, remove master, mode, macvlanMode, ipvlanMode, mtu and ipam from the underpass entry", args.IfName)
+			}
+		}
+	}
+	if mtu := master.Attrs().MTU; c.MTU > mtu {
+		return nil, invalidConf("mtu %d is larger than master %s's MTU %d: lower mtu, or leave it out to use the master's", c.MTU, master.Attrs().Name, mtu)
+	}
+	ph.mark("master")
+
+	link, err := createSlave(c, master, args.IfName, netns)
+	if err != nil {
+		return nil, err
+	}
+	ph.mark("create_slave")
+	defer func() {
+		if err != nil {
+			if derr := deleteLinkIn(netns.Path(), args.IfName); derr != nil {
+				err = errors.Join(err, fmt.Errorf("roll back: delete %s: %w", args.IfName, derr))
+			}
+		}
+	}()
+	if err := failpoint("add-link"); err != nil {
+		return nil, err
+	}
+	result := &current.Result{
+		CNIVersion: current.ImplementedSpecVersion,
+		Interfaces: []*current.Interface{{Name: args.IfName, Mac: link.Attrs().HardwareAddr.String(), Sandbox: netns.Path()}},
+		DNS:        c.DNS,
+	}
+	if call != nil {
+		ir, err := call.result()
+		if err != nil {
+			return nil, err
+		}
+		for _, ipc := range ir.IPs {
+			ipc.Interface = current.Int(0) // every address is the slave's
+		}
+		result.IPs, result.Routes = ir.IPs, ir.Routes
+		if !ir.DNS.IsEmpty() && c.DNS.IsEmpty() {
+			result.DNS = ir.DNS
+		}
+	}
+	ph.mark("ipam")
+	if err := failpoint("add-ipam"); err != nil {
+		return nil, err
+	}
+	_, addrs, err := ifaceIPs(result, 0)
+	if err != nil {
+		return nil, err
+	}
+	// IPAMs whose config is not readable here (whereabouts, dhcp) are
+	// checked on what they handed out.
+	if err := checkServiceOverlap(m, "pod subnet", addrs); err != nil {
+		return nil, err
+	}
+
+	ep.Ifindex = link.Attrs().Index
+	ep.MAC = link.Attrs().HardwareAddr
+	ep.Addrs = addrs
+	ep.ParentIndex = master.Attrs().Index
+	ep.ParentName = master.Attrs().Name
+	ep.ParentMAC = master.Attrs().HardwareAddr
+	ep.Mode = c.DatapathMode
+	// The programs go on before the link comes up, so the counters see its
+	// first frame and the spoofing guard is in place before it can send.
+	err = attachEndpoint(dp, netns, &ep, ph, func() error {
+		// Announce the addresses at once (the reference macvlan plugin
+		// does the same): neighbours may remember a previous owner's MAC.
+		_, _ = sysctl.Sysctl(fmt.Sprintf("net/ipv4/conf/%s/arp_notify", args.IfName), "1")
+		_, _ = sysctl.Sysctl(fmt.Sprintf("net/ipv6/conf/%s/ndisc_notify", args.IfName), "1")
+		var err error
+		if len(result.IPs) > 0 {
+			err = ipam.ConfigureIface(args.IfName, result)
+		} else {
+			var l netlink.Link
+			if l, err = netlink.LinkByIndex(ep.Ifindex); err == nil {
+				err = netlink.LinkSetUp(l)
+			}
+		}
+		if err != nil {
+			return fmt.Errorf("configure %s: %w", args.IfName, err)
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	ph.mark("configure")
+	return result, nil
+}
+
+// addChained adopts the slave a previous plugin created and passes its
+// result on unchanged.
+func addChained(c *Conf, dp *loader.Datapath, netns ns.NetNS, ep endpoint, ph *phases) (types.Result, error) {
+	prev, err := current.NewResultFromResult(c.PrevResult)
+	if err != nil {
+		return nil, errorf(types.ErrDecodingFailure, "prevResult: %v", err)
+	}
+	idx, intf := resultIface(prev, ep.IfName, ep.Netns)
+	if intf == nil {
+		return nil, invalidConf("prevResult has no interface %q in the container netns: chain underpass after the macvlan or ipvlan plugin that creates it", ep.IfName)
+	}
+	_, addrs, err := ifaceIPs(prev, idx)
+	if err != nil {
+		return nil, err
+	}
+	if err := checkServiceOverlap(&dp.Maps, "pod subnet", addrs); err != nil {
+		return nil, err
+	}
+	var s *slave
+	if err := netns.Do(func(ns.NetNS) error {
+		var err error
+		s, err = inspectSlave(ep.IfName)
+		return err
+	}); err != nil {
+		return nil, err
+	}
+	if intf.Mac != "" && intf.Mac != s.MAC.String() {
+		return nil, fmt.Errorf("prevResult says %s has MAC %s, the container's has %s: the previous plugin's result is stale", ep.IfName, intf.Mac, s.MAC)
+	}
+	parent, err := netlink.LinkByIndex(s.ParentIndex)
+	if err != nil {
+		return nil, fmt.Errorf("the parent of %s (ifindex %d) is not in the host netns: underpass needs the slave's parent on the node (no linkInContainer): %w", ep.IfName, s.ParentIndex, err)
+	}
+	// ipvlan slaves carry their parent's MAC: a mismatch means the index
+	// named some other link of the host.
+	if s.Kind == ModeIPvlan && parent.Attrs().HardwareAddr.String() != s.MAC.String() {
+		return nil, fmt.Errorf("the parent of %s (ifindex %d) is not in the host netns: %s has another MAC", ep.IfName, s.ParentIndex, parent.Attrs().Name)
+	}
+
+	ep.Ifindex = s.Ifindex
+	ep.MAC = s.MAC
+	ep.Addrs = addrs
+	ep.ParentIndex = parent.Attrs().Index
+	ep.ParentName = parent.Attrs().Name
+	ep.ParentMAC = parent.Attrs().HardwareAddr
+	ep.Mode = s.Mode
+	if err := attachEndpoint(dp, netns, &ep, ph, nil); err != nil {
+		return nil, err
+	}
+	return c.PrevResult, nil
+}

@@ -1,0 +1,125 @@
+package cni
+
+import (
+	"errors"
+	"net"
+	"net/netip"
+	"strings"
+	"testing"
+
+	"github.com/containernetworking/cni/pkg/types"
+	current "github.com/containernetworking/cni/pkg/types/100"
+
+	"github.com/underpass-cni/underpass/internal/loader"
+)
+
+func TestParseConf(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		in      string
+		chained bool
+		mode    loader.Mode
+		code    uint
+		msg     string
+	}{
+		{name: "defaults", in: `{"cniVersion":"1.1.0","type":"underpass","master":"eth0"}`, mode: loader.ModeMacvlan},
+		{name: "ipvlan l3", in: `{"cniVersion":"1.1.0","type":"underpass","mode":"ipvlan","ipvlanMode":"l3"}`, mode: loader.ModeIPvlanL3},
+		{name: "ipvlan default l2", in: `{"cniVersion":"1.1.0","type":"underpass","mode":"ipvlan"}`, mode: loader.ModeIPvlanL2},
+		{name: "chained", in: `{"cniVersion":"1.0.0","type":"underpass","prevResult":{"cniVersion":"1.0.0","interfaces":[{"name":"eth0","sandbox":"/x"}]}}`, chained: true, mode: loader.ModeMacvlan},
+		{name: "no interface keys, no prevResult: chained (GC, STATUS)", in: `{"cniVersion":"1.1.0","type":"underpass","name":"n"}`, chained: true, mode: loader.ModeMacvlan},
+		{name: "prevResult but ipam: main", in: `{"cniVersion":"1.0.0","type":"underpass","ipam":{"type":"host-local"},"prevResult":{"cniVersion":"1.0.0"}}`, mode: loader.ModeMacvlan},
+		{name: "unknown mode", in: `{"type":"underpass","mode":"x"}`, code: 7, msg: `unknown mode "x": use macvlan or ipvlan`},
+		{name: "unknown ipvlanMode", in: `{"type":"underpass","mode":"ipvlan","ipvlanMode":"l4"}`, code: 7, msg: `unknown ipvlanMode "l4"`},
+		{name: "macvlanMode with ipvlan", in: `{"type":"underpass","mode":"ipvlan","macvlanMode":"vepa"}`, code: 7, msg: "set mode to macvlan or remove macvlanMode"},
+		{name: "bad mtu", in: `{"type":"underpass","mtu":70000}`, code: 7, msg: "mtu 70000 is out of range"},
+		{name: "bad master name", in: `{"type":"underpass","master":"a/b"}`, code: 7, msg: "set master to an existing NIC"},
+		{name: "bad ipam subnet", in: `{"type":"underpass","ipam":{"type":"host-local","ranges":[[{"subnet":"10.0.0.0/40"}]]}}`, code: 7, msg: "ipam:"},
+		{name: "not json", in: `{`, code: 6, msg: "parse network configuration"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c, err := ParseConf([]byte(tc.in))
+			if tc.code != 0 {
+				var te *types.Error
+				if !errors.As(err, &te) || te.Code != tc.code || !strings.Contains(te.Msg, tc.msg) {
+					t.Fatalf("got %v, want code %d saying %q", err, tc.code, tc.msg)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if c.Chained != tc.chained || c.DatapathMode != tc.mode || c.BPFFS != loader.DefaultBPFFS {
+				t.Fatalf("chained %v mode %s bpffs %s", c.Chained, c.DatapathMode, c.BPFFS)
+			}
+		})
+	}
+}
+
+func TestIPAMSubnets(t *testing.T) {
+	c, err := ParseConf([]byte(`{"type":"underpass","ipam":{"type":"host-local","subnet":"10.1.0.0/24","ranges":[[{"subnet":"10.2.0.5/24"}],[{"subnet":"fd00::/64"}]]}}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []netip.Prefix{netip.MustParsePrefix("10.1.0.0/24"), netip.MustParsePrefix("10.2.0.0/24"), netip.MustParsePrefix("fd00::/64")}
+	if len(c.IPAMSubnets) != len(want) {
+		t.Fatalf("%v, want %v", c.IPAMSubnets, want)
+	}
+	for i := range want {
+		if c.IPAMSubnets[i] != want[i] {
+			t.Fatalf("%v, want %v", c.IPAMSubnets, want)
+		}
+	}
+}
+
+func TestParsePodArgs(t *testing.T) {
+	name, ns, err := parsePodArgs("K8S_POD_NAMESPACE=kube-system;K8S_POD_NAME=coredns-1;K8S_POD_UID=u;FOO=bar")
+	if err != nil || name != "coredns-1" || ns != "kube-system" {
+		t.Fatalf("%q %q %v", name, ns, err)
+	}
+	if _, _, err := parsePodArgs("garbage"); err == nil {
+		t.Fatal("malformed CNI_ARGS accepted")
+	}
+}
+
+func TestIfaceIPs(t *testing.T) {
+	mk := func(s string, idx *int) *current.IPConfig {
+		ip, n, _ := net.ParseCIDR(s)
+		n.IP = ip
+		return &current.IPConfig{Address: *n, Interface: idx}
+	}
+	r := &current.Result{IPs: []*current.IPConfig{
+		mk("10.0.0.5/24", current.Int(0)),
+		mk("fd00::5/64", nil),
+		mk("10.9.0.5/24", current.Int(1)),
+	}}
+	// An IPv4 address with a 16-byte mask, as some IPAMs produce.
+	r.IPs = append(r.IPs, &current.IPConfig{Address: net.IPNet{IP: net.ParseIP("10.0.1.5"), Mask: net.CIDRMask(120, 128)}, Interface: current.Int(0)})
+	_, got, err := ifaceIPs(r, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []string{"10.0.0.5/24", "fd00::5/64", "10.0.1.5/24"}
+	if len(got) != len(want) {
+		t.Fatalf("%v, want %v", got, want)
+	}
+	for i := range want {
+		if got[i].String() != want[i] {
+			t.Fatalf("%v, want %v", got, want)
+		}
+	}
+}
+
+func TestCNIErrorKeepsCodeAndContext(t *testing.T) {
+	inner := types.NewError(11, "start underpassd", "")
+	err := cniError(errors.Join(errors.New("first"), inner))
+	var te *types.Error
+	if !errors.As(err, &te) || te.Code != 11 || !strings.Contains(te.Msg, "first") || !strings.Contains(te.Msg, "start underpassd") {
+		t.Fatalf("%#v", err)
+	}
+	if te2 := cniError(inner); te2 != error(inner) {
+		t.Fatalf("a bare CNI error was rewrapped: %#v", te2)
+	}
+	if err := cniError(errors.New("boom")); !errors.As(err, &te) || te.Code != types.ErrInternal {
+		t.Fatalf("%#v", err)
+	}
+}

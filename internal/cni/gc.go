@@ -1,0 +1,81 @@
+package cni
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"github.com/containernetworking/cni/pkg/invoke"
+	"github.com/containernetworking/cni/pkg/skel"
+	"github.com/containernetworking/cni/pkg/types"
+
+	"github.com/underpass-cni/underpass/internal/datapath"
+	"github.com/underpass-cni/underpass/internal/loader"
+)
+
+// GC is CNI GC (1.1.0): this network's registrations whose attachment is
+// not in cni.dev/valid-attachments go, with their filters in the pod netns
+// if that still exists; then the IPAM plugin (main mode) collects its
+// leases.
+//
+// Every registration records the CNI network name it was added under, and
+// GC looks at its own network's only: the runtime sends one GC per network
+// with that network's attachments, so another network's live pods (on the
+// same parent or not) are never in the list and must not be judged by it.
+func GC(args *skel.CmdArgs) error { return cniError(gc(args)) }
+
+func gc(args *skel.CmdArgs) error {
+	c, err := ParseConf(args.StdinData)
+	if err != nil {
+		return err
+	}
+	var errs []error
+	dp, err := loader.OpenForEndpoints(c.BPFFS)
+	switch {
+	case errors.Is(err, loader.ErrNotLoaded):
+		log.Debug("datapath not loaded: nothing to collect", "bpffs", c.BPFFS)
+	case err != nil:
+		errs = append(errs, fmt.Errorf("open underpass datapath in %s: %w", c.BPFFS, err))
+	default:
+		defer dp.Close()
+		errs = append(errs, collect(dp, c.Name, c.ValidAttachments))
+	}
+	if !c.Chained && c.IPAM.Type != "" {
+		if err := invoke.DelegateGC(context.TODO(), c.IPAM.Type, args.StdinData, nil); err != nil {
+			errs = append(errs, fmt.Errorf("ipam %s: %w", c.IPAM.Type, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// collect removes the endpoints of network that are not valid.
+func collect(dp *loader.Datapath, network string, valid []types.GCAttachment) error {
+	unlock, err := dp.Lock()
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	keep := map[types.GCAttachment]bool{}
+	for _, a := range valid {
+		keep[a] = true
+	}
+	eps, err := datapath.Endpoints(&dp.Maps)
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for id, ep := range eps {
+		if datapath.GoString(ep.Network[:]) != network {
+			continue
+		}
+		a := types.GCAttachment{ContainerID: datapath.GoString(ep.ContainerId[:]), IfName: datapath.GoString(ep.Ifname[:])}
+		if keep[a] {
+			continue
+		}
+		log.Debug("collecting endpoint", "id", id, "network", network, "container", a.ContainerID, "ifname", a.IfName)
+		if err := removeEndpoint(dp, id); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}

@@ -1,0 +1,106 @@
+package ctl
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"slices"
+
+	"github.com/underpass-cni/underpass/internal/datapath"
+	"github.com/underpass-cni/underpass/internal/loader"
+)
+
+// Services is the output of `underpassctl services`: what the stale guard
+// and the steering act on.
+type Services struct {
+	StaleAction  string         `json:"staleAction"`
+	Live         []netip.Addr   `json:"liveServices"`
+	ServiceCIDRs []netip.Prefix `json:"serviceCIDRs"`
+	HostCIDRs    []HostCIDR     `json:"hostCIDRs"`
+}
+
+// HostCIDR is a destination steered to the host stack.
+type HostCIDR struct {
+	CIDR netip.Prefix `json:"cidr"`
+	// Local: a node address (ARP/ND for it reaches the host).
+	Local bool `json:"local"`
+	// Steer: endpoint traffic to it goes to the host stack (hostCIDRs).
+	Steer bool `json:"steer"`
+}
+
+func runServices(_ context.Context, env Env, o *options, dp *loader.Datapath) error {
+	s, err := services(dp)
+	if err != nil {
+		return err
+	}
+	if o.output == "json" {
+		return writeJSON(env.Stdout, s)
+	}
+	w := env.Stdout
+	fmt.Fprintf(w, "stale services: %s\n", s.StaleAction)
+	fmt.Fprintf(w, "service CIDRs (%d):\n", len(s.ServiceCIDRs))
+	for _, p := range s.ServiceCIDRs {
+		fmt.Fprintf(w, "  %s\n", p)
+	}
+	fmt.Fprintf(w, "live service IPs (%d):\n", len(s.Live))
+	for _, a := range s.Live {
+		fmt.Fprintf(w, "  %s\n", a)
+	}
+	fmt.Fprintf(w, "host CIDRs (%d):\n", len(s.HostCIDRs))
+	for _, h := range s.HostCIDRs {
+		var what []string
+		if h.Local {
+			what = append(what, "node address")
+		}
+		if h.Steer {
+			what = append(what, "steered")
+		}
+		fmt.Fprintf(w, "  %-20s %s\n", h.CIDR, joinOr(what, "-"))
+	}
+	return nil
+}
+
+func services(dp *loader.Datapath) (*Services, error) {
+	m := &dp.Maps
+	cfg, _, err := datapath.GetConfig(m)
+	if err != nil {
+		return nil, err
+	}
+	s := &Services{StaleAction: "drop", Live: []netip.Addr{}, ServiceCIDRs: []netip.Prefix{}, HostCIDRs: []HostCIDR{}}
+	if cfg.StaleReject {
+		s.StaleAction = "reject"
+	}
+	live, err := datapath.LiveServices(m)
+	if err != nil {
+		return nil, err
+	}
+	for a := range live {
+		s.Live = append(s.Live, a)
+	}
+	slices.SortFunc(s.Live, netip.Addr.Compare)
+	svc, err := datapath.LPMEntries(m.SvcCIDRs)
+	if err != nil {
+		return nil, fmt.Errorf("list service CIDRs: %w", err)
+	}
+	for p := range svc {
+		s.ServiceCIDRs = append(s.ServiceCIDRs, p)
+	}
+	slices.SortFunc(s.ServiceCIDRs, comparePrefix)
+	hosts, err := datapath.LPMEntries(m.HostCIDRs)
+	if err != nil {
+		return nil, fmt.Errorf("list host CIDRs: %w", err)
+	}
+	for p, flags := range hosts {
+		f := loader.HostFlags(flags)
+		s.HostCIDRs = append(s.HostCIDRs, HostCIDR{CIDR: p, Local: f&loader.HostLocal != 0, Steer: f&loader.HostSteer != 0})
+	}
+	slices.SortFunc(s.HostCIDRs, func(a, b HostCIDR) int { return comparePrefix(a.CIDR, b.CIDR) })
+	return s, nil
+}
+
+func comparePrefix(a, b netip.Prefix) int {
+	if c := a.Addr().Compare(b.Addr()); c != 0 {
+		return c
+	}
+	return a.Bits() - b.Bits()
+}

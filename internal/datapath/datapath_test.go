@@ -1,0 +1,145 @@
+package datapath_test
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"path/filepath"
+	"testing"
+
+	"github.com/underpass-cni/underpass/internal/datapath"
+	"github.com/underpass-cni/underpass/internal/loader"
+	"github.com/underpass-cni/underpass/internal/testutil"
+)
+
+func load(t *testing.T) *loader.Maps {
+	t.Helper()
+	testutil.RequireRoot(t)
+	dp, err := loader.Load(filepath.Join(testutil.MountBPFFS(t), "underpass"), loader.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { dp.Close() })
+	return &dp.Maps
+}
+
+func TestParents(t *testing.T) {
+	m := load(t)
+	mac := net.HardwareAddr{2, 0, 0, 0, 0, 1}
+	for _, i := range []int{2, 4097, loader.MaxParentIfindex - 1} {
+		if err := datapath.PutParent(m, i, mac, loader.ModeMacvlan); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := datapath.PutParent(m, loader.MaxParentIfindex, mac, loader.ModeMacvlan); err == nil {
+		t.Fatal("ifindex beyond the array accepted")
+	}
+	ps, err := datapath.Parents(m)
+	if err != nil || len(ps) != 3 {
+		t.Fatalf("parents %v, %v", ps, err)
+	}
+	if err := datapath.DeleteParent(m, 4097); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := datapath.GetParent(m, 4097); !errors.Is(err, datapath.ErrNoParent) {
+		t.Fatalf("deleted parent: %v", err)
+	}
+	if p, err := datapath.GetParent(m, 2); err != nil || loader.Mode(p.Mode) != loader.ModeMacvlan {
+		t.Fatalf("parent 2: %+v %v", p, err)
+	}
+}
+
+func TestRegisterRoundTrip(t *testing.T) {
+	m := load(t)
+	spec := datapath.EndpointSpec{ContainerID: "c1", IfName: "eth0", ParentIfindex: 2, Mode: loader.ModeMacvlan,
+		MAC: net.HardwareAddr{2, 1, 2, 3, 4, 5}, Addrs: []netip.Prefix{netip.MustParsePrefix("192.0.2.10/24"), netip.MustParsePrefix("2001:db8::10/64")},
+		PodName: "web-0", PodNamespace: "shop"}
+	id, err := datapath.Register(m, spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A retried ADD replaces, it does not duplicate.
+	id2, err := datapath.Register(m, spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	eps, _ := datapath.Endpoints(m)
+	if len(eps) != 1 || id2 != id {
+		t.Fatalf("after re-register: ids %d/%d, %d endpoints", id, id2, len(eps))
+	}
+	ep := eps[id]
+	if datapath.GoString(ep.PodName[:]) != "web-0" || len(datapath.EndpointAddrs(&ep)) != 2 {
+		t.Fatalf("metadata: %+v", ep)
+	}
+	// Another endpoint cannot claim the same address.
+	other := spec
+	other.ContainerID, other.MAC = "c2", net.HardwareAddr{2, 9, 9, 9, 9, 9}
+	if _, err := datapath.Register(m, other); !errors.Is(err, datapath.ErrAddrInUse) {
+		t.Fatalf("duplicate address: %v", err)
+	}
+	if eps, _ := datapath.Endpoints(m); len(eps) != 1 {
+		t.Fatalf("failed register left %d endpoints", len(eps))
+	}
+	if err := datapath.Unregister(m, id); err != nil {
+		t.Fatal(err)
+	}
+	if err := datapath.Unregister(m, id); err != nil {
+		t.Fatalf("second unregister: %v", err)
+	}
+	if n := count(t, m); n != 0 {
+		t.Fatalf("%d entries left after unregister", n)
+	}
+}
+
+func count(t *testing.T, m *loader.Maps) int {
+	n := 0
+	for _, mp := range []interface {
+		NextKey(key, nextKeyOut any) error
+	}{m.EpByMAC, m.EpByIP, m.Endpoints, m.EpStats} {
+		var k [16]byte
+		var next [16]byte
+		_ = k
+		if err := mp.NextKey(nil, &next); err == nil {
+			n++
+		}
+	}
+	return n
+}
+
+// Ids collide in 16 bits: the second attachment to hash to a taken id gets
+// the next free one, and each is found again by its own names.
+func TestRegisterProbesPastCollisions(t *testing.T) {
+	m := load(t)
+	// Find a pair of attachments whose natural ids are equal.
+	seen := map[uint32]string{}
+	var a, b string
+	for i := 0; a == ""; i++ {
+		cid := fmt.Sprintf("ctr-%d", i)
+		id := datapath.EndpointID(cid, "eth0")
+		if prev, ok := seen[id]; ok {
+			a, b = prev, cid
+		}
+		seen[id] = cid
+	}
+	spec := func(cid string, last byte) datapath.EndpointSpec {
+		return datapath.EndpointSpec{ContainerID: cid, IfName: "eth0", ParentIfindex: 2, Mode: loader.ModeMacvlan,
+			MAC: net.HardwareAddr{2, 0, 0, 0, 0, last}, Addrs: []netip.Prefix{netip.PrefixFrom(netip.AddrFrom4([4]byte{192, 0, 2, last}), 24)}}
+	}
+	idA, err := datapath.Register(m, spec(a, 1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	idB, err := datapath.Register(m, spec(b, 2))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if idA != datapath.EndpointID(a, "eth0") || idB == idA || idB > loader.MaxEndpointID {
+		t.Fatalf("ids %d and %d for two attachments whose natural id is %d", idA, idB, idA)
+	}
+	for cid, want := range map[string]uint32{a: idA, b: idB} {
+		if got, _, err := datapath.Find(m, cid, "eth0"); err != nil || got != want {
+			t.Fatalf("Find(%s) = %d, %v; want %d", cid, got, err, want)
+		}
+	}
+}

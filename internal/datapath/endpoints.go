@@ -1,0 +1,342 @@
+package datapath
+
+import (
+	"errors"
+	"fmt"
+	"hash/fnv"
+	"net"
+	"net/netip"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/underpass-cni/underpass/internal/loader"
+)
+
+// EndpointSpec is what registering an endpoint needs.
+type EndpointSpec struct {
+	ContainerID   string
+	IfName        string // inside the container
+	Netns         string
+	ParentIfindex int
+	ParentName    string
+	Ifindex       int // the slave, inside the container netns
+	Mode          loader.Mode
+	MAC           net.HardwareAddr
+	Addrs         []netip.Prefix
+	PodName       string
+	PodNamespace  string
+	Network       string // the CNI network name (GC and STATUS are per network)
+}
+
+// ErrAddrInUse means an address is registered to another endpoint.
+var ErrAddrInUse = errors.New("address registered to another endpoint")
+
+// Endpoint ids are 16 bits: the endpoint programs learn whose frame they
+// see from the classid of the filter that runs them, of which cls_bpf
+// passes 16 bits (loader.MaxEndpointID). An id is claimed by linear probing
+// from a hash of the attachment; the attachment is found again through
+// ep_names, never by walking the probe chain, so a chain with holes (an
+// endpoint in the middle deleted) loses nobody.
+const (
+	idMask    = loader.MaxEndpointID
+	maxProbes = loader.MaxEndpointID
+)
+
+// EndpointID is where the probing for an attachment's id starts.
+func EndpointID(containerID, ifname string) uint32 {
+	return nonZero(attachmentHash(containerID, ifname) & idMask)
+}
+
+// attachmentHash is a variable so that tests can force every attachment
+// onto one probe chain.
+var attachmentHash = func(containerID, ifname string) uint32 {
+	h := fnv.New32a()
+	h.Write([]byte(containerID))
+	h.Write([]byte{0})
+	h.Write([]byte(ifname))
+	return h.Sum32()
+}
+
+func nonZero(id uint32) uint32 {
+	if id == 0 {
+		return 1 // 0 means "no endpoint" to the programs
+	}
+	return id
+}
+
+func attachKey(containerID, ifname string) loader.AttachKey {
+	var k loader.AttachKey
+	CString(k.ContainerId[:], containerID)
+	CString(k.Ifname[:], ifname)
+	return k
+}
+
+// Find returns the id registered for an attachment, or 0.
+func Find(m *loader.Maps, containerID, ifname string) (uint32, *loader.Endpoint, error) {
+	k := attachKey(containerID, ifname)
+	var id uint32
+	err := m.EpNames.Lookup(&k, &id)
+	if isNotExist(err) {
+		return 0, nil, nil
+	}
+	if err != nil {
+		return 0, nil, fmt.Errorf("look up endpoint %s/%s: %w", containerID, ifname, err)
+	}
+	var ep loader.Endpoint
+	err = m.Endpoints.Lookup(id, &ep)
+	if isNotExist(err) {
+		return 0, nil, nil
+	}
+	if err != nil {
+		return 0, nil, fmt.Errorf("look up endpoint %d: %w", id, err)
+	}
+	if GoString(ep.ContainerId[:]) != containerID || GoString(ep.Ifname[:]) != ifname {
+		return 0, nil, nil // a stale name entry: the id went to someone else
+	}
+	return id, &ep, nil
+}
+
+// nextID is the id after id on a probe chain whose ids wrap at mask.
+func nextID(id, mask uint32) uint32 {
+	return nonZero((id + 1) & mask)
+}
+
+// ErrTooLong means a name does not fit its field in the registry: stored
+// cut short, DEL, CHECK and GC could not find the endpoint again.
+var ErrTooLong = errors.New("too long for the endpoint registry")
+
+// CheckAttachment says whether an attachment's names fit the registry; the
+// plugin asks before it creates anything.
+func CheckAttachment(containerID, ifname, netns, network string) error {
+	var ep loader.Endpoint
+	for _, f := range []struct {
+		what, v string
+		max     int
+	}{
+		{"container id", containerID, len(ep.ContainerId) - 1},
+		{"interface name", ifname, len(ep.Ifname) - 1},
+		{"netns path", netns, len(ep.Netns) - 1},
+		{"network name", network, len(ep.Network) - 1},
+	} {
+		if len(f.v) > f.max {
+			return fmt.Errorf("%s %q is %d bytes, at most %d fit: %w", f.what, f.v, len(f.v), f.max, ErrTooLong)
+		}
+	}
+	return nil
+}
+
+// Register writes every entry of an endpoint. An attachment registered
+// already is replaced (ADD retried by the runtime). On error nothing of the
+// new registration is left behind. The pod name and namespace are cut to fit
+// (they only label metrics); every other name must fit (CheckAttachment).
+func Register(m *loader.Maps, s EndpointSpec) (id uint32, err error) {
+	if err := CheckAttachment(s.ContainerID, s.IfName, s.Netns, s.Network); err != nil {
+		return 0, err
+	}
+	if len(s.Addrs) > loader.MaxAddrs {
+		return 0, fmt.Errorf("endpoint has %d addresses, at most %d are supported", len(s.Addrs), loader.MaxAddrs)
+	}
+	if old, _, err := Find(m, s.ContainerID, s.IfName); err != nil {
+		return 0, err
+	} else if old != 0 {
+		if err := Unregister(m, old); err != nil {
+			return 0, err
+		}
+	}
+
+	ep := loader.Endpoint{
+		ParentIfindex: uint32(s.ParentIfindex),
+		Ifindex:       uint32(s.Ifindex),
+		Mode:          uint8(s.Mode),
+		CreatedUnix:   uint64(time.Now().Unix()),
+	}
+	copy(ep.Mac[:], s.MAC)
+	for i, p := range s.Addrs {
+		p = unmapAddr(p)
+		ep.Addrs[i] = loader.EndpointAddr{Addr: p.Addr().As16(), Prefixlen: uint8(p.Bits()), Family: family(p.Addr())}
+	}
+	CString(ep.ContainerId[:], s.ContainerID)
+	CString(ep.Ifname[:], s.IfName)
+	CString(ep.Parent[:], s.ParentName)
+	CString(ep.PodName[:], s.PodName)
+	CString(ep.PodNamespace[:], s.PodNamespace)
+	CString(ep.Netns[:], s.Netns)
+	CString(ep.Network[:], s.Network)
+
+	// Claim an id: inserting the metadata with NoExist is the lock.
+	id = EndpointID(s.ContainerID, s.IfName)
+	for i := 0; ; i++ {
+		ep.Id = id
+		err := m.Endpoints.Update(id, &ep, ebpf.UpdateNoExist)
+		if err == nil {
+			break
+		}
+		if !errors.Is(err, ebpf.ErrKeyExist) || i == maxProbes-1 {
+			return 0, fmt.Errorf("register endpoint: %w", err)
+		}
+		id = nextID(id, idMask)
+	}
+	// Roll back by the claimed id: the error returns below zero id.
+	claimed := id
+	defer func() {
+		if err != nil {
+			Unregister(m, claimed)
+		}
+	}()
+
+	nk := attachKey(s.ContainerID, s.IfName)
+	if err := m.EpNames.Update(&nk, id, ebpf.UpdateAny); err != nil {
+		return 0, fmt.Errorf("register the name of endpoint %d: %w", id, err)
+	}
+	ref := loader.EndpointRef{Id: id}
+	for _, p := range s.Addrs {
+		k := EpIPKey(p.Addr(), s.ParentIfindex)
+		var other loader.EndpointRef
+		if err := m.EpByIP.Lookup(&k, &other); err == nil && other.Id != id {
+			if other.Flags&uint32(loader.RefLearned) == 0 {
+				return 0, fmt.Errorf("%w: %s belongs to endpoint %d", ErrAddrInUse, p.Addr(), other.Id)
+			}
+			// Another endpoint only learnt it (its DAD raced IPAM): the
+			// assignment wins, the learner's traffic from it stops.
+		}
+		if err := m.EpByIP.Update(&k, &ref, ebpf.UpdateAny); err != nil {
+			return 0, fmt.Errorf("register %s: %w", p.Addr(), err)
+		}
+	}
+	if s.Mode == loader.ModeMacvlan {
+		k := MACKey(s.MAC, s.ParentIfindex)
+		if err := m.EpByMAC.Update(&k, &ref, ebpf.UpdateAny); err != nil {
+			return 0, fmt.Errorf("register %s: %w", s.MAC, err)
+		}
+	}
+	if err := zeroStats(m, id); err != nil {
+		return 0, err
+	}
+	return id, nil
+}
+
+// Unregister removes every entry of endpoint id; absent entries are fine, and
+// entries that now belong to another endpoint are left alone.
+func Unregister(m *loader.Maps, id uint32) error {
+	var ep loader.Endpoint
+	err := m.Endpoints.Lookup(id, &ep)
+	if isNotExist(err) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("look up endpoint %d: %w", id, err)
+	}
+	var errs []error
+	for _, k := range refKeys(&ep) {
+		errs = append(errs, deleteRef(m.EpByIP, &k, id))
+	}
+	mk := loader.MACKey{Mac: ep.Mac, ParentIfindex: ep.ParentIfindex}
+	errs = append(errs, deleteRef(m.EpByMAC, &mk, id))
+	nk := loader.AttachKey{ContainerId: ep.ContainerId, Ifname: ep.Ifname}
+	var named uint32
+	if m.EpNames.Lookup(&nk, &named) == nil && named == id {
+		if err := m.EpNames.Delete(&nk); err != nil && !isNotExist(err) {
+			errs = append(errs, err)
+		}
+	}
+	if err := m.EpStats.Delete(id); err != nil && !isNotExist(err) {
+		errs = append(errs, err)
+	}
+	if err := m.Endpoints.Delete(id); err != nil && !isNotExist(err) {
+		errs = append(errs, err)
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("unregister endpoint %d: %w", id, err)
+	}
+	return nil
+}
+
+// refKeys are the ep_by_ip keys of an endpoint: its registered addresses
+// and those it learnt.
+func refKeys(ep *loader.Endpoint) []loader.EpIPKey {
+	var out []loader.EpIPKey
+	for _, a := range ep.Addrs {
+		if a.Family != 0 {
+			out = append(out, loader.EpIPKey{Addr: a.Addr, ParentIfindex: ep.ParentIfindex})
+		}
+	}
+	for _, l := range ep.Learned {
+		if l.LearnedNs != 0 {
+			out = append(out, loader.EpIPKey{Addr: l.Addr, ParentIfindex: ep.ParentIfindex})
+		}
+	}
+	return out
+}
+
+// deleteRef deletes a ref that still belongs to endpoint id.
+func deleteRef(m *ebpf.Map, key any, id uint32) error {
+	var ref loader.EndpointRef
+	if m.Lookup(key, &ref) != nil || ref.Id != id {
+		return nil
+	}
+	if err := m.Delete(key); err != nil && !isNotExist(err) {
+		return err
+	}
+	return nil
+}
+
+// LearnedAddrs decodes the addresses an endpoint learnt from its DAD that
+// are still its own (a conflict from the wire takes one back).
+func LearnedAddrs(m *loader.Maps, ep *loader.Endpoint) []netip.Addr {
+	var out []netip.Addr
+	for _, l := range ep.Learned {
+		if l.LearnedNs == 0 {
+			continue
+		}
+		k := loader.EpIPKey{Addr: l.Addr, ParentIfindex: ep.ParentIfindex}
+		var ref loader.EndpointRef
+		if m.EpByIP.Lookup(&k, &ref) == nil && ref.Id == ep.Id {
+			out = append(out, netip.AddrFrom16(l.Addr).Unmap())
+		}
+	}
+	return out
+}
+
+// Endpoints lists the registered endpoints by id.
+func Endpoints(m *loader.Maps) (map[uint32]loader.Endpoint, error) {
+	out := map[uint32]loader.Endpoint{}
+	var k uint32
+	var v loader.Endpoint
+	it := m.Endpoints.Iterate()
+	for it.Next(&k, &v) {
+		out[k] = v
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("list endpoints: %w", err)
+	}
+	return out, nil
+}
+
+// EndpointAddrs decodes an endpoint's addresses.
+func EndpointAddrs(ep *loader.Endpoint) []netip.Prefix {
+	var out []netip.Prefix
+	for _, a := range ep.Addrs {
+		if a.Family == 0 {
+			continue
+		}
+		out = append(out, netip.PrefixFrom(netip.AddrFrom16(a.Addr).Unmap(), int(a.Prefixlen)))
+	}
+	return out
+}
+
+// unmapAddr writes an interface address given as ::ffff:a.b.c.d/96+n as
+// a.b.c.d/n: the datapath keys both spellings alike, and reading the
+// registration back must give one of them.
+func unmapAddr(p netip.Prefix) netip.Prefix {
+	if a := p.Addr(); a.Is4In6() && p.Bits() >= 96 {
+		return netip.PrefixFrom(a.Unmap(), p.Bits()-96)
+	}
+	return p
+}
+
+func family(a netip.Addr) uint8 {
+	if a.Is4() {
+		return 4
+	}
+	return 6
+}

@@ -1,0 +1,75 @@
+// Package datapath is typed access to the pinned maps: the endpoint
+// registry, the steering and service sets, the config word and the counters.
+// It never loads or attaches programs (that is package loader).
+package datapath
+
+import (
+	"net"
+	"net/netip"
+
+	"github.com/underpass-cni/underpass/internal/cidrs"
+	"github.com/underpass-cni/underpass/internal/loader"
+)
+
+// IPKey encodes an address the way the programs look it up: IPv4 as
+// IPv4-mapped IPv6.
+func IPKey(a netip.Addr) loader.IPKey {
+	return loader.IPKey{Addr: a.As16()}
+}
+
+// EpIPKey encodes an endpoint address on a parent, as ep_by_ip is keyed.
+func EpIPKey(a netip.Addr, parentIfindex int) loader.EpIPKey {
+	return loader.EpIPKey{Addr: a.As16(), ParentIfindex: uint32(parentIfindex)}
+}
+
+// AddrOf decodes an IPKey.
+func AddrOf(k loader.IPKey) netip.Addr {
+	return netip.AddrFrom16(k.Addr).Unmap()
+}
+
+// LPMKey encodes a prefix for the LPM tries (IPv4 as /96+len).
+func LPMKey(p netip.Prefix) loader.LPMKey {
+	p = p.Masked()
+	bits := p.Bits()
+	if p.Addr().Is4() {
+		bits += 96
+	}
+	return loader.LPMKey{Prefixlen: uint32(bits), Addr: p.Addr().As16()}
+}
+
+// PrefixOf decodes an LPMKey in canonical form (cidrs.Canonical): host
+// bits cleared, IPv4 as IPv4. Keys written by hand (bpftool) may carry host
+// bits or put an IPv4-mapped address under a /96-or-shorter prefix, which
+// is an IPv6 prefix then.
+func PrefixOf(k loader.LPMKey) netip.Prefix {
+	return cidrs.Canonical(netip.PrefixFrom(netip.AddrFrom16(k.Addr), int(k.Prefixlen)))
+}
+
+// MACKey encodes a MAC address on a parent, as ep_by_mac is keyed.
+func MACKey(mac net.HardwareAddr, parentIfindex int) loader.MACKey {
+	k := loader.MACKey{ParentIfindex: uint32(parentIfindex)}
+	copy(k.Mac[:], mac)
+	return k
+}
+
+// CString fills a fixed C char array, truncating and NUL-terminating.
+func CString(dst []int8, s string) {
+	for i := range dst {
+		dst[i] = 0
+	}
+	for i := 0; i < len(s) && i < len(dst)-1; i++ {
+		dst[i] = int8(s[i])
+	}
+}
+
+// GoString reads a C char array.
+func GoString(src []int8) string {
+	b := make([]byte, 0, len(src))
+	for _, c := range src {
+		if c == 0 {
+			break
+		}
+		b = append(b, byte(c))
+	}
+	return string(b)
+}

@@ -1,0 +1,90 @@
+package datapath
+
+import (
+	"errors"
+	"fmt"
+
+	"github.com/cilium/ebpf"
+	"github.com/underpass-cni/underpass/internal/loader"
+)
+
+// MoveParent re-points every endpoint registered on parent ifindex from to
+// ifindex to: what a parent NIC that was deleted and re-created (new
+// ifindex, same name) needs, since the programs match endpoints by their
+// parent's ifindex. The lookup refs are written before the endpoint record,
+// so a reader never sees a record whose refs are not there yet. It returns
+// how many endpoints moved.
+func MoveParent(m *loader.Maps, from, to int) (int, error) {
+	eps, err := Endpoints(m)
+	if err != nil {
+		return 0, err
+	}
+	moved := 0
+	var errs []error
+	for id, ep := range eps {
+		if int(ep.ParentIfindex) != from {
+			continue
+		}
+		// The refs are keyed by parent: new keys first, the old ones go
+		// after the record moved.
+		old := refKeys(&ep)
+		oldMAC := loader.MACKey{Mac: ep.Mac, ParentIfindex: ep.ParentIfindex}
+		for _, k := range old {
+			nk := loader.EpIPKey{Addr: k.Addr, ParentIfindex: uint32(to)}
+			errs = append(errs, moveRef(m.EpByIP, &k, &nk, id))
+		}
+		nmk := loader.MACKey{Mac: ep.Mac, ParentIfindex: uint32(to)}
+		errs = append(errs, moveRef(m.EpByMAC, &oldMAC, &nmk, id))
+		ep.ParentIfindex = uint32(to)
+		// UpdateExist: an endpoint unregistered meanwhile stays gone.
+		if err := m.Endpoints.Update(id, &ep, ebpf.UpdateExist); err != nil && !isNotExist(err) {
+			errs = append(errs, fmt.Errorf("endpoint %d: %w", id, err))
+			continue
+		}
+		for _, k := range old {
+			errs = append(errs, deleteRef(m.EpByIP, &k, id))
+		}
+		errs = append(errs, deleteRef(m.EpByMAC, &oldMAC, id))
+		moved++
+	}
+	if err := errors.Join(errs...); err != nil {
+		return moved, fmt.Errorf("move endpoints from parent ifindex %d to %d: %w", from, to, err)
+	}
+	return moved, nil
+}
+
+// moveRef copies a ref that still belongs to endpoint id to a new key.
+func moveRef(m *ebpf.Map, from, to any, id uint32) error {
+	var cur loader.EndpointRef
+	if err := m.Lookup(from, &cur); err != nil || cur.Id != id {
+		return nil
+	}
+	if err := m.Update(to, &cur, ebpf.UpdateAny); err != nil {
+		return fmt.Errorf("endpoint %d: %w", id, err)
+	}
+	return nil
+}
+
+// CountEndpoints counts registered endpoints by walking keys only (the
+// records are large; a metrics scrape should not copy them all).
+func CountEndpoints(m *loader.Maps) (int, error) {
+	var key, next uint32
+	n := 0
+	var prev any // nil: start from the first key
+	for {
+		if err := m.Endpoints.NextKey(prev, &next); err != nil {
+			if errors.Is(err, ebpf.ErrKeyNotExist) {
+				return n, nil
+			}
+			return n, fmt.Errorf("count endpoints: %w", err)
+		}
+		n++
+		key = next
+		prev = &key
+		if n > int(m.Endpoints.MaxEntries()) {
+			// Keys deleted while walking can restart the walk; stop rather
+			// than loop.
+			return n, nil
+		}
+	}
+}

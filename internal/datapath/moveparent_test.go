@@ -1,0 +1,108 @@
+package datapath_test
+
+import (
+	"net"
+	"net/netip"
+	"path/filepath"
+	"testing"
+
+	"github.com/underpass-cni/underpass/internal/datapath"
+	"github.com/underpass-cni/underpass/internal/loader"
+	"github.com/underpass-cni/underpass/internal/testutil"
+)
+
+func TestMoveParentAndCount(t *testing.T) {
+	testutil.RequireRoot(t)
+	dp, err := loader.Load(filepath.Join(testutil.MountBPFFS(t), "underpass"), loader.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dp.Close()
+	m := &dp.Maps
+	if n, err := datapath.CountEndpoints(m); err != nil || n != 0 {
+		t.Fatalf("empty: %d %v", n, err)
+	}
+	reg := func(id string, parent int, mac byte, ip string) uint32 {
+		t.Helper()
+		epID, err := datapath.Register(m, datapath.EndpointSpec{
+			ContainerID: id, IfName: "eth0", ParentIfindex: parent, Mode: loader.ModeMacvlan,
+			MAC: net.HardwareAddr{2, 0, 0, 0, 0, mac}, Addrs: []netip.Prefix{netip.MustParsePrefix(ip)},
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return epID
+	}
+	a := reg("a", 5, 1, "10.0.0.1/24")
+	b := reg("b", 5, 2, "10.0.0.2/24")
+	c := reg("c", 6, 3, "10.0.1.3/24")
+	if n, _ := datapath.CountEndpoints(m); n != 3 {
+		t.Fatalf("count %d, want 3", n)
+	}
+	moved, err := datapath.MoveParent(m, 5, 9)
+	if err != nil || moved != 2 {
+		t.Fatalf("moved %d, %v; want 2", moved, err)
+	}
+	eps, _ := datapath.Endpoints(m)
+	for id, want := range map[uint32]uint32{a: 9, b: 9, c: 6} {
+		if got := eps[id].ParentIfindex; got != want {
+			t.Errorf("endpoint %d on parent %d, want %d", id, got, want)
+		}
+	}
+	var ref loader.EndpointRef
+	k := datapath.EpIPKey(netip.MustParseAddr("10.0.0.2"), 9)
+	if err := m.EpByIP.Lookup(&k, &ref); err != nil || ref.Id != b {
+		t.Fatalf("ep_by_ip ref on the new parent %+v %v", ref, err)
+	}
+	mk := datapath.MACKey(net.HardwareAddr{2, 0, 0, 0, 0, 1}, 9)
+	if err := m.EpByMAC.Lookup(&mk, &ref); err != nil || ref.Id != a {
+		t.Fatalf("ep_by_mac ref on the new parent %+v %v", ref, err)
+	}
+	// Nothing left under the old parent's keys.
+	k = datapath.EpIPKey(netip.MustParseAddr("10.0.0.2"), 5)
+	if err := m.EpByIP.Lookup(&k, &ref); err == nil {
+		t.Fatalf("ep_by_ip still has the old parent's key: %+v", ref)
+	}
+	mk = datapath.MACKey(net.HardwareAddr{2, 0, 0, 0, 0, 1}, 5)
+	if err := m.EpByMAC.Lookup(&mk, &ref); err == nil {
+		t.Fatalf("ep_by_mac still has the old parent's key: %+v", ref)
+	}
+}
+
+// Two networks on one node (Multus): the same MAC and the same address on
+// two parents are two endpoints, each found on its own parent; removing one
+// leaves the other whole.
+func TestSameMACAndAddressOnTwoParents(t *testing.T) {
+	m := load(t)
+	mac := net.HardwareAddr{2, 0, 0, 0, 0, 7}
+	addr := netip.MustParsePrefix("10.78.0.2/24")
+	reg := func(cid string, parent int) uint32 {
+		t.Helper()
+		id, err := datapath.Register(m, datapath.EndpointSpec{ContainerID: cid, IfName: "net1", ParentIfindex: parent,
+			Mode: loader.ModeMacvlan, MAC: mac, Addrs: []netip.Prefix{addr}})
+		if err != nil {
+			t.Fatalf("register on parent %d: %v", parent, err)
+		}
+		return id
+	}
+	a, b := reg("pod-on-vlan100", 11), reg("pod-on-vlan200", 12)
+	for parent, want := range map[int]uint32{11: a, 12: b} {
+		k := datapath.EpIPKey(addr.Addr(), parent)
+		mk := datapath.MACKey(mac, parent)
+		var ip, mr loader.EndpointRef
+		if err := m.EpByIP.Lookup(&k, &ip); err != nil || ip.Id != want {
+			t.Fatalf("ep_by_ip on parent %d: %+v %v, want %d", parent, ip, err, want)
+		}
+		if err := m.EpByMAC.Lookup(&mk, &mr); err != nil || mr.Id != want {
+			t.Fatalf("ep_by_mac on parent %d: %+v %v, want %d", parent, mr, err, want)
+		}
+	}
+	if err := datapath.Unregister(m, a); err != nil {
+		t.Fatal(err)
+	}
+	k := datapath.EpIPKey(addr.Addr(), 12)
+	var ref loader.EndpointRef
+	if err := m.EpByIP.Lookup(&k, &ref); err != nil || ref.Id != b {
+		t.Fatalf("the other network's pod lost its address: %+v %v", ref, err)
+	}
+}

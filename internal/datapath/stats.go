@@ -1,0 +1,97 @@
+package datapath
+
+import (
+	"fmt"
+
+	"github.com/cilium/ebpf"
+	"github.com/underpass-cni/underpass/internal/loader"
+)
+
+func zeroStats(m *loader.Maps, id uint32) error {
+	zeros := make([]loader.EndpointStats, ebpf.MustPossibleCPU())
+	if err := m.EpStats.Update(id, zeros, ebpf.UpdateAny); err != nil {
+		return fmt.Errorf("create counters of endpoint %d: %w", id, err)
+	}
+	return nil
+}
+
+// Sum adds per-CPU endpoint counters.
+func Sum(per []loader.EndpointStats) loader.EndpointStats {
+	var t loader.EndpointStats
+	for _, s := range per {
+		t.Rx.Packets += s.Rx.Packets
+		t.Rx.Bytes += s.Rx.Bytes
+		t.Tx.Packets += s.Tx.Packets
+		t.Tx.Bytes += s.Tx.Bytes
+		t.HostToEp.Packets += s.HostToEp.Packets
+		t.HostToEp.Bytes += s.HostToEp.Bytes
+		t.EpToHost.Packets += s.EpToHost.Packets
+		t.EpToHost.Bytes += s.EpToHost.Bytes
+		t.WireRx.Packets += s.WireRx.Packets
+		t.WireRx.Bytes += s.WireRx.Bytes
+		t.StaleDropped += s.StaleDropped
+		t.StaleRejected += s.StaleRejected
+		for i := range t.Drops {
+			t.Drops[i] += s.Drops[i]
+		}
+		t.IpConflicts += s.IpConflicts
+	}
+	return t
+}
+
+// EndpointStats reads one endpoint's counters, summed over CPUs.
+func EndpointStats(m *loader.Maps, id uint32) (loader.EndpointStats, error) {
+	var per []loader.EndpointStats
+	if err := m.EpStats.Lookup(id, &per); err != nil {
+		return loader.EndpointStats{}, fmt.Errorf("read counters of endpoint %d: %w", id, err)
+	}
+	return Sum(per), nil
+}
+
+// AllEndpointStats reads every endpoint's counters in one pass.
+func AllEndpointStats(m *loader.Maps) (map[uint32]loader.EndpointStats, error) {
+	out := map[uint32]loader.EndpointStats{}
+	var k uint32
+	var per []loader.EndpointStats
+	it := m.EpStats.Iterate()
+	for it.Next(&k, &per) {
+		out[k] = Sum(per)
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("read endpoint counters: %w", err)
+	}
+	return out, nil
+}
+
+func readCounters(m *ebpf.Map, n int) ([]loader.Counter, error) {
+	out := make([]loader.Counter, n)
+	for i := 0; i < n; i++ {
+		var per []loader.Counter
+		if err := m.Lookup(uint32(i), &per); err != nil {
+			return nil, err
+		}
+		for _, c := range per {
+			out[i].Packets += c.Packets
+			out[i].Bytes += c.Bytes
+		}
+	}
+	return out, nil
+}
+
+// GlobalStats reads the global counters, indexed by loader.Stat.
+func GlobalStats(m *loader.Maps) ([]loader.Counter, error) {
+	c, err := readCounters(m.Stats, int(loader.StatMax))
+	if err != nil {
+		return nil, fmt.Errorf("read global counters: %w", err)
+	}
+	return c, nil
+}
+
+// Drops reads the drop counters, indexed by loader.DropReason.
+func Drops(m *loader.Maps) ([]loader.Counter, error) {
+	c, err := readCounters(m.Drops, int(loader.DropMax))
+	if err != nil {
+		return nil, fmt.Errorf("read drop counters: %w", err)
+	}
+	return c, nil
+}

@@ -1,0 +1,211 @@
+// Package endpointgc removes endpoint registrations whose container is gone:
+// the CNI plugin's DEL never ran (node crash, runtime bug, a plugin binary
+// removed), so nothing else would ever clean them up, and their addresses
+// would stay claimed.
+package endpointgc
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+
+	"github.com/underpass-cni/underpass/internal/datapath"
+	"github.com/underpass-cni/underpass/internal/loader"
+)
+
+// Removed describes one collected endpoint.
+type Removed struct {
+	ID          uint32
+	ContainerID string
+	IfName      string
+	Reason      string
+}
+
+// Collector removes dead endpoints. Their programs need no collecting: they
+// are filters on the endpoint's interface, and go with it.
+type Collector struct {
+	Maps *loader.Maps
+	Log  *slog.Logger
+	// Lock is the datapath's writer lock (loader.Datapath.Lock), held to
+	// confirm and remove each dead endpoint: the CNI plugin's DEL holds it
+	// from deleting the interface to unregistering, so an endpoint seen
+	// half-deleted is re-judged after that DEL and found gone. Nil: no lock
+	// (tests of the judging alone).
+	Lock func() (unlock func(), err error)
+}
+
+// Run checks every registered endpoint once and removes the dead ones:
+// those whose netns path is gone (or no longer a namespace) or whose
+// interface is gone from it. Registrations whose state cannot be judged
+// (no netns recorded, a permission error) are kept: removing a live pod's
+// entries would break it, keeping a dead one only wastes an entry.
+func (c *Collector) Run() ([]Removed, error) {
+	m, log := c.Maps, c.Log
+	eps, err := datapath.Endpoints(m)
+	if err != nil {
+		return nil, err
+	}
+	ch := &checker{handles: map[string]*netlink.Handle{}}
+	defer ch.close()
+	var out []Removed
+	var errs []error
+	for id, ep := range eps {
+		reason, err := ch.dead(&ep)
+		if err != nil {
+			log.Debug("endpoint gc: cannot judge endpoint; keeping it", "id", id, "error", err)
+			continue
+		}
+		if reason == "" {
+			continue
+		}
+		removed, err := c.confirmAndRemove(id, &ep)
+		if err != nil {
+			errs = append(errs, err)
+		}
+		if !removed {
+			continue
+		}
+		r := Removed{ID: id, ContainerID: datapath.GoString(ep.ContainerId[:]), IfName: datapath.GoString(ep.Ifname[:]), Reason: reason}
+		log.Info("endpoint gc: removed endpoint", "id", id, "container", r.ContainerID, "ifname", r.IfName,
+			"pod", datapath.GoString(ep.PodNamespace[:])+"/"+datapath.GoString(ep.PodName[:]), "reason", reason)
+		out = append(out, r)
+	}
+	return out, errors.Join(errs...)
+}
+
+// confirmAndRemove removes endpoint id if, under the lock, its record is
+// still the one judged and it is still dead: a DEL in flight when it was
+// judged has finished by then (and removed it), and a retried ADD may have
+// re-registered the same attachment.
+func (c *Collector) confirmAndRemove(id uint32, judged *loader.Endpoint) (bool, error) {
+	if c.Lock != nil {
+		unlock, err := c.Lock()
+		if err != nil {
+			return false, err
+		}
+		defer unlock()
+	}
+	var now loader.Endpoint
+	if err := c.Maps.Endpoints.Lookup(id, &now); err != nil || now != *judged {
+		return false, nil
+	}
+	fresh := &checker{handles: map[string]*netlink.Handle{}}
+	defer fresh.close()
+	reason, err := fresh.dead(&now)
+	if err != nil || reason == "" {
+		return false, err
+	}
+	// The interface is still there with another MAC: its filters would go on
+	// running as endpoint id, and once the id is reused, vet its frames as
+	// someone else's. They go first.
+	if reason == reasonMACChanged {
+		if err := loader.DetachEndpoint(datapath.GoString(now.Netns[:]), int(now.Ifindex), id); err != nil {
+			return false, err
+		}
+	}
+	if err := datapath.Unregister(c.Maps, id); err != nil {
+		return false, err
+	}
+	return true, nil
+}
+
+// reasonMACChanged: the interface is still there, with another MAC.
+const reasonMACChanged = "interface replaced (MAC changed)"
+
+type checker struct {
+	handles map[string]*netlink.Handle
+	gone    map[string]string // netns path -> why it is gone
+}
+
+func (c *checker) close() {
+	for _, h := range c.handles {
+		h.Close()
+	}
+}
+
+// dead returns why ep is dead, "" if it is alive, or an error when it
+// cannot tell.
+func (c *checker) dead(ep *loader.Endpoint) (string, error) {
+	path := datapath.GoString(ep.Netns[:])
+	if path == "" {
+		return "", errors.New("no netns recorded")
+	}
+	if why, ok := c.gone[path]; ok {
+		return why, nil
+	}
+	h, ok := c.handles[path]
+	if !ok {
+		var why string
+		var err error
+		h, why, err = openNetns(path)
+		if err != nil {
+			return "", err
+		}
+		if why != "" {
+			if c.gone == nil {
+				c.gone = map[string]string{}
+			}
+			c.gone[path] = why
+			return why, nil
+		}
+		c.handles[path] = h
+	}
+
+	ifname := datapath.GoString(ep.Ifname[:])
+	var l netlink.Link
+	var err error
+	if ep.Ifindex != 0 {
+		l, err = h.LinkByIndex(int(ep.Ifindex))
+	} else {
+		l, err = h.LinkByName(ifname)
+	}
+	var nf netlink.LinkNotFoundError
+	if errors.As(err, &nf) || errors.Is(err, unix.ENODEV) {
+		return "interface gone", nil
+	}
+	if err != nil {
+		return "", fmt.Errorf("look up interface in %s: %w", path, err)
+	}
+	// The index can be reused by another interface in the same netns.
+	if ifname != "" && l.Attrs().Name != ifname {
+		return "interface gone (its index now belongs to " + l.Attrs().Name + ")", nil
+	}
+	if loader.Mode(ep.Mode) == loader.ModeMacvlan && string(l.Attrs().HardwareAddr) != string(ep.Mac[:]) {
+		return reasonMACChanged, nil
+	}
+	return "", nil
+}
+
+// openNetns opens a netlink handle in the namespace at path, or says why the
+// namespace is gone.
+func openNetns(path string) (*netlink.Handle, string, error) {
+	var st unix.Statfs_t
+	if err := unix.Statfs(path, &st); err != nil {
+		if errors.Is(err, unix.ENOENT) {
+			return nil, "netns gone", nil
+		}
+		return nil, "", fmt.Errorf("statfs %s: %w", path, err)
+	}
+	// A runtime unmounts the namespace before removing the file; an empty
+	// file left behind is not a namespace any more.
+	if st.Type != unix.NSFS_MAGIC {
+		return nil, "netns gone (path is no longer a namespace)", nil
+	}
+	ns, err := netns.GetFromPath(path)
+	if errors.Is(err, unix.ENOENT) {
+		return nil, "netns gone", nil
+	}
+	if err != nil {
+		return nil, "", fmt.Errorf("open netns %s: %w", path, err)
+	}
+	defer ns.Close()
+	h, err := netlink.NewHandleAt(ns, unix.NETLINK_ROUTE)
+	if err != nil {
+		return nil, "", fmt.Errorf("netlink in %s: %w", path, err)
+	}
+	return h, "", nil
+}

@@ -1,0 +1,122 @@
+package loader_test
+
+import (
+	"testing"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
+	"github.com/gopacket/gopacket/layers"
+	"github.com/underpass-cni/underpass/internal/datapath"
+)
+
+// BenchmarkParentEgress measures ns/packet of each path through the parent
+// program with BPF_PROG_TEST_RUN (the kernel's own loop, so Go overhead is
+// not in the figure). Run with: make bench.
+//
+// "ns/pkt" is the program's own cost: the time of an empty program under
+// the same harness (the test-run loop's overhead) is measured first and
+// subtracted; "raw-ns/pkt" is before the subtraction.
+func BenchmarkParentEgress(b *testing.B) {
+	r := newRig(b)
+	empty := emptyProgram(b)
+	baseline := measure(b, empty, icmpEcho(b, macA, macGW, ipA, ipRemote), 20)
+	b.Logf("test-run overhead (empty program): %.1f ns/pkt", baseline)
+	for _, tc := range []struct {
+		name  string
+		frame []byte
+	}{
+		{"pass/endpoint-to-wire", icmpEcho(b, macA, macGW, ipA, ipRemote)},
+		{"pass/host-to-wire", icmpEcho(b, macParent, macGW, ipHost, ipRemote)},
+		{"hairpin/host-to-endpoint", icmpEcho(b, macParent, macA, ipHost, ipA)},
+		{"hairpin/endpoint-to-host", icmpEcho(b, macA, macParent, ipA, ipHost)},
+		{"hairpin/host-to-endpoint-v6", icmpEcho(b, macParent, macA, ipHost6, ipA6)},
+		{"steer/live-vip", tcpSYN(b, macA, macGW, ipA, vipLive, "S")},
+		{"guard/stale-drop", tcpSYN(b, macA, macGW, ipA, vipStale, "S")},
+		{"arp/not-local", arp(b, layers.ARPRequest, macA, macBcast, macA, ipA, ipGW)},
+	} {
+		b.Run(tc.name, func(b *testing.B) {
+			benchProg(b, r, tc.frame, false, baseline)
+		})
+	}
+	b.Run("guard/stale-reject", func(b *testing.B) {
+		r.setConfig(b, datapath.Config{ServicesSynced: true, HostReachable: true, StaleReject: true})
+		defer r.setConfig(b, datapath.Config{ServicesSynced: true, HostReachable: true})
+		benchProg(b, r, tcpSYN(b, macA, macGW, ipA, vipStale, "S"), false, baseline)
+	})
+	b.Run("uplink/pass", func(b *testing.B) {
+		benchProg(b, r, icmpEcho(b, macParent, macGW, ipHost, ipRemote), true, baseline)
+	})
+}
+
+func benchProg(b *testing.B, r *rig, frame []byte, uplink bool, baseline float64) {
+	prog := r.dp.Programs.ParentEgress
+	if uplink {
+		prog = r.dp.Programs.UplinkEgress
+	}
+	b.ResetTimer()
+	raw := measure(b, prog, frame, b.N)
+	b.ReportMetric(raw, "raw-ns/pkt")
+	b.ReportMetric(raw-baseline, "ns/pkt")
+	b.ReportMetric(0, "ns/op")
+}
+
+// measure returns the mean ns per run over rounds of the kernel's loop.
+func measure(b *testing.B, prog *ebpf.Program, frame []byte, rounds int) float64 {
+	const repeat = 100000
+	var total float64
+	for i := 0; i < rounds; i++ {
+		_, d, err := prog.Benchmark(frame, repeat, nil)
+		if err != nil {
+			b.Fatal(err)
+		}
+		total += float64(d.Nanoseconds())
+	}
+	return total / float64(rounds)
+}
+
+// BenchmarkEndpoint measures the endpoint programs, which every pod frame
+// runs through (egress: the spoofing check and tx counters; ingress: rx
+// counters). BPF_PROG_TEST_RUN cannot set the filter's classid, so the
+// figure includes the test's wrapper (a store and a tail call, see
+// loadEndpoint), measured alone and subtracted as "wrapper".
+func BenchmarkEndpoint(b *testing.B) {
+	r := newRig(b)
+	in, eg := loadEndpoint(b, r.dp, r.idA)
+	// The wrapper on its own: tail-calling a program that only returns.
+	empty := emptyProgram(b)
+	wrapOnly, _ := loadEndpointInto(b, empty, empty, r.idA)
+	frame := icmpEcho(b, macA, macGW, ipA, ipRemote)
+	wrapper := measure(b, wrapOnly, frame, 20)
+	b.Logf("test-run overhead with the classid wrapper: %.1f ns/pkt", wrapper)
+	for _, tc := range []struct {
+		name  string
+		prog  *ebpf.Program
+		frame []byte
+	}{
+		{"egress/own-ipv4", eg, frame},
+		{"egress/own-ipv6", eg, icmpEcho(b, macA, macGW, ipA6, ipRemote6)},
+		{"egress/spoofed-drop", eg, icmpEcho(b, macA, macGW, ipB, ipRemote)},
+		{"ingress", in, icmpEcho(b, macGW, macA, ipRemote, ipA)},
+	} {
+		b.Run(tc.name, func(b *testing.B) {
+			b.ResetTimer()
+			raw := measure(b, tc.prog, tc.frame, b.N)
+			b.ReportMetric(raw, "raw-ns/pkt")
+			b.ReportMetric(raw-wrapper, "ns/pkt")
+			b.ReportMetric(0, "ns/op")
+		})
+	}
+}
+
+// emptyProgram only returns: the harness's own cost.
+func emptyProgram(b *testing.B) *ebpf.Program {
+	p, err := ebpf.NewProgram(&ebpf.ProgramSpec{
+		Type: ebpf.SchedCLS, License: "GPL",
+		Instructions: asm.Instructions{asm.Mov.Imm(asm.R0, 0), asm.Return()},
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { p.Close() })
+	return p
+}

@@ -1,0 +1,439 @@
+// Package loader loads the underpass datapath into the kernel, pins it in a
+// bpffs and attaches it to interfaces (tcx, or legacy clsact on old kernels).
+package loader
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
+)
+
+// ErrNotLoaded means there is no pinned datapath: underpassd has not run.
+var ErrNotLoaded = errors.New("datapath not loaded")
+
+// Maps are the pinned maps. The agent owns config, parents, svc_cidrs,
+// live_svcs and host_cidrs; the CNI plugin owns the entries of one endpoint
+// in ep_by_mac, ep_by_ip, endpoints and ep_stats; the programs own the
+// counters' contents.
+type Maps struct {
+	Config    *ebpf.Map
+	Parents   *ebpf.Map
+	EpByMAC   *ebpf.Map
+	EpByIP    *ebpf.Map
+	Endpoints *ebpf.Map
+	EpStats   *ebpf.Map
+	Stats     *ebpf.Map
+	Drops     *ebpf.Map
+	SvcCIDRs  *ebpf.Map
+	LiveSvcs  *ebpf.Map
+	HostCIDRs *ebpf.Map
+	Trace     *ebpf.Map
+	Events    *ebpf.Map // ring buffer of up_event, read by the agent
+	Prefilter *ebpf.Map // [0] svc_cidrs, [1] host_cidrs: see internal/datapath
+	EpProgs   *ebpf.Map // the endpoint programs' bodies, for their tail calls
+	EpNames   *ebpf.Map // attachment (container id, ifname) -> endpoint id
+	WireAddrs *ebpf.Map // addresses seen on the wire in ND (XDP writes; LRU)
+	SvcFlows  *ebpf.Map // masqueraded Service flows into endpoints (the programs write; LRU)
+}
+
+// Programs are the programs shared by all attachments. EndpointIngress and
+// EndpointEgress are what every endpoint's filters run; they tail-call the
+// bodies through ep_progs.
+type Programs struct {
+	ParentEgress        *ebpf.Program
+	UplinkEgress        *ebpf.Program
+	EndpointIngress     *ebpf.Program
+	EndpointEgress      *ebpf.Program
+	EndpointIngressBody *ebpf.Program
+	EndpointEgressBody  *ebpf.Program
+	ParentXDP           *ebpf.Program
+}
+
+// Datapath is a loaded (or opened) datapath.
+type Datapath struct {
+	Dir      string
+	Maps     Maps
+	Programs Programs
+}
+
+// Options tune Load; the zero value is what underpassd uses.
+type Options struct {
+	// Trace records every redirect decision in the trace map (tests).
+	Trace bool
+	// Spec replaces the embedded program build (tests of upgrades).
+	Spec *ebpf.CollectionSpec
+}
+
+const (
+	progDir = "progs"
+	linkDir = "links"
+)
+
+// parsedSpec parses the embedded ELF once per process. Only Load needs it:
+// the CNI plugin and underpassctl never parse it (Open checks the pins
+// against mapABI).
+var parsedSpec = sync.OnceValues(loadDatapath)
+
+// Spec returns a copy of the embedded collection spec, free to modify.
+func Spec() (*ebpf.CollectionSpec, error) {
+	spec, err := parsedSpec()
+	if err != nil {
+		return nil, fmt.Errorf("parse embedded datapath: %w", err)
+	}
+	return spec.Copy(), nil
+}
+
+// Load loads the programs, adopting maps already pinned in dir so that
+// state survives restarts and upgrades, pins whatever is new, and replaces
+// the pinned programs. A first load pins into a temporary directory that is
+// renamed into place, so nobody ever sees half a datapath.
+func Load(dir string, opts Options) (_ *Datapath, err error) {
+	if err := EnsureBPFFS(dir); err != nil {
+		return nil, err
+	}
+	spec := opts.Spec
+	if spec == nil {
+		if spec, err = Spec(); err != nil {
+			return nil, err
+		}
+	} else {
+		spec = spec.Copy()
+	}
+	if opts.Trace {
+		if err := spec.Variables["trace_redirects"].Set(uint8(1)); err != nil {
+			return nil, fmt.Errorf("enable trace: %w", err)
+		}
+	}
+
+	replacements := map[string]*ebpf.Map{}
+	defer func() {
+		for _, m := range replacements {
+			m.Close()
+		}
+	}()
+	for name, ms := range spec.Maps {
+		if strings.HasPrefix(name, ".") {
+			continue
+		}
+		m, err := ebpf.LoadPinnedMap(filepath.Join(dir, name), nil)
+		if errors.Is(err, fs.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			return nil, fmt.Errorf("open pinned map %s: %w", name, err)
+		}
+		if err := ms.Compatible(m); err != nil {
+			m.Close()
+			return nil, fmt.Errorf("pinned map %s does not fit this build (%w): remove it with underpassd --uninstall, or restore the previous version", name, err)
+		}
+		replacements[name] = m
+	}
+
+	coll, err := ebpf.NewCollectionWithOptions(spec, ebpf.CollectionOptions{MapReplacements: replacements})
+	if err != nil {
+		var ve *ebpf.VerifierError
+		if errors.As(err, &ve) {
+			return nil, fmt.Errorf("load datapath: %+v", ve)
+		}
+		return nil, fmt.Errorf("load datapath: %w", err)
+	}
+	defer coll.Close()
+
+	dp := &Datapath{Dir: dir}
+	var missing []string
+	dp.eachMap(func(name string, m **ebpf.Map) {
+		if *m = coll.DetachMap(name); *m == nil {
+			missing = append(missing, name)
+		}
+	})
+	dp.eachProgram(func(name string, p **ebpf.Program) {
+		if *p = coll.DetachProgram(name); *p == nil {
+			missing = append(missing, name)
+		}
+	})
+	defer func() {
+		if err != nil {
+			dp.Close()
+		}
+	}()
+	if len(missing) > 0 {
+		return nil, fmt.Errorf("load datapath: build lacks %s", strings.Join(missing, ", "))
+	}
+	// Into an adopted ep_progs this is the upgrade of every endpoint at
+	// once: their filters reach the new bodies from the next packet on.
+	if err := dp.RestoreEndpointPrograms(); err != nil {
+		return nil, err
+	}
+
+	if _, statErr := os.Stat(dir); errors.Is(statErr, fs.ErrNotExist) {
+		if err := dp.pinFresh(dir); err != nil {
+			return nil, err
+		}
+		return dp, nil
+	}
+	if err := dp.pinInto(dir, replacements); err != nil {
+		return nil, err
+	}
+	return dp, nil
+}
+
+// pinFresh pins everything into a sibling temp dir and renames it to dir.
+func (dp *Datapath) pinFresh(dir string) error {
+	if err := os.MkdirAll(filepath.Dir(dir), 0o700); err != nil {
+		return fmt.Errorf("create %s: %w", filepath.Dir(dir), err)
+	}
+	// bpffs refuses names with a dot, so temp names use underscores.
+	tmp, err := os.MkdirTemp(filepath.Dir(dir), filepath.Base(dir)+"_loading_")
+	if err != nil {
+		return fmt.Errorf("create temp pin dir: %w", err)
+	}
+	defer os.RemoveAll(tmp) // a no-op after the rename
+	if err := dp.pinInto(tmp, nil); err != nil {
+		return err
+	}
+	if err := os.Rename(tmp, dir); err != nil {
+		if errors.Is(err, fs.ErrExist) || errors.Is(err, unix.ENOTEMPTY) {
+			return fmt.Errorf("pin datapath: %s appeared while loading: another underpassd is starting", dir)
+		}
+		return fmt.Errorf("pin datapath: rename %s to %s: %w", tmp, dir, err)
+	}
+	dp.Dir = dir
+	return nil
+}
+
+// pinInto pins maps not pinned yet (adopted ones stay as they are) and
+// replaces the program pins atomically.
+func (dp *Datapath) pinInto(dir string, adopted map[string]*ebpf.Map) error {
+	if err := os.MkdirAll(filepath.Join(dir, progDir), 0o700); err != nil {
+		return fmt.Errorf("create %s: %w", progDir, err)
+	}
+	if err := os.MkdirAll(filepath.Join(dir, linkDir), 0o700); err != nil {
+		return fmt.Errorf("create %s: %w", linkDir, err)
+	}
+	for name, m := range dp.maps() {
+		if _, ok := adopted[name]; ok {
+			continue
+		}
+		if err := pinAtomic(filepath.Join(dir, name), m.Pin); err != nil {
+			return fmt.Errorf("pin map %s: %w", name, err)
+		}
+	}
+	for name, p := range dp.programs() {
+		if err := pinAtomic(filepath.Join(dir, progDir, name), p.Pin); err != nil {
+			return fmt.Errorf("pin program %s: %w", name, err)
+		}
+	}
+	return nil
+}
+
+// pinAtomic pins to a temporary name and renames over path, so readers see
+// the old object or the new one, never none. Objects are re-pinned by path,
+// so the Go object is unpinned afterwards and does not track path.
+func pinAtomic(path string, pin func(string) error) error {
+	tmp := filepath.Join(filepath.Dir(path), filepath.Base(path)+"_tmp")
+	_ = os.Remove(tmp)
+	if err := pin(tmp); err != nil {
+		return err
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		os.Remove(tmp)
+		return err
+	}
+	return nil
+}
+
+// Open opens a pinned datapath without loading anything: what
+// underpassctl and the agent's --uninstall do. It fails with ErrNotLoaded
+// when nothing is pinned in dir.
+func Open(dir string) (*Datapath, error) {
+	return open(dir, nil)
+}
+
+// forEndpoints are the objects the CNI plugin works on: the endpoint maps
+// it owns entries of, parents and svc_cidrs (which it reads), ep_progs
+// (checked) and the programs it attaches.
+var forEndpoints = map[string]bool{
+	"parents": true, "ep_by_mac": true, "ep_by_ip": true, "endpoints": true, "ep_stats": true,
+	"svc_cidrs": true, "ep_progs": true, "ep_names": true,
+	"parent_egress": true, "endpoint_ingress": true, "endpoint_egress": true,
+}
+
+// OpenForEndpoints is Open for the CNI plugin: only the objects it uses
+// are opened (forEndpoints), the others stay nil. A third of the objects,
+// so a third of the syscalls, on every pod start.
+func OpenForEndpoints(dir string) (*Datapath, error) {
+	return open(dir, forEndpoints)
+}
+
+// open opens the pinned objects named in only, all of them when only is nil.
+func open(dir string, only map[string]bool) (_ *Datapath, err error) {
+	if _, err := os.Stat(filepath.Join(dir, progDir)); errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("%w: nothing pinned in %s: start underpassd", ErrNotLoaded, dir)
+	}
+	want := func(name string) bool { return only == nil || only[name] }
+	dp := &Datapath{Dir: dir}
+	defer func() {
+		if err != nil {
+			dp.Close()
+		}
+	}()
+	var openErr error
+	dp.eachMap(func(name string, ptr **ebpf.Map) {
+		if openErr != nil || !want(name) {
+			return
+		}
+		m, err := ebpf.LoadPinnedMap(filepath.Join(dir, name), nil)
+		if err != nil {
+			openErr = pinnedErr("map", name, dir, err)
+			return
+		}
+		*ptr = m
+		if err := checkABI(name, m); err != nil {
+			openErr = fmt.Errorf("pinned map %s was made by another underpass version (%w): use the plugin that matches the running underpassd", name, err)
+		}
+	})
+	if openErr != nil {
+		return nil, openErr
+	}
+	dp.eachProgram(func(name string, ptr **ebpf.Program) {
+		if openErr != nil || !want(name) {
+			return
+		}
+		p, err := ebpf.LoadPinnedProgram(filepath.Join(dir, progDir, name), nil)
+		if err != nil {
+			openErr = pinnedErr("program", name, dir, err)
+			return
+		}
+		*ptr = p
+	})
+	if openErr != nil {
+		return nil, openErr
+	}
+	return dp, nil
+}
+
+// pinnedErr says why the pinned kind (map, program) name would not open.
+func pinnedErr(kind, name, dir string, err error) error {
+	if errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("%w: %s %s missing in %s: restart underpassd", ErrNotLoaded, kind, name, dir)
+	}
+	return fmt.Errorf("open pinned %s %s: %w", kind, name, err)
+}
+
+// Close releases file descriptors; pinned objects stay in the kernel.
+func (dp *Datapath) Close() error {
+	for _, m := range dp.maps() {
+		m.Close()
+	}
+	for _, p := range dp.programs() {
+		p.Close()
+	}
+	return nil
+}
+
+func (dp *Datapath) eachMap(fn func(string, **ebpf.Map)) {
+	fn("config", &dp.Maps.Config)
+	fn("parents", &dp.Maps.Parents)
+	fn("ep_by_mac", &dp.Maps.EpByMAC)
+	fn("ep_by_ip", &dp.Maps.EpByIP)
+	fn("endpoints", &dp.Maps.Endpoints)
+	fn("ep_stats", &dp.Maps.EpStats)
+	fn("stats", &dp.Maps.Stats)
+	fn("drops", &dp.Maps.Drops)
+	fn("svc_cidrs", &dp.Maps.SvcCIDRs)
+	fn("live_svcs", &dp.Maps.LiveSvcs)
+	fn("host_cidrs", &dp.Maps.HostCIDRs)
+	fn("trace", &dp.Maps.Trace)
+	fn("events", &dp.Maps.Events)
+	fn("prefilter", &dp.Maps.Prefilter)
+	fn("ep_progs", &dp.Maps.EpProgs)
+	fn("ep_names", &dp.Maps.EpNames)
+	fn("wire_addrs", &dp.Maps.WireAddrs)
+	fn("svc_flows", &dp.Maps.SvcFlows)
+}
+
+// ErrNoEndpointPrograms means ep_progs lacks an endpoint program body: the
+// filters on the slaves let traffic through unchecked and uncounted.
+var ErrNoEndpointPrograms = errors.New("endpoint programs missing from ep_progs")
+
+// endpointBody is an ep_progs slot and this datapath's program for it.
+type endpointBody struct {
+	slot EpProg
+	prog *ebpf.Program
+}
+
+func (dp *Datapath) endpointBodies() []endpointBody {
+	return []endpointBody{{EpProgIngress, dp.Programs.EndpointIngressBody}, {EpProgEgress, dp.Programs.EndpointEgressBody}}
+}
+
+// CheckEndpointPrograms says whether both ep_progs slots hold a program.
+func (dp *Datapath) CheckEndpointPrograms() error {
+	for _, b := range dp.endpointBodies() {
+		var id uint32
+		if err := dp.Maps.EpProgs.Lookup(uint32(b.slot), &id); err != nil {
+			if errors.Is(err, ebpf.ErrKeyNotExist) {
+				return fmt.Errorf("%w: slot %d is empty", ErrNoEndpointPrograms, b.slot)
+			}
+			return fmt.Errorf("read ep_progs slot %d: %w", b.slot, err)
+		}
+	}
+	return nil
+}
+
+// RestoreEndpointPrograms points the ep_progs slots at this datapath's
+// endpoint program bodies.
+func (dp *Datapath) RestoreEndpointPrograms() error {
+	for _, b := range dp.endpointBodies() {
+		if err := dp.Maps.EpProgs.Put(uint32(b.slot), b.prog); err != nil {
+			return fmt.Errorf("put endpoint program %d into ep_progs: %w", b.slot, err)
+		}
+	}
+	return nil
+}
+
+func (dp *Datapath) eachProgram(fn func(string, **ebpf.Program)) {
+	fn("parent_egress", &dp.Programs.ParentEgress)
+	fn("uplink_egress", &dp.Programs.UplinkEgress)
+	fn("endpoint_ingress", &dp.Programs.EndpointIngress)
+	fn("endpoint_egress", &dp.Programs.EndpointEgress)
+	fn("ep_ingress_body", &dp.Programs.EndpointIngressBody)
+	fn("ep_egress_body", &dp.Programs.EndpointEgressBody)
+	fn("parent_xdp", &dp.Programs.ParentXDP)
+}
+
+func (dp *Datapath) maps() map[string]*ebpf.Map {
+	out := map[string]*ebpf.Map{}
+	dp.eachMap(func(name string, m **ebpf.Map) {
+		if *m != nil {
+			out[name] = *m
+		}
+	})
+	return out
+}
+
+func (dp *Datapath) programs() map[string]*ebpf.Program {
+	out := map[string]*ebpf.Program{}
+	dp.eachProgram(func(name string, p **ebpf.Program) {
+		if *p != nil {
+			out[name] = *p
+		}
+	})
+	return out
+}
+
+// Unload removes every pin under dir: programs stay attached only through
+// links, so detach first (DetachEgress, DetachXDP, DetachEndpoint) or the
+// attachments go with them.
+func Unload(dir string) error {
+	if err := os.RemoveAll(dir); err != nil {
+		return fmt.Errorf("remove pins in %s: %w", dir, err)
+	}
+	return nil
+}

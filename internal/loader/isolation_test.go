@@ -1,0 +1,193 @@
+package loader_test
+
+import (
+	"net"
+	"net/netip"
+	"testing"
+
+	"github.com/gopacket/gopacket/layers"
+
+	"github.com/underpass-cni/underpass/internal/datapath"
+	"github.com/underpass-cni/underpass/internal/loader"
+)
+
+// The isolation rules, frame by frame (see README "Isolation"): what a pod
+// may send, checked at the parent where a pod that skipped its own egress
+// hook (PACKET_QDISC_BYPASS, AF_XDP, tc filter del with NET_ADMIN) still
+// passes, and at the receiving pod for what macvlan bridges between slaves.
+
+var (
+	linkLocalA  = netip.MustParseAddr("fe80::aa:ff:fe00:a") // EUI-64 of macA
+	linkLocalGW = netip.MustParseAddr("fe80::1")
+	slaacA      = netip.MustParseAddr("2001:db8:1::aaaa") // not from IPAM
+)
+
+func neighborAdvertFrom(tb testing.TB, smac net.HardwareAddr, src, target netip.Addr, tlla net.HardwareAddr) []byte {
+	dst := netip.MustParseAddr("ff02::1")
+	i6 := ip6(src, dst, layers.IPProtocolICMPv6)
+	i6.HopLimit = 255
+	ic := &layers.ICMPv6{TypeCode: layers.CreateICMPv6TypeCode(layers.ICMPv6TypeNeighborAdvertisement, 0)}
+	ic.SetNetworkLayerForChecksum(i6)
+	na := &layers.ICMPv6NeighborAdvertisement{Flags: 0x20, TargetAddress: target.AsSlice(),
+		Options: layers.ICMPv6Options{{Type: layers.ICMPv6OptTargetAddress, Data: tlla}}}
+	return serialize(tb, eth(smac, net.HardwareAddr{0x33, 0x33, 0, 0, 0, 1}, layers.EthernetTypeIPv6), i6, ic, na)
+}
+
+func routerAdvert(tb testing.TB, smac net.HardwareAddr, src netip.Addr) []byte {
+	i6 := ip6(src, netip.MustParseAddr("ff02::1"), layers.IPProtocolICMPv6)
+	i6.HopLimit = 255
+	ic := &layers.ICMPv6{TypeCode: layers.CreateICMPv6TypeCode(layers.ICMPv6TypeRouterAdvertisement, 0)}
+	ic.SetNetworkLayerForChecksum(i6)
+	ra := &layers.ICMPv6RouterAdvertisement{HopLimit: 64, RouterLifetime: 1800}
+	return serialize(tb, eth(smac, net.HardwareAddr{0x33, 0x33, 0, 0, 0, 1}, layers.EthernetTypeIPv6), i6, ic, ra)
+}
+
+// arpHW is an ARP request with another hardware type (6: IEEE 802).
+func arpHW(tb testing.TB, smac net.HardwareAddr, spa, tpa netip.Addr) []byte {
+	f := arp(tb, layers.ARPRequest, smac, macBcast, smac, spa, tpa)
+	f[14], f[15] = 0, 6
+	return f
+}
+
+// wantDrop runs frame through the parent program and checks it was dropped
+// and counted for endpoint id under reason.
+func (r *rig) wantDrop(tb testing.TB, frame []byte, id uint32, reason loader.DropReason) {
+	tb.Helper()
+	before := r.epStats(tb, id)
+	if res := r.parent(tb, frame); res.verdict != actShot {
+		tb.Fatalf("verdict %d, want drop (%s)", res.verdict, reason)
+	}
+	if d := r.epStats(tb, id).Drops[reason] - before.Drops[reason]; d != 1 {
+		tb.Fatalf("%s drops of endpoint %d moved by %d, want 1", reason, id, d)
+	}
+}
+
+// A pod that skipped its own egress hook is vetted at the parent.
+func TestParentVetsEndpointFrames(t *testing.T) {
+	r := newRig(t)
+	for _, tc := range []struct {
+		name   string
+		frame  []byte
+		reason loader.DropReason
+	}{
+		{"another endpoint's IPv4", icmpEcho(t, macA, macGW, ipB, ipRemote), loader.DropSpoofedSource},
+		{"the host's IPv6", icmpEcho(t, macA, macGW, ipHost6, ipRemote6), loader.DropSpoofedSource},
+		{"the router's link-local", icmpEcho(t, macA, macGW, linkLocalGW, ipRemote6), loader.DropSpoofedSource},
+		{"an unlearnt SLAAC address", icmpEcho(t, macA, macGW, slaacA, ipRemote6), loader.DropSpoofedSource},
+		{"ARP with another sender MAC", arp(t, layers.ARPReply, macA, macGW, macB, ipA, ipGW), loader.DropSpoofedSource},
+		{"ARP claiming another endpoint's address", arp(t, layers.ARPReply, macA, macGW, macA, ipB, ipGW), loader.DropSpoofedSource},
+		{"ARP for IEEE 802 hardware", arpHW(t, macA, ipB, ipGW), loader.DropUnvetted},
+		{"802.1Q tag around another address", vlanTagged(t, macA, macGW, ipB, ipRemote), loader.DropUnvetted},
+		{"NA for an address it does not own", neighborAdvertFrom(t, macA, linkLocalA, netip.MustParseAddr("2001:db8:1::11"), macA), loader.DropSpoofedSource},
+		{"NA override pointing at another MAC", neighborAdvertFrom(t, macA, linkLocalA, ipA6, macB), loader.DropSpoofedSource},
+		{"a router advertisement", routerAdvert(t, macA, linkLocalA), loader.DropUnvetted},
+	} {
+		t.Run(tc.name, func(t *testing.T) { r.wantDrop(t, tc.frame, r.idA, tc.reason) })
+	}
+	for _, tc := range []struct {
+		name  string
+		frame []byte
+	}{
+		{"own IPv4", icmpEcho(t, macA, macGW, ipA, ipRemote)},
+		{"own EUI-64 link-local", icmpEcho(t, macA, macGW, linkLocalA, linkLocalGW)},
+		// What the kernel gives a slave with a dev_id (ipvlan slaves
+		// sharing a MAC): dev_id 1 in the middle, and the universal/local
+		// bit NOT flipped (addrconf_ifid_eui48). The strict source check
+		// dropped these as spoofed_source until it knew that.
+		{"own dev_id link-local", icmpEcho(t, macA, macGW, netip.MustParseAddr("fe80::2aa:0:100:a"), linkLocalGW)},
+		{"own NA", neighborAdvertFrom(t, macA, linkLocalA, ipA6, macA)},
+		{"ARP probe", arp(t, layers.ARPRequest, macA, macBcast, macA, netip.IPv4Unspecified(), ipB)},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if res := r.parent(t, tc.frame); res.verdict == actShot {
+				t.Fatalf("own frame dropped")
+			}
+		})
+	}
+}
+
+// The node routes nothing for a pod: a frame to the parent's MAC for an
+// address that is not the host's, steered or a Service is dropped.
+func TestNodeIsNotARouter(t *testing.T) {
+	r := newRig(t)
+	r.wantDrop(t, icmpEcho(t, macA, macParent, ipA, ipRemote), r.idA, loader.DropRouted)
+	r.wantDrop(t, icmpEcho(t, macA, macParent, ipA6, ipRemote6), r.idA, loader.DropRouted)
+	wantRedirect(t, r.parent(t, icmpEcho(t, macA, macParent, ipA, ipHost)), r.idA)
+	wantRedirect(t, r.parent(t, icmpEcho(t, macA, macParent, linkLocalA, linkLocalGW)), r.idA)
+	wantSteered(t, r.parent(t, tcpSYN(t, macA, macParent, ipA, vipLive, "S")), r.idA)
+	wantRedirect(t, r.parent(t, arp(t, layers.ARPReply, macA, macParent, macA, ipA, ipHost)), r.idA)
+}
+
+// SLAAC and privacy addresses are learnt from the pod's DAD, never one that
+// someone else holds, and given up when the wire defends it.
+func TestLearnFromDAD(t *testing.T) {
+	r := newRig(t)
+	m := &r.dp.Maps
+	r.wantDrop(t, icmpEcho(t, macA, macGW, slaacA, ipRemote6), r.idA, loader.DropSpoofedSource)
+
+	if res := r.parent(t, neighborSolicitation(t, macA, netip.IPv6Unspecified(), slaacA)); res.verdict == actShot {
+		t.Fatal("DAD dropped")
+	}
+	if res := r.parent(t, icmpEcho(t, macA, macGW, slaacA, ipRemote6)); res.verdict == actShot {
+		t.Fatal("traffic from the learnt address dropped")
+	}
+	var ep loader.Endpoint
+	must(t, m.Endpoints.Lookup(r.idA, &ep))
+	if got := datapath.LearnedAddrs(m, &ep); len(got) != 1 || got[0] != slaacA {
+		t.Fatalf("learnt %v, want [%s]", got, slaacA)
+	}
+	// Pod B's DAD for A's address, the host's, a Service's: not learnt.
+	for _, target := range []netip.Addr{slaacA, ipA6, ipHost6, vip6Live} {
+		r.parent(t, neighborSolicitation(t, macB, netip.IPv6Unspecified(), target))
+		r.wantDrop(t, icmpEcho(t, macB, macGW, target, ipRemote6), r.idB, loader.DropSpoofedSource)
+	}
+	// The router's link-local, once seen on the wire, is never learnt.
+	r.xdp(t, routerAdvert(t, macGW, linkLocalGW))
+	r.parent(t, neighborSolicitation(t, macB, netip.IPv6Unspecified(), linkLocalGW))
+	r.wantDrop(t, icmpEcho(t, macB, macGW, linkLocalGW, ipRemote6), r.idB, loader.DropSpoofedSource)
+
+	// Someone on the wire defends A's learnt address: A gives it up.
+	r.xdp(t, neighborAdvert(t, macWire, slaacA))
+	if got := r.stats(t)[loader.StatUnlearned].Packets; got != 1 {
+		t.Fatalf("unlearned %d, want 1", got)
+	}
+	r.wantDrop(t, icmpEcho(t, macA, macGW, slaacA, ipRemote6), r.idA, loader.DropSpoofedSource)
+
+	// DEL removes what was learnt.
+	r.parent(t, neighborSolicitation(t, macA, netip.IPv6Unspecified(), netip.MustParseAddr("2001:db8:1::bbbb")))
+	must(t, datapath.Unregister(m, r.idA))
+	k := datapath.EpIPKey(netip.MustParseAddr("2001:db8:1::bbbb"), parentIfindex)
+	var ref loader.EndpointRef
+	if err := m.EpByIP.Lookup(&k, &ref); err == nil {
+		t.Fatalf("learnt address left behind after unregister: %+v", ref)
+	}
+}
+
+// On a fresh datapath (node reboot) nothing is stale until the agent has
+// synced the live set once: traffic in a service CIDR goes to the host.
+func TestGuardBeforeFirstSync(t *testing.T) {
+	r := newRig(t)
+	r.setConfig(t, datapath.Config{HostReachable: true, StaleReject: true})
+	wantSteered(t, r.parent(t, tcpSYN(t, macA, macGW, ipA, vipStale, "S")), r.idA)
+	wantPass(t, r.run(t, r.dp.Programs.UplinkEgress, tcpSYN(t, macParent, macGW, ipHost, vipStale, "S")),
+		tcpSYN(t, macParent, macGW, ipHost, vipStale, "S"))
+	r.setConfig(t, datapath.Config{ServicesSynced: true, HostReachable: true})
+	if res := r.parent(t, tcpSYN(t, macA, macGW, ipA, vipStale, "S")); res.verdict != actShot {
+		t.Fatalf("synced: verdict %d, want drop", res.verdict)
+	}
+}
+
+// A pod's broadcast request for the host goes in as a unicast to the
+// parent's MAC: macvlan hands that to the host alone (as a broadcast, a
+// private slave's copy came back to itself only).
+func TestResolutionForTheHostIsUnicast(t *testing.T) {
+	r := newRig(t)
+	f := arp(t, layers.ARPRequest, macA, macBcast, macA, ipA, ipHost)
+	res := r.parent(t, f)
+	if res.verdict != actPass || res.trace.Kind != uint32(loader.TraceClone) {
+		t.Fatalf("request for the host: %+v, want a clone and the original on", res)
+	}
+	if string(res.out[:6]) != string(macBcast) {
+		t.Fatalf("the original's destination became %x", res.out[:6])
+	}
+}

@@ -1,0 +1,398 @@
+package metrics_test
+
+import (
+	"bytes"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/cilium/ebpf"
+	"github.com/gopacket/gopacket"
+	"github.com/gopacket/gopacket/layers"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/underpass-cni/underpass/internal/datapath"
+	"github.com/underpass-cni/underpass/internal/loader"
+	"github.com/underpass-cni/underpass/internal/metrics"
+	itest "github.com/underpass-cni/underpass/internal/testutil"
+)
+
+const (
+	// The program tests use loopback as the parent: BPF_PROG_TEST_RUN needs
+	// a real device, and lo exists everywhere.
+	parentIfindex = 1
+	cidA          = "0123456789abcdef0123456789abcdef"
+	cidB          = "fedcba9876543210fedcba9876543210"
+)
+
+var (
+	macParent = net.HardwareAddr{0x02, 0, 0, 0, 0, 0x01}
+	macA      = net.HardwareAddr{0x02, 0xaa, 0, 0, 0, 0x0a}
+	macB      = net.HardwareAddr{0x02, 0xbb, 0, 0, 0, 0x0b}
+	ipHost    = netip.MustParseAddr("192.0.2.2")
+	ipA       = netip.MustParseAddr("192.0.2.10")
+	ipB       = netip.MustParseAddr("192.0.2.11")
+)
+
+type rig struct {
+	dp       *loader.Datapath
+	idA, idB uint32
+}
+
+func newRig(tb testing.TB) *rig {
+	tb.Helper()
+	itest.RequireRoot(tb)
+	dir := filepath.Join(itest.MountBPFFS(tb), "underpass")
+	dp, err := loader.Load(dir, loader.Options{})
+	must(tb, err)
+	tb.Cleanup(func() { dp.Close() })
+	m := &dp.Maps
+	must(tb, datapath.SetConfig(m, datapath.Config{ServicesSynced: true, HostReachable: true}, 1))
+	must(tb, datapath.PutParent(m, parentIfindex, macParent, loader.ModeMacvlan))
+	r := &rig{dp: dp}
+	r.idA = register(tb, m, cidA, "a", ipA, macA)
+	r.idB = register(tb, m, cidB, "b", ipB, macB)
+	return r
+}
+
+func register(tb testing.TB, m *loader.Maps, cid, pod string, ip netip.Addr, mac net.HardwareAddr) uint32 {
+	tb.Helper()
+	id, err := datapath.Register(m, datapath.EndpointSpec{
+		ContainerID: cid, IfName: "eth0", ParentIfindex: parentIfindex, ParentName: "lo",
+		Mode: loader.ModeMacvlan, MAC: mac, Addrs: []netip.Prefix{netip.PrefixFrom(ip, 24)},
+		PodName: pod, PodNamespace: "default",
+	})
+	must(tb, err)
+	return id
+}
+
+func must(tb testing.TB, err error) {
+	tb.Helper()
+	if err != nil {
+		tb.Fatal(err)
+	}
+}
+
+// spread writes counters for id as if two CPUs had counted half each (one,
+// when the machine has one): the collector must add them up.
+func spread(tb testing.TB, m *loader.Maps, id uint32, total loader.EndpointStats) {
+	tb.Helper()
+	per := make([]loader.EndpointStats, ebpf.MustPossibleCPU())
+	per[0] = total
+	if len(per) > 1 {
+		half := halve(&per[0])
+		per[len(per)-1] = half
+	}
+	must(tb, m.EpStats.Update(id, per, ebpf.UpdateExist))
+}
+
+// halve moves half of every counter of s into the returned value.
+func halve(s *loader.EndpointStats) loader.EndpointStats {
+	var h loader.EndpointStats
+	mv := func(dst, src *uint64) { *dst = *src / 2; *src -= *dst }
+	for _, p := range []struct{ d, s *loader.Counter }{{&h.Rx, &s.Rx}, {&h.Tx, &s.Tx}, {&h.HostToEp, &s.HostToEp},
+		{&h.EpToHost, &s.EpToHost}, {&h.WireRx, &s.WireRx}} {
+		mv(&p.d.Packets, &p.s.Packets)
+		mv(&p.d.Bytes, &p.s.Bytes)
+	}
+	mv(&h.StaleDropped, &s.StaleDropped)
+	mv(&h.StaleRejected, &s.StaleRejected)
+	for i := range h.Drops {
+		mv(&h.Drops[i], &s.Drops[i])
+	}
+	mv(&h.IpConflicts, &s.IpConflicts)
+	return h
+}
+
+const labelsA = `endpoint="0123456789ab/eth0",interface="eth0",namespace="default",parent="lo",pod="a"`
+const labelsB = `endpoint="fedcba987654/eth0",interface="eth0",namespace="default",parent="lo",pod="b"`
+
+func TestCollect(t *testing.T) {
+	r := newRig(t)
+	m := &r.dp.Maps
+	var s loader.EndpointStats
+	s.Rx = loader.Counter{Packets: 11, Bytes: 1100}
+	s.Tx = loader.Counter{Packets: 12, Bytes: 1200}
+	s.HostToEp = loader.Counter{Packets: 13, Bytes: 1300}
+	s.EpToHost = loader.Counter{Packets: 14, Bytes: 1400}
+	s.WireRx = loader.Counter{Packets: 15, Bytes: 1500}
+	s.StaleDropped, s.StaleRejected = 16, 17
+	s.Drops[loader.DropStaleService] = 16
+	s.Drops[loader.DropSpoofedSource] = 3
+	s.IpConflicts = 2
+	spread(t, m, r.idA, s)
+	must(t, datapath.AddLiveService(m, netip.MustParseAddr("10.96.0.10")))
+	must(t, datapath.AddLiveService(m, netip.MustParseAddr("10.96.0.11")))
+
+	c := metrics.New(m, metrics.Options{})
+	want := fmt.Sprintf(`
+# HELP underpass_endpoint_packets_total Packets seen by the endpoint's own programs: rx delivered to it, tx sent by it.
+# TYPE underpass_endpoint_packets_total counter
+underpass_endpoint_packets_total{direction="rx",%[1]s} 11
+underpass_endpoint_packets_total{direction="tx",%[1]s} 12
+underpass_endpoint_packets_total{direction="rx",%[2]s} 0
+underpass_endpoint_packets_total{direction="tx",%[2]s} 0
+# HELP underpass_endpoint_bytes_total Bytes seen by the endpoint's own programs: rx delivered to it, tx sent by it.
+# TYPE underpass_endpoint_bytes_total counter
+underpass_endpoint_bytes_total{direction="rx",%[1]s} 1100
+underpass_endpoint_bytes_total{direction="tx",%[1]s} 1200
+underpass_endpoint_bytes_total{direction="rx",%[2]s} 0
+underpass_endpoint_bytes_total{direction="tx",%[2]s} 0
+# HELP underpass_endpoint_wire_packets_total Unicast frames from the wire for the endpoint, counted by XDP on the parent.
+# TYPE underpass_endpoint_wire_packets_total counter
+underpass_endpoint_wire_packets_total{%[1]s} 15
+underpass_endpoint_wire_packets_total{%[2]s} 0
+# HELP underpass_host_redirects_total Packets hairpinned on the parent between the host and the endpoint.
+# TYPE underpass_host_redirects_total counter
+underpass_host_redirects_total{direction="endpoint_to_host",%[1]s} 14
+underpass_host_redirects_total{direction="host_to_endpoint",%[1]s} 13
+underpass_host_redirects_total{direction="endpoint_to_host",%[2]s} 0
+underpass_host_redirects_total{direction="host_to_endpoint",%[2]s} 0
+# HELP underpass_host_redirect_bytes_total Bytes hairpinned on the parent between the host and the endpoint.
+# TYPE underpass_host_redirect_bytes_total counter
+underpass_host_redirect_bytes_total{direction="endpoint_to_host",%[1]s} 1400
+underpass_host_redirect_bytes_total{direction="host_to_endpoint",%[1]s} 1300
+underpass_host_redirect_bytes_total{direction="endpoint_to_host",%[2]s} 0
+underpass_host_redirect_bytes_total{direction="host_to_endpoint",%[2]s} 0
+# HELP underpass_stale_service_packets_total Packets the endpoint sent to a service IP that no longer exists: dropped, or rejected (answered with RST / port unreachable).
+# TYPE underpass_stale_service_packets_total counter
+underpass_stale_service_packets_total{action="dropped",%[1]s} 16
+underpass_stale_service_packets_total{action="rejected",%[1]s} 17
+underpass_stale_service_packets_total{action="dropped",%[2]s} 0
+underpass_stale_service_packets_total{action="rejected",%[2]s} 0
+# HELP underpass_endpoint_drops_total Packets of the endpoint dropped by the datapath, by reason.
+# TYPE underpass_endpoint_drops_total counter
+underpass_endpoint_drops_total{%[1]s,reason="host_unreachable"} 0
+underpass_endpoint_drops_total{%[1]s,reason="reject_failed"} 0
+underpass_endpoint_drops_total{%[1]s,reason="routed_via_node"} 0
+underpass_endpoint_drops_total{%[1]s,reason="spoofed_source"} 3
+underpass_endpoint_drops_total{%[1]s,reason="stale_service"} 16
+underpass_endpoint_drops_total{%[1]s,reason="unvetted_frame"} 0
+underpass_endpoint_drops_total{%[2]s,reason="host_unreachable"} 0
+underpass_endpoint_drops_total{%[2]s,reason="reject_failed"} 0
+underpass_endpoint_drops_total{%[2]s,reason="routed_via_node"} 0
+underpass_endpoint_drops_total{%[2]s,reason="spoofed_source"} 0
+underpass_endpoint_drops_total{%[2]s,reason="stale_service"} 0
+underpass_endpoint_drops_total{%[2]s,reason="unvetted_frame"} 0
+# HELP underpass_ip_conflicts_total ARP/ND frames from the wire claiming the endpoint's IP with another MAC.
+# TYPE underpass_ip_conflicts_total counter
+underpass_ip_conflicts_total{%[1]s} 2
+underpass_ip_conflicts_total{%[2]s} 0
+# HELP underpass_endpoints Endpoints registered in the datapath.
+# TYPE underpass_endpoints gauge
+underpass_endpoints 2
+# HELP underpass_live_services Service IPs live in the datapath.
+# TYPE underpass_live_services gauge
+underpass_live_services 2
+# HELP underpass_collection_errors_total Map reads that failed while collecting metrics; the scrape goes on without them.
+# TYPE underpass_collection_errors_total counter
+underpass_collection_errors_total 0
+`, labelsA, labelsB)
+	must(t, testutil.CollectAndCompare(c, strings.NewReader(want),
+		"underpass_endpoint_packets_total", "underpass_endpoint_bytes_total", "underpass_endpoint_wire_packets_total",
+		"underpass_host_redirects_total", "underpass_host_redirect_bytes_total", "underpass_stale_service_packets_total",
+		"underpass_endpoint_drops_total", "underpass_ip_conflicts_total", "underpass_endpoints",
+		"underpass_live_services", "underpass_collection_errors_total"))
+
+	problems, err := testutil.CollectAndLint(c)
+	must(t, err)
+	for _, p := range problems {
+		t.Errorf("lint: %s: %s", p.Metric, p.Text)
+	}
+}
+
+// TestProgramCounts runs the real parent program and checks that what it
+// counts comes out under the right labels, drops included.
+func TestProgramCounts(t *testing.T) {
+	r := newRig(t)
+	m := &r.dp.Maps
+	must(t, datapath.SyncServiceCIDRs(m, []netip.Prefix{netip.MustParsePrefix("10.96.0.0/16")}))
+	toA := echo(t, macParent, macA, ipHost, ipA)
+	for range 3 {
+		run(t, r.dp.Programs.ParentEgress, toA)
+	}
+	stale := echo(t, macB, macParent, ipB, netip.MustParseAddr("10.96.0.99"))
+	run(t, r.dp.Programs.ParentEgress, stale)
+
+	c := metrics.New(m, metrics.Options{})
+	want := fmt.Sprintf(`
+# HELP underpass_host_redirects_total Packets hairpinned on the parent between the host and the endpoint.
+# TYPE underpass_host_redirects_total counter
+underpass_host_redirects_total{direction="endpoint_to_host",%[1]s} 0
+underpass_host_redirects_total{direction="host_to_endpoint",%[1]s} 3
+underpass_host_redirects_total{direction="endpoint_to_host",%[2]s} 0
+underpass_host_redirects_total{direction="host_to_endpoint",%[2]s} 0
+# HELP underpass_host_redirect_bytes_total Bytes hairpinned on the parent between the host and the endpoint.
+# TYPE underpass_host_redirect_bytes_total counter
+underpass_host_redirect_bytes_total{direction="endpoint_to_host",%[1]s} 0
+underpass_host_redirect_bytes_total{direction="host_to_endpoint",%[1]s} %[3]d
+underpass_host_redirect_bytes_total{direction="endpoint_to_host",%[2]s} 0
+underpass_host_redirect_bytes_total{direction="host_to_endpoint",%[2]s} 0
+# HELP underpass_stale_service_packets_total Packets the endpoint sent to a service IP that no longer exists: dropped, or rejected (answered with RST / port unreachable).
+# TYPE underpass_stale_service_packets_total counter
+underpass_stale_service_packets_total{action="dropped",%[1]s} 0
+underpass_stale_service_packets_total{action="rejected",%[1]s} 0
+underpass_stale_service_packets_total{action="dropped",%[2]s} 1
+underpass_stale_service_packets_total{action="rejected",%[2]s} 0
+# HELP underpass_drops_total Packets dropped by the datapath on this node, by reason (all endpoints and the host).
+# TYPE underpass_drops_total counter
+underpass_drops_total{reason="host_unreachable"} 0
+underpass_drops_total{reason="reject_failed"} 0
+underpass_drops_total{reason="routed_via_node"} 0
+underpass_drops_total{reason="spoofed_source"} 0
+underpass_drops_total{reason="stale_service"} 1
+underpass_drops_total{reason="unvetted_frame"} 0
+# HELP underpass_drop_bytes_total Bytes dropped by the datapath on this node, by reason.
+# TYPE underpass_drop_bytes_total counter
+underpass_drop_bytes_total{reason="host_unreachable"} 0
+underpass_drop_bytes_total{reason="reject_failed"} 0
+underpass_drop_bytes_total{reason="routed_via_node"} 0
+underpass_drop_bytes_total{reason="spoofed_source"} 0
+underpass_drop_bytes_total{reason="stale_service"} %[4]d
+underpass_drop_bytes_total{reason="unvetted_frame"} 0
+`, labelsA, labelsB, 3*len(toA), len(stale))
+	must(t, testutil.CollectAndCompare(c, strings.NewReader(want),
+		"underpass_host_redirects_total", "underpass_host_redirect_bytes_total",
+		"underpass_stale_service_packets_total", "underpass_drops_total", "underpass_drop_bytes_total"))
+}
+
+func TestDeletedEndpointDisappears(t *testing.T) {
+	r := newRig(t)
+	c := metrics.New(&r.dp.Maps, metrics.Options{})
+	// 19 series per endpoint (6 of them drop reasons); 6+6 node drops, 2
+	// gauges, 1 error counter.
+	const perEndpoint = 19
+	if n := testutil.CollectAndCount(c); n != 2*perEndpoint+12+3 {
+		t.Fatalf("%d series with two endpoints", n)
+	}
+	must(t, datapath.Unregister(&r.dp.Maps, r.idB))
+	reg := prometheus.NewPedanticRegistry()
+	must(t, reg.Register(c))
+	fams, err := reg.Gather()
+	must(t, err)
+	for _, f := range fams {
+		for _, mt := range f.GetMetric() {
+			for _, l := range mt.GetLabel() {
+				if l.GetName() == "pod" && l.GetValue() == "b" {
+					t.Fatalf("%s still reports the deleted endpoint", f.GetName())
+				}
+			}
+		}
+	}
+	if n := testutil.CollectAndCount(c); n != perEndpoint+12+3 {
+		t.Fatalf("%d series with one endpoint", n)
+	}
+	if v := testutil.ToFloat64(gauge(t, c, "underpass_endpoints")); v != 1 {
+		t.Fatalf("underpass_endpoints = %v after a delete", v)
+	}
+}
+
+// gauge collects c and returns the single-series collector for name.
+func gauge(t *testing.T, c prometheus.Collector, name string) prometheus.Collector {
+	t.Helper()
+	reg := prometheus.NewRegistry()
+	must(t, reg.Register(c))
+	fams, err := reg.Gather()
+	must(t, err)
+	for _, f := range fams {
+		if f.GetName() == name && len(f.GetMetric()) == 1 {
+			g := prometheus.NewGauge(prometheus.GaugeOpts{Name: name})
+			g.Set(f.GetMetric()[0].GetGauge().GetValue())
+			return g
+		}
+	}
+	t.Fatalf("no single series %s", name)
+	return nil
+}
+
+// TestSkipGauges registers next to the agent's own gauges of the same
+// names: a duplicate would make the agent fail at start-up.
+func TestSkipGauges(t *testing.T) {
+	r := newRig(t)
+	reg := prometheus.NewPedanticRegistry()
+	reg.MustRegister(
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "underpass_endpoints", Help: "agent's"}, func() float64 { return 2 }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "underpass_live_services", Help: "agent's"}, func() float64 { return 0 }),
+	)
+	if err := reg.Register(metrics.New(&r.dp.Maps, metrics.Options{})); err == nil {
+		t.Fatal("a collector with the gauges registered next to the agent's: the test proves nothing")
+	}
+	must(t, reg.Register(metrics.New(&r.dp.Maps, metrics.Options{SkipGauges: true})))
+	if _, err := reg.Gather(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestCollectionErrors breaks one map: the error is counted and logged,
+// and everything else is still reported.
+func TestCollectionErrors(t *testing.T) {
+	r := newRig(t)
+	maps := r.dp.Maps
+	broken, err := maps.Drops.Clone()
+	must(t, err)
+	must(t, broken.Close())
+	maps.Drops = broken
+	var logs bytes.Buffer
+	c := metrics.New(&maps, metrics.Options{Log: slog.New(slog.NewTextHandler(&logs, nil))})
+	want := `
+# HELP underpass_collection_errors_total Map reads that failed while collecting metrics; the scrape goes on without them.
+# TYPE underpass_collection_errors_total counter
+underpass_collection_errors_total 1
+`
+	must(t, testutil.CollectAndCompare(c, strings.NewReader(want), "underpass_collection_errors_total"))
+	if n := testutil.CollectAndCount(c, "underpass_host_redirects_total"); n != 4 {
+		t.Fatalf("%d host redirect series with a broken drops map, want 4", n)
+	}
+	if !strings.Contains(logs.String(), "drop counters") {
+		t.Fatalf("error not logged: %q", logs.String())
+	}
+}
+
+// TestDuplicateLabels: two endpoints whose container ids share the short
+// prefix, in the same pod: the scrape must not fail.
+func TestDuplicateLabels(t *testing.T) {
+	r := newRig(t)
+	m := &r.dp.Maps
+	for i, ip := range []string{"192.0.2.20", "192.0.2.21"} {
+		_, err := datapath.Register(m, datapath.EndpointSpec{
+			ContainerID: "aaaaaaaaaaaa-" + fmt.Sprint(i), IfName: "eth0", ParentIfindex: parentIfindex, ParentName: "lo",
+			Mode: loader.ModeMacvlan, MAC: net.HardwareAddr{2, 0, 0, 0, 9, byte(i)},
+			Addrs: []netip.Prefix{netip.MustParsePrefix(ip + "/24")}, PodName: "same", PodNamespace: "default",
+		})
+		must(t, err)
+	}
+	reg := prometheus.NewPedanticRegistry()
+	must(t, reg.Register(metrics.New(m, metrics.Options{})))
+	if _, err := reg.Gather(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func echo(tb testing.TB, smac, dmac net.HardwareAddr, src, dst netip.Addr) []byte {
+	tb.Helper()
+	buf := gopacket.NewSerializeBuffer()
+	err := gopacket.SerializeLayers(buf, gopacket.SerializeOptions{ComputeChecksums: true, FixLengths: true},
+		&layers.Ethernet{SrcMAC: smac, DstMAC: dmac, EthernetType: layers.EthernetTypeIPv4},
+		&layers.IPv4{Version: 4, IHL: 5, TTL: 64, Protocol: layers.IPProtocolICMPv4, SrcIP: src.AsSlice(), DstIP: dst.AsSlice()},
+		&layers.ICMPv4{TypeCode: layers.CreateICMPv4TypeCode(layers.ICMPv4TypeEchoRequest, 0), Id: 1, Seq: 1},
+		gopacket.Payload("underpass-metrics-test-payload"))
+	must(tb, err)
+	return buf.Bytes()
+}
+
+// skbCtx is the prefix of struct __sk_buff up to ifindex.
+type skbCtx struct {
+	Len, PktType, Mark, QueueMapping, Protocol, VlanPresent, VlanTCI, VlanProto, Priority, IngressIfindex, Ifindex uint32
+}
+
+func run(tb testing.TB, prog *ebpf.Program, frame []byte) {
+	tb.Helper()
+	out := make([]byte, len(frame)+256)
+	_, err := prog.Run(&ebpf.RunOptions{Data: frame, DataOut: out, Context: skbCtx{Ifindex: parentIfindex}, Repeat: 1})
+	must(tb, err)
+}
