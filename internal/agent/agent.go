@@ -71,7 +71,7 @@ type Agent struct {
 	gc       *endpointgc.Collector
 	parents  map[int]*parentState    // attached, by ifindex
 	lost     map[string]*parentState // deleted parents by name, awaiting re-creation
-	uplinks  map[string]int          // attached uplinks: name -> ifindex
+	uplinks  map[string]uplinkState  // configured uplinks that exist, by name
 	warned   map[string]bool         // one-time warnings already logged
 	hostSet  map[netip.Prefix]uint32 // last host set written, to log changes only
 	gcPeriod time.Duration
@@ -99,7 +99,7 @@ func New(opts Options) (*Agent, error) {
 		log:     opts.Log,
 		parents: map[int]*parentState{},
 		lost:    map[string]*parentState{},
-		uplinks: map[string]int{},
+		uplinks: map[string]uplinkState{},
 		warned:  map[string]bool{},
 	}, nil
 }

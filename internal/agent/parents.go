@@ -157,11 +157,11 @@ func (a *Agent) attachParent(l netlink.Link, mode loader.Mode) bool {
 	}
 	// The parent program guards stale services itself, so running the
 	// uplink program too would only look the VIP up twice: one per NIC.
-	if idx, ok := a.uplinks[attrs.Name]; ok && idx == attrs.Index {
-		if err := dp.DetachEgress(loader.RoleUplink, idx); err != nil {
+	if u, ok := a.uplinks[attrs.Name]; ok && u.ifindex == attrs.Index && !u.isParent {
+		if err := dp.DetachEgress(loader.RoleUplink, u.ifindex); err != nil {
 			a.log.Error("detach uplink program from a parent", "interface", attrs.Name, "error", err)
 		}
-		a.uplinks[attrs.Name] = -idx
+		a.uplinks[attrs.Name] = uplinkState{ifindex: u.ifindex, isParent: true}
 		a.log.Info("uplink is now a parent: its parent program guards stale services", "interface", attrs.Name)
 	}
 	return true
@@ -280,7 +280,7 @@ func (a *Agent) linkDeleted(ev netwatch.Event) {
 		a.log.Warn("parent interface deleted; its endpoints lost their interfaces too. Will re-attach when it is re-created",
 			"parent", p.name, "ifindex", ev.Index)
 	}
-	if idx, ok := a.uplinks[ev.Name]; ok && (idx == ev.Index || idx == -ev.Index) {
+	if u, ok := a.uplinks[ev.Name]; ok && u.ifindex == ev.Index {
 		delete(a.uplinks, ev.Name)
 		_ = dp.DetachEgress(loader.RoleUplink, ev.Index)
 		a.log.Warn("uplink interface deleted; will attach when it comes back", "uplink", ev.Name, "ifindex", ev.Index)
@@ -360,17 +360,17 @@ func (a *Agent) checkParents() {
 // and are not parents, and detaches it from uplinks no longer configured.
 func (a *Agent) syncUplinks(force bool) {
 	dp := a.dp.Load()
-	for name, idx := range a.uplinks {
+	for name, u := range a.uplinks {
 		if slices.Contains(a.cfg.Uplinks, name) {
 			continue
 		}
 		delete(a.uplinks, name)
-		if idx > 0 {
-			if err := dp.DetachEgress(loader.RoleUplink, idx); err != nil {
+		if !u.isParent {
+			if err := dp.DetachEgress(loader.RoleUplink, u.ifindex); err != nil {
 				a.log.Error("detach uplink program", "uplink", name, "error", err)
 				continue
 			}
-			a.log.Info("uplink program detached", "uplink", name, "ifindex", idx)
+			a.log.Info("uplink program detached", "uplink", name, "ifindex", u.ifindex)
 		}
 	}
 	for _, name := range a.cfg.Uplinks {
@@ -385,13 +385,16 @@ func (a *Agent) syncUplinks(force bool) {
 		delete(a.warned, "uplink-missing-"+name)
 		idx := l.Attrs().Index
 		if _, isParent := a.parents[idx]; isParent {
-			if a.uplinks[name] != -idx {
+			asParent := uplinkState{ifindex: idx, isParent: true}
+			if a.uplinks[name] != asParent {
 				a.log.Info("uplink is a parent: its parent program guards stale services", "uplink", name)
 			}
 			// An uplink program left attached by an earlier run would end the
 			// chain before the parent program.
-			_ = dp.DetachEgress(loader.RoleUplink, idx)
-			a.uplinks[name] = -idx
+			if err := dp.DetachEgress(loader.RoleUplink, idx); err != nil {
+				a.log.Error("detach the uplink program from an uplink that is a parent", "uplink", name, "error", err)
+			}
+			a.uplinks[name] = asParent
 			continue
 		}
 		att, err := dp.AttachEgress(loader.RoleUplink, idx)
@@ -402,8 +405,16 @@ func (a *Agent) syncUplinks(force bool) {
 		if _, known := a.uplinks[name]; !known {
 			a.log.Info("uplink program attached", "uplink", name, "ifindex", idx, "attach", att.Mode)
 		}
-		a.uplinks[name] = idx
+		a.uplinks[name] = uplinkState{ifindex: idx}
 	}
+}
+
+// uplinkState is a configured uplink the agent found: the uplink program
+// is attached to it unless it is also a parent, whose parent program
+// guards stale Services already.
+type uplinkState struct {
+	ifindex  int
+	isParent bool
 }
 
 func isUp(attrs *netlink.LinkAttrs) bool {

@@ -208,10 +208,11 @@ func (a *Agent) pinnedLinks(dp *loader.Datapath) []pinnedLink {
 			})
 		}
 	}
-	for name, idx := range a.uplinks {
-		if idx <= 0 {
-			continue // a parent: its parent program guards it
+	for name, u := range a.uplinks {
+		if u.isParent {
+			continue // its parent program guards it
 		}
+		idx := u.ifindex
 		out = append(out, pinnedLink{
 			pin:     loader.LinkPin(dp.Dir, loader.RoleUplink, idx),
 			what:    fmt.Sprintf("uplink %s (ifindex %d) tc egress", name, idx),

@@ -73,7 +73,9 @@ func (dp *Datapath) AttachEgress(role Role, ifindex int) (Attachment, error) {
 		return Attachment{}, fmt.Errorf("pin tcx link of %s: %w", ifaceName(ifindex), err)
 	}
 	// A legacy filter left by an older kernel's run would run twice.
-	_ = parentFilter(ifindex, role).remove("underpass-" + string(role))
+	if err := parentFilter(ifindex, role).remove("underpass-" + string(role)); err != nil {
+		return Attachment{}, fmt.Errorf("remove the legacy tc egress filter beside the tcx link of %s: %w", ifaceName(ifindex), err)
+	}
 	return att, nil
 }
 

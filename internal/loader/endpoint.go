@@ -120,7 +120,9 @@ func (dp *Datapath) attachEndpoint(h *netlink.Handle, id uint32, ifindex int) (e
 	defer func() {
 		if err != nil {
 			for _, f := range filters {
-				_ = f.remove(endpointFilterPrefix)
+				if rerr := f.remove(endpointFilterPrefix); rerr != nil {
+					err = errors.Join(err, fmt.Errorf("roll back: %w", rerr))
+				}
 			}
 		}
 	}()
@@ -156,8 +158,13 @@ func DetachEndpoint(netnsPath string, ifindex int, id uint32) error {
 	}
 	var errs []error
 	for _, f := range endpointFilters(h, ifindex) {
+		found, err := f.find(prefix)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
 		// "underpass-endpoint-1" is a prefix of "…-12": match whole names.
-		for _, bf := range f.find(prefix) {
+		for _, bf := range found {
 			if id != 0 && bf.Name != prefix {
 				continue
 			}
@@ -191,15 +198,25 @@ func AttachedEndpoint(netnsPath string, ifindex int) (EndpointFilters, error) {
 		return EndpointFilters{}, fmt.Errorf("ifindex %d in %s: %w", ifindex, netnsPath, err)
 	}
 	hooks := endpointFilters(h, ifindex)
-	return EndpointFilters{Ingress: filterEndpointID(hooks[0]), Egress: filterEndpointID(hooks[1])}, nil
-}
-
-func filterEndpointID(f clsBPF) uint32 {
-	for _, bf := range f.find(endpointFilterPrefix) {
-		rest, _ := strings.CutPrefix(bf.Name, endpointFilterPrefix+"-")
-		if id, err := strconv.ParseUint(rest, 10, 32); err == nil {
-			return uint32(id)
+	var ids [2]uint32
+	for i, f := range hooks {
+		if ids[i], err = filterEndpointID(f); err != nil {
+			return EndpointFilters{}, fmt.Errorf("ifindex %d in %s: %w", ifindex, netnsPath, err)
 		}
 	}
-	return 0
+	return EndpointFilters{Ingress: ids[0], Egress: ids[1]}, nil
+}
+
+func filterEndpointID(f clsBPF) (uint32, error) {
+	found, err := f.find(endpointFilterPrefix)
+	if err != nil {
+		return 0, err
+	}
+	for _, bf := range found {
+		rest, _ := strings.CutPrefix(bf.Name, endpointFilterPrefix+"-")
+		if id, err := strconv.ParseUint(rest, 10, 32); err == nil {
+			return uint32(id), nil
+		}
+	}
+	return 0, nil
 }

@@ -22,11 +22,21 @@ const (
 // or HANDLE_MIN_EGRESS) of ifindex, in the netns h works in. The name says
 // whose it is ("underpass-parent", "underpass-endpoint-7", …).
 type clsBPF struct {
-	h       *netlink.Handle
+	h       tcNetlink
 	ifindex int
 	hook    uint32
 	name    string
 	classid uint32 // endpoints: the endpoint id, see AttachEndpoint
+}
+
+// tcNetlink is the part of a *netlink.Handle that cls_bpf attachment uses
+// (a test fakes it to make a dump fail).
+type tcNetlink interface {
+	LinkByIndex(index int) (netlink.Link, error)
+	QdiscAdd(qdisc netlink.Qdisc) error
+	FilterList(link netlink.Link, parent uint32) ([]netlink.Filter, error)
+	FilterReplace(filter netlink.Filter) error
+	FilterDel(filter netlink.Filter) error
 }
 
 func (c clsBPF) filter(prog *ebpf.Program) *netlink.BpfFilter {
@@ -78,16 +88,24 @@ func (c clsBPF) replaceFilter(prog *ebpf.Program) error {
 	return nil
 }
 
-// find returns our filters on the hook whose name starts with prefix.
-// A missing interface or qdisc means none.
-func (c clsBPF) find(prefix string) []*netlink.BpfFilter {
+// find returns our filters on the hook whose name starts with prefix. An
+// interface that is gone took its filters with it, and a link without a
+// clsact qdisc dumps none: both mean none. Any other failure is an error,
+// never "none": a detach that could not look must not report success.
+func (c clsBPF) find(prefix string) ([]*netlink.BpfFilter, error) {
 	l, err := c.h.LinkByIndex(c.ifindex)
+	if linkGone(err) {
+		return nil, nil
+	}
 	if err != nil {
-		return nil
+		return nil, fmt.Errorf("find ifindex %d: %w", c.ifindex, err)
 	}
 	filters, err := c.h.FilterList(l, c.hook)
+	if linkGone(err) {
+		return nil, nil
+	}
 	if err != nil {
-		return nil // no clsact qdisc
+		return nil, fmt.Errorf("list the filters of %s: %w", l.Attrs().Name, err)
 	}
 	var out []*netlink.BpfFilter
 	for _, f := range filters {
@@ -95,13 +113,24 @@ func (c clsBPF) find(prefix string) []*netlink.BpfFilter {
 			out = append(out, f.(*netlink.BpfFilter))
 		}
 	}
-	return out
+	return out, nil
+}
+
+// linkGone says whether err means that the interface does not exist (any
+// more).
+func linkGone(err error) bool {
+	var nf netlink.LinkNotFoundError
+	return errors.As(err, &nf) || errors.Is(err, unix.ENODEV)
 }
 
 // remove deletes our filters on the hook whose name starts with prefix;
 // absent is fine.
 func (c clsBPF) remove(prefix string) error {
-	for _, f := range c.find(prefix) {
+	found, err := c.find(prefix)
+	if err != nil {
+		return err
+	}
+	for _, f := range found {
 		if err := c.h.FilterDel(f); err != nil && !errors.Is(err, unix.ENOENT) && !errors.Is(err, unix.ENODEV) {
 			return fmt.Errorf("delete cls_bpf filter %s: %w", f.Name, err)
 		}
