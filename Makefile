@@ -8,7 +8,7 @@ BIN       := bin
 PKGS      := ./...
 TESTFLAGS ?= -count=1 -timeout 45m
 
-.PHONY: all generate check-generate build image deps test test-unit bench bench-node fuzz demo test-kernels vm-cni-bins vm-agent-bins clean
+.PHONY: all generate check-generate generated check-deps lint build image deps test test-unit bench bench-node fuzz demo test-kernels vm-cni-bins vm-agent-bins clean
 
 all: build
 
@@ -30,19 +30,40 @@ IMAGE ?= ghcr.io/underpass-cni/underpass:dev
 image: build
 	$(GO) run ./internal/cmd/mkimage --bin $(BIN) --out $(BIN)/underpass-image.tar --ref $(IMAGE)
 
-# All tiers that run on this kernel; the VM matrix is test-kernels. The
-# missing Debian packages are installed first and the Kubernetes binaries
-# built (etcd, kube-apiserver, -controller-manager, -scheduler, -proxy, kubelet,
-# kubectl, agnhost), helm and CoreDNS (cached by version), so this works on
-# a fresh machine.
-test: deps check-generate
-	$(GO) vet $(PKGS)
+# All tiers that run on this kernel; the VM matrix is test-kernels. Missing
+# Debian packages are named before they are installed (on a terminal it
+# asks; make deps installs them on its own). It builds the Kubernetes binaries (etcd, kube-apiserver,
+# -controller-manager, -scheduler, -proxy, kubelet, kubectl, agnhost,
+# e2e.test), helm and CoreDNS from the Go module proxy (cached by version).
+# The committed bpf2go output is checked when the pinned clang is here.
+test: check-deps generated
 	UNDERPASS_K8S_BIN=$$(test/k8s/build.sh) UNDERPASS_HELM=$$(test/helm.sh) UNDERPASS_COREDNS=$$(test/coredns.sh) $(GO) test $(TESTFLAGS) -p 1 $(PKGS)
 
-# What `make test` installs (missing Debian packages) and builds (the
-# Kubernetes binaries, cached), on its own.
+# What `make test` needs that is not Go: the missing Debian packages
+# installed (as root), and the Kubernetes binaries, helm and CoreDNS built
+# (cached), on their own.
 deps:
 	test/deps.sh >/dev/null
+
+check-deps:
+	@test/deps.sh --ask >/dev/null
+
+# check-generate with the pinned clang; with another one (or none) it says
+# so and goes on: only regenerating needs that exact version.
+generated:
+	@if $(CLANG) --version 2>/dev/null | grep -q "version $(CLANG_VERSION)"; then \
+		$(MAKE) --no-print-directory check-generate; \
+	else \
+		echo "make test: the committed bpf2go output is not checked: that needs $(CLANG) $(CLANG_VERSION) (make deps installs it; CI checks it)"; \
+	fi
+
+# gofmt, go vet and staticcheck (built from the Go module proxy, cached
+# like the other tools).
+STATICCHECK_VERSION := v0.8.2
+lint:
+	@bad=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$bad" ]; then echo "not gofmt-formatted (run gofmt -w):"; echo "$$bad"; exit 1; fi
+	$(GO) vet $(PKGS)
+	$$(test/gobin.sh staticcheck honnef.co/go/tools/cmd/staticcheck $(STATICCHECK_VERSION)) $(PKGS)
 
 # Figures side by side, never asserted: ns/packet per program path
 # (prog.Benchmark), then TCP throughput and request/response rate through the

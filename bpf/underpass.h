@@ -199,8 +199,8 @@ struct up_counter {
 	__u64 bytes;
 };
 
-/* ep_stats: per-CPU, per endpoint id. The parent program writes host_*,
- * stale_* and drops; the endpoint programs write rx/tx; XDP writes wire_rx. */
+/* ep_stats: per-CPU, per endpoint id; userspace creates and deletes the
+ * entries, the programs count into them (see docs/architecture.md). */
 struct up_ep_stats {
 	struct up_counter rx;          /* delivered to the endpoint */
 	struct up_counter tx;          /* sent by the endpoint */
@@ -230,7 +230,7 @@ struct up_ep_addr {
 };
 
 /* endpoints: id -> everything userspace needs to name, check and clean up an
- * endpoint. Never read on the hot path. */
+ * endpoint; the programs read it to vet a source (addrs, learned). */
 struct up_endpoint {
 	__u32 id;
 	__u32 parent_ifindex;
@@ -247,8 +247,8 @@ struct up_endpoint {
 	char pod_namespace[64];
 	char netns[128];
 	char network[64];       /* the CNI network name: GC and STATUS are per network */
-	/* Written by the programs only (see learn_address); userspace keeps
-	 * them across re-registration and removes their ep_by_ip entries. */
+	/* Filled by the programs (see learn_address); a registration starts
+	 * them empty, unregistering removes their ep_by_ip entries. */
 	struct up_learned learned[UP_MAX_LEARNED];
 };
 

@@ -5,7 +5,8 @@
 //
 // All datapath state is changed from one goroutine (the event loop in Run),
 // except live_svcs, which services.Manager guards itself, so there is no
-// lock ordering to get wrong.
+// lock ordering to get wrong. Changes to the endpoint registry, which the
+// CNI plugin writes too, hold the datapath's writer lock (loader.Lock).
 package agent
 
 import (

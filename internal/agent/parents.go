@@ -207,13 +207,23 @@ func (a *Agent) parentRecreated(l netlink.Link) {
 	if !a.attachParent(l, mode) {
 		return
 	}
-	m := &a.dp.Load().Maps
-	moved, err := datapath.MoveParent(m, st.ifindex, attrs.Index)
+	dp := a.dp.Load()
+	// Moving rewrites every endpoint of the parent across three maps: under
+	// the writer lock, or a plugin's ADD or DEL in between would see (or
+	// leave behind) an endpoint half moved.
+	var moved int
+	unlock, err := dp.Lock()
+	if err == nil {
+		moved, err = datapath.MoveParent(&dp.Maps, st.ifindex, attrs.Index)
+		if err == nil {
+			if derr := datapath.DeleteParent(&dp.Maps, st.ifindex); derr != nil {
+				a.log.Error("forget old parent ifindex", "parent", attrs.Name, "error", derr)
+			}
+		}
+		unlock()
+	}
 	if err != nil {
 		a.log.Error("move endpoints to the re-created parent", "parent", attrs.Name, "error", err)
-	}
-	if err := datapath.DeleteParent(m, st.ifindex); err != nil {
-		a.log.Error("forget old parent ifindex", "parent", attrs.Name, "error", err)
 	}
 	// The old index's pins outlive it when the parent was deleted while
 	// the agent was down.

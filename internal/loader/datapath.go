@@ -18,10 +18,14 @@ import (
 // ErrNotLoaded means there is no pinned datapath: underpassd has not run.
 var ErrNotLoaded = errors.New("datapath not loaded")
 
-// Maps are the pinned maps. The agent owns config, parents, svc_cidrs,
-// live_svcs and host_cidrs; the CNI plugin owns the entries of one endpoint
-// in ep_by_mac, ep_by_ip, endpoints and ep_stats; the programs own the
-// counters' contents.
+// Maps are the pinned maps. Who writes which is in docs/architecture.md
+// ("Who owns what"): in short, the agent writes config, the CIDR sets,
+// prefilter, live_svcs and ep_progs; the endpoint registry (ep_names,
+// endpoints, ep_by_mac, ep_by_ip, ep_stats) is written by the plugin (ADD,
+// DEL, GC) and by the agent (its GC, a re-created parent), always under
+// Lock; parents by both (the plugin registers a parent its pod needs while
+// the agent restarts); the programs write the counters, learnt addresses
+// (ep_by_ip, endpoints.learned), wire_addrs, svc_flows and events.
 type Maps struct {
 	Config    *ebpf.Map
 	Parents   *ebpf.Map
@@ -257,7 +261,8 @@ func Open(dir string) (*Datapath, error) {
 }
 
 // forEndpoints are the objects the CNI plugin works on: the endpoint maps
-// it owns entries of, parents and svc_cidrs (which it reads), ep_progs
+// it writes its endpoint's entries in, parents (registered, with the
+// parent's link, when the agent has not yet), svc_cidrs (read), ep_progs
 // (checked) and the programs it attaches.
 var forEndpoints = map[string]bool{
 	"parents": true, "ep_by_mac": true, "ep_by_ip": true, "endpoints": true, "ep_stats": true,

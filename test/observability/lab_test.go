@@ -16,7 +16,6 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
-	"github.com/vishvananda/netlink"
 
 	"github.com/underpass-cni/underpass/internal/datapath"
 	"github.com/underpass-cni/underpass/internal/loader"
@@ -109,19 +108,6 @@ func (l *lab) pod(t *testing.T, name string, host int) *pod {
 	must(t, loader.AttachEndpoint(l.dp, id, c.Path, c.Index))
 	t.Cleanup(func() { _ = loader.DetachEndpoint(c.Path, c.Index, id) })
 	return &pod{Container: c, name: name, id: id}
-}
-
-// setLiveVIPOnNode makes the node answer on the live VIP, standing in for
-// kube-proxy.
-func (l *lab) setLiveVIPOnNode(t *testing.T) {
-	t.Helper()
-	must(t, l.env.Node.Do(func() error {
-		lo, err := netlink.LinkByName("lo")
-		if err != nil {
-			return err
-		}
-		return netlink.AddrAdd(lo, &netlink.Addr{IPNet: &net.IPNet{IP: vipLive.AsSlice(), Mask: net.CIDRMask(32, 32)}})
-	}))
 }
 
 // series is one scrape: "name{k=v,...}" (labels sorted) -> value.
