@@ -16,7 +16,7 @@ import (
 	"github.com/underpass-cni/underpass/internal/hostnat"
 )
 
-// metrics are the agent's own metrics (names fixed by DESIGN.md).
+// metrics are the agent's own metrics (names fixed by the contract, docs/architecture.md).
 type metrics struct {
 	reg     *prometheus.Registry
 	reloads *prometheus.CounterVec

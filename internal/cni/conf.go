@@ -1,7 +1,7 @@
 // Package cni is the underpass CNI plugin as a library: cmd/underpass is a
 // thin main around Funcs.
 //
-// The plugin works in two ways (see DESIGN.md, Contract):
+// The plugin works in two ways (see the README, "CNI configuration"):
 //   - main plugin: it creates the macvlan/ipvlan slave on master, delegates
 //     IPAM and configures the interface;
 //   - chained after the standard macvlan/ipvlan plugins: it adopts the slave

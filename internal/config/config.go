@@ -25,7 +25,7 @@ import (
 )
 
 // Defaults. DefaultBPFFS and DefaultMetricsListen are part of the user-facing
-// contract (DESIGN.md).
+// contract (docs/architecture.md, "The contract").
 const (
 	DefaultBPFFS         = "/sys/fs/bpf/underpass"
 	DefaultMetricsListen = "127.0.0.1:9775"

@@ -15,7 +15,7 @@ import (
 	"sigs.k8s.io/yaml"
 )
 
-// example is the config from DESIGN.md and the task brief, comments included.
+// example is the documented agent config (README, "Agent configuration"), comments included.
 const example = `hostReachability: true          # default true
 hostCIDRs: [169.254.20.10/32]   # default empty
 staleServices:

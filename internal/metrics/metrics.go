@@ -18,7 +18,7 @@ import (
 	"github.com/underpass-cni/underpass/internal/loader"
 )
 
-// Label names, fixed by DESIGN.md. Every per-endpoint series carries
+// Label names, fixed by the contract (docs/architecture.md). Every per-endpoint series carries
 // endpointLabels; their values change only when the endpoint does.
 var endpointLabels = []string{"endpoint", "pod", "namespace", "interface", "parent"}
 

@@ -440,7 +440,7 @@ func (d *demoRun) buildLab() error {
 
 // agentConfig is the demo's /etc/underpass/underpass.yaml.
 func agentConfig(action string) string {
-	return fmt.Sprintf(`# underpassd config of the demo (see DESIGN.md for every key)
+	return fmt.Sprintf(`# underpassd config of the demo (see the README, "Agent configuration", for every key)
 hostReachability: true
 staleServices:
   cidrs: [%s]

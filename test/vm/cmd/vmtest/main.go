@@ -1,5 +1,5 @@
 // Command vmtest runs the project's Go tests inside qemu on Debian's 6.1 and
-// 6.12 kernels (the kernel matrix, tier 3 in DESIGN.md).
+// 6.12 kernels (the kernel matrix, tier 3 in docs/architecture.md).
 //
 // It compiles each package into a static test binary, boots each kernel with
 // a cached busybox initramfs plus a small second cpio holding the binaries,
