@@ -262,13 +262,17 @@ static __always_inline struct up_config *get_config(void)
 	return bpf_map_lookup_elem(&config, &zero);
 }
 
-static __always_inline void count(__u32 stat, __u32 len)
+static __always_inline void bump(struct up_counter *c, __u32 len)
 {
-	struct up_counter *c = bpf_map_lookup_elem(&stats, &stat);
 	if (c) {
 		c->packets++;
 		c->bytes += len;
 	}
+}
+
+static __always_inline void count(__u32 stat, __u32 len)
+{
+	bump(bpf_map_lookup_elem(&stats, &stat), len);
 }
 
 static __always_inline struct up_ep_stats *ep_stats_of(__u32 id)
@@ -278,13 +282,18 @@ static __always_inline struct up_ep_stats *ep_stats_of(__u32 id)
 	return bpf_map_lookup_elem(&ep_stats, &id);
 }
 
+/* count_ep counts len bytes into the counter field (rx, tx, host_to_ep, …)
+ * of endpoint id, when it has one. */
+#define count_ep(id, field, len)                          \
+	do {                                              \
+		struct up_ep_stats *__s = ep_stats_of(id); \
+		if (__s)                                  \
+			bump(&__s->field, (len));         \
+	} while (0)
+
 static __always_inline void count_drop(__u32 reason, __u32 ep_id, __u32 len)
 {
-	struct up_counter *c = bpf_map_lookup_elem(&drops, &reason);
-	if (c) {
-		c->packets++;
-		c->bytes += len;
-	}
+	bump(bpf_map_lookup_elem(&drops, &reason), len);
 	struct up_ep_stats *s = ep_stats_of(ep_id);
 	if (s && reason < UP_DROP_SLOTS)
 		s->drops[reason]++;
@@ -532,6 +541,43 @@ static __always_inline __u64 csum_add(const void *buf, __u32 words, __u64 sum)
 
 /* ---- reject mode ------------------------------------------------------------ */
 
+/* answer_eth is the Ethernet header of an answer to the frame in skb: its
+ * own, with the addresses swapped. */
+static __always_inline int answer_eth(struct __sk_buff *skb, struct ethhdr *oeth)
+{
+	struct ethhdr eth;
+	if (bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)))
+		return -1;
+	__builtin_memcpy(oeth->h_dest, eth.h_source, ETH_ALEN);
+	__builtin_memcpy(oeth->h_source, eth.h_dest, ETH_ALEN);
+	oeth->h_proto = eth.h_proto;
+	return 0;
+}
+
+/* write_answer turns the frame into oeth + the len bytes at l3, first
+ * making grow bytes of room after the MAC header (for an answer that
+ * quotes the frame). */
+static __always_inline int write_answer(struct __sk_buff *skb, const struct ethhdr *oeth, const void *l3, __u32 len,
+					__u32 grow)
+{
+	if ((grow && bpf_skb_adjust_room(skb, grow, BPF_ADJ_ROOM_MAC, 0)) ||
+	    bpf_skb_change_tail(skb, ETH_HLEN + len, 0) || bpf_skb_store_bytes(skb, 0, oeth, sizeof(*oeth), 0) ||
+	    bpf_skb_store_bytes(skb, ETH_HLEN, l3, len, 0))
+		return -1;
+	return 0;
+}
+
+/* rst_for fills the TCP header of the RST|ACK that answers th, which
+ * carried payload bytes (checksum left to the caller). */
+static __always_inline void rst_for(struct tcphdr *rst, const struct tcphdr *th, int payload)
+{
+	rst->source = th->dest;
+	rst->dest = th->source;
+	rst->ack_seq = bpf_htonl(bpf_ntohl(th->seq) + 1 + payload);
+	rst->doff_res = (sizeof(*rst) / 4) << 4;
+	rst->flags = TCP_FLAG_RST | TCP_FLAG_ACK;
+}
+
 struct rst4 {
 	struct iphdr ip;
 	struct tcphdr tcp;
@@ -541,21 +587,15 @@ struct rst4 {
  * came from, so the client fails at once instead of retrying for minutes. */
 static __always_inline int reject_tcp4(struct __sk_buff *skb)
 {
-	struct ethhdr eth;
+	struct ethhdr oeth;
 	struct iphdr ip;
 	struct tcphdr th;
-	if (bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)) ||
-	    bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) || ip.ver_ihl != 0x45 ||
+	if (answer_eth(skb, &oeth) || bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) || ip.ver_ihl != 0x45 ||
 	    bpf_skb_load_bytes(skb, ETH_HLEN + sizeof(ip), &th, sizeof(th)))
 		return -1;
 	int payload = (int)bpf_ntohs(ip.tot_len) - (int)sizeof(ip) - (int)(th.doff_res >> 4) * 4;
 	if (payload < 0)
 		return -1;
-
-	struct ethhdr oeth;
-	__builtin_memcpy(oeth.h_dest, eth.h_source, ETH_ALEN);
-	__builtin_memcpy(oeth.h_source, eth.h_dest, ETH_ALEN);
-	oeth.h_proto = eth.h_proto;
 
 	struct rst4 r = {};
 	r.ip.ver_ihl = 0x45;
@@ -567,21 +607,12 @@ static __always_inline int reject_tcp4(struct __sk_buff *skb)
 	r.ip.daddr = ip.saddr;
 	r.ip.check = csum_fold(csum_add(&r.ip, sizeof(r.ip) / 2, 0));
 
-	r.tcp.source = th.dest;
-	r.tcp.dest = th.source;
-	r.tcp.ack_seq = bpf_htonl(bpf_ntohl(th.seq) + 1 + payload);
-	r.tcp.doff_res = (sizeof(r.tcp) / 4) << 4;
-	r.tcp.flags = TCP_FLAG_RST | TCP_FLAG_ACK;
+	rst_for(&r.tcp, &th, payload);
 	__u64 sum = csum_add(&r.tcp, sizeof(r.tcp) / 2, 0);
 	sum += (__u64)r.ip.saddr + r.ip.daddr;
 	sum += bpf_htons(IPPROTO_TCP) + bpf_htons(sizeof(r.tcp));
 	r.tcp.check = csum_fold(sum);
-
-	if (bpf_skb_change_tail(skb, ETH_HLEN + sizeof(r), 0) ||
-	    bpf_skb_store_bytes(skb, 0, &oeth, sizeof(oeth), 0) ||
-	    bpf_skb_store_bytes(skb, ETH_HLEN, &r, sizeof(r), 0))
-		return -1;
-	return 0;
+	return write_answer(skb, &oeth, &r, sizeof(r), 0);
 }
 
 struct rst6 {
@@ -600,21 +631,15 @@ static __always_inline __u64 csum_pseudo6(const __u8 *s, const __u8 *d, __u32 le
 
 static __always_inline int reject_tcp6(struct __sk_buff *skb)
 {
-	struct ethhdr eth;
+	struct ethhdr oeth;
 	struct ipv6hdr ip;
 	struct tcphdr th;
-	if (bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)) ||
-	    bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) || ip.nexthdr != IPPROTO_TCP ||
+	if (answer_eth(skb, &oeth) || bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) || ip.nexthdr != IPPROTO_TCP ||
 	    bpf_skb_load_bytes(skb, ETH_HLEN + sizeof(ip), &th, sizeof(th)))
 		return -1;
 	int payload = (int)bpf_ntohs(ip.payload_len) - (int)(th.doff_res >> 4) * 4;
 	if (payload < 0)
 		return -1;
-
-	struct ethhdr oeth;
-	__builtin_memcpy(oeth.h_dest, eth.h_source, ETH_ALEN);
-	__builtin_memcpy(oeth.h_source, eth.h_dest, ETH_ALEN);
-	oeth.h_proto = eth.h_proto;
 
 	struct rst6 r = {};
 	r.ip.ver_tc = 0x60;
@@ -624,19 +649,10 @@ static __always_inline int reject_tcp6(struct __sk_buff *skb)
 	__builtin_memcpy(r.ip.saddr, ip.daddr, 16);
 	__builtin_memcpy(r.ip.daddr, ip.saddr, 16);
 
-	r.tcp.source = th.dest;
-	r.tcp.dest = th.source;
-	r.tcp.ack_seq = bpf_htonl(bpf_ntohl(th.seq) + 1 + payload);
-	r.tcp.doff_res = (sizeof(r.tcp) / 4) << 4;
-	r.tcp.flags = TCP_FLAG_RST | TCP_FLAG_ACK;
+	rst_for(&r.tcp, &th, payload);
 	__u64 sum = csum_pseudo6(r.ip.saddr, r.ip.daddr, sizeof(r.tcp), IPPROTO_TCP);
 	r.tcp.check = csum_fold(csum_add(&r.tcp, sizeof(r.tcp) / 2, sum));
-
-	if (bpf_skb_change_tail(skb, ETH_HLEN + sizeof(r), 0) ||
-	    bpf_skb_store_bytes(skb, 0, &oeth, sizeof(oeth), 0) ||
-	    bpf_skb_store_bytes(skb, ETH_HLEN, &r, sizeof(r), 0))
-		return -1;
-	return 0;
+	return write_answer(skb, &oeth, &r, sizeof(r), 0);
 }
 
 /* ICMP port unreachable: new IP + ICMP header in front of the original IP
@@ -650,17 +666,12 @@ struct unreach4 {
 
 static __always_inline int reject_udp4(struct __sk_buff *skb)
 {
-	struct ethhdr eth;
+	struct ethhdr oeth;
 	struct unreach4 u = {};
-	if (bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)) ||
-	    bpf_skb_load_bytes(skb, ETH_HLEN, &u.orig, sizeof(u.orig)) || u.orig.ver_ihl != 0x45 ||
+	if (answer_eth(skb, &oeth) || bpf_skb_load_bytes(skb, ETH_HLEN, &u.orig, sizeof(u.orig)) ||
+	    u.orig.ver_ihl != 0x45 ||
 	    bpf_skb_load_bytes(skb, ETH_HLEN + sizeof(u.orig), u.orig_l4, sizeof(u.orig_l4)))
 		return -1;
-
-	struct ethhdr oeth;
-	__builtin_memcpy(oeth.h_dest, eth.h_source, ETH_ALEN);
-	__builtin_memcpy(oeth.h_source, eth.h_dest, ETH_ALEN);
-	oeth.h_proto = eth.h_proto;
 
 	u.ip.ver_ihl = 0x45;
 	u.ip.tos = 0xc0;
@@ -674,13 +685,7 @@ static __always_inline int reject_udp4(struct __sk_buff *skb)
 	u.icmp.code = 3; /* port unreachable */
 	u.icmp.checksum = csum_fold(csum_add(&u.icmp, (sizeof(u) - sizeof(u.ip)) / 2, 0));
 
-	__u32 grow = sizeof(u) - sizeof(u.orig) - sizeof(u.orig_l4);
-	if (bpf_skb_adjust_room(skb, grow, BPF_ADJ_ROOM_MAC, 0) ||
-	    bpf_skb_change_tail(skb, ETH_HLEN + sizeof(u), 0) ||
-	    bpf_skb_store_bytes(skb, 0, &oeth, sizeof(oeth), 0) ||
-	    bpf_skb_store_bytes(skb, ETH_HLEN, &u, sizeof(u), 0))
-		return -1;
-	return 0;
+	return write_answer(skb, &oeth, &u, sizeof(u), sizeof(u) - sizeof(u.orig) - sizeof(u.orig_l4));
 }
 
 struct unreach6 {
@@ -692,18 +697,12 @@ struct unreach6 {
 
 static __always_inline int reject_udp6(struct __sk_buff *skb)
 {
-	struct ethhdr eth;
+	struct ethhdr oeth;
 	struct unreach6 u = {};
-	if (bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)) ||
-	    bpf_skb_load_bytes(skb, ETH_HLEN, &u.orig, sizeof(u.orig)) ||
+	if (answer_eth(skb, &oeth) || bpf_skb_load_bytes(skb, ETH_HLEN, &u.orig, sizeof(u.orig)) ||
 	    u.orig.nexthdr != IPPROTO_UDP ||
 	    bpf_skb_load_bytes(skb, ETH_HLEN + sizeof(u.orig), u.orig_l4, sizeof(u.orig_l4)))
 		return -1;
-
-	struct ethhdr oeth;
-	__builtin_memcpy(oeth.h_dest, eth.h_source, ETH_ALEN);
-	__builtin_memcpy(oeth.h_source, eth.h_dest, ETH_ALEN);
-	oeth.h_proto = eth.h_proto;
 
 	__u32 icmp_len = sizeof(u) - sizeof(u.ip);
 	u.ip.ver_tc = 0x60;
@@ -717,13 +716,7 @@ static __always_inline int reject_udp6(struct __sk_buff *skb)
 	__u64 sum = csum_pseudo6(u.ip.saddr, u.ip.daddr, icmp_len, IPPROTO_ICMPV6);
 	u.icmp.checksum = csum_fold(csum_add(&u.icmp, icmp_len / 2, sum));
 
-	__u32 grow = sizeof(u) - sizeof(u.orig) - sizeof(u.orig_l4);
-	if (bpf_skb_adjust_room(skb, grow, BPF_ADJ_ROOM_MAC, 0) ||
-	    bpf_skb_change_tail(skb, ETH_HLEN + sizeof(u), 0) ||
-	    bpf_skb_store_bytes(skb, 0, &oeth, sizeof(oeth), 0) ||
-	    bpf_skb_store_bytes(skb, ETH_HLEN, &u, sizeof(u), 0))
-		return -1;
-	return 0;
+	return write_answer(skb, &oeth, &u, sizeof(u), sizeof(u) - sizeof(u.orig) - sizeof(u.orig_l4));
 }
 
 /* ---- the stale-service guard ------------------------------------------------ */
@@ -1130,11 +1123,7 @@ static __always_inline int endpoint_to_host(struct __sk_buff *skb, const struct 
 		count(UP_STAT_STEERED, len);
 	}
 	count(UP_STAT_EP_TO_HOST, len);
-	struct up_ep_stats *s = ep_stats_of(ep_id);
-	if (s) {
-		s->ep_to_host.packets++;
-		s->ep_to_host.bytes += len;
-	}
+	count_ep(ep_id, ep_to_host, len);
 	/* The mark tells the agent's nftables rules which forwarded flows to
 	 * masquerade (see up_marks); anything else enters unmarked, so a mark
 	 * the pod set never reaches the host. */
@@ -1180,11 +1169,7 @@ static __always_inline int host_to_endpoint(struct __sk_buff *skb, const struct 
 	if (dst_mac && bpf_skb_store_bytes(skb, 0, dst_mac, ETH_ALEN, 0))
 		return TC_ACT_UNSPEC;
 	count(UP_STAT_HOST_TO_EP, len);
-	struct up_ep_stats *s = ep_stats_of(ep_id);
-	if (s) {
-		s->host_to_ep.packets++;
-		s->host_to_ep.bytes += len;
-	}
+	count_ep(ep_id, host_to_ep, len);
 	return to_ingress(skb, ep_id);
 }
 
@@ -1385,11 +1370,7 @@ int ep_ingress_body(struct __sk_buff *skb)
 			return TC_ACT_SHOT;
 		}
 	}
-	struct up_ep_stats *s = ep_stats_of(id);
-	if (s) {
-		s->rx.packets++;
-		s->rx.bytes += len;
-	}
+	count_ep(id, rx, len);
 	return TC_ACT_OK;
 }
 
@@ -1421,16 +1402,12 @@ int ep_egress_body(struct __sk_buff *skb)
 				return TC_ACT_SHOT;
 			}
 			count(UP_STAT_EP_TO_HOST, len);
-			if (s) {
-				s->ep_to_host.packets++;
-				s->ep_to_host.bytes += len;
-			}
+			if (s)
+				bump(&s->ep_to_host, len);
 		}
 	}
-	if (s) {
-		s->tx.packets++;
-		s->tx.bytes += len;
-	}
+	if (s)
+		bump(&s->tx, len);
 	return TC_ACT_OK;
 }
 
@@ -1561,11 +1538,7 @@ int parent_xdp(struct xdp_md *ctx)
 	}
 	if (id) {
 		count(UP_STAT_WIRE_RX, len);
-		struct up_ep_stats *s = ep_stats_of(id);
-		if (s) {
-			s->wire_rx.packets++;
-			s->wire_rx.bytes += len;
-		}
+		count_ep(id, wire_rx, len);
 	}
 	return XDP_PASS;
 }
