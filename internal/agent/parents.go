@@ -435,7 +435,7 @@ func isUp(attrs *netlink.LinkAttrs) bool {
 // which counts frames from the wire per endpoint and spots IP conflicts. It
 // is an extra: a failure is logged and the hairpin works without it.
 func (a *Agent) attachXDP(ifindex int, name string) {
-	want := loader.XDPMode(a.cfg.XDPMode().String())
+	want := a.cfg.XDPMode()
 	got, err := a.dp.Load().AttachXDP(ifindex, want)
 	if err != nil {
 		a.log.Error("attach parent XDP program", "parent", name, "ifindex", ifindex, "xdp", want, "error", err)

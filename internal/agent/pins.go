@@ -189,7 +189,7 @@ var errLinkGone = errors.New("interface gone")
 // links of its parents, the tc egress links of its uplinks.
 func (a *Agent) pinnedLinks(dp *loader.Datapath) []pinnedLink {
 	var out []pinnedLink
-	xdp := loader.XDPMode(a.cfg.XDPMode().String())
+	xdp := a.cfg.XDPMode()
 	for idx, p := range a.parents {
 		out = append(out, pinnedLink{
 			pin:  loader.LinkPin(dp.Dir, loader.RoleParent, idx),

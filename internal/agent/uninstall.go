@@ -26,7 +26,7 @@ import (
 // default pin directory is used then) and refuses while an agent runs on
 // the directory, which would attach again.
 func Uninstall(configPath string, out io.Writer) error {
-	dir := config.DefaultBPFFS
+	dir := loader.DefaultBPFFS
 	var uplinks []string
 	if c, err := config.Load(configPath); err == nil {
 		dir, uplinks = c.BPFFS, c.Uplinks
@@ -63,7 +63,7 @@ func Uninstall(configPath string, out io.Writer) error {
 			continue
 		}
 		detached[fmt.Sprint(att.Role, att.Ifindex)] = true
-		fmt.Fprintf(out, "detached %s program from %s\n", att.Role, ifaceName(att.Ifindex))
+		fmt.Fprintf(out, "detached %s program from %s\n", att.Role, loader.IfaceName(att.Ifindex))
 	}
 	// Legacy (clsact) filters are not pinned: ask every parent and uplink.
 	if pm, err := openParents(dir); err == nil {
@@ -94,7 +94,7 @@ func Uninstall(configPath string, out io.Writer) error {
 			errs = append(errs, err)
 			continue
 		}
-		fmt.Fprintf(out, "detached XDP program from %s\n", ifaceName(ifindex))
+		fmt.Fprintf(out, "detached XDP program from %s\n", loader.IfaceName(ifindex))
 	}
 
 	// Endpoint filters live on the slaves in pod namespaces: the
@@ -157,11 +157,4 @@ func openEndpoints(dir string) (map[uint32]loader.Endpoint, error) {
 	}
 	defer dp.Close()
 	return datapath.Endpoints(&dp.Maps)
-}
-
-func ifaceName(ifindex int) string {
-	if l, err := netlink.LinkByIndex(ifindex); err == nil {
-		return fmt.Sprintf("%s (ifindex %d)", l.Attrs().Name, ifindex)
-	}
-	return fmt.Sprintf("ifindex %d (gone)", ifindex)
 }

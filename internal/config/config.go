@@ -22,12 +22,13 @@ import (
 
 	yamlv2 "go.yaml.in/yaml/v2"
 	"sigs.k8s.io/yaml"
+
+	"github.com/underpass-cni/underpass/internal/loader"
 )
 
-// Defaults. DefaultBPFFS and DefaultMetricsListen are part of the user-facing
-// contract (docs/architecture.md, "The contract").
+// Defaults. DefaultMetricsListen (and loader.DefaultBPFFS) are part of the
+// user-facing contract (docs/architecture.md, "The contract").
 const (
-	DefaultBPFFS         = "/sys/fs/bpf/underpass"
 	DefaultMetricsListen = "127.0.0.1:9775"
 	DefaultGCInterval    = "1m"
 
@@ -104,7 +105,7 @@ type parsed struct {
 	static       []netip.Addr
 	action       Action
 	kubernetes   KubernetesMode
-	xdp          XDPMode
+	xdp          loader.XDPMode
 	gcInterval   time.Duration
 	level        slog.Level
 }
@@ -141,23 +142,8 @@ var kubernetesNames = []string{"auto", "true", "false"}
 
 func (k KubernetesMode) String() string { return enumString(kubernetesNames, int(k)) }
 
-// XDPMode selects how the parent's XDP program is attached.
-type XDPMode int
-
-const (
-	// XDPAuto leaves the choice to the agent (native where the driver supports it, else generic).
-	XDPAuto XDPMode = iota
-	// XDPNative requires driver (native) XDP.
-	XDPNative
-	// XDPGeneric uses the kernel's generic (skb) XDP.
-	XDPGeneric
-	// XDPOff attaches no XDP program.
-	XDPOff
-)
-
-var xdpNames = []string{"auto", "native", "generic", "off"}
-
-func (x XDPMode) String() string { return enumString(xdpNames, int(x)) }
+// xdpNames are the xdp values, the loader's modes.
+var xdpNames = []string{string(loader.XDPAuto), string(loader.XDPNative), string(loader.XDPGeneric), string(loader.XDPOff)}
 
 var levelNames = []string{"debug", "info", "warn", "error"}
 var levelValues = []slog.Level{slog.LevelDebug, slog.LevelInfo, slog.LevelWarn, slog.LevelError}
@@ -178,7 +164,7 @@ func Default() *Config {
 		Services:         Services{Kubernetes: "auto", Masquerade: true},
 		XDP:              "auto",
 		Metrics:          Metrics{Listen: DefaultMetricsListen},
-		BPFFS:            DefaultBPFFS,
+		BPFFS:            loader.DefaultBPFFS,
 		GCInterval:       DefaultGCInterval,
 		LogLevel:         "info",
 	}
@@ -308,7 +294,7 @@ func (c *Config) StaleAction() Action { return c.parsed.action }
 func (c *Config) Kubernetes() KubernetesMode { return c.parsed.kubernetes }
 
 // XDPMode returns xdp.
-func (c *Config) XDPMode() XDPMode { return c.parsed.xdp }
+func (c *Config) XDPMode() loader.XDPMode { return c.parsed.xdp }
 
 // GCPeriod returns gcInterval as a duration.
 func (c *Config) GCPeriod() time.Duration { return c.parsed.gcInterval }

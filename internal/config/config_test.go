@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"sigs.k8s.io/yaml"
+
+	"github.com/underpass-cni/underpass/internal/loader"
 )
 
 // example is the documented agent config (README, "Agent configuration"), comments included.
@@ -82,7 +84,7 @@ func TestExampleParses(t *testing.T) {
 	if !slices.Equal(c.Uplinks, []string{"eth0"}) {
 		t.Errorf("Uplinks = %v", c.Uplinks)
 	}
-	if c.XDPMode() != XDPAuto || c.Metrics.Listen != "127.0.0.1:9775" || c.BPFFS != "/sys/fs/bpf/underpass" {
+	if c.XDPMode() != loader.XDPAuto || c.Metrics.Listen != "127.0.0.1:9775" || c.BPFFS != "/sys/fs/bpf/underpass" {
 		t.Errorf("xdp %v, listen %q, bpffs %q", c.XDPMode(), c.Metrics.Listen, c.BPFFS)
 	}
 	if c.GCPeriod() != time.Minute || c.Level() != slog.LevelInfo {
@@ -107,7 +109,7 @@ func TestDefaults(t *testing.T) {
 	if !d.HostReachability || d.HostCIDRs() != nil || d.ServiceCIDRs() != nil || d.StaticServices() != nil ||
 		d.GuardEnabled() || d.StaleAction() != ActionDrop || d.StaleServices.RequireEndpoints ||
 		d.Kubernetes() != KubernetesAuto || d.Services.Kubeconfig != "" || d.Uplinks != nil ||
-		d.XDPMode() != XDPAuto || d.Metrics.Listen != DefaultMetricsListen || d.BPFFS != DefaultBPFFS ||
+		d.XDPMode() != loader.XDPAuto || d.Metrics.Listen != DefaultMetricsListen || d.BPFFS != loader.DefaultBPFFS ||
 		d.GCPeriod() != time.Minute || d.Level() != slog.LevelInfo {
 		t.Errorf("unexpected defaults: %+v", d)
 	}
@@ -164,11 +166,11 @@ func TestKeys(t *testing.T) {
 		{"uplinks: [eth0, bond0.100, ens1f0np0]", func(c *Config) bool {
 			return slices.Equal(c.Uplinks, []string{"eth0", "bond0.100", "ens1f0np0"})
 		}},
-		{"xdp: auto", func(c *Config) bool { return c.XDPMode() == XDPAuto }},
-		{"xdp: native", func(c *Config) bool { return c.XDPMode() == XDPNative }},
-		{"xdp: generic", func(c *Config) bool { return c.XDPMode() == XDPGeneric }},
-		{"xdp: off", func(c *Config) bool { return c.XDPMode() == XDPOff && c.XDP == "off" }},
-		{"xdp: 'off'", func(c *Config) bool { return c.XDPMode() == XDPOff }},
+		{"xdp: auto", func(c *Config) bool { return c.XDPMode() == loader.XDPAuto }},
+		{"xdp: native", func(c *Config) bool { return c.XDPMode() == loader.XDPNative }},
+		{"xdp: generic", func(c *Config) bool { return c.XDPMode() == loader.XDPGeneric }},
+		{"xdp: off", func(c *Config) bool { return c.XDPMode() == loader.XDPOff && c.XDP == "off" }},
+		{"xdp: 'off'", func(c *Config) bool { return c.XDPMode() == loader.XDPOff }},
 		{"metrics: {listen: ':9775'}", func(c *Config) bool { return c.Metrics.Listen == ":9775" }},
 		{"metrics: {listen: '[::1]:9775'}", func(c *Config) bool { return c.Metrics.Listen == "[::1]:9775" }},
 		{"metrics: {listen: 'localhost:9100'}", func(c *Config) bool { return c.Metrics.Listen == "localhost:9100" }},
@@ -422,7 +424,6 @@ func TestEnumStrings(t *testing.T) {
 	}{
 		{ActionDrop.String(), "drop"}, {ActionReject.String(), "reject"},
 		{KubernetesAuto.String(), "auto"}, {KubernetesOn.String(), "true"}, {KubernetesOff.String(), "false"},
-		{XDPAuto.String(), "auto"}, {XDPNative.String(), "native"}, {XDPGeneric.String(), "generic"}, {XDPOff.String(), "off"},
 		{Action(7).String(), "invalid(7)"},
 	} {
 		if tt.got != tt.want {

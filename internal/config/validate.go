@@ -13,6 +13,7 @@ import (
 	"unicode"
 
 	"github.com/underpass-cni/underpass/internal/cidrs"
+	"github.com/underpass-cni/underpass/internal/loader"
 )
 
 // MinGCInterval keeps a typo like "1ms" from turning endpoint GC into a busy loop.
@@ -112,7 +113,7 @@ func (c *Config) Validate() error {
 	}
 
 	if v, ok := enum("xdp", c.XDP, xdpNames, &errs); ok {
-		p.xdp = XDPMode(v)
+		p.xdp = loader.XDPMode(xdpNames[v])
 	}
 
 	if err := checkListen(c.Metrics.Listen); err != nil {

@@ -9,6 +9,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/underpass-cni/underpass/internal/loader"
 )
 
 type watchEvent struct {
@@ -81,7 +83,7 @@ func TestWatch(t *testing.T) {
 	events := startWatch(t, path)
 
 	// The first stable state is reported.
-	if ev := next(t, events); ev.err != nil || ev.cfg.XDPMode() != XDPNative {
+	if ev := next(t, events); ev.err != nil || ev.cfg.XDPMode() != loader.XDPNative {
 		t.Fatalf("initial: %+v", ev)
 	}
 	expectQuiet(t, events)
@@ -95,7 +97,7 @@ func TestWatch(t *testing.T) {
 
 	// invalid -> valid.
 	writeAtomic(t, path, "xdp: generic\n")
-	if ev := next(t, events); ev.err != nil || ev.cfg.XDPMode() != XDPGeneric {
+	if ev := next(t, events); ev.err != nil || ev.cfg.XDPMode() != loader.XDPGeneric {
 		t.Fatalf("valid again: %+v", ev)
 	}
 
@@ -120,7 +122,7 @@ func TestWatch(t *testing.T) {
 		t.Fatalf("removed: %+v", ev)
 	}
 	writeAtomic(t, path, "xdp: off\n")
-	if ev := next(t, events); ev.err != nil || ev.cfg.XDPMode() != XDPOff {
+	if ev := next(t, events); ev.err != nil || ev.cfg.XDPMode() != loader.XDPOff {
 		t.Fatalf("recreated: %+v", ev)
 	}
 }

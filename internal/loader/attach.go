@@ -62,19 +62,19 @@ func (dp *Datapath) AttachEgress(role Role, ifindex int) (Attachment, error) {
 	l, err := link.AttachTCX(link.TCXOptions{Interface: ifindex, Program: prog, Attach: ebpf.AttachTCXEgress})
 	if errors.Is(err, ebpf.ErrNotSupported) {
 		if err := parentFilter(ifindex, role).replace(prog); err != nil {
-			return Attachment{}, fmt.Errorf("attach legacy tc egress %s: %w", ifaceName(ifindex), err)
+			return Attachment{}, fmt.Errorf("attach legacy tc egress %s: %w", IfaceName(ifindex), err)
 		}
 		return Attachment{Role: role, Ifindex: ifindex, Mode: AttachLegacy}, nil
 	}
 	if err != nil {
-		return Attachment{}, fmt.Errorf("attach tcx egress %s: %w", ifaceName(ifindex), err)
+		return Attachment{}, fmt.Errorf("attach tcx egress %s: %w", IfaceName(ifindex), err)
 	}
 	if err := pinLink(l, pin); err != nil {
-		return Attachment{}, fmt.Errorf("pin tcx link of %s: %w", ifaceName(ifindex), err)
+		return Attachment{}, fmt.Errorf("pin tcx link of %s: %w", IfaceName(ifindex), err)
 	}
 	// A legacy filter left by an older kernel's run would run twice.
 	if err := parentFilter(ifindex, role).remove("underpass-" + string(role)); err != nil {
-		return Attachment{}, fmt.Errorf("remove the legacy tc egress filter beside the tcx link of %s: %w", ifaceName(ifindex), err)
+		return Attachment{}, fmt.Errorf("remove the legacy tc egress filter beside the tcx link of %s: %w", IfaceName(ifindex), err)
 	}
 	return att, nil
 }
@@ -82,10 +82,10 @@ func (dp *Datapath) AttachEgress(role Role, ifindex int) (Attachment, error) {
 // DetachEgress removes the attachment of role from ifindex; absent is fine.
 func (dp *Datapath) DetachEgress(role Role, ifindex int) error {
 	if err := unpinAndDetach(LinkPin(dp.Dir, role, ifindex)); err != nil {
-		return fmt.Errorf("detach tcx egress %s: %w", ifaceName(ifindex), err)
+		return fmt.Errorf("detach tcx egress %s: %w", IfaceName(ifindex), err)
 	}
 	if err := parentFilter(ifindex, role).remove("underpass-" + string(role)); err != nil {
-		return fmt.Errorf("detach legacy tc egress %s: %w", ifaceName(ifindex), err)
+		return fmt.Errorf("detach legacy tc egress %s: %w", IfaceName(ifindex), err)
 	}
 	return nil
 }
@@ -187,11 +187,13 @@ func (dp *Datapath) program(role Role) (*ebpf.Program, error) {
 	return nil, fmt.Errorf("unknown attachment role %q", role)
 }
 
-func ifaceName(ifindex int) string {
+// IfaceName names the host interface ifindex for messages: "eth0 (ifindex
+// 2)", or "ifindex 2 (gone)".
+func IfaceName(ifindex int) string {
 	if l, err := netlink.LinkByIndex(ifindex); err == nil {
 		return fmt.Sprintf("%s (ifindex %d)", l.Attrs().Name, ifindex)
 	}
-	return fmt.Sprintf("ifindex %d", ifindex)
+	return fmt.Sprintf("ifindex %d (gone)", ifindex)
 }
 
 // parentFilter is the legacy attachment of role on ifindex in the host netns.

@@ -7,6 +7,8 @@ import (
 	"path/filepath"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/underpass-cni/underpass/internal/flock"
 )
 
 // DefaultBPFFS is where the datapath is pinned unless configured otherwise.
@@ -44,14 +46,11 @@ func EnsureBPFFS(dir string) error {
 	// agent, the demo, test binaries) would otherwise stack two empty
 	// instances and hide the pins made in the lower one. The lock is taken
 	// on /sys/fs, the same inode for everyone and needing no lock file.
-	lock, err := os.Open(filepath.Dir(root))
+	unlock, err := flock.Wait(filepath.Dir(root))
 	if err != nil {
-		return fmt.Errorf("lock %s: %w", filepath.Dir(root), err)
+		return err
 	}
-	defer lock.Close() // closing unlocks
-	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX); err != nil {
-		return fmt.Errorf("lock %s: %w", filepath.Dir(root), err)
-	}
+	defer unlock()
 	if onBPF, err := isBPFFS(root); err != nil || onBPF {
 		return err
 	}

@@ -1,11 +1,6 @@
 package loader
 
-import (
-	"errors"
-	"fmt"
-
-	"golang.org/x/sys/unix"
-)
+import "github.com/underpass-cni/underpass/internal/flock"
 
 // Lock takes the datapath's writer lock: an flock on the pin directory,
 // so nothing lives outside bpffs and the kernel drops the lock when its
@@ -15,19 +10,5 @@ import (
 // and to move endpoints to a re-created parent. Single map updates need no
 // lock.
 func (dp *Datapath) Lock() (unlock func(), err error) {
-	fd, err := unix.Open(dp.Dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
-	if err != nil {
-		return nil, fmt.Errorf("open %s to lock it: %w", dp.Dir, err)
-	}
-	for {
-		err = unix.Flock(fd, unix.LOCK_EX)
-		if !errors.Is(err, unix.EINTR) {
-			break
-		}
-	}
-	if err != nil {
-		unix.Close(fd)
-		return nil, fmt.Errorf("lock %s: %w", dp.Dir, err)
-	}
-	return func() { unix.Close(fd) }, nil // closing the last fd releases the flock
+	return flock.Wait(dp.Dir)
 }

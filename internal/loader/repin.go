@@ -147,7 +147,7 @@ func (dp *Datapath) RestoreEgress(role Role, ifindex int) (adopted bool, err err
 	}
 	if l := findTCXLink(ifindex, prog); l != nil {
 		if err := pinLink(l, LinkPin(dp.Dir, role, ifindex)); err != nil {
-			return true, fmt.Errorf("pin tcx link of %s: %w", ifaceName(ifindex), err)
+			return true, fmt.Errorf("pin tcx link of %s: %w", IfaceName(ifindex), err)
 		}
 		return true, nil
 	}
@@ -159,7 +159,7 @@ func (dp *Datapath) RestoreEgress(role Role, ifindex int) (adopted bool, err err
 func (dp *Datapath) RestoreXDP(ifindex int, mode XDPMode) (adopted bool, err error) {
 	if l := findXDPLink(ifindex, dp.Programs.ParentXDP); l != nil {
 		if err := pinLink(l, XDPLinkPin(dp.Dir, ifindex)); err != nil {
-			return true, fmt.Errorf("pin xdp link of %s: %w", ifaceName(ifindex), err)
+			return true, fmt.Errorf("pin xdp link of %s: %w", IfaceName(ifindex), err)
 		}
 		return true, nil
 	}

@@ -53,17 +53,17 @@ func (dp *Datapath) AttachXDP(ifindex int, mode XDPMode) (XDPMode, error) {
 			continue
 		}
 		if err := pinLink(l, pin); err != nil {
-			return "", fmt.Errorf("pin xdp link of %s: %w", ifaceName(ifindex), err)
+			return "", fmt.Errorf("pin xdp link of %s: %w", IfaceName(ifindex), err)
 		}
 		return m, nil
 	}
-	return "", fmt.Errorf("attach xdp %s: %w (set xdp: generic or off)", ifaceName(ifindex), errors.Join(errs...))
+	return "", fmt.Errorf("attach xdp %s: %w (set xdp: generic or off)", IfaceName(ifindex), errors.Join(errs...))
 }
 
 // DetachXDP removes parent_xdp from ifindex; absent is fine.
 func (dp *Datapath) DetachXDP(ifindex int) error {
 	if err := unpinAndDetach(XDPLinkPin(dp.Dir, ifindex)); err != nil {
-		return fmt.Errorf("detach xdp %s: %w", ifaceName(ifindex), err)
+		return fmt.Errorf("detach xdp %s: %w", IfaceName(ifindex), err)
 	}
 	return nil
 }

@@ -48,6 +48,7 @@ import (
 
 	"github.com/underpass-cni/underpass/internal/cni"
 	"github.com/underpass-cni/underpass/internal/config"
+	"github.com/underpass-cni/underpass/internal/loader"
 	"github.com/underpass-cni/underpass/internal/release"
 	"github.com/underpass-cni/underpass/internal/testutil"
 	"github.com/underpass-cni/underpass/test/k8s/kapi"
@@ -470,9 +471,9 @@ func TestAgentConfig(t *testing.T) {
 	if err != nil {
 		t.Fatalf("configmap.yaml: data.underpass.yaml does not parse: %v", err)
 	}
-	if c.BPFFS != config.DefaultBPFFS || c.Metrics.Listen != config.DefaultMetricsListen {
+	if c.BPFFS != loader.DefaultBPFFS || c.Metrics.Listen != config.DefaultMetricsListen {
 		t.Errorf("bpffs %s, metrics.listen %s: the DaemonSet's mounts and probes assume %s and %s",
-			c.BPFFS, c.Metrics.Listen, config.DefaultBPFFS, config.DefaultMetricsListen)
+			c.BPFFS, c.Metrics.Listen, loader.DefaultBPFFS, config.DefaultMetricsListen)
 	}
 	if len(c.ServiceCIDRs()) == 0 {
 		t.Error("staleServices.cidrs is empty: the stale service guard is off in the shipped config")

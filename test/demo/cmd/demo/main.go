@@ -51,6 +51,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/underpass-cni/underpass/internal/config"
+	"github.com/underpass-cni/underpass/internal/flock"
 	"github.com/underpass-cni/underpass/test/demo"
 )
 
@@ -1112,22 +1113,9 @@ func procName(pid int) string {
 
 // takeLock makes sure one demo runs at a time; the lock file holds the pid.
 func takeLock() (func(), error) {
-	f, err := os.OpenFile(demo.LockFile, os.O_RDWR|os.O_CREATE, 0o644)
-	if err != nil {
-		return nil, err
+	unlock, err := flock.PidFile(demo.LockFile, 0o644)
+	if errors.Is(err, flock.ErrHeld) {
+		return nil, fmt.Errorf("another demo (pid %s) is running: stop it with Ctrl-C first", flock.Holder(demo.LockFile))
 	}
-	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
-		f.Close()
-		if errors.Is(err, unix.EWOULDBLOCK) {
-			b, _ := os.ReadFile(demo.LockFile)
-			return nil, fmt.Errorf("another demo (pid %s) is running: stop it with Ctrl-C first", strings.TrimSpace(string(b)))
-		}
-		return nil, fmt.Errorf("lock %s: %w", demo.LockFile, err)
-	}
-	_ = f.Truncate(0)
-	_, _ = f.WriteAt([]byte(strconv.Itoa(os.Getpid())+"\n"), 0)
-	return func() {
-		os.Remove(demo.LockFile)
-		f.Close()
-	}, nil
+	return unlock, err
 }
