@@ -230,6 +230,7 @@ func addChained(c *Conf, dp *loader.Datapath, netns ns.NetNS, ep endpoint, ph *p
 	}); err != nil {
 		return nil, err
 	}
+	ph.mark("inspect")
 	if intf.Mac != "" && intf.Mac != s.MAC.String() {
 		return nil, fmt.Errorf("prevResult says %s has MAC %s, the container's has %s: the previous plugin's result is stale", ep.IfName, intf.Mac, s.MAC)
 	}

@@ -91,7 +91,7 @@ type parentState struct {
 // programs inside netns and then, still in there, runs then (nil: nothing),
 // with which ADD configures the interface. On error nothing of it is left.
 func attachEndpoint(dp *loader.Datapath, netns ns.NetNS, ep *endpoint, ph *phases, then func() error) (err error) {
-	id, ps, err := registerEndpoint(dp, ep)
+	id, ps, err := registerEndpoint(dp, ep, ph)
 	if err != nil {
 		return err
 	}
@@ -126,12 +126,13 @@ func attachEndpoint(dp *loader.Datapath, netns ns.NetNS, ep *endpoint, ph *phase
 
 // registerEndpoint does the locked part of ADD: parent, stale owners, the
 // endpoint's entries.
-func registerEndpoint(dp *loader.Datapath, ep *endpoint) (id uint32, ps parentState, err error) {
+func registerEndpoint(dp *loader.Datapath, ep *endpoint, ph *phases) (id uint32, ps parentState, err error) {
 	unlock, err := dp.Lock()
 	if err != nil {
 		return 0, ps, err
 	}
 	defer unlock()
+	ph.mark("lock_wait")
 	m := &dp.Maps
 
 	if ps, err = ensureParent(dp, ep); err != nil {
@@ -190,9 +191,12 @@ func ensureParent(dp *loader.Datapath, ep *endpoint) (ps parentState, err error)
 		}
 	}()
 
+	// The agent attached it (the common case): nothing to do. Otherwise
+	// attaching swaps the pinned program into whatever is there.
+	if dp.EgressCurrent(loader.RoleParent, ep.ParentIndex) {
+		return ps, nil
+	}
 	had := dp.EgressPinned(loader.RoleParent, ep.ParentIndex)
-	// Re-attaching an attached parent swaps in the pinned program, which is
-	// the one in force anyway: cheap and self-healing.
 	att, err := dp.AttachEgress(loader.RoleParent, ep.ParentIndex)
 	if err != nil {
 		return ps, fmt.Errorf("attach the hairpin program to parent %s: %w", ep.ParentName, err)

@@ -154,6 +154,37 @@ func (dp *Datapath) EgressPinned(role Role, ifindex int) bool {
 	return err == nil
 }
 
+// EgressCurrent says whether the tcx link pinned for role on ifindex is
+// attached there and runs the pinned program already, so that attaching
+// again would change nothing. The plugin asks on every ADD: a link update
+// takes the RTNL lock, which every netlink change on the node waits for,
+// and 100 pods starting at once would queue on it. False on any doubt
+// (legacy TC, no pin, a defunct link): then attach.
+func (dp *Datapath) EgressCurrent(role Role, ifindex int) bool {
+	prog, err := dp.program(role)
+	if err != nil {
+		return false
+	}
+	l, err := link.LoadPinnedLink(LinkPin(dp.Dir, role, ifindex), nil)
+	if err != nil {
+		return false
+	}
+	defer l.Close()
+	info, err := l.Info()
+	if err != nil {
+		return false
+	}
+	if tcx := info.TCX(); tcx == nil || int(tcx.Ifindex) != ifindex {
+		return false // detached: its interface went away
+	}
+	pinfo, err := prog.Info()
+	if err != nil {
+		return false
+	}
+	id, ok := pinfo.ID()
+	return ok && info.Program == id
+}
+
 // Attachments lists the pinned tcx links in dir (legacy filters are not
 // pinned; ask the interface).
 func Attachments(dir string) ([]Attachment, error) {

@@ -160,8 +160,19 @@ func TestAttachEgress(t *testing.T) {
 	if progID(t, dp2.Programs.ParentEgress) == progID(t, dp.Programs.ParentEgress) {
 		t.Fatal("the second load returned the same program")
 	}
+	// EgressCurrent (what the plugin asks before it attaches): the old
+	// load's program is running, not the new one's.
+	if current := dp2.EgressCurrent(loader.RoleParent, u.Index); current {
+		t.Fatal("EgressCurrent: true for a link that runs the previous load's program")
+	}
+	if current := dp.EgressCurrent(loader.RoleParent, u.Index); current != tcx {
+		t.Fatalf("EgressCurrent of the running program: %v, want %v (tcx: %v)", current, tcx, tcx)
+	}
 	attach(dp2)
 	check("replace with a new load", dp2.Programs.ParentEgress)
+	if current := dp2.EgressCurrent(loader.RoleParent, u.Index); current != tcx {
+		t.Fatalf("EgressCurrent after the upgrade: %v, want %v", current, tcx)
+	}
 	netenv.MustPing(t, env.Node, c.IP4.Addr(), 3)
 
 	// Somebody else's filter on the same hook survives our detach.
@@ -179,6 +190,9 @@ func TestAttachEgress(t *testing.T) {
 	}
 	if _, err := os.Stat(filepath.Join(dir, "links", "parent-egress-"+strconv.Itoa(u.Index))); !errors.Is(err, fs.ErrNotExist) {
 		t.Fatalf("link pin left behind: %v", err)
+	}
+	if dp2.EgressCurrent(loader.RoleParent, u.Index) {
+		t.Fatal("EgressCurrent: true after detach")
 	}
 	if !tcx {
 		l, err := env.Node.Netlink().LinkByIndex(u.Index)

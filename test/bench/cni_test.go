@@ -6,7 +6,8 @@ package bench
 //	go test -run '^$' -bench CNILatency -benchtime 1x ./test/bench/
 //
 // underpass as the main plugin, the reference macvlan plugin alone (no host
-// reachability: the floor), and macvlan plus a ptp veth (the usual way to
+// reachability: the floor), underpass chained after it, and macvlan plus a
+// ptp veth (the usual way to
 // give macvlan pods host reachability: a second interface per pod).
 // UNDERPASS_BENCH_RUNS sets the number of runs (default 200). Printed,
 // never asserted.
@@ -89,6 +90,10 @@ func BenchmarkCNILatency(b *testing.B) {
 		}},
 		{name: "macvlan alone", ifs: []string{"eth0"}, lists: []*libcni.NetworkConfigList{
 			list("bench-macvlan", map[string]any{"type": "macvlan", "master": u.Name, "mode": "bridge", "ipam": wire()}),
+		}},
+		{name: "underpass chained after macvlan", ifs: []string{"eth0"}, lists: []*libcni.NetworkConfigList{
+			list("bench-chained", map[string]any{"type": "macvlan", "master": u.Name, "mode": "bridge", "ipam": wire()},
+				map[string]any{"type": "underpass", "bpffs": bpffs}),
 		}},
 		{name: "macvlan + ptp veth", ifs: []string{"eth0", "veth0"}, lists: []*libcni.NetworkConfigList{
 			list("bench-mv", map[string]any{"type": "macvlan", "master": u.Name, "mode": "bridge", "ipam": wire()}),
