@@ -143,7 +143,7 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 	}
 
 	start := time.Now()
-	dp, err := loader.Load(cfg.BPFFS, a.opts.Loader)
+	dp, err := a.load(cfg)
 	if err != nil {
 		return err
 	}
@@ -153,14 +153,6 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 		a.dp.Store(nil)
 		dp.Close()
 	}()
-	a.dp.Store(dp)
-	if a.opts.Collectors != nil {
-		for _, c := range a.opts.Collectors(dp) {
-			if err := a.metrics.reg.Register(c); err != nil {
-				return fmt.Errorf("register collector: %w", err)
-			}
-		}
-	}
 
 	svc, err := services.NewManager(services.MapStore{Maps: &dp.Maps}, a.log.With("component", "services"))
 	if err != nil {
@@ -171,14 +163,49 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 	a.kube = newKubeSource(svc, a.log.With("component", "kubernetes"))
 	defer a.kube.stop()
 
-	if err := a.apply(ctx, cfg, nil); err != nil {
+	netEvents, err := a.start(ctx, cfg)
+	if err != nil {
 		return err
+	}
+	a.log.Info("underpassd started", "version", a.opts.Version, "bpffs", cfg.BPFFS,
+		"parents", len(a.parents), "uplinks", len(a.uplinks), "took", time.Since(start).Round(time.Millisecond),
+		"metrics", a.http.addr())
+	a.loop(ctx, netEvents)
+	return nil
+}
+
+// load loads the datapath into cfg's pin directory and registers the
+// extra collectors on it.
+func (a *Agent) load(cfg *config.Config) (*loader.Datapath, error) {
+	dp, err := loader.Load(cfg.BPFFS, a.opts.Loader)
+	if err != nil {
+		return nil, err
+	}
+	a.dp.Store(dp)
+	if a.opts.Collectors != nil {
+		for _, c := range a.opts.Collectors(dp) {
+			if err := a.metrics.reg.Register(c); err != nil {
+				a.dp.Store(nil)
+				dp.Close()
+				return nil, fmt.Errorf("register collector: %w", err)
+			}
+		}
+	}
+	return dp, nil
+}
+
+// start applies cfg to the fresh datapath, attaches every parent and
+// uplink, collects what died while no agent ran, and returns the network
+// events, subscribed to before the first full scan so that no change falls
+// in between.
+func (a *Agent) start(ctx context.Context, cfg *config.Config) (<-chan netwatch.Event, error) {
+	if err := a.apply(ctx, cfg, nil); err != nil {
+		return nil, err
 	}
 	a.cfg = cfg
 	a.gcPeriod = cfg.GCPeriod()
 	a.armGuard()
 
-	// Subscribe before the first full scan, so no change falls in between.
 	netEvents := make(chan netwatch.Event, 1024)
 	go netwatch.Watch(ctx, netEvents, a.log.With("component", "netwatch"))
 
@@ -191,13 +218,15 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 	a.syncUplinks(true)
 	a.runGC()
 	if err := a.startPinGuard(); err != nil {
-		return err
+		return nil, err
 	}
 	a.attached.Store(true)
-	a.log.Info("underpassd started", "version", a.opts.Version, "bpffs", cfg.BPFFS,
-		"parents", len(a.parents), "uplinks", len(a.uplinks), "took", time.Since(start).Round(time.Millisecond),
-		"metrics", a.http.addr())
+	return netEvents, nil
+}
 
+// loop is the event loop: config changes, network events, the reconcile
+// and GC ticks, until ctx is done. Every datapath change happens here.
+func (a *Agent) loop(ctx context.Context, netEvents <-chan netwatch.Event) {
 	// SIGHUP goes through the watcher: it then waits, as for any change,
 	// until the file holds still, and remembers what it reported.
 	type cfgChange struct {
@@ -219,7 +248,7 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 		select {
 		case <-ctx.Done():
 			a.log.Info("underpassd stopping; the datapath stays pinned and attached")
-			return nil
+			return
 		case ch := <-cfgChanges:
 			if ch.trigger != "SIGHUP" && reflect.DeepEqual(ch.c, a.cfg) {
 				continue // the watcher's first report, or a rewrite of the same content

@@ -48,11 +48,24 @@ func Uninstall(configPath string, out io.Writer) error {
 		return nil
 	}
 
+	errs := detachEgress(dir, uplinks, out)
+	errs = append(errs, detachXDP(dir, out)...)
+	errs = append(errs, detachEndpoints(dir, out)...)
+	errs = append(errs, removePins(dir, out))
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("uninstall: %w", err)
+	}
+	fmt.Fprintln(out, "underpass is uninstalled from this node")
+	return nil
+}
+
+// detachEgress detaches the parent and uplink programs: the pinned tcx
+// links, and the legacy (clsact) filters, which are not pinned, from every
+// registered parent and configured uplink.
+func detachEgress(dir string, uplinks []string, out io.Writer) []error {
 	dp := &loader.Datapath{Dir: dir}
 	var errs []error
 	detached := map[string]bool{}
-
-	// Pinned tcx links of parents and uplinks.
 	atts, err := loader.Attachments(dir)
 	if err != nil {
 		errs = append(errs, err)
@@ -65,7 +78,6 @@ func Uninstall(configPath string, out io.Writer) error {
 		detached[fmt.Sprint(att.Role, att.Ifindex)] = true
 		fmt.Fprintf(out, "detached %s program from %s\n", att.Role, loader.IfaceName(att.Ifindex))
 	}
-	// Legacy (clsact) filters are not pinned: ask every parent and uplink.
 	if pm, err := openParents(dir); err == nil {
 		for ifindex := range pm {
 			if !detached[fmt.Sprint(loader.RoleParent, ifindex)] {
@@ -82,8 +94,13 @@ func Uninstall(configPath string, out io.Writer) error {
 			}
 		}
 	}
+	return errs
+}
 
-	// XDP links of parents.
+// detachXDP detaches the parents' XDP links.
+func detachXDP(dir string, out io.Writer) []error {
+	dp := &loader.Datapath{Dir: dir}
+	var errs []error
 	xdps, _ := filepath.Glob(filepath.Join(dir, "links", "parent-xdp-*"))
 	for _, p := range xdps {
 		ifindex, err := strconv.Atoi(strings.TrimPrefix(filepath.Base(p), "parent-xdp-"))
@@ -96,24 +113,34 @@ func Uninstall(configPath string, out io.Writer) error {
 		}
 		fmt.Fprintf(out, "detached XDP program from %s\n", loader.IfaceName(ifindex))
 	}
+	return errs
+}
 
-	// Endpoint filters live on the slaves in pod namespaces: the
-	// registrations say where.
-	if eps, err := openEndpoints(dir); err == nil {
-		for _, id := range slices.Sorted(maps.Keys(eps)) {
-			ep := eps[id]
-			netnsPath, ifname := datapath.GoString(ep.Netns[:]), datapath.GoString(ep.Ifname[:])
-			if _, err := os.Stat(netnsPath); err != nil {
-				continue // the netns took the filters with it
-			}
-			if err := loader.DetachEndpoint(netnsPath, int(ep.Ifindex), id); err != nil {
-				errs = append(errs, err)
-				continue
-			}
-			fmt.Fprintf(out, "detached endpoint programs from %s in %s\n", ifname, netnsPath)
-		}
+// detachEndpoints removes the endpoint filters, which live on the slaves in
+// pod namespaces: the registrations say where.
+func detachEndpoints(dir string, out io.Writer) []error {
+	eps, err := openEndpoints(dir)
+	if err != nil {
+		return nil
 	}
+	var errs []error
+	for _, id := range slices.Sorted(maps.Keys(eps)) {
+		ep := eps[id]
+		netnsPath, ifname := datapath.GoString(ep.Netns[:]), datapath.GoString(ep.Ifname[:])
+		if loader.CheckNetns(netnsPath) != nil {
+			continue // the netns took the filters with it
+		}
+		if err := loader.DetachEndpoint(netnsPath, int(ep.Ifindex), id); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		fmt.Fprintf(out, "detached endpoint programs from %s in %s\n", ifname, netnsPath)
+	}
+	return errs
+}
 
+// removePins removes the pin directory, saying what was in it.
+func removePins(dir string, out io.Writer) error {
 	var nMaps, nProgs, nOther int
 	_ = filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
 		if err != nil || d.IsDir() {
@@ -130,14 +157,9 @@ func Uninstall(configPath string, out io.Writer) error {
 		return nil
 	})
 	if err := loader.Unload(dir); err != nil {
-		errs = append(errs, err)
-	} else {
-		fmt.Fprintf(out, "removed %s (%d maps, %d programs, %d other pins)\n", dir, nMaps, nProgs, nOther)
+		return err
 	}
-	if err := errors.Join(errs...); err != nil {
-		return fmt.Errorf("uninstall: %w", err)
-	}
-	fmt.Fprintln(out, "underpass is uninstalled from this node")
+	fmt.Fprintf(out, "removed %s (%d maps, %d programs, %d other pins)\n", dir, nMaps, nProgs, nOther)
 	return nil
 }
 

@@ -37,21 +37,10 @@ func add(args *skel.CmdArgs) (err error) {
 	if err != nil {
 		return err
 	}
-	if err := datapath.CheckAttachment(args.ContainerID, args.IfName, args.Netns, c.Name); err != nil {
-		return errorf(types.ErrInvalidEnvironmentVariables, "%v", err)
-	}
-	// skel refuses a plugin that runs inside CNI_NETNS only after ADD has
-	// returned, when IPAM has handed out an address that the IPAM plugin's
-	// own copy of that check then hid from the rollback.
-	if ov := strings.ToUpper(args.NetnsOverride); ov != "TRUE" && ov != "1" {
-		if inside, err := cnins.CheckNetNS(args.Netns); err == nil && inside {
-			return errorf(types.ErrInvalidNetNS, "the plugin runs inside CNI_NETNS %s: the runtime must run it from the host network namespace", args.Netns)
-		}
-	}
 	// What only the user can fix is reported before what goes away by
 	// itself (the datapath loading), and before IPAM takes an address.
-	if c.Chained && c.PrevResult == nil {
-		return invalidConf("underpass has no interface keys, so it is chained, but no plugin before it returned a result: put it after the macvlan or ipvlan plugin in the plugins list, or set master (and ipam) for underpass to create the interface itself")
+	if err := checkAdd(args, c); err != nil {
+		return err
 	}
 	var master netlink.Link
 	if !c.Chained {
@@ -101,6 +90,27 @@ func add(args *skel.CmdArgs) (err error) {
 	return types.PrintResult(result, c.CNIVersion)
 }
 
+// checkAdd refuses an ADD that cannot work whatever the node's state: the
+// names do not fit the registry, the plugin runs in the container's netns,
+// or a chained entry has nothing before it.
+func checkAdd(args *skel.CmdArgs, c *Conf) error {
+	if err := datapath.CheckAttachment(args.ContainerID, args.IfName, args.Netns, c.Name); err != nil {
+		return errorf(types.ErrInvalidEnvironmentVariables, "%v", err)
+	}
+	// skel refuses a plugin that runs inside CNI_NETNS only after ADD has
+	// returned, when IPAM has handed out an address that the IPAM plugin's
+	// own copy of that check then hid from the rollback.
+	if ov := strings.ToUpper(args.NetnsOverride); ov != "TRUE" && ov != "1" {
+		if inside, err := cnins.CheckNetNS(args.Netns); err == nil && inside {
+			return errorf(types.ErrInvalidNetNS, "the plugin runs inside CNI_NETNS %s: the runtime must run it from the host network namespace", args.Netns)
+		}
+	}
+	if c.Chained && c.PrevResult == nil {
+		return invalidConf("underpass has no interface keys, so it is chained, but no plugin before it returned a result: put it after the macvlan or ipvlan plugin in the plugins list, or set master (and ipam) for underpass to create the interface itself")
+	}
+	return nil
+}
+
 // addMain creates the slave, takes the addresses from call (nil: no IPAM)
 // and registers the endpoint. Every step undoes itself when a later one
 // fails: the named err is what the deferred rollbacks look at (add releases
@@ -142,18 +152,8 @@ func addMain(c *Conf, args *skel.CmdArgs, dp *loader.Datapath, netns ns.NetNS, m
 		Interfaces: []*current.Interface{{Name: args.IfName, Mac: link.Attrs().HardwareAddr.String(), Sandbox: netns.Path()}},
 		DNS:        c.DNS,
 	}
-	if call != nil {
-		ir, err := call.result()
-		if err != nil {
-			return nil, err
-		}
-		for _, ipc := range ir.IPs {
-			ipc.Interface = current.Int(0) // every address is the slave's
-		}
-		result.IPs, result.Routes = ir.IPs, ir.Routes
-		if !ir.DNS.IsEmpty() && c.DNS.IsEmpty() {
-			result.DNS = ir.DNS
-		}
+	if err := addIPAMResult(result, call, c); err != nil {
+		return nil, err
 	}
 	ph.mark("ipam")
 	if err := failpoint("add-ipam"); err != nil {
@@ -178,30 +178,54 @@ func addMain(c *Conf, args *skel.CmdArgs, dp *loader.Datapath, netns ns.NetNS, m
 	ep.Mode = c.DatapathMode
 	// The programs go on before the link comes up, so the counters see its
 	// first frame and the spoofing guard is in place before it can send.
-	err = attachEndpoint(dp, netns, &ep, ph, func() error {
-		// Announce the addresses at once (the reference macvlan plugin
-		// does the same): neighbours may remember a previous owner's MAC.
-		_, _ = sysctl.Sysctl(fmt.Sprintf("net/ipv4/conf/%s/arp_notify", args.IfName), "1")
-		_, _ = sysctl.Sysctl(fmt.Sprintf("net/ipv6/conf/%s/ndisc_notify", args.IfName), "1")
-		var err error
-		if len(result.IPs) > 0 {
-			err = ipam.ConfigureIface(args.IfName, result)
-		} else {
-			var l netlink.Link
-			if l, err = netlink.LinkByIndex(ep.Ifindex); err == nil {
-				err = netlink.LinkSetUp(l)
-			}
-		}
-		if err != nil {
-			return fmt.Errorf("configure %s: %w", args.IfName, err)
-		}
-		return nil
-	})
+	err = attachEndpoint(dp, netns, &ep, ph, func() error { return configureSlave(args.IfName, ep.Ifindex, result) })
 	if err != nil {
 		return nil, err
 	}
 	ph.mark("configure")
 	return result, nil
+}
+
+// addIPAMResult puts the addresses, routes and DNS that call handed out
+// (nil: no IPAM) into result.
+func addIPAMResult(result *current.Result, call *ipamCall, c *Conf) error {
+	if call == nil {
+		return nil
+	}
+	ir, err := call.result()
+	if err != nil {
+		return err
+	}
+	for _, ipc := range ir.IPs {
+		ipc.Interface = current.Int(0) // every address is the slave's
+	}
+	result.IPs, result.Routes = ir.IPs, ir.Routes
+	if !ir.DNS.IsEmpty() && c.DNS.IsEmpty() {
+		result.DNS = ir.DNS
+	}
+	return nil
+}
+
+// configureSlave sets result's addresses and routes on the slave and brings
+// it up; it runs inside the container netns.
+func configureSlave(ifname string, ifindex int, result *current.Result) error {
+	// Announce the addresses at once (the reference macvlan plugin does the
+	// same): neighbours may remember a previous owner's MAC.
+	_, _ = sysctl.Sysctl(fmt.Sprintf("net/ipv4/conf/%s/arp_notify", ifname), "1")
+	_, _ = sysctl.Sysctl(fmt.Sprintf("net/ipv6/conf/%s/ndisc_notify", ifname), "1")
+	var err error
+	if len(result.IPs) > 0 {
+		err = ipam.ConfigureIface(ifname, result)
+	} else {
+		var l netlink.Link
+		if l, err = netlink.LinkByIndex(ifindex); err == nil {
+			err = netlink.LinkSetUp(l)
+		}
+	}
+	if err != nil {
+		return fmt.Errorf("configure %s: %w", ifname, err)
+	}
+	return nil
 }
 
 // addChained adopts the slave a previous plugin created and passes its

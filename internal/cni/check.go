@@ -66,27 +66,8 @@ func check(args *skel.CmdArgs) error {
 
 	var s *slave
 	err = ns.WithNetNSPath(args.Netns, func(ns.NetNS) error {
-		if s, err = inspectSlave(args.IfName); err != nil {
-			return err
-		}
-		if intf.Mac != "" && intf.Mac != s.MAC.String() {
-			return fmt.Errorf("%s has MAC %s, prevResult says %s", args.IfName, s.MAC, intf.Mac)
-		}
-		if !c.Chained && s.Kind != c.Kind {
-			return fmt.Errorf("%s is a %s, the config says %s", args.IfName, s.Kind, c.Kind)
-		}
-		if !c.Chained && s.Mode != c.DatapathMode {
-			return fmt.Errorf("%s is in mode %s, the config says %s", args.IfName, s.Mode, c.DatapathMode)
-		}
-		if !s.Up {
-			return fmt.Errorf("%s is down", args.IfName)
-		}
-		if err := ip.ValidateExpectedInterfaceIPs(args.IfName, ipcs); err != nil {
-			return err
-		}
-		// No routes of ours: only those IPAM (or the previous plugin)
-		// asked for, which must still be there.
-		return ip.ValidateExpectedRoute(prev.Routes)
+		s, err = checkSlave(c, args.IfName, intf.Mac, ipcs, prev.Routes)
+		return err
 	})
 	if err != nil {
 		return fmt.Errorf("interface drifted: %w", err)
@@ -98,6 +79,33 @@ func check(args *skel.CmdArgs) error {
 		return fmt.Errorf("datapath drifted: %w: delete and re-create the pod, or restart it", err)
 	}
 	return nil
+}
+
+// checkSlave compares the slave ifname with the config and what prevResult
+// says of it (MAC, addresses, routes); it runs inside the container netns.
+func checkSlave(c *Conf, ifname, mac string, ipcs []*current.IPConfig, routes []*types.Route) (*slave, error) {
+	s, err := inspectSlave(ifname)
+	if err != nil {
+		return nil, err
+	}
+	if mac != "" && mac != s.MAC.String() {
+		return nil, fmt.Errorf("%s has MAC %s, prevResult says %s", ifname, s.MAC, mac)
+	}
+	if !c.Chained && s.Kind != c.Kind {
+		return nil, fmt.Errorf("%s is a %s, the config says %s", ifname, s.Kind, c.Kind)
+	}
+	if !c.Chained && s.Mode != c.DatapathMode {
+		return nil, fmt.Errorf("%s is in mode %s, the config says %s", ifname, s.Mode, c.DatapathMode)
+	}
+	if !s.Up {
+		return nil, fmt.Errorf("%s is down", ifname)
+	}
+	if err := ip.ValidateExpectedInterfaceIPs(ifname, ipcs); err != nil {
+		return nil, err
+	}
+	// No routes of ours: only those IPAM (or the previous plugin) asked
+	// for, which must still be there.
+	return s, ip.ValidateExpectedRoute(routes)
 }
 
 // checkRegistration compares the datapath's entries for the attachment
@@ -133,6 +141,17 @@ func checkRegistration(dp *loader.Datapath, args *skel.CmdArgs, s *slave, addrs 
 	if !slices.Equal(got, want) {
 		return fmt.Errorf("endpoint %d is registered with addresses %v, prevResult has %v", id, got, want)
 	}
+	if err := checkLookups(m, s, id, addrs); err != nil {
+		return err
+	}
+	return checkPrograms(args, s, id)
+}
+
+// checkLookups says whether the addresses and MAC of endpoint id lead to
+// it, and its parent and counters are there.
+func checkLookups(m *loader.Maps, s *slave, id uint32, addrs []netip.Prefix) error {
+	want := slices.Clone(addrs)
+	sortPrefixes(want)
 	for _, p := range want {
 		k := datapath.EpIPKey(p.Addr(), s.ParentIndex)
 		var ref loader.EndpointRef
@@ -155,6 +174,11 @@ func checkRegistration(dp *loader.Datapath, args *skel.CmdArgs, s *slave, addrs 
 	if _, err := datapath.EndpointStats(m, id); err != nil {
 		return fmt.Errorf("endpoint %d has no counters", id)
 	}
+	return nil
+}
+
+// checkPrograms says whether both filters on the slave run endpoint id.
+func checkPrograms(args *skel.CmdArgs, s *slave, id uint32) error {
 	att, err := loader.AttachedEndpoint(args.Netns, s.Ifindex)
 	if err != nil {
 		return fmt.Errorf("programs of endpoint %d: %w", id, err)

@@ -3,10 +3,8 @@ package cni
 import (
 	"errors"
 	"fmt"
-	"io/fs"
 	"net"
 	"net/netip"
-	"os"
 
 	"github.com/containernetworking/cni/pkg/types"
 	"github.com/containernetworking/plugins/pkg/ns"
@@ -274,7 +272,7 @@ func evictStaleOwners(dp *loader.Datapath, ep *endpoint) error {
 		}
 		netnsPath := datapath.GoString(other.Netns[:])
 		if netnsPath != "" {
-			if _, err := os.Stat(netnsPath); errors.Is(err, fs.ErrNotExist) {
+			if err := loader.CheckNetns(netnsPath); errors.Is(err, loader.ErrNetnsGone) {
 				log.Debug("evicting stale endpoint", "id", ref.Id, "container", cid, "netns", netnsPath, "addr", p.Addr())
 				if err := removeEndpoint(dp, ref.Id); err != nil {
 					return fmt.Errorf("remove stale endpoint %d (container %s): %w", ref.Id, cid, err)

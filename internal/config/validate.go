@@ -23,17 +23,35 @@ const MinGCInterval = time.Second
 // prefixed with its key path. On success it fills the values the accessors
 // return; on failure they are cleared, so a rejected config never looks usable.
 func (c *Config) Validate() error {
-	var (
-		p    parsed
-		errs []error
-	)
-	fail := func(key, format string, args ...any) {
-		errs = append(errs, fmt.Errorf(key+": "+format, args...))
+	v := &validation{}
+	v.ranges(c)
+	v.services(c)
+	v.uplinks(c)
+	v.rest(c)
+	if len(v.errs) > 0 {
+		c.parsed = parsed{}
+		return errors.Join(v.errs...)
 	}
+	c.parsed = v.p
+	return nil
+}
 
-	p.hostCIDRs, _ = parseCIDRs("hostCIDRs", c.HostCIDRList, &errs)
-	var svcOK bool
-	p.serviceCIDRs, svcOK = parseCIDRs("staleServices.cidrs", c.StaleServices.CIDRs, &errs)
+// validation collects what Validate parsed and every error it found, in
+// the order of the keys.
+type validation struct {
+	p     parsed
+	errs  []error
+	svcOK bool // staleServices.cidrs parsed
+}
+
+func (v *validation) fail(key, format string, args ...any) {
+	v.errs = append(v.errs, fmt.Errorf(key+": "+format, args...))
+}
+
+// ranges checks hostCIDRs, staleServices.cidrs and staleServices.action.
+func (v *validation) ranges(c *Config) {
+	v.p.hostCIDRs, _ = parseCIDRs("hostCIDRs", c.HostCIDRList, &v.errs)
+	v.p.serviceCIDRs, v.svcOK = parseCIDRs("staleServices.cidrs", c.StaleServices.CIDRs, &v.errs)
 
 	// A host CIDR inside a service range would be judged by the stale guard
 	// first and dropped unless it happens to be a live service.
@@ -47,103 +65,105 @@ func (c *Config) Validate() error {
 			if err != nil || !cidrs.Overlaps(hp, sp) {
 				continue
 			}
-			fail(fmt.Sprintf("hostCIDRs[%d]", i),
+			v.fail(fmt.Sprintf("hostCIDRs[%d]", i),
 				"%s overlaps staleServices.cidrs[%d] %s: the stale service guard would drop traffic to it unless it is a live service; move it out of the service range (or, if it is a service IP, list it in services.static instead)",
 				hp, j, sp)
 		}
 	}
 
-	if v, ok := enum("staleServices.action", c.StaleServices.Action, actionNames, &errs); ok {
-		p.action = Action(v)
+	if i, ok := enum("staleServices.action", c.StaleServices.Action, actionNames, &v.errs); ok {
+		v.p.action = Action(i)
 	}
+}
 
+// services checks services.static, services.kubernetes and
+// services.kubeconfig.
+func (v *validation) services(c *Config) {
 	for i, s := range c.Services.Static {
 		key := fmt.Sprintf("services.static[%d]", i)
 		a, err := cidrs.ParseAddr(s)
 		if err != nil {
 			if strings.Contains(s, "/") {
-				fail(key, "%v; services.static takes single addresses, ranges belong in staleServices.cidrs", err)
+				v.fail(key, "%v; services.static takes single addresses, ranges belong in staleServices.cidrs", err)
 			} else {
-				fail(key, "%v", err)
+				v.fail(key, "%v", err)
 			}
 			continue
 		}
-		p.static = append(p.static, a)
+		v.p.static = append(v.p.static, a)
 	}
 	// Service IPs reach the host (and kube-proxy) only because they lie in a
 	// service CIDR; a static entry elsewhere changes nothing, which is worth
 	// saying rather than silently ignoring. Only judged once the ranges parsed.
-	if svcOK {
-		if len(p.serviceCIDRs) == 0 && len(p.static) > 0 {
-			fail("services.static", "has %d addresses but staleServices.cidrs is empty (stale service guard off), so they have no effect; set staleServices.cidrs to the cluster's service range or remove services.static", len(p.static))
+	if v.svcOK {
+		if len(v.p.serviceCIDRs) == 0 && len(v.p.static) > 0 {
+			v.fail("services.static", "has %d addresses but staleServices.cidrs is empty (stale service guard off), so they have no effect; set staleServices.cidrs to the cluster's service range or remove services.static", len(v.p.static))
 		} else {
-			for i, a := range p.static {
-				if !slices.ContainsFunc(p.serviceCIDRs, func(sp netip.Prefix) bool { return sp.Contains(a) }) {
-					fail(fmt.Sprintf("services.static[%d]", i),
+			for i, a := range v.p.static {
+				if !slices.ContainsFunc(v.p.serviceCIDRs, func(sp netip.Prefix) bool { return sp.Contains(a) }) {
+					v.fail(fmt.Sprintf("services.static[%d]", i),
 						"%s is outside every staleServices.cidrs range, so listing it has no effect; add its range to staleServices.cidrs or remove it", a)
 				}
 			}
 		}
 	}
 
-	if v, ok := enum("services.kubernetes", c.Services.Kubernetes, kubernetesNames, &errs); ok {
-		p.kubernetes = KubernetesMode(v)
-		if p.kubernetes == KubernetesOff && c.Services.Kubeconfig != "" {
-			fail("services.kubeconfig", "is set but services.kubernetes is false, so it is never used; remove it or set services.kubernetes to auto or true")
+	if i, ok := enum("services.kubernetes", c.Services.Kubernetes, kubernetesNames, &v.errs); ok {
+		v.p.kubernetes = KubernetesMode(i)
+		if v.p.kubernetes == KubernetesOff && c.Services.Kubeconfig != "" {
+			v.fail("services.kubeconfig", "is set but services.kubernetes is false, so it is never used; remove it or set services.kubernetes to auto or true")
 		}
 	}
 	if c.Services.Kubeconfig != "" {
 		if err := checkPathChars(c.Services.Kubeconfig); err != nil {
-			fail("services.kubeconfig", "%v", err)
+			v.fail("services.kubeconfig", "%v", err)
 		}
 	}
+}
 
+func (v *validation) uplinks(c *Config) {
 	seen := map[string]int{}
 	for i, u := range c.Uplinks {
 		key := fmt.Sprintf("uplinks[%d]", i)
 		if err := checkIfName(u); err != nil {
-			fail(key, "%v", err)
+			v.fail(key, "%v", err)
 			continue
 		}
 		if j, dup := seen[u]; dup {
-			fail(key, "%q is already uplinks[%d]; list each interface once", u, j)
+			v.fail(key, "%q is already uplinks[%d]; list each interface once", u, j)
 			continue
 		}
 		seen[u] = i
 	}
+}
 
-	if v, ok := enum("xdp", c.XDP, xdpNames, &errs); ok {
-		p.xdp = loader.XDPMode(xdpNames[v])
+// rest checks xdp, metrics.listen, bpffs, gcInterval and logLevel.
+func (v *validation) rest(c *Config) {
+	if i, ok := enum("xdp", c.XDP, xdpNames, &v.errs); ok {
+		v.p.xdp = loader.XDPMode(xdpNames[i])
 	}
 
 	if err := checkListen(c.Metrics.Listen); err != nil {
-		fail("metrics.listen", "%v", err)
+		v.fail("metrics.listen", "%v", err)
 	}
 
 	if !filepath.IsAbs(c.BPFFS) {
-		fail("bpffs", "must be an absolute path (the CNI plugin and underpassd must agree on it), got %q", c.BPFFS)
+		v.fail("bpffs", "must be an absolute path (the CNI plugin and underpassd must agree on it), got %q", c.BPFFS)
 	} else if err := checkPathChars(c.BPFFS); err != nil {
-		fail("bpffs", "%v", err)
+		v.fail("bpffs", "%v", err)
 	}
 
 	if d, err := time.ParseDuration(c.GCInterval); err != nil {
-		fail("gcInterval", "%q is not a duration; write it like 30s, 1m or 1h", c.GCInterval)
+		v.fail("gcInterval", "%q is not a duration; write it like 30s, 1m or 1h", c.GCInterval)
 	} else if d < MinGCInterval {
-		fail("gcInterval", "%s is too short; use %s or more", d, MinGCInterval)
+		v.fail("gcInterval", "%s is too short; use %s or more", d, MinGCInterval)
 	} else {
-		p.gcInterval = d
+		v.p.gcInterval = d
 	}
 
-	if v, ok := enum("logLevel", c.LogLevel, levelNames, &errs); ok {
-		p.level = levelValues[v]
+	if i, ok := enum("logLevel", c.LogLevel, levelNames, &v.errs); ok {
+		v.p.level = levelValues[i]
 	}
-
-	if len(errs) > 0 {
-		c.parsed = parsed{}
-		return errors.Join(errs...)
-	}
-	c.parsed = p
-	return nil
 }
 
 // ValidateAgainst runs Validate and then checks the service CIDRs against the

@@ -144,6 +144,28 @@ func Register(m *loader.Maps, s EndpointSpec) (id uint32, err error) {
 		}
 	}
 
+	ep := encodeEndpoint(s)
+	if id, err = claimID(m, &ep); err != nil {
+		return 0, err
+	}
+	// Roll back by the claimed id: the error returns below zero id.
+	claimed := id
+	defer func() {
+		if err != nil {
+			Unregister(m, claimed)
+		}
+	}()
+	if err := writeRefs(m, s, id); err != nil {
+		return 0, err
+	}
+	if err := zeroStats(m, id); err != nil {
+		return 0, err
+	}
+	return id, nil
+}
+
+// encodeEndpoint is the endpoints map value of s, with no id yet.
+func encodeEndpoint(s EndpointSpec) loader.Endpoint {
 	ep := loader.Endpoint{
 		ParentIfindex: uint32(s.ParentIfindex),
 		Ifindex:       uint32(s.Ifindex),
@@ -162,31 +184,32 @@ func Register(m *loader.Maps, s EndpointSpec) (id uint32, err error) {
 	CString(ep.PodNamespace[:], s.PodNamespace)
 	CString(ep.Netns[:], s.Netns)
 	CString(ep.Network[:], s.Network)
+	return ep
+}
 
-	// Claim an id: inserting the metadata with NoExist is the lock.
-	id = EndpointID(s.ContainerID, s.IfName)
+// claimID inserts ep under the first free id of its probe chain: inserting
+// with NoExist is the lock.
+func claimID(m *loader.Maps, ep *loader.Endpoint) (uint32, error) {
+	id := EndpointID(GoString(ep.ContainerId[:]), GoString(ep.Ifname[:]))
 	for i := 0; ; i++ {
 		ep.Id = id
-		err := m.Endpoints.Update(id, &ep, ebpf.UpdateNoExist)
+		err := m.Endpoints.Update(id, ep, ebpf.UpdateNoExist)
 		if err == nil {
-			break
+			return id, nil
 		}
 		if !errors.Is(err, ebpf.ErrKeyExist) || i == maxProbes-1 {
 			return 0, fmt.Errorf("register endpoint: %w", err)
 		}
 		id = nextID(id, idMask)
 	}
-	// Roll back by the claimed id: the error returns below zero id.
-	claimed := id
-	defer func() {
-		if err != nil {
-			Unregister(m, claimed)
-		}
-	}()
+}
 
+// writeRefs points the name, the addresses and (macvlan) the MAC of s at
+// endpoint id.
+func writeRefs(m *loader.Maps, s EndpointSpec, id uint32) error {
 	nk := attachKey(s.ContainerID, s.IfName)
 	if err := m.EpNames.Update(&nk, id, ebpf.UpdateAny); err != nil {
-		return 0, fmt.Errorf("register the name of endpoint %d: %w", id, err)
+		return fmt.Errorf("register the name of endpoint %d: %w", id, err)
 	}
 	ref := loader.EndpointRef{Id: id}
 	for _, p := range s.Addrs {
@@ -194,25 +217,22 @@ func Register(m *loader.Maps, s EndpointSpec) (id uint32, err error) {
 		var other loader.EndpointRef
 		if err := m.EpByIP.Lookup(&k, &other); err == nil && other.Id != id {
 			if other.Flags&uint32(loader.RefLearned) == 0 {
-				return 0, fmt.Errorf("%w: %s belongs to endpoint %d", ErrAddrInUse, p.Addr(), other.Id)
+				return fmt.Errorf("%w: %s belongs to endpoint %d", ErrAddrInUse, p.Addr(), other.Id)
 			}
 			// Another endpoint only learnt it (its DAD raced IPAM): the
 			// assignment wins, the learner's traffic from it stops.
 		}
 		if err := m.EpByIP.Update(&k, &ref, ebpf.UpdateAny); err != nil {
-			return 0, fmt.Errorf("register %s: %w", p.Addr(), err)
+			return fmt.Errorf("register %s: %w", p.Addr(), err)
 		}
 	}
 	if s.Mode == loader.ModeMacvlan {
 		k := MACKey(s.MAC, s.ParentIfindex)
 		if err := m.EpByMAC.Update(&k, &ref, ebpf.UpdateAny); err != nil {
-			return 0, fmt.Errorf("register %s: %w", s.MAC, err)
+			return fmt.Errorf("register %s: %w", s.MAC, err)
 		}
 	}
-	if err := zeroStats(m, id); err != nil {
-		return 0, err
-	}
-	return id, nil
+	return nil
 }
 
 // Unregister removes every entry of endpoint id; absent entries are fine, and

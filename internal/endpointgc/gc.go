@@ -183,17 +183,12 @@ func (c *checker) dead(ep *loader.Endpoint) (string, error) {
 // openNetns opens a netlink handle in the namespace at path, or says why the
 // namespace is gone.
 func openNetns(path string) (*netlink.Handle, string, error) {
-	var st unix.Statfs_t
-	if err := unix.Statfs(path, &st); err != nil {
-		if errors.Is(err, unix.ENOENT) {
-			return nil, "netns gone", nil
-		}
-		return nil, "", fmt.Errorf("statfs %s: %w", path, err)
-	}
-	// A runtime unmounts the namespace before removing the file; an empty
-	// file left behind is not a namespace any more.
-	if st.Type != unix.NSFS_MAGIC {
+	if err := loader.CheckNetns(path); errors.Is(err, loader.ErrNotANamespace) {
 		return nil, "netns gone (path is no longer a namespace)", nil
+	} else if errors.Is(err, loader.ErrNetnsGone) {
+		return nil, "netns gone", nil
+	} else if err != nil {
+		return nil, "", err
 	}
 	ns, err := netns.GetFromPath(path)
 	if errors.Is(err, unix.ENOENT) {

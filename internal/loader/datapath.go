@@ -102,42 +102,18 @@ func Load(dir string, opts Options) (_ *Datapath, err error) {
 	if err := EnsureBPFFS(dir); err != nil {
 		return nil, err
 	}
-	spec := opts.Spec
-	if spec == nil {
-		if spec, err = Spec(); err != nil {
-			return nil, err
-		}
-	} else {
-		spec = spec.Copy()
+	spec, err := loadSpec(opts)
+	if err != nil {
+		return nil, err
 	}
-	if opts.Trace {
-		if err := spec.Variables["trace_redirects"].Set(uint8(1)); err != nil {
-			return nil, fmt.Errorf("enable trace: %w", err)
-		}
-	}
-
-	replacements := map[string]*ebpf.Map{}
+	replacements, err := pinnedMaps(dir, spec)
 	defer func() {
 		for _, m := range replacements {
 			m.Close()
 		}
 	}()
-	for name, ms := range spec.Maps {
-		if strings.HasPrefix(name, ".") {
-			continue
-		}
-		m, err := ebpf.LoadPinnedMap(filepath.Join(dir, name), nil)
-		if errors.Is(err, fs.ErrNotExist) {
-			continue
-		}
-		if err != nil {
-			return nil, fmt.Errorf("open pinned map %s: %w", name, err)
-		}
-		if err := ms.Compatible(m); err != nil {
-			m.Close()
-			return nil, fmt.Errorf("pinned map %s does not fit this build (%w): remove it with underpassd --uninstall, or restore the previous version", name, err)
-		}
-		replacements[name] = m
+	if err != nil {
+		return nil, err
 	}
 
 	coll, err := ebpf.NewCollectionWithOptions(spec, ebpf.CollectionOptions{MapReplacements: replacements})
@@ -186,6 +162,51 @@ func Load(dir string, opts Options) (_ *Datapath, err error) {
 		return nil, err
 	}
 	return dp, nil
+}
+
+// loadSpec is the collection spec to load: the embedded one or opts.Spec,
+// with tracing switched on when asked.
+func loadSpec(opts Options) (*ebpf.CollectionSpec, error) {
+	spec := opts.Spec
+	if spec == nil {
+		var err error
+		if spec, err = Spec(); err != nil {
+			return nil, err
+		}
+	} else {
+		spec = spec.Copy()
+	}
+	if opts.Trace {
+		if err := spec.Variables["trace_redirects"].Set(uint8(1)); err != nil {
+			return nil, fmt.Errorf("enable trace: %w", err)
+		}
+	}
+	return spec, nil
+}
+
+// pinnedMaps opens the maps pinned in dir that spec has, to be adopted
+// (state survives restarts and upgrades); one whose layout does not fit
+// this build is an error. The caller closes what it returns, also on error.
+func pinnedMaps(dir string, spec *ebpf.CollectionSpec) (map[string]*ebpf.Map, error) {
+	out := map[string]*ebpf.Map{}
+	for name, ms := range spec.Maps {
+		if strings.HasPrefix(name, ".") {
+			continue
+		}
+		m, err := ebpf.LoadPinnedMap(filepath.Join(dir, name), nil)
+		if errors.Is(err, fs.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			return out, fmt.Errorf("open pinned map %s: %w", name, err)
+		}
+		if err := ms.Compatible(m); err != nil {
+			m.Close()
+			return out, fmt.Errorf("pinned map %s does not fit this build (%w): remove it with underpassd --uninstall, or restore the previous version", name, err)
+		}
+		out[name] = m
+	}
+	return out, nil
 }
 
 // pinFresh pins everything into a sibling temp dir and renames it to dir.

@@ -8,6 +8,7 @@ import (
 	"strings"
 
 	"github.com/cilium/ebpf"
+	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
@@ -33,22 +34,38 @@ func endpointFilterName(id uint32) string { return fmt.Sprintf("%s-%d", endpoint
 // ErrNetnsGone says a netns path no longer names a network namespace.
 var ErrNetnsGone = errors.New("netns gone")
 
+// ErrNotANamespace is ErrNetnsGone for a path that is still there but is no
+// namespace any more: a runtime unmounts a namespace before it removes the
+// file.
+var ErrNotANamespace = fmt.Errorf("path is no longer a namespace: %w", ErrNetnsGone)
+
+// CheckNetns is the one rule for whether an endpoint's namespace lives: nil
+// when path is a network namespace, an error wrapping ErrNetnsGone when it
+// is not (any more), another error when it cannot tell. The plugin (a stale
+// owner of an address), the agent's collector and the loader all ask this.
+func CheckNetns(path string) error {
+	if path == "" {
+		return fmt.Errorf("no netns path: %w", ErrNetnsGone)
+	}
+	err := ns.IsNSorErr(path)
+	var notExist ns.NSPathNotExistErr
+	var notNS ns.NSPathNotNSErr
+	switch {
+	case errors.As(err, &notExist):
+		return fmt.Errorf("netns %s: %w", path, ErrNetnsGone)
+	case errors.As(err, &notNS):
+		return fmt.Errorf("netns %s: %w", path, ErrNotANamespace)
+	case err != nil:
+		return fmt.Errorf("netns %s: %w", path, err)
+	}
+	return nil
+}
+
 // netnsHandle opens a netlink handle inside the netns at path, so no thread
 // has to switch namespaces for the requests.
 func netnsHandle(path string) (*netlink.Handle, error) {
-	if path == "" {
-		return nil, fmt.Errorf("no netns path: %w", ErrNetnsGone)
-	}
-	// A runtime unmounts a namespace before it removes the file: what is
-	// left is not a netns any more.
-	var st unix.Statfs_t
-	if err := unix.Statfs(path, &st); errors.Is(err, unix.ENOENT) {
-		return nil, fmt.Errorf("netns %s: %w", path, ErrNetnsGone)
-	} else if err != nil {
-		return nil, fmt.Errorf("netns %s: %w", path, err)
-	}
-	if st.Type != unix.NSFS_MAGIC {
-		return nil, fmt.Errorf("netns %s: not a namespace any more: %w", path, ErrNetnsGone)
+	if err := CheckNetns(path); err != nil {
+		return nil, err
 	}
 	h, err := netns.GetFromPath(path)
 	if errors.Is(err, fs.ErrNotExist) {
