@@ -73,15 +73,14 @@ func run() error {
 	}
 
 	level := new(slog.LevelVar)
-	fixed := false
-	if *logLevel != "" {
+	fixed := *logLevel != ""
+	if fixed {
 		switch strings.ToLower(*logLevel) {
 		case "debug", "info", "warn", "error":
 			_ = level.UnmarshalText([]byte(*logLevel))
 		default:
 			return fmt.Errorf("--log-level %q: want debug, info, warn or error", *logLevel)
 		}
-		fixed = true
 	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 	slog.SetDefault(log)
@@ -92,6 +91,24 @@ func run() error {
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
+	a, err := agent.New(agent.Options{
+		ConfigPath: *configPath,
+		Log:        log,
+		Level:      level,
+		LevelFixed: fixed,
+		Loader:     loaderOptions(),
+		Version:    version,
+		Reload:     sighup(),
+		Collectors: observability(ctx, log),
+	})
+	if err != nil {
+		return err
+	}
+	return a.Run(ctx)
+}
+
+// sighup turns SIGHUP into reload requests; one pending is enough.
+func sighup() <-chan struct{} {
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	reload := make(chan struct{}, 1)
@@ -103,19 +120,5 @@ func run() error {
 			}
 		}
 	}()
-
-	a, err := agent.New(agent.Options{
-		ConfigPath: *configPath,
-		Log:        log,
-		Level:      level,
-		LevelFixed: fixed,
-		Loader:     loaderOptions(),
-		Version:    version,
-		Reload:     reload,
-		Collectors: observability(ctx, log),
-	})
-	if err != nil {
-		return err
-	}
-	return a.Run(ctx)
+	return reload
 }

@@ -24,12 +24,7 @@ import (
 
 const parentIfindex = 1 // lo: present everywhere, never attached to here
 
-func must(tb testing.TB, err error) {
-	tb.Helper()
-	if err != nil {
-		tb.Fatal(err)
-	}
-}
+var must = testutil.Must
 
 type rig struct {
 	dp       *loader.Datapath

@@ -107,8 +107,26 @@ func status(dp *loader.Datapath) (*Status, error) {
 	if cfg.StaleReject {
 		st.Config.StaleAction = "reject"
 	}
+	perParent, err := st.addEndpoints(dp)
+	if err != nil {
+		return nil, err
+	}
+	if err := st.addParents(dp, perParent); err != nil {
+		return nil, err
+	}
+	if err := st.addSets(m); err != nil {
+		return nil, err
+	}
+	if err := st.addCounters(m); err != nil {
+		return nil, err
+	}
+	return st, nil
+}
 
-	eps, err := datapath.Endpoints(m)
+// addEndpoints counts the endpoints, by how their programs are attached,
+// and returns how many each parent has.
+func (st *Status) addEndpoints(dp *loader.Datapath) (map[int]int, error) {
+	eps, err := datapath.Endpoints(&dp.Maps)
 	if err != nil {
 		return nil, err
 	}
@@ -120,15 +138,18 @@ func status(dp *loader.Datapath) (*Status, error) {
 		mode, _, _ = strings.Cut(mode, " ")
 		st.Endpoints.Attach[mode]++
 	}
-
 	st.EndpointPrograms = "ok"
 	if err := dp.CheckEndpointPrograms(); err != nil {
 		st.EndpointPrograms = err.Error()
 	}
+	return perParent, nil
+}
 
-	parents, err := datapath.Parents(m)
+// addParents describes every registered parent and the uplinks.
+func (st *Status) addParents(dp *loader.Datapath, perParent map[int]int) error {
+	parents, err := datapath.Parents(&dp.Maps)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	for ifindex, p := range parents {
 		st.Parents = append(st.Parents, ParentView{
@@ -143,29 +164,34 @@ func status(dp *loader.Datapath) (*Status, error) {
 	}
 	slices.SortFunc(st.Parents, func(a, b ParentView) int { return a.Ifindex - b.Ifindex })
 	st.Uplinks, err = uplinks(dp.Dir)
-	if err != nil {
-		return nil, err
-	}
+	return err
+}
 
+// addSets counts the live Services and the CIDR sets.
+func (st *Status) addSets(m *loader.Maps) error {
 	live, err := datapath.LiveServices(m)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	st.LiveServices = len(live)
 	svc, err := datapath.LPMEntries(m.SvcCIDRs)
 	if err != nil {
-		return nil, fmt.Errorf("list service CIDRs: %w", err)
+		return fmt.Errorf("list service CIDRs: %w", err)
 	}
 	st.ServiceCIDRs = len(svc)
 	hosts, err := datapath.LPMEntries(m.HostCIDRs)
 	if err != nil {
-		return nil, fmt.Errorf("list host CIDRs: %w", err)
+		return fmt.Errorf("list host CIDRs: %w", err)
 	}
 	st.HostCIDRs = len(hosts)
+	return nil
+}
 
+// addCounters adds the node-wide counters and drops.
+func (st *Status) addCounters(m *loader.Maps) error {
 	global, err := datapath.GlobalStats(m)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	st.Counters = map[string]CounterView{}
 	for i, c := range global {
@@ -175,13 +201,13 @@ func status(dp *loader.Datapath) (*Status, error) {
 	}
 	drops, err := datapath.Drops(m)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	st.Drops = map[string]CounterView{}
 	for i, c := range drops {
 		st.Drops[loader.DropReason(i).String()] = cv(c)
 	}
-	return st, nil
+	return nil
 }
 
 // uplinks lists the uplink attachments: tcx links are pinned; legacy

@@ -30,12 +30,7 @@ var (
 	ipA6      = netip.MustParseAddr("2001:db8:1::10")
 )
 
-func must(tb testing.TB, err error) {
-	tb.Helper()
-	if err != nil {
-		tb.Fatal(err)
-	}
-}
+var must = testutil.Must
 
 // records is a slog.Handler that hands every record to the test.
 type records chan slog.Record

@@ -100,12 +100,7 @@ func newRig(tb testing.TB) *rig {
 	return r
 }
 
-func must(tb testing.TB, err error) {
-	tb.Helper()
-	if err != nil {
-		tb.Fatal(err)
-	}
-}
+var must = testutil.Must
 
 type result struct {
 	verdict uint32

@@ -71,12 +71,7 @@ func register(tb testing.TB, m *loader.Maps, cid, pod string, ip netip.Addr, mac
 	return id
 }
 
-func must(tb testing.TB, err error) {
-	tb.Helper()
-	if err != nil {
-		tb.Fatal(err)
-	}
-}
+var must = itest.Must
 
 // spread writes counters for id as if two CPUs had counted half each (one,
 // when the machine has one): the collector must add them up.

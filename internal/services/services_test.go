@@ -17,6 +17,7 @@ import (
 	"k8s.io/client-go/kubernetes/fake"
 
 	"github.com/underpass-cni/underpass/internal/config"
+	"github.com/underpass-cni/underpass/internal/testutil"
 )
 
 // memStore is a Store that records the order of writes.
@@ -212,23 +213,7 @@ func TestKubeWanted(t *testing.T) {
 	}
 }
 
-func must(t *testing.T, err error) {
-	t.Helper()
-	if err != nil {
-		t.Fatal(err)
-	}
-}
-
-func waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-}
+var must = testutil.Must
 
 // TestKubeDesiredSet drives the informers with the fake clientset.
 func TestKubeDesiredSet(t *testing.T) {
@@ -303,4 +288,9 @@ func TestKubeDesiredSet(t *testing.T) {
 			}
 		})
 	}
+}
+
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	testutil.WaitFor(t, 10*time.Second, what, cond)
 }

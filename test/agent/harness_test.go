@@ -5,7 +5,6 @@ package agent_test
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"fmt"
 	"io"
@@ -145,33 +144,16 @@ func (l *lab) writeConfig(body string) {
 type agent struct {
 	l    *lab
 	cmd  *exec.Cmd
-	out  *syncBuffer
+	out  *testutil.SyncBuffer
 	done chan struct{}
 	err  error
-}
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
 
 // start runs bin in the node netns. The agent is killed when the test ends
 // (if still running) and its log is printed if the test failed.
 func (l *lab) start(bin string, args ...string) *agent {
 	l.t.Helper()
-	a := &agent{l: l, out: &syncBuffer{}, done: make(chan struct{})}
+	a := &agent{l: l, out: &testutil.SyncBuffer{}, done: make(chan struct{})}
 	args = append([]string{"--config", l.cfg, "--log-level", "debug"}, args...)
 	a.cmd = l.Node.Command(context.Background(), bin, args...)
 	a.cmd.Stdout, a.cmd.Stderr = a.out, a.out
@@ -298,17 +280,6 @@ func (l *lab) waitMetric(name, labels string, want float64) {
 	})
 }
 
-func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %s waiting for %s", timeout, what)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
 // open opens the pinned datapath as the CNI plugin does.
 func (l *lab) open() *loader.Datapath {
 	l.t.Helper()
@@ -413,9 +384,6 @@ func (l *lab) openOnce() *loader.Datapath {
 	return l.dp
 }
 
-func must(t testing.TB, err error) {
-	t.Helper()
-	if err != nil {
-		t.Fatal(err)
-	}
-}
+var must = testutil.Must
+
+var waitFor = testutil.WaitFor

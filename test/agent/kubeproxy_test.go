@@ -248,7 +248,7 @@ func startKubeProxy(t *testing.T, l *lab, mode, kubeconfig string) {
 	}
 	cfg := filepath.Join(t.TempDir(), "kube-proxy.yaml")
 	must(t, os.WriteFile(cfg, []byte(kapi.KubeProxyConfig(mode, kubeNode, kubeconfig)), 0o644))
-	out := &syncBuffer{}
+	out := &testutil.SyncBuffer{}
 	cmd := l.Node.Command(context.Background(), bin, "--config", cfg, "--v=2")
 	cmd.Stdout, cmd.Stderr = out, out
 	must(t, cmd.Start())

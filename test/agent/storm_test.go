@@ -40,6 +40,7 @@ import (
 
 	"github.com/underpass-cni/underpass/internal/datapath"
 	"github.com/underpass-cni/underpass/internal/loader"
+	"github.com/underpass-cni/underpass/internal/testutil"
 	"github.com/underpass-cni/underpass/test/netenv"
 )
 
@@ -252,7 +253,7 @@ func stormObserve(m *loader.Maps) (stormState, error) {
 // logLevel is the one in force.
 func (l *lab) startWithConfigLevel(bin string) *agent {
 	l.t.Helper()
-	a := &agent{l: l, out: &syncBuffer{}, done: make(chan struct{})}
+	a := &agent{l: l, out: &testutil.SyncBuffer{}, done: make(chan struct{})}
 	a.cmd = l.Node.Command(context.Background(), bin, "--config", l.cfg)
 	a.cmd.Stdout, a.cmd.Stderr = a.out, a.out
 	if err := a.cmd.Start(); err != nil {

@@ -94,12 +94,7 @@ func BenchmarkPaths(b *testing.B) {
 	tw.Flush()
 }
 
-func must(tb testing.TB, err error) {
-	tb.Helper()
-	if err != nil {
-		tb.Fatal(err)
-	}
-}
+var must = testutil.Must
 
 // vethContainer adds a netns joined to the node by a veth pair, routed
 // 10.200.0.0/30: the per-pod veth of the ptp alternative.

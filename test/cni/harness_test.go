@@ -163,12 +163,7 @@ func (h *harness) baselineParents() {
 	must(h.t, err)
 }
 
-func must(tb testing.TB, err error) {
-	tb.Helper()
-	if err != nil {
-		tb.Fatal(err)
-	}
-}
+var must = testutil.Must
 
 // conflist writes a conflist to the conf dir and loads it back, as a
 // runtime reads /etc/cni/net.d.

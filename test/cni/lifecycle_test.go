@@ -21,6 +21,7 @@ import (
 
 	"github.com/underpass-cni/underpass/internal/datapath"
 	"github.com/underpass-cni/underpass/internal/loader"
+	"github.com/underpass-cni/underpass/internal/testutil"
 	"github.com/underpass-cni/underpass/test/netenv"
 )
 
@@ -385,17 +386,6 @@ func TestConcurrentAddDel(t *testing.T) {
 	h.assertNoLeak(t, nil, nss...)
 }
 
-func waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
 func TestVersion(t *testing.T) {
 	h := &harness{t: t, cni: libcni.NewCNIConfigWithCacheDir([]string{pluginDir}, t.TempDir(), nil)}
 	info, err := h.cni.GetVersionInfo(context.Background(), "underpass")
@@ -406,4 +396,9 @@ func TestVersion(t *testing.T) {
 			t.Errorf("VERSION says %v, missing %s", got, v)
 		}
 	}
+}
+
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	testutil.WaitFor(t, 10*time.Second, what, cond)
 }

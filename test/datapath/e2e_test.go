@@ -38,12 +38,7 @@ type node struct {
 	up  *netenv.Uplink
 }
 
-func must(tb testing.TB, err error) {
-	tb.Helper()
-	if err != nil {
-		tb.Fatal(err)
-	}
-}
+var must = testutil.Must
 
 // newNode builds the lab and does what underpassd will do at start-up: load,
 // register and attach the parent, publish the node's addresses and services.

@@ -321,18 +321,6 @@ func podReport(cs kubernetes.Interface, n *node.Node) string {
 	return b.String()
 }
 
-// eventually polls cond every 200 ms until it holds or timeout passes.
-func eventually(timeout time.Duration, cond func() bool) bool {
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			return false
-		}
-		time.Sleep(200 * time.Millisecond)
-	}
-	return true
-}
-
 // disruption is something a node goes through under traffic.
 type disruption struct {
 	name string
@@ -409,4 +397,9 @@ func underTraffic(t *testing.T, cs kubernetes.Interface, bpffs, web, client, pro
 		lines = append(lines, line)
 	}
 	return lines
+}
+
+// eventually polls cond every 200 ms until it holds or timeout passes.
+func eventually(timeout time.Duration, cond func() bool) bool {
+	return testutil.Poll(timeout, 200*time.Millisecond, cond)
 }

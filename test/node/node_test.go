@@ -642,23 +642,7 @@ func serveClientIP(t testing.TB, in cnins.NetNS, addr netip.AddrPort) {
 	t.Cleanup(func() { srv.Close() })
 }
 
-func must(t testing.TB, err error) {
-	t.Helper()
-	if err != nil {
-		t.Fatal(err)
-	}
-}
-
-func waitFor(t testing.TB, timeout time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %s waiting for %s", timeout, what)
-		}
-		time.Sleep(200 * time.Millisecond)
-	}
-}
+var must = testutil.Must
 
 // makeNIC creates the node's NIC: upn0 (node address) <-> gw0 in the wire
 // netns (the gateway's address, nothing beyond it). The Service CIDR is
@@ -1064,4 +1048,10 @@ func tryHTTPGet(from cnins.NetNS, addr netip.AddrPort, path string) string {
 		return ""
 	}
 	return strings.TrimSpace(string(b))
+}
+
+// waitFor polls every 200 ms: its conditions ask the API server.
+func waitFor(t testing.TB, timeout time.Duration, what string, cond func() bool) {
+	t.Helper()
+	testutil.WaitForEvery(t, timeout, 200*time.Millisecond, what, cond)
 }

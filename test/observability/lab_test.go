@@ -31,12 +31,7 @@ var (
 	namespace = "obs"
 )
 
-func must(tb testing.TB, err error) {
-	tb.Helper()
-	if err != nil {
-		tb.Fatal(err)
-	}
-}
+var must = testutil.Must
 
 // lab is a node with the datapath loaded and attached the way underpassd
 // does it: parent egress (tcx) and parent XDP (generic, as veth parents in
@@ -177,17 +172,6 @@ func eventually(t *testing.T, what string, cond func() bool) {
 	eventuallyWithin(t, 5*time.Second, what, cond)
 }
 
-func eventuallyWithin(t *testing.T, d time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
 // ifName resolves an ifindex of the node's netns (the agent runs there).
 func (l *lab) ifName(ifindex int) string {
 	name := ""
@@ -199,3 +183,5 @@ func (l *lab) ifName(ifindex int) string {
 	})
 	return name
 }
+
+var eventuallyWithin = testutil.WaitFor

@@ -2,7 +2,6 @@ package soak_test
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/json"
@@ -20,7 +19,6 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -67,12 +65,7 @@ type lab struct {
 	dp      *loader.Datapath // opened like the plugin does, for reading maps
 }
 
-func must(tb testing.TB, err error) {
-	tb.Helper()
-	if err != nil {
-		tb.Fatal(err)
-	}
-}
+var must = testutil.Must
 
 func newLab(t *testing.T) *lab {
 	t.Helper()
@@ -294,37 +287,14 @@ func removeNS(path string) error {
 // agent itself (its pid, fds and threads are the agent's).
 type agent struct {
 	cmd  *exec.Cmd
-	out  *syncBuffer
+	out  *testutil.SyncBuffer
 	done chan struct{}
 	err  error
 }
 
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
-func (s *syncBuffer) Len() int {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Len()
-}
-
 func startAgent(t *testing.T, node *netenv.NS, cfg string) *agent {
 	t.Helper()
-	a := &agent{out: &syncBuffer{}, done: make(chan struct{})}
+	a := &agent{out: &testutil.SyncBuffer{}, done: make(chan struct{})}
 	a.cmd = node.Command(context.Background(), agentBin, "--config", cfg, "--log-level", "debug")
 	a.cmd.Stdout, a.cmd.Stderr = a.out, a.out
 	if err := a.cmd.Start(); err != nil {
