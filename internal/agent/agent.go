@@ -144,15 +144,17 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 
 	start := time.Now()
 	dp, err := a.load(cfg)
+	if dp != nil {
+		defer func() {
+			// Scrapes read the maps: stop serving before closing them.
+			a.http.close()
+			a.dp.Store(nil)
+			dp.Close()
+		}()
+	}
 	if err != nil {
 		return err
 	}
-	defer func() {
-		// Scrapes read the maps: stop serving before closing them.
-		a.http.close()
-		a.dp.Store(nil)
-		dp.Close()
-	}()
 
 	svc, err := services.NewManager(services.MapStore{Maps: &dp.Maps}, a.log.With("component", "services"))
 	if err != nil {
@@ -175,7 +177,8 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 }
 
 // load loads the datapath into cfg's pin directory and registers the
-// extra collectors on it.
+// extra collectors on it. The datapath it returns (also with an error) is
+// the caller's to close, after the metrics server stops.
 func (a *Agent) load(cfg *config.Config) (*loader.Datapath, error) {
 	dp, err := loader.Load(cfg.BPFFS, a.opts.Loader)
 	if err != nil {
@@ -185,9 +188,7 @@ func (a *Agent) load(cfg *config.Config) (*loader.Datapath, error) {
 	if a.opts.Collectors != nil {
 		for _, c := range a.opts.Collectors(dp) {
 			if err := a.metrics.reg.Register(c); err != nil {
-				a.dp.Store(nil)
-				dp.Close()
-				return nil, fmt.Errorf("register collector: %w", err)
+				return dp, fmt.Errorf("register collector: %w", err)
 			}
 		}
 	}

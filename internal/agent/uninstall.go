@@ -127,8 +127,11 @@ func detachEndpoints(dir string, out io.Writer) []error {
 	for _, id := range slices.Sorted(maps.Keys(eps)) {
 		ep := eps[id]
 		netnsPath, ifname := datapath.GoString(ep.Netns[:]), datapath.GoString(ep.Ifname[:])
-		if loader.CheckNetns(netnsPath) != nil {
+		if err := loader.CheckNetns(netnsPath); errors.Is(err, loader.ErrNetnsGone) {
 			continue // the netns took the filters with it
+		} else if err != nil {
+			errs = append(errs, err)
+			continue
 		}
 		if err := loader.DetachEndpoint(netnsPath, int(ep.Ifindex), id); err != nil {
 			errs = append(errs, err)

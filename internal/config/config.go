@@ -294,7 +294,12 @@ func (c *Config) StaleAction() Action { return c.parsed.action }
 func (c *Config) Kubernetes() KubernetesMode { return c.parsed.kubernetes }
 
 // XDPMode returns xdp.
-func (c *Config) XDPMode() loader.XDPMode { return c.parsed.xdp }
+func (c *Config) XDPMode() loader.XDPMode {
+	if c.parsed.xdp == "" {
+		return loader.XDPAuto // not validated: the default
+	}
+	return c.parsed.xdp
+}
 
 // GCPeriod returns gcInterval as a duration.
 func (c *Config) GCPeriod() time.Duration { return c.parsed.gcInterval }

@@ -145,7 +145,7 @@ func Register(m *loader.Maps, s EndpointSpec) (id uint32, err error) {
 	}
 
 	ep := encodeEndpoint(s)
-	if id, err = claimID(m, &ep); err != nil {
+	if id, err = claimID(m, &ep, EndpointID(s.ContainerID, s.IfName)); err != nil {
 		return 0, err
 	}
 	// Roll back by the claimed id: the error returns below zero id.
@@ -187,10 +187,9 @@ func encodeEndpoint(s EndpointSpec) loader.Endpoint {
 	return ep
 }
 
-// claimID inserts ep under the first free id of its probe chain: inserting
-// with NoExist is the lock.
-func claimID(m *loader.Maps, ep *loader.Endpoint) (uint32, error) {
-	id := EndpointID(GoString(ep.ContainerId[:]), GoString(ep.Ifname[:]))
+// claimID inserts ep under the first free id of the probe chain that
+// starts at id: inserting with NoExist is the lock.
+func claimID(m *loader.Maps, ep *loader.Endpoint, id uint32) (uint32, error) {
 	for i := 0; ; i++ {
 		ep.Id = id
 		err := m.Endpoints.Update(id, ep, ebpf.UpdateNoExist)

@@ -72,9 +72,15 @@ func (dp *Datapath) AttachEgress(role Role, ifindex int) (Attachment, error) {
 	if err := pinLink(l, pin); err != nil {
 		return Attachment{}, fmt.Errorf("pin tcx link of %s: %w", IfaceName(ifindex), err)
 	}
-	// A legacy filter left by an older kernel's run would run twice.
+	// A legacy filter left by an older kernel's run would run twice: when
+	// it cannot be removed, the new link goes again, so that a failed
+	// attach leaves nothing behind and a retry attaches afresh.
 	if err := parentFilter(ifindex, role).remove("underpass-" + string(role)); err != nil {
-		return Attachment{}, fmt.Errorf("remove the legacy tc egress filter beside the tcx link of %s: %w", IfaceName(ifindex), err)
+		err = fmt.Errorf("remove the legacy tc egress filter beside the tcx link of %s: %w", IfaceName(ifindex), err)
+		if uerr := unpinAndDetach(pin); uerr != nil {
+			err = errors.Join(err, fmt.Errorf("roll back the tcx link: %w", uerr))
+		}
+		return Attachment{}, err
 	}
 	return att, nil
 }
