@@ -3,7 +3,6 @@
 package demo_test
 
 import (
-	"bytes"
 	"context"
 	"os"
 	"os/exec"
@@ -11,7 +10,6 @@ import (
 	"regexp"
 	"slices"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -206,13 +204,13 @@ func hostLocalDir(t *testing.T, root string) string {
 
 type runningDemo struct {
 	cmd  *exec.Cmd
-	out  *lockedBuffer
+	out  *testutil.SyncBuffer
 	done chan error
 }
 
 func startDemo(t *testing.T, demoBin, bin, cniPath string, env ...string) *runningDemo {
 	t.Helper()
-	d := &runningDemo{out: &lockedBuffer{}, done: make(chan error, 1)}
+	d := &runningDemo{out: &testutil.SyncBuffer{}, done: make(chan error, 1)}
 	d.cmd = exec.Command(demoBin, "--bin", bin, "--cni-path", cniPath)
 	d.cmd.Env = slices.DeleteFunc(os.Environ(), func(s string) bool { return strings.HasPrefix(s, "DEMO_ONCE=") })
 	d.cmd.Env = append(d.cmd.Env, env...)
@@ -256,23 +254,6 @@ func (d *runningDemo) wait(t *testing.T, timeout time.Duration) error {
 		t.Fatalf("the demo did not exit within %s:\n%s", timeout, d.out.String())
 		return nil
 	}
-}
-
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
 }
 
 // linkNames lists the host netns's links, sorted.
