@@ -10,8 +10,6 @@ import (
 	"log/slog"
 
 	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
-	"golang.org/x/sys/unix"
 
 	"github.com/underpass-cni/underpass/internal/datapath"
 	"github.com/underpass-cni/underpass/internal/loader"
@@ -163,8 +161,7 @@ func (c *checker) dead(ep *loader.Endpoint) (string, error) {
 	} else {
 		l, err = h.LinkByName(ifname)
 	}
-	var nf netlink.LinkNotFoundError
-	if errors.As(err, &nf) || errors.Is(err, unix.ENODEV) {
+	if loader.LinkGone(err) {
 		return "interface gone", nil
 	}
 	if err != nil {
@@ -183,24 +180,14 @@ func (c *checker) dead(ep *loader.Endpoint) (string, error) {
 // openNetns opens a netlink handle in the namespace at path, or says why the
 // namespace is gone.
 func openNetns(path string) (*netlink.Handle, string, error) {
-	if err := loader.CheckNetns(path); errors.Is(err, loader.ErrNotANamespace) {
+	h, err := loader.NetnsHandle(path)
+	switch {
+	case errors.Is(err, loader.ErrNotANamespace):
 		return nil, "netns gone (path is no longer a namespace)", nil
-	} else if errors.Is(err, loader.ErrNetnsGone) {
+	case errors.Is(err, loader.ErrNetnsGone):
 		return nil, "netns gone", nil
-	} else if err != nil {
+	case err != nil:
 		return nil, "", err
-	}
-	ns, err := netns.GetFromPath(path)
-	if errors.Is(err, unix.ENOENT) {
-		return nil, "netns gone", nil
-	}
-	if err != nil {
-		return nil, "", fmt.Errorf("open netns %s: %w", path, err)
-	}
-	defer ns.Close()
-	h, err := netlink.NewHandleAt(ns, unix.NETLINK_ROUTE)
-	if err != nil {
-		return nil, "", fmt.Errorf("netlink in %s: %w", path, err)
 	}
 	return h, "", nil
 }

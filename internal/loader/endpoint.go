@@ -61,9 +61,11 @@ func CheckNetns(path string) error {
 	return nil
 }
 
-// netnsHandle opens a netlink handle inside the netns at path, so no thread
-// has to switch namespaces for the requests.
-func netnsHandle(path string) (*netlink.Handle, error) {
+// NetnsHandle opens a netlink handle inside the netns at path, so no thread
+// has to switch namespaces for the requests. A namespace that is gone is
+// an error wrapping ErrNetnsGone (ErrNotANamespace for a path that is no
+// namespace any more), as CheckNetns says.
+func NetnsHandle(path string) (*netlink.Handle, error) {
 	if err := CheckNetns(path); err != nil {
 		return nil, err
 	}
@@ -98,7 +100,7 @@ const MaxEndpointID = 0xffff
 // (a retried ADD) swaps the filters in place. On error nothing of this
 // attachment is left.
 func AttachEndpoint(dp *Datapath, id uint32, netnsPath string, ifindex int) error {
-	h, err := netnsHandle(netnsPath)
+	h, err := NetnsHandle(netnsPath)
 	if err != nil {
 		return fmt.Errorf("attach endpoint %d: %w", id, err)
 	}
@@ -161,7 +163,7 @@ func (dp *Datapath) attachEndpoint(h *netlink.Handle, id uint32, ifindex int) (e
 // from ifindex in the netns at netnsPath. A netns or interface that is gone
 // took the filters with it: that is success.
 func DetachEndpoint(netnsPath string, ifindex int, id uint32) error {
-	h, err := netnsHandle(netnsPath)
+	h, err := NetnsHandle(netnsPath)
 	if errors.Is(err, ErrNetnsGone) {
 		return nil
 	}
@@ -206,7 +208,7 @@ type EndpointFilters struct {
 // AttachedEndpoint reads the endpoint filters of ifindex in the netns at
 // netnsPath. ErrNetnsGone when the netns is gone.
 func AttachedEndpoint(netnsPath string, ifindex int) (EndpointFilters, error) {
-	h, err := netnsHandle(netnsPath)
+	h, err := NetnsHandle(netnsPath)
 	if err != nil {
 		return EndpointFilters{}, err
 	}

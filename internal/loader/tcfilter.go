@@ -94,14 +94,14 @@ func (c clsBPF) replaceFilter(prog *ebpf.Program) error {
 // never "none": a detach that could not look must not report success.
 func (c clsBPF) find(prefix string) ([]*netlink.BpfFilter, error) {
 	l, err := c.h.LinkByIndex(c.ifindex)
-	if linkGone(err) {
+	if LinkGone(err) {
 		return nil, nil
 	}
 	if err != nil {
 		return nil, fmt.Errorf("find ifindex %d: %w", c.ifindex, err)
 	}
 	filters, err := c.h.FilterList(l, c.hook)
-	if linkGone(err) {
+	if LinkGone(err) {
 		return nil, nil
 	}
 	if err != nil {
@@ -116,9 +116,9 @@ func (c clsBPF) find(prefix string) ([]*netlink.BpfFilter, error) {
 	return out, nil
 }
 
-// linkGone says whether err means that the interface does not exist (any
-// more).
-func linkGone(err error) bool {
+// LinkGone says whether err, from a netlink link lookup, means that the
+// interface does not exist (any more).
+func LinkGone(err error) bool {
 	var nf netlink.LinkNotFoundError
 	return errors.As(err, &nf) || errors.Is(err, unix.ENODEV)
 }
