@@ -87,7 +87,7 @@ func (a *Agent) reconcileParents(force bool) {
 			want[ifindex] = true
 		}
 	}
-	var eps map[uint32]loader.Endpoint // read lazily: only for new parents
+	var eps map[uint32]datapath.Endpoint // read lazily: only for new parents
 	var err error
 	for ifindex := range want {
 		if ifindex == 0 {
@@ -111,11 +111,11 @@ func (a *Agent) reconcileParents(force bool) {
 			}
 		}
 		for _, ep := range eps {
-			if int(ep.ParentIfindex) == ifindex {
+			if ep.ParentIfindex == ifindex {
 				if mode == loader.ModeNone {
-					mode = loader.Mode(ep.Mode)
+					mode = ep.Mode
 				}
-				name = datapath.GoString(ep.Parent[:])
+				name = ep.ParentName
 				break
 			}
 		}

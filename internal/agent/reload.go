@@ -277,7 +277,7 @@ func endpointSubnets(m *loader.Maps) ([]netip.Prefix, error) {
 	}
 	seen := map[netip.Prefix]bool{}
 	for _, ep := range eps {
-		for _, p := range datapath.EndpointAddrs(&ep) {
+		for _, p := range ep.Addrs {
 			seen[p.Masked()] = true
 		}
 	}

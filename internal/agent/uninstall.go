@@ -126,14 +126,14 @@ func detachEndpoints(dir string, out io.Writer) []error {
 	var errs []error
 	for _, id := range slices.Sorted(maps.Keys(eps)) {
 		ep := eps[id]
-		netnsPath, ifname := datapath.GoString(ep.Netns[:]), datapath.GoString(ep.Ifname[:])
+		netnsPath, ifname := ep.Netns, ep.IfName
 		if err := loader.CheckNetns(netnsPath); errors.Is(err, loader.ErrNetnsGone) {
 			continue // the netns took the filters with it
 		} else if err != nil {
 			errs = append(errs, err)
 			continue
 		}
-		if err := loader.DetachEndpoint(netnsPath, int(ep.Ifindex), id); err != nil {
+		if err := loader.DetachEndpoint(netnsPath, ep.Ifindex, id); err != nil {
 			errs = append(errs, err)
 			continue
 		}
@@ -175,7 +175,7 @@ func openParents(dir string) (map[int]loader.Parent, error) {
 	return datapath.Parents(&dp.Maps)
 }
 
-func openEndpoints(dir string) (map[uint32]loader.Endpoint, error) {
+func openEndpoints(dir string) (map[uint32]datapath.Endpoint, error) {
 	dp, err := loader.Open(dir)
 	if err != nil {
 		return nil, err

@@ -77,7 +77,7 @@ func add(args *skel.CmdArgs) (err error) {
 	}
 	defer netns.Close()
 
-	base := endpoint{ContainerID: args.ContainerID, IfName: args.IfName, Netns: args.Netns, PodName: podName, PodNamespace: podNamespace, Network: c.Name}
+	base := datapath.Endpoint{ContainerID: args.ContainerID, IfName: args.IfName, Netns: args.Netns, PodName: podName, PodNamespace: podNamespace, Network: c.Name}
 	var result types.Result
 	if c.Chained {
 		result, err = addChained(c, dp, netns, base, ph)
@@ -115,7 +115,7 @@ func checkAdd(args *skel.CmdArgs, c *Conf) error {
 // and registers the endpoint. Every step undoes itself when a later one
 // fails: the named err is what the deferred rollbacks look at (add releases
 // the addresses).
-func addMain(c *Conf, args *skel.CmdArgs, dp *loader.Datapath, netns ns.NetNS, master netlink.Link, ep endpoint, call *ipamCall, ph *phases) (_ types.Result, err error) {
+func addMain(c *Conf, args *skel.CmdArgs, dp *loader.Datapath, netns ns.NetNS, master netlink.Link, ep datapath.Endpoint, call *ipamCall, ph *phases) (_ types.Result, err error) {
 	m := &dp.Maps
 	if err := checkServiceOverlap(m, "ipam subnet", c.IPAMSubnets); err != nil {
 		return nil, err
@@ -172,7 +172,7 @@ func addMain(c *Conf, args *skel.CmdArgs, dp *loader.Datapath, netns ns.NetNS, m
 	ep.Ifindex = link.Attrs().Index
 	ep.MAC = link.Attrs().HardwareAddr
 	ep.Addrs = addrs
-	ep.ParentIndex = master.Attrs().Index
+	ep.ParentIfindex = master.Attrs().Index
 	ep.ParentName = master.Attrs().Name
 	ep.ParentMAC = master.Attrs().HardwareAddr
 	ep.Mode = c.DatapathMode
@@ -230,7 +230,7 @@ func configureSlave(ifname string, ifindex int, result *current.Result) error {
 
 // addChained adopts the slave a previous plugin created and passes its
 // result on unchanged.
-func addChained(c *Conf, dp *loader.Datapath, netns ns.NetNS, ep endpoint, ph *phases) (types.Result, error) {
+func addChained(c *Conf, dp *loader.Datapath, netns ns.NetNS, ep datapath.Endpoint, ph *phases) (types.Result, error) {
 	prev, err := current.NewResultFromResult(c.PrevResult)
 	if err != nil {
 		return nil, errorf(types.ErrDecodingFailure, "prevResult: %v", err)
@@ -271,7 +271,7 @@ func addChained(c *Conf, dp *loader.Datapath, netns ns.NetNS, ep endpoint, ph *p
 	ep.Ifindex = s.Ifindex
 	ep.MAC = s.MAC
 	ep.Addrs = addrs
-	ep.ParentIndex = parent.Attrs().Index
+	ep.ParentIfindex = parent.Attrs().Index
 	ep.ParentName = parent.Attrs().Name
 	ep.ParentMAC = parent.Attrs().HardwareAddr
 	ep.Mode = s.Mode

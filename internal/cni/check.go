@@ -119,22 +119,22 @@ func checkRegistration(dp *loader.Datapath, args *skel.CmdArgs, s *slave, addrs 
 	if id == 0 {
 		return fmt.Errorf("endpoint %s/%s is not registered", args.ContainerID, args.IfName)
 	}
-	if got := datapath.GoString(ep.Netns[:]); got != args.Netns {
-		return fmt.Errorf("endpoint %d is registered in netns %s, not %s", id, got, args.Netns)
+	if ep.Netns != args.Netns {
+		return fmt.Errorf("endpoint %d is registered in netns %s, not %s", id, ep.Netns, args.Netns)
 	}
-	if int(ep.Ifindex) != s.Ifindex {
+	if ep.Ifindex != s.Ifindex {
 		return fmt.Errorf("endpoint %d is registered for ifindex %d, %s is ifindex %d", id, ep.Ifindex, args.IfName, s.Ifindex)
 	}
-	if int(ep.ParentIfindex) != s.ParentIndex {
+	if ep.ParentIfindex != s.ParentIndex {
 		return fmt.Errorf("endpoint %d is registered on parent ifindex %d, %s hangs off ifindex %d", id, ep.ParentIfindex, args.IfName, s.ParentIndex)
 	}
-	if mac := datapath.MACKey(s.MAC, s.ParentIndex); mac.Mac != ep.Mac {
-		return fmt.Errorf("endpoint %d is registered with MAC %x, %s has %s", id, ep.Mac, args.IfName, s.MAC)
+	if ep.MAC.String() != s.MAC.String() {
+		return fmt.Errorf("endpoint %d is registered with MAC %s, %s has %s", id, ep.MAC, args.IfName, s.MAC)
 	}
-	if ep.Mode != uint8(s.Mode) {
-		return fmt.Errorf("endpoint %d is registered as %s, %s is %s", id, loader.Mode(ep.Mode), args.IfName, s.Mode)
+	if ep.Mode != s.Mode {
+		return fmt.Errorf("endpoint %d is registered as %s, %s is %s", id, ep.Mode, args.IfName, s.Mode)
 	}
-	got := datapath.EndpointAddrs(ep)
+	got := ep.Addrs
 	sortPrefixes(got)
 	want := slices.Clone(addrs)
 	sortPrefixes(want)

@@ -6,6 +6,7 @@ import (
 
 	"github.com/containernetworking/cni/pkg/skel"
 
+	"github.com/underpass-cni/underpass/internal/datapath"
 	"github.com/underpass-cni/underpass/internal/loader"
 )
 
@@ -90,7 +91,7 @@ func delLinkAndEndpoint(c *Conf, args *skel.CmdArgs, locked func()) error {
 		return err
 	}
 	if dp != nil {
-		if err := detachEndpoint(dp, args.ContainerID, args.IfName); err != nil {
+		if err := datapath.RemoveAttachment(dp, args.ContainerID, args.IfName); err != nil {
 			errs = append(errs, fmt.Errorf("unregister endpoint: %w", err))
 		}
 	}

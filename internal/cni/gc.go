@@ -65,15 +65,15 @@ func collect(dp *loader.Datapath, network string, valid []types.GCAttachment) er
 	}
 	var errs []error
 	for id, ep := range eps {
-		if datapath.GoString(ep.Network[:]) != network {
+		if ep.Network != network {
 			continue
 		}
-		a := types.GCAttachment{ContainerID: datapath.GoString(ep.ContainerId[:]), IfName: datapath.GoString(ep.Ifname[:])}
+		a := types.GCAttachment{ContainerID: ep.ContainerID, IfName: ep.IfName}
 		if keep[a] {
 			continue
 		}
 		log.Debug("collecting endpoint", "id", id, "network", network, "container", a.ContainerID, "ifname", a.IfName)
-		if err := removeEndpoint(dp, id); err != nil {
+		if err := datapath.RemoveEndpoint(dp, id); err != nil {
 			errs = append(errs, err)
 		}
 	}

@@ -41,14 +41,14 @@ func newRig(t *testing.T) *rig {
 	must(t, datapath.SetConfig(m, datapath.Config{ServicesSynced: true, HostReachable: true, StaleReject: true}, 7))
 	must(t, datapath.PutParent(m, parentIfindex, net.HardwareAddr{2, 0, 0, 0, 0, 1}, loader.ModeMacvlan))
 	r := &rig{dp: dp}
-	r.idA, err = datapath.Register(m, datapath.EndpointSpec{
+	r.idA, err = datapath.Register(m, datapath.Endpoint{
 		ContainerID: "aaaa0123456789abcdef", IfName: "eth0", ParentIfindex: parentIfindex, ParentName: "lo",
 		Mode: loader.ModeMacvlan, MAC: net.HardwareAddr{2, 0xaa, 0, 0, 0, 1},
 		Addrs:   []netip.Prefix{netip.MustParsePrefix("192.0.2.10/24"), netip.MustParsePrefix("2001:db8::10/64")},
 		PodName: "web-0", PodNamespace: "shop",
 	})
 	must(t, err)
-	r.idB, err = datapath.Register(m, datapath.EndpointSpec{
+	r.idB, err = datapath.Register(m, datapath.Endpoint{
 		ContainerID: "bbbb0123456789abcdef", IfName: "net1", ParentIfindex: parentIfindex, ParentName: "lo",
 		Mode: loader.ModeMacvlan, MAC: net.HardwareAddr{2, 0xbb, 0, 0, 0, 1},
 		Addrs:   []netip.Prefix{netip.MustParsePrefix("192.0.2.11/24")},
@@ -149,8 +149,8 @@ func TestEndpoints(t *testing.T) {
 		}
 	}
 	eps := decode[[]ctl.EndpointView](t, r.ctl(t, "-o", "json", "endpoints"))
-	if len(eps) != 2 || eps[0].Pod != "db-0" || eps[1].Pod != "web-0" || eps[1].ID != r.idA ||
-		len(eps[1].Addrs) != 2 || eps[1].MAC != "02:aa:00:00:00:01" || eps[1].Attach != "none" || eps[1].Parent != "lo" {
+	if len(eps) != 2 || eps[0].PodName != "db-0" || eps[1].PodName != "web-0" || eps[1].ID != r.idA ||
+		len(eps[1].Addrs) != 2 || eps[1].MAC != "02:aa:00:00:00:01" || eps[1].Attach != "none" || eps[1].ParentName != "lo" {
 		t.Errorf("endpoints: %+v", eps)
 	}
 }

@@ -9,13 +9,16 @@ import (
 	"time"
 
 	"github.com/underpass-cni/underpass/internal/datapath"
-	"github.com/underpass-cni/underpass/internal/epinfo"
 	"github.com/underpass-cni/underpass/internal/loader"
 )
 
-// EndpointView is one endpoint in `underpassctl endpoints`.
+// EndpointView is one endpoint in `underpassctl endpoints`: the endpoint
+// with the names people read in place of the datapath's values.
 type EndpointView struct {
-	epinfo.Info
+	datapath.Endpoint
+	Name string `json:"endpoint"` // Endpoint.Name()
+	Mode string `json:"mode"`
+	MAC  string `json:"mac"`
 	// Attach is how its programs are attached: tcx, legacy, none, defunct.
 	Attach string `json:"attach"`
 }
@@ -43,8 +46,8 @@ func runEndpoints(_ context.Context, env Env, o *options, dp *loader.Datapath) e
 		for _, a := range e.Addrs {
 			addrs = append(addrs, a.String())
 		}
-		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d\n", e.Name, orDash(e.PodRef()), e.Interface,
-			orDash(e.Parent), e.Mode, e.MAC, joinOr(addrs, "-"), e.Attach, age(e.Created, now), e.ID)
+		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d\n", e.Name, orDash(e.PodRef()), e.IfName,
+			orDash(e.ParentName), e.Mode, e.MAC, joinOr(addrs, "-"), e.Attach, age(e.Created, now), e.ID)
 	}
 	return w.Flush()
 }
@@ -56,23 +59,23 @@ func endpoints(dp *loader.Datapath) ([]EndpointView, error) {
 	}
 	var out []EndpointView
 	for id, ep := range eps {
-		info := epinfo.Decode(&ep)
-		out = append(out, EndpointView{Info: info, Attach: endpointMode(id, info.Netns, info.Ifindex)})
+		out = append(out, EndpointView{Endpoint: ep, Name: ep.Name(), Mode: ep.Mode.String(), MAC: ep.MAC.String(),
+			Attach: endpointMode(id, ep.Netns, ep.Ifindex)})
 	}
-	slices.SortFunc(out, func(a, b EndpointView) int { return compareInfo(&a.Info, &b.Info) })
+	slices.SortFunc(out, func(a, b EndpointView) int { return compareEndpoints(&a.Endpoint, &b.Endpoint) })
 	return out, nil
 }
 
-// compareInfo orders endpoints the way people look for them: by
+// compareEndpoints orders endpoints the way people look for them: by
 // namespace, pod, then interface.
-func compareInfo(a, b *epinfo.Info) int {
-	if c := strings.Compare(a.Namespace, b.Namespace); c != 0 {
+func compareEndpoints(a, b *datapath.Endpoint) int {
+	if c := strings.Compare(a.PodNamespace, b.PodNamespace); c != 0 {
 		return c
 	}
-	if c := strings.Compare(a.Pod, b.Pod); c != 0 {
+	if c := strings.Compare(a.PodName, b.PodName); c != 0 {
 		return c
 	}
-	if c := strings.Compare(a.Name, b.Name); c != 0 {
+	if c := strings.Compare(a.Name(), b.Name()); c != 0 {
 		return c
 	}
 	return int(a.ID) - int(b.ID)

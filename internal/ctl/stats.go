@@ -16,7 +16,6 @@ import (
 	"golang.org/x/term"
 
 	"github.com/underpass-cni/underpass/internal/datapath"
-	"github.com/underpass-cni/underpass/internal/epinfo"
 	"github.com/underpass-cni/underpass/internal/loader"
 )
 
@@ -50,7 +49,7 @@ type EndpointStats struct {
 	IPConflicts    uint64            `json:"ipConflicts"`
 	Rates          *Rates            `json:"rates,omitempty"`
 
-	info epinfo.Info
+	ep datapath.Endpoint
 }
 
 // Rates are per-second rates over the last watch interval.
@@ -159,20 +158,19 @@ func sampleStats(dp *loader.Datapath) (*StatsReport, error) {
 		if !ok {
 			continue // registering or going away
 		}
-		info := epinfo.Decode(&ep)
 		e := EndpointStats{
-			Endpoint: info.Name, ID: id, Pod: info.Pod, Namespace: info.Namespace, Interface: info.Interface, Parent: info.Parent,
+			Endpoint: ep.Name(), ID: id, Pod: ep.PodName, Namespace: ep.PodNamespace, Interface: ep.IfName, Parent: ep.ParentName,
 			Rx: cv(s.Rx), Tx: cv(s.Tx), HostToEndpoint: cv(s.HostToEp),
 			EndpointToHost: cv(s.EpToHost), WireRx: cv(s.WireRx),
 			StaleDropped: s.StaleDropped, StaleRejected: s.StaleRejected, IPConflicts: s.IpConflicts,
-			Drops: map[string]uint64{}, info: info,
+			Drops: map[string]uint64{}, ep: ep,
 		}
 		for reason, n := range s.Drops[:loader.DropMax] {
 			e.Drops[loader.DropReason(reason).String()] = n
 		}
 		r.Endpoints = append(r.Endpoints, e)
 	}
-	slices.SortFunc(r.Endpoints, func(a, b EndpointStats) int { return compareInfo(&a.info, &b.info) })
+	slices.SortFunc(r.Endpoints, func(a, b EndpointStats) int { return compareEndpoints(&a.ep, &b.ep) })
 	return r, nil
 }
 
@@ -242,7 +240,7 @@ func printStats(out io.Writer, r *StatsReport, rates bool) error {
 			fmt.Fprintln(w, "ENDPOINT\tPOD\tRX PKTS\tRX BYTES\tTX PKTS\tTX BYTES\tHOST>EP\tEP>HOST\tWIRE RX\tSTALE DROP/REJ\tDROPS\tCONFLICTS\t")
 		}
 		for _, e := range r.Endpoints {
-			pod := orDash(e.info.PodRef())
+			pod := orDash(e.ep.PodRef())
 			if !rates {
 				fmt.Fprintf(w, "%s\t%s\t%d\t%s\t%d\t%s\t%d\t%d\t%d\t%d/%d\t%s\t%d\t\n", e.Endpoint, pod,
 					e.Rx.Packets, humanBytes(float64(e.Rx.Bytes)), e.Tx.Packets, humanBytes(float64(e.Tx.Bytes)),

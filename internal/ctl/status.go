@@ -133,8 +133,8 @@ func (st *Status) addEndpoints(dp *loader.Datapath) (map[int]int, error) {
 	perParent := map[int]int{}
 	st.Endpoints = EndpointCounts{Registered: len(eps), Attach: map[string]int{}}
 	for id, ep := range eps {
-		perParent[int(ep.ParentIfindex)]++
-		mode := endpointMode(id, datapath.GoString(ep.Netns[:]), int(ep.Ifindex))
+		perParent[ep.ParentIfindex]++
+		mode := endpointMode(id, ep.Netns, ep.Ifindex)
 		mode, _, _ = strings.Cut(mode, " ")
 		st.Endpoints.Attach[mode]++
 	}

@@ -52,7 +52,7 @@ func TestParents(t *testing.T) {
 
 func TestRegisterRoundTrip(t *testing.T) {
 	m := load(t)
-	spec := datapath.EndpointSpec{ContainerID: "c1", IfName: "eth0", ParentIfindex: 2, Mode: loader.ModeMacvlan,
+	spec := datapath.Endpoint{ContainerID: "c1", IfName: "eth0", ParentIfindex: 2, Mode: loader.ModeMacvlan,
 		MAC: net.HardwareAddr{2, 1, 2, 3, 4, 5}, Addrs: []netip.Prefix{netip.MustParsePrefix("192.0.2.10/24"), netip.MustParsePrefix("2001:db8::10/64")},
 		PodName: "web-0", PodNamespace: "shop"}
 	id, err := datapath.Register(m, spec)
@@ -69,7 +69,7 @@ func TestRegisterRoundTrip(t *testing.T) {
 		t.Fatalf("after re-register: ids %d/%d, %d endpoints", id, id2, len(eps))
 	}
 	ep := eps[id]
-	if datapath.GoString(ep.PodName[:]) != "web-0" || len(datapath.EndpointAddrs(&ep)) != 2 {
+	if ep.PodName != "web-0" || len(ep.Addrs) != 2 {
 		t.Fatalf("metadata: %+v", ep)
 	}
 	// Another endpoint cannot claim the same address.
@@ -122,8 +122,8 @@ func TestRegisterProbesPastCollisions(t *testing.T) {
 		}
 		seen[id] = cid
 	}
-	spec := func(cid string, last byte) datapath.EndpointSpec {
-		return datapath.EndpointSpec{ContainerID: cid, IfName: "eth0", ParentIfindex: 2, Mode: loader.ModeMacvlan,
+	spec := func(cid string, last byte) datapath.Endpoint {
+		return datapath.Endpoint{ContainerID: cid, IfName: "eth0", ParentIfindex: 2, Mode: loader.ModeMacvlan,
 			MAC: net.HardwareAddr{2, 0, 0, 0, 0, last}, Addrs: []netip.Prefix{netip.PrefixFrom(netip.AddrFrom4([4]byte{192, 0, 2, last}), 24)}}
 	}
 	idA, err := datapath.Register(m, spec(a, 1))

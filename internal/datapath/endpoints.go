@@ -4,29 +4,11 @@ import (
 	"errors"
 	"fmt"
 	"hash/fnv"
-	"net"
 	"net/netip"
-	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/underpass-cni/underpass/internal/loader"
 )
-
-// EndpointSpec is what registering an endpoint needs.
-type EndpointSpec struct {
-	ContainerID   string
-	IfName        string // inside the container
-	Netns         string
-	ParentIfindex int
-	ParentName    string
-	Ifindex       int // the slave, inside the container netns
-	Mode          loader.Mode
-	MAC           net.HardwareAddr
-	Addrs         []netip.Prefix
-	PodName       string
-	PodNamespace  string
-	Network       string // the CNI network name (GC and STATUS are per network)
-}
 
 // ErrAddrInUse means an address is registered to another endpoint.
 var ErrAddrInUse = errors.New("address registered to another endpoint")
@@ -66,13 +48,13 @@ func nonZero(id uint32) uint32 {
 
 func attachKey(containerID, ifname string) loader.AttachKey {
 	var k loader.AttachKey
-	CString(k.ContainerId[:], containerID)
-	CString(k.Ifname[:], ifname)
+	cString(k.ContainerId[:], containerID)
+	cString(k.Ifname[:], ifname)
 	return k
 }
 
 // Find returns the id registered for an attachment, or 0.
-func Find(m *loader.Maps, containerID, ifname string) (uint32, *loader.Endpoint, error) {
+func Find(m *loader.Maps, containerID, ifname string) (uint32, *Endpoint, error) {
 	k := attachKey(containerID, ifname)
 	var id uint32
 	err := m.EpNames.Lookup(&k, &id)
@@ -82,18 +64,33 @@ func Find(m *loader.Maps, containerID, ifname string) (uint32, *loader.Endpoint,
 	if err != nil {
 		return 0, nil, fmt.Errorf("look up endpoint %s/%s: %w", containerID, ifname, err)
 	}
-	var ep loader.Endpoint
-	err = m.Endpoints.Lookup(id, &ep)
-	if isNotExist(err) {
+	ep, err := Lookup(m, id)
+	if errors.Is(err, ErrNoEndpoint) {
 		return 0, nil, nil
 	}
 	if err != nil {
-		return 0, nil, fmt.Errorf("look up endpoint %d: %w", id, err)
+		return 0, nil, err
 	}
-	if GoString(ep.ContainerId[:]) != containerID || GoString(ep.Ifname[:]) != ifname {
+	if ep.ContainerID != containerID || ep.IfName != ifname {
 		return 0, nil, nil // a stale name entry: the id went to someone else
 	}
 	return id, &ep, nil
+}
+
+// ErrNoEndpoint means no endpoint has the id.
+var ErrNoEndpoint = errors.New("no such endpoint")
+
+// Lookup reads endpoint id.
+func Lookup(m *loader.Maps, id uint32) (Endpoint, error) {
+	var raw loader.Endpoint
+	err := m.Endpoints.Lookup(id, &raw)
+	if isNotExist(err) {
+		return Endpoint{}, fmt.Errorf("endpoint %d: %w", id, ErrNoEndpoint)
+	}
+	if err != nil {
+		return Endpoint{}, fmt.Errorf("look up endpoint %d: %w", id, err)
+	}
+	return Decode(&raw), nil
 }
 
 // nextID is the id after id on a probe chain whose ids wrap at mask.
@@ -129,7 +126,7 @@ func CheckAttachment(containerID, ifname, netns, network string) error {
 // already is replaced (ADD retried by the runtime). On error nothing of the
 // new registration is left behind. The pod name and namespace are cut to fit
 // (they only label metrics); every other name must fit (CheckAttachment).
-func Register(m *loader.Maps, s EndpointSpec) (id uint32, err error) {
+func Register(m *loader.Maps, s Endpoint) (id uint32, err error) {
 	if err := CheckAttachment(s.ContainerID, s.IfName, s.Netns, s.Network); err != nil {
 		return 0, err
 	}
@@ -144,7 +141,7 @@ func Register(m *loader.Maps, s EndpointSpec) (id uint32, err error) {
 		}
 	}
 
-	ep := encodeEndpoint(s)
+	ep := s.encode()
 	if id, err = claimID(m, &ep, EndpointID(s.ContainerID, s.IfName)); err != nil {
 		return 0, err
 	}
@@ -162,29 +159,6 @@ func Register(m *loader.Maps, s EndpointSpec) (id uint32, err error) {
 		return 0, err
 	}
 	return id, nil
-}
-
-// encodeEndpoint is the endpoints map value of s, with no id yet.
-func encodeEndpoint(s EndpointSpec) loader.Endpoint {
-	ep := loader.Endpoint{
-		ParentIfindex: uint32(s.ParentIfindex),
-		Ifindex:       uint32(s.Ifindex),
-		Mode:          uint8(s.Mode),
-		CreatedUnix:   uint64(time.Now().Unix()),
-	}
-	copy(ep.Mac[:], s.MAC)
-	for i, p := range s.Addrs {
-		p = unmapAddr(p)
-		ep.Addrs[i] = loader.EndpointAddr{Addr: p.Addr().As16(), Prefixlen: uint8(p.Bits()), Family: family(p.Addr())}
-	}
-	CString(ep.ContainerId[:], s.ContainerID)
-	CString(ep.Ifname[:], s.IfName)
-	CString(ep.Parent[:], s.ParentName)
-	CString(ep.PodName[:], s.PodName)
-	CString(ep.PodNamespace[:], s.PodNamespace)
-	CString(ep.Netns[:], s.Netns)
-	CString(ep.Network[:], s.Network)
-	return ep
 }
 
 // claimID inserts ep under the first free id of the probe chain that
@@ -205,7 +179,7 @@ func claimID(m *loader.Maps, ep *loader.Endpoint, id uint32) (uint32, error) {
 
 // writeRefs points the name, the addresses and (macvlan) the MAC of s at
 // endpoint id.
-func writeRefs(m *loader.Maps, s EndpointSpec, id uint32) error {
+func writeRefs(m *loader.Maps, s Endpoint, id uint32) error {
 	nk := attachKey(s.ContainerID, s.IfName)
 	if err := m.EpNames.Update(&nk, id, ebpf.UpdateAny); err != nil {
 		return fmt.Errorf("register the name of endpoint %d: %w", id, err)
@@ -301,23 +275,34 @@ func deleteRef(m *ebpf.Map, key any, id uint32) error {
 
 // LearnedAddrs decodes the addresses an endpoint learnt from its DAD that
 // are still its own (a conflict from the wire takes one back).
-func LearnedAddrs(m *loader.Maps, ep *loader.Endpoint) []netip.Addr {
+func LearnedAddrs(m *loader.Maps, ep *Endpoint) []netip.Addr {
 	var out []netip.Addr
-	for _, l := range ep.Learned {
-		if l.LearnedNs == 0 {
-			continue
-		}
-		k := loader.EpIPKey{Addr: l.Addr, ParentIfindex: ep.ParentIfindex}
+	for _, a := range ep.Learned {
+		k := EpIPKey(a, ep.ParentIfindex)
 		var ref loader.EndpointRef
-		if m.EpByIP.Lookup(&k, &ref) == nil && ref.Id == ep.Id {
-			out = append(out, netip.AddrFrom16(l.Addr).Unmap())
+		if m.EpByIP.Lookup(&k, &ref) == nil && ref.Id == ep.ID {
+			out = append(out, a)
 		}
 	}
 	return out
 }
 
 // Endpoints lists the registered endpoints by id.
-func Endpoints(m *loader.Maps) (map[uint32]loader.Endpoint, error) {
+func Endpoints(m *loader.Maps) (map[uint32]Endpoint, error) {
+	raw, err := rawEndpoints(m)
+	if err != nil {
+		return nil, err
+	}
+	out := make(map[uint32]Endpoint, len(raw))
+	for id, v := range raw {
+		out[id] = Decode(&v)
+	}
+	return out, nil
+}
+
+// rawEndpoints lists the endpoints map's values by id, for those that
+// rewrite a whole record.
+func rawEndpoints(m *loader.Maps) (map[uint32]loader.Endpoint, error) {
 	out := map[uint32]loader.Endpoint{}
 	var k uint32
 	var v loader.Endpoint
@@ -329,18 +314,6 @@ func Endpoints(m *loader.Maps) (map[uint32]loader.Endpoint, error) {
 		return nil, fmt.Errorf("list endpoints: %w", err)
 	}
 	return out, nil
-}
-
-// EndpointAddrs decodes an endpoint's addresses.
-func EndpointAddrs(ep *loader.Endpoint) []netip.Prefix {
-	var out []netip.Prefix
-	for _, a := range ep.Addrs {
-		if a.Family == 0 {
-			continue
-		}
-		out = append(out, netip.PrefixFrom(netip.AddrFrom16(a.Addr).Unmap(), int(a.Prefixlen)))
-	}
-	return out
 }
 
 // unmapAddr writes an interface address given as ::ffff:a.b.c.d/96+n as

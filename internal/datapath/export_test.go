@@ -24,3 +24,9 @@ func RecordPrefilterWrites(record func(which uint32, v loader.Prefilter)) (resto
 	}
 	return func() { prefilterUpdate = orig }
 }
+
+// The C string helpers, for the fuzz tests of the encoding.
+var (
+	CString  = cString
+	GoString = goString
+)

@@ -551,7 +551,7 @@ func FuzzEndpointAddrs(f *testing.F) {
 			return
 		}
 		ep := loader.Endpoint{Addrs: addrs}
-		got := datapath.EndpointAddrs(&ep)
+		got := datapath.Decode(&ep).Addrs
 		i := 0
 		for _, a := range addrs {
 			if a.Family == 0 {
@@ -623,7 +623,7 @@ func FuzzRegister(f *testing.F) {
 			strings.ContainsRune(ifname+netns+pod+namespace+parent, 0) {
 			return
 		}
-		spec := datapath.EndpointSpec{
+		spec := datapath.Endpoint{
 			ContainerID: containerID, IfName: ifname, Netns: netns,
 			ParentIfindex: int(parentIndex), ParentName: parent, Ifindex: int(ifindex),
 			Mode: loader.Mode(mode), MAC: net.HardwareAddr(mac),
@@ -671,9 +671,9 @@ func FuzzRegister(f *testing.F) {
 		// GC, and the netns path is opened; a cut value names another
 		// attachment or nothing.
 		for _, c := range []struct{ what, got, want string }{
-			{"container id", datapath.GoString(ep.ContainerId[:]), containerID},
-			{"ifname", datapath.GoString(ep.Ifname[:]), ifname},
-			{"netns", datapath.GoString(ep.Netns[:]), netns},
+			{"container id", ep.ContainerID, containerID},
+			{"ifname", ep.IfName, ifname},
+			{"netns", ep.Netns, netns},
 		} {
 			if c.got != c.want {
 				t.Fatalf("%s %q (%d bytes) reads back as %q", c.what, c.want, len(c.want), c.got)
@@ -681,27 +681,28 @@ func FuzzRegister(f *testing.F) {
 		}
 		// Display metadata may be cut to fit its array (with the NUL),
 		// never otherwise altered.
+		var raw loader.Endpoint
 		for _, c := range []struct {
-			what string
-			arr  []int8
-			in   string
+			what    string
+			got, in string
+			size    int
 		}{
-			{"pod", ep.PodName[:], pod},
-			{"namespace", ep.PodNamespace[:], namespace},
-			{"parent", ep.Parent[:], parent},
+			{"pod", ep.PodName, pod, len(raw.PodName)},
+			{"namespace", ep.PodNamespace, namespace, len(raw.PodNamespace)},
+			{"parent", ep.ParentName, parent, len(raw.Parent)},
 		} {
-			want := c.in[:min(len(c.in), len(c.arr)-1)]
-			if got := datapath.GoString(c.arr); got != want {
+			want := c.in[:min(len(c.in), c.size-1)]
+			if got := c.got; got != want {
 				t.Fatalf("%s %q reads back as %q, want %q", c.what, c.in, got, want)
 			}
 		}
 		var wantMAC [6]byte
 		copy(wantMAC[:], mac)
-		if ep.Id != id || ep.ParentIfindex != uint32(parentIndex) || ep.Ifindex != uint32(ifindex) ||
-			ep.Mode != mode || ep.Mac != wantMAC || ep.CreatedUnix < before || ep.CreatedUnix > after {
+		if created := uint64(ep.Created.Unix()); ep.ID != id || ep.ParentIfindex != int(parentIndex) || ep.Ifindex != int(ifindex) ||
+			uint8(ep.Mode) != mode || [6]byte(ep.MAC) != wantMAC || created < before || created > after {
 			t.Fatalf("spec %+v stored as %+v", spec, ep)
 		}
-		got := datapath.EndpointAddrs(&ep)
+		got := ep.Addrs
 		if len(got) != len(spec.Addrs) {
 			t.Fatalf("addresses %v read back as %v", spec.Addrs, got)
 		}

@@ -20,8 +20,8 @@ func TestIDCollisionsDeleteInRandomOrder(t *testing.T) {
 	t.Cleanup(datapath.ForceAttachmentHash(4242))
 
 	const n = 2000
-	spec := func(i int) datapath.EndpointSpec {
-		return datapath.EndpointSpec{
+	spec := func(i int) datapath.Endpoint {
+		return datapath.Endpoint{
 			ContainerID: fmt.Sprintf("ctr-%04d", i), IfName: "eth0", ParentIfindex: 7, Mode: loader.ModeMacvlan,
 			MAC:   net.HardwareAddr{2, 0, 0, 0, byte(i >> 8), byte(i)},
 			Addrs: []netip.Prefix{netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 1, byte(i >> 8), byte(i)}), 16)},

@@ -52,8 +52,8 @@ func MACKey(mac net.HardwareAddr, parentIfindex int) loader.MACKey {
 	return k
 }
 
-// CString fills a fixed C char array, truncating and NUL-terminating.
-func CString(dst []int8, s string) {
+// cString fills a fixed C char array, truncating and NUL-terminating.
+func cString(dst []int8, s string) {
 	for i := range dst {
 		dst[i] = 0
 	}
@@ -62,8 +62,8 @@ func CString(dst []int8, s string) {
 	}
 }
 
-// GoString reads a C char array.
-func GoString(src []int8) string {
+// goString reads a C char array.
+func goString(src []int8) string {
 	b := make([]byte, 0, len(src))
 	for _, c := range src {
 		if c == 0 {

@@ -15,7 +15,7 @@ import (
 // so a reader never sees a record whose refs are not there yet. It returns
 // how many endpoints moved.
 func MoveParent(m *loader.Maps, from, to int) (int, error) {
-	eps, err := Endpoints(m)
+	eps, err := rawEndpoints(m)
 	if err != nil {
 		return 0, err
 	}

@@ -24,7 +24,7 @@ func TestMoveParentAndCount(t *testing.T) {
 	}
 	reg := func(id string, parent int, mac byte, ip string) uint32 {
 		t.Helper()
-		epID, err := datapath.Register(m, datapath.EndpointSpec{
+		epID, err := datapath.Register(m, datapath.Endpoint{
 			ContainerID: id, IfName: "eth0", ParentIfindex: parent, Mode: loader.ModeMacvlan,
 			MAC: net.HardwareAddr{2, 0, 0, 0, 0, mac}, Addrs: []netip.Prefix{netip.MustParsePrefix(ip)},
 		})
@@ -44,7 +44,7 @@ func TestMoveParentAndCount(t *testing.T) {
 		t.Fatalf("moved %d, %v; want 2", moved, err)
 	}
 	eps, _ := datapath.Endpoints(m)
-	for id, want := range map[uint32]uint32{a: 9, b: 9, c: 6} {
+	for id, want := range map[uint32]int{a: 9, b: 9, c: 6} {
 		if got := eps[id].ParentIfindex; got != want {
 			t.Errorf("endpoint %d on parent %d, want %d", id, got, want)
 		}
@@ -78,7 +78,7 @@ func TestSameMACAndAddressOnTwoParents(t *testing.T) {
 	addr := netip.MustParsePrefix("10.78.0.2/24")
 	reg := func(cid string, parent int) uint32 {
 		t.Helper()
-		id, err := datapath.Register(m, datapath.EndpointSpec{ContainerID: cid, IfName: "net1", ParentIfindex: parent,
+		id, err := datapath.Register(m, datapath.Endpoint{ContainerID: cid, IfName: "net1", ParentIfindex: parent,
 			Mode: loader.ModeMacvlan, MAC: mac, Addrs: []netip.Prefix{addr}})
 		if err != nil {
 			t.Fatalf("register on parent %d: %v", parent, err)

@@ -15,12 +15,10 @@ import (
 	"github.com/underpass-cni/underpass/internal/loader"
 )
 
-// Removed describes one collected endpoint.
+// Removed is one collected endpoint and why it was judged dead.
 type Removed struct {
-	ID          uint32
-	ContainerID string
-	IfName      string
-	Reason      string
+	datapath.Endpoint
+	Reason string
 }
 
 // Collector removes dead endpoints. Their programs need no collecting: they
@@ -67,10 +65,9 @@ func (c *Collector) Run() ([]Removed, error) {
 		if !removed {
 			continue
 		}
-		r := Removed{ID: id, ContainerID: datapath.GoString(ep.ContainerId[:]), IfName: datapath.GoString(ep.Ifname[:]), Reason: reason}
-		log.Info("endpoint gc: removed endpoint", "id", id, "container", r.ContainerID, "ifname", r.IfName,
-			"pod", datapath.GoString(ep.PodNamespace[:])+"/"+datapath.GoString(ep.PodName[:]), "reason", reason)
-		out = append(out, r)
+		log.Info("endpoint gc: removed endpoint", "id", id, "container", ep.ContainerID, "ifname", ep.IfName,
+			"pod", ep.PodNamespace+"/"+ep.PodName, "reason", reason)
+		out = append(out, Removed{Endpoint: ep, Reason: reason})
 	}
 	return out, errors.Join(errs...)
 }
@@ -79,7 +76,7 @@ func (c *Collector) Run() ([]Removed, error) {
 // still the one judged and it is still dead: a DEL in flight when it was
 // judged has finished by then (and removed it), and a retried ADD may have
 // re-registered the same attachment.
-func (c *Collector) confirmAndRemove(id uint32, judged *loader.Endpoint) (bool, error) {
+func (c *Collector) confirmAndRemove(id uint32, judged *datapath.Endpoint) (bool, error) {
 	if c.Lock != nil {
 		unlock, err := c.Lock()
 		if err != nil {
@@ -87,8 +84,8 @@ func (c *Collector) confirmAndRemove(id uint32, judged *loader.Endpoint) (bool, 
 		}
 		defer unlock()
 	}
-	var now loader.Endpoint
-	if err := c.Maps.Endpoints.Lookup(id, &now); err != nil || now != *judged {
+	now, err := datapath.Lookup(c.Maps, id)
+	if err != nil || !now.Same(judged) {
 		return false, nil
 	}
 	fresh := &checker{handles: map[string]*netlink.Handle{}}
@@ -101,7 +98,7 @@ func (c *Collector) confirmAndRemove(id uint32, judged *loader.Endpoint) (bool, 
 	// running as endpoint id, and once the id is reused, vet its frames as
 	// someone else's. They go first.
 	if reason == reasonMACChanged {
-		if err := loader.DetachEndpoint(datapath.GoString(now.Netns[:]), int(now.Ifindex), id); err != nil {
+		if err := loader.DetachEndpoint(now.Netns, now.Ifindex, id); err != nil {
 			return false, err
 		}
 	}
@@ -127,8 +124,8 @@ func (c *checker) close() {
 
 // dead returns why ep is dead, "" if it is alive, or an error when it
 // cannot tell.
-func (c *checker) dead(ep *loader.Endpoint) (string, error) {
-	path := datapath.GoString(ep.Netns[:])
+func (c *checker) dead(ep *datapath.Endpoint) (string, error) {
+	path := ep.Netns
 	if path == "" {
 		return "", errors.New("no netns recorded")
 	}
@@ -153,11 +150,11 @@ func (c *checker) dead(ep *loader.Endpoint) (string, error) {
 		c.handles[path] = h
 	}
 
-	ifname := datapath.GoString(ep.Ifname[:])
+	ifname := ep.IfName
 	var l netlink.Link
 	var err error
 	if ep.Ifindex != 0 {
-		l, err = h.LinkByIndex(int(ep.Ifindex))
+		l, err = h.LinkByIndex(ep.Ifindex)
 	} else {
 		l, err = h.LinkByName(ifname)
 	}
@@ -171,7 +168,7 @@ func (c *checker) dead(ep *loader.Endpoint) (string, error) {
 	if ifname != "" && l.Attrs().Name != ifname {
 		return "interface gone (its index now belongs to " + l.Attrs().Name + ")", nil
 	}
-	if loader.Mode(ep.Mode) == loader.ModeMacvlan && string(l.Attrs().HardwareAddr) != string(ep.Mac[:]) {
+	if ep.Mode == loader.ModeMacvlan && string(l.Attrs().HardwareAddr) != string(ep.MAC) {
 		return reasonMACChanged, nil
 	}
 	return "", nil

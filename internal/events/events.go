@@ -18,7 +18,7 @@ import (
 	"github.com/cilium/ebpf/ringbuf"
 	"golang.org/x/sys/unix"
 
-	"github.com/underpass-cni/underpass/internal/epinfo"
+	"github.com/underpass-cni/underpass/internal/datapath"
 	"github.com/underpass-cni/underpass/internal/loader"
 )
 
@@ -169,11 +169,11 @@ func (r *Reader) conflict(ev *loader.Event, now time.Time) {
 		"parent", r.opts.IfName(int(ev.Ifindex)),
 		"via", proto,
 	}
-	var ep loader.Endpoint
-	if err := r.endpoints.Lookup(ev.EpId, &ep); err == nil {
-		info := epinfo.Decode(&ep)
-		attrs = append(attrs, "endpoint", info.Name, "pod", info.Pod, "namespace", info.Namespace,
-			"container_id", info.ContainerID, "endpoint_mac", info.MAC)
+	var raw loader.Endpoint
+	if err := r.endpoints.Lookup(ev.EpId, &raw); err == nil {
+		ep := datapath.Decode(&raw)
+		attrs = append(attrs, "endpoint", ep.Name(), "pod", ep.PodName, "namespace", ep.PodNamespace,
+			"container_id", ep.ContainerID, "endpoint_mac", ep.MAC.String())
 	} else {
 		attrs = append(attrs, "endpoint", "(deleted since)")
 	}

@@ -78,7 +78,7 @@ func newRig(t *testing.T) *rig {
 	t.Cleanup(func() { dp.Close() })
 	m := &dp.Maps
 	must(t, datapath.PutParent(m, parentIfindex, macParent, loader.ModeMacvlan))
-	id, err := datapath.Register(m, datapath.EndpointSpec{
+	id, err := datapath.Register(m, datapath.Endpoint{
 		ContainerID: "c0ffee0123456789abcdef", IfName: "net1", ParentIfindex: parentIfindex, ParentName: "lo",
 		Mode: loader.ModeMacvlan, MAC: macA, Addrs: []netip.Prefix{netip.PrefixFrom(ipA, 24), netip.PrefixFrom(ipA6, 64)},
 		PodName: "web-0", PodNamespace: "shop",

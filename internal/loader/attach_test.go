@@ -99,7 +99,7 @@ func TestAttachEgress(t *testing.T) {
 	hosts.Add(netip.PrefixFrom(u.Node4.Addr(), 32), loader.HostLocal)
 	must(t, datapath.SyncHostCIDRs(&dp.Maps, hosts))
 	c := env.AddMacvlanContainer("c1", u.IP4(10), netip.Prefix{})
-	_, err = datapath.Register(&dp.Maps, datapath.EndpointSpec{
+	_, err = datapath.Register(&dp.Maps, datapath.Endpoint{
 		ContainerID: "attach-egress", IfName: "eth0", ParentIfindex: u.Index, Ifindex: c.Index,
 		Mode: loader.ModeMacvlan, MAC: c.MAC, Addrs: []netip.Prefix{c.IP4},
 	})

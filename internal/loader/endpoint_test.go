@@ -268,7 +268,7 @@ func TestAttachEndpoint(t *testing.T) {
 	env := netenv.New(t, netenv.Options{})
 	u := env.Uplinks[0]
 	c := env.AddMacvlanContainer("c1", u.IP4(10), netip.Prefix{})
-	id, err := datapath.Register(&dp.Maps, datapath.EndpointSpec{
+	id, err := datapath.Register(&dp.Maps, datapath.Endpoint{
 		ContainerID: "attach-test", IfName: "eth0", Netns: c.Path, ParentIfindex: u.Index, ParentName: u.Name,
 		Ifindex: c.Index, Mode: loader.ModeMacvlan, MAC: c.MAC, Addrs: []netip.Prefix{c.IP4},
 	})

@@ -31,7 +31,7 @@ func newIpvlanRig(tb testing.TB, mode loader.Mode) (*rig, uint32) {
 	m := &dp.Maps
 	must(tb, datapath.PutParent(m, parentIfindex, macParent, mode))
 	must(tb, datapath.SetConfig(m, datapath.Config{ServicesSynced: true, HostReachable: true}, 1))
-	id, err := datapath.Register(m, datapath.EndpointSpec{
+	id, err := datapath.Register(m, datapath.Endpoint{
 		ContainerID: "ctr-ipvlan", IfName: "eth0", ParentIfindex: parentIfindex, Mode: mode, MAC: macParent,
 		Addrs: []netip.Prefix{netip.PrefixFrom(ipPod, 24), netip.PrefixFrom(ipPod6, 64)},
 	})

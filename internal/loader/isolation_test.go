@@ -131,8 +131,8 @@ func TestLearnFromDAD(t *testing.T) {
 	if res := r.parent(t, icmpEcho(t, macA, macGW, slaacA, ipRemote6)); res.verdict == actShot {
 		t.Fatal("traffic from the learnt address dropped")
 	}
-	var ep loader.Endpoint
-	must(t, m.Endpoints.Lookup(r.idA, &ep))
+	ep, err := datapath.Lookup(m, r.idA)
+	must(t, err)
 	if got := datapath.LearnedAddrs(m, &ep); len(got) != 1 || got[0] != slaacA {
 		t.Fatalf("learnt %v, want [%s]", got, slaacA)
 	}

@@ -78,12 +78,12 @@ func newRig(tb testing.TB) *rig {
 	must(tb, datapath.PutParent(m, parentIfindex, macParent, loader.ModeMacvlan))
 	must(tb, datapath.SetConfig(m, datapath.Config{ServicesSynced: true, HostReachable: true}, 1))
 	r := &rig{dp: dp}
-	r.idA, err = datapath.Register(m, datapath.EndpointSpec{
+	r.idA, err = datapath.Register(m, datapath.Endpoint{
 		ContainerID: "ctr-a", IfName: "eth0", ParentIfindex: parentIfindex, Mode: loader.ModeMacvlan, MAC: macA,
 		Addrs: []netip.Prefix{netip.PrefixFrom(ipA, 24), netip.PrefixFrom(ipA6, 64)}, PodName: "a", PodNamespace: "default",
 	})
 	must(tb, err)
-	r.idB, err = datapath.Register(m, datapath.EndpointSpec{
+	r.idB, err = datapath.Register(m, datapath.Endpoint{
 		ContainerID: "ctr-b", IfName: "eth0", ParentIfindex: parentIfindex, Mode: loader.ModeMacvlan, MAC: macB,
 		Addrs: []netip.Prefix{netip.PrefixFrom(ipB, 24)},
 	})

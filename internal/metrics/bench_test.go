@@ -26,7 +26,7 @@ func BenchmarkCollect1000(b *testing.B) {
 	a := base
 	for i := range 1000 {
 		a = a.Next()
-		_, err := datapath.Register(m, datapath.EndpointSpec{
+		_, err := datapath.Register(m, datapath.Endpoint{
 			ContainerID: fmt.Sprintf("%064x", i), IfName: "eth0", ParentIfindex: parentIfindex, ParentName: "lo",
 			Mode: loader.ModeMacvlan, MAC: net.HardwareAddr{2, 1, 0, 0, byte(i >> 8), byte(i)},
 			Addrs: []netip.Prefix{netip.PrefixFrom(a, 16)}, PodName: fmt.Sprintf("pod-%d", i), PodNamespace: "bench",
@@ -60,7 +60,7 @@ func BenchmarkScrapeHTTP1000(b *testing.B) {
 	a := netip.MustParseAddr("10.20.0.0")
 	for i := range 1000 {
 		a = a.Next()
-		_, err := datapath.Register(m, datapath.EndpointSpec{
+		_, err := datapath.Register(m, datapath.Endpoint{
 			ContainerID: fmt.Sprintf("%064x", i), IfName: "eth0", ParentIfindex: parentIfindex, ParentName: "lo",
 			Mode: loader.ModeMacvlan, MAC: net.HardwareAddr{2, 1, 0, 0, byte(i >> 8), byte(i)},
 			Addrs: []netip.Prefix{netip.PrefixFrom(a, 16)}, PodName: fmt.Sprintf("pod-%d", i), PodNamespace: "bench",

@@ -14,7 +14,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/underpass-cni/underpass/internal/datapath"
-	"github.com/underpass-cni/underpass/internal/epinfo"
 	"github.com/underpass-cni/underpass/internal/loader"
 )
 
@@ -150,18 +149,17 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(c.errsD, prometheus.CounterValue, float64(c.failures.Load()))
 }
 
-func (c *Collector) collectEndpoint(ch chan<- prometheus.Metric, seen map[string]bool, ep *loader.Endpoint, s *loader.EndpointStats) {
-	info := epinfo.Decode(ep)
-	name := info.Name
+func (c *Collector) collectEndpoint(ch chan<- prometheus.Metric, seen map[string]bool, ep *datapath.Endpoint, s *loader.EndpointStats) {
+	name := ep.Name()
 	// Two endpoints with one label set would fail the whole scrape; a
 	// short container id shared by two live containers is all but
 	// impossible, but the numeric id keeps them apart if it happens.
-	key := name + "\x00" + info.Pod + "\x00" + info.Namespace + "\x00" + info.Interface + "\x00" + info.Parent
+	key := name + "\x00" + ep.PodName + "\x00" + ep.PodNamespace + "\x00" + ep.IfName + "\x00" + ep.ParentName
 	if seen[key] {
-		name += "#" + strconv.FormatUint(uint64(info.ID), 10)
+		name += "#" + strconv.FormatUint(uint64(ep.ID), 10)
 	}
 	seen[key] = true
-	lv := []string{name, info.Pod, info.Namespace, info.Interface, info.Parent}
+	lv := []string{name, ep.PodName, ep.PodNamespace, ep.IfName, ep.ParentName}
 	counter := func(d *prometheus.Desc, v uint64, extra ...string) {
 		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(v), append(lv[:len(lv):len(lv)], extra...)...)
 	}

@@ -62,7 +62,7 @@ func newRig(tb testing.TB) *rig {
 
 func register(tb testing.TB, m *loader.Maps, cid, pod string, ip netip.Addr, mac net.HardwareAddr) uint32 {
 	tb.Helper()
-	id, err := datapath.Register(m, datapath.EndpointSpec{
+	id, err := datapath.Register(m, datapath.Endpoint{
 		ContainerID: cid, IfName: "eth0", ParentIfindex: parentIfindex, ParentName: "lo",
 		Mode: loader.ModeMacvlan, MAC: mac, Addrs: []netip.Prefix{netip.PrefixFrom(ip, 24)},
 		PodName: pod, PodNamespace: "default",
@@ -354,7 +354,7 @@ func TestDuplicateLabels(t *testing.T) {
 	r := newRig(t)
 	m := &r.dp.Maps
 	for i, ip := range []string{"192.0.2.20", "192.0.2.21"} {
-		_, err := datapath.Register(m, datapath.EndpointSpec{
+		_, err := datapath.Register(m, datapath.Endpoint{
 			ContainerID: "aaaaaaaaaaaa-" + fmt.Sprint(i), IfName: "eth0", ParentIfindex: parentIfindex, ParentName: "lo",
 			Mode: loader.ModeMacvlan, MAC: net.HardwareAddr{2, 0, 0, 0, 9, byte(i)},
 			Addrs: []netip.Prefix{netip.MustParsePrefix(ip + "/24")}, PodName: "same", PodNamespace: "default",

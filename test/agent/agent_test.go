@@ -561,7 +561,7 @@ func TestParentEvents(t *testing.T) {
 	surv := *r.wire
 	surv.IP4, surv.IP6 = netip.MustParsePrefix("192.0.2.99/24"), netip.Prefix{}
 	surv.ParentIndex, surv.Parent = eth0.Index, eth0.Name
-	survID, err := datapath.Register(&r.dp.Maps, datapath.EndpointSpec{
+	survID, err := datapath.Register(&r.dp.Maps, datapath.Endpoint{
 		ContainerID: "survivor", IfName: surv.IfName, Netns: surv.Path, ParentIfindex: eth0.Index, ParentName: "eth0",
 		Ifindex: surv.Index, Mode: loader.ModeIPvlanL2, MAC: surv.MAC, Addrs: []netip.Prefix{surv.IP4},
 	})

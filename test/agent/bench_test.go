@@ -98,7 +98,7 @@ func TestBenchAgentScale(t *testing.T) {
 	for i := range benchEndpoints {
 		mac := net.HardwareAddr{0x02, 0xbe, 0, 0, byte(i >> 8), byte(i)}
 		addr := netip.AddrFrom4([4]byte{10, 244, byte(i >> 8), byte(i)})
-		_, err := datapath.Register(&dp.Maps, datapath.EndpointSpec{
+		_, err := datapath.Register(&dp.Maps, datapath.Endpoint{
 			ContainerID: fmt.Sprintf("bench-%d", i), IfName: ctr.IfName, Netns: ctr.Path,
 			ParentIfindex: ctr.ParentIndex, ParentName: ctr.Parent, Ifindex: ctr.Index,
 			Mode: loader.ModeIPvlanL2, MAC: mac, Addrs: []netip.Prefix{netip.PrefixFrom(addr, 16)},

@@ -311,7 +311,7 @@ func checkRecreated(t *testing.T, r *rig, ag *agent, old int, dead *netenv.Conta
 	waitFor(t, faultDeadline, "the old pod collected", func() bool {
 		eps, _ := datapath.Endpoints(m)
 		for _, ep := range eps {
-			if slices.Equal(ep.Mac[:], dead.MAC) {
+			if slices.Equal(ep.MAC, dead.MAC) {
 				return false
 			}
 		}
@@ -475,7 +475,7 @@ func churnOnce(r *rig, c *netenv.Container) error {
 		return fmt.Errorf("open: %w", err)
 	}
 	defer dp.Close()
-	id, err := datapath.Register(&dp.Maps, datapath.EndpointSpec{
+	id, err := datapath.Register(&dp.Maps, datapath.Endpoint{
 		ContainerID: "churn", IfName: c.IfName, Netns: c.Path,
 		ParentIfindex: c.ParentIndex, ParentName: c.Parent, Ifindex: c.Index,
 		Mode: loader.ModeMacvlan, MAC: c.MAC, Addrs: []netip.Prefix{c.IP4, c.IP6},

@@ -300,7 +300,7 @@ func (l *lab) register(dp *loader.Datapath, c *netenv.Container, id string) uint
 			addrs = append(addrs, p)
 		}
 	}
-	epID, err := datapath.Register(&dp.Maps, datapath.EndpointSpec{
+	epID, err := datapath.Register(&dp.Maps, datapath.Endpoint{
 		ContainerID: id, IfName: c.IfName, Netns: c.Path,
 		ParentIfindex: c.ParentIndex, ParentName: c.Parent, Ifindex: c.Index,
 		Mode: loader.ModeMacvlan, MAC: c.MAC, Addrs: addrs,

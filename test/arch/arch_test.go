@@ -21,7 +21,7 @@ var layer = map[string]int{
 	// Typed access to the pinned maps; the config.
 	"internal/datapath": 2, "internal/config": 2, "internal/release": 2,
 	// What the agent and the CLI build on the maps.
-	"internal/epinfo": 3, "internal/endpointgc": 3, "internal/services": 3,
+	"internal/endpointgc": 3, "internal/services": 3,
 	"internal/events": 4, "internal/metrics": 4,
 	// The plugin's verbs, the agent, the CLI, the tools and test helpers.
 	"internal/cni": 5, "internal/agent": 5, "internal/ctl": 5, "internal/cmd/mkimage": 5, "internal/testutil": 5,

@@ -59,7 +59,7 @@ func BenchmarkPaths(b *testing.B) {
 
 	a := env.AddMacvlanContainer("a", up.IP4(10), netip.Prefix{})
 	c := env.AddMacvlanContainer("b", up.IP4(11), netip.Prefix{})
-	_, err = datapath.Register(&dp.Maps, datapath.EndpointSpec{ContainerID: "bench-a", IfName: "eth0",
+	_, err = datapath.Register(&dp.Maps, datapath.Endpoint{ContainerID: "bench-a", IfName: "eth0",
 		ParentIfindex: a.ParentIndex, Mode: loader.ModeMacvlan, MAC: a.MAC, Addrs: []netip.Prefix{a.IP4}})
 	must(b, err)
 	v := vethContainer(b, env)

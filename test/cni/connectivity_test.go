@@ -71,21 +71,14 @@ func (h *harness) checkRegistered(t *testing.T, p *pod) {
 	id, ep := h.endpointOf(t, p)
 	h.checkFilters(t, p, id)
 	u := h.env.Uplinks[0]
-	if int(ep.ParentIfindex) != u.Index || ep.Mode != uint8(loader.ModeMacvlan) {
-		t.Errorf("registered on parent %d mode %d, want %d macvlan", ep.ParentIfindex, ep.Mode, u.Index)
+	if ep.ParentIfindex != u.Index || ep.Mode != loader.ModeMacvlan {
+		t.Errorf("registered on parent %d mode %s, want %d macvlan", ep.ParentIfindex, ep.Mode, u.Index)
 	}
-	if got := string(ep.Mac[:]); got != string(p.mac) {
-		t.Errorf("registered MAC %x, pod has %s", ep.Mac, p.mac)
+	if ep.MAC.String() != p.mac.String() {
+		t.Errorf("registered MAC %s, pod has %s", ep.MAC, p.mac)
 	}
-	var name []byte
-	for _, c := range ep.PodName {
-		if c == 0 {
-			break
-		}
-		name = append(name, byte(c))
-	}
-	if string(name) != p.name {
-		t.Errorf("registered pod name %q, want %q (from CNI_ARGS)", name, p.name)
+	if ep.PodName != p.name {
+		t.Errorf("registered pod name %q, want %q (from CNI_ARGS)", ep.PodName, p.name)
 	}
 }
 

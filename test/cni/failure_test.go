@@ -44,7 +44,7 @@ func TestAddFailures(t *testing.T) {
 	svcRange := map[string]any{"type": "host-local", "dataDir": h.dataDir, "ranges": []any{[]any{map[string]any{"subnet": "10.96.7.0/24"}}}}
 	fakeEndpoint := func(t *testing.T, cid, netnsPath string, parent int, addr netip.Addr) {
 		t.Helper()
-		_, err := datapath.Register(&h.dp.Maps, datapath.EndpointSpec{
+		_, err := datapath.Register(&h.dp.Maps, datapath.Endpoint{
 			ContainerID: cid, IfName: "eth0", Netns: netnsPath, ParentIfindex: parent, Mode: loader.ModeMacvlan,
 			MAC: net.HardwareAddr{2, 0, 0, 0, 0xfa, 0xce}, Addrs: []netip.Prefix{netip.PrefixFrom(addr, 24)},
 			PodName: "squatter", PodNamespace: "default",
@@ -310,7 +310,7 @@ func TestStaleOwnerEvicted(t *testing.T) {
 	h := newHarness(t, harnessOpts{})
 	u := h.env.Uplinks[0]
 	addr := u.IP4(150).Addr()
-	_, err := datapath.Register(&h.dp.Maps, datapath.EndpointSpec{
+	_, err := datapath.Register(&h.dp.Maps, datapath.Endpoint{
 		ContainerID: "dead", IfName: "eth0", Netns: "/var/run/netns/underpass-test-long-gone", ParentIfindex: u.Index,
 		Mode: loader.ModeMacvlan, MAC: net.HardwareAddr{2, 0, 0, 0, 0xde, 0xad}, Addrs: []netip.Prefix{netip.PrefixFrom(addr, 24)},
 	})

@@ -381,8 +381,8 @@ func (h *harness) assertNoLeak(t *testing.T, live []*pod, nss ...*netenv.NS) {
 	eps, err := datapath.Endpoints(m)
 	must(t, err)
 	for id, ep := range eps {
-		if !liveIDs[datapath.GoString(ep.ContainerId[:])] {
-			t.Errorf("endpoint %d (%s/%s) left registered", id, datapath.GoString(ep.ContainerId[:]), datapath.GoString(ep.Ifname[:]))
+		if !liveIDs[ep.ContainerID] {
+			t.Errorf("endpoint %d (%s/%s) left registered", id, ep.ContainerID, ep.IfName)
 		}
 	}
 	if n := countEntries(t, m.EpByIP); n != len(liveIPs) {
@@ -426,7 +426,7 @@ func countEntries(tb testing.TB, m interface {
 }
 
 // endpointOf returns the registration of p.
-func (h *harness) endpointOf(t *testing.T, p *pod) (uint32, *loader.Endpoint) {
+func (h *harness) endpointOf(t *testing.T, p *pod) (uint32, *datapath.Endpoint) {
 	t.Helper()
 	id, ep, err := datapath.Find(&h.dp.Maps, p.id, p.ifname)
 	must(t, err)

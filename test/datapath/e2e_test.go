@@ -93,7 +93,7 @@ func newNodeMode(t *testing.T, opts netenv.Options, mode loader.Mode) *node {
 func (n *node) container(t *testing.T, name string, host int) (*netenv.Container, uint32) {
 	t.Helper()
 	c := n.env.AddMacvlanContainer(name, n.up.IP4(host), n.up.IP6(host))
-	id, err := datapath.Register(&n.dp.Maps, datapath.EndpointSpec{
+	id, err := datapath.Register(&n.dp.Maps, datapath.Endpoint{
 		ContainerID: "e2e-" + name, IfName: c.IfName, Netns: c.Path, ParentIfindex: c.ParentIndex,
 		ParentName: c.Parent, Ifindex: c.Index, Mode: loader.ModeMacvlan, MAC: c.MAC,
 		Addrs: []netip.Prefix{c.IP4, c.IP6}, PodName: name, PodNamespace: "e2e",

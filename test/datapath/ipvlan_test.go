@@ -69,7 +69,7 @@ func (n *node) ipvlanContainer(t *testing.T, m ipvlanMode, name string, host int
 	if c.MAC.String() != n.up.MAC.String() {
 		t.Fatalf("ipvlan slave MAC %s, want the parent's %s", c.MAC, n.up.MAC)
 	}
-	id, err := datapath.Register(&n.dp.Maps, datapath.EndpointSpec{
+	id, err := datapath.Register(&n.dp.Maps, datapath.Endpoint{
 		ContainerID: "e2e-ipvlan-" + name, IfName: c.IfName, Netns: c.Path, ParentIfindex: c.ParentIndex,
 		ParentName: c.Parent, Ifindex: c.Index, Mode: m.parent, MAC: c.MAC,
 		Addrs: []netip.Prefix{c.IP4, c.IP6}, PodName: name, PodNamespace: "e2e",

@@ -17,7 +17,6 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 
-	"github.com/underpass-cni/underpass/internal/datapath"
 	"github.com/underpass-cni/underpass/internal/testutil"
 	"github.com/underpass-cni/underpass/test/k8s/kapi"
 	"github.com/underpass-cni/underpass/test/node"
@@ -265,7 +264,7 @@ func (i installation) cleanup(t *testing.T, what string, cmd func() (string, err
 		if eps, err := endpoints(defaultBPFFS); err != nil || len(eps) != 0 {
 			var names []string
 			for _, ep := range eps {
-				names = append(names, datapath.GoString(ep.PodName[:])+" "+datapath.GoString(ep.Netns[:]))
+				names = append(names, ep.PodName+" "+ep.Netns)
 			}
 			t.Errorf("after every pod was deleted: %d endpoints still registered: %v (%v)", len(eps), names, err)
 		}

@@ -906,7 +906,7 @@ func podIP(t testing.TB, cs kubernetes.Interface, name string) netip.Addr {
 }
 
 // endpoints are the endpoints registered in the datapath pinned at bpffs.
-func endpoints(bpffs string) (map[uint32]loader.Endpoint, error) {
+func endpoints(bpffs string) (map[uint32]datapath.Endpoint, error) {
 	dp, err := loader.Open(bpffs)
 	if err != nil {
 		return nil, err
@@ -922,7 +922,7 @@ func registered(t *testing.T, bpffs string, pods ...string) []string {
 	must(t, err)
 	var out []string
 	for _, ep := range eps {
-		if name := datapath.GoString(ep.PodName[:]); slices.Contains(pods, name) {
+		if name := ep.PodName; slices.Contains(pods, name) {
 			out = append(out, name)
 		}
 	}
@@ -935,8 +935,8 @@ func podNetns(t *testing.T, bpffs, pod string) cnins.NetNS {
 	eps, err := endpoints(bpffs)
 	must(t, err)
 	for _, ep := range eps {
-		if datapath.GoString(ep.PodName[:]) == pod {
-			n, err := cnins.GetNS(datapath.GoString(ep.Netns[:]))
+		if ep.PodName == pod {
+			n, err := cnins.GetNS(ep.Netns)
 			must(t, err)
 			t.Cleanup(func() { n.Close() })
 			return n

@@ -15,7 +15,6 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 
-	"github.com/underpass-cni/underpass/internal/datapath"
 	"github.com/underpass-cni/underpass/test/node"
 )
 
@@ -147,7 +146,7 @@ func startPods(b *testing.B, cs kubernetes.Interface, bpffs string, n int) (time
 			return false
 		}
 		for _, ep := range eps {
-			if slices.Contains(names, datapath.GoString(ep.PodName[:])) {
+			if slices.Contains(names, ep.PodName) {
 				return false
 			}
 		}

@@ -36,7 +36,7 @@ func BenchmarkParentXDP(b *testing.B) {
 		ipHost    = netip.MustParseAddr("192.0.2.2")
 	)
 	must(b, datapath.PutParent(m, 1, macParent, loader.ModeMacvlan))
-	_, err = datapath.Register(m, datapath.EndpointSpec{ContainerID: "bench", IfName: "eth0", ParentIfindex: 1,
+	_, err = datapath.Register(m, datapath.Endpoint{ContainerID: "bench", IfName: "eth0", ParentIfindex: 1,
 		Mode: loader.ModeMacvlan, MAC: macPod, Addrs: []netip.Prefix{netip.PrefixFrom(ipPod, 24)}})
 	must(b, err)
 

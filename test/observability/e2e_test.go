@@ -315,7 +315,7 @@ func TestUnderpassctl(t *testing.T) {
 
 	var eps []ctl.EndpointView
 	must(t, json.Unmarshal([]byte(run("endpoints", "-o", "json")), &eps))
-	if len(eps) != 1 || eps[0].Pod != "web" || eps[0].Attach != "tc" || eps[0].Parent != "eth0" || eps[0].Netns != p.Path {
+	if len(eps) != 1 || eps[0].PodName != "web" || eps[0].Attach != "tc" || eps[0].ParentName != "eth0" || eps[0].Netns != p.Path {
 		t.Errorf("endpoints: %+v", eps)
 	}
 

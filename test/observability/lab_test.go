@@ -94,7 +94,7 @@ func (l *lab) pod(t *testing.T, name string, host int) *pod {
 	must(t, c.Do(func() error {
 		return os.WriteFile("/proc/sys/net/ipv6/conf/eth0/disable_ipv6", []byte("1"), 0o644)
 	}))
-	id, err := datapath.Register(&l.dp.Maps, datapath.EndpointSpec{
+	id, err := datapath.Register(&l.dp.Maps, datapath.Endpoint{
 		ContainerID: fmt.Sprintf("%x", []byte("obs-"+name+"-container-id")), IfName: c.IfName, Netns: c.Path,
 		ParentIfindex: c.ParentIndex, ParentName: c.Parent, Ifindex: c.Index, Mode: loader.ModeMacvlan, MAC: c.MAC,
 		Addrs: []netip.Prefix{c.IP4}, PodName: name, PodNamespace: namespace,

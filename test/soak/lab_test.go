@@ -469,7 +469,7 @@ func (l *lab) snapshot() state {
 	must(t, err)
 	s.endpoints = map[uint32]string{}
 	for id, ep := range eps {
-		s.endpoints[id] = datapath.GoString(ep.ContainerId[:])
+		s.endpoints[id] = ep.ContainerID
 	}
 	s.epByIP = map[netip.Addr]uint32{}
 	var ipk loader.EpIPKey

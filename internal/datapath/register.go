@@ -1,0 +1,263 @@
+package datapath
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+
+	"github.com/containernetworking/plugins/pkg/ns"
+
+	"github.com/underpass-cni/underpass/internal/loader"
+)
+
+// This file is the one way an endpoint enters and leaves the pinned
+// datapath: the CNI plugin's ADD, DEL and GC, and the agent's collector
+// (through RemoveEndpoint), call it; the map-level steps (Register,
+// Unregister, PutParent) are its parts. Who writes which map is in
+// docs/architecture.md ("Maps and pins").
+
+// AddOptions let the caller log, watch and fault-inject an AddEndpoint;
+// nil members are skipped. Each hook runs at the named step; an error from
+// one fails the add, which then undoes everything before it.
+type AddOptions struct {
+	Log        *slog.Logger // nil: slog.Default()
+	Locked     func()       // the datapath lock is held (lock wait is over)
+	Registered func() error // the maps hold the endpoint
+	Attached   func() error // the endpoint programs run on the slave (inside its netns)
+}
+
+// AddEndpoint makes ep live: under the datapath lock it registers ep's parent
+// and attaches the parent program unless that is done, drops a previous
+// registration of the same attachment (a retried ADD) and any endpoint
+// whose netns is gone but still holds one of ep's addresses, and writes ep's
+// entries; then, inside netns, it attaches the endpoint programs to the
+// slave and runs then (nil: nothing), where the plugin configures the
+// interface. ep.ID is set. On error nothing of it is left; on success undo
+// takes it all back (the rollback of a later failure).
+//
+// An address that a live endpoint holds fails with ErrAddrInUse.
+func AddEndpoint(dp *loader.Datapath, netns ns.NetNS, ep *Endpoint, h AddOptions, then func() error) (undo func() error, err error) {
+	if h.Log == nil {
+		h.Log = slog.Default()
+	}
+	ps, err := register(dp, ep, &h)
+	if err != nil {
+		return nil, err
+	}
+	id, parent := ep.ID, ep.ParentIfindex
+	rollback := func() error {
+		unlock, err := dp.Lock()
+		if err != nil {
+			return err
+		}
+		defer unlock()
+		return errors.Join(RemoveEndpoint(dp, id), undoParent(dp, parent, ps))
+	}
+	defer func() {
+		if err != nil {
+			if uerr := rollback(); uerr != nil {
+				err = errors.Join(err, fmt.Errorf("roll back: %w", uerr))
+			}
+		}
+	}()
+	if err := run(h.Registered); err != nil {
+		return nil, err
+	}
+	// Outside the lock: the registration owns the id already.
+	err = netns.Do(func(ns.NetNS) error {
+		if err := loader.AttachEndpointHere(dp, id, ep.Ifindex); err != nil {
+			return fmt.Errorf("attach endpoint programs to %s: %w", ep.IfName, err)
+		}
+		h.Log.Debug("attached endpoint programs", "id", id, "ifindex", ep.Ifindex)
+		if err := run(h.Attached); err != nil {
+			return err
+		}
+		return run(then)
+	})
+	if err != nil {
+		return nil, err
+	}
+	return rollback, nil
+}
+
+func run(f func() error) error {
+	if f == nil {
+		return nil
+	}
+	return f()
+}
+
+// parentState records what an add did to the parent, so that undoing it
+// takes back exactly that.
+type parentState struct {
+	registered bool // the parents entry is ours
+	attached   bool // the parent's egress link is ours
+}
+
+// register is the locked part of AddEndpoint: parent, the attachment's old
+// registration, stale owners, the endpoint's entries.
+func register(dp *loader.Datapath, ep *Endpoint, h *AddOptions) (ps parentState, err error) {
+	unlock, err := dp.Lock()
+	if err != nil {
+		return ps, err
+	}
+	defer unlock()
+	if h.Locked != nil {
+		h.Locked()
+	}
+	if ps, err = ensureParent(dp, ep); err != nil {
+		return ps, err
+	}
+	defer func() {
+		if err != nil {
+			if perr := undoParent(dp, ep.ParentIfindex, ps); perr != nil {
+				err = errors.Join(err, fmt.Errorf("roll back parent: %w", perr))
+			}
+		}
+	}()
+	// A retried ADD: its old filters go with its old registration
+	// (Register replaces the entries but knows nothing of filters).
+	if err := RemoveAttachment(dp, ep.ContainerID, ep.IfName); err != nil {
+		return ps, err
+	}
+	if err := evictStaleOwners(dp, ep, h.Log); err != nil {
+		return ps, err
+	}
+	id, err := Register(&dp.Maps, *ep)
+	if err != nil {
+		return ps, fmt.Errorf("register endpoint %s/%s: %w", ep.ContainerID, ep.IfName, err)
+	}
+	ep.ID = id
+	h.Log.Debug("registered endpoint", "id", id, "container", ep.ContainerID, "ifname", ep.IfName, "addrs", ep.Addrs)
+	return ps, nil
+}
+
+// ensureParent registers the parent and attaches its egress program unless
+// that is done: the agent owns parents and does it too, but pods must come
+// up while the agent restarts.
+func ensureParent(dp *loader.Datapath, ep *Endpoint) (ps parentState, err error) {
+	m := &dp.Maps
+	cur, gerr := GetParent(m, ep.ParentIfindex)
+	switch {
+	case gerr == nil && cur.Mac == [6]byte(padMAC(ep.ParentMAC)) && cur.Mode == uint8(ep.Mode):
+	case gerr == nil || errors.Is(gerr, ErrNoParent):
+		if err := PutParent(m, ep.ParentIfindex, ep.ParentMAC, ep.Mode); err != nil {
+			return ps, err
+		}
+		ps.registered = gerr != nil
+	default:
+		return ps, fmt.Errorf("read parent %s: %w", ep.ParentName, gerr)
+	}
+	defer func() {
+		if err != nil {
+			if perr := undoParent(dp, ep.ParentIfindex, ps); perr != nil {
+				err = errors.Join(err, perr)
+			}
+			ps = parentState{}
+		}
+	}()
+	// The agent attached it (the common case): nothing to do. Otherwise
+	// attaching swaps the pinned program into whatever is there.
+	if dp.EgressCurrent(loader.RoleParent, ep.ParentIfindex) {
+		return ps, nil
+	}
+	had := dp.EgressPinned(loader.RoleParent, ep.ParentIfindex)
+	att, err := dp.AttachEgress(loader.RoleParent, ep.ParentIfindex)
+	if err != nil {
+		return ps, fmt.Errorf("attach the hairpin program to parent %s: %w", ep.ParentName, err)
+	}
+	ps.attached = !had && att.Mode == loader.AttachTCX
+	return ps, nil
+}
+
+// padMAC is mac in the parents map's 6 bytes.
+func padMAC(mac []byte) (out [6]byte) {
+	copy(out[:], mac)
+	return out
+}
+
+// undoParent removes what an add did to the parent, unless an endpoint uses
+// the parent by now. Call with the lock held.
+func undoParent(dp *loader.Datapath, ifindex int, ps parentState) error {
+	if !ps.registered && !ps.attached {
+		return nil
+	}
+	eps, err := Endpoints(&dp.Maps)
+	if err != nil {
+		return err
+	}
+	for _, e := range eps {
+		if e.ParentIfindex == ifindex {
+			return nil
+		}
+	}
+	var errs []error
+	if ps.attached {
+		errs = append(errs, dp.DetachEgress(loader.RoleParent, ifindex))
+	}
+	if ps.registered {
+		errs = append(errs, DeleteParent(&dp.Maps, ifindex))
+	}
+	return errors.Join(errs...)
+}
+
+// RemoveEndpoint detaches the programs of endpoint id and unregisters it;
+// absent is fine. Call with the lock held. The filters are found through
+// the registration: they live on the slave in the container's netns
+// (nothing to do when that is gone).
+func RemoveEndpoint(dp *loader.Datapath, id uint32) error {
+	var errs []error
+	ep, err := Lookup(&dp.Maps, id)
+	if err == nil {
+		errs = append(errs, loader.DetachEndpoint(ep.Netns, ep.Ifindex, id))
+	}
+	return errors.Join(append(errs, Unregister(&dp.Maps, id))...)
+}
+
+// RemoveAttachment is RemoveEndpoint by the CNI's name of an attachment
+// (DEL). Call with the lock held.
+func RemoveAttachment(dp *loader.Datapath, containerID, ifname string) error {
+	id, _, err := Find(&dp.Maps, containerID, ifname)
+	if err != nil || id == 0 {
+		return err
+	}
+	return RemoveEndpoint(dp, id)
+}
+
+// evictStaleOwners handles an address IPAM handed out that the datapath
+// still has for another endpoint. IPAM is the authority on addresses, so
+// when that endpoint's netns is gone its DEL was lost, and its entries go.
+// A live owner is a real conflict: ErrAddrInUse, saying which pod has it.
+func evictStaleOwners(dp *loader.Datapath, ep *Endpoint, log *slog.Logger) error {
+	m := &dp.Maps
+	for _, p := range ep.Addrs {
+		k := EpIPKey(p.Addr(), ep.ParentIfindex)
+		var ref loader.EndpointRef
+		if err := m.EpByIP.Lookup(&k, &ref); err != nil {
+			continue
+		}
+		other, err := Lookup(m, ref.Id)
+		if err != nil {
+			continue // Unregister of that one is under way or done
+		}
+		if other.ContainerID == ep.ContainerID && other.IfName == ep.IfName {
+			continue
+		}
+		if other.Netns != "" {
+			if err := loader.CheckNetns(other.Netns); errors.Is(err, loader.ErrNetnsGone) {
+				log.Debug("evicting stale endpoint", "id", ref.Id, "container", other.ContainerID, "netns", other.Netns, "addr", p.Addr())
+				if err := RemoveEndpoint(dp, ref.Id); err != nil {
+					return fmt.Errorf("remove stale endpoint %d (container %s): %w", ref.Id, other.ContainerID, err)
+				}
+				continue
+			}
+		}
+		pod := ""
+		if other.PodName != "" {
+			pod = fmt.Sprintf(" (pod %s)", other.PodRef())
+		}
+		return fmt.Errorf("%w: address %s is registered to container %s interface %s%s, whose netns %s still exists: two pods got the same address from IPAM; delete that pod or fix the IPAM ranges",
+			ErrAddrInUse, p.Addr(), other.ContainerID, other.IfName, pod, other.Netns)
+	}
+	return nil
+}
