@@ -29,8 +29,8 @@ type parentState struct {
 // in batches: this runs every second.
 func parentRefs(m *loader.Maps) map[int]bool {
 	out := map[int]bool{}
-	collectRefs(m.EpByMAC, make([]loader.MACKey, refBatch), func(k loader.MACKey) uint32 { return k.ParentIfindex }, out)
-	collectRefs(m.EpByIP, make([]loader.EpIPKey, refBatch), func(k loader.EpIPKey) uint32 { return k.ParentIfindex }, out)
+	collectRefs(m.EpByMac, make([]loader.MACKey, refBatch), func(k loader.MACKey) uint32 { return k.ParentIfindex }, out)
+	collectRefs(m.EpByIp, make([]loader.EpIPKey, refBatch), func(k loader.EpIPKey) uint32 { return k.ParentIfindex }, out)
 	return out
 }
 

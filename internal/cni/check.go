@@ -155,14 +155,14 @@ func checkLookups(m *loader.Maps, s *slave, id uint32, addrs []netip.Prefix) err
 	for _, p := range want {
 		k := datapath.EpIPKey(p.Addr(), s.ParentIndex)
 		var ref loader.EndpointRef
-		if err := m.EpByIP.Lookup(&k, &ref); err != nil || ref.Id != id {
+		if err := m.EpByIp.Lookup(&k, &ref); err != nil || ref.Id != id {
 			return fmt.Errorf("address %s does not lead to endpoint %d in ep_by_ip", p.Addr(), id)
 		}
 	}
 	if s.Mode == loader.ModeMacvlan {
 		k := datapath.MACKey(s.MAC, s.ParentIndex)
 		var ref loader.EndpointRef
-		if err := m.EpByMAC.Lookup(&k, &ref); err != nil || ref.Id != id {
+		if err := m.EpByMac.Lookup(&k, &ref); err != nil || ref.Id != id {
 			return fmt.Errorf("MAC %s does not lead to endpoint %d in ep_by_mac", s.MAC, id)
 		}
 	}

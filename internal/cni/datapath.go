@@ -37,7 +37,7 @@ func checkServiceOverlap(m *loader.Maps, what string, prefixes []netip.Prefix) e
 	if len(prefixes) == 0 {
 		return nil
 	}
-	svc, err := datapath.LPMEntries(m.SvcCIDRs)
+	svc, err := datapath.LPMEntries(m.SvcCidrs)
 	if err != nil {
 		return fmt.Errorf("read service CIDRs: %w", err)
 	}

@@ -78,7 +78,7 @@ func services(dp *loader.Datapath) (*Services, error) {
 		s.Live = append(s.Live, a)
 	}
 	slices.SortFunc(s.Live, netip.Addr.Compare)
-	svc, err := datapath.LPMEntries(m.SvcCIDRs)
+	svc, err := datapath.LPMEntries(m.SvcCidrs)
 	if err != nil {
 		return nil, fmt.Errorf("list service CIDRs: %w", err)
 	}
@@ -86,7 +86,7 @@ func services(dp *loader.Datapath) (*Services, error) {
 		s.ServiceCIDRs = append(s.ServiceCIDRs, p)
 	}
 	slices.SortFunc(s.ServiceCIDRs, comparePrefix)
-	hosts, err := datapath.LPMEntries(m.HostCIDRs)
+	hosts, err := datapath.LPMEntries(m.HostCidrs)
 	if err != nil {
 		return nil, fmt.Errorf("list host CIDRs: %w", err)
 	}

@@ -174,12 +174,12 @@ func (st *Status) addSets(m *loader.Maps) error {
 		return err
 	}
 	st.LiveServices = len(live)
-	svc, err := datapath.LPMEntries(m.SvcCIDRs)
+	svc, err := datapath.LPMEntries(m.SvcCidrs)
 	if err != nil {
 		return fmt.Errorf("list service CIDRs: %w", err)
 	}
 	st.ServiceCIDRs = len(svc)
-	hosts, err := datapath.LPMEntries(m.HostCIDRs)
+	hosts, err := datapath.LPMEntries(m.HostCidrs)
 	if err != nil {
 		return fmt.Errorf("list host CIDRs: %w", err)
 	}

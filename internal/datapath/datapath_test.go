@@ -96,7 +96,7 @@ func count(t *testing.T, m *loader.Maps) int {
 	n := 0
 	for _, mp := range []interface {
 		NextKey(key, nextKeyOut any) error
-	}{m.EpByMAC, m.EpByIP, m.Endpoints, m.EpStats} {
+	}{m.EpByMac, m.EpByIp, m.Endpoints, m.EpStats} {
 		var k [16]byte
 		var next [16]byte
 		_ = k

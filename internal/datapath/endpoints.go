@@ -188,20 +188,20 @@ func writeRefs(m *loader.Maps, s Endpoint, id uint32) error {
 	for _, p := range s.Addrs {
 		k := EpIPKey(p.Addr(), s.ParentIfindex)
 		var other loader.EndpointRef
-		if err := m.EpByIP.Lookup(&k, &other); err == nil && other.Id != id {
+		if err := m.EpByIp.Lookup(&k, &other); err == nil && other.Id != id {
 			if other.Flags&uint32(loader.RefLearned) == 0 {
 				return fmt.Errorf("%w: %s belongs to endpoint %d", ErrAddrInUse, p.Addr(), other.Id)
 			}
 			// Another endpoint only learnt it (its DAD raced IPAM): the
 			// assignment wins, the learner's traffic from it stops.
 		}
-		if err := m.EpByIP.Update(&k, &ref, ebpf.UpdateAny); err != nil {
+		if err := m.EpByIp.Update(&k, &ref, ebpf.UpdateAny); err != nil {
 			return fmt.Errorf("register %s: %w", p.Addr(), err)
 		}
 	}
 	if s.Mode == loader.ModeMacvlan {
 		k := MACKey(s.MAC, s.ParentIfindex)
-		if err := m.EpByMAC.Update(&k, &ref, ebpf.UpdateAny); err != nil {
+		if err := m.EpByMac.Update(&k, &ref, ebpf.UpdateAny); err != nil {
 			return fmt.Errorf("register %s: %w", s.MAC, err)
 		}
 	}
@@ -221,10 +221,10 @@ func Unregister(m *loader.Maps, id uint32) error {
 	}
 	var errs []error
 	for _, k := range refKeys(&ep) {
-		errs = append(errs, deleteRef(m.EpByIP, &k, id))
+		errs = append(errs, deleteRef(m.EpByIp, &k, id))
 	}
 	mk := loader.MACKey{Mac: ep.Mac, ParentIfindex: ep.ParentIfindex}
-	errs = append(errs, deleteRef(m.EpByMAC, &mk, id))
+	errs = append(errs, deleteRef(m.EpByMac, &mk, id))
 	nk := loader.AttachKey{ContainerId: ep.ContainerId, Ifname: ep.Ifname}
 	var named uint32
 	if m.EpNames.Lookup(&nk, &named) == nil && named == id {
@@ -280,7 +280,7 @@ func LearnedAddrs(m *loader.Maps, ep *Endpoint) []netip.Addr {
 	for _, a := range ep.Learned {
 		k := EpIPKey(a, ep.ParentIfindex)
 		var ref loader.EndpointRef
-		if m.EpByIP.Lookup(&k, &ref) == nil && ref.Id == ep.ID {
+		if m.EpByIp.Lookup(&k, &ref) == nil && ref.Id == ep.ID {
 			out = append(out, a)
 		}
 	}

@@ -606,7 +606,7 @@ func FuzzRegister(f *testing.F) {
 	wantSize(f, "endpoints", uint32(0), loader.Endpoint{})
 	wantSize(f, "ep_stats", uint32(0), loader.EndpointStats{})
 	m := loadMaps(f)
-	owned := map[string]*ebpf.Map{"endpoints": m.Endpoints, "ep_by_ip": m.EpByIP, "ep_by_mac": m.EpByMAC, "ep_stats": m.EpStats, "ep_names": m.EpNames}
+	owned := map[string]*ebpf.Map{"endpoints": m.Endpoints, "ep_by_ip": m.EpByIp, "ep_by_mac": m.EpByMac, "ep_stats": m.EpStats, "ep_names": m.EpNames}
 
 	v4v6 := []byte{24, 192, 0, 2, 10, 33 + 64, 0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10}
 	cid := "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
@@ -725,13 +725,13 @@ func FuzzRegister(f *testing.F) {
 		for _, p := range spec.Addrs {
 			k := datapath.EpIPKey(p.Addr(), int(parentIndex))
 			var r loader.EndpointRef
-			if err := m.EpByIP.Lookup(&k, &r); err != nil || r != ref {
+			if err := m.EpByIp.Lookup(&k, &r); err != nil || r != ref {
 				t.Fatalf("ep_by_ip[%s] = %+v, %v; want %+v", p.Addr(), r, err, ref)
 			}
 		}
 		k := datapath.MACKey(mac, int(parentIndex))
 		var r loader.EndpointRef
-		err = m.EpByMAC.Lookup(&k, &r)
+		err = m.EpByMac.Lookup(&k, &r)
 		if loader.Mode(mode) == loader.ModeMacvlan && (err != nil || r != ref) {
 			t.Fatalf("ep_by_mac[%x] = %+v, %v; want %+v", mac, r, err, ref)
 		}
@@ -781,7 +781,7 @@ func FuzzSyncCIDRs(f *testing.F) {
 			for _, p := range set {
 				want[canonical(p)] = 1
 			}
-			checkTrie(t, m, 0, m.SvcCIDRs, want, ps)
+			checkTrie(t, m, 0, m.SvcCidrs, want, ps)
 		}
 		// host_cidrs: the same, with flags merged per prefix.
 		for _, set := range [][]netip.Prefix{b, a, nil} {
@@ -798,7 +798,7 @@ func FuzzSyncCIDRs(f *testing.F) {
 			if err := datapath.SyncHostCIDRs(m, hs); err != nil {
 				t.Fatal(err)
 			}
-			checkTrie(t, m, 1, m.HostCIDRs, want, ps)
+			checkTrie(t, m, 1, m.HostCidrs, want, ps)
 		}
 	})
 }

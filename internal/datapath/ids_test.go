@@ -62,7 +62,7 @@ func TestIDCollisionsDeleteInRandomOrder(t *testing.T) {
 	}
 	var k loader.EpIPKey
 	var v loader.EndpointRef
-	if m.EpByIP.Iterate().Next(&k, &v) {
+	if m.EpByIp.Iterate().Next(&k, &v) {
 		t.Fatalf("ep_by_ip left %+v", k)
 	}
 	var nk loader.AttachKey

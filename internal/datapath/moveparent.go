@@ -31,10 +31,10 @@ func MoveParent(m *loader.Maps, from, to int) (int, error) {
 		oldMAC := loader.MACKey{Mac: ep.Mac, ParentIfindex: ep.ParentIfindex}
 		for _, k := range old {
 			nk := loader.EpIPKey{Addr: k.Addr, ParentIfindex: uint32(to)}
-			errs = append(errs, moveRef(m.EpByIP, &k, &nk, id))
+			errs = append(errs, moveRef(m.EpByIp, &k, &nk, id))
 		}
 		nmk := loader.MACKey{Mac: ep.Mac, ParentIfindex: uint32(to)}
-		errs = append(errs, moveRef(m.EpByMAC, &oldMAC, &nmk, id))
+		errs = append(errs, moveRef(m.EpByMac, &oldMAC, &nmk, id))
 		ep.ParentIfindex = uint32(to)
 		// UpdateExist: an endpoint unregistered meanwhile stays gone.
 		if err := m.Endpoints.Update(id, &ep, ebpf.UpdateExist); err != nil && !isNotExist(err) {
@@ -42,9 +42,9 @@ func MoveParent(m *loader.Maps, from, to int) (int, error) {
 			continue
 		}
 		for _, k := range old {
-			errs = append(errs, deleteRef(m.EpByIP, &k, id))
+			errs = append(errs, deleteRef(m.EpByIp, &k, id))
 		}
-		errs = append(errs, deleteRef(m.EpByMAC, &oldMAC, id))
+		errs = append(errs, deleteRef(m.EpByMac, &oldMAC, id))
 		moved++
 	}
 	if err := errors.Join(errs...); err != nil {

@@ -51,20 +51,20 @@ func TestMoveParentAndCount(t *testing.T) {
 	}
 	var ref loader.EndpointRef
 	k := datapath.EpIPKey(netip.MustParseAddr("10.0.0.2"), 9)
-	if err := m.EpByIP.Lookup(&k, &ref); err != nil || ref.Id != b {
+	if err := m.EpByIp.Lookup(&k, &ref); err != nil || ref.Id != b {
 		t.Fatalf("ep_by_ip ref on the new parent %+v %v", ref, err)
 	}
 	mk := datapath.MACKey(net.HardwareAddr{2, 0, 0, 0, 0, 1}, 9)
-	if err := m.EpByMAC.Lookup(&mk, &ref); err != nil || ref.Id != a {
+	if err := m.EpByMac.Lookup(&mk, &ref); err != nil || ref.Id != a {
 		t.Fatalf("ep_by_mac ref on the new parent %+v %v", ref, err)
 	}
 	// Nothing left under the old parent's keys.
 	k = datapath.EpIPKey(netip.MustParseAddr("10.0.0.2"), 5)
-	if err := m.EpByIP.Lookup(&k, &ref); err == nil {
+	if err := m.EpByIp.Lookup(&k, &ref); err == nil {
 		t.Fatalf("ep_by_ip still has the old parent's key: %+v", ref)
 	}
 	mk = datapath.MACKey(net.HardwareAddr{2, 0, 0, 0, 0, 1}, 5)
-	if err := m.EpByMAC.Lookup(&mk, &ref); err == nil {
+	if err := m.EpByMac.Lookup(&mk, &ref); err == nil {
 		t.Fatalf("ep_by_mac still has the old parent's key: %+v", ref)
 	}
 }
@@ -90,10 +90,10 @@ func TestSameMACAndAddressOnTwoParents(t *testing.T) {
 		k := datapath.EpIPKey(addr.Addr(), parent)
 		mk := datapath.MACKey(mac, parent)
 		var ip, mr loader.EndpointRef
-		if err := m.EpByIP.Lookup(&k, &ip); err != nil || ip.Id != want {
+		if err := m.EpByIp.Lookup(&k, &ip); err != nil || ip.Id != want {
 			t.Fatalf("ep_by_ip on parent %d: %+v %v, want %d", parent, ip, err, want)
 		}
-		if err := m.EpByMAC.Lookup(&mk, &mr); err != nil || mr.Id != want {
+		if err := m.EpByMac.Lookup(&mk, &mr); err != nil || mr.Id != want {
 			t.Fatalf("ep_by_mac on parent %d: %+v %v, want %d", parent, mr, err, want)
 		}
 	}
@@ -102,7 +102,7 @@ func TestSameMACAndAddressOnTwoParents(t *testing.T) {
 	}
 	k := datapath.EpIPKey(addr.Addr(), 12)
 	var ref loader.EndpointRef
-	if err := m.EpByIP.Lookup(&k, &ref); err != nil || ref.Id != b {
+	if err := m.EpByIp.Lookup(&k, &ref); err != nil || ref.Id != b {
 		t.Fatalf("the other network's pod lost its address: %+v %v", ref, err)
 	}
 }

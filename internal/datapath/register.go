@@ -233,7 +233,7 @@ func evictStaleOwners(dp *loader.Datapath, ep *Endpoint, log *slog.Logger) error
 	for _, p := range ep.Addrs {
 		k := EpIPKey(p.Addr(), ep.ParentIfindex)
 		var ref loader.EndpointRef
-		if err := m.EpByIP.Lookup(&k, &ref); err != nil {
+		if err := m.EpByIp.Lookup(&k, &ref); err != nil {
 			continue
 		}
 		other, err := Lookup(m, ref.Id)

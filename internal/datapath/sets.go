@@ -22,7 +22,7 @@ func SyncServiceCIDRs(m *loader.Maps, want []netip.Prefix) error {
 	for _, p := range want {
 		vals[cidrs.Canonical(p)] = 1
 	}
-	if err := syncFiltered(m, prefilterSvc, m.SvcCIDRs, vals); err != nil {
+	if err := syncFiltered(m, prefilterSvc, m.SvcCidrs, vals); err != nil {
 		return fmt.Errorf("sync service CIDRs: %w", err)
 	}
 	return nil
@@ -41,7 +41,7 @@ func SyncHostCIDRs(m *loader.Maps, want HostSet) error {
 	for p, f := range want {
 		vals[cidrs.Canonical(p)] |= uint32(f) // a HostSet built by hand may hold both spellings
 	}
-	if err := syncFiltered(m, prefilterHost, m.HostCIDRs, vals); err != nil {
+	if err := syncFiltered(m, prefilterHost, m.HostCidrs, vals); err != nil {
 		return fmt.Errorf("sync host CIDRs: %w", err)
 	}
 	return nil

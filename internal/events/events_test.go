@@ -119,7 +119,7 @@ type xdpCtx struct {
 // xdp runs parent_xdp on a frame arriving from the wire on the parent.
 func (r *rig) xdp(t *testing.T, frame []byte) {
 	t.Helper()
-	_, err := r.dp.Programs.ParentXDP.Run(&ebpf.RunOptions{Data: frame,
+	_, err := r.dp.Programs.ParentXdp.Run(&ebpf.RunOptions{Data: frame,
 		Context: xdpCtx{DataEnd: uint32(len(frame)), IngressIfindex: parentIfindex}, Repeat: 1})
 	must(t, err)
 }

@@ -8,6 +8,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"sync"
 
@@ -18,47 +19,23 @@ import (
 // ErrNotLoaded means there is no pinned datapath: underpassd has not run.
 var ErrNotLoaded = errors.New("datapath not loaded")
 
-// Maps are the pinned maps. Who writes which is in docs/architecture.md
-// ("Who owns what"): in short, the agent writes config, the CIDR sets,
-// prefilter, live_svcs and ep_progs; the endpoint registry (ep_names,
-// endpoints, ep_by_mac, ep_by_ip, ep_stats) is written by the plugin (ADD,
-// DEL, GC) and by the agent (its GC, a re-created parent), always under
-// Lock; parents by both (the plugin registers a parent its pod needs while
-// the agent restarts); the programs write the counters, learnt addresses
-// (ep_by_ip, endpoints.learned), wire_addrs, svc_flows and events.
-type Maps struct {
-	Config    *ebpf.Map
-	Parents   *ebpf.Map
-	EpByMAC   *ebpf.Map
-	EpByIP    *ebpf.Map
-	Endpoints *ebpf.Map
-	EpStats   *ebpf.Map
-	Stats     *ebpf.Map
-	Drops     *ebpf.Map
-	SvcCIDRs  *ebpf.Map
-	LiveSvcs  *ebpf.Map
-	HostCIDRs *ebpf.Map
-	Trace     *ebpf.Map
-	Events    *ebpf.Map // ring buffer of up_event, read by the agent
-	Prefilter *ebpf.Map // [0] svc_cidrs, [1] host_cidrs: see internal/datapath
-	EpProgs   *ebpf.Map // the endpoint programs' bodies, for their tail calls
-	EpNames   *ebpf.Map // attachment (container id, ifname) -> endpoint id
-	WireAddrs *ebpf.Map // addresses seen on the wire in ND (XDP writes; LRU)
-	SvcFlows  *ebpf.Map // masqueraded Service flows into endpoints (the programs write; LRU)
-}
+// Maps are the pinned maps: the bpf2go-generated struct, whose ebpf tags
+// are the map names (the C names, and the pin names). Who writes which is
+// in docs/architecture.md ("Who owns what"): in short, the agent writes
+// config, the CIDR sets, prefilter, live_svcs and ep_progs; the endpoint
+// registry (ep_names, endpoints, ep_by_mac, ep_by_ip, ep_stats) is written
+// by the plugin (ADD, DEL, GC) and by the agent (its GC, a re-created
+// parent), always under Lock, through internal/datapath; parents by both
+// (the plugin registers a parent its pod needs while the agent restarts);
+// the programs write the counters, learnt addresses (ep_by_ip,
+// endpoints.learned), wire_addrs, svc_flows and events.
+type Maps = datapathMaps
 
-// Programs are the programs shared by all attachments. EndpointIngress and
-// EndpointEgress are what every endpoint's filters run; they tail-call the
-// bodies through ep_progs.
-type Programs struct {
-	ParentEgress        *ebpf.Program
-	UplinkEgress        *ebpf.Program
-	EndpointIngress     *ebpf.Program
-	EndpointEgress      *ebpf.Program
-	EndpointIngressBody *ebpf.Program
-	EndpointEgressBody  *ebpf.Program
-	ParentXDP           *ebpf.Program
-}
+// Programs are the programs shared by all attachments, as bpf2go generated
+// them. EndpointIngress and EndpointEgress are what every endpoint's
+// filters run; they tail-call the bodies (EpIngressBody, EpEgressBody)
+// through ep_progs.
+type Programs = datapathPrograms
 
 // Datapath is a loaded (or opened) datapath.
 type Datapath struct {
@@ -126,25 +103,18 @@ func Load(dir string, opts Options) (_ *Datapath, err error) {
 	}
 	defer coll.Close()
 
+	// Assign takes the objects out of coll: from here dp closes them.
 	dp := &Datapath{Dir: dir}
-	var missing []string
-	dp.eachMap(func(name string, m **ebpf.Map) {
-		if *m = coll.DetachMap(name); *m == nil {
-			missing = append(missing, name)
-		}
-	})
-	dp.eachProgram(func(name string, p **ebpf.Program) {
-		if *p = coll.DetachProgram(name); *p == nil {
-			missing = append(missing, name)
-		}
-	})
 	defer func() {
 		if err != nil {
 			dp.Close()
 		}
 	}()
-	if len(missing) > 0 {
-		return nil, fmt.Errorf("load datapath: build lacks %s", strings.Join(missing, ", "))
+	if err := coll.Assign(&dp.Maps); err != nil {
+		return nil, fmt.Errorf("load datapath: %w", err)
+	}
+	if err := coll.Assign(&dp.Programs); err != nil {
+		return nil, fmt.Errorf("load datapath: %w", err)
 	}
 	// Into an adopted ep_progs this is the upgrade of every endpoint at
 	// once: their filters reach the new bodies from the next packet on.
@@ -364,25 +334,22 @@ func (dp *Datapath) Close() error {
 	return nil
 }
 
-func (dp *Datapath) eachMap(fn func(string, **ebpf.Map)) {
-	fn("config", &dp.Maps.Config)
-	fn("parents", &dp.Maps.Parents)
-	fn("ep_by_mac", &dp.Maps.EpByMAC)
-	fn("ep_by_ip", &dp.Maps.EpByIP)
-	fn("endpoints", &dp.Maps.Endpoints)
-	fn("ep_stats", &dp.Maps.EpStats)
-	fn("stats", &dp.Maps.Stats)
-	fn("drops", &dp.Maps.Drops)
-	fn("svc_cidrs", &dp.Maps.SvcCIDRs)
-	fn("live_svcs", &dp.Maps.LiveSvcs)
-	fn("host_cidrs", &dp.Maps.HostCIDRs)
-	fn("trace", &dp.Maps.Trace)
-	fn("events", &dp.Maps.Events)
-	fn("prefilter", &dp.Maps.Prefilter)
-	fn("ep_progs", &dp.Maps.EpProgs)
-	fn("ep_names", &dp.Maps.EpNames)
-	fn("wire_addrs", &dp.Maps.WireAddrs)
-	fn("svc_flows", &dp.Maps.SvcFlows)
+// eachMap and eachProgram walk the generated structs: their ebpf tags are
+// the only list of object names.
+func (dp *Datapath) eachMap(fn func(string, **ebpf.Map)) { eachField(&dp.Maps, fn) }
+
+func (dp *Datapath) eachProgram(fn func(string, **ebpf.Program)) { eachField(&dp.Programs, fn) }
+
+// eachField calls fn with the ebpf tag and the address of every field of
+// type T in the struct s points to.
+func eachField[T any](s any, fn func(name string, ptr *T)) {
+	v := reflect.ValueOf(s).Elem()
+	for i := range v.NumField() {
+		name := v.Type().Field(i).Tag.Get("ebpf")
+		if p, ok := v.Field(i).Addr().Interface().(*T); ok && name != "" {
+			fn(name, p)
+		}
+	}
 }
 
 // ErrNoEndpointPrograms means ep_progs lacks an endpoint program body: the
@@ -396,7 +363,7 @@ type endpointBody struct {
 }
 
 func (dp *Datapath) endpointBodies() []endpointBody {
-	return []endpointBody{{EpProgIngress, dp.Programs.EndpointIngressBody}, {EpProgEgress, dp.Programs.EndpointEgressBody}}
+	return []endpointBody{{EpProgIngress, dp.Programs.EpIngressBody}, {EpProgEgress, dp.Programs.EpEgressBody}}
 }
 
 // CheckEndpointPrograms says whether both ep_progs slots hold a program.
@@ -422,16 +389,6 @@ func (dp *Datapath) RestoreEndpointPrograms() error {
 		}
 	}
 	return nil
-}
-
-func (dp *Datapath) eachProgram(fn func(string, **ebpf.Program)) {
-	fn("parent_egress", &dp.Programs.ParentEgress)
-	fn("uplink_egress", &dp.Programs.UplinkEgress)
-	fn("endpoint_ingress", &dp.Programs.EndpointIngress)
-	fn("endpoint_egress", &dp.Programs.EndpointEgress)
-	fn("ep_ingress_body", &dp.Programs.EndpointIngressBody)
-	fn("ep_egress_body", &dp.Programs.EndpointEgressBody)
-	fn("parent_xdp", &dp.Programs.ParentXDP)
 }
 
 func (dp *Datapath) maps() map[string]*ebpf.Map {

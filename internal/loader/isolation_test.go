@@ -158,7 +158,7 @@ func TestLearnFromDAD(t *testing.T) {
 	must(t, datapath.Unregister(m, r.idA))
 	k := datapath.EpIPKey(netip.MustParseAddr("2001:db8:1::bbbb"), parentIfindex)
 	var ref loader.EndpointRef
-	if err := m.EpByIP.Lookup(&k, &ref); err == nil {
+	if err := m.EpByIp.Lookup(&k, &ref); err == nil {
 		t.Fatalf("learnt address left behind after unregister: %+v", ref)
 	}
 }

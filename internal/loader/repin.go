@@ -157,7 +157,7 @@ func (dp *Datapath) RestoreEgress(role Role, ifindex int) (adopted bool, err err
 
 // RestoreXDP is RestoreEgress for the parent's XDP link.
 func (dp *Datapath) RestoreXDP(ifindex int, mode XDPMode) (adopted bool, err error) {
-	if l := findXDPLink(ifindex, dp.Programs.ParentXDP); l != nil {
+	if l := findXDPLink(ifindex, dp.Programs.ParentXdp); l != nil {
 		if err := pinLink(l, XDPLinkPin(dp.Dir, ifindex)); err != nil {
 			return true, fmt.Errorf("pin xdp link of %s: %w", IfaceName(ifindex), err)
 		}

@@ -124,9 +124,9 @@ func objectIDs(tb testing.TB, dp *loader.Datapath) map[string]uint32 {
 func mapsOf(dp *loader.Datapath) map[string]*ebpf.Map {
 	m := &dp.Maps
 	return map[string]*ebpf.Map{
-		"config": m.Config, "parents": m.Parents, "ep_by_mac": m.EpByMAC, "ep_by_ip": m.EpByIP,
+		"config": m.Config, "parents": m.Parents, "ep_by_mac": m.EpByMac, "ep_by_ip": m.EpByIp,
 		"endpoints": m.Endpoints, "ep_stats": m.EpStats, "stats": m.Stats, "drops": m.Drops,
-		"svc_cidrs": m.SvcCIDRs, "live_svcs": m.LiveSvcs, "host_cidrs": m.HostCIDRs, "trace": m.Trace,
+		"svc_cidrs": m.SvcCidrs, "live_svcs": m.LiveSvcs, "host_cidrs": m.HostCidrs, "trace": m.Trace,
 		"events": m.Events, "prefilter": m.Prefilter, "ep_progs": m.EpProgs, "ep_names": m.EpNames,
 		"wire_addrs": m.WireAddrs, "svc_flows": m.SvcFlows,
 	}
@@ -136,8 +136,8 @@ func progsOf(dp *loader.Datapath) map[string]*ebpf.Program {
 	p := &dp.Programs
 	return map[string]*ebpf.Program{
 		"parent_egress": p.ParentEgress, "uplink_egress": p.UplinkEgress, "endpoint_ingress": p.EndpointIngress,
-		"endpoint_egress": p.EndpointEgress, "ep_ingress_body": p.EndpointIngressBody,
-		"ep_egress_body": p.EndpointEgressBody, "parent_xdp": p.ParentXDP,
+		"endpoint_egress": p.EndpointEgress, "ep_ingress_body": p.EpIngressBody,
+		"ep_egress_body": p.EpEgressBody, "parent_xdp": p.ParentXdp,
 	}
 }
 
@@ -233,7 +233,7 @@ func TestRestoreLinks(t *testing.T) {
 		}
 		l, err := env.Node.Netlink().LinkByIndex(u.Index)
 		must(t, err)
-		if x := l.Attrs().Xdp; x == nil || ebpf.ProgramID(x.ProgId) != progID(t, dp.Programs.ParentXDP) {
+		if x := l.Attrs().Xdp; x == nil || ebpf.ProgramID(x.ProgId) != progID(t, dp.Programs.ParentXdp) {
 			t.Fatalf("%s: xdp %+v, want parent_xdp", step, x)
 		}
 		return pinnedLinkIDs(t, pins)

@@ -31,7 +31,7 @@ func (dp *Datapath) AttachXDP(ifindex int, mode XDPMode) (XDPMode, error) {
 		return XDPOff, dp.DetachXDP(ifindex)
 	}
 	pin := XDPLinkPin(dp.Dir, ifindex)
-	if updatePinned(pin, dp.Programs.ParentXDP) {
+	if updatePinned(pin, dp.Programs.ParentXdp) {
 		// The kernel does not report the mode of an XDP link: for auto,
 		// the caller learns only that it is attached.
 		return mode, nil
@@ -47,7 +47,7 @@ func (dp *Datapath) AttachXDP(ifindex int, mode XDPMode) (XDPMode, error) {
 		if m == XDPGeneric {
 			flags = link.XDPGenericMode
 		}
-		l, err := link.AttachXDP(link.XDPOptions{Program: dp.Programs.ParentXDP, Interface: ifindex, Flags: flags})
+		l, err := link.AttachXDP(link.XDPOptions{Program: dp.Programs.ParentXdp, Interface: ifindex, Flags: flags})
 		if err != nil {
 			errs = append(errs, fmt.Errorf("%s: %w", m, err))
 			continue

@@ -22,7 +22,7 @@ type xdpCtx struct {
 func (r *rig) xdp(tb testing.TB, frame []byte) uint32 {
 	tb.Helper()
 	opts := ebpf.RunOptions{Data: frame, Context: xdpCtx{DataEnd: uint32(len(frame)), IngressIfindex: parentIfindex}, Repeat: 1}
-	verdict, err := r.dp.Programs.ParentXDP.Run(&opts)
+	verdict, err := r.dp.Programs.ParentXdp.Run(&opts)
 	if err != nil {
 		tb.Fatalf("xdp run: %v", err)
 	}

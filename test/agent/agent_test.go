@@ -98,7 +98,7 @@ func TestStartAndEndpoints(t *testing.T) {
 	if !live[netip.MustParseAddr("10.96.0.1")] || !live[netip.MustParseAddr("10.96.0.10")] || len(live) != 2 {
 		t.Fatalf("live services %v", live)
 	}
-	hosts, err := datapath.LPMEntries(r.dp.Maps.HostCIDRs)
+	hosts, err := datapath.LPMEntries(r.dp.Maps.HostCidrs)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -111,7 +111,7 @@ func TestStartAndEndpoints(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitFor(t, 5*time.Second, "new node address in host_cidrs", func() bool {
-		h, _ := datapath.LPMEntries(r.dp.Maps.HostCIDRs)
+		h, _ := datapath.LPMEntries(r.dp.Maps.HostCidrs)
 		return h[extra] == uint32(loader.HostLocal)
 	})
 
@@ -221,7 +221,7 @@ func TestInvalidConfig(t *testing.T) {
 	if !c.HostReachable || gen != gen0 {
 		t.Fatalf("rejected config changed the datapath: %+v generation %d -> %d", c, gen0, gen)
 	}
-	cidrs, _ := datapath.LPMEntries(r.dp.Maps.SvcCIDRs)
+	cidrs, _ := datapath.LPMEntries(r.dp.Maps.SvcCidrs)
 	if len(cidrs) != 1 || cidrs[netip.MustParsePrefix("10.96.0.0/16")] == 0 {
 		t.Fatalf("service CIDRs changed: %v", cidrs)
 	}
@@ -233,7 +233,7 @@ func TestInvalidConfig(t *testing.T) {
 	// SIGHUP re-reads the (now valid) file.
 	r.writeConfig(cfgReach(true) + "hostCIDRs: [169.254.20.10/32]\n")
 	r.waitMetric("underpass_config_reloads_total", `result="success"`, 1)
-	hosts, _ := datapath.LPMEntries(r.dp.Maps.HostCIDRs)
+	hosts, _ := datapath.LPMEntries(r.dp.Maps.HostCidrs)
 	if hosts[netip.MustParsePrefix("169.254.20.10/32")] != uint32(loader.HostSteer) {
 		t.Fatalf("hostCIDRs not applied: %v", hosts)
 	}
@@ -430,7 +430,7 @@ func TestEndpointGC(t *testing.T) {
 	// wrong size would fail whatever the map holds.
 	var ref loader.EndpointRef
 	k := datapath.EpIPKey(r.Uplinks[0].IP4(11).Addr(), r.Uplinks[0].Index)
-	if err := m.EpByIP.Lookup(&k, &ref); !errors.Is(err, ebpf.ErrKeyNotExist) {
+	if err := m.EpByIp.Lookup(&k, &ref); !errors.Is(err, ebpf.ErrKeyNotExist) {
 		t.Fatalf("address of a collected endpoint: lookup says %+v, %v; want no entry", ref, err)
 	}
 	out := r.ag.out.String()
@@ -596,7 +596,7 @@ func TestParentEvents(t *testing.T) {
 	}
 	var ref loader.EndpointRef
 	k := datapath.EpIPKey(surv.IP4.Addr(), eth0.Index)
-	if err := r.dp.Maps.EpByIP.Lookup(&k, &ref); err != nil || ref.Id != survID {
+	if err := r.dp.Maps.EpByIp.Lookup(&k, &ref); err != nil || ref.Id != survID {
 		t.Fatalf("ep_by_ip ref on parent %d: %+v %v, want endpoint %d", eth0.Index, ref, err, survID)
 	}
 	// The container's macvlan died with its parent: GC collects it.

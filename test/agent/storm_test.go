@@ -214,7 +214,7 @@ func stormObserve(m *loader.Maps) (stormState, error) {
 		return s, err
 	}
 	s.Reach, s.Reject = c.HostReachable, c.StaleReject
-	svc, err := datapath.LPMEntries(m.SvcCIDRs)
+	svc, err := datapath.LPMEntries(m.SvcCidrs)
 	if err != nil {
 		return s, err
 	}
@@ -223,7 +223,7 @@ func stormObserve(m *loader.Maps) (stormState, error) {
 		s.SvcCIDRs = append(s.SvcCIDRs, p.String())
 	}
 	slices.Sort(s.SvcCIDRs)
-	hosts, err := datapath.LPMEntries(m.HostCIDRs)
+	hosts, err := datapath.LPMEntries(m.HostCidrs)
 	if err != nil {
 		return s, err
 	}

@@ -385,13 +385,13 @@ func (h *harness) assertNoLeak(t *testing.T, live []*pod, nss ...*netenv.NS) {
 			t.Errorf("endpoint %d (%s/%s) left registered", id, ep.ContainerID, ep.IfName)
 		}
 	}
-	if n := countEntries(t, m.EpByIP); n != len(liveIPs) {
+	if n := countEntries(t, m.EpByIp); n != len(liveIPs) {
 		t.Errorf("ep_by_ip has %d entries, want %d", n, len(liveIPs))
 	}
 	if n := countEntries(t, m.EpStats); n != len(eps) {
 		t.Errorf("ep_stats has %d entries for %d endpoints", n, len(eps))
 	}
-	if n := countEntries(t, m.EpByMAC); n > len(eps) {
+	if n := countEntries(t, m.EpByMac); n > len(eps) {
 		t.Errorf("ep_by_mac has %d entries for %d endpoints", n, len(eps))
 	}
 	if len(live) == 0 {

@@ -192,10 +192,10 @@ func TestCheckDrift(t *testing.T) {
 		}, "eth0 is down"},
 		{"address moved to another endpoint", func(t *testing.T, p *pod) {
 			k := datapath.EpIPKey(p.ip4, p.parentIndex(t))
-			must(t, h.dp.Maps.EpByIP.Put(&k, &loader.EndpointRef{Id: 77}))
+			must(t, h.dp.Maps.EpByIp.Put(&k, &loader.EndpointRef{Id: 77}))
 			// Unregister leaves another endpoint's entry alone: the test
 			// removes its own forgery.
-			t.Cleanup(func() { must(t, h.dp.Maps.EpByIP.Delete(&k)) })
+			t.Cleanup(func() { must(t, h.dp.Maps.EpByIp.Delete(&k)) })
 		}, "does not lead to endpoint"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

@@ -77,7 +77,7 @@ func (n *node) ipvlanContainer(t *testing.T, m ipvlanMode, name string, host int
 	must(t, err)
 	k := datapath.MACKey(c.MAC, c.ParentIndex)
 	var ref loader.EndpointRef
-	if err := n.dp.Maps.EpByMAC.Lookup(&k, &ref); !errors.Is(err, ebpf.ErrKeyNotExist) {
+	if err := n.dp.Maps.EpByMac.Lookup(&k, &ref); !errors.Is(err, ebpf.ErrKeyNotExist) {
 		t.Fatalf("ipvlan endpoint in ep_by_mac (lookup: %v, %+v): the parent's MAC would be taken for a slave", err, ref)
 	}
 	// The slave's own programs, as the plugin attaches them: every test

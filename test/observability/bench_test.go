@@ -58,7 +58,7 @@ func BenchmarkParentXDP(b *testing.B) {
 		{"gratuitous-arp-conflict (event)", arpFrame(b, macWire, ipPod, ipPod)},
 	} {
 		b.Run(tc.name, func(b *testing.B) {
-			raw := measureXDP(b, dp.Programs.ParentXDP, tc.frame, b.N)
+			raw := measureXDP(b, dp.Programs.ParentXdp, tc.frame, b.N)
 			b.ReportMetric(raw, "raw-ns/pkt")
 			b.ReportMetric(raw-baseline, "ns/pkt")
 			b.ReportMetric(0, "ns/op")

@@ -474,14 +474,14 @@ func (l *lab) snapshot() state {
 	s.epByIP = map[netip.Addr]uint32{}
 	var ipk loader.EpIPKey
 	var ref loader.EndpointRef
-	it := m.EpByIP.Iterate()
+	it := m.EpByIp.Iterate()
 	for it.Next(&ipk, &ref) {
 		s.epByIP[datapath.AddrOf(loader.IPKey{Addr: ipk.Addr})] = ref.Id
 	}
 	must(t, it.Err())
 	s.epByMAC = map[string]uint32{}
 	var mk loader.MACKey
-	it = m.EpByMAC.Iterate()
+	it = m.EpByMac.Iterate()
 	for it.Next(&mk, &ref) {
 		s.epByMAC[net.HardwareAddr(mk.Mac[:]).String()] = ref.Id
 	}
