@@ -10,6 +10,7 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/vishvananda/netlink"
 
+	"github.com/underpass-cni/underpass/internal/attach"
 	"github.com/underpass-cni/underpass/internal/datapath"
 	"github.com/underpass-cni/underpass/internal/loader"
 	"github.com/underpass-cni/underpass/internal/netwatch"
@@ -141,7 +142,7 @@ func (a *Agent) attachParent(l netlink.Link, mode loader.Mode) bool {
 		a.errorOnce(failKey, "register parent; retrying", "parent", attrs.Name, "ifindex", attrs.Index, "error", err)
 		return false
 	}
-	att, err := dp.AttachEgress(loader.RoleParent, attrs.Index)
+	att, err := attach.Egress(dp.EgressTarget(attach.RoleParent, attrs.Index))
 	if err != nil {
 		a.errorOnce(failKey, "attach parent program; retrying", "parent", attrs.Name, "ifindex", attrs.Index, "error", err)
 		return false
@@ -158,7 +159,7 @@ func (a *Agent) attachParent(l netlink.Link, mode loader.Mode) bool {
 	// The parent program guards stale services itself, so running the
 	// uplink program too would only look the VIP up twice: one per NIC.
 	if u, ok := a.uplinks[attrs.Name]; ok && u.ifindex == attrs.Index && !u.isParent {
-		if err := dp.DetachEgress(loader.RoleUplink, u.ifindex); err != nil {
+		if err := attach.DetachEgress(dp.EgressTarget(attach.RoleUplink, u.ifindex)); err != nil {
 			a.log.Error("detach uplink program from a parent", "interface", attrs.Name, "error", err)
 		}
 		a.uplinks[attrs.Name] = uplinkState{ifindex: u.ifindex, isParent: true}
@@ -292,7 +293,7 @@ func (a *Agent) linkDeleted(ev netwatch.Event) {
 	}
 	if u, ok := a.uplinks[ev.Name]; ok && u.ifindex == ev.Index {
 		delete(a.uplinks, ev.Name)
-		_ = dp.DetachEgress(loader.RoleUplink, ev.Index)
+		_ = attach.DetachEgress(dp.EgressTarget(attach.RoleUplink, ev.Index))
 		a.log.Warn("uplink interface deleted; will attach when it comes back", "uplink", ev.Name, "ifindex", ev.Index)
 	}
 }
@@ -337,7 +338,7 @@ func (a *Agent) linkChanged(ev netwatch.Event) {
 
 // ensureAttached re-attaches a parent whose link pin went missing.
 func (a *Agent) ensureAttached(p *parentState) {
-	if a.dp.Load().EgressPinned(loader.RoleParent, p.ifindex) {
+	if attach.EgressPinned(a.dp.Load().EgressTarget(attach.RoleParent, p.ifindex)) {
 		return
 	}
 	if l, err := netlink.LinkByIndex(p.ifindex); err == nil {
@@ -376,7 +377,7 @@ func (a *Agent) syncUplinks(force bool) {
 		}
 		delete(a.uplinks, name)
 		if !u.isParent {
-			if err := dp.DetachEgress(loader.RoleUplink, u.ifindex); err != nil {
+			if err := attach.DetachEgress(dp.EgressTarget(attach.RoleUplink, u.ifindex)); err != nil {
 				a.log.Error("detach uplink program", "uplink", name, "error", err)
 				continue
 			}
@@ -401,13 +402,13 @@ func (a *Agent) syncUplinks(force bool) {
 			}
 			// An uplink program left attached by an earlier run would end the
 			// chain before the parent program.
-			if err := dp.DetachEgress(loader.RoleUplink, idx); err != nil {
+			if err := attach.DetachEgress(dp.EgressTarget(attach.RoleUplink, idx)); err != nil {
 				a.log.Error("detach the uplink program from an uplink that is a parent", "uplink", name, "error", err)
 			}
 			a.uplinks[name] = asParent
 			continue
 		}
-		att, err := dp.AttachEgress(loader.RoleUplink, idx)
+		att, err := attach.Egress(dp.EgressTarget(attach.RoleUplink, idx))
 		if err != nil {
 			a.log.Error("attach uplink program", "uplink", name, "error", err)
 			continue
@@ -436,7 +437,7 @@ func isUp(attrs *netlink.LinkAttrs) bool {
 // is an extra: a failure is logged and the hairpin works without it.
 func (a *Agent) attachXDP(ifindex int, name string) {
 	want := a.cfg.XDPMode()
-	got, err := a.dp.Load().AttachXDP(ifindex, want)
+	got, err := attach.XDP(a.dp.Load().XDPTarget(ifindex, want))
 	if err != nil {
 		a.log.Error("attach parent XDP program", "parent", name, "ifindex", ifindex, "xdp", want, "error", err)
 		return
@@ -447,6 +448,6 @@ func (a *Agent) attachXDP(ifindex int, name string) {
 // dropParentLinks removes the pins of a parent whose interface is gone: its
 // links died with it. Errors are of no consequence for a dead index.
 func dropParentLinks(dp *loader.Datapath, ifindex int) {
-	_ = dp.DetachEgress(loader.RoleParent, ifindex)
-	_ = dp.DetachXDP(ifindex)
+	_ = attach.DetachEgress(dp.EgressTarget(attach.RoleParent, ifindex))
+	_ = attach.DetachXDP(dp.XDPTarget(ifindex, ""))
 }

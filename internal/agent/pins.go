@@ -11,6 +11,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/vishvananda/netlink"
 
+	"github.com/underpass-cni/underpass/internal/attach"
 	"github.com/underpass-cni/underpass/internal/loader"
 )
 
@@ -192,18 +193,18 @@ func (a *Agent) pinnedLinks(dp *loader.Datapath) []pinnedLink {
 	xdp := a.cfg.XDPMode()
 	for idx, p := range a.parents {
 		out = append(out, pinnedLink{
-			pin:  loader.LinkPin(dp.Dir, loader.RoleParent, idx),
+			pin:  attach.LinkPin(dp.Dir, attach.RoleParent, idx),
 			what: fmt.Sprintf("parent %s (ifindex %d) tc egress", p.name, idx),
 			restore: ifPresent(idx, func() (bool, error) {
 				// Only the link went: the parents entry is as it was.
-				return dp.RestoreEgress(loader.RoleParent, idx)
+				return attach.RestoreEgress(dp.EgressTarget(attach.RoleParent, idx))
 			}),
 		})
-		if xdp != loader.XDPOff {
+		if xdp != attach.XDPOff {
 			out = append(out, pinnedLink{
-				pin:     loader.XDPLinkPin(dp.Dir, idx),
+				pin:     attach.XDPLinkPin(dp.Dir, idx),
 				what:    fmt.Sprintf("parent %s (ifindex %d) xdp", p.name, idx),
-				restore: ifPresent(idx, func() (bool, error) { return dp.RestoreXDP(idx, xdp) }),
+				restore: ifPresent(idx, func() (bool, error) { return attach.RestoreXDP(dp.XDPTarget(idx, xdp)) }),
 				extra:   true,
 			})
 		}
@@ -214,9 +215,9 @@ func (a *Agent) pinnedLinks(dp *loader.Datapath) []pinnedLink {
 		}
 		idx := u.ifindex
 		out = append(out, pinnedLink{
-			pin:     loader.LinkPin(dp.Dir, loader.RoleUplink, idx),
+			pin:     attach.LinkPin(dp.Dir, attach.RoleUplink, idx),
 			what:    fmt.Sprintf("uplink %s (ifindex %d) tc egress", name, idx),
-			restore: ifPresent(idx, func() (bool, error) { return dp.RestoreEgress(loader.RoleUplink, idx) }),
+			restore: ifPresent(idx, func() (bool, error) { return attach.RestoreEgress(dp.EgressTarget(attach.RoleUplink, idx)) }),
 		})
 	}
 	return out

@@ -14,6 +14,7 @@ import (
 
 	"github.com/vishvananda/netlink"
 
+	"github.com/underpass-cni/underpass/internal/attach"
 	"github.com/underpass-cni/underpass/internal/config"
 	"github.com/underpass-cni/underpass/internal/datapath"
 	"github.com/underpass-cni/underpass/internal/hostnat"
@@ -66,30 +67,30 @@ func detachEgress(dir string, uplinks []string, out io.Writer) []error {
 	dp := &loader.Datapath{Dir: dir}
 	var errs []error
 	detached := map[string]bool{}
-	atts, err := loader.Attachments(dir)
+	atts, err := attach.List(dir)
 	if err != nil {
 		errs = append(errs, err)
 	}
 	for _, att := range atts {
-		if err := dp.DetachEgress(att.Role, att.Ifindex); err != nil {
+		if err := attach.DetachEgress(dp.EgressTarget(att.Role, att.Ifindex)); err != nil {
 			errs = append(errs, err)
 			continue
 		}
 		detached[fmt.Sprint(att.Role, att.Ifindex)] = true
-		fmt.Fprintf(out, "detached %s program from %s\n", att.Role, loader.IfaceName(att.Ifindex))
+		fmt.Fprintf(out, "detached %s program from %s\n", att.Role, attach.IfaceName(att.Ifindex))
 	}
 	if pm, err := openParents(dir); err == nil {
 		for ifindex := range pm {
-			if !detached[fmt.Sprint(loader.RoleParent, ifindex)] {
-				if err := dp.DetachEgress(loader.RoleParent, ifindex); err != nil {
+			if !detached[fmt.Sprint(attach.RoleParent, ifindex)] {
+				if err := attach.DetachEgress(dp.EgressTarget(attach.RoleParent, ifindex)); err != nil {
 					errs = append(errs, err)
 				}
 			}
 		}
 	}
 	for _, name := range uplinks {
-		if l, err := netlink.LinkByName(name); err == nil && !detached[fmt.Sprint(loader.RoleUplink, l.Attrs().Index)] {
-			if err := dp.DetachEgress(loader.RoleUplink, l.Attrs().Index); err != nil {
+		if l, err := netlink.LinkByName(name); err == nil && !detached[fmt.Sprint(attach.RoleUplink, l.Attrs().Index)] {
+			if err := attach.DetachEgress(dp.EgressTarget(attach.RoleUplink, l.Attrs().Index)); err != nil {
 				errs = append(errs, err)
 			}
 		}
@@ -107,11 +108,11 @@ func detachXDP(dir string, out io.Writer) []error {
 		if err != nil {
 			continue
 		}
-		if err := dp.DetachXDP(ifindex); err != nil {
+		if err := attach.DetachXDP(dp.XDPTarget(ifindex, "")); err != nil {
 			errs = append(errs, err)
 			continue
 		}
-		fmt.Fprintf(out, "detached XDP program from %s\n", loader.IfaceName(ifindex))
+		fmt.Fprintf(out, "detached XDP program from %s\n", attach.IfaceName(ifindex))
 	}
 	return errs
 }
@@ -127,13 +128,13 @@ func detachEndpoints(dir string, out io.Writer) []error {
 	for _, id := range slices.Sorted(maps.Keys(eps)) {
 		ep := eps[id]
 		netnsPath, ifname := ep.Netns, ep.IfName
-		if err := loader.CheckNetns(netnsPath); errors.Is(err, loader.ErrNetnsGone) {
+		if err := attach.CheckNetns(netnsPath); errors.Is(err, attach.ErrNetnsGone) {
 			continue // the netns took the filters with it
 		} else if err != nil {
 			errs = append(errs, err)
 			continue
 		}
-		if err := loader.DetachEndpoint(netnsPath, ep.Ifindex, id); err != nil {
+		if err := attach.DetachEndpoint(attach.EndpointOptions{ID: id, Ifindex: ep.Ifindex, Netns: netnsPath}); err != nil {
 			errs = append(errs, err)
 			continue
 		}

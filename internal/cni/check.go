@@ -14,6 +14,7 @@ import (
 	"github.com/containernetworking/plugins/pkg/ipam"
 	"github.com/containernetworking/plugins/pkg/ns"
 
+	"github.com/underpass-cni/underpass/internal/attach"
 	"github.com/underpass-cni/underpass/internal/datapath"
 	"github.com/underpass-cni/underpass/internal/loader"
 )
@@ -179,7 +180,7 @@ func checkLookups(m *loader.Maps, s *slave, id uint32, addrs []netip.Prefix) err
 
 // checkPrograms says whether both filters on the slave run endpoint id.
 func checkPrograms(args *skel.CmdArgs, s *slave, id uint32) error {
-	att, err := loader.AttachedEndpoint(args.Netns, s.Ifindex)
+	att, err := attach.InspectEndpoint(args.Netns, s.Ifindex)
 	if err != nil {
 		return fmt.Errorf("programs of endpoint %d: %w", id, err)
 	}

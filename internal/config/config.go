@@ -23,6 +23,7 @@ import (
 	yamlv2 "go.yaml.in/yaml/v2"
 	"sigs.k8s.io/yaml"
 
+	"github.com/underpass-cni/underpass/internal/attach"
 	"github.com/underpass-cni/underpass/internal/loader"
 )
 
@@ -105,7 +106,7 @@ type parsed struct {
 	static       []netip.Addr
 	action       Action
 	kubernetes   KubernetesMode
-	xdp          loader.XDPMode
+	xdp          attach.XDPMode
 	gcInterval   time.Duration
 	level        slog.Level
 }
@@ -143,7 +144,7 @@ var kubernetesNames = []string{"auto", "true", "false"}
 func (k KubernetesMode) String() string { return enumString(kubernetesNames, int(k)) }
 
 // xdpNames are the xdp values, the loader's modes.
-var xdpNames = []string{string(loader.XDPAuto), string(loader.XDPNative), string(loader.XDPGeneric), string(loader.XDPOff)}
+var xdpNames = []string{string(attach.XDPAuto), string(attach.XDPNative), string(attach.XDPGeneric), string(attach.XDPOff)}
 
 var levelNames = []string{"debug", "info", "warn", "error"}
 var levelValues = []slog.Level{slog.LevelDebug, slog.LevelInfo, slog.LevelWarn, slog.LevelError}
@@ -294,9 +295,9 @@ func (c *Config) StaleAction() Action { return c.parsed.action }
 func (c *Config) Kubernetes() KubernetesMode { return c.parsed.kubernetes }
 
 // XDPMode returns xdp.
-func (c *Config) XDPMode() loader.XDPMode {
+func (c *Config) XDPMode() attach.XDPMode {
 	if c.parsed.xdp == "" {
-		return loader.XDPAuto // not validated: the default
+		return attach.XDPAuto // not validated: the default
 	}
 	return c.parsed.xdp
 }

@@ -14,6 +14,7 @@ import (
 
 	"sigs.k8s.io/yaml"
 
+	"github.com/underpass-cni/underpass/internal/attach"
 	"github.com/underpass-cni/underpass/internal/loader"
 )
 
@@ -84,7 +85,7 @@ func TestExampleParses(t *testing.T) {
 	if !slices.Equal(c.Uplinks, []string{"eth0"}) {
 		t.Errorf("Uplinks = %v", c.Uplinks)
 	}
-	if c.XDPMode() != loader.XDPAuto || c.Metrics.Listen != "127.0.0.1:9775" || c.BPFFS != "/sys/fs/bpf/underpass" {
+	if c.XDPMode() != attach.XDPAuto || c.Metrics.Listen != "127.0.0.1:9775" || c.BPFFS != "/sys/fs/bpf/underpass" {
 		t.Errorf("xdp %v, listen %q, bpffs %q", c.XDPMode(), c.Metrics.Listen, c.BPFFS)
 	}
 	if c.GCPeriod() != time.Minute || c.Level() != slog.LevelInfo {
@@ -109,7 +110,7 @@ func TestDefaults(t *testing.T) {
 	if !d.HostReachability || d.HostCIDRs() != nil || d.ServiceCIDRs() != nil || d.StaticServices() != nil ||
 		d.GuardEnabled() || d.StaleAction() != ActionDrop || d.StaleServices.RequireEndpoints ||
 		d.Kubernetes() != KubernetesAuto || d.Services.Kubeconfig != "" || d.Uplinks != nil ||
-		d.XDPMode() != loader.XDPAuto || d.Metrics.Listen != DefaultMetricsListen || d.BPFFS != loader.DefaultBPFFS ||
+		d.XDPMode() != attach.XDPAuto || d.Metrics.Listen != DefaultMetricsListen || d.BPFFS != loader.DefaultBPFFS ||
 		d.GCPeriod() != time.Minute || d.Level() != slog.LevelInfo {
 		t.Errorf("unexpected defaults: %+v", d)
 	}
@@ -166,11 +167,11 @@ func TestKeys(t *testing.T) {
 		{"uplinks: [eth0, bond0.100, ens1f0np0]", func(c *Config) bool {
 			return slices.Equal(c.Uplinks, []string{"eth0", "bond0.100", "ens1f0np0"})
 		}},
-		{"xdp: auto", func(c *Config) bool { return c.XDPMode() == loader.XDPAuto }},
-		{"xdp: native", func(c *Config) bool { return c.XDPMode() == loader.XDPNative }},
-		{"xdp: generic", func(c *Config) bool { return c.XDPMode() == loader.XDPGeneric }},
-		{"xdp: off", func(c *Config) bool { return c.XDPMode() == loader.XDPOff && c.XDP == "off" }},
-		{"xdp: 'off'", func(c *Config) bool { return c.XDPMode() == loader.XDPOff }},
+		{"xdp: auto", func(c *Config) bool { return c.XDPMode() == attach.XDPAuto }},
+		{"xdp: native", func(c *Config) bool { return c.XDPMode() == attach.XDPNative }},
+		{"xdp: generic", func(c *Config) bool { return c.XDPMode() == attach.XDPGeneric }},
+		{"xdp: off", func(c *Config) bool { return c.XDPMode() == attach.XDPOff && c.XDP == "off" }},
+		{"xdp: 'off'", func(c *Config) bool { return c.XDPMode() == attach.XDPOff }},
 		{"metrics: {listen: ':9775'}", func(c *Config) bool { return c.Metrics.Listen == ":9775" }},
 		{"metrics: {listen: '[::1]:9775'}", func(c *Config) bool { return c.Metrics.Listen == "[::1]:9775" }},
 		{"metrics: {listen: 'localhost:9100'}", func(c *Config) bool { return c.Metrics.Listen == "localhost:9100" }},

@@ -12,8 +12,8 @@ import (
 	"time"
 	"unicode"
 
+	"github.com/underpass-cni/underpass/internal/attach"
 	"github.com/underpass-cni/underpass/internal/cidrs"
-	"github.com/underpass-cni/underpass/internal/loader"
 )
 
 // MinGCInterval keeps a typo like "1ms" from turning endpoint GC into a busy loop.
@@ -140,7 +140,7 @@ func (v *validation) uplinks(c *Config) {
 // rest checks xdp, metrics.listen, bpffs, gcInterval and logLevel.
 func (v *validation) rest(c *Config) {
 	if i, ok := enum("xdp", c.XDP, xdpNames, &v.errs); ok {
-		v.p.xdp = loader.XDPMode(xdpNames[i])
+		v.p.xdp = attach.XDPMode(xdpNames[i])
 	}
 
 	if err := checkListen(c.Metrics.Listen); err != nil {

@@ -10,7 +10,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/underpass-cni/underpass/internal/loader"
+	"github.com/underpass-cni/underpass/internal/attach"
 )
 
 type watchEvent struct {
@@ -83,7 +83,7 @@ func TestWatch(t *testing.T) {
 	events := startWatch(t, path)
 
 	// The first stable state is reported.
-	if ev := next(t, events); ev.err != nil || ev.cfg.XDPMode() != loader.XDPNative {
+	if ev := next(t, events); ev.err != nil || ev.cfg.XDPMode() != attach.XDPNative {
 		t.Fatalf("initial: %+v", ev)
 	}
 	expectQuiet(t, events)
@@ -97,7 +97,7 @@ func TestWatch(t *testing.T) {
 
 	// invalid -> valid.
 	writeAtomic(t, path, "xdp: generic\n")
-	if ev := next(t, events); ev.err != nil || ev.cfg.XDPMode() != loader.XDPGeneric {
+	if ev := next(t, events); ev.err != nil || ev.cfg.XDPMode() != attach.XDPGeneric {
 		t.Fatalf("valid again: %+v", ev)
 	}
 
@@ -122,7 +122,7 @@ func TestWatch(t *testing.T) {
 		t.Fatalf("removed: %+v", ev)
 	}
 	writeAtomic(t, path, "xdp: off\n")
-	if ev := next(t, events); ev.err != nil || ev.cfg.XDPMode() != loader.XDPOff {
+	if ev := next(t, events); ev.err != nil || ev.cfg.XDPMode() != attach.XDPOff {
 		t.Fatalf("recreated: %+v", ev)
 	}
 }

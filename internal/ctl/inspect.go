@@ -12,7 +12,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
-	"github.com/underpass-cni/underpass/internal/loader"
+	"github.com/underpass-cni/underpass/internal/attach"
 )
 
 // Attachment states, as shown. "defunct" is a pinned tcx link whose
@@ -28,8 +28,8 @@ const (
 )
 
 // egressMode tells how role's program is attached to ifindex's egress.
-func egressMode(dir string, role loader.Role, ifindex int) string {
-	if mode, ok := tcxMode(loader.LinkPin(dir, role, ifindex)); ok {
+func egressMode(dir string, role attach.Role, ifindex int) string {
+	if mode, ok := tcxMode(attach.LinkPin(dir, role, ifindex)); ok {
 		return mode
 	}
 	if legacyFilter(nil, ifindex, netlink.HANDLE_MIN_EGRESS, "underpass-"+string(role)) {
@@ -73,7 +73,7 @@ func legacyFilter(h *netlink.Handle, ifindex int, parent uint32, prefix string) 
 		return false
 	}
 	for _, f := range filters {
-		if loader.IsLegacyFilter(f, prefix) {
+		if attach.IsLegacyFilter(f, prefix) {
 			return true
 		}
 	}
@@ -84,7 +84,7 @@ func legacyFilter(h *netlink.Handle, ifindex int, parent uint32, prefix string) 
 // mode on the interface, not on the link.
 func xdpMode(dir string, ifindex int) string {
 	pinned := false
-	if l, err := link.LoadPinnedLink(loader.XDPLinkPin(dir, ifindex), nil); err == nil {
+	if l, err := link.LoadPinnedLink(attach.XDPLinkPin(dir, ifindex), nil); err == nil {
 		pinned = true
 		l.Close()
 	}
@@ -119,9 +119,9 @@ func endpointMode(id uint32, netnsPath string, ifindex int) string {
 	if netnsPath == "" {
 		return attachNone // registered by hand, not by the plugin
 	}
-	att, err := loader.AttachedEndpoint(netnsPath, ifindex)
+	att, err := attach.InspectEndpoint(netnsPath, ifindex)
 	switch {
-	case errors.Is(err, loader.ErrNetnsGone):
+	case errors.Is(err, attach.ErrNetnsGone):
 		return attachNone + " (netns gone)"
 	case err != nil:
 		return attachNone + " (interface gone)"

@@ -10,6 +10,7 @@ import (
 
 	"github.com/vishvananda/netlink"
 
+	"github.com/underpass-cni/underpass/internal/attach"
 	"github.com/underpass-cni/underpass/internal/datapath"
 	"github.com/underpass-cni/underpass/internal/loader"
 )
@@ -157,7 +158,7 @@ func (st *Status) addParents(dp *loader.Datapath, perParent map[int]int) error {
 			Name:      ifName(ifindex),
 			MAC:       net.HardwareAddr(p.Mac[:]).String(),
 			Mode:      loader.Mode(p.Mode).String(),
-			Egress:    egressMode(dp.Dir, loader.RoleParent, ifindex),
+			Egress:    egressMode(dp.Dir, attach.RoleParent, ifindex),
 			XDP:       xdpMode(dp.Dir, ifindex),
 			Endpoints: perParent[ifindex],
 		})
@@ -213,24 +214,24 @@ func (st *Status) addCounters(m *loader.Maps) error {
 // uplinks lists the uplink attachments: tcx links are pinned; legacy
 // filters are found on the interfaces.
 func uplinks(dir string) ([]UplinkView, error) {
-	atts, err := loader.Attachments(dir)
+	atts, err := attach.List(dir)
 	if err != nil {
 		return nil, err
 	}
 	seen := map[int]bool{}
 	out := []UplinkView{}
 	for _, a := range atts {
-		if a.Role != loader.RoleUplink {
+		if a.Role != attach.RoleUplink {
 			continue
 		}
 		seen[a.Ifindex] = true
-		out = append(out, UplinkView{Ifindex: a.Ifindex, Name: ifName(a.Ifindex), Egress: egressMode(dir, loader.RoleUplink, a.Ifindex)})
+		out = append(out, UplinkView{Ifindex: a.Ifindex, Name: ifName(a.Ifindex), Egress: egressMode(dir, attach.RoleUplink, a.Ifindex)})
 	}
 	links, err := netlink.LinkList()
 	if err == nil {
 		for _, l := range links {
 			i := l.Attrs().Index
-			if !seen[i] && legacyFilter(nil, i, netlink.HANDLE_MIN_EGRESS, "underpass-"+string(loader.RoleUplink)) {
+			if !seen[i] && legacyFilter(nil, i, netlink.HANDLE_MIN_EGRESS, "underpass-"+string(attach.RoleUplink)) {
 				out = append(out, UplinkView{Ifindex: i, Name: l.Attrs().Name, Egress: attachLegacy})
 			}
 		}

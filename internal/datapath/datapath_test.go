@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"testing"
 
+	"github.com/underpass-cni/underpass/internal/attach"
 	"github.com/underpass-cni/underpass/internal/datapath"
 	"github.com/underpass-cni/underpass/internal/loader"
 	"github.com/underpass-cni/underpass/internal/testutil"
@@ -134,7 +135,7 @@ func TestRegisterProbesPastCollisions(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if idA != datapath.EndpointID(a, "eth0") || idB == idA || idB > loader.MaxEndpointID {
+	if idA != datapath.EndpointID(a, "eth0") || idB == idA || idB > attach.MaxEndpointID {
 		t.Fatalf("ids %d and %d for two attachments whose natural id is %d", idA, idB, idA)
 	}
 	for cid, want := range map[string]uint32{a: idA, b: idB} {

@@ -7,6 +7,7 @@ import (
 	"net/netip"
 
 	"github.com/cilium/ebpf"
+	"github.com/underpass-cni/underpass/internal/attach"
 	"github.com/underpass-cni/underpass/internal/loader"
 )
 
@@ -15,13 +16,13 @@ var ErrAddrInUse = errors.New("address registered to another endpoint")
 
 // Endpoint ids are 16 bits: the endpoint programs learn whose frame they
 // see from the classid of the filter that runs them, of which cls_bpf
-// passes 16 bits (loader.MaxEndpointID). An id is claimed by linear probing
+// passes 16 bits (attach.MaxEndpointID). An id is claimed by linear probing
 // from a hash of the attachment; the attachment is found again through
 // ep_names, never by walking the probe chain, so a chain with holes (an
 // endpoint in the middle deleted) loses nobody.
 const (
-	idMask    = loader.MaxEndpointID
-	maxProbes = loader.MaxEndpointID
+	idMask    = attach.MaxEndpointID
+	maxProbes = attach.MaxEndpointID
 )
 
 // EndpointID is where the probing for an attachment's id starts.

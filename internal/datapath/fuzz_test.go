@@ -17,6 +17,7 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/containernetworking/cni/pkg/utils"
 
+	"github.com/underpass-cni/underpass/internal/attach"
 	"github.com/underpass-cni/underpass/internal/cidrs"
 	"github.com/underpass-cni/underpass/internal/datapath"
 	"github.com/underpass-cni/underpass/internal/loader"
@@ -526,7 +527,7 @@ func FuzzEndpointID(f *testing.F) {
 	f.Add("a\x00b", "c")
 	f.Fuzz(func(t *testing.T, containerID, ifname string) {
 		id := datapath.EndpointID(containerID, ifname)
-		if id == 0 || id > loader.MaxEndpointID {
+		if id == 0 || id > attach.MaxEndpointID {
 			t.Fatalf("EndpointID(%q, %q) = %#x", containerID, ifname, id)
 		}
 		if again := datapath.EndpointID(containerID, ifname); again != id {

@@ -7,6 +7,7 @@ import (
 
 	"github.com/containernetworking/plugins/pkg/ns"
 
+	"github.com/underpass-cni/underpass/internal/attach"
 	"github.com/underpass-cni/underpass/internal/loader"
 )
 
@@ -65,7 +66,7 @@ func AddEndpoint(dp *loader.Datapath, netns ns.NetNS, ep *Endpoint, h AddOptions
 	}
 	// Outside the lock: the registration owns the id already.
 	err = netns.Do(func(ns.NetNS) error {
-		if err := loader.AttachEndpointHere(dp, id, ep.Ifindex); err != nil {
+		if err := attach.Endpoint(dp.EndpointTarget(id, "", ep.Ifindex)); err != nil {
 			return fmt.Errorf("attach endpoint programs to %s: %w", ep.IfName, err)
 		}
 		h.Log.Debug("attached endpoint programs", "id", id, "ifindex", ep.Ifindex)
@@ -158,15 +159,15 @@ func ensureParent(dp *loader.Datapath, ep *Endpoint) (ps parentState, err error)
 	}()
 	// The agent attached it (the common case): nothing to do. Otherwise
 	// attaching swaps the pinned program into whatever is there.
-	if dp.EgressCurrent(loader.RoleParent, ep.ParentIfindex) {
+	if attach.EgressCurrent(dp.EgressTarget(attach.RoleParent, ep.ParentIfindex)) {
 		return ps, nil
 	}
-	had := dp.EgressPinned(loader.RoleParent, ep.ParentIfindex)
-	att, err := dp.AttachEgress(loader.RoleParent, ep.ParentIfindex)
+	had := attach.EgressPinned(dp.EgressTarget(attach.RoleParent, ep.ParentIfindex))
+	att, err := attach.Egress(dp.EgressTarget(attach.RoleParent, ep.ParentIfindex))
 	if err != nil {
 		return ps, fmt.Errorf("attach the hairpin program to parent %s: %w", ep.ParentName, err)
 	}
-	ps.attached = !had && att.Mode == loader.AttachTCX
+	ps.attached = !had && att.Mode == attach.TCX
 	return ps, nil
 }
 
@@ -193,7 +194,7 @@ func undoParent(dp *loader.Datapath, ifindex int, ps parentState) error {
 	}
 	var errs []error
 	if ps.attached {
-		errs = append(errs, dp.DetachEgress(loader.RoleParent, ifindex))
+		errs = append(errs, attach.DetachEgress(dp.EgressTarget(attach.RoleParent, ifindex)))
 	}
 	if ps.registered {
 		errs = append(errs, DeleteParent(&dp.Maps, ifindex))
@@ -209,7 +210,7 @@ func RemoveEndpoint(dp *loader.Datapath, id uint32) error {
 	var errs []error
 	ep, err := Lookup(&dp.Maps, id)
 	if err == nil {
-		errs = append(errs, loader.DetachEndpoint(ep.Netns, ep.Ifindex, id))
+		errs = append(errs, attach.DetachEndpoint(attach.EndpointOptions{ID: id, Ifindex: ep.Ifindex, Netns: ep.Netns}))
 	}
 	return errors.Join(append(errs, Unregister(&dp.Maps, id))...)
 }
@@ -244,7 +245,7 @@ func evictStaleOwners(dp *loader.Datapath, ep *Endpoint, log *slog.Logger) error
 			continue
 		}
 		if other.Netns != "" {
-			if err := loader.CheckNetns(other.Netns); errors.Is(err, loader.ErrNetnsGone) {
+			if err := attach.CheckNetns(other.Netns); errors.Is(err, attach.ErrNetnsGone) {
 				log.Debug("evicting stale endpoint", "id", ref.Id, "container", other.ContainerID, "netns", other.Netns, "addr", p.Addr())
 				if err := RemoveEndpoint(dp, ref.Id); err != nil {
 					return fmt.Errorf("remove stale endpoint %d (container %s): %w", ref.Id, other.ContainerID, err)

@@ -11,6 +11,7 @@ import (
 
 	"github.com/vishvananda/netlink"
 
+	"github.com/underpass-cni/underpass/internal/attach"
 	"github.com/underpass-cni/underpass/internal/datapath"
 	"github.com/underpass-cni/underpass/internal/loader"
 )
@@ -98,7 +99,7 @@ func (c *Collector) confirmAndRemove(id uint32, judged *datapath.Endpoint) (bool
 	// running as endpoint id, and once the id is reused, vet its frames as
 	// someone else's. They go first.
 	if reason == reasonMACChanged {
-		if err := loader.DetachEndpoint(now.Netns, now.Ifindex, id); err != nil {
+		if err := attach.DetachEndpoint(attach.EndpointOptions{ID: id, Ifindex: now.Ifindex, Netns: now.Netns}); err != nil {
 			return false, err
 		}
 	}
@@ -158,7 +159,7 @@ func (c *checker) dead(ep *datapath.Endpoint) (string, error) {
 	} else {
 		l, err = h.LinkByName(ifname)
 	}
-	if loader.LinkGone(err) {
+	if attach.LinkGone(err) {
 		return "interface gone", nil
 	}
 	if err != nil {
@@ -177,11 +178,11 @@ func (c *checker) dead(ep *datapath.Endpoint) (string, error) {
 // openNetns opens a netlink handle in the namespace at path, or says why the
 // namespace is gone.
 func openNetns(path string) (*netlink.Handle, string, error) {
-	h, err := loader.NetnsHandle(path)
+	h, err := attach.NetnsHandle(path)
 	switch {
-	case errors.Is(err, loader.ErrNotANamespace):
+	case errors.Is(err, attach.ErrNotANamespace):
 		return nil, "netns gone (path is no longer a namespace)", nil
-	case errors.Is(err, loader.ErrNetnsGone):
+	case errors.Is(err, attach.ErrNetnsGone):
 		return nil, "netns gone", nil
 	case err != nil:
 		return nil, "", err

@@ -15,6 +15,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
+	"github.com/underpass-cni/underpass/internal/attach"
 	"github.com/underpass-cni/underpass/internal/datapath"
 	"github.com/underpass-cni/underpass/internal/loader"
 	"github.com/underpass-cni/underpass/internal/testutil"
@@ -105,12 +106,12 @@ func TestAttachEgress(t *testing.T) {
 	})
 	must(t, err)
 
-	attach := func(dp *loader.Datapath) loader.Attachment {
+	attachParent := func(dp *loader.Datapath) attach.Attachment {
 		t.Helper()
-		var att loader.Attachment
+		var att attach.Attachment
 		must(t, env.Node.Do(func() error {
 			var err error
-			att, err = dp.AttachEgress(loader.RoleParent, u.Index)
+			att, err = attach.Egress(dp.EgressTarget(attach.RoleParent, u.Index))
 			return err
 		}))
 		return att
@@ -135,10 +136,10 @@ func TestAttachEgress(t *testing.T) {
 		}
 	}
 
-	att := attach(dp)
-	wantMode := loader.AttachLegacy
+	att := attachParent(dp)
+	wantMode := attach.Legacy
 	if tcx {
-		wantMode = loader.AttachTCX
+		wantMode = attach.TCX
 	}
 	if att.Mode != wantMode {
 		t.Fatalf("kernel %s: attached with %s, want %s", rel, att.Mode, wantMode)
@@ -147,7 +148,7 @@ func TestAttachEgress(t *testing.T) {
 	check("attach", dp.Programs.ParentEgress)
 	netenv.MustPing(t, env.Node, c.IP4.Addr(), 3) // the hairpin runs
 
-	if again := attach(dp); again.Mode != wantMode {
+	if again := attachParent(dp); again.Mode != wantMode {
 		t.Fatalf("re-attach with %s, want %s", again.Mode, wantMode)
 	}
 	check("re-attach", dp.Programs.ParentEgress)
@@ -162,15 +163,15 @@ func TestAttachEgress(t *testing.T) {
 	}
 	// EgressCurrent (what the plugin asks before it attaches): the old
 	// load's program is running, not the new one's.
-	if current := dp2.EgressCurrent(loader.RoleParent, u.Index); current {
+	if current := attach.EgressCurrent(dp2.EgressTarget(attach.RoleParent, u.Index)); current {
 		t.Fatal("EgressCurrent: true for a link that runs the previous load's program")
 	}
-	if current := dp.EgressCurrent(loader.RoleParent, u.Index); current != tcx {
+	if current := attach.EgressCurrent(dp.EgressTarget(attach.RoleParent, u.Index)); current != tcx {
 		t.Fatalf("EgressCurrent of the running program: %v, want %v (tcx: %v)", current, tcx, tcx)
 	}
-	attach(dp2)
+	attachParent(dp2)
 	check("replace with a new load", dp2.Programs.ParentEgress)
-	if current := dp2.EgressCurrent(loader.RoleParent, u.Index); current != tcx {
+	if current := attach.EgressCurrent(dp2.EgressTarget(attach.RoleParent, u.Index)); current != tcx {
 		t.Fatalf("EgressCurrent after the upgrade: %v, want %v", current, tcx)
 	}
 	netenv.MustPing(t, env.Node, c.IP4.Addr(), 3)
@@ -183,7 +184,7 @@ func TestAttachEgress(t *testing.T) {
 		}
 		must(t, env.Node.Netlink().FilterAdd(other))
 	}
-	must(t, env.Node.Do(func() error { return dp2.DetachEgress(loader.RoleParent, u.Index) }))
+	must(t, env.Node.Do(func() error { return attach.DetachEgress(dp2.EgressTarget(attach.RoleParent, u.Index)) }))
 	ids, filters := egressPrograms(t, env.Node, u.Index, tcx)
 	if len(ids) != 0 || len(filters) != 0 {
 		t.Fatalf("after detach: tcx programs %v, underpass filters %d", ids, len(filters))
@@ -191,7 +192,7 @@ func TestAttachEgress(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(dir, "links", "parent-egress-"+strconv.Itoa(u.Index))); !errors.Is(err, fs.ErrNotExist) {
 		t.Fatalf("link pin left behind: %v", err)
 	}
-	if dp2.EgressCurrent(loader.RoleParent, u.Index) {
+	if attach.EgressCurrent(dp2.EgressTarget(attach.RoleParent, u.Index)) {
 		t.Fatal("EgressCurrent: true after detach")
 	}
 	if !tcx {
@@ -203,5 +204,5 @@ func TestAttachEgress(t *testing.T) {
 			t.Fatalf("detach removed other filters: %d left, want the foreign one", len(all))
 		}
 	}
-	must(t, env.Node.Do(func() error { return dp2.DetachEgress(loader.RoleParent, u.Index) })) // idempotent
+	must(t, env.Node.Do(func() error { return attach.DetachEgress(dp2.EgressTarget(attach.RoleParent, u.Index)) })) // idempotent
 }

@@ -1,5 +1,8 @@
-// Package loader loads the underpass datapath into the kernel, pins it in a
-// bpffs and attaches it to interfaces (tcx, or legacy clsact on old kernels).
+// Package loader loads the underpass datapath into the kernel and pins it
+// in a bpffs, or opens what is pinned; it holds the writer lock and the map
+// layouts. Putting the programs on interfaces is internal/attach's job:
+// EgressTarget, XDPTarget and EndpointTarget fill its options from a
+// Datapath.
 package loader
 
 import (
@@ -14,6 +17,8 @@ import (
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
+
+	"github.com/underpass-cni/underpass/internal/attach"
 )
 
 // ErrNotLoaded means there is no pinned datapath: underpassd has not run.
@@ -54,7 +59,7 @@ type Options struct {
 
 const (
 	progDir = "progs"
-	linkDir = "links"
+	linkDir = attach.LinkDir
 )
 
 // parsedSpec parses the embedded ELF once per process. Only Load needs it:
@@ -412,7 +417,7 @@ func (dp *Datapath) programs() map[string]*ebpf.Program {
 }
 
 // Unload removes every pin under dir: programs stay attached only through
-// links, so detach first (DetachEgress, DetachXDP, DetachEndpoint) or the
+// links, so detach first (attach.DetachEgress, DetachXDP, DetachEndpoint) or the
 // attachments go with them.
 func Unload(dir string) error {
 	if err := os.RemoveAll(dir); err != nil {

@@ -17,6 +17,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
+	"github.com/underpass-cni/underpass/internal/attach"
 	"github.com/underpass-cni/underpass/internal/datapath"
 	"github.com/underpass-cni/underpass/internal/loader"
 	"github.com/underpass-cni/underpass/internal/testutil"
@@ -248,8 +249,8 @@ func TestEndpointProgramsUpgradeInPlace(t *testing.T) {
 // A filter's classid carries 16 bits of endpoint id; 0 means "no endpoint".
 func TestAttachEndpointRefusesIDsOutOfRange(t *testing.T) {
 	r := newRig(t)
-	for _, id := range []uint32{0, loader.MaxEndpointID + 1} {
-		if err := loader.AttachEndpointHere(r.dp, id, 1); err == nil || !strings.Contains(err.Error(), "out of range") {
+	for _, id := range []uint32{0, attach.MaxEndpointID + 1} {
+		if err := attach.Endpoint(r.dp.EndpointTarget(id, "", 1)); err == nil || !strings.Contains(err.Error(), "out of range") {
 			t.Errorf("endpoint id %d: %v, want out of range", id, err)
 		}
 	}
@@ -274,12 +275,12 @@ func TestAttachEndpoint(t *testing.T) {
 	})
 	must(t, err)
 
-	must(t, loader.AttachEndpoint(dp, id, c.Path, c.Index))
+	must(t, attach.Endpoint(dp.EndpointTarget(id, c.Path, c.Index)))
 	assertEndpointFilters(t, c, id, 1)
 	// Attaching again (a retried ADD) replaces rather than stacks.
-	must(t, loader.AttachEndpoint(dp, id, c.Path, c.Index))
+	must(t, attach.Endpoint(dp.EndpointTarget(id, c.Path, c.Index)))
 	assertEndpointFilters(t, c, id, 1)
-	if got, err := loader.AttachedEndpoint(c.Path, c.Index); err != nil || got != (loader.EndpointFilters{Ingress: id, Egress: id}) {
+	if got, err := attach.InspectEndpoint(c.Path, c.Index); err != nil || got != (attach.EndpointFilters{Ingress: id, Egress: id}) {
 		t.Fatalf("AttachedEndpoint = %+v, %v; want endpoint %d both ways", got, err, id)
 	}
 	// Nothing went to the tcx hooks: endpoints use filters on every kernel.
@@ -303,9 +304,9 @@ func TestAttachEndpoint(t *testing.T) {
 	}
 
 	// Another endpoint's id detaches nothing; "1" must not match "12".
-	must(t, loader.DetachEndpoint(c.Path, c.Index, id+1000))
+	must(t, attach.DetachEndpoint(attach.EndpointOptions{ID: id + 1000, Ifindex: c.Index, Netns: c.Path}))
 	assertEndpointFilters(t, c, id, 1)
-	must(t, loader.DetachEndpoint(c.Path, c.Index, id))
+	must(t, attach.DetachEndpoint(attach.EndpointOptions{ID: id, Ifindex: c.Index, Netns: c.Path}))
 	assertEndpointFilters(t, c, id, 0)
 	netenv.MustPing(t, c.NS, u.Gateway4, 2)
 	detached, err := datapath.EndpointStats(&dp.Maps, id)
@@ -313,30 +314,30 @@ func TestAttachEndpoint(t *testing.T) {
 	if detached.Tx.Packets > after.Tx.Packets+1 { // +1: a late neighbour probe counted before the detach
 		t.Fatalf("detached programs still count: %+v -> %+v", after.Tx, detached.Tx)
 	}
-	if got, err := loader.AttachedEndpoint(c.Path, c.Index); err != nil || got != (loader.EndpointFilters{}) {
+	if got, err := attach.InspectEndpoint(c.Path, c.Index); err != nil || got != (attach.EndpointFilters{}) {
 		t.Fatalf("AttachedEndpoint after detach = %+v, %v; want none", got, err)
 	}
-	must(t, loader.DetachEndpoint(c.Path, c.Index, id)) // idempotent
+	must(t, attach.DetachEndpoint(attach.EndpointOptions{ID: id, Ifindex: c.Index, Netns: c.Path})) // idempotent
 
 	// Attached, then the interface disappears, then the netns: detaching
 	// is success both times (the filters went with the interface).
-	must(t, loader.AttachEndpoint(dp, id, c.Path, c.Index))
+	must(t, attach.Endpoint(dp.EndpointTarget(id, c.Path, c.Index)))
 	l, err := c.Netlink().LinkByIndex(c.Index)
 	must(t, err)
 	must(t, c.Netlink().LinkDel(l))
-	must(t, loader.DetachEndpoint(c.Path, c.Index, id))
-	if _, err := loader.AttachedEndpoint(c.Path, c.Index); err == nil {
+	must(t, attach.DetachEndpoint(attach.EndpointOptions{ID: id, Ifindex: c.Index, Netns: c.Path}))
+	if _, err := attach.InspectEndpoint(c.Path, c.Index); err == nil {
 		t.Fatal("AttachedEndpoint on a deleted interface: no error")
 	}
-	must(t, loader.DetachEndpoint(filepath.Join(t.TempDir(), "gone"), c.Index, id))
-	if _, err := loader.AttachedEndpoint(filepath.Join(t.TempDir(), "gone"), c.Index); !errors.Is(err, loader.ErrNetnsGone) {
+	must(t, attach.DetachEndpoint(attach.EndpointOptions{ID: id, Ifindex: c.Index, Netns: filepath.Join(t.TempDir(), "gone")}))
+	if _, err := attach.InspectEndpoint(filepath.Join(t.TempDir(), "gone"), c.Index); !errors.Is(err, attach.ErrNetnsGone) {
 		t.Fatalf("AttachedEndpoint on a missing netns: %v, want ErrNetnsGone", err)
 	}
 	// A file that is not a namespace (a runtime unmounted it) is gone too.
 	notNS := filepath.Join(t.TempDir(), "unmounted")
 	must(t, os.WriteFile(notNS, nil, 0o600))
-	must(t, loader.DetachEndpoint(notNS, c.Index, id))
-	if err := loader.AttachEndpoint(dp, id, notNS, c.Index); !errors.Is(err, loader.ErrNetnsGone) {
+	must(t, attach.DetachEndpoint(attach.EndpointOptions{ID: id, Ifindex: c.Index, Netns: notNS}))
+	if err := attach.Endpoint(dp.EndpointTarget(id, notNS, c.Index)); !errors.Is(err, attach.ErrNetnsGone) {
 		t.Fatalf("AttachEndpoint into a file that is no netns: %v, want ErrNetnsGone", err)
 	}
 }
@@ -349,7 +350,7 @@ func TestAttachEndpointFailureLeavesNothing(t *testing.T) {
 	t.Cleanup(func() { dp.Close() })
 	env := netenv.New(t, netenv.Options{})
 	c := env.AddMacvlanContainer("c1", env.Uplinks[0].IP4(10), netip.Prefix{})
-	if err := loader.AttachEndpoint(dp, 7, c.Path, c.Index+100); err == nil {
+	if err := attach.Endpoint(dp.EndpointTarget(7, c.Path, c.Index+100)); err == nil {
 		t.Fatal("attach to a missing ifindex: no error")
 	}
 	assertEndpointFilters(t, c, 7, 0)

@@ -5,17 +5,17 @@ import (
 	"path/filepath"
 	"testing"
 
-	"github.com/underpass-cni/underpass/internal/loader"
+	"github.com/underpass-cni/underpass/internal/attach"
 )
 
 // The pins give whoever can open them control of the datapath (the config
 // word, the endpoint registry): only root may, directories 0700, pins 0600.
 func TestPinsAreRootOnly(t *testing.T) {
 	r := newRig(t)
-	if _, err := r.dp.AttachXDP(parentIfindex, loader.XDPGeneric); err != nil {
+	if _, err := attach.XDP(r.dp.XDPTarget(parentIfindex, attach.XDPGeneric)); err != nil {
 		t.Fatal(err)
 	}
-	defer r.dp.DetachXDP(parentIfindex)
+	defer attach.DetachXDP(r.dp.XDPTarget(parentIfindex, ""))
 	n := 0
 	err := filepath.WalkDir(r.dp.Dir, func(path string, d fs.DirEntry, err error) error {
 		if err != nil {

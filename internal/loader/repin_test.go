@@ -13,6 +13,7 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 
+	"github.com/underpass-cni/underpass/internal/attach"
 	"github.com/underpass-cni/underpass/internal/loader"
 	"github.com/underpass-cni/underpass/internal/testutil"
 	"github.com/underpass-cni/underpass/test/netenv"
@@ -203,15 +204,15 @@ func TestRestoreLinks(t *testing.T) {
 	env := netenv.New(t, netenv.Options{})
 	u := env.Uplinks[0]
 	inNode := func(fn func() error) { t.Helper(); must(t, env.Node.Do(fn)) }
-	inNode(func() error { _, err := dp.AttachEgress(loader.RoleParent, u.Index); return err })
-	inNode(func() error { _, err := dp.AttachXDP(u.Index, loader.XDPAuto); return err })
-	pins := []string{loader.LinkPin(dir, loader.RoleParent, u.Index), loader.XDPLinkPin(dir, u.Index)}
+	inNode(func() error { _, err := attach.Egress(dp.EgressTarget(attach.RoleParent, u.Index)); return err })
+	inNode(func() error { _, err := attach.XDP(dp.XDPTarget(u.Index, attach.XDPAuto)); return err })
+	pins := []string{attach.LinkPin(dir, attach.RoleParent, u.Index), attach.XDPLinkPin(dir, u.Index)}
 	restore := func(step string, wantAdopted bool) {
 		t.Helper()
 		inNode(func() error {
 			for i, fn := range []func() (bool, error){
-				func() (bool, error) { return dp.RestoreEgress(loader.RoleParent, u.Index) },
-				func() (bool, error) { return dp.RestoreXDP(u.Index, loader.XDPAuto) },
+				func() (bool, error) { return attach.RestoreEgress(dp.EgressTarget(attach.RoleParent, u.Index)) },
+				func() (bool, error) { return attach.RestoreXDP(dp.XDPTarget(u.Index, attach.XDPAuto)) },
 			} {
 				adopted, err := fn()
 				if err != nil {

@@ -18,6 +18,7 @@ import (
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
+	"github.com/underpass-cni/underpass/internal/attach"
 	"github.com/underpass-cni/underpass/internal/datapath"
 	"github.com/underpass-cni/underpass/internal/loader"
 	"github.com/underpass-cni/underpass/test/netenv"
@@ -298,7 +299,7 @@ func TestUpgrade(t *testing.T) {
 	progs0 := tcxPrograms(t, r.Node, r.Uplinks[0].Index)
 	// The pod's programs, as the plugin attaches them: its stubs must run
 	// the new build's endpoint programs afterwards, without a re-attach.
-	must(t, loader.AttachEndpoint(r.dp, r.ep, r.ctr.Path, r.ctr.Index))
+	must(t, attach.Endpoint(r.dp.EndpointTarget(r.ep, r.ctr.Path, r.ctr.Index)))
 	ep0 := epProgIDs(t, r.dp)
 
 	var wg sync.WaitGroup
@@ -448,8 +449,8 @@ func TestEndpointGCDetachesFiltersOfAChangedMAC(t *testing.T) {
 	r := setup(t)
 	c := r.AddMacvlanContainer("newmac", r.Uplinks[0].IP4(13), netip.Prefix{})
 	id := r.register(r.dp, c, "newmac")
-	must(t, loader.AttachEndpoint(r.dp, id, c.Path, c.Index))
-	if f, err := loader.AttachedEndpoint(c.Path, c.Index); err != nil || f == (loader.EndpointFilters{}) {
+	must(t, attach.Endpoint(r.dp.EndpointTarget(id, c.Path, c.Index)))
+	if f, err := attach.InspectEndpoint(c.Path, c.Index); err != nil || f == (attach.EndpointFilters{}) {
 		t.Fatalf("filters before: %+v, %v", f, err)
 	}
 	l, err := c.Netlink().LinkByIndex(c.Index)
@@ -460,7 +461,7 @@ func TestEndpointGCDetachesFiltersOfAChangedMAC(t *testing.T) {
 		_, ok := eps[id]
 		return !ok
 	})
-	if f, err := loader.AttachedEndpoint(c.Path, c.Index); err != nil || f != (loader.EndpointFilters{}) {
+	if f, err := attach.InspectEndpoint(c.Path, c.Index); err != nil || f != (attach.EndpointFilters{}) {
 		t.Fatalf("filters after GC: %+v, %v; want none", f, err)
 	}
 	if out := r.ag.out.String(); !strings.Contains(out, `reason="interface replaced (MAC changed)"`) {
@@ -483,7 +484,7 @@ func TestUninstall(t *testing.T) {
 	}
 	// The endpoint's programs inside the container, as the CNI plugin
 	// attaches them.
-	if err := loader.AttachEndpoint(dp, id, ctr.Path, ctr.Index); err != nil {
+	if err := attach.Endpoint(dp.EndpointTarget(id, ctr.Path, ctr.Index)); err != nil {
 		t.Fatal(err)
 	}
 
@@ -522,7 +523,7 @@ func TestUninstall(t *testing.T) {
 			t.Fatalf("programs left on %s: %v", u.Name, p)
 		}
 	}
-	if att, err := loader.AttachedEndpoint(ctr.Path, ctr.Index); err != nil || att != (loader.EndpointFilters{}) {
+	if att, err := attach.InspectEndpoint(ctr.Path, ctr.Index); err != nil || att != (attach.EndpointFilters{}) {
 		t.Fatalf("endpoint programs left in the container: %+v %v", att, err)
 	}
 	out, _, err = l.Node.Exec(t.Context(), agentBin, "--config", l.cfg, "--uninstall")

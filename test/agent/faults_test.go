@@ -25,6 +25,7 @@ import (
 	"github.com/cilium/ebpf/link"
 	"golang.org/x/sys/unix"
 
+	"github.com/underpass-cni/underpass/internal/attach"
 	"github.com/underpass-cni/underpass/internal/datapath"
 	"github.com/underpass-cni/underpass/internal/loader"
 	"github.com/underpass-cni/underpass/test/netenv"
@@ -62,7 +63,7 @@ func TestPinsRemoved(t *testing.T) {
 		}
 	}
 	t.Logf("pins as loaded: %v", layout0)
-	egressPin := loader.LinkPin(r.dir, loader.RoleParent, eth0.Index)
+	egressPin := attach.LinkPin(r.dir, attach.RoleParent, eth0.Index)
 	var unmountBPF func()
 
 	faults := []struct {
@@ -217,7 +218,7 @@ func mountOver(t *testing.T, dir, fstype string) func() {
 // program back on its next tick, counts the repair and logs it.
 func TestEndpointProgramsRemoved(t *testing.T) {
 	r := setup(t)
-	must(t, loader.AttachEndpoint(r.dp, r.ep, r.ctr.Path, r.ctr.Index))
+	must(t, attach.Endpoint(r.dp.EndpointTarget(r.ep, r.ctr.Path, r.ctr.Index)))
 	netenv.MustPing(t, r.ctr.NS, r.nodeIP(), 3)
 	tx0 := r.epTx(t)
 	if tx0 < 3 {
@@ -280,7 +281,7 @@ func TestParentRecreated(t *testing.T) {
 	r.ag.kill()
 	old = recreate()
 	// The dead agent could not drop the deleted parent's link pins.
-	if !pinExists(loader.LinkPin(r.dir, loader.RoleParent, old)) {
+	if !pinExists(attach.LinkPin(r.dir, attach.RoleParent, old)) {
 		t.Fatal("no link pin of the deleted parent before the restart: the test would prove nothing")
 	}
 	at = time.Now()
@@ -318,7 +319,7 @@ func checkRecreated(t *testing.T, r *rig, ag *agent, old int, dead *netenv.Conta
 		return true
 	})
 	// Nothing of the old ifindex: no link pins, no references.
-	for _, pin := range []string{loader.LinkPin(r.dir, loader.RoleParent, old), loader.XDPLinkPin(r.dir, old)} {
+	for _, pin := range []string{attach.LinkPin(r.dir, attach.RoleParent, old), attach.XDPLinkPin(r.dir, old)} {
 		if pinExists(pin) {
 			t.Fatalf("link pin of the deleted parent left: %s", pin)
 		}

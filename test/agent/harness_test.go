@@ -25,6 +25,7 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 
+	"github.com/underpass-cni/underpass/internal/attach"
 	"github.com/underpass-cni/underpass/internal/datapath"
 	"github.com/underpass-cni/underpass/internal/loader"
 	"github.com/underpass-cni/underpass/internal/testutil"
@@ -315,7 +316,7 @@ func (l *lab) register(dp *loader.Datapath, c *netenv.Container, id string) uint
 // parentLink returns the pinned tcx link of the parent program on ifindex.
 func (l *lab) parentLink(ifindex int) (*link.Info, bool) {
 	for _, att := range mustAttachments(l.t, l.dir) {
-		if att.Role == loader.RoleParent && att.Ifindex == ifindex {
+		if att.Role == attach.RoleParent && att.Ifindex == ifindex {
 			lk, err := link.LoadPinnedLink(att.Pin, nil)
 			if err != nil {
 				return nil, false
@@ -342,9 +343,9 @@ func (l *lab) waitParentAttached(ifindex int) *link.Info {
 	return info
 }
 
-func mustAttachments(t *testing.T, dir string) []loader.Attachment {
+func mustAttachments(t *testing.T, dir string) []attach.Attachment {
 	t.Helper()
-	atts, err := loader.Attachments(dir)
+	atts, err := attach.List(dir)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -16,17 +16,19 @@ const module = "github.com/underpass-cni/underpass/"
 var layer = map[string]int{
 	// Leaves that know nothing of the datapath.
 	"internal/flock": 0, "internal/cidrs": 0, "internal/hostnat": 0, "internal/netwatch": 0, "internal/ociimage": 0,
+	// Putting programs on interfaces (tcx, XDP, cls_bpf), given the programs.
+	"internal/attach": 1,
 	// The loader, with the bpf2go objects.
-	"internal/loader": 1,
+	"internal/loader": 2,
 	// Typed access to the pinned maps; the config.
-	"internal/datapath": 2, "internal/config": 2, "internal/release": 2,
+	"internal/datapath": 3, "internal/config": 3, "internal/release": 3,
 	// What the agent and the CLI build on the maps.
-	"internal/endpointgc": 3, "internal/services": 3,
-	"internal/events": 4, "internal/metrics": 4,
+	"internal/endpointgc": 4, "internal/services": 4,
+	"internal/events": 5, "internal/metrics": 5,
 	// The plugin's verbs, the agent, the CLI, the tools and test helpers.
-	"internal/cni": 5, "internal/agent": 5, "internal/ctl": 5, "internal/cmd/mkimage": 5, "internal/testutil": 5,
+	"internal/cni": 6, "internal/agent": 6, "internal/ctl": 6, "internal/cmd/mkimage": 6, "internal/testutil": 6,
 	// The mains.
-	"cmd/underpass": 6, "cmd/underpassd": 6, "cmd/underpassctl": 6,
+	"cmd/underpass": 7, "cmd/underpassd": 7, "cmd/underpassctl": 7,
 }
 
 func TestImportsGoOneWay(t *testing.T) {

@@ -25,6 +25,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 
+	"github.com/underpass-cni/underpass/internal/attach"
 	"github.com/underpass-cni/underpass/internal/datapath"
 	"github.com/underpass-cni/underpass/internal/loader"
 	"github.com/underpass-cni/underpass/internal/testutil"
@@ -52,7 +53,7 @@ func BenchmarkPaths(b *testing.B) {
 	}
 	defer dp.Close()
 	must(b, datapath.PutParent(&dp.Maps, up.Index, up.MAC, loader.ModeMacvlan))
-	must(b, env.Node.Do(func() error { _, err := dp.AttachEgress(loader.RoleParent, up.Index); return err }))
+	must(b, env.Node.Do(func() error { _, err := attach.Egress(dp.EgressTarget(attach.RoleParent, up.Index)); return err }))
 	hosts := datapath.HostSet{}
 	hosts.Add(netip.PrefixFrom(up.Node4.Addr(), 32), loader.HostLocal)
 	must(b, datapath.SyncHostCIDRs(&dp.Maps, hosts))

@@ -9,6 +9,7 @@ import (
 
 	"github.com/containernetworking/cni/libcni"
 
+	"github.com/underpass-cni/underpass/internal/attach"
 	"github.com/underpass-cni/underpass/internal/loader"
 	"github.com/underpass-cni/underpass/test/netenv"
 )
@@ -86,9 +87,9 @@ func (h *harness) checkRegistered(t *testing.T, p *pod) {
 // both ways.
 func (h *harness) checkFilters(t *testing.T, p *pod, id uint32) {
 	t.Helper()
-	att, err := loader.AttachedEndpoint(p.netns, mustIndex(t, p))
+	att, err := attach.InspectEndpoint(p.netns, mustIndex(t, p))
 	must(t, err)
-	if att != (loader.EndpointFilters{Ingress: id, Egress: id}) {
+	if att != (attach.EndpointFilters{Ingress: id, Egress: id}) {
 		t.Errorf("pod %s runs the programs of endpoints %+v, want %d", p.name, att, id)
 	}
 }

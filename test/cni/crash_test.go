@@ -7,8 +7,8 @@ import (
 	"syscall"
 	"testing"
 
+	"github.com/underpass-cni/underpass/internal/attach"
 	"github.com/underpass-cni/underpass/internal/datapath"
-	"github.com/underpass-cni/underpass/internal/loader"
 	"github.com/underpass-cni/underpass/test/netenv"
 )
 
@@ -53,7 +53,7 @@ func TestKilledMidAddThenGC(t *testing.T) {
 	if got, _, _ := datapath.Find(&h.dp.Maps, p.id, p.ifname); got != 0 {
 		t.Fatalf("endpoint %d still registered after GC", got)
 	}
-	if att, err := loader.AttachedEndpoint(p.netns, mustIndex(t, p)); err != nil || att != (loader.EndpointFilters{}) {
+	if att, err := attach.InspectEndpoint(p.netns, mustIndex(t, p)); err != nil || att != (attach.EndpointFilters{}) {
 		t.Fatalf("after GC, endpoint %d's interface has filters %+v (%v)", id, att, err)
 	}
 	// host-local v1.9.1 has no GC of its own: the lease goes with the

@@ -14,6 +14,7 @@ import (
 	"github.com/containernetworking/cni/pkg/types"
 	"github.com/vishvananda/netlink"
 
+	"github.com/underpass-cni/underpass/internal/attach"
 	"github.com/underpass-cni/underpass/internal/datapath"
 	"github.com/underpass-cni/underpass/internal/loader"
 )
@@ -200,7 +201,7 @@ func TestAddFailures(t *testing.T) {
 					id, _, _ := datapath.Find(&h.dp.Maps, "live-squatter", "eth0")
 					must(t, datapath.Unregister(&h.dp.Maps, id))
 					must(t, datapath.DeleteParent(&h.dp.Maps, u.Index))
-					must(t, h.env.Node.Do(func() error { return h.dp.DetachEgress(loader.RoleParent, u.Index) }))
+					must(t, h.env.Node.Do(func() error { return attach.DetachEgress(h.dp.EgressTarget(attach.RoleParent, u.Index)) }))
 				}
 			},
 			code: types.ErrInternal,

@@ -21,6 +21,7 @@ import (
 	"github.com/containernetworking/cni/pkg/types"
 	current "github.com/containernetworking/cni/pkg/types/100"
 
+	"github.com/underpass-cni/underpass/internal/attach"
 	"github.com/underpass-cni/underpass/internal/datapath"
 	"github.com/underpass-cni/underpass/internal/loader"
 	"github.com/underpass-cni/underpass/internal/testutil"
@@ -91,7 +92,7 @@ type harness struct {
 
 	baseLinks   []string
 	baseParents map[int]loader.Parent
-	baseAtts    []loader.Attachment
+	baseAtts    []attach.Attachment
 }
 
 type harnessOpts struct {
@@ -159,7 +160,7 @@ func (h *harness) baselineParents() {
 	var err error
 	h.baseParents, err = datapath.Parents(&h.dp.Maps)
 	must(h.t, err)
-	h.baseAtts, err = loader.Attachments(h.bpffs)
+	h.baseAtts, err = attach.List(h.bpffs)
 	must(h.t, err)
 }
 
@@ -400,7 +401,7 @@ func (h *harness) assertNoLeak(t *testing.T, live []*pod, nss ...*netenv.NS) {
 		if len(parents) != len(h.baseParents) {
 			t.Errorf("parents %v, want %v", parents, h.baseParents)
 		}
-		atts, err := loader.Attachments(h.bpffs)
+		atts, err := attach.List(h.bpffs)
 		must(t, err)
 		if len(atts) != len(h.baseAtts) {
 			t.Errorf("parent attachments %v, want %v", atts, h.baseAtts)

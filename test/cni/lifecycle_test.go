@@ -19,6 +19,7 @@ import (
 	"github.com/containernetworking/plugins/pkg/testutils"
 	"github.com/vishvananda/netlink"
 
+	"github.com/underpass-cni/underpass/internal/attach"
 	"github.com/underpass-cni/underpass/internal/datapath"
 	"github.com/underpass-cni/underpass/internal/loader"
 	"github.com/underpass-cni/underpass/internal/testutil"
@@ -172,11 +173,11 @@ func TestCheckDrift(t *testing.T) {
 		}, "is not registered"},
 		{"programs detached", func(t *testing.T, p *pod) {
 			id, _ := h.endpointOf(t, p)
-			must(t, loader.DetachEndpoint(p.netns, mustIndex(t, p), id))
+			must(t, attach.DetachEndpoint(attach.EndpointOptions{ID: id, Ifindex: mustIndex(t, p), Netns: p.netns}))
 		}, "ingress not attached; egress not attached"},
 		{"another endpoint attached", func(t *testing.T, p *pod) {
 			id, _ := h.endpointOf(t, p)
-			must(t, loader.AttachEndpoint(h.dp, id+1, p.netns, mustIndex(t, p)))
+			must(t, attach.Endpoint(h.dp.EndpointTarget(id+1, p.netns, mustIndex(t, p))))
 		}, "runs endpoint"},
 		{"address removed", func(t *testing.T, p *pod) {
 			l, err := p.ns.Netlink().LinkByName("eth0")
@@ -238,7 +239,7 @@ func TestGC(t *testing.T) {
 		t.Fatalf("c still registered as %d", id)
 	}
 	// c's netns still exists: its interface no longer runs its programs.
-	if att, err := loader.AttachedEndpoint(c.netns, mustIndex(t, c)); err != nil || att != (loader.EndpointFilters{}) {
+	if att, err := attach.InspectEndpoint(c.netns, mustIndex(t, c)); err != nil || att != (attach.EndpointFilters{}) {
 		t.Fatalf("c's interface after GC: filters %+v, %v; want none", att, err)
 	}
 	// host-local v1.9.1 has no GC of its own (its GC is a FIXME), so c's

@@ -17,6 +17,7 @@ import (
 
 	"github.com/vishvananda/netlink"
 
+	"github.com/underpass-cni/underpass/internal/attach"
 	"github.com/underpass-cni/underpass/internal/datapath"
 	"github.com/underpass-cni/underpass/internal/loader"
 	"github.com/underpass-cni/underpass/internal/testutil"
@@ -61,7 +62,7 @@ func newNodeMode(t *testing.T, opts netenv.Options, mode loader.Mode) *node {
 	must(t, datapath.SetConfig(m, datapath.Config{ServicesSynced: true, HostReachable: true}, 1))
 	must(t, datapath.PutParent(m, n.up.Index, n.up.MAC, mode))
 	must(t, env.Node.Do(func() error {
-		_, err := dp.AttachEgress(loader.RoleParent, n.up.Index)
+		_, err := attach.Egress(dp.EgressTarget(attach.RoleParent, n.up.Index))
 		return err
 	}))
 	hosts := datapath.HostSet{}
@@ -305,7 +306,7 @@ func TestTwoNICNode(t *testing.T) {
 	c, _ := n.container(t, "a", 10)
 	up2 := n.env.Uplinks[1]
 	must(t, n.env.Node.Do(func() error {
-		_, err := n.dp.AttachEgress(loader.RoleUplink, up2.Index)
+		_, err := attach.Egress(n.dp.EgressTarget(attach.RoleUplink, up2.Index))
 		return err
 	}))
 

@@ -32,6 +32,7 @@ import (
 
 	"github.com/cilium/ebpf"
 
+	"github.com/underpass-cni/underpass/internal/attach"
 	"github.com/underpass-cni/underpass/internal/datapath"
 	"github.com/underpass-cni/underpass/internal/loader"
 	"github.com/underpass-cni/underpass/internal/testutil"
@@ -82,8 +83,8 @@ func (n *node) ipvlanContainer(t *testing.T, m ipvlanMode, name string, host int
 	}
 	// The slave's own programs, as the plugin attaches them: every test
 	// below runs with the per-endpoint counters and the spoofing check.
-	must(t, loader.AttachEndpoint(n.dp, id, c.Path, c.Index))
-	t.Cleanup(func() { loader.DetachEndpoint(c.Path, c.Index, id) })
+	must(t, attach.Endpoint(n.dp.EndpointTarget(id, c.Path, c.Index)))
+	t.Cleanup(func() { attach.DetachEndpoint(attach.EndpointOptions{ID: id, Ifindex: c.Index, Netns: c.Path}) })
 	return c, id
 }
 

@@ -16,10 +16,10 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/underpass-cni/underpass/internal/attach"
 	"github.com/underpass-cni/underpass/internal/ctl"
 	"github.com/underpass-cni/underpass/internal/datapath"
 	"github.com/underpass-cni/underpass/internal/events"
-	"github.com/underpass-cni/underpass/internal/loader"
 	"github.com/underpass-cni/underpass/test/netenv"
 )
 
@@ -88,7 +88,7 @@ func TestTrafficCounters(t *testing.T) {
 	}
 
 	// A deleted endpoint's series are gone at the next scrape.
-	must(t, loader.DetachEndpoint(b.Path, b.Index, b.id))
+	must(t, attach.DetachEndpoint(attach.EndpointOptions{ID: b.id, Ifindex: b.Index, Netns: b.Path}))
 	must(t, datapath.Unregister(&l.dp.Maps, b.id))
 	for k := range scrape(t, c) {
 		if strings.Contains(k, "pod=b") {
@@ -333,12 +333,12 @@ func TestUnderpassctl(t *testing.T) {
 
 	// Detached, and then another endpoint's programs on the interface:
 	// the CLI reads the filters inside the pod's netns.
-	must(t, loader.DetachEndpoint(p.Path, p.Index, p.id))
+	must(t, attach.DetachEndpoint(attach.EndpointOptions{ID: p.id, Ifindex: p.Index, Netns: p.Path}))
 	must(t, json.Unmarshal([]byte(run("endpoints", "-o", "json")), &eps))
 	if len(eps) != 1 || eps[0].Attach != "none" {
 		t.Errorf("detached endpoint shown as %+v", eps)
 	}
-	must(t, loader.AttachEndpoint(l.dp, p.id+1, p.Path, p.Index))
+	must(t, attach.Endpoint(l.dp.EndpointTarget(p.id+1, p.Path, p.Index)))
 	must(t, json.Unmarshal([]byte(run("endpoints", "-o", "json")), &eps))
 	if len(eps) != 1 || eps[0].Attach != "wrong-endpoint" {
 		t.Errorf("endpoint with another's programs shown as %+v", eps)

@@ -17,6 +17,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/underpass-cni/underpass/internal/attach"
 	"github.com/underpass-cni/underpass/internal/datapath"
 	"github.com/underpass-cni/underpass/internal/loader"
 	"github.com/underpass-cni/underpass/internal/metrics"
@@ -40,7 +41,7 @@ type lab struct {
 	env *netenv.Env
 	dp  *loader.Datapath
 	up  *netenv.Uplink
-	xdp loader.XDPMode
+	xdp attach.XDPMode
 }
 
 func newLab(t *testing.T) *lab {
@@ -54,18 +55,18 @@ func newLab(t *testing.T) *lab {
 	must(t, datapath.SetConfig(m, datapath.Config{ServicesSynced: true, HostReachable: true}, 1))
 	must(t, datapath.PutParent(m, l.up.Index, l.up.MAC, loader.ModeMacvlan))
 	must(t, env.Node.Do(func() error {
-		if _, err := dp.AttachEgress(loader.RoleParent, l.up.Index); err != nil {
+		if _, err := attach.Egress(dp.EgressTarget(attach.RoleParent, l.up.Index)); err != nil {
 			return err
 		}
-		l.xdp, err = dp.AttachXDP(l.up.Index, loader.XDPGeneric)
+		l.xdp, err = attach.XDP(dp.XDPTarget(l.up.Index, attach.XDPGeneric))
 		return err
 	}))
 	// Links are pinned: detach them with the lab (the pins go with the
 	// bpffs dir, the links with the interfaces, but be explicit).
 	t.Cleanup(func() {
 		_ = env.Node.Do(func() error {
-			_ = dp.DetachXDP(l.up.Index)
-			return dp.DetachEgress(loader.RoleParent, l.up.Index)
+			_ = attach.DetachXDP(dp.XDPTarget(l.up.Index, ""))
+			return attach.DetachEgress(dp.EgressTarget(attach.RoleParent, l.up.Index))
 		})
 	})
 	hosts := datapath.HostSet{}
@@ -100,8 +101,8 @@ func (l *lab) pod(t *testing.T, name string, host int) *pod {
 		Addrs: []netip.Prefix{c.IP4}, PodName: name, PodNamespace: namespace,
 	})
 	must(t, err)
-	must(t, loader.AttachEndpoint(l.dp, id, c.Path, c.Index))
-	t.Cleanup(func() { _ = loader.DetachEndpoint(c.Path, c.Index, id) })
+	must(t, attach.Endpoint(l.dp.EndpointTarget(id, c.Path, c.Index)))
+	t.Cleanup(func() { _ = attach.DetachEndpoint(attach.EndpointOptions{ID: id, Ifindex: c.Index, Netns: c.Path}) })
 	return &pod{Container: c, name: name, id: id}
 }
 

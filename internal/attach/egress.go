@@ -1,4 +1,11 @@
-package loader
+// Package attach puts the loaded programs on interfaces and takes them off:
+// tcx egress links on parents and uplinks (legacy clsact filters before
+// Linux 6.6), XDP links on parents, cls_bpf filters on endpoint slaves in
+// their netns. Every attachment is one call with an options struct, as in
+// cilium/ebpf's link package; loader.Datapath fills the options
+// (EgressTarget, XDPTarget, EndpointTarget). Links are pinned under the
+// datapath's pin directory, so they outlive the process that made them.
+package attach
 
 import (
 	"errors"
@@ -14,12 +21,15 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// AttachMode says how a program is attached.
-type AttachMode string
+// LinkDir is the directory of link pins inside the pin directory.
+const LinkDir = "links"
+
+// Mode says how a program is attached.
+type Mode string
 
 const (
-	AttachTCX    AttachMode = "tcx"
-	AttachLegacy AttachMode = "legacy" // clsact qdisc + cls_bpf filter, before Linux 6.6
+	TCX    Mode = "tcx"
+	Legacy Mode = "legacy" // clsact qdisc + cls_bpf filter, before Linux 6.6
 )
 
 // Role names what an attachment is for; it is part of the link pin name.
@@ -34,26 +44,38 @@ const (
 type Attachment struct {
 	Role    Role
 	Ifindex int
-	Mode    AttachMode
+	Mode    Mode
 	Pin     string // tcx link pin, empty for legacy
 }
 
-// LinkPin is where the tcx link of role on ifindex is pinned.
-func LinkPin(dir string, role Role, ifindex int) string {
-	return filepath.Join(dir, linkDir, fmt.Sprintf("%s-egress-%d", role, ifindex))
+// EgressOptions name an egress attachment: Program, run as Role on the
+// egress of Ifindex (in the caller's netns), its link pinned under Dir.
+type EgressOptions struct {
+	Program *ebpf.Program
+	Role    Role
+	Ifindex int
+	Dir     string // the datapath's pin directory
 }
 
-// AttachEgress attaches the program for role to the egress of ifindex (in the
-// caller's netns). If it is attached already, the program is replaced in
-// place (link.Update for tcx, filter replace for legacy): no moment without
-// a program, so re-running it is both idempotent and the upgrade path.
-func (dp *Datapath) AttachEgress(role Role, ifindex int) (Attachment, error) {
-	prog, err := dp.program(role)
-	if err != nil {
-		return Attachment{}, err
+func (o EgressOptions) pin() string { return LinkPin(o.Dir, o.Role, o.Ifindex) }
+
+func (o EgressOptions) legacy() clsBPF { return parentFilter(o.Ifindex, o.Role) }
+
+// LinkPin is where the tcx link of role on ifindex is pinned.
+func LinkPin(dir string, role Role, ifindex int) string {
+	return filepath.Join(dir, LinkDir, fmt.Sprintf("%s-egress-%d", role, ifindex))
+}
+
+// Egress attaches o.Program to the egress of o.Ifindex. If it is attached
+// already, the program is replaced in place (link.Update for tcx, filter
+// replace for legacy): no moment without a program, so re-running it is
+// both idempotent and the upgrade path.
+func Egress(o EgressOptions) (Attachment, error) {
+	if o.Program == nil {
+		return Attachment{}, fmt.Errorf("no program for role %q", o.Role)
 	}
-	pin := LinkPin(dp.Dir, role, ifindex)
-	att := Attachment{Role: role, Ifindex: ifindex, Mode: AttachTCX, Pin: pin}
+	ifindex, prog, pin := o.Ifindex, o.Program, o.pin()
+	att := Attachment{Role: o.Role, Ifindex: ifindex, Mode: TCX, Pin: pin}
 
 	if updatePinned(pin, prog) {
 		return att, nil
@@ -61,10 +83,10 @@ func (dp *Datapath) AttachEgress(role Role, ifindex int) (Attachment, error) {
 
 	l, err := link.AttachTCX(link.TCXOptions{Interface: ifindex, Program: prog, Attach: ebpf.AttachTCXEgress})
 	if errors.Is(err, ebpf.ErrNotSupported) {
-		if err := parentFilter(ifindex, role).replace(prog); err != nil {
+		if err := o.legacy().replace(prog); err != nil {
 			return Attachment{}, fmt.Errorf("attach legacy tc egress %s: %w", IfaceName(ifindex), err)
 		}
-		return Attachment{Role: role, Ifindex: ifindex, Mode: AttachLegacy}, nil
+		return Attachment{Role: o.Role, Ifindex: ifindex, Mode: Legacy}, nil
 	}
 	if err != nil {
 		return Attachment{}, fmt.Errorf("attach tcx egress %s: %w", IfaceName(ifindex), err)
@@ -75,7 +97,7 @@ func (dp *Datapath) AttachEgress(role Role, ifindex int) (Attachment, error) {
 	// A legacy filter left by an older kernel's run would run twice: when
 	// it cannot be removed, the new link goes again, so that a failed
 	// attach leaves nothing behind and a retry attaches afresh.
-	if err := parentFilter(ifindex, role).remove("underpass-" + string(role)); err != nil {
+	if err := o.legacy().remove(LegacyFilterName(o.Role)); err != nil {
 		err = fmt.Errorf("remove the legacy tc egress filter beside the tcx link of %s: %w", IfaceName(ifindex), err)
 		if uerr := unpinAndDetach(pin); uerr != nil {
 			err = errors.Join(err, fmt.Errorf("roll back the tcx link: %w", uerr))
@@ -85,13 +107,14 @@ func (dp *Datapath) AttachEgress(role Role, ifindex int) (Attachment, error) {
 	return att, nil
 }
 
-// DetachEgress removes the attachment of role from ifindex; absent is fine.
-func (dp *Datapath) DetachEgress(role Role, ifindex int) error {
-	if err := unpinAndDetach(LinkPin(dp.Dir, role, ifindex)); err != nil {
-		return fmt.Errorf("detach tcx egress %s: %w", IfaceName(ifindex), err)
+// DetachEgress removes the attachment o names (o.Program is not needed);
+// absent is fine.
+func DetachEgress(o EgressOptions) error {
+	if err := unpinAndDetach(o.pin()); err != nil {
+		return fmt.Errorf("detach tcx egress %s: %w", IfaceName(o.Ifindex), err)
 	}
-	if err := parentFilter(ifindex, role).remove("underpass-" + string(role)); err != nil {
-		return fmt.Errorf("detach legacy tc egress %s: %w", IfaceName(ifindex), err)
+	if err := o.legacy().remove(LegacyFilterName(o.Role)); err != nil {
+		return fmt.Errorf("detach legacy tc egress %s: %w", IfaceName(o.Ifindex), err)
 	}
 	return nil
 }
@@ -153,25 +176,25 @@ func pinLink(l link.Link, pin string) error {
 	return l.Pin(pin)
 }
 
-// EgressPinned says whether role has a pinned tcx link on ifindex: one stat,
-// where Attachments reads the whole link directory (two pins per pod).
-func (dp *Datapath) EgressPinned(role Role, ifindex int) bool {
-	_, err := os.Stat(LinkPin(dp.Dir, role, ifindex))
+// EgressPinned says whether o has a pinned tcx link: one stat, where List
+// reads the whole link directory.
+func EgressPinned(o EgressOptions) bool {
+	_, err := os.Stat(o.pin())
 	return err == nil
 }
 
-// EgressCurrent says whether the tcx link pinned for role on ifindex is
-// attached there and runs the pinned program already, so that attaching
-// again would change nothing. The plugin asks on every ADD: a link update
+// EgressCurrent says whether the tcx link pinned for o is attached to
+// o.Ifindex and runs o.Program already, so that attaching again would
+// change nothing. The plugin asks on every ADD: a link update
 // takes the RTNL lock, which every netlink change on the node waits for,
 // and 100 pods starting at once would queue on it. False on any doubt
 // (legacy TC, no pin, a defunct link): then attach.
-func (dp *Datapath) EgressCurrent(role Role, ifindex int) bool {
-	prog, err := dp.program(role)
-	if err != nil {
+func EgressCurrent(o EgressOptions) bool {
+	prog, ifindex := o.Program, o.Ifindex
+	if prog == nil {
 		return false
 	}
-	l, err := link.LoadPinnedLink(LinkPin(dp.Dir, role, ifindex), nil)
+	l, err := link.LoadPinnedLink(o.pin(), nil)
 	if err != nil {
 		return false
 	}
@@ -191,10 +214,10 @@ func (dp *Datapath) EgressCurrent(role Role, ifindex int) bool {
 	return ok && info.Program == id
 }
 
-// Attachments lists the pinned tcx links in dir (legacy filters are not
-// pinned; ask the interface).
-func Attachments(dir string) ([]Attachment, error) {
-	entries, err := os.ReadDir(filepath.Join(dir, linkDir))
+// List lists the pinned tcx links in the pin directory dir (legacy filters
+// are not pinned; ask the interface).
+func List(dir string) ([]Attachment, error) {
+	entries, err := os.ReadDir(filepath.Join(dir, LinkDir))
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, nil
 	}
@@ -209,19 +232,9 @@ func Attachments(dir string) ([]Attachment, error) {
 		if _, err := fmt.Sscanf(name, "%s %d", &role, &ifindex); err != nil {
 			continue
 		}
-		out = append(out, Attachment{Role: Role(role), Ifindex: ifindex, Mode: AttachTCX, Pin: filepath.Join(dir, linkDir, e.Name())})
+		out = append(out, Attachment{Role: Role(role), Ifindex: ifindex, Mode: TCX, Pin: filepath.Join(dir, LinkDir, e.Name())})
 	}
 	return out, nil
-}
-
-func (dp *Datapath) program(role Role) (*ebpf.Program, error) {
-	switch role {
-	case RoleParent:
-		return dp.Programs.ParentEgress, nil
-	case RoleUplink:
-		return dp.Programs.UplinkEgress, nil
-	}
-	return nil, fmt.Errorf("unknown attachment role %q", role)
 }
 
 // IfaceName names the host interface ifindex for messages: "eth0 (ifindex
@@ -235,5 +248,9 @@ func IfaceName(ifindex int) string {
 
 // parentFilter is the legacy attachment of role on ifindex in the host netns.
 func parentFilter(ifindex int, role Role) clsBPF {
-	return clsBPF{h: hostHandle, ifindex: ifindex, hook: netlink.HANDLE_MIN_EGRESS, name: "underpass-" + string(role)}
+	return clsBPF{h: hostHandle, ifindex: ifindex, hook: netlink.HANDLE_MIN_EGRESS, name: LegacyFilterName(role)}
 }
+
+// LegacyFilterName is the name of role's cls_bpf filter on kernels
+// without tcx.
+func LegacyFilterName(role Role) string { return "underpass-" + string(role) }

@@ -1,4 +1,4 @@
-package loader
+package attach
 
 import (
 	"errors"
@@ -95,44 +95,58 @@ func endpointFilters(h *netlink.Handle, ifindex int) [2]clsBPF {
 // passes 16 bits of its classid to the program.
 const MaxEndpointID = 0xffff
 
-// AttachEndpoint attaches the endpoint programs for endpoint id to the
-// ingress and egress of ifindex in the netns at netnsPath. Attaching again
-// (a retried ADD) swaps the filters in place. On error nothing of this
-// attachment is left.
-func AttachEndpoint(dp *Datapath, id uint32, netnsPath string, ifindex int) error {
-	h, err := NetnsHandle(netnsPath)
+// EndpointOptions name an endpoint's attachment: the programs of endpoint
+// ID on the ingress and egress of Ifindex in the netns at Netns ("": the
+// calling thread's, for a caller inside ns.Do already, such as the CNI
+// plugin, which is there anyway to configure the interface).
+type EndpointOptions struct {
+	ID              uint32
+	Ifindex         int
+	Netns           string
+	Ingress, Egress *ebpf.Program // endpoint_ingress, endpoint_egress
+}
+
+// handle opens a netlink handle in o's netns: one socket for the few
+// requests (the package-level netlink functions open one per request).
+func (o EndpointOptions) handle() (*netlink.Handle, error) {
+	if o.Netns == "" {
+		h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
+		if err != nil {
+			return nil, fmt.Errorf("netlink: %w", err)
+		}
+		return h, nil
+	}
+	return NetnsHandle(o.Netns)
+}
+
+func (o EndpointOptions) where() string {
+	if o.Netns == "" {
+		return fmt.Sprintf("ifindex %d", o.Ifindex)
+	}
+	return fmt.Sprintf("ifindex %d in %s", o.Ifindex, o.Netns)
+}
+
+// Endpoint attaches the endpoint programs for endpoint o.ID to the ingress
+// and egress of o.Ifindex. Attaching again (a retried ADD) swaps the
+// filters in place. On error nothing of this attachment is left.
+func Endpoint(o EndpointOptions) error {
+	h, err := o.handle()
 	if err != nil {
-		return fmt.Errorf("attach endpoint %d: %w", id, err)
+		return fmt.Errorf("attach endpoint %d: %w", o.ID, err)
 	}
 	defer h.Close()
-	if err := dp.attachEndpoint(h, id, ifindex); err != nil {
-		return fmt.Errorf("attach endpoint %d to ifindex %d in %s: %w", id, ifindex, netnsPath, err)
+	if err := attachEndpoint(h, o); err != nil {
+		return fmt.Errorf("attach endpoint %d to %s: %w", o.ID, o.where(), err)
 	}
 	return nil
 }
 
-// AttachEndpointHere is AttachEndpoint in the calling thread's netns, for
-// a caller inside ns.Do already: the CNI plugin, which is there anyway to
-// configure the interface.
-func AttachEndpointHere(dp *Datapath, id uint32, ifindex int) error {
-	// One socket for the three requests (the package-level netlink
-	// functions open one per request).
-	h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
-	if err != nil {
-		return fmt.Errorf("attach endpoint %d: netlink: %w", id, err)
-	}
-	defer h.Close()
-	if err := dp.attachEndpoint(h, id, ifindex); err != nil {
-		return fmt.Errorf("attach endpoint %d to ifindex %d: %w", id, ifindex, err)
-	}
-	return nil
-}
-
-func (dp *Datapath) attachEndpoint(h *netlink.Handle, id uint32, ifindex int) (err error) {
+func attachEndpoint(h *netlink.Handle, o EndpointOptions) (err error) {
+	id, ifindex := o.ID, o.Ifindex
 	if id == 0 || id > MaxEndpointID {
 		return fmt.Errorf("endpoint id %d out of range 1-%d", id, MaxEndpointID)
 	}
-	if dp.Programs.EndpointIngress == nil || dp.Programs.EndpointEgress == nil {
+	if o.Ingress == nil || o.Egress == nil {
 		return errors.New("datapath has no endpoint programs open")
 	}
 	filters := endpointFilters(h, ifindex)
@@ -148,7 +162,7 @@ func (dp *Datapath) attachEndpoint(h *netlink.Handle, id uint32, ifindex int) (e
 	if err := filters[0].ensureClsact(); err != nil {
 		return err
 	}
-	for i, prog := range []*ebpf.Program{dp.Programs.EndpointIngress, dp.Programs.EndpointEgress} {
+	for i, prog := range []*ebpf.Program{o.Ingress, o.Egress} {
 		f := filters[i]
 		f.name = endpointFilterName(id)
 		f.classid = id
@@ -159,11 +173,12 @@ func (dp *Datapath) attachEndpoint(h *netlink.Handle, id uint32, ifindex int) (e
 	return nil
 }
 
-// DetachEndpoint removes the filters of endpoint id (0: of any endpoint)
-// from ifindex in the netns at netnsPath. A netns or interface that is gone
-// took the filters with it: that is success.
-func DetachEndpoint(netnsPath string, ifindex int, id uint32) error {
-	h, err := NetnsHandle(netnsPath)
+// DetachEndpoint removes the filters of endpoint o.ID (0: of any endpoint)
+// from o.Ifindex; the programs need not be set. A netns or interface that
+// is gone took the filters with it: that is success.
+func DetachEndpoint(o EndpointOptions) error {
+	ifindex, id := o.Ifindex, o.ID
+	h, err := o.handle()
 	if errors.Is(err, ErrNetnsGone) {
 		return nil
 	}
@@ -193,7 +208,7 @@ func DetachEndpoint(netnsPath string, ifindex int, id uint32) error {
 		}
 	}
 	if err := errors.Join(errs...); err != nil {
-		return fmt.Errorf("detach endpoint %d from ifindex %d in %s: %w", id, ifindex, netnsPath, err)
+		return fmt.Errorf("detach endpoint %d from %s: %w", id, o.where(), err)
 	}
 	return nil
 }
@@ -205,9 +220,9 @@ type EndpointFilters struct {
 	Ingress, Egress uint32
 }
 
-// AttachedEndpoint reads the endpoint filters of ifindex in the netns at
+// InspectEndpoint reads the endpoint filters of ifindex in the netns at
 // netnsPath. ErrNetnsGone when the netns is gone.
-func AttachedEndpoint(netnsPath string, ifindex int) (EndpointFilters, error) {
+func InspectEndpoint(netnsPath string, ifindex int) (EndpointFilters, error) {
 	h, err := NetnsHandle(netnsPath)
 	if err != nil {
 		return EndpointFilters{}, err
