@@ -237,7 +237,7 @@ func TestInvalidConfig(t *testing.T) {
 	if hosts[netip.MustParsePrefix("169.254.20.10/32")] != uint32(loader.HostSteer) {
 		t.Fatalf("hostCIDRs not applied: %v", hosts)
 	}
-	if err := r.ag.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+	if err := r.ag.Cmd.Process.Signal(syscall.SIGHUP); err != nil {
 		t.Fatal(err)
 	}
 	r.waitMetric("underpass_config_reloads_total", `result="success"`, 2)
@@ -249,7 +249,7 @@ func TestInvalidConfig(t *testing.T) {
 	if err := bad.wait(10 * time.Second); err == nil {
 		t.Fatal("underpassd started with a service CIDR overlapping the node subnet")
 	}
-	if out := bad.out.String(); !strings.Contains(out, "staleServices.cidrs[0]") || !strings.Contains(out, "overlaps node subnet") {
+	if out := bad.Out.String(); !strings.Contains(out, "staleServices.cidrs[0]") || !strings.Contains(out, "overlaps node subnet") {
 		t.Fatalf("start-up error does not name the key:\n%s", out)
 	}
 }
@@ -267,7 +267,7 @@ func TestRestartKill9(t *testing.T) {
 	wg.Go(func() { ping = netenv.Ping(t, r.Node, r.ctr.IP4.Addr(), 400) })
 	wg.Go(func() { pingBack = netenv.Ping(t, r.ctr.NS, r.nodeIP(), 400) })
 	time.Sleep(time.Second)
-	r.ag.kill()
+	r.ag.Kill()
 	time.Sleep(500 * time.Millisecond) // no agent at all for a while
 	ag2 := r.start(agentBin)
 	took := ag2.waitReady()
@@ -433,7 +433,7 @@ func TestEndpointGC(t *testing.T) {
 	if err := m.EpByIP.Lookup(&k, &ref); !errors.Is(err, ebpf.ErrKeyNotExist) {
 		t.Fatalf("address of a collected endpoint: lookup says %+v, %v; want no entry", ref, err)
 	}
-	out := r.ag.out.String()
+	out := r.ag.Out.String()
 	if !strings.Contains(out, `reason="netns gone`) || !strings.Contains(out, `reason="interface gone"`) {
 		t.Fatalf("GC did not log its reasons:\n%s", out)
 	}
@@ -463,7 +463,7 @@ func TestEndpointGCDetachesFiltersOfAChangedMAC(t *testing.T) {
 	if f, err := loader.AttachedEndpoint(c.Path, c.Index); err != nil || f != (loader.EndpointFilters{}) {
 		t.Fatalf("filters after GC: %+v, %v; want none", f, err)
 	}
-	if out := r.ag.out.String(); !strings.Contains(out, `reason="interface replaced (MAC changed)"`) {
+	if out := r.ag.Out.String(); !strings.Contains(out, `reason="interface replaced (MAC changed)"`) {
 		t.Fatalf("GC did not say why:\n%s", out)
 	}
 	netenv.MustPing(t, r.Node, r.ctr.IP4.Addr(), 3)
@@ -546,11 +546,11 @@ func TestParentEvents(t *testing.T) {
 	if err := nl.LinkSetDown(link0); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 5*time.Second, "parent down logged", func() bool { return strings.Contains(r.ag.out.String(), `msg="parent is down"`) })
+	waitFor(t, 5*time.Second, "parent down logged", func() bool { return strings.Contains(r.ag.Out.String(), `msg="parent is down"`) })
 	if err := nl.LinkSetUp(link0); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 5*time.Second, "parent up logged", func() bool { return strings.Contains(r.ag.out.String(), `msg="parent is up"`) })
+	waitFor(t, 5*time.Second, "parent up logged", func() bool { return strings.Contains(r.ag.Out.String(), `msg="parent is up"`) })
 	waitFor(t, 5*time.Second, "ping after up", func() bool {
 		return netenv.Ping(t, r.Node, r.ctr.IP4.Addr(), 3).Received > 0
 	})
@@ -574,7 +574,7 @@ func TestParentEvents(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitFor(t, 5*time.Second, "parent deletion logged", func() bool {
-		return strings.Contains(r.ag.out.String(), `msg="parent interface deleted`)
+		return strings.Contains(r.ag.Out.String(), `msg="parent interface deleted`)
 	})
 	recreateUplink(t, r.lab, eth0)
 	if eth0.Index == oldIndex {
@@ -605,7 +605,7 @@ func TestParentEvents(t *testing.T) {
 		_, ok := eps[r.ep]
 		return !ok
 	})
-	if !strings.Contains(r.ag.out.String(), `msg="parent re-created: program re-attached and endpoints moved"`) {
+	if !strings.Contains(r.ag.Out.String(), `msg="parent re-created: program re-attached and endpoints moved"`) {
 		t.Fatal("re-creation not logged")
 	}
 	if err := datapath.Unregister(&r.dp.Maps, survID); err != nil {

@@ -6,7 +6,6 @@ package cni_test
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
@@ -169,11 +168,11 @@ var must = testutil.Must
 // runtime reads /etc/cni/net.d.
 func (h *harness) conflist(name, version string, plugins ...map[string]any) *libcni.NetworkConfigList {
 	h.t.Helper()
-	b, err := json.MarshalIndent(map[string]any{"cniVersion": version, "name": name, "plugins": plugins}, "", "  ")
-	must(h.t, err)
-	path := filepath.Join(h.confDir, name+".conflist")
-	must(h.t, os.WriteFile(path, b, 0o644))
-	l, err := libcni.NetworkConfFromFile(path)
+	list := make([]any, len(plugins))
+	for i, p := range plugins {
+		list[i] = p
+	}
+	l, err := testutil.WriteConflist(filepath.Join(h.confDir, name+".conflist"), name, version, list...)
 	must(h.t, err)
 	return l
 }
@@ -181,20 +180,7 @@ func (h *harness) conflist(name, version string, plugins ...map[string]any) *lib
 // hostLocal is a dual-stack host-local IPAM section on the lab's eth0
 // subnet; v6=false leaves IPv6 out.
 func (h *harness) hostLocal(v6 bool) map[string]any {
-	u := h.env.Uplinks[0]
-	ranges := []any{[]any{map[string]any{
-		"subnet": u.Subnet4.String(), "rangeStart": u.IP4(100).Addr().String(), "rangeEnd": u.IP4(199).Addr().String(),
-		"gateway": u.Gateway4.String(),
-	}}}
-	routes := []any{map[string]any{"dst": "0.0.0.0/0"}}
-	if v6 {
-		ranges = append(ranges, []any{map[string]any{
-			"subnet": u.Subnet6.String(), "rangeStart": u.IP6(0x100).Addr().String(), "rangeEnd": u.IP6(0x1ff).Addr().String(),
-			"gateway": u.Gateway6.String(),
-		}})
-		routes = append(routes, map[string]any{"dst": "::/0"})
-	}
-	return map[string]any{"type": "host-local", "dataDir": h.dataDir, "ranges": ranges, "routes": routes}
+	return h.env.Uplinks[0].HostLocalIPAM(h.dataDir, v6)
 }
 
 // mainConf is underpass as the main plugin on eth0.
@@ -228,10 +214,7 @@ func (h *harness) newPod(name string) *pod {
 }
 
 func (p *pod) rt() *libcni.RuntimeConf {
-	return &libcni.RuntimeConf{
-		ContainerID: p.id, NetNS: p.netns, IfName: p.ifname,
-		Args: [][2]string{{"IgnoreUnknown", "1"}, {"K8S_POD_NAMESPACE", "default"}, {"K8S_POD_NAME", p.name}, {"K8S_POD_UID", "0000"}},
-	}
+	return testutil.PodRuntimeConf(p.id, p.netns, p.ifname, "default", p.name, [2]string{"K8S_POD_UID", "0000"})
 }
 
 // inNode runs fn with the node netns as the thread's netns: plugins exec'd
@@ -241,34 +224,28 @@ func (h *harness) inNode(fn func() error) error {
 }
 
 func (h *harness) tryAdd(l *libcni.NetworkConfigList, p *pod) (*current.Result, error) {
-	var res types.Result
-	err := h.inNode(func() error {
-		var err error
-		res, err = h.cni.AddNetworkList(context.Background(), l, p.rt())
-		return err
-	})
-	if err != nil {
-		return nil, err
-	}
-	r, err := current.NewResultFromResult(res)
+	r, err := testutil.CNIAdd(context.Background(), h.inNode, h.cni, l, p.rt())
 	if err != nil {
 		return nil, err
 	}
 	p.res = r
-	for _, ipc := range r.IPs {
-		a, _ := netip.AddrFromSlice(ipc.Address.IP)
-		if a = a.Unmap(); a.Is4() {
-			p.ip4 = a
-		} else {
-			p.ip6 = a
-		}
-	}
-	for _, intf := range r.Interfaces {
-		if intf.Name == p.ifname && intf.Sandbox != "" {
-			p.mac, _ = net.ParseMAC(intf.Mac)
-		}
-	}
+	p.setAddrs(r)
 	return r, nil
+}
+
+// setAddrs records the addresses and MAC an ADD result gives p; what the
+// result lacks keeps its earlier value.
+func (p *pod) setAddrs(r *current.Result) {
+	ip4, ip6, mac := testutil.ResultAddrs(r, p.ifname)
+	if ip4.IsValid() {
+		p.ip4 = ip4
+	}
+	if ip6.IsValid() {
+		p.ip6 = ip6
+	}
+	if mac != nil {
+		p.mac = mac
+	}
 }
 
 func (h *harness) add(l *libcni.NetworkConfigList, p *pod) *current.Result {

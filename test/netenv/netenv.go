@@ -603,7 +603,35 @@ func (e *Env) newNS(name string, router bool) (*NS, error) {
 	e.mu.Lock()
 	e.nss = append(e.nss, n)
 	e.mu.Unlock()
+	if err := n.setup(router); err != nil {
+		return nil, err
+	}
+	return n, nil
+}
 
+// CreateNS creates the namespace name with the lab's sysctls and lo up, but
+// outside any lab: the caller removes it with Delete. It is for namespaces
+// that come and go during a test (Env.AddNS keeps them until the test
+// ends); named with a lab's Prefix, CleanupStale removes those a crashed
+// run left.
+func CreateNS(name string) (*NS, error) {
+	n, err := createNS(name)
+	if err != nil {
+		return nil, err
+	}
+	if err := n.setup(false); err != nil {
+		_ = n.delete()
+		return nil, err
+	}
+	return n, nil
+}
+
+// Delete removes a namespace made by CreateNS (see delete).
+func (n *NS) Delete() error { return n.delete() }
+
+// setup sets the lab's sysctls in n (and, for a router, forwarding) and
+// brings lo up.
+func (n *NS) setup(router bool) error {
 	settings := [][2]string{
 		{"net.ipv6.conf.all.accept_dad", "0"},
 		{"net.ipv6.conf.default.accept_dad", "0"},
@@ -615,7 +643,7 @@ func (e *Env) newNS(name string, router bool) (*NS, error) {
 			[2]string{"net.ipv4.ip_forward", "1"},
 			[2]string{"net.ipv6.conf.all.forwarding", "1"})
 	}
-	err = n.Do(func() error {
+	err := n.Do(func() error {
 		for _, s := range settings {
 			if err := sysctl(s[0], s[1]); err != nil {
 				return err
@@ -624,16 +652,16 @@ func (e *Env) newNS(name string, router bool) (*NS, error) {
 		return nil
 	})
 	if err != nil {
-		return nil, fmt.Errorf("netns %s: %w", n.Name, err)
+		return fmt.Errorf("netns %s: %w", n.Name, err)
 	}
 	lo, err := n.Netlink().LinkByName("lo")
 	if err == nil {
 		err = n.Netlink().LinkSetUp(lo)
 	}
 	if err != nil {
-		return nil, fmt.Errorf("netns %s: set lo up: %w", n.Name, err)
+		return fmt.Errorf("netns %s: set lo up: %w", n.Name, err)
 	}
-	return n, nil
+	return nil
 }
 
 // cleanup deletes the lab's namespaces, newest first.
