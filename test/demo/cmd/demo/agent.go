@@ -4,20 +4,18 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
-	"io"
-	"net"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime"
-	"strings"
 	"sync"
 	"syscall"
 	"time"
 
 	"github.com/underpass-cni/underpass/internal/config"
+	"github.com/underpass-cni/underpass/internal/testutil"
 	"github.com/underpass-cni/underpass/test/demo"
 )
 
@@ -81,47 +79,15 @@ func (d *demoRun) startAgent(ctx context.Context) error {
 
 	// HTTP from inside the node netns: the agent listens on the node's
 	// loopback, which only sockets created in that netns reach.
-	d.httpClient = &http.Client{
-		Timeout: 3 * time.Second,
-		Transport: &http.Transport{
-			DisableKeepAlives: true,
-			DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
-				var c net.Conn
-				err := d.node.Do(func() error {
-					var err error
-					c, err = (&net.Dialer{}).DialContext(ctx, network, addr)
-					return err
-				})
-				return c, err
-			},
-		},
+	d.httpClient = testutil.NetnsHTTPClient(d.node.Do, 3*time.Second)
+	took, err := testutil.WaitReady(ctx, d.get, d.agentDone, 30*time.Second, 100*time.Millisecond)
+	if errors.Is(err, testutil.ErrExited) {
+		return fmt.Errorf("exited during start-up (%s)", d.agent.ProcessState)
 	}
-	begin := time.Now()
-	deadline := time.Now().Add(30 * time.Second)
-	var last string
-	for {
-		select {
-		case <-d.agentDone:
-			return fmt.Errorf("exited during start-up (%s)", d.agent.ProcessState)
-		case <-ctx.Done():
-			return ctx.Err()
-		default:
-		}
-		code, body, err := d.get("/readyz")
-		if err == nil && code == http.StatusOK {
-			break
-		}
-		if err != nil {
-			last = err.Error()
-		} else {
-			last = fmt.Sprintf("%d %s", code, strings.TrimSpace(body))
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("not ready after 30s: %s", last)
-		}
-		time.Sleep(100 * time.Millisecond)
+	if err != nil {
+		return err
 	}
-	d.ok("underpassd (pid %d) loaded the datapath, pinned in %s, ready after %s", d.agent.Process.Pid, demo.BPFFS, time.Since(begin).Round(10*time.Millisecond))
+	d.ok("underpassd (pid %d) loaded the datapath, pinned in %s, ready after %s", d.agent.Process.Pid, demo.BPFFS, took.Round(10*time.Millisecond))
 	d.detail("config %s: services.static [%s], staleServices.cidrs [%s], action drop", configPath, liveVIP, svcCIDR)
 	return nil
 }
@@ -157,11 +123,5 @@ var (
 
 // get fetches path from the agent's HTTP endpoint in the node netns.
 func (d *demoRun) get(path string) (int, string, error) {
-	resp, err := d.httpClient.Get("http://" + demo.MetricsAddr + path)
-	if err != nil {
-		return 0, "", err
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	return resp.StatusCode, string(b), err
+	return testutil.HTTPGet(d.httpClient, "http://"+demo.MetricsAddr+path)
 }

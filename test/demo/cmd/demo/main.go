@@ -63,33 +63,50 @@ run left). DEMO_ONCE=1 exits right after the steps.
 Flags:
 `
 
-func main() {
-	os.Exit(run())
+// options are the command line's.
+type options struct {
+	bin         string // --bin
+	cniPath     string // --cni-path
+	cleanupOnly bool   // --cleanup
 }
 
-func run() int {
+func main() {
 	fs := flag.NewFlagSet("demo", flag.ContinueOnError)
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), usage, demo.Prefix)
 		fs.PrintDefaults()
 	}
-	bin := fs.String("bin", "bin", "`dir`ectory with underpass, underpassd and underpassctl (make build)")
-	cniPath := fs.String("cni-path", "", "more `dirs` (colon-separated) searched for CNI plugins: the host-local IPAM plugin")
-	cleanupOnly := fs.Bool("cleanup", false, "only remove what a previous run left behind, then exit")
+	var o options
+	fs.StringVar(&o.bin, "bin", "bin", "`dir`ectory with underpass, underpassd and underpassctl (make build)")
+	fs.StringVar(&o.cniPath, "cni-path", "", "more `dirs` (colon-separated) searched for CNI plugins: the host-local IPAM plugin")
+	fs.BoolVar(&o.cleanupOnly, "cleanup", false, "only remove what a previous run left behind, then exit")
 	if err := fs.Parse(os.Args[1:]); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
-			return 0
+			return
 		}
-		return 2
+		os.Exit(2)
 	}
+	if err := run(o); err != nil {
+		if !errors.Is(err, errReported) {
+			fmt.Fprintln(os.Stderr, "demo:", err)
+		}
+		os.Exit(1)
+	}
+}
+
+// errReported is run's error when the demo's output has already said what
+// failed.
+var errReported = errors.New("a step failed")
+
+// run is the demo, or with --cleanup only its cleanup, under the lock that
+// keeps it to one at a time.
+func run(o options) error {
 	if os.Geteuid() != 0 {
-		fmt.Fprintln(os.Stderr, "demo: run as root (network namespaces, eBPF): sudo make demo")
-		return 1
+		return errors.New("run as root (network namespaces, eBPF): sudo make demo")
 	}
-	absBin, err := filepath.Abs(*bin)
+	absBin, err := filepath.Abs(o.bin)
 	if err != nil {
-		fmt.Fprintln(os.Stderr, "demo:", err)
-		return 1
+		return err
 	}
 	d := &demoRun{
 		bin:   absBin,
@@ -98,7 +115,7 @@ func run() int {
 		start: time.Now(),
 	}
 	d.cniPath = []string{absBin}
-	for _, p := range filepath.SplitList(*cniPath) {
+	for _, p := range filepath.SplitList(o.cniPath) {
 		if p != "" {
 			d.cniPath = append(d.cniPath, p)
 		}
@@ -106,16 +123,18 @@ func run() int {
 
 	unlock, err := takeLock()
 	if err != nil {
-		fmt.Fprintln(os.Stderr, "demo:", err)
-		return 1
+		return err
 	}
 	defer unlock()
 
-	if *cleanupOnly {
+	if o.cleanupOnly {
 		if !d.cleanup(false) {
-			return 1
+			return errReported
 		}
-		return 0
+		return nil
 	}
-	return d.main()
+	if d.main() != 0 {
+		return errReported
+	}
+	return nil
 }

@@ -6,16 +6,14 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
-	"encoding/json"
 	"fmt"
 	"net/netip"
-	"os"
 	"path/filepath"
 
 	"github.com/containernetworking/cni/libcni"
 	"github.com/containernetworking/cni/pkg/invoke"
-	current "github.com/containernetworking/cni/pkg/types/100"
 
+	"github.com/underpass-cni/underpass/internal/testutil"
 	"github.com/underpass-cni/underpass/test/demo"
 )
 
@@ -28,45 +26,29 @@ type pod struct {
 }
 
 func (p *pod) rt() *libcni.RuntimeConf {
-	return &libcni.RuntimeConf{
-		ContainerID: p.id,
-		NetNS:       p.ns.Path,
-		IfName:      "eth0",
-		Args: [][2]string{{"IgnoreUnknown", "1"}, {"K8S_POD_NAMESPACE", "demo"},
-			{"K8S_POD_NAME", p.name}, {"K8S_POD_INFRA_CONTAINER_ID", p.id}},
-	}
+	return testutil.PodRuntimeConf(p.id, p.ns.Path, "eth0", "demo", p.name, [2]string{"K8S_POD_INFRA_CONTAINER_ID", p.id})
 }
 
 // writeConflist writes the pods' network: underpass as the main plugin.
 func (d *demoRun) writeConflist() error {
-	conf := map[string]any{
-		"cniVersion": "1.1.0",
-		"name":       "underpass-demo",
-		"plugins": []any{map[string]any{
-			"type":        "underpass",
-			"master":      "eth0",
-			"mode":        "macvlan",
-			"macvlanMode": "bridge",
-			"bpffs":       demo.BPFFS,
-			"ipam": map[string]any{
-				"type":    "host-local",
-				"dataDir": ipamDir,
-				"ranges": []any{[]any{map[string]any{
-					"subnet": subnet.String(), "rangeStart": "192.0.2.100", "rangeEnd": "192.0.2.200", "gateway": gateway.String(),
-				}}},
-				"routes": []any{map[string]any{"dst": "0.0.0.0/0"}},
-			},
-		}},
-	}
-	b, err := json.MarshalIndent(conf, "", "  ")
-	if err != nil {
-		return err
+	plugin := map[string]any{
+		"type":        "underpass",
+		"master":      "eth0",
+		"mode":        "macvlan",
+		"macvlanMode": "bridge",
+		"bpffs":       demo.BPFFS,
+		"ipam": map[string]any{
+			"type":    "host-local",
+			"dataDir": ipamDir,
+			"ranges": []any{[]any{map[string]any{
+				"subnet": subnet.String(), "rangeStart": "192.0.2.100", "rangeEnd": "192.0.2.200", "gateway": gateway.String(),
+			}}},
+			"routes": []any{map[string]any{"dst": "0.0.0.0/0"}},
+		},
 	}
 	path := filepath.Join(confDir, "10-underpass-demo.conflist")
-	if err := os.WriteFile(path, b, 0o644); err != nil {
-		return err
-	}
-	if d.netconf, err = libcni.ConfListFromFile(path); err != nil {
+	var err error
+	if d.netconf, err = testutil.WriteConflist(path, "underpass-demo", "1.1.0", plugin); err != nil {
 		return fmt.Errorf("%s: %w", path, err)
 	}
 	if _, err := invoke.FindInPath("host-local", d.cniPath); err != nil {
@@ -89,28 +71,12 @@ func (d *demoRun) addPod(ctx context.Context, name string) (*pod, error) {
 	if err := n.Sysctl("net.ipv6.conf.all.accept_dad", "0", "net.ipv6.conf.default.accept_dad", "0"); err != nil {
 		return nil, err
 	}
-	var res *current.Result
-	err = d.node.Do(func() error {
-		r, err := d.cni.AddNetworkList(ctx, d.netconf, p.rt())
-		if err != nil {
-			return err
-		}
-		res, err = current.NewResultFromResult(r)
-		return err
-	})
+	res, err := testutil.CNIAdd(ctx, d.node.Do, d.cni, d.netconf, p.rt())
 	if err != nil {
 		return nil, err
 	}
-	for _, ipc := range res.IPs {
-		if a, ok := netip.AddrFromSlice(ipc.Address.IP); ok && a.Unmap().Is4() {
-			p.ip = a.Unmap()
-		}
-	}
-	for _, i := range res.Interfaces {
-		if i.Name == "eth0" && i.Sandbox != "" {
-			p.mac = i.Mac
-		}
-	}
+	ip4, _, mac := testutil.ResultAddrs(res, "eth0")
+	p.ip, p.mac = ip4, mac.String()
 	if !p.ip.IsValid() {
 		return nil, fmt.Errorf("the result has no IPv4 address: %v", res)
 	}

@@ -60,15 +60,8 @@ func (d *demoRun) services(ctx context.Context) {
 		return
 	}
 
-	before := d.metrics()
 	leaks := d.leaks.Load()
-	r = demo.Dial(a.ns, stale, time.Second)
-	after := d.metrics()
-	dropped := after.sum("underpass_stale_service_packets_total", "action", "dropped") - before.sum("underpass_stale_service_packets_total", "action", "dropped")
-	counter := ""
-	if after.has("underpass_stale_service_packets_total") {
-		counter = fmt.Sprintf(`, underpass_stale_service_packets_total{action="dropped"} +%g`, dropped)
-	}
+	r, dropped, counter := d.dialStale(a, stale, time.Second, "dropped")
 	switch {
 	case d.leaks.Load() != leaks || r.Err == nil:
 		d.fail("deleted service %s from %s: it reached the gateway (%q, %v)", stale, a.name, r.Greeting, r.Err)
@@ -101,14 +94,7 @@ func (d *demoRun) services(ctx context.Context) {
 	if !d.check(reloaded, "config changed to staleServices.action: reject; underpassd reloaded it live after %s", time.Since(begin).Round(10*time.Millisecond)) {
 		return
 	}
-	before = d.metrics()
-	r = demo.Dial(a.ns, stale, 3*time.Second)
-	after = d.metrics()
-	rejected := after.sum("underpass_stale_service_packets_total", "action", "rejected") - before.sum("underpass_stale_service_packets_total", "action", "rejected")
-	counter = ""
-	if after.has("underpass_stale_service_packets_total") {
-		counter = fmt.Sprintf(`, underpass_stale_service_packets_total{action="rejected"} +%g`, rejected)
-	}
+	r, _, counter = d.dialStale(a, stale, 3*time.Second, "rejected")
 	switch {
 	case d.leaks.Load() != leaks || r.Err == nil:
 		d.fail("deleted service %s from %s: it reached the gateway (%q, %v)", stale, a.name, r.Greeting, r.Err)
@@ -117,6 +103,22 @@ func (d *demoRun) services(ctx context.Context) {
 	default:
 		d.ok("deleted service %s from %s: connection refused after %s (a RST from the datapath%s)", stale, a.name, roundDur(r.Took), counter)
 	}
+}
+
+// dialStale dials the deleted service stale from p and returns the result,
+// how much underpass_stale_service_packets_total{action=action} moved
+// meanwhile and that as text for the step's line ("" when the agent does
+// not expose the series).
+func (d *demoRun) dialStale(p *pod, stale netip.AddrPort, timeout time.Duration, action string) (r demo.DialResult, moved float64, counter string) {
+	const series = "underpass_stale_service_packets_total"
+	before := d.metrics()
+	r = demo.Dial(p.ns, stale, timeout)
+	after := d.metrics()
+	moved = after.sum(series, "action", action) - before.sum(series, "action", action)
+	if after.has(series) {
+		counter = fmt.Sprintf(`, %s{action=%q} +%g`, series, action, moved)
+	}
+	return r, moved, counter
 }
 
 // inspect shows underpassctl stats and the metrics.
