@@ -38,9 +38,7 @@ func TestChainedMode(t *testing.T) {
 // lifecycle: two pods up, every path works both ways with exact counters,
 // CHECK passes, DEL leaves nothing.
 func (h *harness) lifecycle(t *testing.T, l *libcni.NetworkConfigList, version string) {
-	a, b := h.newPod("a"), h.newPod("b")
-	h.add(l, a)
-	h.add(l, b)
+	a, b := h.podPair(l)
 	h.baselineParents()
 	if !a.ip4.IsValid() || !a.ip6.IsValid() || a.mac == nil {
 		t.Fatalf("pod a result lacks addresses or MAC: %+v", a.res)
@@ -116,19 +114,8 @@ func (h *harness) connectivity(t *testing.T, a, b *pod) {
 	before := h.stats(t, a)
 	nat0 := h.svcNAT.Packets(t)
 	h.exactCounters(t, a, 7*n, func() {
-		for _, dst := range []netip.Addr{b.ip4, b.ip6, u.Gateway4, u.Gateway6, node4, node6, vipLive} {
-			if r := netenv.Ping(t, a.ns, dst, n); r.Lost() != 0 {
-				t.Errorf("pod a -> %s: %v", dst, r)
-			}
-		}
-		// The other way: the node, the wire and pod b reach a.
-		for _, from := range []*netenv.NS{h.env.Node, h.env.Wire, b.ns} {
-			for _, dst := range []netip.Addr{a.ip4, a.ip6} {
-				if r := netenv.Ping(t, from, dst, n); r.Lost() != 0 {
-					t.Errorf("%s -> pod a %s: %v", from.Name, dst, r)
-				}
-			}
-		}
+		// And the other way: the node, the wire and pod b reach a.
+		pingBothWays(t, a, []netip.Addr{b.ip4, b.ip6, u.Gateway4, u.Gateway6, node4, node6, vipLive}, []*netenv.NS{h.env.Node, h.env.Wire, b.ns}, n)
 	})
 	after := h.stats(t, a)
 	// Host traffic went through the hairpin: node pings both ways plus the
@@ -190,9 +177,7 @@ func TestMacvlanModesKeepTheirMeaning(t *testing.T) {
 			conf := h.mainConf(false)
 			conf["macvlanMode"] = mode
 			l := h.conflist("up-"+mode, "1.1.0", conf)
-			a, b := h.newPod("a"), h.newPod("b")
-			h.add(l, a)
-			h.add(l, b)
+			a, b := h.podPair(l)
 			h.baselineParents()
 
 			// The pod speaks first: no neighbour entry for the node yet.

@@ -431,3 +431,30 @@ func (p *pod) parentIndex(t *testing.T) int {
 	}
 	return l.Attrs().ParentIndex
 }
+
+// pingBothWays pings each of dsts from pod a, then a's addresses from each
+// of froms, n requests a time, and reports every run with a lost reply.
+func pingBothWays(t *testing.T, a *pod, dsts []netip.Addr, froms []*netenv.NS, n int) {
+	t.Helper()
+	for _, dst := range dsts {
+		if r := netenv.Ping(t, a.ns, dst, n); r.Lost() != 0 {
+			t.Errorf("pod a -> %s: %v", dst, r)
+		}
+	}
+	for _, from := range froms {
+		for _, dst := range []netip.Addr{a.ip4, a.ip6} {
+			if r := netenv.Ping(t, from, dst, n); r.Lost() != 0 {
+				t.Errorf("%s -> pod a %s: %v", from.Name, dst, r)
+			}
+		}
+	}
+}
+
+// podPair creates pods a and b and ADDs both with l.
+func (h *harness) podPair(l *libcni.NetworkConfigList) (a, b *pod) {
+	h.t.Helper()
+	a, b = h.newPod("a"), h.newPod("b")
+	h.add(l, a)
+	h.add(l, b)
+	return a, b
+}
