@@ -22,17 +22,7 @@ import (
 func BenchmarkCollect1000(b *testing.B) {
 	r := newRig(b)
 	m := &r.dp.Maps
-	base := netip.MustParseAddr("10.20.0.0")
-	a := base
-	for i := range 1000 {
-		a = a.Next()
-		_, err := datapath.Register(m, datapath.EndpointSpec{
-			ContainerID: fmt.Sprintf("%064x", i), IfName: "eth0", ParentIfindex: parentIfindex, ParentName: "lo",
-			Mode: loader.ModeMacvlan, MAC: net.HardwareAddr{2, 1, 0, 0, byte(i >> 8), byte(i)},
-			Addrs: []netip.Prefix{netip.PrefixFrom(a, 16)}, PodName: fmt.Sprintf("pod-%d", i), PodNamespace: "bench",
-		})
-		must(b, err)
-	}
+	registerMany(b, m, 1000)
 	reg := prometheus.NewRegistry()
 	must(b, reg.Register(metrics.New(m, metrics.Options{})))
 	b.ResetTimer()
@@ -57,16 +47,7 @@ func BenchmarkCollect1000(b *testing.B) {
 func BenchmarkScrapeHTTP1000(b *testing.B) {
 	r := newRig(b)
 	m := &r.dp.Maps
-	a := netip.MustParseAddr("10.20.0.0")
-	for i := range 1000 {
-		a = a.Next()
-		_, err := datapath.Register(m, datapath.EndpointSpec{
-			ContainerID: fmt.Sprintf("%064x", i), IfName: "eth0", ParentIfindex: parentIfindex, ParentName: "lo",
-			Mode: loader.ModeMacvlan, MAC: net.HardwareAddr{2, 1, 0, 0, byte(i >> 8), byte(i)},
-			Addrs: []netip.Prefix{netip.PrefixFrom(a, 16)}, PodName: fmt.Sprintf("pod-%d", i), PodNamespace: "bench",
-		})
-		must(b, err)
-	}
+	registerMany(b, m, 1000)
 	reg := prometheus.NewRegistry()
 	must(b, reg.Register(metrics.New(m, metrics.Options{})))
 	h := promhttp.HandlerFor(reg, promhttp.HandlerOpts{DisableCompression: true})
@@ -84,4 +65,20 @@ func BenchmarkScrapeHTTP1000(b *testing.B) {
 	per := time.Since(start) / time.Duration(b.N)
 	b.ReportMetric(float64(per.Microseconds())/1000, "ms/scrape")
 	b.ReportMetric(float64(size)/1024, "KiB/scrape")
+}
+
+// registerMany registers n endpoints on the rig's parent, with addresses
+// from 10.20.0.1 on, as n pods of one node.
+func registerMany(b *testing.B, m *loader.Maps, n int) {
+	b.Helper()
+	a := netip.MustParseAddr("10.20.0.0")
+	for i := range n {
+		a = a.Next()
+		_, err := datapath.Register(m, datapath.EndpointSpec{
+			ContainerID: fmt.Sprintf("%064x", i), IfName: "eth0", ParentIfindex: parentIfindex, ParentName: "lo",
+			Mode: loader.ModeMacvlan, MAC: net.HardwareAddr{2, 1, 0, 0, byte(i >> 8), byte(i)},
+			Addrs: []netip.Prefix{netip.PrefixFrom(a, 16)}, PodName: fmt.Sprintf("pod-%d", i), PodNamespace: "bench",
+		})
+		must(b, err)
+	}
 }
