@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"reflect"
 	"strings"
 	"testing"
@@ -173,4 +174,18 @@ func MountBPFFS(tb testing.TB) string {
 		}
 	})
 	return dir
+}
+
+// LoadDatapath loads the datapath as underpassd does into a fresh pin
+// directory (MountBPFFS, then "underpass" in it) and closes it when the
+// test ends. It fails unless run as root.
+func LoadDatapath(tb testing.TB) *loader.Datapath {
+	tb.Helper()
+	RequireRoot(tb)
+	dp, err := loader.Load(filepath.Join(MountBPFFS(tb), "underpass"), loader.Options{})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { dp.Close() })
+	return dp
 }
