@@ -20,11 +20,7 @@ import (
 // (every series built, as promhttp does). The goal is well under 100 ms;
 // it is reported, not asserted, because CI machines vary.
 func BenchmarkCollect1000(b *testing.B) {
-	r := newRig(b)
-	m := &r.dp.Maps
-	registerMany(b, m, 1000)
-	reg := prometheus.NewRegistry()
-	must(b, reg.Register(metrics.New(m, metrics.Options{})))
+	reg := nodeOf(b, 1000)
 	b.ResetTimer()
 	start := time.Now()
 	var series int
@@ -45,11 +41,7 @@ func BenchmarkCollect1000(b *testing.B) {
 // BenchmarkScrapeHTTP1000 is BenchmarkCollect1000 plus what promhttp adds
 // (text encoding, gzip off): the time Prometheus waits for underpassd.
 func BenchmarkScrapeHTTP1000(b *testing.B) {
-	r := newRig(b)
-	m := &r.dp.Maps
-	registerMany(b, m, 1000)
-	reg := prometheus.NewRegistry()
-	must(b, reg.Register(metrics.New(m, metrics.Options{})))
+	reg := nodeOf(b, 1000)
 	h := promhttp.HandlerFor(reg, promhttp.HandlerOpts{DisableCompression: true})
 	b.ResetTimer()
 	start := time.Now()
@@ -67,10 +59,11 @@ func BenchmarkScrapeHTTP1000(b *testing.B) {
 	b.ReportMetric(float64(size)/1024, "KiB/scrape")
 }
 
-// registerMany registers n endpoints on the rig's parent, with addresses
-// from 10.20.0.1 on, as n pods of one node.
-func registerMany(b *testing.B, m *loader.Maps, n int) {
+// nodeOf is the rig with n more endpoints (addresses from 10.20.0.1 on),
+// as n pods of one node, and a registry with its collector.
+func nodeOf(b *testing.B, n int) *prometheus.Registry {
 	b.Helper()
+	m := &newRig(b).dp.Maps
 	a := netip.MustParseAddr("10.20.0.0")
 	for i := range n {
 		a = a.Next()
@@ -81,4 +74,7 @@ func registerMany(b *testing.B, m *loader.Maps, n int) {
 		})
 		must(b, err)
 	}
+	reg := prometheus.NewRegistry()
+	must(b, reg.Register(metrics.New(m, metrics.Options{})))
+	return reg
 }

@@ -68,6 +68,19 @@ func setup(t *testing.T) *rig {
 
 func (r *rig) nodeIP() netip.Addr { return r.Uplinks[0].Node4.Addr() }
 
+// pingAcross pings the container from the node and the node from the
+// container, 400 requests each (4 s), and calls replace (which swaps the
+// agent) a second into them; it returns both results.
+func (r *rig) pingAcross(t *testing.T, replace func()) (ping, pingBack netenv.PingResult) {
+	var wg sync.WaitGroup
+	wg.Go(func() { ping = netenv.Ping(t, r.Node, r.ctr.IP4.Addr(), 400) })
+	wg.Go(func() { pingBack = netenv.Ping(t, r.ctr.NS, r.nodeIP(), 400) })
+	time.Sleep(time.Second)
+	replace()
+	wg.Wait()
+	return ping, pingBack
+}
+
 func TestStartAndEndpoints(t *testing.T) {
 	r := setup(t)
 	if code, body, err := r.get("/healthz"); err != nil || code != 200 {
@@ -262,16 +275,12 @@ func TestRestartKill9(t *testing.T) {
 	before := r.waitParentAttached(r.Uplinks[0].Index)
 	_, gen0, _ := datapath.GetConfig(&r.dp.Maps)
 
-	var wg sync.WaitGroup
-	var ping, pingBack netenv.PingResult
-	wg.Go(func() { ping = netenv.Ping(t, r.Node, r.ctr.IP4.Addr(), 400) })
-	wg.Go(func() { pingBack = netenv.Ping(t, r.ctr.NS, r.nodeIP(), 400) })
-	time.Sleep(time.Second)
-	r.ag.Kill()
-	time.Sleep(500 * time.Millisecond) // no agent at all for a while
-	ag2 := r.start(agentBin)
-	took := ag2.waitReady()
-	wg.Wait()
+	var took time.Duration
+	ping, pingBack := r.pingAcross(t, func() {
+		r.ag.Kill()
+		time.Sleep(500 * time.Millisecond) // no agent at all for a while
+		took = r.start(agentBin).waitReady()
+	})
 	t.Logf("restart to ready: %s; %v; %v", took.Round(time.Millisecond), ping, pingBack)
 	if ping.Lost() != 0 || pingBack.Lost() != 0 {
 		t.Fatalf("lost pings across kill -9 and restart: %v / %v", ping, pingBack)
@@ -301,15 +310,10 @@ func TestUpgrade(t *testing.T) {
 	must(t, loader.AttachEndpoint(r.dp, r.ep, r.ctr.Path, r.ctr.Index))
 	ep0 := epProgIDs(t, r.dp)
 
-	var wg sync.WaitGroup
-	var ping, pingBack netenv.PingResult
-	wg.Go(func() { ping = netenv.Ping(t, r.Node, r.ctr.IP4.Addr(), 400) })
-	wg.Go(func() { pingBack = netenv.Ping(t, r.ctr.NS, r.nodeIP(), 400) })
-	time.Sleep(time.Second)
-	r.ag.stop()
-	ag2 := r.start(upgradeBin)
-	ag2.waitReady()
-	wg.Wait()
+	ping, pingBack := r.pingAcross(t, func() {
+		r.ag.stop()
+		r.start(upgradeBin).waitReady()
+	})
 	if ping.Lost() != 0 || pingBack.Lost() != 0 {
 		t.Fatalf("lost pings across the upgrade: %v / %v", ping, pingBack)
 	}
