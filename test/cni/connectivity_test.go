@@ -108,14 +108,14 @@ func (h *harness) connectivity(t *testing.T, a, b *pod) {
 
 	// Neighbours first, so the counted run is not about resolution (it
 	// would be counted exactly anyway; this keeps the echo count clean).
-	for _, dst := range []netip.Addr{b.ip4, b.ip6, u.Gateway4, u.Gateway6, node4, node6, vipLive} {
+	for _, dst := range []netip.Addr{b.ip4, b.ip6, u.Gateway4, u.Gateway6, node4, node6, netenv.LiveVIP4} {
 		netenv.Ping(t, a.ns, dst, 1)
 	}
 	before := h.stats(t, a)
 	nat0 := h.svcNAT.Packets(t)
 	h.exactCounters(t, a, 7*n, func() {
 		// And the other way: the node, the wire and pod b reach a.
-		pingBothWays(t, a, []netip.Addr{b.ip4, b.ip6, u.Gateway4, u.Gateway6, node4, node6, vipLive}, []*netenv.NS{h.env.Node, h.env.Wire, b.ns}, n)
+		pingBothWays(t, a, []netip.Addr{b.ip4, b.ip6, u.Gateway4, u.Gateway6, node4, node6, netenv.LiveVIP4}, []*netenv.NS{h.env.Node, h.env.Wire, b.ns}, n)
 	})
 	after := h.stats(t, a)
 	// Host traffic went through the hairpin: node pings both ways plus the
@@ -132,14 +132,14 @@ func (h *harness) connectivity(t *testing.T, a, b *pod) {
 	// the pod.
 	ln := netenv.ListenTCP(t, h.env.Node, netip.AddrPortFrom(node4, 0))
 	port := uint16(ln.Addr().(interface{ AddrPort() netip.AddrPort }).AddrPort().Port())
-	if err := netenv.DialTCP(a.ns, netip.AddrPortFrom(vipLive, port), 2*time.Second); err != nil {
+	if err := netenv.DialTCP(a.ns, netip.AddrPortFrom(netenv.LiveVIP4, port), 2*time.Second); err != nil {
 		t.Errorf("pod a -> live VIP: %v", err)
 	}
 	// The pings to the VIP and the connection went through the node's NAT,
 	// as they would through kube-proxy's: the rule sees the first packet
 	// of each flow (the ping run, the TCP connection), conntrack the rest.
 	if got := h.svcNAT.Packets(t) - nat0; got != 2 {
-		t.Errorf("the node's DNAT of %s translated %d flows, want 2 (the pings, the connection)", vipLive, got)
+		t.Errorf("the node's DNAT of %s translated %d flows, want 2 (the pings, the connection)", netenv.LiveVIP4, got)
 	}
 	lp := netenv.ListenTCP(t, a.ns, netip.AddrPortFrom(netip.IPv6Unspecified(), 0))
 	pport := uint16(lp.Addr().(interface{ AddrPort() netip.AddrPort }).AddrPort().Port())
@@ -151,10 +151,10 @@ func (h *harness) connectivity(t *testing.T, a, b *pod) {
 
 	// A stale VIP never reaches the gateway: dropped, counted for pod a.
 	s0 := h.stats(t, a)
-	if r := netenv.Ping(t, a.ns, vipStale, 3); r.Received != 0 {
+	if r := netenv.Ping(t, a.ns, netenv.StaleVIP4, 3); r.Received != 0 {
 		t.Errorf("stale VIP answered: %v", r)
 	}
-	err := netenv.DialTCP(a.ns, netip.AddrPortFrom(vipStale, 80), 300*time.Millisecond)
+	err := netenv.DialTCP(a.ns, netip.AddrPortFrom(netenv.StaleVIP4, 80), 300*time.Millisecond)
 	if err == nil || errors.Is(err, syscall.ECONNREFUSED) {
 		t.Errorf("dial to stale VIP: %v, want a timeout (drop mode)", err)
 	}

@@ -69,14 +69,6 @@ func run(m *testing.M) int {
 	return m.Run()
 }
 
-// Lab addresses: pods get .100-.199 and ::100-::1ff from host-local on the
-// wire subnet, as underlay pods do.
-var (
-	vipLive  = netip.MustParseAddr("10.96.0.10")
-	vipStale = netip.MustParseAddr("10.96.0.99")
-	svcCIDR  = netip.MustParsePrefix("10.96.0.0/16")
-)
-
 type harness struct {
 	t        *testing.T
 	env      *netenv.Env
@@ -86,7 +78,7 @@ type harness struct {
 	confDir  string
 	cni      *libcni.CNIConfig
 	cacheDir string
-	svcNAT   *netenv.ServiceNAT // vipLive -> the node's address, as kube-proxy would
+	svcNAT   *netenv.ServiceNAT // the live VIP -> the node's address, as kube-proxy would
 
 	baseLinks   []string
 	baseParents map[int]loader.Parent
@@ -120,11 +112,11 @@ func newHarness(t *testing.T, o harnessOpts) *harness {
 		hosts.Add(netip.PrefixFrom(u.Node6.Addr(), 128), loader.HostLocal)
 	}
 	must(t, datapath.SyncHostCIDRs(m, hosts))
-	must(t, datapath.SyncServiceCIDRs(m, []netip.Prefix{svcCIDR}))
-	must(t, datapath.AddLiveService(m, vipLive))
+	must(t, datapath.SyncServiceCIDRs(m, []netip.Prefix{netenv.SvcCIDR4}))
+	must(t, datapath.AddLiveService(m, netenv.LiveVIP4))
 	// The service implementation: DNAT of the live VIP to the node's own
 	// address, in prerouting and output, as kube-proxy does.
-	h.svcNAT = netenv.AddServiceNAT(t, h.env.Node, vipLive, h.env.Uplinks[0].Node4.Addr())
+	h.svcNAT = netenv.AddServiceNAT(t, h.env.Node, netenv.LiveVIP4, h.env.Uplinks[0].Node4.Addr())
 
 	h.dataDir, h.confDir, h.cacheDir = t.TempDir(), t.TempDir(), t.TempDir()
 	h.cni = libcni.NewCNIConfigWithCacheDir([]string{pluginDir, refDir}, h.cacheDir, nil)

@@ -62,7 +62,7 @@ func (h *harness) ipvlanLifecycle(t *testing.T, l *libcni.NetworkConfigList) {
 		t.Errorf("pod a's counters moved rx %d tx %d, want at least %d each", after.Rx.Packets-before.Rx.Packets, after.Tx.Packets-before.Tx.Packets, 12*n)
 	}
 	s0 := h.stats(t, a)
-	if r := netenv.Ping(t, a.ns, vipStale, 3); r.Received != 0 {
+	if r := netenv.Ping(t, a.ns, netenv.StaleVIP4, 3); r.Received != 0 {
 		t.Errorf("stale VIP answered: %v", r)
 	}
 	if s1 := h.stats(t, a); s1.StaleDropped-s0.StaleDropped < 3 {
