@@ -1,6 +1,10 @@
 // Package testutil holds the few helpers every privileged test of the project
 // shares: the single skip policy for missing kernel features, the root check and
-// a private bpffs directory per test.
+// a private bpffs directory per test. It is also the one harness the test
+// tiers and the demo share: building and running underpassd and the plugin
+// (agent.go, cni.go, proc.go), reaching the agent inside a node netns,
+// waiting for it (wait.go) and driving the plugin through libcni. The
+// network namespaces themselves are test/netenv's.
 package testutil
 
 import (
