@@ -628,27 +628,17 @@ func (n *NS) Delete() error { return n.delete() }
 // setup sets the lab's sysctls in n (and, for a router, forwarding) and
 // brings lo up.
 func (n *NS) setup(router bool) error {
-	settings := [][2]string{
-		{"net.ipv6.conf.all.accept_dad", "0"},
-		{"net.ipv6.conf.default.accept_dad", "0"},
-		{"net.ipv4.conf.all.rp_filter", "0"},
-		{"net.ipv4.conf.default.rp_filter", "0"},
+	settings := []string{
+		"net.ipv6.conf.all.accept_dad", "0",
+		"net.ipv6.conf.default.accept_dad", "0",
+		"net.ipv4.conf.all.rp_filter", "0",
+		"net.ipv4.conf.default.rp_filter", "0",
 	}
 	if router {
-		settings = append(settings,
-			[2]string{"net.ipv4.ip_forward", "1"},
-			[2]string{"net.ipv6.conf.all.forwarding", "1"})
+		settings = append(settings, "net.ipv4.ip_forward", "1", "net.ipv6.conf.all.forwarding", "1")
 	}
-	err := n.Do(func() error {
-		for _, s := range settings {
-			if err := sysctl(s[0], s[1]); err != nil {
-				return err
-			}
-		}
-		return nil
-	})
-	if err != nil {
-		return fmt.Errorf("netns %s: %w", n.Name, err)
+	if err := n.Sysctl(settings...); err != nil {
+		return err
 	}
 	lo, err := n.Netlink().LinkByName("lo")
 	if err == nil {
