@@ -33,14 +33,12 @@ type rig struct {
 
 func newRig(t *testing.T) *rig {
 	t.Helper()
-	testutil.RequireRoot(t)
-	dp, err := loader.Load(filepath.Join(testutil.MountBPFFS(t), "underpass"), loader.Options{})
-	must(t, err)
-	t.Cleanup(func() { dp.Close() })
+	dp := testutil.LoadDatapath(t)
 	m := &dp.Maps
 	must(t, datapath.SetConfig(m, datapath.Config{ServicesSynced: true, HostReachable: true, StaleReject: true}, 7))
 	must(t, datapath.PutParent(m, parentIfindex, net.HardwareAddr{2, 0, 0, 0, 0, 1}, loader.ModeMacvlan))
 	r := &rig{dp: dp}
+	var err error
 	r.idA, err = datapath.Register(m, datapath.Endpoint{
 		ContainerID: "aaaa0123456789abcdef", IfName: "eth0", ParentIfindex: parentIfindex, ParentName: "lo",
 		Mode: loader.ModeMacvlan, MAC: net.HardwareAddr{2, 0xaa, 0, 0, 0, 1},

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"path/filepath"
 	"testing"
 
 	"github.com/underpass-cni/underpass/internal/attach"
@@ -16,13 +15,7 @@ import (
 
 func load(t *testing.T) *loader.Maps {
 	t.Helper()
-	testutil.RequireRoot(t)
-	dp, err := loader.Load(filepath.Join(testutil.MountBPFFS(t), "underpass"), loader.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { dp.Close() })
-	return &dp.Maps
+	return &testutil.LoadDatapath(t).Maps
 }
 
 func TestParents(t *testing.T) {

@@ -8,7 +8,6 @@ import (
 	"math/bits"
 	"net"
 	"net/netip"
-	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -575,13 +574,7 @@ func FuzzEndpointAddrs(f *testing.F) {
 // loadMaps loads a private datapath for one fuzz process.
 func loadMaps(tb testing.TB) *loader.Maps {
 	tb.Helper()
-	testutil.RequireRoot(tb)
-	dp, err := loader.Load(filepath.Join(testutil.MountBPFFS(tb), "underpass"), loader.Options{})
-	if err != nil {
-		tb.Fatal(err)
-	}
-	tb.Cleanup(func() { dp.Close() })
-	return &dp.Maps
+	return &testutil.LoadDatapath(tb).Maps
 }
 
 // requireEmpty fails unless every map holds no entry.

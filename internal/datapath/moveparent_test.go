@@ -3,22 +3,14 @@ package datapath_test
 import (
 	"net"
 	"net/netip"
-	"path/filepath"
 	"testing"
 
 	"github.com/underpass-cni/underpass/internal/datapath"
 	"github.com/underpass-cni/underpass/internal/loader"
-	"github.com/underpass-cni/underpass/internal/testutil"
 )
 
 func TestMoveParentAndCount(t *testing.T) {
-	testutil.RequireRoot(t)
-	dp, err := loader.Load(filepath.Join(testutil.MountBPFFS(t), "underpass"), loader.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer dp.Close()
-	m := &dp.Maps
+	m := load(t)
 	if n, err := datapath.CountEndpoints(m); err != nil || n != 0 {
 		t.Fatalf("empty: %d %v", n, err)
 	}

@@ -4,12 +4,10 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net/netip"
-	"path/filepath"
 	"testing"
 
 	"github.com/underpass-cni/underpass/internal/datapath"
 	"github.com/underpass-cni/underpass/internal/loader"
-	"github.com/underpass-cni/underpass/internal/testutil"
 )
 
 // A program on another CPU may read any mix of two consecutive values of a
@@ -18,13 +16,7 @@ import (
 // slots that differ: a mix of them never says "certainly not" for an
 // address the trie holds.
 func TestPrefilterNeverTrustsHalfWrittenSlots(t *testing.T) {
-	testutil.RequireRoot(t)
-	dp, err := loader.Load(filepath.Join(testutil.MountBPFFS(t), "underpass"), loader.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer dp.Close()
-	m := &dp.Maps
+	m := load(t)
 
 	var prev loader.Prefilter
 	if err := m.Prefilter.Lookup(uint32(0), &prev); err != nil {

@@ -5,7 +5,6 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
-	"path/filepath"
 	"testing"
 	"time"
 
@@ -72,10 +71,7 @@ type rig struct {
 
 func newRig(t *testing.T) *rig {
 	t.Helper()
-	testutil.RequireRoot(t)
-	dp, err := loader.Load(filepath.Join(testutil.MountBPFFS(t), "underpass"), loader.Options{})
-	must(t, err)
-	t.Cleanup(func() { dp.Close() })
+	dp := testutil.LoadDatapath(t)
 	m := &dp.Maps
 	must(t, datapath.PutParent(m, parentIfindex, macParent, loader.ModeMacvlan))
 	id, err := datapath.Register(m, datapath.Endpoint{

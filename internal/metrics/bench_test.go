@@ -20,21 +20,7 @@ import (
 // (every series built, as promhttp does). The goal is well under 100 ms;
 // it is reported, not asserted, because CI machines vary.
 func BenchmarkCollect1000(b *testing.B) {
-	r := newRig(b)
-	m := &r.dp.Maps
-	base := netip.MustParseAddr("10.20.0.0")
-	a := base
-	for i := range 1000 {
-		a = a.Next()
-		_, err := datapath.Register(m, datapath.Endpoint{
-			ContainerID: fmt.Sprintf("%064x", i), IfName: "eth0", ParentIfindex: parentIfindex, ParentName: "lo",
-			Mode: loader.ModeMacvlan, MAC: net.HardwareAddr{2, 1, 0, 0, byte(i >> 8), byte(i)},
-			Addrs: []netip.Prefix{netip.PrefixFrom(a, 16)}, PodName: fmt.Sprintf("pod-%d", i), PodNamespace: "bench",
-		})
-		must(b, err)
-	}
-	reg := prometheus.NewRegistry()
-	must(b, reg.Register(metrics.New(m, metrics.Options{})))
+	reg := nodeOf(b, 1000)
 	b.ResetTimer()
 	start := time.Now()
 	var series int
@@ -55,20 +41,7 @@ func BenchmarkCollect1000(b *testing.B) {
 // BenchmarkScrapeHTTP1000 is BenchmarkCollect1000 plus what promhttp adds
 // (text encoding, gzip off): the time Prometheus waits for underpassd.
 func BenchmarkScrapeHTTP1000(b *testing.B) {
-	r := newRig(b)
-	m := &r.dp.Maps
-	a := netip.MustParseAddr("10.20.0.0")
-	for i := range 1000 {
-		a = a.Next()
-		_, err := datapath.Register(m, datapath.Endpoint{
-			ContainerID: fmt.Sprintf("%064x", i), IfName: "eth0", ParentIfindex: parentIfindex, ParentName: "lo",
-			Mode: loader.ModeMacvlan, MAC: net.HardwareAddr{2, 1, 0, 0, byte(i >> 8), byte(i)},
-			Addrs: []netip.Prefix{netip.PrefixFrom(a, 16)}, PodName: fmt.Sprintf("pod-%d", i), PodNamespace: "bench",
-		})
-		must(b, err)
-	}
-	reg := prometheus.NewRegistry()
-	must(b, reg.Register(metrics.New(m, metrics.Options{})))
+	reg := nodeOf(b, 1000)
 	h := promhttp.HandlerFor(reg, promhttp.HandlerOpts{DisableCompression: true})
 	b.ResetTimer()
 	start := time.Now()
@@ -84,4 +57,24 @@ func BenchmarkScrapeHTTP1000(b *testing.B) {
 	per := time.Since(start) / time.Duration(b.N)
 	b.ReportMetric(float64(per.Microseconds())/1000, "ms/scrape")
 	b.ReportMetric(float64(size)/1024, "KiB/scrape")
+}
+
+// nodeOf is the rig with n more endpoints (addresses from 10.20.0.1 on),
+// as n pods of one node, and a registry with its collector.
+func nodeOf(b *testing.B, n int) *prometheus.Registry {
+	b.Helper()
+	m := &newRig(b).dp.Maps
+	a := netip.MustParseAddr("10.20.0.0")
+	for i := range n {
+		a = a.Next()
+		_, err := datapath.Register(m, datapath.Endpoint{
+			ContainerID: fmt.Sprintf("%064x", i), IfName: "eth0", ParentIfindex: parentIfindex, ParentName: "lo",
+			Mode: loader.ModeMacvlan, MAC: net.HardwareAddr{2, 1, 0, 0, byte(i >> 8), byte(i)},
+			Addrs: []netip.Prefix{netip.PrefixFrom(a, 16)}, PodName: fmt.Sprintf("pod-%d", i), PodNamespace: "bench",
+		})
+		must(b, err)
+	}
+	reg := prometheus.NewRegistry()
+	must(b, reg.Register(metrics.New(m, metrics.Options{})))
+	return reg
 }

@@ -6,7 +6,6 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
-	"path/filepath"
 	"strings"
 	"testing"
 
@@ -46,11 +45,7 @@ type rig struct {
 
 func newRig(tb testing.TB) *rig {
 	tb.Helper()
-	itest.RequireRoot(tb)
-	dir := filepath.Join(itest.MountBPFFS(tb), "underpass")
-	dp, err := loader.Load(dir, loader.Options{})
-	must(tb, err)
-	tb.Cleanup(func() { dp.Close() })
+	dp := itest.LoadDatapath(tb)
 	m := &dp.Maps
 	must(tb, datapath.SetConfig(m, datapath.Config{ServicesSynced: true, HostReachable: true}, 1))
 	must(tb, datapath.PutParent(m, parentIfindex, macParent, loader.ModeMacvlan))

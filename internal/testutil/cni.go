@@ -1,13 +1,21 @@
 package testutil
 
 import (
+	"context"
+	"encoding/json"
 	"fmt"
+	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime"
 	"slices"
 	"strings"
+
+	"github.com/containernetworking/cni/libcni"
+	"github.com/containernetworking/cni/pkg/types"
+	current "github.com/containernetworking/cni/pkg/types/100"
 )
 
 // RefPluginsVersion is the containernetworking/plugins release the tests and
@@ -102,4 +110,63 @@ func builtTool(env, script string) (string, error) {
 		return "", fmt.Errorf("%s: %w\n%s", path, err, stderr.String())
 	}
 	return strings.TrimSpace(string(out)), nil
+}
+
+// WriteConflist writes a network configuration list (cniVersion version,
+// the given name and plugins) to path and loads it back, as a runtime reads
+// /etc/cni/net.d.
+func WriteConflist(path, name, version string, plugins ...any) (*libcni.NetworkConfigList, error) {
+	b, err := json.MarshalIndent(map[string]any{"cniVersion": version, "name": name, "plugins": plugins}, "", "  ")
+	if err != nil {
+		return nil, err
+	}
+	if err := os.WriteFile(path, b, 0o644); err != nil {
+		return nil, err
+	}
+	return libcni.NetworkConfFromFile(path)
+}
+
+// PodRuntimeConf is the runtime config of a pod's CNI call as the kubelet's
+// runtime passes it: IgnoreUnknown, the pod's namespace and name, then more.
+func PodRuntimeConf(id, netns, ifname, podNamespace, podName string, more ...[2]string) *libcni.RuntimeConf {
+	return &libcni.RuntimeConf{
+		ContainerID: id, NetNS: netns, IfName: ifname,
+		Args: append([][2]string{{"IgnoreUnknown", "1"}, {"K8S_POD_NAMESPACE", podNamespace}, {"K8S_POD_NAME", podName}}, more...),
+	}
+}
+
+// CNIAdd runs ADD of the network list for rt with do, which runs its
+// argument inside a network namespace (the node's NS.Do: the plugins start
+// there, as on a node), and returns the result in the current version.
+func CNIAdd(ctx context.Context, do func(func() error) error, c *libcni.CNIConfig, l *libcni.NetworkConfigList, rt *libcni.RuntimeConf) (*current.Result, error) {
+	var res types.Result
+	err := do(func() error {
+		var err error
+		res, err = c.AddNetworkList(ctx, l, rt)
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	return current.NewResultFromResult(res)
+}
+
+// ResultAddrs reads what the tests need of an ADD result: the last IPv4 and
+// IPv6 address (unmapped) and the MAC of the interface ifname in the
+// sandbox (nil without one).
+func ResultAddrs(r *current.Result, ifname string) (ip4, ip6 netip.Addr, mac net.HardwareAddr) {
+	for _, ipc := range r.IPs {
+		a, _ := netip.AddrFromSlice(ipc.Address.IP)
+		if a = a.Unmap(); a.Is4() {
+			ip4 = a
+		} else {
+			ip6 = a
+		}
+	}
+	for _, intf := range r.Interfaces {
+		if intf.Name == ifname && intf.Sandbox != "" {
+			mac, _ = net.ParseMAC(intf.Mac)
+		}
+	}
+	return ip4, ip6, mac
 }

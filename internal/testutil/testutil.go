@@ -1,12 +1,17 @@
 // Package testutil holds the few helpers every privileged test of the project
 // shares: the single skip policy for missing kernel features, the root check and
-// a private bpffs directory per test.
+// a private bpffs directory per test. It is also the one harness the test
+// tiers and the demo share: building and running underpassd and the plugin
+// (agent.go, cni.go, proc.go), reaching the agent inside a node netns,
+// waiting for it (wait.go) and driving the plugin through libcni. The
+// network namespaces themselves are test/netenv's.
 package testutil
 
 import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"reflect"
 	"strings"
 	"testing"
@@ -173,4 +178,18 @@ func MountBPFFS(tb testing.TB) string {
 		}
 	})
 	return dir
+}
+
+// LoadDatapath loads the datapath as underpassd does into a fresh pin
+// directory (MountBPFFS, then "underpass" in it) and closes it when the
+// test ends. It fails unless run as root.
+func LoadDatapath(tb testing.TB) *loader.Datapath {
+	tb.Helper()
+	RequireRoot(tb)
+	dp, err := loader.Load(filepath.Join(MountBPFFS(tb), "underpass"), loader.Options{})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { dp.Close() })
+	return dp
 }

@@ -69,6 +69,19 @@ func setup(t *testing.T) *rig {
 
 func (r *rig) nodeIP() netip.Addr { return r.Uplinks[0].Node4.Addr() }
 
+// pingAcross pings the container from the node and the node from the
+// container, 400 requests each (4 s), and calls replace (which swaps the
+// agent) a second into them; it returns both results.
+func (r *rig) pingAcross(t *testing.T, replace func()) (ping, pingBack netenv.PingResult) {
+	var wg sync.WaitGroup
+	wg.Go(func() { ping = netenv.Ping(t, r.Node, r.ctr.IP4.Addr(), 400) })
+	wg.Go(func() { pingBack = netenv.Ping(t, r.ctr.NS, r.nodeIP(), 400) })
+	time.Sleep(time.Second)
+	replace()
+	wg.Wait()
+	return ping, pingBack
+}
+
 func TestStartAndEndpoints(t *testing.T) {
 	r := setup(t)
 	if code, body, err := r.get("/healthz"); err != nil || code != 200 {
@@ -238,7 +251,7 @@ func TestInvalidConfig(t *testing.T) {
 	if hosts[netip.MustParsePrefix("169.254.20.10/32")] != uint32(loader.HostSteer) {
 		t.Fatalf("hostCIDRs not applied: %v", hosts)
 	}
-	if err := r.ag.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+	if err := r.ag.Cmd.Process.Signal(syscall.SIGHUP); err != nil {
 		t.Fatal(err)
 	}
 	r.waitMetric("underpass_config_reloads_total", `result="success"`, 2)
@@ -250,7 +263,7 @@ func TestInvalidConfig(t *testing.T) {
 	if err := bad.wait(10 * time.Second); err == nil {
 		t.Fatal("underpassd started with a service CIDR overlapping the node subnet")
 	}
-	if out := bad.out.String(); !strings.Contains(out, "staleServices.cidrs[0]") || !strings.Contains(out, "overlaps node subnet") {
+	if out := bad.Out.String(); !strings.Contains(out, "staleServices.cidrs[0]") || !strings.Contains(out, "overlaps node subnet") {
 		t.Fatalf("start-up error does not name the key:\n%s", out)
 	}
 }
@@ -263,16 +276,12 @@ func TestRestartKill9(t *testing.T) {
 	before := r.waitParentAttached(r.Uplinks[0].Index)
 	_, gen0, _ := datapath.GetConfig(&r.dp.Maps)
 
-	var wg sync.WaitGroup
-	var ping, pingBack netenv.PingResult
-	wg.Go(func() { ping = netenv.Ping(t, r.Node, r.ctr.IP4.Addr(), 400) })
-	wg.Go(func() { pingBack = netenv.Ping(t, r.ctr.NS, r.nodeIP(), 400) })
-	time.Sleep(time.Second)
-	r.ag.kill()
-	time.Sleep(500 * time.Millisecond) // no agent at all for a while
-	ag2 := r.start(agentBin)
-	took := ag2.waitReady()
-	wg.Wait()
+	var took time.Duration
+	ping, pingBack := r.pingAcross(t, func() {
+		r.ag.Kill()
+		time.Sleep(500 * time.Millisecond) // no agent at all for a while
+		took = r.start(agentBin).waitReady()
+	})
 	t.Logf("restart to ready: %s; %v; %v", took.Round(time.Millisecond), ping, pingBack)
 	if ping.Lost() != 0 || pingBack.Lost() != 0 {
 		t.Fatalf("lost pings across kill -9 and restart: %v / %v", ping, pingBack)
@@ -302,15 +311,10 @@ func TestUpgrade(t *testing.T) {
 	must(t, attach.Endpoint(r.dp.EndpointTarget(r.ep, r.ctr.Path, r.ctr.Index)))
 	ep0 := epProgIDs(t, r.dp)
 
-	var wg sync.WaitGroup
-	var ping, pingBack netenv.PingResult
-	wg.Go(func() { ping = netenv.Ping(t, r.Node, r.ctr.IP4.Addr(), 400) })
-	wg.Go(func() { pingBack = netenv.Ping(t, r.ctr.NS, r.nodeIP(), 400) })
-	time.Sleep(time.Second)
-	r.ag.stop()
-	ag2 := r.start(upgradeBin)
-	ag2.waitReady()
-	wg.Wait()
+	ping, pingBack := r.pingAcross(t, func() {
+		r.ag.stop()
+		r.start(upgradeBin).waitReady()
+	})
 	if ping.Lost() != 0 || pingBack.Lost() != 0 {
 		t.Fatalf("lost pings across the upgrade: %v / %v", ping, pingBack)
 	}
@@ -434,7 +438,7 @@ func TestEndpointGC(t *testing.T) {
 	if err := m.EpByIp.Lookup(&k, &ref); !errors.Is(err, ebpf.ErrKeyNotExist) {
 		t.Fatalf("address of a collected endpoint: lookup says %+v, %v; want no entry", ref, err)
 	}
-	out := r.ag.out.String()
+	out := r.ag.Out.String()
 	if !strings.Contains(out, `reason="netns gone`) || !strings.Contains(out, `reason="interface gone"`) {
 		t.Fatalf("GC did not log its reasons:\n%s", out)
 	}
@@ -464,7 +468,7 @@ func TestEndpointGCDetachesFiltersOfAChangedMAC(t *testing.T) {
 	if f, err := attach.InspectEndpoint(c.Path, c.Index); err != nil || f != (attach.EndpointFilters{}) {
 		t.Fatalf("filters after GC: %+v, %v; want none", f, err)
 	}
-	if out := r.ag.out.String(); !strings.Contains(out, `reason="interface replaced (MAC changed)"`) {
+	if out := r.ag.Out.String(); !strings.Contains(out, `reason="interface replaced (MAC changed)"`) {
 		t.Fatalf("GC did not say why:\n%s", out)
 	}
 	netenv.MustPing(t, r.Node, r.ctr.IP4.Addr(), 3)
@@ -547,11 +551,11 @@ func TestParentEvents(t *testing.T) {
 	if err := nl.LinkSetDown(link0); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 5*time.Second, "parent down logged", func() bool { return strings.Contains(r.ag.out.String(), `msg="parent is down"`) })
+	waitFor(t, 5*time.Second, "parent down logged", func() bool { return strings.Contains(r.ag.Out.String(), `msg="parent is down"`) })
 	if err := nl.LinkSetUp(link0); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 5*time.Second, "parent up logged", func() bool { return strings.Contains(r.ag.out.String(), `msg="parent is up"`) })
+	waitFor(t, 5*time.Second, "parent up logged", func() bool { return strings.Contains(r.ag.Out.String(), `msg="parent is up"`) })
 	waitFor(t, 5*time.Second, "ping after up", func() bool {
 		return netenv.Ping(t, r.Node, r.ctr.IP4.Addr(), 3).Received > 0
 	})
@@ -575,7 +579,7 @@ func TestParentEvents(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitFor(t, 5*time.Second, "parent deletion logged", func() bool {
-		return strings.Contains(r.ag.out.String(), `msg="parent interface deleted`)
+		return strings.Contains(r.ag.Out.String(), `msg="parent interface deleted`)
 	})
 	recreateUplink(t, r.lab, eth0)
 	if eth0.Index == oldIndex {
@@ -606,7 +610,7 @@ func TestParentEvents(t *testing.T) {
 		_, ok := eps[r.ep]
 		return !ok
 	})
-	if !strings.Contains(r.ag.out.String(), `msg="parent re-created: program re-attached and endpoints moved"`) {
+	if !strings.Contains(r.ag.Out.String(), `msg="parent re-created: program re-attached and endpoints moved"`) {
 		t.Fatal("re-creation not logged")
 	}
 	if err := datapath.Unregister(&r.dp.Maps, survID); err != nil {

@@ -143,11 +143,11 @@ func TestBenchAgentScale(t *testing.T) {
 		lat[len(lat)/2].Round(10*time.Microsecond), lat[len(lat)*9/10].Round(10*time.Microsecond), lat[len(lat)-1].Round(10*time.Microsecond))
 
 	time.Sleep(2 * time.Second) // let the heap settle after the initial list
-	cpu0 := procCPU(t, ag.cmd.Process.Pid)
+	cpu0 := procCPU(t, ag.Cmd.Process.Pid)
 	time.Sleep(10 * time.Second)
-	idle := procCPU(t, ag.cmd.Process.Pid) - cpu0
+	idle := procCPU(t, ag.Cmd.Process.Pid) - cpu0
 	report(t, "agent CPU while idle with %d Services and %d endpoints: %s per 10s (%.2f%% of a core)", benchServices, benchEndpoints, idle, float64(idle)/float64(10*time.Second)*100)
-	rss, hwm := procMem(t, ag.cmd.Process.Pid)
+	rss, hwm := procMem(t, ag.Cmd.Process.Pid)
 	report(t, "agent memory with %d Services and %d endpoints: RSS %s, peak RSS %s", benchServices, benchEndpoints, rss, hwm)
 	ag.stop()
 }

@@ -85,8 +85,8 @@ func TestPinsRemoved(t *testing.T) {
 		t.Logf("--- %s", f.name)
 		pins0 := r.metric("underpass_agent_repairs_total", `what="pins"`)
 		links0 := r.metric("underpass_agent_repairs_total", `what="links"`)
-		logPins0 := strings.Count(r.ag.out.String(), msgPinsRestored)
-		logLinks0 := strings.Count(r.ag.out.String(), msgLinksRestored)
+		logPins0 := strings.Count(r.ag.Out.String(), msgPinsRestored)
+		logLinks0 := strings.Count(r.ag.Out.String(), msgLinksRestored)
 
 		pings := startPings(t, r, 600)
 		time.Sleep(200 * time.Millisecond) // traffic flows before the fault
@@ -113,7 +113,7 @@ func TestPinsRemoved(t *testing.T) {
 
 		r.waitMetric("underpass_agent_repairs_total", `what="pins"`, pins0+f.pins)
 		r.waitMetric("underpass_agent_repairs_total", `what="links"`, links0+f.links)
-		out := r.ag.out.String()
+		out := r.ag.Out.String()
 		if got := strings.Count(out, msgPinsRestored) - logPins0; got != int(f.pins) {
 			t.Fatalf("%s: %d pin repair warnings logged, want %v", f.name, got, f.pins)
 		}
@@ -127,7 +127,7 @@ func TestPinsRemoved(t *testing.T) {
 		}
 	}
 
-	if !strings.Contains(r.ag.out.String(), "(still attached: pinned again)") {
+	if !strings.Contains(r.ag.Out.String(), "(still attached: pinned again)") {
 		t.Fatal("the links hidden by the mount were not adopted")
 	}
 	// Unmounted, the pins underneath are back: nothing to repair.
@@ -150,9 +150,9 @@ func TestPinsRemoved(t *testing.T) {
 	r.register(dp, c2, "ctr2")
 	netenv.MustPing(t, r.Node, c2.IP4.Addr(), 10)
 	netenv.MustPing(t, c2.NS, r.nodeIP(), 10)
-	t.Logf("repairs logged:\n%s", grepLines(r.ag.out.String(), "removed from under the agent"))
-	if strings.Contains(r.ag.out.String(), "level=ERROR") {
-		t.Fatalf("the agent logged errors while repairing:\n%s", grepLines(r.ag.out.String(), "level=ERROR"))
+	t.Logf("repairs logged:\n%s", grepLines(r.ag.Out.String(), "removed from under the agent"))
+	if strings.Contains(r.ag.Out.String(), "level=ERROR") {
+		t.Fatalf("the agent logged errors while repairing:\n%s", grepLines(r.ag.Out.String(), "level=ERROR"))
 	}
 
 	t.Log("--- a repair that cannot work: a tmpfs mounted over the pin dir")
@@ -167,7 +167,7 @@ func TestPinsRemoved(t *testing.T) {
 	if v := r.metric("underpass_agent_ready", ""); v != 0 {
 		t.Fatalf("underpass_agent_ready = %v while the pins cannot be restored", v)
 	}
-	if !strings.Contains(r.ag.out.String(), `msg="pins removed from under the agent cannot be restored`) {
+	if !strings.Contains(r.ag.Out.String(), `msg="pins removed from under the agent cannot be restored`) {
 		t.Fatal("the failed repair was not logged")
 	}
 	// The links under the mount are still pinned: the datapath runs on.
@@ -182,7 +182,7 @@ func TestPinsRemoved(t *testing.T) {
 	checkOneParentProgram(t, r.lab, eth0.Index)
 	netenv.MustPing(t, r.Node, r.ctr.IP4.Addr(), 10)
 	// /readyz reads the repair state from the HTTP goroutines (UNDERPASS_RACE=1).
-	if out := r.ag.out.String(); strings.Contains(out, "DATA RACE") {
+	if out := r.ag.Out.String(); strings.Contains(out, "DATA RACE") {
 		t.Fatalf("data race in the agent:\n%s", out)
 	}
 }
@@ -235,8 +235,8 @@ func TestEndpointProgramsRemoved(t *testing.T) {
 	if tx := r.epTx(t); tx < tx1+3 {
 		t.Fatalf("tx counter moved %d -> %d over 3 pings after the repair", tx1, tx)
 	}
-	if !strings.Contains(r.ag.out.String(), "endpoint programs removed from under the agent") {
-		t.Fatalf("the repair was not logged:\n%s", r.ag.out.String())
+	if !strings.Contains(r.ag.Out.String(), "endpoint programs removed from under the agent") {
+		t.Fatalf("the repair was not logged:\n%s", r.ag.Out.String())
 	}
 	if code, body, err := r.get("/readyz"); err != nil || code != http.StatusOK {
 		t.Fatalf("/readyz after the repair: %d %q %v", code, body, err)
@@ -271,14 +271,14 @@ func TestParentRecreated(t *testing.T) {
 	old := recreate()
 	at := time.Now()
 	waitFor(t, faultDeadline, "parent deletion logged", func() bool {
-		return strings.Contains(r.ag.out.String(), `msg="parent interface deleted`)
+		return strings.Contains(r.ag.Out.String(), `msg="parent interface deleted`)
 	})
 	pod := checkRecreated(t, r, r.ag, old, dead, "ctr2", 13)
 	t.Logf("agent running: %s ifindex %d -> %d, new pod reached %s after the re-creation",
 		eth0.Name, old, eth0.Index, time.Since(at).Round(time.Millisecond))
 
 	t.Log("--- agent down")
-	r.ag.kill()
+	r.ag.Kill()
 	old = recreate()
 	// The dead agent could not drop the deleted parent's link pins.
 	if !pinExists(attach.LinkPin(r.dir, attach.RoleParent, old)) {
@@ -290,7 +290,7 @@ func TestParentRecreated(t *testing.T) {
 	checkRecreated(t, r, ag2, old, pod, "ctr3", 14)
 	t.Logf("agent down: %s ifindex %d -> %d, new pod reached %s after the restart",
 		eth0.Name, old, eth0.Index, time.Since(at).Round(time.Millisecond))
-	if strings.Contains(ag2.out.String(), `msg="parent interface is gone`) {
+	if strings.Contains(ag2.Out.String(), `msg="parent interface is gone`) {
 		t.Fatal("the restarted agent waited for a parent that had been re-created already")
 	}
 }
@@ -303,7 +303,7 @@ func checkRecreated(t *testing.T, r *rig, ag *agent, old int, dead *netenv.Conta
 	eth0 := r.Uplinks[0]
 	m := &r.dp.Maps
 	r.waitParentAttached(eth0.Index)
-	waitFor(t, faultDeadline, "re-creation logged", func() bool { return strings.Contains(ag.out.String(), msgRecreated) })
+	waitFor(t, faultDeadline, "re-creation logged", func() bool { return strings.Contains(ag.Out.String(), msgRecreated) })
 	waitFor(t, faultDeadline, "parents map: only the new ifindex", func() bool {
 		ps, err := datapath.Parents(m)
 		_, ok := ps[eth0.Index]
@@ -371,7 +371,7 @@ func TestAgentKilledUnderLoad(t *testing.T) {
 	churn := startChurn(t, r, churnCtr)
 	pings := startPings(t, r, 500)
 	time.Sleep(time.Second)
-	r.ag.kill()
+	r.ag.Kill()
 	killed := churn.ops.Load()
 	time.Sleep(1500 * time.Millisecond) // no agent at all for a while
 	withoutAgent := churn.ops.Load() - killed
@@ -408,7 +408,7 @@ func TestAgentKilledUnderLoad(t *testing.T) {
 			t.Fatalf("underpass_agent_repairs_total{what=%q} = %v after a plain restart", what, v)
 		}
 	}
-	if out := ag2.out.String(); strings.Contains(out, msgPinsRestored) || strings.Contains(out, msgLinksRestored) {
+	if out := ag2.Out.String(); strings.Contains(out, msgPinsRestored) || strings.Contains(out, msgLinksRestored) {
 		t.Fatal("the restarted agent logged a repair")
 	}
 }

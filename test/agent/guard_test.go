@@ -47,8 +47,8 @@ func TestStaleGuardWaitsForFirstSync(t *testing.T) {
 	// Running and attached, but not ready: only the service sync is missing.
 	var last string
 	waitFor(t, 30*time.Second, "/readyz to wait only for the service sync", func() bool {
-		if ag.exited() {
-			t.Fatalf("underpassd exited: %v", ag.err)
+		if ag.Exited() {
+			t.Fatalf("underpassd exited: %v", ag.Err())
 		}
 		code, body, err := l.get("/readyz")
 		last = fmt.Sprint(code, " ", strings.TrimSpace(body), " ", err)

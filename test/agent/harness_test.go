@@ -4,21 +4,14 @@
 package agent_test
 
 import (
-	"bufio"
 	"context"
 	"fmt"
-	"io"
-	"net"
 	"net/http"
 	"net/netip"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"regexp"
-	"strconv"
-	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -56,21 +49,13 @@ func testMain(m *testing.M) int {
 	defer os.RemoveAll(dir)
 	agentBin = filepath.Join(dir, "underpassd")
 	upgradeBin = filepath.Join(dir, "underpassd-upgrade")
-	for _, b := range []struct{ out, tags string }{{agentBin, ""}, {upgradeBin, "underpass_upgradetest"}} {
-		args := []string{"build", "-o", b.out}
-		if os.Getenv("UNDERPASS_RACE") == "1" {
-			args = append(args, "-race") // the agent under the race detector
-		}
-		if b.tags != "" {
-			args = append(args, "-tags", b.tags)
-		}
-		args = append(args, "github.com/underpass-cni/underpass/cmd/underpassd")
-		cmd := exec.Command("go", args...)
-		cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
-		if err := cmd.Run(); err != nil {
-			fmt.Fprintf(os.Stderr, "build underpassd: %v\n", err)
-			return 1
-		}
+	if err := testutil.BuildAgent(agentBin); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	if err := testutil.BuildAgent(upgradeBin, "underpass_upgradetest"); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
 	}
 	return m.Run()
 }
@@ -104,21 +89,7 @@ func newLab(t *testing.T, opts netenv.Options) *lab {
 		cfg: filepath.Join(t.TempDir(), "underpass.yaml"),
 	}
 	// Sockets made inside the node netns reach the agent's loopback.
-	l.client = &http.Client{
-		Timeout: 5 * time.Second,
-		Transport: &http.Transport{
-			DisableKeepAlives: true,
-			DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
-				var c net.Conn
-				err := env.Node.Do(func() error {
-					var err error
-					c, err = (&net.Dialer{}).DialContext(ctx, network, addr)
-					return err
-				})
-				return c, err
-			},
-		},
-	}
+	l.client = testutil.NetnsHTTPClient(env.Node.Do, 5*time.Second)
 	t.Cleanup(func() { l.client.CloseIdleConnections() })
 	return l
 }
@@ -143,66 +114,33 @@ func (l *lab) writeConfig(body string) {
 
 // agent is one running underpassd.
 type agent struct {
-	l    *lab
-	cmd  *exec.Cmd
-	out  *testutil.SyncBuffer
-	done chan struct{}
-	err  error
+	*testutil.Agent
+	l *lab
 }
 
-// start runs bin in the node netns. The agent is killed when the test ends
-// (if still running) and its log is printed if the test failed.
+// start runs bin in the node netns with the lab's config and debug logs.
+// The agent is killed when the test ends (if still running) and its log is
+// printed if the test failed.
 func (l *lab) start(bin string, args ...string) *agent {
 	l.t.Helper()
-	a := &agent{l: l, out: &testutil.SyncBuffer{}, done: make(chan struct{})}
-	args = append([]string{"--config", l.cfg, "--log-level", "debug"}, args...)
-	a.cmd = l.Node.Command(context.Background(), bin, args...)
-	a.cmd.Stdout, a.cmd.Stderr = a.out, a.out
-	if err := a.cmd.Start(); err != nil {
-		l.t.Fatalf("start underpassd: %v", err)
-	}
-	go func() {
-		a.err = a.cmd.Wait()
-		close(a.done)
-	}()
-	l.t.Cleanup(func() {
-		a.kill()
-		if l.t.Failed() {
-			l.t.Logf("underpassd (%s) log:\n%s", filepath.Base(bin), a.out.String())
-		}
-	})
-	return a
+	return l.startArgs(bin, append([]string{"--config", l.cfg, "--log-level", "debug"}, args...)...)
 }
 
-func (a *agent) exited() bool {
-	select {
-	case <-a.done:
-		return true
-	default:
-		return false
-	}
-}
-
-// kill -9s the agent and waits for it.
-func (a *agent) kill() {
-	if a.exited() {
-		return
-	}
-	_ = a.cmd.Process.Signal(syscall.SIGKILL)
-	<-a.done
+// startArgs is start with exactly args.
+func (l *lab) startArgs(bin string, args ...string) *agent {
+	l.t.Helper()
+	name := fmt.Sprintf("underpassd (%s)", filepath.Base(bin))
+	return &agent{Agent: testutil.StartAgent(l.t, name, l.Node.Command(context.Background(), bin, args...), 0), l: l}
 }
 
 // stop sends SIGTERM and waits for a clean exit.
 func (a *agent) stop() {
 	a.l.t.Helper()
-	_ = a.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-a.done:
-	case <-time.After(10 * time.Second):
+	if !a.Terminate(10 * time.Second) {
 		a.l.t.Fatalf("underpassd did not stop on SIGTERM")
 	}
-	if a.err != nil {
-		a.l.t.Fatalf("underpassd exited with %v:\n%s", a.err, a.out.String())
+	if err := a.Err(); err != nil {
+		a.l.t.Fatalf("underpassd exited with %v:\n%s", err, a.Out.String())
 	}
 }
 
@@ -210,8 +148,8 @@ func (a *agent) stop() {
 func (a *agent) wait(timeout time.Duration) error {
 	a.l.t.Helper()
 	select {
-	case <-a.done:
-		return a.err
+	case <-a.Done():
+		return a.Err()
 	case <-time.After(timeout):
 		a.l.t.Fatalf("underpassd still running after %s", timeout)
 		return nil
@@ -219,33 +157,13 @@ func (a *agent) wait(timeout time.Duration) error {
 }
 
 func (l *lab) get(path string) (int, string, error) {
-	resp, err := l.client.Get("http://" + metricsAddr + path)
-	if err != nil {
-		return 0, "", err
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	return resp.StatusCode, string(b), err
+	return testutil.HTTPGet(l.client, "http://"+metricsAddr+path)
 }
 
 // waitReady waits for /readyz to say ok.
 func (a *agent) waitReady() time.Duration {
 	a.l.t.Helper()
-	start := time.Now()
-	var last string
-	for time.Since(start) < 60*time.Second {
-		if a.exited() {
-			a.l.t.Fatalf("underpassd exited (%v) before it was ready:\n%s", a.err, a.out.String())
-		}
-		code, body, err := a.l.get("/readyz")
-		if err == nil && code == http.StatusOK {
-			return time.Since(start)
-		}
-		last = fmt.Sprint(code, " ", strings.TrimSpace(body), " ", err)
-		time.Sleep(20 * time.Millisecond)
-	}
-	a.l.t.Fatalf("underpassd not ready after 60s (last /readyz: %s)", last)
-	return 0
+	return a.WaitReady(a.l.t, a.l.get, 60*time.Second)
 }
 
 // metric returns the value of one series from /metrics (labels as written
@@ -260,18 +178,14 @@ func (l *lab) metric(name, labels string) float64 {
 	if labels != "" {
 		series += "{" + labels + "}"
 	}
-	sc := bufio.NewScanner(strings.NewReader(body))
-	for sc.Scan() {
-		line := sc.Text()
-		if rest, ok := strings.CutPrefix(line, series+" "); ok {
-			v, err := strconv.ParseFloat(strings.TrimSpace(rest), 64)
-			if err != nil {
-				l.t.Fatalf("metric %s: %v", line, err)
-			}
-			return v
-		}
+	v, found, err := testutil.SeriesValue(body, series)
+	if !found {
+		return -1
 	}
-	return -1
+	if err != nil {
+		l.t.Fatalf("metric %s: %v", series, err)
+	}
+	return v
 }
 
 func (l *lab) waitMetric(name, labels string, want float64) {
@@ -376,7 +290,7 @@ var logKey = regexp.MustCompile(`level=ERROR msg="config rejected[^\n]*`)
 
 // rejections returns the agent's "config rejected" log lines.
 func (a *agent) rejections() []string {
-	return logKey.FindAllString(a.out.String(), -1)
+	return logKey.FindAllString(a.Out.String(), -1)
 }
 
 // openOnce is open, shared by the helpers that poll the maps.

@@ -17,11 +17,9 @@ package agent_test
 
 import (
 	"bufio"
-	"context"
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"io"
 	"math/rand/v2"
 	"net"
 	"net/http"
@@ -253,30 +251,14 @@ func stormObserve(m *loader.Maps) (stormState, error) {
 // logLevel is the one in force.
 func (l *lab) startWithConfigLevel(bin string) *agent {
 	l.t.Helper()
-	a := &agent{l: l, out: &testutil.SyncBuffer{}, done: make(chan struct{})}
-	a.cmd = l.Node.Command(context.Background(), bin, "--config", l.cfg)
-	a.cmd.Stdout, a.cmd.Stderr = a.out, a.out
-	if err := a.cmd.Start(); err != nil {
-		l.t.Fatalf("start underpassd: %v", err)
-	}
-	go func() {
-		a.err = a.cmd.Wait()
-		close(a.done)
-	}()
-	l.t.Cleanup(func() {
-		a.kill()
-		if l.t.Failed() {
-			l.t.Logf("underpassd log:\n%s", a.out.String())
-		}
-	})
-	return a
+	return l.startArgs(bin, "--config", l.cfg)
 }
 
 // agentPID returns the agent's pid (nsenter execs it, so it is the
 // command's) after checking that it really is underpassd.
 func agentPID(t *testing.T, a *agent) int {
 	t.Helper()
-	pid := a.cmd.Process.Pid
+	pid := a.Cmd.Process.Pid
 	exe, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid))
 	if err != nil {
 		t.Fatalf("agent pid %d: %v", pid, err)
@@ -294,18 +276,11 @@ func countFDs(pid int) (int, error) {
 
 // seriesValue finds one series in an exposition body (-1 if absent).
 func seriesValue(body, series string) float64 {
-	sc := bufio.NewScanner(strings.NewReader(body))
-	sc.Buffer(make([]byte, 1<<20), 1<<20)
-	for sc.Scan() {
-		if rest, ok := strings.CutPrefix(sc.Text(), series+" "); ok {
-			v, err := strconv.ParseFloat(strings.TrimSpace(rest), 64)
-			if err != nil {
-				return -1
-			}
-			return v
-		}
+	v, found, err := testutil.SeriesValue(body, series)
+	if !found || err != nil {
+		return -1
 	}
-	return -1
+	return v
 }
 
 // The harness's client gives up after 5s; on a loaded 2-CPU machine shared
@@ -422,8 +397,8 @@ func (d *stormDriver) writeInPlace(c stormCfg, valid, split, unique bool) {
 
 func (d *stormDriver) hup() {
 	d.t.Helper()
-	if err := d.a.cmd.Process.Signal(syscall.SIGHUP); err != nil {
-		d.t.Fatalf("SIGHUP: %v (agent exited? %v)", err, d.a.exited())
+	if err := d.a.Cmd.Process.Signal(syscall.SIGHUP); err != nil {
+		d.t.Fatalf("SIGHUP: %v (agent exited? %v)", err, d.a.Exited())
 	}
 	d.hups++
 }
@@ -473,8 +448,8 @@ func (d *stormDriver) storm(n int, final stormCfg, revert bool) {
 		if i < n-1 && d.rng.IntN(3) == 0 {
 			d.hup()
 		}
-		if d.a.exited() {
-			d.t.Fatalf("underpassd exited during the storm (iteration %d): %v", i, d.a.err)
+		if d.a.Exited() {
+			d.t.Fatalf("underpassd exited during the storm (iteration %d): %v", i, d.a.Err())
 		}
 		if i%75 == 74 && i < n-1 {
 			time.Sleep(1600 * time.Millisecond)
@@ -497,8 +472,8 @@ func (d *stormDriver) waitInForce(m *loader.Maps, want stormState, what string) 
 		if err == nil && got.equal(want) {
 			break
 		}
-		if d.a.exited() {
-			d.t.Fatalf("underpassd exited: %v", d.a.err)
+		if d.a.Exited() {
+			d.t.Fatalf("underpassd exited: %v", d.a.Err())
 		}
 		if time.Now().After(deadline) {
 			d.t.Errorf("%s: the datapath does not show the config that should be in force (waited 30s):\n  want %v\n  got  %v (err %v)",
@@ -667,7 +642,7 @@ func TestReloadStorm(t *testing.T) {
 	// below warn. The rejection that follows is logged (ERROR) by the same
 	// goroutine after that reload, so once it shows, the info line would
 	// have shown too.
-	mark := len(a.out.String())
+	mark := len(a.Out.String())
 	s1 := l.reloads("success")
 	d.hup()
 	l.slowWaitMetric("underpass_config_reloads_total", `result="success"`, float64(s1+1))
@@ -675,9 +650,9 @@ func TestReloadStorm(t *testing.T) {
 	d.writeAtomic(stormInvalid(5, 8), false, true)
 	l.slowWaitMetric("underpass_config_reloads_total", `result="error"`, float64(e1+1))
 	waitFor(t, 10*time.Second, "the rejection logged", func() bool {
-		return strings.Contains(a.out.String()[mark:], `msg="config rejected`)
+		return strings.Contains(a.Out.String()[mark:], `msg="config rejected`)
 	})
-	if tail := a.out.String()[mark:]; strings.Contains(tail, `msg="config reloaded"`) {
+	if tail := a.Out.String()[mark:]; strings.Contains(tail, `msg="config reloaded"`) {
 		t.Errorf("logLevel warn from the config is not in force: an info line was logged:\n%s", tail)
 	}
 
@@ -688,10 +663,10 @@ func TestReloadStorm(t *testing.T) {
 		d.resync(m, v1, "phase 2")
 	}
 	// The info line of a SIGHUP reload shows now (logLevel info).
-	mark = len(a.out.String())
+	mark = len(a.Out.String())
 	d.hup()
 	waitFor(t, 10*time.Second, "info line of the SIGHUP reload (logLevel info)", func() bool {
-		return strings.Contains(a.out.String()[mark:], `msg="config reloaded" trigger=SIGHUP`)
+		return strings.Contains(a.Out.String()[mark:], `msg="config reloaded" trigger=SIGHUP`)
 	})
 
 	// Phase 3: only invalid writes; v1 must stay.
@@ -719,8 +694,8 @@ func TestReloadStorm(t *testing.T) {
 	took := time.Since(start)
 
 	sc.finish()
-	if a.exited() {
-		t.Fatalf("underpassd exited: %v", a.err)
+	if a.Exited() {
+		t.Fatalf("underpassd exited: %v", a.Err())
 	}
 	if code, body, err := l.slowGet("/readyz"); err != nil || code != http.StatusOK {
 		t.Fatalf("/readyz after the storm: %d %q %v", code, body, err)
@@ -745,7 +720,7 @@ func TestReloadStorm(t *testing.T) {
 	if oks <= 0 || oks > d.valid+d.hups {
 		t.Errorf("reload successes %d, want 1..%d (valid writes %d + SIGHUPs %d)", oks, d.valid+d.hups, d.valid, d.hups)
 	}
-	if failed := strings.Count(a.out.String(), "config reload failed to apply"); failed > 0 || len(rejLines) != errs {
+	if failed := strings.Count(a.Out.String(), "config reload failed to apply"); failed > 0 || len(rejLines) != errs {
 		t.Errorf("%d reloads failed to apply; %d rejection lines for %d errors counted", failed, len(rejLines), errs)
 	}
 	for _, line := range rejLines {
@@ -761,7 +736,7 @@ func TestReloadStorm(t *testing.T) {
 	}
 	// A half-written file applied through SIGHUP: what was cut off takes
 	// its default, bpffs among them (the agent warns that it changed).
-	t.Logf("half-written files applied (bpffs changed warnings): %d", strings.Count(a.out.String(), "bpffs changed"))
+	t.Logf("half-written files applied (bpffs changed warnings): %d", strings.Count(a.Out.String(), "bpffs changed"))
 
 	// Resources: back to the baseline once the storm is over.
 	var gor, fds int
@@ -779,7 +754,7 @@ func TestReloadStorm(t *testing.T) {
 		t.Errorf("resource growth: goroutines %d -> %d, fds %d -> %d (margin %d)", gor0, gor, fds0, fds, margin)
 	}
 
-	if m := stormPanic.FindString(a.out.String()); m != "" {
+	if m := stormPanic.FindString(a.Out.String()); m != "" {
 		t.Errorf("the agent's log shows %q", m)
 	}
 	a.stop()
@@ -855,8 +830,8 @@ func TestReloadSIGHUPRace(t *testing.T) {
 	if !d.waitInForce(m, cfgA.want(), "1. the complete file after a SIGHUP during its rewrite") {
 		t.FailNow()
 	}
-	if strings.Contains(a.out.String(), "bpffs changed") {
-		t.Errorf("a half-written file was applied at some point (bpffs changed warning):\n%s", a.out.String())
+	if strings.Contains(a.Out.String(), "bpffs changed") {
+		t.Errorf("a half-written file was applied at some point (bpffs changed warning):\n%s", a.Out.String())
 	}
 
 	// 2. Write B, SIGHUP, wait for B, then put the file back as it was, byte
@@ -868,7 +843,7 @@ func TestReloadSIGHUPRace(t *testing.T) {
 	}
 	d.writeRaw(bytesA)
 	d.waitInForce(m, cfgA.want(), "2. the file reverted to A (the bytes the watcher last reported) after a SIGHUP applied B")
-	if m := stormPanic.FindString(a.out.String()); m != "" {
+	if m := stormPanic.FindString(a.Out.String()); m != "" {
 		t.Errorf("the agent's log shows %q", m)
 	}
 }
@@ -966,28 +941,7 @@ func dialFrom(ns *netenv.NS, addr netip.AddrPort) error {
 
 // getFrom does an HTTP GET from inside ns.
 func getFrom(ns *netenv.NS, addr netip.AddrPort, path string, timeout time.Duration) (int, string, error) {
-	client := &http.Client{
-		Timeout: timeout,
-		Transport: &http.Transport{
-			DisableKeepAlives: true,
-			DialContext: func(ctx context.Context, network, a string) (net.Conn, error) {
-				var c net.Conn
-				err := ns.Do(func() error {
-					var err error
-					c, err = (&net.Dialer{}).DialContext(ctx, network, a)
-					return err
-				})
-				return c, err
-			},
-		},
-	}
-	resp, err := client.Get("http://" + addr.String() + path)
-	if err != nil {
-		return 0, "", err
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	return resp.StatusCode, string(b), err
+	return testutil.HTTPGet(testutil.NetnsHTTPClient(ns.Do, timeout), "http://"+addr.String()+path)
 }
 
 func TestMetricsLoopbackByDefault(t *testing.T) {
@@ -1049,8 +1003,8 @@ func TestMetricsLoopbackByDefault(t *testing.T) {
 	a = l.start(agentBin)
 	open4 := netip.AddrPortFrom(node4, openPort)
 	waitFor(t, 60*time.Second, "/readyz on "+open4.String()+" from the wire", func() bool {
-		if a.exited() {
-			t.Fatalf("underpassd exited: %v\n%s", a.err, a.out.String())
+		if a.Exited() {
+			t.Fatalf("underpassd exited: %v\n%s", a.Err(), a.Out.String())
 		}
 		code, _, err := getFrom(wire.NS, open4, "/readyz", 30*time.Second)
 		return err == nil && code == http.StatusOK

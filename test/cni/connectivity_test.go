@@ -39,9 +39,7 @@ func TestChainedMode(t *testing.T) {
 // lifecycle: two pods up, every path works both ways with exact counters,
 // CHECK passes, DEL leaves nothing.
 func (h *harness) lifecycle(t *testing.T, l *libcni.NetworkConfigList, version string) {
-	a, b := h.newPod("a"), h.newPod("b")
-	h.add(l, a)
-	h.add(l, b)
+	a, b := h.podPair(l)
 	h.baselineParents()
 	if !a.ip4.IsValid() || !a.ip6.IsValid() || a.mac == nil {
 		t.Fatalf("pod a result lacks addresses or MAC: %+v", a.res)
@@ -104,25 +102,14 @@ func (h *harness) connectivity(t *testing.T, a, b *pod) {
 
 	// Neighbours first, so the counted run is not about resolution (it
 	// would be counted exactly anyway; this keeps the echo count clean).
-	for _, dst := range []netip.Addr{b.ip4, b.ip6, u.Gateway4, u.Gateway6, node4, node6, vipLive} {
+	for _, dst := range []netip.Addr{b.ip4, b.ip6, u.Gateway4, u.Gateway6, node4, node6, netenv.LiveVIP4} {
 		netenv.Ping(t, a.ns, dst, 1)
 	}
 	before := h.stats(t, a)
 	nat0 := h.svcNAT.Packets(t)
 	h.exactCounters(t, a, 7*n, func() {
-		for _, dst := range []netip.Addr{b.ip4, b.ip6, u.Gateway4, u.Gateway6, node4, node6, vipLive} {
-			if r := netenv.Ping(t, a.ns, dst, n); r.Lost() != 0 {
-				t.Errorf("pod a -> %s: %v", dst, r)
-			}
-		}
-		// The other way: the node, the wire and pod b reach a.
-		for _, from := range []*netenv.NS{h.env.Node, h.env.Wire, b.ns} {
-			for _, dst := range []netip.Addr{a.ip4, a.ip6} {
-				if r := netenv.Ping(t, from, dst, n); r.Lost() != 0 {
-					t.Errorf("%s -> pod a %s: %v", from.Name, dst, r)
-				}
-			}
-		}
+		// And the other way: the node, the wire and pod b reach a.
+		pingBothWays(t, a, []netip.Addr{b.ip4, b.ip6, u.Gateway4, u.Gateway6, node4, node6, netenv.LiveVIP4}, []*netenv.NS{h.env.Node, h.env.Wire, b.ns}, n)
 	})
 	after := h.stats(t, a)
 	// Host traffic went through the hairpin: node pings both ways plus the
@@ -139,14 +126,14 @@ func (h *harness) connectivity(t *testing.T, a, b *pod) {
 	// the pod.
 	ln := netenv.ListenTCP(t, h.env.Node, netip.AddrPortFrom(node4, 0))
 	port := uint16(ln.Addr().(interface{ AddrPort() netip.AddrPort }).AddrPort().Port())
-	if err := netenv.DialTCP(a.ns, netip.AddrPortFrom(vipLive, port), 2*time.Second); err != nil {
+	if err := netenv.DialTCP(a.ns, netip.AddrPortFrom(netenv.LiveVIP4, port), 2*time.Second); err != nil {
 		t.Errorf("pod a -> live VIP: %v", err)
 	}
 	// The pings to the VIP and the connection went through the node's NAT,
 	// as they would through kube-proxy's: the rule sees the first packet
 	// of each flow (the ping run, the TCP connection), conntrack the rest.
 	if got := h.svcNAT.Packets(t) - nat0; got != 2 {
-		t.Errorf("the node's DNAT of %s translated %d flows, want 2 (the pings, the connection)", vipLive, got)
+		t.Errorf("the node's DNAT of %s translated %d flows, want 2 (the pings, the connection)", netenv.LiveVIP4, got)
 	}
 	lp := netenv.ListenTCP(t, a.ns, netip.AddrPortFrom(netip.IPv6Unspecified(), 0))
 	pport := uint16(lp.Addr().(interface{ AddrPort() netip.AddrPort }).AddrPort().Port())
@@ -158,10 +145,10 @@ func (h *harness) connectivity(t *testing.T, a, b *pod) {
 
 	// A stale VIP never reaches the gateway: dropped, counted for pod a.
 	s0 := h.stats(t, a)
-	if r := netenv.Ping(t, a.ns, vipStale, 3); r.Received != 0 {
+	if r := netenv.Ping(t, a.ns, netenv.StaleVIP4, 3); r.Received != 0 {
 		t.Errorf("stale VIP answered: %v", r)
 	}
-	err := netenv.DialTCP(a.ns, netip.AddrPortFrom(vipStale, 80), 300*time.Millisecond)
+	err := netenv.DialTCP(a.ns, netip.AddrPortFrom(netenv.StaleVIP4, 80), 300*time.Millisecond)
 	if err == nil || errors.Is(err, syscall.ECONNREFUSED) {
 		t.Errorf("dial to stale VIP: %v, want a timeout (drop mode)", err)
 	}
@@ -184,9 +171,7 @@ func TestMacvlanModesKeepTheirMeaning(t *testing.T) {
 			conf := h.mainConf(false)
 			conf["macvlanMode"] = mode
 			l := h.conflist("up-"+mode, "1.1.0", conf)
-			a, b := h.newPod("a"), h.newPod("b")
-			h.add(l, a)
-			h.add(l, b)
+			a, b := h.podPair(l)
 			h.baselineParents()
 
 			// The pod speaks first: no neighbour entry for the node yet.

@@ -6,7 +6,6 @@ package cni_test
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
@@ -71,14 +70,6 @@ func run(m *testing.M) int {
 	return m.Run()
 }
 
-// Lab addresses: pods get .100-.199 and ::100-::1ff from host-local on the
-// wire subnet, as underlay pods do.
-var (
-	vipLive  = netip.MustParseAddr("10.96.0.10")
-	vipStale = netip.MustParseAddr("10.96.0.99")
-	svcCIDR  = netip.MustParsePrefix("10.96.0.0/16")
-)
-
 type harness struct {
 	t        *testing.T
 	env      *netenv.Env
@@ -88,7 +79,7 @@ type harness struct {
 	confDir  string
 	cni      *libcni.CNIConfig
 	cacheDir string
-	svcNAT   *netenv.ServiceNAT // vipLive -> the node's address, as kube-proxy would
+	svcNAT   *netenv.ServiceNAT // the live VIP -> the node's address, as kube-proxy would
 
 	baseLinks   []string
 	baseParents map[int]loader.Parent
@@ -122,11 +113,11 @@ func newHarness(t *testing.T, o harnessOpts) *harness {
 		hosts.Add(netip.PrefixFrom(u.Node6.Addr(), 128), loader.HostLocal)
 	}
 	must(t, datapath.SyncHostCIDRs(m, hosts))
-	must(t, datapath.SyncServiceCIDRs(m, []netip.Prefix{svcCIDR}))
-	must(t, datapath.AddLiveService(m, vipLive))
+	must(t, datapath.SyncServiceCIDRs(m, []netip.Prefix{netenv.SvcCIDR4}))
+	must(t, datapath.AddLiveService(m, netenv.LiveVIP4))
 	// The service implementation: DNAT of the live VIP to the node's own
 	// address, in prerouting and output, as kube-proxy does.
-	h.svcNAT = netenv.AddServiceNAT(t, h.env.Node, vipLive, h.env.Uplinks[0].Node4.Addr())
+	h.svcNAT = netenv.AddServiceNAT(t, h.env.Node, netenv.LiveVIP4, h.env.Uplinks[0].Node4.Addr())
 
 	h.dataDir, h.confDir, h.cacheDir = t.TempDir(), t.TempDir(), t.TempDir()
 	h.cni = libcni.NewCNIConfigWithCacheDir([]string{pluginDir, refDir}, h.cacheDir, nil)
@@ -170,11 +161,11 @@ var must = testutil.Must
 // runtime reads /etc/cni/net.d.
 func (h *harness) conflist(name, version string, plugins ...map[string]any) *libcni.NetworkConfigList {
 	h.t.Helper()
-	b, err := json.MarshalIndent(map[string]any{"cniVersion": version, "name": name, "plugins": plugins}, "", "  ")
-	must(h.t, err)
-	path := filepath.Join(h.confDir, name+".conflist")
-	must(h.t, os.WriteFile(path, b, 0o644))
-	l, err := libcni.NetworkConfFromFile(path)
+	list := make([]any, len(plugins))
+	for i, p := range plugins {
+		list[i] = p
+	}
+	l, err := testutil.WriteConflist(filepath.Join(h.confDir, name+".conflist"), name, version, list...)
 	must(h.t, err)
 	return l
 }
@@ -182,20 +173,7 @@ func (h *harness) conflist(name, version string, plugins ...map[string]any) *lib
 // hostLocal is a dual-stack host-local IPAM section on the lab's eth0
 // subnet; v6=false leaves IPv6 out.
 func (h *harness) hostLocal(v6 bool) map[string]any {
-	u := h.env.Uplinks[0]
-	ranges := []any{[]any{map[string]any{
-		"subnet": u.Subnet4.String(), "rangeStart": u.IP4(100).Addr().String(), "rangeEnd": u.IP4(199).Addr().String(),
-		"gateway": u.Gateway4.String(),
-	}}}
-	routes := []any{map[string]any{"dst": "0.0.0.0/0"}}
-	if v6 {
-		ranges = append(ranges, []any{map[string]any{
-			"subnet": u.Subnet6.String(), "rangeStart": u.IP6(0x100).Addr().String(), "rangeEnd": u.IP6(0x1ff).Addr().String(),
-			"gateway": u.Gateway6.String(),
-		}})
-		routes = append(routes, map[string]any{"dst": "::/0"})
-	}
-	return map[string]any{"type": "host-local", "dataDir": h.dataDir, "ranges": ranges, "routes": routes}
+	return h.env.Uplinks[0].HostLocalIPAM(h.dataDir, v6)
 }
 
 // mainConf is underpass as the main plugin on eth0.
@@ -229,10 +207,7 @@ func (h *harness) newPod(name string) *pod {
 }
 
 func (p *pod) rt() *libcni.RuntimeConf {
-	return &libcni.RuntimeConf{
-		ContainerID: p.id, NetNS: p.netns, IfName: p.ifname,
-		Args: [][2]string{{"IgnoreUnknown", "1"}, {"K8S_POD_NAMESPACE", "default"}, {"K8S_POD_NAME", p.name}, {"K8S_POD_UID", "0000"}},
-	}
+	return testutil.PodRuntimeConf(p.id, p.netns, p.ifname, "default", p.name, [2]string{"K8S_POD_UID", "0000"})
 }
 
 // inNode runs fn with the node netns as the thread's netns: plugins exec'd
@@ -242,34 +217,28 @@ func (h *harness) inNode(fn func() error) error {
 }
 
 func (h *harness) tryAdd(l *libcni.NetworkConfigList, p *pod) (*current.Result, error) {
-	var res types.Result
-	err := h.inNode(func() error {
-		var err error
-		res, err = h.cni.AddNetworkList(context.Background(), l, p.rt())
-		return err
-	})
-	if err != nil {
-		return nil, err
-	}
-	r, err := current.NewResultFromResult(res)
+	r, err := testutil.CNIAdd(context.Background(), h.inNode, h.cni, l, p.rt())
 	if err != nil {
 		return nil, err
 	}
 	p.res = r
-	for _, ipc := range r.IPs {
-		a, _ := netip.AddrFromSlice(ipc.Address.IP)
-		if a = a.Unmap(); a.Is4() {
-			p.ip4 = a
-		} else {
-			p.ip6 = a
-		}
-	}
-	for _, intf := range r.Interfaces {
-		if intf.Name == p.ifname && intf.Sandbox != "" {
-			p.mac, _ = net.ParseMAC(intf.Mac)
-		}
-	}
+	p.setAddrs(r)
 	return r, nil
+}
+
+// setAddrs records the addresses and MAC an ADD result gives p; what the
+// result lacks keeps its earlier value.
+func (p *pod) setAddrs(r *current.Result) {
+	ip4, ip6, mac := testutil.ResultAddrs(r, p.ifname)
+	if ip4.IsValid() {
+		p.ip4 = ip4
+	}
+	if ip6.IsValid() {
+		p.ip6 = ip6
+	}
+	if mac != nil {
+		p.mac = mac
+	}
 }
 
 func (h *harness) add(l *libcni.NetworkConfigList, p *pod) *current.Result {
@@ -454,4 +423,31 @@ func (p *pod) parentIndex(t *testing.T) int {
 		t.Fatal(err)
 	}
 	return l.Attrs().ParentIndex
+}
+
+// pingBothWays pings each of dsts from pod a, then a's addresses from each
+// of froms, n requests a time, and reports every run with a lost reply.
+func pingBothWays(t *testing.T, a *pod, dsts []netip.Addr, froms []*netenv.NS, n int) {
+	t.Helper()
+	for _, dst := range dsts {
+		if r := netenv.Ping(t, a.ns, dst, n); r.Lost() != 0 {
+			t.Errorf("pod a -> %s: %v", dst, r)
+		}
+	}
+	for _, from := range froms {
+		for _, dst := range []netip.Addr{a.ip4, a.ip6} {
+			if r := netenv.Ping(t, from, dst, n); r.Lost() != 0 {
+				t.Errorf("%s -> pod a %s: %v", from.Name, dst, r)
+			}
+		}
+	}
+}
+
+// podPair creates pods a and b and ADDs both with l.
+func (h *harness) podPair(l *libcni.NetworkConfigList) (a, b *pod) {
+	h.t.Helper()
+	a, b = h.newPod("a"), h.newPod("b")
+	h.add(l, a)
+	h.add(l, b)
+	return a, b
 }

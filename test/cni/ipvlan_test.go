@@ -38,9 +38,7 @@ func TestIpvlanChained(t *testing.T) {
 func (h *harness) ipvlanLifecycle(t *testing.T, l *libcni.NetworkConfigList) {
 	t.Helper()
 	u := h.env.Uplinks[0]
-	a, b := h.newPod("a"), h.newPod("b")
-	h.add(l, a)
-	h.add(l, b)
+	a, b := h.podPair(l)
 	h.baselineParents()
 	for _, p := range []*pod{a, b} {
 		id, ep := h.endpointOf(t, p)
@@ -55,18 +53,7 @@ func (h *harness) ipvlanLifecycle(t *testing.T, l *libcni.NetworkConfigList) {
 
 	const n = 3
 	before := h.stats(t, a)
-	for _, dst := range []netip.Addr{b.ip4, b.ip6, u.Gateway4, u.Gateway6, u.Node4.Addr(), u.Node6.Addr()} {
-		if r := netenv.Ping(t, a.ns, dst, n); r.Lost() != 0 {
-			t.Errorf("pod a -> %s: %v", dst, r)
-		}
-	}
-	for _, from := range []*netenv.NS{h.env.Node, h.env.Wire, b.ns} {
-		for _, dst := range []netip.Addr{a.ip4, a.ip6} {
-			if r := netenv.Ping(t, from, dst, n); r.Lost() != 0 {
-				t.Errorf("%s -> pod a %s: %v", from.Name, dst, r)
-			}
-		}
-	}
+	pingBothWays(t, a, []netip.Addr{b.ip4, b.ip6, u.Gateway4, u.Gateway6, u.Node4.Addr(), u.Node6.Addr()}, []*netenv.NS{h.env.Node, h.env.Wire, b.ns}, n)
 	after := h.stats(t, a)
 	if got := after.HostToEp.Packets - before.HostToEp.Packets; got < 2*n {
 		t.Errorf("host->endpoint redirects moved by %d, want at least %d (the node's pings and their replies)", got, 2*n)
@@ -75,7 +62,7 @@ func (h *harness) ipvlanLifecycle(t *testing.T, l *libcni.NetworkConfigList) {
 		t.Errorf("pod a's counters moved rx %d tx %d, want at least %d each", after.Rx.Packets-before.Rx.Packets, after.Tx.Packets-before.Tx.Packets, 12*n)
 	}
 	s0 := h.stats(t, a)
-	if r := netenv.Ping(t, a.ns, vipStale, 3); r.Received != 0 {
+	if r := netenv.Ping(t, a.ns, netenv.StaleVIP4, 3); r.Received != 0 {
 		t.Errorf("stale VIP answered: %v", r)
 	}
 	if s1 := h.stats(t, a); s1.StaleDropped-s0.StaleDropped < 3 {

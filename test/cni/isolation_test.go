@@ -27,9 +27,7 @@ func TestSpoofingThroughThePlugin(t *testing.T) {
 	h := newHarness(t, harnessOpts{})
 	u := h.env.Uplinks[0]
 	l := h.conflist("up-spoof", "1.1.0", h.mainConf(false))
-	a, b := h.newPod("a"), h.newPod("b")
-	h.add(l, a)
-	h.add(l, b)
+	a, b := h.podPair(l)
 	h.baselineParents()
 	netenv.MustPing(t, a.ns, u.Gateway4, 1) // neighbours resolved while honest
 
@@ -117,9 +115,7 @@ func TestAttacksPastThePodsOwnFilter(t *testing.T) {
 	h := newHarness(t, harnessOpts{})
 	u := h.env.Uplinks[0]
 	l := h.conflist("up-attack", "1.1.0", h.mainConf(false))
-	a, b := h.newPod("a"), h.newPod("b")
-	h.add(l, a)
-	h.add(l, b)
+	a, b := h.podPair(l)
 	h.baselineParents()
 	netenv.MustPing(t, a.ns, u.Gateway4, 1)
 

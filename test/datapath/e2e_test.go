@@ -24,15 +24,6 @@ import (
 	"github.com/underpass-cni/underpass/test/netenv"
 )
 
-var (
-	svcCIDR4  = netip.MustParsePrefix("10.96.0.0/16")
-	svcCIDR6  = netip.MustParsePrefix("fd00:96::/108")
-	vipLive4  = netip.MustParseAddr("10.96.0.10")
-	vipLive6  = netip.MustParseAddr("fd00:96::10")
-	vipStale4 = netip.MustParseAddr("10.96.0.99")
-	vipStale6 = netip.MustParseAddr("fd00:96::99")
-)
-
 type node struct {
 	env *netenv.Env
 	dp  *loader.Datapath
@@ -71,8 +62,8 @@ func newNodeMode(t *testing.T, opts netenv.Options, mode loader.Mode) *node {
 		hosts.Add(netip.PrefixFrom(u.Node6.Addr(), 128), loader.HostLocal)
 	}
 	must(t, datapath.SyncHostCIDRs(m, hosts))
-	must(t, datapath.SyncServiceCIDRs(m, []netip.Prefix{svcCIDR4, svcCIDR6}))
-	_, _, err = datapath.SyncLiveServices(m, map[netip.Addr]bool{vipLive4: true, vipLive6: true})
+	must(t, datapath.SyncServiceCIDRs(m, []netip.Prefix{netenv.SvcCIDR4, netenv.SvcCIDR6}))
+	_, _, err = datapath.SyncLiveServices(m, map[netip.Addr]bool{netenv.LiveVIP4: true, netenv.LiveVIP6: true})
 	must(t, err)
 	// The node itself answers on the live VIPs: a stand-in for kube-proxy.
 	must(t, env.Node.Do(func() error {
@@ -80,7 +71,7 @@ func newNodeMode(t *testing.T, opts netenv.Options, mode loader.Mode) *node {
 		if err != nil {
 			return err
 		}
-		for _, a := range []netip.Addr{vipLive4, vipLive6} {
+		for _, a := range []netip.Addr{netenv.LiveVIP4, netenv.LiveVIP6} {
 			addr := &netlink.Addr{IPNet: &net.IPNet{IP: a.AsSlice(), Mask: net.CIDRMask(a.BitLen(), a.BitLen())}}
 			if err := netlink.AddrAdd(lo, addr); err != nil {
 				return fmt.Errorf("add %s to lo: %w", a, err)
@@ -202,8 +193,8 @@ func TestServices(t *testing.T) {
 	port := uint16(ln.Addr().(*net.TCPAddr).Port)
 
 	t.Run("live VIP is steered to the host", func(t *testing.T) {
-		echo(t, c.NS, netip.AddrPortFrom(vipLive4, port))
-		echo(t, c.NS, netip.AddrPortFrom(vipLive6, port))
+		echo(t, c.NS, netip.AddrPortFrom(netenv.LiveVIP4, port))
+		echo(t, c.NS, netip.AddrPortFrom(netenv.LiveVIP6, port))
 	})
 
 	testStaleNeverLeaks(t, n, c.NS, id, c.NS, c.IfName)
@@ -211,7 +202,7 @@ func TestServices(t *testing.T) {
 	t.Run("reject mode refuses at once", func(t *testing.T) {
 		n.config(t, datapath.Config{ServicesSynced: true, HostReachable: true, StaleReject: true})
 		defer n.config(t, datapath.Config{ServicesSynced: true, HostReachable: true})
-		for _, vip := range []netip.Addr{vipStale4, vipStale6} {
+		for _, vip := range []netip.Addr{netenv.StaleVIP4, netenv.StaleVIP6} {
 			// A generous timeout: a drop would show as a timeout, not as
 			// a refusal, whatever the machine's speed.
 			err := netenv.DialTCP(c.NS, netip.AddrPortFrom(vip, 80), 5*time.Second)
@@ -228,12 +219,12 @@ func TestServices(t *testing.T) {
 	})
 
 	t.Run("deleting a service makes it stale live", func(t *testing.T) {
-		must(t, datapath.DeleteLiveService(&n.dp.Maps, vipLive4))
-		if err := netenv.DialTCP(c.NS, netip.AddrPortFrom(vipLive4, port), 300*time.Millisecond); err == nil {
+		must(t, datapath.DeleteLiveService(&n.dp.Maps, netenv.LiveVIP4))
+		if err := netenv.DialTCP(c.NS, netip.AddrPortFrom(netenv.LiveVIP4, port), 300*time.Millisecond); err == nil {
 			t.Fatal("deleted VIP still reachable")
 		}
-		must(t, datapath.AddLiveService(&n.dp.Maps, vipLive4))
-		echo(t, c.NS, netip.AddrPortFrom(vipLive4, port))
+		must(t, datapath.AddLiveService(&n.dp.Maps, netenv.LiveVIP4))
+		echo(t, c.NS, netip.AddrPortFrom(netenv.LiveVIP4, port))
 	})
 }
 
@@ -243,10 +234,10 @@ func TestServices(t *testing.T) {
 // (barrierNS, barrierIf), the side the pod's traffic leaves from.
 func testStaleNeverLeaks(t *testing.T, n *node, client *netenv.NS, id uint32, barrierNS *netenv.NS, barrierIf string) {
 	t.Run("stale VIP never reaches the wire", func(t *testing.T) {
-		c4 := netenv.StartCounter(t, n.env.Wire, n.up.Port, netenv.MatchDstIP(vipStale4))
-		c6 := netenv.StartCounter(t, n.env.Wire, n.up.Port, netenv.MatchDstIP(vipStale6))
+		c4 := netenv.StartCounter(t, n.env.Wire, n.up.Port, netenv.MatchDstIP(netenv.StaleVIP4))
+		c6 := netenv.StartCounter(t, n.env.Wire, n.up.Port, netenv.MatchDstIP(netenv.StaleVIP6))
 		before := n.stats(t, id)
-		for _, vip := range []netip.Addr{vipStale4, vipStale6} {
+		for _, vip := range []netip.Addr{netenv.StaleVIP4, netenv.StaleVIP6} {
 			if err := netenv.DialTCP(client, netip.AddrPortFrom(vip, 80), 300*time.Millisecond); err == nil {
 				t.Fatalf("connected to stale VIP %s", vip)
 			}
@@ -313,10 +304,10 @@ func TestTwoNICNode(t *testing.T) {
 	cnt := []*netenv.Counter{}
 	for _, u := range n.env.Uplinks {
 		cnt = append(cnt,
-			netenv.StartCounter(t, n.env.Wire, u.Port, netenv.MatchDstIP(vipStale4)),
-			netenv.StartCounter(t, n.env.Wire, u.Port, netenv.MatchDstIP(vipStale6)))
+			netenv.StartCounter(t, n.env.Wire, u.Port, netenv.MatchDstIP(netenv.StaleVIP4)),
+			netenv.StartCounter(t, n.env.Wire, u.Port, netenv.MatchDstIP(netenv.StaleVIP6)))
 	}
-	for _, vip := range []netip.Addr{vipStale4, vipStale6} {
+	for _, vip := range []netip.Addr{netenv.StaleVIP4, netenv.StaleVIP6} {
 		netenv.DialTCP(n.env.Node, netip.AddrPortFrom(vip, 80), 300*time.Millisecond) // from the host
 		netenv.DialTCP(c.NS, netip.AddrPortFrom(vip, 80), 300*time.Millisecond)       // from the pod
 	}

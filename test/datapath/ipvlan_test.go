@@ -167,10 +167,10 @@ func testIpvlanMode(t *testing.T, m ipvlanMode) {
 	})
 
 	t.Run("live VIP is steered to the host", func(t *testing.T) {
-		c4 := netenv.StartCounter(t, n.env.Wire, n.up.Port, netenv.MatchDstIP(vipLive4))
-		c6 := netenv.StartCounter(t, n.env.Wire, n.up.Port, netenv.MatchDstIP(vipLive6))
-		echo(t, a.NS, netip.AddrPortFrom(vipLive4, hostPort))
-		echo(t, a.NS, netip.AddrPortFrom(vipLive6, hostPort))
+		c4 := netenv.StartCounter(t, n.env.Wire, n.up.Port, netenv.MatchDstIP(netenv.LiveVIP4))
+		c6 := netenv.StartCounter(t, n.env.Wire, n.up.Port, netenv.MatchDstIP(netenv.LiveVIP6))
+		echo(t, a.NS, netip.AddrPortFrom(netenv.LiveVIP4, hostPort))
+		echo(t, a.NS, netip.AddrPortFrom(netenv.LiveVIP6, hostPort))
 		netenv.Barrier(t, barrierNS, barrierIf, c4, c6)
 		if c4.Count() != 0 || c6.Count() != 0 {
 			t.Errorf("%d+%d frames to live VIPs reached the wire", c4.Count(), c6.Count())

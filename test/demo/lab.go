@@ -1,9 +1,9 @@
 //go:build linux
 
 // Package demo holds what `make demo` (test/demo/cmd/demo) and its test
-// share: the fixed names of everything the demo creates, a small network
-// namespace builder, and the leftover scan that both the demo's start-up
-// cleanup and the test use.
+// share: the fixed names of everything the demo creates, its network
+// namespaces (test/netenv's NS under those names), probes, and the leftover
+// scan that both the demo's start-up cleanup and the test use.
 //
 // Every name is fixed (not per run), so a run after a crash, a kill -9 or a
 // power cut finds and removes what the previous one left: namespaces named
@@ -13,23 +13,18 @@ package demo
 
 import (
 	"bytes"
-	"context"
 	"crypto/sha256"
 	"errors"
 	"fmt"
-	"net"
-	"net/netip"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"runtime"
 	"strconv"
 	"strings"
 
-	"github.com/containernetworking/plugins/pkg/ns"
-	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
-	"golang.org/x/sys/unix"
+
+	"github.com/underpass-cni/underpass/test/netenv"
 )
 
 // Fixed names of everything the demo creates.
@@ -55,12 +50,9 @@ const (
 	AgentLockDir = "/run/underpass"
 )
 
-// NS is a named network namespace.
-type NS struct {
-	Name string // Prefix + short name
-	Path string // NetnsDir/Name: for nsenter --net= and CNI_NETNS
-	nl   *netlink.Handle
-}
+// NS is a named network namespace: test/netenv's, with Name Prefix + a
+// short name and Path NetnsDir/Name (for nsenter --net= and CNI_NETNS).
+type NS = netenv.NS
 
 // CreateNS creates the named namespace Prefix+short with lo up. The new
 // namespace is entered on a throw-away locked thread that is never unlocked:
@@ -86,22 +78,14 @@ func CreateNS(short string) (*NS, error) {
 		}
 		return nil, fmt.Errorf("create netns %s: %w", name, err)
 	}
-	n := &NS{Name: name, Path: filepath.Join(NetnsDir, name)}
-	h, err := netns.GetFromPath(n.Path)
+	n, err := netenv.OpenNS(name, filepath.Join(NetnsDir, name))
 	if err != nil {
 		_ = DeleteNS(name)
-		return nil, fmt.Errorf("open netns %s: %w", name, err)
+		return nil, err
 	}
-	defer h.Close()
-	// NETLINK_ROUTE only: the default family list includes xfrm, which not
-	// every kernel has.
-	if n.nl, err = netlink.NewHandleAt(h, unix.NETLINK_ROUTE); err != nil {
-		_ = DeleteNS(name)
-		return nil, fmt.Errorf("netlink in %s: %w", name, err)
-	}
-	lo, err := n.nl.LinkByName("lo")
+	lo, err := n.Netlink().LinkByName("lo")
 	if err == nil {
-		err = n.nl.LinkSetUp(lo)
+		err = n.Netlink().LinkSetUp(lo)
 	}
 	if err != nil {
 		n.Close()
@@ -111,94 +95,6 @@ func CreateNS(short string) (*NS, error) {
 	return n, nil
 }
 
-// Netlink is a rtnetlink handle bound to the namespace.
-func (n *NS) Netlink() *netlink.Handle { return n.nl }
-
-// Close releases the netlink handle (the namespace stays).
-func (n *NS) Close() {
-	if n.nl != nil {
-		n.nl.Close()
-		n.nl = nil
-	}
-}
-
-// Do runs fn on a thread switched into the namespace. Sockets created in fn
-// stay in the namespace; programs exec'd from fn start in it.
-func (n *NS) Do(fn func() error) error {
-	return ns.WithNetNSPath(n.Path, func(ns.NetNS) error { return fn() })
-}
-
-// Command runs name inside the namespace through `nsenter --net=`. Unlike
-// `ip netns exec` it keeps the mount namespace, so /sys/fs/bpf and the pins
-// in it stay visible.
-func (n *NS) Command(ctx context.Context, name string, args ...string) *exec.Cmd {
-	return exec.CommandContext(ctx, "nsenter", append([]string{"--net=" + n.Path, "--", name}, args...)...)
-}
-
-// Sysctl sets /proc/sys keys inside the namespace.
-func (n *NS) Sysctl(kv ...string) error {
-	return n.Do(func() error {
-		for i := 0; i+1 < len(kv); i += 2 {
-			p := filepath.Join("/proc/sys", strings.ReplaceAll(kv[i], ".", "/"))
-			if err := os.WriteFile(p, []byte(kv[i+1]), 0o644); err != nil {
-				return fmt.Errorf("sysctl %s=%s in %s: %w", kv[i], kv[i+1], n.Name, err)
-			}
-		}
-		return nil
-	})
-}
-
-// AddAddr puts addr on the link named dev.
-func (n *NS) AddAddr(dev string, addr netip.Prefix) error {
-	l, err := n.nl.LinkByName(dev)
-	if err != nil {
-		return fmt.Errorf("%s in %s: %w", dev, n.Name, err)
-	}
-	a := &netlink.Addr{IPNet: prefixNet(addr)}
-	if addr.Addr().Is6() {
-		a.Flags = unix.IFA_F_NODAD
-	}
-	if err := n.nl.AddrAdd(l, a); err != nil {
-		return fmt.Errorf("add %s to %s in %s: %w", addr, dev, n.Name, err)
-	}
-	return nil
-}
-
-// AddLocalRoute makes the namespace accept (and lets sockets bind to) every
-// address of p without putting an address on any interface: a route of type
-// local in the local table, the "AnyIP" trick. This is how the demo's node
-// answers a service VIP (kube-proxy answers with DNAT, also without an
-// interface address) and how its gateway plays a leak sink.
-func (n *NS) AddLocalRoute(p netip.Prefix) error {
-	lo, err := n.nl.LinkByName("lo")
-	if err != nil {
-		return err
-	}
-	r := &netlink.Route{
-		LinkIndex: lo.Attrs().Index,
-		Dst:       prefixNet(p),
-		Type:      unix.RTN_LOCAL,
-		Table:     unix.RT_TABLE_LOCAL,
-		Scope:     netlink.SCOPE_HOST,
-	}
-	if err := n.nl.RouteAdd(r); err != nil {
-		return fmt.Errorf("local route %s in %s: %w", p, n.Name, err)
-	}
-	return nil
-}
-
-// AddDefaultRoute adds a default IPv4 route via gw.
-func (n *NS) AddDefaultRoute(gw netip.Addr) error {
-	if err := n.nl.RouteAdd(&netlink.Route{Gw: gw.AsSlice()}); err != nil {
-		return fmt.Errorf("default route via %s in %s: %w", gw, n.Name, err)
-	}
-	return nil
-}
-
-func prefixNet(p netip.Prefix) *net.IPNet {
-	return &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
-}
-
 // DeleteNS removes a named namespace of the demo (name with or without
 // Prefix). The kernel destroys it, and every interface in it, once nothing
 // else holds it.
@@ -206,14 +102,7 @@ func DeleteNS(name string) error {
 	if !strings.HasPrefix(name, Prefix) {
 		name = Prefix + name
 	}
-	path := filepath.Join(NetnsDir, name)
-	if err := unix.Unmount(path, unix.MNT_DETACH); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
-		return fmt.Errorf("unmount %s: %w", path, err)
-	}
-	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return fmt.Errorf("remove %s: %w", path, err)
-	}
-	return nil
+	return netenv.DeleteNSPath(filepath.Join(NetnsDir, name))
 }
 
 // Namespaces lists the demo's namespaces (full names).

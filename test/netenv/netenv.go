@@ -306,9 +306,16 @@ func (e *Env) AddMacvlanContainer(name string, ip4, ip6 netip.Prefix) *Container
 // AddMacvlanContainerOn is AddMacvlanContainer on another uplink of the node.
 func (e *Env) AddMacvlanContainerOn(u *Uplink, name string, ip4, ip6 netip.Prefix) *Container {
 	e.tb.Helper()
-	c, err := e.addMacvlan(u, name, ip4, ip6)
+	return e.mustAdd("container", name, func() (*Container, error) { return e.addMacvlan(u, name, ip4, ip6) })
+}
+
+// mustAdd returns what add made, and fails the test on its error, naming
+// the kind of endpoint and its name.
+func (e *Env) mustAdd(kind, name string, add func() (*Container, error)) *Container {
+	e.tb.Helper()
+	c, err := add()
 	if err != nil {
-		e.tb.Fatalf("netenv: container %s: %v", name, err)
+		e.tb.Fatalf("netenv: %s %s: %v", kind, name, err)
 	}
 	return c
 }
@@ -318,28 +325,26 @@ func (e *Env) addMacvlan(u *Uplink, name string, ip4, ip6 netip.Prefix) (*Contai
 	if err != nil {
 		return nil, err
 	}
-	fd, err := netns.GetFromPath(n.Path)
-	if err != nil {
-		return nil, fmt.Errorf("open netns %s: %w", n.Name, err)
-	}
-	defer fd.Close()
-	mv := &netlink.Macvlan{
-		LinkAttrs: netlink.LinkAttrs{ParentIndex: u.Index, Namespace: netlink.NsFd(int(fd))},
-		Mode:      netlink.MACVLAN_MODE_BRIDGE,
-	}
+	mv := &netlink.Macvlan{LinkAttrs: netlink.LinkAttrs{ParentIndex: u.Index}, Mode: netlink.MACVLAN_MODE_BRIDGE}
 	if err := e.addSlave(n, mv, "eth0"); err != nil {
 		return nil, fmt.Errorf("create macvlan on %s: %w", u.Name, err)
 	}
 	return e.finishContainer(n, u, ip4, ip6, u.Name, u.Index)
 }
 
-// addSlave creates l (a macvlan or ipvlan whose LinkAttrs carry the parent
-// and the target netns) straight inside the container netns n
-// (IFLA_NET_NS_FD) under a temporary name, and renames it to ifname there.
+// addSlave creates l (a macvlan or ipvlan whose LinkAttrs carry the parent)
+// straight inside the container netns n (IFLA_NET_NS_FD) under a temporary
+// name, and renames it to ifname there.
 // The temporary name matters on kernels before 6.13 or so: they look the
 // new name up in the caller's netns first, and the node's own eth0 makes
 // creating "eth0" fail with EEXIST. The slave never appears on the node.
 func (e *Env) addSlave(n *NS, l netlink.Link, ifname string) error {
+	fd, err := netns.GetFromPath(n.Path)
+	if err != nil {
+		return fmt.Errorf("open netns %s: %w", n.Name, err)
+	}
+	defer fd.Close()
+	l.Attrs().Namespace = netlink.NsFd(int(fd))
 	tmpb := make([]byte, 4)
 	if _, err := rand.Read(tmpb); err != nil {
 		return err
@@ -447,13 +452,8 @@ func (e *Env) addIpvlan(u *Uplink, name string, mode IPvlanMode, ip4, ip6 netip.
 	if err != nil {
 		return nil, err
 	}
-	fd, err := netns.GetFromPath(n.Path)
-	if err != nil {
-		return nil, fmt.Errorf("open netns %s: %w", n.Name, err)
-	}
-	defer fd.Close()
 	ipv := &netlink.IPVlan{
-		LinkAttrs: netlink.LinkAttrs{ParentIndex: u.Index, Namespace: netlink.NsFd(int(fd))},
+		LinkAttrs: netlink.LinkAttrs{ParentIndex: u.Index},
 		Mode:      mode,
 		Flag:      netlink.IPVLAN_FLAG_BRIDGE,
 	}
@@ -526,11 +526,7 @@ func (e *Env) AddWireHost(name string, ip4, ip6 netip.Prefix) *Container {
 // AddWireHostOn is AddWireHost on another uplink's bridge.
 func (e *Env) AddWireHostOn(u *Uplink, name string, ip4, ip6 netip.Prefix) *Container {
 	e.tb.Helper()
-	c, err := e.addWireHost(u, name, ip4, ip6)
-	if err != nil {
-		e.tb.Fatalf("netenv: wire host %s: %v", name, err)
-	}
-	return c
+	return e.mustAdd("wire host", name, func() (*Container, error) { return e.addWireHost(u, name, ip4, ip6) })
 }
 
 func (e *Env) addWireHost(u *Uplink, name string, ip4, ip6 netip.Prefix) (*Container, error) {
@@ -603,37 +599,55 @@ func (e *Env) newNS(name string, router bool) (*NS, error) {
 	e.mu.Lock()
 	e.nss = append(e.nss, n)
 	e.mu.Unlock()
+	if err := n.setup(router); err != nil {
+		return nil, err
+	}
+	return n, nil
+}
 
-	settings := [][2]string{
-		{"net.ipv6.conf.all.accept_dad", "0"},
-		{"net.ipv6.conf.default.accept_dad", "0"},
-		{"net.ipv4.conf.all.rp_filter", "0"},
-		{"net.ipv4.conf.default.rp_filter", "0"},
+// CreateNS creates the namespace name with the lab's sysctls and lo up, but
+// outside any lab: the caller removes it with Delete. It is for namespaces
+// that come and go during a test (Env.AddNS keeps them until the test
+// ends); named with a lab's Prefix, CleanupStale removes those a crashed
+// run left.
+func CreateNS(name string) (*NS, error) {
+	n, err := createNS(name)
+	if err != nil {
+		return nil, err
+	}
+	if err := n.setup(false); err != nil {
+		_ = n.delete()
+		return nil, err
+	}
+	return n, nil
+}
+
+// Delete removes a namespace made by CreateNS (see delete).
+func (n *NS) Delete() error { return n.delete() }
+
+// setup sets the lab's sysctls in n (and, for a router, forwarding) and
+// brings lo up.
+func (n *NS) setup(router bool) error {
+	settings := []string{
+		"net.ipv6.conf.all.accept_dad", "0",
+		"net.ipv6.conf.default.accept_dad", "0",
+		"net.ipv4.conf.all.rp_filter", "0",
+		"net.ipv4.conf.default.rp_filter", "0",
 	}
 	if router {
-		settings = append(settings,
-			[2]string{"net.ipv4.ip_forward", "1"},
-			[2]string{"net.ipv6.conf.all.forwarding", "1"})
+		settings = append(settings, "net.ipv4.ip_forward", "1", "net.ipv6.conf.all.forwarding", "1")
 	}
-	err = n.Do(func() error {
-		for _, s := range settings {
-			if err := sysctl(s[0], s[1]); err != nil {
-				return err
-			}
-		}
-		return nil
-	})
-	if err != nil {
-		return nil, fmt.Errorf("netns %s: %w", n.Name, err)
+	if err := n.Sysctl(settings...); err != nil {
+		return err
 	}
 	lo, err := n.Netlink().LinkByName("lo")
 	if err == nil {
 		err = n.Netlink().LinkSetUp(lo)
 	}
 	if err != nil {
-		return nil, fmt.Errorf("netns %s: set lo up: %w", n.Name, err)
+		return fmt.Errorf("netns %s: set lo up: %w", n.Name, err)
 	}
-	return n, nil
+	return nil
 }
 
 // cleanup deletes the lab's namespaces, newest first.

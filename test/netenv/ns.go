@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -95,21 +96,38 @@ func createNS(name string) (*NS, error) {
 		return nil, fmt.Errorf("create netns %s: %w", name, err)
 	}
 
-	n := &NS{Name: name, Path: path}
+	n, err := OpenNS(name, path)
+	if err != nil {
+		_ = DeleteNSPath(path)
+		return nil, err
+	}
+	return n, nil
+}
+
+// OpenNS is the named namespace mounted at path (by the lab, or by
+// another tool: test/demo makes its own) with a netlink handle bound to it;
+// Close releases the handle.
+func OpenNS(name, path string) (*NS, error) {
 	h, err := netns.GetFromPath(path)
 	if err != nil {
-		deleteNSPath(path)
 		return nil, fmt.Errorf("open netns %s: %w", name, err)
 	}
 	defer h.Close()
 	// NETLINK_ROUTE only: the default family list includes xfrm, which not
 	// every test kernel has.
-	n.handle, err = netlink.NewHandleAt(h, unix.NETLINK_ROUTE)
+	nl, err := netlink.NewHandleAt(h, unix.NETLINK_ROUTE)
 	if err != nil {
-		deleteNSPath(path)
 		return nil, fmt.Errorf("netlink handle in %s: %w", name, err)
 	}
-	return n, nil
+	return &NS{Name: name, Path: path, handle: nl}, nil
+}
+
+// Close releases the netlink handle; the namespace stays.
+func (n *NS) Close() {
+	if n.handle != nil {
+		n.handle.Close()
+		n.handle = nil
+	}
 }
 
 // delete releases the namespace. The kernel destroys it (and every interface
@@ -117,14 +135,13 @@ func createNS(name string) (*NS, error) {
 // sockets opened inside it must be closed first (test cleanups run in reverse
 // order, so counters and listeners registered after the lab close first).
 func (n *NS) delete() error {
-	if n.handle != nil {
-		n.handle.Close()
-		n.handle = nil
-	}
-	return deleteNSPath(n.Path)
+	n.Close()
+	return DeleteNSPath(n.Path)
 }
 
-func deleteNSPath(path string) error {
+// DeleteNSPath unmounts and removes the named namespace at path; one that
+// is not there is no error.
+func DeleteNSPath(path string) error {
 	if err := unix.Unmount(path, unix.MNT_DETACH); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
 		return fmt.Errorf("unmount netns %s: %w", path, err)
 	}
@@ -159,6 +176,62 @@ func prepareNetnsDir() error {
 	return prepareErr
 }
 
+// Sysctl sets /proc/sys keys (dotted, as sysctl(8) names them), given as
+// key, value pairs, inside the namespace.
+func (n *NS) Sysctl(kv ...string) error {
+	return n.Do(func() error {
+		for i := 0; i+1 < len(kv); i += 2 {
+			if err := sysctl(kv[i], kv[i+1]); err != nil {
+				return fmt.Errorf("%w in %s", err, n.Name)
+			}
+		}
+		return nil
+	})
+}
+
+// AddAddr puts addr on the link named dev (IPv6 without DAD).
+func (n *NS) AddAddr(dev string, addr netip.Prefix) error {
+	l, err := n.handle.LinkByName(dev)
+	if err != nil {
+		return fmt.Errorf("%s in %s: %w", dev, n.Name, err)
+	}
+	if err := addAddr(n.handle, l, addr); err != nil {
+		return fmt.Errorf("%w in %s", err, n.Name)
+	}
+	return nil
+}
+
+// AddLocalRoute makes the namespace accept (and lets sockets bind to) every
+// address of p without putting an address on any interface: a route of type
+// local in the local table, the "AnyIP" trick (test/demo's node answers a
+// service VIP that way, as kube-proxy's DNAT does without an interface
+// address, and its gateway plays a leak sink).
+func (n *NS) AddLocalRoute(p netip.Prefix) error {
+	lo, err := n.handle.LinkByName("lo")
+	if err != nil {
+		return err
+	}
+	r := &netlink.Route{
+		LinkIndex: lo.Attrs().Index,
+		Dst:       ipNet(p),
+		Type:      unix.RTN_LOCAL,
+		Table:     unix.RT_TABLE_LOCAL,
+		Scope:     netlink.SCOPE_HOST,
+	}
+	if err := n.handle.RouteAdd(r); err != nil {
+		return fmt.Errorf("local route %s in %s: %w", p, n.Name, err)
+	}
+	return nil
+}
+
+// AddDefaultRoute adds a default route via gw.
+func (n *NS) AddDefaultRoute(gw netip.Addr) error {
+	if err := n.handle.RouteAdd(&netlink.Route{Gw: gw.AsSlice()}); err != nil {
+		return fmt.Errorf("default route via %s in %s: %w", gw, n.Name, err)
+	}
+	return nil
+}
+
 // sysctl writes a /proc/sys value inside the current thread's network
 // namespace (call it from NS.Do: /proc/sys/net follows the opening thread).
 func sysctl(key, value string) error {
@@ -187,7 +260,7 @@ func CleanupStale(prefix string) error {
 		if !ok || processAlive(pid) {
 			continue
 		}
-		if err := deleteNSPath(filepath.Join(NetnsDir, e.Name())); err != nil {
+		if err := DeleteNSPath(filepath.Join(NetnsDir, e.Name())); err != nil {
 			errs = append(errs, err)
 		}
 	}

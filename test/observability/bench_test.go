@@ -3,7 +3,6 @@ package observability_test
 import (
 	"net"
 	"net/netip"
-	"path/filepath"
 	"testing"
 
 	"github.com/cilium/ebpf"
@@ -22,10 +21,7 @@ import (
 // of the harness: an empty XDP program's time is subtracted. Reported, not
 // asserted. Run: go test -run '^$' -bench ParentXDP ./test/observability/
 func BenchmarkParentXDP(b *testing.B) {
-	testutil.RequireRoot(b)
-	dp, err := loader.Load(filepath.Join(testutil.MountBPFFS(b), "underpass"), loader.Options{})
-	must(b, err)
-	defer dp.Close()
+	dp := testutil.LoadDatapath(b)
 	m := &dp.Maps
 	var (
 		macParent = net.HardwareAddr{2, 0, 0, 0, 0, 1}
@@ -36,7 +32,7 @@ func BenchmarkParentXDP(b *testing.B) {
 		ipHost    = netip.MustParseAddr("192.0.2.2")
 	)
 	must(b, datapath.PutParent(m, 1, macParent, loader.ModeMacvlan))
-	_, err = datapath.Register(m, datapath.Endpoint{ContainerID: "bench", IfName: "eth0", ParentIfindex: 1,
+	_, err := datapath.Register(m, datapath.Endpoint{ContainerID: "bench", IfName: "eth0", ParentIfindex: 1,
 		Mode: loader.ModeMacvlan, MAC: macPod, Addrs: []netip.Prefix{netip.PrefixFrom(ipPod, 24)}})
 	must(b, err)
 

@@ -110,12 +110,12 @@ func TestStaleServiceNamesClient(t *testing.T) {
 	before := scrape(t, c)
 
 	const n = 5
-	if r := netenv.Ping(t, client.NS, vipStale, n); r.Received != 0 {
+	if r := netenv.Ping(t, client.NS, netenv.StaleVIP4, n); r.Received != 0 {
 		t.Fatalf("ping to a stale VIP got answers: %v", r)
 	}
 	must(t, datapath.SetConfig(&l.dp.Maps, datapath.Config{ServicesSynced: true, HostReachable: true, StaleReject: true}, 2))
 	start := time.Now()
-	err := netenv.DialTCP(client.NS, netip.AddrPortFrom(vipStale, 443), 3*time.Second)
+	err := netenv.DialTCP(client.NS, netip.AddrPortFrom(netenv.StaleVIP4, 443), 3*time.Second)
 	if err == nil || !strings.Contains(err.Error(), "refused") {
 		t.Fatalf("dial to a stale VIP in reject mode: %v, want connection refused", err)
 	}
@@ -321,7 +321,7 @@ func TestUnderpassctl(t *testing.T) {
 
 	var svc ctl.Services
 	must(t, json.Unmarshal([]byte(run("services", "-o", "json")), &svc))
-	if len(svc.Live) != 1 || svc.Live[0] != vipLive || len(svc.ServiceCIDRs) != 1 || svc.ServiceCIDRs[0] != svcCIDR {
+	if len(svc.Live) != 1 || svc.Live[0] != netenv.LiveVIP4 || len(svc.ServiceCIDRs) != 1 || svc.ServiceCIDRs[0] != netenv.SvcCIDR4 {
 		t.Errorf("services: %+v", svc)
 	}
 

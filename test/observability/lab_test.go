@@ -25,12 +25,7 @@ import (
 	"github.com/underpass-cni/underpass/test/netenv"
 )
 
-var (
-	svcCIDR   = netip.MustParsePrefix("10.96.0.0/16")
-	vipLive   = netip.MustParseAddr("10.96.0.10")
-	vipStale  = netip.MustParseAddr("10.96.0.99")
-	namespace = "obs"
-)
+const namespace = "obs"
 
 var must = testutil.Must
 
@@ -73,8 +68,8 @@ func newLab(t *testing.T) *lab {
 	hosts.Add(netip.PrefixFrom(l.up.Node4.Addr(), 32), loader.HostLocal)
 	hosts.Add(netip.PrefixFrom(l.up.Node6.Addr(), 128), loader.HostLocal)
 	must(t, datapath.SyncHostCIDRs(m, hosts))
-	must(t, datapath.SyncServiceCIDRs(m, []netip.Prefix{svcCIDR}))
-	_, _, err = datapath.SyncLiveServices(m, map[netip.Addr]bool{vipLive: true})
+	must(t, datapath.SyncServiceCIDRs(m, []netip.Prefix{netenv.SvcCIDR4}))
+	_, _, err = datapath.SyncLiveServices(m, map[netip.Addr]bool{netenv.LiveVIP4: true})
 	must(t, err)
 	return l
 }

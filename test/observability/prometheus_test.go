@@ -361,7 +361,7 @@ func TestPrometheus(t *testing.T) {
 	for time.Now().Before(deadline) {
 		netenv.MustPing(t, l.env.Node, a.IP4.Addr(), 10)
 		netenv.MustPing(t, wire.NS, a.IP4.Addr(), 10)
-		netenv.Ping(t, client.NS, vipStale, 5)
+		netenv.Ping(t, client.NS, netenv.StaleVIP4, 5)
 	}
 	sendGratuitousARP(t, wire, a.IP4.Addr())
 	reloads.WithLabelValues("error").Inc()

@@ -4,7 +4,6 @@ import (
 	"net/http"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 )
@@ -51,13 +50,12 @@ func TestChurnAcrossAgentKills(t *testing.T) {
 				return
 			case <-time.After(every):
 			}
-			_ = l.ag.cmd.Process.Signal(syscall.SIGKILL)
-			<-l.ag.done
+			l.ag.Kill()
 			kills++
 			time.Sleep(150 * time.Millisecond) // ADDs and DELs with no agent at all
-			l.ag = startAgent(t, l.env.Node, l.cfg)
+			l.ag = l.startAgent()
 			t0 := time.Now()
-			l.ag.waitReady(l)
+			l.waitReady()
 			readyAfter = append(readyAfter, time.Since(t0))
 		}
 	}()
@@ -77,7 +75,7 @@ func TestChurnAcrossAgentKills(t *testing.T) {
 
 	// The last agent settles (its first reconcile and GC run), then the
 	// node must look as it did before the churn.
-	l.ag.waitReady(l)
+	l.waitReady()
 	var after state
 	deadline := time.Now().Add(20 * time.Second)
 	for {

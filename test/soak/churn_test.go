@@ -57,7 +57,7 @@ func TestChurn(t *testing.T) {
 	time.Sleep(2500 * time.Millisecond)
 	base := l.snapshot()
 	wantStable(t, base, a, b)
-	logFrom := l.ag.out.Len()
+	logFrom := l.ag.Out.Len()
 
 	// Background traffic and scrapes, until the churn is done.
 	stop := make(chan struct{})
@@ -97,7 +97,7 @@ func TestChurn(t *testing.T) {
 			if code, body, err := l.get("/readyz"); err != nil || code != http.StatusOK {
 				scrapeProbs.add("%s /readyz: %d %q %v", time.Now().Format("15:04:05.000"), code, strings.TrimSpace(body), err)
 			}
-			if n, _, err := fds(l.ag.pid()); err == nil && int64(n) > maxFDs.Load() {
+			if n, _, err := fds(l.ag.Pid()); err == nil && int64(n) > maxFDs.Load() {
 				maxFDs.Store(int64(n))
 			}
 		}
@@ -146,16 +146,16 @@ func TestChurn(t *testing.T) {
 	netenv.MustPing(t, a.ns, b.ip4, 3)
 	netenv.MustPing(t, l.env.Node, a.ip4, 3)
 
-	gcRemoved := checkAgentLog(t, l.ag.out.String()[logFrom:])
+	gcRemoved := checkAgentLog(t, l.ag.Out.String()[logFrom:])
 	if dir := os.Getenv("UNDERPASS_SOAK_LOG_DIR"); dir != "" {
 		must(t, os.MkdirAll(dir, 0o755))
-		must(t, os.WriteFile(filepath.Join(dir, "agent.log"), []byte(l.ag.out.String()), 0o644))
+		must(t, os.WriteFile(filepath.Join(dir, "agent.log"), []byte(l.ag.Out.String()), 0o644))
 		must(t, os.WriteFile(filepath.Join(dir, "cycles.tsv"), []byte(
 			"cycle\tcontainer\tip4\tadd_start\tadd\tdel_start\tdel\tadd_err\tdel_err\n"+strings.Join(cycleLog, "\n")+"\n"), 0o644))
 		t.Logf("agent log and per-cycle timings written to %s", dir)
 	}
-	if l.ag.exited() {
-		t.Errorf("underpassd exited during the test: %v", l.ag.err)
+	if l.ag.Exited() {
+		t.Errorf("underpassd exited during the test: %v", l.ag.Err())
 	}
 
 	var sent, lost, rts, tcpErrs, retrans int64
@@ -181,7 +181,7 @@ func TestChurn(t *testing.T) {
 		scrapes.Load(), scrapeProbs.n, time.Duration(maxScrape.Load()).Round(100*time.Microsecond), gcRemoved)
 
 	// The agent still stops cleanly.
-	l.ag.stop(t)
+	stopAgent(t, l.ag)
 }
 
 func pct(ds []time.Duration, p float64) time.Duration {
@@ -397,7 +397,7 @@ func (l *lab) churn(t *testing.T, target *pod, cycles, parallel int) *churnRun {
 
 func (l *lab) churnOnce(t *testing.T, run *churnRun, target *pod, i int) {
 	name := fmt.Sprintf("churn%05d", i)
-	n, err := createChurnNS(l.env.Prefix + name)
+	n, err := netenv.CreateNS(l.env.Prefix + name)
 	if err != nil {
 		run.fail("cycle %d: %v", i, err)
 		return
@@ -436,7 +436,7 @@ func (l *lab) churnOnce(t *testing.T, run *churnRun, target *pod, i int) {
 		i, p.id, p.ip4, addStart.Format("15:04:05.000000"), d.Round(time.Microsecond),
 		delStart.Format("15:04:05.000000"), dd.Round(time.Microsecond), err, derr))
 	run.mu.Unlock()
-	if err := removeNS(n.Path); err != nil {
+	if err := n.Delete(); err != nil {
 		run.fail("cycle %d: %v", i, err)
 	}
 }

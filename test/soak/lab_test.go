@@ -1,33 +1,23 @@
 package soak_test
 
 import (
-	"bufio"
 	"context"
 	"crypto/sha256"
-	"encoding/json"
-	"errors"
 	"fmt"
-	"io"
 	"io/fs"
 	"net"
 	"net/http"
 	"net/netip"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"runtime"
 	"slices"
 	"strconv"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/containernetworking/cni/libcni"
-	"github.com/containernetworking/cni/pkg/types"
-	current "github.com/containernetworking/cni/pkg/types/100"
 	"github.com/vishvananda/netlink"
-	"golang.org/x/sys/unix"
 
 	"github.com/underpass-cni/underpass/internal/datapath"
 	"github.com/underpass-cni/underpass/internal/loader"
@@ -59,7 +49,7 @@ type lab struct {
 	dataDir string // host-local leases
 	cni     *libcni.CNIConfig
 	net     *libcni.NetworkConfigList
-	ag      *agent
+	ag      *testutil.Agent
 	cfg     string // the agent's config file
 	client  *http.Client
 	dp      *loader.Datapath // opened like the plugin does, for reading maps
@@ -81,21 +71,7 @@ func newLab(t *testing.T) *lab {
 	// Sockets made inside the node netns reach the agent's loopback. The
 	// timeout is generous: the figures report how slow scrapes were; a
 	// failure means the agent did not answer at all.
-	l.client = &http.Client{
-		Timeout: 15 * time.Second,
-		Transport: &http.Transport{
-			DisableKeepAlives: true,
-			DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
-				var c net.Conn
-				err := env.Node.Do(func() error {
-					var err error
-					c, err = (&net.Dialer{}).DialContext(ctx, network, addr)
-					return err
-				})
-				return c, err
-			},
-		},
-	}
+	l.client = testutil.NetnsHTTPClient(env.Node.Do, 15*time.Second)
 
 	// underpassd leaves its lock file (/run/underpass/underpassd-<hash of
 	// the pin dir>.lock) behind by design; this pin dir is the test's own,
@@ -106,8 +82,8 @@ func newLab(t *testing.T) *lab {
 
 	l.cfg = filepath.Join(t.TempDir(), "underpass.yaml")
 	must(t, os.WriteFile(l.cfg, fmt.Appendf(nil, agentConfig, l.bpffs, metricsAddr), 0o644))
-	l.ag = startAgent(t, env.Node, l.cfg)
-	l.ag.waitReady(l)
+	l.ag = l.startAgent()
+	l.waitReady()
 
 	dp, err := loader.Open(l.bpffs)
 	must(t, err)
@@ -121,23 +97,10 @@ func newLab(t *testing.T) *lab {
 
 	confDir, cacheDir := t.TempDir(), t.TempDir()
 	l.cni = libcni.NewCNIConfigWithCacheDir([]string{pluginDir, refDir}, cacheDir, nil)
-	u := l.up
-	ipam := map[string]any{
-		"type": "host-local", "dataDir": l.dataDir,
-		"ranges": []any{
-			[]any{map[string]any{"subnet": u.Subnet4.String(), "rangeStart": u.IP4(100).Addr().String(), "rangeEnd": u.IP4(199).Addr().String(), "gateway": u.Gateway4.String()}},
-			[]any{map[string]any{"subnet": u.Subnet6.String(), "rangeStart": u.IP6(0x100).Addr().String(), "rangeEnd": u.IP6(0x1ff).Addr().String(), "gateway": u.Gateway6.String()}},
-		},
-		"routes": []any{map[string]any{"dst": "0.0.0.0/0"}, map[string]any{"dst": "::/0"}},
-	}
-	conf := map[string]any{"cniVersion": "1.1.0", "name": "soak", "plugins": []any{map[string]any{
-		"type": "underpass", "master": u.Name, "mode": "macvlan", "macvlanMode": "bridge", "bpffs": l.bpffs, "ipam": ipam,
-	}}}
-	b, err := json.MarshalIndent(conf, "", "  ")
-	must(t, err)
-	path := filepath.Join(confDir, "soak.conflist")
-	must(t, os.WriteFile(path, b, 0o644))
-	l.net, err = libcni.NetworkConfFromFile(path)
+	l.net, err = testutil.WriteConflist(filepath.Join(confDir, "soak.conflist"), "soak", "1.1.0", map[string]any{
+		"type": "underpass", "master": l.up.Name, "mode": "macvlan", "macvlanMode": "bridge", "bpffs": l.bpffs,
+		"ipam": l.up.HostLocalIPAM(l.dataDir, true),
+	})
 	must(t, err)
 	return l
 }
@@ -154,41 +117,17 @@ type pod struct {
 }
 
 func (p *pod) rt() *libcni.RuntimeConf {
-	return &libcni.RuntimeConf{
-		ContainerID: p.id, NetNS: p.netns, IfName: "eth0",
-		Args: [][2]string{{"IgnoreUnknown", "1"}, {"K8S_POD_NAMESPACE", "soak"}, {"K8S_POD_NAME", p.name}, {"K8S_POD_UID", p.id}},
-	}
+	return testutil.PodRuntimeConf(p.id, p.netns, "eth0", "soak", p.name, [2]string{"K8S_POD_UID", p.id})
 }
 
 // add runs ADD as the runtime does, from the node netns (the plugin starts
 // there), and records the addresses and MAC.
 func (l *lab) add(p *pod) error {
-	var res types.Result
-	err := l.env.Node.Do(func() error {
-		var err error
-		res, err = l.cni.AddNetworkList(context.Background(), l.net, p.rt())
-		return err
-	})
+	r, err := testutil.CNIAdd(context.Background(), l.env.Node.Do, l.cni, l.net, p.rt())
 	if err != nil {
 		return err
 	}
-	r, err := current.NewResultFromResult(res)
-	if err != nil {
-		return err
-	}
-	for _, ipc := range r.IPs {
-		a, _ := netip.AddrFromSlice(ipc.Address.IP)
-		if a = a.Unmap(); a.Is4() {
-			p.ip4 = a
-		} else {
-			p.ip6 = a
-		}
-	}
-	for _, intf := range r.Interfaces {
-		if intf.Name == "eth0" && intf.Sandbox != "" {
-			p.mac, _ = net.ParseMAC(intf.Mac)
-		}
-	}
+	p.ip4, p.ip6, p.mac = testutil.ResultAddrs(r, "eth0")
 	if !p.ip4.IsValid() || !p.ip6.IsValid() || p.mac == nil {
 		return fmt.Errorf("ADD result lacks an address or the MAC: %v", r)
 	}
@@ -221,173 +160,38 @@ func (l *lab) stablePod(name string) *pod {
 	return p
 }
 
-// Churn namespaces are created and removed here rather than with
-// Env.AddNS, which keeps them until the test ends. They carry the lab's
-// prefix, so netenv.CleanupStale removes those a crashed run left, and the
-// lab's sysctls (no DAD, rp_filter off).
-func createChurnNS(name string) (*netenv.NS, error) {
-	path := filepath.Join(netenv.NetnsDir, name)
-	f, err := os.OpenFile(path, os.O_CREATE|os.O_EXCL|os.O_RDONLY, 0o444)
-	if err != nil {
-		return nil, fmt.Errorf("create netns %s: %w", name, err)
-	}
-	f.Close()
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread() // never unlocked: the thread dies with the goroutine
-		errc <- func() error {
-			if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
-				return fmt.Errorf("unshare: %w", err)
-			}
-			for _, kv := range [][2]string{
-				{"ipv6/conf/all/accept_dad", "0"}, {"ipv6/conf/default/accept_dad", "0"},
-				{"ipv4/conf/all/rp_filter", "0"}, {"ipv4/conf/default/rp_filter", "0"},
-			} {
-				if err := os.WriteFile("/proc/sys/net/"+kv[0], []byte(kv[1]), 0o644); err != nil {
-					return err
-				}
-			}
-			h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
-			if err != nil {
-				return err
-			}
-			defer h.Close()
-			lo, err := h.LinkByName("lo")
-			if err != nil {
-				return err
-			}
-			if err := h.LinkSetUp(lo); err != nil {
-				return err
-			}
-			self := fmt.Sprintf("/proc/%d/task/%d/ns/net", os.Getpid(), unix.Gettid())
-			if err := unix.Mount(self, path, "none", unix.MS_BIND, ""); err != nil {
-				return fmt.Errorf("bind mount: %w", err)
-			}
-			return nil
-		}()
-	}()
-	if err := <-errc; err != nil {
-		os.Remove(path)
-		return nil, fmt.Errorf("create netns %s: %w", name, err)
-	}
-	return &netenv.NS{Name: name, Path: path}, nil
+// startAgent runs underpassd in the node netns with the lab's config. It
+// is killed when the test ends, and the end of its log is shown if the test
+// failed.
+func (l *lab) startAgent() *testutil.Agent {
+	return testutil.StartAgent(l.t, "underpassd", l.env.Node.Command(context.Background(), agentBin, "--config", l.cfg, "--log-level", "debug"), 150)
 }
 
-func removeNS(path string) error {
-	if err := unix.Unmount(path, unix.MNT_DETACH); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
-		return fmt.Errorf("unmount netns %s: %w", path, err)
-	}
-	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return fmt.Errorf("remove netns %s: %w", path, err)
-	}
-	return nil
-}
-
-// agent is the running underpassd. nsenter execs it, so the process is the
-// agent itself (its pid, fds and threads are the agent's).
-type agent struct {
-	cmd  *exec.Cmd
-	out  *testutil.SyncBuffer
-	done chan struct{}
-	err  error
-}
-
-func startAgent(t *testing.T, node *netenv.NS, cfg string) *agent {
+// stopAgent sends SIGTERM and expects a clean exit.
+func stopAgent(t *testing.T, a *testutil.Agent) {
 	t.Helper()
-	a := &agent{out: &testutil.SyncBuffer{}, done: make(chan struct{})}
-	a.cmd = node.Command(context.Background(), agentBin, "--config", cfg, "--log-level", "debug")
-	a.cmd.Stdout, a.cmd.Stderr = a.out, a.out
-	if err := a.cmd.Start(); err != nil {
-		t.Fatalf("start underpassd: %v", err)
-	}
-	go func() {
-		a.err = a.cmd.Wait()
-		close(a.done)
-	}()
-	t.Cleanup(func() {
-		if !a.exited() {
-			_ = a.cmd.Process.Signal(syscall.SIGKILL)
-			<-a.done
-		}
-		if t.Failed() {
-			t.Logf("underpassd log (last 150 lines):\n%s", tail(a.out.String(), 150))
-		}
-	})
-	return a
-}
-
-func tail(s string, n int) string {
-	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
-	if len(lines) > n {
-		lines = append([]string{fmt.Sprintf("… %d lines before", len(lines)-n)}, lines[len(lines)-n:]...)
-	}
-	return strings.Join(lines, "\n")
-}
-
-func (a *agent) exited() bool {
-	select {
-	case <-a.done:
-		return true
-	default:
-		return false
-	}
-}
-
-func (a *agent) pid() int { return a.cmd.Process.Pid }
-
-// stop sends SIGTERM and expects a clean exit.
-func (a *agent) stop(t *testing.T) {
-	t.Helper()
-	_ = a.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-a.done:
-	case <-time.After(10 * time.Second):
+	if !a.Terminate(10 * time.Second) {
 		t.Errorf("underpassd did not stop within 10s of SIGTERM")
 		return
 	}
-	if a.err != nil {
-		t.Errorf("underpassd exited with %v", a.err)
+	if err := a.Err(); err != nil {
+		t.Errorf("underpassd exited with %v", err)
 	}
 }
 
-func (a *agent) waitReady(l *lab) {
-	l.t.Helper()
-	deadline := time.Now().Add(60 * time.Second)
-	var last string
-	for time.Now().Before(deadline) {
-		if a.exited() {
-			l.t.Fatalf("underpassd exited (%v) before it was ready:\n%s", a.err, a.out.String())
-		}
-		code, body, err := l.get("/readyz")
-		if err == nil && code == http.StatusOK {
-			return
-		}
-		last = fmt.Sprint(code, " ", strings.TrimSpace(body), " ", err)
-		time.Sleep(20 * time.Millisecond)
-	}
-	l.t.Fatalf("underpassd not ready after 60s (last /readyz: %s)", last)
-}
+func (l *lab) waitReady() { l.ag.WaitReady(l.t, l.get, 60*time.Second) }
 
 func (l *lab) get(path string) (int, string, error) {
-	resp, err := l.client.Get("http://" + metricsAddr + path)
-	if err != nil {
-		return 0, "", err
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	return resp.StatusCode, string(b), err
+	return testutil.HTTPGet(l.client, "http://"+metricsAddr+path)
 }
 
 // metric returns one unlabelled series from a /metrics body, or an error.
 func metric(body, name string) (float64, error) {
-	sc := bufio.NewScanner(strings.NewReader(body))
-	sc.Buffer(make([]byte, 0, 64<<10), 1<<20)
-	for sc.Scan() {
-		if rest, ok := strings.CutPrefix(sc.Text(), name+" "); ok {
-			return strconv.ParseFloat(strings.TrimSpace(rest), 64)
-		}
+	v, found, err := testutil.SeriesValue(body, name)
+	if !found {
+		return 0, fmt.Errorf("no series %s in /metrics", name)
 	}
-	return 0, fmt.Errorf("no series %s in /metrics", name)
+	return v, err
 }
 
 func (l *lab) scrape(name string) (float64, error) {
@@ -510,11 +314,11 @@ func (l *lab) snapshot() state {
 	})
 	slices.Sort(s.pins)
 
-	s.agentFDs, s.agentNetns, err = fds(l.ag.pid())
+	s.agentFDs, s.agentNetns, err = fds(l.ag.Pid())
 	must(t, err)
 	_, s.testNetns, err = fds(os.Getpid())
 	must(t, err)
-	if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", l.ag.pid())); err == nil {
+	if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", l.ag.Pid())); err == nil {
 		for line := range strings.SplitSeq(string(b), "\n") {
 			if v, ok := strings.CutPrefix(line, "Threads:"); ok {
 				s.threadCount, _ = strconv.Atoi(strings.TrimSpace(v))

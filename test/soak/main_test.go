@@ -52,7 +52,6 @@ package soak_test
 import (
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"testing"
 
@@ -94,15 +93,8 @@ func testMain(m *testing.M) int {
 		return 1
 	}
 	agentBin = filepath.Join(dir, "underpassd")
-	args := []string{"build", "-o", agentBin}
-	if os.Getenv("UNDERPASS_RACE") == "1" {
-		args = append(args, "-race")
-	}
-	args = append(args, "github.com/underpass-cni/underpass/cmd/underpassd")
-	cmd := exec.Command("go", args...)
-	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
-	if err := cmd.Run(); err != nil {
-		fmt.Fprintf(os.Stderr, "build underpassd: %v\n", err)
+	if err := testutil.BuildAgent(agentBin); err != nil {
+		fmt.Fprintln(os.Stderr, err)
 		return 1
 	}
 	return m.Run()
