@@ -14,8 +14,8 @@ import (
 // observability is the agent's Collectors hook: once the datapath is
 // loaded, its counters go to /metrics (read at scrape time) and its IP
 // conflict events to the log until ctx ends.
-func observability(ctx context.Context, log *slog.Logger) func(dp *loader.Datapath) []prometheus.Collector {
-	return func(dp *loader.Datapath) []prometheus.Collector {
+func observability(ctx context.Context, log *slog.Logger) func(dp *loader.Objects) []prometheus.Collector {
+	return func(dp *loader.Objects) []prometheus.Collector {
 		if err := events.Start(ctx, &dp.Maps, events.Options{Log: log.With("component", "events")}); err != nil {
 			// Counters still count conflicts; only the log lines are lost.
 			log.Error("IP conflicts will not be logged", "error", err)

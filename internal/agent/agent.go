@@ -46,7 +46,7 @@ type Options struct {
 	// Collectors is the hook for more /metrics collectors that need the
 	// datapath (per-endpoint counters): called once the datapath is
 	// loaded, its collectors are registered next to the agent's own.
-	Collectors func(dp *loader.Datapath) []prometheus.Collector
+	Collectors func(dp *loader.Objects) []prometheus.Collector
 	// ReconcileInterval is how often the maps are checked for endpoints on
 	// parents that are not attached yet (default 1s): the CNI plugin
 	// registers endpoints without telling the agent.
@@ -65,7 +65,7 @@ type Agent struct {
 	masqParents []string       // the parents its rules name
 	masqErrors  atomic.Uint64  // failed installs or removals since start (read by /metrics)
 
-	dp  atomic.Pointer[loader.Datapath]
+	dp  atomic.Pointer[loader.Objects]
 	svc atomic.Pointer[services.Manager]
 
 	kube     *kubeSource
@@ -179,7 +179,7 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 // load loads the datapath into cfg's pin directory and registers the
 // extra collectors on it. The datapath it returns (also with an error) is
 // the caller's to close, after the metrics server stops.
-func (a *Agent) load(cfg *config.Config) (*loader.Datapath, error) {
+func (a *Agent) load(cfg *config.Config) (*loader.Objects, error) {
 	dp, err := loader.Load(cfg.BPFFS, a.opts.Loader)
 	if err != nil {
 		return nil, err

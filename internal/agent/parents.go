@@ -447,7 +447,7 @@ func (a *Agent) attachXDP(ifindex int, name string) {
 
 // dropParentLinks removes the pins of a parent whose interface is gone: its
 // links died with it. Errors are of no consequence for a dead index.
-func dropParentLinks(dp *loader.Datapath, ifindex int) {
+func dropParentLinks(dp *loader.Objects, ifindex int) {
 	_ = attach.DetachEgress(dp.EgressTarget(attach.RoleParent, ifindex))
 	_ = attach.DetachXDP(dp.XDPTarget(ifindex, ""))
 }

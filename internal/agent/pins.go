@@ -81,7 +81,7 @@ func (a *Agent) repairFailure() string {
 
 // restorePins pins the datapath's maps and programs again where their pins
 // are missing: one lstat per pin when nothing is.
-func (a *Agent) restorePins(dp *loader.Datapath) error {
+func (a *Agent) restorePins(dp *loader.Objects) error {
 	missing := dp.MissingPins()
 	if len(missing) == 0 {
 		delete(a.warned, "repin") // back by other means (a mount over the dir went): log a new failure
@@ -109,7 +109,7 @@ func (a *Agent) restorePins(dp *loader.Datapath) error {
 // restoreEndpointPrograms puts the shared endpoint programs back into
 // ep_progs when a slot was emptied (bpftool map delete): until then every
 // pod's stub lets its traffic through unchecked and uncounted.
-func (a *Agent) restoreEndpointPrograms(dp *loader.Datapath) error {
+func (a *Agent) restoreEndpointPrograms(dp *loader.Objects) error {
 	cerr := dp.CheckEndpointPrograms()
 	if cerr == nil {
 		delete(a.warned, "ep-progs")
@@ -138,7 +138,7 @@ type pinnedLink struct {
 
 // restoreLinks re-attaches the parents and uplinks whose link pins were
 // removed since the last check.
-func (a *Agent) restoreLinks(dp *loader.Datapath) error {
+func (a *Agent) restoreLinks(dp *loader.Objects) error {
 	seen := map[string]bool{}
 	var fixed []string
 	var errs []string
@@ -188,7 +188,7 @@ var errLinkGone = errors.New("interface gone")
 
 // pinnedLinks lists the link pins the agent keeps: the tc egress and XDP
 // links of its parents, the tc egress links of its uplinks.
-func (a *Agent) pinnedLinks(dp *loader.Datapath) []pinnedLink {
+func (a *Agent) pinnedLinks(dp *loader.Objects) []pinnedLink {
 	var out []pinnedLink
 	xdp := a.cfg.XDPMode()
 	for idx, p := range a.parents {

@@ -64,7 +64,7 @@ func Uninstall(configPath string, out io.Writer) error {
 // links, and the legacy (clsact) filters, which are not pinned, from every
 // registered parent and configured uplink.
 func detachEgress(dir string, uplinks []string, out io.Writer) []error {
-	dp := &loader.Datapath{Dir: dir}
+	dp := &loader.Objects{Dir: dir}
 	var errs []error
 	detached := map[string]bool{}
 	atts, err := attach.List(dir)
@@ -100,7 +100,7 @@ func detachEgress(dir string, uplinks []string, out io.Writer) []error {
 
 // detachXDP detaches the parents' XDP links.
 func detachXDP(dir string, out io.Writer) []error {
-	dp := &loader.Datapath{Dir: dir}
+	dp := &loader.Objects{Dir: dir}
 	var errs []error
 	xdps, _ := filepath.Glob(filepath.Join(dir, "links", "parent-xdp-*"))
 	for _, p := range xdps {

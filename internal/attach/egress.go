@@ -2,7 +2,7 @@
 // tcx egress links on parents and uplinks (legacy clsact filters before
 // Linux 6.6), XDP links on parents, cls_bpf filters on endpoint slaves in
 // their netns. Every attachment is one call with an options struct, as in
-// cilium/ebpf's link package; loader.Datapath fills the options
+// cilium/ebpf's link package; loader.Objects fills the options
 // (EgressTarget, XDPTarget, EndpointTarget). Links are pinned under the
 // datapath's pin directory, so they outlive the process that made them.
 package attach

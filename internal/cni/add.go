@@ -115,7 +115,7 @@ func checkAdd(args *skel.CmdArgs, c *Conf) error {
 // and registers the endpoint. Every step undoes itself when a later one
 // fails: the named err is what the deferred rollbacks look at (add releases
 // the addresses).
-func addMain(c *Conf, args *skel.CmdArgs, dp *loader.Datapath, netns ns.NetNS, master netlink.Link, ep datapath.Endpoint, call *ipamCall, ph *phases) (_ types.Result, err error) {
+func addMain(c *Conf, args *skel.CmdArgs, dp *loader.Objects, netns ns.NetNS, master netlink.Link, ep datapath.Endpoint, call *ipamCall, ph *phases) (_ types.Result, err error) {
 	m := &dp.Maps
 	if err := checkServiceOverlap(m, "ipam subnet", c.IPAMSubnets); err != nil {
 		return nil, err
@@ -230,7 +230,7 @@ func configureSlave(ifname string, ifindex int, result *current.Result) error {
 
 // addChained adopts the slave a previous plugin created and passes its
 // result on unchanged.
-func addChained(c *Conf, dp *loader.Datapath, netns ns.NetNS, ep datapath.Endpoint, ph *phases) (types.Result, error) {
+func addChained(c *Conf, dp *loader.Objects, netns ns.NetNS, ep datapath.Endpoint, ph *phases) (types.Result, error) {
 	prev, err := current.NewResultFromResult(c.PrevResult)
 	if err != nil {
 		return nil, errorf(types.ErrDecodingFailure, "prevResult: %v", err)

@@ -111,7 +111,7 @@ func checkSlave(c *Conf, ifname, mac string, ipcs []*current.IPConfig, routes []
 
 // checkRegistration compares the datapath's entries for the attachment
 // with the interface.
-func checkRegistration(dp *loader.Datapath, args *skel.CmdArgs, s *slave, addrs []netip.Prefix) error {
+func checkRegistration(dp *loader.Objects, args *skel.CmdArgs, s *slave, addrs []netip.Prefix) error {
 	m := &dp.Maps
 	id, ep, err := datapath.Find(m, args.ContainerID, args.IfName)
 	if err != nil {

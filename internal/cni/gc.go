@@ -49,7 +49,7 @@ func gc(args *skel.CmdArgs) error {
 }
 
 // collect removes the endpoints of network that are not valid.
-func collect(dp *loader.Datapath, network string, valid []types.GCAttachment) error {
+func collect(dp *loader.Objects, network string, valid []types.GCAttachment) error {
 	unlock, err := dp.Lock()
 	if err != nil {
 		return err

@@ -55,7 +55,7 @@ type options struct {
 type command struct {
 	name  string
 	flags func(*flag.FlagSet) // command-only flags
-	run   func(ctx context.Context, env Env, o *options, dp *loader.Datapath) error
+	run   func(ctx context.Context, env Env, o *options, dp *loader.Objects) error
 }
 
 func commands() []*command {
@@ -64,7 +64,7 @@ func commands() []*command {
 		{name: "status", run: runStatus},
 		{name: "endpoints", run: runEndpoints},
 		{name: "services", run: runServices},
-		{name: "stats", flags: sf.register, run: func(ctx context.Context, env Env, o *options, dp *loader.Datapath) error {
+		{name: "stats", flags: sf.register, run: func(ctx context.Context, env Env, o *options, dp *loader.Objects) error {
 			return runStats(ctx, env, o, dp, sf)
 		}},
 	}
@@ -145,7 +145,7 @@ func commonFlags(fs *flag.FlagSet, o *options) {
 }
 
 // open opens the pinned datapath with an error that says what to do.
-func open(dir string) (*loader.Datapath, error) {
+func open(dir string) (*loader.Objects, error) {
 	dp, err := loader.Open(dir)
 	switch {
 	case err == nil:

@@ -27,7 +27,7 @@ const parentIfindex = 1 // lo: present everywhere, never attached to here
 var must = testutil.Must
 
 type rig struct {
-	dp       *loader.Datapath
+	dp       *loader.Objects
 	idA, idB uint32
 }
 

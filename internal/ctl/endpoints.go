@@ -23,7 +23,7 @@ type EndpointView struct {
 	Attach string `json:"attach"`
 }
 
-func runEndpoints(_ context.Context, env Env, o *options, dp *loader.Datapath) error {
+func runEndpoints(_ context.Context, env Env, o *options, dp *loader.Objects) error {
 	eps, err := endpoints(dp)
 	if err != nil {
 		return err
@@ -52,7 +52,7 @@ func runEndpoints(_ context.Context, env Env, o *options, dp *loader.Datapath) e
 	return w.Flush()
 }
 
-func endpoints(dp *loader.Datapath) ([]EndpointView, error) {
+func endpoints(dp *loader.Objects) ([]EndpointView, error) {
 	eps, err := datapath.Endpoints(&dp.Maps)
 	if err != nil {
 		return nil, err

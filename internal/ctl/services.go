@@ -28,7 +28,7 @@ type HostCIDR struct {
 	Steer bool `json:"steer"`
 }
 
-func runServices(_ context.Context, env Env, o *options, dp *loader.Datapath) error {
+func runServices(_ context.Context, env Env, o *options, dp *loader.Objects) error {
 	s, err := services(dp)
 	if err != nil {
 		return err
@@ -60,7 +60,7 @@ func runServices(_ context.Context, env Env, o *options, dp *loader.Datapath) er
 	return nil
 }
 
-func services(dp *loader.Datapath) (*Services, error) {
+func services(dp *loader.Objects) (*Services, error) {
 	m := &dp.Maps
 	cfg, _, err := datapath.GetConfig(m)
 	if err != nil {

@@ -69,7 +69,7 @@ func (f *statsFlagValues) register(fs *flag.FlagSet) {
 	fs.DurationVar(&f.interval, "interval", time.Second, "refresh `interval` of --watch")
 }
 
-func runStats(ctx context.Context, env Env, o *options, dp *loader.Datapath, f *statsFlagValues) error {
+func runStats(ctx context.Context, env Env, o *options, dp *loader.Objects, f *statsFlagValues) error {
 	if !f.watch {
 		r, err := sampleStats(dp)
 		if err != nil {
@@ -87,7 +87,7 @@ func runStats(ctx context.Context, env Env, o *options, dp *loader.Datapath, f *
 }
 
 // watch samples every interval until ctx is done (Ctrl-C).
-func watch(ctx context.Context, env Env, o *options, dp *loader.Datapath, interval time.Duration) error {
+func watch(ctx context.Context, env Env, o *options, dp *loader.Objects, interval time.Duration) error {
 	clear := isTerminal(env.Stdout) && o.output == "table"
 	tick := time.NewTicker(interval)
 	defer tick.Stop()
@@ -135,7 +135,7 @@ func isTerminal(w io.Writer) bool {
 	return ok && term.IsTerminal(int(f.Fd()))
 }
 
-func sampleStats(dp *loader.Datapath) (*StatsReport, error) {
+func sampleStats(dp *loader.Objects) (*StatsReport, error) {
 	m := &dp.Maps
 	eps, err := datapath.Endpoints(m)
 	if err != nil {

@@ -85,7 +85,7 @@ var statNames = map[loader.Stat]string{
 	loader.StatWireRx:         "wire_rx",
 }
 
-func runStatus(_ context.Context, env Env, o *options, dp *loader.Datapath) error {
+func runStatus(_ context.Context, env Env, o *options, dp *loader.Objects) error {
 	st, err := status(dp)
 	if err != nil {
 		return err
@@ -96,7 +96,7 @@ func runStatus(_ context.Context, env Env, o *options, dp *loader.Datapath) erro
 	return printStatus(env, st)
 }
 
-func status(dp *loader.Datapath) (*Status, error) {
+func status(dp *loader.Objects) (*Status, error) {
 	m := &dp.Maps
 	st := &Status{BPFFS: dp.Dir, Loaded: true, Kernel: probeKernel(), Parents: []ParentView{}}
 
@@ -126,7 +126,7 @@ func status(dp *loader.Datapath) (*Status, error) {
 
 // addEndpoints counts the endpoints, by how their programs are attached,
 // and returns how many each parent has.
-func (st *Status) addEndpoints(dp *loader.Datapath) (map[int]int, error) {
+func (st *Status) addEndpoints(dp *loader.Objects) (map[int]int, error) {
 	eps, err := datapath.Endpoints(&dp.Maps)
 	if err != nil {
 		return nil, err
@@ -147,7 +147,7 @@ func (st *Status) addEndpoints(dp *loader.Datapath) (map[int]int, error) {
 }
 
 // addParents describes every registered parent and the uplinks.
-func (st *Status) addParents(dp *loader.Datapath, perParent map[int]int) error {
+func (st *Status) addParents(dp *loader.Objects, perParent map[int]int) error {
 	parents, err := datapath.Parents(&dp.Maps)
 	if err != nil {
 		return err

@@ -37,7 +37,7 @@ type AddOptions struct {
 // takes it all back (the rollback of a later failure).
 //
 // An address that a live endpoint holds fails with ErrAddrInUse.
-func AddEndpoint(dp *loader.Datapath, netns ns.NetNS, ep *Endpoint, h AddOptions, then func() error) (undo func() error, err error) {
+func AddEndpoint(dp *loader.Objects, netns ns.NetNS, ep *Endpoint, h AddOptions, then func() error) (undo func() error, err error) {
 	if h.Log == nil {
 		h.Log = slog.Default()
 	}
@@ -97,7 +97,7 @@ type parentState struct {
 
 // register is the locked part of AddEndpoint: parent, the attachment's old
 // registration, stale owners, the endpoint's entries.
-func register(dp *loader.Datapath, ep *Endpoint, h *AddOptions) (ps parentState, err error) {
+func register(dp *loader.Objects, ep *Endpoint, h *AddOptions) (ps parentState, err error) {
 	unlock, err := dp.Lock()
 	if err != nil {
 		return ps, err
@@ -136,7 +136,7 @@ func register(dp *loader.Datapath, ep *Endpoint, h *AddOptions) (ps parentState,
 // ensureParent registers the parent and attaches its egress program unless
 // that is done: the agent owns parents and does it too, but pods must come
 // up while the agent restarts.
-func ensureParent(dp *loader.Datapath, ep *Endpoint) (ps parentState, err error) {
+func ensureParent(dp *loader.Objects, ep *Endpoint) (ps parentState, err error) {
 	m := &dp.Maps
 	cur, gerr := GetParent(m, ep.ParentIfindex)
 	switch {
@@ -179,7 +179,7 @@ func padMAC(mac []byte) (out [6]byte) {
 
 // undoParent removes what an add did to the parent, unless an endpoint uses
 // the parent by now. Call with the lock held.
-func undoParent(dp *loader.Datapath, ifindex int, ps parentState) error {
+func undoParent(dp *loader.Objects, ifindex int, ps parentState) error {
 	if !ps.registered && !ps.attached {
 		return nil
 	}
@@ -206,7 +206,7 @@ func undoParent(dp *loader.Datapath, ifindex int, ps parentState) error {
 // absent is fine. Call with the lock held. The filters are found through
 // the registration: they live on the slave in the container's netns
 // (nothing to do when that is gone).
-func RemoveEndpoint(dp *loader.Datapath, id uint32) error {
+func RemoveEndpoint(dp *loader.Objects, id uint32) error {
 	var errs []error
 	ep, err := Lookup(&dp.Maps, id)
 	if err == nil {
@@ -217,7 +217,7 @@ func RemoveEndpoint(dp *loader.Datapath, id uint32) error {
 
 // RemoveAttachment is RemoveEndpoint by the CNI's name of an attachment
 // (DEL). Call with the lock held.
-func RemoveAttachment(dp *loader.Datapath, containerID, ifname string) error {
+func RemoveAttachment(dp *loader.Objects, containerID, ifname string) error {
 	id, _, err := Find(&dp.Maps, containerID, ifname)
 	if err != nil || id == 0 {
 		return err
@@ -229,7 +229,7 @@ func RemoveAttachment(dp *loader.Datapath, containerID, ifname string) error {
 // still has for another endpoint. IPAM is the authority on addresses, so
 // when that endpoint's netns is gone its DEL was lost, and its entries go.
 // A live owner is a real conflict: ErrAddrInUse, saying which pod has it.
-func evictStaleOwners(dp *loader.Datapath, ep *Endpoint, log *slog.Logger) error {
+func evictStaleOwners(dp *loader.Objects, ep *Endpoint, log *slog.Logger) error {
 	m := &dp.Maps
 	for _, p := range ep.Addrs {
 		k := EpIPKey(p.Addr(), ep.ParentIfindex)

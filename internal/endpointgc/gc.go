@@ -27,7 +27,7 @@ type Removed struct {
 type Collector struct {
 	Maps *loader.Maps
 	Log  *slog.Logger
-	// Lock is the datapath's writer lock (loader.Datapath.Lock), held to
+	// Lock is the datapath's writer lock (loader.Objects.Lock), held to
 	// confirm and remove each dead endpoint: the CNI plugin's DEL holds it
 	// from deleting the interface to unregistering, so an endpoint seen
 	// half-deleted is re-judged after that DEL and found gone. Nil: no lock

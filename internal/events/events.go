@@ -61,7 +61,7 @@ type seen struct {
 }
 
 // New opens the ring buffer. It holds its own references to the maps, so
-// the caller may close its Datapath while the reader runs.
+// the caller may close its loader.Objects while the reader runs.
 func New(m *loader.Maps, opts Options) (*Reader, error) {
 	if opts.Log == nil {
 		opts.Log = slog.Default()

@@ -65,7 +65,7 @@ func (r records) none(t *testing.T, wait time.Duration) {
 }
 
 type rig struct {
-	dp *loader.Datapath
+	dp *loader.Objects
 	id uint32
 }
 
@@ -223,7 +223,7 @@ func TestDeletedEndpoint(t *testing.T) {
 	}
 }
 
-// TestStart: the caller's Datapath may be closed while the reader runs
+// TestStart: the caller's loader.Objects may be closed while the reader runs
 // (it holds its own map references).
 func TestStart(t *testing.T) {
 	r := newRig(t)

@@ -42,14 +42,14 @@ func TestMapABIMatchesELF(t *testing.T) {
 		}
 	}
 	var names []string
-	(&Datapath{}).eachMap(func(name string, _ **ebpf.Map) { names = append(names, name) })
+	(&Objects{}).eachMap(func(name string, _ **ebpf.Map) { names = append(names, name) })
 	for _, name := range names {
 		if _, ok := mapABI[name]; !ok {
-			t.Errorf("Datapath opens map %s, which mapABI lacks", name)
+			t.Errorf("Objects opens map %s, which mapABI lacks", name)
 		}
 	}
 	if len(names) != len(mapABI) {
-		t.Errorf("Datapath opens %d maps, mapABI has %d", len(names), len(mapABI))
+		t.Errorf("Objects opens %d maps, mapABI has %d", len(names), len(mapABI))
 	}
 }
 
@@ -57,7 +57,7 @@ func TestMapABIMatchesELF(t *testing.T) {
 // map nil that the plugin then uses.
 func TestForEndpointsNamesExist(t *testing.T) {
 	names := map[string]bool{}
-	dp := &Datapath{}
+	dp := &Objects{}
 	dp.eachMap(func(name string, _ **ebpf.Map) { names[name] = true })
 	dp.eachProgram(func(name string, _ **ebpf.Program) { names[name] = true })
 	for name := range forEndpoints {

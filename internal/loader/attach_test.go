@@ -106,7 +106,7 @@ func TestAttachEgress(t *testing.T) {
 	})
 	must(t, err)
 
-	attachParent := func(dp *loader.Datapath) attach.Attachment {
+	attachParent := func(dp *loader.Objects) attach.Attachment {
 		t.Helper()
 		var att attach.Attachment
 		must(t, env.Node.Do(func() error {

@@ -31,7 +31,7 @@ var ipRemote6 = netip.MustParseAddr("2001:db8:9::7")
 // cls_bpf sets from the filter's classid, so each wrapper writes it (tc
 // programs may) and tail-calls the endpoint program through a prog array
 // of the test's own.
-func loadEndpoint(tb testing.TB, dp *loader.Datapath, id uint32) (ingress, egress *ebpf.Program) {
+func loadEndpoint(tb testing.TB, dp *loader.Objects, id uint32) (ingress, egress *ebpf.Program) {
 	tb.Helper()
 	return loadEndpointInto(tb, dp.Programs.EndpointIngress, dp.Programs.EndpointEgress, id)
 }

@@ -9,6 +9,6 @@ import "github.com/underpass-cni/underpass/internal/flock"
 // endpoint (so it never acts on an attachment a DEL is half-way through)
 // and to move endpoints to a re-created parent. Single map updates need no
 // lock.
-func (dp *Datapath) Lock() (unlock func(), err error) {
+func (dp *Objects) Lock() (unlock func(), err error) {
 	return flock.Wait(dp.Dir)
 }

@@ -54,7 +54,7 @@ type skbCtxOut struct {
 }
 
 type rig struct {
-	dp  *loader.Datapath
+	dp  *loader.Objects
 	idA uint32
 	idB uint32
 	// ingress is the frames' skb->ingress_ifindex: 0 for the host's own

@@ -16,7 +16,7 @@ import (
 // the bpffs dir, a tool that unpins): the datapath keeps running on the fds
 // the agent holds, but Open, and so the CNI plugin, fails. One lstat per
 // pin, cheap enough to run every second.
-func (dp *Datapath) MissingPins() []string {
+func (dp *Objects) MissingPins() []string {
 	var missing []string
 	for _, name := range dp.pinNames() {
 		if _, err := os.Lstat(filepath.Join(dp.Dir, name)); errors.Is(err, fs.ErrNotExist) {
@@ -33,7 +33,7 @@ func (dp *Datapath) MissingPins() []string {
 // are the same.
 //
 // Link pins are not restored here: see RestoreEgress and RestoreXDP.
-func (dp *Datapath) Repin() ([]string, error) {
+func (dp *Objects) Repin() ([]string, error) {
 	missing := dp.MissingPins()
 	if len(missing) == 0 {
 		return nil, nil
@@ -55,7 +55,7 @@ func (dp *Datapath) Repin() ([]string, error) {
 // repinInto restores missing pins in a directory that still exists. Maps
 // go first and progs/ last, through a temp dir when it is gone as a whole:
 // Open takes progs/ as the sign that a datapath is there.
-func (dp *Datapath) repinInto(missing []string) error {
+func (dp *Objects) repinInto(missing []string) error {
 	want := map[string]bool{}
 	for _, name := range missing {
 		want[name] = true
@@ -85,7 +85,7 @@ func (dp *Datapath) repinInto(missing []string) error {
 }
 
 // pinProgramsFresh pins every program into a temp dir renamed to dir.
-func (dp *Datapath) pinProgramsFresh(dir string) error {
+func (dp *Objects) pinProgramsFresh(dir string) error {
 	// bpffs refuses names with a dot, so temp names use underscores.
 	tmp, err := os.MkdirTemp(filepath.Dir(dir), filepath.Base(dir)+"_loading_")
 	if err != nil {
@@ -108,7 +108,7 @@ func (dp *Datapath) pinProgramsFresh(dir string) error {
 // renamed away, or the pin somebody removed) and makes Pin to that same
 // path a no-op, so a second repin would pin nothing. The remembered path
 // is gone, so Unpin removes nothing.
-func (dp *Datapath) forgetPins(missing []string) {
+func (dp *Objects) forgetPins(missing []string) {
 	want := map[string]bool{}
 	for _, name := range missing {
 		want[name] = true
@@ -126,7 +126,7 @@ func (dp *Datapath) forgetPins(missing []string) {
 }
 
 // pinNames are the map and program pins of dp relative to dp.Dir.
-func (dp *Datapath) pinNames() []string {
+func (dp *Objects) pinNames() []string {
 	var names []string
 	dp.eachMap(func(name string, _ **ebpf.Map) { names = append(names, name) })
 	dp.eachProgram(func(name string, _ **ebpf.Program) { names = append(names, filepath.Join(progDir, name)) })

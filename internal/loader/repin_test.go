@@ -104,7 +104,7 @@ func TestRepin(t *testing.T) {
 
 // objectIDs returns the kernel IDs of dp's maps ("parents") and programs
 // ("progs/parent_egress").
-func objectIDs(tb testing.TB, dp *loader.Datapath) map[string]uint32 {
+func objectIDs(tb testing.TB, dp *loader.Objects) map[string]uint32 {
 	tb.Helper()
 	out := map[string]uint32{}
 	for name, m := range mapsOf(dp) {
@@ -122,7 +122,7 @@ func objectIDs(tb testing.TB, dp *loader.Datapath) map[string]uint32 {
 	return out
 }
 
-func mapsOf(dp *loader.Datapath) map[string]*ebpf.Map {
+func mapsOf(dp *loader.Objects) map[string]*ebpf.Map {
 	m := &dp.Maps
 	return map[string]*ebpf.Map{
 		"config": m.Config, "parents": m.Parents, "ep_by_mac": m.EpByMac, "ep_by_ip": m.EpByIp,
@@ -133,7 +133,7 @@ func mapsOf(dp *loader.Datapath) map[string]*ebpf.Map {
 	}
 }
 
-func progsOf(dp *loader.Datapath) map[string]*ebpf.Program {
+func progsOf(dp *loader.Objects) map[string]*ebpf.Program {
 	p := &dp.Programs
 	return map[string]*ebpf.Program{
 		"parent_egress": p.ParentEgress, "uplink_egress": p.UplinkEgress, "endpoint_ingress": p.EndpointIngress,
@@ -144,7 +144,7 @@ func progsOf(dp *loader.Datapath) map[string]*ebpf.Program {
 
 func allNames() []string {
 	var names []string
-	for name := range mapsOf(&loader.Datapath{}) {
+	for name := range mapsOf(&loader.Objects{}) {
 		names = append(names, name)
 	}
 	names = append(names, progNames()...)
@@ -154,7 +154,7 @@ func allNames() []string {
 
 func progNames() []string {
 	var names []string
-	for name := range progsOf(&loader.Datapath{}) {
+	for name := range progsOf(&loader.Objects{}) {
 		names = append(names, "progs/"+name)
 	}
 	slices.Sort(names)

@@ -39,7 +39,7 @@ var (
 )
 
 type rig struct {
-	dp       *loader.Datapath
+	dp       *loader.Objects
 	idA, idB uint32
 }
 

@@ -183,7 +183,7 @@ func MountBPFFS(tb testing.TB) string {
 // LoadDatapath loads the datapath as underpassd does into a fresh pin
 // directory (MountBPFFS, then "underpass" in it) and closes it when the
 // test ends. It fails unless run as root.
-func LoadDatapath(tb testing.TB) *loader.Datapath {
+func LoadDatapath(tb testing.TB) *loader.Objects {
 	tb.Helper()
 	RequireRoot(tb)
 	dp, err := loader.Load(filepath.Join(MountBPFFS(tb), "underpass"), loader.Options{})

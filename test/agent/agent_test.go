@@ -47,7 +47,7 @@ func cfgReach(on bool) string {
 type rig struct {
 	*lab
 	ag   *agent
-	dp   *loader.Datapath
+	dp   *loader.Objects
 	ctr  *netenv.Container
 	wire *netenv.Container
 	ep   uint32
@@ -371,7 +371,7 @@ func TestUpgrade(t *testing.T) {
 }
 
 // epProgIDs reads the program ids in the ep_progs slots (ingress, egress).
-func epProgIDs(t *testing.T, dp *loader.Datapath) [2]uint32 {
+func epProgIDs(t *testing.T, dp *loader.Objects) [2]uint32 {
 	t.Helper()
 	var ids [2]uint32
 	for slot, s := range []loader.EpProg{loader.EpProgIngress, loader.EpProgEgress} {

@@ -508,7 +508,7 @@ func (ch *churn) err() error {
 
 // waitOpen waits until loader.Open works on dir, as the CNI plugin's next
 // ADD would.
-func waitOpen(t *testing.T, dir string) *loader.Datapath {
+func waitOpen(t *testing.T, dir string) *loader.Objects {
 	t.Helper()
 	deadline := time.Now().Add(faultDeadline)
 	for {
@@ -537,7 +537,7 @@ func datapathIDs(t *testing.T, dir string) map[string]uint32 {
 
 // objectIDs returns the kernel IDs of dp's maps (by field name) and programs
 // ("prog:" and field name): the same IDs mean the same objects.
-func objectIDs(t *testing.T, dp *loader.Datapath) map[string]uint32 {
+func objectIDs(t *testing.T, dp *loader.Objects) map[string]uint32 {
 	t.Helper()
 	out := map[string]uint32{}
 	add := func(prefix string, v reflect.Value, id func(any) (uint32, error)) {

@@ -75,7 +75,7 @@ type lab struct {
 	gcInterval string // default 1s, so GC tests are quick
 
 	dpOnce sync.Once
-	dp     *loader.Datapath
+	dp     *loader.Objects
 }
 
 func newLab(t *testing.T, opts netenv.Options) *lab {
@@ -196,7 +196,7 @@ func (l *lab) waitMetric(name, labels string, want float64) {
 }
 
 // open opens the pinned datapath as the CNI plugin does.
-func (l *lab) open() *loader.Datapath {
+func (l *lab) open() *loader.Objects {
 	l.t.Helper()
 	dp, err := loader.Open(l.dir)
 	if err != nil {
@@ -207,7 +207,7 @@ func (l *lab) open() *loader.Datapath {
 }
 
 // register registers a container's endpoint the way the CNI plugin does.
-func (l *lab) register(dp *loader.Datapath, c *netenv.Container, id string) uint32 {
+func (l *lab) register(dp *loader.Objects, c *netenv.Container, id string) uint32 {
 	l.t.Helper()
 	var addrs []netip.Prefix
 	for _, p := range []netip.Prefix{c.IP4, c.IP6} {
@@ -294,7 +294,7 @@ func (a *agent) rejections() []string {
 }
 
 // openOnce is open, shared by the helpers that poll the maps.
-func (l *lab) openOnce() *loader.Datapath {
+func (l *lab) openOnce() *loader.Objects {
 	l.dpOnce.Do(func() { l.dp = l.open() })
 	return l.dp
 }

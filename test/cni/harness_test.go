@@ -73,7 +73,7 @@ func run(m *testing.M) int {
 type harness struct {
 	t        *testing.T
 	env      *netenv.Env
-	dp       *loader.Datapath
+	dp       *loader.Objects
 	bpffs    string // the datapath's pin dir
 	dataDir  string // host-local leases
 	confDir  string

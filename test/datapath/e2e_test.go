@@ -26,7 +26,7 @@ import (
 
 type node struct {
 	env *netenv.Env
-	dp  *loader.Datapath
+	dp  *loader.Objects
 	up  *netenv.Uplink
 }
 

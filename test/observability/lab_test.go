@@ -34,7 +34,7 @@ var must = testutil.Must
 // CI may lack native XDP), node addresses, a service CIDR and a live VIP.
 type lab struct {
 	env *netenv.Env
-	dp  *loader.Datapath
+	dp  *loader.Objects
 	up  *netenv.Uplink
 	xdp attach.XDPMode
 }

@@ -52,7 +52,7 @@ type lab struct {
 	ag      *testutil.Agent
 	cfg     string // the agent's config file
 	client  *http.Client
-	dp      *loader.Datapath // opened like the plugin does, for reading maps
+	dp      *loader.Objects // opened like the plugin does, for reading maps
 }
 
 var must = testutil.Must

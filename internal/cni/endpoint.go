@@ -15,7 +15,7 @@ import (
 
 // openDatapath opens the pinned datapath; "not loaded" becomes a CNI error
 // with code (11 for ADD and CHECK, 50 for STATUS) telling what to do.
-func openDatapath(dir string, code uint) (*loader.Datapath, error) {
+func openDatapath(dir string, code uint) (*loader.Objects, error) {
 	dp, err := loader.OpenForEndpoints(dir)
 	if errors.Is(err, loader.ErrNotLoaded) {
 		return nil, types.NewError(code, fmt.Sprintf("underpass datapath not loaded in %s: start underpassd", dir), err.Error())
@@ -55,7 +55,7 @@ func checkServiceOverlap(m *loader.Maps, what string, prefixes []netip.Prefix) e
 // phases and running ADD's failpoints; then (nil: nothing) runs inside the
 // container netns, where ADD configures the interface. On error nothing of
 // it is left.
-func attachEndpoint(dp *loader.Datapath, netns ns.NetNS, ep *datapath.Endpoint, ph *phases, then func() error) error {
+func attachEndpoint(dp *loader.Objects, netns ns.NetNS, ep *datapath.Endpoint, ph *phases, then func() error) error {
 	_, err := datapath.AddEndpoint(dp, netns, ep, datapath.AddOptions{
 		Log:    log,
 		Locked: func() { ph.mark("lock_wait") },

@@ -1,8 +1,8 @@
 // Package loader loads the underpass datapath into the kernel and pins it
 // in a bpffs, or opens what is pinned; it holds the writer lock and the map
 // layouts. Putting the programs on interfaces is internal/attach's job:
-// EgressTarget, XDPTarget and EndpointTarget fill its options from a
-// Datapath.
+// EgressTarget, XDPTarget and EndpointTarget fill its options from the
+// Objects.
 package loader
 
 import (
@@ -34,16 +34,18 @@ var ErrNotLoaded = errors.New("datapath not loaded")
 // (the plugin registers a parent its pod needs while the agent restarts);
 // the programs write the counters, learnt addresses (ep_by_ip,
 // endpoints.learned), wire_addrs, svc_flows and events.
-type Maps = datapathMaps
+type Maps = bpfMaps
 
 // Programs are the programs shared by all attachments, as bpf2go generated
 // them. EndpointIngress and EndpointEgress are what every endpoint's
 // filters run; they tail-call the bodies (EpIngressBody, EpEgressBody)
 // through ep_progs.
-type Programs = datapathPrograms
+type Programs = bpfPrograms
 
-// Datapath is a loaded (or opened) datapath.
-type Datapath struct {
+// Objects are a loaded (or opened) datapath: its maps and programs, pinned
+// in Dir. ("The datapath" is the whole: these objects, the typed API over
+// them in internal/datapath, and the attachments internal/attach makes.)
+type Objects struct {
 	Dir      string
 	Maps     Maps
 	Programs Programs
@@ -65,7 +67,7 @@ const (
 // parsedSpec parses the embedded ELF once per process. Only Load needs it:
 // the CNI plugin and underpassctl never parse it (Open checks the pins
 // against mapABI).
-var parsedSpec = sync.OnceValues(loadDatapath)
+var parsedSpec = sync.OnceValues(loadBpf)
 
 // Spec returns a copy of the embedded collection spec, free to modify.
 func Spec() (*ebpf.CollectionSpec, error) {
@@ -80,7 +82,7 @@ func Spec() (*ebpf.CollectionSpec, error) {
 // state survives restarts and upgrades, pins whatever is new, and replaces
 // the pinned programs. A first load pins into a temporary directory that is
 // renamed into place, so nobody ever sees half a datapath.
-func Load(dir string, opts Options) (_ *Datapath, err error) {
+func Load(dir string, opts Options) (_ *Objects, err error) {
 	if err := EnsureBPFFS(dir); err != nil {
 		return nil, err
 	}
@@ -109,7 +111,7 @@ func Load(dir string, opts Options) (_ *Datapath, err error) {
 	defer coll.Close()
 
 	// Assign takes the objects out of coll: from here dp closes them.
-	dp := &Datapath{Dir: dir}
+	dp := &Objects{Dir: dir}
 	defer func() {
 		if err != nil {
 			dp.Close()
@@ -185,7 +187,7 @@ func pinnedMaps(dir string, spec *ebpf.CollectionSpec) (map[string]*ebpf.Map, er
 }
 
 // pinFresh pins everything into a sibling temp dir and renames it to dir.
-func (dp *Datapath) pinFresh(dir string) error {
+func (dp *Objects) pinFresh(dir string) error {
 	if err := os.MkdirAll(filepath.Dir(dir), 0o700); err != nil {
 		return fmt.Errorf("create %s: %w", filepath.Dir(dir), err)
 	}
@@ -210,7 +212,7 @@ func (dp *Datapath) pinFresh(dir string) error {
 
 // pinInto pins maps not pinned yet (adopted ones stay as they are) and
 // replaces the program pins atomically.
-func (dp *Datapath) pinInto(dir string, adopted map[string]*ebpf.Map) error {
+func (dp *Objects) pinInto(dir string, adopted map[string]*ebpf.Map) error {
 	if err := os.MkdirAll(filepath.Join(dir, progDir), 0o700); err != nil {
 		return fmt.Errorf("create %s: %w", progDir, err)
 	}
@@ -252,7 +254,7 @@ func pinAtomic(path string, pin func(string) error) error {
 // Open opens a pinned datapath without loading anything: what
 // underpassctl and the agent's --uninstall do. It fails with ErrNotLoaded
 // when nothing is pinned in dir.
-func Open(dir string) (*Datapath, error) {
+func Open(dir string) (*Objects, error) {
 	return open(dir, nil)
 }
 
@@ -269,17 +271,17 @@ var forEndpoints = map[string]bool{
 // OpenForEndpoints is Open for the CNI plugin: only the objects it uses
 // are opened (forEndpoints), the others stay nil. A third of the objects,
 // so a third of the syscalls, on every pod start.
-func OpenForEndpoints(dir string) (*Datapath, error) {
+func OpenForEndpoints(dir string) (*Objects, error) {
 	return open(dir, forEndpoints)
 }
 
 // open opens the pinned objects named in only, all of them when only is nil.
-func open(dir string, only map[string]bool) (_ *Datapath, err error) {
+func open(dir string, only map[string]bool) (_ *Objects, err error) {
 	if _, err := os.Stat(filepath.Join(dir, progDir)); errors.Is(err, fs.ErrNotExist) {
 		return nil, fmt.Errorf("%w: nothing pinned in %s: start underpassd", ErrNotLoaded, dir)
 	}
 	want := func(name string) bool { return only == nil || only[name] }
-	dp := &Datapath{Dir: dir}
+	dp := &Objects{Dir: dir}
 	defer func() {
 		if err != nil {
 			dp.Close()
@@ -329,7 +331,7 @@ func pinnedErr(kind, name, dir string, err error) error {
 }
 
 // Close releases file descriptors; pinned objects stay in the kernel.
-func (dp *Datapath) Close() error {
+func (dp *Objects) Close() error {
 	for _, m := range dp.maps() {
 		m.Close()
 	}
@@ -341,9 +343,9 @@ func (dp *Datapath) Close() error {
 
 // eachMap and eachProgram walk the generated structs: their ebpf tags are
 // the only list of object names.
-func (dp *Datapath) eachMap(fn func(string, **ebpf.Map)) { eachField(&dp.Maps, fn) }
+func (dp *Objects) eachMap(fn func(string, **ebpf.Map)) { eachField(&dp.Maps, fn) }
 
-func (dp *Datapath) eachProgram(fn func(string, **ebpf.Program)) { eachField(&dp.Programs, fn) }
+func (dp *Objects) eachProgram(fn func(string, **ebpf.Program)) { eachField(&dp.Programs, fn) }
 
 // eachField calls fn with the ebpf tag and the address of every field of
 // type T in the struct s points to.
@@ -367,12 +369,12 @@ type endpointBody struct {
 	prog *ebpf.Program
 }
 
-func (dp *Datapath) endpointBodies() []endpointBody {
+func (dp *Objects) endpointBodies() []endpointBody {
 	return []endpointBody{{EpProgIngress, dp.Programs.EpIngressBody}, {EpProgEgress, dp.Programs.EpEgressBody}}
 }
 
 // CheckEndpointPrograms says whether both ep_progs slots hold a program.
-func (dp *Datapath) CheckEndpointPrograms() error {
+func (dp *Objects) CheckEndpointPrograms() error {
 	for _, b := range dp.endpointBodies() {
 		var id uint32
 		if err := dp.Maps.EpProgs.Lookup(uint32(b.slot), &id); err != nil {
@@ -387,7 +389,7 @@ func (dp *Datapath) CheckEndpointPrograms() error {
 
 // RestoreEndpointPrograms points the ep_progs slots at this datapath's
 // endpoint program bodies.
-func (dp *Datapath) RestoreEndpointPrograms() error {
+func (dp *Objects) RestoreEndpointPrograms() error {
 	for _, b := range dp.endpointBodies() {
 		if err := dp.Maps.EpProgs.Put(uint32(b.slot), b.prog); err != nil {
 			return fmt.Errorf("put endpoint program %d into ep_progs: %w", b.slot, err)
@@ -396,7 +398,7 @@ func (dp *Datapath) RestoreEndpointPrograms() error {
 	return nil
 }
 
-func (dp *Datapath) maps() map[string]*ebpf.Map {
+func (dp *Objects) maps() map[string]*ebpf.Map {
 	out := map[string]*ebpf.Map{}
 	dp.eachMap(func(name string, m **ebpf.Map) {
 		if *m != nil {
@@ -406,7 +408,7 @@ func (dp *Datapath) maps() map[string]*ebpf.Map {
 	return out
 }
 
-func (dp *Datapath) programs() map[string]*ebpf.Program {
+func (dp *Objects) programs() map[string]*ebpf.Program {
 	out := map[string]*ebpf.Program{}
 	dp.eachProgram(func(name string, p **ebpf.Program) {
 		if *p != nil {
