@@ -167,20 +167,19 @@ func removePins(dir string, out io.Writer) error {
 	return nil
 }
 
-func openParents(dir string) (map[int]loader.Parent, error) {
-	dp, err := loader.Open(dir)
-	if err != nil {
-		return nil, err
-	}
-	defer dp.Close()
-	return datapath.Parents(&dp.Maps)
-}
+func openParents(dir string) (map[int]loader.Parent, error) { return readPinned(dir, datapath.Parents) }
 
 func openEndpoints(dir string) (map[uint32]datapath.Endpoint, error) {
+	return readPinned(dir, datapath.Endpoints)
+}
+
+// readPinned opens the datapath pinned in dir for one read.
+func readPinned[T any](dir string, read func(*loader.Maps) (T, error)) (T, error) {
 	dp, err := loader.Open(dir)
 	if err != nil {
-		return nil, err
+		var zero T
+		return zero, err
 	}
 	defer dp.Close()
-	return datapath.Endpoints(&dp.Maps)
+	return read(&dp.Maps)
 }

@@ -304,17 +304,7 @@ func Endpoints(m *loader.Maps) (map[uint32]Endpoint, error) {
 // rawEndpoints lists the endpoints map's values by id, for those that
 // rewrite a whole record.
 func rawEndpoints(m *loader.Maps) (map[uint32]loader.Endpoint, error) {
-	out := map[uint32]loader.Endpoint{}
-	var k uint32
-	var v loader.Endpoint
-	it := m.Endpoints.Iterate()
-	for it.Next(&k, &v) {
-		out[k] = v
-	}
-	if err := it.Err(); err != nil {
-		return nil, fmt.Errorf("list endpoints: %w", err)
-	}
-	return out, nil
+	return readAll(m.Endpoints, "endpoints", same[uint32], same[loader.Endpoint])
 }
 
 // unmapAddr writes an interface address given as ::ffff:a.b.c.d/96+n as

@@ -1,11 +1,17 @@
-// Package datapath is typed access to the pinned maps: the endpoint
-// registry, the steering and service sets, the config word and the counters.
-// It never loads or attaches programs (that is package loader).
+// Package datapath is the API over the pinned datapath, used by the plugin
+// and the agent alike: typed access to the pinned maps (the endpoint
+// registry, the steering and service sets, the config word, the counters),
+// the one endpoint type (Endpoint), and the one way an endpoint enters and
+// leaves (AddEndpoint, RemoveEndpoint), which attaches its programs through
+// internal/attach. It never loads programs (that is package loader).
 package datapath
 
 import (
+	"fmt"
 	"net"
 	"net/netip"
+
+	"github.com/cilium/ebpf"
 
 	"github.com/underpass-cni/underpass/internal/cidrs"
 	"github.com/underpass-cni/underpass/internal/loader"
@@ -73,3 +79,22 @@ func goString(src []int8) string {
 	}
 	return string(b)
 }
+
+// readAll reads every entry of m into a map keyed by key(k), the value by
+// val(v) (identity for most maps; a per-CPU map sums). what names the map
+// in the error.
+func readAll[K comparable, V any, OK comparable, OV any](m *ebpf.Map, what string, key func(K) OK, val func(V) OV) (map[OK]OV, error) {
+	out := map[OK]OV{}
+	var k K
+	var v V
+	it := m.Iterate()
+	for it.Next(&k, &v) {
+		out[key(k)] = val(v)
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("list %s: %w", what, err)
+	}
+	return out, nil
+}
+
+func same[T any](v T) T { return v }

@@ -199,14 +199,7 @@ func syncLPM(m *ebpf.Map, have, want map[netip.Prefix]uint32) error {
 
 // LPMEntries reads an LPM map (svc_cidrs or host_cidrs).
 func LPMEntries(m *ebpf.Map) (map[netip.Prefix]uint32, error) {
-	out := map[netip.Prefix]uint32{}
-	var k loader.LPMKey
-	var v uint32
-	it := m.Iterate()
-	for it.Next(&k, &v) {
-		out[PrefixOf(k)] = v
-	}
-	return out, it.Err()
+	return readAll(m, "prefixes", PrefixOf, same[uint32])
 }
 
 // AddLiveService marks a VIP live.
@@ -229,17 +222,7 @@ func DeleteLiveService(m *loader.Maps, a netip.Addr) error {
 
 // LiveServices lists the live VIPs.
 func LiveServices(m *loader.Maps) (map[netip.Addr]bool, error) {
-	out := map[netip.Addr]bool{}
-	var k loader.IPKey
-	var v uint32
-	it := m.LiveSvcs.Iterate()
-	for it.Next(&k, &v) {
-		out[AddrOf(k)] = true
-	}
-	if err := it.Err(); err != nil {
-		return nil, fmt.Errorf("list live services: %w", err)
-	}
-	return out, nil
+	return readAll(m.LiveSvcs, "live services", AddrOf, func(uint32) bool { return true })
 }
 
 // SyncLiveServices makes live_svcs hold exactly want: additions first, then

@@ -50,17 +50,7 @@ func EndpointStats(m *loader.Maps, id uint32) (loader.EndpointStats, error) {
 
 // AllEndpointStats reads every endpoint's counters in one pass.
 func AllEndpointStats(m *loader.Maps) (map[uint32]loader.EndpointStats, error) {
-	out := map[uint32]loader.EndpointStats{}
-	var k uint32
-	var per []loader.EndpointStats
-	it := m.EpStats.Iterate()
-	for it.Next(&k, &per) {
-		out[k] = Sum(per)
-	}
-	if err := it.Err(); err != nil {
-		return nil, fmt.Errorf("read endpoint counters: %w", err)
-	}
-	return out, nil
+	return readAll(m.EpStats, "endpoint counters", same[uint32], Sum)
 }
 
 func readCounters(m *ebpf.Map, n int) ([]loader.Counter, error) {

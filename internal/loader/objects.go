@@ -398,20 +398,16 @@ func (dp *Objects) RestoreEndpointPrograms() error {
 	return nil
 }
 
-func (dp *Objects) maps() map[string]*ebpf.Map {
-	out := map[string]*ebpf.Map{}
-	dp.eachMap(func(name string, m **ebpf.Map) {
-		if *m != nil {
-			out[name] = *m
-		}
-	})
-	return out
-}
+// maps and programs are the open objects by name.
+func (dp *Objects) maps() map[string]*ebpf.Map { return byName[*ebpf.Map](&dp.Maps) }
 
-func (dp *Objects) programs() map[string]*ebpf.Program {
-	out := map[string]*ebpf.Program{}
-	dp.eachProgram(func(name string, p **ebpf.Program) {
-		if *p != nil {
+func (dp *Objects) programs() map[string]*ebpf.Program { return byName[*ebpf.Program](&dp.Programs) }
+
+func byName[T comparable](s any) map[string]T {
+	out := map[string]T{}
+	var zero T
+	eachField(s, func(name string, p *T) {
+		if *p != zero {
 			out[name] = *p
 		}
 	})
