@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"slices"
 
@@ -69,27 +70,12 @@ func collectRefs[K any](m *ebpf.Map, keys []K, parent func(K) uint32, out map[in
 func (a *Agent) reconcileParents(force bool) {
 	m := &a.dp.Load().Maps
 	want := parentRefs(m)
-	// The parents array has 64Ki slots: read it only when it matters (at
-	// start-up, or for a parent not attached yet), not every second.
-	var registered map[int]loader.Parent
-	readRegistered := func() {
-		if registered != nil {
-			return
-		}
-		var err error
-		if registered, err = datapath.Parents(m); err != nil {
-			a.log.Error("list parents", "error", err)
-			registered = map[int]loader.Parent{}
-		}
-	}
+	facts := &parentFacts{m: m, log: a.log}
 	if force {
-		readRegistered()
-		for ifindex := range registered {
+		for ifindex := range facts.registered() {
 			want[ifindex] = true
 		}
 	}
-	var eps map[uint32]datapath.Endpoint // read lazily: only for new parents
-	var err error
 	for ifindex := range want {
 		if ifindex == 0 {
 			continue
@@ -100,25 +86,10 @@ func (a *Agent) reconcileParents(force bool) {
 		if a.isLost(ifindex) {
 			continue
 		}
-		mode, name := loader.ModeNone, ""
-		readRegistered()
-		if p, ok := registered[ifindex]; ok {
-			mode = loader.Mode(p.Mode)
-		}
-		if eps == nil {
-			if eps, err = datapath.Endpoints(m); err != nil {
-				a.log.Error("list endpoints", "error", err)
-				return
-			}
-		}
-		for _, ep := range eps {
-			if ep.ParentIfindex == ifindex {
-				if mode == loader.ModeNone {
-					mode = ep.Mode
-				}
-				name = ep.ParentName
-				break
-			}
+		mode, name, err := facts.of(ifindex)
+		if err != nil {
+			a.log.Error("list endpoints", "error", err)
+			return
 		}
 		l, err := netlink.LinkByIndex(ifindex)
 		if err != nil {
@@ -130,6 +101,50 @@ func (a *Agent) reconcileParents(force bool) {
 		}
 		a.attachParent(l, mode)
 	}
+}
+
+// parentFacts reads what the maps say of parents, each map once and only
+// when asked: the parents array has 64Ki slots, read only when it matters
+// (at start-up, or for a parent not attached yet), not every second.
+type parentFacts struct {
+	m   *loader.Maps
+	log *slog.Logger
+	reg map[int]loader.Parent
+	eps map[uint32]datapath.Endpoint
+}
+
+func (f *parentFacts) registered() map[int]loader.Parent {
+	if f.reg == nil {
+		var err error
+		if f.reg, err = datapath.Parents(f.m); err != nil {
+			f.log.Error("list parents", "error", err)
+			f.reg = map[int]loader.Parent{}
+		}
+	}
+	return f.reg
+}
+
+// of is the mode and name of parent ifindex: the mode registered, else its
+// endpoints'; the name its endpoints recorded.
+func (f *parentFacts) of(ifindex int) (mode loader.Mode, name string, err error) {
+	mode = loader.ModeNone
+	if p, ok := f.registered()[ifindex]; ok {
+		mode = loader.Mode(p.Mode)
+	}
+	if f.eps == nil {
+		if f.eps, err = datapath.Endpoints(f.m); err != nil {
+			return mode, "", err
+		}
+	}
+	for _, ep := range f.eps {
+		if ep.ParentIfindex == ifindex {
+			if mode == loader.ModeNone {
+				mode = ep.Mode
+			}
+			return mode, ep.ParentName, nil
+		}
+	}
+	return mode, "", nil
 }
 
 // attachParent registers and attaches one parent.

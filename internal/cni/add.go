@@ -117,18 +117,8 @@ func checkAdd(args *skel.CmdArgs, c *Conf) error {
 // the addresses).
 func addMain(c *Conf, args *skel.CmdArgs, dp *loader.Objects, netns ns.NetNS, master netlink.Link, ep datapath.Endpoint, call *ipamCall, ph *phases) (_ types.Result, err error) {
 	m := &dp.Maps
-	if err := checkServiceOverlap(m, "ipam subnet", c.IPAMSubnets); err != nil {
+	if err := checkMain(c, args, m, master); err != nil {
 		return nil, err
-	}
-	if c.PrevResult != nil {
-		if prev, perr := current.NewResultFromResult(c.PrevResult); perr == nil {
-			if _, intf := resultIface(prev, args.IfName, args.Netns); intf != nil {
-				return nil, invalidConf("a previous plugin created %s already: to chain underpass after it, remove master, mode, macvlanMode, ipvlanMode, mtu and ipam from the underpass entry", args.IfName)
-			}
-		}
-	}
-	if mtu := master.Attrs().MTU; c.MTU > mtu {
-		return nil, invalidConf("mtu %d is larger than master %s's MTU %d: lower mtu, or leave it out to use the master's", c.MTU, master.Attrs().Name, mtu)
 	}
 	ph.mark("master")
 
@@ -184,6 +174,26 @@ func addMain(c *Conf, args *skel.CmdArgs, dp *loader.Objects, netns ns.NetNS, ma
 	}
 	ph.mark("configure")
 	return result, nil
+}
+
+// checkMain refuses a main-mode ADD that cannot work before anything is
+// created: an IPAM subnet in a service CIDR, an interface a previous plugin
+// made already, an MTU above the master's.
+func checkMain(c *Conf, args *skel.CmdArgs, m *loader.Maps, master netlink.Link) error {
+	if err := checkServiceOverlap(m, "ipam subnet", c.IPAMSubnets); err != nil {
+		return err
+	}
+	if c.PrevResult != nil {
+		if prev, perr := current.NewResultFromResult(c.PrevResult); perr == nil {
+			if _, intf := resultIface(prev, args.IfName, args.Netns); intf != nil {
+				return invalidConf("a previous plugin created %s already: to chain underpass after it, remove master, mode, macvlanMode, ipvlanMode, mtu and ipam from the underpass entry", args.IfName)
+			}
+		}
+	}
+	if mtu := master.Attrs().MTU; c.MTU > mtu {
+		return invalidConf("mtu %d is larger than master %s's MTU %d: lower mtu, or leave it out to use the master's", c.MTU, master.Attrs().Name, mtu)
+	}
+	return nil
 }
 
 // addIPAMResult puts the addresses, routes and DNS that call handed out
