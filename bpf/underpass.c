@@ -43,6 +43,8 @@ const enum up_prefilter_limits *unused_prefilter_limits __attribute__((unused));
 const enum up_ep_prog *unused_ep_prog __attribute__((unused));
 const enum up_marks *unused_marks __attribute__((unused));
 const enum up_ref_flags *unused_ref_flags __attribute__((unused));
+const enum up_svc_flags *unused_svc_flags __attribute__((unused));
+const enum up_svc_stat *unused_svc_stat __attribute__((unused));
 const struct up_attach_key *unused_attach_key __attribute__((unused));
 const struct up_flow_key *unused_flow_key __attribute__((unused));
 const struct up_event *unused_event __attribute__((unused));
@@ -122,6 +124,62 @@ struct {
 	__type(key, struct up_flow_key);
 	__type(value, __u64);
 } svc_flows SEC(".maps");
+
+/* Services translated at the pod: see up_svc_xlate and underpass.h. */
+#define MAX_BACKENDS 262144
+#define MAX_SVC_FLOWS 131072
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_SERVICES);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct up_svc_key);
+	__type(value, struct up_svc);
+} svc_frontends SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_BACKENDS);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct up_slot_key);
+	__type(value, __u32); /* backend id */
+} svc_slots SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_BACKENDS);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __u32);
+	__type(value, struct up_backend);
+} svc_backends SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, MAX_SVC_FLOWS);
+	__type(key, struct up_ct_key);
+	__type(value, struct up_ct);
+} svc_ct SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, MAX_SVC_FLOWS);
+	__type(key, struct up_rev_key);
+	__type(value, struct up_rev);
+} svc_rev SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct up_affinity_key);
+	__type(value, struct up_affinity);
+} svc_affinity SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, UP_SVC_STAT_SLOTS);
+	__type(key, __u32);
+	__type(value, struct up_counter);
+} svc_stats SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -1335,6 +1393,273 @@ int uplink_egress(struct __sk_buff *skb)
 
 /* What the filters on the slaves run. When the slot is empty (a datapath
  * being removed) the frame passes untouched, as without underpass. */
+/* ---- Services translated at the pod (services.mode: ebpf) -------------------
+ *
+ * A pod's frame to a VIP:port in svc_frontends gets a backend in its own
+ * egress program: the destination address and port are rewritten in place
+ * (checksums fixed incrementally), and the destination MAC set so that a
+ * backend on the same L2 is reached directly. The client's address stays:
+ * the backend sees who called. The reply is given the VIP back in the
+ * client's ingress program (svc_rev). Nothing goes through the host. */
+
+enum { XLATE_NONE = 0, XLATE_DONE = 1, XLATE_STALE = 2, XLATE_FAILED = -1 };
+
+static __always_inline void svc_count(__u32 stat, __u32 len)
+{
+	struct up_counter *c = bpf_map_lookup_elem(&svc_stats, &stat);
+	if (c)
+		bump(c, len);
+}
+
+/* Where the L4 checksum sits; 0: none that covers the IP header (SCTP's
+ * CRC32c covers its own header only). */
+static __always_inline __u32 l4_csum_off(const struct pkt *p)
+{
+	if (p->l4proto == IPPROTO_TCP)
+		return p->l4off + 16;
+	if (p->l4proto == IPPROTO_UDP)
+		return p->l4off + 6;
+	return 0;
+}
+
+static __always_inline __u64 l4_csum_flags(const struct pkt *p)
+{
+	/* A UDP checksum of 0 means none (IPv4): it stays 0, and a result of
+	 * 0 is written as 0xffff. */
+	return p->l4proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
+}
+
+/* rewrite_addr replaces the address at off (source or destination) by to,
+ * fixing the IPv4 header checksum and the L4 checksum, whose pseudo-header
+ * covers the address. */
+static __always_inline int rewrite_addr(struct __sk_buff *skb, const struct pkt *p, __u32 off, const __u8 *from,
+					const __u8 *to)
+{
+	__u32 csum = l4_csum_off(p);
+	__u64 flags = BPF_F_PSEUDO_HDR | l4_csum_flags(p);
+	if (p->proto == ETH_P_IP) {
+		__u32 o, n;
+		__builtin_memcpy(&o, from + 12, 4);
+		__builtin_memcpy(&n, to + 12, 4);
+		if (csum && bpf_l4_csum_replace(skb, csum, o, n, flags | 4))
+			return -1;
+		if (bpf_l3_csum_replace(skb, ETH_HLEN + 10, o, n, 4))
+			return -1;
+		return bpf_skb_store_bytes(skb, off, &n, 4, 0);
+	}
+	__u32 o6[4], n6[4];
+	__builtin_memcpy(o6, from, 16);
+	__builtin_memcpy(n6, to, 16);
+	__s64 diff = bpf_csum_diff(o6, 16, n6, 16, 0);
+	if (csum && bpf_l4_csum_replace(skb, csum, 0, diff, flags))
+		return -1;
+	return bpf_skb_store_bytes(skb, off, n6, 16, 0);
+}
+
+static __always_inline int rewrite_port(struct __sk_buff *skb, const struct pkt *p, __u32 off, __u16 from, __u16 to)
+{
+	__u32 csum = l4_csum_off(p);
+	if (csum && bpf_l4_csum_replace(skb, csum, from, to, l4_csum_flags(p) | 2))
+		return -1;
+	return bpf_skb_store_bytes(skb, off, &to, 2, 0);
+}
+
+static __always_inline __u32 daddr_off(const struct pkt *p)
+{
+	return p->proto == ETH_P_IP ? ETH_HLEN + 16 : ETH_HLEN + 24;
+}
+
+static __always_inline __u32 saddr_off(const struct pkt *p)
+{
+	return p->proto == ETH_P_IP ? ETH_HLEN + 12 : ETH_HLEN + 8;
+}
+
+/* The next hop for a backend, written as the destination MAC: a macvlan
+ * endpoint's own MAC (the driver delivers to the sibling slave); the
+ * parent's for the node itself (the parent program hands it to the host).
+ * On ipvlan, where every slave has the parent's MAC, the frame's own source
+ * MAC makes the driver deliver locally, by address. Otherwise what the
+ * pod's neighbour table knows of the backend; when it knows nothing, the
+ * frame keeps the pod's choice (its gateway, which routes it on). */
+static __always_inline void backend_mac(struct __sk_buff *skb, const struct pkt *p, __u32 parent_ifindex,
+					__u32 mode, const struct up_backend *be)
+{
+	struct up_ip_key a;
+	__builtin_memcpy(a.addr, be->addr, 16);
+	__u32 hflags = 0;
+	__u32 id = ep_by_ip_on(&a, parent_ifindex);
+	int host = !id && in_set(PREFILTER_HOST, &a, &hflags) && (hflags & UP_HOST_LOCAL);
+	if (id || host) {
+		__u8 mac[ETH_ALEN];
+		if (mode != UP_MODE_MACVLAN) {
+			if (bpf_skb_load_bytes(skb, ETH_ALEN, mac, ETH_ALEN))
+				return;
+		} else if (id) {
+			struct up_endpoint *ep = bpf_map_lookup_elem(&endpoints, &id);
+			if (!ep)
+				return;
+			__builtin_memcpy(mac, ep->mac, ETH_ALEN);
+		} else {
+			struct up_parent *par = parent_of(parent_ifindex);
+			if (!par)
+				return;
+			__builtin_memcpy(mac, par->mac, ETH_ALEN);
+		}
+		bpf_skb_store_bytes(skb, 0, mac, ETH_ALEN, 0);
+		return;
+	}
+	struct bpf_fib_lookup f = {};
+	f.ifindex = skb->ifindex;
+	if (p->proto == ETH_P_IP) {
+		f.family = 2; /* AF_INET */
+		__builtin_memcpy(&f.ipv4_src, p->saddr.addr + 12, 4);
+		__builtin_memcpy(&f.ipv4_dst, be->addr + 12, 4);
+	} else {
+		f.family = 10; /* AF_INET6 */
+		__builtin_memcpy(f.ipv6_src, p->saddr.addr, 16);
+		__builtin_memcpy(f.ipv6_dst, be->addr, 16);
+	}
+	if (bpf_fib_lookup(skb, &f, sizeof(f), BPF_FIB_LOOKUP_OUTPUT) == BPF_FIB_LKUP_RET_SUCCESS &&
+	    f.ifindex == skb->ifindex)
+		bpf_skb_store_bytes(skb, 0, f.dmac, ETH_ALEN, 0);
+}
+
+/* A new flow's backend: the client's previous one under sessionAffinity
+ * (while it is recent and still a backend), else a random slot of the
+ * current set. 0: none (a slot missing mid-update). */
+static __always_inline __u32 pick_backend(const struct up_svc *svc, const __u8 *client, __u64 now)
+{
+	struct up_affinity_key ak = {.svc_id = svc->id};
+	__builtin_memcpy(ak.client, client, 16);
+	int affinity = svc->flags & UP_SVC_AFFINITY;
+	if (affinity) {
+		struct up_affinity *af = bpf_map_lookup_elem(&svc_affinity, &ak);
+		if (af && now - af->seen_ns < (__u64)svc->affinity_sec * 1000000000ULL) {
+			__u32 id = af->backend_id;
+			if (bpf_map_lookup_elem(&svc_backends, &id)) {
+				af->seen_ns = now;
+				return id;
+			}
+		}
+	}
+	struct up_slot_key k = {.svc_id = svc->id, .slot = bpf_get_prandom_u32() % svc->count, .rev = svc->rev};
+	__u32 *id = bpf_map_lookup_elem(&svc_slots, &k);
+	if (!id)
+		return 0;
+	if (affinity) {
+		struct up_affinity af = {.backend_id = *id, .seen_ns = now};
+		bpf_map_update_elem(&svc_affinity, &ak, &af, BPF_ANY);
+	}
+	return *id;
+}
+
+/* up_svc_xlate translates a pod's frame to a Service in svc_frontends.
+ * XLATE_NONE: not one (or left to the host path), XLATE_DONE: sent to a
+ * backend, XLATE_STALE: the Service has no backend, XLATE_FAILED: a rewrite
+ * failed half-way (drop). A global function, verified once. */
+__noinline int up_svc_xlate(struct __sk_buff *skb, const struct pkt *p, __u32 parent_ifindex, __u32 mode)
+{
+	if (!skb || !p || !p->first_frag)
+		return XLATE_NONE;
+	__u8 l4 = p->l4proto;
+	if (l4 != IPPROTO_TCP && l4 != IPPROTO_UDP && l4 != IPPROTO_SCTP)
+		return XLATE_NONE;
+	__u16 ports[2]; /* source, destination: the same place in all three */
+	if (bpf_skb_load_bytes(skb, p->l4off, ports, sizeof(ports)))
+		return XLATE_NONE;
+	struct up_svc_key sk = {.port = ports[1], .l4proto = l4};
+	__builtin_memcpy(sk.addr, p->daddr.addr, 16);
+	struct up_svc *svc = bpf_map_lookup_elem(&svc_frontends, &sk);
+	if (!svc)
+		return XLATE_NONE;
+	__u32 len = skb->len;
+	if (!svc->count) {
+		svc_count(UP_SVC_STAT_STALE, len);
+		return XLATE_STALE;
+	}
+
+	struct up_ct_key ck = {.client_port = ports[0], .vport = ports[1], .l4proto = l4};
+	__builtin_memcpy(ck.client, p->saddr.addr, 16);
+	__builtin_memcpy(ck.vip, p->daddr.addr, 16);
+	__u64 now = bpf_ktime_get_ns();
+	__u32 bid = 0;
+	struct up_backend *be = 0;
+	struct up_ct *ct = bpf_map_lookup_elem(&svc_ct, &ck);
+	if (ct && ct->svc_id == svc->id) {
+		bid = ct->backend_id;
+		/* A backend that went away gives its flows a new one, whose
+		 * kernel resets a TCP connection it does not know: they fail
+		 * fast instead of black-holing. */
+		be = bpf_map_lookup_elem(&svc_backends, &bid);
+		if (be && now - ct->seen_ns > 1000000000ULL)
+			ct->seen_ns = now;
+	}
+	int fresh = !be;
+	if (fresh) {
+		bid = pick_backend(svc, ck.client, now);
+		be = bid ? bpf_map_lookup_elem(&svc_backends, &bid) : 0;
+		if (!be) {
+			svc_count(UP_SVC_STAT_NO_SLOT, len);
+			return XLATE_NONE;
+		}
+	}
+	struct up_backend b = *be;
+	if (l4 == IPPROTO_SCTP && b.port != ports[1]) {
+		svc_count(UP_SVC_STAT_UNTRANSLATABLE, len);
+		return XLATE_NONE;
+	}
+	if (fresh) {
+		struct up_ct nct = {.backend_id = bid, .svc_id = svc->id, .seen_ns = now};
+		bpf_map_update_elem(&svc_ct, &ck, &nct, BPF_ANY);
+		struct up_rev_key rk = {.backend_port = b.port, .client_port = ports[0], .l4proto = l4};
+		__builtin_memcpy(rk.backend, b.addr, 16);
+		__builtin_memcpy(rk.client, ck.client, 16);
+		struct up_rev rv = {.vport = ports[1]};
+		__builtin_memcpy(rv.vip, ck.vip, 16);
+		bpf_map_update_elem(&svc_rev, &rk, &rv, BPF_ANY);
+		svc_count(UP_SVC_STAT_NEW_FLOWS, len);
+	}
+	if (rewrite_addr(skb, p, daddr_off(p), ck.vip, b.addr))
+		return XLATE_FAILED;
+	if (b.port != ports[1] && rewrite_port(skb, p, p->l4off + 2, ports[1], b.port))
+		return XLATE_FAILED;
+	backend_mac(skb, p, parent_ifindex, mode, &b);
+	svc_count(UP_SVC_STAT_TRANSLATED, len);
+	return XLATE_DONE;
+}
+
+/* up_svc_reverse gives a translated flow's reply the VIP and port the
+ * client sent to. 1: rewritten, 0: not a reply of one, -1: failed. */
+__noinline int up_svc_reverse(struct __sk_buff *skb, const struct pkt *p)
+{
+	if (!skb || !p || !p->first_frag)
+		return 0;
+	__u8 l4 = p->l4proto;
+	if (l4 != IPPROTO_TCP && l4 != IPPROTO_UDP && l4 != IPPROTO_SCTP)
+		return 0;
+	__u16 ports[2];
+	if (bpf_skb_load_bytes(skb, p->l4off, ports, sizeof(ports)))
+		return 0;
+	struct up_rev_key rk = {.backend_port = ports[0], .client_port = ports[1], .l4proto = l4};
+	__builtin_memcpy(rk.backend, p->saddr.addr, 16);
+	__builtin_memcpy(rk.client, p->daddr.addr, 16);
+	struct up_rev *rv = bpf_map_lookup_elem(&svc_rev, &rk);
+	if (!rv)
+		return 0;
+	struct up_rev r = *rv;
+	if (rewrite_addr(skb, p, saddr_off(p), rk.backend, r.vip))
+		return -1;
+	if (r.vport != ports[0] && rewrite_port(skb, p, p->l4off, ports[0], r.vport))
+		return -1;
+	svc_count(UP_SVC_STAT_REVERSED, skb->len);
+	return 1;
+}
+
+static __always_inline int svc_ebpf(const struct up_config *cfg)
+{
+	return cfg && (cfg->flags & UP_CFG_SVC_EBPF);
+}
+
 SEC("tc")
 int endpoint_ingress(struct __sk_buff *skb)
 {
@@ -1359,16 +1684,27 @@ int ep_ingress_body(struct __sk_buff *skb)
 	__u32 id = filter_endpoint(skb);
 	__u32 len = skb->len;
 	struct ethhdr eth;
+	struct pkt p;
+	int parsed = 0;
 	struct up_endpoint *ep = bpf_map_lookup_elem(&endpoints, &id);
 	if (ep && ep->mode == UP_MODE_MACVLAN && !LOAD_HDR(skb, 0, &eth)) {
 		__u32 from = ep_by_mac_on(eth.h_source, ep->parent_ifindex);
 		struct up_endpoint *sender = from && from != id ? bpf_map_lookup_elem(&endpoints, &from) : 0;
-		struct pkt p;
 		__u32 reason = UP_DROP_UNVETTED;
-		if (sender && vet_source(skb, &eth, sender, from, &p, 0, &reason)) {
-			count_drop(reason, from, len);
-			return TC_ACT_SHOT;
+		if (sender) {
+			if (vet_source(skb, &eth, sender, from, &p, 0, &reason)) {
+				count_drop(reason, from, len);
+				return TC_ACT_SHOT;
+			}
+			parsed = 1;
 		}
+	}
+	/* A reply of a flow translated at this pod: from the VIP again. */
+	if (ep && svc_ebpf(get_config()) &&
+	    (parsed || (!LOAD_HDR(skb, 0, &eth) && parse_l3(skb, bpf_ntohs(eth.h_proto), &p))) &&
+	    up_svc_reverse(skb, &p) < 0) {
+		count_drop(UP_DROP_SVC_XLATE_FAILED, id, len);
+		return TC_ACT_SHOT;
 	}
 	count_ep(id, rx, len);
 	return TC_ACT_OK;
@@ -1388,6 +1724,17 @@ int ep_egress_body(struct __sk_buff *skb)
 	if (!ep || LOAD_HDR(skb, 0, &eth) || vet_source(skb, &eth, ep, id, &p, 1, &reason)) {
 		count_drop(reason, id, len);
 		return TC_ACT_SHOT;
+	}
+	/* After vetting: the source is the pod's own, whatever the Service. */
+	struct up_config *cfg = get_config();
+	if (svc_ebpf(cfg) && p.proto != ETH_P_ARP) {
+		int x = up_svc_xlate(skb, &p, ep->parent_ifindex, ep->mode);
+		if (x == XLATE_STALE)
+			return handle_stale(skb, cfg, &p, id);
+		if (x == XLATE_FAILED) {
+			count_drop(UP_DROP_SVC_XLATE_FAILED, id, len);
+			return TC_ACT_SHOT;
+		}
 	}
 	struct up_ep_stats *s = ep_stats_of(id);
 	/* An ipvlan slave's frames to the host never reach the parent's program

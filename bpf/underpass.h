@@ -27,6 +27,10 @@ enum up_config_flags {
 	 * (steered to the host, where kube-proxy decides): a fresh datapath must
 	 * not call every ClusterIP stale before the informers report. */
 	UP_CFG_SVC_SYNCED = 1 << 2,
+	/* services.mode: ebpf. A pod's frames to a Service in svc_frontends are
+	 * translated by its own egress program (see up_svc_xlate) instead of
+	 * being steered to the host for kube-proxy. */
+	UP_CFG_SVC_EBPF = 1 << 3,
 };
 
 /* skb->mark values for the endpoint frames the parent program hands to the
@@ -173,7 +177,10 @@ enum up_drop_reason {
 	/* An endpoint frame to the parent's MAC for a destination that is not
 	 * the host, a steered set or a Service: the node would route it. */
 	UP_DROP_ROUTED = 5,
-	UP_DROP_MAX = 6,
+	/* services.mode: ebpf could not rewrite a frame it had begun to
+	 * translate (a helper failed): dropped rather than sent half-rewritten. */
+	UP_DROP_SVC_XLATE_FAILED = 6,
+	UP_DROP_MAX = 7,
 	UP_DROP_SLOTS = 8, /* array sizes: room for reasons without a layout change */
 };
 
@@ -294,6 +301,106 @@ struct up_trace {
 	__u64 flags;
 	__u32 ep_id;
 	__u32 count;
+};
+
+/* ---- Services translated at the pod (services.mode: ebpf) ------------------
+ *
+ * svc_frontends: (VIP, port, protocol) -> the Service. Its backends are the
+ * slots (id, rev, 0..count-1) of svc_slots, each naming a backend id in
+ * svc_backends. An update writes the other rev's slots, then flips the
+ * frontend to them, so a packet sees the old set or the new one, never a
+ * mix or an empty one. svc_ct remembers which backend a flow got (consistent
+ * for the flow's life), svc_rev how to make the reply look like it came from
+ * the VIP. All written by the agent, except svc_ct, svc_rev and
+ * svc_affinity, which the programs write. */
+
+enum up_svc_flags {
+	UP_SVC_AFFINITY = 1 << 0, /* sessionAffinity: ClientIP */
+};
+
+struct up_svc_key {
+	__u8 addr[16];    /* the VIP, IPv4 mapped */
+	__u16 port;       /* network order */
+	__u8 l4proto;
+	__u8 _pad;
+};
+
+struct up_svc {
+	__u32 id;           /* names the slots; unique per frontend */
+	__u16 count;        /* slots in rev; 0: no usable backend, the Service is stale */
+	__u8 rev;           /* 0 or 1: which slots are current */
+	__u8 flags;         /* enum up_svc_flags */
+	__u32 affinity_sec; /* sessionAffinity timeout */
+	__u32 _pad;
+};
+
+struct up_slot_key {
+	__u32 svc_id;
+	__u16 slot;
+	__u8 rev;
+	__u8 _pad;
+};
+
+struct up_backend {
+	__u8 addr[16];   /* IPv4 mapped */
+	__u16 port;      /* network order */
+	__u16 _pad;
+	__u32 _pad2;
+};
+
+/* A translated flow, as the client sent it. */
+struct up_ct_key {
+	__u8 client[16];
+	__u8 vip[16];
+	__u16 client_port; /* network order */
+	__u16 vport;       /* network order */
+	__u8 l4proto;
+	__u8 _pad[3];
+};
+
+struct up_ct {
+	__u32 backend_id;
+	__u32 svc_id;
+	__u64 seen_ns;
+};
+
+/* The reply direction of a translated flow, as the backend sends it. */
+struct up_rev_key {
+	__u8 backend[16];
+	__u8 client[16];
+	__u16 backend_port;
+	__u16 client_port;
+	__u8 l4proto;
+	__u8 _pad[3];
+};
+
+struct up_rev {
+	__u8 vip[16];
+	__u16 vport;
+	__u16 _pad;
+	__u32 _pad2;
+};
+
+struct up_affinity_key {
+	__u32 svc_id;
+	__u8 client[16];
+};
+
+struct up_affinity {
+	__u32 backend_id;
+	__u32 _pad;
+	__u64 seen_ns;
+};
+
+enum up_svc_stat {
+	UP_SVC_STAT_TRANSLATED = 0, /* frames to a VIP sent to a backend */
+	UP_SVC_STAT_REVERSED = 1,   /* replies given the VIP back as source */
+	UP_SVC_STAT_NEW_FLOWS = 2,  /* flows that picked a backend */
+	UP_SVC_STAT_NO_SLOT = 3,    /* a slot or backend missing mid-update: left to the host */
+	UP_SVC_STAT_STALE = 4,      /* a frontend with no backend: the stale guard took it */
+	UP_SVC_STAT_UNTRANSLATABLE = 5, /* SCTP to another port (its CRC covers the port): left to the host */
+	UP_SVC_STAT_MAX = 6,
+	UP_SVC_STAT_SLOTS = 8,
 };
 
 #endif

@@ -16,6 +16,9 @@ type Config struct {
 	// ServicesSynced arms the stale guard: the live set has been synced
 	// once. Until then nothing in a service CIDR is judged stale.
 	ServicesSynced bool
+	// ServicesEBPF translates pods' Service traffic in their own programs
+	// (services.mode: ebpf) for the frontends in svc_frontends.
+	ServicesEBPF bool
 }
 
 // SetConfig writes the config word; generation shows in bpftool which apply
@@ -30,6 +33,9 @@ func SetConfig(m *loader.Maps, c Config, generation uint64) error {
 	}
 	if c.ServicesSynced {
 		v.Flags |= uint32(loader.ConfigSvcSynced)
+	}
+	if c.ServicesEBPF {
+		v.Flags |= uint32(loader.ConfigSvcEBPF)
 	}
 	v.Generation = generation
 	if err := m.Config.Update(uint32(0), &v, ebpf.UpdateAny); err != nil {
@@ -48,6 +54,7 @@ func GetConfig(m *loader.Maps) (Config, uint64, error) {
 		HostReachable:  v.Flags&uint32(loader.ConfigHostBlocked) == 0,
 		StaleReject:    v.Flags&uint32(loader.ConfigStaleReject) != 0,
 		ServicesSynced: v.Flags&uint32(loader.ConfigSvcSynced) != 0,
+		ServicesEBPF:   v.Flags&uint32(loader.ConfigSvcEBPF) != 0,
 	}, v.Generation, nil
 }
 

@@ -37,6 +37,14 @@ var mapABI = map[string]mapLayout{
 	"events":     {ebpf.RingBuf, nil, nil},
 	"prefilter":  {ebpf.Array, uint32(0), Prefilter{}},
 	"ep_progs":   {ebpf.ProgramArray, uint32(0), uint32(0)},
+
+	"svc_frontends": {ebpf.Hash, SvcKey{}, Svc{}},
+	"svc_slots":     {ebpf.Hash, SlotKey{}, uint32(0)},
+	"svc_backends":  {ebpf.Hash, uint32(0), Backend{}},
+	"svc_ct":        {ebpf.LRUHash, CtKey{}, Ct{}},
+	"svc_rev":       {ebpf.LRUHash, RevKey{}, Rev{}},
+	"svc_affinity":  {ebpf.LRUHash, AffinityKey{}, Affinity{}},
+	"svc_stats":     {ebpf.PerCPUArray, uint32(0), Counter{}},
 }
 
 func abiSize(v any) uint32 {

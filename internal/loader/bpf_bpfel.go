@@ -13,10 +13,31 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type bpfUpAffinity struct {
+	_         structs.HostLayout
+	BackendId uint32
+	Pad       uint32
+	SeenNs    uint64
+}
+
+type bpfUpAffinityKey struct {
+	_      structs.HostLayout
+	SvcId  uint32
+	Client [16]uint8
+}
+
 type bpfUpAttachKey struct {
 	_           structs.HostLayout
 	ContainerId [72]int8
 	Ifname      [16]int8
+}
+
+type bpfUpBackend struct {
+	_    structs.HostLayout
+	Addr [16]uint8
+	Port uint16
+	Pad  uint16
+	Pad2 uint32
 }
 
 type bpfUpConfig struct {
@@ -32,12 +53,30 @@ const (
 	bpfUpConfigFlagsUP_CFG_HOST_BLOCKED bpfUpConfigFlags = 1
 	bpfUpConfigFlagsUP_CFG_STALE_REJECT bpfUpConfigFlags = 2
 	bpfUpConfigFlagsUP_CFG_SVC_SYNCED   bpfUpConfigFlags = 4
+	bpfUpConfigFlagsUP_CFG_SVC_EBPF     bpfUpConfigFlags = 8
 )
 
 type bpfUpCounter struct {
 	_       structs.HostLayout
 	Packets uint64
 	Bytes   uint64
+}
+
+type bpfUpCt struct {
+	_         structs.HostLayout
+	BackendId uint32
+	SvcId     uint32
+	SeenNs    uint64
+}
+
+type bpfUpCtKey struct {
+	_          structs.HostLayout
+	Client     [16]uint8
+	Vip        [16]uint8
+	ClientPort uint16
+	Vport      uint16
+	L4proto    uint8
+	Pad        [3]uint8
 }
 
 type bpfUpDropReason uint32
@@ -49,7 +88,8 @@ const (
 	bpfUpDropReasonUP_DROP_REJECT_FAILED    bpfUpDropReason = 3
 	bpfUpDropReasonUP_DROP_UNVETTED         bpfUpDropReason = 4
 	bpfUpDropReasonUP_DROP_ROUTED           bpfUpDropReason = 5
-	bpfUpDropReasonUP_DROP_MAX              bpfUpDropReason = 6
+	bpfUpDropReasonUP_DROP_SVC_XLATE_FAILED bpfUpDropReason = 6
+	bpfUpDropReasonUP_DROP_MAX              bpfUpDropReason = 7
 	bpfUpDropReasonUP_DROP_SLOTS            bpfUpDropReason = 8
 )
 
@@ -244,6 +284,32 @@ const (
 	bpfUpRefFlagsUP_REF_LEARNED bpfUpRefFlags = 1
 )
 
+type bpfUpRev struct {
+	_     structs.HostLayout
+	Vip   [16]uint8
+	Vport uint16
+	Pad   uint16
+	Pad2  uint32
+}
+
+type bpfUpRevKey struct {
+	_           structs.HostLayout
+	Backend     [16]uint8
+	Client      [16]uint8
+	BackendPort uint16
+	ClientPort  uint16
+	L4proto     uint8
+	Pad         [3]uint8
+}
+
+type bpfUpSlotKey struct {
+	_     structs.HostLayout
+	SvcId uint32
+	Slot  uint16
+	Rev   uint8
+	Pad   uint8
+}
+
 type bpfUpStat uint32
 
 const (
@@ -260,6 +326,43 @@ const (
 	bpfUpStatUP_STAT_LEARNED        bpfUpStat = 10
 	bpfUpStatUP_STAT_UNLEARNED      bpfUpStat = 11
 	bpfUpStatUP_STAT_MAX            bpfUpStat = 12
+)
+
+type bpfUpSvc struct {
+	_           structs.HostLayout
+	Id          uint32
+	Count       uint16
+	Rev         uint8
+	Flags       uint8
+	AffinitySec uint32
+	Pad         uint32
+}
+
+type bpfUpSvcFlags uint32
+
+const (
+	bpfUpSvcFlagsUP_SVC_AFFINITY bpfUpSvcFlags = 1
+)
+
+type bpfUpSvcKey struct {
+	_       structs.HostLayout
+	Addr    [16]uint8
+	Port    uint16
+	L4proto uint8
+	Pad     uint8
+}
+
+type bpfUpSvcStat uint32
+
+const (
+	bpfUpSvcStatUP_SVC_STAT_TRANSLATED     bpfUpSvcStat = 0
+	bpfUpSvcStatUP_SVC_STAT_REVERSED       bpfUpSvcStat = 1
+	bpfUpSvcStatUP_SVC_STAT_NEW_FLOWS      bpfUpSvcStat = 2
+	bpfUpSvcStatUP_SVC_STAT_NO_SLOT        bpfUpSvcStat = 3
+	bpfUpSvcStatUP_SVC_STAT_STALE          bpfUpSvcStat = 4
+	bpfUpSvcStatUP_SVC_STAT_UNTRANSLATABLE bpfUpSvcStat = 5
+	bpfUpSvcStatUP_SVC_STAT_MAX            bpfUpSvcStat = 6
+	bpfUpSvcStatUP_SVC_STAT_SLOTS          bpfUpSvcStat = 8
 )
 
 type bpfUpTrace struct {
@@ -297,8 +400,15 @@ const (
 	bpfMapParents               = "parents"
 	bpfMapPrefilter             = "prefilter"
 	bpfMapStats                 = "stats"
+	bpfMapSvcAffinity           = "svc_affinity"
+	bpfMapSvcBackends           = "svc_backends"
 	bpfMapSvcCidrs              = "svc_cidrs"
+	bpfMapSvcCt                 = "svc_ct"
 	bpfMapSvcFlows              = "svc_flows"
+	bpfMapSvcFrontends          = "svc_frontends"
+	bpfMapSvcRev                = "svc_rev"
+	bpfMapSvcSlots              = "svc_slots"
+	bpfMapSvcStats              = "svc_stats"
 	bpfMapTrace                 = "trace"
 	bpfMapWireAddrs             = "wire_addrs"
 	bpfProgEndpointEgress       = "endpoint_egress"
@@ -323,6 +433,8 @@ const (
 	bpfVarUnusedPrefilterLimits = "unused_prefilter_limits"
 	bpfVarUnusedRefFlags        = "unused_ref_flags"
 	bpfVarUnusedStat            = "unused_stat"
+	bpfVarUnusedSvcFlags        = "unused_svc_flags"
+	bpfVarUnusedSvcStat         = "unused_svc_stat"
 	bpfVarUnusedTraceKind       = "unused_trace_kind"
 )
 
@@ -381,24 +493,31 @@ type bpfProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type bpfMapSpecs struct {
-	Config    *ebpf.MapSpec `ebpf:"config"`
-	Drops     *ebpf.MapSpec `ebpf:"drops"`
-	Endpoints *ebpf.MapSpec `ebpf:"endpoints"`
-	EpByIp    *ebpf.MapSpec `ebpf:"ep_by_ip"`
-	EpByMac   *ebpf.MapSpec `ebpf:"ep_by_mac"`
-	EpNames   *ebpf.MapSpec `ebpf:"ep_names"`
-	EpProgs   *ebpf.MapSpec `ebpf:"ep_progs"`
-	EpStats   *ebpf.MapSpec `ebpf:"ep_stats"`
-	Events    *ebpf.MapSpec `ebpf:"events"`
-	HostCidrs *ebpf.MapSpec `ebpf:"host_cidrs"`
-	LiveSvcs  *ebpf.MapSpec `ebpf:"live_svcs"`
-	Parents   *ebpf.MapSpec `ebpf:"parents"`
-	Prefilter *ebpf.MapSpec `ebpf:"prefilter"`
-	Stats     *ebpf.MapSpec `ebpf:"stats"`
-	SvcCidrs  *ebpf.MapSpec `ebpf:"svc_cidrs"`
-	SvcFlows  *ebpf.MapSpec `ebpf:"svc_flows"`
-	Trace     *ebpf.MapSpec `ebpf:"trace"`
-	WireAddrs *ebpf.MapSpec `ebpf:"wire_addrs"`
+	Config       *ebpf.MapSpec `ebpf:"config"`
+	Drops        *ebpf.MapSpec `ebpf:"drops"`
+	Endpoints    *ebpf.MapSpec `ebpf:"endpoints"`
+	EpByIp       *ebpf.MapSpec `ebpf:"ep_by_ip"`
+	EpByMac      *ebpf.MapSpec `ebpf:"ep_by_mac"`
+	EpNames      *ebpf.MapSpec `ebpf:"ep_names"`
+	EpProgs      *ebpf.MapSpec `ebpf:"ep_progs"`
+	EpStats      *ebpf.MapSpec `ebpf:"ep_stats"`
+	Events       *ebpf.MapSpec `ebpf:"events"`
+	HostCidrs    *ebpf.MapSpec `ebpf:"host_cidrs"`
+	LiveSvcs     *ebpf.MapSpec `ebpf:"live_svcs"`
+	Parents      *ebpf.MapSpec `ebpf:"parents"`
+	Prefilter    *ebpf.MapSpec `ebpf:"prefilter"`
+	Stats        *ebpf.MapSpec `ebpf:"stats"`
+	SvcAffinity  *ebpf.MapSpec `ebpf:"svc_affinity"`
+	SvcBackends  *ebpf.MapSpec `ebpf:"svc_backends"`
+	SvcCidrs     *ebpf.MapSpec `ebpf:"svc_cidrs"`
+	SvcCt        *ebpf.MapSpec `ebpf:"svc_ct"`
+	SvcFlows     *ebpf.MapSpec `ebpf:"svc_flows"`
+	SvcFrontends *ebpf.MapSpec `ebpf:"svc_frontends"`
+	SvcRev       *ebpf.MapSpec `ebpf:"svc_rev"`
+	SvcSlots     *ebpf.MapSpec `ebpf:"svc_slots"`
+	SvcStats     *ebpf.MapSpec `ebpf:"svc_stats"`
+	Trace        *ebpf.MapSpec `ebpf:"trace"`
+	WireAddrs    *ebpf.MapSpec `ebpf:"wire_addrs"`
 }
 
 // bpfVariableSpecs contains global variables before they are loaded into the kernel.
@@ -420,6 +539,8 @@ type bpfVariableSpecs struct {
 	UnusedPrefilterLimits *ebpf.VariableSpec `ebpf:"unused_prefilter_limits"`
 	UnusedRefFlags        *ebpf.VariableSpec `ebpf:"unused_ref_flags"`
 	UnusedStat            *ebpf.VariableSpec `ebpf:"unused_stat"`
+	UnusedSvcFlags        *ebpf.VariableSpec `ebpf:"unused_svc_flags"`
+	UnusedSvcStat         *ebpf.VariableSpec `ebpf:"unused_svc_stat"`
 	UnusedTraceKind       *ebpf.VariableSpec `ebpf:"unused_trace_kind"`
 }
 
@@ -443,24 +564,31 @@ func (o *bpfObjects) Close() error {
 //
 // It can be passed to loadBpfObjects or ebpf.CollectionSpec.LoadAndAssign.
 type bpfMaps struct {
-	Config    *ebpf.Map `ebpf:"config"`
-	Drops     *ebpf.Map `ebpf:"drops"`
-	Endpoints *ebpf.Map `ebpf:"endpoints"`
-	EpByIp    *ebpf.Map `ebpf:"ep_by_ip"`
-	EpByMac   *ebpf.Map `ebpf:"ep_by_mac"`
-	EpNames   *ebpf.Map `ebpf:"ep_names"`
-	EpProgs   *ebpf.Map `ebpf:"ep_progs"`
-	EpStats   *ebpf.Map `ebpf:"ep_stats"`
-	Events    *ebpf.Map `ebpf:"events"`
-	HostCidrs *ebpf.Map `ebpf:"host_cidrs"`
-	LiveSvcs  *ebpf.Map `ebpf:"live_svcs"`
-	Parents   *ebpf.Map `ebpf:"parents"`
-	Prefilter *ebpf.Map `ebpf:"prefilter"`
-	Stats     *ebpf.Map `ebpf:"stats"`
-	SvcCidrs  *ebpf.Map `ebpf:"svc_cidrs"`
-	SvcFlows  *ebpf.Map `ebpf:"svc_flows"`
-	Trace     *ebpf.Map `ebpf:"trace"`
-	WireAddrs *ebpf.Map `ebpf:"wire_addrs"`
+	Config       *ebpf.Map `ebpf:"config"`
+	Drops        *ebpf.Map `ebpf:"drops"`
+	Endpoints    *ebpf.Map `ebpf:"endpoints"`
+	EpByIp       *ebpf.Map `ebpf:"ep_by_ip"`
+	EpByMac      *ebpf.Map `ebpf:"ep_by_mac"`
+	EpNames      *ebpf.Map `ebpf:"ep_names"`
+	EpProgs      *ebpf.Map `ebpf:"ep_progs"`
+	EpStats      *ebpf.Map `ebpf:"ep_stats"`
+	Events       *ebpf.Map `ebpf:"events"`
+	HostCidrs    *ebpf.Map `ebpf:"host_cidrs"`
+	LiveSvcs     *ebpf.Map `ebpf:"live_svcs"`
+	Parents      *ebpf.Map `ebpf:"parents"`
+	Prefilter    *ebpf.Map `ebpf:"prefilter"`
+	Stats        *ebpf.Map `ebpf:"stats"`
+	SvcAffinity  *ebpf.Map `ebpf:"svc_affinity"`
+	SvcBackends  *ebpf.Map `ebpf:"svc_backends"`
+	SvcCidrs     *ebpf.Map `ebpf:"svc_cidrs"`
+	SvcCt        *ebpf.Map `ebpf:"svc_ct"`
+	SvcFlows     *ebpf.Map `ebpf:"svc_flows"`
+	SvcFrontends *ebpf.Map `ebpf:"svc_frontends"`
+	SvcRev       *ebpf.Map `ebpf:"svc_rev"`
+	SvcSlots     *ebpf.Map `ebpf:"svc_slots"`
+	SvcStats     *ebpf.Map `ebpf:"svc_stats"`
+	Trace        *ebpf.Map `ebpf:"trace"`
+	WireAddrs    *ebpf.Map `ebpf:"wire_addrs"`
 }
 
 func (m *bpfMaps) Close() error {
@@ -479,8 +607,15 @@ func (m *bpfMaps) Close() error {
 		m.Parents,
 		m.Prefilter,
 		m.Stats,
+		m.SvcAffinity,
+		m.SvcBackends,
 		m.SvcCidrs,
+		m.SvcCt,
 		m.SvcFlows,
+		m.SvcFrontends,
+		m.SvcRev,
+		m.SvcSlots,
+		m.SvcStats,
 		m.Trace,
 		m.WireAddrs,
 	)
@@ -505,6 +640,8 @@ type bpfVariables struct {
 	UnusedPrefilterLimits *ebpf.Variable `ebpf:"unused_prefilter_limits"`
 	UnusedRefFlags        *ebpf.Variable `ebpf:"unused_ref_flags"`
 	UnusedStat            *ebpf.Variable `ebpf:"unused_stat"`
+	UnusedSvcFlags        *ebpf.Variable `ebpf:"unused_svc_flags"`
+	UnusedSvcStat         *ebpf.Variable `ebpf:"unused_svc_stat"`
 	UnusedTraceKind       *ebpf.Variable `ebpf:"unused_trace_kind"`
 }
 

@@ -130,6 +130,8 @@ func mapsOf(dp *loader.Objects) map[string]*ebpf.Map {
 		"svc_cidrs": m.SvcCidrs, "live_svcs": m.LiveSvcs, "host_cidrs": m.HostCidrs, "trace": m.Trace,
 		"events": m.Events, "prefilter": m.Prefilter, "ep_progs": m.EpProgs, "ep_names": m.EpNames,
 		"wire_addrs": m.WireAddrs, "svc_flows": m.SvcFlows,
+		"svc_frontends": m.SvcFrontends, "svc_slots": m.SvcSlots, "svc_backends": m.SvcBackends, "svc_ct": m.SvcCt,
+		"svc_rev": m.SvcRev, "svc_affinity": m.SvcAffinity, "svc_stats": m.SvcStats,
 	}
 }
 

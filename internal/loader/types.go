@@ -28,6 +28,19 @@ type (
 	TraceKind     = bpfUpTraceKind
 	Event         = bpfUpEvent
 	EventKind     = bpfUpEventKind
+
+	// Services translated at the pod (services.mode: ebpf).
+	SvcKey      = bpfUpSvcKey
+	Svc         = bpfUpSvc
+	SlotKey     = bpfUpSlotKey
+	Backend     = bpfUpBackend
+	CtKey       = bpfUpCtKey
+	Ct          = bpfUpCt
+	RevKey      = bpfUpRevKey
+	Rev         = bpfUpRev
+	AffinityKey = bpfUpAffinityKey
+	Affinity    = bpfUpAffinity
+	SvcStat     = bpfUpSvcStat
 )
 
 const (
@@ -40,6 +53,17 @@ const (
 	ConfigHostBlocked = bpfUpConfigFlagsUP_CFG_HOST_BLOCKED
 	ConfigStaleReject = bpfUpConfigFlagsUP_CFG_STALE_REJECT
 	ConfigSvcSynced   = bpfUpConfigFlagsUP_CFG_SVC_SYNCED
+	ConfigSvcEBPF     = bpfUpConfigFlagsUP_CFG_SVC_EBPF
+
+	SvcAffinity = uint8(bpfUpSvcFlagsUP_SVC_AFFINITY)
+
+	SvcStatTranslated     = bpfUpSvcStatUP_SVC_STAT_TRANSLATED
+	SvcStatReversed       = bpfUpSvcStatUP_SVC_STAT_REVERSED
+	SvcStatNewFlows       = bpfUpSvcStatUP_SVC_STAT_NEW_FLOWS
+	SvcStatNoSlot         = bpfUpSvcStatUP_SVC_STAT_NO_SLOT
+	SvcStatStale          = bpfUpSvcStatUP_SVC_STAT_STALE
+	SvcStatUntranslatable = bpfUpSvcStatUP_SVC_STAT_UNTRANSLATABLE
+	SvcStatMax            = bpfUpSvcStatUP_SVC_STAT_MAX
 
 	// MarkSteered and MarkService are the skb marks the parent program puts
 	// on endpoint frames it hands to the host stack (enum up_marks):
@@ -58,6 +82,7 @@ const (
 	DropRejectFailed    = bpfUpDropReasonUP_DROP_REJECT_FAILED
 	DropUnvetted        = bpfUpDropReasonUP_DROP_UNVETTED
 	DropRouted          = bpfUpDropReasonUP_DROP_ROUTED
+	DropSvcXlateFailed  = bpfUpDropReasonUP_DROP_SVC_XLATE_FAILED
 	DropMax             = bpfUpDropReasonUP_DROP_MAX
 
 	StatHostToEndpoint = bpfUpStatUP_STAT_HOST_TO_EP
@@ -96,6 +121,8 @@ func (r DropReason) String() string {
 		return "unvetted_frame"
 	case DropRouted:
 		return "routed_via_node"
+	case DropSvcXlateFailed:
+		return "service_translation_failed"
 	}
 	return "unknown"
 }

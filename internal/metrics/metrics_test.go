@@ -160,12 +160,14 @@ underpass_stale_service_packets_total{action="rejected",%[2]s} 0
 underpass_endpoint_drops_total{%[1]s,reason="host_unreachable"} 0
 underpass_endpoint_drops_total{%[1]s,reason="reject_failed"} 0
 underpass_endpoint_drops_total{%[1]s,reason="routed_via_node"} 0
+underpass_endpoint_drops_total{%[1]s,reason="service_translation_failed"} 0
 underpass_endpoint_drops_total{%[1]s,reason="spoofed_source"} 3
 underpass_endpoint_drops_total{%[1]s,reason="stale_service"} 16
 underpass_endpoint_drops_total{%[1]s,reason="unvetted_frame"} 0
 underpass_endpoint_drops_total{%[2]s,reason="host_unreachable"} 0
 underpass_endpoint_drops_total{%[2]s,reason="reject_failed"} 0
 underpass_endpoint_drops_total{%[2]s,reason="routed_via_node"} 0
+underpass_endpoint_drops_total{%[2]s,reason="service_translation_failed"} 0
 underpass_endpoint_drops_total{%[2]s,reason="spoofed_source"} 0
 underpass_endpoint_drops_total{%[2]s,reason="stale_service"} 0
 underpass_endpoint_drops_total{%[2]s,reason="unvetted_frame"} 0
@@ -234,6 +236,7 @@ underpass_stale_service_packets_total{action="rejected",%[2]s} 0
 underpass_drops_total{reason="host_unreachable"} 0
 underpass_drops_total{reason="reject_failed"} 0
 underpass_drops_total{reason="routed_via_node"} 0
+underpass_drops_total{reason="service_translation_failed"} 0
 underpass_drops_total{reason="spoofed_source"} 0
 underpass_drops_total{reason="stale_service"} 1
 underpass_drops_total{reason="unvetted_frame"} 0
@@ -242,6 +245,7 @@ underpass_drops_total{reason="unvetted_frame"} 0
 underpass_drop_bytes_total{reason="host_unreachable"} 0
 underpass_drop_bytes_total{reason="reject_failed"} 0
 underpass_drop_bytes_total{reason="routed_via_node"} 0
+underpass_drop_bytes_total{reason="service_translation_failed"} 0
 underpass_drop_bytes_total{reason="spoofed_source"} 0
 underpass_drop_bytes_total{reason="stale_service"} %[4]d
 underpass_drop_bytes_total{reason="unvetted_frame"} 0
@@ -254,10 +258,10 @@ underpass_drop_bytes_total{reason="unvetted_frame"} 0
 func TestDeletedEndpointDisappears(t *testing.T) {
 	r := newRig(t)
 	c := metrics.New(&r.dp.Maps, metrics.Options{})
-	// 19 series per endpoint (6 of them drop reasons); 6+6 node drops, 2
+	// 20 series per endpoint (7 of them drop reasons); 7+7 node drops, 2
 	// gauges, 1 error counter.
-	const perEndpoint = 19
-	if n := testutil.CollectAndCount(c); n != 2*perEndpoint+12+3 {
+	const perEndpoint = 20
+	if n := testutil.CollectAndCount(c); n != 2*perEndpoint+14+3 {
 		t.Fatalf("%d series with two endpoints", n)
 	}
 	must(t, datapath.Unregister(&r.dp.Maps, r.idB))
@@ -274,7 +278,7 @@ func TestDeletedEndpointDisappears(t *testing.T) {
 			}
 		}
 	}
-	if n := testutil.CollectAndCount(c); n != perEndpoint+12+3 {
+	if n := testutil.CollectAndCount(c); n != perEndpoint+14+3 {
 		t.Fatalf("%d series with one endpoint", n)
 	}
 	if v := testutil.ToFloat64(gauge(t, c, "underpass_endpoints")); v != 1 {

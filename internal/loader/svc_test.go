@@ -1,0 +1,347 @@
+package loader_test
+
+import (
+	"bytes"
+	"fmt"
+	"net"
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/gopacket/gopacket/layers"
+
+	"github.com/underpass-cni/underpass/internal/datapath"
+	"github.com/underpass-cni/underpass/internal/loader"
+)
+
+// Services translated at the pod (services.mode: ebpf): what the endpoint
+// programs do to a pod's frame to a VIP and to its reply, judged byte for
+// byte against the frame a stack would have sent to the backend (so every
+// checksum is checked), and counted.
+
+var (
+	vipSvc     = netip.MustParseAddr("10.96.7.7")
+	vipSvc6    = netip.MustParseAddr("fd00:96::77")
+	wireBack6  = netip.MustParseAddr("2001:db8:1::99")
+	wireBack4  = netip.MustParseAddr("198.51.100.20")
+	clientPort = uint16(40123)
+)
+
+// svcRig is the program rig with services.mode: ebpf and endpoint A's
+// programs at hand.
+type svcRig struct {
+	*rig
+	ingressA, egressA *ebpf.Program
+}
+
+func newSvcRig(tb testing.TB, fronts ...datapath.Frontend) *svcRig {
+	tb.Helper()
+	r := newRig(tb)
+	r.setConfig(tb, datapath.Config{ServicesSynced: true, HostReachable: true, ServicesEBPF: true})
+	must(tb, datapath.SyncFrontends(&r.dp.Maps, fronts))
+	in, eg := loadEndpoint(tb, r.dp, r.idA)
+	return &svcRig{rig: r, ingressA: in, egressA: eg}
+}
+
+func (s *svcRig) svcStat(tb testing.TB, st loader.SvcStat) uint64 {
+	tb.Helper()
+	c, err := datapath.ServiceStats(&s.dp.Maps)
+	must(tb, err)
+	return c[st].Packets
+}
+
+// wantFrame runs prog on in and wants out exactly (the test run pads
+// short frames: only len(want) bytes count).
+func wantFrame(tb testing.TB, r *rig, prog *ebpf.Program, in, want []byte) {
+	tb.Helper()
+	res := r.run(tb, prog, in)
+	if res.verdict != actOK {
+		tb.Fatalf("verdict %d, want TC_ACT_OK", res.verdict)
+	}
+	if got := res.out[:min(len(res.out), len(want))]; !bytes.Equal(got, want) {
+		tb.Fatalf("frame\n got % x\nwant % x", got, want)
+	}
+}
+
+func TestServiceTranslation(t *testing.T) {
+	for _, tc := range []struct {
+		name        string
+		proto       layers.IPProtocol
+		client, vip netip.Addr
+		backend     netip.AddrPort
+		dmacOut     net.HardwareAddr // where the translated frame goes
+	}{
+		// A local endpoint: straight to its MAC, the macvlan driver hands
+		// the frame to the sibling slave.
+		{"tcp4 local backend", layers.IPProtocolTCP, ipA, vipSvc, netip.AddrPortFrom(ipB, 8080), macB},
+		{"udp4 local backend", layers.IPProtocolUDP, ipA, vipSvc, netip.AddrPortFrom(ipB, 5353), macB},
+		// SCTP's CRC32c covers the ports, not the addresses: same port only.
+		{"sctp4 local backend", layers.IPProtocolSCTP, ipA, vipSvc, netip.AddrPortFrom(ipB, 80), macB},
+		// The node itself: the parent's MAC, which the parent program hairpins.
+		{"tcp4 host backend", layers.IPProtocolTCP, ipA, vipSvc, netip.AddrPortFrom(ipHost, 6443), macParent},
+		// Elsewhere on the wire, unknown to the pod's neighbour table: the
+		// pod's own choice of next hop stays.
+		{"tcp4 wire backend", layers.IPProtocolTCP, ipA, vipSvc, netip.AddrPortFrom(wireBack4, 8443), macGW},
+		{"tcp6 wire backend", layers.IPProtocolTCP, ipA6, vipSvc6, netip.AddrPortFrom(wireBack6, 8080), macGW},
+		{"udp6 wire backend", layers.IPProtocolUDP, ipA6, vipSvc6, netip.AddrPortFrom(wireBack6, 5353), macGW},
+		{"sctp6 wire backend", layers.IPProtocolSCTP, ipA6, vipSvc6, netip.AddrPortFrom(wireBack6, 80), macGW},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := newSvcRig(t, datapath.Frontend{VIP: tc.vip, Port: 80, Proto: uint8(tc.proto), Backends: []netip.AddrPort{tc.backend}})
+			client := netip.AddrPortFrom(tc.client, clientPort)
+			vip := netip.AddrPortFrom(tc.vip, 80)
+			out := segment(t, macA, macGW, client, vip, tc.proto)
+			wantFrame(t, r.rig, r.egressA, out, segment(t, macA, tc.dmacOut, client, tc.backend, tc.proto))
+
+			// The reply, from the backend, reaches A from the VIP.
+			reply := segment(t, tc.dmacOut, macA, tc.backend, client, tc.proto)
+			if tc.dmacOut.String() != macB.String() {
+				reply = segment(t, macGW, macA, tc.backend, client, tc.proto)
+			}
+			want := segment(t, macGW, macA, vip, client, tc.proto)
+			if tc.dmacOut.String() == macB.String() {
+				want = segment(t, macB, macA, vip, client, tc.proto)
+			}
+			wantFrame(t, r.rig, r.ingressA, reply, want)
+
+			if n := r.svcStat(t, loader.SvcStatTranslated); n != 1 {
+				t.Errorf("translated %d, want 1", n)
+			}
+			if n := r.svcStat(t, loader.SvcStatReversed); n != 1 {
+				t.Errorf("reversed %d, want 1", n)
+			}
+			if s := r.epStats(t, r.idA); s.Tx.Packets != 1 || s.Rx.Packets != 1 {
+				t.Errorf("endpoint counters tx %d rx %d, want 1 and 1", s.Tx.Packets, s.Rx.Packets)
+			}
+		})
+	}
+}
+
+// A UDP datagram without a checksum (IPv4 allows it) keeps none.
+func TestServiceTranslationUDPNoChecksum(t *testing.T) {
+	backend := netip.AddrPortFrom(ipB, 5353)
+	r := newSvcRig(t, datapath.Frontend{VIP: vipSvc, Port: 53, Proto: datapath.ProtoUDP, Backends: []netip.AddrPort{backend}})
+	client := netip.AddrPortFrom(ipA, clientPort)
+	zero := func(f []byte) []byte {
+		f[14+20+6], f[14+20+7] = 0, 0
+		return f
+	}
+	in := zero(segment(t, macA, macGW, client, netip.AddrPortFrom(vipSvc, 53), layers.IPProtocolUDP))
+	wantFrame(t, r.rig, r.egressA, in, zero(segment(t, macA, macB, client, backend, layers.IPProtocolUDP)))
+}
+
+// Traffic the table does not name keeps today's path untouched: another
+// port of the VIP, a VIP not in the table, ICMP, and everything when the
+// mode is host.
+func TestServiceTranslationLeavesOthers(t *testing.T) {
+	backend := netip.AddrPortFrom(ipB, 8080)
+	r := newSvcRig(t, datapath.Frontend{VIP: vipSvc, Port: 80, Proto: datapath.ProtoTCP, Backends: []netip.AddrPort{backend}})
+	client := netip.AddrPortFrom(ipA, clientPort)
+	for name, f := range map[string][]byte{
+		"other port":     segment(t, macA, macGW, client, netip.AddrPortFrom(vipSvc, 81), layers.IPProtocolTCP),
+		"other protocol": segment(t, macA, macGW, client, netip.AddrPortFrom(vipSvc, 80), layers.IPProtocolUDP),
+		"other VIP":      segment(t, macA, macGW, client, netip.AddrPortFrom(vipLive, 80), layers.IPProtocolTCP),
+		"icmp":           icmpEcho(t, macA, macGW, ipA, vipSvc),
+	} {
+		t.Run(name, func(t *testing.T) { wantFrame(t, r.rig, r.egressA, f, f) })
+	}
+	t.Run("mode host", func(t *testing.T) {
+		r.setConfig(t, datapath.Config{ServicesSynced: true, HostReachable: true})
+		f := segment(t, macA, macGW, client, netip.AddrPortFrom(vipSvc, 80), layers.IPProtocolTCP)
+		wantFrame(t, r.rig, r.egressA, f, f)
+	})
+	if n := r.svcStat(t, loader.SvcStatTranslated); n != 0 {
+		t.Errorf("translated %d, want 0", n)
+	}
+}
+
+// SCTP to another port cannot be translated in place (its CRC32c covers
+// the port): left to the host path, and counted.
+func TestServiceSCTPPortChangeLeftToHost(t *testing.T) {
+	r := newSvcRig(t, datapath.Frontend{VIP: vipSvc, Port: 80, Proto: datapath.ProtoSCTP, Backends: []netip.AddrPort{netip.AddrPortFrom(ipB, 8080)}})
+	f := segment(t, macA, macGW, netip.AddrPortFrom(ipA, clientPort), netip.AddrPortFrom(vipSvc, 80), layers.IPProtocolSCTP)
+	wantFrame(t, r.rig, r.egressA, f, f)
+	if n := r.svcStat(t, loader.SvcStatUntranslatable); n != 1 {
+		t.Errorf("untranslatable %d, want 1", n)
+	}
+}
+
+// A Service with no backend is stale: the guard's drop, or in reject mode
+// a reset back to the pod, from the VIP.
+func TestServiceWithoutBackendsIsStale(t *testing.T) {
+	r := newSvcRig(t, datapath.Frontend{VIP: vipSvc, Port: 80, Proto: datapath.ProtoTCP})
+	syn := tcpSYN(t, macA, macGW, ipA, vipSvc, "S")
+	syn[14+20+2], syn[14+20+3] = 0, 80 // tcpSYN goes to 443
+	syn = fixTCP4(t, syn)
+	if res := r.run(t, r.egressA, syn); res.verdict != actShot {
+		t.Fatalf("verdict %d, want drop", res.verdict)
+	}
+	if s := r.epStats(t, r.idA); s.StaleDropped != 1 {
+		t.Errorf("stale dropped %d, want 1", s.StaleDropped)
+	}
+	r.setConfig(t, datapath.Config{ServicesSynced: true, HostReachable: true, ServicesEBPF: true, StaleReject: true})
+	res := r.run(t, r.egressA, syn)
+	if res.verdict != actRedirect {
+		t.Fatalf("reject mode: verdict %d, want a redirect of the answer", res.verdict)
+	}
+	if s := r.epStats(t, r.idA); s.StaleRejected != 1 {
+		t.Errorf("stale rejected %d, want 1", s.StaleRejected)
+	}
+	if n := r.svcStat(t, loader.SvcStatStale); n != 2 {
+		t.Errorf("stale %d, want 2", n)
+	}
+}
+
+// fixTCP4 recomputes the checksums of an IPv4 TCP frame edited by hand.
+func fixTCP4(tb testing.TB, f []byte) []byte {
+	tb.Helper()
+	src, _ := netip.AddrFromSlice(f[26:30])
+	dst, _ := netip.AddrFromSlice(f[30:34])
+	sp := uint16(f[34])<<8 | uint16(f[35])
+	dp := uint16(f[36])<<8 | uint16(f[37])
+	return segment(tb, net.HardwareAddr(f[6:12]), net.HardwareAddr(f[0:6]), netip.AddrPortFrom(src, sp), netip.AddrPortFrom(dst, dp), layers.IPProtocolTCP)
+}
+
+// A flow keeps its backend; new flows spread over all of them; with
+// sessionAffinity a client's new flows keep the first one's.
+func TestServiceBackendChoice(t *testing.T) {
+	backs := []netip.AddrPort{
+		netip.AddrPortFrom(netip.MustParseAddr("198.51.100.31"), 80),
+		netip.AddrPortFrom(netip.MustParseAddr("198.51.100.32"), 80),
+		netip.AddrPortFrom(netip.MustParseAddr("198.51.100.33"), 80),
+	}
+	dst := func(out []byte) netip.Addr {
+		a, _ := netip.AddrFromSlice(out[30:34])
+		return a
+	}
+	send := func(t *testing.T, r *svcRig, port uint16) netip.Addr {
+		f := segment(t, macA, macGW, netip.AddrPortFrom(ipA, port), netip.AddrPortFrom(vipSvc, 80), layers.IPProtocolTCP)
+		res := r.run(t, r.egressA, f)
+		if res.verdict != actOK {
+			t.Fatalf("verdict %d", res.verdict)
+		}
+		return dst(res.out)
+	}
+	t.Run("spread and sticky", func(t *testing.T) {
+		r := newSvcRig(t, datapath.Frontend{VIP: vipSvc, Port: 80, Proto: datapath.ProtoTCP, Backends: backs})
+		const flows = 300
+		hits := map[netip.Addr]int{}
+		for i := range flows {
+			first := send(t, r, uint16(20000+i))
+			for range 3 {
+				if again := send(t, r, uint16(20000+i)); again != first {
+					t.Fatalf("flow %d moved from %s to %s", i, first, again)
+				}
+			}
+			hits[first]++
+		}
+		// Uniform: each gets 100 ± 5σ (σ ≈ 8.2).
+		for _, b := range backs {
+			if n := hits[b.Addr()]; n < 59 || n > 141 {
+				t.Errorf("backend %s got %d of %d flows: %v", b, n, flows, hits)
+			}
+		}
+		t.Logf("flows per backend: %v", hits)
+		if n := r.svcStat(t, loader.SvcStatNewFlows); n != flows {
+			t.Errorf("new flows %d, want %d", n, flows)
+		}
+	})
+	t.Run("affinity", func(t *testing.T) {
+		r := newSvcRig(t, datapath.Frontend{VIP: vipSvc, Port: 80, Proto: datapath.ProtoTCP, Backends: backs, Affinity: time.Hour})
+		first := send(t, r, 30000)
+		for i := range 50 {
+			if b := send(t, r, uint16(30001+i)); b != first {
+				t.Fatalf("flow %d of the client went to %s, its affinity is %s", i, b, first)
+			}
+		}
+	})
+	t.Run("backend removed", func(t *testing.T) {
+		r := newSvcRig(t, datapath.Frontend{VIP: vipSvc, Port: 80, Proto: datapath.ProtoTCP, Backends: backs})
+		first := send(t, r, 40000)
+		var rest []netip.AddrPort
+		for _, b := range backs {
+			if b.Addr() != first {
+				rest = append(rest, b)
+			}
+		}
+		must(t, datapath.SyncFrontends(&r.dp.Maps, []datapath.Frontend{{VIP: vipSvc, Port: 80, Proto: datapath.ProtoTCP, Backends: rest}}))
+		if b := send(t, r, 40000); b == first {
+			t.Fatalf("the flow still goes to %s, removed", first)
+		}
+	})
+}
+
+// SyncFrontends reads back as written, replaces in place, and removes
+// what is no longer wanted, backends included.
+func TestSyncFrontends(t *testing.T) {
+	r := newRig(t)
+	m := &r.dp.Maps
+	b1 := netip.AddrPortFrom(ipB, 8080)
+	b2 := netip.AddrPortFrom(wireBack4, 8080)
+	b6 := netip.AddrPortFrom(wireBack6, 80)
+	want := []datapath.Frontend{
+		{VIP: vipSvc, Port: 80, Proto: datapath.ProtoTCP, Backends: []netip.AddrPort{b1, b2}},
+		{VIP: vipSvc, Port: 53, Proto: datapath.ProtoUDP, Backends: []netip.AddrPort{b1}, Affinity: 3 * time.Hour},
+		{VIP: vipSvc6, Port: 80, Proto: datapath.ProtoTCP, Backends: []netip.AddrPort{b6}},
+	}
+	must(t, datapath.SyncFrontends(m, want))
+	got, err := datapath.Frontends(m)
+	must(t, err)
+	if fmt.Sprint(got) != fmt.Sprint(sortedFronts(want)) {
+		t.Fatalf("read back\n%v\nwant\n%v", got, sortedFronts(want))
+	}
+	// Shrink one, drop one.
+	want = []datapath.Frontend{{VIP: vipSvc, Port: 80, Proto: datapath.ProtoTCP, Backends: []netip.AddrPort{b2}}}
+	must(t, datapath.SyncFrontends(m, want))
+	got, err = datapath.Frontends(m)
+	must(t, err)
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("after the update %v, want %v", got, want)
+	}
+	count := func(em *ebpf.Map) int {
+		n := 0
+		it := em.Iterate()
+		var k, v []byte
+		for it.Next(&k, &v) {
+			n++
+		}
+		must(t, it.Err())
+		return n
+	}
+	if n := count(m.SvcBackends); n != 1 {
+		t.Errorf("backends: %d left, want 1", n)
+	}
+	// The slots of the revision before stay until the next update, for a
+	// packet that read the frontend just before it flipped: 1 + 2.
+	if n := count(m.SvcSlots); n != 3 {
+		t.Errorf("slots: %d left, want 3", n)
+	}
+	must(t, datapath.SyncFrontends(m, nil))
+	if n, b, f := count(m.SvcSlots), count(m.SvcBackends), count(m.SvcFrontends); n+b+f != 0 {
+		t.Errorf("after removing all: %d slots, %d backends, %d frontends left", n, b, f)
+	}
+	for _, bad := range []datapath.Frontend{
+		{Port: 80, Proto: datapath.ProtoTCP},
+		{VIP: vipSvc, Port: 80, Proto: 1},
+		{VIP: vipSvc, Port: 80, Proto: datapath.ProtoTCP, Backends: []netip.AddrPort{b6}},
+	} {
+		if err := datapath.SyncFrontends(m, []datapath.Frontend{bad}); err == nil {
+			t.Errorf("%+v accepted", bad)
+		}
+	}
+}
+
+func sortedFronts(fs []datapath.Frontend) []datapath.Frontend {
+	out := append([]datapath.Frontend(nil), fs...)
+	// Frontends sorts by VIP, port, protocol.
+	for i := range out {
+		for j := i + 1; j < len(out); j++ {
+			a, b := out[i], out[j]
+			if b.VIP.Less(a.VIP) || (a.VIP == b.VIP && (b.Port < a.Port || (b.Port == a.Port && b.Proto < a.Proto))) {
+				out[i], out[j] = out[j], out[i]
+			}
+		}
+	}
+	return out
+}
