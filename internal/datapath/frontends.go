@@ -72,13 +72,25 @@ func backendKey(b netip.AddrPort) loader.Backend {
 	return loader.Backend{Addr: b.Addr().As16(), Port: htons(b.Port())}
 }
 
-// frontendState is what the maps hold now.
-type frontendState struct {
+// FrontendTable writes the frontend tables incrementally: it reads them
+// once, then keeps the ids in use and how many frontends use each backend,
+// so that changing one Service costs that Service's entries, not a walk of
+// all of them. One writer: the agent.
+type FrontendTable struct {
+	m        *loader.Maps
 	svcs     map[loader.SvcKey]loader.Svc
 	backends map[loader.Backend]uint32 // backend -> id
+	refs     map[uint32]int            // backend id -> frontends using it
+	uses     map[loader.SvcKey][]uint32
+	usedSvc  map[uint32]bool
+	usedBe   map[uint32]bool
+	nextSvc  uint32
+	nextBe   uint32
 }
 
-func readFrontends(m *loader.Maps) (*frontendState, error) {
+// OpenFrontendTable reads the frontend tables, as a previous run may have
+// left them.
+func OpenFrontendTable(m *loader.Maps) (*FrontendTable, error) {
 	svcs, err := readAll(m.SvcFrontends, "service frontends", same[loader.SvcKey], same[loader.Svc])
 	if err != nil {
 		return nil, err
@@ -87,14 +99,42 @@ func readFrontends(m *loader.Maps) (*frontendState, error) {
 	if err != nil {
 		return nil, err
 	}
-	st := &frontendState{svcs: svcs, backends: make(map[loader.Backend]uint32, len(byID))}
+	t := &FrontendTable{m: m, svcs: svcs, backends: make(map[loader.Backend]uint32, len(byID)),
+		refs: map[uint32]int{}, uses: map[loader.SvcKey][]uint32{}, usedSvc: map[uint32]bool{},
+		usedBe: map[uint32]bool{}, nextSvc: 1, nextBe: 1}
 	for id, b := range byID {
-		st.backends[b] = id
+		t.backends[b] = id
+		t.usedBe[id] = true
 	}
-	return st, nil
+	for k, s := range svcs {
+		t.usedSvc[s.Id] = true
+		ids, err := t.slots(s)
+		if err != nil {
+			return nil, err
+		}
+		t.uses[k] = ids
+		for _, id := range ids {
+			t.refs[id]++
+		}
+	}
+	return t, nil
 }
 
-// lowestFree is the smallest id from 1 not in used.
+// slots reads the backend ids of s's current revision.
+func (t *FrontendTable) slots(s loader.Svc) ([]uint32, error) {
+	ids := make([]uint32, 0, s.Count)
+	for i := range int(s.Count) {
+		var id uint32
+		k := loader.SlotKey{SvcId: s.Id, Slot: uint16(i), Rev: s.Rev}
+		if err := t.m.SvcSlots.Lookup(&k, &id); err != nil {
+			return nil, fmt.Errorf("frontend %d slot %d: %w", s.Id, i, err)
+		}
+		ids = append(ids, id)
+	}
+	return ids, nil
+}
+
+// lowestFree is the smallest id from *next on not in used, taken.
 func lowestFree(used map[uint32]bool, next *uint32) uint32 {
 	for used[*next] || *next == 0 {
 		*next++
@@ -103,91 +143,134 @@ func lowestFree(used map[uint32]bool, next *uint32) uint32 {
 	return *next
 }
 
-// SyncFrontends makes the frontend tables hold exactly want. A frontend
-// that changes never shows a packet half of it: its backends are written
-// first, then its slots in the revision the programs do not read, then the
-// frontend flips to that revision. Backends no frontend uses any more go
-// last; a flow still on one picks another on its next packet.
-func SyncFrontends(m *loader.Maps, want []Frontend) error {
-	for i := range want {
-		if err := want[i].check(); err != nil {
-			return fmt.Errorf("frontend %s: %w", &want[i], err)
+// Put makes f's frontend hold f. A frontend that changes never shows a
+// packet half of it: its new backends are written first, then its slots in
+// the revision the programs do not read, then the frontend flips to that
+// revision. Backends it no longer uses go last (when no other frontend uses
+// them); a flow still on one picks another on its next packet.
+func (t *FrontendTable) Put(f Frontend) error {
+	if err := f.check(); err != nil {
+		return fmt.Errorf("frontend %s: %w", &f, err)
+	}
+	ids := make([]uint32, 0, len(f.Backends))
+	for _, b := range f.Backends {
+		id, err := t.backendID(b)
+		if err != nil {
+			return err
 		}
+		ids = append(ids, id)
 	}
-	st, err := readFrontends(m)
-	if err != nil {
-		return err
+	key := f.key()
+	cur, exists := t.svcs[key]
+	svc := loader.Svc{Id: cur.Id, Rev: cur.Rev ^ 1, Count: uint16(len(ids))}
+	if !exists {
+		svc = loader.Svc{Id: lowestFree(t.usedSvc, &t.nextSvc), Count: uint16(len(ids))}
 	}
-	usedSvc, usedBe := map[uint32]bool{}, map[uint32]bool{}
-	for _, s := range st.svcs {
-		usedSvc[s.Id] = true
+	if f.Affinity > 0 {
+		svc.Flags = loader.SvcAffinity
+		svc.AffinitySec = max(uint32(f.Affinity/time.Second), 1)
 	}
-	for _, id := range st.backends {
-		usedBe[id] = true
+	old := t.uses[key]
+	if exists && cur.Count == svc.Count && cur.Flags == svc.Flags && cur.AffinitySec == svc.AffinitySec && slices.Equal(old, ids) {
+		t.release(ids) // taken again by backendID
+		return nil
 	}
-	var nextSvc, nextBe uint32 = 1, 1
+	if err := writeSlots(t.m, svc.Id, svc.Rev, ids); err != nil {
+		t.release(ids)
+		return fmt.Errorf("frontend %s: %w", &f, err)
+	}
+	if err := t.m.SvcFrontends.Update(&key, &svc, ebpf.UpdateAny); err != nil {
+		t.release(ids)
+		return fmt.Errorf("write frontend %s: %w", &f, err)
+	}
+	t.svcs[key], t.uses[key] = svc, ids
+	return t.release(old)
+}
+
+// Delete removes the frontend of VIP:port/proto; absent is fine.
+func (t *FrontendTable) Delete(vip netip.Addr, port uint16, proto uint8) error {
+	f := Frontend{VIP: vip, Port: port, Proto: proto}
+	key := f.key()
+	s, ok := t.svcs[key]
+	if !ok {
+		return nil
+	}
+	if err := t.m.SvcFrontends.Delete(&key); err != nil && !isNotExist(err) {
+		return fmt.Errorf("delete frontend %s: %w", &f, err)
+	}
+	old := t.uses[key]
+	delete(t.svcs, key)
+	delete(t.uses, key)
+	delete(t.usedSvc, s.Id)
+	t.nextSvc = min(t.nextSvc, s.Id)
+	return errors.Join(deleteSlots(t.m, s.Id, 0, 0), deleteSlots(t.m, s.Id, 1, 0), t.release(old))
+}
+
+// Sync makes the tables hold exactly want.
+func (t *FrontendTable) Sync(want []Frontend) error {
 	keep := map[loader.SvcKey]bool{}
-	liveBe := map[uint32]bool{}
 	var errs []error
 	for i := range want {
-		f := &want[i]
-		ids := make([]uint32, 0, len(f.Backends))
-		for _, b := range f.Backends {
-			k := backendKey(b)
-			id, ok := st.backends[k]
-			if !ok {
-				id = lowestFree(usedBe, &nextBe)
-				if err := m.SvcBackends.Update(id, &k, ebpf.UpdateAny); err != nil {
-					return fmt.Errorf("write backend %s: %w", b, err)
-				}
-				st.backends[k] = id
-			}
-			ids = append(ids, id)
-			liveBe[id] = true
-		}
-		key := f.key()
-		keep[key] = true
-		cur, exists := st.svcs[key]
-		svc := loader.Svc{Id: cur.Id, Rev: cur.Rev ^ 1, AffinitySec: uint32(f.Affinity / time.Second)}
-		if !exists {
-			svc = loader.Svc{Id: lowestFree(usedSvc, &nextSvc), AffinitySec: svc.AffinitySec}
-		}
-		if f.Affinity > 0 {
-			svc.Flags = loader.SvcAffinity
-			svc.AffinitySec = max(svc.AffinitySec, 1)
-		}
-		svc.Count = uint16(len(ids))
-		if exists && cur.Count == svc.Count && cur.Flags == svc.Flags && cur.AffinitySec == svc.AffinitySec &&
-			slotsEqual(m, cur.Id, cur.Rev, ids) {
-			continue // unchanged: no flip
-		}
-		if err := writeSlots(m, svc.Id, svc.Rev, ids); err != nil {
-			errs = append(errs, fmt.Errorf("frontend %s: %w", f, err))
-			continue
-		}
-		if err := m.SvcFrontends.Update(&key, &svc, ebpf.UpdateAny); err != nil {
-			errs = append(errs, fmt.Errorf("write frontend %s: %w", f, err))
-		}
+		keep[want[i].key()] = true
+		errs = append(errs, t.Put(want[i]))
 	}
-	for key, s := range st.svcs {
-		if keep[key] {
-			continue
-		}
-		if err := m.SvcFrontends.Delete(&key); err != nil && !isNotExist(err) {
-			errs = append(errs, fmt.Errorf("delete frontend %d: %w", s.Id, err))
-			continue
-		}
-		errs = append(errs, deleteSlots(m, s.Id, 0, 0), deleteSlots(m, s.Id, 1, 0))
-	}
-	for b, id := range st.backends {
-		if liveBe[id] {
-			continue
-		}
-		if err := m.SvcBackends.Delete(id); err != nil && !isNotExist(err) {
-			errs = append(errs, fmt.Errorf("delete backend %d (%x): %w", id, b.Addr, err))
+	for k := range t.svcs {
+		if !keep[k] {
+			errs = append(errs, t.Delete(netip.AddrFrom16(k.Addr).Unmap(), htons(k.Port), k.L4proto))
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// backendID is b's id, written into svc_backends if new; the caller holds
+// a reference.
+func (t *FrontendTable) backendID(b netip.AddrPort) (uint32, error) {
+	k := backendKey(b)
+	id, ok := t.backends[k]
+	if !ok {
+		id = lowestFree(t.usedBe, &t.nextBe)
+		if err := t.m.SvcBackends.Update(id, &k, ebpf.UpdateAny); err != nil {
+			delete(t.usedBe, id)
+			return 0, fmt.Errorf("write backend %s: %w", b, err)
+		}
+		t.backends[k] = id
+	}
+	t.refs[id]++
+	return id, nil
+}
+
+// release drops a reference to each of ids, deleting the backends no
+// frontend uses any more.
+func (t *FrontendTable) release(ids []uint32) error {
+	var errs []error
+	for _, id := range ids {
+		if t.refs[id]--; t.refs[id] > 0 {
+			continue
+		}
+		delete(t.refs, id)
+		if err := t.m.SvcBackends.Delete(id); err != nil && !isNotExist(err) {
+			errs = append(errs, fmt.Errorf("delete backend %d: %w", id, err))
+			continue
+		}
+		for b, bid := range t.backends {
+			if bid == id {
+				delete(t.backends, b)
+				break
+			}
+		}
+		delete(t.usedBe, id)
+		t.nextBe = min(t.nextBe, id)
+	}
+	return errors.Join(errs...)
+}
+
+// SyncFrontends is OpenFrontendTable and Sync, for a one-off writer.
+func SyncFrontends(m *loader.Maps, want []Frontend) error {
+	t, err := OpenFrontendTable(m)
+	if err != nil {
+		return err
+	}
+	return t.Sync(want)
 }
 
 // writeSlots writes ids as the slots of (svc, rev) and removes the slots of
@@ -218,39 +301,23 @@ func deleteSlots(m *loader.Maps, svc uint32, rev uint8, from int) error {
 	return nil
 }
 
-func slotsEqual(m *loader.Maps, svc uint32, rev uint8, ids []uint32) bool {
-	for i, want := range ids {
-		var got uint32
-		k := loader.SlotKey{SvcId: svc, Slot: uint16(i), Rev: rev}
-		if m.SvcSlots.Lookup(&k, &got) != nil || got != want {
-			return false
-		}
-	}
-	return true
-}
-
 // Frontends reads the frontend tables back, sorted by VIP, port, protocol.
 func Frontends(m *loader.Maps) ([]Frontend, error) {
-	st, err := readFrontends(m)
+	t, err := OpenFrontendTable(m)
 	if err != nil {
 		return nil, err
 	}
-	byID := make(map[uint32]loader.Backend, len(st.backends))
-	for b, id := range st.backends {
+	byID := make(map[uint32]loader.Backend, len(t.backends))
+	for b, id := range t.backends {
 		byID[id] = b
 	}
-	out := make([]Frontend, 0, len(st.svcs))
-	for k, s := range st.svcs {
+	out := make([]Frontend, 0, len(t.svcs))
+	for k, s := range t.svcs {
 		f := Frontend{VIP: netip.AddrFrom16(k.Addr).Unmap(), Port: htons(k.Port), Proto: k.L4proto}
 		if s.Flags&loader.SvcAffinity != 0 {
 			f.Affinity = time.Duration(s.AffinitySec) * time.Second
 		}
-		for i := range int(s.Count) {
-			var id uint32
-			sk := loader.SlotKey{SvcId: s.Id, Slot: uint16(i), Rev: s.Rev}
-			if err := m.SvcSlots.Lookup(&sk, &id); err != nil {
-				return nil, fmt.Errorf("frontend %s slot %d: %w", &f, i, err)
-			}
+		for i, id := range t.uses[k] {
 			b, ok := byID[id]
 			if !ok {
 				return nil, fmt.Errorf("frontend %s slot %d: backend %d missing", &f, i, id)

@@ -321,6 +321,26 @@ func TestSyncFrontends(t *testing.T) {
 	if n, b, f := count(m.SvcSlots), count(m.SvcBackends), count(m.SvcFrontends); n+b+f != 0 {
 		t.Errorf("after removing all: %d slots, %d backends, %d frontends left", n, b, f)
 	}
+	// Incremental: two frontends share a backend, which lives while either
+	// uses it; a table opened afresh knows what the maps hold.
+	tab, err := datapath.OpenFrontendTable(m)
+	must(t, err)
+	must(t, tab.Put(datapath.Frontend{VIP: vipSvc, Port: 80, Proto: datapath.ProtoTCP, Backends: []netip.AddrPort{b2}}))
+	must(t, tab.Put(datapath.Frontend{VIP: vipSvc, Port: 81, Proto: datapath.ProtoTCP, Backends: []netip.AddrPort{b2}}))
+	if n := count(m.SvcBackends); n != 1 {
+		t.Errorf("a shared backend written %d times", n)
+	}
+	must(t, tab.Delete(vipSvc, 80, datapath.ProtoTCP))
+	if n := count(m.SvcBackends); n != 1 {
+		t.Errorf("backend used by :81 deleted with :80 (%d left)", n)
+	}
+	tab, err = datapath.OpenFrontendTable(m)
+	must(t, err)
+	must(t, tab.Delete(vipSvc, 81, datapath.ProtoTCP))
+	must(t, tab.Delete(vipSvc, 81, datapath.ProtoTCP)) // absent is fine
+	if n, b, f := count(m.SvcSlots), count(m.SvcBackends), count(m.SvcFrontends); n+b+f != 0 {
+		t.Errorf("after deleting both: %d slots, %d backends, %d frontends left", n, b, f)
+	}
 	for _, bad := range []datapath.Frontend{
 		{Port: 80, Proto: datapath.ProtoTCP},
 		{VIP: vipSvc, Port: 80, Proto: 1},
