@@ -162,7 +162,11 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 	}
 	a.svc.Store(svc)
 	a.gc = &endpointgc.Collector{Maps: &dp.Maps, Log: a.log.With("component", "gc"), Lock: dp.Lock}
-	a.kube = newKubeSource(svc, a.log.With("component", "kubernetes"))
+	fronts, err := services.NewFrontends(&dp.Maps, a.log.With("component", "frontends"))
+	if err != nil {
+		return err
+	}
+	a.kube = newKubeSource(svc, fronts, a.log.With("component", "kubernetes"))
 	defer a.kube.stop()
 
 	netEvents, err := a.start(ctx, cfg)

@@ -4,6 +4,8 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"os"
+	"strings"
 
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
@@ -15,8 +17,9 @@ import (
 // kubeSource runs (and restarts on config changes) the Kubernetes informers
 // that feed services.Manager.
 type kubeSource struct {
-	mgr *services.Manager
-	log *slog.Logger
+	mgr    *services.Manager
+	fronts *services.Frontends // services.mode: ebpf
+	log    *slog.Logger
 
 	running kubeSettings
 	cancel  context.CancelFunc
@@ -28,6 +31,8 @@ type kubeSettings struct {
 	enabled          bool
 	kubeconfig       string
 	requireEndpoints bool
+	ebpf             bool   // services.mode: ebpf
+	node             string // this node's name (internalTrafficPolicy: Local)
 }
 
 func settingsOf(c *config.Config) kubeSettings {
@@ -35,12 +40,26 @@ func settingsOf(c *config.Config) kubeSettings {
 	if s.enabled {
 		s.kubeconfig = c.Services.Kubeconfig
 		s.requireEndpoints = c.StaleServices.RequireEndpoints
+		s.ebpf = c.ServiceMode() == config.ServiceModeEBPF
+		if s.ebpf {
+			s.node = nodeName()
+		}
 	}
 	return s
 }
 
-func newKubeSource(mgr *services.Manager, log *slog.Logger) *kubeSource {
-	return &kubeSource{mgr: mgr, log: log}
+// nodeName is NODE_NAME (the DaemonSet sets it from spec.nodeName), else
+// the host name, which is the kubelet's default node name.
+func nodeName() string {
+	if n := os.Getenv("NODE_NAME"); n != "" {
+		return n
+	}
+	h, _ := os.Hostname()
+	return strings.ToLower(h)
+}
+
+func newKubeSource(mgr *services.Manager, fronts *services.Frontends, log *slog.Logger) *kubeSource {
+	return &kubeSource{mgr: mgr, fronts: fronts, log: log}
 }
 
 // check reports whether c's Kubernetes settings can be used (credentials
@@ -70,6 +89,13 @@ func (k *kubeSource) configure(ctx context.Context, c *config.Config) error {
 	}
 	k.stop()
 	k.running = s
+	if !s.ebpf {
+		// Back to the host path: no frontend may linger for the programs
+		// (they ignore the table then, but a later switch would find it).
+		if err := k.fronts.Clear(); err != nil {
+			return fmt.Errorf("clear service frontends: %w", err)
+		}
+	}
 	if !s.enabled {
 		k.log.Info("live services from the static list only (services.kubernetes off)")
 		return k.mgr.SetKubernetes(false)
@@ -85,12 +111,17 @@ func (k *kubeSource) configure(ctx context.Context, c *config.Config) error {
 	}
 	kctx, cancel := context.WithCancel(ctx)
 	k.cancel, k.done = cancel, make(chan struct{})
-	src := services.NewKube(client, k.mgr, services.KubeOptions{RequireEndpoints: s.requireEndpoints, Log: k.log})
+	opts := services.KubeOptions{RequireEndpoints: s.requireEndpoints, Node: s.node, Log: k.log}
+	if s.ebpf {
+		opts.Frontends = k.fronts
+	}
+	src := services.NewKube(client, k.mgr, opts)
 	where := s.kubeconfig
 	if where == "" {
 		where = "in-cluster"
 	}
-	k.log.Info("watching Kubernetes services", "api", rc.Host, "credentials", where, "requireEndpoints", s.requireEndpoints)
+	k.log.Info("watching Kubernetes services", "api", rc.Host, "credentials", where, "requireEndpoints", s.requireEndpoints,
+		"servicesMode", map[bool]string{false: "host", true: "ebpf"}[s.ebpf], "node", s.node)
 	go func(done chan struct{}) {
 		defer close(done)
 		if err := src.Run(kctx); err != nil && kctx.Err() == nil {

@@ -107,7 +107,8 @@ func (a *Agent) apply(ctx context.Context, c, old *config.Config) error {
 func (a *Agent) applyDatapath(c *config.Config) error {
 	m := &a.dp.Load().Maps
 	var errs []error
-	want := datapath.Config{HostReachable: c.HostReachability, StaleReject: c.StaleAction() == config.ActionReject, ServicesSynced: a.svcSynced}
+	want := datapath.Config{HostReachable: c.HostReachability, StaleReject: c.StaleAction() == config.ActionReject,
+		ServicesSynced: a.svcSynced, ServicesEBPF: c.ServiceMode() == config.ServiceModeEBPF}
 	cur, gen, err := datapath.GetConfig(m)
 	// Armed once stays armed: a restarted agent adopts the live set the
 	// previous one synced, a better guess than "nothing is stale".

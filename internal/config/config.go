@@ -92,6 +92,8 @@ type Services struct {
 	// or IPVS) and forwards, so
 	// that the backend's reply comes back through the host (internal/hostnat).
 	Masquerade bool `json:"masquerade" yaml:"masquerade"`
+	// Mode is host or ebpf; read it with Config.ServiceMode.
+	Mode string `json:"mode" yaml:"mode"`
 }
 
 // Metrics configures the HTTP endpoint serving /metrics, /healthz and /readyz.
@@ -106,6 +108,7 @@ type parsed struct {
 	static       []netip.Addr
 	action       Action
 	kubernetes   KubernetesMode
+	serviceMode  ServiceMode
 	xdp          attach.XDPMode
 	gcInterval   time.Duration
 	level        slog.Level
@@ -143,6 +146,24 @@ var kubernetesNames = []string{"auto", "true", "false"}
 
 func (k KubernetesMode) String() string { return enumString(kubernetesNames, int(k)) }
 
+// ServiceMode is where underlay pods' ClusterIP traffic is translated.
+type ServiceMode int
+
+const (
+	// ServiceModeHost steers it to the host, where kube-proxy translates it
+	// (the default: it works with every kube-proxy mode and needs nothing
+	// but the Service VIPs).
+	ServiceModeHost ServiceMode = iota
+	// ServiceModeEBPF translates it in the pod's own egress program, from
+	// the Services' EndpointSlices: no detour through the host, the backend
+	// sees the client's address. Needs the Kubernetes API.
+	ServiceModeEBPF
+)
+
+var serviceModeNames = []string{"host", "ebpf"}
+
+func (m ServiceMode) String() string { return enumString(serviceModeNames, int(m)) }
+
 // xdpNames are the xdp values, the loader's modes.
 var xdpNames = []string{string(attach.XDPAuto), string(attach.XDPNative), string(attach.XDPGeneric), string(attach.XDPOff)}
 
@@ -162,7 +183,7 @@ func Default() *Config {
 	c := &Config{
 		HostReachability: true,
 		StaleServices:    StaleServices{Action: "drop"},
-		Services:         Services{Kubernetes: "auto", Masquerade: true},
+		Services:         Services{Kubernetes: "auto", Masquerade: true, Mode: "host"},
 		XDP:              "auto",
 		Metrics:          Metrics{Listen: DefaultMetricsListen},
 		BPFFS:            loader.DefaultBPFFS,
@@ -186,6 +207,7 @@ func (c *Config) applyDefaults() {
 	}
 	setIfEmpty(&c.StaleServices.Action, d.StaleServices.Action)
 	setIfEmpty(&c.Services.Kubernetes, d.Services.Kubernetes)
+	setIfEmpty(&c.Services.Mode, d.Services.Mode)
 	setIfEmpty(&c.XDP, d.XDP)
 	setIfEmpty(&c.Metrics.Listen, d.Metrics.Listen)
 	setIfEmpty(&c.BPFFS, d.BPFFS)
@@ -287,6 +309,9 @@ func (c *Config) HostCIDRs() []netip.Prefix { return slices.Clone(c.parsed.hostC
 
 // StaticServices returns services.static parsed (IPv4-mapped IPv6 unmapped).
 func (c *Config) StaticServices() []netip.Addr { return slices.Clone(c.parsed.static) }
+
+// ServiceMode returns services.mode.
+func (c *Config) ServiceMode() ServiceMode { return c.parsed.serviceMode }
 
 // StaleAction returns staleServices.action.
 func (c *Config) StaleAction() Action { return c.parsed.action }

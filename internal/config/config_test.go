@@ -244,6 +244,8 @@ func TestErrors(t *testing.T) {
 		{"services: {static: [10.96.0.1, 10.96.0.10]}",
 			[]string{"services.static: has 2 addresses but staleServices.cidrs is empty (stale service guard off), so they have no effect"}},
 		{"services: {kubernetes: maybe}", []string{`services.kubernetes: "maybe" is not one of auto, true, false`}},
+		{"services: {mode: bpf}", []string{`services.mode: "bpf" is not one of host, ebpf`}},
+		{"services: {mode: ebpf, kubernetes: false}", []string{"services.mode: is ebpf, which translates Services from their EndpointSlices, but services.kubernetes is false"}},
 		{"services: {kubernetes: false, kubeconfig: /root/.kube/config}", []string{"services.kubeconfig: is set but services.kubernetes is false"}},
 		{"services: {kubeconfig: \"/x\\ty\"}", []string{`services.kubeconfig: "/x\ty" contains the control character '\t'`}},
 

@@ -114,6 +114,12 @@ func (v *validation) services(c *Config) {
 			v.fail("services.kubeconfig", "is set but services.kubernetes is false, so it is never used; remove it or set services.kubernetes to auto or true")
 		}
 	}
+	if i, ok := enum("services.mode", c.Services.Mode, serviceModeNames, &v.errs); ok {
+		v.p.serviceMode = ServiceMode(i)
+		if v.p.serviceMode == ServiceModeEBPF && v.p.kubernetes == KubernetesOff {
+			v.fail("services.mode", "is ebpf, which translates Services from their EndpointSlices, but services.kubernetes is false; set services.kubernetes to auto or true, or services.mode to host")
+		}
+	}
 	if c.Services.Kubeconfig != "" {
 		if err := checkPathChars(c.Services.Kubeconfig); err != nil {
 			v.fail("services.kubeconfig", "%v", err)

@@ -20,6 +20,7 @@ import (
 	"k8s.io/client-go/util/workqueue"
 
 	"github.com/underpass-cni/underpass/internal/config"
+	"github.com/underpass-cni/underpass/internal/datapath"
 )
 
 // Sink receives the Kubernetes view; Manager is one.
@@ -62,7 +63,12 @@ func RestConfig(path string) (*rest.Config, error) {
 type KubeOptions struct {
 	// RequireEndpoints: a Service with no ready endpoint contributes nothing.
 	RequireEndpoints bool
-	Log              *slog.Logger
+	// Frontends, when set (services.mode: ebpf), gets every Service's
+	// frontends from its EndpointSlices; Node is this node's name, for
+	// internalTrafficPolicy: Local.
+	Frontends FrontendSink
+	Node      string
+	Log       *slog.Logger
 }
 
 // Kube turns Service (and EndpointSlice) events into Sink updates.
@@ -73,7 +79,7 @@ type Kube struct {
 	queue  workqueue.TypedInterface[string]
 
 	svcs   cache.SharedIndexInformer
-	slices cache.SharedIndexInformer // nil unless RequireEndpoints
+	slices cache.SharedIndexInformer // nil unless RequireEndpoints or Frontends
 }
 
 // byService indexes EndpointSlices by the namespace/name of their Service.
@@ -89,15 +95,15 @@ func NewKube(client kubernetes.Interface, sink Sink, opts KubeOptions) *Kube {
 	// Reconcile repairs the map itself.
 	factory := informers.NewSharedInformerFactory(client, 0)
 	k.svcs = factory.Core().V1().Services().Informer()
-	_ = k.svcs.SetTransform(slimService)
+	_ = k.svcs.SetTransform(func(o any) (any, error) { return slimService(o, opts.Frontends != nil) })
 	k.svcs.AddEventHandler(cache.ResourceEventHandlerFuncs{
 		AddFunc:    func(o any) { k.enqueue(o) },
 		UpdateFunc: func(_, o any) { k.enqueue(o) },
 		DeleteFunc: func(o any) { k.enqueue(o) },
 	})
-	if opts.RequireEndpoints {
+	if opts.RequireEndpoints || opts.Frontends != nil {
 		k.slices = factory.Discovery().V1().EndpointSlices().Informer()
-		_ = k.slices.SetTransform(slimSlice)
+		_ = k.slices.SetTransform(func(o any) (any, error) { return slimSlice(o, opts.Frontends != nil) })
 		_ = k.slices.AddIndexers(cache.Indexers{byService: sliceService})
 		k.slices.AddEventHandler(cache.ResourceEventHandlerFuncs{
 			AddFunc:    func(o any) { k.enqueueSlice(o) },
@@ -138,11 +144,23 @@ func (k *Kube) Run(ctx context.Context) error {
 	}
 
 	all := map[string][]netip.Addr{}
+	fronts := map[string][]datapath.Frontend{}
 	for _, o := range k.svcs.GetStore().List() {
 		svc := o.(*corev1.Service)
 		key := svc.Namespace + "/" + svc.Name
 		if ips := k.liveIPs(key, svc); len(ips) > 0 {
 			all[key] = ips
+		}
+		if fs := k.frontends(key, svc); len(fs) > 0 {
+			fronts[key] = fs
+		}
+	}
+	// Frontends first: a VIP live before its frontend exists would be
+	// steered to the host meanwhile, which works; the other way round a
+	// pod could see a VIP translated but not yet live, which works too.
+	if k.opts.Frontends != nil {
+		if err := k.opts.Frontends.ReplaceFrontends(fronts); err != nil {
+			k.opts.Log.Error("initial sync of service frontends", "error", err)
 		}
 	}
 	if err := k.sink.KubeReplace(all); err != nil {
@@ -169,23 +187,40 @@ func (k *Kube) process(key string) {
 	if o, exists, err := k.svcs.GetStore().GetByKey(key); err == nil && exists {
 		svc = o.(*corev1.Service)
 	}
+	if k.opts.Frontends != nil {
+		if err := k.opts.Frontends.UpdateFrontends(key, k.frontends(key, svc)); err != nil {
+			k.opts.Log.Error("update service frontends", "service", key, "error", err)
+		}
+	}
 	if err := k.sink.KubeUpdate(key, k.liveIPs(key, svc)); err != nil {
 		k.opts.Log.Error("update live service", "service", key, "error", err)
 	}
+}
+
+// frontends are svc's frontends (nil unless Frontends is set).
+func (k *Kube) frontends(key string, svc *corev1.Service) []datapath.Frontend {
+	if k.opts.Frontends == nil || svc == nil {
+		return nil
+	}
+	return FrontendsOf(svc, k.slicesOf(key), k.opts.Node)
+}
+
+func (k *Kube) slicesOf(key string) []*discoveryv1.EndpointSlice {
+	var out []*discoveryv1.EndpointSlice
+	if k.slices != nil {
+		objs, _ := k.slices.GetIndexer().ByIndex(byService, key)
+		for _, o := range objs {
+			out = append(out, o.(*discoveryv1.EndpointSlice))
+		}
+	}
+	return out
 }
 
 func (k *Kube) liveIPs(key string, svc *corev1.Service) []netip.Addr {
 	if svc == nil {
 		return nil
 	}
-	var slices []*discoveryv1.EndpointSlice
-	if k.slices != nil {
-		objs, _ := k.slices.GetIndexer().ByIndex(byService, key)
-		for _, o := range objs {
-			slices = append(slices, o.(*discoveryv1.EndpointSlice))
-		}
-	}
-	return LiveIPs(svc, slices, k.opts.RequireEndpoints)
+	return LiveIPs(svc, k.slicesOf(key), k.opts.RequireEndpoints)
 }
 
 func (k *Kube) enqueue(o any) {
@@ -217,15 +252,16 @@ func sliceService(o any) ([]string, error) {
 	return []string{s.Namespace + "/" + name}, nil
 }
 
-// slimService keeps only what LiveIPs reads: with 10,000 services the
-// informer cache is most of the agent's memory, and ports, selectors,
-// annotations and managed fields are most of a Service.
-func slimService(o any) (any, error) {
+// slimService keeps only what LiveIPs (and, with frontends, FrontendsOf)
+// reads: with 10,000 services the informer cache is most of the agent's
+// memory, and selectors, annotations and managed fields are most of a
+// Service.
+func slimService(o any, frontends bool) (any, error) {
 	svc, ok := o.(*corev1.Service)
 	if !ok {
 		return o, nil
 	}
-	return &corev1.Service{
+	out := &corev1.Service{
 		ObjectMeta: slimMeta(svc.ObjectMeta, nil),
 		Spec: corev1.ServiceSpec{
 			Type:                     svc.Spec.Type,
@@ -233,11 +269,19 @@ func slimService(o any) (any, error) {
 			ClusterIPs:               svc.Spec.ClusterIPs,
 			PublishNotReadyAddresses: svc.Spec.PublishNotReadyAddresses,
 		},
-	}, nil
+	}
+	if frontends {
+		out.Spec.Ports = svc.Spec.Ports
+		out.Spec.SessionAffinity = svc.Spec.SessionAffinity
+		out.Spec.SessionAffinityConfig = svc.Spec.SessionAffinityConfig
+		out.Spec.InternalTrafficPolicy = svc.Spec.InternalTrafficPolicy
+	}
+	return out, nil
 }
 
-// slimSlice keeps the service label and the endpoints' conditions.
-func slimSlice(o any) (any, error) {
+// slimSlice keeps the service label and the endpoints' conditions (with
+// frontends: their addresses and nodes, and the ports).
+func slimSlice(o any, frontends bool) (any, error) {
 	s, ok := o.(*discoveryv1.EndpointSlice)
 	if !ok {
 		return o, nil
@@ -246,8 +290,15 @@ func slimSlice(o any) (any, error) {
 		ObjectMeta:  slimMeta(s.ObjectMeta, map[string]string{discoveryv1.LabelServiceName: s.Labels[discoveryv1.LabelServiceName]}),
 		AddressType: s.AddressType,
 	}
+	if frontends {
+		out.Ports = s.Ports
+	}
 	for _, ep := range s.Endpoints {
-		out.Endpoints = append(out.Endpoints, discoveryv1.Endpoint{Conditions: ep.Conditions})
+		e := discoveryv1.Endpoint{Conditions: ep.Conditions}
+		if frontends {
+			e.Addresses, e.NodeName = ep.Addresses, ep.NodeName
+		}
+		out.Endpoints = append(out.Endpoints, e)
 	}
 	return out, nil
 }

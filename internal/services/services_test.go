@@ -17,6 +17,7 @@ import (
 	"k8s.io/client-go/kubernetes/fake"
 
 	"github.com/underpass-cni/underpass/internal/config"
+	"github.com/underpass-cni/underpass/internal/datapath"
 	"github.com/underpass-cni/underpass/internal/testutil"
 )
 
@@ -293,4 +294,68 @@ func TestKubeDesiredSet(t *testing.T) {
 func waitFor(t *testing.T, what string, cond func() bool) {
 	t.Helper()
 	testutil.WaitFor(t, 10*time.Second, what, cond)
+}
+
+// recFrontends records what the Kube source hands a FrontendSink.
+type recFrontends struct {
+	mu  sync.Mutex
+	now map[string][]datapath.Frontend
+}
+
+func (r *recFrontends) ReplaceFrontends(all map[string][]datapath.Frontend) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.now = maps.Clone(all)
+	return nil
+}
+
+func (r *recFrontends) UpdateFrontends(key string, fs []datapath.Frontend) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if len(fs) == 0 {
+		delete(r.now, key)
+	} else {
+		r.now[key] = fs
+	}
+	return nil
+}
+
+func (r *recFrontends) get(key string) string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return fmt.Sprint(r.now[key])
+}
+
+// The Kube source in services.mode ebpf: each Service's frontends follow
+// its EndpointSlices, and go with it.
+func TestKubeFrontends(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	web := svc("default", "web", "10.96.1.5")
+	web.Spec.Ports = []corev1.ServicePort{{Name: "http", Port: 80}}
+	port := func(s *discoveryv1.EndpointSlice) *discoveryv1.EndpointSlice {
+		name, p := "http", int32(8080)
+		s.Ports = []discoveryv1.EndpointPort{{Name: &name, Port: &p}}
+		return s
+	}
+	client := fake.NewClientset(web, port(slice("default", "web", "web-1", true, false)))
+	m, err := NewManager(newMemStore(), slog.Default())
+	must(t, err)
+	must(t, m.SetKubernetes(true))
+	rec := &recFrontends{}
+	k := NewKube(client, m, KubeOptions{Frontends: rec, Node: "node-a"})
+	errc := make(chan error, 1)
+	go func() { errc <- k.Run(ctx) }()
+	waitFor(t, "sync", m.Synced)
+	if got, want := rec.get("default/web"), "[{10.96.1.5 80 6 [10.244.0.1:8080] 0s}]"; got != want {
+		t.Fatalf("initial frontends %s, want %s", got, want)
+	}
+	ds := client.DiscoveryV1().EndpointSlices("default")
+	_, err = ds.Update(ctx, port(slice("default", "web", "web-1", true, true)), metav1.UpdateOptions{})
+	must(t, err)
+	waitFor(t, "second backend", func() bool { return rec.get("default/web") == "[{10.96.1.5 80 6 [10.244.0.1:8080 10.244.0.2:8080] 0s}]" })
+	must(t, client.CoreV1().Services("default").Delete(ctx, "web", metav1.DeleteOptions{}))
+	waitFor(t, "frontends gone with the Service", func() bool { return rec.get("default/web") == "[]" })
+	cancel()
+	must(t, <-errc)
 }
