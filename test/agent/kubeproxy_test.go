@@ -214,9 +214,9 @@ func createNode(t *testing.T, cs kubernetes.Interface, addr netip.Addr) {
 }
 
 // createBackedService creates a ClusterIP Service, port 80 -> 8080, with
-// one ready endpoint at backend (no controller-manager here: the test
-// writes the EndpointSlice), and returns its VIP.
-func createBackedService(t *testing.T, cs kubernetes.Interface, name string, backend netip.Addr) netip.Addr {
+// a ready endpoint at each of backends (no controller-manager here: the
+// test writes the EndpointSlice), and returns its VIP.
+func createBackedService(t *testing.T, cs kubernetes.Interface, name string, backends ...netip.Addr) netip.Addr {
 	t.Helper()
 	ctx := context.Background()
 	svc, err := cs.CoreV1().Services("default").Create(ctx, &corev1.Service{
@@ -224,15 +224,24 @@ func createBackedService(t *testing.T, cs kubernetes.Interface, name string, bac
 		Spec:       corev1.ServiceSpec{Ports: []corev1.ServicePort{{Name: "http", Port: 80, TargetPort: intstr.FromInt32(8080), Protocol: corev1.ProtocolTCP}}},
 	}, metav1.CreateOptions{})
 	must(t, err)
-	ready, port, pname, proto := true, int32(8080), "http", corev1.ProtocolTCP
-	_, err = cs.DiscoveryV1().EndpointSlices("default").Create(ctx, &discoveryv1.EndpointSlice{
-		ObjectMeta:  metav1.ObjectMeta{Name: name + "-1", Labels: map[string]string{discoveryv1.LabelServiceName: name}},
-		AddressType: discoveryv1.AddressTypeIPv4,
-		Endpoints:   []discoveryv1.Endpoint{{Addresses: []string{backend.String()}, Conditions: discoveryv1.EndpointConditions{Ready: &ready}}},
-		Ports:       []discoveryv1.EndpointPort{{Name: &pname, Port: &port, Protocol: &proto}},
-	}, metav1.CreateOptions{})
+	_, err = cs.DiscoveryV1().EndpointSlices("default").Create(ctx, backendSlice(name, backends...), metav1.CreateOptions{})
 	must(t, err)
 	return netip.MustParseAddr(svc.Spec.ClusterIP)
+}
+
+// backendSlice is Service name's slice: port http 8080, a ready endpoint
+// at each of backends.
+func backendSlice(name string, backends ...netip.Addr) *discoveryv1.EndpointSlice {
+	ready, port, pname, proto := true, int32(8080), "http", corev1.ProtocolTCP
+	s := &discoveryv1.EndpointSlice{
+		ObjectMeta:  metav1.ObjectMeta{Name: name + "-1", Labels: map[string]string{discoveryv1.LabelServiceName: name}},
+		AddressType: discoveryv1.AddressTypeIPv4,
+		Ports:       []discoveryv1.EndpointPort{{Name: &pname, Port: &port, Protocol: &proto}},
+	}
+	for _, b := range backends {
+		s.Endpoints = append(s.Endpoints, discoveryv1.Endpoint{Addresses: []string{b.String()}, Conditions: discoveryv1.EndpointConditions{Ready: &ready}})
+	}
+	return s
 }
 
 // startKubeProxy runs the real kube-proxy in the lab's node netns with its
@@ -338,7 +347,7 @@ func dumpOnFailure(t *testing.T, l *lab, mode string) {
 }
 
 // serveRemoteAddr answers every TCP connection with the address it came
-// from, one line.
+// from and the one it reached (the backend's own), one line.
 func serveRemoteAddr(t *testing.T, ns *netenv.NS, addr netip.AddrPort) {
 	t.Helper()
 	var ln net.Listener
@@ -355,23 +364,32 @@ func serveRemoteAddr(t *testing.T, ns *netenv.NS, addr netip.AddrPort) {
 			if err != nil {
 				return
 			}
-			fmt.Fprintln(c, c.RemoteAddr().String())
+			fmt.Fprintln(c, c.RemoteAddr().String(), c.LocalAddr().String())
 			c.Close()
 		}
 	})
 }
 
-// askRemoteAddr connects from ns and reads what serveRemoteAddr says.
+// askRemoteAddr connects from ns and reads the address serveRemoteAddr
+// saw the connection come from.
 func askRemoteAddr(ns *netenv.NS, addr netip.AddrPort, timeout time.Duration) (string, error) {
+	seen, _, err := askServer(ns, addr, timeout)
+	return seen, err
+}
+
+// askServer connects from ns and reads what serveRemoteAddr says: the
+// address it saw the connection come from, and its own.
+func askServer(ns *netenv.NS, addr netip.AddrPort, timeout time.Duration) (seen, server string, err error) {
 	c, err := netenv.DialTCPConn(ns, addr, timeout)
 	if err != nil {
-		return "", err
+		return "", "", err
 	}
 	defer c.Close()
 	_ = c.SetDeadline(time.Now().Add(timeout))
 	line, err := bufio.NewReader(c).ReadString('\n')
 	if err != nil {
-		return "", fmt.Errorf("read from %s: %w", addr, err)
+		return "", "", fmt.Errorf("read from %s: %w", addr, err)
 	}
-	return strings.TrimSpace(line), nil
+	seen, server, _ = strings.Cut(strings.TrimSpace(line), " ")
+	return seen, server, nil
 }

@@ -1,0 +1,140 @@
+package agent_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/containernetworking/plugins/pkg/ns"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/underpass-cni/underpass/internal/datapath"
+	"github.com/underpass-cni/underpass/internal/loader"
+	"github.com/underpass-cni/underpass/test/k8s/kapi"
+	"github.com/underpass-cni/underpass/test/netenv"
+)
+
+// services.mode: ebpf end to end: a real kube-apiserver, the agent, pods
+// whose endpoints are added through the registration API the CNI plugin
+// uses (programs on their slaves), and no kube-proxy at all, so nothing on
+// the host could translate a VIP: every answer below comes through the
+// pods' own programs. The backend sees the client pod's own address.
+func TestServicesInEBPF(t *testing.T) {
+	l := newLab(t, netenv.Options{})
+	u := l.Uplinks[0]
+	c, kubeconfig := startKube(t, l)
+	cs := c.Client
+	client := l.AddMacvlanContainer("client", u.IP4(10), netip.Prefix{})
+	b1 := l.AddMacvlanContainer("backend1", u.IP4(11), netip.Prefix{})
+	b2 := l.AddMacvlanContainer("backend2", u.IP4(12), netip.Prefix{})
+	wire := l.AddWireHost("remote", u.IP4(20), netip.Prefix{})
+	for _, s := range []*netenv.Container{b1, b2, wire} {
+		serveRemoteAddr(t, s.NS, netip.AddrPortFrom(s.IP4.Addr(), 8080))
+	}
+	l.writeConfig(fmt.Sprintf(`
+staleServices:
+  cidrs: [%s, %s]
+  action: reject
+services:
+  kubernetes: "true"
+  kubeconfig: %s
+  mode: ebpf
+`, kapi.ServiceCIDRv4, kapi.ServiceCIDRv6, kubeconfig))
+	ag := l.start(agentBin)
+	ag.waitReady()
+	dp := l.open()
+	for _, p := range []*netenv.Container{client, b1, b2} {
+		addEndpoint(t, dp, p)
+	}
+
+	toLocal := createBackedService(t, cs, "to-local", b1.IP4.Addr())
+	toWire := createBackedService(t, cs, "to-wire", wire.IP4.Addr())
+	spread := createBackedService(t, cs, "spread", b1.IP4.Addr(), b2.IP4.Addr(), wire.IP4.Addr())
+	waitFor(t, 10*time.Second, "the frontends in the datapath", func() bool {
+		fs, err := datapath.Frontends(&dp.Maps)
+		n := map[netip.Addr]int{}
+		for _, f := range fs {
+			n[f.VIP] = len(f.Backends)
+		}
+		return err == nil && n[toLocal] == 1 && n[toWire] == 1 && n[spread] == 3
+	})
+
+	for _, tc := range []struct {
+		name string
+		vip  netip.Addr
+	}{{"backend pod on the same node", toLocal}, {"backend on the wire", toWire}} {
+		var seen string
+		waitFor(t, 10*time.Second, tc.name+" answers through "+tc.vip.String(), func() bool {
+			var err error
+			seen, err = askRemoteAddr(client.NS, netip.AddrPortFrom(tc.vip, 80), 2*time.Second)
+			return err == nil
+		})
+		if host, _, _ := net.SplitHostPort(seen); host != client.IP4.Addr().String() {
+			t.Fatalf("%s: backend saw %s, want the client pod's own address %s", tc.name, seen, client.IP4.Addr())
+		}
+		t.Logf("%s: client -> %s:80 answered with no kube-proxy; the backend saw %s", tc.name, tc.vip, seen)
+	}
+
+	// New connections spread over the three backends; each reply comes
+	// back from the VIP (the client's socket would reset anything else).
+	const conns = 90
+	perBackend := map[string]int{}
+	for range conns {
+		_, server, err := askServer(client.NS, netip.AddrPortFrom(spread, 80), 2*time.Second)
+		must(t, err)
+		perBackend[server]++
+	}
+	t.Logf("%d connections to %s:80 reached %v", conns, spread, perBackend)
+	for _, b := range []*netenv.Container{b1, b2, wire} {
+		// 30 expected each; under 10 is 1 in 10^5 for a fair choice.
+		if n := perBackend[netip.AddrPortFrom(b.IP4.Addr(), 8080).String()]; n < 10 {
+			t.Errorf("backend %s got %d of %d connections", b.IP4.Addr(), n, conns)
+		}
+	}
+	stats, err := datapath.ServiceStats(&dp.Maps)
+	must(t, err)
+	t.Logf("translated %d packets, reversed %d, new flows %d", stats[loader.SvcStatTranslated].Packets,
+		stats[loader.SvcStatReversed].Packets, stats[loader.SvcStatNewFlows].Packets)
+	if n := stats[loader.SvcStatNewFlows].Packets; n < conns+2 {
+		t.Errorf("new flows %d, want at least %d", n, conns+2)
+	}
+
+	// Scaled to zero: stale, and in reject mode refused at once.
+	_, err = cs.DiscoveryV1().EndpointSlices("default").Update(context.Background(), backendSlice("to-local"), metav1.UpdateOptions{})
+	must(t, err)
+	waitFor(t, 10*time.Second, "to-local refused once it has no backend", func() bool {
+		_, err := netenv.DialTCPConn(client.NS, netip.AddrPortFrom(toLocal, 80), time.Second)
+		return errors.Is(err, syscall.ECONNREFUSED)
+	})
+	if s := l.endpointStats(t, dp, client); s.StaleRejected == 0 {
+		t.Errorf("the client's stale_rejected counter did not move")
+	}
+}
+
+// addEndpoint registers c and attaches its programs the way the CNI
+// plugin's ADD does (datapath.AddEndpoint).
+func addEndpoint(t *testing.T, dp *loader.Objects, c *netenv.Container) {
+	t.Helper()
+	netns, err := ns.GetNS(c.Path)
+	must(t, err)
+	defer netns.Close()
+	ep := &datapath.Endpoint{ContainerID: c.NS.Name, IfName: c.IfName, Netns: c.Path, Ifindex: c.Index,
+		MAC: c.MAC, Addrs: []netip.Prefix{c.IP4}, ParentIfindex: c.ParentIndex, ParentName: c.Parent,
+		Mode: loader.ModeMacvlan, PodName: c.NS.Name, PodNamespace: "test"}
+	_, err = datapath.AddEndpoint(dp, netns, ep, datapath.AddOptions{}, nil)
+	must(t, err)
+}
+
+func (l *lab) endpointStats(t *testing.T, dp *loader.Objects, c *netenv.Container) loader.EndpointStats {
+	t.Helper()
+	id, _, err := datapath.Find(&dp.Maps, c.NS.Name, c.IfName)
+	must(t, err)
+	s, err := datapath.EndpointStats(&dp.Maps, id)
+	must(t, err)
+	return s
+}
