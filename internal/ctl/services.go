@@ -13,10 +13,22 @@ import (
 // Services is the output of `underpassctl services`: what the stale guard
 // and the steering act on.
 type Services struct {
-	StaleAction  string         `json:"staleAction"`
+	StaleAction string `json:"staleAction"`
+	// Mode is host (kube-proxy translates, after steering) or ebpf (the
+	// pods' programs translate the Frontends).
+	Mode         string         `json:"mode"`
+	Frontends    []Frontend     `json:"frontends"`
 	Live         []netip.Addr   `json:"liveServices"`
 	ServiceCIDRs []netip.Prefix `json:"serviceCIDRs"`
 	HostCIDRs    []HostCIDR     `json:"hostCIDRs"`
+}
+
+// Frontend is a Service port the pods' programs translate (services.mode:
+// ebpf) and its backends; none: stale.
+type Frontend struct {
+	Frontend string           `json:"frontend"` // VIP:port/protocol
+	Backends []netip.AddrPort `json:"backends"`
+	Affinity string           `json:"sessionAffinity,omitempty"`
 }
 
 // HostCIDR is a destination steered to the host stack.
@@ -38,6 +50,21 @@ func runServices(_ context.Context, env Env, o *options, dp *loader.Objects) err
 	}
 	w := env.Stdout
 	fmt.Fprintf(w, "stale services: %s\n", s.StaleAction)
+	fmt.Fprintf(w, "services mode: %s\n", s.Mode)
+	if s.Mode == "ebpf" || len(s.Frontends) > 0 {
+		fmt.Fprintf(w, "frontends (%d):\n", len(s.Frontends))
+		for _, f := range s.Frontends {
+			var bs []string
+			for _, b := range f.Backends {
+				bs = append(bs, b.String())
+			}
+			aff := ""
+			if f.Affinity != "" {
+				aff = "  affinity " + f.Affinity
+			}
+			fmt.Fprintf(w, "  %-28s -> %s%s\n", f.Frontend, joinOr(bs, "none (stale)"), aff)
+		}
+	}
 	fmt.Fprintf(w, "service CIDRs (%d):\n", len(s.ServiceCIDRs))
 	for _, p := range s.ServiceCIDRs {
 		fmt.Fprintf(w, "  %s\n", p)
@@ -66,9 +93,26 @@ func services(dp *loader.Objects) (*Services, error) {
 	if err != nil {
 		return nil, err
 	}
-	s := &Services{StaleAction: "drop", Live: []netip.Addr{}, ServiceCIDRs: []netip.Prefix{}, HostCIDRs: []HostCIDR{}}
+	s := &Services{StaleAction: "drop", Mode: "host", Frontends: []Frontend{}, Live: []netip.Addr{}, ServiceCIDRs: []netip.Prefix{}, HostCIDRs: []HostCIDR{}}
 	if cfg.StaleReject {
 		s.StaleAction = "reject"
+	}
+	if cfg.ServicesEBPF {
+		s.Mode = "ebpf"
+	}
+	fronts, err := datapath.Frontends(m)
+	if err != nil {
+		return nil, err
+	}
+	for _, f := range fronts {
+		v := Frontend{Frontend: fmt.Sprintf("%s/%s", netip.AddrPortFrom(f.VIP, f.Port), protoName(f.Proto)), Backends: f.Backends}
+		if v.Backends == nil {
+			v.Backends = []netip.AddrPort{}
+		}
+		if f.Affinity > 0 {
+			v.Affinity = f.Affinity.String()
+		}
+		s.Frontends = append(s.Frontends, v)
 	}
 	live, err := datapath.LiveServices(m)
 	if err != nil {
@@ -96,6 +140,18 @@ func services(dp *loader.Objects) (*Services, error) {
 	}
 	slices.SortFunc(s.HostCIDRs, func(a, b HostCIDR) int { return comparePrefix(a.CIDR, b.CIDR) })
 	return s, nil
+}
+
+func protoName(p uint8) string {
+	switch p {
+	case datapath.ProtoTCP:
+		return "tcp"
+	case datapath.ProtoUDP:
+		return "udp"
+	case datapath.ProtoSCTP:
+		return "sctp"
+	}
+	return fmt.Sprint(p)
 }
 
 func comparePrefix(a, b netip.Prefix) int {

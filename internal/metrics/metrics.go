@@ -25,6 +25,12 @@ func withLabel(extra ...string) []string {
 	return append(append([]string{}, endpointLabels...), extra...)
 }
 
+// svcResults label underpass_service_translation_*: one per loader.SvcStat.
+var svcResults = map[loader.SvcStat]string{
+	loader.SvcStatTranslated: "translated", loader.SvcStatReversed: "reversed", loader.SvcStatNewFlows: "new_flow",
+	loader.SvcStatNoSlot: "no_slot", loader.SvcStatStale: "stale", loader.SvcStatUntranslatable: "untranslatable",
+}
+
 // Options tune a Collector; the zero value exports everything.
 type Options struct {
 	// SkipGauges leaves out underpass_endpoints and underpass_live_services,
@@ -45,6 +51,7 @@ type Collector struct {
 	epDrops, stale, conflicts  *prometheus.Desc
 	drops, dropBytes           *prometheus.Desc
 	endpoints, liveSvcs, errsD *prometheus.Desc
+	svcXlate, svcXlateBytes    *prometheus.Desc
 
 	failures atomic.Uint64
 }
@@ -85,6 +92,10 @@ func New(maps *loader.Maps, opts Options) *Collector {
 			"Endpoints registered in the datapath.", nil, nil),
 		liveSvcs: d("underpass_live_services",
 			"Service IPs live in the datapath.", nil, nil),
+		svcXlate: d("underpass_service_translation_packets_total",
+			"services.mode ebpf: packets by what the pods' programs did: translated to a backend, reversed (a reply given the VIP back), new_flow (a backend chosen), no_slot (left to the host mid-update), stale (a Service without backends), untranslatable (SCTP to another port, left to the host).", []string{"result"}, nil),
+		svcXlateBytes: d("underpass_service_translation_bytes_total",
+			"services.mode ebpf: bytes by what the pods' programs did (see underpass_service_translation_packets_total).", []string{"result"}, nil),
 		errsD: d("underpass_collection_errors_total",
 			"Map reads that failed while collecting metrics; the scrape goes on without them.", nil, nil),
 	}
@@ -93,7 +104,7 @@ func New(maps *loader.Maps, opts Options) *Collector {
 // Describe implements prometheus.Collector.
 func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{c.packets, c.bytes, c.wirePackets, c.wireBytes, c.redirects,
-		c.redirectBytes, c.epDrops, c.stale, c.conflicts, c.drops, c.dropBytes, c.errsD} {
+		c.redirectBytes, c.epDrops, c.stale, c.conflicts, c.drops, c.dropBytes, c.svcXlate, c.svcXlateBytes, c.errsD} {
 		ch <- d
 	}
 	if !c.opts.SkipGauges {
@@ -133,6 +144,16 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 			reason := loader.DropReason(r).String()
 			ch <- prometheus.MustNewConstMetric(c.drops, prometheus.CounterValue, float64(d.Packets), reason)
 			ch <- prometheus.MustNewConstMetric(c.dropBytes, prometheus.CounterValue, float64(d.Bytes), reason)
+		}
+	}
+
+	if st, err := datapath.ServiceStats(c.maps); err != nil {
+		c.fail(err)
+	} else {
+		for r, s := range st {
+			result := svcResults[loader.SvcStat(r)]
+			ch <- prometheus.MustNewConstMetric(c.svcXlate, prometheus.CounterValue, float64(s.Packets), result)
+			ch <- prometheus.MustNewConstMetric(c.svcXlateBytes, prometheus.CounterValue, float64(s.Bytes), result)
 		}
 	}
 

@@ -258,10 +258,10 @@ underpass_drop_bytes_total{reason="unvetted_frame"} 0
 func TestDeletedEndpointDisappears(t *testing.T) {
 	r := newRig(t)
 	c := metrics.New(&r.dp.Maps, metrics.Options{})
-	// 20 series per endpoint (7 of them drop reasons); 7+7 node drops, 2
-	// gauges, 1 error counter.
-	const perEndpoint = 20
-	if n := testutil.CollectAndCount(c); n != 2*perEndpoint+14+3 {
+	// 20 series per endpoint (7 of them drop reasons); 7+7 node drops, 6+6
+	// service translation results, 2 gauges, 1 error counter.
+	const perEndpoint, node = 20, 7 + 7 + 6 + 6 + 3
+	if n := testutil.CollectAndCount(c); n != 2*perEndpoint+node {
 		t.Fatalf("%d series with two endpoints", n)
 	}
 	must(t, datapath.Unregister(&r.dp.Maps, r.idB))
@@ -278,7 +278,7 @@ func TestDeletedEndpointDisappears(t *testing.T) {
 			}
 		}
 	}
-	if n := testutil.CollectAndCount(c); n != perEndpoint+14+3 {
+	if n := testutil.CollectAndCount(c); n != perEndpoint+node {
 		t.Fatalf("%d series with one endpoint", n)
 	}
 	if v := testutil.ToFloat64(gauge(t, c, "underpass_endpoints")); v != 1 {
