@@ -1,6 +1,7 @@
 package loader_test
 
 import (
+	"net/netip"
 	"testing"
 
 	"github.com/cilium/ebpf"
@@ -119,4 +120,41 @@ func emptyProgram(b *testing.B) *ebpf.Program {
 	}
 	b.Cleanup(func() { p.Close() })
 	return p
+}
+
+// BenchmarkServiceTranslation measures services.mode: ebpf per packet of an
+// established flow, beside the same endpoint program on a frame it does not
+// translate. A test run repeats on one buffer, which the first run has
+// translated already: the frontend's one backend is the VIP itself, so
+// every run does the whole work (frontend, flow and backend lookups, the
+// rewrites with their checksum fixes, the next-hop lookup) with the same
+// result. The classid wrapper is subtracted as in BenchmarkEndpoint.
+func BenchmarkServiceTranslation(b *testing.B) {
+	vip := netip.AddrPortFrom(vipSvc, 80)
+	r := newSvcRig(b, datapath.Frontend{VIP: vipSvc, Port: 80, Proto: datapath.ProtoTCP, Backends: []netip.AddrPort{vip}})
+	empty := emptyProgram(b)
+	wrapOnly, _ := loadEndpointInto(b, empty, empty, r.idA)
+	client := netip.AddrPortFrom(ipA, clientPort)
+	toVIP := segment(b, macA, macGW, client, vip, layers.IPProtocolTCP)
+	wrapper := measure(b, wrapOnly, toVIP, 20)
+	// The flow's first packet records it (and its reply).
+	r.run(b, r.egressA, toVIP)
+	for _, tc := range []struct {
+		name  string
+		prog  *ebpf.Program
+		frame []byte
+	}{
+		{"egress/not-a-service", r.egressA, segment(b, macA, macGW, client, netip.AddrPortFrom(ipRemote, 80), layers.IPProtocolTCP)},
+		{"egress/translated", r.egressA, toVIP},
+		{"ingress/not-a-reply", r.ingressA, segment(b, macGW, macA, netip.AddrPortFrom(ipRemote, 80), client, layers.IPProtocolTCP)},
+		{"ingress/reply-reversed", r.ingressA, segment(b, macGW, macA, vip, client, layers.IPProtocolTCP)},
+	} {
+		b.Run(tc.name, func(b *testing.B) {
+			b.ResetTimer()
+			raw := measure(b, tc.prog, tc.frame, b.N)
+			b.ReportMetric(raw, "raw-ns/pkt")
+			b.ReportMetric(raw-wrapper, "ns/pkt")
+			b.ReportMetric(0, "ns/op")
+		})
+	}
 }
