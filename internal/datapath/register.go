@@ -98,6 +98,11 @@ type parentState struct {
 // register is the locked part of AddEndpoint: parent, the attachment's old
 // registration, stale owners, the endpoint's entries.
 func register(dp *loader.Objects, ep *Endpoint, h *AddOptions) (ps parentState, err error) {
+	// The parent's MAC goes into the parents map when the agent has not
+	// registered it: a missing one would write zeros over the agent's.
+	if len(ep.ParentMAC) != 6 {
+		return ps, fmt.Errorf("register endpoint %s/%s: parent %s has no Ethernet MAC (%q)", ep.ContainerID, ep.IfName, ep.ParentName, ep.ParentMAC)
+	}
 	unlock, err := dp.Lock()
 	if err != nil {
 		return ps, err

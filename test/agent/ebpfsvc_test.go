@@ -49,7 +49,7 @@ services:
 	ag.waitReady()
 	dp := l.open()
 	for _, p := range []*netenv.Container{client, b1, b2} {
-		addEndpoint(t, dp, p)
+		addEndpoint(t, dp, p, u.MAC)
 	}
 
 	toLocal := createBackedService(t, cs, "to-local", b1.IP4.Addr())
@@ -118,13 +118,13 @@ services:
 
 // addEndpoint registers c and attaches its programs the way the CNI
 // plugin's ADD does (datapath.AddEndpoint).
-func addEndpoint(t *testing.T, dp *loader.Objects, c *netenv.Container) {
+func addEndpoint(t *testing.T, dp *loader.Objects, c *netenv.Container, parentMAC net.HardwareAddr) {
 	t.Helper()
 	netns, err := ns.GetNS(c.Path)
 	must(t, err)
 	defer netns.Close()
 	ep := &datapath.Endpoint{ContainerID: c.NS.Name, IfName: c.IfName, Netns: c.Path, Ifindex: c.Index,
-		MAC: c.MAC, Addrs: []netip.Prefix{c.IP4}, ParentIfindex: c.ParentIndex, ParentName: c.Parent,
+		MAC: c.MAC, Addrs: []netip.Prefix{c.IP4}, ParentIfindex: c.ParentIndex, ParentName: c.Parent, ParentMAC: parentMAC,
 		Mode: loader.ModeMacvlan, PodName: c.NS.Name, PodNamespace: "test"}
 	_, err = datapath.AddEndpoint(dp, netns, ep, datapath.AddOptions{}, nil)
 	must(t, err)
