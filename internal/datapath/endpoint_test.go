@@ -98,3 +98,20 @@ func TestSame(t *testing.T) {
 		}
 	}
 }
+
+// An endpoint whose parent has no MAC is refused before anything is
+// written: registering its parent would put zeros over the agent's entry,
+// and the hairpin would stop for every pod on that parent.
+func TestAddEndpointNeedsParentMAC(t *testing.T) {
+	m := load(t)
+	dp := &loader.Objects{Maps: *m}
+	ep := &datapath.Endpoint{ContainerID: "c", IfName: "eth0", ParentIfindex: 2, ParentName: "eth1", Mode: loader.ModeMacvlan,
+		MAC: []byte{2, 0, 0, 0, 0, 1}}
+	_, err := datapath.AddEndpoint(dp, nil, ep, datapath.AddOptions{}, nil)
+	if err == nil || !strings.Contains(err.Error(), "no Ethernet MAC") {
+		t.Fatalf("AddEndpoint without a parent MAC: %v", err)
+	}
+	if eps, _ := datapath.Endpoints(m); len(eps) != 0 {
+		t.Fatalf("%d endpoints registered", len(eps))
+	}
+}
