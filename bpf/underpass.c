@@ -1525,8 +1525,9 @@ static __always_inline void backend_mac(struct __sk_buff *skb, const struct pkt 
 }
 
 /* A new flow's backend: the client's previous one under sessionAffinity
- * (while it is recent and still a backend), else a random slot of the
- * current set. 0: none (a slot missing mid-update). */
+ * (while it is recent and the Service has not changed since: a changed
+ * set may have dropped it, or kept it only for its open flows), else a
+ * random slot of the current set. 0: none (a slot missing mid-update). */
 static __always_inline __u32 pick_backend(const struct up_svc *svc, const __u8 *client, __u64 now)
 {
 	struct up_affinity_key ak = {.svc_id = svc->id};
@@ -1534,7 +1535,7 @@ static __always_inline __u32 pick_backend(const struct up_svc *svc, const __u8 *
 	int affinity = svc->flags & UP_SVC_AFFINITY;
 	if (affinity) {
 		struct up_affinity *af = bpf_map_lookup_elem(&svc_affinity, &ak);
-		if (af && now - af->seen_ns < (__u64)svc->affinity_sec * 1000000000ULL) {
+		if (af && af->gen == svc->gen && now - af->seen_ns < (__u64)svc->affinity_sec * 1000000000ULL) {
 			__u32 id = af->backend_id;
 			if (bpf_map_lookup_elem(&svc_backends, &id)) {
 				af->seen_ns = now;
@@ -1547,7 +1548,7 @@ static __always_inline __u32 pick_backend(const struct up_svc *svc, const __u8 *
 	if (!id)
 		return 0;
 	if (affinity) {
-		struct up_affinity af = {.backend_id = *id, .seen_ns = now};
+		struct up_affinity af = {.backend_id = *id, .gen = svc->gen, .seen_ns = now};
 		bpf_map_update_elem(&svc_affinity, &ak, &af, BPF_ANY);
 	}
 	return *id;
@@ -1570,8 +1571,17 @@ __noinline int up_svc_xlate(struct __sk_buff *skb, const struct pkt *p, __u32 pa
 	struct up_svc_key sk = {.port = ports[1], .l4proto = l4};
 	__builtin_memcpy(sk.addr, p->daddr.addr, 16);
 	struct up_svc *svc = bpf_map_lookup_elem(&svc_frontends, &sk);
-	if (!svc)
+	if (!svc) {
+		/* The pod talks to an address directly on a tuple a translated
+		 * flow used (its source port came round again): that flow is
+		 * over, and its replies must no longer be given the VIP. */
+		struct up_rev_key rk = {.backend_port = ports[1], .client_port = ports[0], .l4proto = l4};
+		__builtin_memcpy(rk.backend, p->daddr.addr, 16);
+		__builtin_memcpy(rk.client, p->saddr.addr, 16);
+		if (bpf_map_lookup_elem(&svc_rev, &rk))
+			bpf_map_delete_elem(&svc_rev, &rk);
 		return XLATE_NONE;
+	}
 	__u32 len = skb->len;
 	if (!svc->count) {
 		svc_count(UP_SVC_STAT_STALE, len);
@@ -1611,13 +1621,17 @@ __noinline int up_svc_xlate(struct __sk_buff *skb, const struct pkt *p, __u32 pa
 	if (fresh) {
 		struct up_ct nct = {.backend_id = bid, .svc_id = svc->id, .seen_ns = now};
 		bpf_map_update_elem(&svc_ct, &ck, &nct, BPF_ANY);
-		struct up_rev_key rk = {.backend_port = b.port, .client_port = ports[0], .l4proto = l4};
-		__builtin_memcpy(rk.backend, b.addr, 16);
-		__builtin_memcpy(rk.client, ck.client, 16);
+		svc_count(UP_SVC_STAT_NEW_FLOWS, len);
+	}
+	/* The reply's way back; written again if the tuple was used directly
+	 * in between (see above) or the LRU dropped it. */
+	struct up_rev_key rk = {.backend_port = b.port, .client_port = ports[0], .l4proto = l4};
+	__builtin_memcpy(rk.backend, b.addr, 16);
+	__builtin_memcpy(rk.client, ck.client, 16);
+	if (fresh || !bpf_map_lookup_elem(&svc_rev, &rk)) {
 		struct up_rev rv = {.vport = ports[1]};
 		__builtin_memcpy(rv.vip, ck.vip, 16);
 		bpf_map_update_elem(&svc_rev, &rk, &rv, BPF_ANY);
-		svc_count(UP_SVC_STAT_NEW_FLOWS, len);
 	}
 	if (rewrite_addr(skb, p, daddr_off(p), ck.vip, b.addr))
 		return XLATE_FAILED;

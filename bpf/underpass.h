@@ -331,7 +331,7 @@ struct up_svc {
 	__u8 rev;           /* 0 or 1: which slots are current */
 	__u8 flags;         /* enum up_svc_flags */
 	__u32 affinity_sec; /* sessionAffinity timeout */
-	__u32 _pad;
+	__u32 gen;          /* bumped on every change: affinity older than it is void */
 };
 
 struct up_slot_key {
@@ -388,7 +388,7 @@ struct up_affinity_key {
 
 struct up_affinity {
 	__u32 backend_id;
-	__u32 _pad;
+	__u32 gen;      /* the frontend's gen when it was chosen */
 	__u64 seen_ns;
 };
 

@@ -25,6 +25,10 @@ type Frontend struct {
 	Port     uint16
 	Proto    uint8 // 6 TCP, 17 UDP, 132 SCTP
 	Backends []netip.AddrPort
+	// Draining backends keep the flows they have but get no new one: a
+	// terminating pod still serving its connections, as kube-proxy keeps
+	// them (its conntrack entries stay).
+	Draining []netip.AddrPort
 	// Affinity is sessionAffinity: ClientIP's timeout; 0: none.
 	Affinity time.Duration
 }
@@ -54,7 +58,7 @@ func (f *Frontend) check() error {
 	case f.Affinity < 0 || f.Affinity > math.MaxUint32*time.Second:
 		return fmt.Errorf("affinity timeout %s out of range", f.Affinity)
 	}
-	for _, b := range f.Backends {
+	for _, b := range slices.Concat(f.Backends, f.Draining) {
 		if !b.IsValid() || b.Addr().Is4() != f.VIP.Unmap().Is4() {
 			return fmt.Errorf("backend %s: not an address of the VIP's family", b)
 		}
@@ -152,19 +156,22 @@ func (t *FrontendTable) Put(f Frontend) error {
 	if err := f.check(); err != nil {
 		return fmt.Errorf("frontend %s: %w", &f, err)
 	}
-	ids := make([]uint32, 0, len(f.Backends))
-	for _, b := range f.Backends {
+	// The slots' backends, then the draining ones (referenced, no slot).
+	ids := make([]uint32, 0, len(f.Backends)+len(f.Draining))
+	for _, b := range slices.Concat(f.Backends, f.Draining) {
 		id, err := t.backendID(b)
 		if err != nil {
+			t.release(ids)
 			return err
 		}
 		ids = append(ids, id)
 	}
 	key := f.key()
 	cur, exists := t.svcs[key]
-	svc := loader.Svc{Id: cur.Id, Rev: cur.Rev ^ 1, Count: uint16(len(ids))}
+	n := uint16(len(f.Backends))
+	svc := loader.Svc{Id: cur.Id, Rev: cur.Rev ^ 1, Count: n, Gen: cur.Gen + 1}
 	if !exists {
-		svc = loader.Svc{Id: lowestFree(t.usedSvc, &t.nextSvc), Count: uint16(len(ids))}
+		svc = loader.Svc{Id: lowestFree(t.usedSvc, &t.nextSvc), Count: n, Gen: 1}
 	}
 	if f.Affinity > 0 {
 		svc.Flags = loader.SvcAffinity
@@ -175,7 +182,7 @@ func (t *FrontendTable) Put(f Frontend) error {
 		t.release(ids) // taken again by backendID
 		return nil
 	}
-	if err := writeSlots(t.m, svc.Id, svc.Rev, ids); err != nil {
+	if err := writeSlots(t.m, svc.Id, svc.Rev, ids[:n]); err != nil {
 		t.release(ids)
 		return fmt.Errorf("frontend %s: %w", &f, err)
 	}
@@ -206,7 +213,9 @@ func (t *FrontendTable) Delete(vip netip.Addr, port uint16, proto uint8) error {
 	return errors.Join(deleteSlots(t.m, s.Id, 0, 0), deleteSlots(t.m, s.Id, 1, 0), t.release(old))
 }
 
-// Sync makes the tables hold exactly want.
+// Sync makes the tables hold exactly want. Backends nothing refers to
+// (draining ones a previous run kept, which a table opened afresh cannot
+// tell from garbage) go at the end.
 func (t *FrontendTable) Sync(want []Frontend) error {
 	keep := map[loader.SvcKey]bool{}
 	var errs []error
@@ -219,6 +228,14 @@ func (t *FrontendTable) Sync(want []Frontend) error {
 			errs = append(errs, t.Delete(netip.AddrFrom16(k.Addr).Unmap(), htons(k.Port), k.L4proto))
 		}
 	}
+	var orphans []uint32
+	for _, id := range t.backends {
+		if t.refs[id] == 0 {
+			t.refs[id] = 1 // release takes it to 0 and deletes
+			orphans = append(orphans, id)
+		}
+	}
+	errs = append(errs, t.release(orphans))
 	return errors.Join(errs...)
 }
 
@@ -322,7 +339,12 @@ func Frontends(m *loader.Maps) ([]Frontend, error) {
 			if !ok {
 				return nil, fmt.Errorf("frontend %s slot %d: backend %d missing", &f, i, id)
 			}
-			f.Backends = append(f.Backends, netip.AddrPortFrom(netip.AddrFrom16(b.Addr).Unmap(), htons(b.Port)))
+			ap := netip.AddrPortFrom(netip.AddrFrom16(b.Addr).Unmap(), htons(b.Port))
+			if i < int(s.Count) {
+				f.Backends = append(f.Backends, ap)
+			} else {
+				f.Draining = append(f.Draining, ap)
+			}
 		}
 		out = append(out, f)
 	}

@@ -16,7 +16,7 @@ import (
 type bpfUpAffinity struct {
 	_         structs.HostLayout
 	BackendId uint32
-	Pad       uint32
+	Gen       uint32
 	SeenNs    uint64
 }
 
@@ -335,7 +335,7 @@ type bpfUpSvc struct {
 	Rev         uint8
 	Flags       uint8
 	AffinitySec uint32
-	Pad         uint32
+	Gen         uint32
 }
 
 type bpfUpSvcFlags uint32

@@ -256,6 +256,44 @@ func TestServiceBackendChoice(t *testing.T) {
 			}
 		}
 	})
+	t.Run("backend draining", func(t *testing.T) {
+		r := newSvcRig(t, datapath.Frontend{VIP: vipSvc, Port: 80, Proto: datapath.ProtoTCP, Backends: backs})
+		first := send(t, r, 40000)
+		var rest, gone []netip.AddrPort
+		for _, b := range backs {
+			if b.Addr() != first {
+				rest = append(rest, b)
+			} else {
+				gone = append(gone, b)
+			}
+		}
+		// Terminating but serving: its open flow stays, new flows avoid it.
+		must(t, datapath.SyncFrontends(&r.dp.Maps, []datapath.Frontend{{VIP: vipSvc, Port: 80, Proto: datapath.ProtoTCP, Backends: rest, Draining: gone}}))
+		if b := send(t, r, 40000); b != first {
+			t.Fatalf("the open flow moved from its draining backend %s to %s", first, b)
+		}
+		for i := range 60 {
+			if b := send(t, r, uint16(41000+i)); b == first {
+				t.Fatalf("new flow %d went to the draining backend %s", i, first)
+			}
+		}
+	})
+	t.Run("affinity ends when the Service changes", func(t *testing.T) {
+		f := datapath.Frontend{VIP: vipSvc, Port: 80, Proto: datapath.ProtoTCP, Backends: backs, Affinity: time.Hour}
+		r := newSvcRig(t, f)
+		first := send(t, r, 30000)
+		var rest []netip.AddrPort
+		for _, b := range backs {
+			if b.Addr() != first {
+				rest = append(rest, b)
+			}
+		}
+		f.Backends, f.Draining = rest, []netip.AddrPort{netip.AddrPortFrom(first, 80)}
+		must(t, datapath.SyncFrontends(&r.dp.Maps, []datapath.Frontend{f}))
+		if b := send(t, r, 30001); b == first {
+			t.Fatalf("a new flow of the client followed its affinity to the draining %s", first)
+		}
+	})
 	t.Run("backend removed", func(t *testing.T) {
 		r := newSvcRig(t, datapath.Frontend{VIP: vipSvc, Port: 80, Proto: datapath.ProtoTCP, Backends: backs})
 		first := send(t, r, 40000)
@@ -364,4 +402,24 @@ func sortedFronts(fs []datapath.Frontend) []datapath.Frontend {
 		}
 	}
 	return out
+}
+
+// A source port comes round again: the pod talks to the backend directly
+// on the tuple a translated flow used. Its replies are the direct flow's
+// (not given the VIP); back through the VIP on that tuple, they are again.
+func TestServiceTupleReusedDirectly(t *testing.T) {
+	backend := netip.AddrPortFrom(ipB, 80)
+	vip := netip.AddrPortFrom(vipSvc, 80)
+	r := newSvcRig(t, datapath.Frontend{VIP: vipSvc, Port: 80, Proto: datapath.ProtoTCP, Backends: []netip.AddrPort{backend}})
+	client := netip.AddrPortFrom(ipA, clientPort)
+	reply := segment(t, macB, macA, backend, client, layers.IPProtocolTCP)
+	viaVIP := segment(t, macA, macGW, client, vip, layers.IPProtocolTCP)
+	direct := segment(t, macA, macB, client, backend, layers.IPProtocolTCP)
+
+	wantFrame(t, r.rig, r.egressA, viaVIP, direct)
+	wantFrame(t, r.rig, r.ingressA, reply, segment(t, macB, macA, vip, client, layers.IPProtocolTCP))
+	wantFrame(t, r.rig, r.egressA, direct, direct)
+	wantFrame(t, r.rig, r.ingressA, reply, reply)
+	wantFrame(t, r.rig, r.egressA, viaVIP, direct)
+	wantFrame(t, r.rig, r.ingressA, reply, segment(t, macB, macA, vip, client, layers.IPProtocolTCP))
 }

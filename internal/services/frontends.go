@@ -30,7 +30,9 @@ const defaultAffinity = 10800 * time.Second
 // internalTrafficPolicy: Local only the endpoints on node count. The port
 // is the one the slice resolved for the Service port's name (named
 // targetPorts included). No backend: the frontend is there, empty, and the
-// Service is stale.
+// Service is stale. The slices' other endpoints (not ready, terminating)
+// are Draining: their open connections go on, as kube-proxy leaves their
+// conntrack entries alone; gone from the slices, their flows move.
 func FrontendsOf(svc *corev1.Service, slices []*discoveryv1.EndpointSlice, node string) []datapath.Frontend {
 	if svc == nil {
 		return nil
@@ -51,7 +53,7 @@ func FrontendsOf(svc *corev1.Service, slices []*discoveryv1.EndpointSlice, node 
 				continue
 			}
 			f := datapath.Frontend{VIP: vip, Port: uint16(sp.Port), Proto: proto, Affinity: affinity}
-			f.Backends = backendsOf(slices, vip.Is4(), sp, svc.Spec.PublishNotReadyAddresses, local, node)
+			f.Backends, f.Draining = backendsOf(slices, vip.Is4(), sp, svc.Spec.PublishNotReadyAddresses, local, node)
 			out = append(out, f)
 		}
 	}
@@ -70,13 +72,14 @@ func protoNumber(p corev1.Protocol) (uint8, bool) {
 	return 0, false
 }
 
-// backendsOf picks the backends of one Service port from its slices.
-func backendsOf(eps []*discoveryv1.EndpointSlice, v4 bool, sp corev1.ServicePort, publishNotReady, local bool, node string) []netip.AddrPort {
+// backendsOf picks the backends of one Service port from its slices, and
+// the rest of their endpoints, draining.
+func backendsOf(eps []*discoveryv1.EndpointSlice, v4 bool, sp corev1.ServicePort, publishNotReady, local bool, node string) (use, draining []netip.AddrPort) {
 	family := discoveryv1.AddressTypeIPv6
 	if v4 {
 		family = discoveryv1.AddressTypeIPv4
 	}
-	var ready, fallback []netip.AddrPort
+	var ready, fallback, all []netip.AddrPort
 	for _, s := range eps {
 		if s.AddressType != family {
 			continue
@@ -99,6 +102,7 @@ func backendsOf(eps []*discoveryv1.EndpointSlice, v4 bool, sp corev1.ServicePort
 					continue
 				}
 				ap := netip.AddrPortFrom(addr.Unmap(), port)
+				all = append(all, ap)
 				switch {
 				case isReady:
 					ready = append(ready, ap)
@@ -111,8 +115,17 @@ func backendsOf(eps []*discoveryv1.EndpointSlice, v4 bool, sp corev1.ServicePort
 	if len(ready) == 0 {
 		ready = fallback
 	}
-	slices.SortFunc(ready, func(a, b netip.AddrPort) int { return a.Compare(b) })
-	return slices.Compact(ready)
+	sortAddrPorts := func(s []netip.AddrPort) []netip.AddrPort {
+		slices.SortFunc(s, func(a, b netip.AddrPort) int { return a.Compare(b) })
+		return slices.Compact(s)
+	}
+	use = sortAddrPorts(ready)
+	for _, ap := range sortAddrPorts(all) {
+		if _, found := slices.BinarySearchFunc(use, ap, func(a, b netip.AddrPort) int { return a.Compare(b) }); !found {
+			draining = append(draining, ap)
+		}
+	}
+	return use, draining
 }
 
 // slicePort is the port a slice gives the Service port: the entry with its

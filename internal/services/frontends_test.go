@@ -70,8 +70,10 @@ func TestFrontendsOf(t *testing.T) {
 			slice(v4, map[string]int32{"web": 9090}, ep{addr: "10.1.0.4"}),
 		},
 		want: []datapath.Frontend{
-			{VIP: netip.MustParseAddr("10.96.0.10"), Port: 80, Proto: datapath.ProtoTCP, Backends: backends("10.1.0.1:8080", "10.1.0.2:8080", "10.1.0.4:9090")},
-			{VIP: netip.MustParseAddr("10.96.0.10"), Port: 53, Proto: datapath.ProtoUDP, Backends: backends("10.1.0.1:5353", "10.1.0.2:5353")},
+			{VIP: netip.MustParseAddr("10.96.0.10"), Port: 80, Proto: datapath.ProtoTCP, Backends: backends("10.1.0.1:8080", "10.1.0.2:8080", "10.1.0.4:9090"),
+				Draining: backends("10.1.0.3:8080")},
+			{VIP: netip.MustParseAddr("10.96.0.10"), Port: 53, Proto: datapath.ProtoUDP, Backends: backends("10.1.0.1:5353", "10.1.0.2:5353"),
+				Draining: backends("10.1.0.3:5353")},
 		},
 	}, {
 		name: "none ready: the serving terminating ones, as kube-proxy",
@@ -79,7 +81,9 @@ func TestFrontendsOf(t *testing.T) {
 		slices: []*discoveryv1.EndpointSlice{slice(v4, map[string]int32{"web": 8080},
 			ep{addr: "10.1.0.1", ready: no, serving: yes, terminating: yes}, ep{addr: "10.1.0.2", ready: no, serving: no, terminating: yes},
 			ep{addr: "10.1.0.3", ready: no})},
-		want: []datapath.Frontend{{VIP: netip.MustParseAddr("10.96.0.10"), Port: 80, Proto: datapath.ProtoTCP, Backends: backends("10.1.0.1:8080")}},
+		// The others keep their open connections: draining.
+		want: []datapath.Frontend{{VIP: netip.MustParseAddr("10.96.0.10"), Port: 80, Proto: datapath.ProtoTCP, Backends: backends("10.1.0.1:8080"),
+			Draining: backends("10.1.0.2:8080", "10.1.0.3:8080")}},
 	}, {
 		name: "no endpoint: an empty frontend (stale)",
 		svc:  service([]string{"10.96.0.10"}, web),

@@ -1,16 +1,19 @@
 package agent_test
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"fmt"
 	"net"
 	"net/netip"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/containernetworking/plugins/pkg/ns"
+	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/underpass-cni/underpass/internal/datapath"
@@ -104,6 +107,70 @@ services:
 		t.Errorf("new flows %d, want at least %d", n, conns+2)
 	}
 
+	// A rollout under an open connection: its backend turns terminating
+	// (still serving) and a new one is ready. The open connection goes on
+	// with its backend; new ones go to the new backend only. Once the old
+	// backend is gone from the slice, the open connection fails at once (a
+	// reset from the backend its next packet meets) instead of hanging.
+	for _, b := range []*netenv.Container{b1, b2} {
+		serveEcho(t, b.NS, netip.AddrPortFrom(b.IP4.Addr(), 7070))
+	}
+	long := createBackedService(t, cs, "long")
+	setSlice := func(ready []netip.Addr, terminating ...netip.Addr) {
+		s := backendSlice("long", ready...)
+		port := int32(7070)
+		s.Ports[0].Port = &port
+		no, yes := false, true
+		for _, a := range terminating {
+			s.Endpoints = append(s.Endpoints, discoveryv1.Endpoint{Addresses: []string{a.String()},
+				Conditions: discoveryv1.EndpointConditions{Ready: &no, Serving: &yes, Terminating: &yes}})
+		}
+		_, err := cs.DiscoveryV1().EndpointSlices("default").Update(context.Background(), s, metav1.UpdateOptions{})
+		must(t, err)
+	}
+	setSlice([]netip.Addr{b1.IP4.Addr()})
+	at := func(b *netenv.Container) string { return netip.AddrPortFrom(b.IP4.Addr(), 7070).String() }
+	var conn net.Conn
+	waitFor(t, 10*time.Second, "a connection to long on backend1", func() bool {
+		c, err := netenv.DialTCPConn(client.NS, netip.AddrPortFrom(long, 80), time.Second)
+		if err != nil {
+			return false
+		}
+		conn = c
+		return true
+	})
+	defer conn.Close()
+	rd := bufio.NewReader(conn)
+	ask := func() (string, error) {
+		_ = conn.SetDeadline(time.Now().Add(2 * time.Second))
+		if _, err := conn.Write([]byte("who\n")); err != nil {
+			return "", err
+		}
+		line, err := rd.ReadString('\n')
+		return strings.TrimSpace(line), err
+	}
+	if who, err := ask(); err != nil || who != at(b1) {
+		t.Fatalf("open connection before the rollout: %q, %v", who, err)
+	}
+	setSlice([]netip.Addr{b2.IP4.Addr()}, b1.IP4.Addr())
+	waitFor(t, 10*time.Second, "new connections to long on backend2", func() bool {
+		who, err := askEcho(client.NS, netip.AddrPortFrom(long, 80))
+		return err == nil && who == at(b2)
+	})
+	for i := range 20 {
+		if who, err := askEcho(client.NS, netip.AddrPortFrom(long, 80)); err != nil || who != at(b2) {
+			t.Fatalf("new connection %d during the rollout: %q, %v", i, who, err)
+		}
+		if who, err := ask(); err != nil || who != at(b1) {
+			t.Fatalf("the open connection during the rollout (%d): %q, %v", i, who, err)
+		}
+	}
+	setSlice([]netip.Addr{b2.IP4.Addr()})
+	waitFor(t, 10*time.Second, "the open connection reset once its backend left", func() bool {
+		_, err := ask()
+		return errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE)
+	})
+
 	// Scaled to zero: stale, and in reject mode refused at once.
 	_, err = cs.DiscoveryV1().EndpointSlices("default").Update(context.Background(), backendSlice("to-local"), metav1.UpdateOptions{})
 	must(t, err)
@@ -137,4 +204,51 @@ func (l *lab) endpointStats(t *testing.T, dp *loader.Objects, c *netenv.Containe
 	s, err := datapath.EndpointStats(&dp.Maps, id)
 	must(t, err)
 	return s
+}
+
+// serveEcho answers each line of every connection with its own address.
+func serveEcho(t *testing.T, ns *netenv.NS, addr netip.AddrPort) {
+	t.Helper()
+	var ln net.Listener
+	must(t, ns.Do(func() error {
+		var err error
+		ln, err = net.Listen("tcp", addr.String())
+		return err
+	}))
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				r := bufio.NewReader(c)
+				for {
+					if _, err := r.ReadString('\n'); err != nil {
+						return
+					}
+					if _, err := fmt.Fprintln(c, c.LocalAddr()); err != nil {
+						return
+					}
+				}
+			}()
+		}
+	}()
+}
+
+// askEcho opens a connection, asks once, closes.
+func askEcho(ns *netenv.NS, addr netip.AddrPort) (string, error) {
+	c, err := netenv.DialTCPConn(ns, addr, 2*time.Second)
+	if err != nil {
+		return "", err
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(2 * time.Second))
+	if _, err := c.Write([]byte("who\n")); err != nil {
+		return "", err
+	}
+	line, err := bufio.NewReader(c).ReadString('\n')
+	return strings.TrimSpace(line), err
 }
