@@ -134,6 +134,17 @@ func TestRealNode(t *testing.T) {
 		time.Sleep(2 * time.Second)
 		rows = append(rows, checkNetwork(t, c.Client, bpffs, "nft", nw, "nftables"))
 	})
+	// Services translated at the pod, kube-proxy still running: the pods'
+	// programs translate before the host could, so the backend sees the
+	// client pod, not the node.
+	nw = nets[1]
+	nw.name += ", services.mode ebpf, kube-proxy nftables present"
+	nw.ebpf, nw.rejectRow = true, nil
+	t.Run(nw.name, func(t *testing.T) {
+		setAgentMode(t, agentMetrics, "ebpf")
+		defer setAgentMode(t, agentMetrics, "host")
+		rows = append(rows, checkNetwork(t, c.Client, bpffs, "ebpf", nw, "nftables"))
+	})
 	// The upstream tests judge both: underpass chained after macvlan
 	// passes them all; on plain macvlan two of them show what fails (see
 	// baselineTests).
@@ -332,6 +343,8 @@ type network struct {
 	// rejectRow, when set, receives the row of the reject-mode checks
 	// (which need the process agent, whose config the test rewrites).
 	rejectRow *string
+	// ebpf: services.mode ebpf, the backend of a ClusterIP sees the client.
+	ebpf bool
 }
 
 // checkNetwork runs a server and a client pod on nw and tries every path;
@@ -418,7 +431,14 @@ func checkNetwork(t *testing.T, cs kubernetes.Interface, bpffs, suffix string, n
 	vip := createService(t, cs, webName, webName)
 	t.Cleanup(func() { _ = cs.CoreV1().Services("default").Delete(ctx, webName, metav1.DeleteOptions{}) })
 	waitProgrammed(t, proxyMode, vip)
-	svc := path("pod -> ClusterIP "+vip.String()+" -> pod", clientNS, netip.AddrPortFrom(vip, 80), nodeIP)
+	// Through kube-proxy the flow is masqueraded (the backend sees the
+	// node); translated at the pod it is not.
+	svcSource := nodeIP
+	if nw.ebpf {
+		svcSource = clientIP
+		waitFrontend(t, bpffs, vip)
+	}
+	svc := path("pod -> ClusterIP "+vip.String()+" -> pod", clientNS, netip.AddrPortFrom(vip, 80), svcSource)
 	// A host-network backend (the node's own address, as the kubernetes
 	// Service has on a control-plane node): delivered locally, never
 	// masqueraded, so the backend sees the pod.
@@ -775,6 +795,21 @@ func writeConflist(t testing.TB, dir string, plugins []any) {
 // it): underpassd reloads it live.
 var writeAgentConfig func(action string, requireEndpoints bool)
 
+// agentServiceMode is the process agent's services.mode (writeAgentConfig
+// writes it).
+var agentServiceMode = "host"
+
+// setAgentMode switches the process agent's services.mode, live.
+func setAgentMode(t *testing.T, metrics, mode string) {
+	t.Helper()
+	n := scrape(metrics).sum("underpass_config_reloads_total", `result="success"`)
+	agentServiceMode = mode
+	writeAgentConfig("drop", false)
+	waitFor(t, 30*time.Second, "the agent reloading its config (services.mode "+mode+")", func() bool {
+		return scrape(metrics).sum("underpass_config_reloads_total", `result="success"`) > n
+	})
+}
+
 // startAgent runs underpassd as a process of the node and returns what
 // stops it and uninstalls its datapath (also run at cleanup; once).
 func startAgent(t testing.TB, bin, work, bpffs string, c *kapi.Cluster) (metrics string, stop func()) {
@@ -795,7 +830,8 @@ staleServices:
 services:
   kubernetes: "true"
   kubeconfig: %s
-`, bpffs, port, kapi.ServiceCIDRv4, action, requireEndpoints, c.Kubeconfig)), 0o644))
+  mode: %s
+`, bpffs, port, kapi.ServiceCIDRv4, action, requireEndpoints, c.Kubeconfig, agentServiceMode)), 0o644))
 		must(t, os.Rename(tmp, cfg))
 	}
 	writeAgentConfig("drop", false)
@@ -903,6 +939,21 @@ func podIP(t testing.TB, cs kubernetes.Interface, name string) netip.Addr {
 	a, err := netip.ParseAddr(p.Status.PodIP)
 	must(t, err)
 	return a
+}
+
+// waitFrontend waits until the agent has given vip's frontend a backend
+// (services.mode ebpf), so a request cannot go through kube-proxy first.
+func waitFrontend(t *testing.T, bpffs string, vip netip.Addr) {
+	t.Helper()
+	waitFor(t, 30*time.Second, "the frontend of "+vip.String()+" in the datapath", func() bool {
+		dp, err := loader.Open(bpffs)
+		if err != nil {
+			return false
+		}
+		defer dp.Close()
+		fs, err := datapath.Frontends(&dp.Maps)
+		return err == nil && slices.ContainsFunc(fs, func(f datapath.Frontend) bool { return f.VIP == vip && len(f.Backends) > 0 })
+	})
 }
 
 // endpoints are the endpoints registered in the datapath pinned at bpffs.
