@@ -156,6 +156,26 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 		return err
 	}
 
+	if err := a.owners(dp); err != nil {
+		return err
+	}
+	defer a.kube.stop()
+
+	netEvents, err := a.start(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	a.log.Info("underpassd started", "version", a.opts.Version, "bpffs", cfg.BPFFS,
+		"parents", len(a.parents), "uplinks", len(a.uplinks), "took", time.Since(start).Round(time.Millisecond),
+		"metrics", a.http.addr())
+	a.loop(ctx, netEvents)
+	return nil
+}
+
+// owners sets up what owns the maps besides the loader: the live Service
+// set, the Service frontends and the Kubernetes source feeding both, and
+// the endpoint collector.
+func (a *Agent) owners(dp *loader.Objects) error {
 	svc, err := services.NewManager(services.MapStore{Maps: &dp.Maps}, a.log.With("component", "services"))
 	if err != nil {
 		return err
@@ -167,16 +187,6 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 		return err
 	}
 	a.kube = newKubeSource(svc, fronts, a.log.With("component", "kubernetes"))
-	defer a.kube.stop()
-
-	netEvents, err := a.start(ctx, cfg)
-	if err != nil {
-		return err
-	}
-	a.log.Info("underpassd started", "version", a.opts.Version, "bpffs", cfg.BPFFS,
-		"parents", len(a.parents), "uplinks", len(a.uplinks), "took", time.Since(start).Round(time.Millisecond),
-		"metrics", a.http.addr())
-	a.loop(ctx, netEvents)
 	return nil
 }
 

@@ -143,6 +143,26 @@ func (k *Kube) Run(ctx context.Context) error {
 		return ctx.Err()
 	}
 
+	n := k.syncAll()
+	k.opts.Log.Info("live services synced from Kubernetes", "services", n, "took", time.Since(start).Round(time.Millisecond), "requireEndpoints", k.opts.RequireEndpoints)
+
+	go func() {
+		<-ctx.Done()
+		k.queue.ShutDown()
+	}()
+	for {
+		key, quit := k.queue.Get()
+		if quit {
+			return nil
+		}
+		k.process(key)
+		k.queue.Done(key)
+	}
+}
+
+// syncAll hands the sinks the complete view of the synced caches; it
+// returns how many Services are live.
+func (k *Kube) syncAll() int {
 	all := map[string][]netip.Addr{}
 	fronts := map[string][]datapath.Frontend{}
 	for _, o := range k.svcs.GetStore().List() {
@@ -166,20 +186,7 @@ func (k *Kube) Run(ctx context.Context) error {
 	if err := k.sink.KubeReplace(all); err != nil {
 		k.opts.Log.Error("initial sync of live services", "error", err)
 	}
-	k.opts.Log.Info("live services synced from Kubernetes", "services", len(all), "took", time.Since(start).Round(time.Millisecond), "requireEndpoints", k.opts.RequireEndpoints)
-
-	go func() {
-		<-ctx.Done()
-		k.queue.ShutDown()
-	}()
-	for {
-		key, quit := k.queue.Get()
-		if quit {
-			return nil
-		}
-		k.process(key)
-		k.queue.Done(key)
-	}
+	return len(all)
 }
 
 func (k *Kube) process(key string) {
