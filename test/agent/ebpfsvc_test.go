@@ -67,21 +67,8 @@ services:
 		return err == nil && n[toLocal] == 1 && n[toWire] == 1 && n[spread] == 3
 	})
 
-	for _, tc := range []struct {
-		name string
-		vip  netip.Addr
-	}{{"backend pod on the same node", toLocal}, {"backend on the wire", toWire}} {
-		var seen string
-		waitFor(t, 10*time.Second, tc.name+" answers through "+tc.vip.String(), func() bool {
-			var err error
-			seen, err = askRemoteAddr(client.NS, netip.AddrPortFrom(tc.vip, 80), 2*time.Second)
-			return err == nil
-		})
-		if host, _, _ := net.SplitHostPort(seen); host != client.IP4.Addr().String() {
-			t.Fatalf("%s: backend saw %s, want the client pod's own address %s", tc.name, seen, client.IP4.Addr())
-		}
-		t.Logf("%s: client -> %s:80 answered with no kube-proxy; the backend saw %s", tc.name, tc.vip, seen)
-	}
+	answersThrough(t, client, map[string]netip.Addr{"backend pod on the same node": toLocal, "backend on the wire": toWire},
+		client.IP4.Addr(), "the client pod's own address")
 
 	// New connections spread over the three backends; each reply comes
 	// back from the VIP (the client's socket would reset anything else).

@@ -150,22 +150,9 @@ services:
 
 	writeConfig(true)
 	l.waitMetric("underpass_config_reloads_total", `result="success"`, 1)
-	for _, tc := range []struct {
-		name string
-		vip  netip.Addr
-	}{{"backend pod on the same node", toLocal}, {"backend on the wire", toWire}} {
-		var seen string
-		waitFor(t, 10*time.Second, tc.name+" answers through "+tc.vip.String(), func() bool {
-			var err error
-			seen, err = askRemoteAddr(client.NS, netip.AddrPortFrom(tc.vip, 80), 2*time.Second)
-			return err == nil
-		})
-		// What the README promises: the backend sees the node's address.
-		if host, _, _ := net.SplitHostPort(seen); host != u.Node4.Addr().String() {
-			t.Fatalf("%s: backend saw %s, want the node's address %s", tc.name, seen, u.Node4.Addr())
-		}
-		t.Logf("%s: client -> %s:80 answered; the backend saw %s", tc.name, tc.vip, seen)
-	}
+	// What the README promises: the backend sees the node's address.
+	answersThrough(t, client, map[string]netip.Addr{"backend pod on the same node": toLocal, "backend on the wire": toWire},
+		u.Node4.Addr(), "the node's address")
 	out, _, err := l.Node.Exec(context.Background(), "nft", "list", "table", "inet", "underpass")
 	must(t, err)
 	// The Service mark's rule masquerades in every mode: DNAT (iptables,
@@ -368,6 +355,25 @@ func serveRemoteAddr(t *testing.T, ns *netenv.NS, addr netip.AddrPort) {
 			c.Close()
 		}
 	})
+}
+
+// answersThrough connects from client to each VIP's port 80 until it
+// answers, and wants the backend to have seen the connection come from
+// source (what names it).
+func answersThrough(t *testing.T, client *netenv.Container, vips map[string]netip.Addr, source netip.Addr, what string) {
+	t.Helper()
+	for name, vip := range vips {
+		var seen string
+		waitFor(t, 10*time.Second, name+" answers through "+vip.String(), func() bool {
+			var err error
+			seen, err = askRemoteAddr(client.NS, netip.AddrPortFrom(vip, 80), 2*time.Second)
+			return err == nil
+		})
+		if host, _, _ := net.SplitHostPort(seen); host != source.String() {
+			t.Fatalf("%s: backend saw %s, want %s %s", name, seen, what, source)
+		}
+		t.Logf("%s: client -> %s:80 answered; the backend saw %s", name, vip, seen)
+	}
 }
 
 // askRemoteAddr connects from ns and reads the address serveRemoteAddr
