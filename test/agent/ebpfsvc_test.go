@@ -7,14 +7,18 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/containernetworking/plugins/pkg/ns"
+	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
+	"k8s.io/client-go/kubernetes"
 
 	"github.com/underpass-cni/underpass/internal/datapath"
 	"github.com/underpass-cni/underpass/internal/loader"
@@ -32,13 +36,14 @@ func TestServicesInEBPF(t *testing.T) {
 	u := l.Uplinks[0]
 	c, kubeconfig := startKube(t, l)
 	cs := c.Client
-	client := l.AddMacvlanContainer("client", u.IP4(10), netip.Prefix{})
-	b1 := l.AddMacvlanContainer("backend1", u.IP4(11), netip.Prefix{})
+	client := l.AddMacvlanContainer("client", u.IP4(10), u.IP6(10))
+	b1 := l.AddMacvlanContainer("backend1", u.IP4(11), u.IP6(11))
 	b2 := l.AddMacvlanContainer("backend2", u.IP4(12), netip.Prefix{})
 	wire := l.AddWireHost("remote", u.IP4(20), netip.Prefix{})
 	for _, s := range []*netenv.Container{b1, b2, wire} {
 		serveRemoteAddr(t, s.NS, netip.AddrPortFrom(s.IP4.Addr(), 8080))
 	}
+	serveRemoteAddr(t, b1.NS, netip.AddrPortFrom(b1.IP6.Addr(), 8080))
 	l.writeConfig(fmt.Sprintf(`
 staleServices:
   cidrs: [%s, %s]
@@ -69,6 +74,14 @@ services:
 
 	answersThrough(t, client, map[string]netip.Addr{"backend pod on the same node": toLocal, "backend on the wire": toWire},
 		client.IP4.Addr(), "the client pod's own address")
+
+	// IPv6: a single-stack IPv6 Service, a backend pod on the same node.
+	v6 := createBackedService6(t, cs, "v6", b1.IP6.Addr())
+	waitFor(t, 10*time.Second, "the IPv6 frontend in the datapath", func() bool {
+		fs, err := datapath.Frontends(&dp.Maps)
+		return err == nil && slices.ContainsFunc(fs, func(f datapath.Frontend) bool { return f.VIP == v6 && len(f.Backends) == 1 })
+	})
+	answersThrough(t, client, map[string]netip.Addr{"IPv6 backend pod on the same node": v6}, client.IP6.Addr(), "the client pod's own address")
 
 	// New connections spread over the three backends; each reply comes
 	// back from the VIP (the client's socket would reset anything else).
@@ -177,8 +190,12 @@ func addEndpoint(t *testing.T, dp *loader.Objects, c *netenv.Container, parentMA
 	netns, err := ns.GetNS(c.Path)
 	must(t, err)
 	defer netns.Close()
+	addrs := []netip.Prefix{c.IP4}
+	if c.IP6.IsValid() {
+		addrs = append(addrs, c.IP6)
+	}
 	ep := &datapath.Endpoint{ContainerID: c.NS.Name, IfName: c.IfName, Netns: c.Path, Ifindex: c.Index,
-		MAC: c.MAC, Addrs: []netip.Prefix{c.IP4}, ParentIfindex: c.ParentIndex, ParentName: c.Parent, ParentMAC: parentMAC,
+		MAC: c.MAC, Addrs: addrs, ParentIfindex: c.ParentIndex, ParentName: c.Parent, ParentMAC: parentMAC,
 		Mode: loader.ModeMacvlan, PodName: c.NS.Name, PodNamespace: "test"}
 	_, err = datapath.AddEndpoint(dp, netns, ep, datapath.AddOptions{}, nil)
 	must(t, err)
@@ -238,4 +255,23 @@ func askEcho(ns *netenv.NS, addr netip.AddrPort) (string, error) {
 	}
 	line, err := bufio.NewReader(c).ReadString('\n')
 	return strings.TrimSpace(line), err
+}
+
+// createBackedService6 is createBackedService for a single-stack IPv6
+// Service.
+func createBackedService6(t *testing.T, cs kubernetes.Interface, name string, backends ...netip.Addr) netip.Addr {
+	t.Helper()
+	ctx := context.Background()
+	single := corev1.IPFamilyPolicySingleStack
+	svc, err := cs.CoreV1().Services("default").Create(ctx, &corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Name: name},
+		Spec: corev1.ServiceSpec{IPFamilyPolicy: &single, IPFamilies: []corev1.IPFamily{corev1.IPv6Protocol},
+			Ports: []corev1.ServicePort{{Name: "http", Port: 80, TargetPort: intstr.FromInt32(8080), Protocol: corev1.ProtocolTCP}}},
+	}, metav1.CreateOptions{})
+	must(t, err)
+	s := backendSlice(name, backends...)
+	s.AddressType = discoveryv1.AddressTypeIPv6
+	_, err = cs.DiscoveryV1().EndpointSlices("default").Create(ctx, s, metav1.CreateOptions{})
+	must(t, err)
+	return netip.MustParseAddr(svc.Spec.ClusterIP)
 }

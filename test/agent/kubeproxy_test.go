@@ -372,7 +372,7 @@ func answersThrough(t *testing.T, client *netenv.Container, vips map[string]neti
 		if host, _, _ := net.SplitHostPort(seen); host != source.String() {
 			t.Fatalf("%s: backend saw %s, want %s %s", name, seen, what, source)
 		}
-		t.Logf("%s: client -> %s:80 answered; the backend saw %s", name, vip, seen)
+		t.Logf("%s: client -> %s answered; the backend saw %s", name, netip.AddrPortFrom(vip, 80), seen)
 	}
 }
 
