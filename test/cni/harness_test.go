@@ -7,7 +7,6 @@ package cni_test
 import (
 	"context"
 	"errors"
-	"fmt"
 	"net"
 	"net/netip"
 	"os"
@@ -34,40 +33,23 @@ var (
 )
 
 func TestMain(m *testing.M) {
-	os.Exit(run(m))
-}
-
-func run(m *testing.M) int {
-	if os.Geteuid() != 0 {
-		fmt.Fprintln(os.Stderr, "test/cni must run as root (netns, eBPF): sudo go test ./test/cni")
-		return 1
-	}
-	tmp, err := os.MkdirTemp("", "underpass-cni-test-")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
-	}
-	defer os.RemoveAll(tmp)
-	// In the kernel-matrix VMs there is no Go toolchain: the binaries come
-	// prebuilt (make test-kernels), laid out as below.
-	if dir := os.Getenv("UNDERPASS_CNI_BINS"); dir != "" {
-		pluginDir, fpDir, refDir = filepath.Join(dir, "release"), filepath.Join(dir, "failpoints"), filepath.Join(dir, "ref")
-		return m.Run()
-	}
-	pluginDir, fpDir = filepath.Join(tmp, "release"), filepath.Join(tmp, "failpoints")
-	if err := testutil.BuildPlugin(filepath.Join(pluginDir, "underpass")); err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
-	}
-	if err := testutil.BuildPlugin(filepath.Join(fpDir, "underpass"), "underpass_failpoints"); err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
-	}
-	if refDir, err = testutil.ReferencePlugins(); err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
-	}
-	return m.Run()
+	testutil.Main(m, "test/cni", func(tmp string) (err error) {
+		// In the kernel-matrix VMs there is no Go toolchain: the binaries
+		// come prebuilt (make test-kernels), laid out as below.
+		if dir := os.Getenv("UNDERPASS_CNI_BINS"); dir != "" {
+			pluginDir, fpDir, refDir = filepath.Join(dir, "release"), filepath.Join(dir, "failpoints"), filepath.Join(dir, "ref")
+			return nil
+		}
+		pluginDir, fpDir = filepath.Join(tmp, "release"), filepath.Join(tmp, "failpoints")
+		if err := testutil.BuildPlugin(filepath.Join(pluginDir, "underpass")); err != nil {
+			return err
+		}
+		if err := testutil.BuildPlugin(filepath.Join(fpDir, "underpass"), "underpass_failpoints"); err != nil {
+			return err
+		}
+		refDir, err = testutil.ReferencePlugins()
+		return err
+	})
 }
 
 type harness struct {
