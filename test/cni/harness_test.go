@@ -107,6 +107,14 @@ func newHarness(t *testing.T, o harnessOpts) *harness {
 	return h
 }
 
+// newMainHarness is newHarness with the default lab and one network, name:
+// underpass as the main plugin on eth0 (mainConf), CNI 1.1.0.
+func newMainHarness(t *testing.T, name string, v6 bool) (*harness, *libcni.NetworkConfigList) {
+	t.Helper()
+	h := newHarness(t, harnessOpts{})
+	return h, h.conflist(name, "1.1.0", h.mainConf(v6))
+}
+
 // failpoints makes the rest of t run the failpoint build of the plugin
 // with UNDERPASS_FAILPOINTS=spec (e.g. "add-ipam=error"); hang markers go to
 // the returned directory.
@@ -186,6 +194,23 @@ type pod struct {
 func (h *harness) newPod(name string) *pod {
 	n := h.env.AddNS(name)
 	return &pod{name: name, ns: n, netns: n.Path, id: "ctr-" + name + "-" + strings.Repeat("0", 8), ifname: "eth0"}
+}
+
+// addPod is a new pod, name, added to l.
+func (h *harness) addPod(l *libcni.NetworkConfigList, name string) *pod {
+	h.t.Helper()
+	p := h.newPod(name)
+	h.add(l, p)
+	return p
+}
+
+// addFirstPod is addPod, then the parent state the pod leaves taken as the
+// baseline (baselineParents): the pod a test starts from.
+func (h *harness) addFirstPod(l *libcni.NetworkConfigList, name string) *pod {
+	h.t.Helper()
+	p := h.addPod(l, name)
+	h.baselineParents()
+	return p
 }
 
 func (p *pod) rt() *libcni.RuntimeConf {
@@ -425,11 +450,11 @@ func pingBothWays(t *testing.T, a *pod, dsts []netip.Addr, froms []*netenv.NS, n
 	}
 }
 
-// podPair creates pods a and b and ADDs both with l.
+// podPair creates pods a and b, ADDs both with l and takes the parent
+// state they leave as the baseline (baselineParents).
 func (h *harness) podPair(l *libcni.NetworkConfigList) (a, b *pod) {
 	h.t.Helper()
-	a, b = h.newPod("a"), h.newPod("b")
-	h.add(l, a)
-	h.add(l, b)
+	a, b = h.addPod(l, "a"), h.addPod(l, "b")
+	h.baselineParents()
 	return a, b
 }

@@ -24,11 +24,9 @@ import (
 // counted spoofed_source, the wire sees none of them, and the pod it
 // impersonates keeps working.
 func TestSpoofingThroughThePlugin(t *testing.T) {
-	h := newHarness(t, harnessOpts{})
+	h, l := newMainHarness(t, "up-spoof", false)
 	u := h.env.Uplinks[0]
-	l := h.conflist("up-spoof", "1.1.0", h.mainConf(false))
 	a, b := h.podPair(l)
-	h.baselineParents()
 	netenv.MustPing(t, a.ns, u.Gateway4, 1) // neighbours resolved while honest
 
 	eth0 := func() netlink.Link {
@@ -112,11 +110,9 @@ func TestSpoofingThroughThePlugin(t *testing.T) {
 // carrying a unique token; the wire port must see none of them, and the
 // attacking pod's counter shows where they went.
 func TestAttacksPastThePodsOwnFilter(t *testing.T) {
-	h := newHarness(t, harnessOpts{})
+	h, l := newMainHarness(t, "up-attack", false)
 	u := h.env.Uplinks[0]
-	l := h.conflist("up-attack", "1.1.0", h.mainConf(false))
 	a, b := h.podPair(l)
-	h.baselineParents()
 	netenv.MustPing(t, a.ns, u.Gateway4, 1)
 
 	icmp := func(t *testing.T, src netip.Addr, vlan uint16, token []byte) []byte {
@@ -220,9 +216,7 @@ func TestNodeDoesNotRouteForPods(t *testing.T) {
 	netenv.MustPing(t, h.env.Node, behind.IP4.Addr(), 1) // the node itself reaches it
 
 	l := h.conflist("up-router", "1.1.0", h.mainConf(false))
-	a := h.newPod("a")
-	h.add(l, a)
-	h.baselineParents()
+	a := h.addFirstPod(l, "a")
 	eth0, err := a.ns.Netlink().LinkByName("eth0")
 	must(t, err)
 	must(t, a.ns.Netlink().RouteAdd(&netlink.Route{LinkIndex: eth0.Attrs().Index, Dst: &net.IPNet{IP: u2.Subnet4.Addr().AsSlice(), Mask: net.CIDRMask(u2.Subnet4.Bits(), 32)}, Gw: u.Node4.Addr().AsSlice()}))
