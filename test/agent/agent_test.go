@@ -325,16 +325,7 @@ func TestUpgrade(t *testing.T) {
 	if after.Program == before.Program {
 		t.Fatalf("link still runs program %d after the upgrade", before.Program)
 	}
-	pinned, err := ebpf.LoadPinnedProgram(filepath.Join(r.dir, "progs", "parent_egress"), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer pinned.Close()
-	info, err := pinned.Info()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if id, _ := info.ID(); id != after.Program {
+	if id := pinnedProgramID(t, filepath.Join(r.dir, "progs", "parent_egress")); ebpf.ProgramID(id) != after.Program {
 		t.Fatalf("link runs program %d, pinned parent_egress is %d", after.Program, id)
 	}
 	progs1 := tcxPrograms(t, r.Node, r.Uplinks[0].Index)
@@ -385,10 +376,9 @@ func pinnedProgramID(t *testing.T, path string) uint32 {
 	p, err := ebpf.LoadPinnedProgram(path, nil)
 	must(t, err)
 	defer p.Close()
-	info, err := p.Info()
+	id, err := kernelID(p.Info())
 	must(t, err)
-	id, _ := info.ID()
-	return uint32(id)
+	return id
 }
 
 // epTx is the rig's endpoint's tx packet counter.
