@@ -363,14 +363,11 @@ func TestDuplicateLabels(t *testing.T) {
 
 func echo(tb testing.TB, smac, dmac net.HardwareAddr, src, dst netip.Addr) []byte {
 	tb.Helper()
-	buf := gopacket.NewSerializeBuffer()
-	err := gopacket.SerializeLayers(buf, gopacket.SerializeOptions{ComputeChecksums: true, FixLengths: true},
+	return itest.Frame(tb,
 		&layers.Ethernet{SrcMAC: smac, DstMAC: dmac, EthernetType: layers.EthernetTypeIPv4},
 		&layers.IPv4{Version: 4, IHL: 5, TTL: 64, Protocol: layers.IPProtocolICMPv4, SrcIP: src.AsSlice(), DstIP: dst.AsSlice()},
 		&layers.ICMPv4{TypeCode: layers.CreateICMPv4TypeCode(layers.ICMPv4TypeEchoRequest, 0), Id: 1, Seq: 1},
 		gopacket.Payload("underpass-metrics-test-payload"))
-	must(tb, err)
-	return buf.Bytes()
 }
 
 // skbCtx is the prefix of struct __sk_buff up to ifindex.
