@@ -341,24 +341,7 @@ func dumpOnFailure(t *testing.T, l *lab, mode string) {
 // from, one line.
 func serveRemoteAddr(t *testing.T, ns *netenv.NS, addr netip.AddrPort) {
 	t.Helper()
-	var ln net.Listener
-	must(t, ns.Do(func() error {
-		var err error
-		ln, err = net.Listen("tcp", addr.String())
-		return err
-	}))
-	var wg sync.WaitGroup
-	t.Cleanup(func() { ln.Close(); wg.Wait() })
-	wg.Go(func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			fmt.Fprintln(c, c.RemoteAddr().String())
-			c.Close()
-		}
-	})
+	netenv.ServeTCP(t, ns, addr, func(c net.Conn) { fmt.Fprintln(c, c.RemoteAddr().String()) })
 }
 
 // askRemoteAddr connects from ns and reads what serveRemoteAddr says.

@@ -11,10 +11,20 @@ import (
 )
 
 // ListenTCP starts a TCP echo server on addr inside ns (port 0 picks a free
-// port: read it from the listener's Addr). The socket is created inside the
-// namespace and stays there, while the accept loop runs on any thread. The
-// listener and its connections are closed when the test ends.
+// port: read it from the listener's Addr); see ServeTCP.
 func ListenTCP(tb testing.TB, ns *NS, addr netip.AddrPort) net.Listener {
+	tb.Helper()
+	return ServeTCP(tb, ns, addr, func(c net.Conn) {
+		io.Copy(c, c) //nolint:errcheck // the peer decides when the echo ends
+	})
+}
+
+// ServeTCP starts a TCP server on addr inside ns that runs handle on every
+// connection, each in its own goroutine, and then closes it. The socket is
+// created inside the namespace and stays there, while the accept loop runs
+// on any thread. The listener and its connections are closed when the test
+// ends, and ServeTCP waits for the handlers to return.
+func ServeTCP(tb testing.TB, ns *NS, addr netip.AddrPort, handle func(net.Conn)) net.Listener {
 	tb.Helper()
 	var ln net.Listener
 	err := ns.Do(func() error {
@@ -41,7 +51,7 @@ func ListenTCP(tb testing.TB, ns *NS, addr netip.AddrPort) net.Listener {
 			conns[c] = struct{}{}
 			mu.Unlock()
 			wg.Go(func() {
-				io.Copy(c, c) //nolint:errcheck // the peer decides when the echo ends
+				handle(c)
 				c.Close()
 				mu.Lock()
 				delete(conns, c)
