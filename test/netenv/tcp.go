@@ -96,3 +96,23 @@ func DialTCP(ns *NS, addr netip.AddrPort, timeout time.Duration) error {
 	}
 	return c.Close()
 }
+
+// Echo dials addr (a ListenTCP echo server) from inside ns, writes msg and
+// reads it back: an error if the dial, the write or the read fails or takes
+// longer than timeout (each), or the echo differs.
+func Echo(ns *NS, addr netip.AddrPort, msg string, timeout time.Duration) error {
+	c, err := DialTCPConn(ns, addr, timeout)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(timeout))
+	if _, err := io.WriteString(c, msg); err != nil {
+		return fmt.Errorf("echo via %s from %s: %w", addr, ns.Name, err)
+	}
+	got := make([]byte, len(msg))
+	if _, err := io.ReadFull(c, got); err != nil || string(got) != msg {
+		return fmt.Errorf("echo via %s from %s: %q, %v", addr, ns.Name, got, err)
+	}
+	return nil
+}
