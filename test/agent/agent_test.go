@@ -14,9 +14,6 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
-	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
-	"golang.org/x/sys/unix"
 
 	"github.com/underpass-cni/underpass/internal/attach"
 	"github.com/underpass-cni/underpass/internal/datapath"
@@ -618,45 +615,5 @@ func TestParentEvents(t *testing.T) {
 // addresses) and updates u to the new interface.
 func recreateUplink(t *testing.T, l *lab, u *netenv.Uplink) {
 	t.Helper()
-	fd, err := netns.GetFromPath(l.Node.Path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer fd.Close()
-	wire, node := l.Wire.Netlink(), l.Node.Netlink()
-	veth := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: u.Port}, PeerName: u.Name, PeerNamespace: netlink.NsFd(int(fd))}
-	if err := wire.LinkAdd(veth); err != nil {
-		t.Fatal(err)
-	}
-	port, err := wire.LinkByName(u.Port)
-	if err != nil {
-		t.Fatal(err)
-	}
-	br, err := wire.LinkByName(u.Bridge)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := wire.LinkSetMaster(port, br); err != nil {
-		t.Fatal(err)
-	}
-	if err := wire.LinkSetUp(port); err != nil {
-		t.Fatal(err)
-	}
-	nic, err := node.LinkByName(u.Name)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, p := range []netip.Prefix{u.Node4, u.Node6} {
-		a := &netlink.Addr{IPNet: &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}}
-		if p.Addr().Is6() {
-			a.Flags = unix.IFA_F_NODAD
-		}
-		if err := node.AddrAdd(nic, a); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if err := node.LinkSetUp(nic); err != nil {
-		t.Fatal(err)
-	}
-	u.Index, u.MAC, u.PortIndex = nic.Attrs().Index, nic.Attrs().HardwareAddr, port.Attrs().Index
+	must(t, l.RecreateUplink(u))
 }
