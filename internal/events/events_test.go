@@ -9,7 +9,6 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
-	"github.com/gopacket/gopacket"
 	"github.com/gopacket/gopacket/layers"
 
 	"github.com/underpass-cni/underpass/internal/datapath"
@@ -120,20 +119,9 @@ func (r *rig) xdp(t *testing.T, frame []byte) {
 	must(t, err)
 }
 
-func serialize(t *testing.T, ls ...gopacket.SerializableLayer) []byte {
-	t.Helper()
-	buf := gopacket.NewSerializeBuffer()
-	must(t, gopacket.SerializeLayers(buf, gopacket.SerializeOptions{ComputeChecksums: true, FixLengths: true}, ls...))
-	out := buf.Bytes()
-	for len(out) < 60 {
-		out = append(out, 0)
-	}
-	return out
-}
-
 // garp is a gratuitous ARP from mac claiming ip.
 func garp(t *testing.T, mac net.HardwareAddr, ip netip.Addr) []byte {
-	return serialize(t, &layers.Ethernet{SrcMAC: mac, DstMAC: macBcast, EthernetType: layers.EthernetTypeARP}, &layers.ARP{
+	return testutil.Frame(t, &layers.Ethernet{SrcMAC: mac, DstMAC: macBcast, EthernetType: layers.EthernetTypeARP}, &layers.ARP{
 		AddrType: layers.LinkTypeEthernet, Protocol: layers.EthernetTypeIPv4, HwAddressSize: 6, ProtAddressSize: 4,
 		Operation: layers.ARPRequest, SourceHwAddress: mac, SourceProtAddress: ip.AsSlice(),
 		DstHwAddress: make([]byte, 6), DstProtAddress: ip.AsSlice(),
@@ -148,7 +136,7 @@ func unsolicitedNA(t *testing.T, mac net.HardwareAddr, ip netip.Addr) []byte {
 	ic.SetNetworkLayerForChecksum(i6)
 	na := &layers.ICMPv6NeighborAdvertisement{Flags: 0x20, TargetAddress: ip.AsSlice(),
 		Options: layers.ICMPv6Options{{Type: layers.ICMPv6OptTargetAddress, Data: mac}}}
-	return serialize(t, &layers.Ethernet{SrcMAC: mac, DstMAC: net.HardwareAddr{0x33, 0x33, 0, 0, 0, 1},
+	return testutil.Frame(t, &layers.Ethernet{SrcMAC: mac, DstMAC: net.HardwareAddr{0x33, 0x33, 0, 0, 0, 1},
 		EthernetType: layers.EthernetTypeIPv6}, i6, ic, na)
 }
 

@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 
@@ -99,8 +100,99 @@ func halve(s *loader.EndpointStats) loader.EndpointStats {
 	return h
 }
 
-const labelsA = `endpoint="0123456789ab/eth0",interface="eth0",namespace="default",parent="lo",pod="a"`
-const labelsB = `endpoint="fedcba987654/eth0",interface="eth0",namespace="default",parent="lo",pod="b"`
+// The labels of endpoints A and B's series.
+var (
+	labelsA = []string{`endpoint="0123456789ab/eth0"`, `interface="eth0"`, `namespace="default"`, `parent="lo"`, `pod="a"`}
+	labelsB = []string{`endpoint="fedcba987654/eth0"`, `interface="eth0"`, `namespace="default"`, `parent="lo"`, `pod="b"`}
+)
+
+// The values of the labels that split a family, in the order the
+// collector exposes them.
+var (
+	rxTx         = []string{"rx", "tx"}
+	hairpin      = []string{"endpoint_to_host", "host_to_endpoint"}
+	staleActions = []string{"dropped", "rejected"}
+	dropReasons  = []string{"host_unreachable", "reject_failed", "routed_via_node", "service_translation_failed", "spoofed_source", "stale_service", "unvetted_frame"}
+)
+
+// help is the HELP text of each family the tests expect.
+var help = map[string]string{
+	"underpass_endpoint_packets_total":      "Packets seen by the endpoint's own programs: rx delivered to it, tx sent by it.",
+	"underpass_endpoint_bytes_total":        "Bytes seen by the endpoint's own programs: rx delivered to it, tx sent by it.",
+	"underpass_endpoint_wire_packets_total": "Unicast frames from the wire for the endpoint, counted by XDP on the parent.",
+	"underpass_host_redirects_total":        "Packets hairpinned on the parent between the host and the endpoint.",
+	"underpass_host_redirect_bytes_total":   "Bytes hairpinned on the parent between the host and the endpoint.",
+	"underpass_stale_service_packets_total": "Packets the endpoint sent to a service IP that no longer exists: dropped, or rejected (answered with RST / port unreachable).",
+	"underpass_endpoint_drops_total":        "Packets of the endpoint dropped by the datapath, by reason.",
+	"underpass_ip_conflicts_total":          "ARP/ND frames from the wire claiming the endpoint's IP with another MAC.",
+	"underpass_endpoints":                   "Endpoints registered in the datapath.",
+	"underpass_live_services":               "Service IPs live in the datapath.",
+	"underpass_collection_errors_total":     "Map reads that failed while collecting metrics; the scrape goes on without them.",
+	"underpass_drops_total":                 "Packets dropped by the datapath on this node, by reason (all endpoints and the host).",
+	"underpass_drop_bytes_total":            "Bytes dropped by the datapath on this node, by reason.",
+}
+
+// family is one metric family as the text exposition has it.
+type family struct {
+	name   string
+	series []string // `name{labels} value`
+}
+
+// text is f in the exposition format: HELP, TYPE (a counter when the
+// name ends in _total, else a gauge), then the series.
+func (f family) text() string {
+	typ := "gauge"
+	if strings.HasSuffix(f.name, "_total") {
+		typ = "counter"
+	}
+	return fmt.Sprintf("# HELP %s %s\n# TYPE %s %s\n%s\n", f.name, help[f.name], f.name, typ, strings.Join(f.series, "\n"))
+}
+
+// series are name's series with the labels base: one with values[0] when
+// key is "", else one per value of key (keyVals), with values in order.
+// The labels come sorted by name, as in the exposition.
+func series(name string, base []string, key string, keyVals []string, values []int) []string {
+	if key == "" {
+		keyVals = []string{""}
+	}
+	var out []string
+	for i, kv := range keyVals {
+		labels := slices.Clone(base)
+		if key != "" {
+			labels = append(labels, fmt.Sprintf("%s=%q", key, kv))
+		}
+		slices.Sort(labels)
+		s := name
+		if len(labels) > 0 {
+			s += "{" + strings.Join(labels, ",") + "}"
+		}
+		out = append(out, fmt.Sprintf("%s %d", s, values[i]))
+	}
+	return out
+}
+
+// endpointFamily is a per-endpoint family: endpoint A's series with
+// values a, then B's with b (see series).
+func endpointFamily(name, key string, keyVals []string, a, b []int) family {
+	return family{name, append(series(name, labelsA, key, keyVals, a), series(name, labelsB, key, keyVals, b)...)}
+}
+
+// nodeFamily is a family of the node as a whole (see series).
+func nodeFamily(name, key string, keyVals []string, values ...int) family {
+	return family{name, series(name, nil, key, keyVals, values)}
+}
+
+// compare checks that c exposes exactly fams for the families named in it.
+func compare(t *testing.T, c prometheus.Collector, fams ...family) {
+	t.Helper()
+	var want strings.Builder
+	var names []string
+	for _, f := range fams {
+		want.WriteString(f.text())
+		names = append(names, f.name)
+	}
+	must(t, testutil.CollectAndCompare(c, strings.NewReader("\n"+want.String()), names...))
+}
 
 func TestCollect(t *testing.T) {
 	r := newRig(t)
@@ -120,76 +212,18 @@ func TestCollect(t *testing.T) {
 	must(t, datapath.AddLiveService(m, netip.MustParseAddr("10.96.0.11")))
 
 	c := metrics.New(m, metrics.Options{})
-	want := fmt.Sprintf(`
-# HELP underpass_endpoint_packets_total Packets seen by the endpoint's own programs: rx delivered to it, tx sent by it.
-# TYPE underpass_endpoint_packets_total counter
-underpass_endpoint_packets_total{direction="rx",%[1]s} 11
-underpass_endpoint_packets_total{direction="tx",%[1]s} 12
-underpass_endpoint_packets_total{direction="rx",%[2]s} 0
-underpass_endpoint_packets_total{direction="tx",%[2]s} 0
-# HELP underpass_endpoint_bytes_total Bytes seen by the endpoint's own programs: rx delivered to it, tx sent by it.
-# TYPE underpass_endpoint_bytes_total counter
-underpass_endpoint_bytes_total{direction="rx",%[1]s} 1100
-underpass_endpoint_bytes_total{direction="tx",%[1]s} 1200
-underpass_endpoint_bytes_total{direction="rx",%[2]s} 0
-underpass_endpoint_bytes_total{direction="tx",%[2]s} 0
-# HELP underpass_endpoint_wire_packets_total Unicast frames from the wire for the endpoint, counted by XDP on the parent.
-# TYPE underpass_endpoint_wire_packets_total counter
-underpass_endpoint_wire_packets_total{%[1]s} 15
-underpass_endpoint_wire_packets_total{%[2]s} 0
-# HELP underpass_host_redirects_total Packets hairpinned on the parent between the host and the endpoint.
-# TYPE underpass_host_redirects_total counter
-underpass_host_redirects_total{direction="endpoint_to_host",%[1]s} 14
-underpass_host_redirects_total{direction="host_to_endpoint",%[1]s} 13
-underpass_host_redirects_total{direction="endpoint_to_host",%[2]s} 0
-underpass_host_redirects_total{direction="host_to_endpoint",%[2]s} 0
-# HELP underpass_host_redirect_bytes_total Bytes hairpinned on the parent between the host and the endpoint.
-# TYPE underpass_host_redirect_bytes_total counter
-underpass_host_redirect_bytes_total{direction="endpoint_to_host",%[1]s} 1400
-underpass_host_redirect_bytes_total{direction="host_to_endpoint",%[1]s} 1300
-underpass_host_redirect_bytes_total{direction="endpoint_to_host",%[2]s} 0
-underpass_host_redirect_bytes_total{direction="host_to_endpoint",%[2]s} 0
-# HELP underpass_stale_service_packets_total Packets the endpoint sent to a service IP that no longer exists: dropped, or rejected (answered with RST / port unreachable).
-# TYPE underpass_stale_service_packets_total counter
-underpass_stale_service_packets_total{action="dropped",%[1]s} 16
-underpass_stale_service_packets_total{action="rejected",%[1]s} 17
-underpass_stale_service_packets_total{action="dropped",%[2]s} 0
-underpass_stale_service_packets_total{action="rejected",%[2]s} 0
-# HELP underpass_endpoint_drops_total Packets of the endpoint dropped by the datapath, by reason.
-# TYPE underpass_endpoint_drops_total counter
-underpass_endpoint_drops_total{%[1]s,reason="host_unreachable"} 0
-underpass_endpoint_drops_total{%[1]s,reason="reject_failed"} 0
-underpass_endpoint_drops_total{%[1]s,reason="routed_via_node"} 0
-underpass_endpoint_drops_total{%[1]s,reason="service_translation_failed"} 0
-underpass_endpoint_drops_total{%[1]s,reason="spoofed_source"} 3
-underpass_endpoint_drops_total{%[1]s,reason="stale_service"} 16
-underpass_endpoint_drops_total{%[1]s,reason="unvetted_frame"} 0
-underpass_endpoint_drops_total{%[2]s,reason="host_unreachable"} 0
-underpass_endpoint_drops_total{%[2]s,reason="reject_failed"} 0
-underpass_endpoint_drops_total{%[2]s,reason="routed_via_node"} 0
-underpass_endpoint_drops_total{%[2]s,reason="service_translation_failed"} 0
-underpass_endpoint_drops_total{%[2]s,reason="spoofed_source"} 0
-underpass_endpoint_drops_total{%[2]s,reason="stale_service"} 0
-underpass_endpoint_drops_total{%[2]s,reason="unvetted_frame"} 0
-# HELP underpass_ip_conflicts_total ARP/ND frames from the wire claiming the endpoint's IP with another MAC.
-# TYPE underpass_ip_conflicts_total counter
-underpass_ip_conflicts_total{%[1]s} 2
-underpass_ip_conflicts_total{%[2]s} 0
-# HELP underpass_endpoints Endpoints registered in the datapath.
-# TYPE underpass_endpoints gauge
-underpass_endpoints 2
-# HELP underpass_live_services Service IPs live in the datapath.
-# TYPE underpass_live_services gauge
-underpass_live_services 2
-# HELP underpass_collection_errors_total Map reads that failed while collecting metrics; the scrape goes on without them.
-# TYPE underpass_collection_errors_total counter
-underpass_collection_errors_total 0
-`, labelsA, labelsB)
-	must(t, testutil.CollectAndCompare(c, strings.NewReader(want),
-		"underpass_endpoint_packets_total", "underpass_endpoint_bytes_total", "underpass_endpoint_wire_packets_total",
-		"underpass_host_redirects_total", "underpass_host_redirect_bytes_total", "underpass_stale_service_packets_total",
-		"underpass_endpoint_drops_total", "underpass_ip_conflicts_total", "underpass_endpoints",
-		"underpass_live_services", "underpass_collection_errors_total"))
+	compare(t, c,
+		endpointFamily("underpass_endpoint_packets_total", "direction", rxTx, []int{11, 12}, []int{0, 0}),
+		endpointFamily("underpass_endpoint_bytes_total", "direction", rxTx, []int{1100, 1200}, []int{0, 0}),
+		endpointFamily("underpass_endpoint_wire_packets_total", "", nil, []int{15}, []int{0}),
+		endpointFamily("underpass_host_redirects_total", "direction", hairpin, []int{14, 13}, []int{0, 0}),
+		endpointFamily("underpass_host_redirect_bytes_total", "direction", hairpin, []int{1400, 1300}, []int{0, 0}),
+		endpointFamily("underpass_stale_service_packets_total", "action", staleActions, []int{16, 17}, []int{0, 0}),
+		endpointFamily("underpass_endpoint_drops_total", "reason", dropReasons, []int{0, 0, 0, 0, 3, 16, 0}, []int{0, 0, 0, 0, 0, 0, 0}),
+		endpointFamily("underpass_ip_conflicts_total", "", nil, []int{2}, []int{0}),
+		nodeFamily("underpass_endpoints", "", nil, 2),
+		nodeFamily("underpass_live_services", "", nil, 2),
+		nodeFamily("underpass_collection_errors_total", "", nil, 0))
 
 	problems, err := testutil.CollectAndLint(c)
 	must(t, err)
@@ -212,47 +246,12 @@ func TestProgramCounts(t *testing.T) {
 	run(t, r.dp.Programs.ParentEgress, stale)
 
 	c := metrics.New(m, metrics.Options{})
-	want := fmt.Sprintf(`
-# HELP underpass_host_redirects_total Packets hairpinned on the parent between the host and the endpoint.
-# TYPE underpass_host_redirects_total counter
-underpass_host_redirects_total{direction="endpoint_to_host",%[1]s} 0
-underpass_host_redirects_total{direction="host_to_endpoint",%[1]s} 3
-underpass_host_redirects_total{direction="endpoint_to_host",%[2]s} 0
-underpass_host_redirects_total{direction="host_to_endpoint",%[2]s} 0
-# HELP underpass_host_redirect_bytes_total Bytes hairpinned on the parent between the host and the endpoint.
-# TYPE underpass_host_redirect_bytes_total counter
-underpass_host_redirect_bytes_total{direction="endpoint_to_host",%[1]s} 0
-underpass_host_redirect_bytes_total{direction="host_to_endpoint",%[1]s} %[3]d
-underpass_host_redirect_bytes_total{direction="endpoint_to_host",%[2]s} 0
-underpass_host_redirect_bytes_total{direction="host_to_endpoint",%[2]s} 0
-# HELP underpass_stale_service_packets_total Packets the endpoint sent to a service IP that no longer exists: dropped, or rejected (answered with RST / port unreachable).
-# TYPE underpass_stale_service_packets_total counter
-underpass_stale_service_packets_total{action="dropped",%[1]s} 0
-underpass_stale_service_packets_total{action="rejected",%[1]s} 0
-underpass_stale_service_packets_total{action="dropped",%[2]s} 1
-underpass_stale_service_packets_total{action="rejected",%[2]s} 0
-# HELP underpass_drops_total Packets dropped by the datapath on this node, by reason (all endpoints and the host).
-# TYPE underpass_drops_total counter
-underpass_drops_total{reason="host_unreachable"} 0
-underpass_drops_total{reason="reject_failed"} 0
-underpass_drops_total{reason="routed_via_node"} 0
-underpass_drops_total{reason="service_translation_failed"} 0
-underpass_drops_total{reason="spoofed_source"} 0
-underpass_drops_total{reason="stale_service"} 1
-underpass_drops_total{reason="unvetted_frame"} 0
-# HELP underpass_drop_bytes_total Bytes dropped by the datapath on this node, by reason.
-# TYPE underpass_drop_bytes_total counter
-underpass_drop_bytes_total{reason="host_unreachable"} 0
-underpass_drop_bytes_total{reason="reject_failed"} 0
-underpass_drop_bytes_total{reason="routed_via_node"} 0
-underpass_drop_bytes_total{reason="service_translation_failed"} 0
-underpass_drop_bytes_total{reason="spoofed_source"} 0
-underpass_drop_bytes_total{reason="stale_service"} %[4]d
-underpass_drop_bytes_total{reason="unvetted_frame"} 0
-`, labelsA, labelsB, 3*len(toA), len(stale))
-	must(t, testutil.CollectAndCompare(c, strings.NewReader(want),
-		"underpass_host_redirects_total", "underpass_host_redirect_bytes_total",
-		"underpass_stale_service_packets_total", "underpass_drops_total", "underpass_drop_bytes_total"))
+	compare(t, c,
+		endpointFamily("underpass_host_redirects_total", "direction", hairpin, []int{0, 3}, []int{0, 0}),
+		endpointFamily("underpass_host_redirect_bytes_total", "direction", hairpin, []int{0, 3 * len(toA)}, []int{0, 0}),
+		endpointFamily("underpass_stale_service_packets_total", "action", staleActions, []int{0, 0}, []int{1, 0}),
+		nodeFamily("underpass_drops_total", "reason", dropReasons, 0, 0, 0, 0, 0, 1, 0),
+		nodeFamily("underpass_drop_bytes_total", "reason", dropReasons, 0, 0, 0, 0, 0, len(stale), 0))
 }
 
 func TestDeletedEndpointDisappears(t *testing.T) {
@@ -333,12 +332,7 @@ func TestCollectionErrors(t *testing.T) {
 	maps.Drops = broken
 	var logs bytes.Buffer
 	c := metrics.New(&maps, metrics.Options{Log: slog.New(slog.NewTextHandler(&logs, nil))})
-	want := `
-# HELP underpass_collection_errors_total Map reads that failed while collecting metrics; the scrape goes on without them.
-# TYPE underpass_collection_errors_total counter
-underpass_collection_errors_total 1
-`
-	must(t, testutil.CollectAndCompare(c, strings.NewReader(want), "underpass_collection_errors_total"))
+	compare(t, c, nodeFamily("underpass_collection_errors_total", "", nil, 1))
 	if n := testutil.CollectAndCount(c, "underpass_host_redirects_total"); n != 4 {
 		t.Fatalf("%d host redirect series with a broken drops map, want 4", n)
 	}
@@ -369,14 +363,11 @@ func TestDuplicateLabels(t *testing.T) {
 
 func echo(tb testing.TB, smac, dmac net.HardwareAddr, src, dst netip.Addr) []byte {
 	tb.Helper()
-	buf := gopacket.NewSerializeBuffer()
-	err := gopacket.SerializeLayers(buf, gopacket.SerializeOptions{ComputeChecksums: true, FixLengths: true},
+	return itest.Frame(tb,
 		&layers.Ethernet{SrcMAC: smac, DstMAC: dmac, EthernetType: layers.EthernetTypeIPv4},
 		&layers.IPv4{Version: 4, IHL: 5, TTL: 64, Protocol: layers.IPProtocolICMPv4, SrcIP: src.AsSlice(), DstIP: dst.AsSlice()},
 		&layers.ICMPv4{TypeCode: layers.CreateICMPv4TypeCode(layers.ICMPv4TypeEchoRequest, 0), Id: 1, Seq: 1},
 		gopacket.Payload("underpass-metrics-test-payload"))
-	must(tb, err)
-	return buf.Bytes()
 }
 
 // skbCtx is the prefix of struct __sk_buff up to ifindex.

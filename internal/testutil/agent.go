@@ -45,11 +45,9 @@ func BuildAgent(out string, tags ...string) error {
 // Agent is a running underpassd (started through nsenter, which execs it:
 // the process is the agent itself) whose output is kept in Out.
 type Agent struct {
+	exit
 	Cmd *exec.Cmd
 	Out *SyncBuffer
-
-	done chan struct{}
-	err  error
 }
 
 // StartAgent starts cmd with its stdout and stderr in Out. When tb ends the
@@ -57,7 +55,7 @@ type Agent struct {
 // under name: all of it, or the last tailLines lines when tailLines > 0.
 func StartAgent(tb testing.TB, name string, cmd *exec.Cmd, tailLines int) *Agent {
 	tb.Helper()
-	a := &Agent{Cmd: cmd, Out: &SyncBuffer{}, done: make(chan struct{})}
+	a := &Agent{exit: newExit(), Cmd: cmd, Out: &SyncBuffer{}}
 	cmd.Stdout, cmd.Stderr = a.Out, a.Out
 	if err := cmd.Start(); err != nil {
 		tb.Fatalf("start underpassd: %v", err)
@@ -80,24 +78,8 @@ func StartAgent(tb testing.TB, name string, cmd *exec.Cmd, tailLines int) *Agent
 	return a
 }
 
-// Done is closed when the agent has exited; Err is then Wait's result.
-func (a *Agent) Done() <-chan struct{} { return a.done }
-
-// Err is the agent's exit error, valid once Done is closed.
-func (a *Agent) Err() error { return a.err }
-
 // Pid is the agent's pid.
 func (a *Agent) Pid() int { return a.Cmd.Process.Pid }
-
-// Exited reports whether the agent has ended.
-func (a *Agent) Exited() bool {
-	select {
-	case <-a.done:
-		return true
-	default:
-		return false
-	}
-}
 
 // Kill SIGKILLs the agent, if still running, and waits for it.
 func (a *Agent) Kill() {

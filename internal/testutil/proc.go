@@ -18,10 +18,34 @@ type Proc struct {
 	Name string // the binary's base name
 	Log  string // the log file
 
+	exit
 	cmd  *exec.Cmd
-	done chan struct{} // closed when the process has exited
-	err  error         // Wait's result, valid after done
 	once sync.Once
+}
+
+// exit is how a child process of a test ended: done is closed once it has
+// exited, err is then Wait's result.
+type exit struct {
+	done chan struct{}
+	err  error
+}
+
+func newExit() exit { return exit{done: make(chan struct{})} }
+
+// Done is closed when the process has exited; Err is then Wait's result.
+func (e *exit) Done() <-chan struct{} { return e.done }
+
+// Err is the process's exit error, valid once Done is closed.
+func (e *exit) Err() error { return e.err }
+
+// Exited reports whether the process has ended.
+func (e *exit) Exited() bool {
+	select {
+	case <-e.done:
+		return true
+	default:
+		return false
+	}
 }
 
 // StartProc starts path with args, stdout and stderr to logFile.
@@ -43,7 +67,7 @@ func StartProc(path, logFile string, args ...string) (*Proc, error) {
 		Setpgid:   true,            // Stop signals the whole group
 		Pdeathsig: syscall.SIGKILL, // no orphans if the test binary dies
 	}
-	p := &Proc{Name: filepath.Base(path), Log: logFile, cmd: cmd, done: make(chan struct{})}
+	p := &Proc{Name: filepath.Base(path), Log: logFile, exit: newExit(), cmd: cmd}
 	started := make(chan error, 1)
 	go func() {
 		runtime.LockOSThread()
@@ -62,22 +86,6 @@ func StartProc(path, logFile string, args ...string) (*Proc, error) {
 		return nil, fmt.Errorf("start %s: %w", path, err)
 	}
 	return p, nil
-}
-
-// Done is closed when the process has exited; Err is then Wait's result.
-func (p *Proc) Done() <-chan struct{} { return p.done }
-
-// Err is the process's exit error, valid once Done is closed.
-func (p *Proc) Err() error { return p.err }
-
-// Exited reports whether the process has ended.
-func (p *Proc) Exited() bool {
-	select {
-	case <-p.done:
-		return true
-	default:
-		return false
-	}
 }
 
 // Stop sends SIGTERM to the process group, SIGKILL after grace, and then

@@ -14,9 +14,6 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
-	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
-	"golang.org/x/sys/unix"
 
 	"github.com/underpass-cni/underpass/internal/attach"
 	"github.com/underpass-cni/underpass/internal/datapath"
@@ -325,16 +322,7 @@ func TestUpgrade(t *testing.T) {
 	if after.Program == before.Program {
 		t.Fatalf("link still runs program %d after the upgrade", before.Program)
 	}
-	pinned, err := ebpf.LoadPinnedProgram(filepath.Join(r.dir, "progs", "parent_egress"), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer pinned.Close()
-	info, err := pinned.Info()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if id, _ := info.ID(); id != after.Program {
+	if id := pinnedProgramID(t, filepath.Join(r.dir, "progs", "parent_egress")); ebpf.ProgramID(id) != after.Program {
 		t.Fatalf("link runs program %d, pinned parent_egress is %d", after.Program, id)
 	}
 	progs1 := tcxPrograms(t, r.Node, r.Uplinks[0].Index)
@@ -385,10 +373,9 @@ func pinnedProgramID(t *testing.T, path string) uint32 {
 	p, err := ebpf.LoadPinnedProgram(path, nil)
 	must(t, err)
 	defer p.Close()
-	info, err := p.Info()
+	id, err := kernelID(p.Info())
 	must(t, err)
-	id, _ := info.ID()
-	return uint32(id)
+	return id
 }
 
 // epTx is the rig's endpoint's tx packet counter.
@@ -628,45 +615,5 @@ func TestParentEvents(t *testing.T) {
 // addresses) and updates u to the new interface.
 func recreateUplink(t *testing.T, l *lab, u *netenv.Uplink) {
 	t.Helper()
-	fd, err := netns.GetFromPath(l.Node.Path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer fd.Close()
-	wire, node := l.Wire.Netlink(), l.Node.Netlink()
-	veth := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: u.Port}, PeerName: u.Name, PeerNamespace: netlink.NsFd(int(fd))}
-	if err := wire.LinkAdd(veth); err != nil {
-		t.Fatal(err)
-	}
-	port, err := wire.LinkByName(u.Port)
-	if err != nil {
-		t.Fatal(err)
-	}
-	br, err := wire.LinkByName(u.Bridge)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := wire.LinkSetMaster(port, br); err != nil {
-		t.Fatal(err)
-	}
-	if err := wire.LinkSetUp(port); err != nil {
-		t.Fatal(err)
-	}
-	nic, err := node.LinkByName(u.Name)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, p := range []netip.Prefix{u.Node4, u.Node6} {
-		a := &netlink.Addr{IPNet: &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}}
-		if p.Addr().Is6() {
-			a.Flags = unix.IFA_F_NODAD
-		}
-		if err := node.AddrAdd(nic, a); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if err := node.LinkSetUp(nic); err != nil {
-		t.Fatal(err)
-	}
-	u.Index, u.MAC, u.PortIndex = nic.Attrs().Index, nic.Attrs().HardwareAddr, port.Attrs().Index
+	must(t, l.RecreateUplink(u))
 }

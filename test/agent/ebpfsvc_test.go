@@ -213,33 +213,17 @@ func (l *lab) endpointStats(t *testing.T, dp *loader.Objects, c *netenv.Containe
 // serveEcho answers each line of every connection with its own address.
 func serveEcho(t *testing.T, ns *netenv.NS, addr netip.AddrPort) {
 	t.Helper()
-	var ln net.Listener
-	must(t, ns.Do(func() error {
-		var err error
-		ln, err = net.Listen("tcp", addr.String())
-		return err
-	}))
-	t.Cleanup(func() { ln.Close() })
-	go func() {
+	netenv.ServeTCP(t, ns, addr, func(c net.Conn) {
+		r := bufio.NewReader(c)
 		for {
-			c, err := ln.Accept()
-			if err != nil {
+			if _, err := r.ReadString('\n'); err != nil {
 				return
 			}
-			go func() {
-				defer c.Close()
-				r := bufio.NewReader(c)
-				for {
-					if _, err := r.ReadString('\n'); err != nil {
-						return
-					}
-					if _, err := fmt.Fprintln(c, c.LocalAddr()); err != nil {
-						return
-					}
-				}
-			}()
+			if _, err := fmt.Fprintln(c, c.LocalAddr()); err != nil {
+				return
+			}
 		}
-	}()
+	})
 }
 
 // askEcho opens a connection, asks once, closes.

@@ -549,23 +549,19 @@ func objectIDs(t *testing.T, dp *loader.Objects) map[string]uint32 {
 			out[prefix+v.Type().Field(i).Name] = n
 		}
 	}
-	add("", reflect.ValueOf(dp.Maps), func(o any) (uint32, error) {
-		info, err := o.(*ebpf.Map).Info()
-		if err != nil {
-			return 0, err
-		}
-		id, _ := info.ID()
-		return uint32(id), nil
-	})
-	add("prog:", reflect.ValueOf(dp.Programs), func(o any) (uint32, error) {
-		info, err := o.(*ebpf.Program).Info()
-		if err != nil {
-			return 0, err
-		}
-		id, _ := info.ID()
-		return uint32(id), nil
-	})
+	add("", reflect.ValueOf(dp.Maps), func(o any) (uint32, error) { return kernelID(o.(*ebpf.Map).Info()) })
+	add("prog:", reflect.ValueOf(dp.Programs), func(o any) (uint32, error) { return kernelID(o.(*ebpf.Program).Info()) })
 	return out
+}
+
+// kernelID is the kernel's ID of a map or a program, from what its Info
+// returned.
+func kernelID[I interface{ ID() (T, bool) }, T ~uint32](info I, err error) (uint32, error) {
+	if err != nil {
+		return 0, err
+	}
+	id, _ := info.ID()
+	return uint32(id), nil
 }
 
 // mapIDs keeps the maps of objectIDs: programs are reloaded on every start.
@@ -639,17 +635,8 @@ func checkPinDir(t *testing.T, step, dir string, want []string) {
 // egress, the pinned parent_egress.
 func checkOneParentProgram(t *testing.T, l *lab, ifindex int) {
 	t.Helper()
-	p, err := ebpf.LoadPinnedProgram(filepath.Join(l.dir, "progs", "parent_egress"), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer p.Close()
-	info, err := p.Info()
-	if err != nil {
-		t.Fatal(err)
-	}
-	want, _ := info.ID()
-	if got := tcxPrograms(t, l.Node, ifindex); len(got) != 1 || got[0] != uint32(want) {
+	want := pinnedProgramID(t, filepath.Join(l.dir, "progs", "parent_egress"))
+	if got := tcxPrograms(t, l.Node, ifindex); len(got) != 1 || got[0] != want {
 		t.Fatalf("tcx egress programs on ifindex %d: %v, want only parent_egress (%d)", ifindex, got, want)
 	}
 }

@@ -31,33 +31,19 @@ var (
 )
 
 func TestMain(m *testing.M) {
-	os.Exit(testMain(m))
-}
-
-func testMain(m *testing.M) int {
-	// In the kernel-matrix VMs there is no Go toolchain: both binaries come
-	// prebuilt in one directory (make test-kernels).
-	if dir := os.Getenv("UNDERPASS_AGENT_BINS"); dir != "" {
-		agentBin, upgradeBin = filepath.Join(dir, "underpassd"), filepath.Join(dir, "underpassd-upgrade")
-		return m.Run()
-	}
-	dir, err := os.MkdirTemp("", "underpassd-test-")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
-	}
-	defer os.RemoveAll(dir)
-	agentBin = filepath.Join(dir, "underpassd")
-	upgradeBin = filepath.Join(dir, "underpassd-upgrade")
-	if err := testutil.BuildAgent(agentBin); err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
-	}
-	if err := testutil.BuildAgent(upgradeBin, "underpass_upgradetest"); err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
-	}
-	return m.Run()
+	testutil.Main(m, "test/agent", func(tmp string) error {
+		// In the kernel-matrix VMs there is no Go toolchain: both binaries
+		// come prebuilt in one directory (make test-kernels).
+		if dir := os.Getenv("UNDERPASS_AGENT_BINS"); dir != "" {
+			agentBin, upgradeBin = filepath.Join(dir, "underpassd"), filepath.Join(dir, "underpassd-upgrade")
+			return nil
+		}
+		agentBin, upgradeBin = filepath.Join(tmp, "underpassd"), filepath.Join(tmp, "underpassd-upgrade")
+		if err := testutil.BuildAgent(agentBin); err != nil {
+			return err
+		}
+		return testutil.BuildAgent(upgradeBin, "underpass_upgradetest")
+	})
 }
 
 // metricsAddr is where every test's agent listens: each lab has its own

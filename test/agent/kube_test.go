@@ -9,7 +9,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -35,31 +34,14 @@ func startKube(t *testing.T, l *lab) (*kapi.Cluster, string) {
 	}
 	c := kapi.Start(t)
 	host := strings.TrimPrefix(c.URL, "https://")
-	var ln net.Listener
-	if err := l.Node.Do(func() error {
-		var err error
-		ln, err = net.Listen("tcp", host)
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	var wg sync.WaitGroup
-	t.Cleanup(func() { ln.Close(); wg.Wait() })
-	wg.Go(func() {
-		for {
-			in, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			// Dialled from a goroutine in the test's own (host) netns.
-			out, err := net.Dial("tcp", host)
-			if err != nil {
-				in.Close()
-				continue
-			}
-			go func() { io.Copy(out, in); out.Close() }()
-			go func() { io.Copy(in, out); in.Close() }()
+	netenv.ServeTCP(t, l.Node, netip.MustParseAddrPort(host), func(in net.Conn) {
+		// Dialled from a goroutine in the test's own (host) netns.
+		out, err := net.Dial("tcp", host)
+		if err != nil {
+			return
 		}
+		go func() { io.Copy(out, in); out.Close() }()
+		io.Copy(in, out)
 	})
 	return c, c.Kubeconfig
 }

@@ -337,24 +337,7 @@ func dumpOnFailure(t *testing.T, l *lab, mode string) {
 // from and the one it reached (the backend's own), one line.
 func serveRemoteAddr(t *testing.T, ns *netenv.NS, addr netip.AddrPort) {
 	t.Helper()
-	var ln net.Listener
-	must(t, ns.Do(func() error {
-		var err error
-		ln, err = net.Listen("tcp", addr.String())
-		return err
-	}))
-	var wg sync.WaitGroup
-	t.Cleanup(func() { ln.Close(); wg.Wait() })
-	wg.Go(func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			fmt.Fprintln(c, c.RemoteAddr().String(), c.LocalAddr().String())
-			c.Close()
-		}
-	})
+	netenv.ServeTCP(t, ns, addr, func(c net.Conn) { fmt.Fprintln(c, c.RemoteAddr().String(), c.LocalAddr().String()) })
 }
 
 // answersThrough connects from client to each VIP's port 80 until it

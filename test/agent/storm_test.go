@@ -216,32 +216,34 @@ func stormObserve(m *loader.Maps) (stormState, error) {
 	if err != nil {
 		return s, err
 	}
-	s.SvcCIDRs = []string{}
-	for p := range svc {
-		s.SvcCIDRs = append(s.SvcCIDRs, p.String())
-	}
-	slices.Sort(s.SvcCIDRs)
+	s.SvcCIDRs = stormKeys(svc, func(uint32) bool { return true })
 	hosts, err := datapath.LPMEntries(m.HostCidrs)
 	if err != nil {
 		return s, err
 	}
-	s.HostSteer = []string{}
-	for p, f := range hosts {
-		if f&uint32(loader.HostSteer) != 0 {
-			s.HostSteer = append(s.HostSteer, p.String())
-		}
-	}
-	slices.Sort(s.HostSteer)
+	s.HostSteer = stormKeys(hosts, func(f uint32) bool { return f&uint32(loader.HostSteer) != 0 })
 	live, err := datapath.LiveServices(m)
 	if err != nil {
 		return s, err
 	}
-	s.Live = []string{}
-	for a := range live {
-		s.Live = append(s.Live, a.String())
-	}
-	slices.Sort(s.Live)
+	s.Live = stormKeys(live, func(bool) bool { return true })
 	return s, nil
+}
+
+// stormKeys is the keys of m whose values keep holds for, as sorted
+// strings (empty, not nil, when none).
+func stormKeys[K interface {
+	comparable
+	String() string
+}, V any](m map[K]V, keep func(V) bool) []string {
+	out := []string{}
+	for k, v := range m {
+		if keep(v) {
+			out = append(out, k.String())
+		}
+	}
+	slices.Sort(out)
+	return out
 }
 
 // ---------------------------------------------------------------------------

@@ -40,7 +40,6 @@ func TestChainedMode(t *testing.T) {
 // CHECK passes, DEL leaves nothing.
 func (h *harness) lifecycle(t *testing.T, l *libcni.NetworkConfigList, version string) {
 	a, b := h.podPair(l)
-	h.baselineParents()
 	if !a.ip4.IsValid() || !a.ip6.IsValid() || a.mac == nil {
 		t.Fatalf("pod a result lacks addresses or MAC: %+v", a.res)
 	}
@@ -172,7 +171,6 @@ func TestMacvlanModesKeepTheirMeaning(t *testing.T) {
 			conf["macvlanMode"] = mode
 			l := h.conflist("up-"+mode, "1.1.0", conf)
 			a, b := h.podPair(l)
-			h.baselineParents()
 
 			// The pod speaks first: no neighbour entry for the node yet.
 			netenv.MustPing(t, a.ns, u.Node4.Addr(), 2)

@@ -16,11 +16,8 @@ import (
 // killer, a node losing power): the runtime's next DEL removes everything,
 // and the node's other pods never notice.
 func TestKilledMidAdd(t *testing.T) {
-	h := newHarness(t, harnessOpts{})
-	l := h.conflist("up-kill-add", "1.1.0", h.mainConf(true))
-	stable := h.newPod("stable")
-	h.add(l, stable)
-	h.baselineParents()
+	h, l := newMainHarness(t, "up-kill-add", true)
+	stable := h.addFirstPod(l, "stable")
 	for _, step := range []string{"add-link", "add-ipam", "add-register", "add-attach"} {
 		t.Run(step, func(t *testing.T) {
 			p := h.newPod(step)
@@ -40,8 +37,7 @@ func TestKilledMidAdd(t *testing.T) {
 // DEL but GCs (CNI 1.1): the registration and the programs go although the
 // pod's netns and interface are still there.
 func TestKilledMidAddThenGC(t *testing.T) {
-	h := newHarness(t, harnessOpts{})
-	l := h.conflist("up-kill-gc", "1.1.0", h.mainConf(false))
+	h, l := newMainHarness(t, "up-kill-gc", false)
 	p := h.newPod("p")
 	killAt(t, h.failpoints(t, "add-attach=hang"), "add-attach", func() error { _, err := h.tryAdd(l, p); return err })
 	t.Setenv("UNDERPASS_FAILPOINTS", "")
@@ -65,8 +61,7 @@ func TestKilledMidAddThenGC(t *testing.T) {
 // Killed at each step of DEL: the runtime retries DEL, which finishes the
 // job.
 func TestKilledMidDel(t *testing.T) {
-	h := newHarness(t, harnessOpts{})
-	l := h.conflist("up-kill-del", "1.1.0", h.mainConf(true))
+	h, l := newMainHarness(t, "up-kill-del", true)
 	for _, step := range []string{"del-link", "del-unregister"} {
 		t.Run(step, func(t *testing.T) {
 			p := h.newPod(step)

@@ -321,8 +321,7 @@ func TestStaleOwnerEvicted(t *testing.T) {
 		"subnet": u.Subnet4.String(), "rangeStart": addr.String(), "rangeEnd": addr.String(), "gateway": u.Gateway4.String(),
 	}}}}
 	l := h.conflist("up-stale", "1.1.0", conf)
-	p := h.newPod("p")
-	h.add(l, p)
+	p := h.addPod(l, "p")
 	if p.ip4 != addr {
 		t.Fatalf("got %s, want %s", p.ip4, addr)
 	}

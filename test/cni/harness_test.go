@@ -7,7 +7,6 @@ package cni_test
 import (
 	"context"
 	"errors"
-	"fmt"
 	"net"
 	"net/netip"
 	"os"
@@ -34,40 +33,23 @@ var (
 )
 
 func TestMain(m *testing.M) {
-	os.Exit(run(m))
-}
-
-func run(m *testing.M) int {
-	if os.Geteuid() != 0 {
-		fmt.Fprintln(os.Stderr, "test/cni must run as root (netns, eBPF): sudo go test ./test/cni")
-		return 1
-	}
-	tmp, err := os.MkdirTemp("", "underpass-cni-test-")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
-	}
-	defer os.RemoveAll(tmp)
-	// In the kernel-matrix VMs there is no Go toolchain: the binaries come
-	// prebuilt (make test-kernels), laid out as below.
-	if dir := os.Getenv("UNDERPASS_CNI_BINS"); dir != "" {
-		pluginDir, fpDir, refDir = filepath.Join(dir, "release"), filepath.Join(dir, "failpoints"), filepath.Join(dir, "ref")
-		return m.Run()
-	}
-	pluginDir, fpDir = filepath.Join(tmp, "release"), filepath.Join(tmp, "failpoints")
-	if err := testutil.BuildPlugin(filepath.Join(pluginDir, "underpass")); err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
-	}
-	if err := testutil.BuildPlugin(filepath.Join(fpDir, "underpass"), "underpass_failpoints"); err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
-	}
-	if refDir, err = testutil.ReferencePlugins(); err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
-	}
-	return m.Run()
+	testutil.Main(m, "test/cni", func(tmp string) (err error) {
+		// In the kernel-matrix VMs there is no Go toolchain: the binaries
+		// come prebuilt (make test-kernels), laid out as below.
+		if dir := os.Getenv("UNDERPASS_CNI_BINS"); dir != "" {
+			pluginDir, fpDir, refDir = filepath.Join(dir, "release"), filepath.Join(dir, "failpoints"), filepath.Join(dir, "ref")
+			return nil
+		}
+		pluginDir, fpDir = filepath.Join(tmp, "release"), filepath.Join(tmp, "failpoints")
+		if err := testutil.BuildPlugin(filepath.Join(pluginDir, "underpass")); err != nil {
+			return err
+		}
+		if err := testutil.BuildPlugin(filepath.Join(fpDir, "underpass"), "underpass_failpoints"); err != nil {
+			return err
+		}
+		refDir, err = testutil.ReferencePlugins()
+		return err
+	})
 }
 
 type harness struct {
@@ -123,6 +105,14 @@ func newHarness(t *testing.T, o harnessOpts) *harness {
 	h.cni = libcni.NewCNIConfigWithCacheDir([]string{pluginDir, refDir}, h.cacheDir, nil)
 	h.baseline()
 	return h
+}
+
+// newMainHarness is newHarness with the default lab and one network, name:
+// underpass as the main plugin on eth0 (mainConf), CNI 1.1.0.
+func newMainHarness(t *testing.T, name string, v6 bool) (*harness, *libcni.NetworkConfigList) {
+	t.Helper()
+	h := newHarness(t, harnessOpts{})
+	return h, h.conflist(name, "1.1.0", h.mainConf(v6))
 }
 
 // failpoints makes the rest of t run the failpoint build of the plugin
@@ -204,6 +194,23 @@ type pod struct {
 func (h *harness) newPod(name string) *pod {
 	n := h.env.AddNS(name)
 	return &pod{name: name, ns: n, netns: n.Path, id: "ctr-" + name + "-" + strings.Repeat("0", 8), ifname: "eth0"}
+}
+
+// addPod is a new pod, name, added to l.
+func (h *harness) addPod(l *libcni.NetworkConfigList, name string) *pod {
+	h.t.Helper()
+	p := h.newPod(name)
+	h.add(l, p)
+	return p
+}
+
+// addFirstPod is addPod, then the parent state the pod leaves taken as the
+// baseline (baselineParents): the pod a test starts from.
+func (h *harness) addFirstPod(l *libcni.NetworkConfigList, name string) *pod {
+	h.t.Helper()
+	p := h.addPod(l, name)
+	h.baselineParents()
+	return p
 }
 
 func (p *pod) rt() *libcni.RuntimeConf {
@@ -443,11 +450,11 @@ func pingBothWays(t *testing.T, a *pod, dsts []netip.Addr, froms []*netenv.NS, n
 	}
 }
 
-// podPair creates pods a and b and ADDs both with l.
+// podPair creates pods a and b, ADDs both with l and takes the parent
+// state they leave as the baseline (baselineParents).
 func (h *harness) podPair(l *libcni.NetworkConfigList) (a, b *pod) {
 	h.t.Helper()
-	a, b = h.newPod("a"), h.newPod("b")
-	h.add(l, a)
-	h.add(l, b)
+	a, b = h.addPod(l, "a"), h.addPod(l, "b")
+	h.baselineParents()
 	return a, b
 }

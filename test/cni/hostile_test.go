@@ -137,9 +137,7 @@ func TestReadOnlyHost(t *testing.T) {
 	prev := h.cni
 	h.cni = roCNI
 	t.Cleanup(func() { h.cni = prev })
-	p := h.newPod("ro")
-	h.add(l, p)
-	h.baselineParents()
+	p := h.addFirstPod(l, "ro")
 	h.checkRegistered(t, p)
 	if err := h.check(l, p); err != nil {
 		t.Fatalf("CHECK: %v", err)

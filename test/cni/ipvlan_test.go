@@ -39,7 +39,6 @@ func (h *harness) ipvlanLifecycle(t *testing.T, l *libcni.NetworkConfigList) {
 	t.Helper()
 	u := h.env.Uplinks[0]
 	a, b := h.podPair(l)
-	h.baselineParents()
 	for _, p := range []*pod{a, b} {
 		id, ep := h.endpointOf(t, p)
 		if loader.Mode(ep.Mode) != loader.ModeIPvlanL2 || int(ep.ParentIfindex) != u.Index {

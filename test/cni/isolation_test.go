@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/containernetworking/cni/libcni"
 	"github.com/gopacket/gopacket"
 	"github.com/gopacket/gopacket/layers"
 	"github.com/vishvananda/netlink"
@@ -19,17 +20,23 @@ import (
 	"github.com/underpass-cni/underpass/test/netenv"
 )
 
+// honestPair is the lab with network name (IPv4 only) and its pods a and
+// b, a's neighbours resolved while it is still honest.
+func honestPair(t *testing.T, name string) (h *harness, l *libcni.NetworkConfigList, a, b *pod) {
+	t.Helper()
+	h, l = newMainHarness(t, name, false)
+	a, b = h.podPair(l)
+	netenv.MustPing(t, a.ns, h.env.Uplinks[0].Gateway4, 1)
+	return h, l, a, b
+}
+
 // A pod that takes another pod's or the node's address, or another pod's
 // MAC, gets nothing out: its frames are dropped at its own interface and
 // counted spoofed_source, the wire sees none of them, and the pod it
 // impersonates keeps working.
 func TestSpoofingThroughThePlugin(t *testing.T) {
-	h := newHarness(t, harnessOpts{})
+	h, l, a, b := honestPair(t, "up-spoof")
 	u := h.env.Uplinks[0]
-	l := h.conflist("up-spoof", "1.1.0", h.mainConf(false))
-	a, b := h.podPair(l)
-	h.baselineParents()
-	netenv.MustPing(t, a.ns, u.Gateway4, 1) // neighbours resolved while honest
 
 	eth0 := func() netlink.Link {
 		t.Helper()
@@ -112,12 +119,8 @@ func TestSpoofingThroughThePlugin(t *testing.T) {
 // carrying a unique token; the wire port must see none of them, and the
 // attacking pod's counter shows where they went.
 func TestAttacksPastThePodsOwnFilter(t *testing.T) {
-	h := newHarness(t, harnessOpts{})
+	h, l, a, b := honestPair(t, "up-attack")
 	u := h.env.Uplinks[0]
-	l := h.conflist("up-attack", "1.1.0", h.mainConf(false))
-	a, b := h.podPair(l)
-	h.baselineParents()
-	netenv.MustPing(t, a.ns, u.Gateway4, 1)
 
 	icmp := func(t *testing.T, src netip.Addr, vlan uint16, token []byte) []byte {
 		t.Helper()
@@ -220,9 +223,7 @@ func TestNodeDoesNotRouteForPods(t *testing.T) {
 	netenv.MustPing(t, h.env.Node, behind.IP4.Addr(), 1) // the node itself reaches it
 
 	l := h.conflist("up-router", "1.1.0", h.mainConf(false))
-	a := h.newPod("a")
-	h.add(l, a)
-	h.baselineParents()
+	a := h.addFirstPod(l, "a")
 	eth0, err := a.ns.Netlink().LinkByName("eth0")
 	must(t, err)
 	must(t, a.ns.Netlink().RouteAdd(&netlink.Route{LinkIndex: eth0.Attrs().Index, Dst: &net.IPNet{IP: u2.Subnet4.Addr().AsSlice(), Mask: net.CIDRMask(u2.Subnet4.Bits(), 32)}, Gw: u.Node4.Addr().AsSlice()}))

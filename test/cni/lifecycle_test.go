@@ -29,8 +29,7 @@ import (
 // DEL after the runtime deleted the netns: the slave and its filters went
 // with it, the registration and the lease must still go.
 func TestDelAfterNetnsDeleted(t *testing.T) {
-	h := newHarness(t, harnessOpts{})
-	l := h.conflist("up-gone", "1.1.0", h.mainConf(false))
+	h, l := newMainHarness(t, "up-gone", false)
 	n, err := testutils.NewNS()
 	must(t, err)
 	p := &pod{name: "gone", netns: n.Path(), id: "ctr-gone", ifname: "eth0"}
@@ -52,9 +51,7 @@ func TestDelAfterNetnsDeleted(t *testing.T) {
 func TestDelIdempotent(t *testing.T) {
 	h := newHarness(t, harnessOpts{})
 	l := h.conflist("up-idem", "1.0.0", h.mainConf(true))
-	p := h.newPod("p")
-	h.add(l, p)
-	h.baselineParents()
+	p := h.addFirstPod(l, "p")
 	eth0, err := p.ns.Netlink().LinkByName("eth0")
 	must(t, err)
 	must(t, p.ns.Netlink().LinkDel(eth0))
@@ -66,10 +63,8 @@ func TestDelIdempotent(t *testing.T) {
 // DEL after underpassd removed the datapath: the plugin has nothing to
 // unregister, but the lease and the link must still go.
 func TestDelWithoutDatapath(t *testing.T) {
-	h := newHarness(t, harnessOpts{})
-	l := h.conflist("up-nodp", "1.1.0", h.mainConf(true))
-	p := h.newPod("p")
-	h.add(l, p)
+	h, l := newMainHarness(t, "up-nodp", true)
+	p := h.addPod(l, "p")
 	must(t, loader.Unload(h.bpffs))
 	h.del(l, p)
 	if got := linkNames(t, p.ns); len(got) != 1 {
@@ -160,8 +155,7 @@ func TestStatus(t *testing.T) {
 
 // CHECK passes on a healthy pod and names what drifted otherwise.
 func TestCheckDrift(t *testing.T) {
-	h := newHarness(t, harnessOpts{})
-	l := h.conflist("up-check", "1.1.0", h.mainConf(true))
+	h, l := newMainHarness(t, "up-check", true)
 	for _, tc := range []struct {
 		name  string
 		drift func(t *testing.T, p *pod)
@@ -222,8 +216,7 @@ func TestCheckDrift(t *testing.T) {
 // and programs even when the runtime lost every trace of them (no libcni
 // cache, so libcni itself issues no DEL).
 func TestGC(t *testing.T) {
-	h := newHarness(t, harnessOpts{})
-	l := h.conflist("up-gc", "1.1.0", h.mainConf(false))
+	h, l := newMainHarness(t, "up-gc", false)
 	a, b, c := h.newPod("a"), h.newPod("b"), h.newPod("c")
 	for _, p := range []*pod{a, b, c} {
 		h.add(l, p)
@@ -339,8 +332,7 @@ func mustIndex(t *testing.T, p *pod) int {
 // 50 ADDs at once, then 50 DELs at once: no failure, distinct addresses,
 // every pod registered and reachable, nothing left.
 func TestConcurrentAddDel(t *testing.T) {
-	h := newHarness(t, harnessOpts{})
-	l := h.conflist("up-many", "1.1.0", h.mainConf(false))
+	h, l := newMainHarness(t, "up-many", false)
 	const n = 50
 	pods := make([]*pod, n)
 	for i := range pods {

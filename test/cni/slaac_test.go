@@ -24,12 +24,9 @@ import (
 // that DAD, and the pod talks from it. Before underpass learned addresses,
 // every frame from it was dropped as spoofed_source.
 func TestSLAACFromARealRouterAdvertisement(t *testing.T) {
-	h := newHarness(t, harnessOpts{})
+	h, l := newMainHarness(t, "up-slaac", false)
 	u := h.env.Uplinks[0]
-	l := h.conflist("up-slaac", "1.1.0", h.mainConf(false))
-	a := h.newPod("a")
-	h.add(l, a)
-	h.baselineParents()
+	a := h.addFirstPod(l, "a")
 	globalLearned := func() uint64 {
 		s, err := datapath.GlobalStats(&h.dp.Maps)
 		must(t, err)

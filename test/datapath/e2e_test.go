@@ -6,7 +6,6 @@ package datapath_test
 import (
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"net/netip"
 	"path/filepath"
@@ -123,19 +122,8 @@ func wantNoPing(t *testing.T, from *netenv.NS, to netip.Addr) {
 // echo dials addr from ns, writes a message and reads it back.
 func echo(t *testing.T, ns *netenv.NS, addr netip.AddrPort) {
 	t.Helper()
-	conn, err := netenv.DialTCPConn(ns, addr, 3*time.Second)
-	if err != nil {
-		t.Fatalf("dial %s from %s: %v", addr, ns.Name, err)
-	}
-	defer conn.Close()
-	msg := []byte("through the underpass")
-	conn.SetDeadline(time.Now().Add(3 * time.Second))
-	if _, err := conn.Write(msg); err != nil {
+	if err := netenv.Echo(ns, addr, "through the underpass", 3*time.Second); err != nil {
 		t.Fatal(err)
-	}
-	got := make([]byte, len(msg))
-	if _, err := io.ReadFull(conn, got); err != nil || string(got) != string(msg) {
-		t.Fatalf("echo via %s: %q, %v", addr, got, err)
 	}
 }
 

@@ -83,11 +83,7 @@ func CreateNS(short string) (*NS, error) {
 		_ = DeleteNS(name)
 		return nil, err
 	}
-	lo, err := n.Netlink().LinkByName("lo")
-	if err == nil {
-		err = n.Netlink().LinkSetUp(lo)
-	}
-	if err != nil {
+	if err := n.SetUp("lo"); err != nil {
 		n.Close()
 		_ = DeleteNS(name)
 		return nil, fmt.Errorf("set lo up in %s: %w", name, err)

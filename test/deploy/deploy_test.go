@@ -115,23 +115,35 @@ func decodeFile(path string) ([]doc, error) {
 	if err != nil {
 		return nil, err
 	}
+	objs, err := decodeObjects(b)
+	if err != nil {
+		return nil, fmt.Errorf("decode: %w", err)
+	}
 	var out []doc
+	for _, obj := range objs {
+		if obj.GetAPIVersion() == "" || obj.GetKind() == "" || obj.GetName() == "" {
+			return nil, fmt.Errorf("an object without apiVersion, kind or metadata.name")
+		}
+		out = append(out, doc{file: rel(path), obj: obj})
+	}
+	return out, nil
+}
+
+// decodeObjects decodes the YAML (or JSON) documents in b, leaving out the
+// empty ones (between two ---).
+func decodeObjects(b []byte) ([]*unstructured.Unstructured, error) {
+	var out []*unstructured.Unstructured
 	dec := k8syaml.NewYAMLOrJSONDecoder(bytes.NewReader(b), 4096)
 	for {
 		var m map[string]any
 		if err := dec.Decode(&m); errors.Is(err, io.EOF) {
 			return out, nil
 		} else if err != nil {
-			return nil, fmt.Errorf("decode: %w", err)
+			return nil, err
 		}
-		if len(m) == 0 {
-			continue // an empty document between ---
+		if len(m) > 0 {
+			out = append(out, &unstructured.Unstructured{Object: m})
 		}
-		obj := &unstructured.Unstructured{Object: m}
-		if obj.GetAPIVersion() == "" || obj.GetKind() == "" || obj.GetName() == "" {
-			return nil, fmt.Errorf("an object without apiVersion, kind or metadata.name")
-		}
-		out = append(out, doc{file: rel(path), obj: obj})
 	}
 }
 

@@ -5,9 +5,7 @@ package deploy_test
 import (
 	"bytes"
 	"encoding/json"
-	"errors"
 	"fmt"
-	"io"
 	"os/exec"
 	"reflect"
 	"slices"
@@ -16,7 +14,6 @@ import (
 
 	"github.com/containernetworking/cni/libcni"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
-	k8syaml "k8s.io/apimachinery/pkg/util/yaml"
 	"sigs.k8s.io/yaml"
 
 	"github.com/underpass-cni/underpass/internal/cni"
@@ -45,19 +42,11 @@ func helmTemplate(t *testing.T, set ...string) ([]*unstructured.Unstructured, er
 	if err != nil {
 		return nil, fmt.Errorf("helm %v: %w: %s", args, err, strings.TrimSpace(stderr.String()))
 	}
-	var objs []*unstructured.Unstructured
-	dec := k8syaml.NewYAMLOrJSONDecoder(bytes.NewReader(out), 4096)
-	for {
-		var m map[string]any
-		if err := dec.Decode(&m); errors.Is(err, io.EOF) {
-			return objs, nil
-		} else if err != nil {
-			t.Fatalf("helm template output does not decode: %v\n%s", err, out)
-		}
-		if len(m) > 0 {
-			objs = append(objs, &unstructured.Unstructured{Object: m})
-		}
+	objs, err := decodeObjects(out)
+	if err != nil {
+		t.Fatalf("helm template output does not decode: %v\n%s", err, out)
 	}
+	return objs, nil
 }
 
 // TestHelmLint runs helm lint --strict on the chart, with the default

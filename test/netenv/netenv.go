@@ -225,18 +225,11 @@ func (e *Env) addUplink(i int, sub4, sub6 netip.Prefix, defaultRoute bool) (*Upl
 	if err := wire.LinkAdd(br); err != nil {
 		return nil, fmt.Errorf("create bridge %s: %w", u.Bridge, err)
 	}
-	port, err := e.addVeth(u.Port, e.Node, u.Name)
-	if err != nil {
+	if err := e.plugUplink(u, br); err != nil {
 		return nil, err
 	}
-	if err := wire.LinkSetMaster(port, br); err != nil {
-		return nil, fmt.Errorf("attach %s to %s: %w", u.Port, u.Bridge, err)
-	}
-	u.PortIndex = port.Attrs().Index
-	for _, l := range []netlink.Link{br, port} {
-		if err := wire.LinkSetUp(l); err != nil {
-			return nil, fmt.Errorf("set %s up: %w", l.Attrs().Name, err)
-		}
+	if err := wire.LinkSetUp(br); err != nil {
+		return nil, fmt.Errorf("set %s up: %w", u.Bridge, err)
 	}
 	brLink, err := wire.LinkByName(u.Bridge)
 	if err != nil {
@@ -258,6 +251,43 @@ func (e *Env) addUplink(i int, sub4, sub6 netip.Prefix, defaultRoute bool) (*Upl
 	}
 	u.Index, u.MAC = l.Attrs().Index, l.Attrs().HardwareAddr
 	return u, nil
+}
+
+// plugUplink creates u's veth (u.Port in wire <-> u.Name in the node),
+// plugs u.Port into the bridge br and sets it up.
+func (e *Env) plugUplink(u *Uplink, br netlink.Link) error {
+	port, err := e.addVeth(u.Port, e.Node, u.Name)
+	if err != nil {
+		return err
+	}
+	if err := e.Wire.Netlink().LinkSetMaster(port, br); err != nil {
+		return fmt.Errorf("attach %s to %s: %w", u.Port, u.Bridge, err)
+	}
+	u.PortIndex = port.Attrs().Index
+	if err := e.Wire.Netlink().LinkSetUp(port); err != nil {
+		return fmt.Errorf("set %s up: %w", u.Port, err)
+	}
+	return nil
+}
+
+// RecreateUplink rebuilds the uplink u after its node end was deleted (and
+// the veth with it): a new veth plugged into u's bridge, and u's addresses
+// on the node's end, up, with no route. It updates u's Index, MAC and
+// PortIndex.
+func (e *Env) RecreateUplink(u *Uplink) error {
+	br, err := e.Wire.Netlink().LinkByName(u.Bridge)
+	if err != nil {
+		return fmt.Errorf("find %s: %w", u.Bridge, err)
+	}
+	if err := e.plugUplink(u, br); err != nil {
+		return err
+	}
+	l, err := configureIface(e.Node.Netlink(), u.Name, u.Node4, u.Node6, netip.Addr{}, netip.Addr{})
+	if err != nil {
+		return err
+	}
+	u.Index, u.MAC = l.Attrs().Index, l.Attrs().HardwareAddr
+	return nil
 }
 
 // addVeth creates a veth in wire named name whose peer is peerName inside

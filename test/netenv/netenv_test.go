@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"net/netip"
 	"os"
@@ -131,19 +130,8 @@ func TestTopology(t *testing.T) {
 
 func echo(t *testing.T, from *NS, addr netip.AddrPort) {
 	t.Helper()
-	c, err := DialTCPConn(from, addr, time.Second)
-	if err != nil {
+	if err := Echo(from, addr, "hello from "+from.Name, 2*time.Second); err != nil {
 		t.Fatal(err)
-	}
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(2 * time.Second))
-	msg := []byte("hello from " + from.Name)
-	if _, err := c.Write(msg); err != nil {
-		t.Fatal(err)
-	}
-	got := make([]byte, len(msg))
-	if _, err := io.ReadFull(c, got); err != nil || string(got) != string(msg) {
-		t.Fatalf("echo via %s: %q %v", addr, got, err)
 	}
 }
 

@@ -189,6 +189,15 @@ func (n *NS) Sysctl(kv ...string) error {
 	})
 }
 
+// SetUp sets the link named dev up.
+func (n *NS) SetUp(dev string) error {
+	l, err := n.handle.LinkByName(dev)
+	if err != nil {
+		return err
+	}
+	return n.handle.LinkSetUp(l)
+}
+
 // AddAddr puts addr on the link named dev (IPv6 without DAD).
 func (n *NS) AddAddr(dev string, addr netip.Prefix) error {
 	l, err := n.handle.LinkByName(dev)

@@ -11,10 +11,20 @@ import (
 )
 
 // ListenTCP starts a TCP echo server on addr inside ns (port 0 picks a free
-// port: read it from the listener's Addr). The socket is created inside the
-// namespace and stays there, while the accept loop runs on any thread. The
-// listener and its connections are closed when the test ends.
+// port: read it from the listener's Addr); see ServeTCP.
 func ListenTCP(tb testing.TB, ns *NS, addr netip.AddrPort) net.Listener {
+	tb.Helper()
+	return ServeTCP(tb, ns, addr, func(c net.Conn) {
+		io.Copy(c, c) //nolint:errcheck // the peer decides when the echo ends
+	})
+}
+
+// ServeTCP starts a TCP server on addr inside ns that runs handle on every
+// connection, each in its own goroutine, and then closes it. The socket is
+// created inside the namespace and stays there, while the accept loop runs
+// on any thread. The listener and its connections are closed when the test
+// ends, and ServeTCP waits for the handlers to return.
+func ServeTCP(tb testing.TB, ns *NS, addr netip.AddrPort, handle func(net.Conn)) net.Listener {
 	tb.Helper()
 	var ln net.Listener
 	err := ns.Do(func() error {
@@ -41,7 +51,7 @@ func ListenTCP(tb testing.TB, ns *NS, addr netip.AddrPort) net.Listener {
 			conns[c] = struct{}{}
 			mu.Unlock()
 			wg.Go(func() {
-				io.Copy(c, c) //nolint:errcheck // the peer decides when the echo ends
+				handle(c)
 				c.Close()
 				mu.Lock()
 				delete(conns, c)
@@ -85,4 +95,24 @@ func DialTCP(ns *NS, addr netip.AddrPort, timeout time.Duration) error {
 		return err
 	}
 	return c.Close()
+}
+
+// Echo dials addr (a ListenTCP echo server) from inside ns, writes msg and
+// reads it back: an error if the dial, the write or the read fails or takes
+// longer than timeout (each), or the echo differs.
+func Echo(ns *NS, addr netip.AddrPort, msg string, timeout time.Duration) error {
+	c, err := DialTCPConn(ns, addr, timeout)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(timeout))
+	if _, err := io.WriteString(c, msg); err != nil {
+		return fmt.Errorf("echo via %s from %s: %w", addr, ns.Name, err)
+	}
+	got := make([]byte, len(msg))
+	if _, err := io.ReadFull(c, got); err != nil || string(got) != msg {
+		return fmt.Errorf("echo via %s from %s: %q, %v", addr, ns.Name, got, err)
+	}
+	return nil
 }

@@ -79,25 +79,14 @@ func measureXDP(b *testing.B, prog *ebpf.Program, frame []byte, rounds int) floa
 }
 
 func ping(tb testing.TB, smac, dmac net.HardwareAddr, src, dst netip.Addr) []byte {
-	return frame(tb, &layers.Ethernet{SrcMAC: smac, DstMAC: dmac, EthernetType: layers.EthernetTypeIPv4},
+	return testutil.Frame(tb, &layers.Ethernet{SrcMAC: smac, DstMAC: dmac, EthernetType: layers.EthernetTypeIPv4},
 		&layers.IPv4{Version: 4, IHL: 5, TTL: 64, Protocol: layers.IPProtocolICMPv4, SrcIP: src.AsSlice(), DstIP: dst.AsSlice()},
 		&layers.ICMPv4{TypeCode: layers.CreateICMPv4TypeCode(layers.ICMPv4TypeEchoRequest, 0)}, gopacket.Payload("benchmark payload"))
 }
 
 func arpFrame(tb testing.TB, mac net.HardwareAddr, spa, tpa netip.Addr) []byte {
-	return frame(tb, &layers.Ethernet{SrcMAC: mac, DstMAC: net.HardwareAddr{0xff, 0xff, 0xff, 0xff, 0xff, 0xff}, EthernetType: layers.EthernetTypeARP},
+	return testutil.Frame(tb, &layers.Ethernet{SrcMAC: mac, DstMAC: net.HardwareAddr{0xff, 0xff, 0xff, 0xff, 0xff, 0xff}, EthernetType: layers.EthernetTypeARP},
 		&layers.ARP{AddrType: layers.LinkTypeEthernet, Protocol: layers.EthernetTypeIPv4, HwAddressSize: 6, ProtAddressSize: 4,
 			Operation: layers.ARPRequest, SourceHwAddress: mac, SourceProtAddress: spa.AsSlice(),
 			DstHwAddress: make([]byte, 6), DstProtAddress: tpa.AsSlice()})
-}
-
-func frame(tb testing.TB, ls ...gopacket.SerializableLayer) []byte {
-	tb.Helper()
-	buf := gopacket.NewSerializeBuffer()
-	must(tb, gopacket.SerializeLayers(buf, gopacket.SerializeOptions{ComputeChecksums: true, FixLengths: true}, ls...))
-	out := buf.Bytes()
-	for len(out) < 60 {
-		out = append(out, 0)
-	}
-	return out
 }

@@ -50,8 +50,6 @@
 package soak_test
 
 import (
-	"fmt"
-	"os"
 	"path/filepath"
 	"testing"
 
@@ -65,37 +63,14 @@ var (
 )
 
 func TestMain(m *testing.M) {
-	os.Exit(testMain(m))
-}
-
-func testMain(m *testing.M) int {
-	if os.Geteuid() != 0 {
-		fmt.Fprintln(os.Stderr, "test/soak must run as root (netns, eBPF): sudo go test ./test/soak")
-		return 1
-	}
-	dir, err := os.MkdirTemp("", "underpass-soak-test-")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
-	}
-	defer os.RemoveAll(dir)
-	pluginDir = filepath.Join(dir, "plugins")
-	if err := os.Mkdir(pluginDir, 0o755); err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
-	}
-	if err := testutil.BuildPlugin(filepath.Join(pluginDir, "underpass")); err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
-	}
-	if refDir, err = testutil.ReferencePlugins(); err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
-	}
-	agentBin = filepath.Join(dir, "underpassd")
-	if err := testutil.BuildAgent(agentBin); err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
-	}
-	return m.Run()
+	testutil.Main(m, "test/soak", func(tmp string) (err error) {
+		pluginDir, agentBin = filepath.Join(tmp, "plugins"), filepath.Join(tmp, "underpassd")
+		if err := testutil.BuildPlugin(filepath.Join(pluginDir, "underpass")); err != nil {
+			return err
+		}
+		if refDir, err = testutil.ReferencePlugins(); err != nil {
+			return err
+		}
+		return testutil.BuildAgent(agentBin)
+	})
 }

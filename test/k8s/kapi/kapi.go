@@ -126,98 +126,143 @@ func StartWith(tb testing.TB, o Options) *Cluster {
 		tb.Fatalf("kapi: %v", err)
 	}
 	begin := time.Now()
-	dir := tb.TempDir()
-	c := &Cluster{Dir: dir}
-	var procs []*proc // started order; stopped in reverse
-	printed := false
+	s := newStarter(tb, bin)
+	c := &Cluster{Dir: s.dir}
+	pki, tokens := s.credentials(c, o.Address)
+	etcdURL := s.startEtcd()
+	s.startAPIServer(c, o.Address, etcdURL, pki, tokens)
+	s.connect(c, pki)
+	tb.Logf("kapi: cluster at %s ready in %v (dir %s)", c.URL, time.Since(begin).Round(time.Millisecond), s.dir)
+	return c
+}
+
+// starter is what StartWith has started: the processes, stopped in reverse
+// order when tb ends, whose logs are printed once if tb fails.
+type starter struct {
+	tb       testing.TB
+	bin, dir string
+	procs    []*proc // in the order started
+	printed  bool    // fail has printed the logs
+}
+
+func newStarter(tb testing.TB, bin string) *starter {
+	s := &starter{tb: tb, bin: bin, dir: tb.TempDir()}
 	tb.Cleanup(func() {
-		for i := len(procs) - 1; i >= 0; i-- {
-			procs[i].stop()
+		for i := len(s.procs) - 1; i >= 0; i-- {
+			s.procs[i].stop()
 		}
-		if tb.Failed() && !printed {
-			for _, p := range procs {
+		if tb.Failed() && !s.printed {
+			for _, p := range s.procs {
 				tb.Logf("kapi: %s", p.logTail())
 			}
 		}
 	})
-	fail := func(format string, args ...any) {
-		tb.Helper()
-		for _, p := range procs {
-			tb.Logf("kapi: %s", p.logTail())
-		}
-		printed = true // the processes are still stopped by the cleanup
-		tb.Fatalf("kapi: "+format, args...)
-	}
+	return s
+}
 
-	pki, err := writePKI(dir, o.Address)
+// fail prints the processes' logs and fails tb at once.
+func (s *starter) fail(format string, args ...any) {
+	s.tb.Helper()
+	for _, p := range s.procs {
+		s.tb.Logf("kapi: %s", p.logTail())
+	}
+	s.printed = true // the processes are still stopped by the cleanup
+	s.tb.Fatalf("kapi: "+format, args...)
+}
+
+// credentials writes the certificates (the serving one also naming addr,
+// if valid) and the admin token into c's files and returns the PKI and the
+// apiserver's token file.
+func (s *starter) credentials(c *Cluster, addr netip.Addr) (*pki, string) {
+	s.tb.Helper()
+	pki, err := writePKI(s.dir, addr)
 	if err != nil {
-		fail("certificates: %v", err)
+		s.fail("certificates: %v", err)
 	}
 	c.CAFile, c.CAKeyFile, c.SAKeyFile = pki.caFile, pki.caKeyFile, pki.saKeyFile
 	c.Token = randomToken()
-	tokens := filepath.Join(dir, "tokens.csv")
+	tokens := filepath.Join(s.dir, "tokens.csv")
 	if err := os.WriteFile(tokens, []byte(fmt.Sprintf("%s,%s,%s,\"system:masters\"\n", c.Token, AdminUser, AdminUser)), 0o600); err != nil {
-		fail("%v", err)
+		s.fail("%v", err)
 	}
+	return pki, tokens
+}
 
-	// etcd. Free ports are found by binding :0 and closing; another process
-	// may grab one in between, so a start that fails is retried on new ports.
-	var etcdURL string
+// start starts the binary name on nPorts free ports (args makes its
+// arguments from them), logging to <name>.<attempt>.log, and waits for
+// ready. Free ports are found by binding :0 and closing; another process
+// may grab one in between, so a start that fails with "address already in
+// use" is retried on new ports (after reset), three attempts in all. It
+// fails with failure and the error otherwise.
+func (s *starter) start(name, failure string, nPorts int, args func(ports []int) []string, ready func(*proc) error, reset func()) {
+	s.tb.Helper()
 	for attempt := 1; ; attempt++ {
-		ports, err := freePorts(2)
+		ports, err := freePorts(nPorts)
 		if err != nil {
-			fail("%v", err)
+			s.fail("%v", err)
 		}
-		etcdURL = "http://127.0.0.1:" + strconv.Itoa(ports[0])
-		peerURL := "http://127.0.0.1:" + strconv.Itoa(ports[1])
-		p, err := startProc(filepath.Join(bin, "etcd"), filepath.Join(dir, fmt.Sprintf("etcd.%d.log", attempt)),
-			"--name=kapi",
-			"--data-dir="+filepath.Join(dir, "etcd"),
-			"--listen-client-urls="+etcdURL,
-			"--advertise-client-urls="+etcdURL,
-			"--listen-peer-urls="+peerURL,
-			"--initial-advertise-peer-urls="+peerURL,
-			"--initial-cluster=kapi="+peerURL,
-			"--initial-cluster-state=new",
-			"--unsafe-no-fsync", // test data; much faster on slow disks
-			"--log-level=warn",
-		)
+		p, err := startProc(filepath.Join(s.bin, name), filepath.Join(s.dir, fmt.Sprintf("%s.%d.log", name, attempt)), args(ports)...)
 		if err != nil {
-			fail("%v", err)
+			s.fail("%v", err)
 		}
-		procs = append(procs, p)
-		err = p.waitReady(30*time.Second, plainGet(etcdURL+"/health", `"health":"true"`))
+		s.procs = append(s.procs, p)
+		err = ready(p)
 		if err == nil {
-			break
+			return
 		}
 		if attempt < 3 && p.exitedWithPortInUse() {
 			p.stop()
-			os.RemoveAll(filepath.Join(dir, "etcd"))
+			reset()
 			continue
 		}
-		fail("etcd did not start: %v", err)
+		s.fail("%s: %v", failure, err)
 	}
+}
 
-	// kube-apiserver.
-	for attempt := 1; ; attempt++ {
-		ports, err := freePorts(1)
-		if err != nil {
-			fail("%v", err)
+// startEtcd starts etcd and returns its client URL.
+func (s *starter) startEtcd() (etcdURL string) {
+	s.tb.Helper()
+	data := filepath.Join(s.dir, "etcd")
+	s.start("etcd", "etcd did not start", 2, func(ports []int) []string {
+		etcdURL = "http://127.0.0.1:" + strconv.Itoa(ports[0])
+		peerURL := "http://127.0.0.1:" + strconv.Itoa(ports[1])
+		return []string{
+			"--name=kapi",
+			"--data-dir=" + data,
+			"--listen-client-urls=" + etcdURL,
+			"--advertise-client-urls=" + etcdURL,
+			"--listen-peer-urls=" + peerURL,
+			"--initial-advertise-peer-urls=" + peerURL,
+			"--initial-cluster=kapi=" + peerURL,
+			"--initial-cluster-state=new",
+			"--unsafe-no-fsync", // test data; much faster on slow disks
+			"--log-level=warn",
 		}
-		addr := "127.0.0.1"
-		// Nothing runs the ServiceAccount controller, and loopback
-		// addresses are invalid in the kubernetes Service's endpoints.
-		node := []string{"--disable-admission-plugins=ServiceAccount", "--endpoint-reconciler-type=none"}
-		if o.Address.IsValid() {
-			addr, node = o.Address.String(), nil
-		}
-		c.URL = "https://" + net.JoinHostPort(addr, strconv.Itoa(ports[0]))
-		p, err := startProc(filepath.Join(bin, "kube-apiserver"), filepath.Join(dir, fmt.Sprintf("kube-apiserver.%d.log", attempt)), append([]string{
-			"--bind-address=" + addr,
-			"--advertise-address=" + addr,
+	}, func(p *proc) error {
+		return p.waitReady(30*time.Second, plainGet(etcdURL+"/health", `"health":"true"`))
+	}, func() { os.RemoveAll(data) })
+	return etcdURL
+}
+
+// startAPIServer starts kube-apiserver on loopback, or on addr if valid,
+// with etcd at etcdURL, and sets c.URL.
+func (s *starter) startAPIServer(c *Cluster, addr netip.Addr, etcdURL string, pki *pki, tokens string) {
+	s.tb.Helper()
+	host := "127.0.0.1"
+	// Nothing runs the ServiceAccount controller, and loopback addresses
+	// are invalid in the kubernetes Service's endpoints.
+	node := []string{"--disable-admission-plugins=ServiceAccount", "--endpoint-reconciler-type=none"}
+	if addr.IsValid() {
+		host, node = addr.String(), nil
+	}
+	s.start("kube-apiserver", "kube-apiserver did not become ready", 1, func(ports []int) []string {
+		c.URL = "https://" + net.JoinHostPort(host, strconv.Itoa(ports[0]))
+		return append([]string{
+			"--bind-address=" + host,
+			"--advertise-address=" + host,
 			"--secure-port=" + strconv.Itoa(ports[0]),
 			"--etcd-servers=" + etcdURL,
-			"--cert-dir=" + filepath.Join(dir, "apiserver-certs"),
+			"--cert-dir=" + filepath.Join(s.dir, "apiserver-certs"),
 			"--tls-cert-file=" + pki.serverCertFile,
 			"--tls-private-key-file=" + pki.serverKeyFile,
 			"--client-ca-file=" + pki.caFile,
@@ -234,22 +279,15 @@ func StartWith(tb testing.TB, o Options) *Cluster {
 			"--kubelet-preferred-address-types=InternalIP",
 			"--profiling=false",
 			"--v=1",
-		}, node...)...)
-		if err != nil {
-			fail("%v", err)
-		}
-		procs = append(procs, p)
-		err = p.waitReady(startTimeout(), tlsGet(c.URL+"/readyz", pki.caPEM, c.Token, "ok"))
-		if err == nil {
-			break
-		}
-		if attempt < 3 && p.exitedWithPortInUse() {
-			p.stop()
-			continue
-		}
-		fail("kube-apiserver did not become ready: %v", err)
-	}
+		}, node...)
+	}, func(p *proc) error {
+		return p.waitReady(startTimeout(), tlsGet(c.URL+"/readyz", pki.caPEM, c.Token, "ok"))
+	}, func() {})
+}
 
+// connect fills in c's admin client config, clientset and kubeconfig.
+func (s *starter) connect(c *Cluster, pki *pki) {
+	s.tb.Helper()
 	c.RestConfig = &rest.Config{
 		Host:            c.URL,
 		BearerToken:     c.Token,
@@ -258,16 +296,15 @@ func StartWith(tb testing.TB, o Options) *Cluster {
 		Burst:           400,
 		Timeout:         30 * time.Second,
 	}
+	var err error
 	c.Client, err = kubernetes.NewForConfig(c.RestConfig)
 	if err != nil {
-		fail("clientset: %v", err)
+		s.fail("clientset: %v", err)
 	}
-	c.Kubeconfig = filepath.Join(dir, "kubeconfig")
+	c.Kubeconfig = filepath.Join(s.dir, "kubeconfig")
 	if err := os.WriteFile(c.Kubeconfig, []byte(kubeconfig(c.URL, pki.caFile, c.Token)), 0o600); err != nil {
-		fail("%v", err)
+		s.fail("%v", err)
 	}
-	tb.Logf("kapi: cluster at %s ready in %v (dir %s)", c.URL, time.Since(begin).Round(time.Millisecond), dir)
-	return c
 }
 
 // BinDir returns the directory with the etcd and kube-apiserver binaries:

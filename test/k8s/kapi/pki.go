@@ -38,40 +38,25 @@ func writePKI(dir string, extra netip.Addr) (*pki, error) {
 		saKeyFile:      filepath.Join(dir, "sa.key"),
 		saPubFile:      filepath.Join(dir, "sa.pub"),
 	}
-	now := time.Now()
-	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		return nil, err
-	}
-	ca := &x509.Certificate{
-		SerialNumber:          serial(),
+	caKey, caDER, err := newCert(&x509.Certificate{
 		Subject:               pkix.Name{CommonName: "underpass-test-ca"},
-		NotBefore:             now.Add(-time.Hour),
-		NotAfter:              now.Add(24 * time.Hour),
 		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign | x509.KeyUsageDigitalSignature,
 		BasicConstraintsValid: true,
 		IsCA:                  true,
-	}
-	caDER, err := x509.CreateCertificate(rand.Reader, ca, ca, &caKey.PublicKey, caKey)
+	}, nil, nil)
 	if err != nil {
 		return nil, err
 	}
-	if ca, err = x509.ParseCertificate(caDER); err != nil {
+	ca, err := x509.ParseCertificate(caDER)
+	if err != nil {
 		return nil, err
 	}
 	p.caPEM = pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: caDER})
 
-	srvKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		return nil, err
-	}
 	srv := &x509.Certificate{
-		SerialNumber: serial(),
-		Subject:      pkix.Name{CommonName: "kube-apiserver"},
-		NotBefore:    now.Add(-time.Hour),
-		NotAfter:     now.Add(24 * time.Hour),
-		KeyUsage:     x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		Subject:     pkix.Name{CommonName: "kube-apiserver"},
+		KeyUsage:    x509.KeyUsageDigitalSignature,
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
 		DNSNames: []string{"localhost", "kubernetes", "kubernetes.default",
 			"kubernetes.default.svc", "kubernetes.default.svc.cluster.local"},
 		IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1), net.IPv6loopback,
@@ -80,7 +65,7 @@ func writePKI(dir string, extra netip.Addr) (*pki, error) {
 	if extra.IsValid() {
 		srv.IPAddresses = append(srv.IPAddresses, extra.AsSlice())
 	}
-	srvDER, err := x509.CreateCertificate(rand.Reader, srv, ca, &srvKey.PublicKey, caKey)
+	srvKey, srvDER, err := newCert(srv, ca, caKey)
 	if err != nil {
 		return nil, err
 	}
@@ -94,32 +79,62 @@ func writePKI(dir string, extra netip.Addr) (*pki, error) {
 		return nil, err
 	}
 
-	files := []struct {
-		path string
-		typ  string
-		der  []byte
-		key  any
-	}{
+	err = writePEM([]pemFile{
 		{p.caFile, "CERTIFICATE", caDER, nil},
 		{p.caKeyFile, "", nil, caKey},
 		{p.serverCertFile, "CERTIFICATE", srvDER, nil},
 		{p.serverKeyFile, "", nil, srvKey},
 		{p.saKeyFile, "", nil, saKey},
 		{p.saPubFile, "PUBLIC KEY", saPub, nil},
+	})
+	if err != nil {
+		return nil, err
 	}
+	return p, nil
+}
+
+// newCert makes a key and, from tmpl, its certificate (a random serial,
+// valid from an hour ago for a day) signed with parentKey as parent, or
+// self-signed when parent is nil.
+func newCert(tmpl, parent *x509.Certificate, parentKey *ecdsa.PrivateKey) (*ecdsa.PrivateKey, []byte, error) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, nil, err
+	}
+	now := time.Now()
+	tmpl.SerialNumber, tmpl.NotBefore, tmpl.NotAfter = serial(), now.Add(-time.Hour), now.Add(24*time.Hour)
+	if parent == nil {
+		parent, parentKey = tmpl, key
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, parent, &key.PublicKey, parentKey)
+	if err != nil {
+		return nil, nil, err
+	}
+	return key, der, nil
+}
+
+// pemFile is one PEM file: der of PEM type typ, or a private key (PKCS #8).
+type pemFile struct {
+	path string
+	typ  string
+	der  []byte
+	key  any
+}
+
+func writePEM(files []pemFile) error {
 	for _, f := range files {
 		if f.key != nil {
 			der, err := x509.MarshalPKCS8PrivateKey(f.key)
 			if err != nil {
-				return nil, err
+				return err
 			}
 			f.typ, f.der = "PRIVATE KEY", der
 		}
 		if err := os.WriteFile(f.path, pem.EncodeToMemory(&pem.Block{Type: f.typ, Bytes: f.der}), 0o600); err != nil {
-			return nil, err
+			return err
 		}
 	}
-	return p, nil
+	return nil
 }
 
 func serial() *big.Int {

@@ -99,28 +99,27 @@ func unsupported(err error) bool {
 	return errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.ENOTSUP)
 }
 
-// addLink adds l; on the host a missing driver skips the test, in the VM it
-// fails it.
-func addLink(t *testing.T, h *netlink.Handle, l netlink.Link, feature string) {
+// addLink adds l and returns it as the kernel reports it; on the host a
+// missing driver skips the test, in the VM it fails it.
+func addLink(t *testing.T, h *netlink.Handle, l netlink.Link, feature string) netlink.Link {
 	t.Helper()
-	err := h.LinkAdd(l)
-	if err == nil {
-		return
+	if err := h.LinkAdd(l); err != nil {
+		if unsupported(err) && !inVM() {
+			rel, _, _ := release(t)
+			t.Skipf("kernel %s has no %s link type (%v); the VM kernel matrix covers it (make test-kernels)", rel, feature, err)
+		}
+		t.Fatalf("add %s link %s: %v", feature, l.Attrs().Name, err)
 	}
-	if unsupported(err) && !inVM() {
-		rel, _, _ := release(t)
-		t.Skipf("kernel %s has no %s link type (%v); the VM kernel matrix covers it (make test-kernels)", rel, feature, err)
+	added, err := h.LinkByName(l.Attrs().Name)
+	if err != nil {
+		t.Fatal(err)
 	}
-	t.Fatalf("add %s link %s: %v", feature, l.Attrs().Name, err)
+	return added
 }
 
 func vethPair(t *testing.T, h *netlink.Handle, a, b string) netlink.Link {
 	t.Helper()
-	addLink(t, h, &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: a}, PeerName: b}, "veth")
-	la, err := h.LinkByName(a)
-	if err != nil {
-		t.Fatal(err)
-	}
+	la := addLink(t, h, &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: a}, PeerName: b}, "veth")
 	lb, err := h.LinkByName(b)
 	if err != nil {
 		t.Fatal(err)
@@ -136,14 +135,10 @@ func vethPair(t *testing.T, h *netlink.Handle, a, b string) netlink.Link {
 func TestVethIpvlanL2(t *testing.T) {
 	inNetns(t, func(h *netlink.Handle) {
 		parent := vethPair(t, h, "up0", "wire0")
-		addLink(t, h, &netlink.IPVlan{
+		l := addLink(t, h, &netlink.IPVlan{
 			LinkAttrs: netlink.LinkAttrs{Name: "ipvl0", ParentIndex: parent.Attrs().Index},
 			Mode:      netlink.IPVLAN_MODE_L2,
 		}, "ipvlan")
-		l, err := h.LinkByName("ipvl0")
-		if err != nil {
-			t.Fatal(err)
-		}
 		ipv, ok := l.(*netlink.IPVlan)
 		if !ok {
 			t.Fatalf("ipvl0 is a %s, want ipvlan", l.Type())
@@ -165,22 +160,14 @@ func TestVethIpvlanL2(t *testing.T) {
 
 func TestDummyMacvlanBridge(t *testing.T) {
 	inNetns(t, func(h *netlink.Handle) {
-		addLink(t, h, &netlink.Dummy{LinkAttrs: netlink.LinkAttrs{Name: "dum0"}}, "dummy")
-		parent, err := h.LinkByName("dum0")
-		if err != nil {
-			t.Fatal(err)
-		}
+		parent := addLink(t, h, &netlink.Dummy{LinkAttrs: netlink.LinkAttrs{Name: "dum0"}}, "dummy")
 		if err := h.LinkSetUp(parent); err != nil {
 			t.Fatal(err)
 		}
-		addLink(t, h, &netlink.Macvlan{
+		l := addLink(t, h, &netlink.Macvlan{
 			LinkAttrs: netlink.LinkAttrs{Name: "mv0", ParentIndex: parent.Attrs().Index},
 			Mode:      netlink.MACVLAN_MODE_BRIDGE,
 		}, "macvlan")
-		l, err := h.LinkByName("mv0")
-		if err != nil {
-			t.Fatal(err)
-		}
 		mv, ok := l.(*netlink.Macvlan)
 		if !ok || mv.Mode != netlink.MACVLAN_MODE_BRIDGE {
 			t.Fatalf("mv0 is %s %+v, want macvlan bridge", l.Type(), l)

@@ -7,6 +7,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -24,31 +25,55 @@ import (
 // with underpassd --uninstall first, as an operator would. It reports each
 // step and returns false if anything is left.
 func (d *demoRun) cleanup(graceful bool) bool {
-	ok := true
-	note := func(err error, format string, args ...any) {
-		if err != nil {
-			ok = false
-			fmt.Fprintf(d.out, "  ✗ %s: %v\n", fmt.Sprintf(format, args...), err)
-		} else {
-			fmt.Fprintf(d.out, "  ✓ %s\n", fmt.Sprintf(format, args...))
-		}
-	}
+	r := &report{out: d.out, ok: true}
 	for _, l := range d.listeners {
 		l.Close()
 	}
 	d.listeners = nil
-
-	if graceful && d.cni != nil && d.netconf != nil && d.node != nil {
-		for _, p := range d.pods {
-			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-			err := d.node.Do(func() error { return d.cni.DelNetworkList(ctx, d.netconf, p.rt()) })
-			cancel()
-			note(err, "CNI DEL %s", p.name)
-		}
+	if graceful {
+		d.delPods(r)
 	}
+	d.stopProcesses(r)
+	if graceful {
+		d.uninstall(r)
+	}
+	d.deleteNamespaces(r)
+	removeLeftovers(r)
+	return r.ok
+}
 
-	// Processes: this run's agent, and any process a crashed run left
-	// (found by the state directory on its command line).
+// report prints the steps of the cleanup, each passed or failed with its
+// error; ok is false once one has failed.
+type report struct {
+	out io.Writer
+	ok  bool
+}
+
+func (r *report) note(err error, format string, args ...any) {
+	if err != nil {
+		r.ok = false
+		fmt.Fprintf(r.out, "  ✗ %s: %v\n", fmt.Sprintf(format, args...), err)
+	} else {
+		fmt.Fprintf(r.out, "  ✓ %s\n", fmt.Sprintf(format, args...))
+	}
+}
+
+// delPods deletes the pods through CNI DEL, as the runtime would.
+func (d *demoRun) delPods(r *report) {
+	if d.cni == nil || d.netconf == nil || d.node == nil {
+		return
+	}
+	for _, p := range d.pods {
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		err := d.node.Do(func() error { return d.cni.DelNetworkList(ctx, d.netconf, p.rt()) })
+		cancel()
+		r.note(err, "CNI DEL %s", p.name)
+	}
+}
+
+// stopProcesses stops this run's agent, and any process a crashed run left
+// (found by the state directory on its command line).
+func (d *demoRun) stopProcesses(r *report) {
 	var pids []int
 	if d.agent != nil && d.agent.Process != nil {
 		select {
@@ -64,37 +89,42 @@ func (d *demoRun) cleanup(graceful bool) bool {
 	}
 	for _, pid := range pids {
 		name := procName(pid)
-		note(stopProcess(pid, d.agentDone), "stop %s (pid %d)", name, pid)
+		r.note(stopProcess(pid, d.agentDone), "stop %s (pid %d)", name, pid)
 	}
 	if d.agentLog != nil {
 		d.agentLog.Close()
 	}
+}
 
-	// Detach the programs with the agent's own uninstall, from inside the
-	// node netns, while the interfaces still exist. The config it reads
-	// names the demo's pin directory only, so it can never touch a real
-	// install's /sys/fs/bpf/underpass.
+// uninstall detaches the programs with the agent's own uninstall, from
+// inside the node netns, while the interfaces still exist. The config it
+// reads names the demo's pin directory only, so it can never touch a real
+// install's /sys/fs/bpf/underpass.
+func (d *demoRun) uninstall(r *report) {
 	nodePath := filepath.Join(demo.NetnsDir, demo.Prefix+"node")
 	agentBin := filepath.Join(d.bin, "underpassd")
-	if graceful && exists(demo.BPFFS) && exists(nodePath) && exists(agentBin) {
-		err := os.MkdirAll(demo.StateDir, 0o755)
-		if err == nil {
-			err = os.WriteFile(uninstallPath, []byte("bpffs: "+demo.BPFFS+"\n"), 0o644)
-		}
-		var out []byte
-		if err == nil {
-			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-			out, err = exec.CommandContext(ctx, "nsenter", "--net="+nodePath, "--", agentBin, "--uninstall", "--config", uninstallPath).CombinedOutput()
-			cancel()
-		}
-		note(err, "underpassd --uninstall (detach the programs, remove %s)", demo.BPFFS)
-		if err != nil || os.Getenv("DEMO_VERBOSE") == "1" {
-			d.detail("%s", out)
-		}
+	if !exists(demo.BPFFS) || !exists(nodePath) || !exists(agentBin) {
+		return
 	}
+	err := os.MkdirAll(demo.StateDir, 0o755)
+	if err == nil {
+		err = os.WriteFile(uninstallPath, []byte("bpffs: "+demo.BPFFS+"\n"), 0o644)
+	}
+	var out []byte
+	if err == nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		out, err = exec.CommandContext(ctx, "nsenter", "--net="+nodePath, "--", agentBin, "--uninstall", "--config", uninstallPath).CombinedOutput()
+		cancel()
+	}
+	r.note(err, "underpassd --uninstall (detach the programs, remove %s)", demo.BPFFS)
+	if err != nil || os.Getenv("DEMO_VERBOSE") == "1" {
+		d.detail("%s", out)
+	}
+}
 
-	// Namespaces (pods first): deleting them deletes every link the demo
-	// made, the macvlans and the veth pair included.
+// deleteNamespaces deletes the namespaces (pods first), and with them every
+// link the demo made, the macvlans and the veth pair included.
+func (d *demoRun) deleteNamespaces(r *report) {
 	for _, p := range d.pods {
 		p.ns.Close()
 	}
@@ -105,33 +135,34 @@ func (d *demoRun) cleanup(graceful bool) bool {
 	}
 	names, err := demo.Namespaces()
 	if err != nil {
-		note(err, "list namespaces")
+		r.note(err, "list namespaces")
 	}
 	var nsErrs []error
 	for _, n := range names {
 		nsErrs = append(nsErrs, demo.DeleteNS(n))
 	}
 	if len(names) > 0 {
-		note(errors.Join(nsErrs...), "delete namespaces %s", strings.Join(names, " "))
+		r.note(errors.Join(nsErrs...), "delete namespaces %s", strings.Join(names, " "))
 	}
+}
 
-	// What --uninstall did not remove (or a crashed run left).
+// removeLeftovers removes what --uninstall did not (or a crashed run
+// left), and checks that nothing is left.
+func removeLeftovers(r *report) {
 	if exists(demo.BPFFS) {
-		note(os.RemoveAll(demo.BPFFS), "remove pins %s", demo.BPFFS)
+		r.note(os.RemoveAll(demo.BPFFS), "remove pins %s", demo.BPFFS)
 	}
 	if l := demo.AgentLockFile(); exists(l) {
-		note(os.Remove(l), "remove the agent's lock file %s", l)
+		r.note(os.Remove(l), "remove the agent's lock file %s", l)
 	}
 	if exists(demo.StateDir) {
-		note(os.RemoveAll(demo.StateDir), "remove %s (config, conflist, leases, log)", demo.StateDir)
+		r.note(os.RemoveAll(demo.StateDir), "remove %s (config, conflist, leases, log)", demo.StateDir)
 	}
-
 	if left := leftoversButLock(); len(left) > 0 {
-		note(fmt.Errorf("%s", strings.Join(left, "; ")), "nothing left behind")
+		r.note(fmt.Errorf("%s", strings.Join(left, "; ")), "nothing left behind")
 	} else {
-		note(nil, "nothing left behind")
+		r.note(nil, "nothing left behind")
 	}
-	return ok
 }
 
 // leftoversButLock is demo.Leftovers without the lock file this run holds.
@@ -174,16 +205,12 @@ func stopProcess(pid int, done <-chan struct{}) error {
 	if gone() {
 		return nil
 	}
-	_ = unix.Kill(pid, unix.SIGTERM)
-	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
-		if gone() {
-			return nil
-		}
-	}
-	_ = unix.Kill(pid, unix.SIGKILL)
-	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
-		if gone() {
-			return nil
+	for _, sig := range []unix.Signal{unix.SIGTERM, unix.SIGKILL} {
+		_ = unix.Kill(pid, sig)
+		for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+			if gone() {
+				return nil
+			}
 		}
 	}
 	return fmt.Errorf("still running after SIGKILL")

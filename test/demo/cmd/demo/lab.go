@@ -14,6 +14,16 @@ import (
 
 // buildLab creates the wire and node namespaces and the leak sink.
 func (d *demoRun) buildLab() error {
+	for _, step := range []func() error{d.createNamespaces, d.plugNode, d.addressNode, d.serve} {
+		if err := step(); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// createNamespaces creates the wire and node namespaces.
+func (d *demoRun) createNamespaces() error {
 	var err error
 	if d.wire, err = demo.CreateNS("wire"); err != nil {
 		return err
@@ -29,7 +39,12 @@ func (d *demoRun) buildLab() error {
 			return err
 		}
 	}
+	return nil
+}
 
+// plugNode makes the wire's bridge br0 and plugs the node's eth0 into it
+// (a veth pair, node0 on the wire's side).
+func (d *demoRun) plugNode() error {
 	wire := d.wire.Netlink()
 	off := false
 	br := &netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: "br0", HardwareAddr: gatewayMA}, MulticastSnooping: &off}
@@ -55,31 +70,31 @@ func (d *demoRun) buildLab() error {
 		return fmt.Errorf("plug node0 into br0: %w", err)
 	}
 	for _, name := range []string{"br0", "node0"} {
-		l, err := wire.LinkByName(name)
-		if err == nil {
-			err = wire.LinkSetUp(l)
-		}
-		if err != nil {
+		if err := d.wire.SetUp(name); err != nil {
 			return fmt.Errorf("set %s up: %w", name, err)
 		}
 	}
+	return nil
+}
+
+// addressNode gives the gateway (br0) and the node (eth0) their addresses,
+// and the node its default route.
+func (d *demoRun) addressNode() error {
 	if err := d.wire.AddAddr("br0", netip.PrefixFrom(gateway, subnet.Bits())); err != nil {
 		return err
 	}
-	eth0, err := d.node.Netlink().LinkByName("eth0")
-	if err == nil {
-		err = d.node.Netlink().LinkSetUp(eth0)
-	}
-	if err != nil {
+	if err := d.node.SetUp("eth0"); err != nil {
 		return fmt.Errorf("set eth0 up in %s: %w", d.node.Name, err)
 	}
 	if err := d.node.AddAddr("eth0", netip.PrefixFrom(nodeAddr, subnet.Bits())); err != nil {
 		return err
 	}
-	if err := d.node.AddDefaultRoute(gateway); err != nil {
-		return err
-	}
+	return d.node.AddDefaultRoute(gateway)
+}
 
+// serve starts the live service on the node and the leak sink on the
+// gateway.
+func (d *demoRun) serve() error {
 	// The live service: the node accepts the VIP through a local route, as
 	// kube-proxy's DNAT would, rather than with an address on lo: the agent
 	// treats every interface address as a node subnet and rejects a service

@@ -3,16 +3,13 @@
 package main
 
 import (
-	"os"
 	_ "time/tzdata" // for CronJob time zones
 
-	"k8s.io/component-base/cli"
-	_ "k8s.io/component-base/logs/json/register"          // JSON log format
-	_ "k8s.io/component-base/metrics/prometheus/clientgo" // client-go metrics
-	_ "k8s.io/component-base/metrics/prometheus/version"  // version metric
 	"k8s.io/kubernetes/cmd/kube-controller-manager/app"
+
+	"github.com/underpass-cni/underpass/test/k8s/build/internal/component"
 )
 
 func main() {
-	os.Exit(cli.Run(app.NewControllerManagerCommand()))
+	component.Run(app.NewControllerManagerCommand())
 }

@@ -3,15 +3,11 @@
 package main
 
 import (
-	"os"
-
-	"k8s.io/component-base/cli"
-	_ "k8s.io/component-base/logs/json/register"          // JSON log format
-	_ "k8s.io/component-base/metrics/prometheus/clientgo" // client-go metrics
-	_ "k8s.io/component-base/metrics/prometheus/version"  // version metric
 	"k8s.io/kubernetes/cmd/kube-proxy/app"
+
+	"github.com/underpass-cni/underpass/test/k8s/build/internal/component"
 )
 
 func main() {
-	os.Exit(cli.Run(app.NewProxyCommand()))
+	component.Run(app.NewProxyCommand())
 }
