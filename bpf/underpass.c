@@ -1524,6 +1524,23 @@ static __always_inline void backend_mac(struct __sk_buff *skb, const struct pkt 
 		bpf_skb_store_bytes(skb, 0, f.dmac, ETH_ALEN, 0);
 }
 
+/* addr_eq compares two 16-byte addresses (there is no memcmp in BPF). */
+static __always_inline int addr_eq(const __u8 *a, const __u8 *b)
+{
+	__u64 a0, a1, b0, b1;
+	__builtin_memcpy(&a0, a, 8);
+	__builtin_memcpy(&a1, a + 8, 8);
+	__builtin_memcpy(&b0, b, 8);
+	__builtin_memcpy(&b1, b + 8, 8);
+	return a0 == b0 && a1 == b1;
+}
+
+/* same_backend says whether be is the backend addr:port names. */
+static __always_inline int same_backend(const struct up_backend *be, const __u8 *addr, __u16 port)
+{
+	return be && be->port == port && addr_eq(be->addr, addr);
+}
+
 /* A new flow's backend: the client's previous one under sessionAffinity
  * (while it is recent and the Service has not changed since: a changed
  * set may have dropped it, or kept it only for its open flows), else a
@@ -1537,21 +1554,41 @@ static __always_inline __u32 pick_backend(const struct up_svc *svc, const __u8 *
 		struct up_affinity *af = bpf_map_lookup_elem(&svc_affinity, &ak);
 		if (af && af->gen == svc->gen && now - af->seen_ns < (__u64)svc->affinity_sec * 1000000000ULL) {
 			__u32 id = af->backend_id;
-			if (bpf_map_lookup_elem(&svc_backends, &id)) {
+			if (same_backend(bpf_map_lookup_elem(&svc_backends, &id), af->addr, af->port)) {
 				af->seen_ns = now;
 				return id;
 			}
 		}
 	}
-	struct up_slot_key k = {.svc_id = svc->id, .slot = bpf_get_prandom_u32() % svc->count, .rev = svc->rev};
-	__u32 *id = bpf_map_lookup_elem(&svc_slots, &k);
-	if (!id)
-		return 0;
-	if (affinity) {
-		struct up_affinity af = {.backend_id = *id, .gen = svc->gen, .seen_ns = now};
+	/* Never the client itself: its own reply would not pass its slave
+	 * (the kernel answers itself over loopback), so the client would see
+	 * its own address answer, not the VIP. The next slot instead; a
+	 * Service whose only backend is the client is left to the host. */
+	__u16 slot = bpf_get_prandom_u32() % svc->count;
+	__u32 bid = 0;
+	struct up_backend *be = 0;
+#pragma clang loop unroll(disable)
+	for (int i = 0; i < 2; i++) {
+		struct up_slot_key k = {.svc_id = svc->id, .slot = slot, .rev = svc->rev};
+		__u32 *id = bpf_map_lookup_elem(&svc_slots, &k);
+		if (!id)
+			return 0;
+		bid = *id;
+		be = bpf_map_lookup_elem(&svc_backends, &bid);
+		if (!be)
+			return 0;
+		if (!addr_eq(be->addr, client))
+			break;
+		if (i == 1 || svc->count < 2)
+			return 0;
+		slot = (slot + 1) % svc->count;
+	}
+	if (affinity && be) {
+		struct up_affinity af = {.backend_id = bid, .gen = svc->gen, .seen_ns = now, .port = be->port};
+		__builtin_memcpy(af.addr, be->addr, 16);
 		bpf_map_update_elem(&svc_affinity, &ak, &af, BPF_ANY);
 	}
-	return *id;
+	return bid;
 }
 
 /* up_svc_xlate translates a pod's frame to a Service in svc_frontends.
@@ -1583,11 +1620,6 @@ __noinline int up_svc_xlate(struct __sk_buff *skb, const struct pkt *p, __u32 pa
 		return XLATE_NONE;
 	}
 	__u32 len = skb->len;
-	if (!svc->count) {
-		svc_count(UP_SVC_STAT_STALE, len);
-		return XLATE_STALE;
-	}
-
 	struct up_ct_key ck = {.client_port = ports[0], .vport = ports[1], .l4proto = l4};
 	__builtin_memcpy(ck.client, p->saddr.addr, 16);
 	__builtin_memcpy(ck.vip, p->daddr.addr, 16);
@@ -1599,12 +1631,20 @@ __noinline int up_svc_xlate(struct __sk_buff *skb, const struct pkt *p, __u32 pa
 		bid = ct->backend_id;
 		/* A backend that went away gives its flows a new one, whose
 		 * kernel resets a TCP connection it does not know: they fail
-		 * fast instead of black-holing. */
+		 * fast instead of black-holing. A draining one (no slot any
+		 * more, still listed) keeps them. */
 		be = bpf_map_lookup_elem(&svc_backends, &bid);
+		if (!same_backend(be, ct->addr, ct->port))
+			be = 0;
 		if (be && now - ct->seen_ns > 1000000000ULL)
 			ct->seen_ns = now;
 	}
 	int fresh = !be;
+	/* No backend to start a flow with: stale. Open flows (above) go on. */
+	if (fresh && !svc->count) {
+		svc_count(UP_SVC_STAT_STALE, len);
+		return XLATE_STALE;
+	}
 	if (fresh) {
 		bid = pick_backend(svc, ck.client, now);
 		be = bid ? bpf_map_lookup_elem(&svc_backends, &bid) : 0;
@@ -1619,7 +1659,8 @@ __noinline int up_svc_xlate(struct __sk_buff *skb, const struct pkt *p, __u32 pa
 		return XLATE_NONE;
 	}
 	if (fresh) {
-		struct up_ct nct = {.backend_id = bid, .svc_id = svc->id, .seen_ns = now};
+		struct up_ct nct = {.backend_id = bid, .svc_id = svc->id, .seen_ns = now, .port = b.port};
+		__builtin_memcpy(nct.addr, b.addr, 16);
 		bpf_map_update_elem(&svc_ct, &ck, &nct, BPF_ANY);
 		svc_count(UP_SVC_STAT_NEW_FLOWS, len);
 	}

@@ -362,6 +362,11 @@ struct up_ct {
 	__u32 backend_id;
 	__u32 svc_id;
 	__u64 seen_ns;
+	/* The backend itself: an id the agent handed out again (after a
+	 * restart) to another backend must not inherit the flow. */
+	__u8 addr[16];
+	__u16 port;
+	__u16 _pad[3];
 };
 
 /* The reply direction of a translated flow, as the backend sends it. */
@@ -388,8 +393,11 @@ struct up_affinity_key {
 
 struct up_affinity {
 	__u32 backend_id;
-	__u32 gen;      /* the frontend's gen when it was chosen */
+	__u32 gen;      /* the frontend's gen when it was chosen (gens are node-wide, never reused) */
 	__u64 seen_ns;
+	__u8 addr[16];  /* the backend itself, as in up_ct */
+	__u16 port;
+	__u16 _pad[3];
 };
 
 enum up_svc_stat {

@@ -88,8 +88,12 @@ type FrontendTable struct {
 	uses     map[loader.SvcKey][]uint32
 	usedSvc  map[uint32]bool
 	usedBe   map[uint32]bool
-	nextSvc  uint32
-	nextBe   uint32
+	// Ids and generations only grow (from above what the maps hold): the
+	// programs' flow and affinity state, which outlives a frontend or a
+	// backend, must never find its id on something else.
+	nextSvc uint32
+	nextBe  uint32
+	gen     uint32
 }
 
 // OpenFrontendTable reads the frontend tables, as a previous run may have
@@ -109,9 +113,12 @@ func OpenFrontendTable(m *loader.Maps) (*FrontendTable, error) {
 	for id, b := range byID {
 		t.backends[b] = id
 		t.usedBe[id] = true
+		t.nextBe = max(t.nextBe, id+1)
 	}
 	for k, s := range svcs {
 		t.usedSvc[s.Id] = true
+		t.nextSvc = max(t.nextSvc, s.Id+1)
+		t.gen = max(t.gen, s.Gen)
 		ids, err := t.slots(s)
 		if err != nil {
 			return nil, err
@@ -138,13 +145,15 @@ func (t *FrontendTable) slots(s loader.Svc) ([]uint32, error) {
 	return ids, nil
 }
 
-// lowestFree is the smallest id from *next on not in used, taken.
-func lowestFree(used map[uint32]bool, next *uint32) uint32 {
+// takeID is the next id from *next on not in used (0 is no id), taken.
+func takeID(used map[uint32]bool, next *uint32) uint32 {
 	for used[*next] || *next == 0 {
 		*next++
 	}
-	used[*next] = true
-	return *next
+	id := *next
+	used[id] = true
+	*next++
+	return id
 }
 
 // Put makes f's frontend hold f. A frontend that changes never shows a
@@ -169,9 +178,9 @@ func (t *FrontendTable) Put(f Frontend) error {
 	key := f.key()
 	cur, exists := t.svcs[key]
 	n := uint16(len(f.Backends))
-	svc := loader.Svc{Id: cur.Id, Rev: cur.Rev ^ 1, Count: n, Gen: cur.Gen + 1}
+	svc := loader.Svc{Id: cur.Id, Rev: cur.Rev ^ 1, Count: n, Gen: t.gen + 1}
 	if !exists {
-		svc = loader.Svc{Id: lowestFree(t.usedSvc, &t.nextSvc), Count: n, Gen: 1}
+		svc = loader.Svc{Id: takeID(t.usedSvc, &t.nextSvc), Count: n, Gen: t.gen + 1}
 	}
 	if f.Affinity > 0 {
 		svc.Flags = loader.SvcAffinity
@@ -182,14 +191,20 @@ func (t *FrontendTable) Put(f Frontend) error {
 		t.release(ids) // taken again by backendID
 		return nil
 	}
+	fail := func(err error) error {
+		if !exists { // nothing refers to the new id: free it and its slots
+			delete(t.usedSvc, svc.Id)
+			err = errors.Join(err, deleteSlots(t.m, svc.Id, svc.Rev, 0))
+		}
+		return errors.Join(err, t.release(ids))
+	}
 	if err := writeSlots(t.m, svc.Id, svc.Rev, ids[:n]); err != nil {
-		t.release(ids)
-		return fmt.Errorf("frontend %s: %w", &f, err)
+		return fail(fmt.Errorf("frontend %s: %w", &f, err))
 	}
 	if err := t.m.SvcFrontends.Update(&key, &svc, ebpf.UpdateAny); err != nil {
-		t.release(ids)
-		return fmt.Errorf("write frontend %s: %w", &f, err)
+		return fail(fmt.Errorf("write frontend %s: %w", &f, err))
 	}
+	t.gen = svc.Gen
 	t.svcs[key], t.uses[key] = svc, ids
 	return t.release(old)
 }
@@ -209,7 +224,6 @@ func (t *FrontendTable) Delete(vip netip.Addr, port uint16, proto uint8) error {
 	delete(t.svcs, key)
 	delete(t.uses, key)
 	delete(t.usedSvc, s.Id)
-	t.nextSvc = min(t.nextSvc, s.Id)
 	return errors.Join(deleteSlots(t.m, s.Id, 0, 0), deleteSlots(t.m, s.Id, 1, 0), t.release(old))
 }
 
@@ -245,7 +259,7 @@ func (t *FrontendTable) backendID(b netip.AddrPort) (uint32, error) {
 	k := backendKey(b)
 	id, ok := t.backends[k]
 	if !ok {
-		id = lowestFree(t.usedBe, &t.nextBe)
+		id = takeID(t.usedBe, &t.nextBe)
 		if err := t.m.SvcBackends.Update(id, &k, ebpf.UpdateAny); err != nil {
 			delete(t.usedBe, id)
 			return 0, fmt.Errorf("write backend %s: %w", b, err)
@@ -276,7 +290,6 @@ func (t *FrontendTable) release(ids []uint32) error {
 			}
 		}
 		delete(t.usedBe, id)
-		t.nextBe = min(t.nextBe, id)
 	}
 	return errors.Join(errs...)
 }

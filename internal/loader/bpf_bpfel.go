@@ -18,6 +18,9 @@ type bpfUpAffinity struct {
 	BackendId uint32
 	Gen       uint32
 	SeenNs    uint64
+	Addr      [16]uint8
+	Port      uint16
+	Pad       [3]uint16
 }
 
 type bpfUpAffinityKey struct {
@@ -67,6 +70,9 @@ type bpfUpCt struct {
 	BackendId uint32
 	SvcId     uint32
 	SeenNs    uint64
+	Addr      [16]uint8
+	Port      uint16
+	Pad       [3]uint16
 }
 
 type bpfUpCtKey struct {

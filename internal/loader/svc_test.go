@@ -423,3 +423,68 @@ func TestServiceTupleReusedDirectly(t *testing.T) {
 	wantFrame(t, r.rig, r.egressA, viaVIP, direct)
 	wantFrame(t, r.rig, r.ingressA, reply, segment(t, macB, macA, vip, client, layers.IPProtocolTCP))
 }
+
+// A pod that is itself a backend of the Service it calls never gets itself
+// (its kernel would answer over loopback, not from the VIP): another
+// backend, or, when it is the only one, the host path.
+func TestServiceNeverPicksTheClient(t *testing.T) {
+	self, other := netip.AddrPortFrom(ipA, 80), netip.AddrPortFrom(ipB, 80)
+	r := newSvcRig(t, datapath.Frontend{VIP: vipSvc, Port: 80, Proto: datapath.ProtoTCP, Backends: []netip.AddrPort{self, other}})
+	for i := range 40 {
+		client := netip.AddrPortFrom(ipA, uint16(42000+i))
+		in := segment(t, macA, macGW, client, netip.AddrPortFrom(vipSvc, 80), layers.IPProtocolTCP)
+		wantFrame(t, r.rig, r.egressA, in, segment(t, macA, macB, client, other, layers.IPProtocolTCP))
+	}
+	must(t, datapath.SyncFrontends(&r.dp.Maps, []datapath.Frontend{{VIP: vipSvc, Port: 80, Proto: datapath.ProtoTCP, Backends: []netip.AddrPort{self}}}))
+	in := segment(t, macA, macGW, netip.AddrPortFrom(ipA, 43000), netip.AddrPortFrom(vipSvc, 80), layers.IPProtocolTCP)
+	wantFrame(t, r.rig, r.egressA, in, in)
+}
+
+// Every backend draining (a rollout's old pods still serving, none ready
+// yet): open flows go on, new ones meet the stale guard.
+func TestServiceOpenFlowsOutliveTheirReadyBackends(t *testing.T) {
+	backend := netip.AddrPortFrom(ipB, 8080)
+	f := datapath.Frontend{VIP: vipSvc, Port: 80, Proto: datapath.ProtoTCP, Backends: []netip.AddrPort{backend}}
+	r := newSvcRig(t, f)
+	open := netip.AddrPortFrom(ipA, clientPort)
+	in := segment(t, macA, macGW, open, netip.AddrPortFrom(vipSvc, 80), layers.IPProtocolTCP)
+	wantFrame(t, r.rig, r.egressA, in, segment(t, macA, macB, open, backend, layers.IPProtocolTCP))
+	f.Backends, f.Draining = nil, []netip.AddrPort{backend}
+	must(t, datapath.SyncFrontends(&r.dp.Maps, []datapath.Frontend{f}))
+	wantFrame(t, r.rig, r.egressA, in, segment(t, macA, macB, open, backend, layers.IPProtocolTCP))
+	fresh := segment(t, macA, macGW, netip.AddrPortFrom(ipA, clientPort+1), netip.AddrPortFrom(vipSvc, 80), layers.IPProtocolTCP)
+	if res := r.run(t, r.egressA, fresh); res.verdict != actShot {
+		t.Fatalf("a new flow with no ready backend: verdict %d, want the stale guard's drop", res.verdict)
+	}
+}
+
+// A flow remembers its backend itself, not only its id: an id that names
+// another backend now (handed out again, e.g. after an agent restart) does
+// not take the flow there.
+func TestServiceFlowDoesNotFollowAReusedID(t *testing.T) {
+	x, y := netip.AddrPortFrom(wireBack4, 80), netip.AddrPortFrom(netip.MustParseAddr("198.51.100.21"), 80)
+	r := newSvcRig(t, datapath.Frontend{VIP: vipSvc, Port: 80, Proto: datapath.ProtoTCP, Backends: []netip.AddrPort{x}})
+	m := &r.dp.Maps
+	client := netip.AddrPortFrom(ipA, clientPort)
+	in := segment(t, macA, macGW, client, netip.AddrPortFrom(vipSvc, 80), layers.IPProtocolTCP)
+	wantFrame(t, r.rig, r.egressA, in, segment(t, macA, macGW, client, x, layers.IPProtocolTCP))
+	// The id of x now names y (as a reused id would), and x is gone.
+	var id uint32
+	var b loader.Backend
+	it := m.SvcBackends.Iterate()
+	for it.Next(&id, &b) {
+		break
+	}
+	must(t, it.Err())
+	yb := loader.Backend{Addr: y.Addr().As16(), Port: b.Port}
+	must(t, m.SvcBackends.Update(id, &yb, ebpf.UpdateExist))
+	res := r.run(t, r.egressA, in)
+	if res.verdict != actOK {
+		t.Fatalf("verdict %d", res.verdict)
+	}
+	// A fresh pick (the only slot still holds that id, now y): the flow
+	// was re-judged, not carried over as if y were x.
+	if n := r.svcStat(t, loader.SvcStatNewFlows); n != 2 {
+		t.Fatalf("new flows %d, want 2: the reused id kept the flow", n)
+	}
+}

@@ -202,9 +202,15 @@ func (f *Frontends) UpdateFrontends(key string, fs []datapath.Frontend) error {
 		errs = append(errs, f.table.Put(fe))
 	}
 	for _, old := range f.byKey[key] {
-		if !slices.ContainsFunc(fs, func(n datapath.Frontend) bool { return sameFrontend(&n, &old) }) {
-			errs = append(errs, f.table.Delete(old.VIP, old.Port, old.Proto))
+		if slices.ContainsFunc(fs, func(n datapath.Frontend) bool { return sameFrontend(&n, &old) }) {
+			continue
 		}
+		// A ClusterIP freed and handed to another Service at once: the
+		// frontend is the new owner's now, not this one's to delete.
+		if f.ownedElsewhere(key, &old) {
+			continue
+		}
+		errs = append(errs, f.table.Delete(old.VIP, old.Port, old.Proto))
 	}
 	if len(fs) == 0 {
 		delete(f.byKey, key)
@@ -215,6 +221,16 @@ func (f *Frontends) UpdateFrontends(key string, fs []datapath.Frontend) error {
 		return fmt.Errorf("service %s: %w", key, err)
 	}
 	return nil
+}
+
+// ownedElsewhere says whether a Service other than key has fe's frontend.
+func (f *Frontends) ownedElsewhere(key string, fe *datapath.Frontend) bool {
+	for k, fs := range f.byKey {
+		if k != key && slices.ContainsFunc(fs, func(n datapath.Frontend) bool { return sameFrontend(&n, fe) }) {
+			return true
+		}
+	}
+	return false
 }
 
 // Clear removes every frontend (services.mode back to host).
