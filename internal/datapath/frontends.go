@@ -84,6 +84,7 @@ type FrontendTable struct {
 	m        *loader.Maps
 	svcs     map[loader.SvcKey]loader.Svc
 	backends map[loader.Backend]uint32 // backend -> id
+	byID     map[uint32]loader.Backend // id -> backend
 	refs     map[uint32]int            // backend id -> frontends using it
 	uses     map[loader.SvcKey][]uint32
 	usedSvc  map[uint32]bool
@@ -108,10 +109,11 @@ func OpenFrontendTable(m *loader.Maps) (*FrontendTable, error) {
 		return nil, err
 	}
 	t := &FrontendTable{m: m, svcs: svcs, backends: make(map[loader.Backend]uint32, len(byID)),
-		refs: map[uint32]int{}, uses: map[loader.SvcKey][]uint32{}, usedSvc: map[uint32]bool{},
+		byID: make(map[uint32]loader.Backend, len(byID)), refs: map[uint32]int{}, uses: map[loader.SvcKey][]uint32{}, usedSvc: map[uint32]bool{},
 		usedBe: map[uint32]bool{}, nextSvc: 1, nextBe: 1}
 	for id, b := range byID {
 		t.backends[b] = id
+		t.byID[id] = b
 		t.usedBe[id] = true
 		t.nextBe = max(t.nextBe, id+1)
 	}
@@ -265,6 +267,7 @@ func (t *FrontendTable) backendID(b netip.AddrPort) (uint32, error) {
 			return 0, fmt.Errorf("write backend %s: %w", b, err)
 		}
 		t.backends[k] = id
+		t.byID[id] = k
 	}
 	t.refs[id]++
 	return id, nil
@@ -283,12 +286,8 @@ func (t *FrontendTable) release(ids []uint32) error {
 			errs = append(errs, fmt.Errorf("delete backend %d: %w", id, err))
 			continue
 		}
-		for b, bid := range t.backends {
-			if bid == id {
-				delete(t.backends, b)
-				break
-			}
-		}
+		delete(t.backends, t.byID[id])
+		delete(t.byID, id)
 		delete(t.usedBe, id)
 	}
 	return errors.Join(errs...)
@@ -337,10 +336,7 @@ func Frontends(m *loader.Maps) ([]Frontend, error) {
 	if err != nil {
 		return nil, err
 	}
-	byID := make(map[uint32]loader.Backend, len(t.backends))
-	for b, id := range t.backends {
-		byID[id] = b
-	}
+	byID := t.byID
 	out := make([]Frontend, 0, len(t.svcs))
 	for k, s := range t.svcs {
 		f := Frontend{VIP: netip.AddrFrom16(k.Addr).Unmap(), Port: htons(k.Port), Proto: k.L4proto}
