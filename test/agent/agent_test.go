@@ -455,9 +455,10 @@ func TestEndpointGCDetachesFiltersOfAChangedMAC(t *testing.T) {
 	if f, err := attach.InspectEndpoint(c.Path, c.Index); err != nil || f != (attach.EndpointFilters{}) {
 		t.Fatalf("filters after GC: %+v, %v; want none", f, err)
 	}
-	if out := r.ag.Out.String(); !strings.Contains(out, `reason="interface replaced (MAC changed)"`) {
-		t.Fatalf("GC did not say why:\n%s", out)
-	}
+	// The collector logs after it has unregistered: wait for the line.
+	waitFor(t, 10*time.Second, "the GC's log line saying why", func() bool {
+		return strings.Contains(r.ag.Out.String(), `reason="interface replaced (MAC changed)"`)
+	})
 	netenv.MustPing(t, r.Node, r.ctr.IP4.Addr(), 3)
 }
 
