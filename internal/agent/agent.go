@@ -182,7 +182,7 @@ func (a *Agent) owners(dp *loader.Objects) error {
 	}
 	a.svc.Store(svc)
 	a.gc = &endpointgc.Collector{Maps: &dp.Maps, Log: a.log.With("component", "gc"), Lock: dp.Lock}
-	fronts, err := services.NewFrontends(&dp.Maps, a.log.With("component", "frontends"))
+	fronts, err := services.NewFrontends(&dp.Maps)
 	if err != nil {
 		return err
 	}

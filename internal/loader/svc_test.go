@@ -2,9 +2,11 @@ package loader_test
 
 import (
 	"bytes"
+	"cmp"
 	"fmt"
 	"net"
 	"net/netip"
+	"slices"
 	"testing"
 	"time"
 
@@ -391,17 +393,10 @@ func TestSyncFrontends(t *testing.T) {
 }
 
 func sortedFronts(fs []datapath.Frontend) []datapath.Frontend {
-	out := append([]datapath.Frontend(nil), fs...)
 	// Frontends sorts by VIP, port, protocol.
-	for i := range out {
-		for j := i + 1; j < len(out); j++ {
-			a, b := out[i], out[j]
-			if b.VIP.Less(a.VIP) || (a.VIP == b.VIP && (b.Port < a.Port || (b.Port == a.Port && b.Proto < a.Proto))) {
-				out[i], out[j] = out[j], out[i]
-			}
-		}
-	}
-	return out
+	return slices.SortedFunc(slices.Values(fs), func(a, b datapath.Frontend) int {
+		return cmp.Or(a.VIP.Compare(b.VIP), cmp.Compare(a.Port, b.Port), cmp.Compare(a.Proto, b.Proto))
+	})
 }
 
 // A source port comes round again: the pod talks to the backend directly

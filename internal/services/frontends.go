@@ -4,7 +4,6 @@ import (
 	"cmp"
 	"errors"
 	"fmt"
-	"log/slog"
 	"net/netip"
 	"slices"
 	"sync"
@@ -164,17 +163,16 @@ type Frontends struct {
 	mu    sync.Mutex
 	table *datapath.FrontendTable
 	byKey map[string][]datapath.Frontend
-	log   *slog.Logger
 }
 
 // NewFrontends reads the tables as a previous run left them; the first
 // ReplaceFrontends removes what no Service wants any more.
-func NewFrontends(m *loader.Maps, log *slog.Logger) (*Frontends, error) {
+func NewFrontends(m *loader.Maps) (*Frontends, error) {
 	t, err := datapath.OpenFrontendTable(m)
 	if err != nil {
 		return nil, err
 	}
-	return &Frontends{table: t, byKey: map[string][]datapath.Frontend{}, log: log}, nil
+	return &Frontends{table: t, byKey: map[string][]datapath.Frontend{}}, nil
 }
 
 // ReplaceFrontends implements FrontendSink.
