@@ -128,6 +128,10 @@ struct {
 /* Services translated at the pod: see up_svc_xlate and underpass.h. */
 #define MAX_BACKENDS 262144
 #define MAX_SVC_FLOWS 131072
+/* How long a UDP flow to a Service may be idle before its tuple starts a
+ * new one: Cilium's default for non-TCP flows; conntrack's is 30 s, 120 s
+ * for a stream. */
+#define SVC_UDP_IDLE_NS (60ULL * 1000000000ULL)
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -173,6 +177,22 @@ struct {
 	__type(key, struct up_affinity_key);
 	__type(value, struct up_affinity);
 } svc_affinity SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, MAX_SERVICES);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __u32); /* frontend id */
+	__type(value, struct up_svc_counters);
+} svc_counters SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_SERVICES);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __u32); /* frontend id */
+	__type(value, struct up_svc_name);
+} svc_names SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -1620,6 +1640,8 @@ __noinline int up_svc_xlate(struct __sk_buff *skb, const struct pkt *p, __u32 pa
 		return XLATE_NONE;
 	}
 	__u32 len = skb->len;
+	__u32 sid = svc->id;
+	struct up_svc_counters *sc = bpf_map_lookup_elem(&svc_counters, &sid);
 	struct up_ct_key ck = {.client_port = ports[0], .vport = ports[1], .l4proto = l4};
 	__builtin_memcpy(ck.client, p->saddr.addr, 16);
 	__builtin_memcpy(ck.vip, p->daddr.addr, 16);
@@ -1636,6 +1658,12 @@ __noinline int up_svc_xlate(struct __sk_buff *skb, const struct pkt *p, __u32 pa
 		be = bpf_map_lookup_elem(&svc_backends, &bid);
 		if (!same_backend(be, ct->addr, ct->port))
 			be = 0;
+		/* UDP has no end: a flow idle that long is over, and the
+		 * next datagram on its tuple starts a new one (a client
+		 * with a fixed source port is spread again, as conntrack
+		 * would). */
+		if (be && l4 == IPPROTO_UDP && now - ct->seen_ns > SVC_UDP_IDLE_NS)
+			be = 0;
 		if (be && now - ct->seen_ns > 1000000000ULL)
 			ct->seen_ns = now;
 	}
@@ -1643,6 +1671,8 @@ __noinline int up_svc_xlate(struct __sk_buff *skb, const struct pkt *p, __u32 pa
 	/* No backend to start a flow with: stale. Open flows (above) go on. */
 	if (fresh && !svc->count) {
 		svc_count(UP_SVC_STAT_STALE, len);
+		if (sc)
+			sc->failures++;
 		return XLATE_STALE;
 	}
 	if (fresh) {
@@ -1650,6 +1680,8 @@ __noinline int up_svc_xlate(struct __sk_buff *skb, const struct pkt *p, __u32 pa
 		be = bid ? bpf_map_lookup_elem(&svc_backends, &bid) : 0;
 		if (!be) {
 			svc_count(UP_SVC_STAT_NO_SLOT, len);
+			if (sc)
+				sc->failures++;
 			return XLATE_NONE;
 		}
 	}
@@ -1663,6 +1695,8 @@ __noinline int up_svc_xlate(struct __sk_buff *skb, const struct pkt *p, __u32 pa
 		__builtin_memcpy(nct.addr, b.addr, 16);
 		bpf_map_update_elem(&svc_ct, &ck, &nct, BPF_ANY);
 		svc_count(UP_SVC_STAT_NEW_FLOWS, len);
+		if (sc)
+			sc->flows++;
 	}
 	/* The reply's way back; written again if the tuple was used directly
 	 * in between (see above) or the LRU dropped it. */
@@ -1670,7 +1704,7 @@ __noinline int up_svc_xlate(struct __sk_buff *skb, const struct pkt *p, __u32 pa
 	__builtin_memcpy(rk.backend, b.addr, 16);
 	__builtin_memcpy(rk.client, ck.client, 16);
 	if (fresh || !bpf_map_lookup_elem(&svc_rev, &rk)) {
-		struct up_rev rv = {.vport = ports[1]};
+		struct up_rev rv = {.vport = ports[1], .svc_id = sid};
 		__builtin_memcpy(rv.vip, ck.vip, 16);
 		bpf_map_update_elem(&svc_rev, &rk, &rv, BPF_ANY);
 	}
@@ -1680,6 +1714,8 @@ __noinline int up_svc_xlate(struct __sk_buff *skb, const struct pkt *p, __u32 pa
 		return XLATE_FAILED;
 	backend_mac(skb, p, parent_ifindex, mode, &b);
 	svc_count(UP_SVC_STAT_TRANSLATED, len);
+	if (sc)
+		bump(&sc->to_backend, len);
 	return XLATE_DONE;
 }
 
@@ -1707,6 +1743,9 @@ __noinline int up_svc_reverse(struct __sk_buff *skb, const struct pkt *p)
 	if (r.vport != ports[0] && rewrite_port(skb, p, p->l4off, ports[0], r.vport))
 		return -1;
 	svc_count(UP_SVC_STAT_REVERSED, skb->len);
+	struct up_svc_counters *sc = bpf_map_lookup_elem(&svc_counters, &r.svc_id);
+	if (sc)
+		bump(&sc->from_backend, skb->len);
 	return 1;
 }
 

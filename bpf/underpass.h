@@ -383,7 +383,7 @@ struct up_rev {
 	__u8 vip[16];
 	__u16 vport;
 	__u16 _pad;
-	__u32 _pad2;
+	__u32 svc_id; /* whose svc_counters the reply counts in (0: none) */
 };
 
 struct up_affinity_key {
@@ -398,6 +398,23 @@ struct up_affinity {
 	__u8 addr[16];  /* the backend itself, as in up_ct */
 	__u16 port;
 	__u16 _pad[3];
+};
+
+/* svc_counters: per-CPU, per frontend id. The agent creates an entry with
+ * its frontend and deletes it with it; the programs only bump one that is
+ * there, so the map never holds more than the frontends. */
+struct up_svc_counters {
+	struct up_counter to_backend;   /* the clients' frames, translated */
+	struct up_counter from_backend; /* the backends' replies, given the VIP back */
+	__u64 flows;                    /* flows that picked a backend */
+	__u64 failures;                 /* frames with no backend to give: stale, or a slot missing mid-update */
+};
+
+/* svc_names: frontend id -> the Service port it is, for metrics and
+ * underpassctl. Written by the agent; the programs never read it. */
+struct up_svc_name {
+	char service[128]; /* namespace/name: 63 + 1 + 63 at most */
+	char port[16];     /* the port's name (15 at most), or its number */
 };
 
 enum up_svc_stat {

@@ -177,19 +177,20 @@ func TestServices(t *testing.T) {
 	cfg.ServicesEBPF = true
 	must(t, datapath.SetConfig(m, cfg, 9))
 	must(t, datapath.SyncFrontends(m, []datapath.Frontend{
-		{VIP: netip.MustParseAddr("10.96.0.10"), Port: 53, Proto: datapath.ProtoUDP,
+		{VIP: netip.MustParseAddr("10.96.0.10"), Port: 53, Proto: datapath.ProtoUDP, Service: "kube-system/kube-dns", PortName: "dns",
 			Backends: []netip.AddrPort{netip.MustParseAddrPort("10.1.0.5:5353"), netip.MustParseAddrPort("10.1.0.6:5353")}},
 		{VIP: netip.MustParseAddr("10.96.0.1"), Port: 443, Proto: datapath.ProtoTCP, Affinity: time.Hour},
 	}))
 	out = r.ctl(t, "services")
 	for _, want := range []string{"services mode: ebpf", "frontends (2):", "10.96.0.1:443/tcp", "none (stale)", "affinity 1h0m0s",
-		"10.96.0.10:53/udp", "10.1.0.5:5353,10.1.0.6:5353"} {
+		"10.96.0.10:53/udp", "10.1.0.5:5353,10.1.0.6:5353", "(kube-system/kube-dns dns)  flows 0, failures 0"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("services (ebpf) lacks %q:\n%s", want, out)
 		}
 	}
 	s = decode[ctl.Services](t, r.ctl(t, "services", "-o", "json"))
-	if s.Mode != "ebpf" || len(s.Frontends) != 2 || s.Frontends[1].Frontend != "10.96.0.10:53/udp" || len(s.Frontends[1].Backends) != 2 {
+	if s.Mode != "ebpf" || len(s.Frontends) != 2 || s.Frontends[1].Frontend != "10.96.0.10:53/udp" || len(s.Frontends[1].Backends) != 2 ||
+		s.Frontends[1].Service != "kube-system/kube-dns" || s.Frontends[1].Port != "dns" {
 		t.Errorf("services (ebpf): %+v", s)
 	}
 }

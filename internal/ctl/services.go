@@ -26,9 +26,15 @@ type Services struct {
 // Frontend is a Service port the pods' programs translate (services.mode:
 // ebpf) and its backends; none: stale.
 type Frontend struct {
-	Frontend string           `json:"frontend"` // VIP:port/protocol
+	Frontend string           `json:"frontend"`          // VIP:port/protocol
+	Service  string           `json:"service,omitempty"` // namespace/name
+	Port     string           `json:"port,omitempty"`    // the port's name, or its number
 	Backends []netip.AddrPort `json:"backends"`
 	Affinity string           `json:"sessionAffinity,omitempty"`
+	// Flows that picked a backend, and frames with no backend to give,
+	// since the frontend was made (svc_counters).
+	Flows    uint64 `json:"flows"`
+	Failures uint64 `json:"failures"`
 }
 
 // HostCIDR is a destination steered to the host stack.
@@ -62,7 +68,11 @@ func runServices(_ context.Context, env Env, o *options, dp *loader.Objects) err
 			if f.Affinity != "" {
 				aff = "  affinity " + f.Affinity
 			}
-			fmt.Fprintf(w, "  %-28s -> %s%s\n", f.Frontend, joinOr(bs, "none (stale)"), aff)
+			name := ""
+			if f.Service != "" {
+				name = "  (" + f.Service + " " + f.Port + ")"
+			}
+			fmt.Fprintf(w, "  %-28s -> %s%s%s  flows %d, failures %d\n", f.Frontend, joinOr(bs, "none (stale)"), aff, name, f.Flows, f.Failures)
 		}
 	}
 	fmt.Fprintf(w, "service CIDRs (%d):\n", len(s.ServiceCIDRs))
@@ -104,8 +114,23 @@ func services(dp *loader.Objects) (*Services, error) {
 	if err != nil {
 		return nil, err
 	}
+	counters, err := datapath.ServiceCounters(m)
+	if err != nil {
+		return nil, err
+	}
+	type fkey struct {
+		vip   netip.Addr
+		port  uint16
+		proto uint8
+	}
+	byKey := map[fkey]datapath.ServiceCounter{}
+	for _, c := range counters {
+		byKey[fkey{c.VIP, c.Port, c.Proto}] = c
+	}
 	for _, f := range fronts {
-		v := Frontend{Frontend: fmt.Sprintf("%s/%s", netip.AddrPortFrom(f.VIP, f.Port), protoName(f.Proto)), Backends: f.Backends}
+		c := byKey[fkey{f.VIP, f.Port, f.Proto}]
+		v := Frontend{Frontend: fmt.Sprintf("%s/%s", netip.AddrPortFrom(f.VIP, f.Port), protoName(f.Proto)), Backends: f.Backends,
+			Service: f.Service, Port: f.PortName, Flows: c.Flows, Failures: c.Failures}
 		if v.Backends == nil {
 			v.Backends = []netip.AddrPort{}
 		}

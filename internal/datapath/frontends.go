@@ -31,6 +31,10 @@ type Frontend struct {
 	Draining []netip.AddrPort
 	// Affinity is sessionAffinity: ClientIP's timeout; 0: none.
 	Affinity time.Duration
+	// Service ("namespace/name") and PortName (the port's name, or its
+	// number) say which Service port this is: the per-Service metrics and
+	// underpassctl show them (svc_names). Empty: unnamed.
+	Service, PortName string
 }
 
 // The L4 protocols a frontend may have.
@@ -87,6 +91,7 @@ type FrontendTable struct {
 	byID     map[uint32]loader.Backend // id -> backend
 	refs     map[uint32]int            // backend id -> frontends using it
 	uses     map[loader.SvcKey][]uint32
+	names    map[uint32]loader.SvcName // frontend id -> svc_names
 	usedSvc  map[uint32]bool
 	usedBe   map[uint32]bool
 	// Ids and generations only grow (from above what the maps hold): the
@@ -108,9 +113,13 @@ func OpenFrontendTable(m *loader.Maps) (*FrontendTable, error) {
 	if err != nil {
 		return nil, err
 	}
+	names, err := readAll(m.SvcNames, "service names", same[uint32], same[loader.SvcName])
+	if err != nil {
+		return nil, err
+	}
 	t := &FrontendTable{m: m, svcs: svcs, backends: make(map[loader.Backend]uint32, len(byID)),
 		byID: make(map[uint32]loader.Backend, len(byID)), refs: map[uint32]int{}, uses: map[loader.SvcKey][]uint32{}, usedSvc: map[uint32]bool{},
-		usedBe: map[uint32]bool{}, nextSvc: 1, nextBe: 1}
+		names: names, usedBe: map[uint32]bool{}, nextSvc: 1, nextBe: 1}
 	for id, b := range byID {
 		t.backends[b] = id
 		t.byID[id] = b
@@ -129,6 +138,9 @@ func OpenFrontendTable(m *loader.Maps) (*FrontendTable, error) {
 		for _, id := range ids {
 			t.refs[id]++
 		}
+	}
+	if err := t.tidyLabels(); err != nil {
+		return nil, err
 	}
 	return t, nil
 }
@@ -191,14 +203,18 @@ func (t *FrontendTable) Put(f Frontend) error {
 	old := t.uses[key]
 	if exists && cur.Count == svc.Count && cur.Flags == svc.Flags && cur.AffinitySec == svc.AffinitySec && slices.Equal(old, ids) {
 		t.release(ids) // taken again by backendID
-		return nil
+		return t.label(cur.Id, &f, false)
 	}
 	fail := func(err error) error {
-		if !exists { // nothing refers to the new id: free it and its slots
+		if !exists { // nothing refers to the new id: free it, its slots and labels
 			delete(t.usedSvc, svc.Id)
-			err = errors.Join(err, deleteSlots(t.m, svc.Id, svc.Rev, 0))
+			err = errors.Join(err, deleteSlots(t.m, svc.Id, svc.Rev, 0), t.unlabel(svc.Id))
 		}
 		return errors.Join(err, t.release(ids))
+	}
+	// Counters and name first: the frontend's first packet counts.
+	if err := t.label(svc.Id, &f, !exists); err != nil {
+		return fail(fmt.Errorf("frontend %s: %w", &f, err))
 	}
 	if err := writeSlots(t.m, svc.Id, svc.Rev, ids[:n]); err != nil {
 		return fail(fmt.Errorf("frontend %s: %w", &f, err))
@@ -226,7 +242,77 @@ func (t *FrontendTable) Delete(vip netip.Addr, port uint16, proto uint8) error {
 	delete(t.svcs, key)
 	delete(t.uses, key)
 	delete(t.usedSvc, s.Id)
-	return errors.Join(deleteSlots(t.m, s.Id, 0, 0), deleteSlots(t.m, s.Id, 1, 0), t.release(old))
+	return errors.Join(deleteSlots(t.m, s.Id, 0, 0), deleteSlots(t.m, s.Id, 1, 0), t.unlabel(s.Id), t.release(old))
+}
+
+// label gives a fresh frontend id its svc_counters entry, zeroed (an
+// existing frontend has its own: OpenFrontendTable saw to it), and any
+// frontend its name in svc_names. The programs only bump an entry that
+// exists, so the counters map never outgrows the frontends.
+func (t *FrontendTable) label(id uint32, f *Frontend, fresh bool) error {
+	if fresh {
+		zeros := make([]loader.SvcCounters, ebpf.MustPossibleCPU())
+		if err := t.m.SvcCounters.Update(id, zeros, ebpf.UpdateAny); err != nil {
+			return fmt.Errorf("write counters: %w", err)
+		}
+	}
+	var n loader.SvcName
+	cString(n.Service[:], f.Service)
+	cString(n.Port[:], f.PortName)
+	if cur, ok := t.names[id]; ok && cur == n {
+		return nil
+	}
+	if err := t.m.SvcNames.Update(id, &n, ebpf.UpdateAny); err != nil {
+		return fmt.Errorf("write name: %w", err)
+	}
+	t.names[id] = n
+	return nil
+}
+
+// unlabel removes frontend id's counters and name; absent is fine.
+func (t *FrontendTable) unlabel(id uint32) error {
+	delete(t.names, id)
+	var errs []error
+	for _, m := range []*ebpf.Map{t.m.SvcCounters, t.m.SvcNames} {
+		if err := m.Delete(id); err != nil && !isNotExist(err) {
+			errs = append(errs, fmt.Errorf("delete %s of frontend %d: %w", m, id, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// tidyLabels removes counters and names no frontend has (a run that died
+// between writing them and its frontend), and gives every frontend its
+// counters (frontends a build without them wrote).
+func (t *FrontendTable) tidyLabels() error {
+	var errs []error
+	for id := range t.names {
+		if !t.usedSvc[id] {
+			errs = append(errs, t.unlabel(id))
+		}
+	}
+	var id uint32
+	var per []loader.SvcCounters
+	var orphans []uint32
+	it := t.m.SvcCounters.Iterate()
+	for it.Next(&id, &per) {
+		if !t.usedSvc[id] {
+			orphans = append(orphans, id)
+		}
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("list service counters: %w", err)
+	}
+	for _, id := range orphans {
+		errs = append(errs, t.unlabel(id))
+	}
+	zeros := make([]loader.SvcCounters, ebpf.MustPossibleCPU())
+	for _, s := range t.svcs {
+		if err := t.m.SvcCounters.Update(s.Id, zeros, ebpf.UpdateNoExist); err != nil && !errors.Is(err, ebpf.ErrKeyExist) {
+			errs = append(errs, fmt.Errorf("write counters of frontend %d: %w", s.Id, err))
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // Sync makes the tables hold exactly want. Backends nothing refers to
@@ -339,7 +425,9 @@ func Frontends(m *loader.Maps) ([]Frontend, error) {
 	byID := t.byID
 	out := make([]Frontend, 0, len(t.svcs))
 	for k, s := range t.svcs {
-		f := Frontend{VIP: netip.AddrFrom16(k.Addr).Unmap(), Port: htons(k.Port), Proto: k.L4proto}
+		n := t.names[s.Id]
+		f := Frontend{VIP: netip.AddrFrom16(k.Addr).Unmap(), Port: htons(k.Port), Proto: k.L4proto,
+			Service: goString(n.Service[:]), PortName: goString(n.Port[:])}
 		if s.Flags&loader.SvcAffinity != 0 {
 			f.Affinity = time.Duration(s.AffinitySec) * time.Second
 		}

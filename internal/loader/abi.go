@@ -45,6 +45,8 @@ var mapABI = map[string]mapLayout{
 	"svc_rev":       {ebpf.LRUHash, RevKey{}, Rev{}},
 	"svc_affinity":  {ebpf.LRUHash, AffinityKey{}, Affinity{}},
 	"svc_stats":     {ebpf.PerCPUArray, uint32(0), Counter{}},
+	"svc_counters":  {ebpf.PerCPUHash, uint32(0), SvcCounters{}},
+	"svc_names":     {ebpf.Hash, uint32(0), SvcName{}},
 }
 
 func abiSize(v any) uint32 {

@@ -295,7 +295,7 @@ type bpfUpRev struct {
 	Vip   [16]uint8
 	Vport uint16
 	Pad   uint16
-	Pad2  uint32
+	SvcId uint32
 }
 
 type bpfUpRevKey struct {
@@ -344,6 +344,14 @@ type bpfUpSvc struct {
 	Gen         uint32
 }
 
+type bpfUpSvcCounters struct {
+	_           structs.HostLayout
+	ToBackend   bpfUpCounter
+	FromBackend bpfUpCounter
+	Flows       uint64
+	Failures    uint64
+}
+
 type bpfUpSvcFlags uint32
 
 const (
@@ -356,6 +364,12 @@ type bpfUpSvcKey struct {
 	Port    uint16
 	L4proto uint8
 	Pad     uint8
+}
+
+type bpfUpSvcName struct {
+	_       structs.HostLayout
+	Service [128]int8
+	Port    [16]int8
 }
 
 type bpfUpSvcStat uint32
@@ -409,9 +423,11 @@ const (
 	bpfMapSvcAffinity           = "svc_affinity"
 	bpfMapSvcBackends           = "svc_backends"
 	bpfMapSvcCidrs              = "svc_cidrs"
+	bpfMapSvcCounters           = "svc_counters"
 	bpfMapSvcCt                 = "svc_ct"
 	bpfMapSvcFlows              = "svc_flows"
 	bpfMapSvcFrontends          = "svc_frontends"
+	bpfMapSvcNames              = "svc_names"
 	bpfMapSvcRev                = "svc_rev"
 	bpfMapSvcSlots              = "svc_slots"
 	bpfMapSvcStats              = "svc_stats"
@@ -516,9 +532,11 @@ type bpfMapSpecs struct {
 	SvcAffinity  *ebpf.MapSpec `ebpf:"svc_affinity"`
 	SvcBackends  *ebpf.MapSpec `ebpf:"svc_backends"`
 	SvcCidrs     *ebpf.MapSpec `ebpf:"svc_cidrs"`
+	SvcCounters  *ebpf.MapSpec `ebpf:"svc_counters"`
 	SvcCt        *ebpf.MapSpec `ebpf:"svc_ct"`
 	SvcFlows     *ebpf.MapSpec `ebpf:"svc_flows"`
 	SvcFrontends *ebpf.MapSpec `ebpf:"svc_frontends"`
+	SvcNames     *ebpf.MapSpec `ebpf:"svc_names"`
 	SvcRev       *ebpf.MapSpec `ebpf:"svc_rev"`
 	SvcSlots     *ebpf.MapSpec `ebpf:"svc_slots"`
 	SvcStats     *ebpf.MapSpec `ebpf:"svc_stats"`
@@ -587,9 +605,11 @@ type bpfMaps struct {
 	SvcAffinity  *ebpf.Map `ebpf:"svc_affinity"`
 	SvcBackends  *ebpf.Map `ebpf:"svc_backends"`
 	SvcCidrs     *ebpf.Map `ebpf:"svc_cidrs"`
+	SvcCounters  *ebpf.Map `ebpf:"svc_counters"`
 	SvcCt        *ebpf.Map `ebpf:"svc_ct"`
 	SvcFlows     *ebpf.Map `ebpf:"svc_flows"`
 	SvcFrontends *ebpf.Map `ebpf:"svc_frontends"`
+	SvcNames     *ebpf.Map `ebpf:"svc_names"`
 	SvcRev       *ebpf.Map `ebpf:"svc_rev"`
 	SvcSlots     *ebpf.Map `ebpf:"svc_slots"`
 	SvcStats     *ebpf.Map `ebpf:"svc_stats"`
@@ -616,9 +636,11 @@ func (m *bpfMaps) Close() error {
 		m.SvcAffinity,
 		m.SvcBackends,
 		m.SvcCidrs,
+		m.SvcCounters,
 		m.SvcCt,
 		m.SvcFlows,
 		m.SvcFrontends,
+		m.SvcNames,
 		m.SvcRev,
 		m.SvcSlots,
 		m.SvcStats,

@@ -12,6 +12,7 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/gopacket/gopacket/layers"
+	"golang.org/x/sys/unix"
 
 	"github.com/underpass-cni/underpass/internal/datapath"
 	"github.com/underpass-cni/underpass/internal/loader"
@@ -116,6 +117,68 @@ func TestServiceTranslation(t *testing.T) {
 			if s := r.epStats(t, r.idA); s.Tx.Packets != 1 || s.Rx.Packets != 1 {
 				t.Errorf("endpoint counters tx %d rx %d, want 1 and 1", s.Tx.Packets, s.Rx.Packets)
 			}
+			// The Service's own counters: both directions, one flow.
+			sc := r.svcCounters(t)
+			if sc.ToBackend.Packets != 1 || sc.ToBackend.Bytes != uint64(len(out)) || sc.FromBackend.Packets != 1 ||
+				sc.FromBackend.Bytes != uint64(len(reply)) || sc.Flows != 1 || sc.Failures != 0 {
+				t.Errorf("service counters %+v, want 1 frame (%d bytes) each way, 1 flow", sc, len(out))
+			}
+		})
+	}
+}
+
+// swap16 is a port in network order, as the maps keep it.
+func swap16(v uint16) uint16 { return v<<8 | v>>8 }
+
+// svcCounters is the counters of the rig's one frontend.
+func (s *svcRig) svcCounters(tb testing.TB) datapath.ServiceCounter {
+	tb.Helper()
+	c, err := datapath.ServiceCounters(&s.dp.Maps)
+	must(tb, err)
+	if len(c) != 1 {
+		tb.Fatalf("%d frontends with counters, want 1", len(c))
+	}
+	return c[0]
+}
+
+// A UDP flow idle for longer than 60 s is over: the next datagram on its
+// tuple picks a backend afresh. A TCP flow as idle keeps its backend
+// (its end is its FIN or RST; the LRU bounds the table).
+func TestServiceUDPFlowExpires(t *testing.T) {
+	for _, tc := range []struct {
+		proto layers.IPProtocol
+		flows uint64 // after the idle gap
+	}{{layers.IPProtocolUDP, 2}, {layers.IPProtocolTCP, 1}} {
+		t.Run(tc.proto.String(), func(t *testing.T) {
+			backend := netip.AddrPortFrom(ipB, 5353)
+			r := newSvcRig(t, datapath.Frontend{VIP: vipSvc, Port: 53, Proto: uint8(tc.proto), Backends: []netip.AddrPort{backend}})
+			client, vip := netip.AddrPortFrom(ipA, clientPort), netip.AddrPortFrom(vipSvc, 53)
+			send := func() {
+				t.Helper()
+				wantFrame(t, r.rig, r.egressA, segment(t, macA, macGW, client, vip, tc.proto), segment(t, macA, macB, client, backend, tc.proto))
+			}
+			send()
+			send() // within the timeout: the same flow
+			if n := r.svcStat(t, loader.SvcStatNewFlows); n != 1 {
+				t.Fatalf("new flows %d after two datagrams, want 1", n)
+			}
+			// Age the flow by 61 s (the programs' clock is CLOCK_MONOTONIC).
+			ck := loader.CtKey{Client: client.Addr().As16(), Vip: vip.Addr().As16(), ClientPort: swap16(client.Port()),
+				Vport: swap16(vip.Port()), L4proto: uint8(tc.proto)}
+			var ct loader.Ct
+			must(t, r.dp.Maps.SvcCt.Lookup(&ck, &ct))
+			var now unix.Timespec
+			must(t, unix.ClockGettime(unix.CLOCK_MONOTONIC, &now))
+			ct.SeenNs = uint64(now.Nano()) - uint64(61*time.Second)
+			must(t, r.dp.Maps.SvcCt.Update(&ck, &ct, ebpf.UpdateExist))
+			send()
+			if n := r.svcStat(t, loader.SvcStatNewFlows); n != tc.flows {
+				t.Fatalf("new flows %d after 61 s idle, want %d", n, tc.flows)
+			}
+			must(t, r.dp.Maps.SvcCt.Lookup(&ck, &ct))
+			if ct.SeenNs < uint64(now.Nano()) {
+				t.Errorf("the flow's last-seen was not refreshed by its datagram")
+			}
 		})
 	}
 }
@@ -192,6 +255,9 @@ func TestServiceWithoutBackendsIsStale(t *testing.T) {
 	}
 	if n := r.svcStat(t, loader.SvcStatStale); n != 2 {
 		t.Errorf("stale %d, want 2", n)
+	}
+	if sc := r.svcCounters(t); sc.Failures != 2 || sc.Flows != 0 || sc.ToBackend.Packets != 0 {
+		t.Errorf("service counters %+v, want 2 failures and nothing else", sc)
 	}
 }
 
@@ -481,5 +547,37 @@ func TestServiceFlowDoesNotFollowAReusedID(t *testing.T) {
 	// was re-judged, not carried over as if y were x.
 	if n := r.svcStat(t, loader.SvcStatNewFlows); n != 2 {
 		t.Fatalf("new flows %d, want 2: the reused id kept the flow", n)
+	}
+}
+
+// Counters and names follow their frontends: a table opened over frontends
+// an older build wrote (no counters) gives them counters; counters and
+// names a dead run left without a frontend go.
+func TestServiceCountersFollowFrontends(t *testing.T) {
+	r := newSvcRig(t, datapath.Frontend{VIP: vipSvc, Port: 80, Proto: datapath.ProtoTCP,
+		Backends: []netip.AddrPort{netip.AddrPortFrom(ipB, 8080)}, Service: "default/web", PortName: "http"})
+	m := &r.dp.Maps
+	sc := r.svcCounters(t)
+	if sc.Service != "default/web" || sc.PortName != "http" {
+		t.Fatalf("counters name %q %q", sc.Service, sc.PortName)
+	}
+	var s loader.Svc
+	k := loader.SvcKey{Addr: vipSvc.As16(), Port: swap16(80), L4proto: datapath.ProtoTCP}
+	must(t, m.SvcFrontends.Lookup(&k, &s))
+	must(t, m.SvcCounters.Delete(s.Id)) // as an older build left it
+	const orphan = 999
+	must(t, m.SvcNames.Update(uint32(orphan), &loader.SvcName{}, ebpf.UpdateAny))
+	must(t, m.SvcCounters.Update(uint32(orphan), make([]loader.SvcCounters, ebpf.MustPossibleCPU()), ebpf.UpdateAny))
+
+	_, err := datapath.OpenFrontendTable(m)
+	must(t, err)
+	r.svcCounters(t) // fails unless the frontend has counters again
+	var name loader.SvcName
+	if err := m.SvcNames.Lookup(uint32(orphan), &name); err == nil {
+		t.Error("an orphan name survived OpenFrontendTable")
+	}
+	var per []loader.SvcCounters
+	if err := m.SvcCounters.Lookup(uint32(orphan), &per); err == nil {
+		t.Error("orphan counters survived OpenFrontendTable")
 	}
 }

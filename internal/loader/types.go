@@ -41,6 +41,8 @@ type (
 	AffinityKey = bpfUpAffinityKey
 	Affinity    = bpfUpAffinity
 	SvcStat     = bpfUpSvcStat
+	SvcCounters = bpfUpSvcCounters
+	SvcName     = bpfUpSvcName
 )
 
 const (

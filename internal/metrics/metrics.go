@@ -52,6 +52,7 @@ type Collector struct {
 	drops, dropBytes           *prometheus.Desc
 	endpoints, liveSvcs, errsD *prometheus.Desc
 	svcXlate, svcXlateBytes    *prometheus.Desc
+	svc                        serviceDescs
 
 	failures atomic.Uint64
 }
@@ -96,6 +97,7 @@ func New(maps *loader.Maps, opts Options) *Collector {
 			"services.mode ebpf: packets by what the pods' programs did: translated to a backend, reversed (a reply given the VIP back), new_flow (a backend chosen), no_slot (left to the host mid-update), stale (a Service without backends), untranslatable (SCTP to another port, left to the host).", []string{"result"}, nil),
 		svcXlateBytes: d("underpass_service_translation_bytes_total",
 			"services.mode ebpf: bytes by what the pods' programs did (see underpass_service_translation_packets_total).", []string{"result"}, nil),
+		svc: newServiceDescs(),
 		errsD: d("underpass_collection_errors_total",
 			"Map reads that failed while collecting metrics; the scrape goes on without them.", nil, nil),
 	}
@@ -104,7 +106,8 @@ func New(maps *loader.Maps, opts Options) *Collector {
 // Describe implements prometheus.Collector.
 func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{c.packets, c.bytes, c.wirePackets, c.wireBytes, c.redirects,
-		c.redirectBytes, c.epDrops, c.stale, c.conflicts, c.drops, c.dropBytes, c.svcXlate, c.svcXlateBytes, c.errsD} {
+		c.redirectBytes, c.epDrops, c.stale, c.conflicts, c.drops, c.dropBytes, c.svcXlate, c.svcXlateBytes, c.errsD,
+		c.svc.packets, c.svc.bytes, c.svc.flows, c.svc.failures, c.svc.entries, c.svc.capacity} {
 		ch <- d
 	}
 	if !c.opts.SkipGauges {
@@ -156,6 +159,7 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 			ch <- prometheus.MustNewConstMetric(c.svcXlateBytes, prometheus.CounterValue, float64(s.Bytes), result)
 		}
 	}
+	c.collectServices(ch)
 
 	if !c.opts.SkipGauges {
 		if eps != nil {

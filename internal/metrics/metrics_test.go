@@ -258,8 +258,9 @@ func TestDeletedEndpointDisappears(t *testing.T) {
 	r := newRig(t)
 	c := metrics.New(&r.dp.Maps, metrics.Options{})
 	// 20 series per endpoint (7 of them drop reasons); 7+7 node drops, 6+6
-	// service translation results, 2 gauges, 1 error counter.
-	const perEndpoint, node = 20, 7 + 7 + 6 + 6 + 3
+	// service translation results, 3+3 flow table gauges, 2 gauges, 1 error
+	// counter. No frontend: no per-Service series.
+	const perEndpoint, node = 20, 7 + 7 + 6 + 6 + 3 + 3 + 3
 	if n := testutil.CollectAndCount(c); n != 2*perEndpoint+node {
 		t.Fatalf("%d series with two endpoints", n)
 	}

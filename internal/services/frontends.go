@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"strconv"
 	"sync"
 	"time"
 
@@ -51,7 +52,8 @@ func FrontendsOf(svc *corev1.Service, slices []*discoveryv1.EndpointSlice, node 
 			if !ok {
 				continue
 			}
-			f := datapath.Frontend{VIP: vip, Port: uint16(sp.Port), Proto: proto, Affinity: affinity}
+			f := datapath.Frontend{VIP: vip, Port: uint16(sp.Port), Proto: proto, Affinity: affinity,
+				Service: svc.Namespace + "/" + svc.Name, PortName: cmp.Or(sp.Name, strconv.Itoa(int(sp.Port)))}
 			f.Backends, f.Draining = backendsOf(slices, vip.Is4(), sp, svc.Spec.PublishNotReadyAddresses, local, node)
 			out = append(out, f)
 		}

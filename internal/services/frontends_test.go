@@ -8,6 +8,7 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/utils/ptr"
 
 	"github.com/underpass-cni/underpass/internal/datapath"
@@ -41,7 +42,8 @@ func slice(family discoveryv1.AddressType, ports map[string]int32, eps ...ep) *d
 }
 
 func service(ips []string, ports ...corev1.ServicePort) *corev1.Service {
-	return &corev1.Service{Spec: corev1.ServiceSpec{ClusterIP: ips[0], ClusterIPs: ips, Ports: ports}}
+	return &corev1.Service{ObjectMeta: metav1.ObjectMeta{Namespace: "default", Name: "app"},
+		Spec: corev1.ServiceSpec{ClusterIP: ips[0], ClusterIPs: ips, Ports: ports}}
 }
 
 func backends(s ...string) []netip.AddrPort {
@@ -70,9 +72,9 @@ func TestFrontendsOf(t *testing.T) {
 			slice(v4, map[string]int32{"web": 9090}, ep{addr: "10.1.0.4"}),
 		},
 		want: []datapath.Frontend{
-			{VIP: netip.MustParseAddr("10.96.0.10"), Port: 80, Proto: datapath.ProtoTCP, Backends: backends("10.1.0.1:8080", "10.1.0.2:8080", "10.1.0.4:9090"),
+			{VIP: netip.MustParseAddr("10.96.0.10"), Port: 80, Proto: datapath.ProtoTCP, Service: "default/app", PortName: "web", Backends: backends("10.1.0.1:8080", "10.1.0.2:8080", "10.1.0.4:9090"),
 				Draining: backends("10.1.0.3:8080")},
-			{VIP: netip.MustParseAddr("10.96.0.10"), Port: 53, Proto: datapath.ProtoUDP, Backends: backends("10.1.0.1:5353", "10.1.0.2:5353"),
+			{VIP: netip.MustParseAddr("10.96.0.10"), Port: 53, Proto: datapath.ProtoUDP, Service: "default/app", PortName: "dns", Backends: backends("10.1.0.1:5353", "10.1.0.2:5353"),
 				Draining: backends("10.1.0.3:5353")},
 		},
 	}, {
@@ -82,12 +84,12 @@ func TestFrontendsOf(t *testing.T) {
 			ep{addr: "10.1.0.1", ready: no, serving: yes, terminating: yes}, ep{addr: "10.1.0.2", ready: no, serving: no, terminating: yes},
 			ep{addr: "10.1.0.3", ready: no})},
 		// The others keep their open connections: draining.
-		want: []datapath.Frontend{{VIP: netip.MustParseAddr("10.96.0.10"), Port: 80, Proto: datapath.ProtoTCP, Backends: backends("10.1.0.1:8080"),
+		want: []datapath.Frontend{{VIP: netip.MustParseAddr("10.96.0.10"), Port: 80, Proto: datapath.ProtoTCP, Service: "default/app", PortName: "web", Backends: backends("10.1.0.1:8080"),
 			Draining: backends("10.1.0.2:8080", "10.1.0.3:8080")}},
 	}, {
 		name: "no endpoint: an empty frontend (stale)",
 		svc:  service([]string{"10.96.0.10"}, web),
-		want: []datapath.Frontend{{VIP: netip.MustParseAddr("10.96.0.10"), Port: 80, Proto: datapath.ProtoTCP}},
+		want: []datapath.Frontend{{VIP: netip.MustParseAddr("10.96.0.10"), Port: 80, Proto: datapath.ProtoTCP, Service: "default/app", PortName: "web"}},
 	}, {
 		name: "dual stack: each VIP its family's backends",
 		svc:  service([]string{"10.96.0.10", "fd00:96::10"}, web),
@@ -96,8 +98,8 @@ func TestFrontendsOf(t *testing.T) {
 			slice(discoveryv1.AddressTypeIPv6, map[string]int32{"web": 8080}, ep{addr: "fd00:1::1"}),
 		},
 		want: []datapath.Frontend{
-			{VIP: netip.MustParseAddr("10.96.0.10"), Port: 80, Proto: datapath.ProtoTCP, Backends: backends("10.1.0.1:8080")},
-			{VIP: netip.MustParseAddr("fd00:96::10"), Port: 80, Proto: datapath.ProtoTCP, Backends: backends("[fd00:1::1]:8080")},
+			{VIP: netip.MustParseAddr("10.96.0.10"), Port: 80, Proto: datapath.ProtoTCP, Service: "default/app", PortName: "web", Backends: backends("10.1.0.1:8080")},
+			{VIP: netip.MustParseAddr("fd00:96::10"), Port: 80, Proto: datapath.ProtoTCP, Service: "default/app", PortName: "web", Backends: backends("[fd00:1::1]:8080")},
 		},
 	}, {
 		name: "headless: nothing",

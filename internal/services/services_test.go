@@ -347,14 +347,14 @@ func TestKubeFrontends(t *testing.T) {
 	errc := make(chan error, 1)
 	go func() { errc <- k.Run(ctx) }()
 	waitFor(t, "sync", m.Synced)
-	if got, want := rec.get("default/web"), "[{10.96.1.5 80 6 [10.244.0.1:8080] [10.244.0.2:8080] 0s}]"; got != want {
+	if got, want := rec.get("default/web"), "[{10.96.1.5 80 6 [10.244.0.1:8080] [10.244.0.2:8080] 0s default/web http}]"; got != want {
 		t.Fatalf("initial frontends %s, want %s", got, want)
 	}
 	ds := client.DiscoveryV1().EndpointSlices("default")
 	_, err = ds.Update(ctx, port(slice("default", "web", "web-1", true, true)), metav1.UpdateOptions{})
 	must(t, err)
 	waitFor(t, "second backend", func() bool {
-		return rec.get("default/web") == "[{10.96.1.5 80 6 [10.244.0.1:8080 10.244.0.2:8080] [] 0s}]"
+		return rec.get("default/web") == "[{10.96.1.5 80 6 [10.244.0.1:8080 10.244.0.2:8080] [] 0s default/web http}]"
 	})
 	must(t, client.CoreV1().Services("default").Delete(ctx, "web", metav1.DeleteOptions{}))
 	waitFor(t, "frontends gone with the Service", func() bool { return rec.get("default/web") == "[]" })

@@ -106,6 +106,17 @@ services:
 	if n := stats[loader.SvcStatNewFlows].Packets; n < conns+2 {
 		t.Errorf("new flows %d, want at least %d", n, conns+2)
 	}
+	// The agent's per-Service series name the Service and its port.
+	spreadSeries := `port="http",service="default/spread"`
+	if n := l.metric("underpass_service_flows_total", spreadSeries); n < conns {
+		t.Errorf("underpass_service_flows_total{%s} = %v, want at least %d", spreadSeries, n, conns)
+	}
+	if n := l.metric("underpass_service_packets_total", `direction="from_backend",`+spreadSeries); n < conns {
+		t.Errorf("underpass_service_packets_total{%s,from_backend} = %v, want at least %d replies", spreadSeries, n, conns)
+	}
+	if n := l.metric("underpass_service_flow_table_entries", `table="svc_ct"`); n < conns {
+		t.Errorf("underpass_service_flow_table_entries{svc_ct} = %v, want the %d flows still there", n, conns)
+	}
 
 	// A rollout under an open connection: its backend turns terminating
 	// (still serving) and a new one is ready. The open connection goes on
@@ -180,6 +191,9 @@ services:
 	})
 	if s := l.endpointStats(t, dp, client); s.StaleRejected == 0 {
 		t.Errorf("the client's stale_rejected counter did not move")
+	}
+	if n := l.metric("underpass_service_backend_failures_total", `port="http",service="default/to-local"`); n < 1 {
+		t.Errorf("underpass_service_backend_failures_total of to-local = %v after a refused connection", n)
 	}
 }
 
