@@ -581,3 +581,52 @@ func TestServiceCountersFollowFrontends(t *testing.T) {
 		t.Error("orphan counters survived OpenFrontendTable")
 	}
 }
+
+// Full flow tables (other pods' flows in every entry of svc_ct and
+// svc_rev) take a new flow all the same: the LRU evicts the least
+// recently used, the new flow is translated, remembered and reversed, and
+// the fill shows in datapath.FlowTableUsage (the metrics' gauge).
+func TestServiceFullFlowTables(t *testing.T) {
+	backend := netip.AddrPortFrom(ipB, 8080)
+	r := newSvcRig(t, datapath.Frontend{VIP: vipSvc, Port: 80, Proto: datapath.ProtoTCP, Backends: []netip.AddrPort{backend}})
+	m := &r.dp.Maps
+	n := int(m.SvcCt.MaxEntries())
+	cts, ctv := make([]loader.CtKey, n), make([]loader.Ct, n)
+	revs, revv := make([]loader.RevKey, n), make([]loader.Rev, n)
+	for i := range n {
+		other := netip.AddrFrom4([4]byte{10, byte(i >> 16), byte(i >> 8), byte(i)}).As16()
+		cts[i] = loader.CtKey{Client: other, Vip: vipSvc.As16(), ClientPort: uint16(i), Vport: swap16(80), L4proto: datapath.ProtoTCP}
+		ctv[i] = loader.Ct{BackendId: 1, SvcId: 1}
+		revs[i] = loader.RevKey{Backend: backend.Addr().As16(), Client: other, BackendPort: swap16(8080), ClientPort: uint16(i), L4proto: datapath.ProtoTCP}
+	}
+	for _, fill := range []func() error{
+		func() error { _, err := m.SvcCt.BatchUpdate(cts, ctv, nil); return err },
+		func() error { _, err := m.SvcRev.BatchUpdate(revs, revv, nil); return err },
+	} {
+		must(t, fill())
+	}
+	usage, err := datapath.FlowTableUsage(m)
+	must(t, err)
+	for _, u := range usage[:2] {
+		// LRU maps may evict a little before they are full (per-CPU
+		// free lists): near capacity is full.
+		if u.Entries < u.Capacity*9/10 {
+			t.Fatalf("%s holds %d of %d after filling it", u.Name, u.Entries, u.Capacity)
+		}
+		t.Logf("%s: %d of %d entries", u.Name, u.Entries, u.Capacity)
+	}
+
+	client, vip := netip.AddrPortFrom(ipA, clientPort), netip.AddrPortFrom(vipSvc, 80)
+	wantFrame(t, r.rig, r.egressA, segment(t, macA, macGW, client, vip, layers.IPProtocolTCP),
+		segment(t, macA, macB, client, backend, layers.IPProtocolTCP))
+	wantFrame(t, r.rig, r.ingressA, segment(t, macB, macA, backend, client, layers.IPProtocolTCP),
+		segment(t, macB, macA, vip, client, layers.IPProtocolTCP))
+	ck := loader.CtKey{Client: ipA.As16(), Vip: vipSvc.As16(), ClientPort: swap16(clientPort), Vport: swap16(80), L4proto: datapath.ProtoTCP}
+	var ct loader.Ct
+	if err := m.SvcCt.Lookup(&ck, &ct); err != nil {
+		t.Fatalf("the new flow is not in the full svc_ct: %v", err)
+	}
+	if n := r.svcStat(t, loader.SvcStatNewFlows); n != 1 {
+		t.Errorf("new flows %d, want 1", n)
+	}
+}
