@@ -1719,13 +1719,111 @@ __noinline int up_svc_xlate(struct __sk_buff *skb, const struct pkt *p, __u32 pa
 	return XLATE_DONE;
 }
 
+/* An ICMP error about a translated flow quotes the frame the client's
+ * egress program sent: to the backend. The client's stack matches it to
+ * its socket by the quoted destination, so it must read VIP:port again:
+ * else a connected UDP socket never learns the port is closed (no
+ * ECONNREFUSED), and a TCP flow to a backend past a router never learns
+ * the path MTU (frag needed / packet too big). The quoted destination and
+ * port are rewritten (with the quoted IPv4 header's checksum and the ICMP
+ * checksum); the outer source too when the backend itself sent the error.
+ * The quoted L4 checksum is left (truncated data: no stack checks it).
+ * 1: rewritten, 0: not such an error, -1: failed. */
+static __always_inline int svc_reverse_icmp(struct __sk_buff *skb, const struct pkt *p)
+{
+	__u32 in = p->l4off + 8; /* the quoted IP header */
+	__u8 type;
+	if (bpf_skb_load_bytes(skb, p->l4off, &type, 1))
+		return 0;
+	struct up_rev_key rk = {};
+	__u32 qdst, ql4, csum = p->l4off + 2;
+	int v4 = p->proto == ETH_P_IP;
+	if (v4) {
+		if (p->l4proto != IPPROTO_ICMP || (type != 3 && type != 11 && type != 12))
+			return 0;
+		struct iphdr q;
+		if (bpf_skb_load_bytes(skb, in, &q, sizeof(q)) || (q.ver_ihl & 0xf) < 5)
+			return 0;
+		map_v4((struct up_ip_key *)rk.client, (const __u8 *)&q.saddr);
+		map_v4((struct up_ip_key *)rk.backend, (const __u8 *)&q.daddr);
+		rk.l4proto = q.protocol;
+		qdst = in + 16;
+		ql4 = in + (q.ver_ihl & 0xf) * 4;
+	} else {
+		if (p->l4proto != IPPROTO_ICMPV6 || type < 1 || type > 4)
+			return 0;
+		struct ipv6hdr q;
+		if (bpf_skb_load_bytes(skb, in, &q, sizeof(q)))
+			return 0;
+		__builtin_memcpy(rk.client, &q.saddr, 16);
+		__builtin_memcpy(rk.backend, &q.daddr, 16);
+		rk.l4proto = q.nexthdr;
+		qdst = in + 24;
+		ql4 = in + sizeof(q);
+	}
+	if (rk.l4proto != IPPROTO_TCP && rk.l4proto != IPPROTO_UDP && rk.l4proto != IPPROTO_SCTP)
+		return 0;
+	__u16 ports[2]; /* as the client sent them: its own, the backend's */
+	if (bpf_skb_load_bytes(skb, ql4, ports, sizeof(ports)))
+		return 0;
+	rk.client_port = ports[0];
+	rk.backend_port = ports[1];
+	/* About this client's flow only. */
+	if (!addr_eq(rk.client, p->daddr.addr))
+		return 0;
+	struct up_rev *rv = bpf_map_lookup_elem(&svc_rev, &rk);
+	if (!rv)
+		return 0;
+	struct up_rev r = *rv;
+	if (v4) {
+		__u32 o, n;
+		__builtin_memcpy(&o, rk.backend + 12, 4);
+		__builtin_memcpy(&n, r.vip + 12, 4);
+		__u16 qsum_old, qsum_new;
+		if (bpf_skb_load_bytes(skb, in + 10, &qsum_old, 2) ||
+		    bpf_l3_csum_replace(skb, in + 10, o, n, 4) ||
+		    bpf_skb_load_bytes(skb, in + 10, &qsum_new, 2) ||
+		    bpf_l4_csum_replace(skb, csum, o, n, 4) ||
+		    bpf_l4_csum_replace(skb, csum, qsum_old, qsum_new, 2) ||
+		    bpf_skb_store_bytes(skb, qdst, &n, 4, 0))
+			return -1;
+		/* The backend itself answered: the error comes from the VIP.
+		 * (ICMPv4's checksum has no pseudo-header.) */
+		if (addr_eq(p->saddr.addr, rk.backend) &&
+		    (bpf_l3_csum_replace(skb, ETH_HLEN + 10, o, n, 4) || bpf_skb_store_bytes(skb, ETH_HLEN + 12, &n, 4, 0)))
+			return -1;
+	} else {
+		__u32 o6[4], n6[4];
+		__builtin_memcpy(o6, rk.backend, 16);
+		__builtin_memcpy(n6, r.vip, 16);
+		__s64 diff = bpf_csum_diff(o6, 16, n6, 16, 0);
+		if (bpf_l4_csum_replace(skb, csum, 0, diff, 0) || bpf_skb_store_bytes(skb, qdst, n6, 16, 0))
+			return -1;
+		/* ICMPv6's checksum covers the outer addresses. */
+		if (addr_eq(p->saddr.addr, rk.backend) &&
+		    (bpf_l4_csum_replace(skb, csum, 0, diff, BPF_F_PSEUDO_HDR) || bpf_skb_store_bytes(skb, ETH_HLEN + 8, n6, 16, 0)))
+			return -1;
+	}
+	if (r.vport != ports[1] &&
+	    (bpf_l4_csum_replace(skb, csum, ports[1], r.vport, 2) || bpf_skb_store_bytes(skb, ql4 + 2, &r.vport, 2, 0)))
+		return -1;
+	svc_count(UP_SVC_STAT_REVERSED, skb->len);
+	struct up_svc_counters *sc = bpf_map_lookup_elem(&svc_counters, &r.svc_id);
+	if (sc)
+		bump(&sc->from_backend, skb->len);
+	return 1;
+}
+
 /* up_svc_reverse gives a translated flow's reply the VIP and port the
- * client sent to. 1: rewritten, 0: not a reply of one, -1: failed. */
+ * client sent to, and an ICMP error about it the VIP in what it quotes.
+ * 1: rewritten, 0: not a reply of one, -1: failed. */
 __noinline int up_svc_reverse(struct __sk_buff *skb, const struct pkt *p)
 {
 	if (!skb || !p || !p->first_frag)
 		return 0;
 	__u8 l4 = p->l4proto;
+	if (l4 == IPPROTO_ICMP || l4 == IPPROTO_ICMPV6)
+		return svc_reverse_icmp(skb, p);
 	if (l4 != IPPROTO_TCP && l4 != IPPROTO_UDP && l4 != IPPROTO_SCTP)
 		return 0;
 	__u16 ports[2];

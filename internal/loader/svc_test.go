@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+	"github.com/gopacket/gopacket"
 	"github.com/gopacket/gopacket/layers"
 	"golang.org/x/sys/unix"
 
@@ -629,4 +630,84 @@ func TestServiceFullFlowTables(t *testing.T) {
 	if n := r.svcStat(t, loader.SvcStatNewFlows); n != 1 {
 		t.Errorf("new flows %d, want 1", n)
 	}
+}
+
+// An ICMP error about a translated flow reaches the client quoting the
+// frame as the client sent it (to VIP:port), so its stack finds the
+// socket: a connected UDP socket gets ECONNREFUSED, a TCP flow learns the
+// path MTU. Sent by the backend itself, it comes from the VIP; sent by a
+// router on the way, from the router. The frame is judged byte for byte
+// against the error a stack would have sent about the untranslated frame
+// (checksums included), but for the quoted L4 checksum, which stays.
+func TestServiceICMPErrorsReversed(t *testing.T) {
+	router6 := netip.MustParseAddr("2001:db8:1::1")
+	for _, tc := range []struct {
+		name        string
+		proto       layers.IPProtocol
+		client, vip netip.Addr
+		backend     netip.AddrPort
+		backendMAC  net.HardwareAddr
+		from        netip.Addr // who sends the error; the backend's address: the backend
+		typ, code   uint8
+	}{
+		{"udp4 port unreachable from the backend", layers.IPProtocolUDP, ipA, vipSvc, netip.AddrPortFrom(ipB, 5353), macB, ipB, 3, 3},
+		{"tcp4 frag needed from a router", layers.IPProtocolTCP, ipA, vipSvc, netip.AddrPortFrom(wireBack4, 8443), macGW, ipGW, 3, 4},
+		{"udp4 time exceeded from a router", layers.IPProtocolUDP, ipA, vipSvc, netip.AddrPortFrom(wireBack4, 5353), macGW, ipGW, 11, 0},
+		{"udp6 port unreachable from the backend", layers.IPProtocolUDP, ipA6, vipSvc6, netip.AddrPortFrom(wireBack6, 5353), macGW, wireBack6, 1, 4},
+		{"tcp6 packet too big from a router", layers.IPProtocolTCP, ipA6, vipSvc6, netip.AddrPortFrom(wireBack6, 8080), macGW, router6, 2, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := newSvcRig(t, datapath.Frontend{VIP: tc.vip, Port: 53, Proto: uint8(tc.proto), Backends: []netip.AddrPort{tc.backend}})
+			client := netip.AddrPortFrom(tc.client, clientPort)
+			sent := segment(t, macA, macGW, client, netip.AddrPortFrom(tc.vip, 53), tc.proto)
+			res := r.run(t, r.egressA, sent)
+			if res.verdict != actOK {
+				t.Fatalf("translation: verdict %d", res.verdict)
+			}
+			translated := res.out[:len(sent)]
+			// What the error quotes: the IP packet as it went out, and as
+			// the client sent it with the L4 checksum that went out.
+			quoteOut := slices.Clone(translated[14:])
+			quoteWant := slices.Clone(sent[14:])
+			l4 := 20
+			if tc.client.Is6() {
+				l4 = 40
+			}
+			csum := l4 + 6
+			if tc.proto == layers.IPProtocolTCP {
+				csum = l4 + 16
+			}
+			copy(quoteWant[csum:csum+2], quoteOut[csum:csum+2])
+			wantFrom := tc.from
+			if tc.from == tc.backend.Addr() {
+				wantFrom = tc.vip
+			}
+			in := icmpError(t, tc.backendMAC, macA, tc.from, tc.client, tc.typ, tc.code, quoteOut)
+			wantFrame(t, r.rig, r.ingressA, in, icmpError(t, tc.backendMAC, macA, wantFrom, tc.client, tc.typ, tc.code, quoteWant))
+			if n := r.svcStat(t, loader.SvcStatReversed); n != 1 {
+				t.Errorf("reversed %d, want 1", n)
+			}
+		})
+	}
+	// An error about a flow that was never translated is left alone.
+	t.Run("not a translated flow", func(t *testing.T) {
+		r := newSvcRig(t, datapath.Frontend{VIP: vipSvc, Port: 53, Proto: datapath.ProtoUDP, Backends: []netip.AddrPort{netip.AddrPortFrom(ipB, 5353)}})
+		direct := segment(t, macA, macB, netip.AddrPortFrom(ipA, clientPort), netip.AddrPortFrom(ipB, 5353), layers.IPProtocolUDP)
+		in := icmpError(t, macB, macA, ipB, ipA, 3, 3, direct[14:])
+		wantFrame(t, r.rig, r.ingressA, in, in)
+	})
+}
+
+// icmpError is an ICMP (IPv4) or ICMPv6 error from -> to quoting quoted.
+func icmpError(tb testing.TB, smac, dmac net.HardwareAddr, from, to netip.Addr, typ, code uint8, quoted []byte) []byte {
+	tb.Helper()
+	if from.Is4() {
+		return serialize(tb, eth(smac, dmac, layers.EthernetTypeIPv4), ip4(from, to, layers.IPProtocolICMPv4),
+			&layers.ICMPv4{TypeCode: layers.CreateICMPv4TypeCode(typ, code), Seq: 1400}, gopacket.Payload(quoted))
+	}
+	i6 := ip6(from, to, layers.IPProtocolICMPv6)
+	ic := &layers.ICMPv6{TypeCode: layers.CreateICMPv6TypeCode(typ, code)}
+	must(tb, ic.SetNetworkLayerForChecksum(i6))
+	// The 4 bytes after the checksum: unused, or the MTU of a packet too big.
+	return serialize(tb, eth(smac, dmac, layers.EthernetTypeIPv6), i6, ic, gopacket.Payload(append([]byte{0, 0, 5, 0}, quoted...)))
 }

@@ -182,6 +182,23 @@ services:
 		return errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE)
 	})
 
+	// UDP to a backend with nothing on the port: the backend's port
+	// unreachable reaches the client's connected socket quoting the VIP
+	// (the ingress program translates the error), so it fails at once.
+	// (Only once translated: before, the stale guard's reject refuses it.)
+	udpClosed := createUDPService(t, cs, "udp-closed", 53, 9999, b1.IP4.Addr())
+	waitFor(t, 10*time.Second, "the UDP frontend in the datapath", func() bool {
+		fs, err := datapath.Frontends(&dp.Maps)
+		return err == nil && slices.ContainsFunc(fs, func(f datapath.Frontend) bool { return f.VIP == udpClosed && len(f.Backends) == 1 })
+	})
+	rejected := l.endpointStats(t, dp, client).StaleRejected
+	if err := udpRoundTrip(client.NS, netip.AddrPortFrom(udpClosed, 53)); !errors.Is(err, syscall.ECONNREFUSED) {
+		t.Errorf("UDP to a closed port behind %s: %v, want ECONNREFUSED", udpClosed, err)
+	}
+	if n := l.endpointStats(t, dp, client).StaleRejected; n != rejected {
+		t.Errorf("the stale guard refused it (stale_rejected %d -> %d), not the backend", rejected, n)
+	}
+
 	// Scaled to zero: stale, and in reject mode refused at once.
 	_, err = cs.DiscoveryV1().EndpointSlices("default").Update(context.Background(), backendSlice("to-local"), metav1.UpdateOptions{})
 	must(t, err)
@@ -272,4 +289,42 @@ func createBackedService6(t *testing.T, cs kubernetes.Interface, name string, ba
 	_, err = cs.DiscoveryV1().EndpointSlices("default").Create(ctx, s, metav1.CreateOptions{})
 	must(t, err)
 	return netip.MustParseAddr(svc.Spec.ClusterIP)
+}
+
+// createUDPService is a Service with one UDP port whose slice sends it to
+// target on each of backends.
+func createUDPService(t *testing.T, cs kubernetes.Interface, name string, port, target int32, backends ...netip.Addr) netip.Addr {
+	t.Helper()
+	ctx := context.Background()
+	svc, err := cs.CoreV1().Services("default").Create(ctx, &corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Name: name},
+		Spec: corev1.ServiceSpec{Ports: []corev1.ServicePort{{Name: "dns", Port: port, TargetPort: intstr.FromInt32(target),
+			Protocol: corev1.ProtocolUDP}}},
+	}, metav1.CreateOptions{})
+	must(t, err)
+	s := backendSlice(name, backends...)
+	pname, proto := "dns", corev1.ProtocolUDP
+	s.Ports = []discoveryv1.EndpointPort{{Name: &pname, Port: &target, Protocol: &proto}}
+	_, err = cs.DiscoveryV1().EndpointSlices("default").Create(ctx, s, metav1.CreateOptions{})
+	must(t, err)
+	return netip.MustParseAddr(svc.Spec.ClusterIP)
+}
+
+// udpRoundTrip sends a datagram to addr from a connected socket in ns and
+// waits a second for an answer: nil if one came, the socket's error else
+// (ECONNREFUSED once an ICMP port unreachable matched the socket).
+func udpRoundTrip(ns *netenv.NS, addr netip.AddrPort) error {
+	return ns.Do(func() error {
+		c, err := net.Dial("udp", addr.String())
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		_ = c.SetDeadline(time.Now().Add(time.Second))
+		if _, err := c.Write([]byte("ping")); err != nil {
+			return err
+		}
+		_, err = c.Read(make([]byte, 64))
+		return err
+	})
 }
