@@ -126,7 +126,7 @@ func TestRealNode(t *testing.T) {
 	}
 	// kube-proxy's other mode, on the chained network.
 	proxy.Stop(10 * time.Second)
-	startKubeProxy(t, work, c, "nftables")
+	proxy = startKubeProxy(t, work, c, "nftables")
 	nw := nets[1]
 	nw.name += ", kube-proxy nftables"
 	t.Run(nw.name, func(t *testing.T) {
@@ -145,6 +145,17 @@ func TestRealNode(t *testing.T) {
 		defer setAgentMode(t, agentMetrics, "host")
 		rows = append(rows, checkNetwork(t, c.Client, bpffs, "ebpf", nw, "nftables"))
 	})
+	// The same without kube-proxy: a Deployment's rollout under requests,
+	// the kubelet and the EndpointSlice controller doing what they do.
+	proxy.Stop(10 * time.Second)
+	var rollout string
+	t.Run("services.mode ebpf, kube-proxy absent: a Deployment behind a ClusterIP, rolled out under requests", func(t *testing.T) {
+		cleanupKubeProxy(t, work, "nftables")
+		setAgentMode(t, agentMetrics, "ebpf")
+		defer setAgentMode(t, agentMetrics, "host")
+		rollout = ebpfRollout(t, c.Client, bpffs)
+	})
+	proxy = startKubeProxy(t, work, c, "nftables")
 	// The upstream tests judge both: underpass chained after macvlan
 	// passes them all; on plain macvlan two of them show what fails (see
 	// baselineTests).
@@ -201,6 +212,7 @@ func TestRealNode(t *testing.T) {
 		containerdVersion(), strings.Join(rows, "\n"))
 	t.Logf("Under traffic (the DaemonSet install):\n%s", strings.Join(lifecycle, "\n"))
 	t.Logf("Stale Services, reject mode (underpass chained, agent process):\n%s", rejectRow)
+	t.Logf("Services translated at the pod without kube-proxy (underpass chained, agent process):\n%s", rollout)
 	t.Logf("Upstream conformance tests (e2e.test, kube-proxy nftables):\n%s", strings.Join(conformance, "\n"))
 }
 
