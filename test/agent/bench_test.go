@@ -87,6 +87,7 @@ type benchRow struct {
 	idle                   time.Duration // CPU per 10 s
 	rss, hwm               string
 	heapInuse, heapAlloc   float64 // bytes, from /metrics; -1: absent
+	heapGoal, gcs          float64 // the next GC's heap goal (bytes) and GCs so far
 	bpfMaps, svcTables     uint64  // memlock of all the agent's maps; of svc_frontends+svc_slots+svc_backends
 	nMaps                  int
 }
@@ -215,6 +216,11 @@ func benchAgentMode(t *testing.T, l *lab, cs kubernetes.Interface, kubeconfig st
 	row.rss, row.hwm = procMem(t, pid)
 	row.heapInuse = l.metric("go_memstats_heap_inuse_bytes", "")
 	row.heapAlloc = l.metric("go_memstats_heap_alloc_bytes", "")
+	// The allocated heap includes what the initial list left and no GC
+	// has collected yet (an idle agent allocates little); the goal is
+	// about twice the heap live after the last GC (GOGC 100).
+	row.heapGoal = l.metric("go_memstats_next_gc_bytes", "")
+	row.gcs = l.metric("go_gc_duration_seconds_count", "")
 	maps := bpfMapMemory(t, pid)
 	row.nMaps = len(maps)
 	for name, b := range maps {
@@ -223,9 +229,9 @@ func benchAgentMode(t *testing.T, l *lab, cs kubernetes.Interface, kubeconfig st
 			row.svcTables += b
 		}
 	}
-	report(t, "%s: agent memory with %d Services and %d endpoints: RSS %s, peak RSS %s, Go heap in use %s (allocated %s); "+
+	report(t, "%s: agent memory with %d Services and %d endpoints: RSS %s, peak RSS %s, Go heap in use %s (allocated %s, next GC at %s after %v GCs); "+
 		"BPF maps (memlock, %d maps) %s, of which svc_frontends+svc_slots+svc_backends %s", mode, benchServices, benchEndpoints,
-		row.rss, row.hwm, mib(row.heapInuse), mib(row.heapAlloc), row.nMaps, mib(float64(row.bpfMaps)), mib(float64(row.svcTables)))
+		row.rss, row.hwm, mib(row.heapInuse), mib(row.heapAlloc), mib(row.heapGoal), row.gcs, row.nMaps, mib(float64(row.bpfMaps)), mib(float64(row.svcTables)))
 	ag.stop()
 	return row
 }
@@ -444,6 +450,7 @@ func reportRows(t *testing.T, rows []benchRow) {
 		{"peak RSS (VmHWM)", func(r benchRow) string { return r.hwm }},
 		{"Go heap in use", func(r benchRow) string { return mib(r.heapInuse) }},
 		{"Go heap allocated", func(r benchRow) string { return mib(r.heapAlloc) }},
+		{"Go heap goal of the next GC (GCs so far)", func(r benchRow) string { return fmt.Sprintf("%s (%v)", mib(r.heapGoal), r.gcs) }},
 		{"BPF maps, memlock (all)", func(r benchRow) string { return fmt.Sprintf("%s (%d maps)", mib(float64(r.bpfMaps)), r.nMaps) }},
 		{"BPF frontend tables, memlock", func(r benchRow) string { return mib(float64(r.svcTables)) }},
 	}
