@@ -76,6 +76,7 @@ type Agent struct {
 	warned   map[string]bool         // one-time warnings already logged
 	hostSet  map[netip.Prefix]uint32 // last host set written, to log changes only
 	gcPeriod time.Duration
+	adopting bool // adopt.parents was not empty at the last adopt()
 
 	metrics   *metrics
 	http      *httpServer
@@ -102,6 +103,9 @@ func New(opts Options) (*Agent, error) {
 		lost:    map[string]*parentState{},
 		uplinks: map[string]uplinkState{},
 		warned:  map[string]bool{},
+		// The first adopt() syncs even with no parents: it unregisters
+		// what a previous config adopted.
+		adopting: true,
 	}, nil
 }
 
@@ -232,6 +236,7 @@ func (a *Agent) start(ctx context.Context, cfg *config.Config) (<-chan netwatch.
 	a.masqueradeFailed(a.syncMasquerade(cfg.Services.Masquerade, true))
 	a.syncUplinks(true)
 	a.runGC()
+	a.adopt()
 	if err := a.startPinGuard(); err != nil {
 		return nil, err
 	}
@@ -276,6 +281,7 @@ func (a *Agent) loop(ctx context.Context, netEvents <-chan netwatch.Event) {
 		case <-reconcile.C:
 			a.checkPins()
 			a.reconcileParents(false)
+			a.adopt()
 			a.armGuard()
 			a.masqueradeFailed(a.syncMasquerade(a.cfg.Services.Masquerade, false))
 		case <-gcTick.C:

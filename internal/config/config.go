@@ -54,6 +54,9 @@ type Config struct {
 	// Uplinks are extra NICs whose egress also gets the stale service guard,
 	// for when the host routes a stale VIP out of another NIC than the parent.
 	Uplinks []string `json:"uplinks,omitempty" yaml:"uplinks,omitempty"`
+	// Adopt says whose macvlan/ipvlan slaves the agent serves though no
+	// CNI call registered them (Docker, Podman, ip netns).
+	Adopt Adopt `json:"adopt" yaml:"adopt"`
 	// XDP is auto, native, generic or off; read it with XDPMode.
 	XDP     string  `json:"xdp" yaml:"xdp"`
 	Metrics Metrics `json:"metrics" yaml:"metrics"`
@@ -66,6 +69,14 @@ type Config struct {
 	LogLevel string `json:"logLevel" yaml:"logLevel"`
 
 	parsed parsed
+}
+
+// Adopt configures adoption (internal/adopt).
+type Adopt struct {
+	// Parents are the parents (host NICs, VLAN sub-interfaces) whose
+	// slaves in any network namespace are registered as endpoints; empty
+	// adopts nothing.
+	Parents []string `json:"parents,omitempty" yaml:"parents,omitempty"`
 }
 
 // StaleServices configures the stale service guard.
@@ -231,6 +242,7 @@ func (c *Config) applyDefaults() {
 	nilIfEmpty(&c.StaleServices.CIDRs)
 	nilIfEmpty(&c.Services.Static)
 	nilIfEmpty(&c.Uplinks)
+	nilIfEmpty(&c.Adopt.Parents)
 }
 
 // Parse decodes a YAML config strictly (unknown or duplicate keys are errors),

@@ -167,6 +167,10 @@ func TestKeys(t *testing.T) {
 		{"uplinks: [eth0, bond0.100, ens1f0np0]", func(c *Config) bool {
 			return slices.Equal(c.Uplinks, []string{"eth0", "bond0.100", "ens1f0np0"})
 		}},
+		{"adopt: {parents: [eth0, eth0.100]}", func(c *Config) bool {
+			return slices.Equal(c.Adopt.Parents, []string{"eth0", "eth0.100"})
+		}},
+		{"adopt: {parents: []}", func(c *Config) bool { return c.Adopt.Parents == nil }},
 		{"xdp: auto", func(c *Config) bool { return c.XDPMode() == attach.XDPAuto }},
 		{"xdp: native", func(c *Config) bool { return c.XDPMode() == attach.XDPNative }},
 		{"xdp: generic", func(c *Config) bool { return c.XDPMode() == attach.XDPGeneric }},
@@ -252,6 +256,8 @@ func TestErrors(t *testing.T) {
 		// uplinks.
 		{"uplinks: [eth0, eth0]", []string{`uplinks[1]: "eth0" is already uplinks[0]`}},
 		{"uplinks: ['']", []string{"uplinks[0]: interface name is empty"}},
+		{"adopt: {parents: [eth0.100, 'a/b', eth0.100]}", []string{`adopt.parents[1]: "a/b" contains '/'`, `adopt.parents[2]: "eth0.100" is already adopt.parents[0]`}},
+		{"adopt: {parent: [eth0]}", []string{"adopt.parent"}},
 		{"uplinks: [averyveryverylongname]", []string{`uplinks[0]: "averyveryverylongname" is longer than 15 bytes`}},
 		{"uplinks: [eth0, 'eth 1', 'a/b', 'a:b', '..']", []string{`uplinks[1]: "eth 1" contains ' '`, `uplinks[2]: "a/b" contains '/'`, `uplinks[3]: "a:b" contains ':'`, `uplinks[4]: ".." is not a valid interface name`}},
 

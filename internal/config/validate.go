@@ -128,15 +128,21 @@ func (v *validation) services(c *Config) {
 }
 
 func (v *validation) uplinks(c *Config) {
+	v.ifNames("uplinks", c.Uplinks)
+	v.ifNames("adopt.parents", c.Adopt.Parents)
+}
+
+// ifNames checks a list of interface names: valid, each once.
+func (v *validation) ifNames(name string, list []string) {
 	seen := map[string]int{}
-	for i, u := range c.Uplinks {
-		key := fmt.Sprintf("uplinks[%d]", i)
+	for i, u := range list {
+		key := fmt.Sprintf("%s[%d]", name, i)
 		if err := checkIfName(u); err != nil {
 			v.fail(key, "%v", err)
 			continue
 		}
 		if j, dup := seen[u]; dup {
-			v.fail(key, "%q is already uplinks[%d]; list each interface once", u, j)
+			v.fail(key, "%q is already %s[%d]; list each interface once", u, name, j)
 			continue
 		}
 		seen[u] = i

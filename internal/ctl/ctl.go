@@ -37,6 +37,10 @@ Usage:
   underpassctl [flags] stats       per-endpoint counters
   underpassctl [flags] stats --watch [--interval 1s]
                                    live view with rates; Ctrl-C to exit
+  underpassctl [flags] attach --netns <path|pid> [--ifname eth0] [--name N]
+                                   serve a macvlan/ipvlan slave no CNI call made
+                                   (ip netns, LXC, systemd-nspawn) as an endpoint
+  underpassctl [flags] detach --netns <path|pid> [--ifname eth0]
 
 Flags (before or after the command):
 `
@@ -60,12 +64,19 @@ type command struct {
 
 func commands() []*command {
 	sf := &statsFlagValues{}
+	af := &attachFlags{}
 	return []*command{
 		{name: "status", run: runStatus},
 		{name: "endpoints", run: runEndpoints},
 		{name: "services", run: runServices},
 		{name: "stats", flags: sf.register, run: func(ctx context.Context, env Env, o *options, dp *loader.Objects) error {
 			return runStats(ctx, env, o, dp, sf)
+		}},
+		{name: "attach", flags: af.register(true), run: func(ctx context.Context, env Env, o *options, dp *loader.Objects) error {
+			return runAttach(ctx, env, o, dp, af)
+		}},
+		{name: "detach", flags: af.register(false), run: func(ctx context.Context, env Env, o *options, dp *loader.Objects) error {
+			return runDetach(ctx, env, o, dp, af)
 		}},
 	}
 }
@@ -104,7 +115,7 @@ func Run(ctx context.Context, args []string, env Env) error {
 		}
 	}
 	if cmd == nil {
-		return fmt.Errorf("%w: unknown command %q (status, endpoints, services, stats)", ErrUsage, name)
+		return fmt.Errorf("%w: unknown command %q (status, endpoints, services, stats, attach, detach)", ErrUsage, name)
 	}
 
 	// The command's own flag set knows the common flags too, so both

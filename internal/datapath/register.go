@@ -126,6 +126,9 @@ func register(dp *loader.Objects, ep *Endpoint, h *AddOptions) (ps parentState, 
 	if err := RemoveAttachment(dp, ep.ContainerID, ep.IfName); err != nil {
 		return ps, err
 	}
+	if err := evictAdopted(dp, ep, h.Log); err != nil {
+		return ps, err
+	}
 	if err := evictStaleOwners(dp, ep, h.Log); err != nil {
 		return ps, err
 	}
@@ -228,6 +231,46 @@ func RemoveAttachment(dp *loader.Objects, containerID, ifname string) error {
 		return err
 	}
 	return RemoveEndpoint(dp, id)
+}
+
+// AdoptedNetwork is the network name of the endpoints the agent adopted
+// (internal/adopt): slaves that no CNI call registered.
+const AdoptedNetwork = "underpass-adopted"
+
+// evictAdopted removes an adoption of ep's interface (its MAC on its
+// parent) or of one of its addresses when someone else registers it: the
+// agent may have found a CNI pod's slave in the moment between the
+// interface plugin creating it and the underpass plugin registering it,
+// and a registration by its owner wins. The agent's next scan sees the
+// slave taken and leaves it.
+func evictAdopted(dp *loader.Objects, ep *Endpoint, log *slog.Logger) error {
+	if ep.Network == AdoptedNetwork {
+		return nil
+	}
+	m := &dp.Maps
+	var ids []uint32
+	var ref loader.EndpointRef
+	k := MACKey(ep.MAC, ep.ParentIfindex)
+	if err := m.EpByMac.Lookup(&k, &ref); err == nil {
+		ids = append(ids, ref.Id)
+	}
+	for _, p := range ep.Addrs {
+		k := EpIPKey(p.Addr(), ep.ParentIfindex)
+		if err := m.EpByIp.Lookup(&k, &ref); err == nil {
+			ids = append(ids, ref.Id)
+		}
+	}
+	for _, id := range ids {
+		other, err := Lookup(m, id)
+		if err != nil || other.Network != AdoptedNetwork {
+			continue
+		}
+		log.Info("taking over an adopted interface", "id", id, "adopted", other.PodName, "container", ep.ContainerID, "ifname", ep.IfName)
+		if err := RemoveEndpoint(dp, id); err != nil {
+			return fmt.Errorf("remove the adoption %d of %s: %w", id, other.PodName, err)
+		}
+	}
+	return nil
 }
 
 // evictStaleOwners handles an address IPAM handed out that the datapath

@@ -23,7 +23,7 @@ var layer = map[string]int{
 	// Typed access to the pinned maps; the config.
 	"internal/datapath": 3, "internal/config": 3, "internal/release": 3,
 	// What the agent and the CLI build on the maps.
-	"internal/endpointgc": 4, "internal/services": 4,
+	"internal/endpointgc": 4, "internal/services": 4, "internal/adopt": 4,
 	"internal/events": 5, "internal/metrics": 5,
 	// The plugin's verbs, the agent, the CLI, the tools and test helpers.
 	"internal/cni": 6, "internal/agent": 6, "internal/ctl": 6, "internal/cmd/mkimage": 6, "internal/testutil": 6,

@@ -1,0 +1,305 @@
+// Package adopt finds macvlan and ipvlan slaves that someone else made on
+// the parents the agent is told about (agent config adopt.parents): Docker,
+// Podman's netavark, LXC, systemd-nspawn, `ip netns` by hand. Whoever
+// created the slave, the same endpoint programs, maps and counters as a
+// CNI pod's then serve it: the host reaches it, it reaches the host, its
+// stale Service traffic is guarded and its spoofing refused.
+//
+// It keeps no state of its own: what it adopted is in the pinned endpoint
+// registry (network AdoptedNetwork), so a restarted agent finds it there,
+// and the endpoint collector removes what died while no agent ran.
+package adopt
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+
+	"github.com/underpass-cni/underpass/internal/loader"
+)
+
+// NetnsDirs are where namespaces are pinned by name: `ip netns` and
+// Podman (/run/netns), Docker (its sandboxes' SandboxKey). Namespaces no
+// file pins are found through /proc/<pid>/ns/net.
+var NetnsDirs = []string{"/run/netns", "/var/run/docker/netns"}
+
+// Slave is a macvlan or ipvlan interface in another network namespace
+// whose lower device is one of the parents.
+type Slave struct {
+	Netns         string // a path to its namespace: a pin if there is one
+	NetnsID       string // the namespace's device and inode: the same however reached
+	IfName        string
+	Ifindex       int
+	MAC           net.HardwareAddr
+	Mode          loader.Mode
+	ParentIfindex int
+	ParentName    string
+	Addrs         []netip.Prefix // global unicast, sorted
+}
+
+// Parent is a parent to adopt the slaves of, in the scanning netns.
+type Parent struct {
+	Name    string
+	Ifindex int
+}
+
+// Scan lists the slaves of parents in every network namespace but the
+// caller's own. A namespace that vanishes while it is read is skipped.
+func Scan(parents []Parent, dirs []string) ([]Slave, error) {
+	if len(parents) == 0 {
+		return nil, nil
+	}
+	self, err := netns.Get()
+	if err != nil {
+		return nil, fmt.Errorf("own netns: %w", err)
+	}
+	defer self.Close()
+	selfID, err := nsID(int(self))
+	if err != nil {
+		return nil, err
+	}
+	var out []Slave
+	var errs []error
+	for _, n := range namespaces(dirs, selfID) {
+		s, err := scanNetns(n, int(self), parents)
+		if err != nil && !gone(err) {
+			errs = append(errs, fmt.Errorf("netns %s: %w", n.path, err))
+		}
+		out = append(out, s...)
+	}
+	return out, errors.Join(errs...)
+}
+
+type foundNS struct {
+	path, id string
+}
+
+// namespaces are the network namespaces pinned in dirs, then those of
+// processes that no pin names, each once, the caller's own left out.
+func namespaces(dirs []string, self string) []foundNS {
+	seen := map[string]bool{self: true}
+	var out []foundNS
+	add := func(path string) {
+		id, err := nsIDOfPath(path)
+		if err != nil || seen[id] {
+			return
+		}
+		seen[id] = true
+		out = append(out, foundNS{path, id})
+	}
+	for _, d := range dirs {
+		entries, err := os.ReadDir(d)
+		if err != nil {
+			continue
+		}
+		for _, e := range entries {
+			add(filepath.Join(d, e.Name()))
+		}
+	}
+	procs, _ := os.ReadDir("/proc")
+	for _, p := range procs {
+		if _, err := strconv.Atoi(p.Name()); err == nil {
+			add(filepath.Join("/proc", p.Name(), "ns", "net"))
+		}
+	}
+	return out
+}
+
+// nsIDOfPath is the device and inode of the namespace at path, if it is one.
+func nsIDOfPath(path string) (string, error) {
+	var st unix.Statfs_t
+	if err := unix.Statfs(path, &st); err != nil {
+		return "", err
+	}
+	if st.Type != unix.NSFS_MAGIC {
+		return "", fmt.Errorf("%s: not a namespace", path)
+	}
+	var s unix.Stat_t
+	if err := unix.Stat(path, &s); err != nil {
+		return "", err
+	}
+	return fmt.Sprintf("%d:%d", s.Dev, s.Ino), nil
+}
+
+func nsID(fd int) (string, error) {
+	var s unix.Stat_t
+	if err := unix.Fstat(fd, &s); err != nil {
+		return "", fmt.Errorf("stat netns: %w", err)
+	}
+	return fmt.Sprintf("%d:%d", s.Dev, s.Ino), nil
+}
+
+// scanNetns lists n's slaves of parents: links of kind macvlan or ipvlan
+// whose lower device is in the scanning namespace (self) and one of
+// parents. The link's IFLA_LINK_NETNSID names self as seen from n.
+func scanNetns(n foundNS, self int, parents []Parent) ([]Slave, error) {
+	h, err := netns.GetFromPath(n.path)
+	if err != nil {
+		return nil, err
+	}
+	defer h.Close()
+	nh, err := netlink.NewHandleAt(h)
+	if err != nil {
+		return nil, err
+	}
+	defer nh.Close()
+	links, err := nh.LinkList()
+	if err != nil {
+		return nil, err
+	}
+	selfNSID := -2 // asked once there is a candidate
+	var out []Slave
+	for _, l := range links {
+		a := l.Attrs()
+		mode, ok := slaveMode(l)
+		if !ok || a.ParentIndex == 0 {
+			continue
+		}
+		i := slices.IndexFunc(parents, func(p Parent) bool { return p.Ifindex == a.ParentIndex })
+		if i < 0 {
+			continue
+		}
+		if selfNSID == -2 {
+			if selfNSID, err = nh.GetNetNsIdByFd(self); err != nil {
+				return nil, fmt.Errorf("the scanning netns's id: %w", err)
+			}
+		}
+		if a.NetNsID != selfNSID || selfNSID < 0 {
+			continue // a lower device of the same index in a third namespace
+		}
+		addrs, err := globalAddrs(nh, l)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, Slave{Netns: n.path, NetnsID: n.id, IfName: a.Name, Ifindex: a.Index,
+			MAC: a.HardwareAddr, Mode: mode, ParentIfindex: a.ParentIndex, ParentName: parents[i].Name, Addrs: addrs})
+	}
+	return out, nil
+}
+
+// Inspect is the slave ifname in the namespace at path (a file, or
+// /proc/<pid>/ns/net), whose parent must be in the caller's namespace: what
+// `underpassctl attach` registers.
+func Inspect(path, ifname string) (*Slave, error) {
+	id, err := nsIDOfPath(path)
+	if err != nil {
+		return nil, fmt.Errorf("netns %s: %w", path, err)
+	}
+	self, err := netns.Get()
+	if err != nil {
+		return nil, fmt.Errorf("own netns: %w", err)
+	}
+	defer self.Close()
+	if selfID, err := nsID(int(self)); err != nil || selfID == id {
+		return nil, fmt.Errorf("netns %s is this namespace: a slave to attach is in a container's", path)
+	}
+	h, err := netns.GetFromPath(path)
+	if err != nil {
+		return nil, fmt.Errorf("open netns %s: %w", path, err)
+	}
+	defer h.Close()
+	nh, err := netlink.NewHandleAt(h)
+	if err != nil {
+		return nil, err
+	}
+	defer nh.Close()
+	l, err := nh.LinkByName(ifname)
+	if err != nil {
+		return nil, fmt.Errorf("interface %s in %s: %w", ifname, path, err)
+	}
+	a := l.Attrs()
+	mode, ok := slaveMode(l)
+	if !ok {
+		return nil, fmt.Errorf("interface %s in %s is a %s, not a macvlan or ipvlan slave", ifname, path, l.Type())
+	}
+	selfNSID, err := nh.GetNetNsIdByFd(int(self))
+	if err != nil {
+		return nil, fmt.Errorf("the host netns's id in %s: %w", path, err)
+	}
+	if a.NetNsID != selfNSID || selfNSID < 0 {
+		return nil, fmt.Errorf("interface %s in %s: its parent is not in this network namespace", ifname, path)
+	}
+	parent, err := netlink.LinkByIndex(a.ParentIndex)
+	if err != nil {
+		return nil, fmt.Errorf("parent of %s (ifindex %d): %w", ifname, a.ParentIndex, err)
+	}
+	addrs, err := globalAddrs(nh, l)
+	if err != nil {
+		return nil, err
+	}
+	if len(addrs) == 0 {
+		return nil, fmt.Errorf("interface %s in %s has no address to register yet", ifname, path)
+	}
+	return &Slave{Netns: path, NetnsID: id, IfName: a.Name, Ifindex: a.Index, MAC: a.HardwareAddr, Mode: mode,
+		ParentIfindex: a.ParentIndex, ParentName: parent.Attrs().Name, Addrs: addrs}, nil
+}
+
+// NetnsPath is the namespace a user names: a path, or a pid's.
+func NetnsPath(arg string) string {
+	if _, err := strconv.Atoi(arg); err == nil {
+		return filepath.Join("/proc", arg, "ns", "net")
+	}
+	return arg
+}
+
+// ContainerIDOf is the registry's name of the namespace at path.
+func ContainerIDOf(path string) (string, error) {
+	id, err := nsIDOfPath(path)
+	if err != nil {
+		return "", fmt.Errorf("netns %s: %w", path, err)
+	}
+	return ContainerID(&Slave{NetnsID: id}), nil
+}
+
+func slaveMode(l netlink.Link) (loader.Mode, bool) {
+	switch v := l.(type) {
+	case *netlink.Macvlan:
+		return loader.ModeMacvlan, true
+	case *netlink.IPVlan:
+		if v.Mode == netlink.IPVLAN_MODE_L2 {
+			return loader.ModeIPvlanL2, true
+		}
+		return loader.ModeIPvlanL3, true
+	}
+	return loader.ModeNone, false
+}
+
+// globalAddrs are l's addresses a peer can reach it at: not link-local,
+// not tentative (DAD not done: not yet its own).
+func globalAddrs(h *netlink.Handle, l netlink.Link) ([]netip.Prefix, error) {
+	as, err := h.AddrList(l, netlink.FAMILY_ALL)
+	if err != nil {
+		return nil, err
+	}
+	var out []netip.Prefix
+	for _, a := range as {
+		ip, ok := netip.AddrFromSlice(a.IP)
+		if !ok || a.Flags&(unix.IFA_F_TENTATIVE|unix.IFA_F_DADFAILED) != 0 {
+			continue
+		}
+		if ip = ip.Unmap(); !ip.IsGlobalUnicast() {
+			continue
+		}
+		ones, _ := a.Mask.Size()
+		out = append(out, netip.PrefixFrom(ip, ones))
+	}
+	slices.SortFunc(out, func(a, b netip.Prefix) int { return a.Addr().Compare(b.Addr()) })
+	return out, nil
+}
+
+// gone says a namespace or link went away while it was read.
+func gone(err error) bool {
+	return errors.Is(err, fs.ErrNotExist) || errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ENODEV) ||
+		strings.Contains(err.Error(), "no such file")
+}

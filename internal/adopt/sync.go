@@ -1,0 +1,155 @@
+package adopt
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+
+	"github.com/containernetworking/plugins/pkg/ns"
+
+	"github.com/underpass-cni/underpass/internal/datapath"
+	"github.com/underpass-cni/underpass/internal/loader"
+)
+
+// The network names adopted endpoints carry in the registry. CNI GC, which
+// works per network, never touches them. Adopted: found by the agent's
+// scan, removed by it when the scan no longer finds them. Attached: by
+// `underpassctl attach`, removed by `underpassctl detach` or when their
+// namespace or interface goes (the endpoint collector).
+const (
+	AdoptedNetwork  = datapath.AdoptedNetwork
+	AttachedNetwork = "underpass-attached"
+)
+
+// ContainerID is the registry's name of s's namespace: stable while the
+// namespace lives, whatever path reaches it.
+func ContainerID(s *Slave) string {
+	return "netns-" + strings.ReplaceAll(s.NetnsID, ":", "-")
+}
+
+// Name is what s's endpoint is called in metrics and underpassctl (its
+// "pod"): the pin's name (`ip netns` name, Docker sandbox, Podman netns), or
+// the command and pid of a process in it.
+func Name(s *Slave) string {
+	if dir, file := filepath.Split(s.Netns); file == "net" && strings.HasPrefix(dir, "/proc/") {
+		pid := filepath.Base(filepath.Dir(filepath.Clean(dir)))
+		comm, _ := os.ReadFile(filepath.Join("/proc", pid, "comm"))
+		return strings.TrimSpace(string(comm)) + "-" + pid
+	}
+	return filepath.Base(s.Netns)
+}
+
+// Endpoint is s as the registry holds it, in network.
+func Endpoint(s *Slave, network, name string) (*datapath.Endpoint, error) {
+	parent, err := net.InterfaceByIndex(s.ParentIfindex)
+	if err != nil {
+		return nil, fmt.Errorf("parent %s: %w", s.ParentName, err)
+	}
+	return &datapath.Endpoint{ContainerID: ContainerID(s), IfName: s.IfName, PodName: name, Network: network,
+		ParentName: s.ParentName, ParentIfindex: s.ParentIfindex, ParentMAC: parent.HardwareAddr,
+		Ifindex: s.Ifindex, Mode: s.Mode, MAC: s.MAC, Addrs: s.Addrs, Netns: s.Netns}, nil
+}
+
+// Register makes s an endpoint of network: registered, its programs
+// attached. On error nothing of it is left.
+func Register(dp *loader.Objects, s *Slave, network, name string, log *slog.Logger) (*datapath.Endpoint, error) {
+	ep, err := Endpoint(s, network, name)
+	if err != nil {
+		return nil, err
+	}
+	netns, err := ns.GetNS(s.Netns)
+	if err != nil {
+		return nil, fmt.Errorf("open netns %s: %w", s.Netns, err)
+	}
+	defer netns.Close()
+	if _, err := datapath.AddEndpoint(dp, netns, ep, datapath.AddOptions{Log: log}, nil); err != nil {
+		return nil, fmt.Errorf("register %s in %s: %w", s.IfName, s.Netns, err)
+	}
+	return ep, nil
+}
+
+// Result is what a Sync changed.
+type Result struct {
+	Added, Removed []datapath.Endpoint
+	// Skipped are slaves someone else registered (a CNI ADD): never twice.
+	Skipped int
+}
+
+// Sync makes the adopted endpoints in the registry the slaves found: it
+// registers the new ones, registers again one whose addresses, MAC or
+// interface changed, and removes those no longer found (gone, their parent
+// no longer listed, no address left). A slave with no address waits: there
+// is nothing to reach it at yet.
+func Sync(dp *loader.Objects, found []Slave, log *slog.Logger) (Result, error) {
+	var res Result
+	eps, err := datapath.Endpoints(&dp.Maps)
+	if err != nil {
+		return res, err
+	}
+	type macKey struct {
+		parent int
+		mac    string
+	}
+	owned := map[macKey]bool{}                // registered by others
+	adopted := map[string]datapath.Endpoint{} // ours, by container id and ifname
+	for _, ep := range eps {
+		if ep.Network == AdoptedNetwork {
+			adopted[ep.ContainerID+"/"+ep.IfName] = ep
+			continue
+		}
+		owned[macKey{ep.ParentIfindex, ep.MAC.String()}] = true
+	}
+	var errs []error
+	keep := map[string]bool{} // container id and ifname
+	for i := range found {
+		s := &found[i]
+		if len(s.Addrs) == 0 {
+			continue
+		}
+		if owned[macKey{s.ParentIfindex, s.MAC.String()}] {
+			res.Skipped++
+			continue
+		}
+		key := ContainerID(s) + "/" + s.IfName
+		if ep, ok := adopted[key]; ok {
+			if ep.Ifindex == s.Ifindex && ep.MAC.String() == s.MAC.String() && slices.Equal(ep.Addrs, s.Addrs) {
+				keep[key] = true
+				continue
+			}
+			// Changed: registered afresh below (AddEndpoint replaces the
+			// registration of the same attachment).
+		}
+		ep, err := Register(dp, s, AdoptedNetwork, Name(s), log)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		keep[key] = true
+		res.Added = append(res.Added, *ep)
+	}
+	for key, ep := range adopted {
+		if keep[key] {
+			continue
+		}
+		if err := remove(dp, ep.ID); err != nil {
+			errs = append(errs, fmt.Errorf("unregister %s %s: %w", ep.PodName, ep.IfName, err))
+			continue
+		}
+		res.Removed = append(res.Removed, ep)
+	}
+	return res, errors.Join(errs...)
+}
+
+func remove(dp *loader.Objects, id uint32) error {
+	unlock, err := dp.Lock()
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	return datapath.RemoveEndpoint(dp, id)
+}

@@ -1,0 +1,239 @@
+package agent_test
+
+import (
+	"context"
+	"encoding/binary"
+	"net"
+	"net/netip"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/underpass-cni/underpass/internal/adopt"
+	ctlpkg "github.com/underpass-cni/underpass/internal/ctl"
+	"github.com/underpass-cni/underpass/internal/datapath"
+	"github.com/underpass-cni/underpass/internal/loader"
+	"github.com/underpass-cni/underpass/test/netenv"
+)
+
+// Slaves made by hand (as `ip netns` users, LXC or Docker do) on a parent
+// listed in adopt.parents are served with no step per container: before
+// the agent, host <-> container fails both ways (the baseline); with it,
+// both work within seconds, the endpoint is named after its namespace, a
+// forged source is dropped as for a pod, a slave a CNI ADD registered is
+// not adopted twice, a restarted agent keeps the adoption, and a deleted
+// namespace is unregistered.
+func TestAdoptHandMadeSlaves(t *testing.T) {
+	l := newLab(t, netenv.Options{})
+	u := l.Uplinks[0]
+	c := l.AddMacvlanContainer("byhand", u.IP4(30), u.IP6(30))
+	cni := l.AddMacvlanContainer("cni", u.IP4(31), netip.Prefix{})
+
+	// The baseline: macvlan does not connect a slave with its own parent.
+	if r := netenv.Ping(t, l.Node, c.IP4.Addr(), 2); r.Received != 0 {
+		t.Fatalf("host -> hand-made macvlan container answered before underpass: %v", r)
+	}
+	if r := netenv.Ping(t, c.NS, u.Node4.Addr(), 2); r.Received != 0 {
+		t.Fatalf("hand-made macvlan container -> host answered before underpass: %v", r)
+	}
+
+	l.writeConfig("adopt: {parents: [" + u.Name + "]}\n")
+	ag := l.start(agentBin)
+	ag.waitReady()
+	dp := l.open()
+	// A CNI ADD registering a slave the agent may have adopted already
+	// (it was there first): the registration by its owner wins.
+	addEndpoint(t, dp, cni, u.MAC)
+
+	ep := waitAdopted(t, dp, c, 10*time.Second)
+	if ep.PodName != filepath.Base(c.Path) || ep.ParentName != u.Name {
+		t.Errorf("adopted endpoint named %q on %q, want %q on %q", ep.PodName, ep.ParentName, filepath.Base(c.Path), u.Name)
+	}
+	if !slices.Contains(ep.Addrs, c.IP4) || !slices.Contains(ep.Addrs, c.IP6) {
+		t.Errorf("adopted addresses %v, want %s and %s", ep.Addrs, c.IP4, c.IP6)
+	}
+	// The baseline's failed resolution is still in the host's neighbour
+	// table: its next packet starts a new one, so one ping may go first.
+	t0 := time.Now()
+	waitFor(t, 5*time.Second, "host -> adopted container", func() bool { return netenv.Ping(t, l.Node, c.IP4.Addr(), 1).Received == 1 })
+	t.Logf("host -> adopted container answered %s after its adoption was seen", time.Since(t0).Round(time.Millisecond))
+	netenv.MustPing(t, l.Node, c.IP4.Addr(), 3)
+	netenv.MustPing(t, c.NS, u.Node4.Addr(), 3)
+	netenv.MustPing(t, l.Node, c.IP6.Addr(), 3)
+
+	// The CNI pod stays the CNI's: one registration, not adopted.
+	if n := countByMAC(t, dp, cni.MAC); n != 1 {
+		t.Errorf("the CNI-registered slave has %d registrations, want 1", n)
+	}
+
+	// A forged source from a raw socket (CAP_NET_RAW, which containers
+	// get by default) is dropped and counted, as for a pod.
+	id, _, err := datapath.Find(&dp.Maps, ep.ContainerID, ep.IfName)
+	must(t, err)
+	before, err := datapath.EndpointStats(&dp.Maps, id)
+	must(t, err)
+	wire := netenv.StartCounter(t, l.Wire, u.Port, netenv.MatchDstIP(u.Gateway4))
+	for range 3 {
+		must(t, sendForged(c.NS, u.IP4(250).Addr(), u.Gateway4))
+	}
+	netenv.Barrier(t, l.Node, u.Name, wire)
+	after, err := datapath.EndpointStats(&dp.Maps, id)
+	must(t, err)
+	if d := after.Drops[loader.DropSpoofedSource] - before.Drops[loader.DropSpoofedSource]; d < 3 {
+		t.Errorf("spoofed_source drops of the adopted container moved by %d, want 3", d)
+	}
+	if n := wire.Count(); n != 0 {
+		t.Errorf("%d forged frames reached the wire", n)
+	}
+
+	// A restarted agent finds the adoption in the maps: same registration.
+	ag.stop()
+	ag = l.start(agentBin)
+	ag.waitReady()
+	if again := waitAdopted(t, dp, c, 10*time.Second); again.ID != ep.ID {
+		t.Errorf("after a restart the endpoint is %d, was %d: adopted again instead of kept", again.ID, ep.ID)
+	}
+	netenv.MustPing(t, l.Node, c.IP4.Addr(), 2)
+
+	// The namespace goes: so does the registration.
+	must(t, netenv.DeleteNSPath(c.Path))
+	waitFor(t, 10*time.Second, "the deleted namespace's endpoint unregistered", func() bool {
+		_, found, err := findAdopted(dp, c.MAC)
+		return err == nil && !found
+	})
+
+	// Parents no longer listed: nothing is adopted any more.
+	d := l.AddMacvlanContainer("later", u.IP4(32), netip.Prefix{})
+	waitAdopted(t, dp, d, 10*time.Second)
+	l.writeConfig("")
+	waitFor(t, 10*time.Second, "adopted endpoints unregistered once adopt.parents is empty", func() bool {
+		_, found, err := findAdopted(dp, d.MAC)
+		return err == nil && !found
+	})
+	if n := countByMAC(t, dp, cni.MAC); n != 1 {
+		t.Errorf("emptying adopt.parents touched the CNI pod: %d registrations", n)
+	}
+}
+
+// waitAdopted waits for c's slave to be an adopted endpoint.
+func waitAdopted(t *testing.T, dp *loader.Objects, c *netenv.Container, timeout time.Duration) datapath.Endpoint {
+	t.Helper()
+	var ep datapath.Endpoint
+	waitFor(t, timeout, "the agent adopting "+c.Name, func() bool {
+		e, found, err := findAdopted(dp, c.MAC)
+		ep = e
+		return err == nil && found
+	})
+	return ep
+}
+
+func findAdopted(dp *loader.Objects, mac net.HardwareAddr) (datapath.Endpoint, bool, error) {
+	eps, err := datapath.Endpoints(&dp.Maps)
+	if err != nil {
+		return datapath.Endpoint{}, false, err
+	}
+	for _, ep := range eps {
+		if ep.Network == adopt.AdoptedNetwork && ep.MAC.String() == mac.String() {
+			return ep, true, nil
+		}
+	}
+	return datapath.Endpoint{}, false, nil
+}
+
+func countByMAC(t *testing.T, dp *loader.Objects, mac net.HardwareAddr) int {
+	t.Helper()
+	eps, err := datapath.Endpoints(&dp.Maps)
+	must(t, err)
+	n := 0
+	for _, ep := range eps {
+		if ep.MAC.String() == mac.String() {
+			n++
+		}
+	}
+	return n
+}
+
+// sendForged sends one UDP datagram from a raw socket in ns with the IPv4
+// source src (not the container's) to dst.
+func sendForged(ns *netenv.NS, src, dst netip.Addr) error {
+	return ns.Do(func() error {
+		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.IPPROTO_RAW)
+		if err != nil {
+			return err
+		}
+		defer unix.Close(fd)
+		pkt := make([]byte, 28)
+		pkt[0], pkt[8], pkt[9] = 0x45, 64, unix.IPPROTO_UDP
+		binary.BigEndian.PutUint16(pkt[2:], uint16(len(pkt)))
+		s4, d4 := src.As4(), dst.As4()
+		copy(pkt[12:16], s4[:])
+		copy(pkt[16:20], d4[:])
+		binary.BigEndian.PutUint16(pkt[20:], 40000)
+		binary.BigEndian.PutUint16(pkt[22:], 9)
+		binary.BigEndian.PutUint16(pkt[24:], 8)
+		return unix.Sendto(fd, pkt, 0, &unix.SockaddrInet4{Addr: d4})
+	})
+}
+
+// underpassctl attach serves one slave by hand (no adopt.parents): the
+// host reaches it; the agent leaves it be; detach undoes it; what is not a
+// slave of this namespace's parent is refused with a reason.
+func TestCtlAttach(t *testing.T) {
+	l := newLab(t, netenv.Options{})
+	u := l.Uplinks[0]
+	c := l.AddMacvlanContainer("manual", u.IP4(40), netip.Prefix{})
+	l.writeConfig("")
+	ag := l.start(agentBin)
+	ag.waitReady()
+	dp := l.open()
+	ctl := func(args ...string) (string, error) {
+		var out, errOut strings.Builder
+		err := l.Node.Do(func() error {
+			return ctlpkg.Run(context.Background(), append([]string{"--bpffs", l.dir}, args...), ctlpkg.Env{Stdout: &out, Stderr: &errOut})
+		})
+		return out.String() + errOut.String(), err
+	}
+
+	out, err := ctl("attach", "--netns", c.Path, "--ifname", "eth0", "--name", "web-1")
+	if err != nil || !strings.Contains(out, "attached web-1 eth0 (parent "+u.Name) {
+		t.Fatalf("attach: %v\n%s", err, out)
+	}
+	netenv.MustPing(t, l.Node, c.IP4.Addr(), 3)
+	netenv.MustPing(t, c.NS, u.Node4.Addr(), 3)
+	time.Sleep(2 * time.Second) // two adopt passes of the agent, which must leave it
+	if n := countByMAC(t, dp, c.MAC); n != 1 {
+		t.Fatalf("%d registrations of the attached slave after the agent's passes, want 1", n)
+	}
+	// Again: the same registration replaced, not a second one.
+	if out, err := ctl("attach", "--netns", c.Path, "--name", "web-1"); err != nil {
+		t.Fatalf("attach again: %v\n%s", err, out)
+	}
+	if n := countByMAC(t, dp, c.MAC); n != 1 {
+		t.Errorf("%d registrations after a second attach, want 1", n)
+	}
+
+	for _, bad := range [][]string{
+		{"attach", "--netns", c.Path, "--ifname", "lo"},   // not a slave
+		{"attach", "--netns", "/proc/thread-self/ns/net"}, // the host's own namespace (Do locks the thread in it)
+		{"attach", "--netns", "/nonexistent", "--ifname", "eth0"},
+		{"attach"}, // no --netns
+		{"detach", "--netns", c.Path, "--ifname", "eth9"}, // not attached
+	} {
+		if out, err := ctl(bad...); err == nil {
+			t.Errorf("underpassctl %v worked:\n%s", bad, out)
+		} else {
+			t.Logf("underpassctl %v: %v", bad, err)
+		}
+	}
+
+	if out, err := ctl("detach", "--netns", c.Path, "--ifname", "eth0"); err != nil || !strings.Contains(out, "detached web-1 eth0") {
+		t.Fatalf("detach: %v\n%s", err, out)
+	}
+	if n := countByMAC(t, dp, c.MAC); n != 0 {
+		t.Errorf("%d registrations after detach, want 0", n)
+	}
+}
