@@ -242,9 +242,10 @@ func (n *svcNode) answers(ph svcPhase) {
 func (n *svcNode) measure(p benchutil.Path, ph svcPhase, service bool) benchutil.Sample {
 	b := n.b
 	b.Helper()
-	xlate0, masq0 := n.translated(), masqueraded(b, n.l)
+	xlate0, masq0 := n.settled()
 	s := benchutil.Measure(b, p)
-	dx, dm := n.translated()-xlate0, masqueraded(b, n.l)-masq0
+	xlate1, masq1 := n.settled()
+	dx, dm := xlate1-xlate0, masq1-masq0
 	b.Logf("%s: %d packets translated at the pod, %d masqueraded by the host", p.Name, dx, dm)
 	switch {
 	case service && ph.ebpf && dx == 0:
@@ -257,6 +258,23 @@ func (n *svcNode) measure(p benchutil.Path, ph svcPhase, service bool) benchutil
 		b.Fatalf("%s: the host masqueraded %d packets", p.Name, dm)
 	}
 	return s
+}
+
+// settled returns the translated and masqueraded counters once they hold
+// still: the last packets of a connection closed just before (the end of
+// answers' probe, of the previous measurement) are not counted against
+// the next path.
+func (n *svcNode) settled() (translated, masq uint64) {
+	translated, masq = n.translated(), masqueraded(n.b, n.l)
+	for range 30 {
+		time.Sleep(100 * time.Millisecond)
+		x, m := n.translated(), masqueraded(n.b, n.l)
+		if x == translated && m == masq {
+			break
+		}
+		translated, masq = x, m
+	}
+	return translated, masq
 }
 
 func (n *svcNode) translated() uint64 {
