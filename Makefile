@@ -67,10 +67,14 @@ lint:
 
 # Figures side by side, never asserted: ns/packet per program path
 # (prog.Benchmark), then TCP throughput and request/response rate through the
-# hairpin vs a veth pair vs macvlan slave<->slave.
+# hairpin vs a veth pair vs macvlan slave<->slave, then pod -> ClusterIP -> pod
+# through services.mode ebpf vs the real kube-proxy (iptables, nftables) vs
+# pod -> pod direct, with a real apiserver and agent (test/agent
+# BenchmarkServicePaths, ~6 min for the default 5 rounds).
 bench:
 	$(GO) test -run '^$$' -bench . -benchtime 20x ./internal/loader/
 	$(GO) test -run '^$$' -bench Paths -benchtime 1x ./test/bench/
+	UNDERPASS_K8S_BIN=$$(test/k8s/build.sh) $(GO) test -run '^$$' -bench ServicePaths -benchtime 1x -timeout 30m ./test/agent/
 
 # Pod start at scale on the real node (test/node BenchmarkPodStart: 100 pods,
 # macvlan vs ptp vs underpass, 3 interleaved rounds; ~15 min on 2 cores).

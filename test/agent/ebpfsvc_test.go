@@ -57,7 +57,7 @@ services:
 	ag.waitReady()
 	dp := l.open()
 	for _, p := range []*netenv.Container{client, b1, b2} {
-		addEndpoint(t, dp, p, u.MAC)
+		addEndpoint(t, l.Node, dp, p, u.MAC)
 	}
 
 	toLocal := createBackedService(t, cs, "to-local", b1.IP4.Addr())
@@ -215,8 +215,12 @@ services:
 }
 
 // addEndpoint registers c and attaches its programs the way the CNI
-// plugin's ADD does (datapath.AddEndpoint).
-func addEndpoint(t *testing.T, dp *loader.Objects, c *netenv.Container, parentMAC net.HardwareAddr) {
+// plugin's ADD does (datapath.AddEndpoint), from node, the netns of c's
+// parent, as the plugin runs in the host's: AddEndpoint attaches the
+// parent program when the agent has not yet, by ifindex in the caller's
+// netns (from the test's own netns it went on whatever interface has that
+// index there, and the node's parent went without it).
+func addEndpoint(t testing.TB, node *netenv.NS, dp *loader.Objects, c *netenv.Container, parentMAC net.HardwareAddr) {
 	t.Helper()
 	netns, err := ns.GetNS(c.Path)
 	must(t, err)
@@ -228,8 +232,10 @@ func addEndpoint(t *testing.T, dp *loader.Objects, c *netenv.Container, parentMA
 	ep := &datapath.Endpoint{ContainerID: c.NS.Name, IfName: c.IfName, Netns: c.Path, Ifindex: c.Index,
 		MAC: c.MAC, Addrs: addrs, ParentIfindex: c.ParentIndex, ParentName: c.Parent, ParentMAC: parentMAC,
 		Mode: loader.ModeMacvlan, PodName: c.NS.Name, PodNamespace: "test"}
-	_, err = datapath.AddEndpoint(dp, netns, ep, datapath.AddOptions{}, nil)
-	must(t, err)
+	must(t, node.Do(func() error {
+		_, err := datapath.AddEndpoint(dp, netns, ep, datapath.AddOptions{}, nil)
+		return err
+	}))
 }
 
 func (l *lab) endpointStats(t *testing.T, dp *loader.Objects, c *netenv.Container) loader.EndpointStats {

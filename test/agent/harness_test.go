@@ -53,7 +53,7 @@ const metricsAddr = "127.0.0.1:9775"
 // lab is a netenv with a pin directory and a config file for the agent.
 type lab struct {
 	*netenv.Env
-	t      *testing.T
+	t      testing.TB
 	dir    string // bpffs pin dir
 	cfg    string // config path
 	client *http.Client
@@ -64,7 +64,7 @@ type lab struct {
 	dp     *loader.Objects
 }
 
-func newLab(t *testing.T, opts netenv.Options) *lab {
+func newLab(t testing.TB, opts netenv.Options) *lab {
 	t.Helper()
 	testutil.RequireRoot(t)
 	env := netenv.New(t, opts)
@@ -243,7 +243,7 @@ func (l *lab) waitParentAttached(ifindex int) *link.Info {
 	return info
 }
 
-func mustAttachments(t *testing.T, dir string) []attach.Attachment {
+func mustAttachments(t testing.TB, dir string) []attach.Attachment {
 	t.Helper()
 	atts, err := attach.List(dir)
 	if err != nil {

@@ -27,7 +27,7 @@ import (
 // (so the serving certificate still matches), through a TCP relay whose
 // listening socket lives in the node netns. It returns a kubeconfig path for
 // the agent.
-func startKube(t *testing.T, l *lab) (*kapi.Cluster, string) {
+func startKube(t testing.TB, l *lab) (*kapi.Cluster, string) {
 	t.Helper()
 	if _, err := kapi.BinDir(); err != nil {
 		t.Fatalf("no kube-apiserver binaries (make deps builds them): %v", err)

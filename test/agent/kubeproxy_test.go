@@ -190,7 +190,7 @@ services:
 }
 
 // createNode registers the lab's node, whose address kube-proxy looks up.
-func createNode(t *testing.T, cs kubernetes.Interface, addr netip.Addr) {
+func createNode(t testing.TB, cs kubernetes.Interface, addr netip.Addr) {
 	t.Helper()
 	ctx := context.Background()
 	n, err := cs.CoreV1().Nodes().Create(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: kubeNode}}, metav1.CreateOptions{})
@@ -203,7 +203,7 @@ func createNode(t *testing.T, cs kubernetes.Interface, addr netip.Addr) {
 // createBackedService creates a ClusterIP Service, port 80 -> 8080, with
 // a ready endpoint at each of backends (no controller-manager here: the
 // test writes the EndpointSlice), and returns its VIP.
-func createBackedService(t *testing.T, cs kubernetes.Interface, name string, backends ...netip.Addr) netip.Addr {
+func createBackedService(t testing.TB, cs kubernetes.Interface, name string, backends ...netip.Addr) netip.Addr {
 	t.Helper()
 	ctx := context.Background()
 	svc, err := cs.CoreV1().Services("default").Create(ctx, &corev1.Service{
@@ -233,8 +233,10 @@ func backendSlice(name string, backends ...netip.Addr) *discoveryv1.EndpointSlic
 
 // startKubeProxy runs the real kube-proxy in the lab's node netns with its
 // defaults for mode (see kapi.KubeProxyConfig for the few settings a test
-// node changes).
-func startKubeProxy(t *testing.T, l *lab, mode, kubeconfig string) {
+// node changes). It is killed when the test ends, or by the returned stop,
+// which leaves its rules behind as a killed kube-proxy does (see
+// cleanupKubeProxy).
+func startKubeProxy(t testing.TB, l *lab, mode, kubeconfig string) (stop func()) {
 	t.Helper()
 	bin, err := kapi.BinDir()
 	must(t, err)
@@ -249,20 +251,24 @@ func startKubeProxy(t *testing.T, l *lab, mode, kubeconfig string) {
 	cmd.Stdout, cmd.Stderr = out, out
 	must(t, cmd.Start())
 	var once sync.Once
-	t.Cleanup(func() {
+	stop = func() {
 		once.Do(func() {
 			_ = cmd.Process.Kill()
 			_ = cmd.Wait()
 		})
+	}
+	t.Cleanup(func() {
+		stop()
 		if t.Failed() {
 			t.Logf("kube-proxy (%s) log:\n%s", mode, out.String())
 		}
 	})
+	return stop
 }
 
 // waitProgrammed waits until kube-proxy's rules name vip: for ipvs, until
 // the virtual service vip:80 has a real server.
-func waitProgrammed(t *testing.T, l *lab, mode string, vip netip.Addr) {
+func waitProgrammed(t testing.TB, l *lab, mode string, vip netip.Addr) {
 	t.Helper()
 	waitFor(t, 2*time.Minute, "kube-proxy ("+mode+") programs "+vip.String(), func() bool {
 		var out string
@@ -313,7 +319,7 @@ func ipvsHasBackend(procNetIPVS string, vs netip.AddrPort) bool {
 // dumpOnFailure logs what the node's netfilter, IPVS and conntrack hold
 // when the test fails (before the lab goes): the state the failing check
 // saw.
-func dumpOnFailure(t *testing.T, l *lab, mode string) {
+func dumpOnFailure(t testing.TB, l *lab, mode string) {
 	t.Cleanup(func() {
 		if !t.Failed() {
 			return
@@ -335,7 +341,7 @@ func dumpOnFailure(t *testing.T, l *lab, mode string) {
 
 // serveRemoteAddr answers every TCP connection with the address it came
 // from and the one it reached (the backend's own), one line.
-func serveRemoteAddr(t *testing.T, ns *netenv.NS, addr netip.AddrPort) {
+func serveRemoteAddr(t testing.TB, ns *netenv.NS, addr netip.AddrPort) {
 	t.Helper()
 	netenv.ServeTCP(t, ns, addr, func(c net.Conn) { fmt.Fprintln(c, c.RemoteAddr().String(), c.LocalAddr().String()) })
 }

@@ -11,20 +11,12 @@
 package bench
 
 import (
-	"context"
-	"encoding/json"
-	"fmt"
-	"io"
 	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
-	"slices"
-	"strconv"
 	"strings"
 	"testing"
-	"text/tabwriter"
-	"time"
 
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/vishvananda/netlink"
@@ -34,29 +26,9 @@ import (
 	"github.com/underpass-cni/underpass/internal/datapath"
 	"github.com/underpass-cni/underpass/internal/loader"
 	"github.com/underpass-cni/underpass/internal/testutil"
+	"github.com/underpass-cni/underpass/test/benchutil"
 	"github.com/underpass-cni/underpass/test/netenv"
 )
-
-type path struct {
-	name     string
-	from, to *netenv.NS
-	dst      netip.Addr // what the client connects to
-	listen   netip.Addr // where the server listens; zero: dst
-	port     uint16     // the servers' port; 0: any (a Service path needs its frontend's)
-	ref      string     // the path this one is compared with
-}
-
-func (p path) server() netip.Addr {
-	if p.listen.IsValid() {
-		return p.listen
-	}
-	return p.dst
-}
-
-// sample is one measurement of a path.
-type sample struct {
-	gbps, rrPerSec, connPerSec float64
-}
 
 // BenchmarkPaths measures every path once per round, the paths interleaved
 // (A, B, C, A, B, C, ...: a machine that slows down mid-run slows all of
@@ -64,29 +36,26 @@ type sample struct {
 // each figure's median with its min-max spread, so a reader can tell a gap
 // from noise. iperf3 client and server are pinned to CPUs 0 and 1.
 func BenchmarkPaths(b *testing.B) {
-	rounds := 5
-	if v, err := strconv.Atoi(os.Getenv("UNDERPASS_BENCH_ROUNDS")); err == nil && v > 0 {
-		rounds = v
-	}
+	rounds := benchutil.Rounds()
 	paths := setupPaths(b)
-	samples := map[string][]sample{}
+	samples := benchutil.Samples{}
 	for i := 0; i < b.N; i++ {
 		for r := range rounds {
 			for _, p := range paths {
-				s := sample{gbps: iperf(b, p), rrPerSec: rr(b, p, 2*time.Second), connPerSec: connects(b, p, time.Second)}
-				samples[p.name] = append(samples[p.name], s)
-				b.Logf("round %d/%d %s: %.2f Gbit/s, %.0f RR/s, %.0f conn/s", r+1, rounds, p.name, s.gbps, s.rrPerSec, s.connPerSec)
+				s := benchutil.Measure(b, p)
+				samples[p.Name] = append(samples[p.Name], s)
+				b.Logf("round %d/%d %s: %.2f Gbit/s, %.0f RR/s, %.0f conn/s", r+1, rounds, p.Name, s.Gbps, s.RRPerSec, s.ConnPerSec)
 			}
 		}
 	}
 	b.ReportMetric(0, "ns/op")
-	printTable(os.Stdout, paths, samples, rounds)
+	benchutil.PrintTable(os.Stdout, paths, samples, rounds)
 }
 
 // setupPaths builds the node: the hairpin on the parent, a veth pair, a
 // host-side macvlan shim, plain macvlan slaves, and two registered pods
 // for pod -> ClusterIP -> pod translated at the pod (services.mode: ebpf).
-func setupPaths(b *testing.B) []path {
+func setupPaths(b *testing.B) []benchutil.Path {
 	env := netenv.New(b, netenv.Options{})
 	up := env.Uplinks[0]
 	dir := filepath.Join(testutil.MountBPFFS(b), "underpass")
@@ -125,15 +94,15 @@ func setupPaths(b *testing.B) []path {
 	must(b, datapath.SyncFrontends(&dp.Maps, []datapath.Frontend{{VIP: vip, Port: port, Proto: datapath.ProtoTCP,
 		Backends: []netip.AddrPort{netip.AddrPortFrom(backend.IP4.Addr(), port)}}}))
 
-	return []path{
-		{name: "macvlan slave->slave", from: c.NS, to: a.NS, dst: a.IP4.Addr()},
-		{name: "hairpin host->container", from: env.Node, to: a.NS, dst: a.IP4.Addr(), ref: "macvlan slave->slave"},
-		{name: "hairpin container->host", from: a.NS, to: env.Node, dst: up.Node4.Addr(), ref: "macvlan slave->slave"},
-		{name: "host shim host->container", from: env.Node, to: shimmed.NS, dst: shimmed.IP4.Addr(), ref: "macvlan slave->slave"},
-		{name: "veth pair host->container", from: env.Node, to: v, dst: netip.MustParseAddr("10.200.0.2"), ref: "macvlan slave->slave"},
-		{name: "pod->pod (both with programs)", from: client.NS, to: backend.NS, dst: backend.IP4.Addr(), port: port},
-		{name: "pod->ClusterIP->pod (ebpf)", from: client.NS, to: backend.NS, dst: vip, listen: backend.IP4.Addr(), port: port,
-			ref: "pod->pod (both with programs)"},
+	return []benchutil.Path{
+		{Name: "macvlan slave->slave", From: c.NS, To: a.NS, Dst: a.IP4.Addr()},
+		{Name: "hairpin host->container", From: env.Node, To: a.NS, Dst: a.IP4.Addr(), Ref: "macvlan slave->slave"},
+		{Name: "hairpin container->host", From: a.NS, To: env.Node, Dst: up.Node4.Addr(), Ref: "macvlan slave->slave"},
+		{Name: "host shim host->container", From: env.Node, To: shimmed.NS, Dst: shimmed.IP4.Addr(), Ref: "macvlan slave->slave"},
+		{Name: "veth pair host->container", From: env.Node, To: v, Dst: netip.MustParseAddr("10.200.0.2"), Ref: "macvlan slave->slave"},
+		{Name: "pod->pod (both with programs)", From: client.NS, To: backend.NS, Dst: backend.IP4.Addr(), Port: port},
+		{Name: "pod->ClusterIP->pod (ebpf)", From: client.NS, To: backend.NS, Dst: vip, Listen: backend.IP4.Addr(), Port: port,
+			Ref: "pod->pod (both with programs)"},
 	}
 }
 
@@ -177,48 +146,6 @@ func hostShim(b *testing.B, env *netenv.Env, up *netenv.Uplink, to netip.Addr) {
 		Src: addr.AsSlice(), Scope: netlink.SCOPE_LINK}))
 }
 
-// printTable prints, per path, the median and the min-max of each figure
-// and the median's gap to the path it is compared with.
-func printTable(w io.Writer, paths []path, samples map[string][]sample, rounds int) {
-	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintf(tw, "path (%d interleaved rounds, median [min-max])\tTCP Gbit/s\tvs ref\tTCP RR/s\tvs ref\tconn/s\tvs ref\t\n", rounds)
-	med := func(name string, f func(sample) float64) (float64, float64, float64) {
-		var xs []float64
-		for _, s := range samples[name] {
-			xs = append(xs, f(s))
-		}
-		slices.Sort(xs)
-		if len(xs) == 0 {
-			return 0, 0, 0
-		}
-		return xs[len(xs)/2], xs[0], xs[len(xs)-1]
-	}
-	figs := []func(sample) float64{
-		func(s sample) float64 { return s.gbps },
-		func(s sample) float64 { return s.rrPerSec },
-		func(s sample) float64 { return s.connPerSec },
-	}
-	for _, p := range paths {
-		fmt.Fprintf(tw, "%s\t", p.name)
-		for i, f := range figs {
-			m, lo, hi := med(p.name, f)
-			prec := 0
-			if i == 0 {
-				prec = 2
-			}
-			fmt.Fprintf(tw, "%.*f [%.*f-%.*f]\t", prec, m, prec, lo, prec, hi)
-			if p.ref == "" {
-				fmt.Fprint(tw, "ref\t")
-				continue
-			}
-			r, _, _ := med(p.ref, f)
-			fmt.Fprintf(tw, "%.0f%%\t", 100*m/r)
-		}
-		fmt.Fprintln(tw)
-	}
-	tw.Flush()
-}
-
 var must = testutil.Must
 
 // vethContainer adds a netns joined to the node by a veth pair, routed
@@ -246,86 +173,4 @@ func vethContainer(b *testing.B, env *netenv.Env) *netenv.NS {
 	must(b, err)
 	must(b, ch.LinkSetUp(lo))
 	return v
-}
-
-// iperf runs a 3 s iperf3 TCP test and returns the receiver's Gbit/s.
-func iperf(b *testing.B, p path) float64 {
-	port := strconv.Itoa(5201 + int(time.Now().UnixNano()%1000))
-	if p.port != 0 {
-		port = strconv.Itoa(int(p.port))
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	srv := p.to.Command(ctx, "iperf3", "-s", "-1", "-B", p.server().String(), "-p", port, "-A", "1")
-	var srvOut strings.Builder
-	srv.Stdout, srv.Stderr = &srvOut, &srvOut
-	must(b, srv.Start())
-	defer srv.Wait()
-	var res struct {
-		Error string `json:"error"`
-		End   struct {
-			SumReceived struct {
-				BitsPerSecond float64 `json:"bits_per_second"`
-			} `json:"sum_received"`
-		} `json:"end"`
-	}
-	// The server needs a moment to listen, and iperf3 -J reports a refused
-	// connection in its JSON with exit status 0.
-	for i := 0; ; i++ {
-		out, _, err := p.from.Exec(ctx, "iperf3", "-c", p.dst.String(), "-p", port, "-t", "3", "-J", "-A", "0")
-		res.Error = ""
-		if jerr := json.Unmarshal([]byte(out), &res); jerr != nil && err == nil {
-			err = jerr
-		}
-		if err == nil && res.Error == "" && res.End.SumReceived.BitsPerSecond > 0 {
-			break
-		}
-		if i == 50 {
-			b.Fatalf("iperf3 %s: %v %s\nserver: %s", p.name, err, res.Error, srvOut.String())
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-	return res.End.SumReceived.BitsPerSecond / 1e9
-}
-
-// rr counts 1-byte request/response transactions on one TCP connection.
-func rr(b *testing.B, p path, d time.Duration) float64 {
-	ln := netenv.ListenTCP(b, p.to, netip.AddrPortFrom(p.server(), p.port))
-	defer ln.Close()
-	port := uint16(ln.Addr().(*net.TCPAddr).Port)
-	conn, err := netenv.DialTCPConn(p.from, netip.AddrPortFrom(p.dst, port), 3*time.Second)
-	must(b, err)
-	defer conn.Close()
-	buf := []byte{1}
-	n := 0
-	start := time.Now()
-	for time.Since(start) < d {
-		if _, err := conn.Write(buf); err != nil {
-			b.Fatal(err)
-		}
-		if _, err := conn.Read(buf); err != nil {
-			b.Fatal(err)
-		}
-		n++
-	}
-	return float64(n) / time.Since(start).Seconds()
-}
-
-// connects counts TCP connections set up and closed per second, one after
-// the other (each a new flow: for a Service, a new backend choice).
-func connects(b *testing.B, p path, d time.Duration) float64 {
-	ln := netenv.ListenTCP(b, p.to, netip.AddrPortFrom(p.server(), p.port))
-	defer ln.Close()
-	port := uint16(ln.Addr().(*net.TCPAddr).Port)
-	n := 0
-	start := time.Now()
-	for time.Since(start) < d {
-		conn, err := netenv.DialTCPConn(p.from, netip.AddrPortFrom(p.dst, port), 3*time.Second)
-		if err != nil {
-			b.Fatal(err)
-		}
-		conn.Close()
-		n++
-	}
-	return float64(n) / time.Since(start).Seconds()
 }
