@@ -47,7 +47,7 @@ func TestAdoptHandMadeSlaves(t *testing.T) {
 	dp := l.open()
 	// A CNI ADD registering a slave the agent may have adopted already
 	// (it was there first): the registration by its owner wins.
-	addEndpoint(t, dp, cni, u.MAC)
+	addEndpoint(t, l.Node, dp, cni, u.MAC)
 
 	ep := waitAdopted(t, dp, c, 10*time.Second)
 	if ep.PodName != filepath.Base(c.Path) || ep.ParentName != u.Name {
