@@ -187,6 +187,13 @@ struct {
 } svc_counters SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 8192);
+	__type(key, struct up_frag_key);
+	__type(value, struct up_frag);
+} svc_frags SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, MAX_SERVICES);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
@@ -304,7 +311,9 @@ struct pkt {
 	__u8 icmp6_type;/* the ICMPv6 type, 0 when not ICMPv6 (or not read) */
 	__u8 ext6;      /* IPv6 extension headers precede l4off */
 	__u8 hop_limit; /* IPv6 */
-	__u8 _pad[3];
+	__u8 more_frags;/* a fragment that is not the last (MF / M set) */
+	__u8 _pad[2];
+	__u32 frag_id;  /* a fragment's identification (IPv4: 16 bits), 0 otherwise */
 	struct up_ip_key target; /* ARP tpa or ND target */
 	__u8 arp_sha[ETH_ALEN];
 	__u16 _pad2;
@@ -510,6 +519,10 @@ __noinline int up_parse_l3(struct __sk_buff *skb, __u32 proto, struct pkt *p)
 		p->l4proto = ip.protocol;
 		if (ip.frag_off & bpf_htons(0x1fff))
 			p->first_frag = 0;
+		if (ip.frag_off & bpf_htons(0x3fff)) { /* a fragment: offset or MF */
+			p->more_frags = !!(ip.frag_off & bpf_htons(0x2000));
+			p->frag_id = ip.id;
+		}
 		p->l4off = ETH_HLEN + ihl * 4;
 		return 1;
 	}
@@ -537,11 +550,16 @@ __noinline int up_parse_l3(struct __sk_buff *skb, __u32 proto, struct pkt *p)
 				return 0;
 			p->ext6 = 1;
 			if (next == IPV6_FRAGMENT) {
-				__be16 fo;
-				if (LOAD_HDR(skb, off + 2, &fo))
+				struct {
+					__be16 fo;
+					__be32 id;
+				} __attribute__((packed)) f;
+				if (LOAD_HDR(skb, off + 2, &f))
 					return 0;
-				if (fo & bpf_htons(0xfff8))
+				if (f.fo & bpf_htons(0xfff8))
 					p->first_frag = 0;
+				p->more_frags = !!(f.fo & bpf_htons(1));
+				p->frag_id = f.id;
 				off += 8;
 			} else {
 				off += (h.hdrlen + 1) * 8;
@@ -1611,17 +1629,80 @@ static __always_inline __u32 pick_backend(const struct up_svc *svc, const __u8 *
 	return bid;
 }
 
+static __always_inline void frag_key(struct up_frag_key *k, const struct pkt *p, __u8 reply)
+{
+	__builtin_memset(k, 0, sizeof(*k));
+	k->reply = reply;
+	__builtin_memcpy(k->saddr, p->saddr.addr, 16);
+	__builtin_memcpy(k->daddr, p->daddr.addr, 16);
+	k->id = p->frag_id;
+	k->l4proto = p->l4proto;
+}
+
+/* The first fragment of a translated datagram (or reply) tells the rest
+ * where to go: from (the address the fragments carry now) becomes to. */
+static __always_inline void note_frags(const struct pkt *p, __u8 reply, const __u8 *to, __u16 port, __u32 svc_id)
+{
+	if (!p->more_frags)
+		return;
+	struct up_frag_key k;
+	frag_key(&k, p, reply);
+	struct up_frag v = {.port = port, .svc_id = svc_id};
+	__builtin_memcpy(v.addr, to, 16);
+	bpf_map_update_elem(&svc_frags, &k, &v, BPF_ANY);
+}
+
+/* rewrite_l3 replaces an address in the IP header only: a fragment after
+ * the first carries no L4 header whose checksum would cover it. */
+static __always_inline int rewrite_l3(struct __sk_buff *skb, const struct pkt *p, __u32 off, const __u8 *from,
+				      const __u8 *to)
+{
+	if (p->proto == ETH_P_IP) {
+		__u32 o, n;
+		__builtin_memcpy(&o, from + 12, 4);
+		__builtin_memcpy(&n, to + 12, 4);
+		if (bpf_l3_csum_replace(skb, ETH_HLEN + 10, o, n, 4))
+			return -1;
+		return bpf_skb_store_bytes(skb, off, &n, 4, 0);
+	}
+	return bpf_skb_store_bytes(skb, off, to, 16, 0);
+}
+
+/* A fragment after the first of a datagram whose first fragment was
+ * translated (svc_frags): to the same backend. */
+static __always_inline int svc_xlate_frag(struct __sk_buff *skb, const struct pkt *p, __u32 parent_ifindex, __u32 mode)
+{
+	struct up_frag_key k;
+	frag_key(&k, p, 0);
+	struct up_frag *f = bpf_map_lookup_elem(&svc_frags, &k);
+	if (!f)
+		return XLATE_NONE;
+	struct up_backend b = {.port = f->port};
+	__builtin_memcpy(b.addr, f->addr, 16);
+	__u32 sid = f->svc_id;
+	if (rewrite_l3(skb, p, daddr_off(p), k.daddr, b.addr))
+		return XLATE_FAILED;
+	backend_mac(skb, p, parent_ifindex, mode, &b);
+	svc_count(UP_SVC_STAT_TRANSLATED, skb->len);
+	struct up_svc_counters *sc = bpf_map_lookup_elem(&svc_counters, &sid);
+	if (sc)
+		bump(&sc->to_backend, skb->len);
+	return XLATE_DONE;
+}
+
 /* up_svc_xlate translates a pod's frame to a Service in svc_frontends.
  * XLATE_NONE: not one (or left to the host path), XLATE_DONE: sent to a
  * backend, XLATE_STALE: the Service has no backend, XLATE_FAILED: a rewrite
  * failed half-way (drop). A global function, verified once. */
 __noinline int up_svc_xlate(struct __sk_buff *skb, const struct pkt *p, __u32 parent_ifindex, __u32 mode)
 {
-	if (!skb || !p || !p->first_frag)
+	if (!skb || !p)
 		return XLATE_NONE;
 	__u8 l4 = p->l4proto;
 	if (l4 != IPPROTO_TCP && l4 != IPPROTO_UDP && l4 != IPPROTO_SCTP)
 		return XLATE_NONE;
+	if (!p->first_frag)
+		return svc_xlate_frag(skb, p, parent_ifindex, mode);
 	__u16 ports[2]; /* source, destination: the same place in all three */
 	if (bpf_skb_load_bytes(skb, p->l4off, ports, sizeof(ports)))
 		return XLATE_NONE;
@@ -1708,6 +1789,7 @@ __noinline int up_svc_xlate(struct __sk_buff *skb, const struct pkt *p, __u32 pa
 		__builtin_memcpy(rv.vip, ck.vip, 16);
 		bpf_map_update_elem(&svc_rev, &rk, &rv, BPF_ANY);
 	}
+	note_frags(p, 0, b.addr, b.port, sid);
 	if (rewrite_addr(skb, p, daddr_off(p), ck.vip, b.addr))
 		return XLATE_FAILED;
 	if (b.port != ports[1] && rewrite_port(skb, p, p->l4off + 2, ports[1], b.port))
@@ -1814,14 +1896,37 @@ static __always_inline int svc_reverse_icmp(struct __sk_buff *skb, const struct 
 	return 1;
 }
 
+/* A fragment after the first of a reply whose first fragment was given the
+ * VIP back (svc_frags): the VIP too. 1: rewritten, 0: not one, -1: failed. */
+static __always_inline int svc_reverse_frag(struct __sk_buff *skb, const struct pkt *p)
+{
+	struct up_frag_key k;
+	frag_key(&k, p, 1);
+	struct up_frag *f = bpf_map_lookup_elem(&svc_frags, &k);
+	if (!f)
+		return 0;
+	__u8 vip[16];
+	__builtin_memcpy(vip, f->addr, 16);
+	__u32 sid = f->svc_id;
+	if (rewrite_l3(skb, p, saddr_off(p), k.saddr, vip))
+		return -1;
+	svc_count(UP_SVC_STAT_REVERSED, skb->len);
+	struct up_svc_counters *sc = bpf_map_lookup_elem(&svc_counters, &sid);
+	if (sc)
+		bump(&sc->from_backend, skb->len);
+	return 1;
+}
+
 /* up_svc_reverse gives a translated flow's reply the VIP and port the
  * client sent to, and an ICMP error about it the VIP in what it quotes.
  * 1: rewritten, 0: not a reply of one, -1: failed. */
 __noinline int up_svc_reverse(struct __sk_buff *skb, const struct pkt *p)
 {
-	if (!skb || !p || !p->first_frag)
+	if (!skb || !p)
 		return 0;
 	__u8 l4 = p->l4proto;
+	if (!p->first_frag)
+		return svc_reverse_frag(skb, p);
 	if (l4 == IPPROTO_ICMP || l4 == IPPROTO_ICMPV6)
 		return svc_reverse_icmp(skb, p);
 	if (l4 != IPPROTO_TCP && l4 != IPPROTO_UDP && l4 != IPPROTO_SCTP)
@@ -1836,6 +1941,7 @@ __noinline int up_svc_reverse(struct __sk_buff *skb, const struct pkt *p)
 	if (!rv)
 		return 0;
 	struct up_rev r = *rv;
+	note_frags(p, 1, r.vip, 0, r.svc_id);
 	if (rewrite_addr(skb, p, saddr_off(p), rk.backend, r.vip))
 		return -1;
 	if (r.vport != ports[0] && rewrite_port(skb, p, p->l4off, ports[0], r.vport))

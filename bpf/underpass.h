@@ -400,6 +400,26 @@ struct up_affinity {
 	__u16 _pad[3];
 };
 
+/* svc_frags: an IP fragment after the first has no L4 header, so nothing
+ * to find its flow by: the first fragment of a translated datagram (or of
+ * a reply) records where the rest of it goes, by its identification. */
+struct up_frag_key {
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__u32 id;       /* the IP identification (IPv4: 16 bits), as sent */
+	__u8 l4proto;
+	__u8 reply;     /* 0: a client's datagram to a VIP; 1: a backend's reply. The map
+			 * is node-wide: a backend's own egress must not find its reply's entry. */
+	__u8 _pad[2];
+};
+
+struct up_frag {
+	__u8 addr[16];  /* the new destination (a backend) or source (the VIP) */
+	__u16 port;     /* the backend's port (its MAC is found as for the first fragment) */
+	__u16 _pad;
+	__u32 svc_id;   /* whose svc_counters count it */
+};
+
 /* svc_counters: per-CPU, per frontend id. The agent creates an entry with
  * its frontend and deletes it with it; the programs only bump one that is
  * there, so the map never holds more than the frontends. */

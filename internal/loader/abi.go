@@ -47,6 +47,7 @@ var mapABI = map[string]mapLayout{
 	"svc_stats":     {ebpf.PerCPUArray, uint32(0), Counter{}},
 	"svc_counters":  {ebpf.PerCPUHash, uint32(0), SvcCounters{}},
 	"svc_names":     {ebpf.Hash, uint32(0), SvcName{}},
+	"svc_frags":     {ebpf.LRUHash, FragKey{}, Frag{}},
 }
 
 func abiSize(v any) uint32 {

@@ -188,6 +188,24 @@ type bpfUpFlowKey struct {
 	Pad       [3]uint8
 }
 
+type bpfUpFrag struct {
+	_     structs.HostLayout
+	Addr  [16]uint8
+	Port  uint16
+	Pad   uint16
+	SvcId uint32
+}
+
+type bpfUpFragKey struct {
+	_       structs.HostLayout
+	Saddr   [16]uint8
+	Daddr   [16]uint8
+	Id      uint32
+	L4proto uint8
+	Reply   uint8
+	Pad     [2]uint8
+}
+
 type bpfUpHostEntry struct {
 	_     structs.HostLayout
 	Flags uint32
@@ -426,6 +444,7 @@ const (
 	bpfMapSvcCounters           = "svc_counters"
 	bpfMapSvcCt                 = "svc_ct"
 	bpfMapSvcFlows              = "svc_flows"
+	bpfMapSvcFrags              = "svc_frags"
 	bpfMapSvcFrontends          = "svc_frontends"
 	bpfMapSvcNames              = "svc_names"
 	bpfMapSvcRev                = "svc_rev"
@@ -535,6 +554,7 @@ type bpfMapSpecs struct {
 	SvcCounters  *ebpf.MapSpec `ebpf:"svc_counters"`
 	SvcCt        *ebpf.MapSpec `ebpf:"svc_ct"`
 	SvcFlows     *ebpf.MapSpec `ebpf:"svc_flows"`
+	SvcFrags     *ebpf.MapSpec `ebpf:"svc_frags"`
 	SvcFrontends *ebpf.MapSpec `ebpf:"svc_frontends"`
 	SvcNames     *ebpf.MapSpec `ebpf:"svc_names"`
 	SvcRev       *ebpf.MapSpec `ebpf:"svc_rev"`
@@ -608,6 +628,7 @@ type bpfMaps struct {
 	SvcCounters  *ebpf.Map `ebpf:"svc_counters"`
 	SvcCt        *ebpf.Map `ebpf:"svc_ct"`
 	SvcFlows     *ebpf.Map `ebpf:"svc_flows"`
+	SvcFrags     *ebpf.Map `ebpf:"svc_frags"`
 	SvcFrontends *ebpf.Map `ebpf:"svc_frontends"`
 	SvcNames     *ebpf.Map `ebpf:"svc_names"`
 	SvcRev       *ebpf.Map `ebpf:"svc_rev"`
@@ -639,6 +660,7 @@ func (m *bpfMaps) Close() error {
 		m.SvcCounters,
 		m.SvcCt,
 		m.SvcFlows,
+		m.SvcFrags,
 		m.SvcFrontends,
 		m.SvcNames,
 		m.SvcRev,

@@ -132,7 +132,7 @@ func mapsOf(dp *loader.Objects) map[string]*ebpf.Map {
 		"wire_addrs": m.WireAddrs, "svc_flows": m.SvcFlows,
 		"svc_frontends": m.SvcFrontends, "svc_slots": m.SvcSlots, "svc_backends": m.SvcBackends, "svc_ct": m.SvcCt,
 		"svc_rev": m.SvcRev, "svc_affinity": m.SvcAffinity, "svc_stats": m.SvcStats,
-		"svc_counters": m.SvcCounters, "svc_names": m.SvcNames,
+		"svc_counters": m.SvcCounters, "svc_names": m.SvcNames, "svc_frags": m.SvcFrags,
 	}
 }
 

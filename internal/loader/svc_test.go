@@ -3,6 +3,7 @@ package loader_test
 import (
 	"bytes"
 	"cmp"
+	"encoding/binary"
 	"fmt"
 	"net"
 	"net/netip"
@@ -710,4 +711,115 @@ func icmpError(tb testing.TB, smac, dmac net.HardwareAddr, from, to netip.Addr, 
 	must(tb, ic.SetNetworkLayerForChecksum(i6))
 	// The 4 bytes after the checksum: unused, or the MTU of a packet too big.
 	return serialize(tb, eth(smac, dmac, layers.EthernetTypeIPv6), i6, ic, gopacket.Payload(append([]byte{0, 0, 5, 0}, quoted...)))
+}
+
+// A UDP datagram to a Service that the client's stack fragmented: the
+// first fragment (the only one with ports) is translated as any datagram
+// and tells the others (svc_frags, by the IP identification) where to go;
+// they get the backend's address, their IP header checksum fixed, nothing
+// else touched. The reply's fragments get the VIP back the same way. Each
+// fragment is judged byte for byte against the fragment a stack would have
+// sent to (or from) the backend itself.
+func TestServiceFragments(t *testing.T) {
+	for _, tc := range []struct {
+		name        string
+		client, vip netip.Addr
+		backend     netip.AddrPort
+		dmac        net.HardwareAddr
+	}{
+		{"ipv4, local backend", ipA, vipSvc, netip.AddrPortFrom(ipB, 5353), macB},
+		{"ipv6, backend on the wire", ipA6, vipSvc6, netip.AddrPortFrom(wireBack6, 5353), macGW},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := newSvcRig(t, datapath.Frontend{VIP: tc.vip, Port: 53, Proto: datapath.ProtoUDP, Backends: []netip.AddrPort{tc.backend}})
+			client, vip := netip.AddrPortFrom(tc.client, clientPort), netip.AddrPortFrom(tc.vip, 53)
+			const id = 0x4242
+			out := fragments(t, macA, macGW, client, vip, id)
+			want := fragments(t, macA, tc.dmac, client, tc.backend, id)
+			wantFrame(t, r.rig, r.egressA, out[0], want[0])
+			wantFrame(t, r.rig, r.egressA, out[1], want[1])
+
+			// Another datagram's fragment (another id) is not this one's.
+			other := fragments(t, macA, macGW, client, vip, id+1)[1]
+			wantFrame(t, r.rig, r.egressA, other, other)
+
+			back := fragments(t, tc.dmac, macA, tc.backend, client, id)
+			if tc.dmac.String() != macB.String() {
+				back = fragments(t, macGW, macA, tc.backend, client, id)
+			}
+			wantBack := fragments(t, net.HardwareAddr(back[0][6:12]), macA, vip, client, id)
+			wantFrame(t, r.rig, r.ingressA, back[0], wantBack[0])
+			if tc.dmac.String() == macB.String() {
+				// The backend is an endpoint too: its own egress sends the
+				// reply's fragments as they are (the flow map is node-wide:
+				// what the client's ingress noted is not for it).
+				_, egressB := loadEndpoint(t, r.dp, r.idB)
+				wantFrame(t, r.rig, egressB, back[1], back[1])
+			}
+			wantFrame(t, r.rig, r.ingressA, back[1], wantBack[1])
+
+			sc := r.svcCounters(t)
+			if sc.ToBackend.Packets != 2 || sc.FromBackend.Packets != 2 || sc.Flows != 1 {
+				t.Errorf("service counters %+v, want 2 fragments each way in 1 flow", sc)
+			}
+		})
+	}
+}
+
+// fragments is a UDP datagram src -> dst (segment's, with a longer
+// payload) as a stack fragments it: the UDP header alone in the first
+// fragment (more fragments), the payload in the second, both with the IP
+// identification id; the UDP checksum covers the whole datagram.
+func fragments(tb testing.TB, smac, dmac net.HardwareAddr, src, dst netip.AddrPort, id uint32) [2][]byte {
+	tb.Helper()
+	whole := segment(tb, smac, dmac, src, dst, layers.IPProtocolUDP)
+	hl := 20
+	if src.Addr().Is6() {
+		hl = 40
+	}
+	eth, ip, udp := whole[:14], whole[14:14+hl], whole[14+hl:]
+	parts := [2][]byte{udp[:8], udp[8:]}
+	var out [2][]byte
+	for i, part := range parts {
+		f := slices.Clone(eth)
+		if src.Addr().Is4() {
+			h := slices.Clone(ip)
+			binary.BigEndian.PutUint16(h[2:], uint16(20+len(part)))
+			binary.BigEndian.PutUint16(h[4:], uint16(id))
+			fo := uint16(i) // in 8-byte units: the second starts at 8
+			if i == 0 {
+				fo |= 0x2000 // more fragments
+			}
+			binary.BigEndian.PutUint16(h[6:], fo)
+			h[10], h[11] = 0, 0
+			binary.BigEndian.PutUint16(h[10:], ipChecksum(h))
+			f = append(append(f, h...), part...)
+		} else {
+			h := slices.Clone(ip)
+			binary.BigEndian.PutUint16(h[4:], uint16(8+len(part)))
+			h[6] = 44 // a fragment header follows
+			frag := make([]byte, 8)
+			frag[0] = 17
+			fo := uint16(i) << 3
+			if i == 0 {
+				fo |= 1
+			}
+			binary.BigEndian.PutUint16(frag[2:], fo)
+			binary.BigEndian.PutUint32(frag[4:], id)
+			f = append(append(append(f, h...), frag...), part...)
+		}
+		out[i] = f
+	}
+	return out
+}
+
+func ipChecksum(h []byte) uint16 {
+	var sum uint32
+	for i := 0; i+1 < len(h); i += 2 {
+		sum += uint32(h[i])<<8 | uint32(h[i+1])
+	}
+	for sum > 0xffff {
+		sum = sum>>16 + sum&0xffff
+	}
+	return ^uint16(sum)
 }

@@ -43,6 +43,8 @@ type (
 	SvcStat     = bpfUpSvcStat
 	SvcCounters = bpfUpSvcCounters
 	SvcName     = bpfUpSvcName
+	FragKey     = bpfUpFragKey
+	Frag        = bpfUpFrag
 )
 
 const (

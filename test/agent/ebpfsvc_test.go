@@ -2,6 +2,7 @@ package agent_test
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -199,6 +200,20 @@ services:
 		t.Errorf("the stale guard refused it (stale_rejected %d -> %d), not the backend", rejected, n)
 	}
 
+	// A datagram larger than the MTU, to a Service: the client's stack
+	// fragments it, the fragments after the first (no ports in them)
+	// follow the first to the backend, and the echo's fragments come back
+	// from the VIP.
+	serveUDPEcho(t, b1.NS, netip.AddrPortFrom(b1.IP4.Addr(), 5353))
+	udpBig := createUDPService(t, cs, "udp-big", 53, 5353, b1.IP4.Addr())
+	waitFor(t, 10*time.Second, "the UDP echo frontend in the datapath", func() bool {
+		fs, err := datapath.Frontends(&dp.Maps)
+		return err == nil && slices.ContainsFunc(fs, func(f datapath.Frontend) bool { return f.VIP == udpBig && len(f.Backends) == 1 })
+	})
+	if err := udpEcho(client.NS, netip.AddrPortFrom(udpBig, 53), 4000); err != nil {
+		t.Errorf("a 4000-byte datagram through %s: %v", udpBig, err)
+	}
+
 	// Scaled to zero: stale, and in reject mode refused at once.
 	_, err = cs.DiscoveryV1().EndpointSlices("default").Update(context.Background(), backendSlice("to-local"), metav1.UpdateOptions{})
 	must(t, err)
@@ -332,5 +347,59 @@ func udpRoundTrip(ns *netenv.NS, addr netip.AddrPort) error {
 		}
 		_, err = c.Read(make([]byte, 64))
 		return err
+	})
+}
+
+// serveUDPEcho sends every datagram to addr back to its sender.
+func serveUDPEcho(t *testing.T, ns *netenv.NS, addr netip.AddrPort) {
+	t.Helper()
+	var pc net.PacketConn
+	must(t, ns.Do(func() error {
+		var err error
+		pc, err = net.ListenPacket("udp", addr.String())
+		return err
+	}))
+	t.Cleanup(func() { pc.Close() })
+	go func() {
+		buf := make([]byte, 65536)
+		for {
+			n, from, err := pc.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			_, _ = pc.WriteTo(buf[:n], from)
+		}
+	}()
+}
+
+// udpEcho sends a datagram of size bytes to addr from ns and wants it
+// back whole.
+func udpEcho(ns *netenv.NS, addr netip.AddrPort, size int) error {
+	return ns.Do(func() error {
+		c, err := net.Dial("udp", addr.String())
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		msg := make([]byte, size)
+		for i := range msg {
+			msg[i] = byte(i)
+		}
+		got := make([]byte, size+1)
+		for try := 0; try < 3; try++ {
+			_ = c.SetDeadline(time.Now().Add(time.Second))
+			if _, err := c.Write(msg); err != nil {
+				return err
+			}
+			n, err := c.Read(got)
+			if err != nil {
+				continue
+			}
+			if !bytes.Equal(got[:n], msg) {
+				return fmt.Errorf("echo of %d bytes came back as %d bytes, not the same", size, n)
+			}
+			return nil
+		}
+		return fmt.Errorf("no echo of a %d-byte datagram in 3 tries", size)
 	})
 }
