@@ -19,16 +19,11 @@ func zeroStats(m *loader.Maps, id uint32) error {
 func Sum(per []loader.EndpointStats) loader.EndpointStats {
 	var t loader.EndpointStats
 	for _, s := range per {
-		t.Rx.Packets += s.Rx.Packets
-		t.Rx.Bytes += s.Rx.Bytes
-		t.Tx.Packets += s.Tx.Packets
-		t.Tx.Bytes += s.Tx.Bytes
-		t.HostToEp.Packets += s.HostToEp.Packets
-		t.HostToEp.Bytes += s.HostToEp.Bytes
-		t.EpToHost.Packets += s.EpToHost.Packets
-		t.EpToHost.Bytes += s.EpToHost.Bytes
-		t.WireRx.Packets += s.WireRx.Packets
-		t.WireRx.Bytes += s.WireRx.Bytes
+		t.Rx.Add(s.Rx)
+		t.Tx.Add(s.Tx)
+		t.HostToEp.Add(s.HostToEp)
+		t.EpToHost.Add(s.EpToHost)
+		t.WireRx.Add(s.WireRx)
 		t.StaleDropped += s.StaleDropped
 		t.StaleRejected += s.StaleRejected
 		for i := range t.Drops {
@@ -61,8 +56,7 @@ func readCounters(m *ebpf.Map, n int) ([]loader.Counter, error) {
 			return nil, err
 		}
 		for _, c := range per {
-			out[i].Packets += c.Packets
-			out[i].Bytes += c.Bytes
+			out[i].Add(c)
 		}
 	}
 	return out, nil

@@ -45,10 +45,8 @@ func ServiceCounters(m *loader.Maps) ([]ServiceCounter, error) {
 			c.Service, c.PortName = goString(n.Service[:]), goString(n.Port[:])
 		}
 		for _, p := range per {
-			c.ToBackend.Packets += p.ToBackend.Packets
-			c.ToBackend.Bytes += p.ToBackend.Bytes
-			c.FromBackend.Packets += p.FromBackend.Packets
-			c.FromBackend.Bytes += p.FromBackend.Bytes
+			c.ToBackend.Add(p.ToBackend)
+			c.FromBackend.Add(p.FromBackend)
 			c.Flows += p.Flows
 			c.Failures += p.Failures
 		}

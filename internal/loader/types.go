@@ -176,3 +176,10 @@ const MaxAddrs = len(Endpoint{}.Addrs)
 // MaxLearned is UP_MAX_LEARNED: how many addresses an endpoint can have
 // learnt from its DAD.
 const MaxLearned = len(Endpoint{}.Learned)
+
+// Add adds o's packets and bytes to c: the per-CPU values of a counter
+// summed.
+func (c *Counter) Add(o Counter) {
+	c.Packets += o.Packets
+	c.Bytes += o.Bytes
+}

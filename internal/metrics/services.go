@@ -66,10 +66,8 @@ func (c *Collector) collectServices(ch chan<- prometheus.Metric) {
 			s = &serviceSeries{}
 			series[k] = s
 		}
-		s.to.Packets += sc.ToBackend.Packets
-		s.to.Bytes += sc.ToBackend.Bytes
-		s.from.Packets += sc.FromBackend.Packets
-		s.from.Bytes += sc.FromBackend.Bytes
+		s.to.Add(sc.ToBackend)
+		s.from.Add(sc.FromBackend)
 		s.flows += sc.Flows
 		s.failures += sc.Failures
 	}
