@@ -28,9 +28,11 @@ const DockerAPI = "v1.41"
 // macvlan and ipvlan networks are adopted at once and named after their
 // container: it lists the running containers when it (re)connects and then
 // watches the engine's events; a container that joins or leaves such a
-// network (connect, start, disconnect, die) makes it call Changed, so that
-// the caller scans without waiting for its next tick. It never registers
-// anything itself: the scan finds the slaves, Lookup names them.
+// network (connect, start, disconnect, destroy; rename too) makes it call
+// Changed, so that the caller scans without waiting for its next tick. It
+// never registers anything itself: the scan finds the slaves, Lookup names
+// them. Container events are followed as well as network ones: at a
+// connect the container is not running yet, at its start it is.
 //
 // A socket that goes away (the engine restarts) is dialed again with
 // backoff; the names it knew are kept until the re-list replaces them.
@@ -229,7 +231,7 @@ func (d *Docker) event(ctx context.Context, ev dockerEvent) {
 		delete(d.drivers, ev.Actor.ID)
 		d.mu.Unlock()
 		return
-	case ev.Type == "container" && ev.Action == "start":
+	case ev.Type == "container" && (ev.Action == "start" || ev.Action == "rename"):
 		id = ev.Actor.ID
 	case ev.Type == "container" && ev.Action == "destroy":
 		// Not at die: its slave is still there until the disconnect that
