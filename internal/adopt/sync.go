@@ -73,6 +73,9 @@ func Register(dp *loader.Objects, s *Slave, network, name string, log *slog.Logg
 	return ep, nil
 }
 
+// maxName is the longest name the registry keeps (a C string).
+const maxName = 127
+
 // Result is what a Sync changed.
 type Result struct {
 	Added, Removed []datapath.Endpoint
@@ -84,8 +87,12 @@ type Result struct {
 // registers the new ones, registers again one whose addresses, MAC or
 // interface changed, and removes those no longer found (gone, their parent
 // no longer listed, no address left). A slave with no address waits: there
-// is nothing to reach it at yet.
-func Sync(dp *loader.Objects, found []Slave, log *slog.Logger) (Result, error) {
+// is nothing to reach it at yet. name names an endpoint (nil: Name); one
+// whose name changed (its container became known) is registered again.
+func Sync(dp *loader.Objects, found []Slave, name func(*Slave) string, log *slog.Logger) (Result, error) {
+	if name == nil {
+		name = Name
+	}
 	var res Result
 	eps, err := datapath.Endpoints(&dp.Maps)
 	if err != nil {
@@ -116,15 +123,19 @@ func Sync(dp *loader.Objects, found []Slave, log *slog.Logger) (Result, error) {
 			continue
 		}
 		key := ContainerID(s) + "/" + s.IfName
+		n := name(s)
+		if len(n) > maxName {
+			n = n[:maxName] // as the registry keeps it, or it would never compare equal
+		}
 		if ep, ok := adopted[key]; ok {
-			if ep.Ifindex == s.Ifindex && ep.MAC.String() == s.MAC.String() && slices.Equal(ep.Addrs, s.Addrs) {
+			if ep.Ifindex == s.Ifindex && ep.MAC.String() == s.MAC.String() && slices.Equal(ep.Addrs, s.Addrs) && ep.PodName == n {
 				keep[key] = true
 				continue
 			}
 			// Changed: registered afresh below (AddEndpoint replaces the
 			// registration of the same attachment).
 		}
-		ep, err := Register(dp, s, AdoptedNetwork, Name(s), log)
+		ep, err := Register(dp, s, AdoptedNetwork, n, log)
 		if err != nil {
 			errs = append(errs, err)
 			continue

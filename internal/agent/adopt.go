@@ -1,6 +1,8 @@
 package agent
 
 import (
+	"context"
+
 	"github.com/vishvananda/netlink"
 
 	"github.com/underpass-cni/underpass/internal/adopt"
@@ -8,11 +10,13 @@ import (
 
 // adopt registers the macvlan/ipvlan slaves that others made on the
 // adopt.parents, in any namespace, and unregisters those gone (see
-// internal/adopt). Run on every reconcile tick: a scan of the namespaces
-// is a few hundred stat calls and a netlink dump per namespace. With no
-// parents configured it runs once more after the last were removed, to
-// unregister what they had.
+// internal/adopt). Run on every reconcile tick, and at once when the
+// Docker engine (adopt.docker) says a container joined or left a
+// macvlan/ipvlan network: a scan of the namespaces is a few hundred stat
+// calls and a netlink dump per namespace. With no parents configured it
+// runs once more after the last were removed, to unregister what they had.
 func (a *Agent) adopt() {
+	a.followDocker()
 	names := a.cfg.Adopt.Parents
 	if len(names) == 0 && !a.adopting {
 		return
@@ -28,7 +32,18 @@ func (a *Agent) adopt() {
 		delete(a.warned, "adopt-parent-"+n)
 		parents = append(parents, adopt.Parent{Name: n, Ifindex: l.Attrs().Index})
 	}
-	found, err := adopt.Scan(parents, adopt.NetnsDirs)
+	dirs := adopt.NetnsDirs
+	name := adopt.Name
+	if d := a.docker; d != nil {
+		dirs = append(dirs[:len(dirs):len(dirs)], d.Dirs()...)
+		name = func(s *adopt.Slave) string {
+			if n, ok := d.Lookup(s); ok {
+				return n
+			}
+			return adopt.Name(s)
+		}
+	}
+	found, err := adopt.Scan(parents, dirs)
 	if err != nil {
 		a.log.Debug("adopt: scan", "error", err) // a namespace that vanished mid-scan; the next scan sees it settled
 	}
@@ -36,7 +51,7 @@ func (a *Agent) adopt() {
 	if dp == nil {
 		return
 	}
-	res, err := adopt.Sync(dp, found, a.log)
+	res, err := adopt.Sync(dp, found, name, a.log)
 	if err != nil {
 		a.errorOnce("adopt-sync-"+err.Error(), "adopt: registering slaves", "error", err)
 	}
@@ -47,4 +62,36 @@ func (a *Agent) adopt() {
 	for _, ep := range res.Removed {
 		a.log.Info("adopt: unregistered", "name", ep.PodName, "interface", ep.IfName, "parent", ep.ParentName, "id", ep.ID)
 	}
+}
+
+// followDocker starts, moves or stops the Docker source as adopt.docker
+// says. It follows the engine in its own goroutine; a change it sees asks
+// the event loop for an adoption pass (adoptNow).
+func (a *Agent) followDocker() {
+	socket, auto := a.cfg.DockerSocket()
+	if socket == a.dockerSocket {
+		return
+	}
+	if a.stopDocker != nil {
+		a.stopDocker()
+		a.stopDocker, a.docker = nil, nil
+	}
+	a.dockerSocket = socket
+	if socket == "" || a.ctx == nil {
+		return
+	}
+	d := &adopt.Docker{Socket: socket, Quiet: auto, Log: a.log.With("component", "docker"), Changed: func() {
+		select {
+		case a.adoptNow <- struct{}{}:
+		default: // a pass is already due
+		}
+	}}
+	ctx, cancel := context.WithCancel(a.ctx)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		d.Run(ctx)
+	}()
+	a.docker = d
+	a.stopDocker = func() { cancel(); <-done }
 }

@@ -22,6 +22,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"k8s.io/klog/v2"
 
+	"github.com/underpass-cni/underpass/internal/adopt"
 	"github.com/underpass-cni/underpass/internal/config"
 	"github.com/underpass-cni/underpass/internal/endpointgc"
 	"github.com/underpass-cni/underpass/internal/loader"
@@ -78,6 +79,12 @@ type Agent struct {
 	gcPeriod time.Duration
 	adopting bool // adopt.parents was not empty at the last adopt()
 
+	ctx          context.Context // Run's, for the goroutines the config starts
+	docker       *adopt.Docker   // following adopt.docker, if set
+	dockerSocket string          // the socket it follows
+	stopDocker   func()
+	adoptNow     chan struct{} // the Docker source saw a container come or go
+
 	metrics   *metrics
 	http      *httpServer
 	attached  atomic.Bool  // start-up attach done
@@ -106,6 +113,7 @@ func New(opts Options) (*Agent, error) {
 		// The first adopt() syncs even with no parents: it unregisters
 		// what a previous config adopted.
 		adopting: true,
+		adoptNow: make(chan struct{}, 1),
 	}, nil
 }
 
@@ -116,6 +124,12 @@ func New(opts Options) (*Agent, error) {
 func (a *Agent) Run(ctx context.Context) (err error) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
+	a.ctx = ctx
+	defer func() {
+		if a.stopDocker != nil {
+			a.stopDocker()
+		}
+	}()
 
 	cfg, err := config.Load(a.opts.ConfigPath)
 	if err != nil {
@@ -278,6 +292,8 @@ func (a *Agent) loop(ctx context.Context, netEvents <-chan netwatch.Event) {
 			a.rejected(err)
 		case ev := <-netEvents:
 			a.onNetEvent(ev)
+		case <-a.adoptNow:
+			a.adopt()
 		case <-reconcile.C:
 			a.checkPins()
 			a.reconcileParents(false)

@@ -77,7 +77,25 @@ type Adopt struct {
 	// slaves in any network namespace are registered as endpoints; empty
 	// adopts nothing.
 	Parents []string `json:"parents,omitempty" yaml:"parents,omitempty"`
+	// Docker is a Docker engine's API socket to follow, so that its
+	// containers on macvlan/ipvlan networks are adopted as soon as they
+	// start and named after the container: "" (off), "auto" (the default
+	// socket, /var/run/docker.sock, once it exists) or an absolute path.
+	// Read it with DockerSocket.
+	Docker string `json:"docker,omitempty" yaml:"docker,omitempty"`
 }
+
+// DockerSocket is the engine socket adopt.docker names ("" when off), and
+// whether it was auto: its absence is no fault.
+func (c *Config) DockerSocket() (socket string, auto bool) {
+	if c.Adopt.Docker == "auto" {
+		return DefaultDockerSocket, true
+	}
+	return c.Adopt.Docker, false
+}
+
+// DefaultDockerSocket is where adopt.docker: auto looks for the engine.
+const DefaultDockerSocket = "/var/run/docker.sock"
 
 // StaleServices configures the stale service guard.
 type StaleServices struct {

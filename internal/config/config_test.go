@@ -171,6 +171,15 @@ func TestKeys(t *testing.T) {
 			return slices.Equal(c.Adopt.Parents, []string{"eth0", "eth0.100"})
 		}},
 		{"adopt: {parents: []}", func(c *Config) bool { return c.Adopt.Parents == nil }},
+		{"adopt: {parents: [eth0], docker: auto}", func(c *Config) bool {
+			s, auto := c.DockerSocket()
+			return s == DefaultDockerSocket && auto
+		}},
+		{"adopt: {docker: /run/alt/docker.sock}", func(c *Config) bool {
+			s, auto := c.DockerSocket()
+			return s == "/run/alt/docker.sock" && !auto
+		}},
+		{"adopt: {parents: [eth0]}", func(c *Config) bool { s, _ := c.DockerSocket(); return s == "" }},
 		{"xdp: auto", func(c *Config) bool { return c.XDPMode() == attach.XDPAuto }},
 		{"xdp: native", func(c *Config) bool { return c.XDPMode() == attach.XDPNative }},
 		{"xdp: generic", func(c *Config) bool { return c.XDPMode() == attach.XDPGeneric }},
@@ -258,6 +267,8 @@ func TestErrors(t *testing.T) {
 		{"uplinks: ['']", []string{"uplinks[0]: interface name is empty"}},
 		{"adopt: {parents: [eth0.100, 'a/b', eth0.100]}", []string{`adopt.parents[1]: "a/b" contains '/'`, `adopt.parents[2]: "eth0.100" is already adopt.parents[0]`}},
 		{"adopt: {parent: [eth0]}", []string{"adopt.parent"}},
+		{"adopt: {docker: docker.sock}", []string{`adopt.docker: "docker.sock" is neither auto nor an absolute path`}},
+		{"adopt: {docker: yes}", []string{"adopt.docker"}},
 		{"uplinks: [averyveryverylongname]", []string{`uplinks[0]: "averyveryverylongname" is longer than 15 bytes`}},
 		{"uplinks: [eth0, 'eth 1', 'a/b', 'a:b', '..']", []string{`uplinks[1]: "eth 1" contains ' '`, `uplinks[2]: "a/b" contains '/'`, `uplinks[3]: "a:b" contains ':'`, `uplinks[4]: ".." is not a valid interface name`}},
 

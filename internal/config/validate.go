@@ -130,6 +130,13 @@ func (v *validation) services(c *Config) {
 func (v *validation) uplinks(c *Config) {
 	v.ifNames("uplinks", c.Uplinks)
 	v.ifNames("adopt.parents", c.Adopt.Parents)
+	if d := c.Adopt.Docker; d != "" && d != "auto" {
+		if !filepath.IsAbs(d) {
+			v.fail("adopt.docker", "%q is neither auto nor an absolute path to the Docker engine's socket", d)
+		} else if err := checkPathChars(d); err != nil {
+			v.fail("adopt.docker", "%v", err)
+		}
+	}
 }
 
 // ifNames checks a list of interface names: valid, each once.
