@@ -1192,6 +1192,33 @@ static __always_inline int svc_reply(struct __sk_buff *skb, const struct pkt *p)
 	return flow_key(skb, p, 0, &k) && bpf_map_lookup_elem(&svc_flows, &k);
 }
 
+/* Whether the frame belongs to a flow a pod's own program translated to a
+ * backend on the host (services.mode ebpf): svc_rev holds its reply
+ * direction. to_host: the frame goes pod -> host (the host is the
+ * destination), else host -> pod. hostReachability: false lets these
+ * through, as it lets kube-proxy's Service flows through. */
+static __always_inline int svc_translated(struct __sk_buff *skb, const struct pkt *p, int to_host)
+{
+	if (!p->first_frag || (p->l4proto != IPPROTO_TCP && p->l4proto != IPPROTO_UDP && p->l4proto != IPPROTO_SCTP))
+		return 0;
+	__u16 ports[2];
+	if (bpf_skb_load_bytes(skb, p->l4off, ports, sizeof(ports)))
+		return 0;
+	struct up_rev_key rk = {.l4proto = p->l4proto};
+	if (to_host) {
+		__builtin_memcpy(rk.backend, p->daddr.addr, 16);
+		__builtin_memcpy(rk.client, p->saddr.addr, 16);
+		rk.backend_port = ports[1];
+		rk.client_port = ports[0];
+	} else {
+		__builtin_memcpy(rk.backend, p->saddr.addr, 16);
+		__builtin_memcpy(rk.client, p->daddr.addr, 16);
+		rk.backend_port = ports[0];
+		rk.client_port = ports[1];
+	}
+	return bpf_map_lookup_elem(&svc_rev, &rk) != 0;
+}
+
 /* Why an endpoint frame enters the host stack. */
 enum to_host {
 	TO_HOST_STEERED = 0,    /* a steered host CIDR */
@@ -1209,7 +1236,7 @@ static __always_inline int endpoint_to_host(struct __sk_buff *skb, const struct 
 	 * host's addresses; Services (including a backend's replies to the
 	 * masqueraded flows the host forwarded to it), steered host CIDRs and
 	 * resolution go on. */
-	if (why == TO_HOST_DIRECT && host_blocked(cfg) && !svc_reply(skb, p)) {
+	if (why == TO_HOST_DIRECT && host_blocked(cfg) && !svc_reply(skb, p) && !svc_translated(skb, p, 1)) {
 		count_drop(UP_DROP_HOST_UNREACHABLE, ep_id, len);
 		return TC_ACT_SHOT;
 	}
@@ -1248,7 +1275,9 @@ static __always_inline int host_may_reach(const struct __sk_buff *skb, const str
 	if (in_set(PREFILTER_SVC, &p->saddr, 0))
 		return 1;
 	__u32 flags = 0;
-	return in_set(PREFILTER_HOST, &p->saddr, &flags) && (flags & UP_HOST_STEER);
+	if (in_set(PREFILTER_HOST, &p->saddr, &flags) && (flags & UP_HOST_STEER))
+		return 1;
+	return svc_translated((struct __sk_buff *)skb, p, 0);
 }
 
 /* dst_mac, when set, readdresses the frame first (ipvlan: see parent_egress). */
@@ -2042,7 +2071,7 @@ int ep_egress_body(struct __sk_buff *skb)
 		__u32 flags = 0;
 		if (in_set(PREFILTER_HOST, &p.daddr, &flags) && (flags & UP_HOST_LOCAL) && !(flags & UP_HOST_STEER) &&
 		    !in_set(PREFILTER_SVC, &p.daddr, 0)) {
-			if (host_blocked(get_config()) && !svc_reply(skb, &p)) {
+			if (host_blocked(get_config()) && !svc_reply(skb, &p) && !svc_translated(skb, &p, 1)) {
 				count_drop(UP_DROP_HOST_UNREACHABLE, id, len);
 				return TC_ACT_SHOT;
 			}

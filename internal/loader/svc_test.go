@@ -823,3 +823,35 @@ func ipChecksum(h []byte) uint16 {
 	}
 	return ^uint16(sum)
 }
+
+// hostReachability: false cuts a pod's own traffic with the host, not its
+// Services: a flow the pod's program translated to a host-network backend
+// (the kubernetes Service's apiserver on a control-plane node) passes the
+// parent both ways, as kube-proxy's Service flows do; the same pod to the
+// same host port directly is still cut.
+func TestServiceHostBackendWithHostReachabilityOff(t *testing.T) {
+	backend := netip.AddrPortFrom(ipHost, 6443)
+	r := newSvcRig(t, datapath.Frontend{VIP: vipSvc, Port: 443, Proto: datapath.ProtoTCP, Backends: []netip.AddrPort{backend}})
+	r.setConfig(t, datapath.Config{ServicesSynced: true, HostReachable: false, ServicesEBPF: true})
+	client := netip.AddrPortFrom(ipA, clientPort)
+	res := r.run(t, r.egressA, segment(t, macA, macGW, client, netip.AddrPortFrom(vipSvc, 443), layers.IPProtocolTCP))
+	if res.verdict != actOK {
+		t.Fatalf("translation: verdict %d", res.verdict)
+	}
+	toHost := slices.Clone(res.out)
+	before := r.epStats(t, r.idA).Drops[loader.DropHostUnreachable]
+	if res := r.parent(t, toHost); res.verdict == actShot {
+		t.Fatal("the translated flow to the host backend was cut by hostReachability: false")
+	}
+	reply := segment(t, macParent, macA, backend, client, layers.IPProtocolTCP)
+	if res := r.parent(t, reply); res.verdict == actShot {
+		t.Fatal("the host backend's reply was cut by hostReachability: false")
+	}
+	direct := segment(t, macA, macParent, netip.AddrPortFrom(ipA, clientPort+1), backend, layers.IPProtocolTCP)
+	if res := r.parent(t, direct); res.verdict != actShot {
+		t.Fatalf("the pod straight to the host: verdict %d, want drop", res.verdict)
+	}
+	if d := r.epStats(t, r.idA).Drops[loader.DropHostUnreachable] - before; d != 1 {
+		t.Errorf("host_unreachable drops moved by %d, want 1 (the direct frame only)", d)
+	}
+}
