@@ -46,6 +46,9 @@ type Slave struct {
 	ParentIfindex int
 	ParentName    string
 	Addrs         []netip.Prefix // global unicast, sorted
+	// Pid is a process in the namespace (0: none seen): what names a
+	// Podman container (its parent, conmon, has the container's name).
+	Pid int
 }
 
 // Parent is a parent to adopt the slaves of, in the scanning netns.
@@ -83,20 +86,27 @@ func Scan(parents []Parent, dirs []string) ([]Slave, error) {
 
 type foundNS struct {
 	path, id string
+	pid      int // a process in it, if any
 }
 
 // namespaces are the network namespaces pinned in dirs, then those of
 // processes that no pin names, each once, the caller's own left out.
 func namespaces(dirs []string, self string) []foundNS {
-	seen := map[string]bool{self: true}
+	seen := map[string]int{self: -1} // index in out
 	var out []foundNS
-	add := func(path string) {
+	add := func(path string, pid int) {
 		id, err := nsIDOfPath(path)
-		if err != nil || seen[id] {
+		if err != nil {
 			return
 		}
-		seen[id] = true
-		out = append(out, foundNS{path, id})
+		if i, ok := seen[id]; ok {
+			if i >= 0 && out[i].pid == 0 {
+				out[i].pid = pid
+			}
+			return
+		}
+		seen[id] = len(out)
+		out = append(out, foundNS{path, id, pid})
 	}
 	for _, d := range dirs {
 		entries, err := os.ReadDir(d)
@@ -104,13 +114,13 @@ func namespaces(dirs []string, self string) []foundNS {
 			continue
 		}
 		for _, e := range entries {
-			add(filepath.Join(d, e.Name()))
+			add(filepath.Join(d, e.Name()), 0)
 		}
 	}
 	procs, _ := os.ReadDir("/proc")
 	for _, p := range procs {
-		if _, err := strconv.Atoi(p.Name()); err == nil {
-			add(filepath.Join("/proc", p.Name(), "ns", "net"))
+		if pid, err := strconv.Atoi(p.Name()); err == nil {
+			add(filepath.Join("/proc", p.Name(), "ns", "net"), pid)
 		}
 	}
 	return out
@@ -183,7 +193,7 @@ func scanNetns(n foundNS, self int, parents []Parent) ([]Slave, error) {
 			return nil, err
 		}
 		out = append(out, Slave{Netns: n.path, NetnsID: n.id, IfName: a.Name, Ifindex: a.Index,
-			MAC: a.HardwareAddr, Mode: mode, ParentIfindex: a.ParentIndex, ParentName: parents[i].Name, Addrs: addrs})
+			MAC: a.HardwareAddr, Mode: mode, ParentIfindex: a.ParentIndex, ParentName: parents[i].Name, Addrs: addrs, Pid: n.pid})
 	}
 	return out, nil
 }

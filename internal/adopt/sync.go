@@ -1,6 +1,7 @@
 package adopt
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -8,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 
 	"github.com/containernetworking/plugins/pkg/ns"
@@ -33,15 +35,71 @@ func ContainerID(s *Slave) string {
 }
 
 // Name is what s's endpoint is called in metrics and underpassctl (its
-// "pod"): the pin's name (`ip netns` name, Docker sandbox, Podman netns), or
-// the command and pid of a process in it.
+// "pod"): a Podman container's name, else the pin's name (`ip netns` name,
+// Docker sandbox, Podman netns), or the command and pid of a process in it.
 func Name(s *Slave) string {
+	if n := PodmanName(s.Pid); n != "" {
+		return n
+	}
 	if dir, file := filepath.Split(s.Netns); file == "net" && strings.HasPrefix(dir, "/proc/") {
 		pid := filepath.Base(filepath.Dir(filepath.Clean(dir)))
 		comm, _ := os.ReadFile(filepath.Join("/proc", pid, "comm"))
 		return strings.TrimSpace(string(comm)) + "-" + pid
 	}
 	return filepath.Base(s.Netns)
+}
+
+// PodmanName is the name of the Podman container pid runs in, or "": a
+// Podman container's processes are children of its conmon, which was
+// started with the container's name (-n <name>). Read from /proc, it
+// needs neither the podman CLI nor its state (whatever its --root).
+func PodmanName(pid int) string {
+	if pid <= 0 {
+		return ""
+	}
+	stat, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "stat"))
+	if err != nil {
+		return ""
+	}
+	// pid (comm) state ppid …: comm may hold spaces and parentheses.
+	i := bytes.LastIndexByte(stat, ')')
+	if i < 0 {
+		return ""
+	}
+	f := strings.Fields(string(stat[i+1:]))
+	if len(f) < 2 {
+		return ""
+	}
+	ppid := f[1]
+	if comm, _ := os.ReadFile(filepath.Join("/proc", ppid, "comm")); strings.TrimSpace(string(comm)) != "conmon" {
+		return ""
+	}
+	cmdline, err := os.ReadFile(filepath.Join("/proc", ppid, "cmdline"))
+	if err != nil {
+		return ""
+	}
+	return conmonName(strings.Split(strings.TrimRight(string(cmdline), "\x00"), "\x00"))
+}
+
+// conmonName is the container name in conmon's arguments (-n, --name,
+// --name=), if short enough to keep.
+func conmonName(args []string) string {
+	for i, a := range args {
+		var n string
+		switch {
+		case (a == "-n" || a == "--name") && i+1 < len(args):
+			n = args[i+1]
+		case strings.HasPrefix(a, "--name="):
+			n = strings.TrimPrefix(a, "--name=")
+		default:
+			continue
+		}
+		if n == "" || len(n) > maxName {
+			return ""
+		}
+		return n
+	}
+	return ""
 }
 
 // Endpoint is s as the registry holds it, in network.

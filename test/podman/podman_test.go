@@ -4,7 +4,8 @@
 //
 //   - netavark (Podman 4's default): a `podman network create -d macvlan`
 //     network's containers are adopted by the agent's namespace scan
-//     (adopt.parents), with no step per container;
+//     (adopt.parents), with no step per container, and named after the
+//     container (read from its conmon's arguments);
 //   - CNI: a conflist with the reference macvlan plugin and underpass
 //     chained after it registers each container itself (named after the
 //     container: Podman passes K8S_POD_NAME), and the agent's scan does
@@ -282,7 +283,8 @@ func (lb *lab) rangeOf(t *testing.T, n int) netip.Prefix {
 }
 
 // A Podman macvlan network with the netavark backend: its containers are
-// adopted by the agent's namespace scan, named after Podman's netns pin.
+// adopted by the agent's namespace scan (Podman pins their namespaces in
+// /run/netns), named after the container.
 func TestPodmanNetavark(t *testing.T) {
 	testutil.RequireRoot(t)
 	requireTools(t, [2]string{netavark, "netavark"})
@@ -313,7 +315,7 @@ func TestPodmanNetavark(t *testing.T) {
 
 	dp := lb.startAgent(t)
 	// The container that ran before the agent: adopted at its start, named
-	// after its netns pin.
+	// after the container.
 	waitAdopted(t, dp, web1, 5*time.Second)
 	waitFor(t, 5*time.Second, "host -> web-1", func() bool { return netenv.Ping(t, lb.l.Node, web1.ip, 1).Received == 1 })
 	netenv.MustPing(t, c1, lb.u.Node4.Addr(), 3)
@@ -490,10 +492,10 @@ func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool)
 	testutil.WaitForEvery(t, timeout, 20*time.Millisecond, what, cond)
 }
 
-// podName is what an adopted Podman container is called: its netns pin's
-// name, netns-<uuid> (Podman's netavark backend has no source naming it
-// after the container yet).
-func podName(c container) string { return filepath.Base(c.sandboxKey) }
+// podName is what an adopted Podman container is called: its name, which
+// the agent reads from the arguments of its conmon, the parent of the
+// container's processes.
+func podName(c container) string { return c.name }
 
 func findMAC(t *testing.T, dp *loader.Objects, mac string) (datapath.Endpoint, bool) {
 	t.Helper()
@@ -507,7 +509,7 @@ func findMAC(t *testing.T, dp *loader.Objects, mac string) (datapath.Endpoint, b
 	return datapath.Endpoint{}, false
 }
 
-// waitAdopted waits for c's slave to be adopted under its netns pin's name.
+// waitAdopted waits for c's slave to be adopted under c's name.
 func waitAdopted(t *testing.T, dp *loader.Objects, c container, timeout time.Duration) datapath.Endpoint {
 	t.Helper()
 	var ep datapath.Endpoint
