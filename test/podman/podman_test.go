@@ -21,13 +21,9 @@
 package podman_test
 
 import (
-	"archive/tar"
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
-	"io"
-	"net/http"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -36,10 +32,10 @@ import (
 	"testing"
 	"time"
 
-	"github.com/underpass-cni/underpass/internal/adopt"
 	"github.com/underpass-cni/underpass/internal/datapath"
 	"github.com/underpass-cni/underpass/internal/loader"
 	"github.com/underpass-cni/underpass/internal/testutil"
+	"github.com/underpass-cni/underpass/test/engines"
 	"github.com/underpass-cni/underpass/test/netenv"
 )
 
@@ -54,22 +50,17 @@ func TestMain(m *testing.M) {
 		if err := testutil.BuildPlugin(filepath.Join(pluginDir, "underpass")); err != nil {
 			return err
 		}
-		if dir := os.Getenv("UNDERPASS_AGENT_BINS"); dir != "" {
-			agentBin = filepath.Join(dir, "underpassd")
-			return nil
-		}
-		agentBin = filepath.Join(tmp, "underpassd")
-		return testutil.BuildAgent(agentBin)
+		var err error
+		agentBin, err = engines.AgentBin(tmp)
+		return err
 	})
 }
 
 const (
-	podmanBin   = "/usr/bin/podman"
-	netavark    = "/usr/lib/podman/netavark"
-	cniPlugins  = "/usr/lib/cni"
-	busybox     = "/bin/busybox"
-	metricsAddr = "127.0.0.1:9775"
-	image       = "localhost/underpass-busybox:test"
+	podmanBin  = "/usr/bin/podman"
+	netavark   = "/usr/lib/podman/netavark"
+	cniPlugins = "/usr/lib/cni"
+	image      = "localhost/underpass-busybox:test"
 )
 
 // podman is the podman CLI with its own roots and configuration, run in
@@ -79,6 +70,7 @@ type podman struct {
 	l   *netenv.Env
 	dir string
 	env []string
+	cli engines.CLI // podman with the flags for its roots, in the node namespace
 }
 
 // newPodman writes containers.conf and storage.conf for backend
@@ -90,6 +82,12 @@ type podman struct {
 func newPodman(t *testing.T, l *netenv.Env, dir, backend string) *podman {
 	t.Helper()
 	p := &podman{t: t, l: l, dir: dir}
+	p.cli = engines.CLI{T: t, Name: "podman", Command: func(ctx context.Context, args ...string) *exec.Cmd {
+		cmd := l.Node.Command(ctx, podmanBin, append([]string{"--root", filepath.Join(dir, "root"), "--runroot", filepath.Join(dir, "run"),
+			"--tmpdir", filepath.Join(dir, "tmp")}, args...)...)
+		cmd.Env = p.env
+		return cmd
+	}}
 	conf := fmt.Sprintf(`[containers]
 default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]
 [engine]
@@ -108,9 +106,9 @@ cni_plugin_dirs = [%[7]q, %[8]q]
 		filepath.Join(dir, "root", "libpod"), backend, p.networkDir(), pluginDir, cniPlugins)
 	storage := fmt.Sprintf("[storage]\ndriver = \"overlay\"\nrunroot = %q\ngraphroot = %q\n",
 		filepath.Join(dir, "run"), filepath.Join(dir, "root"))
-	must(t, os.MkdirAll(p.networkDir(), 0o755))
-	must(t, os.WriteFile(filepath.Join(dir, "containers.conf"), []byte(conf), 0o644))
-	must(t, os.WriteFile(filepath.Join(dir, "storage.conf"), []byte(storage), 0o644))
+	engines.Must(t, os.MkdirAll(p.networkDir(), 0o755))
+	engines.Must(t, os.WriteFile(filepath.Join(dir, "containers.conf"), []byte(conf), 0o644))
+	engines.Must(t, os.WriteFile(filepath.Join(dir, "storage.conf"), []byte(storage), 0o644))
 	p.env = append(os.Environ(), "CONTAINERS_CONF="+filepath.Join(dir, "containers.conf"),
 		"CONTAINERS_STORAGE_CONF="+filepath.Join(dir, "storage.conf"), "CONTAINERS_REGISTRIES_CONF=/dev/null")
 	t.Cleanup(func() {
@@ -119,12 +117,7 @@ cni_plugin_dirs = [%[7]q, %[8]q]
 		if out, err := p.podman("rm", "-a", "-f", "-t", "0"); err != nil {
 			t.Errorf("podman rm -a -f: %v %s", err, out)
 		}
-		for _, line := range strings.Split(readFile(t, "/proc/mounts"), "\n") {
-			if f := strings.Fields(line); len(f) > 1 && strings.HasPrefix(f[1], dir) {
-				t.Errorf("left mounted after podman rm -a: %s", f[1])
-				_ = exec.Command("umount", "-l", f[1]).Run()
-			}
-		}
+		engines.CheckNoMounts(t, dir, "podman rm -a")
 	})
 	if got := p.must("info", "--format", "{{.Host.NetworkBackend}}"); got != backend {
 		t.Fatalf("podman info: network backend %q, want %q", got, backend)
@@ -134,108 +127,20 @@ cni_plugin_dirs = [%[7]q, %[8]q]
 
 func (p *podman) networkDir() string { return filepath.Join(p.dir, "networks") }
 
-func (p *podman) podman(args ...string) (string, error) { return p.podmanIn(nil, args...) }
-
-func (p *podman) podmanIn(stdin io.Reader, args ...string) (string, error) {
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
-	all := append([]string{"--root", filepath.Join(p.dir, "root"), "--runroot", filepath.Join(p.dir, "run"),
-		"--tmpdir", filepath.Join(p.dir, "tmp")}, args...)
-	cmd := p.l.Node.Command(ctx, podmanBin, all...)
-	cmd.Env = p.env
-	cmd.Stdin = stdin
-	var out, errb bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &errb
-	if err := cmd.Run(); err != nil {
-		return out.String(), fmt.Errorf("podman %s: %w: %s", strings.Join(args, " "), err, strings.TrimSpace(errb.String()))
-	}
-	return strings.TrimSpace(out.String()), nil
-}
+func (p *podman) podman(args ...string) (string, error) { return p.cli.Run(args...) }
 
 func (p *podman) must(args ...string) string {
 	p.t.Helper()
-	out, err := p.podman(args...)
-	if err != nil {
-		p.t.Fatal(err)
-	}
-	return out
-}
-
-// importBusybox imports an image of busybox-static: /bin/busybox and the
-// applets the tests run.
-func (p *podman) importBusybox() {
-	p.t.Helper()
-	bb, err := os.ReadFile(busybox)
-	must(p.t, err)
-	var buf bytes.Buffer
-	tw := tar.NewWriter(&buf)
-	must(p.t, tw.WriteHeader(&tar.Header{Name: "bin/", Typeflag: tar.TypeDir, Mode: 0o755}))
-	must(p.t, tw.WriteHeader(&tar.Header{Name: "bin/busybox", Typeflag: tar.TypeReg, Mode: 0o755, Size: int64(len(bb))}))
-	_, err = tw.Write(bb)
-	must(p.t, err)
-	for _, applet := range []string{"sh", "sleep", "ip", "ping"} {
-		must(p.t, tw.WriteHeader(&tar.Header{Name: "bin/" + applet, Typeflag: tar.TypeSymlink, Linkname: "busybox", Mode: 0o777}))
-	}
-	must(p.t, tw.Close())
-	if _, err := p.podmanIn(&buf, "import", "-", image); err != nil {
-		p.t.Fatal(err)
-	}
-}
-
-// container is a running Podman container as podman inspect reports it.
-type container struct {
-	name, id   string
-	ip         netip.Addr
-	mac        string
-	sandboxKey string // the netns pin: /run/netns/netns-<uuid>
-}
-
-func (p *podman) inspect(name, network string) container {
-	p.t.Helper()
-	out := p.must("inspect", "--format", `{{.Id}} {{.NetworkSettings.SandboxKey}} {{(index .NetworkSettings.Networks "`+network+
-		`").IPAddress}} {{(index .NetworkSettings.Networks "`+network+`").MacAddress}}`, name)
-	f := strings.Fields(out)
-	if len(f) != 4 {
-		p.t.Fatalf("podman inspect %s: %q", name, out)
-	}
-	ip, err := netip.ParseAddr(f[2])
-	must(p.t, err)
-	return container{name: name, id: f[0], sandboxKey: f[1], ip: ip, mac: f[3]}
+	return p.cli.Must(args...)
 }
 
 // run starts a container on network and returns it, with the time
 // `podman run` returned.
-func (p *podman) run(name, network string) (container, time.Time) {
+func (p *podman) run(name, network string) (engines.Container, time.Time) {
 	p.t.Helper()
 	p.must("run", "-d", "--name", name, "--network", network, image, "sleep", "1000")
 	returned := time.Now()
-	return p.inspect(name, network), returned
-}
-
-// leftBehind removes, when the test ends, the fixed host paths rootful
-// Podman writes whatever its roots, if they did not exist before.
-func leftBehind(t *testing.T, paths ...string) {
-	for _, p := range paths {
-		if _, err := os.Stat(p); errors.Is(err, os.ErrNotExist) {
-			t.Cleanup(func() { _ = os.RemoveAll(p) })
-		}
-	}
-}
-
-func must(t *testing.T, err error) {
-	t.Helper()
-	if err != nil {
-		t.Fatal(err)
-	}
-}
-
-func requireTools(t *testing.T, paths ...[2]string) {
-	t.Helper()
-	for _, tool := range append(paths, [2]string{podmanBin, "podman"}, [2]string{busybox, "busybox-static"}) {
-		if _, err := os.Stat(tool[0]); err != nil {
-			t.Fatalf("the Podman test needs %s from %s (make deps installs it): %v", tool[0], tool[1], err)
-		}
-	}
+	return p.cli.Inspect(name, network), returned
 }
 
 // lab is a netenv lab with the agent's pins, a temporary directory, and
@@ -251,10 +156,8 @@ type lab struct {
 func newLab(t *testing.T) *lab {
 	l := netenv.New(t, netenv.Options{})
 	lb := &lab{l: l, u: l.Uplinks[0], pins: filepath.Join(testutil.MountBPFFS(t), "underpass"), tmp: t.TempDir()}
-	leftBehind(t, "/run/containers", "/var/lib/cni", "/var/lib/containers")
-	client := testutil.NetnsHTTPClient(l.Node.Do, 5*time.Second)
-	t.Cleanup(client.CloseIdleConnections)
-	lb.get = func(path string) (int, string, error) { return testutil.HTTPGet(client, "http://"+metricsAddr+path) }
+	engines.LeftBehind(t, "/run/containers", "/var/lib/cni", "/var/lib/containers")
+	lb.get = engines.MetricsGet(t, l)
 	return lb
 }
 
@@ -262,24 +165,14 @@ func newLab(t *testing.T) *lab {
 // pinned datapath.
 func (lb *lab) startAgent(t *testing.T) *loader.Objects {
 	cfg := filepath.Join(lb.tmp, "underpass.yaml")
-	must(t, os.WriteFile(cfg, []byte(fmt.Sprintf("bpffs: %s\nmetrics: {listen: %q}\ngcInterval: 1s\nadopt: {parents: [%s]}\n",
-		lb.pins, metricsAddr, lb.u.Name)), 0o644))
+	engines.Must(t, os.WriteFile(cfg, []byte(fmt.Sprintf("bpffs: %s\nmetrics: {listen: %q}\ngcInterval: 1s\nadopt: {parents: [%s]}\n",
+		lb.pins, engines.MetricsAddr, lb.u.Name)), 0o644))
 	ag := testutil.StartAgent(t, "underpassd", lb.l.Node.Command(context.Background(), agentBin, "--config", cfg, "--log-level", "debug"), 0)
 	ag.WaitReady(t, lb.get, 60*time.Second)
 	dp, err := loader.Open(lb.pins)
-	must(t, err)
+	engines.Must(t, err)
 	t.Cleanup(func() { dp.Close() })
 	return dp
-}
-
-// rangeOf is the /28 at the n-th address of the uplink's subnet, checked
-// clear of the node's address and the gateway.
-func (lb *lab) rangeOf(t *testing.T, n int) netip.Prefix {
-	r := netip.PrefixFrom(netenv.NthAddr(lb.u.Subnet4, n).Addr(), 28)
-	if r.Contains(lb.u.Node4.Addr()) || r.Contains(lb.u.Gateway4) {
-		t.Fatalf("range %s holds the node %s or the gateway %s", r, lb.u.Node4, lb.u.Gateway4)
-	}
-	return r
 }
 
 // A Podman macvlan network with the netavark backend: its containers are
@@ -287,26 +180,26 @@ func (lb *lab) rangeOf(t *testing.T, n int) netip.Prefix {
 // /run/netns), named after the container.
 func TestPodmanNetavark(t *testing.T) {
 	testutil.RequireRoot(t)
-	requireTools(t, [2]string{netavark, "netavark"})
+	requireTools(t, engines.Tool{Path: netavark, Package: "netavark"})
 	start := time.Now()
 	lb := newLab(t)
 	p := newPodman(t, lb.l, filepath.Join(lb.tmp, "podman"), "netavark")
-	p.importBusybox()
+	p.cli.ImportBusybox(image)
 	// The network's name is in netavark's IPAM db, which rootful Podman
 	// shares host-wide (/run/containers/networks/ipam.db): one of this
 	// run's own.
 	network := fmt.Sprintf("upmv%d", os.Getpid())
 	p.must("network", "create", "-d", "macvlan", "-o", "parent="+lb.u.Name, "--subnet", lb.u.Subnet4.Masked().String(),
-		"--gateway", lb.u.Gateway4.String(), "--ip-range", lb.rangeOf(t, 64).String(), network)
+		"--gateway", lb.u.Gateway4.String(), "--ip-range", engines.RangeOf(t, lb.u, 64).String(), network)
 	t.Logf("podman ready, network created %s after the lab", time.Since(start).Round(time.Millisecond))
 
 	// The baseline: no agent, macvlan does not connect a slave with its parent.
 	web1, _ := p.run("web-1", network)
-	if !strings.HasPrefix(web1.sandboxKey, "/run/netns/netns-") {
-		t.Errorf("web-1's netns is pinned at %s, not /run/netns/netns-<uuid> the agent scans", web1.sandboxKey)
+	if !strings.HasPrefix(web1.SandboxKey, "/run/netns/netns-") {
+		t.Errorf("web-1's netns is pinned at %s, not /run/netns/netns-<uuid> the agent scans", web1.SandboxKey)
 	}
-	c1 := openNS(t, web1)
-	if r := netenv.Ping(t, lb.l.Node, web1.ip, 2); r.Received != 0 {
+	c1 := engines.OpenNS(t, web1)
+	if r := netenv.Ping(t, lb.l.Node, web1.IP, 2); r.Received != 0 {
 		t.Fatalf("host -> Podman macvlan container answered before underpass: %v", r)
 	}
 	if r := netenv.Ping(t, c1, lb.u.Node4.Addr(), 2); r.Received != 0 {
@@ -316,16 +209,16 @@ func TestPodmanNetavark(t *testing.T) {
 	dp := lb.startAgent(t)
 	// The container that ran before the agent: adopted at its start, named
 	// after the container.
-	waitAdopted(t, dp, web1, 5*time.Second)
-	waitFor(t, 5*time.Second, "host -> web-1", func() bool { return netenv.Ping(t, lb.l.Node, web1.ip, 1).Received == 1 })
+	engines.WaitAdopted(t, dp, web1, 5*time.Second)
+	engines.WaitFor(t, 5*time.Second, "host -> web-1", func() bool { return netenv.Ping(t, lb.l.Node, web1.IP, 1).Received == 1 })
 	netenv.MustPing(t, c1, lb.u.Node4.Addr(), 3)
 
 	// A container started while the agent runs: found by the next scan
 	// (once a second), so served within 2 s of `podman run` returning.
 	web2, returned := p.run("web-2", network)
-	adoptedIn := waitAdoptedSince(t, dp, web2, returned, 2*time.Second)
-	c2 := openNS(t, web2)
-	r := netenv.Ping(t, lb.l.Node, web2.ip, 1)
+	adoptedIn := engines.WaitAdoptedSince(t, dp, web2, returned, "podman run returned", 2*time.Second)
+	c2 := engines.OpenNS(t, web2)
+	r := netenv.Ping(t, lb.l.Node, web2.IP, 1)
 	hostIn := time.Since(returned)
 	back := netenv.Ping(t, c2, lb.u.Node4.Addr(), 1)
 	t.Logf("web-2: adopted %s after podman run returned, host -> web-2 answered at %s, web-2 -> host at %s",
@@ -336,32 +229,23 @@ func TestPodmanNetavark(t *testing.T) {
 	if hostIn > 2*time.Second {
 		t.Errorf("host -> web-2 answered %s after podman run returned, want within 2s", hostIn)
 	}
-	netenv.MustPing(t, lb.l.Node, web2.ip, 3)
+	netenv.MustPing(t, lb.l.Node, web2.IP, 3)
 	netenv.MustPing(t, c2, lb.u.Node4.Addr(), 3)
-	checkMetricsPod(t, lb.get, podName(web1), podName(web2))
+	engines.CheckMetricsPod(t, lb.get, podName(web1), podName(web2))
 
 	// Removed: unregistered at the next scan.
 	c2.Close()
 	p.must("rm", "-f", "-t", "0", "web-2")
 	removed := time.Now()
-	waitFor(t, 5*time.Second, "web-2 unregistered after podman rm -f", func() bool {
-		_, found := findMAC(t, dp, web2.mac)
+	engines.WaitFor(t, 5*time.Second, "web-2 unregistered after podman rm -f", func() bool {
+		_, found := engines.FindMAC(t, dp, web2.MAC)
 		return !found
 	})
 	t.Logf("web-2 unregistered %s after podman rm -f returned", time.Since(removed).Round(time.Millisecond))
-	netenv.MustPing(t, lb.l.Node, web1.ip, 2)
+	netenv.MustPing(t, lb.l.Node, web1.IP, 2)
 	c1.Close()
 	p.must("rm", "-f", "-t", "0", "web-1")
-	waitFor(t, 5*time.Second, "every adopted endpoint unregistered after podman rm -f", func() bool {
-		eps, err := datapath.Endpoints(&dp.Maps)
-		must(t, err)
-		for _, ep := range eps {
-			if ep.Network == adopt.AdoptedNetwork {
-				return false
-			}
-		}
-		return true
-	})
+	engines.WaitNoneAdopted(t, dp, 5*time.Second, "every adopted endpoint unregistered after podman rm -f")
 	p.must("network", "rm", network)
 	t.Logf("whole test body %s", time.Since(start).Round(time.Millisecond))
 }
@@ -373,14 +257,14 @@ func TestPodmanNetavark(t *testing.T) {
 // unregisters it through CNI DEL.
 func TestPodmanCNI(t *testing.T) {
 	testutil.RequireRoot(t)
-	requireTools(t, [2]string{filepath.Join(cniPlugins, "macvlan"), "containernetworking-plugins"},
-		[2]string{filepath.Join(cniPlugins, "host-local"), "containernetworking-plugins"})
+	requireTools(t, engines.Tool{Path: filepath.Join(cniPlugins, "macvlan"), Package: "containernetworking-plugins"},
+		engines.Tool{Path: filepath.Join(cniPlugins, "host-local"), Package: "containernetworking-plugins"})
 	start := time.Now()
 	lb := newLab(t)
 	p := newPodman(t, lb.l, filepath.Join(lb.tmp, "podman"), "cni")
-	p.importBusybox()
+	p.cli.ImportBusybox(image)
 	network := "upcni"
-	r := lb.rangeOf(t, 80)
+	r := engines.RangeOf(t, lb.u, 80)
 	ipam := filepath.Join(lb.tmp, "ipam")
 	conflist := fmt.Sprintf(`{
   "cniVersion": "1.0.0",
@@ -394,7 +278,7 @@ func TestPodmanCNI(t *testing.T) {
 }
 `, network, lb.u.Name, ipam, lb.u.Subnet4.Masked().String(), r.Addr().String(), netenv.NthAddr(r, 14).Addr().String(),
 		lb.u.Gateway4.String(), lb.pins)
-	must(t, os.WriteFile(filepath.Join(p.networkDir(), network+".conflist"), []byte(conflist), 0o644))
+	engines.Must(t, os.WriteFile(filepath.Join(p.networkDir(), network+".conflist"), []byte(conflist), 0o644))
 	if out := p.must("network", "ls", "--format", "{{.Name}}"); !strings.Contains(out, network) {
 		t.Fatalf("podman network ls does not list %s:\n%s", network, out)
 	}
@@ -412,41 +296,41 @@ func TestPodmanCNI(t *testing.T) {
 
 	dp := lb.startAgent(t)
 	web, returned := p.run("web-c", network)
-	ep, found := findMAC(t, dp, web.mac)
+	ep, found := engines.FindMAC(t, dp, web.MAC)
 	if !found {
-		t.Fatalf("web-c (%s) not registered when podman run returned", web.mac)
+		t.Fatalf("web-c (%s) not registered when podman run returned", web.MAC)
 	}
 	t.Logf("web-c registered by the plugin: network %q, pod %q/%q, container id %s, interface %s",
 		ep.Network, ep.PodNamespace, ep.PodName, ep.ContainerID, ep.IfName)
-	if ep.Network != network || ep.PodName != web.name || ep.ContainerID != web.id {
+	if ep.Network != network || ep.PodName != web.Name || ep.ContainerID != web.ID {
 		t.Errorf("web-c registered as network %q pod %q container %s, want %q, %q, %s",
-			ep.Network, ep.PodName, ep.ContainerID, network, web.name, web.id)
+			ep.Network, ep.PodName, ep.ContainerID, network, web.Name, web.ID)
 	}
-	c := openNS(t, web)
-	netenv.MustPing(t, lb.l.Node, web.ip, 3)
+	c := engines.OpenNS(t, web)
+	netenv.MustPing(t, lb.l.Node, web.IP, 3)
 	netenv.MustPing(t, c, lb.u.Node4.Addr(), 3)
 	t.Logf("host <-> web-c both ways %s after podman run returned", time.Since(returned).Round(time.Millisecond))
 	// The agent adopts the same parent's slaves: a few scans later, still
 	// one registration, the plugin's.
 	time.Sleep(2500 * time.Millisecond)
 	eps, err := datapath.Endpoints(&dp.Maps)
-	must(t, err)
+	engines.Must(t, err)
 	var regs []string
 	for _, e := range eps {
-		if e.MAC.String() == web.mac {
+		if e.MAC.String() == web.MAC {
 			regs = append(regs, fmt.Sprintf("%s/%s", e.Network, e.PodName))
 		}
 	}
-	if len(regs) != 1 || regs[0] != network+"/"+web.name {
-		t.Errorf("web-c's registrations after 2.5s of the agent's scans: %v, want only %s/%s", regs, network, web.name)
+	if len(regs) != 1 || regs[0] != network+"/"+web.Name {
+		t.Errorf("web-c's registrations after 2.5s of the agent's scans: %v, want only %s/%s", regs, network, web.Name)
 	}
-	checkMetricsPod(t, lb.get, web.name)
+	engines.CheckMetricsPod(t, lb.get, web.Name)
 
 	// podman rm: CNI DEL unregisters it before podman returns, and the
 	// lease goes.
 	c.Close()
 	p.must("rm", "-f", "-t", "0", "web-c")
-	if _, found := findMAC(t, dp, web.mac); found {
+	if _, found := engines.FindMAC(t, dp, web.MAC); found {
 		t.Errorf("web-c still registered when podman rm -f returned")
 	}
 	if leases := ipamLeases(t, ipam, network); len(leases) != 0 {
@@ -461,7 +345,7 @@ func ipamLeases(t *testing.T, dir, network string) []string {
 	if errors.Is(err, os.ErrNotExist) {
 		return nil
 	}
-	must(t, err)
+	engines.Must(t, err)
 	var out []string
 	for _, e := range entries {
 		if _, err := netip.ParseAddr(e.Name()); err == nil {
@@ -471,87 +355,14 @@ func ipamLeases(t *testing.T, dir, network string) []string {
 	return out
 }
 
-func readFile(t *testing.T, path string) string {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		t.Error(err)
-	}
-	return string(b)
-}
-
-func openNS(t *testing.T, c container) *netenv.NS {
+// requireTools fails the test unless Podman, busybox-static and tools are
+// installed.
+func requireTools(t *testing.T, tools ...engines.Tool) {
 	t.Helper()
-	n, err := netenv.OpenNS(c.name, c.sandboxKey)
-	must(t, err)
-	t.Cleanup(n.Close)
-	return n
-}
-
-func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool) {
-	t.Helper()
-	testutil.WaitForEvery(t, timeout, 20*time.Millisecond, what, cond)
+	engines.RequireTools(t, "Podman", append(tools, engines.Tool{Path: podmanBin, Package: "podman"})...)
 }
 
 // podName is what an adopted Podman container is called: its name, which
 // the agent reads from the arguments of its conmon, the parent of the
 // container's processes.
-func podName(c container) string { return c.name }
-
-func findMAC(t *testing.T, dp *loader.Objects, mac string) (datapath.Endpoint, bool) {
-	t.Helper()
-	eps, err := datapath.Endpoints(&dp.Maps)
-	must(t, err)
-	for _, ep := range eps {
-		if ep.MAC.String() == mac {
-			return ep, true
-		}
-	}
-	return datapath.Endpoint{}, false
-}
-
-// waitAdopted waits for c's slave to be adopted under c's name.
-func waitAdopted(t *testing.T, dp *loader.Objects, c container, timeout time.Duration) datapath.Endpoint {
-	t.Helper()
-	var ep datapath.Endpoint
-	var found bool
-	if !testutil.Poll(timeout, 10*time.Millisecond, func() bool {
-		ep, found = findMAC(t, dp, c.mac)
-		return found && ep.Network == adopt.AdoptedNetwork && ep.PodName == podName(c)
-	}) {
-		t.Fatalf("%s (%s) not adopted as %s within %s: found %v, network %q, named %q", c.name, c.mac, podName(c), timeout, found, ep.Network, ep.PodName)
-	}
-	return ep
-}
-
-// waitAdoptedSince waits until c is adopted, at most within of since, and
-// says how long after since it was.
-func waitAdoptedSince(t *testing.T, dp *loader.Objects, c container, since time.Time, within time.Duration) time.Duration {
-	t.Helper()
-	waitAdopted(t, dp, c, within+5*time.Second) // a slow scan fails the bound below, not the wait
-	took := time.Since(since)
-	if took > within {
-		t.Errorf("%s adopted %s after podman run returned, want within %s", c.name, took.Round(time.Millisecond), within)
-	}
-	return took
-}
-
-// checkMetricsPod checks that /metrics labels the endpoints' series with
-// names.
-func checkMetricsPod(t *testing.T, get func(string) (int, string, error), names ...string) {
-	t.Helper()
-	code, body, err := get("/metrics")
-	if err != nil || code != http.StatusOK {
-		t.Fatalf("scrape /metrics: %d %v", code, err)
-	}
-	for _, n := range names {
-		if !strings.Contains(body, `pod="`+n+`"`) {
-			var lines []string
-			for _, line := range strings.Split(body, "\n") {
-				if strings.HasPrefix(line, "underpass_endpoint_packets_total") {
-					lines = append(lines, line)
-				}
-			}
-			t.Errorf("no /metrics series with pod=%q; underpass_endpoint_packets_total:\n%s", n, strings.Join(lines, "\n"))
-		}
-	}
-}
+func podName(c engines.Container) string { return c.Name }
