@@ -155,7 +155,8 @@ func TestRealNode(t *testing.T) {
 		defer setAgentMode(t, agentMetrics, "host")
 		rollout = ebpfRollout(t, c.Client, bpffs)
 	})
-	proxy = startKubeProxy(t, work, c, "nftables")
+	// Back for what follows (its cleanup stops it at the end).
+	startKubeProxy(t, work, c, "nftables")
 	// The upstream tests judge both: underpass chained after macvlan
 	// passes them all; on plain macvlan two of them show what fails (see
 	// baselineTests).
