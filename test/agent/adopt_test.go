@@ -2,7 +2,6 @@ package agent_test
 
 import (
 	"context"
-	"encoding/binary"
 	"net"
 	"net/netip"
 	"path/filepath"
@@ -10,8 +9,6 @@ import (
 	"strings"
 	"testing"
 	"time"
-
-	"golang.org/x/sys/unix"
 
 	"github.com/underpass-cni/underpass/internal/adopt"
 	ctlpkg "github.com/underpass-cni/underpass/internal/ctl"
@@ -78,7 +75,7 @@ func TestAdoptHandMadeSlaves(t *testing.T) {
 	must(t, err)
 	wire := netenv.StartCounter(t, l.Wire, u.Port, netenv.MatchDstIP(u.Gateway4))
 	for range 3 {
-		must(t, sendForged(c.NS, u.IP4(250).Addr(), u.Gateway4))
+		must(t, netenv.SendForgedUDP4(c.NS, u.IP4(250).Addr(), u.Gateway4))
 	}
 	netenv.Barrier(t, l.Node, u.Name, wire)
 	after, err := datapath.EndpointStats(&dp.Maps, id)
@@ -155,28 +152,6 @@ func countByMAC(t *testing.T, dp *loader.Objects, mac net.HardwareAddr) int {
 		}
 	}
 	return n
-}
-
-// sendForged sends one UDP datagram from a raw socket in ns with the IPv4
-// source src (not the container's) to dst.
-func sendForged(ns *netenv.NS, src, dst netip.Addr) error {
-	return ns.Do(func() error {
-		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.IPPROTO_RAW)
-		if err != nil {
-			return err
-		}
-		defer unix.Close(fd)
-		pkt := make([]byte, 28)
-		pkt[0], pkt[8], pkt[9] = 0x45, 64, unix.IPPROTO_UDP
-		binary.BigEndian.PutUint16(pkt[2:], uint16(len(pkt)))
-		s4, d4 := src.As4(), dst.As4()
-		copy(pkt[12:16], s4[:])
-		copy(pkt[16:20], d4[:])
-		binary.BigEndian.PutUint16(pkt[20:], 40000)
-		binary.BigEndian.PutUint16(pkt[22:], 9)
-		binary.BigEndian.PutUint16(pkt[24:], 8)
-		return unix.Sendto(fd, pkt, 0, &unix.SockaddrInet4{Addr: d4})
-	})
 }
 
 // underpassctl attach serves one slave by hand (no adopt.parents): the

@@ -1,0 +1,31 @@
+package netenv
+
+import (
+	"encoding/binary"
+	"net/netip"
+
+	"golang.org/x/sys/unix"
+)
+
+// SendForgedUDP4 sends one UDP datagram from a raw socket (IP_HDRINCL) in
+// ns with the IPv4 source src, which need not be ns's own, to dst: what a
+// container with CAP_NET_RAW (Docker's default) can do to forge a source.
+func SendForgedUDP4(ns *NS, src, dst netip.Addr) error {
+	return ns.Do(func() error {
+		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.IPPROTO_RAW)
+		if err != nil {
+			return err
+		}
+		defer unix.Close(fd)
+		pkt := make([]byte, 28)
+		pkt[0], pkt[8], pkt[9] = 0x45, 64, unix.IPPROTO_UDP
+		binary.BigEndian.PutUint16(pkt[2:], uint16(len(pkt)))
+		s4, d4 := src.As4(), dst.As4()
+		copy(pkt[12:16], s4[:])
+		copy(pkt[16:20], d4[:])
+		binary.BigEndian.PutUint16(pkt[20:], 40000)
+		binary.BigEndian.PutUint16(pkt[22:], 9)
+		binary.BigEndian.PutUint16(pkt[24:], 8)
+		return unix.Sendto(fd, pkt, 0, &unix.SockaddrInet4{Addr: d4})
+	})
+}
