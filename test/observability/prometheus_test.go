@@ -21,6 +21,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"go.yaml.in/yaml/v3"
 
+	"github.com/underpass-cni/underpass/internal/datapath"
 	"github.com/underpass-cni/underpass/internal/testutil"
 	"github.com/underpass-cni/underpass/test/netenv"
 )
@@ -322,6 +323,10 @@ func TestPrometheus(t *testing.T) {
 	a := l.pod(t, "a", 10)
 	client := l.pod(t, "client", 11)
 	wire := l.env.AddWireHost("w", l.up.IP4(50), netip.Prefix{})
+	// A Service frontend (services.mode ebpf's tables), so that the
+	// per-Service series exist for the Services panels.
+	must(t, datapath.SyncFrontends(&l.dp.Maps, []datapath.Frontend{{VIP: netenv.LiveVIP4, Port: 80, Proto: datapath.ProtoTCP,
+		Backends: []netip.AddrPort{netip.AddrPortFrom(a.IP4.Addr(), 8080)}, Service: "default/web", PortName: "http"}}))
 
 	// The registry underpassd serves: the datapath collector plus the
 	// agent's own metrics (stand-ins: their names are the contract).
