@@ -59,8 +59,9 @@ var wantCleanup = []string{
 }
 
 // TestDemoDocker runs `make demo-docker` as a user would, then the binary
-// it built once more, stopped with Ctrl-C (SIGINT) in the middle of the
-// scene. After each, nothing of the demo may be left: namespaces, mounts,
+// it built killed (SIGKILL) in the middle of the scene, and once more: that
+// run removes the leftovers first and is stopped with Ctrl-C (SIGINT) at
+// the same point. After each, nothing of the demo may be left: namespaces, mounts,
 // pins, the state directory, lock files or processes (dockerd, containerd,
 // shims, underpassd).
 func TestDemoDocker(t *testing.T) {
@@ -115,42 +116,126 @@ func TestDemoDocker(t *testing.T) {
 		t.Fatalf("make demo-docker did not build %s", demoBin)
 	}
 
-	t.Run("Ctrl-C", func(t *testing.T) {
-		out := &testutil.SyncBuffer{}
-		cmd := exec.Command(demoBin, "--bin", bin)
-		cmd.Stdout, cmd.Stderr = out, out
-		cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-		if err := cmd.Start(); err != nil {
+	// kill -9 in the middle of the scene leaves things behind (dockerd
+	// goes with the demo: Pdeathsig); the next run removes them first, and
+	// is itself stopped with Ctrl-C at the same point.
+	t.Run("after kill -9, then Ctrl-C", func(t *testing.T) {
+		d := startDemo(t, demoBin, bin)
+		d.waitFor(t, "── 5.")
+		if err := d.cmd.Process.Kill(); err != nil {
 			t.Fatal(err)
 		}
-		done := make(chan error, 1)
-		go func() { done <- cmd.Wait() }()
-		// Interrupted with the agent and both containers up.
-		for deadline := time.Now().Add(time.Minute); !strings.Contains(out.String(), "── 5."); time.Sleep(20 * time.Millisecond) {
-			if time.Now().After(deadline) {
-				_ = cmd.Process.Kill()
-				<-done
-				t.Fatalf("no step 5 after a minute:\n%s", out.String())
-			}
+		_ = d.wait(t)
+		if left := dd.Leftovers(); len(left) == 0 {
+			t.Fatal("kill -9 left nothing behind: the recovery path is not exercised")
+		} else {
+			t.Logf("left by kill -9: %v", left)
 		}
+		// The containers' IDs, to check below that none of their
+		// processes or cgroups outlived the recovery.
+		ids := dd.ContainerIDs()
+		if len(ids) == 0 {
+			t.Errorf("no containers in %s after kill -9", dd.ContainersDir)
+		}
+		t.Cleanup(func() { checkContainersGone(t, ids) })
+
+		d = startDemo(t, demoBin, bin)
+		d.waitFor(t, "── 5.")
 		// As the terminal does: the demo's process group (dockerd and the
 		// agent have their own, so the demo stops them in order).
-		if err := syscall.Kill(-cmd.Process.Pid, syscall.SIGINT); err != nil {
+		if err := syscall.Kill(-d.cmd.Process.Pid, syscall.SIGINT); err != nil {
 			t.Fatal(err)
 		}
-		select {
-		case err := <-done:
-			if err == nil {
-				t.Errorf("the demo exited 0 after Ctrl-C, want non-zero (it did not finish)")
-			}
-		case <-time.After(time.Minute):
-			_ = cmd.Process.Kill()
-			<-done
-			t.Fatalf("the demo did not exit within a minute of Ctrl-C:\n%s", out.String())
+		if err := d.wait(t); err == nil {
+			t.Errorf("the demo exited 0 after Ctrl-C, want non-zero (it did not finish)")
 		}
-		checkOutput(t, out.String(), []string{`Interrupted\.`}, wantCleanup)
+		checkOutput(t, d.out.String(), []string{
+			`── Leftovers of an earlier run`,
+			`✓ delete namespaces underpass-dockerdemo-node underpass-dockerdemo-wire`,
+			`✓ remove /run/underpass-dockerdemo`,
+			`✓ nothing left behind`,
+			`── 5\.`,
+			`Interrupted\.`,
+		}, wantCleanup)
 		assertClean(t)
 	})
+}
+
+// checkContainersGone fails the test for every process or cgroup of the
+// containers ids.
+func checkContainersGone(t *testing.T, ids []string) {
+	t.Helper()
+	procs, _ := filepath.Glob("/proc/[0-9]*/cgroup")
+	for _, p := range procs {
+		b, _ := os.ReadFile(p)
+		for _, id := range ids {
+			if strings.Contains(string(b), id) {
+				cmd, _ := os.ReadFile(filepath.Join(filepath.Dir(p), "cmdline"))
+				t.Errorf("a process of container %.12s outlived the demo: %s %q", id, filepath.Dir(p), cmd)
+			}
+		}
+	}
+	for _, id := range ids {
+		for _, pat := range []string{"/sys/fs/cgroup/*/docker/" + id, "/sys/fs/cgroup/docker/" + id, "/sys/fs/cgroup/*system.slice/docker-" + id + ".scope", "/sys/fs/cgroup/*/system.slice/docker-" + id + ".scope"} {
+			m, _ := filepath.Glob(pat)
+			for _, c := range m {
+				t.Errorf("cgroup left behind: %s", c)
+			}
+		}
+	}
+}
+
+type runningDemo struct {
+	cmd  *exec.Cmd
+	out  *testutil.SyncBuffer
+	done chan error
+}
+
+func startDemo(t *testing.T, demoBin, bin string) *runningDemo {
+	t.Helper()
+	d := &runningDemo{out: &testutil.SyncBuffer{}, done: make(chan error, 1)}
+	d.cmd = exec.Command(demoBin, "--bin", bin)
+	d.cmd.Stdout, d.cmd.Stderr = d.out, d.out
+	d.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := d.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { d.done <- d.cmd.Wait() }()
+	t.Cleanup(func() {
+		_ = d.cmd.Process.Kill()
+		<-d.done
+		d.done <- nil
+	})
+	return d
+}
+
+// waitFor waits until the output contains s (at most a minute).
+func (d *runningDemo) waitFor(t *testing.T, s string) {
+	t.Helper()
+	deadline := time.After(time.Minute)
+	for !strings.Contains(d.out.String(), s) {
+		select {
+		case err := <-d.done:
+			d.done <- err
+			t.Fatalf("the demo exited (%v) before printing %q:\n%s", err, s, d.out.String())
+		case <-deadline:
+			t.Fatalf("no %q after a minute:\n%s", s, d.out.String())
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
+// wait waits (at most a minute) for the demo to exit.
+func (d *runningDemo) wait(t *testing.T) error {
+	t.Helper()
+	select {
+	case err := <-d.done:
+		d.done <- err
+		return err
+	case <-time.After(time.Minute):
+		t.Fatalf("the demo did not exit within a minute:\n%s", d.out.String())
+		return nil
+	}
 }
 
 // checkOutput checks that out has every pattern of each list in order and

@@ -21,6 +21,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 )
@@ -69,22 +70,88 @@ func Namespaces() ([]string, error) {
 	return out, nil
 }
 
-// Processes returns the pids of processes (other than the caller) whose
-// command line names a path inside StateDir.
-func Processes() []int {
-	entries, _ := os.ReadDir("/proc")
-	var out []int
+// ContainersDir is where the demo's dockerd keeps its containers, one
+// directory per container ID.
+var ContainersDir = filepath.Join(StateDir, "docker", "data", "containers")
+
+// ContainerIDs are the IDs of the containers the demo's dockerd has (or
+// had, when a crash left its data-root behind).
+func ContainerIDs() []string {
+	entries, _ := os.ReadDir(ContainersDir)
+	var out []string
 	for _, e := range entries {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil || pid == os.Getpid() {
-			continue
+		if e.IsDir() {
+			out = append(out, e.Name())
 		}
-		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+	}
+	return out
+}
+
+// Processes returns the pids of processes (other than the caller) whose
+// command line names a path inside StateDir: underpassd, dockerd,
+// containerd and the shims, oldest (lowest pid) first.
+func Processes() []int {
+	var out []int
+	for _, pid := range pids() {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+		if err == nil && bytes.Contains(b, []byte(StateDir+"/")) {
+			out = append(out, pid)
+		}
+	}
+	return out
+}
+
+// ContainerProcesses returns the pids of processes in the cgroup of one of
+// the demo's containers: a container whose shim was killed with its
+// dockerd is orphaned, and only its cgroup still ties it to the demo.
+func ContainerProcesses() []int {
+	ids := ContainerIDs()
+	if len(ids) == 0 {
+		return nil
+	}
+	var out []int
+	for _, pid := range pids() {
+		cg, err := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", pid))
 		if err != nil {
 			continue
 		}
-		if bytes.Contains(b, []byte(StateDir+"/")) {
+		for _, id := range ids {
+			// cgroupfs driver: /docker/<id>; systemd: docker-<id>.scope.
+			if bytes.Contains(cg, []byte("/docker/"+id)) || bytes.Contains(cg, []byte("docker-"+id+".scope")) {
+				out = append(out, pid)
+				break
+			}
+		}
+	}
+	return out
+}
+
+// pids are the processes but the caller, in ascending order.
+func pids() []int {
+	entries, _ := os.ReadDir("/proc")
+	var out []int
+	for _, e := range entries {
+		if pid, err := strconv.Atoi(e.Name()); err == nil && pid != os.Getpid() {
 			out = append(out, pid)
+		}
+	}
+	slices.Sort(out)
+	return out
+}
+
+// Cgroups are the cgroup directories of the demo's containers that exist
+// (in every hierarchy, cgroupfs or systemd driver): dockerd removes them
+// when it stops a container, a crash leaves them.
+func Cgroups() []string {
+	var out []string
+	for _, id := range ContainerIDs() {
+		for _, pat := range []string{"/sys/fs/cgroup/docker/", "/sys/fs/cgroup/*/docker/", "/sys/fs/cgroup/system.slice/docker-", "/sys/fs/cgroup/*/system.slice/docker-"} {
+			name := id
+			if strings.HasSuffix(pat, "-") {
+				name += ".scope"
+			}
+			m, _ := filepath.Glob(pat + name)
+			out = append(out, m...)
 		}
 	}
 	return out
@@ -124,6 +191,9 @@ func Leftovers() []string {
 	for _, n := range names {
 		out = append(out, "netns "+n)
 	}
+	for _, c := range Cgroups() {
+		out = append(out, "cgroup "+c)
+	}
 	for _, m := range Mounts() {
 		out = append(out, "mount "+m)
 	}
@@ -132,7 +202,7 @@ func Leftovers() []string {
 			out = append(out, p)
 		}
 	}
-	for _, pid := range Processes() {
+	for _, pid := range append(Processes(), ContainerProcesses()...) {
 		cmd, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
 		out = append(out, fmt.Sprintf("process %d: %s", pid, strings.TrimSpace(string(bytes.ReplaceAll(cmd, []byte{0}, []byte{' '})))))
 	}

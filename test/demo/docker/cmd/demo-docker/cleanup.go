@@ -44,9 +44,34 @@ func (d *demoRun) cleanup(graceful bool) bool {
 	if d.dockerd != nil {
 		r.note(stopProcess(d.dockerd.Process.Pid, d.dockerdDone, 30*time.Second), "stop dockerd (pid %d; it stops containerd and the shims)", d.dockerd.Process.Pid)
 	}
+	// What a crash left: dockerd first (SIGTERM: it stops its
+	// containers), containerd, the shims; then the containers' own
+	// processes, with SIGKILL (a container's init ignores SIGTERM).
 	for _, pid := range dd.Processes() {
 		name := procName(pid)
 		r.note(stopProcess(pid, nil), "stop %s (pid %d)", name, pid)
+	}
+	for _, pid := range dd.ContainerProcesses() {
+		name := procName(pid)
+		_ = unix.Kill(pid, unix.SIGKILL)
+		r.note(stopProcess(pid, nil), "kill %s (pid %d, in a container's cgroup)", name, pid)
+	}
+	// Cgroups of containers a crash left (with their state directory,
+	// which names them): empty once their processes are gone.
+	if cgs := dd.Cgroups(); len(cgs) > 0 {
+		var errs []error
+		for _, cg := range cgs {
+			var err error
+			for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+				if err = os.Remove(cg); err == nil || errors.Is(err, os.ErrNotExist) || time.Now().After(deadline) {
+					break
+				}
+			}
+			if err != nil && !errors.Is(err, os.ErrNotExist) {
+				errs = append(errs, err)
+			}
+		}
+		r.note(errors.Join(errs...), "remove %d cgroups of the containers", len(cgs))
 	}
 	for _, f := range []*os.File{d.agentLog, d.dockerLog} {
 		if f != nil {
