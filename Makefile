@@ -8,7 +8,7 @@ BIN       := bin
 PKGS      := ./...
 TESTFLAGS ?= -count=1 -timeout 45m
 
-.PHONY: all generate check-generate generated check-deps lint build image deps test test-unit bench bench-node fuzz demo test-kernels vm-cni-bins vm-agent-bins clean
+.PHONY: all generate check-generate generated check-deps lint build image deps test test-unit bench bench-node fuzz demo demo-docker test-kernels vm-cni-bins vm-agent-bins clean
 
 all: build
 
@@ -106,6 +106,18 @@ demo: build
 	fi; \
 	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/demo/underpass-demo ./test/demo/cmd/demo; \
 	exec $(BIN)/demo/underpass-demo --bin $(BIN) --cni-path $$cni
+
+# The same node with Docker instead of Kubernetes (as root; see
+# test/demo/docker): its own dockerd in the node netns (own data-root,
+# exec-root and socket, no iptables, no bridge; Debian's docker.io, an image
+# imported from busybox-static, nothing pulled), a macvlan network, the
+# baseline without the agent, then underpassd following the engine
+# (adopt.docker): docker run, node <-> container, underpassctl endpoints and
+# stats, /metrics per container, docker rm. Exits after the steps and
+# removes everything (DEMO_WAIT=1 waits for Ctrl-C first).
+demo-docker: build
+	@CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/demo/underpass-demo-docker ./test/demo/docker/cmd/demo-docker
+	@exec $(BIN)/demo/underpass-demo-docker --bin $(BIN)
 
 # Tier 3, the kernel matrix: the program tests (./internal/loader), the netns
 # end-to-end tests (./test/datapath), the lab and the harness' own checks in

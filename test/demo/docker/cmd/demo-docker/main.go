@@ -1,0 +1,126 @@
+//go:build linux
+
+// Command demo-docker is `make demo-docker`: on a Linux box with Debian's
+// docker.io and busybox-static (as root; no image is pulled, the host's
+// Docker is never touched) it builds a node out of network namespaces,
+// starts its own dockerd in the node netns (its own data-root, exec-root
+// and socket, no iptables, no bridge) and shows what the real underpassd,
+// following the engine (adopt.docker), does for containers on a Docker
+// macvlan network:
+//
+//	underpass-dockerdemo-wire  bridge br0 = the switch and the gateway 192.0.2.1
+//	      │ veth
+//	underpass-dockerdemo-node  eth0 192.0.2.2 (the parent NIC), dockerd, underpassd
+//	      │ macvlan (docker network create -d macvlan, --ip-range 192.0.2.64/28)
+//	web-1, web-2  (docker run)
+//
+// The baseline first (no agent: the node cannot reach its macvlan
+// container), then with the agent: adoption under the containers' names,
+// host <-> container both ways, underpassctl endpoints and stats, the
+// /metrics series per container, and docker rm unregistering. It always
+// cleans up (containers, the agent, dockerd, the datapath, mounts,
+// namespaces, the state directory), also on Ctrl-C or a failure; a run
+// after a crash removes the leftovers first. The exit status is non-zero
+// when a step failed. DEMO_WAIT=1 keeps the node up until Ctrl-C.
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/underpass-cni/underpass/internal/flock"
+	dd "github.com/underpass-cni/underpass/test/demo/docker"
+)
+
+var (
+	subnet   = netip.MustParsePrefix("192.0.2.0/24")
+	gateway  = netip.MustParseAddr("192.0.2.1")
+	nodeAddr = netip.MustParseAddr("192.0.2.2")
+	ipRange  = netip.MustParsePrefix("192.0.2.64/28") // Docker's: clear of the node and the gateway
+)
+
+const (
+	dockerd   = "/usr/sbin/dockerd"
+	dockerCLI = "/usr/bin/docker" // Debian's, the daemon's version
+	busybox   = "/bin/busybox"
+	image     = "underpass-busybox:demo"
+	network   = "upmv"
+)
+
+var (
+	configPath    = filepath.Join(dd.StateDir, "underpass.yaml")
+	uninstallPath = filepath.Join(dd.StateDir, "uninstall.yaml")
+	agentLogPath  = filepath.Join(dd.StateDir, "underpassd.log")
+	dockerDir     = filepath.Join(dd.StateDir, "docker")
+	dockerSock    = filepath.Join(dockerDir, "docker.sock")
+	dockerLogPath = filepath.Join(dd.StateDir, "dockerd.log")
+)
+
+const usage = `demo-docker: the underpass Docker demo (make demo-docker). Run as root on Linux.
+
+Builds a node in network namespaces (prefix %s), starts its own dockerd
+and underpassd from --bin in it, and shows Docker macvlan containers
+reachable from the node once the agent follows the engine. Removes
+everything at the end (also what a crashed run left). DEMO_WAIT=1 keeps
+the node up until Ctrl-C.
+
+Flags:
+`
+
+func main() {
+	fs := flag.NewFlagSet("demo-docker", flag.ContinueOnError)
+	fs.Usage = func() {
+		fmt.Fprintf(fs.Output(), usage, dd.Prefix)
+		fs.PrintDefaults()
+	}
+	bin := fs.String("bin", "bin", "`dir`ectory with underpassd and underpassctl (make build)")
+	cleanupOnly := fs.Bool("cleanup", false, "only remove what a previous run left behind, then exit")
+	if err := fs.Parse(os.Args[1:]); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return
+		}
+		os.Exit(2)
+	}
+	if err := run(*bin, *cleanupOnly); err != nil {
+		if !errors.Is(err, errReported) {
+			fmt.Fprintln(os.Stderr, "demo-docker:", err)
+		}
+		os.Exit(1)
+	}
+}
+
+var errReported = errors.New("a step failed")
+
+func run(bin string, cleanupOnly bool) error {
+	if os.Geteuid() != 0 {
+		return errors.New("run as root (network namespaces, eBPF, dockerd): sudo make demo-docker")
+	}
+	absBin, err := filepath.Abs(bin)
+	if err != nil {
+		return err
+	}
+	unlock, err := flock.PidFile(dd.LockFile, 0o644)
+	if errors.Is(err, flock.ErrHeld) {
+		return fmt.Errorf("another Docker demo (pid %s) is running: stop it with Ctrl-C first", flock.Holder(dd.LockFile))
+	}
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	d := &demoRun{bin: absBin, out: os.Stdout, start: time.Now(), wait: os.Getenv("DEMO_WAIT") == "1"}
+	if cleanupOnly {
+		if !d.cleanup(false) {
+			return errReported
+		}
+		return nil
+	}
+	if d.main() != 0 {
+		return errReported
+	}
+	return nil
+}

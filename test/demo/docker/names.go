@@ -1,0 +1,210 @@
+//go:build linux
+
+// Package docker holds what `make demo-docker` (test/demo/docker/cmd/demo-docker)
+// and its test share: the fixed names of everything the Docker demo
+// creates and the scan for what is left of it. The names are apart from
+// `make demo`'s (test/demo), so neither demo's clean-up ever touches the
+// other's.
+//
+// Every name is fixed (not per run), so a run after a crash finds and
+// removes what the previous one left: namespaces named Prefix*, the pin
+// directory BPFFS, the state directory StateDir (dockerd's data-root,
+// exec-root and socket, the agent's config and log) with any mount below
+// it, and every process started with a path inside StateDir (underpassd,
+// dockerd, its containerd and shims).
+package docker
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+)
+
+const (
+	// Prefix starts the name of every network namespace of the demo.
+	Prefix = "underpass-dockerdemo-"
+	// NetnsDir is where named namespaces live (as with `ip netns add`).
+	NetnsDir = "/run/netns"
+	// BPFFS is the demo agent's pin directory.
+	BPFFS = "/sys/fs/bpf/underpass-dockerdemo"
+	// StateDir holds dockerd's roots and socket and the agent's config
+	// and log.
+	StateDir = "/run/underpass-dockerdemo"
+	// LockFile is held (flock) by a running Docker demo; it holds its pid.
+	LockFile = "/run/underpass-dockerdemo.lock"
+	// MetricsAddr is the agent's metrics.listen inside the node netns.
+	MetricsAddr = "127.0.0.1:9775"
+	// AgentLockDir is where underpassd keeps its per-pin-directory lock
+	// files (internal/agent.LockDir).
+	AgentLockDir = "/run/underpass"
+	// TrustKey is where dockerd 20.10 writes its identity whatever its
+	// roots; the demo removes it if it made it (KeyMarker says so).
+	TrustKey = "/etc/docker/key.json"
+)
+
+// KeyMarker, inside StateDir, says that TrustKey did not exist before the
+// demo started dockerd.
+var KeyMarker = filepath.Join(StateDir, "remove-key.json")
+
+// Namespaces lists the demo's namespaces (full names).
+func Namespaces() ([]string, error) {
+	entries, err := os.ReadDir(NetnsDir)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var out []string
+	for _, e := range entries {
+		if strings.HasPrefix(e.Name(), Prefix) {
+			out = append(out, e.Name())
+		}
+	}
+	return out, nil
+}
+
+// ContainersDir is where the demo's dockerd keeps its containers, one
+// directory per container ID.
+var ContainersDir = filepath.Join(StateDir, "docker", "data", "containers")
+
+// ContainerIDs are the IDs of the containers the demo's dockerd has (or
+// had, when a crash left its data-root behind).
+func ContainerIDs() []string {
+	entries, _ := os.ReadDir(ContainersDir)
+	var out []string
+	for _, e := range entries {
+		if e.IsDir() {
+			out = append(out, e.Name())
+		}
+	}
+	return out
+}
+
+// Processes returns the pids of processes (other than the caller) whose
+// command line names a path inside StateDir: underpassd, dockerd,
+// containerd and the shims, oldest (lowest pid) first.
+func Processes() []int {
+	var out []int
+	for _, pid := range pids() {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+		if err == nil && bytes.Contains(b, []byte(StateDir+"/")) {
+			out = append(out, pid)
+		}
+	}
+	return out
+}
+
+// ContainerProcesses returns the pids of processes in the cgroup of one of
+// the demo's containers: a container whose shim was killed with its
+// dockerd is orphaned, and only its cgroup still ties it to the demo.
+func ContainerProcesses() []int {
+	ids := ContainerIDs()
+	if len(ids) == 0 {
+		return nil
+	}
+	var out []int
+	for _, pid := range pids() {
+		cg, err := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", pid))
+		if err != nil {
+			continue
+		}
+		for _, id := range ids {
+			// cgroupfs driver: /docker/<id>; systemd: docker-<id>.scope.
+			if bytes.Contains(cg, []byte("/docker/"+id)) || bytes.Contains(cg, []byte("docker-"+id+".scope")) {
+				out = append(out, pid)
+				break
+			}
+		}
+	}
+	return out
+}
+
+// pids are the processes but the caller, in ascending order.
+func pids() []int {
+	entries, _ := os.ReadDir("/proc")
+	var out []int
+	for _, e := range entries {
+		if pid, err := strconv.Atoi(e.Name()); err == nil && pid != os.Getpid() {
+			out = append(out, pid)
+		}
+	}
+	slices.Sort(out)
+	return out
+}
+
+// Cgroups are the cgroup directories of the demo's containers that exist
+// (in every hierarchy, cgroupfs or systemd driver): dockerd removes them
+// when it stops a container, a crash leaves them.
+func Cgroups() []string {
+	var out []string
+	for _, id := range ContainerIDs() {
+		for _, pat := range []string{"/sys/fs/cgroup/docker/", "/sys/fs/cgroup/*/docker/", "/sys/fs/cgroup/system.slice/docker-", "/sys/fs/cgroup/*/system.slice/docker-"} {
+			name := id
+			if strings.HasSuffix(pat, "-") {
+				name += ".scope"
+			}
+			m, _ := filepath.Glob(pat + name)
+			out = append(out, m...)
+		}
+	}
+	return out
+}
+
+// Mounts lists the mount points inside StateDir, deepest first.
+func Mounts() []string {
+	b, _ := os.ReadFile("/proc/self/mounts")
+	var out []string
+	for line := range strings.SplitSeq(string(b), "\n") {
+		if f := strings.Fields(line); len(f) > 1 && (f[1] == StateDir || strings.HasPrefix(f[1], StateDir+"/")) {
+			out = append(out, f[1])
+		}
+	}
+	for i, j := 0, len(out)-1; i < j; i, j = i+1, j-1 {
+		out[i], out[j] = out[j], out[i]
+	}
+	return out
+}
+
+// AgentLockFile is the lock file underpassd keeps for BPFFS
+// (internal/agent: underpassd-<first 8 bytes of sha256, hex>.lock).
+func AgentLockFile() string {
+	sum := sha256.Sum256([]byte(filepath.Clean(BPFFS)))
+	return filepath.Join(AgentLockDir, fmt.Sprintf("underpassd-%x.lock", sum[:8]))
+}
+
+// Leftovers describes everything of the demo that exists now: namespaces,
+// mounts, the pin and state directories, the lock files and processes.
+// Empty means clean.
+func Leftovers() []string {
+	var out []string
+	names, err := Namespaces()
+	if err != nil {
+		out = append(out, fmt.Sprintf("cannot list %s: %v", NetnsDir, err))
+	}
+	for _, n := range names {
+		out = append(out, "netns "+n)
+	}
+	for _, c := range Cgroups() {
+		out = append(out, "cgroup "+c)
+	}
+	for _, m := range Mounts() {
+		out = append(out, "mount "+m)
+	}
+	for _, p := range []string{BPFFS, StateDir, LockFile, AgentLockFile()} {
+		if _, err := os.Lstat(p); err == nil {
+			out = append(out, p)
+		}
+	}
+	for _, pid := range append(Processes(), ContainerProcesses()...) {
+		cmd, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+		out = append(out, fmt.Sprintf("process %d: %s", pid, strings.TrimSpace(string(bytes.ReplaceAll(cmd, []byte{0}, []byte{' '})))))
+	}
+	return out
+}
