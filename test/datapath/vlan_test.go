@@ -26,7 +26,7 @@ import (
 )
 
 type vlanNet struct {
-	*node          // the shared datapath, with up = this VLAN's parent
+	*node    // the shared datapath, with up = this VLAN's parent
 	a, b     *netenv.Container
 	idA, idB uint32
 }
