@@ -33,7 +33,7 @@ type vlanNet struct {
 
 func TestVLANParents(t *testing.T) {
 	testutil.RequireRoot(t)
-	testutil.SkipIfNotSupported(t, netenv.ProbeVLAN())
+	testutil.SkipIfNotSupported(t, testutil.ProbeVLAN())
 	env := netenv.New(t, netenv.Options{})
 	trunk := env.Uplinks[0]
 	v100 := env.AddVLAN(trunk, 100, netip.MustParsePrefix("10.100.0.0/24"), netip.MustParsePrefix("2001:db8:100::/64"))

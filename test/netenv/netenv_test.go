@@ -315,7 +315,7 @@ func TestOwnerPID(t *testing.T) {
 // nothing; the untagged subnet on eth0 keeps working (without 8021q: skips).
 func TestVLAN(t *testing.T) {
 	testutil.RequireRoot(t)
-	testutil.SkipIfNotSupported(t, ProbeVLAN())
+	testutil.SkipIfNotSupported(t, testutil.ProbeVLAN())
 	t.Parallel()
 	env := New(t, Options{})
 	u0 := env.Uplinks[0]

@@ -20,7 +20,6 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
-	"runtime"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
@@ -28,46 +27,6 @@ import (
 
 	"github.com/underpass-cni/underpass/internal/testutil"
 )
-
-// ProbeVLAN reports whether the kernel can create 802.1Q VLAN links: nil,
-// or an error wrapped with testutil.NotSupported("vlan", …) when the 8021q
-// driver is missing (not built, or a module not loaded: tests do not load
-// modules; the VM matrix loads 8021q at boot). It tries in a throw-away
-// netns, like ProbeIpvlan. Pass the result to testutil.SkipIfNotSupported.
-func ProbeVLAN() error {
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread() // never unlocked: the thread dies in its throw-away netns
-		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
-			errc <- fmt.Errorf("unshare: %w", err)
-			return
-		}
-		h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
-		if err != nil {
-			errc <- err
-			return
-		}
-		defer h.Close()
-		if err := h.LinkAdd(&netlink.Dummy{LinkAttrs: netlink.LinkAttrs{Name: "probe0"}}); err != nil {
-			// No dummy driver: a veth pair is the lower device then.
-			if err := h.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "probe0"}, PeerName: "probe1"}); err != nil {
-				errc <- fmt.Errorf("probe lower device: %w", err)
-				return
-			}
-		}
-		p, err := h.LinkByName("probe0")
-		if err != nil {
-			errc <- err
-			return
-		}
-		err = h.LinkAdd(&netlink.Vlan{LinkAttrs: netlink.LinkAttrs{Name: "probe0.100", ParentIndex: p.Attrs().Index}, VlanId: 100})
-		if errors.Is(err, unix.EOPNOTSUPP) {
-			err = testutil.NotSupported("vlan", fmt.Errorf("no 802.1Q VLAN link type (8021q not built in or not loaded): %w", err))
-		}
-		errc <- err
-	}()
-	return <-errc
-}
 
 // AddVLAN adds VLAN vid on the node uplink u (the trunk): the sub-interface
 // <u.Name>.<vid> in the node with the subnets' second addresses, and its
@@ -79,7 +38,8 @@ func ProbeVLAN() error {
 // trunk's wire end in the wire netns (where every VLAN's frames pass, for
 // counters), GatewayNS/GatewayIf the VLAN's own wire side, and Bridge empty
 // (no AddWireHostOn on a VLAN). It is appended to Env.VLANs. Without 8021q
-// the test skips through testutil.SkipIfNotSupported (feature "vlan"),
+// the test skips through testutil.SkipIfNotSupported (feature "vlan",
+// probed first with testutil.ProbeVLAN),
 // which fails instead when UNDERPASS_REQUIRE_FEATURES names vlan.
 func (e *Env) AddVLAN(u *Uplink, vid int, sub4, sub6 netip.Prefix) *Uplink {
 	e.tb.Helper()
