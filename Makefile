@@ -122,7 +122,7 @@ demo-docker: build
 # Tier 3, the kernel matrix: the program tests (./internal/loader), the netns
 # end-to-end tests (./test/datapath), the lab and the harness' own checks in
 # qemu (TCG) on Debian's 6.1 (no tcx: legacy clsact) and 6.12 kernels, where
-# ipvlan is required (test/vm/README.md, results in test/vm/RESULTS.md); then
+# ipvlan and VLAN links (8021q) are required (test/vm/README.md, results in test/vm/RESULTS.md); then
 # the plugin through libcni, and the real kube-proxy in IPVS mode (which
 # this host's kernel lacks) with the real agent, apiserver and etcd.
 # Not part of `make test`: it takes minutes; CI runs it. Prints per-kernel

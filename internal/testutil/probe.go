@@ -3,6 +3,7 @@ package testutil
 import (
 	"errors"
 	"fmt"
+	"runtime"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -23,4 +24,44 @@ func ProbeIPVS() error {
 		return fmt.Errorf("ip_vs probe: %w", err)
 	}
 	return nil
+}
+
+// ProbeVLAN reports whether the kernel can create 802.1Q VLAN links: nil,
+// or an error wrapped with NotSupported("vlan", …) when the 8021q
+// driver is missing (not built, or a module not loaded: tests do not load
+// modules; the VM matrix loads 8021q at boot). It tries in a throw-away
+// netns (like netenv.ProbeIpvlan). Pass the result to SkipIfNotSupported.
+func ProbeVLAN() error {
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread() // never unlocked: the thread dies in its throw-away netns
+		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
+			errc <- fmt.Errorf("unshare: %w", err)
+			return
+		}
+		h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
+		if err != nil {
+			errc <- err
+			return
+		}
+		defer h.Close()
+		if err := h.LinkAdd(&netlink.Dummy{LinkAttrs: netlink.LinkAttrs{Name: "probe0"}}); err != nil {
+			// No dummy driver: a veth pair is the lower device then.
+			if err := h.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "probe0"}, PeerName: "probe1"}); err != nil {
+				errc <- fmt.Errorf("probe lower device: %w", err)
+				return
+			}
+		}
+		p, err := h.LinkByName("probe0")
+		if err != nil {
+			errc <- err
+			return
+		}
+		err = h.LinkAdd(&netlink.Vlan{LinkAttrs: netlink.LinkAttrs{Name: "probe0.100", ParentIndex: p.Attrs().Index}, VlanId: 100})
+		if errors.Is(err, unix.EOPNOTSUPP) {
+			err = NotSupported("vlan", fmt.Errorf("no 802.1Q VLAN link type (8021q not built in or not loaded): %w", err))
+		}
+		errc <- err
+	}()
+	return <-errc
 }

@@ -130,3 +130,18 @@ func TestProbeIPVS(t *testing.T) {
 		t.Fatalf("ProbeIPVS: %v, want nil or a FeatureError for ip_vs", err)
 	}
 }
+
+// On this kernel VLAN links are either possible or reported as the missing
+// feature "vlan", never as another error (the VM kernels have 8021q).
+func TestProbeVLAN(t *testing.T) {
+	RequireRoot(t)
+	err := ProbeVLAN()
+	t.Logf("ProbeVLAN: %v", err)
+	if err == nil {
+		return
+	}
+	var fe *FeatureError
+	if !errors.As(err, &fe) || fe.Feature != "vlan" {
+		t.Fatalf("ProbeVLAN: %v, want nil or a FeatureError for vlan", err)
+	}
+}

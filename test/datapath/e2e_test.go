@@ -43,20 +43,30 @@ func newNode(t *testing.T, opts netenv.Options) *node {
 func newNodeMode(t *testing.T, opts netenv.Options, mode loader.Mode) *node {
 	t.Helper()
 	env := netenv.New(t, opts)
+	return startNode(t, env, mode, env.Uplinks[0])
+}
+
+// startNode is newNodeMode on a lab built already, with one or more parents
+// (each registered and its program attached; n.up is the first): the
+// node's addresses on every uplink and VLAN are the host's.
+func startNode(t *testing.T, env *netenv.Env, mode loader.Mode, parents ...*netenv.Uplink) *node {
+	t.Helper()
 	dir := filepath.Join(testutil.MountBPFFS(t), "underpass")
 	dp, err := loader.Load(dir, loader.Options{})
 	must(t, err)
 	t.Cleanup(func() { dp.Close() })
-	n := &node{env: env, dp: dp, up: env.Uplinks[0]}
+	n := &node{env: env, dp: dp, up: parents[0]}
 	m := &dp.Maps
 	must(t, datapath.SetConfig(m, datapath.Config{ServicesSynced: true, HostReachable: true}, 1))
-	must(t, datapath.PutParent(m, n.up.Index, n.up.MAC, mode))
-	must(t, env.Node.Do(func() error {
-		_, err := attach.Egress(dp.EgressTarget(attach.RoleParent, n.up.Index))
-		return err
-	}))
+	for _, p := range parents {
+		must(t, datapath.PutParent(m, p.Index, p.MAC, mode))
+		must(t, env.Node.Do(func() error {
+			_, err := attach.Egress(dp.EgressTarget(attach.RoleParent, p.Index))
+			return err
+		}))
+	}
 	hosts := datapath.HostSet{}
-	for _, u := range env.Uplinks {
+	for _, u := range append(append([]*netenv.Uplink(nil), env.Uplinks...), env.VLANs...) {
 		hosts.Add(netip.PrefixFrom(u.Node4.Addr(), 32), loader.HostLocal)
 		hosts.Add(netip.PrefixFrom(u.Node6.Addr(), 128), loader.HostLocal)
 	}
@@ -83,7 +93,7 @@ func newNodeMode(t *testing.T, opts netenv.Options, mode loader.Mode) *node {
 
 func (n *node) container(t *testing.T, name string, host int) (*netenv.Container, uint32) {
 	t.Helper()
-	c := n.env.AddMacvlanContainer(name, n.up.IP4(host), n.up.IP6(host))
+	c := n.env.AddMacvlanContainerOn(n.up, name, n.up.IP4(host), n.up.IP6(host))
 	id, err := datapath.Register(&n.dp.Maps, datapath.Endpoint{
 		ContainerID: "e2e-" + name, IfName: c.IfName, Netns: c.Path, ParentIfindex: c.ParentIndex,
 		ParentName: c.Parent, Ifindex: c.Index, Mode: loader.ModeMacvlan, MAC: c.MAC,

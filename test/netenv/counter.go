@@ -230,6 +230,14 @@ func parseMarker(frame []byte) (string, bool) {
 	return string(p[1 : 1+int(p[0])]), true
 }
 
+// MatchSrcMAC matches frames whose source MAC is mac.
+func MatchSrcMAC(mac net.HardwareAddr) func([]byte) bool {
+	mac = append(net.HardwareAddr(nil), mac...)
+	return func(frame []byte) bool {
+		return len(frame) >= 14 && bytes.Equal(frame[6:12], mac)
+	}
+}
+
 // MatchDstIP matches IPv4 and IPv6 frames (optionally with one VLAN tag) whose
 // destination address is addr.
 func MatchDstIP(addr netip.Addr) func([]byte) bool {

@@ -9,6 +9,8 @@
 //	node eth0 ── macvlan (bridge) ── eth0 in a container netns (AddMacvlanContainer)
 //	node eth0 ── ipvlan (l2|l3|l3s) ── eth0 in a container netns (AddIpvlanContainer;
 //	             one parent carries either macvlan or ipvlan slaves, of one mode)
+//	node eth0.<vid> ══ 802.1Q ══ node0.<vid> in a gateway netns vlan<vid> that
+//	             forwards nothing (AddVLAN, where the kernel has 8021q; vlan.go)
 //
 // The node's eth0 plays the physical parent NIC. Every link the lab creates
 // lives inside one of its namespaces, so deleting the namespaces removes
@@ -84,6 +86,15 @@ type Uplink struct {
 	Subnet4, Subnet6   netip.Prefix
 	Gateway4, Gateway6 netip.Addr   // on Bridge
 	Node4, Node6       netip.Prefix // on Name
+
+	// A VLAN (AddVLAN): its id, the trunk it is tagged on (eth0), and the
+	// VLAN's wire side: GatewayIf (node0.<VID>, holding Gateway4/6) in
+	// GatewayNS, a netns of its own that forwards nothing. Zero for the
+	// untagged uplinks.
+	VID       int
+	Trunk     string
+	GatewayNS *NS
+	GatewayIf string
 }
 
 // IP4 returns the n-th address of the uplink's IPv4 subnet with the subnet's
@@ -109,6 +120,7 @@ type Env struct {
 	Wire    *NS
 	Node    *NS
 	Uplinks []*Uplink // Uplinks[0] is eth0
+	VLANs   []*Uplink // VLAN sub-interfaces, in AddVLAN order
 
 	tb    testing.TB
 	mu    sync.Mutex

@@ -310,3 +310,37 @@ func TestOwnerPID(t *testing.T) {
 		}
 	}
 }
+
+// TestVLAN: two VLANs on eth0, each with its own gateway that routes
+// nothing; the untagged subnet on eth0 keeps working (without 8021q: skips).
+func TestVLAN(t *testing.T) {
+	testutil.RequireRoot(t)
+	testutil.SkipIfNotSupported(t, testutil.ProbeVLAN())
+	t.Parallel()
+	env := New(t, Options{})
+	u0 := env.Uplinks[0]
+	v1 := env.AddVLAN(u0, 100, netip.MustParsePrefix("10.100.0.0/24"), netip.MustParsePrefix("2001:db8:100::/64"))
+	v2 := env.AddVLAN(u0, 200, netip.MustParsePrefix("10.200.0.0/24"), netip.MustParsePrefix("2001:db8:200::/64"))
+	if v1.Name != "eth0.100" || v1.GatewayIf != "node0.100" || v1.VID != 100 || v1.Trunk != "eth0" || v1.Port != u0.Port {
+		t.Fatalf("VLAN uplink: %+v", v1)
+	}
+	if len(env.VLANs) != 2 || v1.MAC.String() != u0.MAC.String() {
+		t.Fatalf("VLANs %d, MAC %s (trunk %s)", len(env.VLANs), v1.MAC, u0.MAC)
+	}
+	MustPing(t, env.Node, u0.Gateway4, 2)
+	for _, v := range []*Uplink{v1, v2} {
+		MustPing(t, env.Node, v.Gateway4, 2)
+		MustPing(t, env.Node, v.Gateway6, 2)
+		MustPing(t, v.GatewayNS, v.Node4.Addr(), 2)
+	}
+	c1 := env.AddMacvlanContainerOn(v1, "c1", v1.IP4(10), v1.IP6(10))
+	if c1.Parent != "eth0.100" {
+		t.Fatalf("container parent %s", c1.Parent)
+	}
+	MustPing(t, c1.NS, v1.Gateway4, 2)
+	MustPing(t, c1.NS, v1.Gateway6, 2)
+	// VLAN 100's gateway does not route to VLAN 200.
+	if r := Ping(t, c1.NS, v2.Gateway4, 2); r.Received != 0 {
+		t.Fatalf("VLAN 100 reached VLAN 200's gateway: %v", r)
+	}
+}

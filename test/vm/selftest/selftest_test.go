@@ -337,7 +337,7 @@ func TestVMEnvironment(t *testing.T) {
 	if os.Getenv("UNDERPASS_VM_KERNEL") == "" {
 		t.Error("UNDERPASS_VM_KERNEL unset")
 	}
-	for _, mod := range []string{"ipvlan", "macvlan", "veth", "dummy", "sch_ingress", "cls_bpf", "bridge"} {
+	for _, mod := range []string{"ipvlan", "macvlan", "veth", "dummy", "sch_ingress", "cls_bpf", "bridge", "8021q"} {
 		if _, err := os.Stat("/sys/module/" + mod); err != nil {
 			t.Errorf("module %s not loaded: %v", mod, err)
 		}

@@ -369,9 +369,10 @@ func runKernel(ctx context.Context, o *options, series string, r vm.Resolved, te
 		"UNDERPASS_VM_KERNEL":  series,           // 6.1, 6.12 (or the package name)
 		"UNDERPASS_VM_PACKAGE": pkg,              // the Debian package booted
 		"UNDERPASS_VM_BINDIR":  "/usr/local/bin", // where -bins and -file put binaries
-		// Both kernels have ipvlan: a test that would skip for want of it
-		// fails here instead (testutil.SkipIfNotSupported). -env overrides.
-		testutil.RequireFeaturesEnv: "ipvlan",
+		// Both kernels have ipvlan and 8021q (VLAN links, loaded at boot):
+		// a test that would skip for want of them fails here instead
+		// (testutil.SkipIfNotSupported). -env overrides.
+		testutil.RequireFeaturesEnv: "ipvlan,vlan",
 	}
 	for _, e := range o.env {
 		kv, v, _ := strings.Cut(e, "=")
