@@ -191,6 +191,13 @@ func TestParseLog(t *testing.T) {
 	if !crashed.Panicked || crashed.BootCrashed() {
 		t.Errorf("a panic during the tests counts as a boot crash: %+v", crashed)
 	}
+	if crashed.Int3Crashed() {
+		t.Errorf("a panic that is no int3 oops counts as the TCG flake: %+v", crashed)
+	}
+	int3 := ParseLog([]byte("UNDERPASS-VM-BEGIN pkg=a\n=== RUN TestX\n[ 9.0] Oops: int3: 0000 [#1] PREEMPT SMP NOPTI\n[ 9.1] RIP: 0010:inet_getpeer+0x41/0x1d0\n[ 9.2] Kernel panic - not syncing: Fatal exception in interrupt\n"))
+	if !int3.Int3Crashed() || int3.BootCrashed() || int3.Err() == nil {
+		t.Errorf("an int3 oops during the tests: %+v", int3)
+	}
 	atBoot := ParseLog([]byte("[ 1.2] Oops: int3: 0000 [#1] PREEMPT SMP NOPTI\n[ 1.3] Kernel panic - not syncing: Fatal exception in interrupt\n"))
 	if !atBoot.BootCrashed() || atBoot.Err() == nil {
 		t.Errorf("a panic while booting is not a boot crash: %+v", atBoot)

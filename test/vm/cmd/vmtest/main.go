@@ -402,6 +402,7 @@ func runKernel(ctx context.Context, o *options, series string, r vm.Resolved, te
 		stopFollow = follow(serial, "["+series+"] ")
 	}
 	var raw []byte
+	int3Retried := false
 	for attempt := 1; ; attempt++ {
 		kr.wall, kr.err = vm.Boot(ctx, vm.BootOptions{
 			Kernel: k.Image(), Initrd: initrd, Log: serial,
@@ -409,11 +410,19 @@ func runKernel(ctx context.Context, o *options, series string, r vm.Resolved, te
 		})
 		raw, _ = os.ReadFile(serial)
 		kr.result = vm.ParseLog(raw)
-		if !kr.result.BootCrashed() || attempt == bootAttempts {
-			break
+		if kr.result.BootCrashed() && attempt < bootAttempts {
+			fmt.Printf("vmtest: %s: the kernel panicked while booting, before any test ran (attempt %d of %d); last lines:\n%s\nvmtest: %s: booting again\n",
+				series, attempt, bootAttempts, indent(vm.Tail(raw, 12)), series)
+			continue
 		}
-		fmt.Printf("vmtest: %s: the kernel panicked while booting, before any test ran (attempt %d of %d); last lines:\n%s\nvmtest: %s: booting again\n",
-			series, attempt, bootAttempts, indent(vm.Tail(raw, 12)), series)
+		if !kr.result.BootCrashed() && kr.result.Int3Crashed() && !int3Retried {
+			// Once per kernel, loudly: a crash of ours would come back.
+			int3Retried = true
+			fmt.Printf("vmtest: %s: WARNING: the kernel oopsed on an int3 (live code patching under TCG, see vm.Result.Int3Crashed) during the tests; last lines:\n%s\nvmtest: %s: running the whole kernel again, once\n",
+				series, indent(vm.Tail(raw, 30)), series)
+			continue
+		}
+		break
 	}
 	if stopFollow != nil {
 		stopFollow()
