@@ -88,11 +88,21 @@ func TestAdoptHandMadeSlaves(t *testing.T) {
 	}
 
 	// A restarted agent finds the adoption in the maps: same registration.
+	// A container that went while no agent ran is collected at its start.
+	gone := l.AddMacvlanContainer("gone", u.IP4(33), netip.Prefix{})
+	waitAdopted(t, dp, gone, 10*time.Second)
 	ag.stop()
+	must(t, netenv.DeleteNSPath(gone.Path))
+	if _, found, err := findAdopted(dp, gone.MAC); err != nil || !found {
+		t.Fatalf("with no agent running, the gone container's registration went already (%v)", err)
+	}
 	ag = l.start(agentBin)
 	ag.waitReady()
 	if again := waitAdopted(t, dp, c, 10*time.Second); again.ID != ep.ID {
 		t.Errorf("after a restart the endpoint is %d, was %d: adopted again instead of kept", again.ID, ep.ID)
+	}
+	if _, found, err := findAdopted(dp, gone.MAC); err != nil || found {
+		t.Errorf("a container that went while the agent was down is still registered once it is ready (%v)", err)
 	}
 	netenv.MustPing(t, l.Node, c.IP4.Addr(), 2)
 
