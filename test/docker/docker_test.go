@@ -15,7 +15,6 @@ package docker_test
 import (
 	"context"
 	"fmt"
-	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -24,7 +23,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/underpass-cni/underpass/internal/datapath"
 	"github.com/underpass-cni/underpass/internal/loader"
 	"github.com/underpass-cni/underpass/internal/testutil"
 	"github.com/underpass-cni/underpass/test/engines"
@@ -236,33 +234,7 @@ func TestDockerMacvlan(t *testing.T) {
 	// dropped, a forged source (a raw socket, which Docker's default
 	// CAP_NET_RAW allows) is dropped and counted; neither reaches the wire.
 	ep2, _ := engines.FindAdopted(t, dp, web2.MAC)
-	stats := func() loader.EndpointStats {
-		t.Helper()
-		s, err := datapath.EndpointStats(&dp.Maps, ep2.ID)
-		engines.Must(t, err)
-		return s
-	}
-	before := stats()
-	stale := netip.MustParseAddr("10.96.0.99")
-	toStale := netenv.StartCounter(t, l.Wire, u.Port, netenv.MatchDstIP(stale))
-	toGW := netenv.StartCounter(t, l.Wire, u.Port, netenv.MatchDstIP(u.Gateway4))
-	if r := netenv.Ping(t, c2, stale, 2); r.Received != 0 {
-		t.Errorf("web-2 -> stale Service address %s answered: %v", stale, r)
-	}
-	for range 3 {
-		engines.Must(t, netenv.SendForgedUDP4(c2, u.IP4(250).Addr(), u.Gateway4))
-	}
-	netenv.Barrier(t, l.Node, u.Name, toStale, toGW)
-	after := stats()
-	if d := after.StaleDropped - before.StaleDropped; d < 2 {
-		t.Errorf("web-2's stale_dropped moved by %d, want 2", d)
-	}
-	if d := after.Drops[loader.DropSpoofedSource] - before.Drops[loader.DropSpoofedSource]; d < 3 {
-		t.Errorf("web-2's spoofed_source drops moved by %d, want 3", d)
-	}
-	if n := toStale.Count() + toGW.Count(); n != 0 {
-		t.Errorf("%d stale or forged frames from web-2 reached the wire", n)
-	}
+	engines.CheckIsolated(t, l, u, dp, c2, ep2)
 
 	// Removed: unregistered.
 	e.must("stop", "-t", "1", "web-2")

@@ -310,3 +310,43 @@ func MetricsGet(t *testing.T, l *netenv.Env) func(path string) (int, string, err
 	t.Cleanup(client.CloseIdleConnections)
 	return func(path string) (int, string, error) { return testutil.HTTPGet(client, "http://"+MetricsAddr+path) }
 }
+
+// CheckIsolated checks that the container whose namespace is ns, the
+// endpoint ep, is isolated as a pod is, with the agent's staleServices
+// holding 10.96.0.0/16: a stale Service address (10.96.0.99) from it is
+// dropped and counted (stale_dropped), a forged source (a raw socket in
+// its namespace, as a container with CAP_NET_RAW could send) is dropped
+// and counted (spoofed_source), and neither reaches u's wire.
+func CheckIsolated(t *testing.T, l *netenv.Env, u *netenv.Uplink, dp *loader.Objects, ns *netenv.NS, ep datapath.Endpoint) {
+	t.Helper()
+	stats := func() loader.EndpointStats {
+		t.Helper()
+		s, err := datapath.EndpointStats(&dp.Maps, ep.ID)
+		Must(t, err)
+		return s
+	}
+	before := stats()
+	stale := netip.MustParseAddr("10.96.0.99")
+	toStale := netenv.StartCounter(t, l.Wire, u.Port, netenv.MatchDstIP(stale))
+	toGW := netenv.StartCounter(t, l.Wire, u.Port, netenv.MatchDstIP(u.Gateway4))
+	if r := netenv.Ping(t, ns, stale, 2); r.Received != 0 {
+		t.Errorf("%s -> stale Service address %s answered: %v", ep.PodName, stale, r)
+	}
+	for range 3 {
+		Must(t, netenv.SendForgedUDP4(ns, u.IP4(250).Addr(), u.Gateway4))
+	}
+	netenv.Barrier(t, l.Node, u.Name, toStale, toGW)
+	after := stats()
+	if d := after.StaleDropped - before.StaleDropped; d < 2 {
+		t.Errorf("%s's stale_dropped moved by %d, want 2", ep.PodName, d)
+	}
+	if d := after.Drops[loader.DropSpoofedSource] - before.Drops[loader.DropSpoofedSource]; d < 3 {
+		t.Errorf("%s's spoofed_source drops moved by %d, want 3", ep.PodName, d)
+	}
+	if n := toStale.Count() + toGW.Count(); n != 0 {
+		t.Errorf("%d stale or forged frames from %s reached the wire", n, ep.PodName)
+	}
+	t.Logf("%s (endpoint %d): stale_dropped +%d, spoofed_source +%d, %d frames on the wire", ep.PodName, ep.ID,
+		after.StaleDropped-before.StaleDropped, after.Drops[loader.DropSpoofedSource]-before.Drops[loader.DropSpoofedSource],
+		toStale.Count()+toGW.Count())
+}

@@ -161,18 +161,25 @@ func newLab(t *testing.T) *lab {
 	return lb
 }
 
-// startAgent starts underpassd adopting the uplink's slaves and opens its
-// pinned datapath.
-func (lb *lab) startAgent(t *testing.T) *loader.Objects {
-	cfg := filepath.Join(lb.tmp, "underpass.yaml")
-	engines.Must(t, os.WriteFile(cfg, []byte(fmt.Sprintf("bpffs: %s\nmetrics: {listen: %q}\ngcInterval: 1s\nadopt: {parents: [%s]}\n",
-		lb.pins, engines.MetricsAddr, lb.u.Name)), 0o644))
-	ag := testutil.StartAgent(t, "underpassd", lb.l.Node.Command(context.Background(), agentBin, "--config", cfg, "--log-level", "debug"), 0)
-	ag.WaitReady(t, lb.get, 60*time.Second)
+// startAgent starts underpassd adopting the uplink's slaves, with
+// 10.96.0.0/16 as stale Service addresses (engines.CheckIsolated), and
+// opens its pinned datapath.
+func (lb *lab) startAgent(t *testing.T) (*testutil.Agent, *loader.Objects) {
+	ag := lb.agent(t)
 	dp, err := loader.Open(lb.pins)
 	engines.Must(t, err)
 	t.Cleanup(func() { dp.Close() })
-	return dp
+	return ag, dp
+}
+
+// agent starts underpassd (again) and waits until it is ready.
+func (lb *lab) agent(t *testing.T) *testutil.Agent {
+	cfg := filepath.Join(lb.tmp, "underpass.yaml")
+	engines.Must(t, os.WriteFile(cfg, []byte(fmt.Sprintf("bpffs: %s\nmetrics: {listen: %q}\ngcInterval: 1s\nstaleServices: {cidrs: [10.96.0.0/16]}\nadopt: {parents: [%s]}\n",
+		lb.pins, engines.MetricsAddr, lb.u.Name)), 0o644))
+	ag := testutil.StartAgent(t, "underpassd", lb.l.Node.Command(context.Background(), agentBin, "--config", cfg, "--log-level", "debug"), 0)
+	ag.WaitReady(t, lb.get, 60*time.Second)
+	return ag
 }
 
 // A Podman macvlan network with the netavark backend: its containers are
@@ -206,10 +213,10 @@ func TestPodmanNetavark(t *testing.T) {
 		t.Fatalf("Podman macvlan container -> host answered before underpass: %v", r)
 	}
 
-	dp := lb.startAgent(t)
+	ag, dp := lb.startAgent(t)
 	// The container that ran before the agent: adopted at its start, named
 	// after the container.
-	engines.WaitAdopted(t, dp, web1, 5*time.Second)
+	ep1 := engines.WaitAdopted(t, dp, web1, 5*time.Second)
 	engines.WaitFor(t, 5*time.Second, "host -> web-1", func() bool { return netenv.Ping(t, lb.l.Node, web1.IP, 1).Received == 1 })
 	netenv.MustPing(t, c1, lb.u.Node4.Addr(), 3)
 
@@ -233,6 +240,11 @@ func TestPodmanNetavark(t *testing.T) {
 	netenv.MustPing(t, c2, lb.u.Node4.Addr(), 3)
 	engines.CheckMetricsPod(t, lb.get, podName(web1), podName(web2))
 
+	// Isolated as a pod is: a stale Service address and a forged source
+	// from web-2 are dropped and counted, and reach no wire.
+	ep2, _ := engines.FindAdopted(t, dp, web2.MAC)
+	engines.CheckIsolated(t, lb.l, lb.u, dp, c2, ep2)
+
 	// Removed: unregistered at the next scan.
 	c2.Close()
 	p.must("rm", "-f", "-t", "0", "web-2")
@@ -242,7 +254,19 @@ func TestPodmanNetavark(t *testing.T) {
 		return !found
 	})
 	t.Logf("web-2 unregistered %s after podman rm -f returned", time.Since(removed).Round(time.Millisecond))
+
+	// The agent restarts: the adoption is kept, same endpoint, same name.
+	if !ag.Terminate(10 * time.Second) {
+		t.Fatal("underpassd did not stop on SIGTERM")
+	}
+	lb.agent(t)
+	if again := engines.WaitAdopted(t, dp, web1, 5*time.Second); again.ID != ep1.ID {
+		t.Errorf("after an agent restart web-1 is endpoint %d, was %d", again.ID, ep1.ID)
+	} else {
+		t.Logf("after an agent restart web-1 is still endpoint %d, named %q", again.ID, again.PodName)
+	}
 	netenv.MustPing(t, lb.l.Node, web1.IP, 2)
+	netenv.MustPing(t, c1, lb.u.Node4.Addr(), 2)
 	c1.Close()
 	p.must("rm", "-f", "-t", "0", "web-1")
 	engines.WaitNoneAdopted(t, dp, 5*time.Second, "every adopted endpoint unregistered after podman rm -f")
@@ -272,7 +296,8 @@ func TestPodmanCNI(t *testing.T) {
   "plugins": [
     {"type": "macvlan", "master": %q, "mode": "bridge",
      "ipam": {"type": "host-local", "dataDir": %q,
-              "ranges": [[{"subnet": %q, "rangeStart": %q, "rangeEnd": %q, "gateway": %q}]]}},
+              "ranges": [[{"subnet": %q, "rangeStart": %q, "rangeEnd": %q, "gateway": %q}]],
+              "routes": [{"dst": "0.0.0.0/0"}]}},
     {"type": "underpass", "bpffs": %q}
   ]
 }
@@ -294,7 +319,7 @@ func TestPodmanCNI(t *testing.T) {
 		t.Errorf("host-local leases left by the failed ADD: %v", leases)
 	}
 
-	dp := lb.startAgent(t)
+	_, dp := lb.startAgent(t)
 	web, returned := p.run("web-c", network)
 	ep, found := engines.FindMAC(t, dp, web.MAC)
 	if !found {
@@ -325,6 +350,12 @@ func TestPodmanCNI(t *testing.T) {
 		t.Errorf("web-c's registrations after 2.5s of the agent's scans: %v, want only %s/%s", regs, network, web.Name)
 	}
 	engines.CheckMetricsPod(t, lb.get, web.Name)
+
+	// Isolated as a pod is, the plugin's registration (found by MAC): a
+	// stale Service address and a forged source from web-c are dropped and
+	// counted, and reach no wire.
+	ep, _ = engines.FindMAC(t, dp, web.MAC)
+	engines.CheckIsolated(t, lb.l, lb.u, dp, c, ep)
 
 	// podman rm: CNI DEL unregisters it before podman returns, and the
 	// lease goes.
