@@ -260,16 +260,15 @@ func WaitAdopted(t *testing.T, dp *loader.Objects, c Container, timeout time.Dur
 	return ep
 }
 
-// WaitAdoptedSince waits until c is adopted and named, at most within of
-// since (when what happened: "docker run returned"), and says how long
-// after since it was.
-func WaitAdoptedSince(t *testing.T, dp *loader.Objects, c Container, since time.Time, what string, within time.Duration) time.Duration {
+// WaitAdoptedSince waits (at most timeout: a functional bound, not a
+// speed check) until c is adopted and named, and returns how long after
+// since (what: e.g. "docker run returned") that was, for the test to
+// report: wall-clock speed is a figure, never an assertion.
+func WaitAdoptedSince(t *testing.T, dp *loader.Objects, c Container, since time.Time, what string, timeout time.Duration) time.Duration {
 	t.Helper()
-	WaitAdopted(t, dp, c, within+5*time.Second) // a slow engine or scan fails the bound below, not the wait
+	WaitAdopted(t, dp, c, timeout)
 	took := time.Since(since)
-	if took > within {
-		t.Errorf("%s adopted %s after %s, want within %s", c.Name, took.Round(time.Millisecond), what, within)
-	}
+	t.Logf("%s adopted %s after %s", c.Name, took.Round(time.Millisecond), what)
 	return took
 }
 
@@ -325,6 +324,9 @@ func CheckIsolated(t *testing.T, l *netenv.Env, u *netenv.Uplink, dp *loader.Obj
 		Must(t, err)
 		return s
 	}
+	// The gateway resolved first: a ping queued behind an ARP that is
+	// slow to come back would be lost before the guard ever saw it.
+	netenv.Ping(t, ns, u.Gateway4, 1)
 	before := stats()
 	stale := netip.MustParseAddr("10.96.0.99")
 	toStale := netenv.StartCounter(t, l.Wire, u.Port, netenv.MatchDstIP(stale))
