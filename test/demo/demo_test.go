@@ -83,14 +83,10 @@ func TestDemo(t *testing.T) {
 		}
 	}
 
-	t.Run("make demo", func(t *testing.T) {
-		out := kit.Make(t, root, "demo", bin, "DEMO_ONCE=1")
+	kit.MakeDemo(t, root, "demo", bin, demoBin, func(t *testing.T, out string) {
 		kit.CheckOutput(t, out, wantSteps, wantCleanup)
 		assertClean(t)
-	})
-	if _, err := os.Stat(demoBin); err != nil {
-		t.Fatalf("make demo did not build %s", demoBin)
-	}
+	}, "DEMO_ONCE=1")
 	cniPath := hostLocalDir(t, root)
 
 	t.Run("Ctrl-C", func(t *testing.T) {

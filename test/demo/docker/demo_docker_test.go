@@ -83,14 +83,10 @@ func TestDemoDocker(t *testing.T) {
 		}
 	}
 
-	t.Run("make demo-docker", func(t *testing.T) {
-		out := kit.Make(t, root, "demo-docker", bin, "DEMO_WAIT=")
+	kit.MakeDemo(t, root, "demo-docker", bin, demoBin, func(t *testing.T, out string) {
 		kit.CheckOutput(t, out, wantSteps, wantCleanup)
 		assertClean(t)
-	})
-	if _, err := os.Stat(demoBin); err != nil {
-		t.Fatalf("make demo-docker did not build %s", demoBin)
-	}
+	}, "DEMO_WAIT=")
 
 	// kill -9 in the middle of the scene leaves things behind (dockerd
 	// goes with the demo: Pdeathsig); the next run removes them first, and

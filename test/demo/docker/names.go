@@ -28,7 +28,7 @@ const (
 	// Prefix starts the name of every network namespace of the demo.
 	Prefix = "underpass-dockerdemo-"
 	// NetnsDir is where named namespaces live (as with `ip netns add`).
-	NetnsDir = "/run/netns"
+	NetnsDir = kit.NetnsDir
 	// BPFFS is the demo agent's pin directory.
 	BPFFS = "/sys/fs/bpf/underpass-dockerdemo"
 	// StateDir holds dockerd's roots and socket and the agent's config
@@ -40,7 +40,7 @@ const (
 	MetricsAddr = "127.0.0.1:9775"
 	// AgentLockDir is where underpassd keeps its per-pin-directory lock
 	// files (internal/agent.LockDir).
-	AgentLockDir = "/run/underpass"
+	AgentLockDir = kit.AgentLockDir
 	// TrustKey is where dockerd 20.10 writes its identity whatever its
 	// roots; the demo removes it if it made it (KeyMarker says so).
 	TrustKey = "/etc/docker/key.json"
@@ -126,14 +126,7 @@ func Mounts() []string {
 }
 
 // Names are the Docker demo's names, for test/demo/kit.
-var Names = kit.Names{
-	Prefix:       Prefix,
-	NetnsDir:     NetnsDir,
-	BPFFS:        BPFFS,
-	StateDir:     StateDir,
-	LockFile:     LockFile,
-	AgentLockDir: AgentLockDir,
-}
+var Names = kit.NewNames(Prefix, BPFFS, StateDir, LockFile)
 
 // Processes returns the pids of processes (other than the caller) whose
 // command line names a path inside StateDir: underpassd, dockerd,

@@ -159,3 +159,15 @@ func Prepare(t *testing.T, needs, hint string, leftovers func() []string, demoBi
 		}
 	})
 }
+
+// MakeDemo runs Make (target, env) as the subtest "make target" and check
+// on its output, then ends the test if make did not build demoBin.
+func MakeDemo(t *testing.T, root, target, bin, demoBin string, check func(t *testing.T, out string), env ...string) {
+	t.Helper()
+	t.Run("make "+target, func(t *testing.T) {
+		check(t, Make(t, root, target, bin, env...))
+	})
+	if _, err := os.Stat(demoBin); err != nil {
+		t.Fatalf("make %s did not build %s", target, demoBin)
+	}
+}

@@ -30,6 +30,19 @@ import (
 	"github.com/underpass-cni/underpass/test/netenv"
 )
 
+const (
+	// NetnsDir is where named namespaces live (as with `ip netns add`).
+	NetnsDir = "/run/netns"
+	// AgentLockDir is where underpassd keeps its per-pin-directory lock
+	// files (internal/agent.LockDir); a demo removes its agent's one.
+	AgentLockDir = "/run/underpass"
+)
+
+// NewNames are a demo's Names, in NetnsDir and AgentLockDir.
+func NewNames(prefix, bpffs, stateDir, lockFile string) Names {
+	return Names{Prefix: prefix, NetnsDir: NetnsDir, BPFFS: bpffs, StateDir: stateDir, LockFile: lockFile, AgentLockDir: AgentLockDir}
+}
+
 // Names are the fixed names of everything one demo creates. They are fixed
 // (not per run), so a run after a crash, a kill -9 or a power cut finds and
 // removes what the previous one left: namespaces named Prefix*, the pin

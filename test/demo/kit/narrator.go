@@ -118,3 +118,16 @@ func (n Names) Run(what, rootHint string, cleanupOnly bool, cleanup func(gracefu
 	}
 	return nil
 }
+
+// LabSection is a demo's first section: it builds the lab (build: BuildLab
+// with s, and what else the demo's lab has) and says what the wire is;
+// false means the demo cannot go on.
+func (n *Narrator) LabSection(names Names, s LabSpec, build func() error) bool {
+	n.Section("1. The node: network namespaces")
+	if err := build(); err != nil {
+		n.Fail("%v", err)
+		return false
+	}
+	n.OK("%s: bridge br0 is the switch and the gateway %s/%d", names.Prefix+"wire", s.Gateway, s.Subnet.Bits())
+	return true
+}

@@ -10,13 +10,14 @@ import (
 	"github.com/underpass-cni/underpass/test/demo/kit"
 )
 
+// labSpec is the demo's lab: br0 has a fixed MAC and no multicast
+// snooping.
+var labSpec = kit.LabSpec{Subnet: subnet, Gateway: gateway, NodeAddr: nodeAddr, BridgeMAC: gatewayMA, NoMulticastSnooping: true}
+
 // buildLab creates the wire and node namespaces and the leak sink.
 func (d *demoRun) buildLab() error {
 	var err error
-	d.wire, d.node, err = demo.Names.BuildLab(kit.LabSpec{
-		Subnet: subnet, Gateway: gateway, NodeAddr: nodeAddr,
-		BridgeMAC: gatewayMA, NoMulticastSnooping: true,
-	})
+	d.wire, d.node, err = demo.Names.BuildLab(labSpec)
 	if err != nil {
 		return err
 	}

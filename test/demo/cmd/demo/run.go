@@ -102,12 +102,9 @@ func (d *demoRun) setup(ctx context.Context) bool {
 		}
 	}
 
-	d.Section("1. The node: network namespaces")
-	if err := d.buildLab(); err != nil {
-		d.Fail("%v", err)
+	if !d.LabSection(demo.Names, labSpec, d.buildLab) {
 		return false
 	}
-	d.OK("%s: bridge br0 is the switch and the gateway %s/%d", d.wire.Name, gateway, subnet.Bits())
 	d.OK("%s: eth0 %s/%d is the parent NIC (a veth plugged into br0), default route via %s", d.node.Name, nodeAddr, subnet.Bits(), gateway)
 	d.OK("the node answers the live service %s:%d (kube-proxy's job on a real node)", liveVIP, svcPort)
 	if ctx.Err() != nil {

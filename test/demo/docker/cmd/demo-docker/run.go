@@ -110,12 +110,9 @@ func (d *demoRun) scene(ctx context.Context) bool {
 		return false
 	}
 
-	d.Section("1. The node: network namespaces")
-	if err := d.buildLab(); err != nil {
-		d.Fail("%v", err)
+	if !d.LabSection(dd.Names, labSpec, d.buildLab) {
 		return false
 	}
-	d.OK("%s: bridge br0 is the switch and the gateway %s/%d", d.wire.Name, gateway, subnet.Bits())
 	d.OK("%s: eth0 %s/%d is the parent NIC (a veth plugged into br0)", d.node.Name, nodeAddr, subnet.Bits())
 	if ctx.Err() != nil {
 		return false
@@ -238,10 +235,12 @@ func (d *demoRun) scene(ctx context.Context) bool {
 	return ctx.Err() == nil
 }
 
+var labSpec = kit.LabSpec{Subnet: subnet, Gateway: gateway, NodeAddr: nodeAddr}
+
 // buildLab creates the wire and node namespaces, the bridge and the veth.
 func (d *demoRun) buildLab() error {
 	var err error
-	d.wire, d.node, err = dd.Names.BuildLab(kit.LabSpec{Subnet: subnet, Gateway: gateway, NodeAddr: nodeAddr})
+	d.wire, d.node, err = dd.Names.BuildLab(labSpec)
 	return err
 }
 
