@@ -171,3 +171,18 @@ func MakeDemo(t *testing.T, root, target, bin, demoBin string, check func(t *tes
 		t.Fatalf("make %s did not build %s", target, demoBin)
 	}
 }
+
+// Crash kills the demo (SIGKILL) once its output has at, waits for it to
+// exit, and fails the test unless that left something behind (leftovers):
+// the next run's recovery must have something to do.
+func (d *Running) Crash(t *testing.T, at string, leftovers func() []string) {
+	t.Helper()
+	d.WaitFor(t, at)
+	d.Kill(t)
+	_ = d.Wait(t, time.Minute)
+	if left := leftovers(); len(left) == 0 {
+		t.Fatal("kill -9 left nothing behind: the recovery path is not exercised")
+	} else {
+		t.Logf("left by kill -9: %v", left)
+	}
+}
