@@ -20,8 +20,6 @@ import (
 const (
 	// Prefix starts the name of every network namespace of the demo.
 	Prefix = "underpass-demo-"
-	// NetnsDir is where named namespaces live (as with `ip netns add`).
-	NetnsDir = kit.NetnsDir
 	// BPFFS is the demo agent's pin directory (config key bpffs), next to
 	// but apart from a real install's /sys/fs/bpf/underpass.
 	BPFFS = "/sys/fs/bpf/underpass-demo"
@@ -34,16 +32,13 @@ const (
 	LockFile = "/run/underpass-demo.lock"
 	// MetricsAddr is the agent's metrics.listen inside the node netns.
 	MetricsAddr = "127.0.0.1:9775"
-	// AgentLockDir is where underpassd keeps its per-pin-directory lock
-	// files (internal/agent.LockDir); the demo removes its agent's one.
-	AgentLockDir = kit.AgentLockDir
 )
 
 // Names are the demo's names, for test/demo/kit.
 var Names = kit.NewNames(Prefix, BPFFS, StateDir, LockFile)
 
 // NS is a named network namespace: test/netenv's, with Name Prefix + a
-// short name and Path NetnsDir/Name (for nsenter --net= and CNI_NETNS).
+// short name and Path kit.NetnsDir/Name (for nsenter --net= and CNI_NETNS).
 type NS = netenv.NS
 
 // Leftovers describes everything of the demo that exists now: namespaces,

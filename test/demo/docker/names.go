@@ -27,8 +27,6 @@ import (
 const (
 	// Prefix starts the name of every network namespace of the demo.
 	Prefix = "underpass-dockerdemo-"
-	// NetnsDir is where named namespaces live (as with `ip netns add`).
-	NetnsDir = kit.NetnsDir
 	// BPFFS is the demo agent's pin directory.
 	BPFFS = "/sys/fs/bpf/underpass-dockerdemo"
 	// StateDir holds dockerd's roots and socket and the agent's config
@@ -38,9 +36,6 @@ const (
 	LockFile = "/run/underpass-dockerdemo.lock"
 	// MetricsAddr is the agent's metrics.listen inside the node netns.
 	MetricsAddr = "127.0.0.1:9775"
-	// AgentLockDir is where underpassd keeps its per-pin-directory lock
-	// files (internal/agent.LockDir).
-	AgentLockDir = kit.AgentLockDir
 	// TrustKey is where dockerd 20.10 writes its identity whatever its
 	// roots; the demo removes it if it made it (KeyMarker says so).
 	TrustKey = "/etc/docker/key.json"
