@@ -3,14 +3,11 @@
 package demo_test
 
 import (
-	"context"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"regexp"
 	"slices"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -18,6 +15,7 @@ import (
 
 	"github.com/underpass-cni/underpass/internal/testutil"
 	"github.com/underpass-cni/underpass/test/demo"
+	"github.com/underpass-cni/underpass/test/demo/kit"
 )
 
 // The lines a working demo prints, in order.
@@ -62,27 +60,15 @@ var wantCleanup = []string{
 // state directory, lock files or processes.
 func TestDemo(t *testing.T) {
 	testutil.RequireRoot(t)
-	for _, tool := range []string{"make", "nsenter", "go"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			t.Fatalf("the demo needs %s: %v", tool, err)
-		}
-	}
-	if left := demo.Leftovers(); len(left) > 0 {
-		t.Fatalf("a demo is running or left things behind (sudo make demo ... --cleanup, or stop it): %v", left)
-	}
 	root, err := filepath.Abs("../..")
 	if err != nil {
 		t.Fatal(err)
 	}
 	bin := t.TempDir()
+	demoBin := filepath.Join(bin, "demo", "underpass-demo")
+	kit.Prepare(t, "the demo needs %s", "a demo is running or left things behind (sudo make demo ... --cleanup, or stop it)",
+		demo.Leftovers, demoBin, bin, "make", "nsenter", "go")
 	hostLinks := linkNames(t)
-	t.Cleanup(func() {
-		// Whatever happened, leave the machine clean for the next test.
-		if len(demo.Leftovers()) > 0 {
-			out, _ := exec.Command(filepath.Join(bin, "demo", "underpass-demo"), "--bin", bin, "--cleanup").CombinedOutput()
-			t.Logf("cleanup after the test:\n%s", out)
-		}
-	})
 	assertClean := func(t *testing.T) {
 		t.Helper()
 		if left := demo.Leftovers(); len(left) > 0 {
@@ -97,61 +83,36 @@ func TestDemo(t *testing.T) {
 		}
 	}
 
-	t.Run("make demo", func(t *testing.T) {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
-		defer cancel()
-		cmd := exec.CommandContext(ctx, "make", "--no-print-directory", "demo", "BIN="+bin)
-		cmd.Dir = root
-		cmd.Env = append(os.Environ(), "DEMO_ONCE=1")
-		out, err := cmd.CombinedOutput()
-		t.Logf("make demo:\n%s", out)
-		if err != nil {
-			t.Fatalf("make demo: %v", err)
-		}
-		checkOutput(t, string(out), wantSteps, wantCleanup)
+	kit.MakeDemo(t, root, "demo", bin, demoBin, func(t *testing.T, out string) {
+		kit.CheckOutput(t, out, wantSteps, wantCleanup)
 		assertClean(t)
-	})
-	demoBin := filepath.Join(bin, "demo", "underpass-demo")
-	if _, err := os.Stat(demoBin); err != nil {
-		t.Fatalf("make demo did not build %s", demoBin)
-	}
+	}, "DEMO_ONCE=1")
 	cniPath := hostLocalDir(t, root)
 
 	t.Run("Ctrl-C", func(t *testing.T) {
 		d := startDemo(t, demoBin, bin, cniPath)
-		d.waitFor(t, "Press Ctrl-C")
+		d.WaitFor(t, "Press Ctrl-C")
 		// As the terminal does: the demo's process group (the agent has
 		// its own, so the demo stops it in order).
-		if err := syscall.Kill(-d.cmd.Process.Pid, syscall.SIGINT); err != nil {
-			t.Fatal(err)
+		d.Interrupt(t)
+		if err := d.Wait(t, time.Minute); err != nil {
+			t.Fatalf("demo after Ctrl-C: %v\n%s", err, d.Out.String())
 		}
-		if err := d.wait(t, time.Minute); err != nil {
-			t.Fatalf("demo after Ctrl-C: %v\n%s", err, d.out.String())
-		}
-		checkOutput(t, d.out.String(), wantSteps, wantCleanup)
+		kit.CheckOutput(t, d.Out.String(), wantSteps, wantCleanup)
 		assertClean(t)
 	})
 
 	t.Run("after kill -9", func(t *testing.T) {
 		d := startDemo(t, demoBin, bin, cniPath)
-		d.waitFor(t, "Press Ctrl-C")
-		if err := d.cmd.Process.Kill(); err != nil {
-			t.Fatal(err)
-		}
-		_ = d.wait(t, time.Minute)
 		// A crash leaves the namespaces, pins and state behind (the agent
 		// itself goes with its parent: Pdeathsig).
-		if left := demo.Leftovers(); len(left) == 0 {
-			t.Fatal("kill -9 left nothing behind: the recovery path is not exercised")
-		} else {
-			t.Logf("left by kill -9: %v", left)
-		}
+		d.Crash(t, "Press Ctrl-C", demo.Leftovers)
 
 		d = startDemo(t, demoBin, bin, cniPath, "DEMO_ONCE=1")
-		if err := d.wait(t, 2*time.Minute); err != nil {
-			t.Fatalf("demo after a crash: %v\n%s", err, d.out.String())
+		if err := d.Wait(t, 2*time.Minute); err != nil {
+			t.Fatalf("demo after a crash: %v\n%s", err, d.Out.String())
 		}
-		checkOutput(t, d.out.String(), append([]string{
+		kit.CheckOutput(t, d.Out.String(), append([]string{
 			`── Leftovers of an earlier run`,
 			`✓ delete namespaces underpass-demo-node underpass-demo-pod-a underpass-demo-pod-b underpass-demo-wire`,
 			`✓ remove pins /sys/fs/bpf/underpass-demo`,
@@ -159,31 +120,6 @@ func TestDemo(t *testing.T) {
 		}, wantSteps...), wantCleanup)
 		assertClean(t)
 	})
-}
-
-// checkOutput checks that out has every pattern of each list in order and
-// no failed step.
-func checkOutput(t *testing.T, out string, lists ...[]string) {
-	t.Helper()
-	rest := out
-	for _, list := range lists {
-		for _, p := range list {
-			loc := regexp.MustCompile(p).FindStringIndex(rest)
-			if loc == nil {
-				t.Errorf("the demo's output lacks (in order) %q", p)
-				continue
-			}
-			rest = rest[loc[1]:]
-		}
-	}
-	for l := range strings.SplitSeq(out, "\n") {
-		if strings.Contains(l, "✗") {
-			t.Errorf("failed step: %s", strings.TrimSpace(l))
-		}
-	}
-	if t.Failed() {
-		t.Logf("demo output:\n%s", out)
-	}
 }
 
 // hostLocalDir is where make demo put the host-local plugin.
@@ -202,58 +138,12 @@ func hostLocalDir(t *testing.T, root string) string {
 	return filepath.Join(home, ".cache", "underpass", "cni-plugins-"+strings.TrimSpace(string(v)))
 }
 
-type runningDemo struct {
-	cmd  *exec.Cmd
-	out  *testutil.SyncBuffer
-	done chan error
-}
-
-func startDemo(t *testing.T, demoBin, bin, cniPath string, env ...string) *runningDemo {
+// startDemo runs the demo binary the way make demo does, with env added
+// to the test's environment but for DEMO_ONCE.
+func startDemo(t *testing.T, demoBin, bin, cniPath string, env ...string) *kit.Running {
 	t.Helper()
-	d := &runningDemo{out: &testutil.SyncBuffer{}, done: make(chan error, 1)}
-	d.cmd = exec.Command(demoBin, "--bin", bin, "--cni-path", cniPath)
-	d.cmd.Env = slices.DeleteFunc(os.Environ(), func(s string) bool { return strings.HasPrefix(s, "DEMO_ONCE=") })
-	d.cmd.Env = append(d.cmd.Env, env...)
-	d.cmd.Stdout, d.cmd.Stderr = d.out, d.out
-	d.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	if err := d.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go func() { d.done <- d.cmd.Wait() }()
-	t.Cleanup(func() {
-		_ = d.cmd.Process.Kill()
-		<-d.done
-		d.done <- nil
-	})
-	return d
-}
-
-// waitFor waits until the output contains s (at most a minute).
-func (d *runningDemo) waitFor(t *testing.T, s string) {
-	t.Helper()
-	deadline := time.After(time.Minute)
-	for !strings.Contains(d.out.String(), s) {
-		select {
-		case err := <-d.done:
-			d.done <- err
-			t.Fatalf("the demo exited (%v) before printing %q:\n%s", err, s, d.out.String())
-		case <-deadline:
-			t.Fatalf("no %q after a minute:\n%s", s, d.out.String())
-		case <-time.After(50 * time.Millisecond):
-		}
-	}
-}
-
-func (d *runningDemo) wait(t *testing.T, timeout time.Duration) error {
-	t.Helper()
-	select {
-	case err := <-d.done:
-		d.done <- err
-		return err
-	case <-time.After(timeout):
-		t.Fatalf("the demo did not exit within %s:\n%s", timeout, d.out.String())
-		return nil
-	}
+	e := slices.DeleteFunc(os.Environ(), func(s string) bool { return strings.HasPrefix(s, "DEMO_ONCE=") })
+	return kit.Start(t, append(e, env...), demoBin, "--bin", bin, "--cni-path", cniPath)
 }
 
 // linkNames lists the host netns's links, sorted.

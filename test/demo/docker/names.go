@@ -16,21 +16,17 @@ package docker
 
 import (
 	"bytes"
-	"crypto/sha256"
-	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
-	"slices"
-	"strconv"
 	"strings"
+
+	"github.com/underpass-cni/underpass/test/demo/kit"
 )
 
 const (
 	// Prefix starts the name of every network namespace of the demo.
 	Prefix = "underpass-dockerdemo-"
-	// NetnsDir is where named namespaces live (as with `ip netns add`).
-	NetnsDir = "/run/netns"
 	// BPFFS is the demo agent's pin directory.
 	BPFFS = "/sys/fs/bpf/underpass-dockerdemo"
 	// StateDir holds dockerd's roots and socket and the agent's config
@@ -40,9 +36,6 @@ const (
 	LockFile = "/run/underpass-dockerdemo.lock"
 	// MetricsAddr is the agent's metrics.listen inside the node netns.
 	MetricsAddr = "127.0.0.1:9775"
-	// AgentLockDir is where underpassd keeps its per-pin-directory lock
-	// files (internal/agent.LockDir).
-	AgentLockDir = "/run/underpass"
 	// TrustKey is where dockerd 20.10 writes its identity whatever its
 	// roots; the demo removes it if it made it (KeyMarker says so).
 	TrustKey = "/etc/docker/key.json"
@@ -51,24 +44,6 @@ const (
 // KeyMarker, inside StateDir, says that TrustKey did not exist before the
 // demo started dockerd.
 var KeyMarker = filepath.Join(StateDir, "remove-key.json")
-
-// Namespaces lists the demo's namespaces (full names).
-func Namespaces() ([]string, error) {
-	entries, err := os.ReadDir(NetnsDir)
-	if errors.Is(err, os.ErrNotExist) {
-		return nil, nil
-	}
-	if err != nil {
-		return nil, err
-	}
-	var out []string
-	for _, e := range entries {
-		if strings.HasPrefix(e.Name(), Prefix) {
-			out = append(out, e.Name())
-		}
-	}
-	return out, nil
-}
 
 // ContainersDir is where the demo's dockerd keeps its containers, one
 // directory per container ID.
@@ -87,20 +62,6 @@ func ContainerIDs() []string {
 	return out
 }
 
-// Processes returns the pids of processes (other than the caller) whose
-// command line names a path inside StateDir: underpassd, dockerd,
-// containerd and the shims, oldest (lowest pid) first.
-func Processes() []int {
-	var out []int
-	for _, pid := range pids() {
-		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
-		if err == nil && bytes.Contains(b, []byte(StateDir+"/")) {
-			out = append(out, pid)
-		}
-	}
-	return out
-}
-
 // ContainerProcesses returns the pids of processes in the cgroup of one of
 // the demo's containers: a container whose shim was killed with its
 // dockerd is orphaned, and only its cgroup still ties it to the demo.
@@ -110,7 +71,7 @@ func ContainerProcesses() []int {
 		return nil
 	}
 	var out []int
-	for _, pid := range pids() {
+	for _, pid := range kit.Pids() {
 		cg, err := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", pid))
 		if err != nil {
 			continue
@@ -123,19 +84,6 @@ func ContainerProcesses() []int {
 			}
 		}
 	}
-	return out
-}
-
-// pids are the processes but the caller, in ascending order.
-func pids() []int {
-	entries, _ := os.ReadDir("/proc")
-	var out []int
-	for _, e := range entries {
-		if pid, err := strconv.Atoi(e.Name()); err == nil && pid != os.Getpid() {
-			out = append(out, pid)
-		}
-	}
-	slices.Sort(out)
 	return out
 }
 
@@ -172,39 +120,24 @@ func Mounts() []string {
 	return out
 }
 
-// AgentLockFile is the lock file underpassd keeps for BPFFS
-// (internal/agent: underpassd-<first 8 bytes of sha256, hex>.lock).
-func AgentLockFile() string {
-	sum := sha256.Sum256([]byte(filepath.Clean(BPFFS)))
-	return filepath.Join(AgentLockDir, fmt.Sprintf("underpassd-%x.lock", sum[:8]))
-}
+// Names are the Docker demo's names, for test/demo/kit.
+var Names = kit.NewNames(Prefix, BPFFS, StateDir, LockFile)
+
+// Processes returns the pids of processes (other than the caller) whose
+// command line names a path inside StateDir: underpassd, dockerd,
+// containerd and the shims, oldest (lowest pid) first.
+func Processes() []int { return Names.Processes() }
 
 // Leftovers describes everything of the demo that exists now: namespaces,
-// mounts, the pin and state directories, the lock files and processes.
-// Empty means clean.
+// cgroups, mounts, the pin and state directories, the lock files and
+// processes (the containers' included). Empty means clean.
 func Leftovers() []string {
-	var out []string
-	names, err := Namespaces()
-	if err != nil {
-		out = append(out, fmt.Sprintf("cannot list %s: %v", NetnsDir, err))
-	}
-	for _, n := range names {
-		out = append(out, "netns "+n)
-	}
+	var more []string
 	for _, c := range Cgroups() {
-		out = append(out, "cgroup "+c)
+		more = append(more, "cgroup "+c)
 	}
 	for _, m := range Mounts() {
-		out = append(out, "mount "+m)
+		more = append(more, "mount "+m)
 	}
-	for _, p := range []string{BPFFS, StateDir, LockFile, AgentLockFile()} {
-		if _, err := os.Lstat(p); err == nil {
-			out = append(out, p)
-		}
-	}
-	for _, pid := range append(Processes(), ContainerProcesses()...) {
-		cmd, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
-		out = append(out, fmt.Sprintf("process %d: %s", pid, strings.TrimSpace(string(bytes.ReplaceAll(cmd, []byte{0}, []byte{' '})))))
-	}
-	return out
+	return Names.Leftovers(more, ContainerProcesses())
 }

@@ -28,6 +28,7 @@ import (
 	"time"
 
 	"github.com/underpass-cni/underpass/test/demo"
+	"github.com/underpass-cni/underpass/test/demo/kit"
 )
 
 // The demo's addresses.
@@ -87,32 +88,25 @@ func main() {
 		os.Exit(2)
 	}
 	if err := run(o); err != nil {
-		if !errors.Is(err, errReported) {
+		if !errors.Is(err, kit.ErrReported) {
 			fmt.Fprintln(os.Stderr, "demo:", err)
 		}
 		os.Exit(1)
 	}
 }
 
-// errReported is run's error when the demo's output has already said what
-// failed.
-var errReported = errors.New("a step failed")
-
 // run is the demo, or with --cleanup only its cleanup, under the lock that
 // keeps it to one at a time.
 func run(o options) error {
-	if os.Geteuid() != 0 {
-		return errors.New("run as root (network namespaces, eBPF): sudo make demo")
-	}
 	absBin, err := filepath.Abs(o.bin)
 	if err != nil {
 		return err
 	}
 	d := &demoRun{
-		bin:   absBin,
-		once:  os.Getenv("DEMO_ONCE") == "1",
-		out:   os.Stdout,
-		start: time.Now(),
+		Narrator: kit.Narrator{Out: os.Stdout},
+		bin:      absBin,
+		once:     os.Getenv("DEMO_ONCE") == "1",
+		start:    time.Now(),
 	}
 	d.cniPath = []string{absBin}
 	for _, p := range filepath.SplitList(o.cniPath) {
@@ -120,21 +114,5 @@ func run(o options) error {
 			d.cniPath = append(d.cniPath, p)
 		}
 	}
-
-	unlock, err := takeLock()
-	if err != nil {
-		return err
-	}
-	defer unlock()
-
-	if o.cleanupOnly {
-		if !d.cleanup(false) {
-			return errReported
-		}
-		return nil
-	}
-	if d.main() != 0 {
-		return errReported
-	}
-	return nil
+	return demo.Names.Run("demo", "run as root (network namespaces, eBPF): sudo make demo", o.cleanupOnly, d.cleanup, d.main)
 }

@@ -20,7 +20,7 @@ type sample struct {
 
 // metrics scrapes the agent; an error gives no samples.
 func (d *demoRun) metrics() samples {
-	code, body, err := d.get("/metrics")
+	code, body, err := d.agent.Get("/metrics")
 	if err != nil || code != http.StatusOK {
 		return nil
 	}

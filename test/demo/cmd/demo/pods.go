@@ -60,7 +60,7 @@ func (d *demoRun) writeConflist() error {
 // addPod creates a pod netns and runs CNI ADD for it from the node netns,
 // as the container runtime on a node does.
 func (d *demoRun) addPod(ctx context.Context, name string) (*pod, error) {
-	n, err := demo.CreateNS(name)
+	n, err := demo.Names.CreateNS(name)
 	if err != nil {
 		return nil, err
 	}

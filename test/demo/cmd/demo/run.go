@@ -5,29 +5,26 @@ package main
 import (
 	"context"
 	"fmt"
-	"io"
 	"net"
-	"net/http"
 	"os"
-	"os/exec"
-	"os/signal"
 	"path/filepath"
 	"strings"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	"github.com/containernetworking/cni/libcni"
 
 	"github.com/underpass-cni/underpass/test/demo"
+	"github.com/underpass-cni/underpass/test/demo/kit"
 )
 
 // demoRun is one run of the demo.
 type demoRun struct {
+	kit.Narrator // its output and the steps so far
+
 	bin     string
 	cniPath []string
 	once    bool
-	out     io.Writer
 	start   time.Time
 
 	wire, node *demo.NS
@@ -35,78 +32,23 @@ type demoRun struct {
 	cni        *libcni.CNIConfig
 	netconf    *libcni.NetworkConfigList
 
-	agent      *exec.Cmd
-	agentDone  chan struct{}
-	agentLog   *os.File
-	httpClient *http.Client
-	listeners  []net.Listener
-	leaks      atomic.Int64 // connections the gateway's leak sink accepted
-
-	steps, failed int
+	agent     *kit.Agent
+	listeners []net.Listener
+	leaks     atomic.Int64 // connections the gateway's leak sink accepted
 }
 
-// Output helpers: a section title, a passed step, a failed step, detail.
-func (d *demoRun) section(format string, args ...any) {
-	fmt.Fprintf(d.out, "\n── %s\n", fmt.Sprintf(format, args...))
+func (d *demoRun) main() int {
+	fmt.Fprintf(d.Out, "underpass demo: a node with two macvlan pods, built from network namespaces\n")
+	fmt.Fprintf(d.Out, "  binaries %s, state %s, pins %s\n", d.bin, demo.StateDir, demo.BPFFS)
+	return d.RunScene(leftoversButLock, d.cleanup, d.scene)
 }
 
-func (d *demoRun) ok(format string, args ...any) {
-	d.steps++
-	fmt.Fprintf(d.out, "  ✓ %s\n", fmt.Sprintf(format, args...))
-}
-
-func (d *demoRun) fail(format string, args ...any) {
-	d.steps++
-	d.failed++
-	fmt.Fprintf(d.out, "  ✗ %s\n", fmt.Sprintf(format, args...))
-}
-
-func (d *demoRun) check(ok bool, format string, args ...any) bool {
-	if ok {
-		d.ok(format, args...)
-	} else {
-		d.fail(format, args...)
-	}
-	return ok
-}
-
-func (d *demoRun) detail(format string, args ...any) {
-	for _, l := range strings.Split(strings.TrimRight(fmt.Sprintf(format, args...), "\n"), "\n") {
-		fmt.Fprintf(d.out, "      %s\n", l)
-	}
-}
-
-func (d *demoRun) main() (code int) {
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
-
-	fmt.Fprintf(d.out, "underpass demo: a node with two macvlan pods, built from network namespaces\n")
-	fmt.Fprintf(d.out, "  binaries %s, state %s, pins %s\n", d.bin, demo.StateDir, demo.BPFFS)
-
-	if left := leftoversButLock(); len(left) > 0 {
-		d.section("Leftovers of an earlier run")
-		if !d.cleanup(false) {
-			return 1
-		}
-	}
-
-	// Always clean up: on success, failure, Ctrl-C and panics in this
-	// goroutine. kill -9 is what the leftover scan above is for.
-	defer func() {
-		if r := recover(); r != nil {
-			fmt.Fprintf(d.out, "  ✗ demo crashed: %v\n", r)
-			code = 1
-		}
-		signal.Ignore(os.Interrupt, syscall.SIGTERM) // a second Ctrl-C must not stop the cleanup
-		d.section("Cleanup")
-		if !d.cleanup(true) && code == 0 {
-			code = 1
-		}
-	}()
-
+// scene is the demo's steps, then (without DEMO_ONCE=1) the wait for
+// Ctrl-C.
+func (d *demoRun) scene(ctx context.Context) int {
 	if !d.setup(ctx) {
 		if ctx.Err() != nil {
-			fmt.Fprintf(d.out, "\nInterrupted.\n")
+			fmt.Fprintf(d.Out, "\nInterrupted.\n")
 		} else {
 			d.summary()
 		}
@@ -117,19 +59,19 @@ func (d *demoRun) main() (code int) {
 	d.inspect(ctx)
 	ready := time.Since(d.start)
 	d.summary()
-	fmt.Fprintf(d.out, "Demo ready after %s.\n", ready.Round(100*time.Millisecond))
-	if d.failed > 0 {
+	fmt.Fprintf(d.Out, "Demo ready after %s.\n", ready.Round(100*time.Millisecond))
+	if d.Failed > 0 {
 		d.showAgentLog(40)
 		return 1
 	}
 	if d.once || ctx.Err() != nil {
 		return 0
 	}
-	fmt.Fprintf(d.out, "\nThe node stays up: try the commands above. Press Ctrl-C to stop the demo and clean up.\n")
+	fmt.Fprintf(d.Out, "\nThe node stays up: try the commands above. Press Ctrl-C to stop the demo and clean up.\n")
 	select {
 	case <-ctx.Done():
-	case <-d.agentDone:
-		fmt.Fprintf(d.out, "  ✗ underpassd exited unexpectedly\n")
+	case <-d.agent.Done:
+		fmt.Fprintf(d.Out, "  ✗ underpassd exited unexpectedly\n")
 		d.showAgentLog(40)
 		return 1
 	}
@@ -137,10 +79,10 @@ func (d *demoRun) main() (code int) {
 }
 
 func (d *demoRun) summary() {
-	if d.failed == 0 {
-		fmt.Fprintf(d.out, "\nAll %d steps passed.\n", d.steps)
+	if d.Failed == 0 {
+		fmt.Fprintf(d.Out, "\nAll %d steps passed.\n", d.Steps)
 	} else {
-		fmt.Fprintf(d.out, "\n%d of %d steps FAILED.\n", d.failed, d.steps)
+		fmt.Fprintf(d.Out, "\n%d of %d steps FAILED.\n", d.Failed, d.Steps)
 	}
 }
 
@@ -149,32 +91,29 @@ func (d *demoRun) summary() {
 func (d *demoRun) setup(ctx context.Context) bool {
 	for _, b := range []string{"underpass", "underpassd"} {
 		if _, err := os.Stat(filepath.Join(d.bin, b)); err != nil {
-			d.fail("%s not found in %s: run make build (or make demo)", b, d.bin)
+			d.Fail("%s not found in %s: run make build (or make demo)", b, d.bin)
 			return false
 		}
 	}
 	for _, dir := range []string{demo.StateDir, confDir, ipamDir, cniCacheDir} {
 		if err := os.MkdirAll(dir, 0o755); err != nil {
-			d.fail("%v", err)
+			d.Fail("%v", err)
 			return false
 		}
 	}
 
-	d.section("1. The node: network namespaces")
-	if err := d.buildLab(); err != nil {
-		d.fail("%v", err)
+	if !d.LabSection(demo.Names, labSpec, d.buildLab) {
 		return false
 	}
-	d.ok("%s: bridge br0 is the switch and the gateway %s/%d", d.wire.Name, gateway, subnet.Bits())
-	d.ok("%s: eth0 %s/%d is the parent NIC (a veth plugged into br0), default route via %s", d.node.Name, nodeAddr, subnet.Bits(), gateway)
-	d.ok("the node answers the live service %s:%d (kube-proxy's job on a real node)", liveVIP, svcPort)
+	d.OK("%s: eth0 %s/%d is the parent NIC (a veth plugged into br0), default route via %s", d.node.Name, nodeAddr, subnet.Bits(), gateway)
+	d.OK("the node answers the live service %s:%d (kube-proxy's job on a real node)", liveVIP, svcPort)
 	if ctx.Err() != nil {
 		return false
 	}
 
-	d.section("2. The agent: underpassd in the node netns")
+	d.Section("2. The agent: underpassd in the node netns")
 	if err := d.startAgent(ctx); err != nil {
-		d.fail("underpassd: %v", err)
+		d.Fail("underpassd: %v", err)
 		d.showAgentLog(40)
 		return false
 	}
@@ -182,19 +121,19 @@ func (d *demoRun) setup(ctx context.Context) bool {
 		return false
 	}
 
-	d.section("3. Two pods, created by the underpass CNI plugin (main mode, master eth0, host-local IPAM)")
+	d.Section("3. Two pods, created by the underpass CNI plugin (main mode, master eth0, host-local IPAM)")
 	if err := d.writeConflist(); err != nil {
-		d.fail("%v", err)
+		d.Fail("%v", err)
 		return false
 	}
 	d.cni = libcni.NewCNIConfigWithCacheDir(d.cniPath, cniCacheDir, nil)
 	for _, name := range []string{"pod-a", "pod-b"} {
 		p, err := d.addPod(ctx, name)
 		if err != nil {
-			d.fail("CNI ADD %s: %v", name, err)
+			d.Fail("CNI ADD %s: %v", name, err)
 			return false
 		}
-		d.ok("%s: eth0 %s/%d, mac %s (macvlan on eth0, netns %s)", p.name, p.ip, subnet.Bits(), p.mac, p.ns.Name)
+		d.OK("%s: eth0 %s/%d, mac %s (macvlan on eth0, netns %s)", p.name, p.ip, subnet.Bits(), p.mac, p.ns.Name)
 	}
 	return ctx.Err() == nil
 }
@@ -210,8 +149,8 @@ func (d *demoRun) showAgentLog(n int) {
 	if len(lines) > n {
 		lines = lines[len(lines)-n:]
 	}
-	fmt.Fprintf(d.out, "\n  underpassd log (last %d lines of %s):\n", len(lines), agentLogPath)
+	fmt.Fprintf(d.Out, "\n  underpassd log (last %d lines of %s):\n", len(lines), agentLogPath)
 	for _, l := range lines {
-		fmt.Fprintf(d.out, "    %s\n", l)
+		fmt.Fprintf(d.Out, "    %s\n", l)
 	}
 }

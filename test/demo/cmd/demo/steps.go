@@ -13,30 +13,31 @@ import (
 	"time"
 
 	"github.com/underpass-cni/underpass/test/demo"
+	"github.com/underpass-cni/underpass/test/demo/kit"
 )
 
 // connectivity: host <-> pod through the hairpin, pod <-> pod.
 func (d *demoRun) connectivity(ctx context.Context) {
 	a, b := d.pods[0], d.pods[1]
-	d.section("4. Host <-> pod, through the hairpin on eth0 (plain macvlan cannot do this)")
+	d.Section("4. Host <-> pod, through the hairpin on eth0 (plain macvlan cannot do this)")
 	d.ping(a.ns, a.name, nodeAddr, "the node")
 	d.ping(d.node, "the node", a.ip, a.name)
 	d.ping(b.ns, b.name, nodeAddr, "the node")
 	if ctx.Err() != nil {
 		return
 	}
-	d.section("5. Pod <-> pod (macvlan bridge mode, untouched)")
+	d.Section("5. Pod <-> pod (macvlan bridge mode, untouched)")
 	d.ping(a.ns, a.name, b.ip, b.name)
 	d.ping(b.ns, b.name, a.ip, a.name)
 }
 
 func (d *demoRun) ping(from *demo.NS, fromName string, dst netip.Addr, dstName string) {
-	r, err := demo.Ping(from, dst, 3, time.Second)
+	r, err := kit.Ping(from, dst, 3, time.Second)
 	if err != nil {
-		d.fail("ping %s -> %s (%s): %v", fromName, dstName, dst, err)
+		d.Fail("ping %s -> %s (%s): %v", fromName, dstName, dst, err)
 		return
 	}
-	d.check(r.Received == r.Sent, "ping %s -> %s (%s): %s", fromName, dstName, dst, r)
+	d.Check(r.Received == r.Sent, "ping %s -> %s (%s): %s", fromName, dstName, dst, r)
 }
 
 // services: the live VIP reaches the node, the deleted VIP is dropped, then
@@ -46,15 +47,15 @@ func (d *demoRun) services(ctx context.Context) {
 	live := netip.AddrPortFrom(liveVIP, svcPort)
 	stale := netip.AddrPortFrom(staleVIP, svcPort)
 
-	d.section("6. Services: steered to the node by map; deleted ones stopped at the node")
-	r := demo.Dial(a.ns, live, 3*time.Second)
+	d.Section("6. Services: steered to the node by map; deleted ones stopped at the node")
+	r := kit.Dial(a.ns, live, 3*time.Second)
 	switch {
 	case r.Err != nil:
-		d.fail("live service %s from %s: %v", live, a.name, r.Err)
+		d.Fail("live service %s from %s: %v", live, a.name, r.Err)
 	case strings.Contains(r.Greeting, "GATEWAY"):
-		d.fail("live service %s from %s leaked to the gateway: %q", live, a.name, r.Greeting)
+		d.Fail("live service %s from %s leaked to the gateway: %q", live, a.name, r.Greeting)
 	default:
-		d.ok("live service %s from %s: %q (connected in %s)", live, a.name, r.Greeting, roundDur(r.Took))
+		d.OK("live service %s from %s: %q (connected in %s)", live, a.name, r.Greeting, roundDur(r.Took))
 	}
 	if ctx.Err() != nil {
 		return
@@ -64,13 +65,13 @@ func (d *demoRun) services(ctx context.Context) {
 	r, dropped, counter := d.dialStale(a, stale, time.Second, "dropped")
 	switch {
 	case d.leaks.Load() != leaks || r.Err == nil:
-		d.fail("deleted service %s from %s: it reached the gateway (%q, %v)", stale, a.name, r.Greeting, r.Err)
+		d.Fail("deleted service %s from %s: it reached the gateway (%q, %v)", stale, a.name, r.Greeting, r.Err)
 	case !r.TimedOut():
-		d.fail("deleted service %s from %s: want a silent drop (timeout), got %v", stale, a.name, r.Err)
+		d.Fail("deleted service %s from %s: want a silent drop (timeout), got %v", stale, a.name, r.Err)
 	case counter != "" && dropped < 1:
-		d.fail("deleted service %s from %s: timed out, but the drop counter did not move%s", stale, a.name, counter)
+		d.Fail("deleted service %s from %s: timed out, but the drop counter did not move%s", stale, a.name, counter)
 	default:
-		d.ok("deleted service %s from %s: dropped at the node (connect timed out after %s, the gateway saw nothing%s)", stale, a.name, roundDur(r.Took), counter)
+		d.OK("deleted service %s from %s: dropped at the node (connect timed out after %s, the gateway saw nothing%s)", stale, a.name, roundDur(r.Took), counter)
 	}
 	if ctx.Err() != nil {
 		return
@@ -78,8 +79,8 @@ func (d *demoRun) services(ctx context.Context) {
 
 	// Reject mode: the client fails in milliseconds instead of retrying.
 	reloads := d.metrics().sum("underpass_config_reloads_total", "result", "success")
-	if err := writeConfig(configPath, agentConfig("reject")); err != nil {
-		d.fail("switch to staleServices.action reject: %v", err)
+	if err := kit.WriteConfig(configPath, agentConfig("reject")); err != nil {
+		d.Fail("switch to staleServices.action reject: %v", err)
 		return
 	}
 	begin := time.Now()
@@ -91,17 +92,17 @@ func (d *demoRun) services(ctx context.Context) {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	if !d.check(reloaded, "config changed to staleServices.action: reject; underpassd reloaded it live after %s", time.Since(begin).Round(10*time.Millisecond)) {
+	if !d.Check(reloaded, "config changed to staleServices.action: reject; underpassd reloaded it live after %s", time.Since(begin).Round(10*time.Millisecond)) {
 		return
 	}
 	r, _, counter = d.dialStale(a, stale, 3*time.Second, "rejected")
 	switch {
 	case d.leaks.Load() != leaks || r.Err == nil:
-		d.fail("deleted service %s from %s: it reached the gateway (%q, %v)", stale, a.name, r.Greeting, r.Err)
+		d.Fail("deleted service %s from %s: it reached the gateway (%q, %v)", stale, a.name, r.Greeting, r.Err)
 	case !r.Refused():
-		d.fail("deleted service %s from %s: want connection refused, got %v", stale, a.name, r.Err)
+		d.Fail("deleted service %s from %s: want connection refused, got %v", stale, a.name, r.Err)
 	default:
-		d.ok("deleted service %s from %s: connection refused after %s (a RST from the datapath%s)", stale, a.name, roundDur(r.Took), counter)
+		d.OK("deleted service %s from %s: connection refused after %s (a RST from the datapath%s)", stale, a.name, roundDur(r.Took), counter)
 	}
 }
 
@@ -109,10 +110,10 @@ func (d *demoRun) services(ctx context.Context) {
 // how much underpass_stale_service_packets_total{action=action} moved
 // meanwhile and that as text for the step's line ("" when the agent does
 // not expose the series).
-func (d *demoRun) dialStale(p *pod, stale netip.AddrPort, timeout time.Duration, action string) (r demo.DialResult, moved float64, counter string) {
+func (d *demoRun) dialStale(p *pod, stale netip.AddrPort, timeout time.Duration, action string) (r kit.DialResult, moved float64, counter string) {
 	const series = "underpass_stale_service_packets_total"
 	before := d.metrics()
-	r = demo.Dial(p.ns, stale, timeout)
+	r = kit.Dial(p.ns, stale, timeout)
 	after := d.metrics()
 	moved = after.sum(series, "action", action) - before.sum(series, "action", action)
 	if after.has(series) {
@@ -123,33 +124,33 @@ func (d *demoRun) dialStale(p *pod, stale netip.AddrPort, timeout time.Duration,
 
 // inspect shows underpassctl stats and the metrics.
 func (d *demoRun) inspect(ctx context.Context) {
-	d.section("7. underpassctl stats (run in the node netns)")
+	d.Section("7. underpassctl stats (run in the node netns)")
 	ctl := filepath.Join(d.bin, "underpassctl")
 	if _, err := os.Stat(ctl); err != nil {
-		d.fail("underpassctl not found in %s: run make build", d.bin)
+		d.Fail("underpassctl not found in %s: run make build", d.bin)
 	} else {
 		args := []string{"--bpffs", demo.BPFFS, "stats"}
 		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 		out, err := d.node.Command(cctx, ctl, args...).CombinedOutput()
 		cancel()
-		if d.check(err == nil, "underpassctl %s", strings.Join(args, " ")) {
-			d.detail("%s", out)
+		if d.Check(err == nil, "underpassctl %s", strings.Join(args, " ")) {
+			d.Detail("%s", out)
 		} else {
-			d.detail("%v\n%s", err, out)
+			d.Detail("%v\n%s", err, out)
 		}
 	}
 
-	d.section("8. Metrics")
-	code, body, err := d.get("/metrics")
+	d.Section("8. Metrics")
+	code, body, err := d.agent.Get("/metrics")
 	switch {
 	case err != nil:
-		d.fail("http://%s/metrics (inside the node netns): %v", demo.MetricsAddr, err)
+		d.Fail("http://%s/metrics (inside the node netns): %v", demo.MetricsAddr, err)
 		return
 	case code != http.StatusOK:
-		d.fail("http://%s/metrics (inside the node netns) answers %d", demo.MetricsAddr, code)
+		d.Fail("http://%s/metrics (inside the node netns) answers %d", demo.MetricsAddr, code)
 		return
 	}
-	d.ok("http://%s/metrics (inside the node netns) answers 200", demo.MetricsAddr)
+	d.OK("http://%s/metrics (inside the node netns) answers 200", demo.MetricsAddr)
 	// The non-zero underpass series: what the steps above did.
 	var lines []string
 	all := 0
@@ -166,12 +167,12 @@ func (d *demoRun) inspect(ctx context.Context) {
 		lines = append(lines[:20], fmt.Sprintf("… %d more", len(lines)-20))
 	}
 	lines = append(lines, fmt.Sprintf("(%d underpass_* series in all; the zero ones are not shown)", all))
-	d.detail("%s", strings.Join(lines, "\n"))
-	fmt.Fprintf(d.out, "\n  Try it yourself (in another terminal, while the demo runs):\n")
-	fmt.Fprintf(d.out, "    sudo nsenter --net=%s curl -s http://%s/metrics | grep ^underpass_\n", d.node.Path, demo.MetricsAddr)
-	fmt.Fprintf(d.out, "    sudo nsenter --net=%s %s --bpffs %s endpoints\n", d.node.Path, ctl, demo.BPFFS)
-	fmt.Fprintf(d.out, "    sudo nsenter --net=%s ping -c1 %s        # pod-a -> node, through the hairpin\n", d.pods[0].ns.Path, nodeAddr)
-	fmt.Fprintf(d.out, "    sudo bpftool map dump pinned %s/<map>    # the pinned maps, with BTF\n", demo.BPFFS)
+	d.Detail("%s", strings.Join(lines, "\n"))
+	fmt.Fprintf(d.Out, "\n  Try it yourself (in another terminal, while the demo runs):\n")
+	fmt.Fprintf(d.Out, "    sudo nsenter --net=%s curl -s http://%s/metrics | grep ^underpass_\n", d.node.Path, demo.MetricsAddr)
+	fmt.Fprintf(d.Out, "    sudo nsenter --net=%s %s --bpffs %s endpoints\n", d.node.Path, ctl, demo.BPFFS)
+	fmt.Fprintf(d.Out, "    sudo nsenter --net=%s ping -c1 %s        # pod-a -> node, through the hairpin\n", d.pods[0].ns.Path, nodeAddr)
+	fmt.Fprintf(d.Out, "    sudo bpftool map dump pinned %s/<map>    # the pinned maps, with BTF\n", demo.BPFFS)
 }
 
 func roundDur(t time.Duration) time.Duration {

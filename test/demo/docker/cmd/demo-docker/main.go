@@ -33,8 +33,8 @@ import (
 	"path/filepath"
 	"time"
 
-	"github.com/underpass-cni/underpass/internal/flock"
 	dd "github.com/underpass-cni/underpass/test/demo/docker"
+	"github.com/underpass-cni/underpass/test/demo/kit"
 )
 
 var (
@@ -87,40 +87,18 @@ func main() {
 		os.Exit(2)
 	}
 	if err := run(*bin, *cleanupOnly); err != nil {
-		if !errors.Is(err, errReported) {
+		if !errors.Is(err, kit.ErrReported) {
 			fmt.Fprintln(os.Stderr, "demo-docker:", err)
 		}
 		os.Exit(1)
 	}
 }
 
-var errReported = errors.New("a step failed")
-
 func run(bin string, cleanupOnly bool) error {
-	if os.Geteuid() != 0 {
-		return errors.New("run as root (network namespaces, eBPF, dockerd): sudo make demo-docker")
-	}
 	absBin, err := filepath.Abs(bin)
 	if err != nil {
 		return err
 	}
-	unlock, err := flock.PidFile(dd.LockFile, 0o644)
-	if errors.Is(err, flock.ErrHeld) {
-		return fmt.Errorf("another Docker demo (pid %s) is running: stop it with Ctrl-C first", flock.Holder(dd.LockFile))
-	}
-	if err != nil {
-		return err
-	}
-	defer unlock()
-	d := &demoRun{bin: absBin, out: os.Stdout, start: time.Now(), wait: os.Getenv("DEMO_WAIT") == "1"}
-	if cleanupOnly {
-		if !d.cleanup(false) {
-			return errReported
-		}
-		return nil
-	}
-	if d.main() != 0 {
-		return errReported
-	}
-	return nil
+	d := &demoRun{Narrator: kit.Narrator{Out: os.Stdout}, bin: absBin, start: time.Now(), wait: os.Getenv("DEMO_WAIT") == "1"}
+	return dd.Names.Run("Docker demo", "run as root (network namespaces, eBPF, dockerd): sudo make demo-docker", cleanupOnly, d.cleanup, d.main)
 }

@@ -13,28 +13,22 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
-	"os/signal"
 	"path/filepath"
-	"runtime"
 	"strings"
-	"sync"
 	"syscall"
 	"time"
 
-	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
-
-	"github.com/underpass-cni/underpass/internal/config"
 	"github.com/underpass-cni/underpass/internal/testutil"
-	"github.com/underpass-cni/underpass/test/demo"
 	dd "github.com/underpass-cni/underpass/test/demo/docker"
+	"github.com/underpass-cni/underpass/test/demo/kit"
 	"github.com/underpass-cni/underpass/test/netenv"
 )
 
 // demoRun is one run of the Docker demo.
 type demoRun struct {
+	kit.Narrator // its output and the steps so far
+
 	bin   string
-	out   io.Writer
 	start time.Time
 	wait  bool
 
@@ -44,14 +38,9 @@ type demoRun struct {
 	dockerdDone chan struct{}
 	dockerLog   *os.File
 
-	agent      *exec.Cmd
-	agentDone  chan struct{}
-	agentLog   *os.File
-	httpClient *http.Client
+	agent *kit.Agent
 
 	containers map[string]container
-
-	steps, failed int
 }
 
 // container is a running container as docker inspect reports it.
@@ -59,92 +48,46 @@ type container struct {
 	name, id, ip, mac, sandbox string
 }
 
-func (d *demoRun) section(format string, args ...any) {
-	fmt.Fprintf(d.out, "\n── %s\n", fmt.Sprintf(format, args...))
+func (d *demoRun) main() int {
+	fmt.Fprintf(d.Out, "underpass Docker demo: Docker macvlan containers on a node built from network namespaces\n")
+	fmt.Fprintf(d.Out, "  binaries %s, state %s, pins %s\n", d.bin, dd.StateDir, dd.BPFFS)
+	return d.RunScene(leftoversButLock, d.cleanup, d.play)
 }
 
-func (d *demoRun) ok(format string, args ...any) {
-	d.steps++
-	fmt.Fprintf(d.out, "  ✓ %s\n", fmt.Sprintf(format, args...))
-}
-
-func (d *demoRun) fail(format string, args ...any) {
-	d.steps++
-	d.failed++
-	fmt.Fprintf(d.out, "  ✗ %s\n", fmt.Sprintf(format, args...))
-}
-
-func (d *demoRun) check(ok bool, format string, args ...any) bool {
-	if ok {
-		d.ok(format, args...)
-	} else {
-		d.fail(format, args...)
-	}
-	return ok
-}
-
-func (d *demoRun) detail(format string, args ...any) {
-	for _, l := range strings.Split(strings.TrimRight(fmt.Sprintf(format, args...), "\n"), "\n") {
-		fmt.Fprintf(d.out, "      %s\n", l)
-	}
-}
-
-func (d *demoRun) main() (code int) {
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
-
-	fmt.Fprintf(d.out, "underpass Docker demo: Docker macvlan containers on a node built from network namespaces\n")
-	fmt.Fprintf(d.out, "  binaries %s, state %s, pins %s\n", d.bin, dd.StateDir, dd.BPFFS)
-
-	if left := leftoversButLock(); len(left) > 0 {
-		d.section("Leftovers of an earlier run")
-		if !d.cleanup(false) {
-			return 1
-		}
-	}
-	defer func() {
-		if r := recover(); r != nil {
-			fmt.Fprintf(d.out, "  ✗ demo crashed: %v\n", r)
-			code = 1
-		}
-		signal.Ignore(os.Interrupt, syscall.SIGTERM) // a second Ctrl-C must not stop the cleanup
-		d.section("Cleanup")
-		if !d.cleanup(true) && code == 0 {
-			code = 1
-		}
-	}()
-
+// play is the scene, its summary, and with DEMO_WAIT=1 the wait for
+// Ctrl-C.
+func (d *demoRun) play(ctx context.Context) int {
 	ok := d.scene(ctx)
 	if ctx.Err() != nil {
-		fmt.Fprintf(d.out, "\nInterrupted.\n")
+		fmt.Fprintf(d.Out, "\nInterrupted.\n")
 		return 1
 	}
 	d.summary(ok)
-	if !ok || d.failed > 0 {
+	if !ok || d.Failed > 0 {
 		d.showLog("underpassd", agentLogPath, 30)
 		d.showLog("dockerd", dockerLogPath, 20)
 		return 1
 	}
 	if d.wait {
-		fmt.Fprintf(d.out, "\nThe node stays up (DEMO_WAIT=1): try the commands above. Press Ctrl-C to stop the demo and clean up.\n")
+		fmt.Fprintf(d.Out, "\nThe node stays up (DEMO_WAIT=1): try the commands above. Press Ctrl-C to stop the demo and clean up.\n")
 		<-ctx.Done()
 	}
 	return 0
 }
 
 func (d *demoRun) summary(complete bool) {
-	fmt.Fprintf(d.out, "\n── Summary\n")
-	fmt.Fprintf(d.out, "  Without underpass the node could not reach its own Docker macvlan container (nor it the node).\n")
-	fmt.Fprintf(d.out, "  With underpassd following dockerd (adopt.docker) every container was served at docker run,\n")
-	fmt.Fprintf(d.out, "  named after the container in the registry, underpassctl and /metrics, and unregistered at docker rm:\n")
-	fmt.Fprintf(d.out, "  no CNI, no command per container.\n")
+	fmt.Fprintf(d.Out, "\n── Summary\n")
+	fmt.Fprintf(d.Out, "  Without underpass the node could not reach its own Docker macvlan container (nor it the node).\n")
+	fmt.Fprintf(d.Out, "  With underpassd following dockerd (adopt.docker) every container was served at docker run,\n")
+	fmt.Fprintf(d.Out, "  named after the container in the registry, underpassctl and /metrics, and unregistered at docker rm:\n")
+	fmt.Fprintf(d.Out, "  no CNI, no command per container.\n")
 	switch {
-	case d.failed == 0 && complete:
-		fmt.Fprintf(d.out, "\nAll %d steps passed in %s.\n", d.steps, time.Since(d.start).Round(100*time.Millisecond))
-	case d.failed == 0:
-		fmt.Fprintf(d.out, "\nThe demo stopped after %d steps.\n", d.steps)
+	case d.Failed == 0 && complete:
+		fmt.Fprintf(d.Out, "\nAll %d steps passed in %s.\n", d.Steps, time.Since(d.start).Round(100*time.Millisecond))
+	case d.Failed == 0:
+		fmt.Fprintf(d.Out, "\nThe demo stopped after %d steps.\n", d.Steps)
 	default:
-		fmt.Fprintf(d.out, "\n%d of %d steps FAILED.\n", d.failed, d.steps)
+		fmt.Fprintf(d.Out, "\n%d of %d steps FAILED.\n", d.Failed, d.Steps)
 	}
 }
 
@@ -152,99 +95,96 @@ func (d *demoRun) summary(complete bool) {
 func (d *demoRun) scene(ctx context.Context) bool {
 	for _, p := range []string{filepath.Join(d.bin, "underpassd"), filepath.Join(d.bin, "underpassctl")} {
 		if _, err := os.Stat(p); err != nil {
-			d.fail("%s not found: run make build (or make demo-docker)", p)
+			d.Fail("%s not found: run make build (or make demo-docker)", p)
 			return false
 		}
 	}
 	for _, tool := range [][2]string{{dockerd, "docker.io"}, {dockerCLI, "docker.io"}, {busybox, "busybox-static"}, {"/usr/bin/nsenter", "util-linux"}} {
 		if _, err := os.Stat(tool[0]); err != nil {
-			d.fail("the Docker demo needs %s from Debian's %s (make deps installs it)", tool[0], tool[1])
+			d.Fail("the Docker demo needs %s from Debian's %s (make deps installs it)", tool[0], tool[1])
 			return false
 		}
 	}
 	if err := os.MkdirAll(dockerDir, 0o700); err != nil {
-		d.fail("%v", err)
+		d.Fail("%v", err)
 		return false
 	}
 
-	d.section("1. The node: network namespaces")
-	if err := d.buildLab(); err != nil {
-		d.fail("%v", err)
+	if !d.LabSection(dd.Names, labSpec, d.buildLab) {
 		return false
 	}
-	d.ok("%s: bridge br0 is the switch and the gateway %s/%d", d.wire.Name, gateway, subnet.Bits())
-	d.ok("%s: eth0 %s/%d is the parent NIC (a veth plugged into br0)", d.node.Name, nodeAddr, subnet.Bits())
+	d.OK("%s: eth0 %s/%d is the parent NIC (a veth plugged into br0)", d.node.Name, nodeAddr, subnet.Bits())
 	if ctx.Err() != nil {
 		return false
 	}
 
-	d.section("2. Docker: its own dockerd in the node netns")
+	d.Section("2. Docker: its own dockerd in the node netns")
 	if err := d.startDockerd(ctx); err != nil {
-		d.fail("dockerd: %v", err)
+		d.Fail("dockerd: %v", err)
 		return false
 	}
 	if err := d.importImage(); err != nil {
-		d.fail("docker import: %v", err)
+		d.Fail("docker import: %v", err)
 		return false
 	}
-	d.ok("image %s imported from busybox-static (nothing pulled)", image)
+	d.OK("image %s imported from busybox-static (nothing pulled)", image)
 	args := []string{"network", "create", "-d", "macvlan", "-o", "parent=eth0", "--subnet", subnet.String(),
 		"--gateway", gateway.String(), "--ip-range", ipRange.String(), network}
 	if _, err := d.docker(ctx, args...); err != nil {
-		d.fail("%v", err)
+		d.Fail("%v", err)
 		return false
 	}
-	d.ok("docker %s", strings.Join(args, " "))
-	d.detail("--ip-range keeps Docker's addresses clear of the node (%s) and the gateway (%s)", nodeAddr, gateway)
+	d.OK("docker %s", strings.Join(args, " "))
+	d.Detail("--ip-range keeps Docker's addresses clear of the node (%s) and the gateway (%s)", nodeAddr, gateway)
 	if ctx.Err() != nil {
 		return false
 	}
 
-	d.section("3. The baseline: plain macvlan, no agent")
+	d.Section("3. The baseline: plain macvlan, no agent")
 	web1, err := d.run(ctx, "web-1")
 	if err != nil {
-		d.fail("%v", err)
+		d.Fail("%v", err)
 		return false
 	}
-	d.ok("docker run --network %s --name web-1: %s, mac %s", network, web1.ip, web1.mac)
+	d.OK("docker run --network %s --name web-1: %s, mac %s", network, web1.ip, web1.mac)
 	d.pingExpect(d.node, "the node", web1.ip, "web-1", false)
 	if n, err := d.openContainerNS(web1); err == nil {
 		d.pingExpect(n, "web-1", nodeAddr.String(), "the node", false)
 		n.Close()
 	} else {
-		d.fail("%v", err)
+		d.Fail("%v", err)
 	}
-	d.detail("macvlan never delivers between a parent and its own slaves: the node cannot reach its containers")
+	d.Detail("macvlan never delivers between a parent and its own slaves: the node cannot reach its containers")
 	if ctx.Err() != nil {
 		return false
 	}
 
-	d.section("4. The agent: underpassd in the node netns, following dockerd (adopt.docker)")
+	d.Section("4. The agent: underpassd in the node netns, following dockerd (adopt.docker)")
 	if err := d.startAgent(ctx); err != nil {
-		d.fail("underpassd: %v", err)
+		d.Fail("underpassd: %v", err)
 		return false
 	}
 	d.waitAdopted(ctx, "web-1", true, "web-1 (running before the agent) adopted at its start")
 	web2, err := d.run(ctx, "web-2")
 	if err != nil {
-		d.fail("%v", err)
+		d.Fail("%v", err)
 		return false
 	}
 	returned := time.Now()
-	d.ok("docker run --network %s --name web-2: %s, mac %s", network, web2.ip, web2.mac)
+	d.OK("docker run --network %s --name web-2: %s, mac %s", network, web2.ip, web2.mac)
 	d.waitAdopted(ctx, "web-2", true, fmt.Sprintf("web-2 adopted after docker run returned (within %%s)"), returned)
 	if ctx.Err() != nil {
 		return false
 	}
 
-	d.section("5. Node <-> container, through the hairpin on eth0")
+	d.Section("5. Node <-> container, through the hairpin on eth0")
 	for _, c := range []container{web1, web2} {
 		d.pingExpect(d.node, "the node", c.ip, c.name, true)
 		if n, err := d.openContainerNS(c); err == nil {
 			d.pingExpect(n, c.name, nodeAddr.String(), "the node", true)
 			n.Close()
 		} else {
-			d.fail("%v", err)
+			d.Fail("%v", err)
 		}
 	}
 	if n, err := d.openContainerNS(web1); err == nil {
@@ -255,97 +195,53 @@ func (d *demoRun) scene(ctx context.Context) bool {
 		return false
 	}
 
-	d.section("6. underpassctl (run in the node netns): the endpoints under their container names, and their counters")
-	if out, err := d.ctl(ctx, "endpoints"); d.check(err == nil && strings.Contains(out, "web-1") && strings.Contains(out, "web-2"),
+	d.Section("6. underpassctl (run in the node netns): the endpoints under their container names, and their counters")
+	if out, err := d.ctl(ctx, "endpoints"); d.Check(err == nil && strings.Contains(out, "web-1") && strings.Contains(out, "web-2"),
 		"underpassctl --bpffs %s endpoints lists web-1 and web-2", dd.BPFFS) {
-		d.detail("%s", out)
+		d.Detail("%s", out)
 	} else {
-		d.detail("%v\n%s", err, out)
+		d.Detail("%v\n%s", err, out)
 	}
-	if out, err := d.ctl(ctx, "stats"); d.check(err == nil && strings.Contains(out, "web-1") && strings.Contains(out, "web-2"),
+	if out, err := d.ctl(ctx, "stats"); d.Check(err == nil && strings.Contains(out, "web-1") && strings.Contains(out, "web-2"),
 		"underpassctl --bpffs %s stats", dd.BPFFS) {
-		d.detail("%s", out)
+		d.Detail("%s", out)
 	} else {
-		d.detail("%v\n%s", err, out)
+		d.Detail("%v\n%s", err, out)
 	}
 	d.metricsPerContainer("web-1", "web-2")
 	if ctx.Err() != nil {
 		return false
 	}
 
-	d.section("7. docker rm: the endpoint goes with the container")
+	d.Section("7. docker rm: the endpoint goes with the container")
 	if _, err := d.docker(ctx, "rm", "-f", "web-2"); err != nil {
-		d.fail("%v", err)
+		d.Fail("%v", err)
 	} else {
 		removed := time.Now()
-		d.ok("docker rm -f web-2")
+		d.OK("docker rm -f web-2")
 		d.waitAdopted(ctx, "web-2", false, "web-2 unregistered after docker rm (within %s)", removed)
-		if out, err := d.ctl(ctx, "endpoints"); d.check(err == nil && strings.Contains(out, "web-1") && !strings.Contains(out, "web-2"),
+		if out, err := d.ctl(ctx, "endpoints"); d.Check(err == nil && strings.Contains(out, "web-1") && !strings.Contains(out, "web-2"),
 			"underpassctl endpoints: web-1 only") {
-			d.detail("%s", out)
+			d.Detail("%s", out)
 		} else {
-			d.detail("%v\n%s", err, out)
+			d.Detail("%v\n%s", err, out)
 		}
 	}
 
-	fmt.Fprintf(d.out, "\n  Try it yourself (with DEMO_WAIT=1, in another terminal):\n")
-	fmt.Fprintf(d.out, "    sudo %s -H unix://%s ps\n", dockerCLI, dockerSock)
-	fmt.Fprintf(d.out, "    sudo nsenter --net=%s %s --bpffs %s endpoints\n", d.node.Path, filepath.Join(d.bin, "underpassctl"), dd.BPFFS)
-	fmt.Fprintf(d.out, "    sudo nsenter --net=%s curl -s http://%s/metrics | grep 'pod=\"web-1\"'\n", d.node.Path, dd.MetricsAddr)
+	fmt.Fprintf(d.Out, "\n  Try it yourself (with DEMO_WAIT=1, in another terminal):\n")
+	fmt.Fprintf(d.Out, "    sudo %s -H unix://%s ps\n", dockerCLI, dockerSock)
+	fmt.Fprintf(d.Out, "    sudo nsenter --net=%s %s --bpffs %s endpoints\n", d.node.Path, filepath.Join(d.bin, "underpassctl"), dd.BPFFS)
+	fmt.Fprintf(d.Out, "    sudo nsenter --net=%s curl -s http://%s/metrics | grep 'pod=\"web-1\"'\n", d.node.Path, dd.MetricsAddr)
 	return ctx.Err() == nil
 }
+
+var labSpec = kit.LabSpec{Subnet: subnet, Gateway: gateway, NodeAddr: nodeAddr}
 
 // buildLab creates the wire and node namespaces, the bridge and the veth.
 func (d *demoRun) buildLab() error {
 	var err error
-	if d.wire, err = netenv.CreateNS(dd.Prefix + "wire"); err != nil {
-		return err
-	}
-	if d.node, err = netenv.CreateNS(dd.Prefix + "node"); err != nil {
-		return err
-	}
-	for _, n := range []*netenv.NS{d.wire, d.node} {
-		if err := n.Sysctl("net.ipv4.conf.all.rp_filter", "0", "net.ipv4.conf.default.rp_filter", "0",
-			"net.ipv6.conf.all.accept_dad", "0", "net.ipv6.conf.default.accept_dad", "0"); err != nil {
-			return err
-		}
-	}
-	wire := d.wire.Netlink()
-	br := &netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: "br0"}}
-	if err := wire.LinkAdd(br); err != nil {
-		return fmt.Errorf("create br0 in %s: %w", d.wire.Name, err)
-	}
-	nodeFD, err := netns.GetFromPath(d.node.Path)
-	if err != nil {
-		return err
-	}
-	defer nodeFD.Close()
-	veth := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "node0"}, PeerName: "eth0", PeerNamespace: netlink.NsFd(int(nodeFD))}
-	if err := wire.LinkAdd(veth); err != nil {
-		return fmt.Errorf("create veth node0 <-> %s/eth0: %w", d.node.Name, err)
-	}
-	port, err := wire.LinkByName("node0")
-	if err != nil {
-		return err
-	}
-	if err := wire.LinkSetMaster(port, br); err != nil {
-		return err
-	}
-	for _, name := range []string{"br0", "node0"} {
-		if err := d.wire.SetUp(name); err != nil {
-			return err
-		}
-	}
-	if err := d.wire.AddAddr("br0", netip.PrefixFrom(gateway, subnet.Bits())); err != nil {
-		return err
-	}
-	if err := d.node.SetUp("eth0"); err != nil {
-		return err
-	}
-	if err := d.node.AddAddr("eth0", netip.PrefixFrom(nodeAddr, subnet.Bits())); err != nil {
-		return err
-	}
-	return d.node.AddDefaultRoute(gateway)
+	d.wire, d.node, err = dd.Names.BuildLab(labSpec)
+	return err
 }
 
 // startDockerd starts dockerd in the node netns with its own roots and no
@@ -368,7 +264,7 @@ func (d *demoRun) startDockerd(ctx context.Context) error {
 		"--storage-driver=overlay2", "--shutdown-timeout=3", "--userland-proxy=false")
 	cmd.Stdout, cmd.Stderr = log, log
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGTERM}
-	if err := startFromLockedThread(cmd); err != nil {
+	if err := kit.StartFromLockedThread(cmd); err != nil {
 		return err
 	}
 	d.dockerd = cmd
@@ -378,8 +274,8 @@ func (d *demoRun) startDockerd(ctx context.Context) error {
 	for {
 		v, err := d.docker(ctx, "version", "--format", "{{.Server.Version}}")
 		if err == nil {
-			d.ok("dockerd %s (pid %d) answers on %s after %s", v, cmd.Process.Pid, dockerSock, time.Since(begin).Round(10*time.Millisecond))
-			d.detail("--data-root/--exec-root in %s, --iptables=false --ip6tables=false --bridge=none: the host's Docker is not touched", dockerDir)
+			d.OK("dockerd %s (pid %d) answers on %s after %s", v, cmd.Process.Pid, dockerSock, time.Since(begin).Round(10*time.Millisecond))
+			d.Detail("--data-root/--exec-root in %s, --iptables=false --ip6tables=false --bridge=none: the host's Docker is not touched", dockerDir)
 			return nil
 		}
 		select {
@@ -475,21 +371,21 @@ func (d *demoRun) openContainerNS(c container) (*netenv.NS, error) {
 func (d *demoRun) pingExpect(n *netenv.NS, fromName, dst, dstName string, want bool) {
 	addr, err := netip.ParseAddr(dst)
 	if err != nil {
-		d.fail("ping %s -> %s: %v", fromName, dstName, err)
+		d.Fail("ping %s -> %s: %v", fromName, dstName, err)
 		return
 	}
 	count, wait := 3, time.Second
 	if !want {
 		count, wait = 2, 500*time.Millisecond
 	}
-	r, err := demo.Ping(n, addr, count, wait)
+	r, err := kit.Ping(n, addr, count, wait)
 	switch {
 	case err != nil:
-		d.fail("ping %s -> %s (%s): %v", fromName, dstName, dst, err)
+		d.Fail("ping %s -> %s (%s): %v", fromName, dstName, dst, err)
 	case want:
-		d.check(r.Received == r.Sent, "ping %s -> %s (%s): %s", fromName, dstName, dst, r)
+		d.Check(r.Received == r.Sent, "ping %s -> %s (%s): %s", fromName, dstName, dst, r)
 	default:
-		d.check(r.Received == 0, "ping %s -> %s (%s): %s, as expected without underpass", fromName, dstName, dst, r)
+		d.Check(r.Received == 0, "ping %s -> %s (%s): %s, as expected without underpass", fromName, dstName, dst, r)
 	}
 }
 
@@ -515,9 +411,9 @@ func (d *demoRun) waitAdopted(ctx context.Context, name string, present bool, fo
 		out, err = d.ctl(ctx, "endpoints")
 		if err == nil && strings.Contains(out, name) == present {
 			if strings.Contains(format, "%s") {
-				d.ok(format, time.Since(begin).Round(time.Millisecond))
+				d.OK(format, time.Since(begin).Round(time.Millisecond))
 			} else {
-				d.ok("%s", format)
+				d.OK("%s", format)
 			}
 			return
 		}
@@ -526,16 +422,16 @@ func (d *demoRun) waitAdopted(ctx context.Context, name string, present bool, fo
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	d.fail("%s: not so after 5s (underpassctl endpoints: %v)", strings.ReplaceAll(format, " (within %s)", ""), err)
-	d.detail("%s", out)
+	d.Fail("%s: not so after 5s (underpassctl endpoints: %v)", strings.ReplaceAll(format, " (within %s)", ""), err)
+	d.Detail("%s", out)
 }
 
 // metricsPerContainer shows the /metrics series labelled with each
 // container's name and checks its host redirects counted the pings.
 func (d *demoRun) metricsPerContainer(names ...string) {
-	code, body, err := testutil.HTTPGet(d.httpClient, "http://"+dd.MetricsAddr+"/metrics")
+	code, body, err := d.agent.Get("/metrics")
 	if err != nil || code != http.StatusOK {
-		d.fail("http://%s/metrics (inside the node netns): %d %v", dd.MetricsAddr, code, err)
+		d.Fail("http://%s/metrics (inside the node netns): %d %v", dd.MetricsAddr, code, err)
 		return
 	}
 	for _, n := range names {
@@ -553,8 +449,8 @@ func (d *demoRun) metricsPerContainer(names ...string) {
 				redirects = true
 			}
 		}
-		if d.check(redirects, `/metrics: the series with pod=%q (non-zero; host redirects counted)`, n) {
-			d.detail("%s", strings.Join(lines, "\n"))
+		if d.Check(redirects, `/metrics: the series with pod=%q (non-zero; host redirects counted)`, n) {
+			d.Detail("%s", strings.Join(lines, "\n"))
 		}
 	}
 }
@@ -563,68 +459,18 @@ func (d *demoRun) metricsPerContainer(names ...string) {
 func (d *demoRun) startAgent(ctx context.Context) error {
 	body := fmt.Sprintf("# underpassd config of the Docker demo\nbpffs: %s\nmetrics: {listen: %q}\ngcInterval: 1s\nadopt: {parents: [eth0], docker: %s}\n",
 		dd.BPFFS, dd.MetricsAddr, dockerSock)
-	if _, err := config.Parse([]byte(body)); err != nil {
-		return fmt.Errorf("demo config does not parse: %w", err)
-	}
-	if err := os.WriteFile(configPath, []byte(body), 0o644); err != nil {
+	if err := kit.WriteConfig(configPath, body); err != nil {
 		return err
 	}
-	log, err := os.Create(agentLogPath)
+	agent, took, err := kit.StartAgent(ctx, d.node, d.bin, configPath, agentLogPath, dd.MetricsAddr)
+	d.agent = agent
 	if err != nil {
 		return err
 	}
-	d.agentLog = log
-	cmd := d.node.Command(context.Background(), filepath.Join(d.bin, "underpassd"), "--config", configPath)
-	cmd.Stdout, cmd.Stderr = log, log
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGTERM}
-	if err := startFromLockedThread(cmd); err != nil {
-		return err
-	}
-	d.agent = cmd
-	d.agentDone = make(chan struct{})
-	go func() { _ = cmd.Wait(); close(d.agentDone) }()
-	d.httpClient = testutil.NetnsHTTPClient(d.node.Do, 3*time.Second)
-	get := func(path string) (int, string, error) {
-		return testutil.HTTPGet(d.httpClient, "http://"+dd.MetricsAddr+path)
-	}
-	took, err := testutil.WaitReady(ctx, get, d.agentDone, 30*time.Second, 100*time.Millisecond)
-	if errors.Is(err, testutil.ErrExited) {
-		return fmt.Errorf("exited during start-up (%s)", d.agent.ProcessState)
-	}
-	if err != nil {
-		return err
-	}
-	d.ok("underpassd (pid %d) ready after %s, pins in %s", cmd.Process.Pid, took.Round(10*time.Millisecond), dd.BPFFS)
-	d.detail("config: adopt: {parents: [eth0], docker: %s}", dockerSock)
+	d.OK("underpassd (pid %d) ready after %s, pins in %s", d.agent.Pid(), took.Round(10*time.Millisecond), dd.BPFFS)
+	d.Detail("config: adopt: {parents: [eth0], docker: %s}", dockerSock)
 	return nil
 }
-
-// startFromLockedThread starts cmd from a thread that lives as long as
-// the demo: Pdeathsig fires when the thread that forked the child exits.
-func startFromLockedThread(cmd *exec.Cmd) error {
-	starterOnce.Do(func() {
-		starter = make(chan startReq)
-		go func() {
-			runtime.LockOSThread() // for the program's lifetime
-			for r := range starter {
-				r.err <- r.cmd.Start()
-			}
-		}()
-	})
-	r := startReq{cmd: cmd, err: make(chan error, 1)}
-	starter <- r
-	return <-r.err
-}
-
-type startReq struct {
-	cmd *exec.Cmd
-	err chan error
-}
-
-var (
-	starterOnce sync.Once
-	starter     chan startReq
-)
 
 // showLog prints the tail of a log in the state directory.
 func (d *demoRun) showLog(what, path string, n int) {
@@ -632,6 +478,6 @@ func (d *demoRun) showLog(what, path string, n int) {
 	if err != nil || len(b) == 0 {
 		return
 	}
-	fmt.Fprintf(d.out, "\n  %s log (last %d lines of %s):\n", what, n, path)
-	d.detail("%s", testutil.TailLines(string(b), n))
+	fmt.Fprintf(d.Out, "\n  %s log (last %d lines of %s):\n", what, n, path)
+	d.Detail("%s", testutil.TailLines(string(b), n))
 }

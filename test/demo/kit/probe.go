@@ -1,8 +1,10 @@
 //go:build linux
 
-package demo
+package kit
 
 import (
+	"github.com/underpass-cni/underpass/test/netenv"
+
 	"context"
 	"crypto/rand"
 	"encoding/binary"
@@ -43,7 +45,7 @@ func roundRTT(d time.Duration) time.Duration {
 // Ping sends count ICMP echo requests to dst (IPv4) from inside n, 20 ms
 // apart, and waits up to wait after the last one for the replies. It uses a
 // raw socket (the demo runs as root), so it needs no ping(8) on the machine.
-func Ping(n *NS, dst netip.Addr, count int, wait time.Duration) (PingResult, error) {
+func Ping(n *netenv.NS, dst netip.Addr, count int, wait time.Duration) (PingResult, error) {
 	var res PingResult
 	var conn net.PacketConn
 	if err := n.Do(func() error {
@@ -158,7 +160,7 @@ func (r DialResult) TimedOut() bool {
 
 // Dial connects to addr over TCP from inside n, with timeout, and reads the
 // server's first line.
-func Dial(n *NS, addr netip.AddrPort, timeout time.Duration) DialResult {
+func Dial(n *netenv.NS, addr netip.AddrPort, timeout time.Duration) DialResult {
 	var res DialResult
 	var c net.Conn
 	err := n.Do(func() error {
@@ -196,7 +198,7 @@ func Dial(n *NS, addr netip.AddrPort, timeout time.Duration) DialResult {
 // Serve accepts TCP connections on addr inside n and greets each with
 // greeting (one line). Each accepted connection's local address goes to
 // onAccept, if set. Close the listener to stop.
-func Serve(n *NS, addr string, greeting string, onAccept func(local netip.AddrPort)) (net.Listener, error) {
+func Serve(n *netenv.NS, addr string, greeting string, onAccept func(local netip.AddrPort)) (net.Listener, error) {
 	var ln net.Listener
 	if err := n.Do(func() error {
 		var err error
