@@ -29,9 +29,20 @@ func ProbeIPVS() error {
 // ProbeVLAN reports whether the kernel can create 802.1Q VLAN links: nil,
 // or an error wrapped with NotSupported("vlan", …) when the 8021q
 // driver is missing (not built, or a module not loaded: tests do not load
-// modules; the VM matrix loads 8021q at boot). It tries in a throw-away
-// netns (like netenv.ProbeIpvlan). Pass the result to SkipIfNotSupported.
+// modules; the VM matrix loads 8021q at boot). Pass the result to
+// SkipIfNotSupported.
 func ProbeVLAN() error {
+	return ProbeLink("vlan", "no 802.1Q VLAN link type (8021q not built in or not loaded)", func(lower int) netlink.Link {
+		return &netlink.Vlan{LinkAttrs: netlink.LinkAttrs{Name: "probe0.100", ParentIndex: lower}, VlanId: 100}
+	})
+}
+
+// ProbeLink reports whether the kernel can create the link upper makes on
+// a lower device: nil, or an error wrapped with NotSupported(feature, …)
+// (why in front) when the kernel has no such link type. It tries in a
+// throw-away netns, on a dummy lower device, or a veth where there is no
+// dummy driver.
+func ProbeLink(feature, why string, upper func(lower int) netlink.Link) error {
 	errc := make(chan error, 1)
 	go func() {
 		runtime.LockOSThread() // never unlocked: the thread dies in its throw-away netns
@@ -46,7 +57,6 @@ func ProbeVLAN() error {
 		}
 		defer h.Close()
 		if err := h.LinkAdd(&netlink.Dummy{LinkAttrs: netlink.LinkAttrs{Name: "probe0"}}); err != nil {
-			// No dummy driver: a veth pair is the lower device then.
 			if err := h.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "probe0"}, PeerName: "probe1"}); err != nil {
 				errc <- fmt.Errorf("probe lower device: %w", err)
 				return
@@ -57,9 +67,9 @@ func ProbeVLAN() error {
 			errc <- err
 			return
 		}
-		err = h.LinkAdd(&netlink.Vlan{LinkAttrs: netlink.LinkAttrs{Name: "probe0.100", ParentIndex: p.Attrs().Index}, VlanId: 100})
+		err = h.LinkAdd(upper(p.Attrs().Index))
 		if errors.Is(err, unix.EOPNOTSUPP) {
-			err = NotSupported("vlan", fmt.Errorf("no 802.1Q VLAN link type (8021q not built in or not loaded): %w", err))
+			err = NotSupported(feature, fmt.Errorf("%s: %w", why, err))
 		}
 		errc <- err
 	}()

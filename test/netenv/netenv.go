@@ -39,7 +39,6 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -455,38 +454,9 @@ func (e *Env) AddIpvlanContainerOn(u *Uplink, name string, mode IPvlanMode, ip4,
 // an error wrapped with testutil.NotSupported("ipvlan", …) when the driver
 // is missing, for tests that want to skip before building a lab.
 func ProbeIpvlan() error {
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread() // never unlocked: the thread dies in its throw-away netns
-		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
-			errc <- fmt.Errorf("unshare: %w", err)
-			return
-		}
-		h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
-		if err != nil {
-			errc <- err
-			return
-		}
-		defer h.Close()
-		if err := h.LinkAdd(&netlink.Dummy{LinkAttrs: netlink.LinkAttrs{Name: "probe0"}}); err != nil {
-			// No dummy driver: a veth pair is the parent then.
-			if err := h.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "probe0"}, PeerName: "probe1"}); err != nil {
-				errc <- fmt.Errorf("probe parent: %w", err)
-				return
-			}
-		}
-		p, err := h.LinkByName("probe0")
-		if err != nil {
-			errc <- err
-			return
-		}
-		err = h.LinkAdd(&netlink.IPVlan{LinkAttrs: netlink.LinkAttrs{Name: "probe2", ParentIndex: p.Attrs().Index}, Mode: netlink.IPVLAN_MODE_L2})
-		if errors.Is(err, unix.EOPNOTSUPP) {
-			err = testutil.NotSupported("ipvlan", err)
-		}
-		errc <- err
-	}()
-	return <-errc
+	return testutil.ProbeLink("ipvlan", "no ipvlan link type", func(lower int) netlink.Link {
+		return &netlink.IPVlan{LinkAttrs: netlink.LinkAttrs{Name: "probe2", ParentIndex: lower}, Mode: netlink.IPVLAN_MODE_L2}
+	})
 }
 
 func (e *Env) addIpvlan(u *Uplink, name string, mode IPvlanMode, ip4, ip6 netip.Prefix) (*Container, error) {
