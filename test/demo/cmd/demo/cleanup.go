@@ -60,19 +60,23 @@ func (d *demoRun) delPods(r *kit.Report) {
 // (found by the state directory on its command line).
 func (d *demoRun) stopProcesses(r *kit.Report) {
 	var pids []int
-	var done chan struct{}
-	if d.agent != nil {
-		done = d.agent.Done
-		if d.agent.Running() {
-			pids = append(pids, d.agent.Pid())
-		}
+	agentPid := 0
+	if d.agent != nil && d.agent.Running() {
+		agentPid = d.agent.Pid()
+		pids = append(pids, agentPid)
 	}
 	for _, pid := range demo.Names.Processes() {
-		if len(pids) == 0 || pid != pids[0] {
+		if pid != agentPid {
 			pids = append(pids, pid)
 		}
 	}
 	for _, pid := range pids {
+		// Only this run's agent has a reaper to wait for; a crashed run's
+		// leftover is signalled and polled.
+		var done chan struct{}
+		if pid == agentPid {
+			done = d.agent.Done
+		}
 		name := kit.ProcName(pid)
 		r.Note(kit.StopProcess(pid, done), "stop %s (pid %d)", name, pid)
 	}
