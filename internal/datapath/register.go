@@ -238,37 +238,33 @@ func RemoveAttachment(dp *loader.Objects, containerID, ifname string) error {
 const AdoptedNetwork = "underpass-adopted"
 
 // evictAdopted removes an adoption of ep's interface (its MAC on its
-// parent) or of one of its addresses when someone else registers it: the
-// agent may have found a CNI pod's slave in the moment between the
-// interface plugin creating it and the underpass plugin registering it,
-// and a registration by its owner wins. The agent's next scan sees the
-// slave taken and leaves it.
+// parent) when its owner registers it: the agent may have found a CNI
+// pod's slave in the moment between the interface plugin creating it and
+// the underpass plugin registering it, and a registration by its owner
+// wins. An adoption of one of ep's addresses goes the same way, in
+// evictStaleOwners (one lookup per address). The agent's next scan sees
+// the slave taken and leaves it.
 func evictAdopted(dp *loader.Objects, ep *Endpoint, log *slog.Logger) error {
 	if ep.Network == AdoptedNetwork {
 		return nil
 	}
-	m := &dp.Maps
-	var ids []uint32
 	var ref loader.EndpointRef
 	k := MACKey(ep.MAC, ep.ParentIfindex)
-	if err := m.EpByMac.Lookup(&k, &ref); err == nil {
-		ids = append(ids, ref.Id)
+	if err := dp.Maps.EpByMac.Lookup(&k, &ref); err != nil {
+		return nil
 	}
-	for _, p := range ep.Addrs {
-		k := EpIPKey(p.Addr(), ep.ParentIfindex)
-		if err := m.EpByIp.Lookup(&k, &ref); err == nil {
-			ids = append(ids, ref.Id)
-		}
+	other, err := Lookup(&dp.Maps, ref.Id)
+	if err != nil || other.Network != AdoptedNetwork {
+		return nil
 	}
-	for _, id := range ids {
-		other, err := Lookup(m, id)
-		if err != nil || other.Network != AdoptedNetwork {
-			continue
-		}
-		log.Info("taking over an adopted interface", "id", id, "adopted", other.PodName, "container", ep.ContainerID, "ifname", ep.IfName)
-		if err := RemoveEndpoint(dp, id); err != nil {
-			return fmt.Errorf("remove the adoption %d of %s: %w", id, other.PodName, err)
-		}
+	return takeOver(dp, ref.Id, &other, ep, log)
+}
+
+// takeOver removes the adoption id (other) for ep's registration.
+func takeOver(dp *loader.Objects, id uint32, other, ep *Endpoint, log *slog.Logger) error {
+	log.Info("taking over an adopted interface", "id", id, "adopted", other.PodName, "container", ep.ContainerID, "ifname", ep.IfName)
+	if err := RemoveEndpoint(dp, id); err != nil {
+		return fmt.Errorf("remove the adoption %d of %s: %w", id, other.PodName, err)
 	}
 	return nil
 }
@@ -290,6 +286,12 @@ func evictStaleOwners(dp *loader.Objects, ep *Endpoint, log *slog.Logger) error 
 			continue // Unregister of that one is under way or done
 		}
 		if other.ContainerID == ep.ContainerID && other.IfName == ep.IfName {
+			continue
+		}
+		if other.Network == AdoptedNetwork && ep.Network != AdoptedNetwork {
+			if err := takeOver(dp, ref.Id, &other, ep, log); err != nil {
+				return err
+			}
 			continue
 		}
 		if other.Netns != "" {
