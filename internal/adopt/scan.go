@@ -255,6 +255,50 @@ func Inspect(path, ifname string) (*Slave, error) {
 		ParentIfindex: a.ParentIndex, ParentName: parent.Attrs().Name, Addrs: addrs}, nil
 }
 
+// ScanPid lists the slaves of parents in the network namespace of pid, as
+// Scan would find them (the same registry name, and the namespace's pin in
+// dirs as its path when one pins it), so that what an OCI hook registers
+// before the container runs is what the agent's next scan keeps.
+func ScanPid(parents []Parent, dirs []string, pid int) ([]Slave, error) {
+	if len(parents) == 0 {
+		return nil, nil
+	}
+	self, err := netns.Get()
+	if err != nil {
+		return nil, fmt.Errorf("own netns: %w", err)
+	}
+	defer self.Close()
+	selfID, err := nsID(int(self))
+	if err != nil {
+		return nil, err
+	}
+	n := foundNS{path: filepath.Join("/proc", strconv.Itoa(pid), "ns", "net"), pid: pid}
+	if n.id, err = nsIDOfPath(n.path); err != nil {
+		return nil, fmt.Errorf("netns of pid %d: %w", pid, err)
+	}
+	if n.id == selfID {
+		return nil, nil // a container in the host's network: nothing to adopt
+	}
+	if pin := pinOf(dirs, n.id); pin != "" {
+		n.path = pin
+	}
+	return scanNetns(n, int(self), parents)
+}
+
+// pinOf is the file in dirs that pins the namespace id, or "".
+func pinOf(dirs []string, id string) string {
+	for _, d := range dirs {
+		entries, _ := os.ReadDir(d)
+		for _, e := range entries {
+			path := filepath.Join(d, e.Name())
+			if got, err := nsIDOfPath(path); err == nil && got == id {
+				return path
+			}
+		}
+	}
+	return ""
+}
+
 // NetnsPath is the namespace a user names: a path, or a pid's.
 func NetnsPath(arg string) string {
 	if _, err := strconv.Atoi(arg); err == nil {

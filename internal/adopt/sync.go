@@ -148,20 +148,46 @@ type Result struct {
 // is nothing to reach it at yet. name names an endpoint (nil: Name); one
 // whose name changed (its container became known) is registered again.
 func Sync(dp *loader.Objects, found []Slave, name func(*Slave) string, log *slog.Logger) (Result, error) {
+	res, adopted, keep, err := add(dp, found, name, log)
+	errs := []error{err}
+	for key, ep := range adopted {
+		if keep[key] {
+			continue
+		}
+		if err := remove(dp, ep.ID); err != nil {
+			errs = append(errs, fmt.Errorf("unregister %s %s: %w", ep.PodName, ep.IfName, err))
+			continue
+		}
+		res.Removed = append(res.Removed, ep)
+	}
+	return res, errors.Join(errs...)
+}
+
+// Adopt is Sync's first half alone: it registers the slaves found (new or
+// changed) and removes nothing, for a caller that saw one namespace, not
+// all of them (the OCI hook).
+func Adopt(dp *loader.Objects, found []Slave, name func(*Slave) string, log *slog.Logger) (Result, error) {
+	res, _, _, err := add(dp, found, name, log)
+	return res, err
+}
+
+// add registers the slaves found that are new or changed, and returns the
+// adopted endpoints the registry held and which of them (by container id
+// and ifname) the slaves found account for.
+func add(dp *loader.Objects, found []Slave, name func(*Slave) string, log *slog.Logger) (res Result, adopted map[string]datapath.Endpoint, keep map[string]bool, _ error) {
 	if name == nil {
 		name = Name
 	}
-	var res Result
 	eps, err := datapath.Endpoints(&dp.Maps)
 	if err != nil {
-		return res, err
+		return res, nil, nil, err
 	}
 	type macKey struct {
 		parent int
 		mac    string
 	}
-	owned := map[macKey]bool{}                // registered by others
-	adopted := map[string]datapath.Endpoint{} // ours, by container id and ifname
+	owned := map[macKey]bool{}               // registered by others
+	adopted = map[string]datapath.Endpoint{} // ours, by container id and ifname
 	for _, ep := range eps {
 		if ep.Network == AdoptedNetwork {
 			adopted[ep.ContainerID+"/"+ep.IfName] = ep
@@ -170,7 +196,7 @@ func Sync(dp *loader.Objects, found []Slave, name func(*Slave) string, log *slog
 		owned[macKey{ep.ParentIfindex, ep.MAC.String()}] = true
 	}
 	var errs []error
-	keep := map[string]bool{} // container id and ifname
+	keep = map[string]bool{}
 	for i := range found {
 		s := &found[i]
 		if len(s.Addrs) == 0 {
@@ -201,17 +227,7 @@ func Sync(dp *loader.Objects, found []Slave, name func(*Slave) string, log *slog
 		keep[key] = true
 		res.Added = append(res.Added, *ep)
 	}
-	for key, ep := range adopted {
-		if keep[key] {
-			continue
-		}
-		if err := remove(dp, ep.ID); err != nil {
-			errs = append(errs, fmt.Errorf("unregister %s %s: %w", ep.PodName, ep.IfName, err))
-			continue
-		}
-		res.Removed = append(res.Removed, ep)
-	}
-	return res, errors.Join(errs...)
+	return res, adopted, keep, errors.Join(errs...)
 }
 
 func remove(dp *loader.Objects, id uint32) error {

@@ -41,12 +41,17 @@ Usage:
                                    serve a macvlan/ipvlan slave no CNI call made
                                    (ip netns, LXC, systemd-nspawn) as an endpoint
   underpassctl [flags] detach --netns <path|pid> [--ifname eth0]
+  underpassctl oci-hook [--config /etc/underpass/underpass.yaml]
+                                   OCI runtime hook (Podman hooks.d, createRuntime):
+                                   registers a container's slaves on adopt.parents
+                                   before it runs; the OCI state on stdin
 
 Flags (before or after the command):
 `
 
 // Env is what a command works with: injected so tests capture the output.
 type Env struct {
+	Stdin          io.Reader // oci-hook's container state
 	Stdout, Stderr io.Writer
 }
 
@@ -60,11 +65,14 @@ type command struct {
 	name  string
 	flags func(*flag.FlagSet) // command-only flags
 	run   func(ctx context.Context, env Env, o *options, dp *loader.Objects) error
+	// noOpen: run opens the datapath itself, if it needs it (dp is nil).
+	noOpen bool
 }
 
 func commands() []*command {
 	sf := &statsFlagValues{}
 	af := &attachFlags{}
+	hf := &hookFlags{}
 	return []*command{
 		{name: "status", run: runStatus},
 		{name: "endpoints", run: runEndpoints},
@@ -77,6 +85,9 @@ func commands() []*command {
 		}},
 		{name: "detach", flags: af.register(false), run: func(ctx context.Context, env Env, o *options, dp *loader.Objects) error {
 			return runDetach(ctx, env, o, dp, af)
+		}},
+		{name: "oci-hook", flags: hf.register, noOpen: true, run: func(ctx context.Context, env Env, o *options, _ *loader.Objects) error {
+			return runOCIHook(ctx, env, o, hf)
 		}},
 	}
 }
@@ -115,7 +126,7 @@ func Run(ctx context.Context, args []string, env Env) error {
 		}
 	}
 	if cmd == nil {
-		return fmt.Errorf("%w: unknown command %q (status, endpoints, services, stats, attach, detach)", ErrUsage, name)
+		return fmt.Errorf("%w: unknown command %q (status, endpoints, services, stats, attach, detach, oci-hook)", ErrUsage, name)
 	}
 
 	// The command's own flag set knows the common flags too, so both
@@ -138,7 +149,9 @@ func Run(ctx context.Context, args []string, env Env) error {
 	if o.output != "table" && o.output != "json" {
 		return fmt.Errorf("%w: -o %q: want table or json", ErrUsage, o.output)
 	}
-
+	if cmd.noOpen {
+		return cmd.run(ctx, env, o, nil)
+	}
 	dp, err := open(o.bpffs)
 	if err != nil {
 		return err

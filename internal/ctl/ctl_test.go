@@ -6,9 +6,11 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/netip"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -299,5 +301,38 @@ func TestUsage(t *testing.T) {
 	must(t, ctl.Run(context.Background(), []string{"help"}, ctl.Env{Stdout: &out, Stderr: &out}))
 	if !strings.Contains(out.String(), "stats --watch") {
 		t.Errorf("help: %s", out.String())
+	}
+}
+
+// The OCI hook with what it leaves alone: it must never fail a container
+// that is none of underpass's (the real hook under Podman: test/podman).
+func TestOCIHookLeavesAlone(t *testing.T) {
+	testutil.RequireRoot(t)
+	tmp := t.TempDir()
+	cfg := filepath.Join(tmp, "underpass.yaml")
+	// lo is no macvlan parent, and this process's netns is the host's.
+	must(t, os.WriteFile(cfg, []byte("bpffs: "+filepath.Join(tmp, "nothing-pinned")+"\nadopt: {parents: [lo]}\n"), 0o644))
+	self := fmt.Sprintf(`{"ociVersion":"1.0.2","id":"c0ffee","status":"creating","pid":%d}`, os.Getpid())
+	for _, c := range []struct {
+		what, state, config string
+		wantErr             string
+	}{
+		{"poststop (no pid)", `{"id":"c0ffee","status":"stopped"}`, cfg, ""},
+		{"no agent config", self, filepath.Join(tmp, "absent.yaml"), ""},
+		{"no slave on a parent", self, cfg, ""},
+		{"not a state", "not json", cfg, "reading the container state on stdin"},
+		{"a pid that is gone", `{"id":"c0ffee","status":"creating","pid":2147483646}`, cfg, "netns of pid 2147483646"},
+	} {
+		var out bytes.Buffer
+		err := ctl.Run(context.Background(), []string{"oci-hook", "--config", c.config},
+			ctl.Env{Stdin: strings.NewReader(c.state), Stdout: &out, Stderr: &out})
+		switch {
+		case c.wantErr == "" && err != nil:
+			t.Errorf("%s: %v", c.what, err)
+		case c.wantErr != "" && (err == nil || !strings.Contains(err.Error(), c.wantErr)):
+			t.Errorf("%s: error %v, want one saying %q", c.what, err, c.wantErr)
+		case out.Len() != 0:
+			t.Errorf("%s: wrote %q", c.what, out.String())
+		}
 	}
 }

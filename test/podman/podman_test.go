@@ -5,7 +5,9 @@
 //   - netavark (Podman 4's default): a `podman network create -d macvlan`
 //     network's containers are adopted by the agent's namespace scan
 //     (adopt.parents), with no step per container, and named after the
-//     container (read from its conmon's arguments);
+//     container (read from its conmon's arguments); with the OCI hook
+//     (deploy/podman) they are registered before their first process
+//     runs, with no agent running;
 //   - CNI: a conflist with the reference macvlan plugin and underpass
 //     chained after it registers each container itself (named after the
 //     container: Podman passes K8S_POD_NAME), and the agent's scan does
@@ -39,7 +41,7 @@ import (
 	"github.com/underpass-cni/underpass/test/netenv"
 )
 
-var agentBin, pluginDir string
+var agentBin, ctlBin, pluginDir string
 
 func TestMain(m *testing.M) {
 	testutil.Main(m, "test/podman", func(tmp string) error {
@@ -48,6 +50,10 @@ func TestMain(m *testing.M) {
 			return err
 		}
 		if err := testutil.BuildPlugin(filepath.Join(pluginDir, "underpass")); err != nil {
+			return err
+		}
+		ctlBin = filepath.Join(tmp, "underpassctl")
+		if err := testutil.BuildCommand(ctlBin, "underpassctl"); err != nil {
 			return err
 		}
 		var err error
@@ -74,12 +80,13 @@ type podman struct {
 }
 
 // newPodman writes containers.conf and storage.conf for backend
-// (netavark or cni) under dir. In containers.conf: cgroupfs (no systemd
+// (netavark or cni) under dir, with hooksDir as its OCI hooks directory
+// ("": none). In containers.conf: cgroupfs (no systemd
 // here) and default ulimits within what the test's root may set (without
 // CAP_SYS_RESOURCE runc fails to raise nofile/nproc to Podman's
 // defaults), file locks and an events file of its own instead of the
 // host-wide shm locks and journal.
-func newPodman(t *testing.T, l *netenv.Env, dir, backend string) *podman {
+func newPodman(t *testing.T, l *netenv.Env, dir, backend, hooksDir string) *podman {
 	t.Helper()
 	p := &podman{t: t, l: l, dir: dir}
 	p.cli = engines.CLI{T: t, Name: "podman", Command: func(ctx context.Context, args ...string) *exec.Cmd {
@@ -88,6 +95,10 @@ func newPodman(t *testing.T, l *netenv.Env, dir, backend string) *podman {
 		cmd.Env = p.env
 		return cmd
 	}}
+	hooks := ""
+	if hooksDir != "" {
+		hooks = fmt.Sprintf("hooks_dir = [%q]", hooksDir)
+	}
 	conf := fmt.Sprintf(`[containers]
 default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]
 [engine]
@@ -98,12 +109,13 @@ lock_type = "file"
 tmp_dir = %[2]q
 volume_path = %[3]q
 static_dir = %[4]q
+%[9]s
 [network]
 network_backend = %[5]q
 network_config_dir = %[6]q
 cni_plugin_dirs = [%[7]q, %[8]q]
 `, filepath.Join(dir, "events.log"), filepath.Join(dir, "tmp"), filepath.Join(dir, "volumes"),
-		filepath.Join(dir, "root", "libpod"), backend, p.networkDir(), pluginDir, cniPlugins)
+		filepath.Join(dir, "root", "libpod"), backend, p.networkDir(), pluginDir, cniPlugins, hooks)
 	storage := fmt.Sprintf("[storage]\ndriver = \"overlay\"\nrunroot = %q\ngraphroot = %q\n",
 		filepath.Join(dir, "run"), filepath.Join(dir, "root"))
 	engines.Must(t, os.MkdirAll(p.networkDir(), 0o755))
@@ -174,12 +186,19 @@ func (lb *lab) startAgent(t *testing.T) (*testutil.Agent, *loader.Objects) {
 
 // agent starts underpassd (again) and waits until it is ready.
 func (lb *lab) agent(t *testing.T) *testutil.Agent {
-	cfg := filepath.Join(lb.tmp, "underpass.yaml")
-	engines.Must(t, os.WriteFile(cfg, []byte(fmt.Sprintf("bpffs: %s\nmetrics: {listen: %q}\ngcInterval: 1s\nstaleServices: {cidrs: [10.96.0.0/16]}\nadopt: {parents: [%s]}\n",
-		lb.pins, engines.MetricsAddr, lb.u.Name)), 0o644))
+	cfg := lb.config(t)
 	ag := testutil.StartAgent(t, "underpassd", lb.l.Node.Command(context.Background(), agentBin, "--config", cfg, "--log-level", "debug"), 0)
 	ag.WaitReady(t, lb.get, 60*time.Second)
 	return ag
+}
+
+// config writes the agent's config file (the OCI hook reads it too) and
+// returns its path.
+func (lb *lab) config(t *testing.T) string {
+	cfg := filepath.Join(lb.tmp, "underpass.yaml")
+	engines.Must(t, os.WriteFile(cfg, []byte(fmt.Sprintf("bpffs: %s\nmetrics: {listen: %q}\ngcInterval: 1s\nstaleServices: {cidrs: [10.96.0.0/16]}\nadopt: {parents: [%s]}\n",
+		lb.pins, engines.MetricsAddr, lb.u.Name)), 0o644))
+	return cfg
 }
 
 // A Podman macvlan network with the netavark backend: its containers are
@@ -190,7 +209,7 @@ func TestPodmanNetavark(t *testing.T) {
 	requireTools(t, engines.Tool{Path: netavark, Package: "netavark"})
 	start := time.Now()
 	lb := newLab(t)
-	p := newPodman(t, lb.l, filepath.Join(lb.tmp, "podman"), "netavark")
+	p := newPodman(t, lb.l, filepath.Join(lb.tmp, "podman"), "netavark", "")
 	p.cli.ImportBusybox(image)
 	// The network's name is in netavark's IPAM db, which rootful Podman
 	// shares host-wide (/run/containers/networks/ipam.db): one of this
@@ -271,6 +290,81 @@ func TestPodmanNetavark(t *testing.T) {
 	t.Logf("whole test body %s", time.Since(start).Round(time.Millisecond))
 }
 
+// Podman's OCI hook (deploy/podman/underpass.json, stage createRuntime):
+// `underpassctl oci-hook` registers a netavark container's slave before the
+// container's first process runs, so none of its frames leaves unguarded,
+// even with no agent running: the agent's scan would serve it only up to a
+// second later. The hook fails a container on an adopted parent when it
+// cannot register it (no datapath pinned), and leaves every other
+// container alone. The agent's scan then keeps what the hook registered
+// (the same endpoint) and unregisters it when the container goes.
+func TestPodmanOCIHook(t *testing.T) {
+	testutil.RequireRoot(t)
+	requireTools(t, engines.Tool{Path: netavark, Package: "netavark"})
+	lb := newLab(t)
+	cfg := lb.config(t)
+	// The shipped hook file, pointed at this test's binary and config.
+	hooks := filepath.Join(lb.tmp, "hooks.d")
+	engines.Must(t, os.MkdirAll(hooks, 0o755))
+	hook := engines.ReadFile(t, "../../deploy/podman/underpass.json")
+	for _, s := range []string{`"/usr/local/bin/underpassctl"`, `"/etc/underpass/underpass.yaml"`, `"createRuntime"`} {
+		if !strings.Contains(hook, s) {
+			t.Fatalf("deploy/podman/underpass.json does not hold %s:\n%s", s, hook)
+		}
+	}
+	hook = strings.NewReplacer("/usr/local/bin/underpassctl", ctlBin, "/etc/underpass/underpass.yaml", cfg).Replace(hook)
+	engines.Must(t, os.WriteFile(filepath.Join(hooks, "underpass.json"), []byte(hook), 0o644))
+	p := newPodman(t, lb.l, filepath.Join(lb.tmp, "podman"), "netavark", hooks)
+	p.cli.ImportBusybox(image)
+	network := fmt.Sprintf("uphk%d", os.Getpid())
+	p.must("network", "create", "-d", "macvlan", "-o", "parent="+lb.u.Name, "--subnet", lb.u.Subnet4.Masked().String(),
+		"--gateway", lb.u.Gateway4.String(), "--ip-range", engines.RangeOf(t, lb.u, 64).String(), network)
+
+	// Nothing pinned yet: a container with a slave on the adopted parent
+	// does not start, and says why; one without (no network) starts.
+	_, err := p.podman("run", "-d", "--name", "early", "--network", network, image, "sleep", "1000")
+	if err == nil || !strings.Contains(err.Error(), "start underpassd") {
+		t.Errorf("podman run on %s with no datapath pinned: %v, want the hook's error naming underpassd", network, err)
+	}
+	p.must("rm", "-i", "-f", "-t", "0", "early")
+	p.must("run", "--rm", "--network", "none", image, "sleep", "0")
+
+	// The agent pins the datapath and stops: from here only the hook can
+	// register a container.
+	if ag := lb.agent(t); !ag.Terminate(10 * time.Second) {
+		t.Fatal("underpassd did not stop on SIGTERM")
+	}
+	dp, err := loader.Open(lb.pins)
+	engines.Must(t, err)
+	t.Cleanup(func() { dp.Close() })
+	web, _ := p.run("hook-1", network)
+	ep, found := engines.FindAdopted(t, dp, web.MAC)
+	if !found {
+		t.Fatalf("hook-1 (%s) not registered when podman run returned, with no agent running", web.MAC)
+	}
+	if ep.PodName != web.Name || ep.Netns != web.SandboxKey {
+		t.Errorf("the hook registered hook-1 as %q in %s, want %q in %s (as the agent's scan names it)",
+			ep.PodName, ep.Netns, web.Name, web.SandboxKey)
+	}
+	c := engines.OpenNS(t, web)
+	netenv.MustPing(t, lb.l.Node, web.IP, 3)
+	netenv.MustPing(t, c, lb.u.Node4.Addr(), 3)
+	engines.CheckIsolated(t, lb.l, lb.u, dp, c, ep)
+
+	// The agent again: a few scans later the hook's registration is kept,
+	// the same endpoint, and podman rm unregisters it at the next scan.
+	lb.agent(t)
+	time.Sleep(2500 * time.Millisecond)
+	if again, found := engines.FindAdopted(t, dp, web.MAC); !found || again.ID != ep.ID || again.PodName != ep.PodName {
+		t.Errorf("after 2.5 s of the agent's scans hook-1 is %+v (found %v), was endpoint %d %q", again, found, ep.ID, ep.PodName)
+	}
+	netenv.MustPing(t, lb.l.Node, web.IP, 2)
+	c.Close()
+	p.must("rm", "-f", "-t", "0", "hook-1")
+	engines.WaitNoneAdopted(t, dp, 5*time.Second, "hook-1 unregistered after podman rm -f")
+	p.must("network", "rm", network)
+}
+
 // A Podman network with the CNI backend, the reference macvlan plugin and
 // underpass chained after it: the plugin registers the container, under
 // the conflist's network name and the container's name; the agent, though
@@ -282,7 +376,7 @@ func TestPodmanCNI(t *testing.T) {
 		engines.Tool{Path: filepath.Join(cniPlugins, "host-local"), Package: "containernetworking-plugins"})
 	start := time.Now()
 	lb := newLab(t)
-	p := newPodman(t, lb.l, filepath.Join(lb.tmp, "podman"), "cni")
+	p := newPodman(t, lb.l, filepath.Join(lb.tmp, "podman"), "cni", "")
 	p.cli.ImportBusybox(image)
 	network := "upcni"
 	r := engines.RangeOf(t, lb.u, 80)

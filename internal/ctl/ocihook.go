@@ -1,0 +1,106 @@
+package ctl
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"io/fs"
+	"log/slog"
+	"os"
+
+	"github.com/vishvananda/netlink"
+
+	"github.com/underpass-cni/underpass/internal/adopt"
+	"github.com/underpass-cni/underpass/internal/config"
+)
+
+// DefaultConfig is underpassd's default config file: the hook reads its
+// adopt.parents and bpffs, so the agent and the hook cannot disagree.
+const DefaultConfig = "/etc/underpass/underpass.yaml"
+
+// hookFlags are the flags of oci-hook.
+type hookFlags struct {
+	config string
+}
+
+func (f *hookFlags) register(fs *flag.FlagSet) {
+	fs.StringVar(&f.config, "config", DefaultConfig, "underpassd's config `file`: its adopt.parents and bpffs")
+}
+
+// ociState is the part of the OCI runtime state a hook reads on stdin.
+type ociState struct {
+	ID     string `json:"id"`
+	Status string `json:"status"`
+	Pid    int    `json:"pid"`
+}
+
+// maxState bounds what the hook reads from stdin: a state is a few KiB.
+const maxState = 1 << 20
+
+// runOCIHook is an OCI runtime hook (Podman's hooks.d, stage
+// createRuntime or prestart): it registers the container's slaves on the
+// agent's adopt.parents before the container's first process runs, so no
+// frame of it leaves unguarded — the agent's namespace scan would serve it
+// up to a scan interval later. The scan still owns the endpoint from then
+// on: it finds it registered under the same name and keeps it, and
+// removes it when the container's namespace goes.
+//
+// A container with no slave on those parents (another network, none, the
+// host's) is none of its business: it exits 0 without opening the
+// datapath. One that has such a slave and cannot be registered fails the
+// hook, and with it the container's start: it would otherwise run
+// unguarded on a parent the operator gave to underpass.
+func runOCIHook(_ context.Context, env Env, _ *options, f *hookFlags) error {
+	var st ociState
+	if err := json.NewDecoder(io.LimitReader(env.Stdin, maxState)).Decode(&st); err != nil {
+		return fmt.Errorf("oci-hook: reading the container state on stdin: %w", err)
+	}
+	if st.Status != "creating" && st.Status != "created" || st.Pid <= 0 {
+		return nil // poststop and the like: the scan unregisters what went
+	}
+	cfg, err := config.Load(f.config)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil // underpass is not configured on this host: nothing is ours
+	}
+	if err != nil {
+		return fmt.Errorf("oci-hook: %w", err)
+	}
+	var parents []adopt.Parent
+	for _, n := range cfg.Adopt.Parents {
+		if l, err := netlink.LinkByName(n); err == nil {
+			parents = append(parents, adopt.Parent{Name: n, Ifindex: l.Attrs().Index})
+		}
+	}
+	found, err := adopt.ScanPid(parents, adopt.NetnsDirs, st.Pid)
+	if err != nil {
+		return fmt.Errorf("oci-hook: container %.12s: %w", st.ID, err)
+	}
+	if len(found) == 0 {
+		return nil
+	}
+	dp, err := open(cfg.BPFFS)
+	if err != nil {
+		return fmt.Errorf("oci-hook: container %.12s has a slave on %s: %w", st.ID, found[0].ParentName, err)
+	}
+	defer dp.Close()
+	// The hook's parent is the runtime (runc, crun), whose parent is
+	// Podman's conmon, started with the container's name.
+	hookName := adopt.PodmanName(os.Getppid())
+	name := func(s *adopt.Slave) string {
+		if hookName != "" {
+			return hookName
+		}
+		return adopt.Name(s)
+	}
+	res, err := adopt.Adopt(dp, found, name, slog.New(slog.DiscardHandler))
+	if err != nil {
+		return fmt.Errorf("oci-hook: container %.12s: %w", st.ID, err)
+	}
+	for _, ep := range res.Added {
+		fmt.Fprintf(env.Stdout, "adopted %s %s (parent %s, %v) as endpoint %d\n", ep.PodName, ep.IfName, ep.ParentName, ep.Addrs, ep.ID)
+	}
+	return nil
+}
