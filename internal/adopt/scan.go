@@ -46,6 +46,9 @@ type Slave struct {
 	ParentIfindex int
 	ParentName    string
 	Addrs         []netip.Prefix // global unicast, sorted
+	// Tentative counts the global addresses still in duplicate address
+	// detection: not in Addrs until it succeeds.
+	Tentative int
 	// Pid is a process in the namespace (0: none seen): what names a
 	// Podman container (its parent, conmon, has the container's name).
 	Pid int
@@ -188,12 +191,13 @@ func scanNetns(n foundNS, self int, parents []Parent) ([]Slave, error) {
 		if a.NetNsID != selfNSID || selfNSID < 0 {
 			continue // a lower device of the same index in a third namespace
 		}
-		addrs, err := globalAddrs(nh, l)
+		addrs, tentative, err := globalAddrs(nh, l)
 		if err != nil {
 			return nil, err
 		}
 		out = append(out, Slave{Netns: n.path, NetnsID: n.id, IfName: a.Name, Ifindex: a.Index,
-			MAC: a.HardwareAddr, Mode: mode, ParentIfindex: a.ParentIndex, ParentName: parents[i].Name, Addrs: addrs, Pid: n.pid})
+			MAC: a.HardwareAddr, Mode: mode, ParentIfindex: a.ParentIndex, ParentName: parents[i].Name, Addrs: addrs,
+			Tentative: tentative, Pid: n.pid})
 	}
 	return out, nil
 }
@@ -244,7 +248,7 @@ func Inspect(path, ifname string) (*Slave, error) {
 	if err != nil {
 		return nil, fmt.Errorf("parent of %s (ifindex %d): %w", ifname, a.ParentIndex, err)
 	}
-	addrs, err := globalAddrs(nh, l)
+	addrs, _, err := globalAddrs(nh, l)
 	if err != nil {
 		return nil, err
 	}
@@ -331,25 +335,29 @@ func slaveMode(l netlink.Link) (loader.Mode, bool) {
 
 // globalAddrs are l's addresses a peer can reach it at: not link-local,
 // not tentative (DAD not done: not yet its own).
-func globalAddrs(h *netlink.Handle, l netlink.Link) ([]netip.Prefix, error) {
+func globalAddrs(h *netlink.Handle, l netlink.Link) (_ []netip.Prefix, tentative int, _ error) {
 	as, err := h.AddrList(l, netlink.FAMILY_ALL)
 	if err != nil {
-		return nil, err
+		return nil, 0, err
 	}
 	var out []netip.Prefix
 	for _, a := range as {
 		ip, ok := netip.AddrFromSlice(a.IP)
-		if !ok || a.Flags&(unix.IFA_F_TENTATIVE|unix.IFA_F_DADFAILED) != 0 {
+		if !ok || a.Flags&unix.IFA_F_DADFAILED != 0 {
 			continue
 		}
 		if ip = ip.Unmap(); !ip.IsGlobalUnicast() {
+			continue
+		}
+		if a.Flags&unix.IFA_F_TENTATIVE != 0 {
+			tentative++
 			continue
 		}
 		ones, _ := a.Mask.Size()
 		out = append(out, netip.PrefixFrom(ip, ones))
 	}
 	slices.SortFunc(out, func(a, b netip.Prefix) int { return a.Addr().Compare(b.Addr()) })
-	return out, nil
+	return out, tentative, nil
 }
 
 // gone says a namespace or link went away while it was read.

@@ -10,6 +10,8 @@ import (
 	"io/fs"
 	"log/slog"
 	"os"
+	"slices"
+	"time"
 
 	"github.com/vishvananda/netlink"
 
@@ -23,11 +25,13 @@ const DefaultConfig = "/etc/underpass/underpass.yaml"
 
 // hookFlags are the flags of oci-hook.
 type hookFlags struct {
-	config string
+	config  string
+	dadWait time.Duration
 }
 
 func (f *hookFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&f.config, "config", DefaultConfig, "underpassd's config `file`: its adopt.parents and bpffs")
+	fs.DurationVar(&f.dadWait, "dad-wait", 3*time.Second, "how long to wait for the container's IPv6 addresses to pass duplicate address detection")
 }
 
 // ociState is the part of the OCI runtime state a hook reads on stdin.
@@ -74,7 +78,7 @@ func runOCIHook(_ context.Context, env Env, _ *options, f *hookFlags) error {
 			parents = append(parents, adopt.Parent{Name: n, Ifindex: l.Attrs().Index})
 		}
 	}
-	found, err := adopt.ScanPid(parents, adopt.NetnsDirs, st.Pid)
+	found, err := settled(parents, st.Pid, f.dadWait)
 	if err != nil {
 		return fmt.Errorf("oci-hook: container %.12s: %w", st.ID, err)
 	}
@@ -103,4 +107,23 @@ func runOCIHook(_ context.Context, env Env, _ *options, f *hookFlags) error {
 		fmt.Fprintf(env.Stdout, "adopted %s %s (parent %s, %v) as endpoint %d\n", ep.PodName, ep.IfName, ep.ParentName, ep.Addrs, ep.ID)
 	}
 	return nil
+}
+
+// settled scans pid's namespace until no address of its slaves is still in
+// duplicate address detection, for at most wait. An IPv6 address is
+// tentative for about a second after the engine sets it (netavark does not
+// skip DAD): registered without it, the host could not reach the
+// container over IPv6 until the agent's next scan, or at all while the
+// agent is down. The container's start waits that long only when it has
+// such an address; after wait, what has settled is registered and the
+// scan adds the rest.
+func settled(parents []adopt.Parent, pid int, wait time.Duration) ([]adopt.Slave, error) {
+	deadline := time.Now().Add(wait)
+	for {
+		found, err := adopt.ScanPid(parents, adopt.NetnsDirs, pid)
+		if err != nil || !slices.ContainsFunc(found, func(s adopt.Slave) bool { return s.Tentative > 0 }) || time.Now().After(deadline) {
+			return found, err
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }

@@ -15,9 +15,11 @@ package docker_test
 import (
 	"context"
 	"fmt"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -175,10 +177,16 @@ func TestDockerMacvlan(t *testing.T) {
 	e.cli.ImportBusybox(image)
 
 	// Docker's range keeps clear of the host's own address (and of the
-	// gateway): the /28 at .64.
+	// gateway): the /28 at .64, and in the IPv6 subnet (dual stack) the
+	// /124 at ::64.
 	ipRange28 := engines.RangeOf(t, u, 64)
+	ipRange6 := netip.PrefixFrom(netenv.NthAddr(u.Subnet6, 0x64).Addr(), 124)
+	if ipRange6.Contains(u.Node6.Addr()) || ipRange6.Contains(u.Gateway6) {
+		t.Fatalf("range %s holds the node %s or the gateway %s", ipRange6, u.Node6, u.Gateway6)
+	}
 	e.must("network", "create", "-d", "macvlan", "-o", "parent="+u.Name, "--subnet", u.Subnet4.Masked().String(),
-		"--gateway", u.Gateway4.String(), "--ip-range", ipRange28.String(), network)
+		"--gateway", u.Gateway4.String(), "--ip-range", ipRange28.String(),
+		"--ipv6", "--subnet", u.Subnet6.Masked().String(), "--gateway", u.Gateway6.String(), "--ip-range", ipRange6.String(), network)
 
 	// The baseline: no agent, macvlan does not connect a slave with its parent.
 	web1, _ := e.run("web-1", "--restart", "always")
@@ -188,6 +196,12 @@ func TestDockerMacvlan(t *testing.T) {
 	}
 	if r := netenv.Ping(t, c1, u.Node4.Addr(), 2); r.Received != 0 {
 		t.Fatalf("Docker macvlan container -> host answered before underpass: %v", r)
+	}
+	if !ipRange6.Contains(web1.IP6) {
+		t.Fatalf("web-1's IPv6 address %v is not in the network's range %s", web1.IP6, ipRange6)
+	}
+	if r := netenv.Ping(t, l.Node, web1.IP6, 2); r.Received != 0 {
+		t.Fatalf("host -> Docker macvlan container over IPv6 answered before underpass: %v", r)
 	}
 
 	cfg := filepath.Join(tmp, "underpass.yaml")
@@ -227,10 +241,22 @@ func TestDockerMacvlan(t *testing.T) {
 	netenv.MustPing(t, c2, u.Node4.Addr(), 3)
 	engines.CheckMetricsPod(t, get, "web-1", "web-2")
 
+	// Dual stack: both addresses registered, host <-> container over IPv6
+	// too (the parent's hairpin answers the ND as it does ARP).
+	ep2, _ := engines.FindAdopted(t, dp, web2.MAC)
+	want := []netip.Addr{web2.IP, web2.IP6}
+	for _, a := range want {
+		if !slices.ContainsFunc(ep2.Addrs, func(p netip.Prefix) bool { return p.Addr() == a }) {
+			t.Errorf("web-2 registered with %v, want %v among them", ep2.Addrs, a)
+		}
+	}
+	engines.WaitFor(t, 5*time.Second, "host -> web-2 over IPv6", func() bool { return netenv.Ping(t, l.Node, web2.IP6, 1).Received == 1 })
+	netenv.MustPing(t, l.Node, web2.IP6, 3)
+	netenv.MustPing(t, c2, u.Node6.Addr(), 3)
+
 	// Isolated as a pod is: a stale Service address from a container is
 	// dropped, a forged source (a raw socket, which Docker's default
 	// CAP_NET_RAW allows) is dropped and counted; neither reaches the wire.
-	ep2, _ := engines.FindAdopted(t, dp, web2.MAC)
 	engines.CheckIsolated(t, l, u, dp, c2, ep2)
 
 	// Removed: unregistered.

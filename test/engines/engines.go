@@ -111,18 +111,24 @@ func (c CLI) ImportBusybox(image string) {
 }
 
 // Inspect is the running container name as the engine's inspect reports
-// it, with its address and MAC on network.
+// it, with its addresses and MAC on network.
 func (c CLI) Inspect(name, network string) Container {
 	c.T.Helper()
-	out := c.Must("inspect", "--format", `{{.Id}} {{.NetworkSettings.SandboxKey}} {{(index .NetworkSettings.Networks "`+network+
-		`").IPAddress}} {{(index .NetworkSettings.Networks "`+network+`").MacAddress}}`, name)
-	f := strings.Fields(out)
-	if len(f) != 4 {
+	nw := `(index .NetworkSettings.Networks "` + network + `")`
+	out := c.Must("inspect", "--format", `{{.Id}}|{{.NetworkSettings.SandboxKey}}|{{`+nw+`.IPAddress}}|{{`+nw+
+		`.MacAddress}}|{{`+nw+`.GlobalIPv6Address}}`, name)
+	f := strings.Split(out, "|")
+	if len(f) != 5 {
 		c.T.Fatalf("%s inspect %s: %q", c.Name, name, out)
 	}
 	ip, err := netip.ParseAddr(f[2])
 	Must(c.T, err)
-	return Container{Name: name, ID: f[0], SandboxKey: f[1], IP: ip, MAC: f[3]}
+	ct := Container{Name: name, ID: f[0], SandboxKey: f[1], IP: ip, MAC: f[3]}
+	if f[4] != "" {
+		ct.IP6, err = netip.ParseAddr(f[4])
+		Must(c.T, err)
+	}
+	return ct
 }
 
 // RangeOf is the /28 at the n-th address of u's IPv4 subnet, for an
@@ -161,6 +167,7 @@ type Container struct {
 	Name       string
 	ID         string
 	IP         netip.Addr
+	IP6        netip.Addr // its global IPv6 address, on a dual-stack network
 	MAC        string
 	SandboxKey string // its network namespace's pin
 }

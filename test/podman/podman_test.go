@@ -30,6 +30,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -318,7 +319,9 @@ func TestPodmanOCIHook(t *testing.T) {
 	p.cli.ImportBusybox(image)
 	network := fmt.Sprintf("uphk%d", os.Getpid())
 	p.must("network", "create", "-d", "macvlan", "-o", "parent="+lb.u.Name, "--subnet", lb.u.Subnet4.Masked().String(),
-		"--gateway", lb.u.Gateway4.String(), "--ip-range", engines.RangeOf(t, lb.u, 64).String(), network)
+		"--gateway", lb.u.Gateway4.String(), "--ip-range", engines.RangeOf(t, lb.u, 64).String(),
+		"--ipv6", "--subnet", lb.u.Subnet6.Masked().String(), "--gateway", lb.u.Gateway6.String(),
+		"--ip-range", netip.PrefixFrom(netenv.NthAddr(lb.u.Subnet6, 0x64).Addr(), 124).String(), network)
 
 	// Nothing pinned yet: a container with a slave on the adopted parent
 	// does not start, and says why; one without (no network) starts.
@@ -337,7 +340,8 @@ func TestPodmanOCIHook(t *testing.T) {
 	dp, err := loader.Open(lb.pins)
 	engines.Must(t, err)
 	t.Cleanup(func() { dp.Close() })
-	web, _ := p.run("hook-1", network)
+	before := time.Now()
+	web, returned := p.run("hook-1", network)
 	ep, found := engines.FindAdopted(t, dp, web.MAC)
 	if !found {
 		t.Fatalf("hook-1 (%s) not registered when podman run returned, with no agent running", web.MAC)
@@ -346,9 +350,18 @@ func TestPodmanOCIHook(t *testing.T) {
 		t.Errorf("the hook registered hook-1 as %q in %s, want %q in %s (as the agent's scan names it)",
 			ep.PodName, ep.Netns, web.Name, web.SandboxKey)
 	}
+	t.Logf("the hook registered hook-1 as endpoint %d with %v; podman run took %s (the hook waits for IPv6 DAD)",
+		ep.ID, ep.Addrs, returned.Sub(before).Round(time.Millisecond))
+	for _, a := range []netip.Addr{web.IP, web.IP6} {
+		if !slices.ContainsFunc(ep.Addrs, func(p netip.Prefix) bool { return p.Addr() == a }) {
+			t.Errorf("the hook registered hook-1 with %v, want %v among them", ep.Addrs, a)
+		}
+	}
 	c := engines.OpenNS(t, web)
 	netenv.MustPing(t, lb.l.Node, web.IP, 3)
 	netenv.MustPing(t, c, lb.u.Node4.Addr(), 3)
+	netenv.MustPing(t, lb.l.Node, web.IP6, 3)
+	netenv.MustPing(t, c, lb.u.Node6.Addr(), 3)
 	engines.CheckIsolated(t, lb.l, lb.u, dp, c, ep)
 
 	// The agent again: a few scans later the hook's registration is kept,
