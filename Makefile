@@ -151,7 +151,7 @@ test-kernels: vm-cni-bins vm-agent-bins
 # ip_vs is a required feature there (the test cannot skip); underpassd comes
 # prebuilt (UNDERPASS_AGENT_BINS) like the plugin below.
 VMAGENT      := $(BIN)/vm-agent
-VMKP_RUN     := (TestServiceToPodBackendThroughKubeProxy|TestHostReachabilityOffKeepsPodBackedServices)/ipvs
+VMKP_RUN     := (TestServiceToPodBackendThroughKubeProxy|TestHostReachabilityOffKeepsPodBackedServices|TestAdoptIpvlan)/ipvs
 VMKP_TOOLS   := iptables iptables-save iptables-restore ip6tables ip6tables-save ip6tables-restore ipset nft conntrack
 VMKP_IPVS    := ip_vs,ip_vs_rr,ip_set,ip_set_hash_ip,ip_set_hash_ipport,ip_set_hash_ipportip,ip_set_hash_ipportnet,ip_set_hash_net,ip_set_bitmap_port
 VMKP_NF      := nf_conntrack,nf_conntrack_netlink,nf_nat,nf_tables,nft_compat,nft_ct,nft_masq,nft_fib_inet

@@ -162,7 +162,7 @@ func scanNetns(n foundNS, self int, parents []Parent) ([]Slave, error) {
 		return nil, err
 	}
 	defer h.Close()
-	nh, err := netlink.NewHandleAt(h)
+	nh, err := netlink.NewHandleAt(h, unix.NETLINK_ROUTE) // only rtnetlink: xfrm or netfilter sockets may be missing (no module)
 	if err != nil {
 		return nil, err
 	}
@@ -223,7 +223,7 @@ func Inspect(path, ifname string) (*Slave, error) {
 		return nil, fmt.Errorf("open netns %s: %w", path, err)
 	}
 	defer h.Close()
-	nh, err := netlink.NewHandleAt(h)
+	nh, err := netlink.NewHandleAt(h, unix.NETLINK_ROUTE) // only rtnetlink: xfrm or netfilter sockets may be missing (no module)
 	if err != nil {
 		return nil, err
 	}
@@ -325,8 +325,11 @@ func slaveMode(l netlink.Link) (loader.Mode, bool) {
 	case *netlink.Macvlan:
 		return loader.ModeMacvlan, true
 	case *netlink.IPVlan:
-		if v.Mode == netlink.IPVLAN_MODE_L2 {
+		switch v.Mode {
+		case netlink.IPVLAN_MODE_L2:
 			return loader.ModeIPvlanL2, true
+		case netlink.IPVLAN_MODE_L3S:
+			return loader.ModeIPvlanL3S, true
 		}
 		return loader.ModeIPvlanL3, true
 	}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"slices"
@@ -182,18 +183,33 @@ func add(dp *loader.Objects, found []Slave, name func(*Slave) string, log *slog.
 	if err != nil {
 		return res, nil, nil, err
 	}
-	type macKey struct {
+	// What others registered (a CNI ADD), on its parent: a macvlan slave
+	// by its MAC; an ipvlan slave by its addresses, since every ipvlan
+	// slave has its parent's MAC (ipvlan tells them apart by address).
+	type ownKey struct {
 		parent int
-		mac    string
+		key    string
 	}
-	owned := map[macKey]bool{}               // registered by others
+	owned := map[ownKey]bool{}
 	adopted = map[string]datapath.Endpoint{} // ours, by container id and ifname
 	for _, ep := range eps {
 		if ep.Network == AdoptedNetwork {
 			adopted[ep.ContainerID+"/"+ep.IfName] = ep
 			continue
 		}
-		owned[macKey{ep.ParentIfindex, ep.MAC.String()}] = true
+		if ep.Mode == loader.ModeMacvlan {
+			owned[ownKey{ep.ParentIfindex, ep.MAC.String()}] = true
+			continue
+		}
+		for _, a := range ep.Addrs {
+			owned[ownKey{ep.ParentIfindex, a.Addr().String()}] = true
+		}
+	}
+	ownedBy := func(s *Slave) bool {
+		if s.Mode == loader.ModeMacvlan {
+			return owned[ownKey{s.ParentIfindex, s.MAC.String()}]
+		}
+		return slices.ContainsFunc(s.Addrs, func(a netip.Prefix) bool { return owned[ownKey{s.ParentIfindex, a.Addr().String()}] })
 	}
 	var errs []error
 	keep = map[string]bool{}
@@ -202,7 +218,7 @@ func add(dp *loader.Objects, found []Slave, name func(*Slave) string, log *slog.
 		if len(s.Addrs) == 0 {
 			continue
 		}
-		if owned[macKey{s.ParentIfindex, s.MAC.String()}] {
+		if ownedBy(s) {
 			res.Skipped++
 			continue
 		}

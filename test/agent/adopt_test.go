@@ -14,6 +14,7 @@ import (
 	ctlpkg "github.com/underpass-cni/underpass/internal/ctl"
 	"github.com/underpass-cni/underpass/internal/datapath"
 	"github.com/underpass-cni/underpass/internal/loader"
+	"github.com/underpass-cni/underpass/internal/testutil"
 	"github.com/underpass-cni/underpass/test/netenv"
 )
 
@@ -124,6 +125,94 @@ func TestAdoptHandMadeSlaves(t *testing.T) {
 	if n := countByMAC(t, dp, cni.MAC); n != 1 {
 		t.Errorf("emptying adopt.parents touched the CNI pod: %d registrations", n)
 	}
+}
+
+// Hand-made ipvlan slaves (as `ip link add … type ipvlan` and Docker's
+// and Podman's ipvlan drivers make them) on the parents in adopt.parents
+// are adopted as macvlan ones are, in L2 mode: host <-> container both
+// ways. (L3 slaves take the same path; their datapath, on a routed pod
+// subnet, is test/datapath's TestIpvlan.) A CNI
+// ipvlan pod on the same parent stays the CNI's, and does not keep the
+// others from being adopted although they all have its MAC (every ipvlan
+// slave has its parent's). This host's kernel has no ipvlan: the VM
+// matrix runs it, where ipvlan is a required feature.
+func TestAdoptIpvlan(t *testing.T) {
+	testutil.SkipIfNotSupported(t, netenv.ProbeIpvlan())
+	l := newLab(t, netenv.Options{})
+	u := l.Uplinks[0]
+	cniPod := l.AddIpvlanContainer("ipcni", netenv.IPvlanL2, u.IP4(41), netip.Prefix{})
+	byHand := []struct {
+		c    *netenv.Container
+		mode loader.Mode
+		node netip.Addr
+	}{
+		{l.AddIpvlanContainer("ipl2a", netenv.IPvlanL2, u.IP4(42), u.IP6(42)), loader.ModeIPvlanL2, u.Node4.Addr()},
+		{l.AddIpvlanContainer("ipl2b", netenv.IPvlanL2, u.IP4(44), netip.Prefix{}), loader.ModeIPvlanL2, u.Node4.Addr()},
+	}
+	for _, h := range byHand {
+		if r := netenv.Ping(t, l.Node, h.c.IP4.Addr(), 1); r.Received != 0 {
+			t.Fatalf("host -> hand-made ipvlan container %s answered before underpass: %v", h.c.Name, r)
+		}
+	}
+
+	l.writeConfig("adopt: {parents: [" + u.Name + "]}\n")
+	ag := l.start(agentBin)
+	ag.waitReady()
+	dp := l.open()
+	addEndpointMode(t, l.Node, dp, cniPod, u.MAC, loader.ModeIPvlanL2)
+	ids := map[string]uint32{}
+	for _, h := range byHand {
+		cid, err := adopt.ContainerIDOf(h.c.Path)
+		must(t, err)
+		waitFor(t, 10*time.Second, "the agent adopting "+h.c.Name, func() bool {
+			id, _, err := datapath.Find(&dp.Maps, cid, h.c.IfName)
+			ids[h.c.Name] = id
+			return err == nil && id != 0
+		})
+	}
+	// Scans after the CNI pod's registration keep them (its MAC is theirs).
+	time.Sleep(2500 * time.Millisecond)
+	for _, h := range byHand {
+		cid, err := adopt.ContainerIDOf(h.c.Path)
+		must(t, err)
+		id, ep, err := datapath.Find(&dp.Maps, cid, h.c.IfName)
+		must(t, err)
+		if id == 0 || id != ids[h.c.Name] {
+			t.Fatalf("%s: endpoint %d after 2.5 s of scans next to the CNI ipvlan pod, was %d", h.c.Name, id, ids[h.c.Name])
+		}
+		if ep.Network != adopt.AdoptedNetwork || ep.Mode != h.mode || !slices.Contains(ep.Addrs, h.c.IP4) {
+			t.Errorf("%s registered in network %q, mode %v, addresses %v; want adopted, mode %v, with %s",
+				h.c.Name, ep.Network, ep.Mode, ep.Addrs, h.mode, h.c.IP4)
+		}
+		waitFor(t, 5*time.Second, "host -> "+h.c.Name, func() bool { return netenv.Ping(t, l.Node, h.c.IP4.Addr(), 1).Received == 1 })
+		netenv.MustPing(t, l.Node, h.c.IP4.Addr(), 3)
+		netenv.MustPing(t, h.c.NS, h.node, 3)
+		if h.c.IP6.IsValid() {
+			netenv.MustPing(t, l.Node, h.c.IP6.Addr(), 3)
+		}
+	}
+	// The CNI pod: one registration, its own.
+	eps, err := datapath.Endpoints(&dp.Maps)
+	must(t, err)
+	var regs []string
+	for _, ep := range eps {
+		if slices.Contains(ep.Addrs, cniPod.IP4) {
+			regs = append(regs, ep.Network+"/"+ep.PodName)
+		}
+	}
+	if len(regs) != 1 || strings.HasPrefix(regs[0], adopt.AdoptedNetwork) {
+		t.Errorf("registrations of the CNI ipvlan pod's address: %v, want only the CNI's", regs)
+	}
+	// A namespace that goes is unregistered.
+	gone := byHand[0].c
+	cid, err := adopt.ContainerIDOf(gone.Path)
+	must(t, err)
+	must(t, netenv.DeleteNSPath(gone.Path))
+	waitFor(t, 10*time.Second, "the deleted ipvlan namespace's endpoint unregistered", func() bool {
+		id, _, err := datapath.Find(&dp.Maps, cid, gone.IfName)
+		return err == nil && id == 0
+	})
+	ag.stop()
 }
 
 // waitAdopted waits for c's slave to be an adopted endpoint.

@@ -237,6 +237,12 @@ services:
 // index there, and the node's parent went without it).
 func addEndpoint(t testing.TB, node *netenv.NS, dp *loader.Objects, c *netenv.Container, parentMAC net.HardwareAddr) {
 	t.Helper()
+	addEndpointMode(t, node, dp, c, parentMAC, loader.ModeMacvlan)
+}
+
+// addEndpointMode is addEndpoint for a slave of another kind (ipvlan).
+func addEndpointMode(t testing.TB, node *netenv.NS, dp *loader.Objects, c *netenv.Container, parentMAC net.HardwareAddr, mode loader.Mode) {
+	t.Helper()
 	netns, err := ns.GetNS(c.Path)
 	must(t, err)
 	defer netns.Close()
@@ -246,7 +252,7 @@ func addEndpoint(t testing.TB, node *netenv.NS, dp *loader.Objects, c *netenv.Co
 	}
 	ep := &datapath.Endpoint{ContainerID: c.NS.Name, IfName: c.IfName, Netns: c.Path, Ifindex: c.Index,
 		MAC: c.MAC, Addrs: addrs, ParentIfindex: c.ParentIndex, ParentName: c.Parent, ParentMAC: parentMAC,
-		Mode: loader.ModeMacvlan, PodName: c.NS.Name, PodNamespace: "test"}
+		Mode: mode, PodName: c.NS.Name, PodNamespace: "test"}
 	must(t, node.Do(func() error {
 		_, err := datapath.AddEndpoint(dp, netns, ep, datapath.AddOptions{}, nil)
 		return err
