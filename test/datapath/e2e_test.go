@@ -137,6 +137,47 @@ func echo(t *testing.T, ns *netenv.NS, addr netip.AddrPort) {
 	}
 }
 
+// hostToContainerHairpin: the node pings container c (endpoint id) and
+// echoes to it on both families; none of those frames may reach the wire
+// (counted at n.up's wire end) and host_to_ep must move. It returns the
+// endpoint's stats from before and after, for the caller's log.
+func (n *node) hostToContainerHairpin(t *testing.T, c *netenv.Container, id uint32) (before, after loader.EndpointStats) {
+	t.Helper()
+	c4 := netenv.StartCounter(t, n.env.Wire, n.up.Port, netenv.MatchDstIP(c.IP4.Addr()))
+	c6 := netenv.StartCounter(t, n.env.Wire, n.up.Port, netenv.MatchDstIP(c.IP6.Addr()))
+	before = n.stats(t, id)
+	wantPing(t, n.env.Node, c.IP4.Addr())
+	wantPing(t, n.env.Node, c.IP6.Addr())
+	ln := netenv.ListenTCP(t, c.NS, netip.AddrPortFrom(netip.IPv6Unspecified(), 0))
+	port := uint16(ln.Addr().(*net.TCPAddr).Port)
+	echo(t, n.env.Node, netip.AddrPortFrom(c.IP4.Addr(), port))
+	echo(t, n.env.Node, netip.AddrPortFrom(c.IP6.Addr(), port))
+	netenv.Barrier(t, n.env.Node, n.up.Name, c4, c6)
+	if c4.Count() != 0 || c6.Count() != 0 {
+		t.Errorf("%d+%d host->container frames went out to the wire instead of the hairpin", c4.Count(), c6.Count())
+	}
+	after = n.stats(t, id)
+	if after.HostToEp.Packets <= before.HostToEp.Packets {
+		t.Errorf("host_to_ep did not move (%d -> %d): the hairpin was not used", before.HostToEp.Packets, after.HostToEp.Packets)
+	}
+	return before, after
+}
+
+// liveVIPStaysOff: container c echoes to the live VIPs on the node's
+// hostPort; none of those frames may reach the wire (counted at n.up's wire
+// end, the marker frame sent on barrierIf in barrierNS).
+func (n *node) liveVIPStaysOff(t *testing.T, c *netenv.Container, hostPort uint16, barrierNS *netenv.NS, barrierIf string) {
+	t.Helper()
+	c4 := netenv.StartCounter(t, n.env.Wire, n.up.Port, netenv.MatchDstIP(netenv.LiveVIP4))
+	c6 := netenv.StartCounter(t, n.env.Wire, n.up.Port, netenv.MatchDstIP(netenv.LiveVIP6))
+	echo(t, c.NS, netip.AddrPortFrom(netenv.LiveVIP4, hostPort))
+	echo(t, c.NS, netip.AddrPortFrom(netenv.LiveVIP6, hostPort))
+	netenv.Barrier(t, barrierNS, barrierIf, c4, c6)
+	if c4.Count() != 0 || c6.Count() != 0 {
+		t.Errorf("%d+%d frames to live VIPs reached the wire", c4.Count(), c6.Count())
+	}
+}
+
 func TestHostToContainer(t *testing.T) {
 	n := newNode(t, netenv.Options{})
 	c, id := n.container(t, "a", 10)
