@@ -5,6 +5,8 @@ import (
 	"net/netip"
 	"strings"
 	"testing"
+
+	"github.com/underpass-cni/underpass/internal/testutil"
 )
 
 func pfx(s string) netip.Prefix { return netip.MustParsePrefix(s) }
@@ -125,23 +127,9 @@ func TestCheckDisjoint(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			err := CheckDisjoint("service CIDR", tt.set1, "node subnet", tt.set2)
+			testutil.WantErrorLines(t, err, tt.want)
 			if len(tt.want) == 0 {
-				if err != nil {
-					t.Fatalf("unexpected error: %v", err)
-				}
 				return
-			}
-			if err == nil {
-				t.Fatal("no error")
-			}
-			lines := strings.Split(err.Error(), "\n")
-			if len(lines) != len(tt.want) {
-				t.Fatalf("got %d errors, want %d:\n%v", len(lines), len(tt.want), err)
-			}
-			for i, w := range tt.want {
-				if !strings.Contains(lines[i], w) {
-					t.Errorf("error %d = %q, want it to contain %q", i, lines[i], w)
-				}
 			}
 			var oe *OverlapError
 			if !errors.As(err, &oe) {

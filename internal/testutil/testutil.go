@@ -193,3 +193,29 @@ func LoadDatapath(tb testing.TB) *loader.Objects {
 	tb.Cleanup(func() { dp.Close() })
 	return dp
 }
+
+// WantErrorLines checks an error that reports one problem a line: none at
+// all when want is empty, else exactly len(want) lines, line i containing
+// want[i]. It fails the test when err is nil but want is not, so a caller
+// may go on to inspect a non-nil err.
+func WantErrorLines(tb testing.TB, err error, want []string) {
+	tb.Helper()
+	if len(want) == 0 {
+		if err != nil {
+			tb.Fatalf("unexpected error: %v", err)
+		}
+		return
+	}
+	if err == nil {
+		tb.Fatal("no error")
+	}
+	lines := strings.Split(err.Error(), "\n")
+	if len(lines) != len(want) {
+		tb.Fatalf("got %d errors, want %d:\n%v", len(lines), len(want), err)
+	}
+	for i, w := range want {
+		if !strings.Contains(lines[i], w) {
+			tb.Errorf("error %d:\n%s\nwant it to contain %q", i, lines[i], w)
+		}
+	}
+}
