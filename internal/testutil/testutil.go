@@ -185,13 +185,22 @@ func MountBPFFS(tb testing.TB) string {
 // test ends. It fails unless run as root.
 func LoadDatapath(tb testing.TB) *loader.Objects {
 	tb.Helper()
+	dp, _ := LoadDatapathDir(tb)
+	return dp
+}
+
+// LoadDatapathDir is LoadDatapath that also returns the pin directory, for
+// tests that look at, remove or restore what is pinned in it.
+func LoadDatapathDir(tb testing.TB) (*loader.Objects, string) {
+	tb.Helper()
 	RequireRoot(tb)
-	dp, err := loader.Load(filepath.Join(MountBPFFS(tb), "underpass"), loader.Options{})
+	dir := filepath.Join(MountBPFFS(tb), "underpass")
+	dp, err := loader.Load(dir, loader.Options{})
 	if err != nil {
 		tb.Fatal(err)
 	}
 	tb.Cleanup(func() { dp.Close() })
-	return dp
+	return dp, dir
 }
 
 // WantErrorLines checks an error that reports one problem a line: none at

@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"path/filepath"
 	"sync"
 	"syscall"
 	"testing"
@@ -51,10 +50,7 @@ func newNodeMode(t *testing.T, opts netenv.Options, mode loader.Mode) *node {
 // node's addresses on every uplink and VLAN are the host's.
 func startNode(t *testing.T, env *netenv.Env, mode loader.Mode, parents ...*netenv.Uplink) *node {
 	t.Helper()
-	dir := filepath.Join(testutil.MountBPFFS(t), "underpass")
-	dp, err := loader.Load(dir, loader.Options{})
-	must(t, err)
-	t.Cleanup(func() { dp.Close() })
+	dp := testutil.LoadDatapath(t)
 	n := &node{env: env, dp: dp, up: parents[0]}
 	m := &dp.Maps
 	must(t, datapath.SetConfig(m, datapath.Config{ServicesSynced: true, HostReachable: true}, 1))
@@ -72,7 +68,7 @@ func startNode(t *testing.T, env *netenv.Env, mode loader.Mode, parents ...*nete
 	}
 	must(t, datapath.SyncHostCIDRs(m, hosts))
 	must(t, datapath.SyncServiceCIDRs(m, []netip.Prefix{netenv.SvcCIDR4, netenv.SvcCIDR6}))
-	_, _, err = datapath.SyncLiveServices(m, map[netip.Addr]bool{netenv.LiveVIP4: true, netenv.LiveVIP6: true})
+	_, _, err := datapath.SyncLiveServices(m, map[netip.Addr]bool{netenv.LiveVIP4: true, netenv.LiveVIP6: true})
 	must(t, err)
 	// The node itself answers on the live VIPs: a stand-in for kube-proxy.
 	must(t, env.Node.Do(func() error {
