@@ -159,6 +159,20 @@ func (n *node) hostToContainerHairpin(t *testing.T, c *netenv.Container, id uint
 	return before, after
 }
 
+// containerToHost: container c (endpoint id) pings the node's addresses on
+// n.up and echoes to hostPort on both; it returns the endpoint's stats from
+// before and after, for the caller to judge what carried the frames.
+func (n *node) containerToHost(t *testing.T, c *netenv.Container, id uint32, hostPort uint16) (before, after loader.EndpointStats) {
+	t.Helper()
+	host4, host6 := n.up.Node4.Addr(), n.up.Node6.Addr()
+	before = n.stats(t, id)
+	wantPing(t, c.NS, host4)
+	wantPing(t, c.NS, host6)
+	echo(t, c.NS, netip.AddrPortFrom(host4, hostPort))
+	echo(t, c.NS, netip.AddrPortFrom(host6, hostPort))
+	return before, n.stats(t, id)
+}
+
 // liveVIPStaysOff: container c echoes to the live VIPs on the node's
 // hostPort; none of those frames may reach the wire (counted at n.up's wire
 // end, the marker frame sent on barrierIf in barrierNS).

@@ -125,12 +125,7 @@ func testIpvlanMode(t *testing.T, m ipvlanMode) {
 	})
 
 	t.Run("container to host", func(t *testing.T) {
-		before := n.stats(t, idA)
-		wantPing(t, a.NS, host4)
-		wantPing(t, a.NS, host6)
-		echo(t, a.NS, netip.AddrPortFrom(host4, hostPort))
-		echo(t, a.NS, netip.AddrPortFrom(host6, hostPort))
-		after := n.stats(t, idA)
+		before, after := n.containerToHost(t, a, idA, hostPort)
 		// Informational: the driver (L2) or the node's routing (L3/L3S)
 		// delivers these, not the hairpin; the host's answers are
 		// host->container and hairpinned.

@@ -72,7 +72,6 @@ func TestVLANParents(t *testing.T) {
 // testVLAN: the hairpin both ways, container to container, the gateway, and
 // the Service steering on one VLAN parent.
 func testVLAN(t *testing.T, v *vlanNet, hostPort uint16) {
-	host4, host6 := v.up.Node4.Addr(), v.up.Node6.Addr()
 	a := v.a
 
 	t.Run("host to container", func(t *testing.T) {
@@ -81,12 +80,7 @@ func testVLAN(t *testing.T, v *vlanNet, hostPort uint16) {
 	})
 
 	t.Run("container to host", func(t *testing.T) {
-		before := v.stats(t, v.idA)
-		wantPing(t, a.NS, host4)
-		wantPing(t, a.NS, host6)
-		echo(t, a.NS, netip.AddrPortFrom(host4, hostPort))
-		echo(t, a.NS, netip.AddrPortFrom(host6, hostPort))
-		after := v.stats(t, v.idA)
+		before, after := v.containerToHost(t, a, v.idA, hostPort)
 		if after.EpToHost.Packets <= before.EpToHost.Packets {
 			t.Errorf("ep_to_host did not move (%d -> %d): the hairpin was not used", before.EpToHost.Packets, after.EpToHost.Packets)
 		}
