@@ -19,6 +19,7 @@ import (
 	"github.com/underpass-cni/underpass/internal/config"
 	"github.com/underpass-cni/underpass/internal/datapath"
 	"github.com/underpass-cni/underpass/internal/testutil"
+	"github.com/underpass-cni/underpass/test/k8s/kapi"
 )
 
 // memStore is a Store that records the order of writes.
@@ -92,19 +93,8 @@ func svc(ns, name string, ips ...string) *corev1.Service {
 	return s
 }
 
-func slice(ns, svcName, name string, ready ...bool) *discoveryv1.EndpointSlice {
-	s := &discoveryv1.EndpointSlice{
-		ObjectMeta:  metav1.ObjectMeta{Namespace: ns, Name: name, Labels: map[string]string{discoveryv1.LabelServiceName: svcName}},
-		AddressType: discoveryv1.AddressTypeIPv4,
-	}
-	for i, r := range ready {
-		s.Endpoints = append(s.Endpoints, discoveryv1.Endpoint{
-			Addresses:  []string{fmt.Sprintf("10.244.0.%d", i+1)},
-			Conditions: discoveryv1.EndpointConditions{Ready: &r},
-		})
-	}
-	return s
-}
+// slice is an EndpointSlice of Service svcName in ns, its endpoints ready or not.
+var slice = kapi.EndpointSlice
 
 func TestLiveIPs(t *testing.T) {
 	yes, no := true, false
