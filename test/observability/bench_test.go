@@ -54,28 +54,18 @@ func BenchmarkParentXDP(b *testing.B) {
 		{"gratuitous-arp-conflict (event)", arpFrame(b, macWire, ipPod, ipPod)},
 	} {
 		b.Run(tc.name, func(b *testing.B) {
-			raw := measureXDP(b, dp.Programs.ParentXdp, tc.frame, b.N)
-			b.ReportMetric(raw, "raw-ns/pkt")
-			b.ReportMetric(raw-baseline, "ns/pkt")
-			b.ReportMetric(0, "ns/op")
+			testutil.ReportPerPacket(b, measureXDP(b, dp.Programs.ParentXdp, tc.frame, b.N), baseline)
 		})
 	}
 }
 
+// measureXDP is testutil.MeasureProg for a frame every round must pass.
 func measureXDP(b *testing.B, prog *ebpf.Program, frame []byte, rounds int) float64 {
-	const repeat = 100000
-	var total float64
-	for range rounds {
-		verdict, d, err := prog.Benchmark(frame, repeat, nil)
-		if err != nil {
-			b.Fatal(err)
-		}
+	return testutil.MeasureProg(b, prog, frame, rounds, func(verdict uint32) {
 		if verdict != 2 {
 			b.Fatalf("verdict %d, want XDP_PASS", verdict)
 		}
-		total += float64(d.Nanoseconds())
-	}
-	return total / float64(rounds)
+	})
 }
 
 func ping(tb testing.TB, smac, dmac net.HardwareAddr, src, dst netip.Addr) []byte {
