@@ -23,14 +23,11 @@ import (
 func BenchmarkParentXDP(b *testing.B) {
 	dp := testutil.LoadDatapath(b)
 	m := &dp.Maps
-	var (
-		macParent = net.HardwareAddr{2, 0, 0, 0, 0, 1}
-		macPod    = net.HardwareAddr{2, 0xaa, 0, 0, 0, 1}
-		macWire   = net.HardwareAddr{2, 0xee, 0, 0, 0, 1}
-		ipPod     = netip.MustParseAddr("192.0.2.10")
-		ipWire    = netip.MustParseAddr("192.0.2.50")
-		ipHost    = netip.MustParseAddr("192.0.2.2")
-	)
+	// The program rigs' addresses; the wire host's is one on the subnet
+	// that no endpoint has.
+	macParent, macPod, macWire := testutil.MACParent, testutil.MACA, testutil.MACWire
+	ipPod, ipHost := testutil.IPA, testutil.IPHost
+	ipWire := netip.MustParseAddr("192.0.2.50")
 	must(b, datapath.PutParent(m, 1, macParent, loader.ModeMacvlan))
 	_, err := datapath.Register(m, datapath.Endpoint{ContainerID: "bench", IfName: "eth0", ParentIfindex: 1,
 		Mode: loader.ModeMacvlan, MAC: macPod, Addrs: []netip.Prefix{netip.PrefixFrom(ipPod, 24)}})
