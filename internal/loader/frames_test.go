@@ -10,6 +10,7 @@ import (
 	"github.com/gopacket/gopacket/layers"
 
 	"github.com/underpass-cni/underpass/internal/testutil"
+	"github.com/underpass-cni/underpass/test/netenv"
 )
 
 // Frame builders and checkers for the program tests.
@@ -22,18 +23,20 @@ var (
 	macWire   = testutil.MACWire
 	macBcast  = testutil.MACBcast
 
-	ipHost    = testutil.IPHost
-	ipHost6   = netip.MustParseAddr("2001:db8:1::2")
-	ipA       = testutil.IPA
-	ipA6      = testutil.IPA6
-	ipB       = testutil.IPB
-	ipGW      = netip.MustParseAddr("192.0.2.1")
-	ipRemote  = netip.MustParseAddr("198.51.100.7")
-	ipDNS     = netip.MustParseAddr("169.254.20.10")
-	vipLive   = netip.MustParseAddr("10.96.0.10")
-	vipStale  = netip.MustParseAddr("10.96.0.99")
-	vip6Live  = netip.MustParseAddr("fd00:96::10")
-	vip6Stale = netip.MustParseAddr("fd00:96::99")
+	ipHost   = testutil.IPHost
+	ipHost6  = netip.MustParseAddr("2001:db8:1::2")
+	ipA      = testutil.IPA
+	ipA6     = testutil.IPA6
+	ipB      = testutil.IPB
+	ipGW     = netip.MustParseAddr("192.0.2.1")
+	ipRemote = netip.MustParseAddr("198.51.100.7")
+	ipDNS    = netip.MustParseAddr("169.254.20.10")
+
+	// The labs' Services (test/netenv): a live and a stale VIP of each family.
+	vipLive   = netenv.LiveVIP4
+	vipStale  = netenv.StaleVIP4
+	vip6Live  = netenv.LiveVIP6
+	vip6Stale = netenv.StaleVIP6
 )
 
 // serialize builds a frame for a test run (testutil.Frame).
