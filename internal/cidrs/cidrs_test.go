@@ -11,13 +11,7 @@ import (
 
 func pfx(s string) netip.Prefix { return netip.MustParsePrefix(s) }
 
-func pfxs(ss ...string) []netip.Prefix {
-	var out []netip.Prefix
-	for _, s := range ss {
-		out = append(out, pfx(s))
-	}
-	return out
-}
+func pfxs(ss ...string) []netip.Prefix { return testutil.Parse(pfx, ss...) }
 
 func TestCanonical(t *testing.T) {
 	tests := []struct{ in, want string }{

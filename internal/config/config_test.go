@@ -47,21 +47,9 @@ func mustParse(t *testing.T, s string) *Config {
 	return c
 }
 
-func prefixes(ss ...string) []netip.Prefix {
-	var out []netip.Prefix
-	for _, s := range ss {
-		out = append(out, netip.MustParsePrefix(s))
-	}
-	return out
-}
+func prefixes(ss ...string) []netip.Prefix { return testutil.Parse(netip.MustParsePrefix, ss...) }
 
-func addrs(ss ...string) []netip.Addr {
-	var out []netip.Addr
-	for _, s := range ss {
-		out = append(out, netip.MustParseAddr(s))
-	}
-	return out
-}
+func addrs(ss ...string) []netip.Addr { return testutil.Parse(netip.MustParseAddr, ss...) }
 
 func TestExampleParses(t *testing.T) {
 	c := mustParse(t, example)

@@ -76,13 +76,7 @@ func (s *memStore) writes() []string {
 	return slices.Clone(s.log)
 }
 
-func addrs(ss ...string) []netip.Addr {
-	var out []netip.Addr
-	for _, s := range ss {
-		out = append(out, netip.MustParseAddr(s))
-	}
-	return out
-}
+func addrs(ss ...string) []netip.Addr { return testutil.Parse(netip.MustParseAddr, ss...) }
 
 func svc(ns, name string, ips ...string) *corev1.Service {
 	s := &corev1.Service{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name}}

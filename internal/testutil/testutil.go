@@ -228,3 +228,13 @@ func WantErrorLines(tb testing.TB, err error, want []string) {
 		}
 	}
 }
+
+// Parse applies parse (netip.MustParseAddr, netip.MustParsePrefix, ...) to
+// each of ss: tables write their addresses as strings.
+func Parse[T any](parse func(string) T, ss ...string) []T {
+	var out []T
+	for _, s := range ss {
+		out = append(out, parse(s))
+	}
+	return out
+}
