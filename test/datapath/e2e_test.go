@@ -118,6 +118,16 @@ func wantPing(t *testing.T, from *netenv.NS, to netip.Addr) {
 	}
 }
 
+// wantWireBothWays: container c pings up's gateway on both families, and
+// from, a namespace on the wire side, pings c on both.
+func wantWireBothWays(t *testing.T, c *netenv.Container, up *netenv.Uplink, from *netenv.NS) {
+	t.Helper()
+	wantPing(t, c.NS, up.Gateway4)
+	wantPing(t, c.NS, up.Gateway6)
+	wantPing(t, from, c.IP4.Addr())
+	wantPing(t, from, c.IP6.Addr())
+}
+
 func wantNoPing(t *testing.T, from *netenv.NS, to netip.Addr) {
 	t.Helper()
 	if r := netenv.Ping(t, from, to, 2); r.Received != 0 {
@@ -222,10 +232,7 @@ func TestContainerPathsUnaffected(t *testing.T) {
 	wire := n.env.AddWireHost("w", n.up.IP4(50), n.up.IP6(50))
 	wantPing(t, a.NS, b.IP4.Addr())
 	wantPing(t, a.NS, b.IP6.Addr())
-	wantPing(t, a.NS, n.up.Gateway4)
-	wantPing(t, a.NS, n.up.Gateway6)
-	wantPing(t, wire.NS, a.IP4.Addr())
-	wantPing(t, wire.NS, a.IP6.Addr())
+	wantWireBothWays(t, a, n.up, wire.NS)
 	wantPing(t, n.env.Node, wire.IP4.Addr())
 	// The hairpin counts nothing for traffic that does not involve the host.
 	g, err := datapath.GlobalStats(&n.dp.Maps)

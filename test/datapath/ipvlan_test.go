@@ -134,10 +134,7 @@ func testIpvlanMode(t *testing.T, m ipvlanMode) {
 	})
 
 	t.Run("container and wire gateway", func(t *testing.T) {
-		wantPing(t, a.NS, n.up.Gateway4)
-		wantPing(t, a.NS, n.up.Gateway6)
-		wantPing(t, n.env.Wire, a.IP4.Addr())
-		wantPing(t, n.env.Wire, a.IP6.Addr())
+		wantWireBothWays(t, a, n.up, n.env.Wire)
 	})
 
 	t.Run("container to container", func(t *testing.T) {

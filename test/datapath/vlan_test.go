@@ -93,10 +93,7 @@ func testVLAN(t *testing.T, v *vlanNet, hostPort uint16) {
 	})
 
 	t.Run("container and its VLAN's gateway", func(t *testing.T) {
-		wantPing(t, a.NS, v.up.Gateway4)
-		wantPing(t, a.NS, v.up.Gateway6)
-		wantPing(t, v.up.GatewayNS, a.IP4.Addr())
-		wantPing(t, v.up.GatewayNS, a.IP6.Addr())
+		wantWireBothWays(t, a, v.up, v.up.GatewayNS)
 	})
 
 	t.Run("live VIP is steered to the host", func(t *testing.T) {
