@@ -5,17 +5,13 @@ import (
 	"net/netip"
 	"strings"
 	"testing"
+
+	"github.com/underpass-cni/underpass/internal/testutil"
 )
 
 func pfx(s string) netip.Prefix { return netip.MustParsePrefix(s) }
 
-func pfxs(ss ...string) []netip.Prefix {
-	var out []netip.Prefix
-	for _, s := range ss {
-		out = append(out, pfx(s))
-	}
-	return out
-}
+func pfxs(ss ...string) []netip.Prefix { return testutil.Parse(pfx, ss...) }
 
 func TestCanonical(t *testing.T) {
 	tests := []struct{ in, want string }{
@@ -125,23 +121,9 @@ func TestCheckDisjoint(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			err := CheckDisjoint("service CIDR", tt.set1, "node subnet", tt.set2)
+			testutil.WantErrorLines(t, err, tt.want)
 			if len(tt.want) == 0 {
-				if err != nil {
-					t.Fatalf("unexpected error: %v", err)
-				}
 				return
-			}
-			if err == nil {
-				t.Fatal("no error")
-			}
-			lines := strings.Split(err.Error(), "\n")
-			if len(lines) != len(tt.want) {
-				t.Fatalf("got %d errors, want %d:\n%v", len(lines), len(tt.want), err)
-			}
-			for i, w := range tt.want {
-				if !strings.Contains(lines[i], w) {
-					t.Errorf("error %d = %q, want it to contain %q", i, lines[i], w)
-				}
 			}
 			var oe *OverlapError
 			if !errors.As(err, &oe) {
@@ -155,11 +137,7 @@ func TestCheckDisjoint(t *testing.T) {
 }
 
 func TestParsePrefix(t *testing.T) {
-	tests := []struct {
-		in      string
-		want    string
-		wantErr string
-	}{
+	tests := []parseCase{
 		{in: "10.96.0.0/12", want: "10.96.0.0/12"},
 		{in: "10.96.0.1/12", want: "10.96.0.0/12"},
 		{in: "10.96.0.10", want: "10.96.0.10/32"},
@@ -177,16 +155,27 @@ func TestParsePrefix(t *testing.T) {
 		{in: "fe80::1%eth0", wantErr: `has an IPv6 zone`},
 		{in: " 10.0.0.1", wantErr: `" 10.0.0.1" is not`},
 	}
+	checkParse(t, "ParsePrefix", ParsePrefix, pfx, tests)
+}
+
+// parseCase is a parser's input and the value (as a string) or the error
+// text it should give.
+type parseCase = struct{ in, want, wantErr string }
+
+// checkParse runs parse (called name) on each case: its error must contain
+// wantErr, or its value be the one wantOf makes of want.
+func checkParse[T comparable](t *testing.T, name string, parse func(string) (T, error), wantOf func(string) T, tests []parseCase) {
+	t.Helper()
 	for _, tt := range tests {
-		got, err := ParsePrefix(tt.in)
+		got, err := parse(tt.in)
 		if tt.wantErr != "" {
 			if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
-				t.Errorf("ParsePrefix(%q) error = %v, want it to contain %q", tt.in, err, tt.wantErr)
+				t.Errorf("%s(%q) error = %v, want it to contain %q", name, tt.in, err, tt.wantErr)
 			}
 			continue
 		}
-		if err != nil || got != pfx(tt.want) {
-			t.Errorf("ParsePrefix(%q) = %s, %v; want %s", tt.in, got, err, tt.want)
+		if err != nil || got != wantOf(tt.want) {
+			t.Errorf("%s(%q) = %v, %v; want %s", name, tt.in, got, err, tt.want)
 		}
 	}
 }
@@ -229,25 +218,14 @@ func TestParsePrefixes(t *testing.T) {
 }
 
 func TestParseAddr(t *testing.T) {
-	tests := []struct{ in, want, wantErr string }{
+	tests := []parseCase{
 		{in: "10.96.0.1", want: "10.96.0.1"},
 		{in: "::ffff:10.96.0.1", want: "10.96.0.1"},
 		{in: "fd00::a", want: "fd00::a"},
 		{in: "10.96.0.0/24", wantErr: `"10.96.0.0/24" is not an IP address`},
 		{in: "fe80::1%eth0", wantErr: `"fe80::1%eth0" has an IPv6 zone; give the address without %eth0`},
 	}
-	for _, tt := range tests {
-		got, err := ParseAddr(tt.in)
-		if tt.wantErr != "" {
-			if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
-				t.Errorf("ParseAddr(%q) error = %v, want %q", tt.in, err, tt.wantErr)
-			}
-			continue
-		}
-		if err != nil || got != netip.MustParseAddr(tt.want) {
-			t.Errorf("ParseAddr(%q) = %s, %v; want %s", tt.in, got, err, tt.want)
-		}
-	}
+	checkParse(t, "ParseAddr", ParseAddr, netip.MustParseAddr, tests)
 }
 
 func TestMapped(t *testing.T) {

@@ -16,6 +16,7 @@ import (
 
 	"github.com/underpass-cni/underpass/internal/attach"
 	"github.com/underpass-cni/underpass/internal/loader"
+	"github.com/underpass-cni/underpass/internal/testutil"
 )
 
 // example is the documented agent config (README, "Agent configuration"), comments included.
@@ -46,21 +47,9 @@ func mustParse(t *testing.T, s string) *Config {
 	return c
 }
 
-func prefixes(ss ...string) []netip.Prefix {
-	var out []netip.Prefix
-	for _, s := range ss {
-		out = append(out, netip.MustParsePrefix(s))
-	}
-	return out
-}
+func prefixes(ss ...string) []netip.Prefix { return testutil.Parse(netip.MustParsePrefix, ss...) }
 
-func addrs(ss ...string) []netip.Addr {
-	var out []netip.Addr
-	for _, s := range ss {
-		out = append(out, netip.MustParseAddr(s))
-	}
-	return out
-}
+func addrs(ss ...string) []netip.Addr { return testutil.Parse(netip.MustParseAddr, ss...) }
 
 func TestExampleParses(t *testing.T) {
 	c := mustParse(t, example)
@@ -390,25 +379,7 @@ func TestValidateAgainst(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			c := mustParse(t, "staleServices: {cidrs: "+tt.cidrs+"}")
-			err := c.ValidateAgainst(tt.nodes, tt.pods)
-			if len(tt.want) == 0 {
-				if err != nil {
-					t.Fatal(err)
-				}
-				return
-			}
-			if err == nil {
-				t.Fatal("no error")
-			}
-			lines := strings.Split(err.Error(), "\n")
-			if len(lines) != len(tt.want) {
-				t.Fatalf("got %d errors, want %d:\n%v", len(lines), len(tt.want), err)
-			}
-			for i, w := range tt.want {
-				if !strings.Contains(lines[i], w) {
-					t.Errorf("error %d:\n%s\nwant it to contain %q", i, lines[i], w)
-				}
-			}
+			testutil.WantErrorLines(t, c.ValidateAgainst(tt.nodes, tt.pods), tt.want)
 		})
 	}
 

@@ -102,16 +102,22 @@ func decode[T any](t *testing.T, s string) T {
 	return v
 }
 
+// wantIn checks that out, what the command what printed, has each of wants.
+func wantIn(t *testing.T, what, out string, wants ...string) {
+	t.Helper()
+	for _, want := range wants {
+		if !strings.Contains(out, want) {
+			t.Errorf("%s lacks %q:\n%s", what, want, out)
+		}
+	}
+}
+
 func TestStatus(t *testing.T) {
 	r := newRig(t)
 	out := r.ctl(t, "status")
-	for _, want := range []string{"loaded, pinned in " + r.dp.Dir, "host reachability on, stale services reject, generation 7",
+	wantIn(t, "status", out, "loaded, pinned in "+r.dp.Dir, "host reachability on, stale services reject, generation 7",
 		"2 registered", "2 live service IPs, 1 service CIDRs, 2 host CIDRs", "lo", "macvlan",
-		"endpoint programs:  shared programs in ep_progs"} {
-		if !strings.Contains(out, want) {
-			t.Errorf("status lacks %q:\n%s", want, out)
-		}
-	}
+		"endpoint programs:  shared programs in ep_progs")
 	st := decode[ctl.Status](t, r.ctl(t, "status", "-o", "json"))
 	if !st.Loaded || st.BPFFS != r.dp.Dir || st.Endpoints.Registered != 2 || st.LiveServices != 2 ||
 		st.Config.StaleAction != "reject" || st.Config.Generation != 7 {
@@ -143,11 +149,7 @@ func TestStatus(t *testing.T) {
 func TestEndpoints(t *testing.T) {
 	r := newRig(t)
 	out := r.ctl(t, "endpoints")
-	for _, want := range []string{"aaaa01234567/eth0", "shop/web-0", "192.0.2.10/24,2001:db8::10/64", "bbbb01234567/net1", "shop/db-0"} {
-		if !strings.Contains(out, want) {
-			t.Errorf("endpoints lacks %q:\n%s", want, out)
-		}
-	}
+	wantIn(t, "endpoints", out, "aaaa01234567/eth0", "shop/web-0", "192.0.2.10/24,2001:db8::10/64", "bbbb01234567/net1", "shop/db-0")
 	eps := decode[[]ctl.EndpointView](t, r.ctl(t, "-o", "json", "endpoints"))
 	if len(eps) != 2 || eps[0].PodName != "db-0" || eps[1].PodName != "web-0" || eps[1].ID != r.idA ||
 		len(eps[1].Addrs) != 2 || eps[1].MAC != "02:aa:00:00:00:01" || eps[1].Attach != "none" || eps[1].ParentName != "lo" {
@@ -158,11 +160,7 @@ func TestEndpoints(t *testing.T) {
 func TestServices(t *testing.T) {
 	r := newRig(t)
 	out := r.ctl(t, "services")
-	for _, want := range []string{"stale services: reject", "10.96.0.0/16", "10.96.0.1\n", "10.96.0.10\n", "169.254.20.10/32", "steered", "node address"} {
-		if !strings.Contains(out, want) {
-			t.Errorf("services lacks %q:\n%s", want, out)
-		}
-	}
+	wantIn(t, "services", out, "stale services: reject", "10.96.0.0/16", "10.96.0.1\n", "10.96.0.10\n", "169.254.20.10/32", "steered", "node address")
 	s := decode[ctl.Services](t, r.ctl(t, "services", "-o", "json"))
 	if len(s.Live) != 2 || s.Live[0].String() != "10.96.0.1" || len(s.ServiceCIDRs) != 1 || len(s.HostCIDRs) != 2 ||
 		!s.HostCIDRs[1].Local || !s.HostCIDRs[0].Steer {
@@ -184,12 +182,8 @@ func TestServices(t *testing.T) {
 		{VIP: netip.MustParseAddr("10.96.0.1"), Port: 443, Proto: datapath.ProtoTCP, Affinity: time.Hour},
 	}))
 	out = r.ctl(t, "services")
-	for _, want := range []string{"services mode: ebpf", "frontends (2):", "10.96.0.1:443/tcp", "none (stale)", "affinity 1h0m0s",
-		"10.96.0.10:53/udp", "10.1.0.5:5353,10.1.0.6:5353", "(kube-system/kube-dns dns)  flows 0, failures 0"} {
-		if !strings.Contains(out, want) {
-			t.Errorf("services (ebpf) lacks %q:\n%s", want, out)
-		}
-	}
+	wantIn(t, "services (ebpf)", out, "services mode: ebpf", "frontends (2):", "10.96.0.1:443/tcp", "none (stale)", "affinity 1h0m0s",
+		"10.96.0.10:53/udp", "10.1.0.5:5353,10.1.0.6:5353", "(kube-system/kube-dns dns)  flows 0, failures 0")
 	s = decode[ctl.Services](t, r.ctl(t, "services", "-o", "json"))
 	if s.Mode != "ebpf" || len(s.Frontends) != 2 || s.Frontends[1].Frontend != "10.96.0.10:53/udp" || len(s.Frontends[1].Backends) != 2 ||
 		s.Frontends[1].Service != "kube-system/kube-dns" || s.Frontends[1].Port != "dns" {
@@ -200,11 +194,7 @@ func TestServices(t *testing.T) {
 func TestStats(t *testing.T) {
 	r := newRig(t)
 	out := r.ctl(t, "stats")
-	for _, want := range []string{"aaaa01234567/eth0", "shop/web-0", "2.0 KiB", "stale_service=3", "3/0"} {
-		if !strings.Contains(out, want) {
-			t.Errorf("stats lacks %q:\n%s", want, out)
-		}
-	}
+	wantIn(t, "stats", out, "aaaa01234567/eth0", "shop/web-0", "2.0 KiB", "stale_service=3", "3/0")
 	rep := decode[ctl.StatsReport](t, r.ctl(t, "stats", "-o", "json"))
 	if len(rep.Endpoints) != 2 {
 		t.Fatalf("stats: %+v", rep)

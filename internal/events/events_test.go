@@ -19,15 +19,6 @@ import (
 
 const parentIfindex = 1 // lo: BPF_PROG_TEST_RUN needs a real device
 
-var (
-	macParent = net.HardwareAddr{0x02, 0, 0, 0, 0, 0x01}
-	macA      = net.HardwareAddr{0x02, 0xaa, 0, 0, 0, 0x0a}
-	macWire   = net.HardwareAddr{0x02, 0xee, 0, 0, 0, 0xee}
-	macBcast  = net.HardwareAddr{0xff, 0xff, 0xff, 0xff, 0xff, 0xff}
-	ipA       = netip.MustParseAddr("192.0.2.10")
-	ipA6      = netip.MustParseAddr("2001:db8:1::10")
-)
-
 var must = testutil.Must
 
 // records is a slog.Handler that hands every record to the test.
@@ -72,10 +63,10 @@ func newRig(t *testing.T) *rig {
 	t.Helper()
 	dp := testutil.LoadDatapath(t)
 	m := &dp.Maps
-	must(t, datapath.PutParent(m, parentIfindex, macParent, loader.ModeMacvlan))
+	must(t, datapath.PutParent(m, parentIfindex, testutil.MACParent, loader.ModeMacvlan))
 	id, err := datapath.Register(m, datapath.Endpoint{
 		ContainerID: "c0ffee0123456789abcdef", IfName: "net1", ParentIfindex: parentIfindex, ParentName: "lo",
-		Mode: loader.ModeMacvlan, MAC: macA, Addrs: []netip.Prefix{netip.PrefixFrom(ipA, 24), netip.PrefixFrom(ipA6, 64)},
+		Mode: loader.ModeMacvlan, MAC: testutil.MACA, Addrs: []netip.Prefix{netip.PrefixFrom(testutil.IPA, 24), netip.PrefixFrom(testutil.IPA6, 64)},
 		PodName: "web-0", PodNamespace: "shop",
 	})
 	must(t, err)
@@ -121,7 +112,7 @@ func (r *rig) xdp(t *testing.T, frame []byte) {
 
 // garp is a gratuitous ARP from mac claiming ip.
 func garp(t *testing.T, mac net.HardwareAddr, ip netip.Addr) []byte {
-	return testutil.Frame(t, &layers.Ethernet{SrcMAC: mac, DstMAC: macBcast, EthernetType: layers.EthernetTypeARP}, &layers.ARP{
+	return testutil.Frame(t, &layers.Ethernet{SrcMAC: mac, DstMAC: testutil.MACBcast, EthernetType: layers.EthernetTypeARP}, &layers.ARP{
 		AddrType: layers.LinkTypeEthernet, Protocol: layers.EthernetTypeIPv4, HwAddressSize: 6, ProtAddressSize: 4,
 		Operation: layers.ARPRequest, SourceHwAddress: mac, SourceProtAddress: ip.AsSlice(),
 		DstHwAddress: make([]byte, 6), DstProtAddress: ip.AsSlice(),
@@ -144,12 +135,12 @@ func TestConflictLogged(t *testing.T) {
 	r := newRig(t)
 	recs := r.start(t, events.Options{RepeatInterval: -1})
 
-	r.xdp(t, garp(t, macWire, ipA))
+	r.xdp(t, garp(t, testutil.MACWire, testutil.IPA))
 	got := recs.next(t)
 	want := map[string]string{
-		"level": "WARN", "ip": ipA.String(), "mac": macWire.String(), "pod": "web-0", "namespace": "shop",
+		"level": "WARN", "ip": testutil.IPA.String(), "mac": testutil.MACWire.String(), "pod": "web-0", "namespace": "shop",
 		"endpoint": "c0ffee012345/net1", "container_id": "c0ffee0123456789abcdef", "parent": "lo", "via": "arp",
-		"endpoint_mac": macA.String(),
+		"endpoint_mac": testutil.MACA.String(),
 	}
 	for k, v := range want {
 		if got[k] != v {
@@ -160,14 +151,14 @@ func TestConflictLogged(t *testing.T) {
 		t.Errorf("no endpoint id: %v", got)
 	}
 
-	r.xdp(t, unsolicitedNA(t, macWire, ipA6))
+	r.xdp(t, unsolicitedNA(t, testutil.MACWire, testutil.IPA6))
 	got = recs.next(t)
-	if got["ip"] != ipA6.String() || got["via"] != "nd" || got["pod"] != "web-0" {
+	if got["ip"] != testutil.IPA6.String() || got["via"] != "nd" || got["pod"] != "web-0" {
 		t.Errorf("NA conflict: %v", got)
 	}
 
 	// The endpoint's own announcement is no conflict.
-	r.xdp(t, garp(t, macA, ipA))
+	r.xdp(t, garp(t, testutil.MACA, testutil.IPA))
 	recs.none(t, 200*time.Millisecond)
 }
 
@@ -177,7 +168,7 @@ func TestConflictRepeatsSuppressed(t *testing.T) {
 	recs := r.start(t, events.Options{RepeatInterval: every})
 	start := time.Now()
 	for range 3 {
-		r.xdp(t, garp(t, macWire, ipA))
+		r.xdp(t, garp(t, testutil.MACWire, testutil.IPA))
 	}
 	if got := recs.next(t); got["repeated"] != "" {
 		t.Fatalf("first line says repeated: %v", got)
@@ -187,13 +178,13 @@ func TestConflictRepeatsSuppressed(t *testing.T) {
 	}
 	// Another MAC is another conflict: logged at once.
 	other := net.HardwareAddr{0x02, 0xee, 0, 0, 0, 0xef}
-	r.xdp(t, garp(t, other, ipA))
+	r.xdp(t, garp(t, other, testutil.IPA))
 	if got := recs.next(t); got["mac"] != other.String() {
 		t.Fatalf("second MAC not logged: %v", got)
 	}
 	time.Sleep(time.Until(start.Add(every + 50*time.Millisecond)))
-	r.xdp(t, garp(t, macWire, ipA))
-	if got := recs.next(t); got["repeated"] != "2" || got["mac"] != macWire.String() {
+	r.xdp(t, garp(t, testutil.MACWire, testutil.IPA))
+	if got := recs.next(t); got["repeated"] != "2" || got["mac"] != testutil.MACWire.String() {
 		t.Fatalf("after the interval: %v, want repeated=2", got)
 	}
 }
@@ -202,11 +193,11 @@ func TestDeletedEndpoint(t *testing.T) {
 	r := newRig(t)
 	// The event is queued, then the endpoint goes before the reader gets to
 	// it: the line still names the address, the MAC and the id.
-	r.xdp(t, garp(t, macWire, ipA))
+	r.xdp(t, garp(t, testutil.MACWire, testutil.IPA))
 	must(t, datapath.Unregister(&r.dp.Maps, r.id))
 	recs := r.start(t, events.Options{RepeatInterval: -1})
 	got := recs.next(t)
-	if got["ip"] != ipA.String() || got["mac"] != macWire.String() || got["endpoint"] != "(deleted since)" || got["pod"] != "" {
+	if got["ip"] != testutil.IPA.String() || got["mac"] != testutil.MACWire.String() || got["endpoint"] != "(deleted since)" || got["pod"] != "" {
 		t.Fatalf("%v", got)
 	}
 }
@@ -222,7 +213,7 @@ func TestStart(t *testing.T) {
 	recs := make(records, 4)
 	must(t, events.Start(ctx, &dp.Maps, events.Options{Log: slog.New(recs)}))
 	dp.Close()
-	r.xdp(t, garp(t, macWire, ipA))
+	r.xdp(t, garp(t, testutil.MACWire, testutil.IPA))
 	if got := recs.next(t); got["pod"] != "web-0" {
 		t.Fatalf("%v", got)
 	}

@@ -85,10 +85,7 @@ func egressPrograms(tb testing.TB, ns *netenv.NS, ifindex int, tcx bool) (tcxIDs
 func TestAttachEgress(t *testing.T) {
 	testutil.RequireRoot(t)
 	rel, tcx := kernelHasTCX(t)
-	dir := filepath.Join(testutil.MountBPFFS(t), "underpass")
-	dp, err := loader.Load(dir, loader.Options{})
-	must(t, err)
-	t.Cleanup(func() { dp.Close() })
+	dp, dir := testutil.LoadDatapathDir(t)
 
 	env := netenv.New(t, netenv.Options{})
 	u := env.Uplinks[0]
@@ -100,7 +97,7 @@ func TestAttachEgress(t *testing.T) {
 	hosts.Add(netip.PrefixFrom(u.Node4.Addr(), 32), loader.HostLocal)
 	must(t, datapath.SyncHostCIDRs(&dp.Maps, hosts))
 	c := env.AddMacvlanContainer("c1", u.IP4(10), netip.Prefix{})
-	_, err = datapath.Register(&dp.Maps, datapath.Endpoint{
+	_, err := datapath.Register(&dp.Maps, datapath.Endpoint{
 		ContainerID: "attach-egress", IfName: "eth0", ParentIfindex: u.Index, Ifindex: c.Index,
 		Mode: loader.ModeMacvlan, MAC: c.MAC, Addrs: []netip.Prefix{c.IP4},
 	})

@@ -7,7 +7,9 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
 	"github.com/gopacket/gopacket/layers"
+
 	"github.com/underpass-cni/underpass/internal/datapath"
+	"github.com/underpass-cni/underpass/internal/testutil"
 )
 
 // BenchmarkParentEgress measures ns/packet of each path through the parent
@@ -55,24 +57,12 @@ func benchProg(b *testing.B, r *rig, frame []byte, uplink bool, baseline float64
 		prog = r.dp.Programs.UplinkEgress
 	}
 	b.ResetTimer()
-	raw := measure(b, prog, frame, b.N)
-	b.ReportMetric(raw, "raw-ns/pkt")
-	b.ReportMetric(raw-baseline, "ns/pkt")
-	b.ReportMetric(0, "ns/op")
+	testutil.ReportPerPacket(b, measure(b, prog, frame, b.N), baseline)
 }
 
 // measure returns the mean ns per run over rounds of the kernel's loop.
 func measure(b *testing.B, prog *ebpf.Program, frame []byte, rounds int) float64 {
-	const repeat = 100000
-	var total float64
-	for i := 0; i < rounds; i++ {
-		_, d, err := prog.Benchmark(frame, repeat, nil)
-		if err != nil {
-			b.Fatal(err)
-		}
-		total += float64(d.Nanoseconds())
-	}
-	return total / float64(rounds)
+	return testutil.MeasureProg(b, prog, frame, rounds, nil)
 }
 
 // BenchmarkEndpoint measures the endpoint programs, which every pod frame
@@ -110,10 +100,7 @@ func benchWrapped(b *testing.B, wrapper float64, cases []wrappedCase) {
 	for _, tc := range cases {
 		b.Run(tc.name, func(b *testing.B) {
 			b.ResetTimer()
-			raw := measure(b, tc.prog, tc.frame, b.N)
-			b.ReportMetric(raw, "raw-ns/pkt")
-			b.ReportMetric(raw-wrapper, "ns/pkt")
-			b.ReportMetric(0, "ns/op")
+			testutil.ReportPerPacket(b, measure(b, tc.prog, tc.frame, b.N), wrapper)
 		})
 	}
 }

@@ -8,45 +8,39 @@ import (
 
 	"github.com/gopacket/gopacket"
 	"github.com/gopacket/gopacket/layers"
+
+	"github.com/underpass-cni/underpass/internal/testutil"
+	"github.com/underpass-cni/underpass/test/netenv"
 )
 
 // Frame builders and checkers for the program tests.
 
 var (
-	macParent = net.HardwareAddr{0x02, 0, 0, 0, 0, 0x01}
+	macParent = testutil.MACParent
 	macGW     = net.HardwareAddr{0x02, 0, 0, 0, 0, 0xfe}
-	macA      = net.HardwareAddr{0x02, 0xaa, 0, 0, 0, 0x0a}
-	macB      = net.HardwareAddr{0x02, 0xbb, 0, 0, 0, 0x0b}
-	macWire   = net.HardwareAddr{0x02, 0xee, 0, 0, 0, 0xee}
-	macBcast  = net.HardwareAddr{0xff, 0xff, 0xff, 0xff, 0xff, 0xff}
+	macA      = testutil.MACA
+	macB      = testutil.MACB
+	macWire   = testutil.MACWire
+	macBcast  = testutil.MACBcast
 
-	ipHost    = netip.MustParseAddr("192.0.2.2")
-	ipHost6   = netip.MustParseAddr("2001:db8:1::2")
-	ipA       = netip.MustParseAddr("192.0.2.10")
-	ipA6      = netip.MustParseAddr("2001:db8:1::10")
-	ipB       = netip.MustParseAddr("192.0.2.11")
-	ipGW      = netip.MustParseAddr("192.0.2.1")
-	ipRemote  = netip.MustParseAddr("198.51.100.7")
-	ipDNS     = netip.MustParseAddr("169.254.20.10")
-	vipLive   = netip.MustParseAddr("10.96.0.10")
-	vipStale  = netip.MustParseAddr("10.96.0.99")
-	vip6Live  = netip.MustParseAddr("fd00:96::10")
-	vip6Stale = netip.MustParseAddr("fd00:96::99")
+	ipHost   = testutil.IPHost
+	ipHost6  = netip.MustParseAddr("2001:db8:1::2")
+	ipA      = testutil.IPA
+	ipA6     = testutil.IPA6
+	ipB      = testutil.IPB
+	ipGW     = netip.MustParseAddr("192.0.2.1")
+	ipRemote = netip.MustParseAddr("198.51.100.7")
+	ipDNS    = netip.MustParseAddr("169.254.20.10")
+
+	// The labs' Services (test/netenv): a live and a stale VIP of each family.
+	vipLive   = netenv.LiveVIP4
+	vipStale  = netenv.StaleVIP4
+	vip6Live  = netenv.LiveVIP6
+	vip6Stale = netenv.StaleVIP6
 )
 
-func serialize(tb testing.TB, ls ...gopacket.SerializableLayer) []byte {
-	tb.Helper()
-	buf := gopacket.NewSerializeBuffer()
-	if err := gopacket.SerializeLayers(buf, gopacket.SerializeOptions{ComputeChecksums: true, FixLengths: true}, ls...); err != nil {
-		tb.Fatal(err)
-	}
-	out := buf.Bytes()
-	// The kernel's test run wants at least an Ethernet header plus a bit.
-	for len(out) < 60 {
-		out = append(out, 0)
-	}
-	return out
-}
+// serialize builds a frame for a test run (testutil.Frame).
+var serialize = testutil.Frame
 
 func eth(src, dst net.HardwareAddr, t layers.EthernetType) *layers.Ethernet {
 	return &layers.Ethernet{SrcMAC: src, DstMAC: dst, EthernetType: t}

@@ -200,10 +200,7 @@ func TestRestoreLinks(t *testing.T) {
 	if rel, tcx := kernelHasTCX(t); !tcx {
 		testutil.SkipIfNotSupported(t, testutil.NotSupported("tcx", fmt.Errorf("kernel %s", rel)))
 	}
-	dir := filepath.Join(testutil.MountBPFFS(t), "underpass")
-	dp, err := loader.Load(dir, loader.Options{})
-	must(t, err)
-	t.Cleanup(func() { dp.Close() })
+	dp, dir := testutil.LoadDatapathDir(t)
 	env := netenv.New(t, netenv.Options{})
 	u := env.Uplinks[0]
 	inNode := func(fn func() error) { t.Helper(); must(t, env.Node.Do(fn)) }

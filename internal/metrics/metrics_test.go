@@ -30,15 +30,6 @@ const (
 	cidB          = "fedcba9876543210fedcba9876543210"
 )
 
-var (
-	macParent = net.HardwareAddr{0x02, 0, 0, 0, 0, 0x01}
-	macA      = net.HardwareAddr{0x02, 0xaa, 0, 0, 0, 0x0a}
-	macB      = net.HardwareAddr{0x02, 0xbb, 0, 0, 0, 0x0b}
-	ipHost    = netip.MustParseAddr("192.0.2.2")
-	ipA       = netip.MustParseAddr("192.0.2.10")
-	ipB       = netip.MustParseAddr("192.0.2.11")
-)
-
 type rig struct {
 	dp       *loader.Objects
 	idA, idB uint32
@@ -49,10 +40,10 @@ func newRig(tb testing.TB) *rig {
 	dp := itest.LoadDatapath(tb)
 	m := &dp.Maps
 	must(tb, datapath.SetConfig(m, datapath.Config{ServicesSynced: true, HostReachable: true}, 1))
-	must(tb, datapath.PutParent(m, parentIfindex, macParent, loader.ModeMacvlan))
+	must(tb, datapath.PutParent(m, parentIfindex, itest.MACParent, loader.ModeMacvlan))
 	r := &rig{dp: dp}
-	r.idA = register(tb, m, cidA, "a", ipA, macA)
-	r.idB = register(tb, m, cidB, "b", ipB, macB)
+	r.idA = register(tb, m, cidA, "a", itest.IPA, itest.MACA)
+	r.idB = register(tb, m, cidB, "b", itest.IPB, itest.MACB)
 	return r
 }
 
@@ -238,11 +229,11 @@ func TestProgramCounts(t *testing.T) {
 	r := newRig(t)
 	m := &r.dp.Maps
 	must(t, datapath.SyncServiceCIDRs(m, []netip.Prefix{netip.MustParsePrefix("10.96.0.0/16")}))
-	toA := echo(t, macParent, macA, ipHost, ipA)
+	toA := echo(t, itest.MACParent, itest.MACA, itest.IPHost, itest.IPA)
 	for range 3 {
 		run(t, r.dp.Programs.ParentEgress, toA)
 	}
-	stale := echo(t, macB, macParent, ipB, netip.MustParseAddr("10.96.0.99"))
+	stale := echo(t, itest.MACB, itest.MACParent, itest.IPB, netip.MustParseAddr("10.96.0.99"))
 	run(t, r.dp.Programs.ParentEgress, stale)
 
 	c := metrics.New(m, metrics.Options{})

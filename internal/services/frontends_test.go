@@ -13,6 +13,7 @@ import (
 
 	"github.com/underpass-cni/underpass/internal/datapath"
 	"github.com/underpass-cni/underpass/internal/services"
+	"github.com/underpass-cni/underpass/internal/testutil"
 )
 
 type ep struct {
@@ -46,13 +47,7 @@ func service(ips []string, ports ...corev1.ServicePort) *corev1.Service {
 		Spec: corev1.ServiceSpec{ClusterIP: ips[0], ClusterIPs: ips, Ports: ports}}
 }
 
-func backends(s ...string) []netip.AddrPort {
-	var out []netip.AddrPort
-	for _, a := range s {
-		out = append(out, netip.MustParseAddrPort(a))
-	}
-	return out
-}
+func backends(s ...string) []netip.AddrPort { return testutil.Parse(netip.MustParseAddrPort, s...) }
 
 func TestFrontendsOf(t *testing.T) {
 	web := corev1.ServicePort{Name: "web", Port: 80}

@@ -19,6 +19,7 @@ import (
 	"github.com/underpass-cni/underpass/internal/config"
 	"github.com/underpass-cni/underpass/internal/datapath"
 	"github.com/underpass-cni/underpass/internal/testutil"
+	"github.com/underpass-cni/underpass/test/k8s/kapi"
 )
 
 // memStore is a Store that records the order of writes.
@@ -75,13 +76,7 @@ func (s *memStore) writes() []string {
 	return slices.Clone(s.log)
 }
 
-func addrs(ss ...string) []netip.Addr {
-	var out []netip.Addr
-	for _, s := range ss {
-		out = append(out, netip.MustParseAddr(s))
-	}
-	return out
-}
+func addrs(ss ...string) []netip.Addr { return testutil.Parse(netip.MustParseAddr, ss...) }
 
 func svc(ns, name string, ips ...string) *corev1.Service {
 	s := &corev1.Service{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name}}
@@ -92,19 +87,8 @@ func svc(ns, name string, ips ...string) *corev1.Service {
 	return s
 }
 
-func slice(ns, svcName, name string, ready ...bool) *discoveryv1.EndpointSlice {
-	s := &discoveryv1.EndpointSlice{
-		ObjectMeta:  metav1.ObjectMeta{Namespace: ns, Name: name, Labels: map[string]string{discoveryv1.LabelServiceName: svcName}},
-		AddressType: discoveryv1.AddressTypeIPv4,
-	}
-	for i, r := range ready {
-		s.Endpoints = append(s.Endpoints, discoveryv1.Endpoint{
-			Addresses:  []string{fmt.Sprintf("10.244.0.%d", i+1)},
-			Conditions: discoveryv1.EndpointConditions{Ready: &r},
-		})
-	}
-	return s
-}
+// slice is an EndpointSlice of Service svcName in ns, its endpoints ready or not.
+var slice = kapi.EndpointSlice
 
 func TestLiveIPs(t *testing.T) {
 	yes, no := true, false

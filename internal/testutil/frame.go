@@ -1,6 +1,8 @@
 package testutil
 
 import (
+	"net"
+	"net/netip"
 	"testing"
 
 	"github.com/gopacket/gopacket"
@@ -19,3 +21,20 @@ func Frame(tb testing.TB, ls ...gopacket.SerializableLayer) []byte {
 	}
 	return out
 }
+
+// The addresses the program test rigs (internal/loader, metrics, events)
+// give the node and its endpoints, lo playing the parent: the parent's MAC
+// and the host's address on it, endpoints A and B, a host on the wire, and
+// the broadcast MAC.
+var (
+	MACParent = net.HardwareAddr{0x02, 0, 0, 0, 0, 0x01}
+	MACA      = net.HardwareAddr{0x02, 0xaa, 0, 0, 0, 0x0a}
+	MACB      = net.HardwareAddr{0x02, 0xbb, 0, 0, 0, 0x0b}
+	MACWire   = net.HardwareAddr{0x02, 0xee, 0, 0, 0, 0xee}
+	MACBcast  = net.HardwareAddr{0xff, 0xff, 0xff, 0xff, 0xff, 0xff}
+
+	IPHost = netip.MustParseAddr("192.0.2.2")
+	IPA    = netip.MustParseAddr("192.0.2.10")
+	IPA6   = netip.MustParseAddr("2001:db8:1::10")
+	IPB    = netip.MustParseAddr("192.0.2.11")
+)

@@ -39,9 +39,13 @@ func (e *exit) Done() <-chan struct{} { return e.done }
 func (e *exit) Err() error { return e.err }
 
 // Exited reports whether the process has ended.
-func (e *exit) Exited() bool {
+func (e *exit) Exited() bool { return Closed(e.done) }
+
+// Closed reports, without waiting, whether ch is closed (a process's or a
+// goroutine's done channel).
+func Closed(ch <-chan struct{}) bool {
 	select {
-	case <-e.done:
+	case <-ch:
 		return true
 	default:
 		return false

@@ -185,11 +185,56 @@ func MountBPFFS(tb testing.TB) string {
 // test ends. It fails unless run as root.
 func LoadDatapath(tb testing.TB) *loader.Objects {
 	tb.Helper()
+	dp, _ := LoadDatapathDir(tb)
+	return dp
+}
+
+// LoadDatapathDir is LoadDatapath that also returns the pin directory, for
+// tests that look at, remove or restore what is pinned in it.
+func LoadDatapathDir(tb testing.TB) (*loader.Objects, string) {
+	tb.Helper()
 	RequireRoot(tb)
-	dp, err := loader.Load(filepath.Join(MountBPFFS(tb), "underpass"), loader.Options{})
+	dir := filepath.Join(MountBPFFS(tb), "underpass")
+	dp, err := loader.Load(dir, loader.Options{})
 	if err != nil {
 		tb.Fatal(err)
 	}
 	tb.Cleanup(func() { dp.Close() })
-	return dp
+	return dp, dir
+}
+
+// WantErrorLines checks an error that reports one problem a line: none at
+// all when want is empty, else exactly len(want) lines, line i containing
+// want[i]. It fails the test when err is nil but want is not, so a caller
+// may go on to inspect a non-nil err.
+func WantErrorLines(tb testing.TB, err error, want []string) {
+	tb.Helper()
+	if len(want) == 0 {
+		if err != nil {
+			tb.Fatalf("unexpected error: %v", err)
+		}
+		return
+	}
+	if err == nil {
+		tb.Fatal("no error")
+	}
+	lines := strings.Split(err.Error(), "\n")
+	if len(lines) != len(want) {
+		tb.Fatalf("got %d errors, want %d:\n%v", len(lines), len(want), err)
+	}
+	for i, w := range want {
+		if !strings.Contains(lines[i], w) {
+			tb.Errorf("error %d:\n%s\nwant it to contain %q", i, lines[i], w)
+		}
+	}
+}
+
+// Parse applies parse (netip.MustParseAddr, netip.MustParsePrefix, ...) to
+// each of ss: tables write their addresses as strings.
+func Parse[T any](parse func(string) T, ss ...string) []T {
+	var out []T
+	for _, s := range ss {
+		out = append(out, parse(s))
+	}
+	return out
 }

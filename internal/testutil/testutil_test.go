@@ -117,31 +117,29 @@ func TestMountBPFFS(t *testing.T) {
 	}
 }
 
-// On this kernel ip_vs is either there or reported as the missing feature
-// "ip_vs", never as another error.
-func TestProbeIPVS(t *testing.T) {
-	err := ProbeIPVS()
-	t.Logf("ProbeIPVS: %v", err)
+// wantProbe: a probe's answer on this kernel is either nil (the feature is
+// there) or a FeatureError naming feature, never another error.
+func wantProbe(t *testing.T, probe string, err error, feature string) {
+	t.Helper()
+	t.Logf("%s: %v", probe, err)
 	if err == nil {
 		return
 	}
 	var fe *FeatureError
-	if !errors.As(err, &fe) || fe.Feature != "ip_vs" {
-		t.Fatalf("ProbeIPVS: %v, want nil or a FeatureError for ip_vs", err)
+	if !errors.As(err, &fe) || fe.Feature != feature {
+		t.Fatalf("%s: %v, want nil or a FeatureError for %s", probe, err, feature)
 	}
+}
+
+// On this kernel ip_vs is either there or reported as the missing feature
+// "ip_vs", never as another error.
+func TestProbeIPVS(t *testing.T) {
+	wantProbe(t, "ProbeIPVS", ProbeIPVS(), "ip_vs")
 }
 
 // On this kernel VLAN links are either possible or reported as the missing
 // feature "vlan", never as another error (the VM kernels have 8021q).
 func TestProbeVLAN(t *testing.T) {
 	RequireRoot(t)
-	err := ProbeVLAN()
-	t.Logf("ProbeVLAN: %v", err)
-	if err == nil {
-		return
-	}
-	var fe *FeatureError
-	if !errors.As(err, &fe) || fe.Feature != "vlan" {
-		t.Fatalf("ProbeVLAN: %v, want nil or a FeatureError for vlan", err)
-	}
+	wantProbe(t, "ProbeVLAN", ProbeVLAN(), "vlan")
 }

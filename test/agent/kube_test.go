@@ -77,18 +77,9 @@ func createService(t testing.TB, cs kubernetes.Interface, ns, name string, dual 
 	return out
 }
 
+// endpointSlice is Service svc's one EndpointSlice, its endpoints ready or not.
 func endpointSlice(ns, svc string, ready ...bool) *discoveryv1.EndpointSlice {
-	s := &discoveryv1.EndpointSlice{
-		ObjectMeta:  metav1.ObjectMeta{Namespace: ns, Name: svc + "-1", Labels: map[string]string{discoveryv1.LabelServiceName: svc}},
-		AddressType: discoveryv1.AddressTypeIPv4,
-	}
-	for i, r := range ready {
-		s.Endpoints = append(s.Endpoints, discoveryv1.Endpoint{
-			Addresses:  []string{fmt.Sprintf("10.244.0.%d", i+1)},
-			Conditions: discoveryv1.EndpointConditions{Ready: &r},
-		})
-	}
-	return s
+	return kapi.EndpointSlice(ns, svc, svc+"-1", ready...)
 }
 
 func addrsOf(t testing.TB, svc *corev1.Service) []netip.Addr {

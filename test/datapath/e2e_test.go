@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"path/filepath"
 	"sync"
 	"syscall"
 	"testing"
@@ -51,10 +50,7 @@ func newNodeMode(t *testing.T, opts netenv.Options, mode loader.Mode) *node {
 // node's addresses on every uplink and VLAN are the host's.
 func startNode(t *testing.T, env *netenv.Env, mode loader.Mode, parents ...*netenv.Uplink) *node {
 	t.Helper()
-	dir := filepath.Join(testutil.MountBPFFS(t), "underpass")
-	dp, err := loader.Load(dir, loader.Options{})
-	must(t, err)
-	t.Cleanup(func() { dp.Close() })
+	dp := testutil.LoadDatapath(t)
 	n := &node{env: env, dp: dp, up: parents[0]}
 	m := &dp.Maps
 	must(t, datapath.SetConfig(m, datapath.Config{ServicesSynced: true, HostReachable: true}, 1))
@@ -72,7 +68,7 @@ func startNode(t *testing.T, env *netenv.Env, mode loader.Mode, parents ...*nete
 	}
 	must(t, datapath.SyncHostCIDRs(m, hosts))
 	must(t, datapath.SyncServiceCIDRs(m, []netip.Prefix{netenv.SvcCIDR4, netenv.SvcCIDR6}))
-	_, _, err = datapath.SyncLiveServices(m, map[netip.Addr]bool{netenv.LiveVIP4: true, netenv.LiveVIP6: true})
+	_, _, err := datapath.SyncLiveServices(m, map[netip.Addr]bool{netenv.LiveVIP4: true, netenv.LiveVIP6: true})
 	must(t, err)
 	// The node itself answers on the live VIPs: a stand-in for kube-proxy.
 	must(t, env.Node.Do(func() error {
@@ -122,6 +118,16 @@ func wantPing(t *testing.T, from *netenv.NS, to netip.Addr) {
 	}
 }
 
+// wantWireBothWays: container c pings up's gateway on both families, and
+// from, a namespace on the wire side, pings c on both.
+func wantWireBothWays(t *testing.T, c *netenv.Container, up *netenv.Uplink, from *netenv.NS) {
+	t.Helper()
+	wantPing(t, c.NS, up.Gateway4)
+	wantPing(t, c.NS, up.Gateway6)
+	wantPing(t, from, c.IP4.Addr())
+	wantPing(t, from, c.IP6.Addr())
+}
+
 func wantNoPing(t *testing.T, from *netenv.NS, to netip.Addr) {
 	t.Helper()
 	if r := netenv.Ping(t, from, to, 2); r.Received != 0 {
@@ -134,6 +140,61 @@ func echo(t *testing.T, ns *netenv.NS, addr netip.AddrPort) {
 	t.Helper()
 	if err := netenv.Echo(ns, addr, "through the underpass", 3*time.Second); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// hostToContainerHairpin: the node pings container c (endpoint id) and
+// echoes to it on both families; none of those frames may reach the wire
+// (counted at n.up's wire end) and host_to_ep must move. It returns the
+// endpoint's stats from before and after, for the caller's log.
+func (n *node) hostToContainerHairpin(t *testing.T, c *netenv.Container, id uint32) (before, after loader.EndpointStats) {
+	t.Helper()
+	c4 := netenv.StartCounter(t, n.env.Wire, n.up.Port, netenv.MatchDstIP(c.IP4.Addr()))
+	c6 := netenv.StartCounter(t, n.env.Wire, n.up.Port, netenv.MatchDstIP(c.IP6.Addr()))
+	before = n.stats(t, id)
+	wantPing(t, n.env.Node, c.IP4.Addr())
+	wantPing(t, n.env.Node, c.IP6.Addr())
+	ln := netenv.ListenTCP(t, c.NS, netip.AddrPortFrom(netip.IPv6Unspecified(), 0))
+	port := uint16(ln.Addr().(*net.TCPAddr).Port)
+	echo(t, n.env.Node, netip.AddrPortFrom(c.IP4.Addr(), port))
+	echo(t, n.env.Node, netip.AddrPortFrom(c.IP6.Addr(), port))
+	netenv.Barrier(t, n.env.Node, n.up.Name, c4, c6)
+	if c4.Count() != 0 || c6.Count() != 0 {
+		t.Errorf("%d+%d host->container frames went out to the wire instead of the hairpin", c4.Count(), c6.Count())
+	}
+	after = n.stats(t, id)
+	if after.HostToEp.Packets <= before.HostToEp.Packets {
+		t.Errorf("host_to_ep did not move (%d -> %d): the hairpin was not used", before.HostToEp.Packets, after.HostToEp.Packets)
+	}
+	return before, after
+}
+
+// containerToHost: container c (endpoint id) pings the node's addresses on
+// n.up and echoes to hostPort on both; it returns the endpoint's stats from
+// before and after, for the caller to judge what carried the frames.
+func (n *node) containerToHost(t *testing.T, c *netenv.Container, id uint32, hostPort uint16) (before, after loader.EndpointStats) {
+	t.Helper()
+	host4, host6 := n.up.Node4.Addr(), n.up.Node6.Addr()
+	before = n.stats(t, id)
+	wantPing(t, c.NS, host4)
+	wantPing(t, c.NS, host6)
+	echo(t, c.NS, netip.AddrPortFrom(host4, hostPort))
+	echo(t, c.NS, netip.AddrPortFrom(host6, hostPort))
+	return before, n.stats(t, id)
+}
+
+// liveVIPStaysOff: container c echoes to the live VIPs on the node's
+// hostPort; none of those frames may reach the wire (counted at n.up's wire
+// end, the marker frame sent on barrierIf in barrierNS).
+func (n *node) liveVIPStaysOff(t *testing.T, c *netenv.Container, hostPort uint16, barrierNS *netenv.NS, barrierIf string) {
+	t.Helper()
+	c4 := netenv.StartCounter(t, n.env.Wire, n.up.Port, netenv.MatchDstIP(netenv.LiveVIP4))
+	c6 := netenv.StartCounter(t, n.env.Wire, n.up.Port, netenv.MatchDstIP(netenv.LiveVIP6))
+	echo(t, c.NS, netip.AddrPortFrom(netenv.LiveVIP4, hostPort))
+	echo(t, c.NS, netip.AddrPortFrom(netenv.LiveVIP6, hostPort))
+	netenv.Barrier(t, barrierNS, barrierIf, c4, c6)
+	if c4.Count() != 0 || c6.Count() != 0 {
+		t.Errorf("%d+%d frames to live VIPs reached the wire", c4.Count(), c6.Count())
 	}
 }
 
@@ -171,10 +232,7 @@ func TestContainerPathsUnaffected(t *testing.T) {
 	wire := n.env.AddWireHost("w", n.up.IP4(50), n.up.IP6(50))
 	wantPing(t, a.NS, b.IP4.Addr())
 	wantPing(t, a.NS, b.IP6.Addr())
-	wantPing(t, a.NS, n.up.Gateway4)
-	wantPing(t, a.NS, n.up.Gateway6)
-	wantPing(t, wire.NS, a.IP4.Addr())
-	wantPing(t, wire.NS, a.IP6.Addr())
+	wantWireBothWays(t, a, n.up, wire.NS)
 	wantPing(t, n.env.Node, wire.IP4.Addr())
 	// The hairpin counts nothing for traffic that does not involve the host.
 	g, err := datapath.GlobalStats(&n.dp.Maps)

@@ -120,33 +120,12 @@ func testIpvlanMode(t *testing.T, m ipvlanMode) {
 	}
 
 	t.Run("host to container", func(t *testing.T) {
-		c4 := netenv.StartCounter(t, n.env.Wire, n.up.Port, netenv.MatchDstIP(a.IP4.Addr()))
-		c6 := netenv.StartCounter(t, n.env.Wire, n.up.Port, netenv.MatchDstIP(a.IP6.Addr()))
-		before := n.stats(t, idA)
-		wantPing(t, n.env.Node, a.IP4.Addr())
-		wantPing(t, n.env.Node, a.IP6.Addr())
-		ln := netenv.ListenTCP(t, a.NS, netip.AddrPortFrom(netip.IPv6Unspecified(), 0))
-		port := uint16(ln.Addr().(*net.TCPAddr).Port)
-		echo(t, n.env.Node, netip.AddrPortFrom(a.IP4.Addr(), port))
-		echo(t, n.env.Node, netip.AddrPortFrom(a.IP6.Addr(), port))
-		netenv.Barrier(t, n.env.Node, n.up.Name, c4, c6)
-		if c4.Count() != 0 || c6.Count() != 0 {
-			t.Errorf("%d+%d host->container frames went out to the wire instead of the hairpin", c4.Count(), c6.Count())
-		}
-		after := n.stats(t, idA)
-		if after.HostToEp.Packets <= before.HostToEp.Packets {
-			t.Errorf("host_to_ep did not move (%d -> %d): the hairpin was not used", before.HostToEp.Packets, after.HostToEp.Packets)
-		}
+		before, after := n.hostToContainerHairpin(t, a, idA)
 		t.Logf("%s host->container: host_to_ep +%d packets", m.name, after.HostToEp.Packets-before.HostToEp.Packets)
 	})
 
 	t.Run("container to host", func(t *testing.T) {
-		before := n.stats(t, idA)
-		wantPing(t, a.NS, host4)
-		wantPing(t, a.NS, host6)
-		echo(t, a.NS, netip.AddrPortFrom(host4, hostPort))
-		echo(t, a.NS, netip.AddrPortFrom(host6, hostPort))
-		after := n.stats(t, idA)
+		before, after := n.containerToHost(t, a, idA, hostPort)
 		// Informational: the driver (L2) or the node's routing (L3/L3S)
 		// delivers these, not the hairpin; the host's answers are
 		// host->container and hairpinned.
@@ -155,10 +134,7 @@ func testIpvlanMode(t *testing.T, m ipvlanMode) {
 	})
 
 	t.Run("container and wire gateway", func(t *testing.T) {
-		wantPing(t, a.NS, n.up.Gateway4)
-		wantPing(t, a.NS, n.up.Gateway6)
-		wantPing(t, n.env.Wire, a.IP4.Addr())
-		wantPing(t, n.env.Wire, a.IP6.Addr())
+		wantWireBothWays(t, a, n.up, n.env.Wire)
 	})
 
 	t.Run("container to container", func(t *testing.T) {
@@ -167,14 +143,7 @@ func testIpvlanMode(t *testing.T, m ipvlanMode) {
 	})
 
 	t.Run("live VIP is steered to the host", func(t *testing.T) {
-		c4 := netenv.StartCounter(t, n.env.Wire, n.up.Port, netenv.MatchDstIP(netenv.LiveVIP4))
-		c6 := netenv.StartCounter(t, n.env.Wire, n.up.Port, netenv.MatchDstIP(netenv.LiveVIP6))
-		echo(t, a.NS, netip.AddrPortFrom(netenv.LiveVIP4, hostPort))
-		echo(t, a.NS, netip.AddrPortFrom(netenv.LiveVIP6, hostPort))
-		netenv.Barrier(t, barrierNS, barrierIf, c4, c6)
-		if c4.Count() != 0 || c6.Count() != 0 {
-			t.Errorf("%d+%d frames to live VIPs reached the wire", c4.Count(), c6.Count())
-		}
+		n.liveVIPStaysOff(t, a, hostPort, barrierNS, barrierIf)
 	})
 
 	testStaleNeverLeaks(t, n, a.NS, idA, barrierNS, barrierIf)

@@ -72,37 +72,15 @@ func TestVLANParents(t *testing.T) {
 // testVLAN: the hairpin both ways, container to container, the gateway, and
 // the Service steering on one VLAN parent.
 func testVLAN(t *testing.T, v *vlanNet, hostPort uint16) {
-	host4, host6 := v.up.Node4.Addr(), v.up.Node6.Addr()
 	a := v.a
 
 	t.Run("host to container", func(t *testing.T) {
 		// Everything of every VLAN passes the trunk's wire end.
-		c4 := netenv.StartCounter(t, v.env.Wire, v.up.Port, netenv.MatchDstIP(a.IP4.Addr()))
-		c6 := netenv.StartCounter(t, v.env.Wire, v.up.Port, netenv.MatchDstIP(a.IP6.Addr()))
-		before := v.stats(t, v.idA)
-		wantPing(t, v.env.Node, a.IP4.Addr())
-		wantPing(t, v.env.Node, a.IP6.Addr())
-		ln := netenv.ListenTCP(t, a.NS, netip.AddrPortFrom(netip.IPv6Unspecified(), 0))
-		port := uint16(ln.Addr().(*net.TCPAddr).Port)
-		echo(t, v.env.Node, netip.AddrPortFrom(a.IP4.Addr(), port))
-		echo(t, v.env.Node, netip.AddrPortFrom(a.IP6.Addr(), port))
-		netenv.Barrier(t, v.env.Node, v.up.Name, c4, c6)
-		if c4.Count() != 0 || c6.Count() != 0 {
-			t.Errorf("%d+%d host->container frames went out to the wire instead of the hairpin", c4.Count(), c6.Count())
-		}
-		after := v.stats(t, v.idA)
-		if after.HostToEp.Packets <= before.HostToEp.Packets {
-			t.Errorf("host_to_ep did not move (%d -> %d): the hairpin was not used", before.HostToEp.Packets, after.HostToEp.Packets)
-		}
+		v.hostToContainerHairpin(t, a, v.idA)
 	})
 
 	t.Run("container to host", func(t *testing.T) {
-		before := v.stats(t, v.idA)
-		wantPing(t, a.NS, host4)
-		wantPing(t, a.NS, host6)
-		echo(t, a.NS, netip.AddrPortFrom(host4, hostPort))
-		echo(t, a.NS, netip.AddrPortFrom(host6, hostPort))
-		after := v.stats(t, v.idA)
+		before, after := v.containerToHost(t, a, v.idA, hostPort)
 		if after.EpToHost.Packets <= before.EpToHost.Packets {
 			t.Errorf("ep_to_host did not move (%d -> %d): the hairpin was not used", before.EpToHost.Packets, after.EpToHost.Packets)
 		}
@@ -115,21 +93,11 @@ func testVLAN(t *testing.T, v *vlanNet, hostPort uint16) {
 	})
 
 	t.Run("container and its VLAN's gateway", func(t *testing.T) {
-		wantPing(t, a.NS, v.up.Gateway4)
-		wantPing(t, a.NS, v.up.Gateway6)
-		wantPing(t, v.up.GatewayNS, a.IP4.Addr())
-		wantPing(t, v.up.GatewayNS, a.IP6.Addr())
+		wantWireBothWays(t, a, v.up, v.up.GatewayNS)
 	})
 
 	t.Run("live VIP is steered to the host", func(t *testing.T) {
-		c4 := netenv.StartCounter(t, v.env.Wire, v.up.Port, netenv.MatchDstIP(netenv.LiveVIP4))
-		c6 := netenv.StartCounter(t, v.env.Wire, v.up.Port, netenv.MatchDstIP(netenv.LiveVIP6))
-		echo(t, a.NS, netip.AddrPortFrom(netenv.LiveVIP4, hostPort))
-		echo(t, a.NS, netip.AddrPortFrom(netenv.LiveVIP6, hostPort))
-		netenv.Barrier(t, a.NS, a.IfName, c4, c6)
-		if c4.Count() != 0 || c6.Count() != 0 {
-			t.Errorf("%d+%d frames to live VIPs reached the wire", c4.Count(), c6.Count())
-		}
+		v.liveVIPStaysOff(t, a, hostPort, a.NS, a.IfName)
 	})
 
 	testStaleNeverLeaks(t, v.node, a.NS, v.idA, a.NS, a.IfName)

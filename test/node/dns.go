@@ -6,7 +6,6 @@ import (
 	"testing"
 	"time"
 
-	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -77,34 +76,23 @@ func StartClusterDNS(tb testing.TB, cs kubernetes.Interface) (stop func()) {
 	probe := func(path string, port int32) *corev1.Probe {
 		return &corev1.Probe{ProbeHandler: corev1.ProbeHandler{HTTPGet: &corev1.HTTPGetAction{Path: path, Port: intstr.FromInt32(port)}}, PeriodSeconds: 2}
 	}
-	one := int32(1)
-	_, e = cs.AppsV1().Deployments(ns).Create(ctx, &appsv1.Deployment{
-		ObjectMeta: meta,
-		Spec: appsv1.DeploymentSpec{
-			Replicas: &one,
-			Selector: &metav1.LabelSelector{MatchLabels: labels},
-			Template: corev1.PodTemplateSpec{
-				ObjectMeta: metav1.ObjectMeta{Labels: labels},
-				Spec: corev1.PodSpec{
-					ServiceAccountName: name,
-					DNSPolicy:          corev1.DNSDefault,
-					Containers: []corev1.Container{{
-						Name: "coredns", Image: CoreDNSImage, ImagePullPolicy: corev1.PullNever,
-						Args: []string{"-conf", "/etc/coredns/Corefile"},
-						Ports: []corev1.ContainerPort{
-							{Name: "dns", ContainerPort: 53, Protocol: corev1.ProtocolUDP},
-							{Name: "dns-tcp", ContainerPort: 53, Protocol: corev1.ProtocolTCP},
-						},
-						ReadinessProbe: probe("/ready", 8181),
-						LivenessProbe:  probe("/health", 8080),
-						VolumeMounts:   []corev1.VolumeMount{{Name: "config", MountPath: "/etc/coredns", ReadOnly: true}},
-					}},
-					Volumes: []corev1.Volume{{Name: "config", VolumeSource: corev1.VolumeSource{
-						ConfigMap: &corev1.ConfigMapVolumeSource{LocalObjectReference: corev1.LocalObjectReference{Name: name}}}}},
-				},
+	_, e = cs.AppsV1().Deployments(ns).Create(ctx, Deployment(meta, labels, 1, corev1.PodSpec{
+		ServiceAccountName: name,
+		DNSPolicy:          corev1.DNSDefault,
+		Containers: []corev1.Container{{
+			Name: "coredns", Image: CoreDNSImage, ImagePullPolicy: corev1.PullNever,
+			Args: []string{"-conf", "/etc/coredns/Corefile"},
+			Ports: []corev1.ContainerPort{
+				{Name: "dns", ContainerPort: 53, Protocol: corev1.ProtocolUDP},
+				{Name: "dns-tcp", ContainerPort: 53, Protocol: corev1.ProtocolTCP},
 			},
-		},
-	}, metav1.CreateOptions{})
+			ReadinessProbe: probe("/ready", 8181),
+			LivenessProbe:  probe("/health", 8080),
+			VolumeMounts:   []corev1.VolumeMount{{Name: "config", MountPath: "/etc/coredns", ReadOnly: true}},
+		}},
+		Volumes: []corev1.Volume{{Name: "config", VolumeSource: corev1.VolumeSource{
+			ConfigMap: &corev1.ConfigMapVolumeSource{LocalObjectReference: corev1.LocalObjectReference{Name: name}}}}},
+	}), metav1.CreateOptions{})
 	create("Deployment", e)
 	_, e = cs.CoreV1().Services(ns).Create(ctx, &corev1.Service{
 		ObjectMeta: metav1.ObjectMeta{Name: "kube-dns", Namespace: ns, Labels: labels},

@@ -139,12 +139,8 @@ type e2eResult struct {
 // network whose pods never get Ready fails by timing out).
 func runConformance(t *testing.T, c *kapi.Cluster, tests []string, timeout time.Duration) []e2eResult {
 	t.Helper()
-	bin, err := kapi.BinDir()
-	must(t, err)
+	bin := kapi.NeedBins(t, "e2e.test")
 	e2e := filepath.Join(bin, "e2e.test")
-	if _, err := os.Stat(e2e); err != nil {
-		t.Fatalf("no e2e.test in %s: run test/k8s/build.sh", bin)
-	}
 	var focus []string
 	for _, name := range tests {
 		focus = append(focus, regexp.QuoteMeta(name))

@@ -43,12 +43,7 @@ const (
 // then the plugin and the conflist.
 func kubectlInstall(t *testing.T, c *kapi.Cluster, n *node.Node, image, cniBin, cniConf, agentBin string) func(args ...string) (string, error) {
 	t.Helper()
-	bin, err := kapi.BinDir()
-	must(t, err)
-	kubectl := filepath.Join(bin, "kubectl")
-	if _, err := os.Stat(kubectl); err != nil {
-		t.Fatalf("no kubectl in %s: run test/k8s/build.sh", bin)
-	}
+	kubectl := filepath.Join(kapi.NeedBins(t, "kubectl"), "kubectl")
 	overlay := t.TempDir()
 	base, err := filepath.Abs("../../deploy/kubernetes")
 	must(t, err)

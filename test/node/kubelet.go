@@ -61,15 +61,7 @@ type Node struct {
 // agent change it too.
 func Start(tb testing.TB, o Options) *Node {
 	tb.Helper()
-	bin, err := kapi.BinDir()
-	if err != nil {
-		tb.Fatal(err)
-	}
-	for _, b := range []string{"kubelet", "agnhost-full"} {
-		if _, err := os.Stat(filepath.Join(bin, b)); err != nil {
-			tb.Fatalf("no %s in %s: run test/k8s/build.sh", b, bin)
-		}
-	}
+	bin := kapi.NeedBins(tb, "kubelet", "agnhost-full")
 	dir, err := os.MkdirTemp("", "upnode-") // short: the socket paths must fit 108 bytes
 	if err != nil {
 		tb.Fatal(err)

@@ -10,7 +10,6 @@ import (
 	"testing"
 	"time"
 
-	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
@@ -79,23 +78,12 @@ func startPods(b *testing.B, cs kubernetes.Interface, bpffs string, n int) (time
 	ctx := context.Background()
 	const name = "podstart"
 	labels := map[string]string{"app": name}
-	replicas := int32(n)
 	zero := int64(0)
 	start := time.Now()
-	_, err := cs.AppsV1().Deployments("default").Create(ctx, &appsv1.Deployment{
-		ObjectMeta: metav1.ObjectMeta{Name: name},
-		Spec: appsv1.DeploymentSpec{
-			Replicas: &replicas,
-			Selector: &metav1.LabelSelector{MatchLabels: labels},
-			Template: corev1.PodTemplateSpec{
-				ObjectMeta: metav1.ObjectMeta{Labels: labels},
-				Spec: corev1.PodSpec{
-					TerminationGracePeriodSeconds: &zero,
-					Containers:                    []corev1.Container{{Name: "pause", Image: node.AgnhostImage, ImagePullPolicy: corev1.PullNever, Args: []string{"pause"}}},
-				},
-			},
-		},
-	}, metav1.CreateOptions{})
+	_, err := cs.AppsV1().Deployments("default").Create(ctx, node.Deployment(metav1.ObjectMeta{Name: name}, labels, int32(n), corev1.PodSpec{
+		TerminationGracePeriodSeconds: &zero,
+		Containers:                    []corev1.Container{{Name: "pause", Image: node.AgnhostImage, ImagePullPolicy: corev1.PullNever, Args: []string{"pause"}}},
+	}), metav1.CreateOptions{})
 	must(b, err)
 	// Polled every 100 ms (a watch would be closed by the apiserver now and
 	// then): each pod's start is from the first list that shows it to the

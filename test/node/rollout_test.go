@@ -12,7 +12,6 @@ import (
 	"testing"
 	"time"
 
-	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
@@ -179,21 +178,13 @@ func createDeployment(t *testing.T, cs kubernetes.Interface, name string, n int3
 		ProbeHandler:  corev1.ProbeHandler{HTTPGet: &corev1.HTTPGetAction{Path: "/readyz", Port: intstr.FromInt32(8080)}},
 		PeriodSeconds: 1, TimeoutSeconds: 2, FailureThreshold: 3,
 	}
-	_, err := cs.AppsV1().Deployments("default").Create(context.Background(), &appsv1.Deployment{
-		ObjectMeta: metav1.ObjectMeta{Name: name},
-		Spec: appsv1.DeploymentSpec{
-			Replicas: &n,
-			Selector: &metav1.LabelSelector{MatchLabels: labels},
-			Template: corev1.PodTemplateSpec{
-				ObjectMeta: metav1.ObjectMeta{Labels: labels},
-				Spec: corev1.PodSpec{Containers: []corev1.Container{{
-					Name: "netexec", Image: node.AgnhostImage, ImagePullPolicy: corev1.PullNever,
-					Args:           []string{"netexec", "--http-port=8080", "--delay-shutdown=5"},
-					ReadinessProbe: readiness,
-				}}},
-			},
-		},
-	}, metav1.CreateOptions{})
+	_, err := cs.AppsV1().Deployments("default").Create(context.Background(), node.Deployment(metav1.ObjectMeta{Name: name}, labels, n, corev1.PodSpec{
+		Containers: []corev1.Container{{
+			Name: "netexec", Image: node.AgnhostImage, ImagePullPolicy: corev1.PullNever,
+			Args:           []string{"netexec", "--http-port=8080", "--delay-shutdown=5"},
+			ReadinessProbe: readiness,
+		}},
+	}), metav1.CreateOptions{})
 	must(t, err)
 }
 

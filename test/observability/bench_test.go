@@ -23,14 +23,11 @@ import (
 func BenchmarkParentXDP(b *testing.B) {
 	dp := testutil.LoadDatapath(b)
 	m := &dp.Maps
-	var (
-		macParent = net.HardwareAddr{2, 0, 0, 0, 0, 1}
-		macPod    = net.HardwareAddr{2, 0xaa, 0, 0, 0, 1}
-		macWire   = net.HardwareAddr{2, 0xee, 0, 0, 0, 1}
-		ipPod     = netip.MustParseAddr("192.0.2.10")
-		ipWire    = netip.MustParseAddr("192.0.2.50")
-		ipHost    = netip.MustParseAddr("192.0.2.2")
-	)
+	// The program rigs' addresses; the wire host's is one on the subnet
+	// that no endpoint has.
+	macParent, macPod, macWire := testutil.MACParent, testutil.MACA, testutil.MACWire
+	ipPod, ipHost := testutil.IPA, testutil.IPHost
+	ipWire := netip.MustParseAddr("192.0.2.50")
 	must(b, datapath.PutParent(m, 1, macParent, loader.ModeMacvlan))
 	_, err := datapath.Register(m, datapath.Endpoint{ContainerID: "bench", IfName: "eth0", ParentIfindex: 1,
 		Mode: loader.ModeMacvlan, MAC: macPod, Addrs: []netip.Prefix{netip.PrefixFrom(ipPod, 24)}})
@@ -54,28 +51,18 @@ func BenchmarkParentXDP(b *testing.B) {
 		{"gratuitous-arp-conflict (event)", arpFrame(b, macWire, ipPod, ipPod)},
 	} {
 		b.Run(tc.name, func(b *testing.B) {
-			raw := measureXDP(b, dp.Programs.ParentXdp, tc.frame, b.N)
-			b.ReportMetric(raw, "raw-ns/pkt")
-			b.ReportMetric(raw-baseline, "ns/pkt")
-			b.ReportMetric(0, "ns/op")
+			testutil.ReportPerPacket(b, measureXDP(b, dp.Programs.ParentXdp, tc.frame, b.N), baseline)
 		})
 	}
 }
 
+// measureXDP is testutil.MeasureProg for a frame every round must pass.
 func measureXDP(b *testing.B, prog *ebpf.Program, frame []byte, rounds int) float64 {
-	const repeat = 100000
-	var total float64
-	for range rounds {
-		verdict, d, err := prog.Benchmark(frame, repeat, nil)
-		if err != nil {
-			b.Fatal(err)
-		}
+	return testutil.MeasureProg(b, prog, frame, rounds, func(verdict uint32) {
 		if verdict != 2 {
 			b.Fatalf("verdict %d, want XDP_PASS", verdict)
 		}
-		total += float64(d.Nanoseconds())
-	}
-	return total / float64(rounds)
+	})
 }
 
 func ping(tb testing.TB, smac, dmac net.HardwareAddr, src, dst netip.Addr) []byte {

@@ -85,14 +85,7 @@ func (a *Agent) Get(path string) (int, string, error) {
 func (a *Agent) Pid() int { return a.Cmd.Process.Pid }
 
 // Running says whether the agent has not exited yet.
-func (a *Agent) Running() bool {
-	select {
-	case <-a.Done:
-		return false
-	default:
-		return true
-	}
-}
+func (a *Agent) Running() bool { return !testutil.Closed(a.Done) }
 
 // UninstallAgent detaches the programs with the agent's own uninstall
 // (bin/underpassd --uninstall), from inside the node netns (NSPath("node"))

@@ -342,6 +342,22 @@ func BinDir() (string, error) {
 	return dir, nil
 }
 
+// NeedBins returns BinDir, failing tb unless the binaries names (built
+// there by build.sh beside etcd and kube-apiserver) are in it too.
+func NeedBins(tb testing.TB, names ...string) string {
+	tb.Helper()
+	bin, err := BinDir()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	for _, b := range names {
+		if _, err := os.Stat(filepath.Join(bin, b)); err != nil {
+			tb.Fatalf("no %s in %s: run test/k8s/build.sh", b, bin)
+		}
+	}
+	return bin
+}
+
 // pinnedVersions reads the k8s.io/kubernetes and go.etcd.io/etcd/server/v3
 // versions from the wrapper module's go.mod (the same ones build.sh uses).
 func pinnedVersions(gomod string) (k8sVer, etcdVer string, err error) {

@@ -29,6 +29,7 @@ import (
 
 	"github.com/underpass-cni/underpass/test/demo"
 	"github.com/underpass-cni/underpass/test/demo/kit"
+	"github.com/underpass-cni/underpass/test/netenv"
 )
 
 // The demo's addresses.
@@ -36,10 +37,12 @@ var (
 	subnet    = netip.MustParsePrefix("192.0.2.0/24")
 	gateway   = netip.MustParseAddr("192.0.2.1")
 	nodeAddr  = netip.MustParseAddr("192.0.2.2")
-	svcCIDR   = netip.MustParsePrefix("10.96.0.0/16")
-	liveVIP   = netip.MustParseAddr("10.96.0.10")
-	staleVIP  = netip.MustParseAddr("10.96.0.99")
 	gatewayMA = net.HardwareAddr{0x02, 'u', 'p', 'd', 'e', 1}
+
+	// The Services are the test labs' (test/netenv).
+	svcCIDR  = netenv.SvcCIDR4
+	liveVIP  = netenv.LiveVIP4
+	staleVIP = netenv.StaleVIP4
 )
 
 const svcPort = 80
