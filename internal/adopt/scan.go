@@ -66,15 +66,11 @@ func Scan(parents []Parent, dirs []string) ([]Slave, error) {
 	if len(parents) == 0 {
 		return nil, nil
 	}
-	self, err := netns.Get()
-	if err != nil {
-		return nil, fmt.Errorf("own netns: %w", err)
-	}
-	defer self.Close()
-	selfID, err := nsID(int(self))
+	self, selfID, err := selfNS()
 	if err != nil {
 		return nil, err
 	}
+	defer self.Close()
 	var out []Slave
 	var errs []error
 	for _, n := range namespaces(dirs, selfID) {
@@ -85,6 +81,20 @@ func Scan(parents []Parent, dirs []string) ([]Slave, error) {
 		out = append(out, s...)
 	}
 	return out, errors.Join(errs...)
+}
+
+// selfNS is the caller's network namespace, open, and its id.
+func selfNS() (netns.NsHandle, string, error) {
+	self, err := netns.Get()
+	if err != nil {
+		return 0, "", fmt.Errorf("own netns: %w", err)
+	}
+	id, err := nsID(int(self))
+	if err != nil {
+		self.Close()
+		return 0, "", err
+	}
+	return self, id, nil
 }
 
 type foundNS struct {
@@ -267,15 +277,11 @@ func ScanPid(parents []Parent, dirs []string, pid int) ([]Slave, error) {
 	if len(parents) == 0 {
 		return nil, nil
 	}
-	self, err := netns.Get()
-	if err != nil {
-		return nil, fmt.Errorf("own netns: %w", err)
-	}
-	defer self.Close()
-	selfID, err := nsID(int(self))
+	self, selfID, err := selfNS()
 	if err != nil {
 		return nil, err
 	}
+	defer self.Close()
 	n := foundNS{path: filepath.Join("/proc", strconv.Itoa(pid), "ns", "net"), pid: pid}
 	if n.id, err = nsIDOfPath(n.path); err != nil {
 		return nil, fmt.Errorf("netns of pid %d: %w", pid, err)
