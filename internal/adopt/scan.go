@@ -63,6 +63,12 @@ type Parent struct {
 // Scan lists the slaves of parents in every network namespace but the
 // caller's own. A namespace that vanishes while it is read is skipped.
 func Scan(parents []Parent, dirs []string) ([]Slave, error) {
+	return scan(parents, func(self string) ([]foundNS, error) { return namespaces(dirs, self), nil })
+}
+
+// scan lists the slaves of parents in the namespaces list gives (passed
+// the caller's own namespace id, to leave out).
+func scan(parents []Parent, list func(self string) ([]foundNS, error)) ([]Slave, error) {
 	if len(parents) == 0 {
 		return nil, nil
 	}
@@ -71,9 +77,13 @@ func Scan(parents []Parent, dirs []string) ([]Slave, error) {
 		return nil, err
 	}
 	defer self.Close()
+	nss, err := list(selfID)
+	if err != nil {
+		return nil, err
+	}
 	var out []Slave
 	var errs []error
-	for _, n := range namespaces(dirs, selfID) {
+	for _, n := range nss {
 		s, err := scanNetns(n, int(self), parents)
 		if err != nil && !gone(err) {
 			errs = append(errs, fmt.Errorf("netns %s: %w", n.path, err))
@@ -274,25 +284,20 @@ func Inspect(path, ifname string) (*Slave, error) {
 // dirs as its path when one pins it), so that what an OCI hook registers
 // before the container runs is what the agent's next scan keeps.
 func ScanPid(parents []Parent, dirs []string, pid int) ([]Slave, error) {
-	if len(parents) == 0 {
-		return nil, nil
-	}
-	self, selfID, err := selfNS()
-	if err != nil {
-		return nil, err
-	}
-	defer self.Close()
-	n := foundNS{path: filepath.Join("/proc", strconv.Itoa(pid), "ns", "net"), pid: pid}
-	if n.id, err = nsIDOfPath(n.path); err != nil {
-		return nil, fmt.Errorf("netns of pid %d: %w", pid, err)
-	}
-	if n.id == selfID {
-		return nil, nil // a container in the host's network: nothing to adopt
-	}
-	if pin := pinOf(dirs, n.id); pin != "" {
-		n.path = pin
-	}
-	return scanNetns(n, int(self), parents)
+	return scan(parents, func(self string) ([]foundNS, error) {
+		n := foundNS{path: filepath.Join("/proc", strconv.Itoa(pid), "ns", "net"), pid: pid}
+		var err error
+		if n.id, err = nsIDOfPath(n.path); err != nil {
+			return nil, fmt.Errorf("netns of pid %d: %w", pid, err)
+		}
+		if n.id == self {
+			return nil, nil // a container in the host's network: nothing to adopt
+		}
+		if pin := pinOf(dirs, n.id); pin != "" {
+			n.path = pin
+		}
+		return []foundNS{n}, nil
+	})
 }
 
 // pinOf is the file in dirs that pins the namespace id, or "".
