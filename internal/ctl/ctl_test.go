@@ -302,6 +302,8 @@ func TestOCIHookLeavesAlone(t *testing.T) {
 	cfg := filepath.Join(tmp, "underpass.yaml")
 	// lo is no macvlan parent, and this process's netns is the host's.
 	must(t, os.WriteFile(cfg, []byte("bpffs: "+filepath.Join(tmp, "nothing-pinned")+"\nadopt: {parents: [lo]}\n"), 0o644))
+	broken := filepath.Join(tmp, "broken.yaml")
+	must(t, os.WriteFile(broken, []byte("adopt: {parents: [lo]\n"), 0o644))
 	self := fmt.Sprintf(`{"ociVersion":"1.0.2","id":"c0ffee","status":"creating","pid":%d}`, os.Getpid())
 	for _, c := range []struct {
 		what, state, config string
@@ -310,6 +312,8 @@ func TestOCIHookLeavesAlone(t *testing.T) {
 		{"poststop (no pid)", `{"id":"c0ffee","status":"stopped"}`, cfg, ""},
 		{"no agent config", self, filepath.Join(tmp, "absent.yaml"), ""},
 		{"no slave on a parent", self, cfg, ""},
+		{"a broken config, no slave anywhere", self, broken, ""},
+		{"a broken config, a pid that is gone", `{"id":"c0ffee","status":"creating","pid":2147483646}`, broken, "broken.yaml"},
 		{"not a state", "not json", cfg, "reading the container state on stdin"},
 		{"a pid that is gone", `{"id":"c0ffee","status":"creating","pid":2147483646}`, cfg, "netns of pid 2147483646"},
 	} {

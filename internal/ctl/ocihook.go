@@ -70,6 +70,12 @@ func runOCIHook(_ context.Context, env Env, _ *options, f *hookFlags) error {
 		return nil // underpass is not configured on this host: nothing is ours
 	}
 	if err != nil {
+		// Which parents are ours is unknown: only a container with a
+		// macvlan/ipvlan slave on some parent here is refused, so that a
+		// typo in the config does not stop every container on the host.
+		if found, serr := adopt.ScanPid(allLinks(), adopt.NetnsDirs, st.Pid); serr == nil && len(found) == 0 {
+			return nil
+		}
 		return fmt.Errorf("oci-hook: %w", err)
 	}
 	var parents []adopt.Parent
@@ -126,4 +132,14 @@ func settled(parents []adopt.Parent, pid int, wait time.Duration) ([]adopt.Slave
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+}
+
+// allLinks is every link of this namespace as a parent.
+func allLinks() []adopt.Parent {
+	links, _ := netlink.LinkList()
+	out := make([]adopt.Parent, 0, len(links))
+	for _, l := range links {
+		out = append(out, adopt.Parent{Name: l.Attrs().Name, Ifindex: l.Attrs().Index})
+	}
+	return out
 }

@@ -331,6 +331,18 @@ func TestPodmanOCIHook(t *testing.T) {
 	}
 	p.must("rm", "-i", "-f", "-t", "0", "early")
 	p.must("run", "--rm", "--network", "none", image, "sleep", "0")
+	// A config with a typo: which parents are underpass's is unknown, so a
+	// container with a macvlan slave is refused, naming the file, and one
+	// without is not.
+	good := engines.ReadFile(t, cfg)
+	engines.Must(t, os.WriteFile(cfg, []byte("adopt: {parents: ["+lb.u.Name+"]\n"), 0o644))
+	_, err = p.podman("run", "-d", "--name", "typo", "--network", network, image, "sleep", "1000")
+	if err == nil || !strings.Contains(err.Error(), cfg) {
+		t.Errorf("podman run on %s with a broken agent config: %v, want the hook's error naming %s", network, err, cfg)
+	}
+	p.must("rm", "-i", "-f", "-t", "0", "typo")
+	p.must("run", "--rm", "--network", "none", image, "sleep", "0")
+	engines.Must(t, os.WriteFile(cfg, []byte(good), 0o644))
 
 	// The agent pins the datapath and stops: from here only the hook can
 	// register a container.
