@@ -15,6 +15,7 @@ import (
 	"syscall"
 
 	"github.com/underpass-cni/underpass/internal/agent"
+	"github.com/underpass-cni/underpass/internal/config"
 )
 
 // version is set at build time: -ldflags "-X main.version=v0.1.0".
@@ -54,7 +55,7 @@ func run() error {
 		fmt.Fprint(fs.Output(), usage)
 		fs.PrintDefaults()
 	}
-	configPath := fs.String("config", "/etc/underpass/underpass.yaml", "agent config `file` (YAML)")
+	configPath := fs.String("config", config.DefaultPath, "agent config `file` (YAML)")
 	uninstall := fs.Bool("uninstall", false, "detach every underpass program (parents, uplinks, endpoints), remove the pin directory and say what was removed")
 	logLevel := fs.String("log-level", "", "debug, info, warn or error; overrides the config's logLevel")
 	showVersion := fs.Bool("version", false, "print the version and exit")

@@ -30,6 +30,9 @@ import (
 // Defaults. DefaultMetricsListen (and loader.DefaultBPFFS) are part of the
 // user-facing contract (docs/architecture.md, "The contract").
 const (
+	// DefaultPath is underpassd's config file; underpassctl oci-hook reads
+	// the same one, so the agent and the hook agree on adopt.parents.
+	DefaultPath          = "/etc/underpass/underpass.yaml"
 	DefaultMetricsListen = "127.0.0.1:9775"
 	DefaultGCInterval    = "1m"
 

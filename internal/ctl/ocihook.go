@@ -19,10 +19,6 @@ import (
 	"github.com/underpass-cni/underpass/internal/config"
 )
 
-// DefaultConfig is underpassd's default config file: the hook reads its
-// adopt.parents and bpffs, so the agent and the hook cannot disagree.
-const DefaultConfig = "/etc/underpass/underpass.yaml"
-
 // hookFlags are the flags of oci-hook.
 type hookFlags struct {
 	config  string
@@ -30,7 +26,7 @@ type hookFlags struct {
 }
 
 func (f *hookFlags) register(fs *flag.FlagSet) {
-	fs.StringVar(&f.config, "config", DefaultConfig, "underpassd's config `file`: its adopt.parents and bpffs")
+	fs.StringVar(&f.config, "config", config.DefaultPath, "underpassd's config `file`: its adopt.parents and bpffs")
 	fs.DurationVar(&f.dadWait, "dad-wait", 3*time.Second, "how long to wait for the container's IPv6 addresses to pass duplicate address detection")
 }
 

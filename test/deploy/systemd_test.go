@@ -9,7 +9,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/underpass-cni/underpass/internal/ctl"
+	"github.com/underpass-cni/underpass/internal/config"
 	"github.com/underpass-cni/underpass/internal/testutil"
 )
 
@@ -27,7 +27,7 @@ func TestSystemdUnit(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	exec := "ExecStart=/usr/local/bin/underpassd --config " + ctl.DefaultConfig + "\n"
+	exec := "ExecStart=/usr/local/bin/underpassd --config " + config.DefaultPath + "\n"
 	if !strings.Contains(string(text), exec) {
 		t.Fatalf("%s does not start underpassd with the config the OCI hook reads (%q)", unit, exec)
 	}
