@@ -148,8 +148,14 @@ type Result struct {
 // no longer listed, no address left). A slave with no address waits: there
 // is nothing to reach it at yet. name names an endpoint (nil: Name); one
 // whose name changed (its container became known) is registered again.
-func Sync(dp *loader.Objects, found []Slave, name func(*Slave) string, log *slog.Logger) (Result, error) {
-	res, adopted, keep, err := add(dp, found, name, log)
+//
+// before is the registry's adopted endpoints taken before the scan that
+// found the slaves (Snap; nil: all that the registry holds are older than
+// the scan). One registered or changed since (by the OCI hook, while the
+// scan ran) is newer than what the scan saw of it: left as it is, for the
+// next scan, never removed or registered again from a stale view.
+func Sync(dp *loader.Objects, before Snapshot, found []Slave, name func(*Slave) string, log *slog.Logger) (Result, error) {
+	res, adopted, keep, err := add(dp, found, addOptions{before: before, name: name, log: log})
 	errs := []error{err}
 	for key, ep := range adopted {
 		if keep[key] {
@@ -166,16 +172,48 @@ func Sync(dp *loader.Objects, found []Slave, name func(*Slave) string, log *slog
 
 // Adopt is Sync's first half alone: it registers the slaves found (new or
 // changed) and removes nothing, for a caller that saw one namespace, not
-// all of them (the OCI hook).
+// all of them (the OCI hook). An adoption whose interface, MAC and
+// addresses match is kept whatever its name: containers sharing one
+// namespace (a Podman pod, --network container:X) each run the hook, and
+// renaming it would detach and attach its programs under a running
+// container; the scan's name stays.
 func Adopt(dp *loader.Objects, found []Slave, name func(*Slave) string, log *slog.Logger) (Result, error) {
-	res, _, _, err := add(dp, found, name, log)
+	res, _, _, err := add(dp, found, addOptions{name: name, log: log, anyName: true})
 	return res, err
+}
+
+// Snapshot is the adopted endpoints in the registry at one moment, by
+// container id and ifname.
+type Snapshot map[string]datapath.Endpoint
+
+// Snap takes the registry's adopted endpoints: call it before a scan, and
+// pass it to the Sync of that scan's slaves.
+func Snap(dp *loader.Objects) (Snapshot, error) {
+	eps, err := datapath.Endpoints(&dp.Maps)
+	if err != nil {
+		return nil, err
+	}
+	snap := Snapshot{}
+	for _, ep := range eps {
+		if ep.Network == AdoptedNetwork {
+			snap[ep.ContainerID+"/"+ep.IfName] = ep
+		}
+	}
+	return snap, nil
+}
+
+type addOptions struct {
+	before  Snapshot
+	name    func(*Slave) string
+	log     *slog.Logger
+	anyName bool // a name change alone is no change
 }
 
 // add registers the slaves found that are new or changed, and returns the
 // adopted endpoints the registry held and which of them (by container id
-// and ifname) the slaves found account for.
-func add(dp *loader.Objects, found []Slave, name func(*Slave) string, log *slog.Logger) (res Result, adopted map[string]datapath.Endpoint, keep map[string]bool, _ error) {
+// and ifname) are to stay: found by the scan, or newer than it.
+func add(dp *loader.Objects, found []Slave, o addOptions) (res Result, adopted map[string]datapath.Endpoint, keep map[string]bool, _ error) {
+	name, log := o.name, o.log
 	if name == nil {
 		name = Name
 	}
@@ -213,6 +251,11 @@ func add(dp *loader.Objects, found []Slave, name func(*Slave) string, log *slog.
 	}
 	var errs []error
 	keep = map[string]bool{}
+	for key, ep := range adopted {
+		if old, ok := o.before[key]; o.before != nil && (!ok || old.ID != ep.ID || !sameSlave(old, ep.Ifindex, ep.MAC, ep.Addrs) || old.PodName != ep.PodName) {
+			keep[key] = true // registered or changed after the scan began
+		}
+	}
 	for i := range found {
 		s := &found[i]
 		if len(s.Addrs) == 0 {
@@ -228,7 +271,7 @@ func add(dp *loader.Objects, found []Slave, name func(*Slave) string, log *slog.
 			n = n[:maxName] // as the registry keeps it, or it would never compare equal
 		}
 		if ep, ok := adopted[key]; ok {
-			if ep.Ifindex == s.Ifindex && ep.MAC.String() == s.MAC.String() && slices.Equal(ep.Addrs, s.Addrs) && ep.PodName == n {
+			if keep[key] || sameSlave(ep, s.Ifindex, s.MAC, s.Addrs) && (o.anyName || ep.PodName == n) {
 				keep[key] = true
 				continue
 			}
@@ -244,6 +287,11 @@ func add(dp *loader.Objects, found []Slave, name func(*Slave) string, log *slog.
 		res.Added = append(res.Added, *ep)
 	}
 	return res, adopted, keep, errors.Join(errs...)
+}
+
+// sameSlave is whether ep registers the slave with ifindex, mac and addrs.
+func sameSlave(ep datapath.Endpoint, ifindex int, mac net.HardwareAddr, addrs []netip.Prefix) bool {
+	return ep.Ifindex == ifindex && ep.MAC.String() == mac.String() && slices.Equal(ep.Addrs, addrs)
 }
 
 func remove(dp *loader.Objects, id uint32) error {

@@ -43,15 +43,22 @@ func (a *Agent) adopt() {
 			return adopt.Name(s)
 		}
 	}
-	found, err := adopt.Scan(parents, dirs)
-	if err != nil {
-		a.log.Debug("adopt: scan", "error", err) // a namespace that vanished mid-scan; the next scan sees it settled
-	}
 	dp := a.dp.Load()
 	if dp == nil {
 		return
 	}
-	res, err := adopt.Sync(dp, found, name, a.log)
+	// The registry as it was before the scan: what the OCI hook registers
+	// while the scan runs is newer than the scan's view of it (adopt.Sync).
+	before, err := adopt.Snap(dp)
+	if err != nil {
+		a.errorOnce("adopt-snap-"+err.Error(), "adopt: reading the registry", "error", err)
+		return
+	}
+	found, err := adopt.Scan(parents, dirs)
+	if err != nil {
+		a.log.Debug("adopt: scan", "error", err) // a namespace that vanished mid-scan; the next scan sees it settled
+	}
+	res, err := adopt.Sync(dp, before, found, name, a.log)
 	if err != nil {
 		a.errorOnce("adopt-sync-"+err.Error(), "adopt: registering slaves", "error", err)
 	}

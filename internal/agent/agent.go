@@ -186,6 +186,9 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 	a.log.Info("underpassd started", "version", a.opts.Version, "bpffs", cfg.BPFFS,
 		"parents", len(a.parents), "uplinks", len(a.uplinks), "took", time.Since(start).Round(time.Millisecond),
 		"metrics", a.http.addr())
+	if err := notifyReady(); err != nil {
+		a.log.Warn("telling systemd underpassd is ready (NOTIFY_SOCKET)", "error", err)
+	}
 	a.loop(ctx, netEvents)
 	return nil
 }

@@ -3,8 +3,11 @@ package agent
 import (
 	"context"
 	"errors"
+	"net"
+	"path/filepath"
 	"slices"
 	"testing"
+	"time"
 
 	"github.com/underpass-cni/underpass/internal/config"
 )
@@ -40,5 +43,30 @@ func TestOneLine(t *testing.T) {
 	err := errors.Join(errors.New("a: x"), errors.New("b: y"))
 	if got := oneLine(err); got != "a: x; b: y" {
 		t.Fatalf("%q", got)
+	}
+}
+
+func TestNotifyReady(t *testing.T) {
+	t.Setenv("NOTIFY_SOCKET", "")
+	if err := notifyReady(); err != nil {
+		t.Fatalf("with no NOTIFY_SOCKET: %v", err)
+	}
+	path := filepath.Join(t.TempDir(), "notify")
+	l, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: path, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	t.Setenv("NOTIFY_SOCKET", path)
+	if err := notifyReady(); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 64)
+	if err := l.SetReadDeadline(time.Now().Add(5 * time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	n, err := l.Read(buf)
+	if err != nil || string(buf[:n]) != "READY=1" {
+		t.Fatalf("systemd got %q (%v), want READY=1", buf[:n], err)
 	}
 }

@@ -41,10 +41,11 @@ Usage:
                                    serve a macvlan/ipvlan slave no CNI call made
                                    (ip netns, LXC, systemd-nspawn) as an endpoint
   underpassctl [flags] detach --netns <path|pid> [--ifname eth0]
-  underpassctl oci-hook [--config /etc/underpass/underpass.yaml]
+  underpassctl oci-hook [--config /etc/underpass/underpass.yaml] [--dad-wait 3s]
                                    OCI runtime hook (Podman hooks.d, createRuntime):
                                    registers a container's slaves on adopt.parents
-                                   before it runs; the OCI state on stdin
+                                   before it runs; the OCI state on stdin; the
+                                   datapath is the config's bpffs (not --bpffs)
 
 Flags (before or after the command):
 `

@@ -311,8 +311,8 @@ func TestOCIHookLeavesAlone(t *testing.T) {
 	}{
 		{"poststop (no pid)", `{"id":"c0ffee","status":"stopped"}`, cfg, ""},
 		{"no agent config", self, filepath.Join(tmp, "absent.yaml"), ""},
-		{"no slave on a parent", self, cfg, ""},
-		{"a broken config, no slave anywhere", self, broken, ""},
+		{"a container in the host's network", self, cfg, ""},
+		{"a broken config, a container in the host's network", self, broken, ""},
 		{"a broken config, a pid that is gone", `{"id":"c0ffee","status":"creating","pid":2147483646}`, broken, "broken.yaml"},
 		{"not a state", "not json", cfg, "reading the container state on stdin"},
 		{"a pid that is gone", `{"id":"c0ffee","status":"creating","pid":2147483646}`, cfg, "netns of pid 2147483646"},

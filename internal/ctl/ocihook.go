@@ -54,8 +54,12 @@ const maxState = 1 << 20
 // hook, and with it the container's start: it would otherwise run
 // unguarded on a parent the operator gave to underpass.
 func runOCIHook(_ context.Context, env Env, _ *options, f *hookFlags) error {
+	in := env.Stdin
+	if in == nil {
+		in = os.Stdin
+	}
 	var st ociState
-	if err := json.NewDecoder(io.LimitReader(env.Stdin, maxState)).Decode(&st); err != nil {
+	if err := json.NewDecoder(io.LimitReader(in, maxState)).Decode(&st); err != nil {
 		return fmt.Errorf("oci-hook: reading the container state on stdin: %w", err)
 	}
 	if st.Status != "creating" && st.Status != "created" || st.Pid <= 0 {
@@ -76,9 +80,14 @@ func runOCIHook(_ context.Context, env Env, _ *options, f *hookFlags) error {
 	}
 	var parents []adopt.Parent
 	for _, n := range cfg.Adopt.Parents {
-		if l, err := netlink.LinkByName(n); err == nil {
-			parents = append(parents, adopt.Parent{Name: n, Ifindex: l.Attrs().Index})
+		l, err := netlink.LinkByName(n)
+		if errors.As(err, &netlink.LinkNotFoundError{}) {
+			continue // not on this host (yet): none of its slaves can exist
 		}
+		if err != nil {
+			return fmt.Errorf("oci-hook: adopt.parents %s: %w", n, err)
+		}
+		parents = append(parents, adopt.Parent{Name: n, Ifindex: l.Attrs().Index})
 	}
 	found, err := settled(parents, st.Pid, f.dadWait)
 	if err != nil {
@@ -86,6 +95,16 @@ func runOCIHook(_ context.Context, env Env, _ *options, f *hookFlags) error {
 	}
 	if len(found) == 0 {
 		return nil
+	}
+	// A slave whose every address is still tentative could not be
+	// registered, and would run with no programs: refused. (One with
+	// no address at all is left to the agent's scan, as for an engine that
+	// lets the container address itself: there is nothing to register.)
+	for _, s := range found {
+		if len(s.Addrs) == 0 && s.Tentative > 0 {
+			return fmt.Errorf("oci-hook: container %.12s: the addresses of %s are still in duplicate address detection after %s (--dad-wait)",
+				st.ID, s.IfName, f.dadWait)
+		}
 	}
 	dp, err := open(cfg.BPFFS)
 	if err != nil {

@@ -2,6 +2,8 @@ package agent_test
 
 import (
 	"context"
+	"fmt"
+	"log/slog"
 	"net"
 	"net/netip"
 	"path/filepath"
@@ -125,6 +127,59 @@ func TestAdoptHandMadeSlaves(t *testing.T) {
 	if n := countByMAC(t, dp, cni.MAC); n != 1 {
 		t.Errorf("emptying adopt.parents touched the CNI pod: %d registrations", n)
 	}
+}
+
+// The agent's scan and the OCI hook race: what the hook registers after a
+// scan began is newer than that scan's view (taken with adopt.Snap before
+// it), so that scan's Sync leaves it, where it would otherwise unregister a
+// running container it never saw; the next scan keeps it, and removes it
+// once it is gone. The agent here adopts nothing itself (no adopt.parents):
+// the test plays both scans and the hook.
+func TestAdoptSyncLeavesNewerRegistrations(t *testing.T) {
+	l := newLab(t, netenv.Options{})
+	u := l.Uplinks[0]
+	l.writeConfig("")
+	ag := l.start(agentBin)
+	ag.waitReady()
+	dp := l.open()
+	parents := []adopt.Parent{{Name: u.Name, Ifindex: u.Index}}
+	log := slog.New(slog.DiscardHandler)
+	var c *netenv.Container
+	must(t, l.Node.Do(func() error {
+		before, err := adopt.Snap(dp) // a scan begins, before the container exists
+		if err != nil {
+			return err
+		}
+		c = l.AddMacvlanContainer("hooked", u.IP4(35), netip.Prefix{})
+		found, err := adopt.Scan(parents, []string{filepath.Dir(c.Path)})
+		if err != nil {
+			return err
+		}
+		if _, err := adopt.Adopt(dp, found, nil, log); err != nil { // the hook
+			return err
+		}
+		res, err := adopt.Sync(dp, before, nil, nil, log) // the scan, which did not see it
+		if err != nil || len(res.Removed) != 0 {
+			return fmt.Errorf("the scan that began before the hook's registration removed %v (%v)", res.Removed, err)
+		}
+		if before, err = adopt.Snap(dp); err != nil {
+			return err
+		}
+		if res, err = adopt.Sync(dp, before, found, nil, log); err != nil || len(res.Added)+len(res.Removed) != 0 {
+			return fmt.Errorf("the next scan, which sees it: added %v, removed %v (%v)", res.Added, res.Removed, err)
+		}
+		if before, err = adopt.Snap(dp); err != nil {
+			return err
+		}
+		if res, err = adopt.Sync(dp, before, nil, nil, log); err != nil || len(res.Removed) != 1 {
+			return fmt.Errorf("a scan that no longer finds it removed %v (%v), want it", res.Removed, err)
+		}
+		return nil
+	}))
+	if _, found, err := findAdopted(dp, c.MAC); err != nil || found {
+		t.Errorf("still adopted at the end (%v)", err)
+	}
+	ag.stop()
 }
 
 // Hand-made ipvlan slaves (as `ip link add … type ipvlan` and Docker's

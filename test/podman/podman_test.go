@@ -377,11 +377,18 @@ func TestPodmanOCIHook(t *testing.T) {
 	engines.CheckIsolated(t, lb.l, lb.u, dp, c, ep)
 
 	// The agent again: a few scans later the hook's registration is kept,
-	// the same endpoint, and podman rm unregisters it at the next scan.
-	lb.agent(t)
+	// the same endpoint, never registered again (the id alone would not
+	// tell: it is derived from the container id and interface), and podman
+	// rm unregisters it at the next scan.
+	ag := lb.agent(t)
 	time.Sleep(2500 * time.Millisecond)
 	if again, found := engines.FindAdopted(t, dp, web.MAC); !found || again.ID != ep.ID || again.PodName != ep.PodName {
 		t.Errorf("after 2.5 s of the agent's scans hook-1 is %+v (found %v), was endpoint %d %q", again, found, ep.ID, ep.PodName)
+	}
+	for _, line := range strings.Split(ag.Out.String(), "\n") {
+		if strings.Contains(line, `msg="adopt: registered"`) && strings.Contains(line, "name=hook-1") {
+			t.Errorf("the agent registered hook-1 again over the hook's registration: %s", line)
+		}
 	}
 	netenv.MustPing(t, lb.l.Node, web.IP, 2)
 	c.Close()
