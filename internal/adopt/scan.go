@@ -60,6 +60,23 @@ type Parent struct {
 	Ifindex int
 }
 
+// ParentsByName looks up the named parents in the caller's namespace: the
+// ones found, and for each one not found the lookup's error (for the
+// caller to warn about, skip or refuse).
+func ParentsByName(names []string) ([]Parent, map[string]error) {
+	var parents []Parent
+	errs := map[string]error{}
+	for _, n := range names {
+		l, err := netlink.LinkByName(n)
+		if err != nil {
+			errs[n] = err
+			continue
+		}
+		parents = append(parents, Parent{Name: n, Ifindex: l.Attrs().Index})
+	}
+	return parents, errs
+}
+
 // Scan lists the slaves of parents in every network namespace but the
 // caller's own. A namespace that vanishes while it is read is skipped.
 func Scan(parents []Parent, dirs []string) ([]Slave, error) {

@@ -3,8 +3,6 @@ package agent
 import (
 	"context"
 
-	"github.com/vishvananda/netlink"
-
 	"github.com/underpass-cni/underpass/internal/adopt"
 )
 
@@ -22,15 +20,13 @@ func (a *Agent) adopt() {
 		return
 	}
 	a.adopting = len(names) > 0
-	var parents []adopt.Parent
+	parents, missing := adopt.ParentsByName(names)
 	for _, n := range names {
-		l, err := netlink.LinkByName(n)
-		if err != nil {
+		if err, ok := missing[n]; ok {
 			a.warnOnce("adopt-parent-"+n, "adopt: parent not found; adopting its slaves once it exists", "parent", n, "error", err)
 			continue
 		}
 		delete(a.warned, "adopt-parent-"+n)
-		parents = append(parents, adopt.Parent{Name: n, Ifindex: l.Attrs().Index})
 	}
 	dirs := adopt.NetnsDirs
 	name := adopt.Name

@@ -78,16 +78,13 @@ func runOCIHook(_ context.Context, env Env, _ *options, f *hookFlags) error {
 		}
 		return fmt.Errorf("oci-hook: %w", err)
 	}
-	var parents []adopt.Parent
-	for _, n := range cfg.Adopt.Parents {
-		l, err := netlink.LinkByName(n)
-		if errors.As(err, &netlink.LinkNotFoundError{}) {
-			continue // not on this host (yet): none of its slaves can exist
-		}
-		if err != nil {
+	parents, missing := adopt.ParentsByName(cfg.Adopt.Parents)
+	for n, err := range missing {
+		// A parent not on this host (yet) has no slaves; one that could
+		// not be looked up might.
+		if !errors.As(err, &netlink.LinkNotFoundError{}) {
 			return fmt.Errorf("oci-hook: adopt.parents %s: %w", n, err)
 		}
-		parents = append(parents, adopt.Parent{Name: n, Ifindex: l.Attrs().Index})
 	}
 	found, err := settled(parents, st.Pid, f.dadWait)
 	if err != nil {
