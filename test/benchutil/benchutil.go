@@ -242,12 +242,12 @@ func PrintTable(w io.Writer, paths []Path, samples Samples, rounds int) {
 // Ratio compares path A with path B.
 type Ratio struct{ A, B string }
 
-// PrintRatios prints, per pair, A's median over B's for each figure, with
-// the min-max of the per-round ratios (A and B measured in the same
-// round) in brackets.
+// PrintRatios prints, per pair, A's median over B's for each figure, and
+// the median and min-max of the per-round ratios (A and B measured in the
+// same round): a paired figure, which a slow round moves less.
 func PrintRatios(w io.Writer, pairs []Ratio, samples Samples) {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprint(tw, "ratio (of medians [per-round min-max])\t")
+	fmt.Fprint(tw, "ratio (of medians; per round: median [min-max])\t")
 	for _, f := range Figures {
 		fmt.Fprintf(tw, "%s\t", f.Name)
 	}
@@ -262,8 +262,8 @@ func PrintRatios(w io.Writer, pairs []Ratio, samples Samples) {
 			for i := range min(len(a), len(b)) {
 				per = append(per, a[i]/b[i])
 			}
-			_, lo, hi := Spread(per)
-			fmt.Fprintf(tw, "%.2fx [%.2f-%.2f]\t", ma/mb, lo, hi)
+			m, lo, hi := Spread(per)
+			fmt.Fprintf(tw, "%.2fx; %.2f [%.2f-%.2f]\t", ma/mb, m, lo, hi)
 		}
 		fmt.Fprintln(tw)
 	}
