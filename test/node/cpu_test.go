@@ -68,13 +68,29 @@ func takeCPU() cpuSnap {
 	return s
 }
 
+// count is how many processes are named with prefix (comm).
+func (s cpuSnap) count(prefix string) int {
+	n := 0
+	for _, p := range s.procs {
+		if strings.HasPrefix(p.name, prefix) {
+			n++
+		}
+	}
+	return n
+}
+
+// cpuUse is what the machine's processes spent in a window.
+type cpuUse struct {
+	summary string        // the total, then the largest spenders by name
+	plugins time.Duration // containerd's children's: the CNI plugins (and the shims' start commands, the same for every network)
+}
+
 // cpuSince is what each process name spent from before to now, the
 // largest first (its own time, and that of its reaped children, such as
 // containerd's CNI plugins and the shims' runc), and the machine's total.
 // A process that ended inside the window is counted in its parent's
-// children only once reaped. plugins is containerd's children's: the CNI
-// plugins (and the shims' start commands, the same for every network).
-func cpuSince(before cpuSnap) (summary string, plugins time.Duration) {
+// children only once reaped.
+func cpuSince(before cpuSnap) cpuUse {
 	now := takeCPU()
 	type row struct {
 		name       string
@@ -109,8 +125,9 @@ func cpuSince(before cpuSnap) (summary string, plugins time.Duration) {
 			fmt.Fprintf(&sb, "+%.1f", r.kids.Seconds())
 		}
 	}
+	use := cpuUse{summary: sb.String()}
 	if r := by["containerd"]; r != nil {
-		plugins = r.kids
+		use.plugins = r.kids
 	}
-	return sb.String(), plugins
+	return use
 }

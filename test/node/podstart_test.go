@@ -53,13 +53,11 @@ func BenchmarkPodStart(b *testing.B) {
 				nw := nets[(r+i)%len(nets)]
 				writeConflist(b, tr.cniConf, nw.plugins)
 				time.Sleep(2 * time.Second) // containerd reloads the CNI config on a file event
-				cpu := takeCPU()
-				var plugins time.Duration
-				total, starts, used := startPods(b, tr.c.Client, tr.bpffs, pods, func() (s string) { s, plugins = cpuSince(cpu); return s })
+				total, starts, used := startPods(b, tr.c.Client, tr.bpffs, pods)
 				all[nw.name] = append(all[nw.name], total)
-				cni[nw.name] = append(cni[nw.name], plugins/time.Duration(pods))
+				cni[nw.name] = append(cni[nw.name], used.plugins/time.Duration(pods))
 				each[nw.name] = append(each[nw.name], starts...)
-				b.Logf("round %d, %s: %d pods Ready in %s; %s", r+1, nw.name, pods, total.Round(time.Millisecond), used)
+				b.Logf("round %d, %s: %d pods Ready in %s; %s", r+1, nw.name, pods, total.Round(time.Millisecond), used.summary)
 			}
 		}
 	}
@@ -92,15 +90,16 @@ func BenchmarkPodStart(b *testing.B) {
 // pod is Ready when its container runs), waits until all are Ready, then
 // deletes it and waits until every pod and its registration are gone. It
 // returns the time from the Deployment's creation to the last pod Ready,
-// each pod's time from first seen to seen Ready, and what atReady says
-// when the last pod is Ready.
-func startPods(b *testing.B, cs kubernetes.Interface, bpffs string, n int, atReady func() string) (time.Duration, []time.Duration, string) {
+// each pod's time from first seen to seen Ready, and the CPU the machine
+// spent from the Deployment's creation until the last pod was Ready.
+func startPods(b *testing.B, cs kubernetes.Interface, bpffs string, n int) (time.Duration, []time.Duration, cpuUse) {
 	b.Helper()
 	ctx := context.Background()
 	const name = "podstart"
 	labels := map[string]string{"app": name}
 	zero := int64(0)
-	shimsBefore := shims()
+	cpu := takeCPU()
+	shimsBefore := cpu.count(shim)
 	start := time.Now()
 	_, err := cs.AppsV1().Deployments("default").Create(ctx, node.Deployment(metav1.ObjectMeta{Name: name}, labels, int32(n), corev1.PodSpec{
 		TerminationGracePeriodSeconds: &zero,
@@ -135,7 +134,7 @@ func startPods(b *testing.B, cs kubernetes.Interface, bpffs string, n int, atRea
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	total, used := last.Sub(start), atReady()
+	total, used := last.Sub(start), cpuSince(cpu)
 	var starts []time.Duration
 	for _, d := range ready {
 		starts = append(starts, d)
@@ -165,23 +164,14 @@ func startPods(b *testing.B, cs kubernetes.Interface, bpffs string, n int, atRea
 		// that starts before that pays for the previous one's teardown
 		// (seen: chained, always after ptp, was +32% over macvlan alone;
 		// init reaped 26-37 s of the last round's shims in its window).
-		return shims() <= shimsBefore
+		return takeCPU().count(shim) <= shimsBefore
 	})
 	return total, starts, used
 }
 
-// shims counts the machine's containerd shims: one a pod sandbox, gone
-// once it is torn down.
-func shims() int {
-	n := 0
-	ents, _ := os.ReadDir("/proc")
-	for _, e := range ents {
-		if b, err := os.ReadFile("/proc/" + e.Name() + "/comm"); err == nil && strings.HasPrefix(string(b), "containerd-shim") {
-			n++
-		}
-	}
-	return n
-}
+// shim is the command name of containerd's shims: one a pod sandbox,
+// gone once it is torn down.
+const shim = "containerd-shim"
 
 func podReady(p *corev1.Pod) bool {
 	for _, c := range p.Status.Conditions {
