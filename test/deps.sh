@@ -12,7 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-pkgs=(clang-14 llvm-14 libbpf-dev bpftool iproute2 iperf3 tcpdump kmod busybox-static cpio xz-utils zstd prometheus docker.io iptables ipset nftables conntrack containerd runc podman netavark containernetworking-plugins systemd ca-certificates)
+pkgs=(clang-14 llvm-14 libbpf-dev bpftool iproute2 iperf3 sockperf tcpdump kmod busybox-static cpio xz-utils zstd prometheus docker.io iptables ipset nftables conntrack containerd runc podman netavark containernetworking-plugins systemd ca-certificates)
 missing=()
 for p in "${pkgs[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -470,21 +470,28 @@ func sortedFronts(fs []datapath.Frontend) []datapath.Frontend {
 // A source port comes round again: the pod talks to the backend directly
 // on the tuple a translated flow used. Its replies are the direct flow's
 // (not given the VIP); back through the VIP on that tuple, they are again.
+// The same for UDP, whose datagrams carry no mark of a new flow: any
+// direct one on the tuple ends the translated flow's replies.
 func TestServiceTupleReusedDirectly(t *testing.T) {
-	backend := netip.AddrPortFrom(ipB, 80)
-	vip := netip.AddrPortFrom(vipSvc, 80)
-	r := newSvcRig(t, datapath.Frontend{VIP: vipSvc, Port: 80, Proto: datapath.ProtoTCP, Backends: []netip.AddrPort{backend}})
-	client := netip.AddrPortFrom(ipA, clientPort)
-	reply := segment(t, macB, macA, backend, client, layers.IPProtocolTCP)
-	viaVIP := segment(t, macA, macGW, client, vip, layers.IPProtocolTCP)
-	direct := segment(t, macA, macB, client, backend, layers.IPProtocolTCP)
+	for _, proto := range []layers.IPProtocol{layers.IPProtocolTCP, layers.IPProtocolUDP} {
+		t.Run(proto.String(), func(t *testing.T) {
+			backend := netip.AddrPortFrom(ipB, 80)
+			vip := netip.AddrPortFrom(vipSvc, 80)
+			r := newSvcRig(t, datapath.Frontend{VIP: vipSvc, Port: 80, Proto: uint8(proto), Backends: []netip.AddrPort{backend}})
+			client := netip.AddrPortFrom(ipA, clientPort)
+			reply := segment(t, macB, macA, backend, client, proto)
+			reversed := segment(t, macB, macA, vip, client, proto)
+			viaVIP := segment(t, macA, macGW, client, vip, proto)
+			direct := segment(t, macA, macB, client, backend, proto)
 
-	wantFrame(t, r.rig, r.egressA, viaVIP, direct)
-	wantFrame(t, r.rig, r.ingressA, reply, segment(t, macB, macA, vip, client, layers.IPProtocolTCP))
-	wantFrame(t, r.rig, r.egressA, direct, direct)
-	wantFrame(t, r.rig, r.ingressA, reply, reply)
-	wantFrame(t, r.rig, r.egressA, viaVIP, direct)
-	wantFrame(t, r.rig, r.ingressA, reply, segment(t, macB, macA, vip, client, layers.IPProtocolTCP))
+			wantFrame(t, r.rig, r.egressA, viaVIP, direct)
+			wantFrame(t, r.rig, r.ingressA, reply, reversed)
+			wantFrame(t, r.rig, r.egressA, direct, direct)
+			wantFrame(t, r.rig, r.ingressA, reply, reply)
+			wantFrame(t, r.rig, r.egressA, viaVIP, direct)
+			wantFrame(t, r.rig, r.ingressA, reply, reversed)
+		})
+	}
 }
 
 // A pod that is itself a backend of the Service it calls never gets itself

@@ -2,11 +2,13 @@ package agent_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"reflect"
 	"regexp"
 	"slices"
 	"strconv"
@@ -15,6 +17,9 @@ import (
 	"time"
 
 	"net/netip"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
 
 	"github.com/underpass-cni/underpass/internal/datapath"
 	"github.com/underpass-cni/underpass/internal/loader"
@@ -41,21 +46,27 @@ type svcPhase struct {
 // kube-proxy in iptables mode, then in nftables mode. Both pods have their
 // programs (datapath.AddEndpoint) in every path; the direct path runs with
 // the agent in ebpf mode, just before the ebpf path, so the gap between
-// the two is the translation alone.
+// the two is the translation alone. The pods direct again with the agent
+// in services.mode: host (before the iptables path) show what the ebpf
+// mode costs traffic that is no Service's.
 //
 // Between phases the agent restarts with the other config, kube-proxy is
 // killed and `kube-proxy --cleanup` removes its rules (checked: the VIP is
 // in no netfilter rule); in each path the Service translation counter of
 // the pods' programs (svc_stats) must rise in ebpf mode and stay put
 // elsewhere, and in host mode the agent's masquerade rule must count the
-// flows, so no path is measured through another's translation.
+// flows, so no path is measured through another's translation. While
+// each path's RR runs, the kernel's BPF statistics are on, and the table
+// after the ratios gives the datapath programs' run time per transaction:
+// how much of a gap between paths the programs themselves account for.
 //
 //	go test -run '^$' -bench ServicePaths -benchtime 1x -v ./test/agent/
 //
 // A benchmark, so never part of `make test`. Figures are printed, never
 // asserted.
 func BenchmarkServicePaths(b *testing.B) {
-	for _, tool := range []string{"iptables-save", "nft", "iperf3"} {
+	benchutil.Require(b)
+	for _, tool := range []string{"iptables-save", "nft"} {
 		if _, err := exec.LookPath(tool); err != nil {
 			b.Fatalf("the benchmark needs %s (make deps installs it): %v", tool, err)
 		}
@@ -72,6 +83,10 @@ func BenchmarkServicePaths(b *testing.B) {
 	vip := createBackedService(b, c.Client, "bench", backend.IP4.Addr()) // 80 -> 8080
 
 	const direct = "pod->pod direct (ceiling)"
+	// The same pods direct with the agent in services.mode: host: what the
+	// ebpf mode's lookups cost traffic that is no Service's.
+	const directHost = "pod->pod direct, services.mode host"
+	isDirect := func(name string) bool { return name == direct || name == directHost }
 	svcPath := func(name string) benchutil.Path {
 		return benchutil.Path{Name: "pod->ClusterIP->pod, " + name, From: client.NS, To: backend.NS,
 			Dst: vip, Port: 80, Listen: backend.IP4.Addr(), ListenPort: 8080, Ref: direct}
@@ -82,7 +97,10 @@ func BenchmarkServicePaths(b *testing.B) {
 			{Name: direct, From: client.NS, To: backend.NS, Dst: backend.IP4.Addr(), Port: 8080},
 			ebpf,
 		}},
-		{proxy: "iptables", paths: []benchutil.Path{iptables}},
+		{proxy: "iptables", paths: []benchutil.Path{
+			{Name: directHost, From: client.NS, To: backend.NS, Dst: backend.IP4.Addr(), Port: 8080, Ref: direct},
+			iptables,
+		}},
 		{proxy: "nftables", paths: []benchutil.Path{nftables}},
 	}
 	var paths []benchutil.Path
@@ -90,7 +108,8 @@ func BenchmarkServicePaths(b *testing.B) {
 		paths = append(paths, ph.paths...)
 	}
 
-	n := &svcNode{l: l, b: b, kubeconfig: kubeconfig, vip: vip, backend: backend.IP4.Addr(), backendNS: backend.NS, client: client.NS}
+	n := &svcNode{l: l, b: b, kubeconfig: kubeconfig, vip: vip, backend: backend.IP4.Addr(), backendNS: backend.NS, client: client.NS,
+		progNs: map[string][]float64{}}
 	n.switchTo(phases[0]) // the agent loads the datapath the pods' programs join
 	dp := l.open()
 	for _, p := range []*netenv.Container{client, backend} {
@@ -107,14 +126,15 @@ func BenchmarkServicePaths(b *testing.B) {
 				n.switchTo(ph)
 				b.Logf("round %d/%d: switched to %s in %s", r+1, rounds, ph, time.Since(start).Round(10*time.Millisecond))
 				paths := ph.paths
-				if r%2 == 1 { // direct and ebpf take turns going first
+				if r%2 == 1 { // a phase's paths take turns going first
 					paths = slices.Clone(paths)
 					slices.Reverse(paths)
 				}
 				for _, p := range paths {
-					s := n.measure(p, ph, p.Name != direct)
+					s := n.measure(p, ph, !isDirect(p.Name))
 					samples[p.Name] = append(samples[p.Name], s)
-					b.Logf("round %d/%d %s: %.2f Gbit/s, %.0f RR/s, %.0f conn/s", r+1, rounds, p.Name, s.Gbps, s.RRPerSec, s.ConnPerSec)
+					b.Logf("round %d/%d %s: %.2f Gbit/s, %.0f RR/s (programs %.0f ns a transaction), %.0f conn/s",
+						r+1, rounds, p.Name, s.Gbps, s.RRPerSec, n.progNs[p.Name][len(n.progNs[p.Name])-1], s.ConnPerSec)
 				}
 			}
 		}
@@ -130,7 +150,14 @@ func BenchmarkServicePaths(b *testing.B) {
 		{A: ebpf.Name, B: direct},
 		{A: ebpf.Name, B: iptables.Name},
 		{A: ebpf.Name, B: nftables.Name},
+		{A: directHost, B: direct},
 	}, samples)
+	fmt.Println()
+	fmt.Println("underpass programs' run time per RR transaction (kernel BPF statistics, all programs), median [min-max]:")
+	for _, p := range paths {
+		med, lo, hi := benchutil.Spread(n.progNs[p.Name])
+		fmt.Printf("  %-50s %5.0f ns [%.0f-%.0f]\n", p.Name, med, lo, hi)
+	}
 }
 
 func (ph svcPhase) String() string {
@@ -148,6 +175,7 @@ type svcNode struct {
 	vip, backend      netip.Addr
 	backendNS, client *netenv.NS
 	dp                *loader.Objects
+	progNs            map[string][]float64 // per path, a sample per round
 
 	ag        *agent
 	ebpf      bool
@@ -250,7 +278,10 @@ func (n *svcNode) measure(p benchutil.Path, ph svcPhase, service bool) benchutil
 	b := n.b
 	b.Helper()
 	xlate0, masq0 := n.settled()
-	s := benchutil.Measure(b, p)
+	gbps := benchutil.Iperf(b, p)
+	rr, progNs := n.rrWithProgramTime(p)
+	s := benchutil.Sample{Gbps: gbps, RRPerSec: rr, ConnPerSec: benchutil.Connects(b, p, time.Second)}
+	n.progNs[p.Name] = append(n.progNs[p.Name], progNs)
 	xlate1, masq1 := n.settled()
 	dx, dm := xlate1-xlate0, masq1-masq0
 	b.Logf("%s: %d packets translated at the pod, %d masqueraded by the host", p.Name, dx, dm)
@@ -265,6 +296,66 @@ func (n *svcNode) measure(p benchutil.Path, ph svcPhase, service bool) benchutil
 		b.Fatalf("%s: the host masqueraded %d packets", p.Name, dm)
 	}
 	return s
+}
+
+// rrWithProgramTime measures p's RR rate with the kernel's BPF run-time
+// statistics on, and returns the time underpass's programs ran per
+// transaction: how much of the RR gap between paths the programs
+// themselves account for, under real traffic (prog.Benchmark runs them
+// on one frame in a loop, with warm caches). The statistics cost every
+// program run two clock reads; they are on for the RR of every path
+// alike, and off for throughput and connects.
+func (n *svcNode) rrWithProgramTime(p benchutil.Path) (perSec, progNsPerTransaction float64) {
+	b := n.b
+	b.Helper()
+	stats, err := ebpf.EnableStats(uint32(unix.BPF_STATS_RUN_TIME))
+	must(b, err)
+	defer stats.Close()
+	t0 := programTime(b)
+	perSec, transactions := benchutil.RR(b, p, 2*time.Second)
+	t1 := programTime(b)
+	if transactions == 0 {
+		b.Fatalf("%s: no transactions", p.Name)
+	}
+	return perSec, float64(t1-t0) / float64(transactions)
+}
+
+// programTime sums the run time of every program in the kernel named as
+// one of underpass's: the pods' filters attached at the start run the
+// programs loaded then, whatever the agent pinned at a later restart (a
+// filter's time includes the body it tail-calls: a tail call is not a run
+// of its own).
+func programTime(tb testing.TB) time.Duration {
+	tb.Helper()
+	ours := map[string]bool{}
+	v := reflect.TypeOf(loader.Programs{})
+	for i := range v.NumField() {
+		name := v.Field(i).Tag.Get("ebpf")
+		ours[name[:min(len(name), unix.BPF_OBJ_NAME_LEN-1)]] = true
+	}
+	var sum time.Duration
+	for id := ebpf.ProgramID(0); ; {
+		next, err := ebpf.ProgramGetNextID(id)
+		if errors.Is(err, os.ErrNotExist) {
+			return sum
+		}
+		must(tb, err)
+		id = next
+		prog, err := ebpf.NewProgramFromID(id)
+		if errors.Is(err, os.ErrNotExist) {
+			continue // unloaded in between
+		}
+		must(tb, err)
+		info, err := prog.Info()
+		if err == nil && ours[info.Name] {
+			var st *ebpf.ProgramStats
+			if st, err = prog.Stats(); err == nil {
+				sum += st.Runtime
+			}
+		}
+		prog.Close()
+		must(tb, err)
+	}
 }
 
 // settled returns the translated and masqueraded counters once they hold

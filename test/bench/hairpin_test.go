@@ -11,6 +11,7 @@
 package bench
 
 import (
+	"fmt"
 	"net"
 	"net/netip"
 	"os"
@@ -34,8 +35,10 @@ import (
 // (A, B, C, A, B, C, ...: a machine that slows down mid-run slows all of
 // them alike), for UNDERPASS_BENCH_ROUNDS rounds (default 5), and prints
 // each figure's median with its min-max spread, so a reader can tell a gap
-// from noise. iperf3 client and server are pinned to CPUs 0 and 1.
+// from noise. iperf3 client and server are pinned to CPUs 0 and 1, both
+// ends of sockperf's request/response to one CPU (see benchutil.RR).
 func BenchmarkPaths(b *testing.B) {
+	benchutil.Require(b)
 	rounds := benchutil.Rounds()
 	paths := setupPaths(b)
 	samples := benchutil.Samples{}
@@ -50,7 +53,24 @@ func BenchmarkPaths(b *testing.B) {
 	}
 	b.ReportMetric(0, "ns/op")
 	benchutil.PrintTable(os.Stdout, paths, samples, rounds)
+	// Each row against its reference, paired by round; and the two pods
+	// with their programs against two bare slaves: what the source guard
+	// and the counters cost.
+	var pairs []benchutil.Ratio
+	for _, p := range paths {
+		if p.Ref != "" {
+			pairs = append(pairs, benchutil.Ratio{A: p.Name, B: p.Ref})
+		}
+	}
+	pairs = append(pairs, benchutil.Ratio{A: podToPod, B: slaveToSlave})
+	fmt.Println()
+	benchutil.PrintRatios(os.Stdout, pairs, samples)
 }
+
+const (
+	slaveToSlave = "macvlan slave->slave"
+	podToPod     = "pod->pod (both with programs)"
+)
 
 // setupPaths builds the node: the hairpin on the parent, a veth pair, a
 // host-side macvlan shim, plain macvlan slaves, and two registered pods
@@ -95,14 +115,14 @@ func setupPaths(b *testing.B) []benchutil.Path {
 		Backends: []netip.AddrPort{netip.AddrPortFrom(backend.IP4.Addr(), port)}}}))
 
 	return []benchutil.Path{
-		{Name: "macvlan slave->slave", From: c.NS, To: a.NS, Dst: a.IP4.Addr()},
-		{Name: "hairpin host->container", From: env.Node, To: a.NS, Dst: a.IP4.Addr(), Ref: "macvlan slave->slave"},
-		{Name: "hairpin container->host", From: a.NS, To: env.Node, Dst: up.Node4.Addr(), Ref: "macvlan slave->slave"},
-		{Name: "host shim host->container", From: env.Node, To: shimmed.NS, Dst: shimmed.IP4.Addr(), Ref: "macvlan slave->slave"},
-		{Name: "veth pair host->container", From: env.Node, To: v, Dst: netip.MustParseAddr("10.200.0.2"), Ref: "macvlan slave->slave"},
-		{Name: "pod->pod (both with programs)", From: client.NS, To: backend.NS, Dst: backend.IP4.Addr(), Port: port},
+		{Name: slaveToSlave, From: c.NS, To: a.NS, Dst: a.IP4.Addr()},
+		{Name: "hairpin host->container", From: env.Node, To: a.NS, Dst: a.IP4.Addr(), Ref: slaveToSlave},
+		{Name: "hairpin container->host", From: a.NS, To: env.Node, Dst: up.Node4.Addr(), Ref: slaveToSlave},
+		{Name: "host shim host->container", From: env.Node, To: shimmed.NS, Dst: shimmed.IP4.Addr(), Ref: slaveToSlave},
+		{Name: "veth pair host->container", From: env.Node, To: v, Dst: netip.MustParseAddr("10.200.0.2"), Ref: slaveToSlave},
+		{Name: podToPod, From: client.NS, To: backend.NS, Dst: backend.IP4.Addr(), Port: port},
 		{Name: "pod->ClusterIP->pod (ebpf)", From: client.NS, To: backend.NS, Dst: vip, Listen: backend.IP4.Addr(), Port: port,
-			Ref: "pod->pod (both with programs)"},
+			Ref: podToPod},
 	}
 }
 

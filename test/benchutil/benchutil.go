@@ -1,8 +1,9 @@
 // Package benchutil measures paths between network namespaces for the
 // benchmarks (test/bench, test/agent): TCP throughput with iperf3 (client
-// and server pinned to CPUs 0 and 1), 1-byte request/response on one
-// connection, connections set up and closed one after the other; and
-// prints interleaved rounds as median [min-max] tables.
+// and server pinned to CPUs 0 and 1), request/response on one connection
+// with sockperf (both ends on one CPU: see rrCPU), connections set up and
+// closed one after the other; and prints interleaved rounds as median
+// [min-max] tables.
 //
 // Figures are printed, never asserted: wall-clock speed depends on the
 // machine.
@@ -16,6 +17,8 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"os/exec"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -67,6 +70,17 @@ type Sample struct {
 	Gbps, RRPerSec, ConnPerSec float64
 }
 
+// Require fails tb unless the tools Measure runs are installed (make deps
+// installs them).
+func Require(tb testing.TB) {
+	tb.Helper()
+	for _, tool := range []string{"iperf3", "sockperf", "taskset"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			tb.Fatalf("the benchmark needs %s (make deps installs it): %v", tool, err)
+		}
+	}
+}
+
 // Rounds is UNDERPASS_BENCH_ROUNDS, default 5.
 func Rounds() int {
 	if v, err := strconv.Atoi(os.Getenv("UNDERPASS_BENCH_ROUNDS")); err == nil && v > 0 {
@@ -78,7 +92,9 @@ func Rounds() int {
 // Measure measures p once: iperf3 for 3 s, RR for 2 s, connects for 1 s.
 func Measure(tb testing.TB, p Path) Sample {
 	tb.Helper()
-	return Sample{Gbps: Iperf(tb, p), RRPerSec: RR(tb, p, 2*time.Second), ConnPerSec: Connects(tb, p, time.Second)}
+	gbps := Iperf(tb, p)
+	rr, _ := RR(tb, p, 2*time.Second)
+	return Sample{Gbps: gbps, RRPerSec: rr, ConnPerSec: Connects(tb, p, time.Second)}
 }
 
 // Iperf runs a 3 s iperf3 TCP test and returns the receiver's Gbit/s.
@@ -133,30 +149,64 @@ func listen(tb testing.TB, p Path) (net.Listener, netip.AddrPort) {
 	return ln, netip.AddrPortFrom(p.Dst, p.dialPort(port))
 }
 
-// RR counts 1-byte request/response transactions on one TCP connection
-// for d.
-func RR(tb testing.TB, p Path, d time.Duration) float64 {
+// rrCPU is the one CPU both ends of RR run on. On a VM, a ping-pong
+// between two CPUs measures mostly how fast an idle vCPU wakes up (an IPI
+// through the hypervisor: over a veth pair on the 2-core development VM, a
+// transaction took 99 us across two CPUs against 23 us on one), which hides
+// the datapath's own cost; on one CPU every microsecond of a transaction is
+// the stack's and the programs' work.
+const rrCPU = "1"
+
+var (
+	sockperfValid = regexp.MustCompile(`\[Valid Duration\] RunTime=([0-9.]+) sec; SentMessages=\d+; ReceivedMessages=(\d+)`)
+	sockperfTotal = regexp.MustCompile(`\[Total Run\] RunTime=[0-9.]+ sec; Warm up time=\d+ msec; SentMessages=\d+; ReceivedMessages=(\d+)`)
+)
+
+// RR counts request/response transactions on one TCP connection for d:
+// sockperf ping-pong with 14-byte messages (its smallest), both ends
+// pinned to rrCPU. perSec leaves sockperf's warm-up out; total counts the
+// whole run, warm-up included: what a counter read around the call sees.
+func RR(tb testing.TB, p Path, d time.Duration) (perSec float64, total uint64) {
 	tb.Helper()
-	ln, dst := listen(tb, p)
-	defer ln.Close()
-	conn, err := netenv.DialTCPConn(p.From, dst, 3*time.Second)
-	if err != nil {
-		tb.Fatalf("%s: %v", p.Name, err)
+	sport := p.serverPort()
+	if sport == 0 {
+		sport = uint16(11111 + int(time.Now().UnixNano()%1000))
 	}
-	defer conn.Close()
-	buf := []byte{1}
-	n := 0
-	start := time.Now()
-	for time.Since(start) < d {
-		if _, err := conn.Write(buf); err != nil {
-			tb.Fatalf("%s: %v", p.Name, err)
-		}
-		if _, err := conn.Read(buf); err != nil {
-			tb.Fatalf("%s: %v", p.Name, err)
-		}
-		n++
+	ctx, cancel := context.WithTimeout(context.Background(), d+30*time.Second)
+	defer cancel()
+	// --uc-reuseaddr: iperf3's connections just before leave the port in
+	// TIME_WAIT (Go's listeners set SO_REUSEADDR; sockperf, by default, not).
+	srv := p.To.Command(ctx, "taskset", "-c", rrCPU, "sockperf", "server", "--tcp", "--uc-reuseaddr",
+		"-i", p.server().String(), "-p", strconv.Itoa(int(sport)))
+	var srvOut strings.Builder
+	srv.Stdout, srv.Stderr = &srvOut, &srvOut
+	if err := srv.Start(); err != nil {
+		tb.Fatal(err)
 	}
-	return float64(n) / time.Since(start).Seconds()
+	defer func() {
+		srv.Process.Kill()
+		srv.Wait()
+	}()
+	secs := strconv.FormatFloat(d.Seconds(), 'f', -1, 64)
+	// The server needs a moment to listen; sockperf then says it could
+	// not connect.
+	for i := 0; ; i++ {
+		out, stderr, err := p.From.Exec(ctx, "taskset", "-c", rrCPU, "sockperf", "ping-pong", "--tcp",
+			"-i", p.Dst.String(), "-p", strconv.Itoa(int(p.dialPort(sport))), "-t", secs, "-m", "14")
+		m, t := sockperfValid.FindStringSubmatch(out+stderr), sockperfTotal.FindStringSubmatch(out+stderr)
+		if err == nil && m != nil && t != nil {
+			runtime, _ := strconv.ParseFloat(m[1], 64)
+			received, _ := strconv.ParseFloat(m[2], 64)
+			total, _ = strconv.ParseUint(t[1], 10, 64)
+			if runtime > 0 && received > 0 {
+				return received / runtime, total
+			}
+		}
+		if i == 50 {
+			tb.Fatalf("sockperf ping-pong %s: %v\n%s%s\nserver: %s", p.Name, err, out, stderr, srvOut.String())
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 }
 
 // Connects counts TCP connections set up and closed per second, one after
