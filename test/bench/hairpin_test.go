@@ -54,8 +54,8 @@ func BenchmarkPaths(b *testing.B) {
 	b.ReportMetric(0, "ns/op")
 	benchutil.PrintTable(os.Stdout, paths, samples, rounds)
 	// Each row against its reference, paired by round; and the two pods
-	// with their programs against two bare slaves: what the source guard
-	// and the counters cost.
+	// with their programs (services.mode: ebpf) against two bare slaves:
+	// what the source guard, the counters and the mode's lookups cost.
 	var pairs []benchutil.Ratio
 	for _, p := range paths {
 		if p.Ref != "" {

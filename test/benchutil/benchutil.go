@@ -22,6 +22,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"text/tabwriter"
 	"time"
@@ -183,29 +184,42 @@ func RR(tb testing.TB, p Path, d time.Duration) (perSec float64, total uint64) {
 	if err := srv.Start(); err != nil {
 		tb.Fatal(err)
 	}
-	defer func() {
+	stop := sync.OnceFunc(func() {
 		srv.Process.Kill()
 		srv.Wait()
-	}()
+	})
+	defer stop()
+	fail := func(format string, args ...any) {
+		stop() // its output is read only once it has exited
+		tb.Fatalf("sockperf ping-pong %s: "+format+"\nserver: %s", append(append([]any{p.Name}, args...), srvOut.String())...)
+	}
 	secs := strconv.FormatFloat(d.Seconds(), 'f', -1, 64)
-	// The server needs a moment to listen; sockperf then says it could
-	// not connect.
-	for i := 0; ; i++ {
+	// The server needs a moment to listen: sockperf then says it cannot
+	// connect, having sent nothing, and is run again. Any other failure
+	// ends the measurement (a run that sent traffic and failed would count
+	// in what the caller reads around the call).
+	for {
 		out, stderr, err := p.From.Exec(ctx, "taskset", "-c", rrCPU, "sockperf", "ping-pong", "--tcp",
 			"-i", p.Dst.String(), "-p", strconv.Itoa(int(p.dialPort(sport))), "-t", secs, "-m", "14")
-		m, t := sockperfValid.FindStringSubmatch(out+stderr), sockperfTotal.FindStringSubmatch(out+stderr)
-		if err == nil && m != nil && t != nil {
-			runtime, _ := strconv.ParseFloat(m[1], 64)
-			received, _ := strconv.ParseFloat(m[2], 64)
-			total, _ = strconv.ParseUint(t[1], 10, 64)
-			if runtime > 0 && received > 0 {
-				return received / runtime, total
+		all := out + stderr
+		if strings.Contains(all, "Can`t connect socket") {
+			if ctx.Err() != nil {
+				fail("the server never listened: %v\n%s", err, all)
 			}
+			time.Sleep(100 * time.Millisecond)
+			continue
 		}
-		if i == 50 {
-			tb.Fatalf("sockperf ping-pong %s: %v\n%s%s\nserver: %s", p.Name, err, out, stderr, srvOut.String())
+		m, t := sockperfValid.FindStringSubmatch(all), sockperfTotal.FindStringSubmatch(all)
+		if err != nil || m == nil || t == nil {
+			fail("%v\n%s", err, all)
 		}
-		time.Sleep(100 * time.Millisecond)
+		runtime, _ := strconv.ParseFloat(m[1], 64)
+		received, _ := strconv.ParseFloat(m[2], 64)
+		total, _ = strconv.ParseUint(t[1], 10, 64)
+		if runtime <= 0 || received <= 0 {
+			fail("no transactions\n%s", all)
+		}
+		return received / runtime, total
 	}
 }
 

@@ -567,6 +567,14 @@ func TestRBAC(t *testing.T) {
 			return ignoreNotFound(err)
 		},
 	}
+	// The apiserver's RBAC authorizer reads roles and bindings through its
+	// informers: a binding just created counts a moment later (once, a
+	// check right after the create was refused). Wait until it counts for
+	// one allowed verb; then every check holds the binding to its word.
+	var lastErr error
+	if !testutil.Poll(30*time.Second, 100*time.Millisecond, func() bool { lastErr = allowed["list services"](); return lastErr == nil }) {
+		t.Fatalf("the agent's ServiceAccount still cannot list services 30 s after its ClusterRoleBinding was created: %v", lastErr)
+	}
 	for what, f := range allowed {
 		if err := f(); err != nil {
 			t.Errorf("the agent's ServiceAccount cannot %s: %v", what, err)
