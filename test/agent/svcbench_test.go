@@ -13,6 +13,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -329,14 +330,7 @@ func (n *svcNode) rrWithProgramTime(p benchutil.Path) (perSec, progNsPerTransact
 // programs of these names would count too.
 func programTime(tb testing.TB) (time.Duration, uint64) {
 	tb.Helper()
-	ours := map[string]bool{}
-	v := reflect.TypeOf(loader.Programs{})
-	for i := range v.NumField() {
-		// The kernel keeps 15 characters of a name; cilium/ebpf gives
-		// the whole one back from BTF when it has it.
-		name := v.Field(i).Tag.Get("ebpf")
-		ours[name], ours[name[:min(len(name), unix.BPF_OBJ_NAME_LEN-1)]] = true, true
-	}
+	ours := programNames()
 	var sum time.Duration
 	var runs uint64
 	for id := ebpf.ProgramID(0); ; {
@@ -363,6 +357,19 @@ func programTime(tb testing.TB) (time.Duration, uint64) {
 		must(tb, err)
 	}
 }
+
+// programNames are the names of underpass's programs as the kernel may
+// report them: it keeps 15 characters of a name, and cilium/ebpf gives the
+// whole one back from BTF when it has it.
+var programNames = sync.OnceValue(func() map[string]bool {
+	ours := map[string]bool{}
+	v := reflect.TypeOf(loader.Programs{})
+	for i := range v.NumField() {
+		name := v.Field(i).Tag.Get("ebpf")
+		ours[name], ours[name[:min(len(name), unix.BPF_OBJ_NAME_LEN-1)]] = true, true
+	}
+	return ours
+})
 
 // settled returns the translated and masqueraded counters once they hold
 // still: the last packets of a connection closed just before (the end of

@@ -58,6 +58,16 @@ func (p Path) serverPort() uint16 {
 	return p.Port
 }
 
+// serverPortFrom is serverPort, or when the path leaves it to the tool, one
+// of the thousand ports from base (a tool's own server binds a fixed port,
+// unlike a Go listener on port 0).
+func (p Path) serverPortFrom(base uint16) uint16 {
+	if port := p.serverPort(); port != 0 {
+		return port
+	}
+	return base + uint16(time.Now().UnixNano()%1000)
+}
+
 // dialPort is where the client connects for a server listening on port.
 func (p Path) dialPort(listening uint16) uint16 {
 	if p.Port != 0 {
@@ -101,10 +111,7 @@ func Measure(tb testing.TB, p Path) Sample {
 // Iperf runs a 3 s iperf3 TCP test and returns the receiver's Gbit/s.
 func Iperf(tb testing.TB, p Path) float64 {
 	tb.Helper()
-	sport := p.serverPort()
-	if sport == 0 {
-		sport = uint16(5201 + int(time.Now().UnixNano()%1000))
-	}
+	sport := p.serverPortFrom(5201)
 	cport := strconv.Itoa(int(p.dialPort(sport)))
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -169,10 +176,7 @@ var (
 // whole run, warm-up included: what a counter read around the call sees.
 func RR(tb testing.TB, p Path, d time.Duration) (perSec float64, total uint64) {
 	tb.Helper()
-	sport := p.serverPort()
-	if sport == 0 {
-		sport = uint16(11111 + int(time.Now().UnixNano()%1000))
-	}
+	sport := p.serverPortFrom(11111)
 	ctx, cancel := context.WithTimeout(context.Background(), d+30*time.Second)
 	defer cancel()
 	// --uc-reuseaddr: iperf3's connections just before leave the port in
