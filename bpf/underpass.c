@@ -1740,13 +1740,33 @@ __noinline int up_svc_xlate(struct __sk_buff *skb, const struct pkt *p, __u32 pa
 	struct up_svc *svc = bpf_map_lookup_elem(&svc_frontends, &sk);
 	if (!svc) {
 		/* The pod talks to an address directly on a tuple a translated
-		 * flow used (its source port came round again): that flow is
-		 * over, and its replies must no longer be given the VIP. */
+		 * flow used (its source port came round again): the replies on
+		 * the tuple are the direct flow's now, and must no longer be
+		 * given the VIP. A TCP tuple is taken only by a SYN: the pod's
+		 * other segments (most of its traffic) need not look, and a
+		 * late segment of an old direct connection takes nothing. */
+		if (l4 == IPPROTO_TCP) {
+			__u8 tcp_flags;
+			if (bpf_skb_load_bytes(skb, p->l4off + offsetof(struct tcphdr, flags), &tcp_flags, 1) ||
+			    !(tcp_flags & TCP_FLAG_SYN))
+				return XLATE_NONE;
+		}
 		struct up_rev_key rk = {.backend_port = ports[1], .client_port = ports[0], .l4proto = l4};
 		__builtin_memcpy(rk.backend, p->daddr.addr, 16);
 		__builtin_memcpy(rk.client, p->saddr.addr, 16);
-		if (bpf_map_lookup_elem(&svc_rev, &rk))
+		struct up_rev *rv = bpf_map_lookup_elem(&svc_rev, &rk);
+		if (rv) {
+			/* The translated flow on the tuple (if any) writes it
+			 * again with its next packet, which an established
+			 * flow otherwise checks only once a second. */
+			struct up_ct_key ck = {.client_port = ports[0], .vport = rv->vport, .l4proto = l4};
+			__builtin_memcpy(ck.client, p->saddr.addr, 16);
+			__builtin_memcpy(ck.vip, rv->vip, 16);
+			struct up_ct *ct = bpf_map_lookup_elem(&svc_ct, &ck);
+			if (ct)
+				ct->flags |= UP_CT_CHECK_REV;
 			bpf_map_delete_elem(&svc_rev, &rk);
+		}
 		return XLATE_NONE;
 	}
 	__u32 len = skb->len;
@@ -1757,27 +1777,36 @@ __noinline int up_svc_xlate(struct __sk_buff *skb, const struct pkt *p, __u32 pa
 	__builtin_memcpy(ck.vip, p->daddr.addr, 16);
 	__u64 now = bpf_ktime_get_ns();
 	__u32 bid = 0;
-	struct up_backend *be = 0;
+	struct up_backend b = {};
+	int fresh = 1, recheck = 0;
 	struct up_ct *ct = bpf_map_lookup_elem(&svc_ct, &ck);
 	if (ct && ct->svc_id == svc->id) {
 		bid = ct->backend_id;
+		__builtin_memcpy(b.addr, ct->addr, 16);
+		b.port = ct->port;
 		/* A backend that went away gives its flows a new one, whose
 		 * kernel resets a TCP connection it does not know: they fail
 		 * fast instead of black-holing. A draining one (no slot any
-		 * more, still listed) keeps them. */
-		be = bpf_map_lookup_elem(&svc_backends, &bid);
-		if (!same_backend(be, ct->addr, ct->port))
-			be = 0;
+		 * more, still listed) keeps them. Looked up only once the
+		 * frontend changed since the flow started (see up_ct.gen). */
+		fresh = 0;
+		if (ct->gen != svc->gen)
+			fresh = !same_backend(bpf_map_lookup_elem(&svc_backends, &bid), ct->addr, ct->port);
 		/* UDP has no end: a flow idle that long is over, and the
 		 * next datagram on its tuple starts a new one (a client
 		 * with a fixed source port is spread again, as conntrack
 		 * would). */
-		if (be && l4 == IPPROTO_UDP && now - ct->seen_ns > SVC_UDP_IDLE_NS)
-			be = 0;
-		if (be && now - ct->seen_ns > 1000000000ULL)
+		if (!fresh && l4 == IPPROTO_UDP && now - ct->seen_ns > SVC_UDP_IDLE_NS)
+			fresh = 1;
+		if (!fresh && now - ct->seen_ns > 1000000000ULL) {
 			ct->seen_ns = now;
+			recheck = 1;
+		}
+		if (!fresh && (ct->flags & UP_CT_CHECK_REV)) {
+			ct->flags &= ~UP_CT_CHECK_REV;
+			recheck = 1;
+		}
 	}
-	int fresh = !be;
 	/* No backend to start a flow with: stale. Open flows (above) go on. */
 	if (fresh && !svc->count) {
 		svc_count(UP_SVC_STAT_STALE, len);
@@ -1787,33 +1816,35 @@ __noinline int up_svc_xlate(struct __sk_buff *skb, const struct pkt *p, __u32 pa
 	}
 	if (fresh) {
 		bid = pick_backend(svc, ck.client, now);
-		be = bid ? bpf_map_lookup_elem(&svc_backends, &bid) : 0;
+		struct up_backend *be = bid ? bpf_map_lookup_elem(&svc_backends, &bid) : 0;
 		if (!be) {
 			svc_count(UP_SVC_STAT_NO_SLOT, len);
 			if (sc)
 				sc->failures++;
 			return XLATE_NONE;
 		}
+		b = *be;
 	}
-	struct up_backend b = *be;
 	if (l4 == IPPROTO_SCTP && b.port != ports[1]) {
 		svc_count(UP_SVC_STAT_UNTRANSLATABLE, len);
 		return XLATE_NONE;
 	}
 	if (fresh) {
-		struct up_ct nct = {.backend_id = bid, .svc_id = svc->id, .seen_ns = now, .port = b.port};
+		struct up_ct nct = {.backend_id = bid, .svc_id = svc->id, .seen_ns = now, .port = b.port, .gen = svc->gen};
 		__builtin_memcpy(nct.addr, b.addr, 16);
 		bpf_map_update_elem(&svc_ct, &ck, &nct, BPF_ANY);
 		svc_count(UP_SVC_STAT_NEW_FLOWS, len);
 		if (sc)
 			sc->flows++;
 	}
-	/* The reply's way back; written again if the tuple was used directly
-	 * in between (see above) or the LRU dropped it. */
+	/* The reply's way back: written with the flow, and written again if
+	 * the pod used the tuple directly in between (see above) or the LRU
+	 * dropped it, which an established flow checks once a second (with
+	 * seen_ns), not on every packet. */
 	struct up_rev_key rk = {.backend_port = b.port, .client_port = ports[0], .l4proto = l4};
 	__builtin_memcpy(rk.backend, b.addr, 16);
 	__builtin_memcpy(rk.client, ck.client, 16);
-	if (fresh || !bpf_map_lookup_elem(&svc_rev, &rk)) {
+	if (fresh || (recheck && !bpf_map_lookup_elem(&svc_rev, &rk))) {
 		struct up_rev rv = {.vport = ports[1], .svc_id = sid};
 		__builtin_memcpy(rv.vip, ck.vip, 16);
 		bpf_map_update_elem(&svc_rev, &rk, &rv, BPF_ANY);

@@ -366,7 +366,23 @@ struct up_ct {
 	 * restart) to another backend must not inherit the flow. */
 	__u8 addr[16];
 	__u16 port;
-	__u16 _pad[3];
+	__u8 flags;         /* enum up_ct_flags */
+	__u8 _pad;
+	/* The frontend's gen when the flow picked its backend from the
+	 * frontend's slots. While the frontend's gen is still that, the
+	 * backend is in its slots, so listed (the agent deletes a backend
+	 * only after each frontend using it has been rewritten with a new
+	 * gen, and never hands out a frontend id a flow still holds): the
+	 * flow's packets need not look it up. Once the frontend changes,
+	 * they do, for the rest of the flow. 0 (an older build's flow)
+	 * never matches. */
+	__u32 gen;
+};
+
+enum up_ct_flags {
+	/* The pod used the tuple directly (its svc_rev entry was deleted):
+	 * the flow's next packet writes it again. */
+	UP_CT_CHECK_REV = 1 << 0,
 };
 
 /* The reply direction of a translated flow, as the backend sends it. */

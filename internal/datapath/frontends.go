@@ -94,9 +94,10 @@ type FrontendTable struct {
 	names    map[uint32]loader.SvcName // frontend id -> svc_names
 	usedSvc  map[uint32]bool
 	usedBe   map[uint32]bool
-	// Ids and generations only grow (from above what the maps hold): the
-	// programs' flow and affinity state, which outlives a frontend or a
-	// backend, must never find its id on something else.
+	// Ids and generations only grow (from above what the maps hold;
+	// frontend ids from above those the flows hold too): the programs'
+	// flow and affinity state, which outlives a frontend or a backend,
+	// must never find its id on something else.
 	nextSvc uint32
 	nextBe  uint32
 	gen     uint32
@@ -138,6 +139,16 @@ func OpenFrontendTable(m *loader.Maps) (*FrontendTable, error) {
 		for _, id := range ids {
 			t.refs[id]++
 		}
+	}
+	// Flows outlive their frontends (svc_ct is the programs'), and a flow
+	// whose frontend's id and gen are those it started with does not look
+	// its backend up (up_ct.gen): a frontend id a flow holds is never
+	// handed out again. (Gens need no such care: a frontend's only grow.)
+	err = walkEntries(m.SvcCt, func(_ *loader.CtKey, ct *loader.Ct) {
+		t.nextSvc = max(t.nextSvc, ct.SvcId+1)
+	})
+	if err != nil {
+		return nil, fmt.Errorf("list service flows: %w", err)
 	}
 	if err := t.tidyLabels(); err != nil {
 		return nil, err

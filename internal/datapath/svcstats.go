@@ -87,34 +87,37 @@ func FlowTableUsage(m *loader.Maps) ([]TableUsage, error) {
 	}, nil
 }
 
-// countEntries counts m's entries with batch lookups, or one by one where
-// the kernel has no batch operations for m's type.
+// countEntries counts m's entries (see walkEntries).
 func countEntries[K, V any](m *ebpf.Map) (int, error) {
+	n := 0
+	err := walkEntries(m, func(*K, *V) { n++ })
+	return n, err
+}
+
+// walkEntries calls fn on each of m's entries, read with batch lookups, or
+// one by one where the kernel has no batch operations for m's type.
+func walkEntries[K, V any](m *ebpf.Map, fn func(*K, *V)) error {
 	const chunk = 4096
 	keys, vals := make([]K, chunk), make([]V, chunk)
 	var cursor ebpf.MapBatchCursor
-	total := 0
 	for {
 		n, err := m.BatchLookup(&cursor, keys, vals, nil)
-		total += n
+		for i := range n {
+			fn(&keys[i], &vals[i])
+		}
 		switch {
 		case errors.Is(err, ebpf.ErrKeyNotExist):
-			return total, nil
+			return nil
 		case errors.Is(err, ebpf.ErrNotSupported):
-			return countByIteration[K, V](m)
+			var k K
+			var v V
+			it := m.Iterate()
+			for it.Next(&k, &v) {
+				fn(&k, &v)
+			}
+			return it.Err()
 		case err != nil:
-			return total, err
+			return err
 		}
 	}
-}
-
-func countByIteration[K, V any](m *ebpf.Map) (int, error) {
-	var k K
-	var v V
-	n := 0
-	it := m.Iterate()
-	for it.Next(&k, &v) {
-		n++
-	}
-	return n, it.Err()
 }

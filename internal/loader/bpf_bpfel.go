@@ -72,7 +72,9 @@ type bpfUpCt struct {
 	SeenNs    uint64
 	Addr      [16]uint8
 	Port      uint16
-	Pad       [3]uint16
+	Flags     uint8
+	Pad       uint8
+	Gen       uint32
 }
 
 type bpfUpCtKey struct {

@@ -185,6 +185,36 @@ func TestServiceUDPFlowExpires(t *testing.T) {
 	}
 }
 
+// An established flow does not look for its reply's way back (svc_rev) on
+// every packet, but once a second: one the LRU dropped is written again,
+// and the replies get the VIP again.
+func TestServiceReplyWayRestored(t *testing.T) {
+	backend := netip.AddrPortFrom(ipB, 8080)
+	r := newSvcRig(t, datapath.Frontend{VIP: vipSvc, Port: 80, Proto: datapath.ProtoTCP, Backends: []netip.AddrPort{backend}})
+	m := &r.dp.Maps
+	client, vip := netip.AddrPortFrom(ipA, clientPort), netip.AddrPortFrom(vipSvc, 80)
+	out := segment(t, macA, macGW, client, vip, layers.IPProtocolTCP)
+	translated := segment(t, macA, macB, client, backend, layers.IPProtocolTCP)
+	reply, reversed := segment(t, macB, macA, backend, client, layers.IPProtocolTCP), segment(t, macB, macA, vip, client, layers.IPProtocolTCP)
+	wantFrame(t, r.rig, r.egressA, out, translated)
+	rk := loader.RevKey{Backend: backend.Addr().As16(), Client: client.Addr().As16(), BackendPort: swap16(backend.Port()),
+		ClientPort: swap16(client.Port()), L4proto: datapath.ProtoTCP}
+	must(t, m.SvcRev.Delete(&rk)) // as the LRU would
+	wantFrame(t, r.rig, r.ingressA, reply, reply)
+	// The flow last seen 2 s ago: its next packet looks, and writes it.
+	ck := loader.CtKey{Client: client.Addr().As16(), Vip: vip.Addr().As16(), ClientPort: swap16(client.Port()),
+		Vport: swap16(vip.Port()), L4proto: datapath.ProtoTCP}
+	var ct loader.Ct
+	must(t, m.SvcCt.Lookup(&ck, &ct))
+	ct.SeenNs -= uint64(2 * time.Second)
+	must(t, m.SvcCt.Update(&ck, &ct, ebpf.UpdateExist))
+	wantFrame(t, r.rig, r.egressA, out, translated)
+	wantFrame(t, r.rig, r.ingressA, reply, reversed)
+	if n := r.svcStat(t, loader.SvcStatNewFlows); n != 1 {
+		t.Errorf("new flows %d, want 1: the flow is the same", n)
+	}
+}
+
 // A UDP datagram without a checksum (IPv4 allows it) keeps none.
 func TestServiceTranslationUDPNoChecksum(t *testing.T) {
 	backend := netip.AddrPortFrom(ipB, 5353)
@@ -467,9 +497,28 @@ func sortedFronts(fs []datapath.Frontend) []datapath.Frontend {
 	})
 }
 
+// acked is TCP frame f as a segment of an open connection (ACK, no SYN),
+// checksums computed again.
+func acked(tb testing.TB, f []byte) []byte {
+	tb.Helper()
+	pkt := gopacket.NewPacket(f, layers.LayerTypeEthernet, gopacket.Default)
+	tcp, ok := pkt.Layer(layers.LayerTypeTCP).(*layers.TCP)
+	if !ok {
+		tb.Fatalf("acked: not a TCP frame")
+	}
+	tcp.SYN, tcp.ACK, tcp.Ack = false, true, 1
+	must(tb, tcp.SetNetworkLayerForChecksum(pkt.NetworkLayer()))
+	var ls []gopacket.SerializableLayer
+	for _, l := range pkt.Layers() {
+		ls = append(ls, l.(gopacket.SerializableLayer))
+	}
+	return serialize(tb, ls...)
+}
+
 // A source port comes round again: the pod talks to the backend directly
 // on the tuple a translated flow used. Its replies are the direct flow's
 // (not given the VIP); back through the VIP on that tuple, they are again.
+// A TCP tuple is taken by a SYN only.
 // The same for UDP, whose datagrams carry no mark of a new flow: any
 // direct one on the tuple ends the translated flow's replies.
 func TestServiceTupleReusedDirectly(t *testing.T) {
@@ -486,10 +535,21 @@ func TestServiceTupleReusedDirectly(t *testing.T) {
 
 			wantFrame(t, r.rig, r.egressA, viaVIP, direct)
 			wantFrame(t, r.rig, r.ingressA, reply, reversed)
+			if proto == layers.IPProtocolTCP {
+				// Only a SYN takes a TCP tuple: a stray segment of an
+				// old direct connection leaves the flow as it is.
+				stray := acked(t, direct)
+				wantFrame(t, r.rig, r.egressA, stray, stray)
+				wantFrame(t, r.rig, r.ingressA, reply, reversed)
+			}
 			wantFrame(t, r.rig, r.egressA, direct, direct)
 			wantFrame(t, r.rig, r.ingressA, reply, reply)
 			wantFrame(t, r.rig, r.egressA, viaVIP, direct)
 			wantFrame(t, r.rig, r.ingressA, reply, reversed)
+			// The translated flow went on: the same one throughout.
+			if n := r.svcStat(t, loader.SvcStatNewFlows); n != 1 {
+				t.Errorf("new flows %d, want 1", n)
+			}
 		})
 	}
 }
@@ -528,34 +588,84 @@ func TestServiceOpenFlowsOutliveTheirReadyBackends(t *testing.T) {
 	}
 }
 
-// A flow remembers its backend itself, not only its id: an id that names
-// another backend now (handed out again, e.g. after an agent restart) does
-// not take the flow there.
+// A flow remembers its backend itself, not only its id, and its frontend's
+// id and gen when it started; while those are the frontend's, its packets
+// do not look the backend up.
+//   - backend id: an id that names another backend now (handed out again,
+//     e.g. after an agent restart) does not take the flow there, once the
+//     flow looks its backend up (its frontend changed since it started).
+//   - frontend id: an agent that starts over tables its last run emptied
+//     (the Service deleted, then made again with the same VIP) does not
+//     hand out the frontend id the old flow holds (svc_ct outlives the
+//     frontend), so the flow's tuple goes to the new backend, not the old
+//     one (whose backend id the new one gets).
 func TestServiceFlowDoesNotFollowAReusedID(t *testing.T) {
 	x, y := netip.AddrPortFrom(wireBack4, 80), netip.AddrPortFrom(netip.MustParseAddr("198.51.100.21"), 80)
-	r := newSvcRig(t, datapath.Frontend{VIP: vipSvc, Port: 80, Proto: datapath.ProtoTCP, Backends: []netip.AddrPort{x}})
-	m := &r.dp.Maps
 	client := netip.AddrPortFrom(ipA, clientPort)
 	in := segment(t, macA, macGW, client, netip.AddrPortFrom(vipSvc, 80), layers.IPProtocolTCP)
-	wantFrame(t, r.rig, r.egressA, in, segment(t, macA, macGW, client, x, layers.IPProtocolTCP))
-	// The id of x now names y (as a reused id would), and x is gone.
-	var id uint32
-	var b loader.Backend
-	it := m.SvcBackends.Iterate()
-	for it.Next(&id, &b) {
-		break
+	for _, tc := range []struct {
+		name  string
+		reuse func(t *testing.T, m *loader.Maps)
+	}{
+		{"backend id", func(t *testing.T, m *loader.Maps) {
+			// The id of x now names y, and x is gone; the frontend
+			// changed (as any rewrite of it would).
+			var id uint32
+			var b loader.Backend
+			it := m.SvcBackends.Iterate()
+			for it.Next(&id, &b) {
+				break
+			}
+			must(t, it.Err())
+			yb := loader.Backend{Addr: y.Addr().As16(), Port: b.Port}
+			must(t, m.SvcBackends.Update(id, &yb, ebpf.UpdateExist))
+			k := loader.SvcKey{Addr: vipSvc.As16(), Port: swap16(80), L4proto: datapath.ProtoTCP}
+			var s loader.Svc
+			must(t, m.SvcFrontends.Lookup(&k, &s))
+			s.Gen++
+			must(t, m.SvcFrontends.Update(&k, &s, ebpf.UpdateExist))
+		}},
+		{"frontend id", func(t *testing.T, m *loader.Maps) {
+			must(t, datapath.SyncFrontends(m, nil))
+			must(t, datapath.SyncFrontends(m, []datapath.Frontend{{VIP: vipSvc, Port: 80, Proto: datapath.ProtoTCP, Backends: []netip.AddrPort{y}}}))
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := newSvcRig(t, datapath.Frontend{VIP: vipSvc, Port: 80, Proto: datapath.ProtoTCP, Backends: []netip.AddrPort{x}})
+			wantFrame(t, r.rig, r.egressA, in, segment(t, macA, macGW, client, x, layers.IPProtocolTCP))
+			tc.reuse(t, &r.dp.Maps)
+			wantFrame(t, r.rig, r.egressA, in, segment(t, macA, macGW, client, y, layers.IPProtocolTCP))
+			if n := r.svcStat(t, loader.SvcStatNewFlows); n != 2 {
+				t.Fatalf("new flows %d, want 2: the old flow was carried over", n)
+			}
+		})
 	}
-	must(t, it.Err())
-	yb := loader.Backend{Addr: y.Addr().As16(), Port: b.Port}
-	must(t, m.SvcBackends.Update(id, &yb, ebpf.UpdateExist))
-	res := r.run(t, r.egressA, in)
-	if res.verdict != actOK {
-		t.Fatalf("verdict %d", res.verdict)
+}
+
+// A flow's packets skip looking up its backend only while its frontend is
+// as the flow found it. A backend two frontends share, dropped by the
+// flow's frontend, stays listed for the other: the flow keeps it (as a
+// draining one). When the other drops it too, it is gone, though the flow's
+// own frontend did not change again: the flow's next packet goes to a
+// backend of the current set, not on to the one that is gone.
+func TestServiceFlowLeavesADeletedSharedBackend(t *testing.T) {
+	p, q := netip.AddrPortFrom(wireBack4, 80), netip.AddrPortFrom(netip.MustParseAddr("198.51.100.21"), 80)
+	vip2 := netip.MustParseAddr("10.96.7.8")
+	front := func(vip netip.Addr, b netip.AddrPort) datapath.Frontend {
+		return datapath.Frontend{VIP: vip, Port: 80, Proto: datapath.ProtoTCP, Backends: []netip.AddrPort{b}}
 	}
-	// A fresh pick (the only slot still holds that id, now y): the flow
-	// was re-judged, not carried over as if y were x.
+	r := newSvcRig(t, front(vipSvc, p), front(vip2, p))
+	client := netip.AddrPortFrom(ipA, clientPort)
+	in := segment(t, macA, macGW, client, netip.AddrPortFrom(vipSvc, 80), layers.IPProtocolTCP)
+	toP, toQ := segment(t, macA, macGW, client, p, layers.IPProtocolTCP), segment(t, macA, macGW, client, q, layers.IPProtocolTCP)
+	wantFrame(t, r.rig, r.egressA, in, toP)
+	must(t, datapath.SyncFrontends(&r.dp.Maps, []datapath.Frontend{front(vipSvc, q), front(vip2, p)}))
+	wantFrame(t, r.rig, r.egressA, in, toP)
+	wantFrame(t, r.rig, r.egressA, in, toP)
+	must(t, datapath.SyncFrontends(&r.dp.Maps, []datapath.Frontend{front(vipSvc, q), front(vip2, q)}))
+	wantFrame(t, r.rig, r.egressA, in, toQ)
 	if n := r.svcStat(t, loader.SvcStatNewFlows); n != 2 {
-		t.Fatalf("new flows %d, want 2: the reused id kept the flow", n)
+		t.Errorf("new flows %d, want 2", n)
 	}
 }
 
