@@ -1719,6 +1719,15 @@ static __always_inline int svc_xlate_frag(struct __sk_buff *skb, const struct pk
 	return XLATE_DONE;
 }
 
+/* tcp_syn says whether TCP segment p has SYN set. */
+static __always_inline int tcp_syn(struct __sk_buff *skb, const struct pkt *p)
+{
+	__u8 flags;
+	if (bpf_skb_load_bytes(skb, p->l4off + offsetof(struct tcphdr, flags), &flags, 1))
+		return 0;
+	return flags & TCP_FLAG_SYN;
+}
+
 /* up_svc_xlate translates a pod's frame to a Service in svc_frontends.
  * XLATE_NONE: not one (or left to the host path), XLATE_DONE: sent to a
  * backend, XLATE_STALE: the Service has no backend, XLATE_FAILED: a rewrite
@@ -1735,30 +1744,28 @@ __noinline int up_svc_xlate(struct __sk_buff *skb, const struct pkt *p, __u32 pa
 	__u16 ports[2]; /* source, destination: the same place in all three */
 	if (bpf_skb_load_bytes(skb, p->l4off, ports, sizeof(ports)))
 		return XLATE_NONE;
-	struct up_svc_key sk = {.port = ports[1], .l4proto = l4};
-	__builtin_memcpy(sk.addr, p->daddr.addr, 16);
-	struct up_svc *svc = bpf_map_lookup_elem(&svc_frontends, &sk);
-	if (!svc) {
+	struct up_svc *found;
+	{ /* a scope of its own: the key's stack is the snapshot's below */
+		struct up_svc_key sk = {.port = ports[1], .l4proto = l4};
+		__builtin_memcpy(sk.addr, p->daddr.addr, 16);
+		found = bpf_map_lookup_elem(&svc_frontends, &sk);
+	}
+	if (!found) {
 		/* The pod talks to an address directly on a tuple a translated
 		 * flow used (its source port came round again): the replies on
 		 * the tuple are the direct flow's now, and must no longer be
 		 * given the VIP. A TCP tuple is taken only by a SYN: the pod's
 		 * other segments (most of its traffic) need not look, and a
 		 * late segment of an old direct connection takes nothing. */
-		if (l4 == IPPROTO_TCP) {
-			__u8 tcp_flags;
-			if (bpf_skb_load_bytes(skb, p->l4off + offsetof(struct tcphdr, flags), &tcp_flags, 1) ||
-			    !(tcp_flags & TCP_FLAG_SYN))
-				return XLATE_NONE;
-		}
+		if (l4 == IPPROTO_TCP && !tcp_syn(skb, p))
+			return XLATE_NONE;
 		struct up_rev_key rk = {.backend_port = ports[1], .client_port = ports[0], .l4proto = l4};
 		__builtin_memcpy(rk.backend, p->daddr.addr, 16);
 		__builtin_memcpy(rk.client, p->saddr.addr, 16);
 		struct up_rev *rv = bpf_map_lookup_elem(&svc_rev, &rk);
 		if (rv) {
 			/* The translated flow on the tuple (if any) writes it
-			 * again with its next packet, which an established
-			 * flow otherwise checks only once a second. */
+			 * again when it takes the tuple back (UP_CT_CHECK_REV). */
 			struct up_ct_key ck = {.client_port = ports[0], .vport = rv->vport, .l4proto = l4};
 			__builtin_memcpy(ck.client, p->saddr.addr, 16);
 			__builtin_memcpy(ck.vip, rv->vip, 16);
@@ -1769,6 +1776,11 @@ __noinline int up_svc_xlate(struct __sk_buff *skb, const struct pkt *p, __u32 pa
 		}
 		return XLATE_NONE;
 	}
+	/* One read of the frontend: the agent replaces the element when it
+	 * changes, and the slots picked from, the gen stamped on the flow and
+	 * the count must all be of one version. */
+	struct up_svc snap = *found;
+	const struct up_svc *svc = &snap;
 	__u32 len = skb->len;
 	__u32 sid = svc->id;
 	struct up_svc_counters *sc = bpf_map_lookup_elem(&svc_counters, &sid);
@@ -1802,9 +1814,15 @@ __noinline int up_svc_xlate(struct __sk_buff *skb, const struct pkt *p, __u32 pa
 			ct->seen_ns = now;
 			recheck = 1;
 		}
+		/* The pod used the tuple directly since (see above): the
+		 * replies on it are the direct flow's until the flow takes it
+		 * back. A UDP or SCTP datagram through the VIP does; a TCP
+		 * flow only with a new connection (a SYN), not with a late
+		 * segment of the old one (nor on the once-a-second check). */
 		if (!fresh && (ct->flags & UP_CT_CHECK_REV)) {
-			ct->flags &= ~UP_CT_CHECK_REV;
-			recheck = 1;
+			recheck = l4 != IPPROTO_TCP || tcp_syn(skb, p);
+			if (recheck)
+				ct->flags &= ~UP_CT_CHECK_REV;
 		}
 	}
 	/* No backend to start a flow with: stale. Open flows (above) go on. */

@@ -369,10 +369,12 @@ struct up_ct {
 	__u8 flags;         /* enum up_ct_flags */
 	__u8 _pad;
 	/* The frontend's gen when the flow picked its backend from the
-	 * frontend's slots. While the frontend's gen is still that, the
-	 * backend is in its slots, so listed (the agent deletes a backend
-	 * only after each frontend using it has been rewritten with a new
-	 * gen, and never hands out a frontend id a flow still holds): the
+	 * frontend's slots (or from an affinity entry of that gen, picked
+	 * from them). While the frontend's gen is still that, the backend
+	 * is in its slots, so listed (the agent deletes a backend only
+	 * after each frontend using it has been rewritten with a new gen,
+	 * and never hands out a frontend id a flow or an affinity entry
+	 * still holds): the
 	 * flow's packets need not look it up. Once the frontend changes,
 	 * they do, for the rest of the flow. 0 (an older build's flow)
 	 * never matches. */

@@ -95,7 +95,8 @@ type FrontendTable struct {
 	usedSvc  map[uint32]bool
 	usedBe   map[uint32]bool
 	// Ids and generations only grow (from above what the maps hold;
-	// frontend ids from above those the flows hold too): the programs'
+	// frontend ids from above those the flow and affinity state holds
+	// too): the programs'
 	// flow and affinity state, which outlives a frontend or a backend,
 	// must never find its id on something else.
 	nextSvc uint32
@@ -140,15 +141,23 @@ func OpenFrontendTable(m *loader.Maps) (*FrontendTable, error) {
 			t.refs[id]++
 		}
 	}
-	// Flows outlive their frontends (svc_ct is the programs'), and a flow
-	// whose frontend's id and gen are those it started with does not look
-	// its backend up (up_ct.gen): a frontend id a flow holds is never
-	// handed out again. (Gens need no such care: a frontend's only grow.)
+	// Flows and affinity entries outlive their frontends (svc_ct and
+	// svc_affinity are the programs'), and a flow whose frontend's id and
+	// gen are those it started with does not look its backend up
+	// (up_ct.gen), nor an affinity entry of the frontend's gen: a frontend
+	// id either holds is never handed out again. (Gens need no such care:
+	// a frontend's only grow.)
 	err = walkEntries(m.SvcCt, func(_ *loader.CtKey, ct *loader.Ct) {
 		t.nextSvc = max(t.nextSvc, ct.SvcId+1)
 	})
 	if err != nil {
 		return nil, fmt.Errorf("list service flows: %w", err)
+	}
+	err = walkEntries(m.SvcAffinity, func(k *loader.AffinityKey, _ *loader.Affinity) {
+		t.nextSvc = max(t.nextSvc, k.SvcId+1)
+	})
+	if err != nil {
+		return nil, fmt.Errorf("list service affinity: %w", err)
 	}
 	if err := t.tidyLabels(); err != nil {
 		return nil, err

@@ -518,7 +518,7 @@ func acked(tb testing.TB, f []byte) []byte {
 // A source port comes round again: the pod talks to the backend directly
 // on the tuple a translated flow used. Its replies are the direct flow's
 // (not given the VIP); back through the VIP on that tuple, they are again.
-// A TCP tuple is taken by a SYN only.
+// A TCP tuple is taken, either way, by a SYN only.
 // The same for UDP, whose datagrams carry no mark of a new flow: any
 // direct one on the tuple ends the translated flow's replies.
 func TestServiceTupleReusedDirectly(t *testing.T) {
@@ -544,6 +544,22 @@ func TestServiceTupleReusedDirectly(t *testing.T) {
 			}
 			wantFrame(t, r.rig, r.egressA, direct, direct)
 			wantFrame(t, r.rig, r.ingressA, reply, reply)
+			if proto == layers.IPProtocolTCP {
+				// Nor does a late segment of the old translated
+				// connection take it back, even on the flow's
+				// once-a-second check.
+				late := acked(t, viaVIP)
+				wantFrame(t, r.rig, r.egressA, late, acked(t, direct))
+				wantFrame(t, r.rig, r.ingressA, reply, reply)
+				ck := loader.CtKey{Client: client.Addr().As16(), Vip: vip.Addr().As16(), ClientPort: swap16(client.Port()),
+					Vport: swap16(vip.Port()), L4proto: uint8(proto)}
+				var ct loader.Ct
+				must(t, r.dp.Maps.SvcCt.Lookup(&ck, &ct))
+				ct.SeenNs -= uint64(2 * time.Second)
+				must(t, r.dp.Maps.SvcCt.Update(&ck, &ct, ebpf.UpdateExist))
+				wantFrame(t, r.rig, r.egressA, late, acked(t, direct))
+				wantFrame(t, r.rig, r.ingressA, reply, reply)
+			}
 			wantFrame(t, r.rig, r.egressA, viaVIP, direct)
 			wantFrame(t, r.rig, r.ingressA, reply, reversed)
 			// The translated flow went on: the same one throughout.
@@ -640,6 +656,48 @@ func TestServiceFlowDoesNotFollowAReusedID(t *testing.T) {
 			}
 		})
 	}
+}
+
+// An affinity entry outlives its frontend too (svc_affinity is the
+// programs'), and the LRU may have dropped the frontend's flows: an agent
+// that starts over (the frontend with the highest id deleted, a new one
+// made) must not hand out the frontend id the entry holds, else the new
+// frontend's first flow from that client follows the entry to the old
+// frontend's backend (still listed, for another frontend).
+func TestServiceAffinityDoesNotFollowAReusedID(t *testing.T) {
+	x, y := netip.AddrPortFrom(wireBack4, 80), netip.AddrPortFrom(netip.MustParseAddr("198.51.100.21"), 80)
+	vip2 := netip.MustParseAddr("10.96.7.8")
+	other := datapath.Frontend{VIP: vip2, Port: 80, Proto: datapath.ProtoTCP, Backends: []netip.AddrPort{x}}
+	sticky := func(b netip.AddrPort) datapath.Frontend {
+		return datapath.Frontend{VIP: vipSvc, Port: 80, Proto: datapath.ProtoTCP, Backends: []netip.AddrPort{b}, Affinity: time.Hour}
+	}
+	r := newSvcRig(t, other, sticky(x)) // the sticky one gets the higher id
+	m := &r.dp.Maps
+	client := netip.AddrPortFrom(ipA, clientPort)
+	vip := netip.AddrPortFrom(vipSvc, 80)
+	wantFrame(t, r.rig, r.egressA, segment(t, macA, macGW, client, vip, layers.IPProtocolTCP),
+		segment(t, macA, macGW, client, x, layers.IPProtocolTCP))
+	var ak loader.AffinityKey
+	var af loader.Affinity
+	if it := m.SvcAffinity.Iterate(); !it.Next(&ak, &af) {
+		t.Fatalf("no affinity entry: %v", it.Err())
+	}
+	var ck loader.CtKey
+	var ct loader.Ct
+	var flows []loader.CtKey
+	it := m.SvcCt.Iterate()
+	for it.Next(&ck, &ct) {
+		flows = append(flows, ck)
+	}
+	must(t, it.Err())
+	for _, k := range flows {
+		must(t, m.SvcCt.Delete(&k)) // as the LRU would
+	}
+	must(t, datapath.SyncFrontends(m, []datapath.Frontend{other}))
+	must(t, datapath.SyncFrontends(m, []datapath.Frontend{other, sticky(y)}))
+	next := netip.AddrPortFrom(ipA, clientPort+1)
+	wantFrame(t, r.rig, r.egressA, segment(t, macA, macGW, next, vip, layers.IPProtocolTCP),
+		segment(t, macA, macGW, next, y, layers.IPProtocolTCP))
 }
 
 // A flow's packets skip looking up its backend only while its frontend is
