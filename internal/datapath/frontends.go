@@ -105,8 +105,41 @@ type FrontendTable struct {
 }
 
 // OpenFrontendTable reads the frontend tables, as a previous run may have
-// left them.
+// left them, for their one writer: it tidies them (see tidyLabels).
 func OpenFrontendTable(m *loader.Maps) (*FrontendTable, error) {
+	t, err := readFrontendTable(m)
+	if err != nil {
+		return nil, err
+	}
+	// Flows and affinity entries outlive their frontends (svc_ct and
+	// svc_affinity are the programs'), and a flow whose frontend's id and
+	// gen are those it started with does not look its backend up
+	// (up_ct.gen), nor an affinity entry of the frontend's gen: a frontend
+	// id either holds is never handed out again. (Gens need no such care:
+	// a frontend's only grow.)
+	err = walkEntries(m.SvcCt, func(_ *loader.CtKey, ct *loader.Ct) {
+		t.nextSvc = max(t.nextSvc, ct.SvcId+1)
+	})
+	if err != nil {
+		return nil, fmt.Errorf("list service flows: %w", err)
+	}
+	err = walkEntries(m.SvcAffinity, func(k *loader.AffinityKey, _ *loader.Affinity) {
+		t.nextSvc = max(t.nextSvc, k.SvcId+1)
+	})
+	if err != nil {
+		return nil, fmt.Errorf("list service affinity: %w", err)
+	}
+	if err := t.tidyLabels(); err != nil {
+		return nil, err
+	}
+	return t, nil
+}
+
+// readFrontendTable reads the frontend tables and writes nothing: what a
+// reader may do while the agent writes (tidyLabels there would take a
+// new frontend's counters, written just before its frontend, for an
+// orphan's).
+func readFrontendTable(m *loader.Maps) (*FrontendTable, error) {
 	svcs, err := readAll(m.SvcFrontends, "service frontends", same[loader.SvcKey], same[loader.Svc])
 	if err != nil {
 		return nil, err
@@ -140,27 +173,6 @@ func OpenFrontendTable(m *loader.Maps) (*FrontendTable, error) {
 		for _, id := range ids {
 			t.refs[id]++
 		}
-	}
-	// Flows and affinity entries outlive their frontends (svc_ct and
-	// svc_affinity are the programs'), and a flow whose frontend's id and
-	// gen are those it started with does not look its backend up
-	// (up_ct.gen), nor an affinity entry of the frontend's gen: a frontend
-	// id either holds is never handed out again. (Gens need no such care:
-	// a frontend's only grow.)
-	err = walkEntries(m.SvcCt, func(_ *loader.CtKey, ct *loader.Ct) {
-		t.nextSvc = max(t.nextSvc, ct.SvcId+1)
-	})
-	if err != nil {
-		return nil, fmt.Errorf("list service flows: %w", err)
-	}
-	err = walkEntries(m.SvcAffinity, func(k *loader.AffinityKey, _ *loader.Affinity) {
-		t.nextSvc = max(t.nextSvc, k.SvcId+1)
-	})
-	if err != nil {
-		return nil, fmt.Errorf("list service affinity: %w", err)
-	}
-	if err := t.tidyLabels(); err != nil {
-		return nil, err
 	}
 	return t, nil
 }
@@ -436,9 +448,10 @@ func deleteSlots(m *loader.Maps, svc uint32, rev uint8, from int) error {
 	return nil
 }
 
-// Frontends reads the frontend tables back, sorted by VIP, port, protocol.
+// Frontends reads the frontend tables back, sorted by VIP, port, protocol,
+// and writes nothing (underpassctl reads them while the agent writes).
 func Frontends(m *loader.Maps) ([]Frontend, error) {
-	t, err := OpenFrontendTable(m)
+	t, err := readFrontendTable(m)
 	if err != nil {
 		return nil, err
 	}

@@ -729,7 +729,8 @@ func TestServiceFlowLeavesADeletedSharedBackend(t *testing.T) {
 
 // Counters and names follow their frontends: a table opened over frontends
 // an older build wrote (no counters) gives them counters; counters and
-// names a dead run left without a frontend go.
+// names a dead run left without a frontend go, when their writer opens
+// the table, not when a reader reads it.
 func TestServiceCountersFollowFrontends(t *testing.T) {
 	r := newSvcRig(t, datapath.Frontend{VIP: vipSvc, Port: 80, Proto: datapath.ProtoTCP,
 		Backends: []netip.AddrPort{netip.AddrPortFrom(ipB, 8080)}, Service: "default/web", PortName: "http"})
@@ -746,7 +747,17 @@ func TestServiceCountersFollowFrontends(t *testing.T) {
 	must(t, m.SvcNames.Update(uint32(orphan), &loader.SvcName{}, ebpf.UpdateAny))
 	must(t, m.SvcCounters.Update(uint32(orphan), make([]loader.SvcCounters, ebpf.MustPossibleCPU()), ebpf.UpdateAny))
 
-	_, err := datapath.OpenFrontendTable(m)
+	// A reader (underpassctl services) tidies nothing: the agent writes a
+	// new frontend's counters and name just before the frontend itself,
+	// and they must not be taken for an orphan's in between.
+	_, err := datapath.Frontends(m)
+	must(t, err)
+	var kept []loader.SvcCounters
+	if err := m.SvcCounters.Lookup(uint32(orphan), &kept); err != nil {
+		t.Fatalf("datapath.Frontends deleted counters without a frontend: %v", err)
+	}
+
+	_, err = datapath.OpenFrontendTable(m)
 	must(t, err)
 	r.svcCounters(t) // fails unless the frontend has counters again
 	var name loader.SvcName
