@@ -3,7 +3,6 @@ package testutil
 import (
 	"errors"
 	"fmt"
-	"runtime"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -45,7 +44,12 @@ func ProbeVLAN() error {
 func ProbeLink(feature, why string, upper func(lower int) netlink.Link) error {
 	errc := make(chan error, 1)
 	go func() {
-		runtime.LockOSThread() // never unlocked: the thread dies in its throw-away netns
+		restore, err := LockThread()
+		defer restore()
+		if err != nil {
+			errc <- err
+			return
+		}
 		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
 			errc <- fmt.Errorf("unshare: %w", err)
 			return

@@ -9,7 +9,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -18,6 +17,8 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/underpass-cni/underpass/internal/testutil"
 )
 
 // NetnsDir is where named network namespaces live, as with `ip netns add`.
@@ -63,9 +64,9 @@ func (n *NS) Exec(ctx context.Context, name string, args ...string) (stdout, std
 func (n *NS) String() string { return n.Name }
 
 // createNS creates a named network namespace without switching the caller's
-// thread: the work happens on a throw-away locked thread that exits with the
-// goroutine (Go kills a thread that is still locked when its goroutine ends),
-// so no thread is ever left in the wrong namespace.
+// thread: the work happens on a locked thread of its own, put back in its
+// namespace before it is unlocked (testutil.LockThread), so no thread is
+// ever left in the wrong namespace.
 func createNS(name string) (*NS, error) {
 	if err := prepareNetnsDir(); err != nil {
 		return nil, err
@@ -79,7 +80,12 @@ func createNS(name string) (*NS, error) {
 
 	errc := make(chan error, 1)
 	go func() {
-		runtime.LockOSThread() // never unlocked: the thread dies with the goroutine
+		restore, err := testutil.LockThread()
+		defer restore()
+		if err != nil {
+			errc <- err
+			return
+		}
 		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
 			errc <- fmt.Errorf("unshare: %w", err)
 			return
