@@ -2,7 +2,6 @@ package hostnat
 
 import (
 	"os/exec"
-	"runtime"
 	"strings"
 	"testing"
 
@@ -11,14 +10,19 @@ import (
 	"github.com/underpass-cni/underpass/internal/testutil"
 )
 
-// inNewNetns runs fn on a thread in a fresh network namespace. The thread
-// stays locked, so Go ends it with the goroutine and no other goroutine
-// ever runs in that namespace.
+// inNewNetns runs fn on a locked thread in a fresh network namespace; the
+// thread goes back to its own namespace before it is unlocked
+// (testutil.LockThread), so no other goroutine ever runs in that one.
 func inNewNetns(t *testing.T, fn func() error) error {
 	t.Helper()
 	errc := make(chan error, 1)
 	go func() {
-		runtime.LockOSThread() // never unlocked
+		restore, err := testutil.LockThread()
+		defer restore()
+		if err != nil {
+			errc <- err
+			return
+		}
 		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
 			errc <- err
 			return

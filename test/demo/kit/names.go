@@ -20,13 +20,13 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"runtime"
 	"slices"
 	"strconv"
 	"strings"
 
 	"github.com/vishvananda/netns"
 
+	"github.com/underpass-cni/underpass/internal/testutil"
 	"github.com/underpass-cni/underpass/test/netenv"
 )
 
@@ -66,9 +66,10 @@ type Names struct {
 }
 
 // CreateNS creates the named namespace Prefix+short with lo up. The new
-// namespace is entered on a throw-away locked thread that is never unlocked:
-// Go ends such a thread with its goroutine, so no thread of the program is
-// ever left in the wrong namespace.
+// namespace is entered on a locked thread that goes back to its own before
+// it is unlocked (testutil.LockThread: the main thread, which Go cannot
+// end, must not stay in it), so no thread of the program is ever left in
+// the wrong namespace.
 func (n Names) CreateNS(short string) (*netenv.NS, error) {
 	name := n.Prefix + short
 	if err := os.MkdirAll(n.NetnsDir, 0o755); err != nil {
@@ -76,7 +77,12 @@ func (n Names) CreateNS(short string) (*netenv.NS, error) {
 	}
 	errc := make(chan error, 1)
 	go func() {
-		runtime.LockOSThread() // never unlocked: the thread dies with the goroutine
+		restore, err := testutil.LockThread()
+		defer restore()
+		if err != nil {
+			errc <- err
+			return
+		}
 		h, err := netns.NewNamed(name)
 		if err == nil {
 			h.Close()
