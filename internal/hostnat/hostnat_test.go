@@ -12,24 +12,15 @@ import (
 
 // inNewNetns runs fn on a locked thread in a fresh network namespace; the
 // thread goes back to its own namespace before it is unlocked
-// (testutil.LockThread), so no other goroutine ever runs in that one.
+// (testutil.OnOwnThread), so no other goroutine ever runs in that one.
 func inNewNetns(t *testing.T, fn func() error) error {
 	t.Helper()
-	errc := make(chan error, 1)
-	go func() {
-		restore, err := testutil.LockThread()
-		defer restore()
-		if err != nil {
-			errc <- err
-			return
-		}
+	return testutil.OnOwnThread(func() error {
 		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
-			errc <- err
-			return
+			return err
 		}
-		errc <- fn()
-	}()
-	return <-errc
+		return fn()
+	})
 }
 
 // The table is written whole, rewritten harmlessly, read back, and removed

@@ -202,12 +202,7 @@ func TestServiceReplyWayRestored(t *testing.T) {
 	must(t, m.SvcRev.Delete(&rk)) // as the LRU would
 	wantFrame(t, r.rig, r.ingressA, reply, reply)
 	// The flow last seen 2 s ago: its next packet looks, and writes it.
-	ck := loader.CtKey{Client: client.Addr().As16(), Vip: vip.Addr().As16(), ClientPort: swap16(client.Port()),
-		Vport: swap16(vip.Port()), L4proto: datapath.ProtoTCP}
-	var ct loader.Ct
-	must(t, m.SvcCt.Lookup(&ck, &ct))
-	ct.SeenNs -= uint64(2 * time.Second)
-	must(t, m.SvcCt.Update(&ck, &ct, ebpf.UpdateExist))
+	ageFlow(t, m, client, vip, datapath.ProtoTCP, 2*time.Second)
 	wantFrame(t, r.rig, r.egressA, out, translated)
 	wantFrame(t, r.rig, r.ingressA, reply, reversed)
 	if n := r.svcStat(t, loader.SvcStatNewFlows); n != 1 {
@@ -497,6 +492,17 @@ func sortedFronts(fs []datapath.Frontend) []datapath.Frontend {
 	})
 }
 
+// ageFlow makes the translated flow client -> vip look last seen d earlier.
+func ageFlow(tb testing.TB, m *loader.Maps, client, vip netip.AddrPort, proto uint8, d time.Duration) {
+	tb.Helper()
+	ck := loader.CtKey{Client: client.Addr().As16(), Vip: vip.Addr().As16(), ClientPort: swap16(client.Port()),
+		Vport: swap16(vip.Port()), L4proto: proto}
+	var ct loader.Ct
+	must(tb, m.SvcCt.Lookup(&ck, &ct))
+	ct.SeenNs -= uint64(d)
+	must(tb, m.SvcCt.Update(&ck, &ct, ebpf.UpdateExist))
+}
+
 // acked is TCP frame f as a segment of an open connection (ACK, no SYN),
 // checksums computed again.
 func acked(tb testing.TB, f []byte) []byte {
@@ -551,12 +557,7 @@ func TestServiceTupleReusedDirectly(t *testing.T) {
 				late := acked(t, viaVIP)
 				wantFrame(t, r.rig, r.egressA, late, acked(t, direct))
 				wantFrame(t, r.rig, r.ingressA, reply, reply)
-				ck := loader.CtKey{Client: client.Addr().As16(), Vip: vip.Addr().As16(), ClientPort: swap16(client.Port()),
-					Vport: swap16(vip.Port()), L4proto: uint8(proto)}
-				var ct loader.Ct
-				must(t, r.dp.Maps.SvcCt.Lookup(&ck, &ct))
-				ct.SeenNs -= uint64(2 * time.Second)
-				must(t, r.dp.Maps.SvcCt.Update(&ck, &ct, ebpf.UpdateExist))
+				ageFlow(t, &r.dp.Maps, client, vip, uint8(proto), 2*time.Second)
 				wantFrame(t, r.rig, r.egressA, late, acked(t, direct))
 				wantFrame(t, r.rig, r.ingressA, reply, reply)
 			}

@@ -42,40 +42,28 @@ func ProbeVLAN() error {
 // throw-away netns, on a dummy lower device, or a veth where there is no
 // dummy driver.
 func ProbeLink(feature, why string, upper func(lower int) netlink.Link) error {
-	errc := make(chan error, 1)
-	go func() {
-		restore, err := LockThread()
-		defer restore()
-		if err != nil {
-			errc <- err
-			return
-		}
+	return OnOwnThread(func() error {
 		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
-			errc <- fmt.Errorf("unshare: %w", err)
-			return
+			return fmt.Errorf("unshare: %w", err)
 		}
 		h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
 		if err != nil {
-			errc <- err
-			return
+			return err
 		}
 		defer h.Close()
 		if err := h.LinkAdd(&netlink.Dummy{LinkAttrs: netlink.LinkAttrs{Name: "probe0"}}); err != nil {
 			if err := h.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "probe0"}, PeerName: "probe1"}); err != nil {
-				errc <- fmt.Errorf("probe lower device: %w", err)
-				return
+				return fmt.Errorf("probe lower device: %w", err)
 			}
 		}
 		p, err := h.LinkByName("probe0")
 		if err != nil {
-			errc <- err
-			return
+			return err
 		}
 		err = h.LinkAdd(upper(p.Attrs().Index))
 		if errors.Is(err, unix.EOPNOTSUPP) {
 			err = NotSupported(feature, fmt.Errorf("%s: %w", why, err))
 		}
-		errc <- err
-	}()
-	return <-errc
+		return err
+	})
 }

@@ -65,7 +65,7 @@ func (n *NS) String() string { return n.Name }
 
 // createNS creates a named network namespace without switching the caller's
 // thread: the work happens on a locked thread of its own, put back in its
-// namespace before it is unlocked (testutil.LockThread), so no thread is
+// namespace before it is unlocked (testutil.OnOwnThread), so no thread is
 // ever left in the wrong namespace.
 func createNS(name string) (*NS, error) {
 	if err := prepareNetnsDir(); err != nil {
@@ -78,26 +78,17 @@ func createNS(name string) (*NS, error) {
 	}
 	f.Close()
 
-	errc := make(chan error, 1)
-	go func() {
-		restore, err := testutil.LockThread()
-		defer restore()
-		if err != nil {
-			errc <- err
-			return
-		}
+	err = testutil.OnOwnThread(func() error {
 		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
-			errc <- fmt.Errorf("unshare: %w", err)
-			return
+			return fmt.Errorf("unshare: %w", err)
 		}
 		self := fmt.Sprintf("/proc/%d/task/%d/ns/net", os.Getpid(), unix.Gettid())
 		if err := unix.Mount(self, path, "none", unix.MS_BIND, ""); err != nil {
-			errc <- fmt.Errorf("bind mount: %w", err)
-			return
+			return fmt.Errorf("bind mount: %w", err)
 		}
-		errc <- nil
-	}()
-	if err := <-errc; err != nil {
+		return nil
+	})
+	if err != nil {
 		os.Remove(path)
 		return nil, fmt.Errorf("create netns %s: %w", name, err)
 	}

@@ -67,7 +67,7 @@ type Names struct {
 
 // CreateNS creates the named namespace Prefix+short with lo up. The new
 // namespace is entered on a locked thread that goes back to its own before
-// it is unlocked (testutil.LockThread: the main thread, which Go cannot
+// it is unlocked (testutil.OnOwnThread: the main thread, which Go cannot
 // end, must not stay in it), so no thread of the program is ever left in
 // the wrong namespace.
 func (n Names) CreateNS(short string) (*netenv.NS, error) {
@@ -75,21 +75,14 @@ func (n Names) CreateNS(short string) (*netenv.NS, error) {
 	if err := os.MkdirAll(n.NetnsDir, 0o755); err != nil {
 		return nil, err
 	}
-	errc := make(chan error, 1)
-	go func() {
-		restore, err := testutil.LockThread()
-		defer restore()
-		if err != nil {
-			errc <- err
-			return
-		}
+	err := testutil.OnOwnThread(func() error {
 		h, err := netns.NewNamed(name)
 		if err == nil {
 			h.Close()
 		}
-		errc <- err
-	}()
-	if err := <-errc; err != nil {
+		return err
+	})
+	if err != nil {
 		if !errors.Is(err, os.ErrExist) {
 			_ = n.DeleteNS(name)
 		}
