@@ -1,9 +1,17 @@
 package adopt
 
 import (
+	"bytes"
 	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
 	"strings"
 	"testing"
+	"time"
+
+	"github.com/underpass-cni/underpass/internal/testutil"
 )
 
 func TestConmonName(t *testing.T) {
@@ -32,4 +40,81 @@ func TestPodmanNameNotConmon(t *testing.T) {
 	if n := PodmanName(0); n != "" {
 		t.Errorf("PodmanName(0) = %q", n)
 	}
+}
+
+// A Podman container's name is found whatever else runs in its namespace:
+// a process that entered it (`ip netns exec`, nsenter, a test's ping) is as
+// much a process in it as the container's, and may have the lower pid, or
+// come first in /proc's name order (10000 before 9999). Taking the first
+// one renamed the endpoint to its pin's name, and registering it again
+// under that name zeroed its counters (TestPodmanNetavark failed in CI).
+func TestNamePodmanAmongOtherProcesses(t *testing.T) {
+	testutil.RequireRoot(t)
+	// A stand-in conmon: a shell named conmon with conmon's -n argument,
+	// whose child runs in a namespace of its own, as a container's first
+	// process does.
+	dir := t.TempDir()
+	conmon := filepath.Join(dir, "conmon")
+	testutil.Must(t, os.Symlink("/bin/sh", conmon))
+	cmd := exec.Command(conmon, "-c", "unshare -n sleep 600 & wait", "conmon", "-n", "web-9")
+	testutil.Must(t, cmd.Start())
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	var container int
+	testutil.WaitFor(t, 5*time.Second, "the container's process in a netns of its own", func() bool {
+		container = childInOwnNetns(t, cmd.Process.Pid)
+		return container > 0
+	})
+	// An intruder: a process that entered the container's namespace.
+	intruder := exec.Command("nsenter", "-t", strconv.Itoa(container), "-n", "sleep", "600")
+	testutil.Must(t, intruder.Start())
+	t.Cleanup(func() { intruder.Process.Kill(); intruder.Wait() })
+	ns := filepath.Join("/proc", strconv.Itoa(container), "ns", "net")
+	testutil.WaitFor(t, 5*time.Second, "the intruder in the container's netns", func() bool {
+		id, err := nsIDOfPath(filepath.Join("/proc", strconv.Itoa(intruder.Process.Pid), "ns", "net"))
+		want, _ := nsIDOfPath(ns)
+		return err == nil && id == want
+	})
+
+	id, err := nsIDOfPath(ns)
+	testutil.Must(t, err)
+	self, err := nsIDOfPath("/proc/self/ns/net")
+	testutil.Must(t, err)
+	var found *foundNS
+	for _, n := range namespaces(nil, self) {
+		if n.id == id {
+			found = &n
+		}
+	}
+	if found == nil {
+		t.Fatal("the scan did not list the container's namespace")
+	}
+	if !slices.Contains(found.pids, container) || !slices.Contains(found.pids, intruder.Process.Pid) || !slices.IsSorted(found.pids) {
+		t.Errorf("the scan lists pids %v in the container's namespace, want %d and %d among them, lowest first", found.pids, container, intruder.Process.Pid)
+	}
+	for _, pids := range [][]int{{intruder.Process.Pid, container}, {container, intruder.Process.Pid}} {
+		if n := Name(&Slave{Netns: ns, Pids: pids}); n != "web-9" {
+			t.Errorf("Name with pids %v (intruder %d, container %d) = %q, want web-9", pids, intruder.Process.Pid, container, n)
+		}
+	}
+}
+
+// childInOwnNetns is a child of parent in a network namespace other than
+// the caller's, or 0.
+func childInOwnNetns(t *testing.T, parent int) int {
+	self, err := nsIDOfPath("/proc/self/ns/net")
+	testutil.Must(t, err)
+	for _, pid := range procPids() {
+		stat, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "stat"))
+		if err != nil {
+			continue
+		}
+		f := strings.Fields(string(stat[bytes.LastIndexByte(stat, ')')+1:]))
+		if len(f) < 2 || f[1] != strconv.Itoa(parent) {
+			continue
+		}
+		if id, err := nsIDOfPath(filepath.Join("/proc", strconv.Itoa(pid), "ns", "net")); err == nil && id != self {
+			return pid
+		}
+	}
+	return 0
 }

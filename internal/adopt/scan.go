@@ -49,9 +49,12 @@ type Slave struct {
 	// Tentative counts the global addresses still in duplicate address
 	// detection: not in Addrs until it succeeds.
 	Tentative int
-	// Pid is a process in the namespace (0: none seen): what names a
-	// Podman container (its parent, conmon, has the container's name).
-	Pid int
+	// Pids are the processes in the namespace, lowest first (none seen:
+	// empty): one of them names a Podman container (its parent, conmon,
+	// has the container's name). All of them, not the first: anything
+	// that enters the namespace (`ip netns exec`, nsenter, a probe) is a
+	// process in it too, and may have the lower pid.
+	Pids []int
 }
 
 // Parent is a parent to adopt the slaves of, in the scanning netns.
@@ -126,7 +129,7 @@ func selfNS() (netns.NsHandle, string, error) {
 
 type foundNS struct {
 	path, id string
-	pid      int // a process in it, if any
+	pids     []int // the processes in it, lowest first
 }
 
 // namespaces are the network namespaces pinned in dirs, then those of
@@ -140,13 +143,17 @@ func namespaces(dirs []string, self string) []foundNS {
 			return
 		}
 		if i, ok := seen[id]; ok {
-			if i >= 0 && out[i].pid == 0 {
-				out[i].pid = pid
+			if i >= 0 && pid > 0 {
+				out[i].pids = append(out[i].pids, pid)
 			}
 			return
 		}
 		seen[id] = len(out)
-		out = append(out, foundNS{path, id, pid})
+		n := foundNS{path: path, id: id}
+		if pid > 0 {
+			n.pids = []int{pid}
+		}
+		out = append(out, n)
 	}
 	for _, d := range dirs {
 		entries, err := os.ReadDir(d)
@@ -157,13 +164,25 @@ func namespaces(dirs []string, self string) []foundNS {
 			add(filepath.Join(d, e.Name()), 0)
 		}
 	}
-	procs, _ := os.ReadDir("/proc")
-	for _, p := range procs {
-		if pid, err := strconv.Atoi(p.Name()); err == nil {
-			add(filepath.Join("/proc", p.Name(), "ns", "net"), pid)
-		}
+	for _, pid := range procPids() {
+		add(filepath.Join("/proc", strconv.Itoa(pid), "ns", "net"), pid)
 	}
 	return out
+}
+
+// procPids are the processes in /proc by number, lowest first: os.ReadDir
+// sorts by name, which puts 10000 before 9999, and an unpinned namespace's
+// path and name come from its first process.
+func procPids() []int {
+	procs, _ := os.ReadDir("/proc")
+	var pids []int
+	for _, p := range procs {
+		if pid, err := strconv.Atoi(p.Name()); err == nil {
+			pids = append(pids, pid)
+		}
+	}
+	slices.Sort(pids)
+	return pids
 }
 
 // nsIDOfPath is the device and inode of the namespace at path, if it is one.
@@ -234,7 +253,7 @@ func scanNetns(n foundNS, self int, parents []Parent) ([]Slave, error) {
 		}
 		out = append(out, Slave{Netns: n.path, NetnsID: n.id, IfName: a.Name, Ifindex: a.Index,
 			MAC: a.HardwareAddr, Mode: mode, ParentIfindex: a.ParentIndex, ParentName: parents[i].Name, Addrs: addrs,
-			Tentative: tentative, Pid: n.pid})
+			Tentative: tentative, Pids: n.pids})
 	}
 	return out, nil
 }
@@ -302,7 +321,7 @@ func Inspect(path, ifname string) (*Slave, error) {
 // before the container runs is what the agent's next scan keeps.
 func ScanPid(parents []Parent, dirs []string, pid int) ([]Slave, error) {
 	return scan(parents, func(self string) ([]foundNS, error) {
-		n := foundNS{path: filepath.Join("/proc", strconv.Itoa(pid), "ns", "net"), pid: pid}
+		n := foundNS{path: filepath.Join("/proc", strconv.Itoa(pid), "ns", "net"), pids: []int{pid}}
 		var err error
 		if n.id, err = nsIDOfPath(n.path); err != nil {
 			return nil, fmt.Errorf("netns of pid %d: %w", pid, err)

@@ -39,8 +39,10 @@ func ContainerID(s *Slave) string {
 // "pod"): a Podman container's name, else the pin's name (`ip netns` name,
 // Docker sandbox, Podman netns), or the command and pid of a process in it.
 func Name(s *Slave) string {
-	if n := PodmanName(s.Pid); n != "" {
-		return n
+	for _, pid := range s.Pids {
+		if n := PodmanName(pid); n != "" {
+			return n
+		}
 	}
 	if dir, file := filepath.Split(s.Netns); file == "net" && strings.HasPrefix(dir, "/proc/") {
 		pid := filepath.Base(filepath.Dir(filepath.Clean(dir)))
