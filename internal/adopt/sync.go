@@ -134,12 +134,21 @@ func Register(dp *loader.Objects, s *Slave, network, name string, log *slog.Logg
 	return ep, nil
 }
 
+// Renamed is an endpoint as renamed, and the name it had.
+type Renamed struct {
+	datapath.Endpoint
+	From string
+}
+
 // maxName is the longest name the registry keeps (a C string).
 const maxName = 127
 
 // Result is what a Sync changed.
 type Result struct {
 	Added, Removed []datapath.Endpoint
+	// Renamed are endpoints whose name alone changed (their container
+	// became known): renamed in place, programs and counters kept.
+	Renamed []Renamed
 	// Skipped are slaves someone else registered (a CNI ADD): never twice.
 	Skipped int
 }
@@ -149,7 +158,8 @@ type Result struct {
 // interface changed, and removes those no longer found (gone, their parent
 // no longer listed, no address left). A slave with no address waits: there
 // is nothing to reach it at yet. name names an endpoint (nil: Name); one
-// whose name changed (its container became known) is registered again.
+// whose name alone changed (its container became known) is renamed in
+// place (datapath.Rename).
 //
 // before is the registry's adopted endpoints taken before the scan that
 // found the slaves (Snap; nil: all that the registry holds are older than
@@ -273,12 +283,24 @@ func add(dp *loader.Objects, found []Slave, o addOptions) (res Result, adopted m
 			n = n[:maxName] // as the registry keeps it, or it would never compare equal
 		}
 		if ep, ok := adopted[key]; ok {
-			if keep[key] || sameSlave(ep, s.Ifindex, s.MAC, s.Addrs) && (o.anyName || ep.PodName == n) {
+			same := sameSlave(ep, s.Ifindex, s.MAC, s.Addrs)
+			if keep[key] || same && (o.anyName || ep.PodName == n) {
 				keep[key] = true
 				continue
 			}
-			// Changed: registered afresh below (AddEndpoint replaces the
-			// registration of the same attachment).
+			if same { // only its name changed: renamed in place
+				keep[key] = true
+				if err := rename(dp, ep.ID, n); err != nil {
+					errs = append(errs, fmt.Errorf("rename %s %s to %s: %w", ep.PodName, ep.IfName, n, err))
+					continue
+				}
+				res.Renamed = append(res.Renamed, Renamed{Endpoint: ep, From: ep.PodName})
+				res.Renamed[len(res.Renamed)-1].PodName = n
+				continue
+			}
+			// Its interface, MAC or addresses changed: registered afresh
+			// below (AddEndpoint replaces the registration of the same
+			// attachment).
 		}
 		ep, err := Register(dp, s, AdoptedNetwork, n, log)
 		if err != nil {
@@ -294,6 +316,15 @@ func add(dp *loader.Objects, found []Slave, o addOptions) (res Result, adopted m
 // sameSlave is whether ep registers the slave with ifindex, mac and addrs.
 func sameSlave(ep datapath.Endpoint, ifindex int, mac net.HardwareAddr, addrs []netip.Prefix) bool {
 	return ep.Ifindex == ifindex && ep.MAC.String() == mac.String() && slices.Equal(ep.Addrs, addrs)
+}
+
+func rename(dp *loader.Objects, id uint32, name string) error {
+	unlock, err := dp.Lock()
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	return datapath.Rename(&dp.Maps, id, name)
 }
 
 func remove(dp *loader.Objects, id uint32) error {

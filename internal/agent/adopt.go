@@ -62,6 +62,9 @@ func (a *Agent) adopt() {
 		a.log.Info("adopt: registered", "name", ep.PodName, "interface", ep.IfName, "parent", ep.ParentName,
 			"addrs", ep.Addrs, "netns", ep.Netns, "id", ep.ID)
 	}
+	for _, ep := range res.Renamed {
+		a.log.Info("adopt: renamed", "name", ep.PodName, "was", ep.From, "interface", ep.IfName, "parent", ep.ParentName, "id", ep.ID)
+	}
 	for _, ep := range res.Removed {
 		a.log.Info("adopt: unregistered", "name", ep.PodName, "interface", ep.IfName, "parent", ep.ParentName, "id", ep.ID)
 	}

@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"slices"
+	"strings"
 	"testing"
 
 	"github.com/underpass-cni/underpass/internal/attach"
@@ -41,6 +43,39 @@ func TestParents(t *testing.T) {
 	}
 	if p, err := datapath.GetParent(m, 2); err != nil || loader.Mode(p.Mode) != loader.ModeMacvlan {
 		t.Fatalf("parent 2: %+v %v", p, err)
+	}
+}
+
+// Rename changes the pod name alone, cut to fit as Register cuts it, and
+// never brings back an endpoint that is gone.
+func TestRename(t *testing.T) {
+	m := load(t)
+	spec := datapath.Endpoint{ContainerID: "c1", IfName: "eth0", ParentIfindex: 2, Mode: loader.ModeMacvlan,
+		MAC: net.HardwareAddr{2, 1, 2, 3, 4, 5}, Addrs: []netip.Prefix{netip.MustParsePrefix("192.0.2.10/24")},
+		PodName: "netns-1", Network: "underpass-adopted"}
+	id, err := datapath.Register(m, spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	long := strings.Repeat("n", 200)
+	if err := datapath.Rename(m, id, long); err != nil {
+		t.Fatal(err)
+	}
+	ep, err := datapath.Lookup(m, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ep.PodName != long[:127] || ep.ContainerID != "c1" || ep.Network != "underpass-adopted" || !slices.Equal(ep.Addrs, spec.Addrs) {
+		t.Errorf("after the rename: %+v, want %+v named %d bytes of the new name", ep, spec, 127)
+	}
+	if err := datapath.Unregister(m, id); err != nil {
+		t.Fatal(err)
+	}
+	if err := datapath.Rename(m, id, "web-1"); !errors.Is(err, datapath.ErrNoEndpoint) {
+		t.Errorf("renaming an unregistered endpoint: %v, want ErrNoEndpoint", err)
+	}
+	if eps, _ := datapath.Endpoints(m); len(eps) != 0 {
+		t.Errorf("renaming an unregistered endpoint left %d endpoints", len(eps))
 	}
 }
 

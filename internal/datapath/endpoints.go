@@ -94,6 +94,39 @@ func Lookup(m *loader.Maps, id uint32) (Endpoint, error) {
 	return Decode(&raw), nil
 }
 
+// Rename gives endpoint id another pod name (cut to fit, as Register
+// does), in place: its programs, counters and entries stay as they are. An
+// adopted container whose name became known after its adoption is renamed,
+// not registered again, which would detach its programs for a moment and
+// zero its counters. Call with the lock held.
+//
+// The record is read, changed and written back (MoveParent does the same).
+// An address the endpoint's programs learn (its DAD) in the microseconds
+// between is lost from its record, though not from ep_by_ip: it stays the
+// endpoint's while it lives, but Unregister, which finds learnt refs
+// through the record, leaves that ref behind, and until an assignment
+// (Register) of that address overwrites it no other endpoint on the parent
+// learns it. A rename happens at most once or twice in a container's life.
+func Rename(m *loader.Maps, id uint32, podName string) error {
+	var raw loader.Endpoint
+	err := m.Endpoints.Lookup(id, &raw)
+	if isNotExist(err) {
+		return fmt.Errorf("endpoint %d: %w", id, ErrNoEndpoint)
+	}
+	if err != nil {
+		return fmt.Errorf("look up endpoint %d: %w", id, err)
+	}
+	cString(raw.PodName[:], podName)
+	// UpdateExist: an endpoint unregistered meanwhile stays gone.
+	if err := m.Endpoints.Update(id, &raw, ebpf.UpdateExist); err != nil {
+		if isNotExist(err) {
+			return fmt.Errorf("endpoint %d: %w", id, ErrNoEndpoint)
+		}
+		return fmt.Errorf("rename endpoint %d: %w", id, err)
+	}
+	return nil
+}
+
 // nextID is the id after id on a probe chain whose ids wrap at mask.
 func nextID(id, mask uint32) uint32 {
 	return nonZero((id + 1) & mask)

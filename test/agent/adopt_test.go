@@ -182,6 +182,91 @@ func TestAdoptSyncLeavesNewerRegistrations(t *testing.T) {
 	ag.stop()
 }
 
+// An adopted container whose name changes (its container becomes known
+// after its first scan: Docker's answer or Podman's conmon comes later) is
+// renamed in place: same endpoint, counters kept, its guard never off. It
+// used to be registered again, which detached its programs for a moment
+// and zeroed its counters.
+func TestAdoptRenameInPlace(t *testing.T) {
+	l := newLab(t, netenv.Options{})
+	u := l.Uplinks[0]
+	l.writeConfig("")
+	ag := l.start(agentBin)
+	ag.waitReady()
+	dp := l.open()
+	parents := []adopt.Parent{{Name: u.Name, Ifindex: u.Index}}
+	log := slog.New(slog.DiscardHandler)
+	c := l.AddMacvlanContainer("renamed", u.IP4(36), netip.Prefix{})
+	sync := func(name string) adopt.Result {
+		t.Helper()
+		var res adopt.Result
+		must(t, l.Node.Do(func() error {
+			found, err := adopt.Scan(parents, []string{filepath.Dir(c.Path)})
+			if err != nil {
+				return err
+			}
+			before, err := adopt.Snap(dp)
+			if err != nil {
+				return err
+			}
+			res, err = adopt.Sync(dp, before, found, func(*adopt.Slave) string { return name }, log)
+			return err
+		}))
+		return res
+	}
+	spoofed := func(id uint32) uint64 {
+		t.Helper()
+		s, err := datapath.EndpointStats(&dp.Maps, id)
+		must(t, err)
+		return s.Drops[loader.DropSpoofedSource]
+	}
+	forge := func() {
+		t.Helper()
+		wire := netenv.StartCounter(t, l.Wire, u.Port, netenv.MatchDstIP(u.Gateway4))
+		for range 3 {
+			must(t, netenv.SendForgedUDP4(c.NS, u.IP4(250).Addr(), u.Gateway4))
+		}
+		netenv.Barrier(t, l.Node, u.Name, wire)
+		if n := wire.Count(); n != 0 {
+			t.Errorf("%d forged frames reached the wire", n)
+		}
+	}
+
+	if res := sync("netns-pin"); len(res.Added) != 1 {
+		t.Fatalf("the first scan added %v, want the container", res.Added)
+	}
+	ep, found, err := findAdopted(dp, c.MAC)
+	if err != nil || !found {
+		t.Fatalf("not adopted (%v)", err)
+	}
+	forge()
+	if n := spoofed(ep.ID); n != 3 {
+		t.Fatalf("spoofed_source drops %d before the rename, want 3", n)
+	}
+
+	res := sync("web-7")
+	if len(res.Added)+len(res.Removed) != 0 || len(res.Renamed) != 1 || res.Renamed[0].From != "netns-pin" || res.Renamed[0].PodName != "web-7" {
+		t.Fatalf("the scan that learnt the name: added %v, removed %v, renamed %v; want one rename from netns-pin to web-7", res.Added, res.Removed, res.Renamed)
+	}
+	again, err := datapath.Lookup(&dp.Maps, ep.ID)
+	must(t, err)
+	if again.PodName != "web-7" || !again.Created.Equal(ep.Created) || again.MAC.String() != ep.MAC.String() || !slices.Equal(again.Addrs, ep.Addrs) {
+		t.Errorf("after the rename endpoint %d is %+v, want %+v named web-7", ep.ID, again, ep)
+	}
+	if n := spoofed(ep.ID); n != 3 {
+		t.Errorf("spoofed_source drops %d after the rename, want the 3 from before it: registered again, not renamed", n)
+	}
+	forge()
+	if n := spoofed(ep.ID); n != 6 {
+		t.Errorf("spoofed_source drops %d after 3 more forged frames, want 6", n)
+	}
+	netenv.MustPing(t, l.Node, c.IP4.Addr(), 2)
+	if res := sync("web-7"); len(res.Added)+len(res.Removed)+len(res.Renamed) != 0 {
+		t.Errorf("a scan with nothing new: added %v, removed %v, renamed %v", res.Added, res.Removed, res.Renamed)
+	}
+	ag.stop()
+}
+
 // Hand-made ipvlan slaves (as `ip link add … type ipvlan` and Docker's
 // and Podman's ipvlan drivers make them) on the parents in adopt.parents
 // are adopted as macvlan ones are, in L2 mode: host <-> container both
