@@ -305,6 +305,13 @@ func add(dp *loader.Objects, found []Slave, o addOptions) (res Result, adopted m
 		ep, err := Register(dp, s, AdoptedNetwork, n, log)
 		if err != nil {
 			errs = append(errs, err)
+			// A change refused (an address another endpoint holds, which
+			// a container can claim at will): the old registration, and
+			// the guard on its interface, stay until one is accepted.
+			// Removing it would leave the container unguarded.
+			if _, had := adopted[key]; had {
+				keep[key] = true
+			}
 			continue
 		}
 		keep[key] = true

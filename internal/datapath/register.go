@@ -121,15 +121,16 @@ func register(dp *loader.Objects, ep *Endpoint, h *AddOptions) (ps parentState, 
 			}
 		}
 	}()
-	// A retried ADD: its old filters go with its old registration
-	// (Register replaces the entries but knows nothing of filters).
-	if err := RemoveAttachment(dp, ep.ContainerID, ep.IfName); err != nil {
-		return ps, err
-	}
+	// Refused (an address another live endpoint holds) before the
+	// attachment's old registration is touched: a container that claims
+	// a neighbour's address keeps its old registration and its guard.
 	if err := evictAdopted(dp, ep, h.Log); err != nil {
 		return ps, err
 	}
 	if err := evictStaleOwners(dp, ep, h.Log); err != nil {
+		return ps, err
+	}
+	if err := dropOldRegistration(dp, ep); err != nil {
 		return ps, err
 	}
 	id, err := Register(&dp.Maps, *ep)
@@ -139,6 +140,28 @@ func register(dp *loader.Objects, ep *Endpoint, h *AddOptions) (ps parentState, 
 	ep.ID = id
 	h.Log.Debug("registered endpoint", "id", id, "container", ep.ContainerID, "ifname", ep.IfName, "addrs", ep.Addrs)
 	return ps, nil
+}
+
+// dropOldRegistration removes the registration ep's attachment has already
+// (a retried ADD; an adopted slave whose addresses changed, which its
+// container can do at will). Its filters stay when they are on ep's
+// interface: AddEndpoint's attach then swaps their program and id in place
+// (one filter per hook), and until then they find no endpoint and drop
+// every frame, so the interface is never without its guard. Detaching them
+// first let a container flood its macvlan neighbours with forged frames,
+// which the bridge delivers from slave to slave without the parent's
+// program, for as long as the registration took (TestAdoptReregistration-
+// KeepsGuard). Filters anywhere else (another netns or interface) go with
+// the old registration.
+func dropOldRegistration(dp *loader.Objects, ep *Endpoint) error {
+	id, old, err := Find(&dp.Maps, ep.ContainerID, ep.IfName)
+	if err != nil || id == 0 {
+		return err
+	}
+	if old.Netns == ep.Netns && old.Ifindex == ep.Ifindex {
+		return Unregister(&dp.Maps, id)
+	}
+	return RemoveEndpoint(dp, id)
 }
 
 // ensureParent registers the parent and attaches its egress program unless

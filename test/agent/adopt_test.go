@@ -2,6 +2,7 @@ package agent_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -18,6 +19,8 @@ import (
 	"github.com/underpass-cni/underpass/internal/loader"
 	"github.com/underpass-cni/underpass/internal/testutil"
 	"github.com/underpass-cni/underpass/test/netenv"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 )
 
 // Slaves made by hand (as `ip netns` users, LXC or Docker do) on a parent
@@ -264,6 +267,141 @@ func TestAdoptRenameInPlace(t *testing.T) {
 	if res := sync("web-7"); len(res.Added)+len(res.Removed)+len(res.Renamed) != 0 {
 		t.Errorf("a scan with nothing new: added %v, removed %v, renamed %v", res.Added, res.Removed, res.Renamed)
 	}
+	ag.stop()
+}
+
+// A container that changes its own addresses (CAP_NET_ADMIN) is
+// registered again at each scan that sees the change. The attack: change
+// them again and again while flooding forged-source frames at a neighbour
+// on the same parent, which macvlan's bridge mode delivers straight from
+// slave to slave (the parent's program never sees them). The guard must
+// never be off: not one forged frame may reach the neighbour or the wire.
+// It used to be: a registration again detached the container's filters,
+// rewrote the maps, then attached them again; and a claim of the
+// neighbour's address, which the registration refuses, left the container
+// with no filter at all.
+func TestAdoptReregistrationKeepsGuard(t *testing.T) {
+	l := newLab(t, netenv.Options{})
+	u := l.Uplinks[0]
+	l.writeConfig("")
+	ag := l.start(agentBin)
+	ag.waitReady()
+	dp := l.open()
+	parents := []adopt.Parent{{Name: u.Name, Ifindex: u.Index}}
+	log := slog.New(slog.DiscardHandler)
+	c := l.AddMacvlanContainer("churner", u.IP4(37), netip.Prefix{})
+	victim := l.AddMacvlanContainer("victim", u.IP4(38), netip.Prefix{})
+	addEndpoint(t, l.Node, dp, victim, u.MAC)
+	owner := l.AddMacvlanContainer("owner", u.IP4(40), netip.Prefix{})
+	addEndpoint(t, l.Node, dp, owner, u.MAC) // a registered pod: its address is taken
+	scan := func() error {
+		t.Helper()
+		return l.Node.Do(func() error {
+			found, err := adopt.Scan(parents, []string{filepath.Dir(c.Path)})
+			if err != nil {
+				return err
+			}
+			before, err := adopt.Snap(dp)
+			if err != nil {
+				return err
+			}
+			_, err = adopt.Sync(dp, before, found, nil, log)
+			return err
+		})
+	}
+	setAddr := func(add bool, p netip.Prefix) {
+		t.Helper()
+		must(t, c.NS.Do(func() error {
+			link, err := netlink.LinkByName(c.IfName)
+			if err != nil {
+				return err
+			}
+			a := &netlink.Addr{IPNet: &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}}
+			if add {
+				return netlink.AddrAdd(link, a)
+			}
+			return netlink.AddrDel(link, a)
+		}))
+	}
+	must(t, scan())
+	ep, found, err := findAdopted(dp, c.MAC)
+	if err != nil || !found {
+		t.Fatalf("not adopted (%v)", err)
+	}
+	forgedSrc := u.IP4(250).Addr()
+	atVictim := netenv.StartCounter(t, victim.NS, victim.IfName, netenv.MatchSrcIP(forgedSrc))
+	onWire := netenv.StartCounter(t, l.Wire, u.Port, netenv.MatchSrcIP(forgedSrc))
+	netenv.MustPing(t, c.NS, victim.IP4.Addr(), 1) // the victim's MAC resolved
+
+	// The flood: forged-source datagrams to the victim, as fast as one
+	// raw socket sends them, for as long as the churn lasts.
+	stop := make(chan struct{})
+	sent := make(chan int)
+	go func() {
+		n := 0
+		err := c.NS.Do(func() error {
+			fd, err := unix.Socket(unix.AF_INET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.IPPROTO_RAW)
+			if err != nil {
+				return err
+			}
+			defer unix.Close(fd)
+			pkt := netenv.ForgedUDP4(forgedSrc, victim.IP4.Addr())
+			to := &unix.SockaddrInet4{Addr: victim.IP4.Addr().As4()}
+			for {
+				select {
+				case <-stop:
+					return nil
+				default:
+				}
+				if unix.Sendto(fd, pkt, 0, to) == nil {
+					n++
+				}
+			}
+		})
+		if err != nil {
+			t.Errorf("flood: %v", err)
+		}
+		sent <- n
+	}()
+	// The churn: an address of its own added and removed, each change a
+	// registration again; then another pod's address claimed (refused).
+	extra := u.IP4(39)
+	for i := range 20 {
+		setAddr(i%2 == 0, extra)
+		must(t, scan())
+	}
+	setAddr(true, owner.IP4)
+	if err := scan(); !errors.Is(err, datapath.ErrAddrInUse) {
+		t.Errorf("a scan after the container claimed another pod's address: %v, want ErrAddrInUse", err)
+	}
+	for range 5 {
+		time.Sleep(20 * time.Millisecond) // the flood goes on under the claim
+		if err := scan(); !errors.Is(err, datapath.ErrAddrInUse) {
+			t.Errorf("a scan while the container holds another pod's address: %v, want ErrAddrInUse", err)
+		}
+	}
+	// Refused, the container keeps its registration as it was (not cut
+	// off, not unguarded).
+	if held, found, err := findAdopted(dp, c.MAC); err != nil || !found || held.ID != ep.ID || slices.Contains(held.Addrs, owner.IP4) {
+		t.Errorf("after the refused claim: found %v (%v), endpoint %d (was %d) with %v", found, err, held.ID, ep.ID, held.Addrs)
+	}
+	close(stop)
+	n := <-sent
+	netenv.Barrier(t, c.NS, c.IfName, onWire, atVictim) // a broadcast: bridged to the victim as the flood is
+	if got := atVictim.Count() + onWire.Count(); got != 0 || n == 0 {
+		t.Errorf("%d of %d forged frames reached the victim, %d the wire; want 0 of many", atVictim.Count(), n, onWire.Count())
+	}
+	t.Logf("%d forged frames sent over 20 registrations again and 6 refused ones: %d at the victim, %d on the wire", n, atVictim.Count(), onWire.Count())
+
+	// The claim given up: registered again, reachable.
+	setAddr(false, owner.IP4)
+	must(t, scan())
+	again, found, err := findAdopted(dp, c.MAC)
+	if err != nil || !found || again.ID != ep.ID {
+		t.Fatalf("after the claim was given up: found %v (%v), endpoint %d, want %d", found, err, again.ID, ep.ID)
+	}
+	waitFor(t, 5*time.Second, "host -> the container", func() bool { return netenv.Ping(t, l.Node, c.IP4.Addr(), 1).Received == 1 })
+	netenv.MustPing(t, l.Node, c.IP4.Addr(), 2)
 	ag.stop()
 }
 

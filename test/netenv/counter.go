@@ -248,6 +248,15 @@ func MatchDstIP(addr netip.Addr) func([]byte) bool {
 	}
 }
 
+// MatchSrcIP matches IP packets from addr.
+func MatchSrcIP(addr netip.Addr) func([]byte) bool {
+	addr = addr.Unmap()
+	return func(frame []byte) bool {
+		p, ok := parseIP(frame)
+		return ok && p.src == addr
+	}
+}
+
 // ipPacket is the little of a frame the matchers look at.
 type ipPacket struct {
 	src, dst netip.Addr

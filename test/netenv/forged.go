@@ -17,15 +17,21 @@ func SendForgedUDP4(ns *NS, src, dst netip.Addr) error {
 			return err
 		}
 		defer unix.Close(fd)
-		pkt := make([]byte, 28)
-		pkt[0], pkt[8], pkt[9] = 0x45, 64, unix.IPPROTO_UDP
-		binary.BigEndian.PutUint16(pkt[2:], uint16(len(pkt)))
-		s4, d4 := src.As4(), dst.As4()
-		copy(pkt[12:16], s4[:])
-		copy(pkt[16:20], d4[:])
-		binary.BigEndian.PutUint16(pkt[20:], 40000)
-		binary.BigEndian.PutUint16(pkt[22:], 9)
-		binary.BigEndian.PutUint16(pkt[24:], 8)
-		return unix.Sendto(fd, pkt, 0, &unix.SockaddrInet4{Addr: d4})
+		return unix.Sendto(fd, ForgedUDP4(src, dst), 0, &unix.SockaddrInet4{Addr: dst.As4()})
 	})
+}
+
+// ForgedUDP4 is an IPv4 UDP datagram from src to dst (port 9, discard),
+// header and all, for a raw IPPROTO_RAW socket.
+func ForgedUDP4(src, dst netip.Addr) []byte {
+	pkt := make([]byte, 28)
+	pkt[0], pkt[8], pkt[9] = 0x45, 64, unix.IPPROTO_UDP
+	binary.BigEndian.PutUint16(pkt[2:], uint16(len(pkt)))
+	s4, d4 := src.As4(), dst.As4()
+	copy(pkt[12:16], s4[:])
+	copy(pkt[16:20], d4[:])
+	binary.BigEndian.PutUint16(pkt[20:], 40000)
+	binary.BigEndian.PutUint16(pkt[22:], 9)
+	binary.BigEndian.PutUint16(pkt[24:], 8)
+	return pkt
 }
