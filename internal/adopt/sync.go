@@ -155,9 +155,10 @@ type Result struct {
 
 // Sync makes the adopted endpoints in the registry the slaves found: it
 // registers the new ones, registers again one whose addresses, MAC or
-// interface changed, and removes those no longer found (gone, their parent
-// no longer listed, no address left). A slave with no address waits: there
-// is nothing to reach it at yet. name names an endpoint (nil: Name); one
+// interface changed, and removes those no longer found (gone, or their
+// parent no longer listed). A new slave with no address waits: there is
+// nothing to reach it at yet; one adopted already that lost every address
+// stays registered, with none. name names an endpoint (nil: Name); one
 // whose name alone changed (its container became known) is renamed in
 // place (datapath.Rename).
 //
@@ -270,14 +271,20 @@ func add(dp *loader.Objects, found []Slave, o addOptions) (res Result, adopted m
 	}
 	for i := range found {
 		s := &found[i]
-		if len(s.Addrs) == 0 {
+		key := ContainerID(s) + "/" + s.IfName
+		// A new slave with no address waits: there is nothing to reach it
+		// at yet. One adopted already whose addresses all went is
+		// registered again with none, so that its guard drops every frame
+		// with an IP source: released, it would be unguarded, and a
+		// container with CAP_NET_ADMIN could flush its addresses and then
+		// forge any source at its neighbours.
+		if _, had := adopted[key]; len(s.Addrs) == 0 && !had {
 			continue
 		}
 		if ownedBy(s) {
 			res.Skipped++
 			continue
 		}
-		key := ContainerID(s) + "/" + s.IfName
 		n := name(s)
 		if len(n) > maxName {
 			n = n[:maxName] // as the registry keeps it, or it would never compare equal

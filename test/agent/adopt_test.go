@@ -277,9 +277,9 @@ func TestAdoptRenameInPlace(t *testing.T) {
 // slave to slave (the parent's program never sees them). The guard must
 // never be off: not one forged frame may reach the neighbour or the wire.
 // It used to be: a registration again detached the container's filters,
-// rewrote the maps, then attached them again; and a claim of the
-// neighbour's address, which the registration refuses, left the container
-// with no filter at all.
+// rewrote the maps, then attached them again; a claim of another pod's
+// address, which the registration refuses, and a flush of every address
+// both left the container unregistered, with no filter at all.
 func TestAdoptReregistrationKeepsGuard(t *testing.T) {
 	l := newLab(t, netenv.Options{})
 	u := l.Uplinks[0]
@@ -333,35 +333,40 @@ func TestAdoptReregistrationKeepsGuard(t *testing.T) {
 	onWire := netenv.StartCounter(t, l.Wire, u.Port, netenv.MatchSrcIP(forgedSrc))
 	netenv.MustPing(t, c.NS, victim.IP4.Addr(), 1) // the victim's MAC resolved
 
-	// The flood: forged-source datagrams to the victim, as fast as one
-	// raw socket sends them, for as long as the churn lasts.
+	// The flood: forged-source frames to the victim's MAC, as fast as one
+	// packet socket sends them (no route or neighbour needed, so it goes
+	// on while the container has no address), for as long as the churn
+	// lasts.
+	victimMAC := victim.MAC
 	stop := make(chan struct{})
-	sent := make(chan int)
+	sent := make(chan [2]int)
 	go func() {
-		n := 0
+		n, shot := 0, 0 // frames sent; of them, refused with ENOBUFS (the guard's TC_ACT_SHOT)
 		err := c.NS.Do(func() error {
-			fd, err := unix.Socket(unix.AF_INET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.IPPROTO_RAW)
+			fd, err := unix.Socket(unix.AF_PACKET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, 0)
 			if err != nil {
 				return err
 			}
 			defer unix.Close(fd)
-			pkt := netenv.ForgedUDP4(forgedSrc, victim.IP4.Addr())
-			to := &unix.SockaddrInet4{Addr: victim.IP4.Addr().As4()}
+			frame := netenv.ForgedFrame4(c.MAC, victimMAC, forgedSrc, victim.IP4.Addr())
+			to := &unix.SockaddrLinklayer{Ifindex: c.Index, Halen: 6}
+			copy(to.Addr[:], victimMAC)
 			for {
 				select {
 				case <-stop:
 					return nil
 				default:
 				}
-				if unix.Sendto(fd, pkt, 0, to) == nil {
-					n++
+				n++
+				if errors.Is(unix.Sendto(fd, frame, 0, to), unix.ENOBUFS) {
+					shot++
 				}
 			}
 		})
 		if err != nil {
 			t.Errorf("flood: %v", err)
 		}
-		sent <- n
+		sent <- [2]int{n, shot}
 	}()
 	// The churn: an address of its own added and removed, each change a
 	// registration again; then another pod's address claimed (refused).
@@ -385,20 +390,32 @@ func TestAdoptReregistrationKeepsGuard(t *testing.T) {
 	if held, found, err := findAdopted(dp, c.MAC); err != nil || !found || held.ID != ep.ID || slices.Contains(held.Addrs, owner.IP4) {
 		t.Errorf("after the refused claim: found %v (%v), endpoint %d (was %d) with %v", found, err, held.ID, ep.ID, held.Addrs)
 	}
-	close(stop)
-	n := <-sent
-	netenv.Barrier(t, c.NS, c.IfName, onWire, atVictim) // a broadcast: bridged to the victim as the flood is
-	if got := atVictim.Count() + onWire.Count(); got != 0 || n == 0 {
-		t.Errorf("%d of %d forged frames reached the victim, %d the wire; want 0 of many", atVictim.Count(), n, onWire.Count())
-	}
-	t.Logf("%d forged frames sent over 20 registrations again and 6 refused ones: %d at the victim, %d on the wire", n, atVictim.Count(), onWire.Count())
-
-	// The claim given up: registered again, reachable.
+	// The claim given up: registered again.
 	setAddr(false, owner.IP4)
 	must(t, scan())
+	// Every address flushed: still registered, with none, so that its
+	// guard drops every frame with an IP source; then its address back.
+	setAddr(false, c.IP4)
+	must(t, scan())
+	if held, found, err := findAdopted(dp, c.MAC); err != nil || !found || held.ID != ep.ID || len(held.Addrs) != 0 {
+		t.Errorf("with no address left: found %v (%v), endpoint %d (was %d) with %v, want it registered with none", found, err, held.ID, ep.ID, held.Addrs)
+	}
+	time.Sleep(100 * time.Millisecond) // the flood goes on with no address
+	must(t, scan())
+	setAddr(true, c.IP4)
+	must(t, scan())
+
+	close(stop)
+	res := <-sent
+	netenv.Barrier(t, c.NS, c.IfName, onWire, atVictim) // a broadcast: bridged to the victim as the flood is
+	if got := atVictim.Count() + onWire.Count(); got != 0 || res[0] == 0 {
+		t.Errorf("%d of %d forged frames reached the victim, %d the wire; want 0 of many", atVictim.Count(), res[0], onWire.Count())
+	}
+	t.Logf("%d forged frames sent (%d refused at once by the guard) over 22 registrations again, 6 refused ones and 2 scans with no address: %d at the victim, %d on the wire",
+		res[0], res[1], atVictim.Count(), onWire.Count())
 	again, found, err := findAdopted(dp, c.MAC)
-	if err != nil || !found || again.ID != ep.ID {
-		t.Fatalf("after the claim was given up: found %v (%v), endpoint %d, want %d", found, err, again.ID, ep.ID)
+	if err != nil || !found || again.ID != ep.ID || !slices.Equal(again.Addrs, []netip.Prefix{c.IP4}) {
+		t.Fatalf("after it all: found %v (%v), endpoint %d with %v, want %d with %s", found, err, again.ID, again.Addrs, ep.ID, c.IP4)
 	}
 	waitFor(t, 5*time.Second, "host -> the container", func() bool { return netenv.Ping(t, l.Node, c.IP4.Addr(), 1).Received == 1 })
 	netenv.MustPing(t, l.Node, c.IP4.Addr(), 2)

@@ -2,6 +2,7 @@ package netenv
 
 import (
 	"encoding/binary"
+	"net"
 	"net/netip"
 
 	"golang.org/x/sys/unix"
@@ -34,4 +35,18 @@ func ForgedUDP4(src, dst netip.Addr) []byte {
 	binary.BigEndian.PutUint16(pkt[22:], 9)
 	binary.BigEndian.PutUint16(pkt[24:], 8)
 	return pkt
+}
+
+// ForgedFrame4 is ForgedUDP4 in an Ethernet frame from srcMAC to dstMAC,
+// its IPv4 checksum set, for a packet socket: it needs no route, neighbour
+// or address of the sender's.
+func ForgedFrame4(srcMAC, dstMAC net.HardwareAddr, src, dst netip.Addr) []byte {
+	ip := ForgedUDP4(src, dst)
+	binary.BigEndian.PutUint16(ip[10:], ipv4Checksum(ip[:20]))
+	frame := append(append(append([]byte{}, dstMAC...), srcMAC...), 0x08, 0x00)
+	frame = append(frame, ip...)
+	for len(frame) < 60 {
+		frame = append(frame, 0)
+	}
+	return frame
 }
