@@ -202,7 +202,7 @@ func (a *Agent) owners(dp *loader.Objects) error {
 		return err
 	}
 	a.svc.Store(svc)
-	a.gc = &endpointgc.Collector{Maps: &dp.Maps, Log: a.log.With("component", "gc"), Lock: dp.Lock}
+	a.gc = &endpointgc.Collector{Maps: &dp.Maps, Log: a.log.With("component", "gc"), Lock: dp.Lock, Target: dp.EndpointTarget}
 	fronts, err := services.NewFrontends(&dp.Maps)
 	if err != nil {
 		return err

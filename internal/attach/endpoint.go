@@ -142,10 +142,41 @@ func Endpoint(o EndpointOptions) error {
 }
 
 func attachEndpoint(h *netlink.Handle, o EndpointOptions) (err error) {
-	id, ifindex := o.ID, o.Ifindex
-	if id == 0 || id > MaxEndpointID {
+	if id := o.ID; id == 0 || id > MaxEndpointID {
 		return fmt.Errorf("endpoint id %d out of range 1-%d", id, MaxEndpointID)
 	}
+	return attachFilters(h, o, endpointFilterName(o.ID))
+}
+
+// quarantineName names the filters QuarantineEndpoint puts in place.
+const quarantineName = endpointFilterPrefix + "-quarantined"
+
+// QuarantineEndpoint swaps the endpoint filters on o.Ifindex (o.ID is not
+// used) for ones that run as endpoint 0, which is never registered: the
+// egress program then drops every frame, as for any filter whose endpoint
+// is gone, and can never vet them as an endpoint that gets an id later.
+// For an interface that is still there but no longer the registered one
+// (its MAC changed): detaching instead would leave it unguarded, sending
+// as anyone to its bridged neighbours (a pod's ingress vets only
+// registered senders). A registration of the interface later swaps them
+// back (Endpoint); DetachEndpoint with ID 0 removes them.
+func QuarantineEndpoint(o EndpointOptions) error {
+	h, err := o.handle()
+	if err != nil {
+		return fmt.Errorf("quarantine %s: %w", o.where(), err)
+	}
+	defer h.Close()
+	o.ID = 0
+	if err := attachFilters(h, o, quarantineName); err != nil {
+		return fmt.Errorf("quarantine %s: %w", o.where(), err)
+	}
+	return nil
+}
+
+// attachFilters puts filters named name with classid o.ID and o's programs
+// on both hooks of o.Ifindex, replacing ours there in place.
+func attachFilters(h *netlink.Handle, o EndpointOptions, name string) (err error) {
+	id, ifindex := o.ID, o.Ifindex
 	if o.Ingress == nil || o.Egress == nil {
 		return errors.New("datapath has no endpoint programs open")
 	}
@@ -164,7 +195,7 @@ func attachEndpoint(h *netlink.Handle, o EndpointOptions) (err error) {
 	}
 	for i, prog := range []*ebpf.Program{o.Ingress, o.Egress} {
 		f := filters[i]
-		f.name = endpointFilterName(id)
+		f.name = name
 		f.classid = id
 		if err := f.replaceFilter(prog); err != nil {
 			return err
@@ -218,6 +249,8 @@ func DetachEndpoint(o EndpointOptions) error {
 // none (or one whose name carries no id).
 type EndpointFilters struct {
 	Ingress, Egress uint32
+	// Quarantined: the filters run as no endpoint (QuarantineEndpoint).
+	Quarantined bool `json:",omitempty"`
 }
 
 // InspectEndpoint reads the endpoint filters of ifindex in the netns at
@@ -233,24 +266,31 @@ func InspectEndpoint(netnsPath string, ifindex int) (EndpointFilters, error) {
 	}
 	hooks := endpointFilters(h, ifindex)
 	var ids [2]uint32
+	var out EndpointFilters
 	for i, f := range hooks {
-		if ids[i], err = filterEndpointID(f); err != nil {
+		var quarantined bool
+		if ids[i], quarantined, err = filterEndpointID(f); err != nil {
 			return EndpointFilters{}, fmt.Errorf("ifindex %d in %s: %w", ifindex, netnsPath, err)
 		}
+		out.Quarantined = out.Quarantined || quarantined
 	}
-	return EndpointFilters{Ingress: ids[0], Egress: ids[1]}, nil
+	out.Ingress, out.Egress = ids[0], ids[1]
+	return out, nil
 }
 
-func filterEndpointID(f clsBPF) (uint32, error) {
+func filterEndpointID(f clsBPF) (id uint32, quarantined bool, err error) {
 	found, err := f.find(endpointFilterPrefix)
 	if err != nil {
-		return 0, err
+		return 0, false, err
 	}
 	for _, bf := range found {
+		if bf.Name == quarantineName {
+			return 0, true, nil
+		}
 		rest, _ := strings.CutPrefix(bf.Name, endpointFilterPrefix+"-")
 		if id, err := strconv.ParseUint(rest, 10, 32); err == nil {
-			return uint32(id), nil
+			return uint32(id), false, nil
 		}
 	}
-	return 0, nil
+	return 0, false, nil
 }

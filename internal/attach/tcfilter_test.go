@@ -55,7 +55,7 @@ func TestClsBPFRemoveReportsFailedDump(t *testing.T) {
 			if tc.wantErr && !errors.Is(err, tc.linkErr) && !errors.Is(err, tc.dumpErr) {
 				t.Errorf("remove: %v does not wrap the netlink error", err)
 			}
-			if _, err := filterEndpointID(c); (err != nil) != tc.wantErr {
+			if _, _, err := filterEndpointID(c); (err != nil) != tc.wantErr {
 				t.Errorf("filterEndpointID: %v, want error: %v", err, tc.wantErr)
 			}
 		})

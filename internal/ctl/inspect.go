@@ -127,6 +127,8 @@ func endpointMode(id uint32, netnsPath string, ifindex int) string {
 		return attachNone + " (interface gone)"
 	case att.Ingress == id && att.Egress == id:
 		return attachTC
+	case att.Quarantined:
+		return attachWrong
 	case att.Ingress == 0 && att.Egress == 0:
 		return attachNone
 	}

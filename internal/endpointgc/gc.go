@@ -27,6 +27,11 @@ type Removed struct {
 type Collector struct {
 	Maps *loader.Maps
 	Log  *slog.Logger
+	// Target names the endpoint programs for an interface
+	// (loader.Objects.EndpointTarget): an interface whose MAC changed is
+	// quarantined with them. Nil: its filters are detached instead (tests
+	// of the judging alone).
+	Target func(id uint32, netns string, ifindex int) attach.EndpointOptions
 	// Lock is the datapath's writer lock (loader.Objects.Lock), held to
 	// confirm and remove each dead endpoint: the CNI plugin's DEL holds it
 	// from deleting the interface to unregistering, so an endpoint seen
@@ -95,11 +100,15 @@ func (c *Collector) confirmAndRemove(id uint32, judged *datapath.Endpoint) (bool
 	if err != nil || reason == "" {
 		return false, err
 	}
-	// The interface is still there with another MAC: its filters would go on
-	// running as endpoint id, and once the id is reused, vet its frames as
-	// someone else's. They go first.
+	// The interface is still there with another MAC (a pod with NET_ADMIN
+	// can do that): its filters would go on running as endpoint id, and once
+	// the id is reused, vet its frames as someone else's. Detached, the
+	// interface would be unguarded, free to send as anyone to its bridged
+	// neighbours. It is quarantined first: its filters run as no endpoint
+	// and drop all it sends, until a registration swaps them (an adopted
+	// slave is registered again at the next scan) or the interface goes.
 	if reason == reasonMACChanged {
-		if err := attach.DetachEndpoint(attach.EndpointOptions{ID: id, Ifindex: now.Ifindex, Netns: now.Netns}); err != nil {
+		if err := c.quarantine(id, &now); err != nil {
 			return false, err
 		}
 	}
@@ -107,6 +116,13 @@ func (c *Collector) confirmAndRemove(id uint32, judged *datapath.Endpoint) (bool
 		return false, err
 	}
 	return true, nil
+}
+
+func (c *Collector) quarantine(id uint32, ep *datapath.Endpoint) error {
+	if c.Target == nil {
+		return attach.DetachEndpoint(attach.EndpointOptions{ID: id, Ifindex: ep.Ifindex, Netns: ep.Netns})
+	}
+	return attach.QuarantineEndpoint(c.Target(id, ep.Netns, ep.Ifindex))
 }
 
 // reasonMACChanged: the interface is still there, with another MAC.

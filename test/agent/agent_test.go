@@ -19,6 +19,7 @@ import (
 	"github.com/underpass-cni/underpass/internal/datapath"
 	"github.com/underpass-cni/underpass/internal/loader"
 	"github.com/underpass-cni/underpass/test/netenv"
+	"golang.org/x/sys/unix"
 )
 
 const baseConfig = `
@@ -433,33 +434,74 @@ func TestEndpointGC(t *testing.T) {
 }
 
 // A pod whose interface got another MAC (a pod with NET_ADMIN, or an
-// interface replaced in place) is collected, and its filters go with the
-// registration: left attached, they would vet its frames as whichever
-// endpoint gets the id next.
-func TestEndpointGCDetachesFiltersOfAChangedMAC(t *testing.T) {
+// interface replaced in place) is collected. Its filters can neither stay
+// as they were (they would vet its frames as whichever endpoint gets the
+// id next) nor go (the interface would be unguarded: it used to be, and
+// then sent as anyone to its bridged neighbours, whose ingress vets only
+// registered senders): they are quarantined, and drop all it sends.
+func TestEndpointGCQuarantinesAChangedMAC(t *testing.T) {
 	r := setup(t)
-	c := r.AddMacvlanContainer("newmac", r.Uplinks[0].IP4(13), netip.Prefix{})
+	u := r.Uplinks[0]
+	c := r.AddMacvlanContainer("newmac", u.IP4(13), netip.Prefix{})
 	id := r.register(r.dp, c, "newmac")
 	must(t, attach.Endpoint(r.dp.EndpointTarget(id, c.Path, c.Index)))
 	if f, err := attach.InspectEndpoint(c.Path, c.Index); err != nil || f == (attach.EndpointFilters{}) {
 		t.Fatalf("filters before: %+v, %v", f, err)
 	}
+	newMAC := net.HardwareAddr{0x02, 0x6e, 0x65, 0x77, 0, 1}
 	l, err := c.Netlink().LinkByIndex(c.Index)
 	must(t, err)
-	must(t, c.Netlink().LinkSetHardwareAddr(l, net.HardwareAddr{0x02, 0x6e, 0x65, 0x77, 0, 1}))
+	must(t, c.Netlink().LinkSetHardwareAddr(l, newMAC))
 	waitFor(t, 10*time.Second, "endpoint with a changed MAC collected", func() bool {
 		eps, _ := datapath.Endpoints(&r.dp.Maps)
 		_, ok := eps[id]
 		return !ok
 	})
-	if f, err := attach.InspectEndpoint(c.Path, c.Index); err != nil || f != (attach.EndpointFilters{}) {
-		t.Fatalf("filters after GC: %+v, %v; want none", f, err)
+	if f, err := attach.InspectEndpoint(c.Path, c.Index); err != nil || !f.Quarantined || f.Ingress != 0 || f.Egress != 0 {
+		t.Fatalf("filters after GC: %+v, %v; want them quarantined", f, err)
 	}
 	// The collector logs after it has unregistered: wait for the line.
 	waitFor(t, 10*time.Second, "the GC's log line saying why", func() bool {
 		return strings.Contains(r.ag.Out.String(), `reason="interface replaced (MAC changed)"`)
 	})
-	netenv.MustPing(t, r.Node, r.ctr.IP4.Addr(), 3)
+
+	// The attack: forged sources from the new MAC at a bridged neighbour
+	// and at the wire, and its own address at the node.
+	forged := u.IP4(250).Addr()
+	atNeighbour := netenv.StartCounter(t, r.ctr.NS, r.ctr.IfName, netenv.MatchSrcIP(forged))
+	onWire := netenv.StartCounter(t, r.Wire, u.Port, netenv.MatchSrcIP(forged))
+	sent, shot := 0, 0
+	must(t, c.NS.Do(func() error {
+		fd, err := unix.Socket(unix.AF_PACKET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			return err
+		}
+		defer unix.Close(fd)
+		for _, dst := range []struct {
+			mac net.HardwareAddr
+			ip  netip.Addr
+		}{{r.ctr.MAC, r.ctr.IP4.Addr()}, {u.GatewayMAC, u.Gateway4}} {
+			to := &unix.SockaddrLinklayer{Ifindex: c.Index, Halen: 6}
+			copy(to.Addr[:], dst.mac)
+			for range 100 {
+				sent++
+				if errors.Is(unix.Sendto(fd, netenv.ForgedFrame4(newMAC, dst.mac, forged, dst.ip), 0, to), unix.ENOBUFS) {
+					shot++
+				}
+			}
+		}
+		return nil
+	}))
+	if r := netenv.Ping(t, c.NS, u.Node4.Addr(), 2); r.Received != 0 {
+		t.Errorf("the quarantined pod reached the node: %v", r)
+	}
+	netenv.MustPing(t, r.Node, r.ctr.IP4.Addr(), 3) // the neighbour is fine; the barrier's path
+	netenv.Barrier(t, r.Node, u.Name, onWire)
+	if n := atNeighbour.Count() + onWire.Count(); n != 0 || shot != sent {
+		t.Errorf("from the quarantined pod: %d forged frames at the neighbour, %d on the wire, %d of %d refused at once; want 0, 0, all",
+			atNeighbour.Count(), onWire.Count(), shot, sent)
+	}
+	t.Logf("quarantined pod: %d forged frames sent, %d refused at once (ENOBUFS), %d at the neighbour, %d on the wire", sent, shot, atNeighbour.Count(), onWire.Count())
 }
 
 func TestUninstall(t *testing.T) {
