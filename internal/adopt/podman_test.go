@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/underpass-cni/underpass/internal/testutil"
+	"golang.org/x/sys/unix"
 )
 
 func TestConmonName(t *testing.T) {
@@ -64,6 +65,9 @@ func TestNamePodmanAmongOtherProcesses(t *testing.T) {
 		container = childInOwnNetns(t, cmd.Process.Pid)
 		return container > 0
 	})
+	// Runs before the shell's cleanup: the container's process is ended
+	// first, and reaped by the shell's `wait`, which then returns.
+	t.Cleanup(func() { unix.Kill(container, unix.SIGKILL); cmd.Wait() })
 	// An intruder: a process that entered the container's namespace.
 	intruder := exec.Command("nsenter", "-t", strconv.Itoa(container), "-n", "sleep", "600")
 	testutil.Must(t, intruder.Start())

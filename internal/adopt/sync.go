@@ -15,6 +15,7 @@ import (
 
 	"github.com/containernetworking/plugins/pkg/ns"
 
+	"github.com/underpass-cni/underpass/internal/attach"
 	"github.com/underpass-cni/underpass/internal/datapath"
 	"github.com/underpass-cni/underpass/internal/loader"
 )
@@ -39,7 +40,10 @@ func ContainerID(s *Slave) string {
 // "pod"): a Podman container's name, else the pin's name (`ip netns` name,
 // Docker sandbox, Podman netns), or the command and pid of a process in it.
 func Name(s *Slave) string {
-	for _, pid := range s.Pids {
+	// The lowest few: a container's first process comes before what enters
+	// its namespace later (short of pid wrap-around), and a namespace of
+	// many processes would cost two /proc reads each, every scan.
+	for _, pid := range s.Pids[:min(len(s.Pids), maxNamePids)] {
 		if n := PodmanName(pid); n != "" {
 			return n
 		}
@@ -51,6 +55,9 @@ func Name(s *Slave) string {
 	}
 	return filepath.Base(s.Netns)
 }
+
+// maxNamePids is how many of a namespace's processes Name asks.
+const maxNamePids = 8
 
 // PodmanName is the name of the Podman container pid runs in, or "": a
 // Podman container's processes are children of its conmon, which was
@@ -119,6 +126,12 @@ func Endpoint(s *Slave, network, name string) (*datapath.Endpoint, error) {
 // Register makes s an endpoint of network: registered, its programs
 // attached. On error nothing of it is left.
 func Register(dp *loader.Objects, s *Slave, network, name string, log *slog.Logger) (*datapath.Endpoint, error) {
+	return register(dp, s, network, name, log, 0)
+}
+
+// register is Register, replacing registration replaces (0: none) of the
+// same interface under another name.
+func register(dp *loader.Objects, s *Slave, network, name string, log *slog.Logger, replaces uint32) (*datapath.Endpoint, error) {
 	ep, err := Endpoint(s, network, name)
 	if err != nil {
 		return nil, err
@@ -128,7 +141,7 @@ func Register(dp *loader.Objects, s *Slave, network, name string, log *slog.Logg
 		return nil, fmt.Errorf("open netns %s: %w", s.Netns, err)
 	}
 	defer netns.Close()
-	if _, err := datapath.AddEndpoint(dp, netns, ep, datapath.AddOptions{Log: log}, nil); err != nil {
+	if _, err := datapath.AddEndpoint(dp, netns, ep, datapath.AddOptions{Log: log, Replaces: replaces}, nil); err != nil {
 		return nil, fmt.Errorf("register %s in %s: %w", s.IfName, s.Netns, err)
 	}
 	return ep, nil
@@ -269,16 +282,27 @@ func add(dp *loader.Objects, found []Slave, o addOptions) (res Result, adopted m
 			keep[key] = true // registered or changed after the scan began
 		}
 	}
+	// An adopted interface renamed in its namespace is the same interface
+	// under another registry name: found by its index, replaced in place.
+	byIndex := map[string]string{}
+	for key, ep := range adopted {
+		byIndex[ep.ContainerID+"#"+strconv.Itoa(ep.Ifindex)] = key
+	}
 	for i := range found {
 		s := &found[i]
 		key := ContainerID(s) + "/" + s.IfName
+		prev := key // the key of its registration, if it has one
+		if _, ok := adopted[key]; !ok {
+			prev = byIndex[ContainerID(s)+"#"+strconv.Itoa(s.Ifindex)]
+		}
+		_, had := adopted[prev]
 		// A new slave with no address waits: there is nothing to reach it
 		// at yet. One adopted already whose addresses all went is
 		// registered again with none, so that its guard drops every frame
 		// with an IP source: released, it would be unguarded, and a
 		// container with CAP_NET_ADMIN could flush its addresses and then
 		// forge any source at its neighbours.
-		if _, had := adopted[key]; len(s.Addrs) == 0 && !had {
+		if len(s.Addrs) == 0 && !had {
 			continue
 		}
 		if ownedBy(s) {
@@ -289,8 +313,9 @@ func add(dp *loader.Objects, found []Slave, o addOptions) (res Result, adopted m
 		if len(n) > maxName {
 			n = n[:maxName] // as the registry keeps it, or it would never compare equal
 		}
+		var replaces uint32
 		if ep, ok := adopted[key]; ok {
-			same := sameSlave(ep, s.Ifindex, s.MAC, s.Addrs)
+			same := sameSlave(ep, s.Ifindex, s.MAC, s.Addrs) && ep.Netns == s.Netns
 			if keep[key] || same && (o.anyName || ep.PodName == n) {
 				keep[key] = true
 				continue
@@ -305,23 +330,38 @@ func add(dp *loader.Objects, found []Slave, o addOptions) (res Result, adopted m
 				res.Renamed[len(res.Renamed)-1].PodName = n
 				continue
 			}
-			// Its interface, MAC or addresses changed: registered afresh
-			// below (AddEndpoint replaces the registration of the same
-			// attachment).
+			// Its interface, MAC, addresses or path changed: registered
+			// afresh below (AddEndpoint replaces the registration of the
+			// same attachment, its filters swapped in place).
+		} else if had {
+			if keep[prev] {
+				continue // changed after the scan began: the next scan sees it
+			}
+			replaces = adopted[prev].ID
 		}
-		ep, err := Register(dp, s, AdoptedNetwork, n, log)
+		ep, err := register(dp, s, AdoptedNetwork, n, log, replaces)
 		if err != nil {
 			errs = append(errs, err)
 			// A change refused (an address another endpoint holds, which
 			// a container can claim at will): the old registration, and
 			// the guard on its interface, stay until one is accepted.
-			// Removing it would leave the container unguarded.
-			if _, had := adopted[key]; had {
-				keep[key] = true
+			// Removing it would leave the container unguarded. A slave
+			// with none is quarantined: its frames are dropped, not let
+			// through unvetted.
+			switch {
+			case had:
+				keep[prev] = true
+			case errors.Is(err, datapath.ErrAddrInUse):
+				if qerr := attach.QuarantineEndpoint(dp.EndpointTarget(0, s.Netns, s.Ifindex)); qerr != nil {
+					errs = append(errs, fmt.Errorf("quarantine %s in %s: %w", s.IfName, s.Netns, qerr))
+				}
 			}
 			continue
 		}
 		keep[key] = true
+		if had {
+			keep[prev] = true // replaced, not to be removed
+		}
 		res.Added = append(res.Added, *ep)
 	}
 	return res, adopted, keep, errors.Join(errs...)

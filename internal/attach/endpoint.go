@@ -145,7 +145,7 @@ func attachEndpoint(h *netlink.Handle, o EndpointOptions) (err error) {
 	if id := o.ID; id == 0 || id > MaxEndpointID {
 		return fmt.Errorf("endpoint id %d out of range 1-%d", id, MaxEndpointID)
 	}
-	return attachFilters(h, o, endpointFilterName(o.ID))
+	return attachFilters(h, o)
 }
 
 // quarantineName names the filters QuarantineEndpoint puts in place.
@@ -166,16 +166,29 @@ func QuarantineEndpoint(o EndpointOptions) error {
 		return fmt.Errorf("quarantine %s: %w", o.where(), err)
 	}
 	defer h.Close()
-	o.ID = 0
-	if err := attachFilters(h, o, quarantineName); err != nil {
+	if o.Ingress == nil || o.Egress == nil {
+		return errors.New("datapath has no endpoint programs open")
+	}
+	// Egress first, the hook that guards what the interface sends; and no
+	// rollback: whatever a failure leaves (the old filters or these) drops
+	// what an unregistered interface sends, where none would not.
+	filters := endpointFilters(h, o.Ifindex)
+	if err := filters[0].ensureClsact(); err != nil {
 		return fmt.Errorf("quarantine %s: %w", o.where(), err)
+	}
+	for _, i := range []int{1, 0} {
+		f := filters[i]
+		f.name, f.classid = quarantineName, 0
+		if err := f.replaceFilter([]*ebpf.Program{o.Ingress, o.Egress}[i]); err != nil {
+			return fmt.Errorf("quarantine %s: %w", o.where(), err)
+		}
 	}
 	return nil
 }
 
-// attachFilters puts filters named name with classid o.ID and o's programs
-// on both hooks of o.Ifindex, replacing ours there in place.
-func attachFilters(h *netlink.Handle, o EndpointOptions, name string) (err error) {
+// attachFilters puts endpoint o.ID's filters on both hooks of o.Ifindex,
+// replacing ours there in place; on error none of ours is left.
+func attachFilters(h *netlink.Handle, o EndpointOptions) (err error) {
 	id, ifindex := o.ID, o.Ifindex
 	if o.Ingress == nil || o.Egress == nil {
 		return errors.New("datapath has no endpoint programs open")
@@ -195,7 +208,7 @@ func attachFilters(h *netlink.Handle, o EndpointOptions, name string) (err error
 	}
 	for i, prog := range []*ebpf.Program{o.Ingress, o.Egress} {
 		f := filters[i]
-		f.name = name
+		f.name = endpointFilterName(id)
 		f.classid = id
 		if err := f.replaceFilter(prog); err != nil {
 			return err

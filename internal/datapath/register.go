@@ -25,6 +25,11 @@ type AddOptions struct {
 	Locked     func()       // the datapath lock is held (lock wait is over)
 	Registered func() error // the maps hold the endpoint
 	Attached   func() error // the endpoint programs run on the slave (inside its netns)
+	// Replaces is the id of a registration of the same interface under
+	// another name (an adopted slave whose interface was renamed): replaced
+	// as a retried ADD's registration is, its addresses not held against
+	// the new one.
+	Replaces uint32
 }
 
 // AddEndpoint makes ep live: under the datapath lock it registers ep's parent
@@ -41,7 +46,7 @@ func AddEndpoint(dp *loader.Objects, netns ns.NetNS, ep *Endpoint, h AddOptions,
 	if h.Log == nil {
 		h.Log = slog.Default()
 	}
-	ps, err := register(dp, ep, &h)
+	ps, replaced, err := register(dp, ep, &h)
 	if err != nil {
 		return nil, err
 	}
@@ -52,7 +57,15 @@ func AddEndpoint(dp *loader.Objects, netns ns.NetNS, ep *Endpoint, h AddOptions,
 			return err
 		}
 		defer unlock()
-		return errors.Join(RemoveEndpoint(dp, id), undoParent(dp, parent, ps))
+		errs := []error{RemoveEndpoint(dp, id), undoParent(dp, parent, ps)}
+		// It replaced a registration of this interface, which was
+		// guarded: it stays so, quarantined, not bare.
+		if replaced {
+			if err := attach.QuarantineEndpoint(dp.EndpointTarget(0, ep.Netns, ep.Ifindex)); err != nil && !errors.Is(err, attach.ErrNetnsGone) && !attach.LinkGone(err) {
+				errs = append(errs, err)
+			}
+		}
+		return errors.Join(errs...)
 	}
 	defer func() {
 		if err != nil {
@@ -97,22 +110,22 @@ type parentState struct {
 
 // register is the locked part of AddEndpoint: parent, the attachment's old
 // registration, stale owners, the endpoint's entries.
-func register(dp *loader.Objects, ep *Endpoint, h *AddOptions) (ps parentState, err error) {
+func register(dp *loader.Objects, ep *Endpoint, h *AddOptions) (ps parentState, replaced bool, err error) {
 	// The parent's MAC goes into the parents map when the agent has not
 	// registered it: a missing one would write zeros over the agent's.
 	if len(ep.ParentMAC) != 6 {
-		return ps, fmt.Errorf("register endpoint %s/%s: parent %s has no Ethernet MAC (%q)", ep.ContainerID, ep.IfName, ep.ParentName, ep.ParentMAC)
+		return ps, false, fmt.Errorf("register endpoint %s/%s: parent %s has no Ethernet MAC (%q)", ep.ContainerID, ep.IfName, ep.ParentName, ep.ParentMAC)
 	}
 	unlock, err := dp.Lock()
 	if err != nil {
-		return ps, err
+		return ps, false, err
 	}
 	defer unlock()
 	if h.Locked != nil {
 		h.Locked()
 	}
 	if ps, err = ensureParent(dp, ep); err != nil {
-		return ps, err
+		return ps, false, err
 	}
 	defer func() {
 		if err != nil {
@@ -125,43 +138,78 @@ func register(dp *loader.Objects, ep *Endpoint, h *AddOptions) (ps parentState, 
 	// attachment's old registration is touched: a container that claims
 	// a neighbour's address keeps its old registration and its guard.
 	if err := evictAdopted(dp, ep, h.Log); err != nil {
-		return ps, err
+		return ps, false, err
 	}
-	if err := evictStaleOwners(dp, ep, h.Log); err != nil {
-		return ps, err
+	if err := evictStaleOwners(dp, ep, h.Replaces, h.Log); err != nil {
+		return ps, false, err
 	}
-	if err := dropOldRegistration(dp, ep); err != nil {
-		return ps, err
+	if replaced, err = dropOldRegistration(dp, ep, h.Replaces); err != nil {
+		return ps, replaced, err
 	}
 	id, err := Register(&dp.Maps, *ep)
 	if err != nil {
-		return ps, fmt.Errorf("register endpoint %s/%s: %w", ep.ContainerID, ep.IfName, err)
+		return ps, replaced, fmt.Errorf("register endpoint %s/%s: %w", ep.ContainerID, ep.IfName, err)
 	}
 	ep.ID = id
 	h.Log.Debug("registered endpoint", "id", id, "container", ep.ContainerID, "ifname", ep.IfName, "addrs", ep.Addrs)
-	return ps, nil
+	return ps, replaced, nil
 }
 
 // dropOldRegistration removes the registration ep's attachment has already
-// (a retried ADD; an adopted slave whose addresses changed, which its
-// container can do at will). Its filters stay when they are on ep's
-// interface: AddEndpoint's attach then swaps their program and id in place
-// (one filter per hook), and until then they find no endpoint and drop
-// every frame, so the interface is never without its guard. Detaching them
-// first let a container flood its macvlan neighbours with forged frames,
-// which the bridge delivers from slave to slave without the parent's
-// program, for as long as the registration took (TestAdoptReregistration-
-// KeepsGuard). Filters anywhere else (another netns or interface) go with
-// the old registration.
-func dropOldRegistration(dp *loader.Objects, ep *Endpoint) error {
+// (a retried ADD; an adopted slave whose addresses or MAC changed, which its
+// container can do at will), and the one replaces names (the same
+// interface renamed). When the old registration is on ep's interface its
+// filters are not detached, which would leave the interface unguarded for
+// as long as the registration takes (a container flooded its macvlan
+// neighbours with forged frames, which the bridge delivers from slave to
+// slave without the parent's program: TestAdoptReregistrationKeepsGuard):
+// they are quarantined first, in place, so that they run as no endpoint
+// and drop all the interface sends until AddEndpoint's attach swaps them
+// for the new id's. Never left running as the old id: once it is free, a
+// concurrent ADD may claim it, and its frames would be vetted as that
+// pod's; and its DAD could learn addresses for an id no record lists.
+// Filters anywhere else (another netns or interface) go with the old
+// registration.
+//
+// quarantined says whether ep's interface now runs quarantined filters.
+func dropOldRegistration(dp *loader.Objects, ep *Endpoint, replaces uint32) (quarantined bool, err error) {
 	id, old, err := Find(&dp.Maps, ep.ContainerID, ep.IfName)
-	if err != nil || id == 0 {
-		return err
+	if err != nil {
+		return false, err
 	}
-	if old.Netns == ep.Netns && old.Ifindex == ep.Ifindex {
-		return Unregister(&dp.Maps, id)
+	if id != 0 {
+		if quarantined, err = dropRegistration(dp, ep, id, old); err != nil {
+			return quarantined, err
+		}
 	}
-	return RemoveEndpoint(dp, id)
+	if replaces == 0 || replaces == id {
+		return quarantined, nil
+	}
+	r, err := Lookup(&dp.Maps, replaces)
+	if errors.Is(err, ErrNoEndpoint) {
+		return quarantined, nil
+	}
+	if err != nil {
+		return quarantined, err
+	}
+	q, err := dropRegistration(dp, ep, replaces, &r)
+	return quarantined || q, err
+}
+
+// dropRegistration removes registration id (old) for ep's: see
+// dropOldRegistration.
+func dropRegistration(dp *loader.Objects, ep *Endpoint, id uint32, old *Endpoint) (quarantined bool, err error) {
+	if ep.Netns == "" || old.Netns != ep.Netns || old.Ifindex != ep.Ifindex {
+		return false, RemoveEndpoint(dp, id)
+	}
+	err = attach.QuarantineEndpoint(dp.EndpointTarget(0, ep.Netns, ep.Ifindex))
+	switch {
+	case errors.Is(err, attach.ErrNetnsGone) || attach.LinkGone(err):
+		return false, RemoveEndpoint(dp, id) // the interface is gone: nothing to guard
+	case err != nil:
+		return false, err // the old registration stays, and so do its filters
+	}
+	return true, Unregister(&dp.Maps, id)
 }
 
 // ensureParent registers the parent and attaches its egress program unless
@@ -296,7 +344,7 @@ func takeOver(dp *loader.Objects, id uint32, other, ep *Endpoint, log *slog.Logg
 // still has for another endpoint. IPAM is the authority on addresses, so
 // when that endpoint's netns is gone its DEL was lost, and its entries go.
 // A live owner is a real conflict: ErrAddrInUse, saying which pod has it.
-func evictStaleOwners(dp *loader.Objects, ep *Endpoint, log *slog.Logger) error {
+func evictStaleOwners(dp *loader.Objects, ep *Endpoint, replaces uint32, log *slog.Logger) error {
 	m := &dp.Maps
 	for _, p := range ep.Addrs {
 		k := EpIPKey(p.Addr(), ep.ParentIfindex)
@@ -308,7 +356,7 @@ func evictStaleOwners(dp *loader.Objects, ep *Endpoint, log *slog.Logger) error 
 		if err != nil {
 			continue // Unregister of that one is under way or done
 		}
-		if other.ContainerID == ep.ContainerID && other.IfName == ep.IfName {
+		if other.ContainerID == ep.ContainerID && other.IfName == ep.IfName || ref.Id == replaces && replaces != 0 {
 			continue
 		}
 		if other.Network == AdoptedNetwork && ep.Network != AdoptedNetwork {

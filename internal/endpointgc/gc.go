@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strings"
 
 	"github.com/vishvananda/netlink"
 
@@ -107,9 +108,23 @@ func (c *Collector) confirmAndRemove(id uint32, judged *datapath.Endpoint) (bool
 	// neighbours. It is quarantined first: its filters run as no endpoint
 	// and drop all it sends, until a registration swaps them (an adopted
 	// slave is registered again at the next scan) or the interface goes.
-	if reason == reasonMACChanged {
+	// The same goes for an interface renamed (its index now has another
+	// name) that still runs this endpoint's filters: left as they are, once
+	// the id is free they would vet its frames as whoever claims it next.
+	switch {
+	case reason == reasonMACChanged:
 		if err := c.quarantine(id, &now); err != nil {
 			return false, err
+		}
+	case strings.HasPrefix(reason, reasonIndexReused):
+		f, err := attach.InspectEndpoint(now.Netns, now.Ifindex)
+		if err != nil && !errors.Is(err, attach.ErrNetnsGone) && !attach.LinkGone(err) {
+			return false, err
+		}
+		if err == nil && (f.Ingress == id || f.Egress == id) {
+			if err := c.quarantine(id, &now); err != nil {
+				return false, err
+			}
 		}
 	}
 	if err := datapath.Unregister(c.Maps, id); err != nil {
@@ -124,6 +139,10 @@ func (c *Collector) quarantine(id uint32, ep *datapath.Endpoint) error {
 	}
 	return attach.QuarantineEndpoint(c.Target(id, ep.Netns, ep.Ifindex))
 }
+
+// reasonIndexReused starts the reason for an interface whose index has
+// another name: renamed, or gone and its index taken by another.
+const reasonIndexReused = "interface gone (its index now belongs to "
 
 // reasonMACChanged: the interface is still there, with another MAC.
 const reasonMACChanged = "interface replaced (MAC changed)"
@@ -183,7 +202,7 @@ func (c *checker) dead(ep *datapath.Endpoint) (string, error) {
 	}
 	// The index can be reused by another interface in the same netns.
 	if ifname != "" && l.Attrs().Name != ifname {
-		return "interface gone (its index now belongs to " + l.Attrs().Name + ")", nil
+		return reasonIndexReused + l.Attrs().Name + ")", nil
 	}
 	if ep.Mode == loader.ModeMacvlan && string(l.Attrs().HardwareAddr) != string(ep.MAC) {
 		return reasonMACChanged, nil

@@ -278,8 +278,9 @@ func TestAdoptRenameInPlace(t *testing.T) {
 // never be off: not one forged frame may reach the neighbour or the wire.
 // It used to be: a registration again detached the container's filters,
 // rewrote the maps, then attached them again; a claim of another pod's
-// address, which the registration refuses, and a flush of every address
-// both left the container unregistered, with no filter at all.
+// address, which the registration refuses, a flush of every address and a
+// rename of the interface all left the container unregistered, with no
+// filter at all.
 func TestAdoptReregistrationKeepsGuard(t *testing.T) {
 	l := newLab(t, netenv.Options{})
 	u := l.Uplinks[0]
@@ -402,7 +403,35 @@ func TestAdoptReregistrationKeepsGuard(t *testing.T) {
 	}
 	time.Sleep(100 * time.Millisecond) // the flood goes on with no address
 	must(t, scan())
+	// Renamed with no address (registered as eth0, found as eth1: the
+	// same interface, by its index): replaced in place, still guarded.
+	// The agent's collector (every second here) may quarantine it first:
+	// guarded too.
+	setLink(t, c, func(h *netlink.Handle, l netlink.Link) error { return h.LinkSetName(l, "eth1") })
+	must(t, scan())
+	if held, found, err := findAdopted(dp, c.MAC); err != nil || !found || held.IfName != "eth1" || len(held.Addrs) != 0 {
+		t.Errorf("renamed with no address: found %v (%v), %+v, want it registered as eth1 with none", found, err, held)
+	}
+	time.Sleep(100 * time.Millisecond)
+	setLink(t, c, func(h *netlink.Handle, l netlink.Link) error { return h.LinkSetName(l, c.IfName) })
+	must(t, scan())
 	setAddr(true, c.IP4)
+	must(t, scan())
+	// Another MAC and another pod's address at once: refused, and the
+	// registration (old MAC) or the collector's quarantine keeps it
+	// guarded.
+	otherMAC := net.HardwareAddr{0x02, 0x6f, 0x74, 0x68, 0x65, 0x72}
+	setLink(t, c, func(h *netlink.Handle, l netlink.Link) error { return h.LinkSetHardwareAddr(l, otherMAC) })
+	setAddr(true, owner.IP4)
+	if err := scan(); !errors.Is(err, datapath.ErrAddrInUse) {
+		t.Errorf("a scan after the container took another MAC and another pod's address: %v, want ErrAddrInUse", err)
+	}
+	time.Sleep(1500 * time.Millisecond) // the collector runs meanwhile
+	if err := scan(); !errors.Is(err, datapath.ErrAddrInUse) {
+		t.Errorf("a scan after the collector ran: %v, want ErrAddrInUse", err)
+	}
+	setAddr(false, owner.IP4)
+	setLink(t, c, func(h *netlink.Handle, l netlink.Link) error { return h.LinkSetHardwareAddr(l, c.MAC) })
 	must(t, scan())
 
 	close(stop)
@@ -411,7 +440,7 @@ func TestAdoptReregistrationKeepsGuard(t *testing.T) {
 	if got := atVictim.Count() + onWire.Count(); got != 0 || res[0] == 0 {
 		t.Errorf("%d of %d forged frames reached the victim, %d the wire; want 0 of many", atVictim.Count(), res[0], onWire.Count())
 	}
-	t.Logf("%d forged frames sent (%d refused at once by the guard) over 22 registrations again, 6 refused ones and 2 scans with no address: %d at the victim, %d on the wire",
+	t.Logf("%d forged frames sent (%d refused at once by the guard) over 20 changes of address, a claim, a flush, a rename and a change of MAC: %d at the victim, %d on the wire",
 		res[0], res[1], atVictim.Count(), onWire.Count())
 	again, found, err := findAdopted(dp, c.MAC)
 	if err != nil || !found || again.ID != ep.ID || !slices.Equal(again.Addrs, []netip.Prefix{c.IP4}) {
@@ -420,6 +449,18 @@ func TestAdoptReregistrationKeepsGuard(t *testing.T) {
 	waitFor(t, 5*time.Second, "host -> the container", func() bool { return netenv.Ping(t, l.Node, c.IP4.Addr(), 1).Received == 1 })
 	netenv.MustPing(t, l.Node, c.IP4.Addr(), 2)
 	ag.stop()
+}
+
+// setLink changes c's interface with set, taken down and up around it
+// (a rename needs it down).
+func setLink(t *testing.T, c *netenv.Container, set func(*netlink.Handle, netlink.Link) error) {
+	t.Helper()
+	h := c.Netlink()
+	l, err := h.LinkByIndex(c.Index)
+	must(t, err)
+	must(t, h.LinkSetDown(l))
+	must(t, set(h, l))
+	must(t, h.LinkSetUp(l))
 }
 
 // Hand-made ipvlan slaves (as `ip link add … type ipvlan` and Docker's
