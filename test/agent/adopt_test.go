@@ -191,30 +191,13 @@ func TestAdoptSyncLeavesNewerRegistrations(t *testing.T) {
 // used to be registered again, which detached its programs for a moment
 // and zeroed its counters.
 func TestAdoptRenameInPlace(t *testing.T) {
-	l := newLab(t, netenv.Options{})
-	u := l.Uplinks[0]
-	l.writeConfig("")
-	ag := l.start(agentBin)
-	ag.waitReady()
-	dp := l.open()
-	parents := []adopt.Parent{{Name: u.Name, Ifindex: u.Index}}
-	log := slog.New(slog.DiscardHandler)
+	h := newScanLab(t)
+	l, u, dp := h.lab, h.u, h.dp
 	c := l.AddMacvlanContainer("renamed", u.IP4(36), netip.Prefix{})
 	sync := func(name string) adopt.Result {
 		t.Helper()
-		var res adopt.Result
-		must(t, l.Node.Do(func() error {
-			found, err := adopt.Scan(parents, []string{filepath.Dir(c.Path)})
-			if err != nil {
-				return err
-			}
-			before, err := adopt.Snap(dp)
-			if err != nil {
-				return err
-			}
-			res, err = adopt.Sync(dp, before, found, func(*adopt.Slave) string { return name }, log)
-			return err
-		}))
+		res, err := h.scan(c, func(*adopt.Slave) string { return name })
+		must(t, err)
 		return res
 	}
 	spoofed := func(id uint32) uint64 {
@@ -267,7 +250,7 @@ func TestAdoptRenameInPlace(t *testing.T) {
 	if res := sync("web-7"); len(res.Added)+len(res.Removed)+len(res.Renamed) != 0 {
 		t.Errorf("a scan with nothing new: added %v, removed %v, renamed %v", res.Added, res.Removed, res.Renamed)
 	}
-	ag.stop()
+	h.ag.stop()
 }
 
 // A container that changes its own addresses (CAP_NET_ADMIN) is
@@ -282,33 +265,16 @@ func TestAdoptRenameInPlace(t *testing.T) {
 // rename of the interface all left the container unregistered, with no
 // filter at all.
 func TestAdoptReregistrationKeepsGuard(t *testing.T) {
-	l := newLab(t, netenv.Options{})
-	u := l.Uplinks[0]
-	l.writeConfig("")
-	ag := l.start(agentBin)
-	ag.waitReady()
-	dp := l.open()
-	parents := []adopt.Parent{{Name: u.Name, Ifindex: u.Index}}
-	log := slog.New(slog.DiscardHandler)
+	h := newScanLab(t)
+	l, u, dp := h.lab, h.u, h.dp
 	c := l.AddMacvlanContainer("churner", u.IP4(37), netip.Prefix{})
 	victim := l.AddMacvlanContainer("victim", u.IP4(38), netip.Prefix{})
 	addEndpoint(t, l.Node, dp, victim, u.MAC)
 	owner := l.AddMacvlanContainer("owner", u.IP4(40), netip.Prefix{})
 	addEndpoint(t, l.Node, dp, owner, u.MAC) // a registered pod: its address is taken
 	scan := func() error {
-		t.Helper()
-		return l.Node.Do(func() error {
-			found, err := adopt.Scan(parents, []string{filepath.Dir(c.Path)})
-			if err != nil {
-				return err
-			}
-			before, err := adopt.Snap(dp)
-			if err != nil {
-				return err
-			}
-			_, err = adopt.Sync(dp, before, found, nil, log)
-			return err
-		})
+		_, err := h.scan(c, nil)
+		return err
 	}
 	setAddr := func(add bool, p netip.Prefix) {
 		t.Helper()
@@ -448,7 +414,43 @@ func TestAdoptReregistrationKeepsGuard(t *testing.T) {
 	}
 	waitFor(t, 5*time.Second, "host -> the container", func() bool { return netenv.Ping(t, l.Node, c.IP4.Addr(), 1).Received == 1 })
 	netenv.MustPing(t, l.Node, c.IP4.Addr(), 2)
-	ag.stop()
+	h.ag.stop()
+}
+
+// scanLab is a lab whose agent adopts nothing itself (no adopt.parents):
+// the test plays the agent's scans.
+type scanLab struct {
+	*lab
+	u  *netenv.Uplink
+	ag *agent
+	dp *loader.Objects
+}
+
+func newScanLab(t *testing.T) *scanLab {
+	l := newLab(t, netenv.Options{})
+	l.writeConfig("")
+	ag := l.start(agentBin)
+	ag.waitReady()
+	return &scanLab{lab: l, u: l.Uplinks[0], ag: ag, dp: l.open()}
+}
+
+// scan is one of the agent's scans (adopt.Snap, Scan, Sync) of c's
+// namespace, naming the endpoints with name (nil: adopt.Name).
+func (h *scanLab) scan(c *netenv.Container, name func(*adopt.Slave) string) (res adopt.Result, err error) {
+	parents := []adopt.Parent{{Name: h.u.Name, Ifindex: h.u.Index}}
+	err = h.Node.Do(func() error {
+		before, err := adopt.Snap(h.dp)
+		if err != nil {
+			return err
+		}
+		found, err := adopt.Scan(parents, []string{filepath.Dir(c.Path)})
+		if err != nil {
+			return err
+		}
+		res, err = adopt.Sync(h.dp, before, found, name, slog.New(slog.DiscardHandler))
+		return err
+	})
+	return res, err
 }
 
 // setLink changes c's interface with set, taken down and up around it
