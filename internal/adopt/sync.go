@@ -315,7 +315,7 @@ func add(dp *loader.Objects, found []Slave, o addOptions) (res Result, adopted m
 		}
 		var replaces uint32
 		if ep, ok := adopted[key]; ok {
-			same := sameSlave(ep, s.Ifindex, s.MAC, s.Addrs) && ep.Netns == s.Netns
+			same := sameSlave(ep, s.Ifindex, s.MAC, s.Addrs) && samePath(ep.Netns, s)
 			if keep[key] || same && (o.anyName || ep.PodName == n) {
 				keep[key] = true
 				continue
@@ -352,7 +352,7 @@ func add(dp *loader.Objects, found []Slave, o addOptions) (res Result, adopted m
 			case had:
 				keep[prev] = true
 			case errors.Is(err, datapath.ErrAddrInUse):
-				if qerr := attach.QuarantineEndpoint(dp.EndpointTarget(0, s.Netns, s.Ifindex)); qerr != nil {
+				if qerr := quarantine(dp, s); qerr != nil {
 					errs = append(errs, fmt.Errorf("quarantine %s in %s: %w", s.IfName, s.Netns, qerr))
 				}
 			}
@@ -370,6 +370,40 @@ func add(dp *loader.Objects, found []Slave, o addOptions) (res Result, adopted m
 // sameSlave is whether ep registers the slave with ifindex, mac and addrs.
 func sameSlave(ep datapath.Endpoint, ifindex int, mac net.HardwareAddr, addrs []netip.Prefix) bool {
 	return ep.Ifindex == ifindex && ep.MAC.String() == mac.String() && slices.Equal(ep.Addrs, addrs)
+}
+
+// samePath says whether path, an adopted endpoint's recorded netns, still
+// leads to s's namespace: the recorded path may differ from the one this
+// scan found (the OCI hook records the container's /proc/<pid>/ns/net),
+// and only one that no longer leads there (that process ended) needs the
+// registration written again.
+func samePath(path string, s *Slave) bool {
+	if path == s.Netns {
+		return true
+	}
+	id, err := nsIDOfPath(path)
+	return err == nil && id == s.NetnsID
+}
+
+// quarantine puts s's interface in quarantine (attach.QuarantineEndpoint)
+// unless, by the time the lock is held, a registration covers it: a CNI
+// ADD may have registered it since its adoption was refused.
+func quarantine(dp *loader.Objects, s *Slave) error {
+	unlock, err := dp.Lock()
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	eps, err := datapath.Endpoints(&dp.Maps)
+	if err != nil {
+		return err
+	}
+	for _, ep := range eps {
+		if ep.Ifindex == s.Ifindex && samePath(ep.Netns, s) {
+			return nil
+		}
+	}
+	return attach.QuarantineEndpoint(dp.EndpointTarget(0, s.Netns, s.Ifindex))
 }
 
 func rename(dp *loader.Objects, id uint32, name string) error {

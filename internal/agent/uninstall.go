@@ -14,6 +14,7 @@ import (
 
 	"github.com/vishvananda/netlink"
 
+	"github.com/underpass-cni/underpass/internal/adopt"
 	"github.com/underpass-cni/underpass/internal/attach"
 	"github.com/underpass-cni/underpass/internal/config"
 	"github.com/underpass-cni/underpass/internal/datapath"
@@ -52,6 +53,7 @@ func Uninstall(configPath string, out io.Writer) error {
 	errs := detachEgress(dir, uplinks, out)
 	errs = append(errs, detachXDP(dir, out)...)
 	errs = append(errs, detachEndpoints(dir, out)...)
+	errs = append(errs, detachQuarantined(dir, out)...)
 	errs = append(errs, removePins(dir, out))
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("uninstall: %w", err)
@@ -139,6 +141,40 @@ func detachEndpoints(dir string, out io.Writer) []error {
 			continue
 		}
 		fmt.Fprintf(out, "detached endpoint programs from %s in %s\n", ifname, netnsPath)
+	}
+	return errs
+}
+
+// detachQuarantined removes the quarantined filters (attach.QuarantineEndpoint)
+// from the slaves of the registered parents, in every namespace: no
+// registration says where they are, and left behind they would keep the
+// programs and maps alive with nothing to vet against.
+func detachQuarantined(dir string, out io.Writer) []error {
+	registered, err := readPinned(dir, datapath.Parents)
+	if err != nil {
+		return nil
+	}
+	var parents []adopt.Parent
+	for ifindex := range registered {
+		if l, err := netlink.LinkByIndex(ifindex); err == nil {
+			parents = append(parents, adopt.Parent{Name: l.Attrs().Name, Ifindex: ifindex})
+		}
+	}
+	slaves, err := adopt.Scan(parents, adopt.NetnsDirs)
+	errs := []error{}
+	if err != nil {
+		errs = append(errs, fmt.Errorf("find quarantined slaves: %w", err))
+	}
+	for _, s := range slaves {
+		f, err := attach.InspectEndpoint(s.Netns, s.Ifindex)
+		if err != nil || !f.Quarantined {
+			continue // gone meanwhile, or not quarantined
+		}
+		if err := attach.DetachEndpoint(attach.EndpointOptions{Ifindex: s.Ifindex, Netns: s.Netns}); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		fmt.Fprintf(out, "detached quarantined endpoint filters from %s in %s\n", s.IfName, s.Netns)
 	}
 	return errs
 }

@@ -184,6 +184,9 @@ func checkPrograms(args *skel.CmdArgs, s *slave, id uint32) error {
 	if err != nil {
 		return fmt.Errorf("programs of endpoint %d: %w", id, err)
 	}
+	if att.Quarantined {
+		return fmt.Errorf("programs of endpoint %d: the interface is quarantined (its filters run as no endpoint and drop all it sends: the agent found it replaced, another MAC or name)", id)
+	}
 	var problems []string
 	for _, d := range []struct {
 		name string

@@ -6,6 +6,7 @@ import (
 	"log/slog"
 
 	"github.com/containernetworking/plugins/pkg/ns"
+	"golang.org/x/sys/unix"
 
 	"github.com/underpass-cni/underpass/internal/attach"
 	"github.com/underpass-cni/underpass/internal/loader"
@@ -137,13 +138,19 @@ func register(dp *loader.Objects, ep *Endpoint, h *AddOptions) (ps parentState, 
 	// Refused (an address another live endpoint holds) before the
 	// attachment's old registration is touched: a container that claims
 	// a neighbour's address keeps its old registration and its guard.
+	// Replaces counts only while it names this interface: an id freed and
+	// claimed by another pod since the caller looked is that pod's.
+	replaces := h.Replaces
+	if r, err := Lookup(&dp.Maps, replaces); replaces != 0 && (err != nil || !sameInterface(&r, ep) || r.Network != ep.Network) {
+		replaces = 0
+	}
 	if err := evictAdopted(dp, ep, h.Log); err != nil {
 		return ps, false, err
 	}
-	if err := evictStaleOwners(dp, ep, h.Replaces, h.Log); err != nil {
+	if err := evictStaleOwners(dp, ep, replaces, h.Log); err != nil {
 		return ps, false, err
 	}
-	if replaced, err = dropOldRegistration(dp, ep, h.Replaces); err != nil {
+	if replaced, err = dropOldRegistration(dp, ep, replaces); err != nil {
 		return ps, replaced, err
 	}
 	id, err := Register(&dp.Maps, *ep)
@@ -199,7 +206,7 @@ func dropOldRegistration(dp *loader.Objects, ep *Endpoint, replaces uint32) (qua
 // dropRegistration removes registration id (old) for ep's: see
 // dropOldRegistration.
 func dropRegistration(dp *loader.Objects, ep *Endpoint, id uint32, old *Endpoint) (quarantined bool, err error) {
-	if ep.Netns == "" || old.Netns != ep.Netns || old.Ifindex != ep.Ifindex {
+	if !sameInterface(old, ep) {
 		return false, RemoveEndpoint(dp, id)
 	}
 	err = attach.QuarantineEndpoint(dp.EndpointTarget(0, ep.Netns, ep.Ifindex))
@@ -210,6 +217,38 @@ func dropRegistration(dp *loader.Objects, ep *Endpoint, id uint32, old *Endpoint
 		return false, err // the old registration stays, and so do its filters
 	}
 	return true, Unregister(&dp.Maps, id)
+}
+
+// sameInterface says whether old registers ep's interface: the same index
+// in the same namespace, however its path names it (a pin, or a process's
+// /proc/<pid>/ns/net; an old path that no longer leads there is another
+// namespace as far as anyone can tell).
+func sameInterface(old, ep *Endpoint) bool {
+	if ep.Netns == "" || old.Ifindex != ep.Ifindex {
+		return false
+	}
+	if old.Netns == ep.Netns {
+		return true
+	}
+	// An adoption's container id is its namespace's device and inode.
+	if old.Network == AdoptedNetwork && ep.Network == AdoptedNetwork && old.ContainerID == ep.ContainerID {
+		return true
+	}
+	a, aerr := netnsID(old.Netns)
+	b, berr := netnsID(ep.Netns)
+	return aerr == nil && berr == nil && a == b
+}
+
+// netnsID is the device and inode of the namespace at path.
+func netnsID(path string) ([2]uint64, error) {
+	if err := attach.CheckNetns(path); err != nil {
+		return [2]uint64{}, err
+	}
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		return [2]uint64{}, err
+	}
+	return [2]uint64{st.Dev, st.Ino}, nil
 }
 
 // ensureParent registers the parent and attaches its egress program unless

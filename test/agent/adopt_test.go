@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/underpass-cni/underpass/internal/adopt"
+	"github.com/underpass-cni/underpass/internal/attach"
 	ctlpkg "github.com/underpass-cni/underpass/internal/ctl"
 	"github.com/underpass-cni/underpass/internal/datapath"
 	"github.com/underpass-cni/underpass/internal/loader"
@@ -315,17 +316,33 @@ func TestAdoptReregistrationKeepsGuard(t *testing.T) {
 				return err
 			}
 			defer unix.Close(fd)
-			frame := netenv.ForgedFrame4(c.MAC, victimMAC, forgedSrc, victim.IP4.Addr())
-			to := &unix.SockaddrLinklayer{Ifindex: c.Index, Halen: 6}
-			copy(to.Addr[:], victimMAC)
+			// From its own MAC and from a made-up one (which no ingress
+			// vets: only the container's own egress filter stops it), to
+			// the victim and to the gateway (through the parent).
+			type target struct {
+				frame []byte
+				to    *unix.SockaddrLinklayer
+			}
+			var targets []target
+			for _, from := range []net.HardwareAddr{c.MAC, {0x02, 0x66, 0x61, 0x6b, 0x65, 0x01}} {
+				for _, dst := range []struct {
+					mac net.HardwareAddr
+					ip  netip.Addr
+				}{{victimMAC, victim.IP4.Addr()}, {u.GatewayMAC, u.Gateway4}} {
+					to := &unix.SockaddrLinklayer{Ifindex: c.Index, Halen: 6}
+					copy(to.Addr[:], dst.mac)
+					targets = append(targets, target{netenv.ForgedFrame4(from, dst.mac, forgedSrc, dst.ip), to})
+				}
+			}
 			for {
 				select {
 				case <-stop:
 					return nil
 				default:
 				}
+				tg := targets[n%len(targets)]
 				n++
-				if errors.Is(unix.Sendto(fd, frame, 0, to), unix.ENOBUFS) {
+				if errors.Is(unix.Sendto(fd, tg.frame, 0, tg.to), unix.ENOBUFS) {
 					shot++
 				}
 			}
@@ -376,7 +393,10 @@ func TestAdoptReregistrationKeepsGuard(t *testing.T) {
 	setLink(t, c, func(h *netlink.Handle, l netlink.Link) error { return h.LinkSetName(l, "eth1") })
 	must(t, scan())
 	if held, found, err := findAdopted(dp, c.MAC); err != nil || !found || held.IfName != "eth1" || len(held.Addrs) != 0 {
-		t.Errorf("renamed with no address: found %v (%v), %+v, want it registered as eth1 with none", found, err, held)
+		// The collector's quarantine came first: guarded too.
+		if f, qerr := attach.InspectEndpoint(c.Path, c.Index); qerr != nil || !f.Quarantined {
+			t.Errorf("renamed with no address: found %v (%v), %+v, want it registered as eth1 with none, or quarantined (%+v, %v)", found, err, held, f, qerr)
+		}
 	}
 	time.Sleep(100 * time.Millisecond)
 	setLink(t, c, func(h *netlink.Handle, l netlink.Link) error { return h.LinkSetName(l, c.IfName) })

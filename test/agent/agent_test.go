@@ -521,6 +521,12 @@ func TestUninstall(t *testing.T) {
 	if err := attach.Endpoint(dp.EndpointTarget(id, ctr.Path, ctr.Index)); err != nil {
 		t.Fatal(err)
 	}
+	// A slave quarantined by the collector: in no registration.
+	q := l.AddMacvlanContainer("quarantined", l.Uplinks[0].IP4(11), netip.Prefix{})
+	must(t, attach.QuarantineEndpoint(dp.EndpointTarget(0, q.Path, q.Index)))
+	if f, err := attach.InspectEndpoint(q.Path, q.Index); err != nil || !f.Quarantined {
+		t.Fatalf("quarantine: %+v %v", f, err)
+	}
 
 	out, _, err := l.Node.Exec(t.Context(), agentBin, "--config", l.cfg, "--uninstall")
 	if err == nil || !strings.Contains(err.Error(), "is running") {
@@ -539,6 +545,8 @@ func TestUninstall(t *testing.T) {
 		"detached uplink program from eth1",
 		"detached XDP program from eth0",
 		"detached endpoint programs from eth0 in " + ctr.Path,
+		"detached quarantined endpoint filters from eth0 in ", // /run/netns/…, the scan's path
+		filepath.Base(q.Path) + "\n",
 		"removed " + l.dir,
 		"removed nftables table inet underpass",
 	} {
@@ -559,6 +567,9 @@ func TestUninstall(t *testing.T) {
 	}
 	if att, err := attach.InspectEndpoint(ctr.Path, ctr.Index); err != nil || att != (attach.EndpointFilters{}) {
 		t.Fatalf("endpoint programs left in the container: %+v %v", att, err)
+	}
+	if att, err := attach.InspectEndpoint(q.Path, q.Index); err != nil || att != (attach.EndpointFilters{}) {
+		t.Fatalf("quarantined filters left in the container: %+v %v", att, err)
 	}
 	out, _, err = l.Node.Exec(t.Context(), agentBin, "--config", l.cfg, "--uninstall")
 	if err != nil || !strings.Contains(out, "nothing to remove") {
