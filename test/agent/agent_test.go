@@ -19,6 +19,7 @@ import (
 	"github.com/underpass-cni/underpass/internal/datapath"
 	"github.com/underpass-cni/underpass/internal/loader"
 	"github.com/underpass-cni/underpass/test/netenv"
+	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 )
 
@@ -440,19 +441,50 @@ func TestEndpointGC(t *testing.T) {
 // then sent as anyone to its bridged neighbours, whose ingress vets only
 // registered senders): they are quarantined, and drop all it sends.
 func TestEndpointGCQuarantinesAChangedMAC(t *testing.T) {
+	newMAC := net.HardwareAddr{0x02, 0x6e, 0x65, 0x77, 0, 1}
+	for _, tc := range []struct {
+		name, reason string
+		mac          net.HardwareAddr // what it sends from after the change
+		change       func(*netlink.Handle, netlink.Link) error
+	}{
+		{"new MAC", `reason="interface replaced (MAC changed)"`, newMAC,
+			func(h *netlink.Handle, l netlink.Link) error { return h.LinkSetHardwareAddr(l, newMAC) }},
+		// Renamed, its index under another name: it still runs the
+		// endpoint's filters, which must not stay on as a freed id's.
+		{"renamed", `reason="interface gone (its index now belongs to eth9)"`, nil,
+			func(h *netlink.Handle, l netlink.Link) error {
+				if err := h.LinkSetDown(l); err != nil {
+					return err
+				}
+				if err := h.LinkSetName(l, "eth9"); err != nil {
+					return err
+				}
+				return h.LinkSetUp(l)
+			}},
+	} {
+		t.Run(tc.name, func(t *testing.T) { gcQuarantines(t, tc.reason, tc.mac, tc.change) })
+	}
+}
+
+// gcQuarantines registers a pod, changes its interface with change, and
+// checks that the collector quarantines it (logging reason) and that
+// nothing it forges from mac (nil: its own) gets out.
+func gcQuarantines(t *testing.T, reason string, mac net.HardwareAddr, change func(*netlink.Handle, netlink.Link) error) {
 	r := setup(t)
 	u := r.Uplinks[0]
-	c := r.AddMacvlanContainer("newmac", u.IP4(13), netip.Prefix{})
-	id := r.register(r.dp, c, "newmac")
+	c := r.AddMacvlanContainer("changed", u.IP4(13), netip.Prefix{})
+	if mac == nil {
+		mac = c.MAC
+	}
+	id := r.register(r.dp, c, "changed")
 	must(t, attach.Endpoint(r.dp.EndpointTarget(id, c.Path, c.Index)))
 	if f, err := attach.InspectEndpoint(c.Path, c.Index); err != nil || f == (attach.EndpointFilters{}) {
 		t.Fatalf("filters before: %+v, %v", f, err)
 	}
-	newMAC := net.HardwareAddr{0x02, 0x6e, 0x65, 0x77, 0, 1}
 	l, err := c.Netlink().LinkByIndex(c.Index)
 	must(t, err)
-	must(t, c.Netlink().LinkSetHardwareAddr(l, newMAC))
-	waitFor(t, 10*time.Second, "endpoint with a changed MAC collected", func() bool {
+	must(t, change(c.Netlink(), l))
+	waitFor(t, 10*time.Second, "endpoint with a changed interface collected", func() bool {
 		eps, _ := datapath.Endpoints(&r.dp.Maps)
 		_, ok := eps[id]
 		return !ok
@@ -462,10 +494,10 @@ func TestEndpointGCQuarantinesAChangedMAC(t *testing.T) {
 	}
 	// The collector logs after it has unregistered: wait for the line.
 	waitFor(t, 10*time.Second, "the GC's log line saying why", func() bool {
-		return strings.Contains(r.ag.Out.String(), `reason="interface replaced (MAC changed)"`)
+		return strings.Contains(r.ag.Out.String(), reason)
 	})
 
-	// The attack: forged sources from the new MAC at a bridged neighbour
+	// The attack: forged sources at a bridged neighbour
 	// and at the wire, and its own address at the node.
 	forged := u.IP4(250).Addr()
 	atNeighbour := netenv.StartCounter(t, r.ctr.NS, r.ctr.IfName, netenv.MatchSrcIP(forged))
@@ -485,7 +517,7 @@ func TestEndpointGCQuarantinesAChangedMAC(t *testing.T) {
 			copy(to.Addr[:], dst.mac)
 			for range 100 {
 				sent++
-				if errors.Is(unix.Sendto(fd, netenv.ForgedFrame4(newMAC, dst.mac, forged, dst.ip), 0, to), unix.ENOBUFS) {
+				if errors.Is(unix.Sendto(fd, netenv.ForgedFrame4(mac, dst.mac, forged, dst.ip), 0, to), unix.ENOBUFS) {
 					shot++
 				}
 			}
