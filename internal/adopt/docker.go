@@ -17,6 +17,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/underpass-cni/underpass/internal/attach"
 )
 
 // DockerAPI is the Engine API version the Docker source speaks: Docker
@@ -354,10 +356,10 @@ func (d *Docker) inspect(ctx context.Context, id string) (c dockerContainer, kee
 		}
 	}
 	if c.sandboxKey != "" {
-		c.netnsID, _ = nsIDOfPath(c.sandboxKey)
+		c.netnsID, _ = attach.NetnsID(c.sandboxKey)
 	}
 	if c.netnsID == "" && c.pid > 0 {
-		c.netnsID, _ = nsIDOfPath(filepath.Join("/proc", strconv.Itoa(c.pid), "ns", "net"))
+		c.netnsID, _ = attach.NetnsID(filepath.Join("/proc", strconv.Itoa(c.pid), "ns", "net"))
 	}
 	return c, keep, nil
 }

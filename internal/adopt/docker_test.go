@@ -12,6 +12,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/underpass-cni/underpass/internal/attach"
 )
 
 // fakeEngine serves the part of the Engine API the Docker source reads.
@@ -120,7 +122,7 @@ func TestDocker(t *testing.T) {
 	defer func() { cancel(); <-done }()
 
 	// The engine is not there yet: no name, retried.
-	self, err := nsIDOfPath("/proc/self/ns/net")
+	self, err := attach.NetnsID("/proc/self/ns/net")
 	if err != nil {
 		t.Fatal(err)
 	}

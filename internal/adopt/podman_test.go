@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/underpass-cni/underpass/internal/attach"
 	"github.com/underpass-cni/underpass/internal/testutil"
 	"golang.org/x/sys/unix"
 )
@@ -74,14 +75,14 @@ func TestNamePodmanAmongOtherProcesses(t *testing.T) {
 	t.Cleanup(func() { intruder.Process.Kill(); intruder.Wait() })
 	ns := filepath.Join("/proc", strconv.Itoa(container), "ns", "net")
 	testutil.WaitFor(t, 5*time.Second, "the intruder in the container's netns", func() bool {
-		id, err := nsIDOfPath(filepath.Join("/proc", strconv.Itoa(intruder.Process.Pid), "ns", "net"))
-		want, _ := nsIDOfPath(ns)
+		id, err := attach.NetnsID(filepath.Join("/proc", strconv.Itoa(intruder.Process.Pid), "ns", "net"))
+		want, _ := attach.NetnsID(ns)
 		return err == nil && id == want
 	})
 
-	id, err := nsIDOfPath(ns)
+	id, err := attach.NetnsID(ns)
 	testutil.Must(t, err)
-	self, err := nsIDOfPath("/proc/self/ns/net")
+	self, err := attach.NetnsID("/proc/self/ns/net")
 	testutil.Must(t, err)
 	var found *foundNS
 	for _, n := range namespaces(nil, self) {
@@ -105,7 +106,7 @@ func TestNamePodmanAmongOtherProcesses(t *testing.T) {
 // childInOwnNetns is a child of parent in a network namespace other than
 // the caller's, or 0.
 func childInOwnNetns(t *testing.T, parent int) int {
-	self, err := nsIDOfPath("/proc/self/ns/net")
+	self, err := attach.NetnsID("/proc/self/ns/net")
 	testutil.Must(t, err)
 	for _, pid := range procPids() {
 		stat, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "stat"))
@@ -116,7 +117,7 @@ func childInOwnNetns(t *testing.T, parent int) int {
 		if len(f) < 2 || f[1] != strconv.Itoa(parent) {
 			continue
 		}
-		if id, err := nsIDOfPath(filepath.Join("/proc", strconv.Itoa(pid), "ns", "net")); err == nil && id != self {
+		if id, err := attach.NetnsID(filepath.Join("/proc", strconv.Itoa(pid), "ns", "net")); err == nil && id != self {
 			return pid
 		}
 	}

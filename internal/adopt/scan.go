@@ -26,6 +26,7 @@ import (
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
+	"github.com/underpass-cni/underpass/internal/attach"
 	"github.com/underpass-cni/underpass/internal/loader"
 )
 
@@ -138,7 +139,7 @@ func namespaces(dirs []string, self string) []foundNS {
 	seen := map[string]int{self: -1} // index in out
 	var out []foundNS
 	add := func(path string, pid int) {
-		id, err := nsIDOfPath(path)
+		id, err := attach.NetnsID(path)
 		if err != nil {
 			return
 		}
@@ -183,22 +184,6 @@ func procPids() []int {
 	}
 	slices.Sort(pids)
 	return pids
-}
-
-// nsIDOfPath is the device and inode of the namespace at path, if it is one.
-func nsIDOfPath(path string) (string, error) {
-	var st unix.Statfs_t
-	if err := unix.Statfs(path, &st); err != nil {
-		return "", err
-	}
-	if st.Type != unix.NSFS_MAGIC {
-		return "", fmt.Errorf("%s: not a namespace", path)
-	}
-	var s unix.Stat_t
-	if err := unix.Stat(path, &s); err != nil {
-		return "", err
-	}
-	return fmt.Sprintf("%d:%d", s.Dev, s.Ino), nil
 }
 
 func nsID(fd int) (string, error) {
@@ -262,7 +247,7 @@ func scanNetns(n foundNS, self int, parents []Parent) ([]Slave, error) {
 // /proc/<pid>/ns/net), whose parent must be in the caller's namespace: what
 // `underpassctl attach` registers.
 func Inspect(path, ifname string) (*Slave, error) {
-	id, err := nsIDOfPath(path)
+	id, err := attach.NetnsID(path)
 	if err != nil {
 		return nil, fmt.Errorf("netns %s: %w", path, err)
 	}
@@ -323,7 +308,7 @@ func ScanPid(parents []Parent, dirs []string, pid int) ([]Slave, error) {
 	return scan(parents, func(self string) ([]foundNS, error) {
 		n := foundNS{path: filepath.Join("/proc", strconv.Itoa(pid), "ns", "net"), pids: []int{pid}}
 		var err error
-		if n.id, err = nsIDOfPath(n.path); err != nil {
+		if n.id, err = attach.NetnsID(n.path); err != nil {
 			return nil, fmt.Errorf("netns of pid %d: %w", pid, err)
 		}
 		if n.id == self {
@@ -342,7 +327,7 @@ func pinOf(dirs []string, id string) string {
 		entries, _ := os.ReadDir(d)
 		for _, e := range entries {
 			path := filepath.Join(d, e.Name())
-			if got, err := nsIDOfPath(path); err == nil && got == id {
+			if got, err := attach.NetnsID(path); err == nil && got == id {
 				return path
 			}
 		}
@@ -360,7 +345,7 @@ func NetnsPath(arg string) string {
 
 // ContainerIDOf is the registry's name of the namespace at path.
 func ContainerIDOf(path string) (string, error) {
-	id, err := nsIDOfPath(path)
+	id, err := attach.NetnsID(path)
 	if err != nil {
 		return "", fmt.Errorf("netns %s: %w", path, err)
 	}

@@ -326,8 +326,9 @@ func add(dp *loader.Objects, found []Slave, o addOptions) (res Result, adopted m
 					errs = append(errs, fmt.Errorf("rename %s %s to %s: %w", ep.PodName, ep.IfName, n, err))
 					continue
 				}
-				res.Renamed = append(res.Renamed, Renamed{Endpoint: ep, From: ep.PodName})
-				res.Renamed[len(res.Renamed)-1].PodName = n
+				r := Renamed{Endpoint: ep, From: ep.PodName}
+				r.PodName = n
+				res.Renamed = append(res.Renamed, r)
 				continue
 			}
 			// Its interface, MAC, addresses or path changed: registered
@@ -381,7 +382,7 @@ func samePath(path string, s *Slave) bool {
 	if path == s.Netns {
 		return true
 	}
-	id, err := nsIDOfPath(path)
+	id, err := attach.NetnsID(path)
 	return err == nil && id == s.NetnsID
 }
 

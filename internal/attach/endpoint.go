@@ -61,6 +61,28 @@ func CheckNetns(path string) error {
 	return nil
 }
 
+// NetnsID is the device and inode of the namespace at path ("dev:ino"), if
+// it is one: the same whatever path leads there (a pin, a process's
+// /proc/<pid>/ns/net).
+func NetnsID(path string) (string, error) {
+	var st unix.Statfs_t
+	if err := unix.Statfs(path, &st); err != nil {
+		return "", err
+	}
+	if st.Type != unix.NSFS_MAGIC {
+		return "", fmt.Errorf("%s: not a namespace", path)
+	}
+	var s unix.Stat_t
+	if err := unix.Stat(path, &s); err != nil {
+		return "", err
+	}
+	return fmt.Sprintf("%d:%d", s.Dev, s.Ino), nil
+}
+
+// Gone says whether err, from reaching an interface in a namespace, means
+// that the namespace or the interface is gone.
+func Gone(err error) bool { return errors.Is(err, ErrNetnsGone) || LinkGone(err) }
+
 // NetnsHandle opens a netlink handle inside the netns at path, so no thread
 // has to switch namespaces for the requests. A namespace that is gone is
 // an error wrapping ErrNetnsGone (ErrNotANamespace for a path that is no
@@ -166,22 +188,10 @@ func QuarantineEndpoint(o EndpointOptions) error {
 		return fmt.Errorf("quarantine %s: %w", o.where(), err)
 	}
 	defer h.Close()
-	if o.Ingress == nil || o.Egress == nil {
-		return errors.New("datapath has no endpoint programs open")
-	}
-	// Egress first, the hook that guards what the interface sends; and no
-	// rollback: whatever a failure leaves (the old filters or these) drops
-	// what an unregistered interface sends, where none would not.
-	filters := endpointFilters(h, o.Ifindex)
-	if err := filters[0].ensureClsact(); err != nil {
+	// No rollback: whatever a failure leaves (the old filters or these)
+	// drops what an unregistered interface sends, where none would not.
+	if err := putFilters(h, o, quarantineName, 0); err != nil {
 		return fmt.Errorf("quarantine %s: %w", o.where(), err)
-	}
-	for _, i := range []int{1, 0} {
-		f := filters[i]
-		f.name, f.classid = quarantineName, 0
-		if err := f.replaceFilter([]*ebpf.Program{o.Ingress, o.Egress}[i]); err != nil {
-			return fmt.Errorf("quarantine %s: %w", o.where(), err)
-		}
 	}
 	return nil
 }
@@ -189,28 +199,33 @@ func QuarantineEndpoint(o EndpointOptions) error {
 // attachFilters puts endpoint o.ID's filters on both hooks of o.Ifindex,
 // replacing ours there in place; on error none of ours is left.
 func attachFilters(h *netlink.Handle, o EndpointOptions) (err error) {
-	id, ifindex := o.ID, o.Ifindex
-	if o.Ingress == nil || o.Egress == nil {
-		return errors.New("datapath has no endpoint programs open")
-	}
-	filters := endpointFilters(h, ifindex)
 	defer func() {
 		if err != nil {
-			for _, f := range filters {
+			for _, f := range endpointFilters(h, o.Ifindex) {
 				if rerr := f.remove(endpointFilterPrefix); rerr != nil {
 					err = errors.Join(err, fmt.Errorf("roll back: %w", rerr))
 				}
 			}
 		}
 	}()
+	return putFilters(h, o, endpointFilterName(o.ID), o.ID)
+}
+
+// putFilters puts o's programs on both hooks of o.Ifindex as filters named
+// name with classid (the endpoint id they run as), replacing ours there in
+// place: egress first, the hook that guards what the interface sends.
+func putFilters(h *netlink.Handle, o EndpointOptions, name string, classid uint32) error {
+	if o.Ingress == nil || o.Egress == nil {
+		return errors.New("datapath has no endpoint programs open")
+	}
+	filters := endpointFilters(h, o.Ifindex)
 	if err := filters[0].ensureClsact(); err != nil {
 		return err
 	}
-	for i, prog := range []*ebpf.Program{o.Ingress, o.Egress} {
+	for _, i := range []int{1, 0} {
 		f := filters[i]
-		f.name = endpointFilterName(id)
-		f.classid = id
-		if err := f.replaceFilter(prog); err != nil {
+		f.name, f.classid = name, classid
+		if err := f.replaceFilter([]*ebpf.Program{o.Ingress, o.Egress}[i]); err != nil {
 			return err
 		}
 	}
@@ -277,17 +292,19 @@ func InspectEndpoint(netnsPath string, ifindex int) (EndpointFilters, error) {
 	if _, err := h.LinkByIndex(ifindex); err != nil {
 		return EndpointFilters{}, fmt.Errorf("ifindex %d in %s: %w", ifindex, netnsPath, err)
 	}
-	hooks := endpointFilters(h, ifindex)
-	var ids [2]uint32
 	var out EndpointFilters
-	for i, f := range hooks {
-		var quarantined bool
-		if ids[i], quarantined, err = filterEndpointID(f); err != nil {
+	for i, f := range endpointFilters(h, ifindex) {
+		id, quarantined, err := filterEndpointID(f)
+		if err != nil {
 			return EndpointFilters{}, fmt.Errorf("ifindex %d in %s: %w", ifindex, netnsPath, err)
+		}
+		if i == 0 {
+			out.Ingress = id
+		} else {
+			out.Egress = id
 		}
 		out.Quarantined = out.Quarantined || quarantined
 	}
-	out.Ingress, out.Egress = ids[0], ids[1]
 	return out, nil
 }
 

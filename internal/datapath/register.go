@@ -6,7 +6,6 @@ import (
 	"log/slog"
 
 	"github.com/containernetworking/plugins/pkg/ns"
-	"golang.org/x/sys/unix"
 
 	"github.com/underpass-cni/underpass/internal/attach"
 	"github.com/underpass-cni/underpass/internal/loader"
@@ -62,7 +61,7 @@ func AddEndpoint(dp *loader.Objects, netns ns.NetNS, ep *Endpoint, h AddOptions,
 		// It replaced a registration of this interface, which was
 		// guarded: it stays so, quarantined, not bare.
 		if replaced {
-			if err := attach.QuarantineEndpoint(dp.EndpointTarget(0, ep.Netns, ep.Ifindex)); err != nil && !errors.Is(err, attach.ErrNetnsGone) && !attach.LinkGone(err) {
+			if err := attach.QuarantineEndpoint(dp.EndpointTarget(0, ep.Netns, ep.Ifindex)); err != nil && !attach.Gone(err) {
 				errs = append(errs, err)
 			}
 		}
@@ -140,17 +139,19 @@ func register(dp *loader.Objects, ep *Endpoint, h *AddOptions) (ps parentState, 
 	// a neighbour's address keeps its old registration and its guard.
 	// Replaces counts only while it names this interface: an id freed and
 	// claimed by another pod since the caller looked is that pod's.
-	replaces := h.Replaces
-	if r, err := Lookup(&dp.Maps, replaces); replaces != 0 && (err != nil || !sameInterface(&r, ep) || r.Network != ep.Network) {
-		replaces = 0
+	var prior *Endpoint
+	if h.Replaces != 0 {
+		if r, err := Lookup(&dp.Maps, h.Replaces); err == nil && sameInterface(&r, ep) && r.Network == ep.Network {
+			prior = &r
+		}
 	}
 	if err := evictAdopted(dp, ep, h.Log); err != nil {
 		return ps, false, err
 	}
-	if err := evictStaleOwners(dp, ep, replaces, h.Log); err != nil {
+	if err := evictStaleOwners(dp, ep, prior, h.Log); err != nil {
 		return ps, false, err
 	}
-	if replaced, err = dropOldRegistration(dp, ep, replaces); err != nil {
+	if replaced, err = dropOldRegistration(dp, ep, prior); err != nil {
 		return ps, replaced, err
 	}
 	id, err := Register(&dp.Maps, *ep)
@@ -164,8 +165,8 @@ func register(dp *loader.Objects, ep *Endpoint, h *AddOptions) (ps parentState, 
 
 // dropOldRegistration removes the registration ep's attachment has already
 // (a retried ADD; an adopted slave whose addresses or MAC changed, which its
-// container can do at will), and the one replaces names (the same
-// interface renamed). When the old registration is on ep's interface its
+// container can do at will), and prior (nil: none), a registration of the
+// same interface under another name (renamed). When the old registration is on ep's interface its
 // filters are not detached, which would leave the interface unguarded for
 // as long as the registration takes (a container flooded its macvlan
 // neighbours with forged frames, which the bridge delivers from slave to
@@ -179,39 +180,33 @@ func register(dp *loader.Objects, ep *Endpoint, h *AddOptions) (ps parentState, 
 // registration.
 //
 // quarantined says whether ep's interface now runs quarantined filters.
-func dropOldRegistration(dp *loader.Objects, ep *Endpoint, replaces uint32) (quarantined bool, err error) {
+func dropOldRegistration(dp *loader.Objects, ep *Endpoint, prior *Endpoint) (quarantined bool, err error) {
 	id, old, err := Find(&dp.Maps, ep.ContainerID, ep.IfName)
 	if err != nil {
 		return false, err
 	}
 	if id != 0 {
-		if quarantined, err = dropRegistration(dp, ep, id, old); err != nil {
+		if quarantined, err = dropRegistration(dp, ep, old); err != nil {
 			return quarantined, err
 		}
 	}
-	if replaces == 0 || replaces == id {
+	if prior == nil || prior.ID == id {
 		return quarantined, nil
 	}
-	r, err := Lookup(&dp.Maps, replaces)
-	if errors.Is(err, ErrNoEndpoint) {
-		return quarantined, nil
-	}
-	if err != nil {
-		return quarantined, err
-	}
-	q, err := dropRegistration(dp, ep, replaces, &r)
+	q, err := dropRegistration(dp, ep, prior)
 	return quarantined || q, err
 }
 
-// dropRegistration removes registration id (old) for ep's: see
+// dropRegistration removes registration old for ep's: see
 // dropOldRegistration.
-func dropRegistration(dp *loader.Objects, ep *Endpoint, id uint32, old *Endpoint) (quarantined bool, err error) {
+func dropRegistration(dp *loader.Objects, ep *Endpoint, old *Endpoint) (quarantined bool, err error) {
+	id := old.ID
 	if !sameInterface(old, ep) {
 		return false, RemoveEndpoint(dp, id)
 	}
 	err = attach.QuarantineEndpoint(dp.EndpointTarget(0, ep.Netns, ep.Ifindex))
 	switch {
-	case errors.Is(err, attach.ErrNetnsGone) || attach.LinkGone(err):
+	case attach.Gone(err):
 		return false, RemoveEndpoint(dp, id) // the interface is gone: nothing to guard
 	case err != nil:
 		return false, err // the old registration stays, and so do its filters
@@ -234,21 +229,9 @@ func sameInterface(old, ep *Endpoint) bool {
 	if old.Network == AdoptedNetwork && ep.Network == AdoptedNetwork && old.ContainerID == ep.ContainerID {
 		return true
 	}
-	a, aerr := netnsID(old.Netns)
-	b, berr := netnsID(ep.Netns)
+	a, aerr := attach.NetnsID(old.Netns)
+	b, berr := attach.NetnsID(ep.Netns)
 	return aerr == nil && berr == nil && a == b
-}
-
-// netnsID is the device and inode of the namespace at path.
-func netnsID(path string) ([2]uint64, error) {
-	if err := attach.CheckNetns(path); err != nil {
-		return [2]uint64{}, err
-	}
-	var st unix.Stat_t
-	if err := unix.Stat(path, &st); err != nil {
-		return [2]uint64{}, err
-	}
-	return [2]uint64{st.Dev, st.Ino}, nil
 }
 
 // ensureParent registers the parent and attaches its egress program unless
@@ -383,7 +366,7 @@ func takeOver(dp *loader.Objects, id uint32, other, ep *Endpoint, log *slog.Logg
 // still has for another endpoint. IPAM is the authority on addresses, so
 // when that endpoint's netns is gone its DEL was lost, and its entries go.
 // A live owner is a real conflict: ErrAddrInUse, saying which pod has it.
-func evictStaleOwners(dp *loader.Objects, ep *Endpoint, replaces uint32, log *slog.Logger) error {
+func evictStaleOwners(dp *loader.Objects, ep *Endpoint, prior *Endpoint, log *slog.Logger) error {
 	m := &dp.Maps
 	for _, p := range ep.Addrs {
 		k := EpIPKey(p.Addr(), ep.ParentIfindex)
@@ -395,7 +378,7 @@ func evictStaleOwners(dp *loader.Objects, ep *Endpoint, replaces uint32, log *sl
 		if err != nil {
 			continue // Unregister of that one is under way or done
 		}
-		if other.ContainerID == ep.ContainerID && other.IfName == ep.IfName || ref.Id == replaces && replaces != 0 {
+		if other.ContainerID == ep.ContainerID && other.IfName == ep.IfName || prior != nil && ref.Id == prior.ID {
 			continue
 		}
 		if other.Network == AdoptedNetwork && ep.Network != AdoptedNetwork {

@@ -29,9 +29,8 @@ type Collector struct {
 	Maps *loader.Maps
 	Log  *slog.Logger
 	// Target names the endpoint programs for an interface
-	// (loader.Objects.EndpointTarget): an interface whose MAC changed is
-	// quarantined with them. Nil: its filters are detached instead (tests
-	// of the judging alone).
+	// (loader.Objects.EndpointTarget): an interface still there but no
+	// longer the registered one is quarantined with them.
 	Target func(id uint32, netns string, ifindex int) attach.EndpointOptions
 	// Lock is the datapath's writer lock (loader.Objects.Lock), held to
 	// confirm and remove each dead endpoint: the CNI plugin's DEL holds it
@@ -118,7 +117,7 @@ func (c *Collector) confirmAndRemove(id uint32, judged *datapath.Endpoint) (bool
 		}
 	case strings.HasPrefix(reason, reasonIndexReused):
 		f, err := attach.InspectEndpoint(now.Netns, now.Ifindex)
-		if err != nil && !errors.Is(err, attach.ErrNetnsGone) && !attach.LinkGone(err) {
+		if err != nil && !attach.Gone(err) {
 			return false, err
 		}
 		if err == nil && (f.Ingress == id || f.Egress == id) {
@@ -134,9 +133,6 @@ func (c *Collector) confirmAndRemove(id uint32, judged *datapath.Endpoint) (bool
 }
 
 func (c *Collector) quarantine(id uint32, ep *datapath.Endpoint) error {
-	if c.Target == nil {
-		return attach.DetachEndpoint(attach.EndpointOptions{ID: id, Ifindex: ep.Ifindex, Netns: ep.Netns})
-	}
 	return attach.QuarantineEndpoint(c.Target(id, ep.Netns, ep.Ifindex))
 }
 

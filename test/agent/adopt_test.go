@@ -21,7 +21,6 @@ import (
 	"github.com/underpass-cni/underpass/internal/testutil"
 	"github.com/underpass-cni/underpass/test/netenv"
 	"github.com/vishvananda/netlink"
-	"golang.org/x/sys/unix"
 )
 
 // Slaves made by hand (as `ip netns` users, LXC or Docker do) on a parent
@@ -308,45 +307,17 @@ func TestAdoptReregistrationKeepsGuard(t *testing.T) {
 	victimMAC := victim.MAC
 	stop := make(chan struct{})
 	sent := make(chan [2]int)
+	// From its own MAC and from a made-up one (which no ingress vets: only
+	// the container's own egress filter stops it), to the victim and to
+	// the gateway (through the parent).
+	var frames [][]byte
+	for _, from := range []net.HardwareAddr{c.MAC, {0x02, 0x66, 0x61, 0x6b, 0x65, 0x01}} {
+		frames = append(frames, netenv.ForgedFrame4(from, victimMAC, forgedSrc, victim.IP4.Addr()),
+			netenv.ForgedFrame4(from, u.GatewayMAC, forgedSrc, u.Gateway4))
+	}
 	go func() {
-		n, shot := 0, 0 // frames sent; of them, refused with ENOBUFS (the guard's TC_ACT_SHOT)
-		err := c.NS.Do(func() error {
-			fd, err := unix.Socket(unix.AF_PACKET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, 0)
-			if err != nil {
-				return err
-			}
-			defer unix.Close(fd)
-			// From its own MAC and from a made-up one (which no ingress
-			// vets: only the container's own egress filter stops it), to
-			// the victim and to the gateway (through the parent).
-			type target struct {
-				frame []byte
-				to    *unix.SockaddrLinklayer
-			}
-			var targets []target
-			for _, from := range []net.HardwareAddr{c.MAC, {0x02, 0x66, 0x61, 0x6b, 0x65, 0x01}} {
-				for _, dst := range []struct {
-					mac net.HardwareAddr
-					ip  netip.Addr
-				}{{victimMAC, victim.IP4.Addr()}, {u.GatewayMAC, u.Gateway4}} {
-					to := &unix.SockaddrLinklayer{Ifindex: c.Index, Halen: 6}
-					copy(to.Addr[:], dst.mac)
-					targets = append(targets, target{netenv.ForgedFrame4(from, dst.mac, forgedSrc, dst.ip), to})
-				}
-			}
-			for {
-				select {
-				case <-stop:
-					return nil
-				default:
-				}
-				tg := targets[n%len(targets)]
-				n++
-				if errors.Is(unix.Sendto(fd, tg.frame, 0, tg.to), unix.ENOBUFS) {
-					shot++
-				}
-			}
-		})
+		// Frames sent; of them, refused with ENOBUFS (the guard's TC_ACT_SHOT).
+		n, shot, err := netenv.SendFrames(c.NS, c.Index, frames, func(int) bool { return !testutil.Closed(stop) })
 		if err != nil {
 			t.Errorf("flood: %v", err)
 		}

@@ -20,7 +20,6 @@ import (
 	"github.com/underpass-cni/underpass/internal/loader"
 	"github.com/underpass-cni/underpass/test/netenv"
 	"github.com/vishvananda/netlink"
-	"golang.org/x/sys/unix"
 )
 
 const baseConfig = `
@@ -502,28 +501,12 @@ func gcQuarantines(t *testing.T, reason string, mac net.HardwareAddr, change fun
 	forged := u.IP4(250).Addr()
 	atNeighbour := netenv.StartCounter(t, r.ctr.NS, r.ctr.IfName, netenv.MatchSrcIP(forged))
 	onWire := netenv.StartCounter(t, r.Wire, u.Port, netenv.MatchSrcIP(forged))
-	sent, shot := 0, 0
-	must(t, c.NS.Do(func() error {
-		fd, err := unix.Socket(unix.AF_PACKET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, 0)
-		if err != nil {
-			return err
-		}
-		defer unix.Close(fd)
-		for _, dst := range []struct {
-			mac net.HardwareAddr
-			ip  netip.Addr
-		}{{r.ctr.MAC, r.ctr.IP4.Addr()}, {u.GatewayMAC, u.Gateway4}} {
-			to := &unix.SockaddrLinklayer{Ifindex: c.Index, Halen: 6}
-			copy(to.Addr[:], dst.mac)
-			for range 100 {
-				sent++
-				if errors.Is(unix.Sendto(fd, netenv.ForgedFrame4(mac, dst.mac, forged, dst.ip), 0, to), unix.ENOBUFS) {
-					shot++
-				}
-			}
-		}
-		return nil
-	}))
+	frames := [][]byte{
+		netenv.ForgedFrame4(mac, r.ctr.MAC, forged, r.ctr.IP4.Addr()),
+		netenv.ForgedFrame4(mac, u.GatewayMAC, forged, u.Gateway4),
+	}
+	sent, shot, err := netenv.SendFrames(c.NS, c.Index, frames, func(sent int) bool { return sent < 200 })
+	must(t, err)
 	if r := netenv.Ping(t, c.NS, u.Node4.Addr(), 2); r.Received != 0 {
 		t.Errorf("the quarantined pod reached the node: %v", r)
 	}

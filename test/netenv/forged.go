@@ -2,6 +2,8 @@ package netenv
 
 import (
 	"encoding/binary"
+	"errors"
+	"fmt"
 	"net"
 	"net/netip"
 
@@ -49,4 +51,31 @@ func ForgedFrame4(srcMAC, dstMAC net.HardwareAddr, src, dst netip.Addr) []byte {
 		frame = append(frame, 0)
 	}
 	return frame
+}
+
+// SendFrames sends frames (Ethernet, each to the MAC it starts with) in
+// turn from a packet socket on ifindex in ns, for as long as more(sent)
+// says so. A tc filter that drops a frame makes its send fail with
+// ENOBUFS: those are counted in refused.
+func SendFrames(ns *NS, ifindex int, frames [][]byte, more func(sent int) bool) (sent, refused int, err error) {
+	err = ns.Do(func() error {
+		fd, err := unix.Socket(unix.AF_PACKET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			return fmt.Errorf("packet socket: %w", err)
+		}
+		defer unix.Close(fd)
+		to := make([]*unix.SockaddrLinklayer, len(frames))
+		for i, f := range frames {
+			to[i] = &unix.SockaddrLinklayer{Ifindex: ifindex, Halen: 6}
+			copy(to[i].Addr[:], f[:6])
+		}
+		for ; more(sent); sent++ {
+			i := sent % len(frames)
+			if errors.Is(unix.Sendto(fd, frames[i], 0, to[i]), unix.ENOBUFS) {
+				refused++
+			}
+		}
+		return nil
+	})
+	return sent, refused, err
 }
