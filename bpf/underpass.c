@@ -49,23 +49,29 @@ const struct up_attach_key *unused_attach_key __attribute__((unused));
 const struct up_flow_key *unused_flow_key __attribute__((unused));
 const struct up_event *unused_event __attribute__((unused));
 
+/* A BTF-defined map: UP_MAP(name, type without BPF_MAP_TYPE_, max entries, key
+ * type, value type). The _NOPREALLOC form allocates entries on insert, for
+ * the maps sized for the worst case but mostly empty. Who writes each map is
+ * in docs/architecture.md ("Who owns what"). */
+#define UP_MAP_DEF(_name, _type, _max, _key, _value, _extra) \
+	struct {                                             \
+		__uint(type, BPF_MAP_TYPE_##_type);          \
+		__uint(max_entries, _max);                   \
+		_extra                                       \
+		__type(key, _key);                           \
+		__type(value, _value);                       \
+	} _name SEC(".maps")
+#define UP_MAP(_name, _type, _max, _key, _value) UP_MAP_DEF(_name, _type, _max, _key, _value, )
+#define UP_MAP_NOPREALLOC(_name, _type, _max, _key, _value) \
+	UP_MAP_DEF(_name, _type, _max, _key, _value, __uint(map_flags, BPF_F_NO_PREALLOC);)
+
 #define MAX_ENDPOINTS 16384
 #define MAX_SERVICES 65536
 #define MAX_CIDRS 1024
 
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct up_config);
-} config SEC(".maps");
+UP_MAP(config, ARRAY, 1, __u32, struct up_config);
 
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, UP_MAX_PARENT_IFINDEX);
-	__type(key, __u32);
-	__type(value, struct up_parent);
-} parents SEC(".maps");
+UP_MAP(parents, ARRAY, UP_MAX_PARENT_IFINDEX, __u32, struct up_parent);
 
 /* The parent registration of ifindex, or NULL. */
 static __always_inline struct up_parent *parent_of(__u32 ifindex)
@@ -76,40 +82,19 @@ static __always_inline struct up_parent *parent_of(__u32 ifindex)
 	return p;
 }
 
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, MAX_ENDPOINTS);
-	__type(key, struct up_mac_key);
-	__type(value, struct up_ep_ref);
-} ep_by_mac SEC(".maps");
+UP_MAP(ep_by_mac, HASH, MAX_ENDPOINTS, struct up_mac_key, struct up_ep_ref);
 
 /* Registered addresses (UP_MAX_ADDRS per endpoint) and learnt ones
  * (UP_MAX_LEARNED), per parent. */
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, MAX_ENDPOINTS * 12);
-	__type(key, struct up_ep_ip_key);
-	__type(value, struct up_ep_ref);
-} ep_by_ip SEC(".maps");
+UP_MAP(ep_by_ip, HASH, MAX_ENDPOINTS * 12, struct up_ep_ip_key, struct up_ep_ref);
 
 /* Written by userspace only (internal/datapath): never read by the programs. */
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, MAX_ENDPOINTS);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, struct up_attach_key);
-	__type(value, __u32);
-} ep_names SEC(".maps");
+UP_MAP_NOPREALLOC(ep_names, HASH, MAX_ENDPOINTS, struct up_attach_key, __u32);
 
 /* Addresses seen on the wire in ND and router advertisements, per parent
  * (XDP writes): an endpoint never learns an address someone on the wire
  * already uses, such as the router's link-local. */
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 4096);
-	__type(key, struct up_ep_ip_key);
-	__type(value, __u64);
-} wire_addrs SEC(".maps");
+UP_MAP(wire_addrs, LRU_HASH, 4096, struct up_ep_ip_key, __u64);
 
 /* Service flows the host masqueraded and forwarded into an endpoint (a
  * steered, marked frame that kube-proxy sent to a backend pod), keyed as
@@ -118,12 +103,7 @@ struct {
  * exactly these through. Written and read by the programs only (userspace
  * never writes it): parent_egress records, parent_egress and ep_egress_body
  * read; the value is when it was last seen. */
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 65536);
-	__type(key, struct up_flow_key);
-	__type(value, __u64);
-} svc_flows SEC(".maps");
+UP_MAP(svc_flows, LRU_HASH, 65536, struct up_flow_key, __u64);
 
 /* Services translated at the pod: see up_svc_xlate and underpass.h. */
 #define MAX_BACKENDS 262144
@@ -133,149 +113,46 @@ struct {
  * for a stream. */
 #define SVC_UDP_IDLE_NS (60ULL * 1000000000ULL)
 
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, MAX_SERVICES);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, struct up_svc_key);
-	__type(value, struct up_svc);
-} svc_frontends SEC(".maps");
+UP_MAP_NOPREALLOC(svc_frontends, HASH, MAX_SERVICES, struct up_svc_key, struct up_svc);
 
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, MAX_BACKENDS);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, struct up_slot_key);
-	__type(value, __u32); /* backend id */
-} svc_slots SEC(".maps");
+UP_MAP_NOPREALLOC(svc_slots, HASH, MAX_BACKENDS, struct up_slot_key, __u32); /* value: backend id */
 
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, MAX_BACKENDS);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, __u32);
-	__type(value, struct up_backend);
-} svc_backends SEC(".maps");
+UP_MAP_NOPREALLOC(svc_backends, HASH, MAX_BACKENDS, __u32, struct up_backend);
 
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, MAX_SVC_FLOWS);
-	__type(key, struct up_ct_key);
-	__type(value, struct up_ct);
-} svc_ct SEC(".maps");
+UP_MAP(svc_ct, LRU_HASH, MAX_SVC_FLOWS, struct up_ct_key, struct up_ct);
 
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, MAX_SVC_FLOWS);
-	__type(key, struct up_rev_key);
-	__type(value, struct up_rev);
-} svc_rev SEC(".maps");
+UP_MAP(svc_rev, LRU_HASH, MAX_SVC_FLOWS, struct up_rev_key, struct up_rev);
 
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 65536);
-	__type(key, struct up_affinity_key);
-	__type(value, struct up_affinity);
-} svc_affinity SEC(".maps");
+UP_MAP(svc_affinity, LRU_HASH, 65536, struct up_affinity_key, struct up_affinity);
 
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
-	__uint(max_entries, MAX_SERVICES);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, __u32); /* frontend id */
-	__type(value, struct up_svc_counters);
-} svc_counters SEC(".maps");
+UP_MAP_NOPREALLOC(svc_counters, PERCPU_HASH, MAX_SERVICES, __u32, struct up_svc_counters); /* key: frontend id */
 
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 8192);
-	__type(key, struct up_frag_key);
-	__type(value, struct up_frag);
-} svc_frags SEC(".maps");
+UP_MAP(svc_frags, LRU_HASH, 8192, struct up_frag_key, struct up_frag);
 
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, MAX_SERVICES);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, __u32); /* frontend id */
-	__type(value, struct up_svc_name);
-} svc_names SEC(".maps");
+UP_MAP_NOPREALLOC(svc_names, HASH, MAX_SERVICES, __u32, struct up_svc_name); /* key: frontend id */
 
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, UP_SVC_STAT_SLOTS);
-	__type(key, __u32);
-	__type(value, struct up_counter);
-} svc_stats SEC(".maps");
+UP_MAP(svc_stats, PERCPU_ARRAY, UP_SVC_STAT_SLOTS, __u32, struct up_counter);
 
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, MAX_ENDPOINTS);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, __u32);
-	__type(value, struct up_endpoint);
-} endpoints SEC(".maps");
+UP_MAP_NOPREALLOC(endpoints, HASH, MAX_ENDPOINTS, __u32, struct up_endpoint);
 
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
-	__uint(max_entries, MAX_ENDPOINTS);
-	__type(key, __u32);
-	__type(value, struct up_ep_stats);
-} ep_stats SEC(".maps");
+UP_MAP(ep_stats, PERCPU_HASH, MAX_ENDPOINTS, __u32, struct up_ep_stats);
 
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, UP_STAT_MAX);
-	__type(key, __u32);
-	__type(value, struct up_counter);
-} stats SEC(".maps");
+UP_MAP(stats, PERCPU_ARRAY, UP_STAT_MAX, __u32, struct up_counter);
 
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, UP_DROP_SLOTS);
-	__type(key, __u32);
-	__type(value, struct up_counter);
-} drops SEC(".maps");
+UP_MAP(drops, PERCPU_ARRAY, UP_DROP_SLOTS, __u32, struct up_counter);
 
-struct {
-	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
-	__uint(max_entries, MAX_CIDRS);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, struct up_lpm_key);
-	__type(value, __u32);
-} svc_cidrs SEC(".maps");
+UP_MAP_NOPREALLOC(svc_cidrs, LPM_TRIE, MAX_CIDRS, struct up_lpm_key, __u32);
 
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, MAX_SERVICES);
-	__type(key, struct up_ip_key);
-	__type(value, __u32);
-} live_svcs SEC(".maps");
+UP_MAP(live_svcs, HASH, MAX_SERVICES, struct up_ip_key, __u32);
 
-struct {
-	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
-	__uint(max_entries, MAX_CIDRS);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, struct up_lpm_key);
-	__type(value, struct up_host_entry);
-} host_cidrs SEC(".maps");
+UP_MAP_NOPREALLOC(host_cidrs, LPM_TRIE, MAX_CIDRS, struct up_lpm_key, struct up_host_entry);
 
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct up_trace);
-} trace SEC(".maps");
+UP_MAP(trace, PERCPU_ARRAY, 1, __u32, struct up_trace);
 
 #define PREFILTER_SVC 0
 #define PREFILTER_HOST 1
 
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 2);
-	__type(key, __u32);
-	__type(value, struct up_prefilter);
-} prefilter SEC(".maps");
+UP_MAP(prefilter, ARRAY, 2, __u32, struct up_prefilter);
 
 /* The endpoint programs' bodies, by enum up_ep_prog. The loader fills it;
  * prog arrays carry no BTF (the kernel refuses it for them). */
