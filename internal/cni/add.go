@@ -18,14 +18,35 @@ import (
 	"github.com/underpass-cni/underpass/internal/loader"
 )
 
-// Funcs are the verbs for skel.PluginMainFuncs.
+// Funcs are the verbs for skel.PluginMainFuncs. Each returns a *types.Error
+// (cniError), so the runtime gets a CNI error code, not just a message.
 func Funcs() skel.CNIFuncs {
-	return skel.CNIFuncs{Add: Add, Del: Del, Check: Check, Status: Status, GC: GC}
+	return skel.CNIFuncs{
+		Add:    verb(add),
+		Del:    verb(withConf(parseConfForDel, del)),
+		Check:  verb(withConf(ParseConf, check)),
+		Status: verb(withConf(ParseConf, status)),
+		GC:     verb(withConf(ParseConf, gc)),
+	}
 }
 
-// Add is CNI ADD.
-func Add(args *skel.CmdArgs) error { return cniError(add(args)) }
+func verb(f func(*skel.CmdArgs) error) func(*skel.CmdArgs) error {
+	return func(args *skel.CmdArgs) error { return cniError(f(args)) }
+}
 
+// withConf parses the network configuration before f. ADD parses its own,
+// inside its timed phases.
+func withConf(parse func([]byte) (*Conf, error), f func(*Conf, *skel.CmdArgs) error) func(*skel.CmdArgs) error {
+	return func(args *skel.CmdArgs) error {
+		c, err := parse(args.StdinData)
+		if err != nil {
+			return err
+		}
+		return f(c, args)
+	}
+}
+
+// add is CNI ADD.
 func add(args *skel.CmdArgs) (err error) {
 	ph := newPhases()
 	defer ph.log("add")

@@ -19,16 +19,10 @@ import (
 	"github.com/underpass-cni/underpass/internal/loader"
 )
 
-// Check is CNI CHECK: the interface still looks like prevResult says, and
+// check is CNI CHECK: the interface still looks like prevResult says, and
 // the datapath still has the endpoint as ADD registered it. Every error
 // names what drifted.
-func Check(args *skel.CmdArgs) error { return cniError(check(args)) }
-
-func check(args *skel.CmdArgs) error {
-	c, err := ParseConf(args.StdinData)
-	if err != nil {
-		return err
-	}
+func check(c *Conf, args *skel.CmdArgs) error {
 	if c.PrevResult == nil {
 		return invalidConf("CHECK needs prevResult: the runtime passes the result of ADD")
 	}

@@ -10,17 +10,11 @@ import (
 	"github.com/underpass-cni/underpass/internal/loader"
 )
 
-// Del is CNI DEL. It is idempotent and succeeds whatever is already gone:
+// del is CNI DEL. It is idempotent and succeeds whatever is already gone:
 // the netns, the link, the lease, the registration, or the whole datapath
 // (then there is nothing of ours in it to remove, but the lease and the
 // link still go).
-func Del(args *skel.CmdArgs) error { return cniError(del(args)) }
-
-func del(args *skel.CmdArgs) error {
-	c, err := parseConfForDel(args.StdinData)
-	if err != nil {
-		return err
-	}
+func del(c *Conf, args *skel.CmdArgs) error {
 	var errs []error
 
 	// The lease goes while the link and the registration do, for the IPAM

@@ -13,7 +13,7 @@ import (
 	"github.com/underpass-cni/underpass/internal/loader"
 )
 
-// GC is CNI GC (1.1.0): this network's registrations whose attachment is
+// gc is CNI GC (1.1.0): this network's registrations whose attachment is
 // not in cni.dev/valid-attachments go, with their filters in the pod netns
 // if that still exists; then the IPAM plugin (main mode) collects its
 // leases.
@@ -22,13 +22,7 @@ import (
 // GC looks at its own network's only: the runtime sends one GC per network
 // with that network's attachments, so another network's live pods (on the
 // same parent or not) are never in the list and must not be judged by it.
-func GC(args *skel.CmdArgs) error { return cniError(gc(args)) }
-
-func gc(args *skel.CmdArgs) error {
-	c, err := ParseConf(args.StdinData)
-	if err != nil {
-		return err
-	}
+func gc(c *Conf, args *skel.CmdArgs) error {
 	var errs []error
 	dp, err := loader.OpenForEndpoints(c.BPFFS)
 	switch {

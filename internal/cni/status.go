@@ -11,15 +11,9 @@ import (
 	"github.com/vishvananda/netlink"
 )
 
-// Status is CNI STATUS (1.1.0): code 50 when the plugin cannot add pods now,
+// status is CNI STATUS (1.1.0): code 50 when the plugin cannot add pods now,
 // because the datapath is not loaded or the master is missing or down.
-func Status(args *skel.CmdArgs) error { return cniError(status(args)) }
-
-func status(args *skel.CmdArgs) error {
-	c, err := ParseConf(args.StdinData)
-	if err != nil {
-		return err
-	}
+func status(c *Conf, args *skel.CmdArgs) error {
 	dp, err := openDatapath(c.BPFFS, types.ErrPluginNotAvailable)
 	if err != nil {
 		return err

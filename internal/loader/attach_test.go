@@ -24,16 +24,7 @@ import (
 
 // kernelHasTCX says whether the running kernel has tcx (Linux 6.6).
 func kernelHasTCX(tb testing.TB) (string, bool) {
-	tb.Helper()
-	var u unix.Utsname
-	must(tb, unix.Uname(&u))
-	rel := unix.ByteSliceToString(u.Release[:])
-	parts := strings.SplitN(rel, ".", 3)
-	if len(parts) < 2 {
-		tb.Fatalf("cannot parse kernel release %q", rel)
-	}
-	major, _ := strconv.Atoi(parts[0])
-	minor, _ := strconv.Atoi(strings.TrimFunc(parts[1], func(r rune) bool { return r < '0' || r > '9' }))
+	rel, major, minor := testutil.KernelRelease(tb)
 	return rel, major > 6 || major == 6 && minor >= 6
 }
 

@@ -13,10 +13,13 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"strconv"
 	"strings"
 	"testing"
 
 	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
+
 	"github.com/underpass-cni/underpass/internal/loader"
 )
 
@@ -237,4 +240,22 @@ func Parse[T any](parse func(string) T, ss ...string) []T {
 		out = append(out, parse(s))
 	}
 	return out
+}
+
+// KernelRelease returns uname -r and its major and minor numbers, for the
+// tests that know which kernel must have a feature.
+func KernelRelease(tb testing.TB) (rel string, major, minor int) {
+	tb.Helper()
+	var u unix.Utsname
+	if err := unix.Uname(&u); err != nil {
+		tb.Fatalf("uname: %v", err)
+	}
+	rel = unix.ByteSliceToString(u.Release[:])
+	parts := strings.SplitN(rel, ".", 3)
+	if len(parts) < 2 {
+		tb.Fatalf("cannot parse kernel release %q", rel)
+	}
+	major, _ = strconv.Atoi(parts[0])
+	minor, _ = strconv.Atoi(strings.TrimFunc(parts[1], func(r rune) bool { return r < '0' || r > '9' }))
+	return rel, major, minor
 }

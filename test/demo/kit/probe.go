@@ -27,12 +27,14 @@ type PingResult struct {
 func (r PingResult) String() string {
 	s := fmt.Sprintf("%d/%d replies", r.Received, r.Sent)
 	if r.Received > 0 {
-		s += fmt.Sprintf(", rtt %s", roundRTT(r.RTT))
+		s += fmt.Sprintf(", rtt %s", Round(r.RTT))
 	}
 	return s
 }
 
-func roundRTT(d time.Duration) time.Duration {
+// Round keeps a measured duration to three or so significant digits, for
+// the demos' lines.
+func Round(d time.Duration) time.Duration {
 	switch {
 	case d < time.Millisecond:
 		return d.Round(time.Microsecond)

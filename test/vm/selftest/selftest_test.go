@@ -12,8 +12,6 @@ import (
 	"fmt"
 	"os"
 	"runtime"
-	"strconv"
-	"strings"
 	"testing"
 
 	"github.com/cilium/ebpf"
@@ -24,6 +22,8 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/underpass-cni/underpass/internal/testutil"
 )
 
 func inVM() bool { return os.Getenv("UNDERPASS_IN_VM") == "1" }
@@ -38,22 +38,6 @@ func needRoot(t *testing.T) {
 	}
 }
 
-// release returns uname -r and its major, minor numbers.
-func release(t *testing.T) (string, int, int) {
-	t.Helper()
-	var u unix.Utsname
-	if err := unix.Uname(&u); err != nil {
-		t.Fatal(err)
-	}
-	rel := unix.ByteSliceToString(u.Release[:])
-	parts := strings.SplitN(rel, ".", 3)
-	if len(parts) < 2 {
-		t.Fatalf("cannot parse kernel release %q", rel)
-	}
-	major, _ := strconv.Atoi(parts[0])
-	minor, _ := strconv.Atoi(strings.TrimFunc(parts[1], func(r rune) bool { return r < '0' || r > '9' }))
-	return rel, major, minor
-}
 
 // inNetns runs fn on a locked OS thread inside a new, empty network
 // namespace, with a NETLINK_ROUTE handle opened there (xfrm is not needed
@@ -105,7 +89,7 @@ func addLink(t *testing.T, h *netlink.Handle, l netlink.Link, feature string) ne
 	t.Helper()
 	if err := h.LinkAdd(l); err != nil {
 		if unsupported(err) && !inVM() {
-			rel, _, _ := release(t)
+			rel, _, _ := testutil.KernelRelease(t)
 			t.Skipf("kernel %s has no %s link type (%v); the VM kernel matrix covers it (make test-kernels)", rel, feature, err)
 		}
 		t.Fatalf("add %s link %s: %v", feature, l.Attrs().Name, err)
@@ -216,7 +200,7 @@ func TestSchedCLSProgramRun(t *testing.T) {
 // TestTCX: tcx (bpf_link on the device) exists from 6.6; on 6.1 AttachTCX
 // must report ErrNotSupported so the loader falls back to clsact.
 func TestTCX(t *testing.T) {
-	rel, major, minor := release(t)
+	rel, major, minor := testutil.KernelRelease(t)
 	want := major > 6 || major == 6 && minor >= 6
 	inNetns(t, func(h *netlink.Handle) {
 		parent := vethPair(t, h, "up0", "wire0")

@@ -55,7 +55,7 @@ func (d *demoRun) services(ctx context.Context) {
 	case strings.Contains(r.Greeting, "GATEWAY"):
 		d.Fail("live service %s from %s leaked to the gateway: %q", live, a.name, r.Greeting)
 	default:
-		d.OK("live service %s from %s: %q (connected in %s)", live, a.name, r.Greeting, roundDur(r.Took))
+		d.OK("live service %s from %s: %q (connected in %s)", live, a.name, r.Greeting, kit.Round(r.Took))
 	}
 	if ctx.Err() != nil {
 		return
@@ -71,7 +71,7 @@ func (d *demoRun) services(ctx context.Context) {
 	case counter != "" && dropped < 1:
 		d.Fail("deleted service %s from %s: timed out, but the drop counter did not move%s", stale, a.name, counter)
 	default:
-		d.OK("deleted service %s from %s: dropped at the node (connect timed out after %s, the gateway saw nothing%s)", stale, a.name, roundDur(r.Took), counter)
+		d.OK("deleted service %s from %s: dropped at the node (connect timed out after %s, the gateway saw nothing%s)", stale, a.name, kit.Round(r.Took), counter)
 	}
 	if ctx.Err() != nil {
 		return
@@ -102,7 +102,7 @@ func (d *demoRun) services(ctx context.Context) {
 	case !r.Refused():
 		d.Fail("deleted service %s from %s: want connection refused, got %v", stale, a.name, r.Err)
 	default:
-		d.OK("deleted service %s from %s: connection refused after %s (a RST from the datapath%s)", stale, a.name, roundDur(r.Took), counter)
+		d.OK("deleted service %s from %s: connection refused after %s (a RST from the datapath%s)", stale, a.name, kit.Round(r.Took), counter)
 	}
 }
 
@@ -173,14 +173,4 @@ func (d *demoRun) inspect(ctx context.Context) {
 	fmt.Fprintf(d.Out, "    sudo nsenter --net=%s %s --bpffs %s endpoints\n", d.node.Path, ctl, demo.BPFFS)
 	fmt.Fprintf(d.Out, "    sudo nsenter --net=%s ping -c1 %s        # pod-a -> node, through the hairpin\n", d.pods[0].ns.Path, nodeAddr)
 	fmt.Fprintf(d.Out, "    sudo bpftool map dump pinned %s/<map>    # the pinned maps, with BTF\n", demo.BPFFS)
-}
-
-func roundDur(t time.Duration) time.Duration {
-	switch {
-	case t < time.Millisecond:
-		return t.Round(time.Microsecond)
-	case t < time.Second:
-		return t.Round(100 * time.Microsecond)
-	}
-	return t.Round(10 * time.Millisecond)
 }
