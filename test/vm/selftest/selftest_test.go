@@ -38,7 +38,6 @@ func needRoot(t *testing.T) {
 	}
 }
 
-
 // inNetns runs fn on a locked OS thread inside a new, empty network
 // namespace, with a NETLINK_ROUTE handle opened there (xfrm is not needed
 // and may be missing). The namespace and everything in it goes away after.
