@@ -150,7 +150,9 @@ func (o EndpointOptions) where() string {
 
 // Endpoint attaches the endpoint programs for endpoint o.ID to the ingress
 // and egress of o.Ifindex. Attaching again (a retried ADD) swaps the
-// filters in place. On error nothing of this attachment is left.
+// filters in place. On error nothing of this attachment is left, and an
+// interface that had filters of ours before is quarantined
+// (attachFilters).
 func Endpoint(o EndpointOptions) error {
 	h, err := o.handle()
 	if err != nil {
@@ -197,14 +199,36 @@ func QuarantineEndpoint(o EndpointOptions) error {
 }
 
 // attachFilters puts endpoint o.ID's filters on both hooks of o.Ifindex,
-// replacing ours there in place; on error none of ours is left.
+// replacing ours there in place. On error none of this attachment is
+// left. An interface that had no filter of ours is bare again; one that
+// had (an earlier registration's, or a quarantine) was guarded and is left
+// quarantined: never bare, nor running as an id its caller is about to
+// free.
 func attachFilters(h *netlink.Handle, o EndpointOptions) (err error) {
+	filters := endpointFilters(h, o.Ifindex)
+	had, err := filters[1].find(endpointFilterPrefix)
+	if err != nil {
+		return err
+	}
 	defer func() {
-		if err != nil {
-			for _, f := range endpointFilters(h, o.Ifindex) {
-				if rerr := f.remove(endpointFilterPrefix); rerr != nil {
-					err = errors.Join(err, fmt.Errorf("roll back: %w", rerr))
-				}
+		if err == nil {
+			return
+		}
+		// Egress is the guard: quarantined there, the interface sends
+		// nothing, whatever its ingress runs; ingress loses ours.
+		rollback := filters[:]
+		if len(had) > 0 && o.Egress != nil {
+			q := filters[1]
+			q.name, q.classid = quarantineName, 0
+			if qerr := q.replaceFilter(o.Egress); qerr != nil {
+				err = errors.Join(err, fmt.Errorf("roll back to quarantine: %w", qerr))
+			} else {
+				rollback = filters[:1]
+			}
+		}
+		for _, f := range rollback {
+			if rerr := f.remove(endpointFilterPrefix); rerr != nil {
+				err = errors.Join(err, fmt.Errorf("roll back: %w", rerr))
 			}
 		}
 	}()

@@ -403,3 +403,45 @@ func tcxPrograms(tb testing.TB, n *netenv.NS, ifindex int) int {
 	}))
 	return total
 }
+
+// An attach that fails half-way (here the kernel refuses the ingress
+// program after the egress filter was swapped) takes back what it put, and
+// leaves an interface that was guarded before guarded still: quarantined,
+// never bare (nor running as the id its caller is about to free). One
+// that had none of ours is bare again, as before the attach.
+func TestAttachEndpointFailureKeepsTheGuard(t *testing.T) {
+	testutil.RequireRoot(t)
+	dp := testutil.LoadDatapath(t)
+	env := netenv.New(t, netenv.Options{})
+	u := env.Uplinks[0]
+	broken := func(id uint32, c *netenv.Container) error {
+		o := dp.EndpointTarget(id, c.Path, c.Index)
+		o.Ingress = dp.Programs.ParentXdp // not a tc program: the ingress swap fails
+		return attach.Endpoint(o)
+	}
+	for _, tc := range []struct {
+		name   string
+		before func(c *netenv.Container)
+		want   attach.EndpointFilters
+	}{
+		{"bare", func(*netenv.Container) {}, attach.EndpointFilters{}},
+		{"quarantined", func(c *netenv.Container) {
+			must(t, attach.QuarantineEndpoint(dp.EndpointTarget(0, c.Path, c.Index)))
+		}, attach.EndpointFilters{Quarantined: true}},
+		{"guarded by another id", func(c *netenv.Container) {
+			must(t, attach.Endpoint(dp.EndpointTarget(7, c.Path, c.Index)))
+		}, attach.EndpointFilters{Quarantined: true}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			i := len(tc.name)
+			c := env.AddMacvlanContainer(fmt.Sprintf("c%d", i), u.IP4(20+i), netip.Prefix{})
+			tc.before(c)
+			if err := broken(9, c); err == nil {
+				t.Fatal("attach with an XDP program as ingress: no error")
+			}
+			if got, err := attach.InspectEndpoint(c.Path, c.Index); err != nil || got != tc.want {
+				t.Fatalf("after the failed attach: %+v, %v; want %+v", got, err, tc.want)
+			}
+		})
+	}
+}
