@@ -364,8 +364,10 @@ func takeOver(dp *loader.Objects, id uint32, other, ep *Endpoint, log *slog.Logg
 
 // evictStaleOwners handles an address IPAM handed out that the datapath
 // still has for another endpoint. IPAM is the authority on addresses, so
-// when that endpoint's netns is gone its DEL was lost, and its entries go.
-// A live owner is a real conflict: ErrAddrInUse, saying which pod has it.
+// when that endpoint's netns is gone its DEL was lost, and its entries go;
+// an address another endpoint only learnt is taken from it. A live owner
+// it was assigned to (or adopted with) is a real conflict: ErrAddrInUse,
+// saying which pod has it.
 func evictStaleOwners(dp *loader.Objects, ep *Endpoint, prior *Endpoint, log *slog.Logger) error {
 	m := &dp.Maps
 	for _, p := range ep.Addrs {
@@ -379,6 +381,16 @@ func evictStaleOwners(dp *loader.Objects, ep *Endpoint, prior *Endpoint, log *sl
 			continue // Unregister of that one is under way or done
 		}
 		if other.ContainerID == ep.ContainerID && other.IfName == ep.IfName || prior != nil && ref.Id == prior.ID {
+			continue
+		}
+		// Another endpoint only learnt it from its DAD, which any pod can
+		// send for any address (a raw socket, CAP_NET_RAW): IPAM's
+		// assignment wins (writeRefs), and the learner's traffic from it
+		// stops. Refusing would let a pod squat on the addresses IPAM hands
+		// out next and fail the pods that get them. An adoption is no
+		// assignment: it claims what the container configured itself.
+		if ref.Flags&uint32(loader.RefLearned) != 0 && ep.Network != AdoptedNetwork {
+			log.Info("address learnt by another endpoint goes to its assignee", "addr", p.Addr(), "learner", ref.Id, "container", ep.ContainerID)
 			continue
 		}
 		if other.Network == AdoptedNetwork && ep.Network != AdoptedNetwork {

@@ -111,3 +111,74 @@ func sendRA(t *testing.T, wire *netenv.NS, u *netenv.Uplink) {
 	must(t, gopacket.SerializeLayers(buf, gopacket.SerializeOptions{FixLengths: true, ComputeChecksums: true}, eth, ip6, icmp, ra))
 	must(t, sendRaw(wire, br.Attrs().Index, buf.Bytes(), false))
 }
+
+// A pod squats on the IPv6 address IPAM hands out next: its DAD for it
+// (any pod can send one, from a raw socket) makes the datapath learn it as
+// the pod's. The next pod is assigned that address and must get it: IPAM
+// is the authority, a learnt address yields, and the squatter's traffic
+// from it is dropped as spoofed. Until December 2026 the next pod's ADD
+// failed with "address in use" (blaming IPAM), so one pod could keep
+// others from starting.
+func TestAssignedAddressWinsOverALearntOne(t *testing.T) {
+	h, l := newMainHarness(t, "up-squat", true)
+	u := h.env.Uplinks[0]
+	a := h.addFirstPod(l, "a")
+	next := a.ip6.Next() // host-local hands out addresses in order
+	netenv.MustPing(t, a.ns, u.Gateway6, 1)
+	must(t, a.ns.Do(func() error {
+		return os.WriteFile("/proc/sys/net/ipv6/conf/eth0/accept_dad", []byte("1"), 0o644)
+	}))
+	eth0, err := a.ns.Netlink().LinkByName("eth0")
+	must(t, err)
+	must(t, a.ns.Netlink().AddrAdd(eth0, &netlink.Addr{IPNet: &net.IPNet{IP: next.AsSlice(), Mask: net.CIDRMask(128, 128)}}))
+	waitFor(t, "the datapath to learn the squatted address from pod a's DAD", func() bool {
+		_, epA := h.endpointOf(t, a)
+		return slices.Contains(datapath.LearnedAddrs(&h.dp.Maps, epA), next)
+	})
+	waitFor(t, "pod a's squatted address past DAD", func() bool {
+		addrs, err := a.ns.Netlink().AddrList(eth0, netlink.FAMILY_V6)
+		must(t, err)
+		return slices.ContainsFunc(addrs, func(ad netlink.Addr) bool {
+			return ad.IP.Equal(next.AsSlice()) && ad.Flags&(unix.IFA_F_TENTATIVE|unix.IFA_F_DADFAILED) == 0
+		})
+	})
+
+	b := h.newPod("b")
+	if _, err := h.tryAdd(l, b); err != nil {
+		t.Fatalf("ADD of the pod IPAM gave %s to: %v", next, err)
+	}
+	if b.ip6 != next {
+		t.Fatalf("IPAM gave pod b %s, not the squatted %s: the test proves nothing", b.ip6, next)
+	}
+	idB, _ := h.endpointOf(t, b)
+	var ref loader.EndpointRef
+	k := datapath.EpIPKey(next, u.Index)
+	must(t, h.dp.Maps.EpByIp.Lookup(&k, &ref))
+	if ref.Id != idB || ref.Flags&uint32(loader.RefLearned) != 0 {
+		t.Fatalf("ep_by_ip[%s] = %+v, want pod b's (%d), assigned", next, ref, idB)
+	}
+	netenv.MustPing(t, b.ns, u.Gateway6, 3)
+	// Pod a still has the address and sends from it (to the gateway, whose
+	// MAC it resolved before it squatted).
+	before := h.stats(t, a)
+	must(t, a.ns.Do(func() error {
+		c, err := net.DialUDP("udp6", net.UDPAddrFromAddrPort(netip.AddrPortFrom(next, 0)), net.UDPAddrFromAddrPort(netip.AddrPortFrom(u.Gateway6, 9)))
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		for range 3 {
+			if _, err := c.Write([]byte("squat")); err != nil {
+				return err
+			}
+		}
+		return nil
+	}))
+	waitFor(t, "pod a's 3 datagrams from pod b's address dropped as spoofed_source", func() bool {
+		return h.stats(t, a).Drops[loader.DropSpoofedSource]-before.Drops[loader.DropSpoofedSource] >= 3
+	})
+	h.del(l, a)
+	netenv.MustPing(t, b.ns, u.Gateway6, 2) // a's DEL left b's address alone
+	h.del(l, b)
+	h.assertNoLeak(t, nil, a.ns, b.ns)
+}
