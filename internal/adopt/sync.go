@@ -239,133 +239,167 @@ type addOptions struct {
 // adopted endpoints the registry held and which of them (by container id
 // and ifname) are to stay: found by the scan, or newer than it.
 func add(dp *loader.Objects, found []Slave, o addOptions) (res Result, adopted map[string]datapath.Endpoint, keep map[string]bool, _ error) {
-	name, log := o.name, o.log
-	if name == nil {
-		name = Name
-	}
-	eps, err := datapath.Endpoints(&dp.Maps)
+	a, err := newAdder(dp, o)
 	if err != nil {
 		return res, nil, nil, err
 	}
-	// What others registered (a CNI ADD), on its parent: a macvlan slave
-	// by its MAC; an ipvlan slave by its addresses, since every ipvlan
-	// slave has its parent's MAC (ipvlan tells them apart by address).
-	type ownKey struct {
-		parent int
-		key    string
+	for i := range found {
+		a.slave(&found[i])
 	}
-	owned := map[ownKey]bool{}
-	adopted = map[string]datapath.Endpoint{} // ours, by container id and ifname
+	return a.res, a.adopted, a.keep, errors.Join(a.errs...)
+}
+
+// ownKey is what another registration (a CNI ADD) owns on its parent: a
+// macvlan slave's MAC, or an ipvlan slave's address, since every ipvlan
+// slave has its parent's MAC (ipvlan tells them apart by address).
+type ownKey struct {
+	parent int
+	key    string
+}
+
+// adder is one pass of add, over the registry as it was when it began.
+type adder struct {
+	dp      *loader.Objects
+	o       addOptions
+	owned   map[ownKey]bool
+	adopted map[string]datapath.Endpoint // ours, by container id and ifname
+	byIndex map[string]string            // adopted's keys by container id and ifindex
+	keep    map[string]bool              // adopted's keys that stay
+	res     Result
+	errs    []error
+}
+
+func newAdder(dp *loader.Objects, o addOptions) (*adder, error) {
+	if o.name == nil {
+		o.name = Name
+	}
+	eps, err := datapath.Endpoints(&dp.Maps)
+	if err != nil {
+		return nil, err
+	}
+	a := &adder{dp: dp, o: o, owned: map[ownKey]bool{}, adopted: map[string]datapath.Endpoint{}, byIndex: map[string]string{}, keep: map[string]bool{}}
 	for _, ep := range eps {
 		if ep.Network == AdoptedNetwork {
-			adopted[ep.ContainerID+"/"+ep.IfName] = ep
+			a.adopted[ep.ContainerID+"/"+ep.IfName] = ep
 			continue
 		}
 		if ep.Mode == loader.ModeMacvlan {
-			owned[ownKey{ep.ParentIfindex, ep.MAC.String()}] = true
+			a.owned[ownKey{ep.ParentIfindex, ep.MAC.String()}] = true
 			continue
 		}
-		for _, a := range ep.Addrs {
-			owned[ownKey{ep.ParentIfindex, a.Addr().String()}] = true
+		for _, p := range ep.Addrs {
+			a.owned[ownKey{ep.ParentIfindex, p.Addr().String()}] = true
 		}
 	}
-	ownedBy := func(s *Slave) bool {
-		if s.Mode == loader.ModeMacvlan {
-			return owned[ownKey{s.ParentIfindex, s.MAC.String()}]
-		}
-		return slices.ContainsFunc(s.Addrs, func(a netip.Prefix) bool { return owned[ownKey{s.ParentIfindex, a.Addr().String()}] })
-	}
-	var errs []error
-	keep = map[string]bool{}
-	for key, ep := range adopted {
+	for key, ep := range a.adopted {
 		if old, ok := o.before[key]; o.before != nil && (!ok || old.ID != ep.ID || !sameSlave(old, ep.Ifindex, ep.MAC, ep.Addrs) || old.PodName != ep.PodName) {
-			keep[key] = true // registered or changed after the scan began
+			a.keep[key] = true // registered or changed after the scan began
 		}
+		// An adopted interface renamed in its namespace is the same
+		// interface under another registry name: found by its index,
+		// replaced in place.
+		a.byIndex[ep.ContainerID+"#"+strconv.Itoa(ep.Ifindex)] = key
 	}
-	// An adopted interface renamed in its namespace is the same interface
-	// under another registry name: found by its index, replaced in place.
-	byIndex := map[string]string{}
-	for key, ep := range adopted {
-		byIndex[ep.ContainerID+"#"+strconv.Itoa(ep.Ifindex)] = key
+	return a, nil
+}
+
+func (a *adder) ownedBy(s *Slave) bool {
+	if s.Mode == loader.ModeMacvlan {
+		return a.owned[ownKey{s.ParentIfindex, s.MAC.String()}]
 	}
-	for i := range found {
-		s := &found[i]
-		key := ContainerID(s) + "/" + s.IfName
-		prev := key // the key of its registration, if it has one
-		if _, ok := adopted[key]; !ok {
-			prev = byIndex[ContainerID(s)+"#"+strconv.Itoa(s.Ifindex)]
-		}
-		_, had := adopted[prev]
-		// A new slave with no address waits: there is nothing to reach it
-		// at yet. One adopted already whose addresses all went is
-		// registered again with none, so that its guard drops every frame
-		// with an IP source: released, it would be unguarded, and a
-		// container with CAP_NET_ADMIN could flush its addresses and then
-		// forge any source at its neighbours.
-		if len(s.Addrs) == 0 && !had {
-			continue
-		}
-		if ownedBy(s) {
-			res.Skipped++
-			continue
-		}
-		n := name(s)
-		if len(n) > maxName {
-			n = n[:maxName] // as the registry keeps it, or it would never compare equal
-		}
-		var replaces uint32
-		if ep, ok := adopted[key]; ok {
-			same := sameSlave(ep, s.Ifindex, s.MAC, s.Addrs) && samePath(ep.Netns, s)
-			if keep[key] || same && (o.anyName || ep.PodName == n) {
-				keep[key] = true
-				continue
-			}
-			if same { // only its name changed: renamed in place
-				keep[key] = true
-				if err := rename(dp, ep.ID, n); err != nil {
-					errs = append(errs, fmt.Errorf("rename %s %s to %s: %w", ep.PodName, ep.IfName, n, err))
-					continue
-				}
-				r := Renamed{Endpoint: ep, From: ep.PodName}
-				r.PodName = n
-				res.Renamed = append(res.Renamed, r)
-				continue
-			}
-			// Its interface, MAC, addresses or path changed: registered
-			// afresh below (AddEndpoint replaces the registration of the
-			// same attachment, its filters swapped in place).
-		} else if had {
-			if keep[prev] {
-				continue // changed after the scan began: the next scan sees it
-			}
-			replaces = adopted[prev].ID
-		}
-		ep, err := register(dp, s, AdoptedNetwork, n, log, replaces)
-		if err != nil {
-			errs = append(errs, err)
-			// A change refused (an address another endpoint holds, which
-			// a container can claim at will): the old registration, and
-			// the guard on its interface, stay until one is accepted.
-			// Removing it would leave the container unguarded. A slave
-			// with none is quarantined: its frames are dropped, not let
-			// through unvetted.
-			switch {
-			case had:
-				keep[prev] = true
-			case errors.Is(err, datapath.ErrAddrInUse):
-				if qerr := quarantine(dp, s); qerr != nil {
-					errs = append(errs, fmt.Errorf("quarantine %s in %s: %w", s.IfName, s.Netns, qerr))
-				}
-			}
-			continue
-		}
-		keep[key] = true
-		if had {
-			keep[prev] = true // replaced, not to be removed
-		}
-		res.Added = append(res.Added, *ep)
+	return slices.ContainsFunc(s.Addrs, func(p netip.Prefix) bool { return a.owned[ownKey{s.ParentIfindex, p.Addr().String()}] })
+}
+
+// slave adopts s, or keeps, renames or replaces its registration.
+func (a *adder) slave(s *Slave) {
+	key := ContainerID(s) + "/" + s.IfName
+	prev := key // the key of its registration, if it has one
+	if _, ok := a.adopted[key]; !ok {
+		prev = a.byIndex[ContainerID(s)+"#"+strconv.Itoa(s.Ifindex)]
 	}
-	return res, adopted, keep, errors.Join(errs...)
+	_, had := a.adopted[prev]
+	// A new slave with no address waits: there is nothing to reach it at
+	// yet. One adopted already whose addresses all went is registered
+	// again with none, so that its guard drops every frame with an IP
+	// source: released, it would be unguarded, and a container with
+	// CAP_NET_ADMIN could flush its addresses and then forge any source at
+	// its neighbours.
+	if len(s.Addrs) == 0 && !had {
+		return
+	}
+	if a.ownedBy(s) {
+		a.res.Skipped++
+		return
+	}
+	n := a.o.name(s)
+	if len(n) > maxName {
+		n = n[:maxName] // as the registry keeps it, or it would never compare equal
+	}
+	var replaces uint32
+	if ep, ok := a.adopted[key]; ok {
+		if a.unchanged(key, ep, s, n) {
+			return
+		}
+		// Its interface, MAC, addresses or path changed: registered
+		// afresh below (AddEndpoint replaces the registration of the same
+		// attachment, its filters swapped in place).
+	} else if had {
+		if a.keep[prev] {
+			return // changed after the scan began: the next scan sees it
+		}
+		replaces = a.adopted[prev].ID
+	}
+	a.register(s, key, prev, had, n, replaces)
+}
+
+// unchanged says whether ep, s's registration under key, stays: as it is,
+// or renamed in place when only s's name changed.
+func (a *adder) unchanged(key string, ep datapath.Endpoint, s *Slave, n string) bool {
+	same := sameSlave(ep, s.Ifindex, s.MAC, s.Addrs) && samePath(ep.Netns, s)
+	if a.keep[key] || same && (a.o.anyName || ep.PodName == n) {
+		a.keep[key] = true
+		return true
+	}
+	if !same {
+		return false
+	}
+	a.keep[key] = true
+	if err := rename(a.dp, ep.ID, n); err != nil {
+		a.errs = append(a.errs, fmt.Errorf("rename %s %s to %s: %w", ep.PodName, ep.IfName, n, err))
+		return true
+	}
+	r := Renamed{Endpoint: ep, From: ep.PodName}
+	r.PodName = n
+	a.res.Renamed = append(a.res.Renamed, r)
+	return true
+}
+
+// register registers s as n under key, replacing the registration under
+// prev (had) with id replaces, if any.
+func (a *adder) register(s *Slave, key, prev string, had bool, n string, replaces uint32) {
+	ep, err := register(a.dp, s, AdoptedNetwork, n, a.o.log, replaces)
+	if err != nil {
+		a.errs = append(a.errs, err)
+		// A change refused (an address another endpoint holds, which a
+		// container can claim at will): the old registration, and the
+		// guard on its interface, stay until one is accepted. Removing it
+		// would leave the container unguarded. A slave with none is
+		// quarantined: its frames are dropped, not let through unvetted.
+		switch {
+		case had:
+			a.keep[prev] = true
+		case errors.Is(err, datapath.ErrAddrInUse):
+			if qerr := quarantine(a.dp, s); qerr != nil {
+				a.errs = append(a.errs, fmt.Errorf("quarantine %s in %s: %w", s.IfName, s.Netns, qerr))
+			}
+		}
+		return
+	}
+	a.keep[key] = true
+	if had {
+		a.keep[prev] = true // replaced, not to be removed
+	}
+	a.res.Added = append(a.res.Added, *ep)
 }
 
 // sameSlave is whether ep registers the slave with ifindex, mac and addrs.

@@ -152,12 +152,8 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 	defer func() { a.http.close() }() // the server in use at exit (metrics.listen may move)
 
 	// Validate before loading anything, so a bad config changes nothing.
-	nodeNets, err := nodeSubnets()
-	if err != nil {
+	if err := a.validate(cfg); err != nil {
 		return err
-	}
-	if err := cfg.ValidateAgainst(nodeNets, pinnedEndpointSubnets(cfg.BPFFS)); err != nil {
-		return fmt.Errorf("config %s: %w", a.opts.ConfigPath, err)
 	}
 
 	start := time.Now()
@@ -190,6 +186,19 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 		a.log.Warn("telling systemd underpassd is ready (NOTIFY_SOCKET)", "error", err)
 	}
 	a.loop(ctx, netEvents)
+	return nil
+}
+
+// validate checks cfg against the node: its subnets, and the endpoints'
+// subnets already pinned.
+func (a *Agent) validate(cfg *config.Config) error {
+	nodeNets, err := nodeSubnets()
+	if err != nil {
+		return err
+	}
+	if err := cfg.ValidateAgainst(nodeNets, pinnedEndpointSubnets(cfg.BPFFS)); err != nil {
+		return fmt.Errorf("config %s: %w", a.opts.ConfigPath, err)
+	}
 	return nil
 }
 

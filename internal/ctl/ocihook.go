@@ -65,26 +65,9 @@ func runOCIHook(_ context.Context, env Env, _ *options, f *hookFlags) error {
 	if st.Status != "creating" && st.Status != "created" || st.Pid <= 0 {
 		return nil // poststop and the like: the scan unregisters what went
 	}
-	cfg, err := config.Load(f.config)
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil // underpass is not configured on this host: nothing is ours
-	}
-	if err != nil {
-		// Which parents are ours is unknown: only a container with a
-		// macvlan/ipvlan slave on some parent here is refused, so that a
-		// typo in the config does not stop every container on the host.
-		if found, serr := adopt.ScanPid(allLinks(), adopt.NetnsDirs, st.Pid); serr == nil && len(found) == 0 {
-			return nil
-		}
-		return fmt.Errorf("oci-hook: %w", err)
-	}
-	parents, missing := adopt.ParentsByName(cfg.Adopt.Parents)
-	for n, err := range missing {
-		// A parent not on this host (yet) has no slaves; one that could
-		// not be looked up might.
-		if !errors.As(err, &netlink.LinkNotFoundError{}) {
-			return fmt.Errorf("oci-hook: adopt.parents %s: %w", n, err)
-		}
+	cfg, parents, err := hookConfig(f.config, st.Pid)
+	if err != nil || cfg == nil {
+		return err
 	}
 	found, err := settled(parents, st.Pid, f.dadWait)
 	if err != nil {
@@ -125,6 +108,33 @@ func runOCIHook(_ context.Context, env Env, _ *options, f *hookFlags) error {
 		fmt.Fprintf(env.Stdout, "adopted %s %s (parent %s, %v) as endpoint %d\n", ep.PodName, ep.IfName, ep.ParentName, ep.Addrs, ep.ID)
 	}
 	return nil
+}
+
+// hookConfig loads the agent's configuration at path and its adopt.parents.
+// A nil configuration and no error: nothing on this host is ours.
+func hookConfig(path string, pid int) (*config.Config, []adopt.Parent, error) {
+	cfg, err := config.Load(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil, nil // underpass is not configured on this host
+	}
+	if err != nil {
+		// Which parents are ours is unknown: only a container with a
+		// macvlan/ipvlan slave on some parent here is refused, so that a
+		// typo in the config does not stop every container on the host.
+		if found, serr := adopt.ScanPid(allLinks(), adopt.NetnsDirs, pid); serr == nil && len(found) == 0 {
+			return nil, nil, nil
+		}
+		return nil, nil, fmt.Errorf("oci-hook: %w", err)
+	}
+	parents, missing := adopt.ParentsByName(cfg.Adopt.Parents)
+	for n, err := range missing {
+		// A parent not on this host (yet) has no slaves; one that could
+		// not be looked up might.
+		if !errors.As(err, &netlink.LinkNotFoundError{}) {
+			return nil, nil, fmt.Errorf("oci-hook: adopt.parents %s: %w", n, err)
+		}
+	}
+	return cfg, parents, nil
 }
 
 // settled scans pid's namespace until no address of its slaves is still in
