@@ -989,6 +989,13 @@ __noinline int up_vet_source(struct __sk_buff *skb, const struct ethhdr *eth, st
 			    !owns(id, parent, &p->target))
 				return reason;
 			if (p->nd_type == ICMPV6_ND_NS && is_unspecified(&p->saddr)) {
+				/* DAD for an address another endpoint holds:
+				 * that endpoint's own DAD would fail on it
+				 * (RFC 4862 5.4.3), so a pod could keep the
+				 * address IPAM gave another from ever working. */
+				__u32 holder = ep_by_ip_on(&p->target, parent);
+				if (holder && holder != id)
+					return reason;
 				if (learn)
 					learn_address(ep, id, &p->target);
 				return UP_DROP_MAX;

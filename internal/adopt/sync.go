@@ -27,7 +27,7 @@ import (
 // namespace or interface goes (the endpoint collector).
 const (
 	AdoptedNetwork  = datapath.AdoptedNetwork
-	AttachedNetwork = "underpass-attached"
+	AttachedNetwork = datapath.AttachedNetwork
 )
 
 // ContainerID is the registry's name of s's namespace: stable while the

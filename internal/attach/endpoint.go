@@ -215,16 +215,17 @@ func attachFilters(h *netlink.Handle, o EndpointOptions) (err error) {
 			return
 		}
 		// Egress is the guard: quarantined there, the interface sends
-		// nothing, whatever its ingress runs; ingress loses ours.
+		// nothing, whatever its ingress runs; ingress loses ours. Should
+		// the quarantine fail, egress keeps the filter of ours it has,
+		// which fails closed once its id is unregistered: never bare.
 		rollback := filters[:]
 		if len(had) > 0 && o.Egress != nil {
 			q := filters[1]
 			q.name, q.classid = quarantineName, 0
 			if qerr := q.replaceFilter(o.Egress); qerr != nil {
 				err = errors.Join(err, fmt.Errorf("roll back to quarantine: %w", qerr))
-			} else {
-				rollback = filters[:1]
 			}
+			rollback = filters[:1]
 		}
 		for _, f := range rollback {
 			if rerr := f.remove(endpointFilterPrefix); rerr != nil {

@@ -3,12 +3,14 @@ package datapath_test
 import (
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/netip"
 	"slices"
 	"strings"
 	"testing"
 
+	"github.com/cilium/ebpf"
 	"github.com/underpass-cni/underpass/internal/attach"
 	"github.com/underpass-cni/underpass/internal/datapath"
 	"github.com/underpass-cni/underpass/internal/loader"
@@ -170,5 +172,59 @@ func TestRegisterProbesPastCollisions(t *testing.T) {
 		if got, _, err := datapath.Find(m, cid, "eth0"); err != nil || got != want {
 			t.Fatalf("Find(%s) = %d, %v; want %d", cid, got, err, want)
 		}
+	}
+}
+
+// Whose registration an address another live endpoint only learnt (from
+// its DAD) goes to: an IPAM assignment on macvlan takes it; an ipvlan
+// slave (whose driver refuses a second copy of an address anyway), an
+// adoption and an attach (addresses the container configured itself, no
+// assignment) are refused, with an error that says the holder configured
+// it itself. An address the holder was assigned is refused to all.
+func TestLearntAddressYieldsOnlyToAnAssignment(t *testing.T) {
+	dp := testutil.LoadDatapath(t)
+	m := &dp.Maps
+	learnt := netip.MustParseAddr("2001:db8:1::101")
+	holder := datapath.Endpoint{
+		ContainerID: "holder", IfName: "eth0", Netns: "/proc/self/ns/net", Network: "net1",
+		ParentIfindex: 7, ParentName: "eth0", Ifindex: 30, Mode: loader.ModeMacvlan,
+		MAC: net.HardwareAddr{2, 1, 1, 1, 1, 1}, Addrs: []netip.Prefix{netip.MustParsePrefix("2001:db8:1::100/64")},
+	}
+	id, err := datapath.Register(m, holder)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// As the holder's DAD would have it (learn_address, tested by prog.Run
+	// in loader): the address flagged learnt.
+	k := datapath.EpIPKey(learnt, holder.ParentIfindex)
+	if err := m.EpByIp.Update(&k, &loader.EndpointRef{Id: id, Flags: uint32(loader.RefLearned)}, ebpf.UpdateAny); err != nil {
+		t.Fatal(err)
+	}
+
+	for _, tc := range []struct {
+		name    string
+		network string
+		mode    loader.Mode
+		addr    netip.Addr
+		want    string // "" = taken
+	}{
+		{"CNI ADD on macvlan, learnt", "net1", loader.ModeMacvlan, learnt, ""},
+		{"CNI ADD on ipvlan, learnt", "net1", loader.ModeIPvlanL2, learnt, "configured it itself"},
+		{"adoption, learnt", datapath.AdoptedNetwork, loader.ModeMacvlan, learnt, "configured it itself"},
+		{"attach, learnt", datapath.AttachedNetwork, loader.ModeMacvlan, learnt, "configured it itself"},
+		{"CNI ADD on macvlan, assigned", "net1", loader.ModeMacvlan, holder.Addrs[0].Addr(), "two pods got the same address from IPAM"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ep := holder
+			ep.ContainerID, ep.Network, ep.Mode, ep.Ifindex = "newcomer", tc.network, tc.mode, 31
+			ep.Addrs = []netip.Prefix{netip.PrefixFrom(tc.addr, 64)}
+			err := datapath.EvictStaleOwners(dp, &ep, nil, slog.New(slog.DiscardHandler))
+			switch {
+			case tc.want == "" && err != nil:
+				t.Fatalf("refused: %v", err)
+			case tc.want != "" && (!errors.Is(err, datapath.ErrAddrInUse) || !strings.Contains(err.Error(), tc.want)):
+				t.Fatalf("%v, want ErrAddrInUse saying %q", err, tc.want)
+			}
+		})
 	}
 }

@@ -30,3 +30,7 @@ var (
 	CString  = cString
 	GoString = goString
 )
+
+// EvictStaleOwners is evictStaleOwners, for the rules on whose address
+// wins.
+var EvictStaleOwners = evictStaleOwners

@@ -41,7 +41,8 @@ type AddOptions struct {
 // interface. ep.ID is set. On error nothing of it is left; on success undo
 // takes it all back (the rollback of a later failure).
 //
-// An address that a live endpoint holds fails with ErrAddrInUse.
+// An address that a live endpoint holds fails with ErrAddrInUse, unless
+// that endpoint only learnt it and ep's was assigned (evictStaleOwners).
 func AddEndpoint(dp *loader.Objects, netns ns.NetNS, ep *Endpoint, h AddOptions, then func() error) (undo func() error, err error) {
 	if h.Log == nil {
 		h.Log = slog.Default()
@@ -330,6 +331,17 @@ func RemoveAttachment(dp *loader.Objects, containerID, ifname string) error {
 // (internal/adopt): slaves that no CNI call registered.
 const AdoptedNetwork = "underpass-adopted"
 
+// AttachedNetwork is the network name of the endpoints `underpassctl
+// attach` registered.
+const AttachedNetwork = "underpass-attached"
+
+// selfAddressed says whether a registration under network claims the
+// addresses its container configured itself (adopted, attached), rather
+// than ones IPAM assigned.
+func selfAddressed(network string) bool {
+	return network == AdoptedNetwork || network == AttachedNetwork
+}
+
 // evictAdopted removes an adoption of ep's interface (its MAC on its
 // parent) when its owner registers it: the agent may have found a CNI
 // pod's slave in the moment between the interface plugin creating it and
@@ -387,9 +399,13 @@ func evictStaleOwners(dp *loader.Objects, ep *Endpoint, prior *Endpoint, log *sl
 		// send for any address (a raw socket, CAP_NET_RAW): IPAM's
 		// assignment wins (writeRefs), and the learner's traffic from it
 		// stops. Refusing would let a pod squat on the addresses IPAM hands
-		// out next and fail the pods that get them. An adoption is no
-		// assignment: it claims what the container configured itself.
-		if ref.Flags&uint32(loader.RefLearned) != 0 && ep.Network != AdoptedNetwork {
+		// out next and fail the pods that get them. Not for an adoption or
+		// an attach, which claim what the container configured itself (no
+		// assignment), nor on ipvlan, which refuses a second slave's copy
+		// of an address anyway: the ADD would fail after the learner lost
+		// it.
+		learnt := ref.Flags&uint32(loader.RefLearned) != 0
+		if learnt && !selfAddressed(ep.Network) && ep.Mode == loader.ModeMacvlan {
 			log.Info("address learnt by another endpoint goes to its assignee", "addr", p.Addr(), "learner", ref.Id, "container", ep.ContainerID)
 			continue
 		}
@@ -411,6 +427,10 @@ func evictStaleOwners(dp *loader.Objects, ep *Endpoint, prior *Endpoint, log *sl
 		pod := ""
 		if other.PodName != "" {
 			pod = fmt.Sprintf(" (pod %s)", other.PodRef())
+		}
+		if learnt {
+			return fmt.Errorf("%w: address %s is in use by container %s interface %s%s, which configured it itself (learnt from its DAD), and its netns %s still exists",
+				ErrAddrInUse, p.Addr(), other.ContainerID, other.IfName, pod, other.Netns)
 		}
 		return fmt.Errorf("%w: address %s is registered to container %s interface %s%s, whose netns %s still exists: two pods got the same address from IPAM; delete that pod or fix the IPAM ranges",
 			ErrAddrInUse, p.Addr(), other.ContainerID, other.IfName, pod, other.Netns)

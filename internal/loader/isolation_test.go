@@ -136,8 +136,19 @@ func TestLearnFromDAD(t *testing.T) {
 	if got := datapath.LearnedAddrs(m, &ep); len(got) != 1 || got[0] != slaacA {
 		t.Fatalf("learnt %v, want [%s]", got, slaacA)
 	}
-	// Pod B's DAD for A's address, the host's, a Service's: not learnt.
-	for _, target := range []netip.Addr{slaacA, ipA6, ipHost6, vip6Live} {
+	// A's DAD for its own assigned address goes (its kernel runs it).
+	if res := r.parent(t, neighborSolicitation(t, macA, netip.IPv6Unspecified(), ipA6)); res.verdict == actShot {
+		t.Fatal("DAD for the pod's own address dropped")
+	}
+	// Pod B's DAD for A's addresses, learnt or assigned: dropped, as it
+	// would fail A's own DAD for them (a pod squatting on the address IPAM
+	// hands out next). Not learnt either.
+	for _, target := range []netip.Addr{slaacA, ipA6} {
+		r.wantDrop(t, neighborSolicitation(t, macB, netip.IPv6Unspecified(), target), r.idB, loader.DropSpoofedSource)
+		r.wantDrop(t, icmpEcho(t, macB, macGW, target, ipRemote6), r.idB, loader.DropSpoofedSource)
+	}
+	// B's DAD for the host's address or a Service's: not learnt.
+	for _, target := range []netip.Addr{ipHost6, vip6Live} {
 		r.parent(t, neighborSolicitation(t, macB, netip.IPv6Unspecified(), target))
 		r.wantDrop(t, icmpEcho(t, macB, macGW, target, ipRemote6), r.idB, loader.DropSpoofedSource)
 	}

@@ -7,6 +7,7 @@ import (
 	"os"
 	"slices"
 	"testing"
+	"time"
 
 	"github.com/gopacket/gopacket"
 	"github.com/gopacket/gopacket/layers"
@@ -112,19 +113,22 @@ func sendRA(t *testing.T, wire *netenv.NS, u *netenv.Uplink) {
 	must(t, sendRaw(wire, br.Attrs().Index, buf.Bytes(), false))
 }
 
-// A pod squats on the IPv6 address IPAM hands out next: its DAD for it
-// (any pod can send one, from a raw socket) makes the datapath learn it as
-// the pod's. The next pod is assigned that address and must get it: IPAM
-// is the authority, a learnt address yields, and the squatter's traffic
-// from it is dropped as spoofed. Until December 2026 the next pod's ADD
-// failed with "address in use" (blaming IPAM), so one pod could keep
-// others from starting.
+// A pod squats on the IPv6 address IPAM hands out next: it configures it,
+// so its DAD makes the datapath learn the address as the pod's (any pod
+// could send that DAD from a raw socket). The next pod is assigned the
+// address and must get it: IPAM is the authority and a learnt address
+// yields. Pod b runs duplicate address detection as a real pod's kernel
+// does, while the squatter defends the address (its kernel answers b's
+// probe) and floods DAD probes of its own for it, either of which fails b's
+// DAD if it gets through: both are dropped as spoofed at the squatter's
+// egress. Until December 2026 b's ADD failed with "address in use" (blaming
+// IPAM), and without the probe check it fails with "DAD failed".
 func TestAssignedAddressWinsOverALearntOne(t *testing.T) {
 	h, l := newMainHarness(t, "up-squat", true)
 	u := h.env.Uplinks[0]
 	a := h.addFirstPod(l, "a")
 	next := a.ip6.Next() // host-local hands out addresses in order
-	netenv.MustPing(t, a.ns, u.Gateway6, 1)
+	netenv.MustPing(t, a.ns, u.Gateway6, 1) // a resolves the gateway before it squats
 	must(t, a.ns.Do(func() error {
 		return os.WriteFile("/proc/sys/net/ipv6/conf/eth0/accept_dad", []byte("1"), 0o644)
 	}))
@@ -144,11 +148,39 @@ func TestAssignedAddressWinsOverALearntOne(t *testing.T) {
 	})
 
 	b := h.newPod("b")
-	if _, err := h.tryAdd(l, b); err != nil {
-		t.Fatalf("ADD of the pod IPAM gave %s to: %v", next, err)
+	must(t, b.ns.Do(func() error { // a real pod's kernel runs DAD
+		return os.WriteFile("/proc/sys/net/ipv6/conf/all/accept_dad", []byte("1"), 0o644)
+	}))
+	before := h.stats(t, a)
+	stop := make(chan struct{})
+	flood := make(chan int, 1)
+	go func() {
+		sent, _, _ := netenv.SendFrames(a.ns, eth0.Attrs().Index, [][]byte{dadProbe(t, a.mac, next)}, func(int) bool {
+			select {
+			case <-stop:
+				return false
+			default:
+				time.Sleep(time.Millisecond)
+				return true
+			}
+		})
+		flood <- sent
+	}()
+	_, err = h.tryAdd(l, b)
+	close(stop)
+	probes := <-flood
+	if err != nil {
+		t.Fatalf("ADD of the pod IPAM gave %s to, while pod a sent %d DAD probes for it: %v", next, probes, err)
 	}
 	if b.ip6 != next {
 		t.Fatalf("IPAM gave pod b %s, not the squatted %s: the test proves nothing", b.ip6, next)
+	}
+	dropped := h.stats(t, a).Drops[loader.DropSpoofedSource] - before.Drops[loader.DropSpoofedSource]
+	t.Logf("pod a sent %d DAD probes for %s during b's ADD; %d of a's frames dropped as spoofed_source", probes, next, dropped)
+	// The probes before b's registration are a's own DAD for an address
+	// it held (learnt) then, and go; every one after is dropped.
+	if probes == 0 || dropped == 0 {
+		t.Fatalf("%d of pod a's %d DAD probes dropped as spoofed_source, want those after b's registration", dropped, probes)
 	}
 	idB, _ := h.endpointOf(t, b)
 	var ref loader.EndpointRef
@@ -158,9 +190,8 @@ func TestAssignedAddressWinsOverALearntOne(t *testing.T) {
 		t.Fatalf("ep_by_ip[%s] = %+v, want pod b's (%d), assigned", next, ref, idB)
 	}
 	netenv.MustPing(t, b.ns, u.Gateway6, 3)
-	// Pod a still has the address and sends from it (to the gateway, whose
-	// MAC it resolved before it squatted).
-	before := h.stats(t, a)
+	// Pod a still has the address and sends from it: dropped.
+	before = h.stats(t, a)
 	must(t, a.ns.Do(func() error {
 		c, err := net.DialUDP("udp6", net.UDPAddrFromAddrPort(netip.AddrPortFrom(next, 0)), net.UDPAddrFromAddrPort(netip.AddrPortFrom(u.Gateway6, 9)))
 		if err != nil {
@@ -181,4 +212,20 @@ func TestAssignedAddressWinsOverALearntOne(t *testing.T) {
 	netenv.MustPing(t, b.ns, u.Gateway6, 2) // a's DEL left b's address alone
 	h.del(l, b)
 	h.assertNoLeak(t, nil, a.ns, b.ns)
+}
+
+// dadProbe is a duplicate address detection probe for target from mac: a
+// neighbour solicitation from :: to target's solicited-node group.
+func dadProbe(t *testing.T, mac net.HardwareAddr, target netip.Addr) []byte {
+	t.Helper()
+	t16 := target.As16()
+	group := net.IP{0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xff, t16[13], t16[14], t16[15]}
+	eth := &layers.Ethernet{SrcMAC: mac, DstMAC: net.HardwareAddr{0x33, 0x33, 0xff, t16[13], t16[14], t16[15]}, EthernetType: layers.EthernetTypeIPv6}
+	ip6 := &layers.IPv6{Version: 6, HopLimit: 255, NextHeader: layers.IPProtocolICMPv6, SrcIP: net.IPv6unspecified, DstIP: group}
+	icmp := &layers.ICMPv6{TypeCode: layers.CreateICMPv6TypeCode(layers.ICMPv6TypeNeighborSolicitation, 0)}
+	must(t, icmp.SetNetworkLayerForChecksum(ip6))
+	ns := &layers.ICMPv6NeighborSolicitation{TargetAddress: target.AsSlice()}
+	buf := gopacket.NewSerializeBuffer()
+	must(t, gopacket.SerializeLayers(buf, gopacket.SerializeOptions{FixLengths: true, ComputeChecksums: true}, eth, ip6, icmp, ns))
+	return buf.Bytes()
 }
