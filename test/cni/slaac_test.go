@@ -127,7 +127,7 @@ func TestAssignedAddressWinsOverALearntOne(t *testing.T) {
 	h, l := newMainHarness(t, "up-squat", true)
 	u := h.env.Uplinks[0]
 	a := h.addFirstPod(l, "a")
-	next := a.ip6.Next() // host-local hands out addresses in order
+	next := a.ip6.Next()                    // host-local hands out addresses in order
 	netenv.MustPing(t, a.ns, u.Gateway6, 1) // a resolves the gateway before it squats
 	must(t, a.ns.Do(func() error {
 		return os.WriteFile("/proc/sys/net/ipv6/conf/eth0/accept_dad", []byte("1"), 0o644)
