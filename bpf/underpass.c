@@ -376,6 +376,12 @@ static __always_inline int in_set(__u32 which, const struct up_ip_key *addr, __u
 
 /* Reads the headers the decisions need into *p (see LOAD_HDR). Returns 0
  * when the frame is not something the programs act on. */
+/* The IPv6 extension headers parse_l3 walks. */
+static __always_inline int ext6_header(__u8 next)
+{
+	return next == IPV6_HOPOPTS || next == IPV6_ROUTING || next == IPV6_DSTOPTS || next == IPV6_FRAGMENT;
+}
+
 __noinline int up_parse_l3(struct __sk_buff *skb, __u32 proto, struct pkt *p)
 {
 	if (!skb || !p)
@@ -419,8 +425,7 @@ __noinline int up_parse_l3(struct __sk_buff *skb, __u32 proto, struct pkt *p)
 		 * guard and the steering need the addresses only. */
 #pragma clang loop unroll(disable)
 		for (int i = 0; i < 4; i++) {
-			if (next != IPV6_HOPOPTS && next != IPV6_ROUTING && next != IPV6_DSTOPTS &&
-			    next != IPV6_FRAGMENT)
+			if (!ext6_header(next))
 				break;
 			struct ipv6_opt_hdr h;
 			if (LOAD_HDR(skb, off, &h))
@@ -786,6 +791,18 @@ static __always_inline __u32 ep_by_ip_on(const struct up_ip_key *ip, __u32 ifind
 	return r ? r->id : 0;
 }
 
+/* Is a in ::/80 (::, ::1, the IPv4-compatible ::a.b.c.d and the
+ * IPv4-mapped ::ffff:a.b.c.d)? Never an address a pod may claim from IPv6
+ * ND: IPv4 addresses are kept IPv4-mapped under the same keys. */
+static __always_inline int embeds_ipv4(const struct up_ip_key *a)
+{
+	__u64 hi;
+	__u16 mid;
+	__builtin_memcpy(&hi, a->addr, 8);
+	__builtin_memcpy(&mid, a->addr + 8, 2);
+	return hi == 0 && mid == 0;
+}
+
 static __always_inline int is_unspecified(const struct up_ip_key *a)
 {
 	__u64 hi, lo;
@@ -959,6 +976,11 @@ __noinline int up_vet_source(struct __sk_buff *skb, const struct ethhdr *eth, st
 		return reason; /* VLAN tags (802.1Q/ad) and every other ethertype */
 	if (!parse_l3(skb, proto, p))
 		return reason; /* truncated, or ARP for other hardware */
+	/* More extension headers than parse_l3 walks: what they hide (ND, a
+	 * router advertisement) could not be vetted (RFC 7113's RA-guard
+	 * evasion). No pod's stack sends that many. */
+	if (proto == ETH_P_IPV6 && ext6_header(p->l4proto))
+		return reason;
 	__u32 parent = ep->parent_ifindex;
 
 	if (proto == ETH_P_ARP) {
@@ -967,8 +989,14 @@ __noinline int up_vet_source(struct __sk_buff *skb, const struct ethhdr *eth, st
 		reason = UP_DROP_SPOOFED_SOURCE;
 		if (!mac_eq(p->arp_sha, ep->mac))
 			return reason;
-		/* 0.0.0.0 is an ARP probe (RFC 5227). */
-		if (!is_unspecified(&p->saddr) && !owns(id, parent, &p->saddr))
+		/* 0.0.0.0 is an ARP probe (RFC 5227), but not for an address
+		 * another endpoint holds: it would fail that endpoint's own
+		 * conflict detection, as a DAD probe would (below). */
+		if (is_unspecified(&p->saddr)) {
+			__u32 holder = ep_by_ip_on(&p->target, parent);
+			return holder && holder != id ? reason : UP_DROP_MAX;
+		}
+		if (!owns(id, parent, &p->saddr))
 			return reason;
 		return UP_DROP_MAX;
 	}
@@ -995,6 +1023,12 @@ __noinline int up_vet_source(struct __sk_buff *skb, const struct ethhdr *eth, st
 				 * address IPAM gave another from ever working. */
 				__u32 holder = ep_by_ip_on(&p->target, parent);
 				if (holder && holder != id)
+					return reason;
+				/* No stack runs DAD for ::, ::1 or an IPv4-mapped
+				 * or -compatible address, which share the IPv4
+				 * addresses' keys: learnt, it would let the pod
+				 * send, and answer ARP, as any IPv4 address. */
+				if (embeds_ipv4(&p->target))
 					return reason;
 				if (learn)
 					learn_address(ep, id, &p->target);

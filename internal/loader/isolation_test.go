@@ -1,6 +1,7 @@
 package loader_test
 
 import (
+	"encoding/binary"
 	"net"
 	"net/netip"
 	"testing"
@@ -81,6 +82,12 @@ func TestParentVetsEndpointFrames(t *testing.T) {
 		{"NA for an address it does not own", neighborAdvertFrom(t, macA, linkLocalA, netip.MustParseAddr("2001:db8:1::11"), macA), loader.DropSpoofedSource},
 		{"NA override pointing at another MAC", neighborAdvertFrom(t, macA, linkLocalA, ipA6, macB), loader.DropSpoofedSource},
 		{"a router advertisement", routerAdvert(t, macA, linkLocalA), loader.DropUnvetted},
+		// It would fail B's own conflict detection (RFC 5227).
+		{"ARP probe for another endpoint's address", arp(t, layers.ARPRequest, macA, macBcast, macA, netip.IPv4Unspecified(), ipB), loader.DropSpoofedSource},
+		// RFC 7113: ND hidden behind more extension headers than the
+		// parser walks.
+		{"a router advertisement behind 5 extension headers", behindExtHeaders(t, routerAdvert(t, macA, linkLocalA), 5), loader.DropUnvetted},
+		{"an NA for the router behind 5 extension headers", behindExtHeaders(t, neighborAdvertFrom(t, macA, linkLocalA, linkLocalGW, macA), 5), loader.DropUnvetted},
 	} {
 		t.Run(tc.name, func(t *testing.T) { r.wantDrop(t, tc.frame, r.idA, tc.reason) })
 	}
@@ -96,7 +103,8 @@ func TestParentVetsEndpointFrames(t *testing.T) {
 		// dropped these as spoofed_source until it knew that.
 		{"own dev_id link-local", icmpEcho(t, macA, macGW, netip.MustParseAddr("fe80::2aa:0:100:a"), linkLocalGW)},
 		{"own NA", neighborAdvertFrom(t, macA, linkLocalA, ipA6, macA)},
-		{"ARP probe", arp(t, layers.ARPRequest, macA, macBcast, macA, netip.IPv4Unspecified(), ipB)},
+		{"ARP probe", arp(t, layers.ARPRequest, macA, macBcast, macA, netip.IPv4Unspecified(), netip.MustParseAddr("192.0.2.77"))},
+		{"ARP probe for its own address", arp(t, layers.ARPRequest, macA, macBcast, macA, netip.IPv4Unspecified(), ipA)},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			if res := r.parent(t, tc.frame); res.verdict == actShot {
@@ -147,6 +155,14 @@ func TestLearnFromDAD(t *testing.T) {
 		r.wantDrop(t, neighborSolicitation(t, macB, netip.IPv6Unspecified(), target), r.idB, loader.DropSpoofedSource)
 		r.wantDrop(t, icmpEcho(t, macB, macGW, target, ipRemote6), r.idB, loader.DropSpoofedSource)
 	}
+	// A DAD for an IPv4-mapped or -compatible address (IPv4 addresses
+	// share their keys): dropped, never learnt, so the pod does not get
+	// the gateway's IPv4 address (and ARP for it) this way.
+	for _, target := range []netip.Addr{netip.AddrFrom16(ipGW.As16()), netip.MustParseAddr("::c000:201"), netip.IPv6Loopback()} {
+		r.wantDrop(t, neighborSolicitation(t, macB, netip.IPv6Unspecified(), target), r.idB, loader.DropSpoofedSource)
+	}
+	r.wantDrop(t, icmpEcho(t, macB, macGW, ipGW, ipRemote), r.idB, loader.DropSpoofedSource)
+	r.wantDrop(t, arp(t, layers.ARPReply, macB, macBcast, macB, ipGW, ipGW), r.idB, loader.DropSpoofedSource)
 	// B's DAD for the host's address or a Service's: not learnt.
 	for _, target := range []netip.Addr{ipHost6, vip6Live} {
 		r.parent(t, neighborSolicitation(t, macB, netip.IPv6Unspecified(), target))
@@ -201,4 +217,28 @@ func TestResolutionForTheHostIsUnicast(t *testing.T) {
 	if string(res.out[:6]) != string(macBcast) {
 		t.Fatalf("the original's destination became %x", res.out[:6])
 	}
+}
+
+// behindExtHeaders puts n Destination Options headers (PadN only) between
+// the IPv6 header of frame and what it carries; the upper-layer checksum
+// stays valid (its pseudo header does not change).
+func behindExtHeaders(tb testing.TB, frame []byte, n int) []byte {
+	tb.Helper()
+	const l2, l3 = 14, 40
+	if len(frame) < l2+l3 || frame[l2]>>4 != 6 {
+		tb.Fatal("behindExtHeaders: not an IPv6 frame")
+	}
+	upper := frame[l2+6]
+	out := append([]byte{}, frame[:l2+l3]...)
+	out[l2+6] = 60 // Destination Options
+	for i := range n {
+		next := byte(60)
+		if i == n-1 {
+			next = upper
+		}
+		out = append(out, next, 0, 1, 4, 0, 0, 0, 0) // PadN of 4 bytes
+	}
+	out = append(out, frame[l2+l3:]...)
+	binary.BigEndian.PutUint16(out[l2+4:], uint16(len(out)-l2-l3))
+	return out
 }
