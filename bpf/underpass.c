@@ -846,6 +846,19 @@ static __always_inline int eui64_link_local(const struct up_ip_key *a, const __u
 	       x[14] == mac[4] && x[15] == mac[5];
 }
 
+/* The endpoint whose EUI-64 link-local (ff:fe in the middle, from its MAC)
+ * a is, or 0: those are no entry of ep_by_ip, but no other pod may claim
+ * one by its DAD. */
+static __always_inline __u32 eui64_owner(const struct up_ip_key *a, __u32 parent_ifindex)
+{
+	const __u8 *x = a->addr;
+	if (x[0] != 0xfe || x[1] != 0x80 || x[2] || x[3] || x[4] || x[5] || x[6] || x[7] || x[11] != 0xff ||
+	    x[12] != 0xfe)
+		return 0;
+	__u8 mac[ETH_ALEN] = {x[8] ^ 0x02, x[9], x[10], x[13], x[14], x[15]};
+	return ep_by_mac_on(mac, parent_ifindex);
+}
+
 /* Is addr one of endpoint id's own (registered or learnt) on its parent? */
 static __always_inline int owns(__u32 id, __u32 parent_ifindex, const struct up_ip_key *addr)
 {
@@ -1022,6 +1035,8 @@ __noinline int up_vet_source(struct __sk_buff *skb, const struct ethhdr *eth, st
 				 * (RFC 4862 5.4.3), so a pod could keep the
 				 * address IPAM gave another from ever working. */
 				__u32 holder = ep_by_ip_on(&p->target, parent);
+				if (!holder)
+					holder = eui64_owner(&p->target, parent);
 				if (holder && holder != id)
 					return reason;
 				/* No stack runs DAD for ::, ::1 or an IPv4-mapped

@@ -151,7 +151,7 @@ func TestLearnFromDAD(t *testing.T) {
 	// Pod B's DAD for A's addresses, learnt or assigned: dropped, as it
 	// would fail A's own DAD for them (a pod squatting on the address IPAM
 	// hands out next). Not learnt either.
-	for _, target := range []netip.Addr{slaacA, ipA6} {
+	for _, target := range []netip.Addr{slaacA, ipA6, linkLocalA} {
 		r.wantDrop(t, neighborSolicitation(t, macB, netip.IPv6Unspecified(), target), r.idB, loader.DropSpoofedSource)
 		r.wantDrop(t, icmpEcho(t, macB, macGW, target, ipRemote6), r.idB, loader.DropSpoofedSource)
 	}
