@@ -3,6 +3,7 @@ package cni
 import (
 	"errors"
 	"fmt"
+	"net"
 	"strings"
 
 	cnins "github.com/containernetworking/cni/pkg/ns"
@@ -115,6 +116,10 @@ func add(args *skel.CmdArgs) (err error) {
 // names do not fit the registry, the plugin runs in the container's netns,
 // or a chained entry has nothing before it.
 func checkAdd(args *skel.CmdArgs, c *Conf) error {
+	// The network name is the configuration's; the rest the runtime's.
+	if err := datapath.CheckAttachment("", "", "", c.Name); err != nil {
+		return invalidConf("%v", err)
+	}
 	if err := datapath.CheckAttachment(args.ContainerID, args.IfName, args.Netns, c.Name); err != nil {
 		return errorf(types.ErrInvalidEnvironmentVariables, "%v", err)
 	}
@@ -150,6 +155,12 @@ func addMain(c *Conf, args *skel.CmdArgs, dp *loader.Objects, netns ns.NetNS, ma
 	ph.mark("create_slave")
 	defer func() {
 		if err != nil {
+			// An IPAM type that may use the interface releases while it
+			// is there (see overlapIPAM); add's own rollback then has
+			// nothing left to release.
+			if call != nil && !overlapIPAM[call.typ] {
+				err = call.joinRelease(err)
+			}
 			if derr := deleteLinkIn(netns.Path(), args.IfName); derr != nil {
 				err = errors.Join(err, fmt.Errorf("roll back: delete %s: %w", args.IfName, derr))
 			}
@@ -286,7 +297,7 @@ func addChained(c *Conf, dp *loader.Objects, netns ns.NetNS, ep datapath.Endpoin
 		return nil, err
 	}
 	ph.mark("inspect")
-	if intf.Mac != "" && intf.Mac != s.MAC.String() {
+	if mac, perr := net.ParseMAC(intf.Mac); intf.Mac != "" && (perr != nil || mac.String() != s.MAC.String()) {
 		return nil, fmt.Errorf("prevResult says %s has MAC %s, the container's has %s: the previous plugin's result is stale", ep.IfName, intf.Mac, s.MAC)
 	}
 	parent, err := netlink.LinkByIndex(s.ParentIndex)

@@ -3,6 +3,7 @@ package cni
 import (
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"slices"
 	"strings"
@@ -83,7 +84,7 @@ func checkSlave(c *Conf, ifname, mac string, ipcs []*current.IPConfig, routes []
 	if err != nil {
 		return nil, err
 	}
-	if mac != "" && mac != s.MAC.String() {
+	if want, err := net.ParseMAC(mac); mac != "" && (err != nil || want.String() != s.MAC.String()) {
 		return nil, fmt.Errorf("%s has MAC %s, prevResult says %s", ifname, s.MAC, mac)
 	}
 	if !c.Chained && s.Kind != c.Kind {

@@ -146,22 +146,38 @@ func ParseConf(stdin []byte) (*Conf, error) {
 }
 
 // parseConfForDel is ParseConf for DEL, which must not be blocked by a
-// config that no longer validates (edited since ADD, or rejected by ADD):
-// it falls back to the raw keys and cleans up what they name.
+// config that no longer validates or decodes (edited since ADD, say
+// `"mtu": "1500"` quoted in a NetworkAttachmentDefinition, or rejected by
+// ADD): it falls back to the keys it can read and cleans up what they
+// name. Only input that is no JSON object at all is refused.
 func parseConfForDel(stdin []byte) (*Conf, error) {
 	c, err := ParseConf(stdin)
 	var te *types.Error
-	if err == nil || !errors.As(err, &te) || te.Code != types.ErrInvalidNetworkConfig {
+	if err == nil || !errors.As(err, &te) || te.Code != types.ErrInvalidNetworkConfig && te.Code != types.ErrDecodingFailure {
 		return c, err
 	}
-	c = &Conf{}
-	if err := json.Unmarshal(stdin, &c.NetConf); err != nil {
-		return nil, types.NewError(types.ErrDecodingFailure, fmt.Sprintf("parse network configuration: %v", err), "")
+	var raw map[string]json.RawMessage
+	if json.Unmarshal(stdin, &raw) != nil || raw == nil {
+		return nil, err
 	}
+	str := func(v json.RawMessage) string {
+		var s string
+		_ = json.Unmarshal(v, &s) // a key of another type reads as unset
+		return s
+	}
+	c = &Conf{}
+	c.CNIVersion, c.Name, c.Type = str(raw["cniVersion"]), str(raw["name"]), str(raw["type"])
+	c.Master, c.Mode, c.MacvlanMode, c.IPvlanMode = str(raw["master"]), str(raw["mode"]), str(raw["macvlanMode"]), str(raw["ipvlanMode"])
+	c.BPFFS = str(raw["bpffs"])
+	var ipam map[string]json.RawMessage
+	_ = json.Unmarshal(raw["ipam"], &ipam)
+	c.IPAM.Type = str(ipam["type"])
 	if c.BPFFS == "" || !filepath.IsAbs(c.BPFFS) {
 		c.BPFFS = loader.DefaultBPFFS
 	}
-	c.Chained = !c.hasInterfaceKeys()
+	_, mtu := raw["mtu"]
+	_, hasIPAM := raw["ipam"]
+	c.Chained = !c.hasInterfaceKeys() && !mtu && !hasIPAM
 	return c, nil
 }
 

@@ -7,6 +7,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/containernetworking/cni/pkg/skel"
 	"github.com/containernetworking/cni/pkg/types"
 	current "github.com/containernetworking/cni/pkg/types/100"
 
@@ -121,5 +122,56 @@ func TestCNIErrorKeepsCodeAndContext(t *testing.T) {
 	}
 	if err := cniError(errors.New("boom")); !errors.As(err, &te) || te.Code != types.ErrInternal {
 		t.Fatalf("%#v", err)
+	}
+}
+
+// DEL reads what it can of a config whose keys no longer decode (edited
+// since ADD): it must still find the lease, the link and the registration.
+// Until December 2026 a type error failed every DEL (code 6).
+func TestParseConfForDelReadsWhatDecodes(t *testing.T) {
+	for _, tc := range []struct {
+		name, in string
+		chained  bool
+		ipam     string
+	}{
+		{"quoted mtu", `{"cniVersion":"1.1.0","name":"n","type":"underpass","master":"eth0","mtu":"1500","ipam":{"type":"host-local","ranges":5}}`, false, "host-local"},
+		{"ipam not an object", `{"cniVersion":"1.1.0","name":"n","type":"underpass","ipam":"x"}`, false, ""},
+		{"chained, bpffs a number", `{"cniVersion":"1.1.0","name":"n","type":"underpass","bpffs":5}`, true, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if _, err := ParseConf([]byte(tc.in)); err == nil {
+				t.Fatal("ParseConf accepts it: the case tests nothing")
+			}
+			c, err := parseConfForDel([]byte(tc.in))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if c.Chained != tc.chained || c.IPAM.Type != tc.ipam || c.Name != "n" || c.BPFFS != loader.DefaultBPFFS {
+				t.Fatalf("chained %v, ipam %q, name %q, bpffs %q; want chained %v, ipam %q", c.Chained, c.IPAM.Type, c.Name, c.BPFFS, tc.chained, tc.ipam)
+			}
+		})
+	}
+	if _, err := parseConfForDel([]byte(`[1,2]`)); err == nil {
+		t.Fatal("DEL accepted a config that is no JSON object")
+	}
+}
+
+// GC without the list of valid attachments collects nothing: every
+// registration of the network would look invalid. null (libcni's nil
+// list) is a list, of none.
+func TestGCNeedsTheValidAttachments(t *testing.T) {
+	in := []byte(`{"cniVersion":"1.1.0","name":"n","type":"underpass","bpffs":"/nonexistent/underpass"}`)
+	c, err := ParseConf(in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = gc(c, &skel.CmdArgs{StdinData: in})
+	var te *types.Error
+	if !errors.As(err, &te) || te.Code != types.ErrInvalidNetworkConfig || !strings.Contains(te.Msg, "valid-attachments") {
+		t.Fatalf("GC without the list: %v, want code 7 naming it", err)
+	}
+	in = []byte(`{"cniVersion":"1.1.0","name":"n","type":"underpass","bpffs":"/nonexistent/underpass","cni.dev/valid-attachments":null}`)
+	if err := gc(c, &skel.CmdArgs{StdinData: in}); err != nil {
+		t.Fatalf("GC with a null list (no datapath loaded): %v", err)
 	}
 }

@@ -25,9 +25,18 @@ func del(c *Conf, args *skel.CmdArgs) error {
 	if !c.Chained && c.IPAM.Type != "" {
 		release = newIPAMDel(c.IPAM.Type, args.StdinData)
 	}
+	// Any other IPAM type releases before the link goes, as in the
+	// reference plugins: dhcp sends its DHCPRELEASE through the interface,
+	// and without it the server keeps the lease until it expires.
+	ranLocked := false
 	locked := func() {
-		if release != nil && overlapIPAM[c.IPAM.Type] {
+		ranLocked = true
+		switch {
+		case release == nil:
+		case overlapIPAM[c.IPAM.Type]:
 			release.start()
+		default:
+			_ = release.wait() // its error is reported below
 		}
 	}
 	if err := delLinkAndEndpoint(c, args, locked); err != nil {
@@ -39,7 +48,9 @@ func del(c *Conf, args *skel.CmdArgs) error {
 	if err := failpoint("del-unregister"); err != nil {
 		return err
 	}
-	if release != nil {
+	// Not when the lock could not be taken: the registration is still
+	// there, and the runtime retries DEL.
+	if release != nil && ranLocked {
 		// host-local and static succeed for an address already released.
 		if err := release.wait(); err != nil {
 			errs = append(errs, err)

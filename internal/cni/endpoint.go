@@ -21,7 +21,9 @@ func openDatapath(dir string, code uint) (*loader.Objects, error) {
 		return nil, types.NewError(code, fmt.Sprintf("underpass datapath not loaded in %s: start underpassd", dir), err.Error())
 	}
 	if err != nil {
-		return nil, fmt.Errorf("open underpass datapath in %s: %w", dir, err)
+		// Pins another build made (an upgrade under way) or cannot be
+		// read: not usable now, as if not loaded, and said why.
+		return nil, types.NewError(code, fmt.Sprintf("open underpass datapath in %s: %v", dir, err), "")
 	}
 	// A pod attached now would run with no counters and no spoofing guard.
 	if err := dp.CheckEndpointPrograms(); err != nil {

@@ -2,6 +2,7 @@ package cni
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 
@@ -23,6 +24,16 @@ import (
 // with that network's attachments, so another network's live pods (on the
 // same parent or not) are never in the list and must not be judged by it.
 func gc(c *Conf, args *skel.CmdArgs) error {
+	// Without the list every registration of the network would look
+	// invalid: its pods would lose their guard. libcni always sends it
+	// (null or [] when none is valid).
+	var keys map[string]json.RawMessage
+	if err := json.Unmarshal(args.StdinData, &keys); err != nil {
+		return types.NewError(types.ErrDecodingFailure, fmt.Sprintf("parse network configuration: %v", err), "")
+	}
+	if _, ok := keys["cni.dev/valid-attachments"]; !ok {
+		return invalidConf("GC without cni.dev/valid-attachments: nothing collected (the runtime must list the attachments still in use)")
+	}
 	var errs []error
 	dp, err := loader.OpenForEndpoints(c.BPFFS)
 	switch {

@@ -14,7 +14,9 @@ import (
 // while the plugin does its own work (ADD: creating the slave; DEL:
 // deleting it and the registration), which keeps underpass as fast as the
 // reference macvlan plugin. Anything else (dhcp talks through the
-// interface, unknown plugins might) runs in the reference plugins' order.
+// interface, unknown plugins might) runs in the reference plugins' order:
+// its ADD once the slave exists, its DEL (and a failed ADD's release)
+// before the slave goes.
 var overlapIPAM = map[string]bool{"host-local": true, "static": true, "whereabouts": true}
 
 // background runs fn once, on another goroutine, from the first start or
@@ -46,10 +48,11 @@ func (b *background) wait() error {
 
 // ipamCall is the IPAM ADD of one plugin ADD.
 type ipamCall struct {
-	typ   string
-	stdin []byte
-	res   types.Result
-	add   background
+	typ      string
+	stdin    []byte
+	res      types.Result
+	add      background
+	released bool // joinRelease ran
 }
 
 func newIPAMCall(typ string, stdin []byte) *ipamCall {
@@ -80,15 +83,16 @@ func (c *ipamCall) result() (*current.Result, error) {
 	return r, nil
 }
 
-// joinRelease undoes a started ADD, for a failed plugin ADD: it waits for
+// joinRelease undoes a started ADD (once), for a failed plugin ADD: it waits for
 // the IPAM plugin and tells it to release the address, also when its ADD
 // failed: a failed ADD may still have allocated (skel checks the netns
 // after the verb has run), and IPAM DEL of nothing is a no-op. A failed
 // release joins err.
 func (c *ipamCall) joinRelease(err error) error {
-	if !c.add.started() {
+	if !c.add.started() || c.released {
 		return err
 	}
+	c.released = true
 	_ = c.add.wait() // its error, if any, is already in err or beside the point
 	if derr := ipam.ExecDel(c.typ, c.stdin); derr != nil {
 		return errors.Join(err, fmt.Errorf("roll back: release the address (ipam %s): %w", c.typ, derr))

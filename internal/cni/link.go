@@ -102,16 +102,15 @@ func createSlave(c *Conf, master netlink.Link, ifname string, netns ns.NetNS) (_
 			return fmt.Errorf("find new %s %s: %w", c.Kind, tmp, err)
 		}
 		if err := netlink.LinkSetName(link, ifname); err != nil {
-			_ = netlink.LinkDel(link)
-			if errors.Is(err, unix.EEXIST) {
+			derr := netlink.LinkDel(link)
+			if errors.Is(err, unix.EEXIST) && derr == nil {
 				return errorf(7, "the container already has an interface %q: use another CNI_IFNAME, or chain underpass after the plugin that made it (no master/mode/mtu/ipam keys)", ifname)
 			}
-			return fmt.Errorf("rename %s to %s: %w", tmp, ifname, err)
+			return errors.Join(fmt.Errorf("rename %s to %s: %w", tmp, ifname, err), rollbackErr(tmp, derr))
 		}
 		created, err = netlink.LinkByIndex(link.Attrs().Index)
 		if err != nil {
-			_ = netlink.LinkDel(link)
-			return fmt.Errorf("find %s after rename: %w", ifname, err)
+			return errors.Join(fmt.Errorf("find %s after rename: %w", ifname, err), rollbackErr(ifname, netlink.LinkDel(link)))
 		}
 		return nil
 	})
@@ -121,7 +120,19 @@ func createSlave(c *Conf, master netlink.Link, ifname string, netns ns.NetNS) (_
 	return created, nil
 }
 
-// deleteLinkIn deletes ifname in netns; a missing link or netns is fine.
+// rollbackErr names a failed deletion of the half-made link name, or is nil.
+func rollbackErr(name string, err error) error {
+	if err == nil {
+		return nil
+	}
+	return fmt.Errorf("roll back: delete %s: %w", name, err)
+}
+
+// deleteLinkIn deletes ifname in netns; a missing link or netns is fine,
+// and so is a path that is no namespace any more (attach.CheckNetns: a
+// runtime unmounts the namespace before it removes the file): the link
+// went with the namespace, and a DEL that failed on it would fail on
+// every retry.
 func deleteLinkIn(netnsPath, ifname string) error {
 	err := ns.WithNetNSPath(netnsPath, func(ns.NetNS) error {
 		if err := ip.DelLinkByName(ifname); err != nil && !errors.Is(err, ip.ErrLinkNotFound) {
@@ -130,7 +141,8 @@ func deleteLinkIn(netnsPath, ifname string) error {
 		return nil
 	})
 	var nsGone ns.NSPathNotExistErr
-	if errors.As(err, &nsGone) {
+	var notNS ns.NSPathNotNSErr
+	if errors.As(err, &nsGone) || errors.As(err, &notNS) {
 		return nil
 	}
 	return err
