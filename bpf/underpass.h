@@ -31,6 +31,11 @@ enum up_config_flags {
 	 * translated by its own egress program (see up_svc_xlate) instead of
 	 * being steered to the host for kube-proxy. */
 	UP_CFG_SVC_EBPF = 1 << 3,
+	/* The agent's alone (no program reads it): the live set SVC_SYNCED
+	 * stands for included the Kubernetes Services. A restarted agent keeps
+	 * the guard armed only when it reads them too; one that starts reading
+	 * them judges nothing stale until its informers have synced. */
+	UP_CFG_SVC_KUBE = 1 << 4,
 };
 
 /* skb->mark values for the endpoint frames the parent program hands to the

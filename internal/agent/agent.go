@@ -85,11 +85,12 @@ type Agent struct {
 	stopDocker   func()
 	adoptNow     chan struct{} // the Docker source saw a container come or go
 
-	metrics   *metrics
-	http      *httpServer
-	attached  atomic.Bool  // start-up attach done
-	pins      pinGuard     // restores pins removed from under the agent
-	heartbeat atomic.Int64 // unix nanos of the event loop's last turn
+	metrics    *metrics
+	http       *httpServer
+	httpListen string       // the metrics.listen http serves
+	attached   atomic.Bool  // start-up attach done
+	pins       pinGuard     // restores pins removed from under the agent
+	heartbeat  atomic.Int64 // unix nanos of the event loop's last turn
 }
 
 // New checks the options.
@@ -146,6 +147,7 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 	defer unlock()
 
 	a.metrics = newMetrics(a)
+	a.httpListen = cfg.Metrics.Listen
 	if a.http, err = a.serveHTTP(cfg.Metrics.Listen); err != nil {
 		return err
 	}
@@ -359,6 +361,13 @@ func (a *Agent) heal() {
 		a.log.Error("re-apply config to the datapath", "error", err)
 	}
 	a.healMasquerade()
+	if a.httpListen != a.cfg.Metrics.Listen {
+		if err := a.relisten(a.cfg.Metrics.Listen); err != nil {
+			a.errorOnce("relisten", "metrics server still on "+a.httpListen, "error", err)
+		} else {
+			delete(a.warned, "relisten")
+		}
+	}
 	if err := a.svc.Load().Reconcile(); err != nil {
 		a.log.Error("reconcile live services", "error", err)
 	}

@@ -27,6 +27,15 @@ func TestChangedKeys(t *testing.T) {
 	if got := changedKeys(c, c); len(got) != 0 {
 		t.Fatalf("no change reported as %v", got)
 	}
+	// services.mode and adopt.parents are changes too (a mode switch was
+	// logged as changed=[]).
+	d, err := config.Parse([]byte("hostReachability: false\nstaleServices: {cidrs: [10.96.0.0/16], action: reject}\nuplinks: [eth1]\nservices: {mode: ebpf, kubernetes: \"true\"}\nadopt: {parents: [eth0]}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := changedKeys(c, d); !slices.Equal(got, []string{"services", "adopt"}) {
+		t.Fatalf("changed %v, want [services adopt]", got)
+	}
 }
 
 func TestSendLatest(t *testing.T) {

@@ -11,6 +11,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"golang.org/x/sys/unix"
 
 	"github.com/underpass-cni/underpass/internal/datapath"
 	"github.com/underpass-cni/underpass/internal/hostnat"
@@ -143,14 +144,27 @@ func (a *Agent) serveHTTP(addr string) (*httpServer, error) {
 }
 
 // relisten moves the HTTP server to a new address: the new one listens
-// before the old one closes.
+// before the old one closes, unless the new one is the old port on another
+// address (127.0.0.1:9775 to :9775), which collides with the agent's own
+// socket: then the old one closes first, and comes back if the new one
+// still cannot listen.
 func (a *Agent) relisten(addr string) error {
+	old := a.http
 	s, err := a.serveHTTP(addr)
-	if err != nil {
+	if errors.Is(err, unix.EADDRINUSE) {
+		old.close()
+		if s, err = a.serveHTTP(addr); err != nil {
+			back, berr := a.serveHTTP(a.httpListen)
+			if berr != nil {
+				return errors.Join(err, fmt.Errorf("metrics server back on %s: %w", a.httpListen, berr))
+			}
+			a.http = back
+			return err
+		}
+	} else if err != nil {
 		return err
 	}
-	old := a.http
-	a.http = s
+	a.http, a.httpListen = s, addr
 	old.close()
 	a.log.Info("metrics server moved", "listen", s.addr())
 	return nil

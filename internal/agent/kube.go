@@ -69,8 +69,25 @@ func (k *kubeSource) check(c *config.Config) error {
 	if !s.enabled || s == k.running {
 		return nil
 	}
-	_, err := services.RestConfig(s.kubeconfig)
+	_, _, err := newKubeClient(s.kubeconfig)
 	return err
+}
+
+// newKubeClient is the client for kubeconfig ("": in-cluster). Building it
+// parses the certificates, which reading the kubeconfig does not: a CA that
+// is no PEM fails here.
+func newKubeClient(kubeconfig string) (_ *kubernetes.Clientset, host string, _ error) {
+	rc, err := services.RestConfig(kubeconfig)
+	if err != nil {
+		return nil, "", err
+	}
+	rc = rest.CopyConfig(rc)
+	rc.UserAgent = "underpassd"
+	client, err := kubernetes.NewForConfig(rc)
+	if err != nil {
+		return nil, "", fmt.Errorf("kubernetes client: %w", err)
+	}
+	return client, rc.Host, nil
 }
 
 // configure starts, restarts or stops the informers to match c. A restart
@@ -80,10 +97,13 @@ func (k *kubeSource) configure(ctx context.Context, c *config.Config) error {
 	if s == k.running && (k.cancel != nil || !s.enabled) {
 		return nil
 	}
-	var rc *rest.Config
+	// The new client first: one that cannot be built leaves the running
+	// informers as they are.
+	var client *kubernetes.Clientset
+	var host string
 	if s.enabled {
 		var err error
-		if rc, err = services.RestConfig(s.kubeconfig); err != nil {
+		if client, host, err = newKubeClient(s.kubeconfig); err != nil {
 			return err
 		}
 	}
@@ -100,12 +120,6 @@ func (k *kubeSource) configure(ctx context.Context, c *config.Config) error {
 		k.log.Info("live services from the static list only (services.kubernetes off)")
 		return k.mgr.SetKubernetes(false)
 	}
-	rc = rest.CopyConfig(rc)
-	rc.UserAgent = "underpassd"
-	client, err := kubernetes.NewForConfig(rc)
-	if err != nil {
-		return fmt.Errorf("kubernetes client: %w", err)
-	}
 	if err := k.mgr.SetKubernetes(true); err != nil {
 		return err
 	}
@@ -120,7 +134,7 @@ func (k *kubeSource) configure(ctx context.Context, c *config.Config) error {
 	if where == "" {
 		where = "in-cluster"
 	}
-	k.log.Info("watching Kubernetes services", "api", rc.Host, "credentials", where, "requireEndpoints", s.requireEndpoints,
+	k.log.Info("watching Kubernetes services", "api", host, "credentials", where, "requireEndpoints", s.requireEndpoints,
 		"servicesMode", map[bool]string{false: "host", true: "ebpf"}[s.ebpf], "node", s.node)
 	go func(done chan struct{}) {
 		defer close(done)

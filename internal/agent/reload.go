@@ -71,6 +71,12 @@ func (a *Agent) apply(ctx context.Context, c, old *config.Config) error {
 	// judged stale because its CIDR arrived first.
 	svc := a.svc.Load()
 	errs = append(errs, svc.SetStatic(c.StaticServices()))
+	// Kubernetes switched on: the armed live set lacks its Services, so the
+	// guard judges nothing until the informers have synced (armGuard).
+	if settingsOf(c).enabled && old != nil && !settingsOf(old).enabled && a.svcSynced {
+		a.svcSynced = false
+		a.log.Info("services.kubernetes on: the stale-service guard is disarmed until the informers have synced")
+	}
 	errs = append(errs, a.applyDatapath(c))
 	// Not fatal: without it only Services with underlay pod backends fail;
 	// heal retries. At start-up the parents are not known yet: Run syncs
@@ -96,7 +102,7 @@ func (a *Agent) apply(ctx context.Context, c, old *config.Config) error {
 				a.attachXDP(p.ifindex, p.name)
 			}
 		}
-		if c.Metrics.Listen != old.Metrics.Listen {
+		if c.Metrics.Listen != a.httpListen {
 			errs = append(errs, a.relisten(c.Metrics.Listen))
 		}
 	}
@@ -107,12 +113,17 @@ func (a *Agent) apply(ctx context.Context, c, old *config.Config) error {
 func (a *Agent) applyDatapath(c *config.Config) error {
 	m := &a.dp.Load().Maps
 	var errs []error
+	kube := settingsOf(c).enabled
 	want := datapath.Config{HostReachable: c.HostReachability, StaleReject: c.StaleAction() == config.ActionReject,
 		ServicesSynced: a.svcSynced, ServicesEBPF: c.ServiceMode() == config.ServiceModeEBPF}
 	cur, gen, err := datapath.GetConfig(m)
 	// Armed once stays armed: a restarted agent adopts the live set the
-	// previous one synced, a better guess than "nothing is stale".
-	want.ServicesSynced = want.ServicesSynced || (err == nil && cur.ServicesSynced)
+	// previous one synced, a better guess than "nothing is stale", but
+	// only a set of the same sources: one synced without the Kubernetes
+	// Services lacks every ClusterIP, and judged by it they would all be
+	// stale until the informers have synced (forever if they never do).
+	want.ServicesSynced = want.ServicesSynced || (err == nil && cur.ServicesSynced && cur.ServicesFromKube == kube)
+	want.ServicesFromKube = want.ServicesSynced && kube
 	if err != nil || cur != want || a.gen == 0 {
 		// The generation continues from the pinned one, so it grows across
 		// restarts and bpftool shows that an apply happened.
@@ -313,7 +324,9 @@ func changedKeys(old, c *config.Config) []string {
 	add("hostReachability", old.HostReachability != c.HostReachability)
 	add("hostCIDRs", !slices.Equal(old.HostCIDRList, c.HostCIDRList))
 	add("staleServices", !slices.Equal(old.StaleServices.CIDRs, c.StaleServices.CIDRs) || old.StaleServices.Action != c.StaleServices.Action || old.StaleServices.RequireEndpoints != c.StaleServices.RequireEndpoints)
-	add("services", !slices.Equal(old.Services.Static, c.Services.Static) || old.Services.Kubernetes != c.Services.Kubernetes || old.Services.Kubeconfig != c.Services.Kubeconfig)
+	add("services", !slices.Equal(old.Services.Static, c.Services.Static) || old.Services.Kubernetes != c.Services.Kubernetes ||
+		old.Services.Kubeconfig != c.Services.Kubeconfig || old.Services.Masquerade != c.Services.Masquerade || old.Services.Mode != c.Services.Mode)
+	add("adopt", !slices.Equal(old.Adopt.Parents, c.Adopt.Parents) || old.Adopt.Docker != c.Adopt.Docker)
 	add("uplinks", !slices.Equal(old.Uplinks, c.Uplinks))
 	add("xdp", old.XDP != c.XDP)
 	add("metrics", old.Metrics != c.Metrics)

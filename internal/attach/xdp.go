@@ -7,6 +7,8 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netlink/nl"
 )
 
 // XDPMode is the agent's xdp setting.
@@ -46,6 +48,14 @@ func XDP(o XDPOptions) (XDPMode, error) {
 		return "", fmt.Errorf("attach xdp %s: no program", IfaceName(ifindex))
 	}
 	pin := XDPLinkPin(o.Dir, ifindex)
+	// A link attached in another mode than the one asked for (xdp:
+	// native -> generic) is replaced, not updated: an update keeps the
+	// mode it was attached in. auto takes either.
+	if cur := xdpAttachMode(ifindex); mode != XDPAuto && cur != "" && cur != mode {
+		if err := DetachXDP(o); err != nil {
+			return "", err
+		}
+	}
 	if updatePinned(pin, o.Program) {
 		// The kernel does not report the mode of an XDP link: for auto,
 		// the caller learns only that it is attached.
@@ -82,4 +92,20 @@ func DetachXDP(o XDPOptions) error {
 		return fmt.Errorf("detach xdp %s: %w", IfaceName(o.Ifindex), err)
 	}
 	return nil
+}
+
+// xdpAttachMode is the mode of the XDP program on ifindex, as netlink
+// reports it: "" when none, or another (offloaded, several).
+func xdpAttachMode(ifindex int) XDPMode {
+	l, err := netlink.LinkByIndex(ifindex)
+	if err != nil || l.Attrs().Xdp == nil || !l.Attrs().Xdp.Attached {
+		return ""
+	}
+	switch l.Attrs().Xdp.AttachMode {
+	case nl.XDP_ATTACHED_DRV:
+		return XDPNative
+	case nl.XDP_ATTACHED_SKB:
+		return XDPGeneric
+	}
+	return ""
 }

@@ -19,6 +19,10 @@ type Config struct {
 	// ServicesEBPF translates pods' Service traffic in their own programs
 	// (services.mode: ebpf) for the frontends in svc_frontends.
 	ServicesEBPF bool
+	// ServicesFromKube says that the live set ServicesSynced stands for
+	// included the Kubernetes Services (the agent's alone: no program
+	// reads it).
+	ServicesFromKube bool
 }
 
 // SetConfig writes the config word; generation shows in bpftool which apply
@@ -37,6 +41,9 @@ func SetConfig(m *loader.Maps, c Config, generation uint64) error {
 	if c.ServicesEBPF {
 		v.Flags |= uint32(loader.ConfigSvcEBPF)
 	}
+	if c.ServicesFromKube {
+		v.Flags |= uint32(loader.ConfigSvcKube)
+	}
 	v.Generation = generation
 	if err := m.Config.Update(uint32(0), &v, ebpf.UpdateAny); err != nil {
 		return fmt.Errorf("write config: %w", err)
@@ -51,10 +58,11 @@ func GetConfig(m *loader.Maps) (Config, uint64, error) {
 		return Config{}, 0, fmt.Errorf("read config: %w", err)
 	}
 	return Config{
-		HostReachable:  v.Flags&uint32(loader.ConfigHostBlocked) == 0,
-		StaleReject:    v.Flags&uint32(loader.ConfigStaleReject) != 0,
-		ServicesSynced: v.Flags&uint32(loader.ConfigSvcSynced) != 0,
-		ServicesEBPF:   v.Flags&uint32(loader.ConfigSvcEBPF) != 0,
+		HostReachable:    v.Flags&uint32(loader.ConfigHostBlocked) == 0,
+		StaleReject:      v.Flags&uint32(loader.ConfigStaleReject) != 0,
+		ServicesSynced:   v.Flags&uint32(loader.ConfigSvcSynced) != 0,
+		ServicesEBPF:     v.Flags&uint32(loader.ConfigSvcEBPF) != 0,
+		ServicesFromKube: v.Flags&uint32(loader.ConfigSvcKube) != 0,
 	}, v.Generation, nil
 }
 

@@ -194,3 +194,35 @@ func TestAttachEgress(t *testing.T) {
 	}
 	must(t, env.Node.Do(func() error { return attach.DetachEgress(dp2.EgressTarget(attach.RoleParent, u.Index)) })) // idempotent
 }
+
+// xdp switched between native and generic replaces the link: an update in
+// place keeps the mode it was attached in. Until December 2026 the switch
+// was ignored (the debug log said the new mode). auto keeps what is there.
+func TestXDPModeSwitch(t *testing.T) {
+	testutil.RequireRoot(t)
+	dp := testutil.LoadDatapath(t)
+	env := netenv.New(t, netenv.Options{})
+	u := env.Uplinks[0] // a veth: native XDP works on it
+	mode := func() uint32 {
+		l, err := env.Node.Netlink().LinkByIndex(u.Index)
+		must(t, err)
+		if l.Attrs().Xdp == nil || !l.Attrs().Xdp.Attached {
+			return 0
+		}
+		return l.Attrs().Xdp.AttachMode
+	}
+	const drv, skb = 1, 2 // XDP_ATTACHED_DRV, XDP_ATTACHED_SKB
+	for _, step := range []struct {
+		mode attach.XDPMode
+		want uint32
+	}{{attach.XDPNative, drv}, {attach.XDPGeneric, skb}, {attach.XDPAuto, skb}, {attach.XDPNative, drv}} {
+		must(t, env.Node.Do(func() error { _, err := attach.XDP(dp.XDPTarget(u.Index, step.mode)); return err }))
+		if got := mode(); got != step.want {
+			t.Fatalf("xdp %s: attached in mode %d, want %d", step.mode, got, step.want)
+		}
+	}
+	must(t, env.Node.Do(func() error { _, err := attach.XDP(dp.XDPTarget(u.Index, attach.XDPOff)); return err }))
+	if got := mode(); got != 0 {
+		t.Fatalf("xdp off: attached in mode %d", got)
+	}
+}

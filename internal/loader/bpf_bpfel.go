@@ -57,6 +57,7 @@ const (
 	bpfUpConfigFlagsUP_CFG_STALE_REJECT bpfUpConfigFlags = 2
 	bpfUpConfigFlagsUP_CFG_SVC_SYNCED   bpfUpConfigFlags = 4
 	bpfUpConfigFlagsUP_CFG_SVC_EBPF     bpfUpConfigFlags = 8
+	bpfUpConfigFlagsUP_CFG_SVC_KUBE     bpfUpConfigFlags = 16
 )
 
 type bpfUpCounter struct {

@@ -58,6 +58,7 @@ const (
 	ConfigStaleReject = bpfUpConfigFlagsUP_CFG_STALE_REJECT
 	ConfigSvcSynced   = bpfUpConfigFlagsUP_CFG_SVC_SYNCED
 	ConfigSvcEBPF     = bpfUpConfigFlagsUP_CFG_SVC_EBPF
+	ConfigSvcKube     = bpfUpConfigFlagsUP_CFG_SVC_KUBE
 
 	SvcAffinity = uint8(bpfUpSvcFlagsUP_SVC_AFFINITY)
 

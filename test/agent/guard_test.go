@@ -99,4 +99,44 @@ func TestStaleGuardWaitsForFirstSync(t *testing.T) {
 	if got := staleDrops() - d0; got != 3 {
 		t.Fatalf("%d stale drops for 3 pings to a stale VIP once armed, want 3", got)
 	}
+
+	// Kubernetes switched on again, live: the armed set (static only)
+	// lacks every ClusterIP, so the guard disarms until the informers
+	// sync, which they never do here. Until December 2026 it stayed armed,
+	// and every ClusterIP was stale.
+	l.writeConfig(guardConfig + "  kubernetes: \"true\"\n  kubeconfig: " + kubeconfig + "\n")
+	l.waitMetric("underpass_config_reloads_total", `result="success"`, 2)
+	waitFor(t, 10*time.Second, "the guard disarmed", func() bool { return !synced() })
+	d1 := staleDrops()
+	for end := time.Now().Add(2 * time.Second); time.Now().Before(end); time.Sleep(50 * time.Millisecond) {
+		if synced() {
+			t.Fatal("the guard armed again while the Kubernetes API has never answered")
+		}
+	}
+	netenv.Ping(t, ctr.NS, stale, 3)
+	if got := staleDrops() - d1; got != 0 {
+		t.Fatalf("%d stale drops after Kubernetes was switched on, want 0 until the informers sync", got)
+	}
+
+	// A restart onto Kubernetes, over a datapath armed by the static list
+	// alone (the restart before the reload above would have found it so):
+	// the pinned guard is not adopted either.
+	l.writeConfig(guardConfig + "  kubernetes: \"false\"\n")
+	l.waitMetric("underpass_config_reloads_total", `result="success"`, 3)
+	waitFor(t, 10*time.Second, "ServicesSynced in the config word", synced)
+	ag.stop()
+	l.writeConfig(guardConfig + "  kubernetes: \"true\"\n  kubeconfig: " + kubeconfig + "\n")
+	ag = l.start(agentBin)
+	waitFor(t, 30*time.Second, "the restarted agent to disarm the guard", func() bool {
+		if ag.Exited() {
+			t.Fatalf("underpassd exited: %v", ag.Err())
+		}
+		return !synced()
+	})
+	d2 := staleDrops()
+	time.Sleep(2 * time.Second) // reconcile ticks
+	netenv.Ping(t, ctr.NS, stale, 3)
+	if got := staleDrops() - d2; got != 0 || synced() {
+		t.Fatalf("after a restart onto Kubernetes: %d stale drops, armed %v; want 0, disarmed", got, synced())
+	}
 }

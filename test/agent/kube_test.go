@@ -171,9 +171,21 @@ func TestKubernetesServices(t *testing.T) {
 	// A kubeconfig that cannot be read is rejected; the watch keeps going.
 	l.writeConfig(kubeConfigYAML(filepath.Join(t.TempDir(), "missing"), true))
 	l.waitMetric("underpass_config_reloads_total", `result="error"`, 1)
+	// So is one that reads but whose CA is no PEM (client-go fails only when
+	// it builds the client): until December 2026 that reload stopped the
+	// informers and nothing restarted them, so the live set froze.
+	badCA := filepath.Join(t.TempDir(), "bad-ca-kubeconfig")
+	must(t, os.WriteFile(badCA, []byte(`apiVersion: v1
+kind: Config
+clusters: [{name: c, cluster: {server: "https://127.0.0.1:1", certificate-authority-data: bm90IGEgY2VydGlmaWNhdGU=}}]
+users: [{name: u, user: {token: x}}]
+contexts: [{name: c, context: {cluster: c, user: u}}]
+current-context: c
+`), 0o600))
+	l.writeConfig(kubeConfigYAML(badCA, true))
+	l.waitMetric("underpass_config_reloads_total", `result="error"`, 2)
 	if err := es.Delete(ctx, "api-1", metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	waitFor(t, 10*time.Second, "api stale after its slice is deleted", l.liveHas(apiIPs, false))
-	_ = os.Remove
 }

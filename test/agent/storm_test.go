@@ -1040,5 +1040,20 @@ func TestMetricsLoopbackByDefault(t *testing.T) {
 	if v := l.slowMetric("underpass_config_reloads_total", `result="success"`); v != 1 {
 		t.Fatalf("reloads{success} = %v after one live change, want 1", v)
 	}
+
+	// 4. The same port on every address, live: the new socket collides with
+	// the agent's own loopback one, so the old closes first. Until December
+	// 2026 the move failed (address in use), and nothing retried it.
+	writeCfg(fmt.Sprintf("0.0.0.0:%d", defaultPort))
+	def4 := netip.AddrPortFrom(node4, defaultPort)
+	waitFor(t, 20*time.Second, "/readyz on "+def4.String()+" from the wire", func() bool {
+		code, _, err := getFrom(wire.NS, def4, "/readyz", 5*time.Second)
+		return err == nil && code == http.StatusOK
+	})
+	ls = procListeners(t, pid)
+	t.Logf("metrics.listen 0.0.0.0:%d live: the agent listens on %v", defaultPort, ls)
+	if len(ls) != 1 || !ls[0].Addr().IsUnspecified() || ls[0].Port() != defaultPort {
+		t.Fatalf("the agent listens on %v, want one wildcard listener on %d", ls, defaultPort)
+	}
 	a.stop()
 }
