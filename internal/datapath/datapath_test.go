@@ -228,3 +228,34 @@ func TestLearntAddressYieldsOnlyToAnAssignment(t *testing.T) {
 		})
 	}
 }
+
+// Unregister also removes a learnt address that the endpoint's record does
+// not list (two DADs racing for one slot on two CPUs leave one so): left
+// behind, it went to the next endpoint given the id.
+func TestUnregisterSweepsSlotlessLearntAddresses(t *testing.T) {
+	dp := testutil.LoadDatapath(t)
+	m := &dp.Maps
+	ep := datapath.Endpoint{
+		ContainerID: "racer", IfName: "eth0", Netns: "/proc/self/ns/net", Network: "net1",
+		ParentIfindex: 7, ParentName: "eth0", Ifindex: 30, Mode: loader.ModeMacvlan,
+		MAC: net.HardwareAddr{2, 1, 1, 1, 1, 2}, Addrs: []netip.Prefix{netip.MustParsePrefix("2001:db8:1::100/64")},
+	}
+	id, err := datapath.Register(m, ep)
+	if err != nil {
+		t.Fatal(err)
+	}
+	k := datapath.EpIPKey(netip.MustParseAddr("2001:db8:1::bad"), ep.ParentIfindex)
+	if err := m.EpByIp.Update(&k, &loader.EndpointRef{Id: id, Flags: uint32(loader.RefLearned)}, ebpf.UpdateAny); err != nil {
+		t.Fatal(err)
+	}
+	if err := datapath.Unregister(m, id); err != nil {
+		t.Fatal(err)
+	}
+	var ref loader.EndpointRef
+	if err := m.EpByIp.Lookup(&k, &ref); err == nil {
+		t.Fatalf("slotless learnt address left behind: %+v", ref)
+	}
+	if n := count(t, m); n != 0 {
+		t.Fatalf("%d entries left after unregister", n)
+	}
+}

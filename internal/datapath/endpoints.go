@@ -257,6 +257,7 @@ func Unregister(m *loader.Maps, id uint32) error {
 	for _, k := range refKeys(&ep) {
 		errs = append(errs, deleteRef(m.EpByIp, &k, id))
 	}
+	errs = append(errs, sweepLearned(m, id))
 	mk := loader.MACKey{Mac: ep.Mac, ParentIfindex: ep.ParentIfindex}
 	errs = append(errs, deleteRef(m.EpByMac, &mk, id))
 	nk := loader.AttachKey{ContainerId: ep.ContainerId, Ifname: ep.Ifname}
@@ -276,6 +277,32 @@ func Unregister(m *loader.Maps, id uint32) error {
 		return fmt.Errorf("unregister endpoint %d: %w", id, err)
 	}
 	return nil
+}
+
+// sweepLearned deletes the addresses id learnt that its record does not
+// list: two DADs on two CPUs can pick one free slot at once (the programs
+// take no lock), and the loser's entry is left without one. Left behind,
+// it would go to the next endpoint that gets id.
+func sweepLearned(m *loader.Maps, id uint32) error {
+	var (
+		k      loader.EpIPKey
+		ref    loader.EndpointRef
+		orphan []loader.EpIPKey
+	)
+	it := m.EpByIp.Iterate()
+	for it.Next(&k, &ref) {
+		if ref.Id == id && ref.Flags&uint32(loader.RefLearned) != 0 {
+			orphan = append(orphan, k)
+		}
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("walk ep_by_ip: %w", err)
+	}
+	var errs []error
+	for _, k := range orphan {
+		errs = append(errs, deleteRef(m.EpByIp, &k, id))
+	}
+	return errors.Join(errs...)
 }
 
 // refKeys are the ep_by_ip keys of an endpoint: its registered addresses
