@@ -185,11 +185,7 @@ func TestLearntAddressYieldsOnlyToAnAssignment(t *testing.T) {
 	dp := testutil.LoadDatapath(t)
 	m := &dp.Maps
 	learnt := netip.MustParseAddr("2001:db8:1::101")
-	holder := datapath.Endpoint{
-		ContainerID: "holder", IfName: "eth0", Netns: "/proc/self/ns/net", Network: "net1",
-		ParentIfindex: 7, ParentName: "eth0", Ifindex: 30, Mode: loader.ModeMacvlan,
-		MAC: net.HardwareAddr{2, 1, 1, 1, 1, 1}, Addrs: []netip.Prefix{netip.MustParsePrefix("2001:db8:1::100/64")},
-	}
+	holder := liveEndpoint("holder", 1)
 	id, err := datapath.Register(m, holder)
 	if err != nil {
 		t.Fatal(err)
@@ -235,11 +231,7 @@ func TestLearntAddressYieldsOnlyToAnAssignment(t *testing.T) {
 func TestUnregisterSweepsSlotlessLearntAddresses(t *testing.T) {
 	dp := testutil.LoadDatapath(t)
 	m := &dp.Maps
-	ep := datapath.Endpoint{
-		ContainerID: "racer", IfName: "eth0", Netns: "/proc/self/ns/net", Network: "net1",
-		ParentIfindex: 7, ParentName: "eth0", Ifindex: 30, Mode: loader.ModeMacvlan,
-		MAC: net.HardwareAddr{2, 1, 1, 1, 1, 2}, Addrs: []netip.Prefix{netip.MustParsePrefix("2001:db8:1::100/64")},
-	}
+	ep := liveEndpoint("racer", 2)
 	id, err := datapath.Register(m, ep)
 	if err != nil {
 		t.Fatal(err)
@@ -257,5 +249,15 @@ func TestUnregisterSweepsSlotlessLearntAddresses(t *testing.T) {
 	}
 	if n := count(t, m); n != 0 {
 		t.Fatalf("%d entries left after unregister", n)
+	}
+}
+
+// liveEndpoint is a macvlan endpoint in this process's (live) netns, with
+// 2001:db8:1::100 on parent ifindex 7; n varies its MAC.
+func liveEndpoint(id string, n byte) datapath.Endpoint {
+	return datapath.Endpoint{
+		ContainerID: id, IfName: "eth0", Netns: "/proc/self/ns/net", Network: "net1",
+		ParentIfindex: 7, ParentName: "eth0", Ifindex: 30, Mode: loader.ModeMacvlan,
+		MAC: net.HardwareAddr{2, 1, 1, 1, 1, n}, Addrs: []netip.Prefix{netip.MustParsePrefix("2001:db8:1::100/64")},
 	}
 }

@@ -70,18 +70,23 @@ func TestStaleGuardWaitsForFirstSync(t *testing.T) {
 		return d[loader.DropStaleService].Packets
 	}
 	stale := netip.MustParseAddr("10.96.0.99") // in the CIDR, not live
-	d0 := staleDrops()
-
-	// Several reconcile ticks (1 s each) pass: the guard stays disarmed.
-	for end := time.Now().Add(3 * time.Second); time.Now().Before(end); time.Sleep(50 * time.Millisecond) {
-		if synced() {
-			t.Fatal("ServicesSynced set while the Kubernetes API has never answered")
+	// disarmed checks that the guard stays disarmed through a few
+	// reconcile ticks (1 s each) and judges a stale VIP not stale.
+	disarmed := func(when string, ticks time.Duration) {
+		t.Helper()
+		d := staleDrops()
+		for end := time.Now().Add(ticks * time.Second); time.Now().Before(end); time.Sleep(50 * time.Millisecond) {
+			if synced() {
+				t.Fatalf("%s: ServicesSynced set while the Kubernetes API has never answered", when)
+			}
+		}
+		netenv.Ping(t, ctr.NS, stale, 3)
+		if got := staleDrops() - d; got != 0 {
+			t.Fatalf("%s: %d stale drops, want 0 until the informers sync", when, got)
 		}
 	}
-	netenv.Ping(t, ctr.NS, stale, 3)
-	if got := staleDrops() - d0; got != 0 {
-		t.Fatalf("%d stale drops before the first sync, want 0", got)
-	}
+	d0 := staleDrops()
+	disarmed("before the first sync", 3)
 	if code, body, _ := l.get("/readyz"); code == http.StatusOK {
 		t.Fatalf("/readyz ok before the first sync: %q", body)
 	}
@@ -107,16 +112,7 @@ func TestStaleGuardWaitsForFirstSync(t *testing.T) {
 	l.writeConfig(guardConfig + "  kubernetes: \"true\"\n  kubeconfig: " + kubeconfig + "\n")
 	l.waitMetric("underpass_config_reloads_total", `result="success"`, 2)
 	waitFor(t, 10*time.Second, "the guard disarmed", func() bool { return !synced() })
-	d1 := staleDrops()
-	for end := time.Now().Add(2 * time.Second); time.Now().Before(end); time.Sleep(50 * time.Millisecond) {
-		if synced() {
-			t.Fatal("the guard armed again while the Kubernetes API has never answered")
-		}
-	}
-	netenv.Ping(t, ctr.NS, stale, 3)
-	if got := staleDrops() - d1; got != 0 {
-		t.Fatalf("%d stale drops after Kubernetes was switched on, want 0 until the informers sync", got)
-	}
+	disarmed("Kubernetes switched on", 2)
 
 	// A restart onto Kubernetes, over a datapath armed by the static list
 	// alone (the restart before the reload above would have found it so):
@@ -133,10 +129,5 @@ func TestStaleGuardWaitsForFirstSync(t *testing.T) {
 		}
 		return !synced()
 	})
-	d2 := staleDrops()
-	time.Sleep(2 * time.Second) // reconcile ticks
-	netenv.Ping(t, ctr.NS, stale, 3)
-	if got := staleDrops() - d2; got != 0 || synced() {
-		t.Fatalf("after a restart onto Kubernetes: %d stale drops, armed %v; want 0, disarmed", got, synced())
-	}
+	disarmed("restarted onto Kubernetes", 2)
 }
