@@ -846,14 +846,15 @@ static __always_inline int eui64_link_local(const struct up_ip_key *a, const __u
 	       x[14] == mac[4] && x[15] == mac[5];
 }
 
-/* The endpoint whose EUI-64 link-local (ff:fe in the middle, from its MAC)
- * a is, or 0: those are no entry of ep_by_ip, but no other pod may claim
- * one by its DAD. */
+/* The endpoint whose EUI-64 address (ff:fe in the middle, from its MAC) a
+ * is, or 0: its link-local, or a SLAAC address under any prefix, which
+ * anyone who knows the MAC and the router's prefix can work out before the
+ * pod's own DAD. Those are no entry of ep_by_ip (until learnt), but no
+ * other pod may claim one by its DAD. */
 static __always_inline __u32 eui64_owner(const struct up_ip_key *a, __u32 parent_ifindex)
 {
 	const __u8 *x = a->addr;
-	if (x[0] != 0xfe || x[1] != 0x80 || x[2] || x[3] || x[4] || x[5] || x[6] || x[7] || x[11] != 0xff ||
-	    x[12] != 0xfe)
+	if (x[11] != 0xff || x[12] != 0xfe)
 		return 0;
 	__u8 mac[ETH_ALEN] = {x[8] ^ 0x02, x[9], x[10], x[13], x[14], x[15]};
 	return ep_by_mac_on(mac, parent_ifindex);
@@ -993,6 +994,10 @@ __noinline int up_vet_source(struct __sk_buff *skb, const struct ethhdr *eth, st
 	 * router advertisement) could not be vetted (RFC 7113's RA-guard
 	 * evasion). No pod's stack sends that many. */
 	if (proto == ETH_P_IPV6 && ext6_header(p->l4proto))
+		return reason;
+	/* A first fragment that ends before its ICMPv6 header (extension
+	 * headers fill it): what it starts could be ND, unvetted (RFC 7113). */
+	if (proto == ETH_P_IPV6 && p->l4proto == IPPROTO_ICMPV6 && p->first_frag && !p->icmp6_type)
 		return reason;
 	__u32 parent = ep->parent_ifindex;
 

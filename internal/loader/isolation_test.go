@@ -88,6 +88,9 @@ func TestParentVetsEndpointFrames(t *testing.T) {
 		// parser walks.
 		{"a router advertisement behind 5 extension headers", behindExtHeaders(t, routerAdvert(t, macA, linkLocalA), 5), loader.DropUnvetted},
 		{"an NA for the router behind 5 extension headers", behindExtHeaders(t, neighborAdvertFrom(t, macA, linkLocalA, linkLocalGW, macA), 5), loader.DropUnvetted},
+		// A first fragment that ends before its ICMPv6 header: the rest,
+		// in the next fragment, could be an RA.
+		{"a first fragment cut before its ICMPv6 header", firstFragmentOnly(t, macA, linkLocalA), loader.DropUnvetted},
 	} {
 		t.Run(tc.name, func(t *testing.T) { r.wantDrop(t, tc.frame, r.idA, tc.reason) })
 	}
@@ -151,7 +154,10 @@ func TestLearnFromDAD(t *testing.T) {
 	// Pod B's DAD for A's addresses, learnt or assigned: dropped, as it
 	// would fail A's own DAD for them (a pod squatting on the address IPAM
 	// hands out next). Not learnt either.
-	for _, target := range []netip.Addr{slaacA, ipA6, linkLocalA} {
+	// A's EUI-64 SLAAC address under the router's prefix, which B can
+	// work out from A's MAC before A's own DAD: refused too.
+	eui64A := netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 0, 1, 0, 0, linkLocalA.As16()[8], linkLocalA.As16()[9], linkLocalA.As16()[10], 0xff, 0xfe, linkLocalA.As16()[13], linkLocalA.As16()[14], linkLocalA.As16()[15]})
+	for _, target := range []netip.Addr{slaacA, ipA6, linkLocalA, eui64A} {
 		r.wantDrop(t, neighborSolicitation(t, macB, netip.IPv6Unspecified(), target), r.idB, loader.DropSpoofedSource)
 		r.wantDrop(t, icmpEcho(t, macB, macGW, target, ipRemote6), r.idB, loader.DropSpoofedSource)
 	}
@@ -240,5 +246,18 @@ func behindExtHeaders(tb testing.TB, frame []byte, n int) []byte {
 	}
 	out = append(out, frame[l2+l3:]...)
 	binary.BigEndian.PutUint16(out[l2+4:], uint16(len(out)-l2-l3))
+	return out
+}
+
+// firstFragmentOnly is the first fragment of an ICMPv6 message from src
+// that holds nothing past its fragment header (more fragments follow).
+func firstFragmentOnly(tb testing.TB, smac net.HardwareAddr, src netip.Addr) []byte {
+	tb.Helper()
+	f := routerAdvert(tb, smac, src)
+	const l2, l3 = 14, 40
+	out := append([]byte{}, f[:l2+l3]...)
+	out[l2+6] = 44                                   // Fragment
+	out = append(out, 58, 0, 0, 1, 0, 0, 0x12, 0x34) // next ICMPv6, offset 0, M=1, id
+	binary.BigEndian.PutUint16(out[l2+4:], 8)
 	return out
 }
