@@ -361,6 +361,13 @@ func (a *Agent) heal() {
 		a.log.Error("re-apply config to the datapath", "error", err)
 	}
 	a.healMasquerade()
+	// A Kubernetes source whose (re)start failed is started again; a
+	// running one is left as it is.
+	if err := a.kube.configure(a.ctx, a.cfg); err != nil {
+		a.errorOnce("kube-configure", "Kubernetes services: the source is not running; will retry", "error", err)
+	} else {
+		delete(a.warned, "kube-configure")
+	}
 	if a.httpListen != a.cfg.Metrics.Listen {
 		if err := a.relisten(a.cfg.Metrics.Listen); err != nil {
 			a.errorOnce("relisten", "metrics server still on "+a.httpListen, "error", err)

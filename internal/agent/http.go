@@ -143,6 +143,13 @@ func (a *Agent) serveHTTP(addr string) (*httpServer, error) {
 	return s, nil
 }
 
+// samePort says whether listen address a names the port b listens on.
+func samePort(a, b string) bool {
+	_, pa, err := net.SplitHostPort(a)
+	_, pb, errb := net.SplitHostPort(b)
+	return err == nil && errb == nil && pa == pb
+}
+
 // relisten moves the HTTP server to a new address: the new one listens
 // before the old one closes, unless the new one is the old port on another
 // address (127.0.0.1:9775 to :9775), which collides with the agent's own
@@ -151,7 +158,7 @@ func (a *Agent) serveHTTP(addr string) (*httpServer, error) {
 func (a *Agent) relisten(addr string) error {
 	old := a.http
 	s, err := a.serveHTTP(addr)
-	if errors.Is(err, unix.EADDRINUSE) {
+	if errors.Is(err, unix.EADDRINUSE) && samePort(addr, old.addr()) {
 		old.close()
 		if s, err = a.serveHTTP(addr); err != nil {
 			back, berr := a.serveHTTP(a.httpListen)

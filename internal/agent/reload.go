@@ -204,7 +204,11 @@ func (a *Agent) armGuard() {
 	if a.svcSynced {
 		return
 	}
-	if svc := a.svc.Load(); svc == nil || !svc.Synced() {
+	// Synced is of the sources running: with Kubernetes configured but its
+	// source not (yet) running (a switch-on that failed half-way), the
+	// static list alone would arm it and every ClusterIP look stale.
+	svc := a.svc.Load()
+	if svc == nil || !svc.Synced() || svc.Kubernetes() != settingsOf(a.cfg).enabled {
 		return
 	}
 	a.svcSynced = true

@@ -156,6 +156,14 @@ func (m *Manager) Synced() bool {
 
 func (m *Manager) synced() bool { return !m.kubeEnabled || m.kubeSynced }
 
+// Kubernetes says whether a Kubernetes source feeds the manager
+// (SetKubernetes).
+func (m *Manager) Kubernetes() bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.kubeEnabled
+}
+
 // Len is the number of live IPs in the store.
 func (m *Manager) Len() int {
 	m.mu.Lock()
