@@ -175,9 +175,20 @@ func parseConfForDel(stdin []byte) (*Conf, error) {
 	if c.BPFFS == "" || !filepath.IsAbs(c.BPFFS) {
 		c.BPFFS = loader.DefaultBPFFS
 	}
-	_, mtu := raw["mtu"]
-	_, hasIPAM := raw["ipam"]
-	c.Chained = !c.hasInterfaceKeys() && !mtu && !hasIPAM
+	// Chained when in doubt: main mode deletes the interface, which in a
+	// chain is the previous plugin's (its DEL, a dhcp release through it,
+	// would then fail), while a main-mode link left alone goes with the
+	// netns. An mtu counts unless it reads as 0 (number or string).
+	mtu := false
+	if v := raw["mtu"]; len(v) > 0 {
+		var n float64
+		if json.Unmarshal(v, &n) == nil { // null reads as 0
+			mtu = n != 0
+		} else {
+			mtu = str(v) != "" && str(v) != "0"
+		}
+	}
+	c.Chained = !c.hasInterfaceKeys() && !mtu
 	return c, nil
 }
 

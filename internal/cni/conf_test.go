@@ -135,7 +135,10 @@ func TestParseConfForDelReadsWhatDecodes(t *testing.T) {
 		ipam     string
 	}{
 		{"quoted mtu", `{"cniVersion":"1.1.0","name":"n","type":"underpass","master":"eth0","mtu":"1500","ipam":{"type":"host-local","ranges":5}}`, false, "host-local"},
-		{"ipam not an object", `{"cniVersion":"1.1.0","name":"n","type":"underpass","ipam":"x"}`, false, ""},
+		// In doubt, chained: main mode would delete a previous plugin's interface.
+		{"ipam not an object", `{"cniVersion":"1.1.0","name":"n","type":"underpass","ipam":"x"}`, true, ""},
+		{"empty ipam, mtu 0", `{"cniVersion":"1.1.0","name":"n","type":"underpass","ipam":{},"mtu":0,"bpffs":5}`, true, ""},
+		{"ipam type a number", `{"cniVersion":"1.1.0","name":"n","type":"underpass","ipam":{"type":5},"master":"eth0"}`, false, ""},
 		{"chained, bpffs a number", `{"cniVersion":"1.1.0","name":"n","type":"underpass","bpffs":5}`, true, ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -170,8 +173,10 @@ func TestGCNeedsTheValidAttachments(t *testing.T) {
 	if !errors.As(err, &te) || te.Code != types.ErrInvalidNetworkConfig || !strings.Contains(te.Msg, "valid-attachments") {
 		t.Fatalf("GC without the list: %v, want code 7 naming it", err)
 	}
-	in = []byte(`{"cniVersion":"1.1.0","name":"n","type":"underpass","bpffs":"/nonexistent/underpass","cni.dev/valid-attachments":null}`)
-	if err := gc(c, &skel.CmdArgs{StdinData: in}); err != nil {
-		t.Fatalf("GC with a null list (no datapath loaded): %v", err)
+	for _, key := range []string{"cni.dev/valid-attachments", "cni.dev/attachments"} { // the spec's first name
+		in = []byte(`{"cniVersion":"1.1.0","name":"n","type":"underpass","bpffs":"/nonexistent/underpass","` + key + `":null}`)
+		if err := gc(c, &skel.CmdArgs{StdinData: in}); err != nil {
+			t.Fatalf("GC with a null %s (no datapath loaded): %v", key, err)
+		}
 	}
 }

@@ -25,18 +25,21 @@ func del(c *Conf, args *skel.CmdArgs) error {
 	if !c.Chained && c.IPAM.Type != "" {
 		release = newIPAMDel(c.IPAM.Type, args.StdinData)
 	}
-	// Any other IPAM type releases before the link goes, as in the
-	// reference plugins: dhcp sends its DHCPRELEASE through the interface,
-	// and without it the server keeps the lease until it expires.
+	// Any other IPAM type releases first, as in the reference plugins:
+	// dhcp sends its DHCPRELEASE through the interface (without it the
+	// server keeps the lease until it expires), and a plugin that asks a
+	// daemon or an API server must not do so under the node's datapath
+	// lock. The address may then go to another pod before this DEL
+	// unregisters it; that pod's ADD fails until then, and is retried.
+	early := release != nil && !overlapIPAM[c.IPAM.Type]
+	if early {
+		_ = release.wait() // its error is reported below
+	}
 	ranLocked := false
 	locked := func() {
 		ranLocked = true
-		switch {
-		case release == nil:
-		case overlapIPAM[c.IPAM.Type]:
+		if release != nil && !early {
 			release.start()
-		default:
-			_ = release.wait() // its error is reported below
 		}
 	}
 	if err := delLinkAndEndpoint(c, args, locked); err != nil {
@@ -50,7 +53,7 @@ func del(c *Conf, args *skel.CmdArgs) error {
 	}
 	// Not when the lock could not be taken: the registration is still
 	// there, and the runtime retries DEL.
-	if release != nil && ranLocked {
+	if release != nil && (ranLocked || early) {
 		// host-local and static succeed for an address already released.
 		if err := release.wait(); err != nil {
 			errs = append(errs, err)

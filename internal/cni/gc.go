@@ -25,14 +25,21 @@ import (
 // same parent or not) are never in the list and must not be judged by it.
 func gc(c *Conf, args *skel.CmdArgs) error {
 	// Without the list every registration of the network would look
-	// invalid: its pods would lose their guard. libcni always sends it
-	// (null or [] when none is valid).
+	// invalid: its pods would lose their guard. Runtimes send it through
+	// libcni (null or [] when none is valid) under both names the spec has
+	// used; cnitool's gc sends none.
 	var keys map[string]json.RawMessage
 	if err := json.Unmarshal(args.StdinData, &keys); err != nil {
 		return types.NewError(types.ErrDecodingFailure, fmt.Sprintf("parse network configuration: %v", err), "")
 	}
 	if _, ok := keys["cni.dev/valid-attachments"]; !ok {
-		return invalidConf("GC without cni.dev/valid-attachments: nothing collected (the runtime must list the attachments still in use)")
+		old, ok := keys["cni.dev/attachments"]
+		if !ok {
+			return invalidConf("GC without cni.dev/valid-attachments: nothing collected (the runtime must list the attachments still in use)")
+		}
+		if err := json.Unmarshal(old, &c.ValidAttachments); err != nil {
+			return types.NewError(types.ErrDecodingFailure, fmt.Sprintf("cni.dev/attachments: %v", err), "")
+		}
 	}
 	var errs []error
 	dp, err := loader.OpenForEndpoints(c.BPFFS)
