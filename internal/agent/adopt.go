@@ -47,16 +47,25 @@ func (a *Agent) adopt() {
 	// while the scan runs is newer than the scan's view of it (adopt.Sync).
 	before, err := adopt.Snap(dp)
 	if err != nil {
-		a.errorOnce("adopt-snap-"+err.Error(), "adopt: reading the registry", "error", err)
+		a.errorOnce("adopt-snap", "adopt: reading the registry", "error", err)
 		return
 	}
+	delete(a.warned, "adopt-snap")
 	found, err := adopt.Scan(parents, dirs)
 	if err != nil {
 		a.log.Debug("adopt: scan", "error", err) // a namespace that vanished mid-scan; the next scan sees it settled
 	}
 	res, err := adopt.Sync(dp, before, found, name, a.log)
-	if err != nil {
-		a.errorOnce("adopt-sync-"+err.Error(), "adopt: registering slaves", "error", err)
+	// Logged when it changes, not once per text for good: the texts name
+	// containers, and a map of them would grow without bound.
+	switch {
+	case err == nil:
+		a.adoptErr = ""
+	case err.Error() != a.adoptErr:
+		a.adoptErr = err.Error()
+		a.log.Error("adopt: registering slaves", "error", err)
+	default:
+		a.log.Debug("adopt: registering slaves", "error", err)
 	}
 	for _, ep := range res.Added {
 		a.log.Info("adopt: registered", "name", ep.PodName, "interface", ep.IfName, "parent", ep.ParentName,

@@ -84,6 +84,7 @@ type Agent struct {
 	dockerSocket string          // the socket it follows
 	stopDocker   func()
 	adoptNow     chan struct{} // the Docker source saw a container come or go
+	adoptErr     string        // the adoption error last logged
 
 	metrics    *metrics
 	http       *httpServer
@@ -357,6 +358,9 @@ func (a *Agent) runGC() {
 // heal re-applies state that someone else may have changed (bpftool, a
 // failed write): cheap, idempotent, and it bounds how long a drift lasts.
 func (a *Agent) heal() {
+	// host_cidrs against the map, not the agent's copy of what it wrote:
+	// an outside edit is undone too.
+	a.hostSet = nil
 	if err := a.applyDatapath(a.cfg); err != nil {
 		a.log.Error("re-apply config to the datapath", "error", err)
 	}

@@ -390,14 +390,15 @@ func (a *Agent) syncUplinks(force bool) {
 		if slices.Contains(a.cfg.Uplinks, name) {
 			continue
 		}
-		delete(a.uplinks, name)
 		if !u.isParent {
 			if err := attach.DetachEgress(dp.EgressTarget(attach.RoleUplink, u.ifindex)); err != nil {
+				// Kept, so that the next sync (heal) tries again.
 				a.log.Error("detach uplink program", "uplink", name, "error", err)
 				continue
 			}
 			a.log.Info("uplink program detached", "uplink", name, "ifindex", u.ifindex)
 		}
+		delete(a.uplinks, name)
 	}
 	for _, name := range a.cfg.Uplinks {
 		if _, ok := a.uplinks[name]; ok && !force {

@@ -255,7 +255,7 @@ func (a *Agent) syncHosts(c *config.Config) error {
 	if a.hostSet != nil {
 		a.log.Info("host addresses updated", "entries", len(flat))
 	}
-	a.hostSet = flat
+	a.hostSet = flat // nil (heal): compared against the map, by SyncHostCIDRs
 	return nil
 }
 

@@ -69,22 +69,20 @@ func moveRef(m *ebpf.Map, from, to any, id uint32) error {
 // records are large; a metrics scrape should not copy them all).
 func CountEndpoints(m *loader.Maps) (int, error) {
 	var key, next uint32
-	n := 0
+	// A key deleted while walking restarts the walk from the first key:
+	// count each key once, and stop rather than loop.
+	seen := map[uint32]struct{}{}
 	var prev any // nil: start from the first key
-	for {
+	for steps := 0; steps <= 2*int(m.Endpoints.MaxEntries()); steps++ {
 		if err := m.Endpoints.NextKey(prev, &next); err != nil {
 			if errors.Is(err, ebpf.ErrKeyNotExist) {
-				return n, nil
+				return len(seen), nil
 			}
-			return n, fmt.Errorf("count endpoints: %w", err)
+			return len(seen), fmt.Errorf("count endpoints: %w", err)
 		}
-		n++
+		seen[next] = struct{}{}
 		key = next
 		prev = &key
-		if n > int(m.Endpoints.MaxEntries()) {
-			// Keys deleted while walking can restart the walk; stop rather
-			// than loop.
-			return n, nil
-		}
 	}
+	return len(seen), nil
 }

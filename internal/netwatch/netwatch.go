@@ -66,7 +66,27 @@ func Watch(ctx context.Context, out chan<- Event, log *slog.Logger) {
 
 func watchOnce(ctx context.Context, out chan<- Event) error {
 	done := make(chan struct{})
-	defer close(done)
+	links := make(chan netlink.LinkUpdate, 256)
+	addrs := make(chan netlink.AddrUpdate, 256)
+	var linksOn, addrsOn bool
+	defer func() {
+		close(done)
+		// The library's receivers send without watching done: one blocked
+		// on a full channel would never see its socket close, and stay,
+		// with its queue, for good. Drained, they end and close them.
+		if linksOn {
+			go func() {
+				for range links {
+				}
+			}()
+		}
+		if addrsOn {
+			go func() {
+				for range addrs {
+				}
+			}()
+		}
+	}()
 	errc := make(chan error, 2)
 	onErr := func(err error) {
 		select {
@@ -74,14 +94,14 @@ func watchOnce(ctx context.Context, out chan<- Event) error {
 		default:
 		}
 	}
-	links := make(chan netlink.LinkUpdate, 256)
-	addrs := make(chan netlink.AddrUpdate, 256)
 	if err := netlink.LinkSubscribeWithOptions(links, done, netlink.LinkSubscribeOptions{ErrorCallback: onErr}); err != nil {
 		return fmt.Errorf("subscribe to links: %w", err)
 	}
+	linksOn = true
 	if err := netlink.AddrSubscribeWithOptions(addrs, done, netlink.AddrSubscribeOptions{ErrorCallback: onErr}); err != nil {
 		return fmt.Errorf("subscribe to addresses: %w", err)
 	}
+	addrsOn = true
 	for {
 		select {
 		case <-ctx.Done():

@@ -126,6 +126,15 @@ func TestStartAndEndpoints(t *testing.T) {
 		h, _ := datapath.LPMEntries(r.dp.Maps.HostCidrs)
 		return h[extra] == uint32(loader.HostLocal)
 	})
+	// Someone deletes it from the map (bpftool): the heal puts it back.
+	// Until December 2026 the heal compared against the agent's own copy
+	// and never saw the edit.
+	k := datapath.LPMKey(extra)
+	must(t, r.dp.Maps.HostCidrs.Delete(&k))
+	waitFor(t, 10*time.Second, "the heal to restore the deleted host_cidrs entry", func() bool {
+		h, _ := datapath.LPMEntries(r.dp.Maps.HostCidrs)
+		return h[extra] == uint32(loader.HostLocal)
+	})
 
 	// Static services: a live VIP is steered to the host, a stale one is
 	// dropped at the hairpin (and counted), and the list reloads live.
