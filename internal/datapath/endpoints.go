@@ -284,18 +284,13 @@ func Unregister(m *loader.Maps, id uint32) error {
 // take no lock), and the loser's entry is left without one. Left behind,
 // it would go to the next endpoint that gets id.
 func sweepLearned(m *loader.Maps, id uint32) error {
-	var (
-		k      loader.EpIPKey
-		ref    loader.EndpointRef
-		orphan []loader.EpIPKey
-	)
-	it := m.EpByIp.Iterate()
-	for it.Next(&k, &ref) {
+	var orphan []loader.EpIPKey
+	err := walkEntries(m.EpByIp, func(k *loader.EpIPKey, ref *loader.EndpointRef) {
 		if ref.Id == id && ref.Flags&uint32(loader.RefLearned) != 0 {
-			orphan = append(orphan, k)
+			orphan = append(orphan, *k)
 		}
-	}
-	if err := it.Err(); err != nil {
+	})
+	if err != nil {
 		return fmt.Errorf("walk ep_by_ip: %w", err)
 	}
 	var errs []error
