@@ -1657,13 +1657,52 @@ static __always_inline int svc_xlate_frag(struct __sk_buff *skb, const struct pk
 	return XLATE_DONE;
 }
 
-/* tcp_syn says whether TCP segment p has SYN set. */
-static __always_inline int tcp_syn(struct __sk_buff *skb, const struct pkt *p)
+/* l4_head reads the ports of TCP, UDP or SCTP segment p (source and
+ * destination, network order: the same place in all three) and, for TCP,
+ * its flags (0 for the others). Straight from packet memory when the
+ * header is in the linear part: no helper call and no stack copy (the
+ * translation's stack is at the verifier's limit). 0: read. */
+static __always_inline int l4_head(struct __sk_buff *skb, const struct pkt *p, __u16 *sport, __u16 *dport,
+				   __u8 *tflags)
 {
-	__u8 flags;
-	if (bpf_skb_load_bytes(skb, p->l4off + offsetof(struct tcphdr, flags), &flags, 1))
+	void *d = (void *)(long)skb->data;
+	void *e = (void *)(long)skb->data_end;
+	__u32 off = p->l4off;
+	*tflags = 0;
+	/* The bound lets the verifier tell the header's end from a wrap. */
+	if (off < 1024 && d + off + sizeof(struct tcphdr) <= e) {
+		__u8 *h = d + off;
+		__builtin_memcpy(sport, h, 2);
+		__builtin_memcpy(dport, h + 2, 2);
+		if (p->l4proto == IPPROTO_TCP)
+			*tflags = ((struct tcphdr *)h)->flags;
 		return 0;
-	return flags & TCP_FLAG_SYN;
+	}
+	__u16 ports[2];
+	if (bpf_skb_load_bytes(skb, off, ports, sizeof(ports)))
+		return -1;
+	*sport = ports[0];
+	*dport = ports[1];
+	if (p->l4proto == IPPROTO_TCP)
+		return bpf_skb_load_bytes(skb, off + offsetof(struct tcphdr, flags), tflags, 1);
+	return 0;
+}
+
+/* A TCP connection's first segment: SYN without ACK. */
+static __always_inline int tcp_opens(__u8 tflags)
+{
+	return (tflags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
+}
+
+/* mark_closed notes on a translated flow that its TCP connection ended
+ * (a FIN or a RST, either way): a new connection on its tuple (the
+ * client's source port came round again) picks a backend afresh, as
+ * conntrack's does for a SYN on a closed entry, rather than follow the
+ * old one, which may be draining. */
+static __always_inline void mark_closed(struct up_ct *ct)
+{
+	if (!(ct->flags & UP_CT_CLOSED))
+		ct->flags |= UP_CT_CLOSED;
 }
 
 /* up_svc_xlate translates a pod's frame to a Service in svc_frontends.
@@ -1679,12 +1718,13 @@ __noinline int up_svc_xlate(struct __sk_buff *skb, const struct pkt *p, __u32 pa
 		return XLATE_NONE;
 	if (!p->first_frag)
 		return svc_xlate_frag(skb, p, parent_ifindex, mode);
-	__u16 ports[2]; /* source, destination: the same place in all three */
-	if (bpf_skb_load_bytes(skb, p->l4off, ports, sizeof(ports)))
+	__u16 sport, dport;
+	__u8 tflags;
+	if (l4_head(skb, p, &sport, &dport, &tflags))
 		return XLATE_NONE;
 	struct up_svc *found;
 	{ /* a scope of its own: the key's stack is the snapshot's below */
-		struct up_svc_key sk = {.port = ports[1], .l4proto = l4};
+		struct up_svc_key sk = {.port = dport, .l4proto = l4};
 		__builtin_memcpy(sk.addr, p->daddr.addr, 16);
 		found = bpf_map_lookup_elem(&svc_frontends, &sk);
 	}
@@ -1695,16 +1735,16 @@ __noinline int up_svc_xlate(struct __sk_buff *skb, const struct pkt *p, __u32 pa
 		 * given the VIP. A TCP tuple is taken only by a SYN: the pod's
 		 * other segments (most of its traffic) need not look, and a
 		 * late segment of an old direct connection takes nothing. */
-		if (l4 == IPPROTO_TCP && !tcp_syn(skb, p))
+		if (l4 == IPPROTO_TCP && !(tflags & TCP_FLAG_SYN))
 			return XLATE_NONE;
-		struct up_rev_key rk = {.backend_port = ports[1], .client_port = ports[0], .l4proto = l4};
+		struct up_rev_key rk = {.backend_port = dport, .client_port = sport, .l4proto = l4};
 		__builtin_memcpy(rk.backend, p->daddr.addr, 16);
 		__builtin_memcpy(rk.client, p->saddr.addr, 16);
 		struct up_rev *rv = bpf_map_lookup_elem(&svc_rev, &rk);
 		if (rv) {
 			/* The translated flow on the tuple (if any) writes it
 			 * again when it takes the tuple back (UP_CT_CHECK_REV). */
-			struct up_ct_key ck = {.client_port = ports[0], .vport = rv->vport, .l4proto = l4};
+			struct up_ct_key ck = {.client_port = sport, .vport = rv->vport, .l4proto = l4};
 			__builtin_memcpy(ck.client, p->saddr.addr, 16);
 			__builtin_memcpy(ck.vip, rv->vip, 16);
 			struct up_ct *ct = bpf_map_lookup_elem(&svc_ct, &ck);
@@ -1722,93 +1762,102 @@ __noinline int up_svc_xlate(struct __sk_buff *skb, const struct pkt *p, __u32 pa
 	__u32 len = skb->len;
 	__u32 sid = svc->id;
 	struct up_svc_counters *sc = bpf_map_lookup_elem(&svc_counters, &sid);
-	struct up_ct_key ck = {.client_port = ports[0], .vport = ports[1], .l4proto = l4};
-	__builtin_memcpy(ck.client, p->saddr.addr, 16);
-	__builtin_memcpy(ck.vip, p->daddr.addr, 16);
 	__u64 now = bpf_ktime_get_ns();
 	__u32 bid = 0;
 	struct up_backend b = {};
 	int fresh = 1, recheck = 0;
-	struct up_ct *ct = bpf_map_lookup_elem(&svc_ct, &ck);
-	if (ct && ct->svc_id == svc->id) {
-		bid = ct->backend_id;
-		__builtin_memcpy(b.addr, ct->addr, 16);
-		b.port = ct->port;
-		/* A backend that went away gives its flows a new one, whose
-		 * kernel resets a TCP connection it does not know: they fail
-		 * fast instead of black-holing. A draining one (no slot any
-		 * more, still listed) keeps them. Looked up only once the
-		 * frontend changed since the flow started (see up_ct.gen). */
-		fresh = 0;
-		if (ct->gen != svc->gen)
-			fresh = !same_backend(bpf_map_lookup_elem(&svc_backends, &bid), ct->addr, ct->port);
-		/* UDP has no end: a flow idle that long is over, and the
-		 * next datagram on its tuple starts a new one (a client
-		 * with a fixed source port is spread again, as conntrack
-		 * would). */
-		if (!fresh && l4 == IPPROTO_UDP && now - ct->seen_ns > SVC_UDP_IDLE_NS)
-			fresh = 1;
-		if (!fresh && now - ct->seen_ns > 1000000000ULL) {
-			ct->seen_ns = now;
-			recheck = 1;
+	{ /* a scope of its own: the flow key's stack is the reply key's below */
+		struct up_ct_key ck = {.client_port = sport, .vport = dport, .l4proto = l4};
+		__builtin_memcpy(ck.client, p->saddr.addr, 16);
+		__builtin_memcpy(ck.vip, p->daddr.addr, 16);
+		struct up_ct *ct = bpf_map_lookup_elem(&svc_ct, &ck);
+		if (ct && ct->svc_id == svc->id) {
+			bid = ct->backend_id;
+			__builtin_memcpy(b.addr, ct->addr, 16);
+			b.port = ct->port;
+			/* A backend that went away gives its flows a new one, whose
+			 * kernel resets a TCP connection it does not know: they fail
+			 * fast instead of black-holing. A draining one (no slot any
+			 * more, still listed) keeps them. Looked up only once the
+			 * frontend changed since the flow started (see up_ct.gen). */
+			fresh = 0;
+			/* A new connection on the tuple of one that ended: a
+			 * backend afresh (a retransmitted SYN finds the flag clear,
+			 * and keeps the backend its first one got). */
+			if (l4 == IPPROTO_TCP && tcp_opens(tflags) && (ct->flags & UP_CT_CLOSED))
+				fresh = 1;
+			else if (l4 == IPPROTO_TCP && (tflags & (TCP_FLAG_FIN | TCP_FLAG_RST)))
+				mark_closed(ct);
+			if (!fresh && ct->gen != svc->gen)
+				fresh = !same_backend(bpf_map_lookup_elem(&svc_backends, &bid), ct->addr, ct->port);
+			/* UDP has no end: a flow idle that long is over, and the
+			 * next datagram on its tuple starts a new one (a client
+			 * with a fixed source port is spread again, as conntrack
+			 * would). */
+			if (!fresh && l4 == IPPROTO_UDP && now - ct->seen_ns > SVC_UDP_IDLE_NS)
+				fresh = 1;
+			if (!fresh && now - ct->seen_ns > 1000000000ULL) {
+				ct->seen_ns = now;
+				recheck = 1;
+			}
+			/* The pod used the tuple directly since (see above): the
+			 * replies on it are the direct flow's until the flow takes it
+			 * back. A UDP or SCTP datagram through the VIP does; a TCP
+			 * flow only with a new connection (a SYN), not with a late
+			 * segment of the old one (nor on the once-a-second check). */
+			if (!fresh && (ct->flags & UP_CT_CHECK_REV)) {
+				recheck = l4 != IPPROTO_TCP || (tflags & TCP_FLAG_SYN);
+				if (recheck)
+					ct->flags &= ~UP_CT_CHECK_REV;
+			}
 		}
-		/* The pod used the tuple directly since (see above): the
-		 * replies on it are the direct flow's until the flow takes it
-		 * back. A UDP or SCTP datagram through the VIP does; a TCP
-		 * flow only with a new connection (a SYN), not with a late
-		 * segment of the old one (nor on the once-a-second check). */
-		if (!fresh && (ct->flags & UP_CT_CHECK_REV)) {
-			recheck = l4 != IPPROTO_TCP || tcp_syn(skb, p);
-			if (recheck)
-				ct->flags &= ~UP_CT_CHECK_REV;
-		}
-	}
-	/* No backend to start a flow with: stale. Open flows (above) go on. */
-	if (fresh && !svc->count) {
-		svc_count(UP_SVC_STAT_STALE, len);
-		if (sc)
-			sc->failures++;
-		return XLATE_STALE;
-	}
-	if (fresh) {
-		bid = pick_backend(svc, ck.client, now);
-		struct up_backend *be = bid ? bpf_map_lookup_elem(&svc_backends, &bid) : 0;
-		if (!be) {
-			svc_count(UP_SVC_STAT_NO_SLOT, len);
+		/* No backend to start a flow with: stale. Open flows (above) go on. */
+		if (fresh && !svc->count) {
+			svc_count(UP_SVC_STAT_STALE, len);
 			if (sc)
 				sc->failures++;
+			return XLATE_STALE;
+		}
+		if (fresh) {
+			bid = pick_backend(svc, ck.client, now);
+			struct up_backend *be = bid ? bpf_map_lookup_elem(&svc_backends, &bid) : 0;
+			if (!be) {
+				svc_count(UP_SVC_STAT_NO_SLOT, len);
+				if (sc)
+					sc->failures++;
+				return XLATE_NONE;
+			}
+			b = *be;
+		}
+		if (l4 == IPPROTO_SCTP && b.port != dport) {
+			svc_count(UP_SVC_STAT_UNTRANSLATABLE, len);
 			return XLATE_NONE;
 		}
-		b = *be;
-	}
-	if (l4 == IPPROTO_SCTP && b.port != ports[1]) {
-		svc_count(UP_SVC_STAT_UNTRANSLATABLE, len);
-		return XLATE_NONE;
-	}
-	if (fresh) {
-		struct up_ct nct = {.backend_id = bid, .svc_id = svc->id, .seen_ns = now, .port = b.port, .gen = svc->gen};
-		__builtin_memcpy(nct.addr, b.addr, 16);
-		bpf_map_update_elem(&svc_ct, &ck, &nct, BPF_ANY);
-		svc_count(UP_SVC_STAT_NEW_FLOWS, len);
-		if (sc)
-			sc->flows++;
+		if (fresh) {
+			struct up_ct nct = {.backend_id = bid, .svc_id = svc->id, .seen_ns = now, .port = b.port, .gen = svc->gen};
+			__builtin_memcpy(nct.addr, b.addr, 16);
+			bpf_map_update_elem(&svc_ct, &ck, &nct, BPF_ANY);
+			svc_count(UP_SVC_STAT_NEW_FLOWS, len);
+			if (sc)
+				sc->flows++;
+		}
 	}
 	/* The reply's way back: written with the flow, and written again if
 	 * the pod used the tuple directly in between (see above) or the LRU
 	 * dropped it, which an established flow checks once a second (with
 	 * seen_ns), not on every packet. */
-	struct up_rev_key rk = {.backend_port = b.port, .client_port = ports[0], .l4proto = l4};
+	struct up_rev_key rk = {.backend_port = b.port, .client_port = sport, .l4proto = l4};
 	__builtin_memcpy(rk.backend, b.addr, 16);
-	__builtin_memcpy(rk.client, ck.client, 16);
+	__builtin_memcpy(rk.client, p->saddr.addr, 16);
 	if (fresh || (recheck && !bpf_map_lookup_elem(&svc_rev, &rk))) {
-		struct up_rev rv = {.vport = ports[1], .svc_id = sid};
-		__builtin_memcpy(rv.vip, ck.vip, 16);
+		struct up_rev rv = {.vport = dport, .svc_id = sid};
+		__builtin_memcpy(rv.vip, p->daddr.addr, 16);
 		bpf_map_update_elem(&svc_rev, &rk, &rv, BPF_ANY);
 	}
 	note_frags(p, 0, b.addr, b.port, sid);
-	if (rewrite_addr(skb, p, daddr_off(p), ck.vip, b.addr))
+	if (rewrite_addr(skb, p, daddr_off(p), p->daddr.addr, b.addr))
 		return XLATE_FAILED;
-	if (b.port != ports[1] && rewrite_port(skb, p, p->l4off + 2, ports[1], b.port))
+	if (b.port != dport && rewrite_port(skb, p, p->l4off + 2, dport, b.port))
 		return XLATE_FAILED;
 	backend_mac(skb, p, parent_ifindex, mode, &b);
 	svc_count(UP_SVC_STAT_TRANSLATED, len);
@@ -1948,7 +1997,8 @@ __noinline int up_svc_reverse(struct __sk_buff *skb, const struct pkt *p)
 	if (l4 != IPPROTO_TCP && l4 != IPPROTO_UDP && l4 != IPPROTO_SCTP)
 		return 0;
 	__u16 ports[2];
-	if (bpf_skb_load_bytes(skb, p->l4off, ports, sizeof(ports)))
+	__u8 tflags;
+	if (l4_head(skb, p, &ports[0], &ports[1], &tflags))
 		return 0;
 	struct up_rev_key rk = {.backend_port = ports[0], .client_port = ports[1], .l4proto = l4};
 	__builtin_memcpy(rk.backend, p->saddr.addr, 16);
@@ -1957,6 +2007,16 @@ __noinline int up_svc_reverse(struct __sk_buff *skb, const struct pkt *p)
 	if (!rv)
 		return 0;
 	struct up_rev r = *rv;
+	if (tflags & (TCP_FLAG_FIN | TCP_FLAG_RST)) {
+		/* The backend ended the connection (a reset the client
+		 * answers with nothing): see mark_closed. */
+		struct up_ct_key ck = {.client_port = ports[1], .vport = r.vport, .l4proto = l4};
+		__builtin_memcpy(ck.client, rk.client, 16);
+		__builtin_memcpy(ck.vip, r.vip, 16);
+		struct up_ct *ct = bpf_map_lookup_elem(&svc_ct, &ck);
+		if (ct)
+			mark_closed(ct);
+	}
 	note_frags(p, 1, r.vip, 0, r.svc_id);
 	if (rewrite_addr(skb, p, saddr_off(p), rk.backend, r.vip))
 		return -1;

@@ -390,6 +390,9 @@ enum up_ct_flags {
 	/* The pod used the tuple directly (its svc_rev entry was deleted):
 	 * the flow's next packet writes it again. */
 	UP_CT_CHECK_REV = 1 << 0,
+	/* Its TCP connection ended (a FIN or a RST, either way): a SYN on
+	 * the tuple is a new connection, which picks a backend afresh. */
+	UP_CT_CLOSED = 1 << 1,
 };
 
 /* The reply direction of a translated flow, as the backend sends it. */

@@ -507,12 +507,19 @@ func ageFlow(tb testing.TB, m *loader.Maps, client, vip netip.AddrPort, proto ui
 // checksums computed again.
 func acked(tb testing.TB, f []byte) []byte {
 	tb.Helper()
+	return reflag(tb, f, func(tcp *layers.TCP) { tcp.SYN, tcp.ACK, tcp.Ack = false, true, 1 })
+}
+
+// reflag is TCP frame f with its header changed by set, checksums computed
+// again.
+func reflag(tb testing.TB, f []byte, set func(*layers.TCP)) []byte {
+	tb.Helper()
 	pkt := gopacket.NewPacket(f, layers.LayerTypeEthernet, gopacket.Default)
 	tcp, ok := pkt.Layer(layers.LayerTypeTCP).(*layers.TCP)
 	if !ok {
-		tb.Fatalf("acked: not a TCP frame")
+		tb.Fatalf("reflag: not a TCP frame")
 	}
-	tcp.SYN, tcp.ACK, tcp.Ack = false, true, 1
+	set(tcp)
 	must(tb, tcp.SetNetworkLayerForChecksum(pkt.NetworkLayer()))
 	var ls []gopacket.SerializableLayer
 	for _, l := range pkt.Layers() {
@@ -566,6 +573,101 @@ func TestServiceTupleReusedDirectly(t *testing.T) {
 			// The translated flow went on: the same one throughout.
 			if n := r.svcStat(t, loader.SvcStatNewFlows); n != 1 {
 				t.Errorf("new flows %d, want 1", n)
+			}
+		})
+	}
+}
+
+// A client's source port comes round again for a new connection to the
+// same VIP (a fixed source port, or a busy client's ports wrapping) while
+// the old connection's flow is still in svc_ct, its backend now draining.
+// Once the old connection ended (the client's FIN or RST, or the
+// backend's), a SYN on the tuple is a new connection: it picks among the
+// ready backends, as conntrack does for a SYN on a closed entry, instead
+// of following the old flow to the draining one. A SYN while the
+// connection is open (a retransmission) keeps the backend.
+func TestServiceTupleReusedAfterClose(t *testing.T) {
+	backs := []netip.AddrPort{
+		netip.AddrPortFrom(netip.MustParseAddr("198.51.100.31"), 80),
+		netip.AddrPortFrom(netip.MustParseAddr("198.51.100.32"), 80),
+		netip.AddrPortFrom(netip.MustParseAddr("198.51.100.33"), 80),
+	}
+	vip := netip.AddrPortFrom(vipSvc, 80)
+	for _, tc := range []struct {
+		name string
+		// end ends the connection client -> backend: a frame through
+		// the client's egress or ingress program.
+		end func(t *testing.T, r *svcRig, client, backend netip.AddrPort)
+	}{
+		{"client FIN", func(t *testing.T, r *svcRig, client, backend netip.AddrPort) {
+			fin := reflag(t, segment(t, macA, macGW, client, vip, layers.IPProtocolTCP), func(tcp *layers.TCP) {
+				tcp.SYN, tcp.FIN, tcp.ACK, tcp.Ack = false, true, true, 1
+			})
+			// Still the old backend's: the FIN closes its connection.
+			wantFrame(t, r.rig, r.egressA, fin, reflag(t, segment(t, macA, macGW, client, backend, layers.IPProtocolTCP),
+				func(tcp *layers.TCP) { tcp.SYN, tcp.FIN, tcp.ACK, tcp.Ack = false, true, true, 1 }))
+		}},
+		{"client RST", func(t *testing.T, r *svcRig, client, backend netip.AddrPort) {
+			rst := reflag(t, segment(t, macA, macGW, client, vip, layers.IPProtocolTCP), func(tcp *layers.TCP) {
+				tcp.SYN, tcp.RST = false, true
+			})
+			wantFrame(t, r.rig, r.egressA, rst, reflag(t, segment(t, macA, macGW, client, backend, layers.IPProtocolTCP),
+				func(tcp *layers.TCP) { tcp.SYN, tcp.RST = false, true }))
+		}},
+		{"backend RST", func(t *testing.T, r *svcRig, client, backend netip.AddrPort) {
+			rst := reflag(t, segment(t, macGW, macA, backend, client, layers.IPProtocolTCP), func(tcp *layers.TCP) {
+				tcp.SYN, tcp.RST, tcp.ACK, tcp.Ack = false, true, true, 1
+			})
+			wantFrame(t, r.rig, r.ingressA, rst, reflag(t, segment(t, macGW, macA, vip, client, layers.IPProtocolTCP),
+				func(tcp *layers.TCP) { tcp.SYN, tcp.RST, tcp.ACK, tcp.Ack = false, true, true, 1 }))
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := newSvcRig(t, datapath.Frontend{VIP: vipSvc, Port: 80, Proto: datapath.ProtoTCP, Backends: backs})
+			client := netip.AddrPortFrom(ipA, clientPort)
+			syn := segment(t, macA, macGW, client, vip, layers.IPProtocolTCP)
+			to := func(f []byte) netip.AddrPort {
+				t.Helper()
+				res := r.run(t, r.egressA, f)
+				if res.verdict != actOK {
+					t.Fatalf("verdict %d", res.verdict)
+				}
+				a, _ := netip.AddrFromSlice(res.out[30:34])
+				return netip.AddrPortFrom(a, binary.BigEndian.Uint16(res.out[36:38]))
+			}
+			first := to(syn)
+			var rest []netip.AddrPort
+			for _, b := range backs {
+				if b != first {
+					rest = append(rest, b)
+				}
+			}
+			must(t, datapath.SyncFrontends(&r.dp.Maps, []datapath.Frontend{{VIP: vipSvc, Port: 80, Proto: datapath.ProtoTCP,
+				Backends: rest, Draining: []netip.AddrPort{first}}}))
+			// Open: a retransmitted SYN and the connection's segments
+			// stay with the draining backend.
+			if b := to(syn); b != first {
+				t.Fatalf("a retransmitted SYN of the open connection went to %s, not its backend %s", b, first)
+			}
+			if b := to(acked(t, syn)); b != first {
+				t.Fatalf("a segment of the open connection went to %s, not its backend %s", b, first)
+			}
+			tc.end(t, r, client, first)
+			again := to(syn)
+			if again == first {
+				t.Fatalf("a new connection on the closed tuple followed the old flow to the draining %s", first)
+			}
+			if b := to(syn); b != again {
+				t.Fatalf("the new connection's retransmitted SYN went to %s, its first to %s", b, again)
+			}
+			if b := to(acked(t, syn)); b != again {
+				t.Fatalf("the new connection's segment went to %s, its SYN to %s", b, again)
+			}
+			// Its replies come from the VIP.
+			wantFrame(t, r.rig, r.ingressA, segment(t, macGW, macA, again, client, layers.IPProtocolTCP),
+				segment(t, macGW, macA, vip, client, layers.IPProtocolTCP))
+			if n := r.svcStat(t, loader.SvcStatNewFlows); n != 2 {
+				t.Errorf("new flows %d, want 2", n)
 			}
 		})
 	}

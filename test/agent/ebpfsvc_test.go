@@ -183,6 +183,55 @@ services:
 		return errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE)
 	})
 
+	// A source port taken again (a client binding a fixed port, or a
+	// busy one's ports coming round) for a new connection, after the
+	// connection before it on the tuple ended, while that connection's
+	// backend drains: the new connection goes to a ready backend, as
+	// with kube-proxy (conntrack takes a SYN on a closed entry for a new
+	// flow), not after the old flow to the draining one, whose kernel
+	// would take the SYN on its TIME_WAIT socket. The server closes
+	// first (serveRemoteAddr), so the client's port is free at once.
+	reuse := createBackedService(t, cs, "reuse", b1.IP4.Addr())
+	const reusedPort = 47123
+	serverFrom := func() (string, error) {
+		c, err := netenv.DialTCPFrom(client.NS, reusedPort, netip.AddrPortFrom(reuse, 80), 2*time.Second)
+		if err != nil {
+			return "", err
+		}
+		defer c.Close()
+		_ = c.SetDeadline(time.Now().Add(2 * time.Second))
+		line, err := bufio.NewReader(c).ReadString('\n')
+		if err != nil {
+			return "", err
+		}
+		_, server, _ := strings.Cut(strings.TrimSpace(line), " ")
+		// Read the server's FIN before closing: the client's
+		// socket ends without TIME_WAIT, its port free again.
+		_, _ = c.Read(make([]byte, 1))
+		return server, nil
+	}
+	at8080 := func(b *netenv.Container) string { return netip.AddrPortFrom(b.IP4.Addr(), 8080).String() }
+	waitFor(t, 10*time.Second, "a connection to reuse on backend1", func() bool {
+		server, err := serverFrom()
+		return err == nil && server == at8080(b1)
+	})
+	s := backendSlice("reuse", b2.IP4.Addr())
+	no, yes := false, true
+	s.Endpoints = append(s.Endpoints, discoveryv1.Endpoint{Addresses: []string{b1.IP4.Addr().String()},
+		Conditions: discoveryv1.EndpointConditions{Ready: &no, Serving: &yes, Terminating: &yes}})
+	_, err = cs.DiscoveryV1().EndpointSlices("default").Update(context.Background(), s, metav1.UpdateOptions{})
+	must(t, err)
+	waitFor(t, 10*time.Second, "new connections to reuse on backend2", func() bool {
+		_, server, err := askServer(client.NS, netip.AddrPortFrom(reuse, 80), 2*time.Second)
+		return err == nil && server == at8080(b2)
+	})
+	for i := range 3 {
+		if server, err := serverFrom(); err != nil || server != at8080(b2) {
+			t.Fatalf("connection %d from port %d again, backend1 draining: reached %q (%v), want backend2 %s",
+				i, reusedPort, server, err, at8080(b2))
+		}
+	}
+
 	// UDP to a backend with nothing on the port: the backend's port
 	// unreachable reaches the client's connected socket quoting the VIP
 	// (the ingress program translates the error), so it fails at once.

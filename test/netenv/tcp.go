@@ -6,8 +6,11 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // ListenTCP starts a TCP echo server on addr inside ns (port 0 picks a free
@@ -83,6 +86,32 @@ func DialTCPConn(ns *NS, addr netip.AddrPort, timeout time.Duration) (net.Conn, 
 	})
 	if err != nil {
 		return nil, fmt.Errorf("dial %s from %s: %w", addr, ns.Name, err)
+	}
+	return c, nil
+}
+
+// DialTCPFrom is DialTCPConn from a source port of the caller's choice
+// (the address is the route's), with SO_REUSEADDR: a client that takes a
+// port again for a new connection, as a busy one's ports come round.
+func DialTCPFrom(ns *NS, port uint16, addr netip.AddrPort, timeout time.Duration) (net.Conn, error) {
+	d := net.Dialer{Timeout: timeout, LocalAddr: &net.TCPAddr{Port: int(port)},
+		Control: func(_, _ string, rc syscall.RawConn) error {
+			var serr error
+			if err := rc.Control(func(fd uintptr) {
+				serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEADDR, 1)
+			}); err != nil {
+				return err
+			}
+			return serr
+		}}
+	var c net.Conn
+	err := ns.Do(func() error {
+		var err error
+		c, err = d.Dial("tcp", addr.String())
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("dial %s from %s port %d: %w", addr, ns.Name, port, err)
 	}
 	return c, nil
 }
