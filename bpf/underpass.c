@@ -1784,9 +1784,20 @@ __noinline int up_svc_xlate(struct __sk_buff *skb, const struct pkt *p, __u32 pa
 			/* A new connection on the tuple of one that ended: a
 			 * backend afresh (a retransmitted SYN finds the flag clear,
 			 * and keeps the backend its first one got). */
-			if (l4 == IPPROTO_TCP && tcp_opens(tflags) && (ct->flags & UP_CT_CLOSED))
+			if (l4 == IPPROTO_TCP && tcp_opens(tflags) && (ct->flags & UP_CT_CLOSED)) {
+				/* The old backend's way back goes: its late
+				 * segments (a FIN it retransmits from
+				 * LAST_ACK) reach the client from its own
+				 * address, which the client resets directly,
+				 * not from the VIP, where they would meet the
+				 * new connection (whose SYN_SENT answers with
+				 * a RST on the tuple). */
+				struct up_rev_key ok = {.backend_port = ct->port, .client_port = sport, .l4proto = l4};
+				__builtin_memcpy(ok.backend, ct->addr, 16);
+				__builtin_memcpy(ok.client, p->saddr.addr, 16);
+				bpf_map_delete_elem(&svc_rev, &ok);
 				fresh = 1;
-			else if (l4 == IPPROTO_TCP && (tflags & (TCP_FLAG_FIN | TCP_FLAG_RST)))
+			} else if (l4 == IPPROTO_TCP && (tflags & (TCP_FLAG_FIN | TCP_FLAG_RST)))
 				mark_closed(ct);
 			if (!fresh && ct->gen != svc->gen)
 				fresh = !same_backend(bpf_map_lookup_elem(&svc_backends, &bid), ct->addr, ct->port);
@@ -2014,7 +2025,9 @@ __noinline int up_svc_reverse(struct __sk_buff *skb, const struct pkt *p)
 		__builtin_memcpy(ck.client, rk.client, 16);
 		__builtin_memcpy(ck.vip, r.vip, 16);
 		struct up_ct *ct = bpf_map_lookup_elem(&svc_ct, &ck);
-		if (ct)
+		/* Only the flow's own backend ends it: one the tuple had
+		 * before (its reply entry outlived that flow) does not. */
+		if (ct && ct->svc_id == r.svc_id && ct->port == ports[0] && addr_eq(ct->addr, rk.backend))
 			mark_closed(ct);
 	}
 	note_frags(p, 1, r.vip, 0, r.svc_id);

@@ -614,6 +614,13 @@ func TestServiceTupleReusedAfterClose(t *testing.T) {
 			wantFrame(t, r.rig, r.egressA, rst, reflag(t, segment(t, macA, macGW, client, backend, layers.IPProtocolTCP),
 				func(tcp *layers.TCP) { tcp.SYN, tcp.RST = false, true }))
 		}},
+		{"backend FIN", func(t *testing.T, r *svcRig, client, backend netip.AddrPort) {
+			fin := reflag(t, segment(t, macGW, macA, backend, client, layers.IPProtocolTCP), func(tcp *layers.TCP) {
+				tcp.SYN, tcp.FIN, tcp.ACK, tcp.Ack = false, true, true, 1
+			})
+			wantFrame(t, r.rig, r.ingressA, fin, reflag(t, segment(t, macGW, macA, vip, client, layers.IPProtocolTCP),
+				func(tcp *layers.TCP) { tcp.SYN, tcp.FIN, tcp.ACK, tcp.Ack = false, true, true, 1 }))
+		}},
 		{"backend RST", func(t *testing.T, r *svcRig, client, backend netip.AddrPort) {
 			rst := reflag(t, segment(t, macGW, macA, backend, client, layers.IPProtocolTCP), func(tcp *layers.TCP) {
 				tcp.SYN, tcp.RST, tcp.ACK, tcp.Ack = false, true, true, 1
@@ -666,11 +673,71 @@ func TestServiceTupleReusedAfterClose(t *testing.T) {
 			// Its replies come from the VIP.
 			wantFrame(t, r.rig, r.ingressA, segment(t, macGW, macA, again, client, layers.IPProtocolTCP),
 				segment(t, macGW, macA, vip, client, layers.IPProtocolTCP))
+			// The old backend's late FIN (from LAST_ACK) is no longer
+			// given the VIP: the client's stack resets it directly,
+			// instead of meeting it on the new connection's tuple.
+			// Nor does it end the new flow.
+			late := reflag(t, segment(t, macGW, macA, first, client, layers.IPProtocolTCP), func(tcp *layers.TCP) {
+				tcp.SYN, tcp.FIN, tcp.ACK, tcp.Ack = false, true, true, 1
+			})
+			wantFrame(t, r.rig, r.ingressA, late, late)
+			if b := to(syn); b != again {
+				t.Fatalf("after the old backend's late FIN, a retransmitted SYN went to %s, the connection's backend is %s", b, again)
+			}
 			if n := r.svcStat(t, loader.SvcStatNewFlows); n != 2 {
 				t.Errorf("new flows %d, want 2", n)
 			}
 		})
 	}
+}
+
+// A FIN or RST from a backend the tuple had before (its flow moved on when
+// the backend left, its reply entry did not) is given the VIP as before,
+// but does not end the flow that has another backend now: a SYN on the
+// tuple (the open connection's retransmission) keeps the flow's backend.
+func TestServiceFormerBackendDoesNotEndTheFlow(t *testing.T) {
+	x, y := netip.AddrPortFrom(wireBack4, 80), netip.AddrPortFrom(netip.MustParseAddr("198.51.100.21"), 80)
+	vip := netip.AddrPortFrom(vipSvc, 80)
+	r := newSvcRig(t, datapath.Frontend{VIP: vipSvc, Port: 80, Proto: datapath.ProtoTCP, Backends: []netip.AddrPort{x}})
+	client := netip.AddrPortFrom(ipA, clientPort)
+	syn := segment(t, macA, macGW, client, vip, layers.IPProtocolTCP)
+	wantFrame(t, r.rig, r.egressA, syn, segment(t, macA, macGW, client, x, layers.IPProtocolTCP))
+	must(t, datapath.SyncFrontends(&r.dp.Maps, []datapath.Frontend{{VIP: vipSvc, Port: 80, Proto: datapath.ProtoTCP, Backends: []netip.AddrPort{y}}}))
+	wantFrame(t, r.rig, r.egressA, acked(t, syn), acked(t, segment(t, macA, macGW, client, y, layers.IPProtocolTCP)))
+	rst := func(from netip.AddrPort) []byte {
+		return reflag(t, segment(t, macGW, macA, from, client, layers.IPProtocolTCP), func(tcp *layers.TCP) {
+			tcp.SYN, tcp.RST, tcp.ACK, tcp.Ack = false, true, true, 1
+		})
+	}
+	wantFrame(t, r.rig, r.ingressA, rst(x), rst(vip))
+	flows := r.svcStat(t, loader.SvcStatNewFlows)
+	wantFrame(t, r.rig, r.egressA, syn, segment(t, macA, macGW, client, y, layers.IPProtocolTCP))
+	if n := r.svcStat(t, loader.SvcStatNewFlows); n != flows {
+		t.Errorf("a SYN after the former backend's RST started a new flow (new flows %d -> %d)", flows, n)
+	}
+}
+
+// A datagram too short to hold a TCP header (the ports are read from
+// packet memory when 20 bytes are there, else with a helper; IPv6, so the
+// test run's padding to 60 bytes does not make up the difference)
+// translates all the same, and so does its reply.
+func TestServiceShortDatagram(t *testing.T) {
+	backend := netip.AddrPortFrom(wireBack6, 5353)
+	vip := netip.AddrPortFrom(vipSvc6, 53)
+	r := newSvcRig(t, datapath.Frontend{VIP: vipSvc6, Port: 53, Proto: datapath.ProtoUDP, Backends: []netip.AddrPort{backend}})
+	client := netip.AddrPortFrom(ipA6, clientPort)
+	dgram := func(smac, dmac net.HardwareAddr, src, dst netip.AddrPort) []byte {
+		u := &layers.UDP{SrcPort: layers.UDPPort(src.Port()), DstPort: layers.UDPPort(dst.Port())}
+		i6 := ip6(src.Addr(), dst.Addr(), layers.IPProtocolUDP)
+		must(t, u.SetNetworkLayerForChecksum(i6))
+		return serialize(t, eth(smac, dmac, layers.EthernetTypeIPv6), i6, u, gopacket.Payload("hi"))
+	}
+	out := dgram(macA, macGW, client, vip)
+	if len(out) != 14+40+8+2 {
+		t.Fatalf("frame of %d bytes", len(out))
+	}
+	wantFrame(t, r.rig, r.egressA, out, dgram(macA, macGW, client, backend))
+	wantFrame(t, r.rig, r.ingressA, dgram(macGW, macA, backend, client), dgram(macGW, macA, vip, client))
 }
 
 // A pod that is itself a backend of the Service it calls never gets itself

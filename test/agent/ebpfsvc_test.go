@@ -192,9 +192,20 @@ services:
 	// would take the SYN on its TIME_WAIT socket. The server closes
 	// first (serveRemoteAddr), so the client's port is free at once.
 	reuse := createBackedService(t, cs, "reuse", b1.IP4.Addr())
-	const reusedPort = 47123
+	// Below the ephemeral range: no connection of the lab's takes it.
+	const reusedPort = 23123
 	serverFrom := func() (string, error) {
-		c, err := netenv.DialTCPFrom(client.NS, reusedPort, netip.AddrPortFrom(reuse, 80), 2*time.Second)
+		var c net.Conn
+		var err error
+		// The last connection's socket may sit in LAST_ACK for a
+		// moment more (until the server's ACK is handled), which
+		// keeps the tuple: connect says EADDRNOTAVAIL.
+		for end := time.Now().Add(time.Second); ; time.Sleep(20 * time.Millisecond) {
+			c, err = netenv.DialTCPFrom(client.NS, reusedPort, netip.AddrPortFrom(reuse, 80), 2*time.Second)
+			if !errors.Is(err, syscall.EADDRNOTAVAIL) || time.Now().After(end) {
+				break
+			}
+		}
 		if err != nil {
 			return "", err
 		}
