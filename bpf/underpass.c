@@ -1066,6 +1066,79 @@ __noinline int up_vet_source(struct __sk_buff *skb, const struct ethhdr *eth, st
 }
 
 
+/* A link-layer address that names an endpoint on the parent other than
+ * the frame's Ethernet source. */
+static __always_inline int advertises_other(const __u8 *mac, const struct ethhdr *eth, __u32 parent)
+{
+	return !mac_eq(mac, eth->h_source) && ep_by_mac_on(mac, parent);
+}
+
+/* The ND options of a frame that reaches a pod from an unvetted sender
+ * (see up_vet_advertised): no link-layer option may name another
+ * endpoint. The kernel reads them all; this walks 16, and refuses more
+ * (no router sends that many; a forger would hide its option past them). */
+static __always_inline int nd_options_advertise(struct __sk_buff *skb, const struct pkt *p, const struct ethhdr *eth,
+						__u32 parent)
+{
+	__u8 t = p->icmp6_type;
+	__u32 off = p->l4off + (t == ICMPV6_ND_RS ? 8 : t == ICMPV6_ND_RA ? 16 : t == ICMPV6_ND_REDIRECT ? 40 : 24);
+#pragma clang loop unroll(disable)
+	for (int i = 0; i < 16; i++) {
+		struct nd_opt_ll o;
+		if (off > 4096)
+			return UP_DROP_UNVETTED;
+		/* The helper, not LOAD_HDR: its two ways through, 16 times
+		 * over, cost the verifier more than the loop is worth. */
+		if (bpf_skb_load_bytes(skb, off, &o, sizeof(o)) || o.len == 0)
+			return UP_DROP_MAX; /* the end, or options the kernel refuses */
+		if ((o.type == ND_OPT_SOURCE_LL || o.type == ND_OPT_TARGET_LL) && advertises_other(o.mac, eth, parent))
+			return UP_DROP_SPOOFED_SOURCE;
+		off += o.len * 8;
+	}
+	__u8 more;
+	if (off > 4096 || !bpf_skb_load_bytes(skb, off, &more, 1))
+		return UP_DROP_UNVETTED;
+	return UP_DROP_MAX;
+}
+
+/* A frame a macvlan pod receives from a MAC that is no endpoint's on its
+ * parent: the wire, the node, a slave underpass does not know, or a pod
+ * that skipped its own filter (PACKET_QDISC_BYPASS, which CAP_NET_RAW
+ * allows) and made its MAC up, which no parent-side check sees on the
+ * way from slave to slave. Who sent it cannot be vetted, but its ARP and
+ * ND may not advertise an endpoint's MAC other than the sender's own: they
+ * would point the pod's neighbour cache at that endpoint, and a pod could
+ * take its neighbours' gateway traffic. *p is filled for ARP and ICMPv6.
+ * Returns the drop reason, UP_DROP_MAX when the frame may pass. A global
+ * function, verified once. */
+__noinline int up_vet_advertised(struct __sk_buff *skb, const struct ethhdr *eth, __u32 parent, struct pkt *p)
+{
+	if (!skb || !eth || !p)
+		return UP_DROP_MAX;
+	__u16 proto = bpf_ntohs(eth->h_proto);
+	if (proto == ETH_P_IPV6) {
+		/* Most of what comes in: TCP or UDP, with no extension
+		 * header to look behind. */
+		__u8 next;
+		if (LOAD_HDR(skb, ETH_HLEN + offsetof(struct ipv6hdr, nexthdr), &next) || next == IPPROTO_TCP ||
+		    next == IPPROTO_UDP)
+			return UP_DROP_MAX;
+	} else if (proto != ETH_P_ARP) {
+		return UP_DROP_MAX;
+	}
+	if (!parse_l3(skb, proto, p))
+		return UP_DROP_MAX; /* nothing the kernel takes as ARP or ND */
+	if (proto == ETH_P_ARP)
+		return advertises_other(p->arp_sha, eth, parent) ? UP_DROP_SPOOFED_SOURCE : UP_DROP_MAX;
+	/* ND hidden behind more extension headers than parse_l3 walks. */
+	if (ext6_header(p->l4proto))
+		return UP_DROP_UNVETTED;
+	__u8 t = p->icmp6_type;
+	if (p->l4proto != IPPROTO_ICMPV6 || t < ICMPV6_ND_RS || t > ICMPV6_ND_REDIRECT)
+		return UP_DROP_MAX;
+	return nd_options_advertise(skb, p, eth, parent);
+}
+
 static __always_inline int vet_source(struct __sk_buff *skb, const struct ethhdr *eth, struct up_endpoint *ep,
 				      __u32 id, struct pkt *p, int learn, __u32 *reason)
 {
@@ -2084,6 +2157,13 @@ int ep_ingress_body(struct __sk_buff *skb)
 				return TC_ACT_SHOT;
 			}
 			parsed = 1;
+		} else {
+			/* No endpoint to charge: the sender is unknown. */
+			reason = up_vet_advertised(skb, &eth, ep->parent_ifindex, &p);
+			if (reason != UP_DROP_MAX) {
+				count_drop(reason, 0, len);
+				return TC_ACT_SHOT;
+			}
 		}
 	}
 	/* A reply of a flow translated at this pod: from the VIP again. */

@@ -3,6 +3,7 @@ package loader_test
 import (
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -441,6 +442,93 @@ func TestAttachEndpointFailureKeepsTheGuard(t *testing.T) {
 			}
 			if got, err := attach.InspectEndpoint(c.Path, c.Index); err != nil || got != tc.want {
 				t.Fatalf("after the failed attach: %+v, %v; want %+v", got, err, tc.want)
+			}
+		})
+	}
+}
+
+// A frame a pod receives from a MAC that is no endpoint's (the wire, the
+// node, or a pod that skipped its own filter and made its MAC up): its
+// ARP and ND may not advertise another endpoint's MAC, which would point
+// the pod's neighbour cache (its gateway entry) at that endpoint. Counted
+// globally: there is no endpoint to charge.
+func TestEndpointIngressRefusesAdvertisedEndpoints(t *testing.T) {
+	r := newRig(t)
+	inA, _ := loadEndpoint(t, r.dp, r.idA)
+	madeUp := net.HardwareAddr{0x02, 0xde, 0xad, 0xbe, 0xef, 0x01}
+	linkLocalB := netip.MustParseAddr("fe80::bb:ff:fe00:b")
+	ns := func(smac, slla net.HardwareAddr, src, target netip.Addr) []byte {
+		dst, dmac := solicitedNode(target)
+		i6 := ip6(src, dst, layers.IPProtocolICMPv6)
+		i6.HopLimit = 255
+		ic := &layers.ICMPv6{TypeCode: layers.CreateICMPv6TypeCode(layers.ICMPv6TypeNeighborSolicitation, 0)}
+		ic.SetNetworkLayerForChecksum(i6)
+		m := &layers.ICMPv6NeighborSolicitation{TargetAddress: target.AsSlice(),
+			Options: layers.ICMPv6Options{{Type: layers.ICMPv6OptSourceAddress, Data: slla}}}
+		return serialize(t, eth(smac, dmac, layers.EthernetTypeIPv6), i6, ic, m)
+	}
+	// An RA with pad options (MTU) before its source link-layer option.
+	ra := func(smac, slla net.HardwareAddr, pads int) []byte {
+		i6 := ip6(linkLocalGW, netip.MustParseAddr("ff02::1"), layers.IPProtocolICMPv6)
+		i6.HopLimit = 255
+		ic := &layers.ICMPv6{TypeCode: layers.CreateICMPv6TypeCode(layers.ICMPv6TypeRouterAdvertisement, 0)}
+		ic.SetNetworkLayerForChecksum(i6)
+		var opts layers.ICMPv6Options
+		for range pads {
+			opts = append(opts, layers.ICMPv6Option{Type: layers.ICMPv6OptMTU, Data: []byte{0, 0, 0, 0, 0x05, 0xdc}})
+		}
+		opts = append(opts, layers.ICMPv6Option{Type: layers.ICMPv6OptSourceAddress, Data: slla})
+		m := &layers.ICMPv6RouterAdvertisement{HopLimit: 64, RouterLifetime: 1800, Options: opts}
+		return serialize(t, eth(smac, net.HardwareAddr{0x33, 0x33, 0, 0, 0, 1}, layers.EthernetTypeIPv6), i6, ic, m)
+	}
+	for _, tc := range []struct {
+		name   string
+		frame  []byte
+		reason loader.DropReason // DropMax: passes
+	}{
+		{"ARP from a made-up MAC, claiming the gateway with B's MAC", arp(t, layers.ARPRequest, madeUp, macA, macB, ipGW, ipA), loader.DropSpoofedSource},
+		{"ARP reply from a made-up MAC with B's MAC", arp(t, layers.ARPReply, madeUp, macA, macB, ipGW, ipA), loader.DropSpoofedSource},
+		{"ARP from A's own MAC with B's MAC", arp(t, layers.ARPRequest, macA, macA, macB, ipGW, ipA), loader.DropSpoofedSource},
+		{"NS from a made-up MAC with B's MAC", ns(madeUp, macB, linkLocalGW, ipA6), loader.DropSpoofedSource},
+		{"NA from a made-up MAC with B's MAC", neighborAdvertFrom(t, madeUp, linkLocalGW, linkLocalGW, macB), loader.DropSpoofedSource},
+		{"RA from a made-up MAC with B's MAC after 3 options", ra(madeUp, macB, 3), loader.DropSpoofedSource},
+		{"RA with B's MAC after 15 options", ra(madeUp, macB, 15), loader.DropSpoofedSource},
+		{"RA with 17 options", ra(macGW, macGW, 16), loader.DropUnvetted},
+		{"NA with B's MAC behind 5 extension headers", behindExtHeaders(t, neighborAdvertFrom(t, madeUp, linkLocalGW, linkLocalGW, macB), 5), loader.DropUnvetted},
+		// What the wire and the node send.
+		{"the gateway's ARP", arp(t, layers.ARPRequest, macGW, macBcast, macGW, ipGW, ipA), loader.DropMax},
+		{"the gateway's NA", neighborAdvertFrom(t, macGW, linkLocalGW, linkLocalGW, macGW), loader.DropMax},
+		{"the gateway's RA with 4 options", ra(macGW, macGW, 3), loader.DropMax},
+		{"the node's NS", ns(macParent, macParent, ipHost6, ipA6), loader.DropMax},
+		{"TCP from the wire", tcpSYN(t, macGW, macA, ipRemote, ipA, "S"), loader.DropMax},
+		{"an NA behind 2 extension headers", behindExtHeaders(t, neighborAdvertFrom(t, macGW, linkLocalGW, linkLocalGW, macGW), 2), loader.DropMax},
+		// Not vetted: the address it points at is no endpoint's, so no
+		// pod gets the traffic (it goes to the wire).
+		{"ARP from a made-up MAC with its own MAC", arp(t, layers.ARPRequest, madeUp, macA, madeUp, ipGW, ipA), loader.DropMax},
+		// B itself, vetted as B (its own addresses): passes.
+		{"B's own NS", ns(macB, macB, linkLocalB, ipA6), loader.DropMax},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			before := r.epStats(t, r.idA)
+			var drops loader.Counter
+			if tc.reason != loader.DropMax {
+				drops = dropCount(t, r, tc.reason)
+			}
+			res := r.run(t, inA, tc.frame)
+			if tc.reason == loader.DropMax {
+				if res.verdict != actOK {
+					t.Fatalf("verdict %d, want pass", res.verdict)
+				}
+				return
+			}
+			if res.verdict != actShot {
+				t.Fatalf("verdict %d, want drop (%s)", res.verdict, tc.reason)
+			}
+			if d := dropCount(t, r, tc.reason); d.Packets != drops.Packets+1 {
+				t.Errorf("global %s drops %d -> %d, want +1", tc.reason, drops.Packets, d.Packets)
+			}
+			if after := r.epStats(t, r.idA); after.Rx != before.Rx {
+				t.Errorf("dropped frame counted as received: %+v -> %+v", before.Rx, after.Rx)
 			}
 		})
 	}

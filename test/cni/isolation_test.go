@@ -16,6 +16,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
+	"github.com/underpass-cni/underpass/internal/datapath"
 	"github.com/underpass-cni/underpass/internal/loader"
 	"github.com/underpass-cni/underpass/test/netenv"
 )
@@ -188,6 +189,65 @@ func TestAttacksPastThePodsOwnFilter(t *testing.T) {
 			netenv.MustPing(t, h.env.Node, a.ip4, 2)
 		})
 	}
+	h.del(l, a)
+	h.del(l, b)
+	h.assertNoLeak(t, nil, a.ns, b.ns)
+}
+
+// A pod that skips its own filter (PACKET_QDISC_BYPASS, which CAP_NET_RAW
+// allows: containerd gives it by default) and sends from a made-up MAC,
+// which no parent-side check knows, straight to a bridged neighbour: an ARP
+// request claiming the gateway's address with the attacker's own MAC as the
+// sender. The neighbour's kernel would take it (a request to it overrides
+// the entry at once), and send its gateway traffic to the attacker. The
+// neighbour's ingress program drops any ARP or ND that advertises a
+// registered endpoint's MAC from another Ethernet source.
+func TestNeighbourPoisoningFromAMadeUpMAC(t *testing.T) {
+	h, l, a, b := honestPair(t, "up-poison")
+	u := h.env.Uplinks[0]
+	netenv.MustPing(t, b.ns, u.Gateway4, 1)
+	gwMAC := func() string {
+		t.Helper()
+		eth0, err := b.ns.Netlink().LinkByName("eth0")
+		must(t, err)
+		ns, err := b.ns.Netlink().NeighList(eth0.Attrs().Index, unix.AF_INET)
+		must(t, err)
+		for _, n := range ns {
+			if n.IP.Equal(u.Gateway4.AsSlice()) {
+				return n.HardwareAddr.String()
+			}
+		}
+		return ""
+	}
+	if got := gwMAC(); got != u.GatewayMAC.String() {
+		t.Fatalf("pod b's neighbour entry for the gateway: %q, want %s", got, u.GatewayMAC)
+	}
+	madeUp := net.HardwareAddr{0x02, 0xde, 0xad, 0xbe, 0xef, 0x01}
+	eth := &layers.Ethernet{SrcMAC: madeUp, DstMAC: b.mac, EthernetType: layers.EthernetTypeARP}
+	req := &layers.ARP{AddrType: layers.LinkTypeEthernet, Protocol: layers.EthernetTypeIPv4, HwAddressSize: 6, ProtAddressSize: 4,
+		Operation: layers.ARPRequest, SourceHwAddress: a.mac, SourceProtAddress: u.Gateway4.AsSlice(),
+		DstHwAddress: make([]byte, 6), DstProtAddress: b.ip4.AsSlice()}
+	buf := gopacket.NewSerializeBuffer()
+	must(t, gopacket.SerializeLayers(buf, gopacket.SerializeOptions{FixLengths: true}, eth, req))
+	before, err := datapath.Drops(&h.dp.Maps)
+	must(t, err)
+	const n = 5
+	for range n {
+		must(t, sendRaw(a.ns, mustIndex(t, a), buf.Bytes(), true))
+	}
+	// The last of them has been handled once a ping after it is answered.
+	netenv.MustPing(t, a.ns, b.ip4, 1)
+	after, err := datapath.Drops(&h.dp.Maps)
+	must(t, err)
+	if got := gwMAC(); got != u.GatewayMAC.String() {
+		t.Errorf("pod b's neighbour entry for the gateway is %q after the forged ARP, want %s (the attacker is %s)", got, u.GatewayMAC, a.mac)
+	}
+	spoofed := after[loader.DropSpoofedSource].Packets - before[loader.DropSpoofedSource].Packets
+	if spoofed < n {
+		t.Errorf("spoofed_source drops moved by %d, want %d", spoofed, n)
+	}
+	t.Logf("%d forged ARP requests from %s sent to pod b; its gateway entry %s; spoofed_source +%d", n, madeUp, gwMAC(), spoofed)
+	netenv.MustPing(t, b.ns, u.Gateway4, 2)
 	h.del(l, a)
 	h.del(l, b)
 	h.assertNoLeak(t, nil, a.ns, b.ns)
