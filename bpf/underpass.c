@@ -819,6 +819,23 @@ static __always_inline int is_link_local6(const struct up_ip_key *a)
 
 /* ---- the source guard: what an endpoint may send ---------------------------- */
 
+/* The programs' clock: CLOCK_MONOTONIC at the kernel tick's resolution,
+ * which all their timestamps need (the finest rule is "once a second").
+ * bpf_ktime_get_ns reads the clock source itself, which in a VM
+ * (kvm-clock) took about a sixth of an established flow's translation. */
+static __always_inline __u64 up_now(void)
+{
+	return bpf_ktime_get_coarse_ns();
+}
+
+/* Nanoseconds from then to now, 0 when then is later: a stamp from the
+ * fine clock (programs before December 2026, kept in pinned maps across
+ * an upgrade) can be up to a tick ahead of the coarse one. */
+static __always_inline __u64 since(__u64 now, __u64 then)
+{
+	return now > then ? now - then : 0;
+}
+
 /* Learnt addresses remember when they were last used as a source, so that
  * the least recently used one makes room for a new one; once a second is
  * enough for that and keeps the write off most packets. */
@@ -826,8 +843,8 @@ static __always_inline void touch(struct up_ep_ref *r)
 {
 	if (!(r->flags & UP_REF_LEARNED))
 		return;
-	__u64 now = bpf_ktime_get_ns();
-	if (now - r->used_ns > 1000000000ULL)
+	__u64 now = up_now();
+	if (since(now, r->used_ns) > 1000000000ULL)
 		r->used_ns = now;
 }
 
@@ -934,7 +951,7 @@ static __noinline void learn_address(struct up_endpoint *ep, __u32 id, const str
 		if (r && r->id == id && (r->flags & UP_REF_LEARNED))
 			bpf_map_delete_elem(&ep_by_ip, &ok);
 	}
-	__u64 now = bpf_ktime_get_ns();
+	__u64 now = up_now();
 	struct up_ep_ref ref = {.id = id, .flags = UP_REF_LEARNED, .used_ns = now};
 	if (bpf_map_update_elem(&ep_by_ip, &k, &ref, BPF_NOEXIST))
 		return;
@@ -1191,7 +1208,7 @@ static __always_inline void note_svc_flow(struct __sk_buff *skb, const struct pk
 		return;
 	if (bpf_map_lookup_elem(&svc_flows, &k))
 		return;
-	__u64 now = bpf_ktime_get_ns();
+	__u64 now = up_now();
 	bpf_map_update_elem(&svc_flows, &k, &now, BPF_ANY);
 }
 
@@ -1630,7 +1647,7 @@ static __always_inline __u32 pick_backend(const struct up_svc *svc, const __u8 *
 	int affinity = svc->flags & UP_SVC_AFFINITY;
 	if (affinity) {
 		struct up_affinity *af = bpf_map_lookup_elem(&svc_affinity, &ak);
-		if (af && af->gen == svc->gen && now - af->seen_ns < (__u64)svc->affinity_sec * 1000000000ULL) {
+		if (af && af->gen == svc->gen && since(now, af->seen_ns) < (__u64)svc->affinity_sec * 1000000000ULL) {
 			__u32 id = af->backend_id;
 			if (same_backend(bpf_map_lookup_elem(&svc_backends, &id), af->addr, af->port)) {
 				af->seen_ns = now;
@@ -1835,7 +1852,7 @@ __noinline int up_svc_xlate(struct __sk_buff *skb, const struct pkt *p, __u32 pa
 	__u32 len = skb->len;
 	__u32 sid = svc->id;
 	struct up_svc_counters *sc = bpf_map_lookup_elem(&svc_counters, &sid);
-	__u64 now = bpf_ktime_get_ns();
+	__u64 now = up_now();
 	__u32 bid = 0;
 	struct up_backend b = {};
 	int fresh = 1, recheck = 0;
@@ -1878,9 +1895,9 @@ __noinline int up_svc_xlate(struct __sk_buff *skb, const struct pkt *p, __u32 pa
 			 * next datagram on its tuple starts a new one (a client
 			 * with a fixed source port is spread again, as conntrack
 			 * would). */
-			if (!fresh && l4 == IPPROTO_UDP && now - ct->seen_ns > SVC_UDP_IDLE_NS)
+			if (!fresh && l4 == IPPROTO_UDP && since(now, ct->seen_ns) > SVC_UDP_IDLE_NS)
 				fresh = 1;
-			if (!fresh && now - ct->seen_ns > 1000000000ULL) {
+			if (!fresh && since(now, ct->seen_ns) > 1000000000ULL) {
 				ct->seen_ns = now;
 				recheck = 1;
 			}
@@ -2236,7 +2253,7 @@ static __always_inline void seen_on_wire(__u32 ifindex, const __u8 *addr)
 	__builtin_memcpy(k.addr, addr, 16);
 	if (is_unspecified((const struct up_ip_key *)k.addr))
 		return;
-	__u64 now = bpf_ktime_get_ns();
+	__u64 now = up_now();
 	bpf_map_update_elem(&wire_addrs, &k, &now, BPF_ANY);
 }
 

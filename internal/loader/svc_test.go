@@ -164,13 +164,15 @@ func TestServiceUDPFlowExpires(t *testing.T) {
 			if n := r.svcStat(t, loader.SvcStatNewFlows); n != 1 {
 				t.Fatalf("new flows %d after two datagrams, want 1", n)
 			}
-			// Age the flow by 61 s (the programs' clock is CLOCK_MONOTONIC).
+			// Age the flow by 61 s (the programs' clock is
+			// CLOCK_MONOTONIC_COARSE: what they stamp after this read
+			// is not earlier than it).
 			ck := loader.CtKey{Client: client.Addr().As16(), Vip: vip.Addr().As16(), ClientPort: swap16(client.Port()),
 				Vport: swap16(vip.Port()), L4proto: uint8(tc.proto)}
 			var ct loader.Ct
 			must(t, r.dp.Maps.SvcCt.Lookup(&ck, &ct))
 			var now unix.Timespec
-			must(t, unix.ClockGettime(unix.CLOCK_MONOTONIC, &now))
+			must(t, unix.ClockGettime(unix.CLOCK_MONOTONIC_COARSE, &now))
 			ct.SeenNs = uint64(now.Nano()) - uint64(61*time.Second)
 			must(t, r.dp.Maps.SvcCt.Update(&ck, &ct, ebpf.UpdateExist))
 			send()
@@ -182,6 +184,25 @@ func TestServiceUDPFlowExpires(t *testing.T) {
 				t.Errorf("the flow's last-seen was not refreshed by its datagram")
 			}
 		})
+	}
+}
+
+// The programs stamp with the coarse clock; the programs before them, whose
+// flows an upgrade keeps in the pinned svc_ct, with the fine one, up to a
+// tick ahead of it. A UDP flow stamped ahead is not 2^64 ns idle: it keeps
+// its backend.
+func TestServiceFlowStampedAheadIsNotIdle(t *testing.T) {
+	backend := netip.AddrPortFrom(ipB, 5353)
+	vip := netip.AddrPortFrom(vipSvc, 53)
+	r := newSvcRig(t, datapath.Frontend{VIP: vipSvc, Port: 53, Proto: datapath.ProtoUDP, Backends: []netip.AddrPort{backend}})
+	client := netip.AddrPortFrom(ipA, clientPort)
+	in := segment(t, macA, macGW, client, vip, layers.IPProtocolUDP)
+	out := segment(t, macA, macB, client, backend, layers.IPProtocolUDP)
+	wantFrame(t, r.rig, r.egressA, in, out)
+	ageFlow(t, &r.dp.Maps, client, vip, datapath.ProtoUDP, -50*time.Millisecond)
+	wantFrame(t, r.rig, r.egressA, in, out)
+	if n := r.svcStat(t, loader.SvcStatNewFlows); n != 1 {
+		t.Errorf("new flows %d, want 1: the flow stamped ahead was taken for idle", n)
 	}
 }
 
