@@ -215,6 +215,17 @@ static __always_inline int mac_eq(const __u8 *a, const __u8 *b)
 	       a[5] == b[5];
 }
 
+/* addr_eq compares two 16-byte addresses (there is no memcmp in BPF). */
+static __always_inline int addr_eq(const __u8 *a, const __u8 *b)
+{
+	__u64 a0, a1, b0, b1;
+	__builtin_memcpy(&a0, a, 8);
+	__builtin_memcpy(&a1, a + 8, 8);
+	__builtin_memcpy(&b0, b, 8);
+	__builtin_memcpy(&b1, b + 8, 8);
+	return a0 == b0 && a1 == b1;
+}
+
 static __always_inline int is_multicast(const __u8 *mac)
 {
 	return mac[0] & 1;
@@ -1083,77 +1094,148 @@ __noinline int up_vet_source(struct __sk_buff *skb, const struct ethhdr *eth, st
 }
 
 
-/* A link-layer address that names an endpoint on the parent other than
- * the frame's Ethernet source. */
-static __always_inline int advertises_other(const __u8 *mac, const struct ethhdr *eth, __u32 parent)
+/* An advertised binding of addr to mac (ARP's sender, an ND link-layer
+ * option) from an unvetted sender (see up_vet_advertised) may name an
+ * endpoint's MAC only for that endpoint's own address: a proxy or a
+ * router may tell a pod where another pod is, but nobody may point a pod
+ * at another pod for an address that is not that pod's.
+ * A global function (its arguments structs, as those of global functions
+ * must be): in nd_vet's loop, inlined, its branches took the verifier to
+ * 400k instructions. */
+__noinline int up_binding_ok(const struct nd_opt_ll *o, const struct up_ip_key *addr, const struct ethhdr *eth,
+			     __u32 parent)
 {
-	return !mac_eq(mac, eth->h_source) && ep_by_mac_on(mac, parent);
+	if (!o || !addr || !eth)
+		return 0;
+	if (mac_eq(o->mac, eth->h_source))
+		return 1; /* the sender's own (not an endpoint's: vetted as one otherwise) */
+	__u32 id = ep_by_mac_on(o->mac, parent);
+	return !id || is_unspecified(addr) || eui64_link_local(addr, o->mac) || owns(id, parent, addr);
 }
 
-/* The ND options of a frame that reaches a pod from an unvetted sender
- * (see up_vet_advertised): no link-layer option may name another
- * endpoint. The kernel reads them all; this walks 16, and refuses more
- * (no router sends that many; a forger would hide its option past them). */
-static __always_inline int nd_options_advertise(struct __sk_buff *skb, const struct pkt *p, const struct ethhdr *eth,
-						__u32 parent)
+/* Is addr an endpoint's (registered, learnt, or its EUI-64 link-local)? */
+static __always_inline int endpoint_addr(const struct up_ip_key *addr, __u32 parent)
+{
+	return ep_by_ip_on(addr, parent) || eui64_owner(addr, parent);
+}
+
+/* An ICMP redirect from an unvetted sender may not name an endpoint as the
+ * better first hop: pods are not routers (their guard refuses what they
+ * would forward), and a pod's neighbour told so (accept_redirects is on by
+ * default, and the redirect's source is easily the gateway's) sends it
+ * the traffic. */
+static __always_inline int redirect4_ok(struct __sk_buff *skb, const struct pkt *p, __u32 parent)
+{
+	struct {
+		__u8 type, code;
+		__u16 csum;
+		__u8 gw[4];
+	} ic;
+	if (!p->first_frag || bpf_skb_load_bytes(skb, p->l4off, &ic, sizeof(ic)) || ic.type != 5)
+		return 1;
+	struct up_ip_key gw;
+	map_v4(&gw, ic.gw);
+	return !endpoint_addr(&gw, parent);
+}
+
+/* The ND of an unvetted sender: router advertisements not from an
+ * endpoint's address, redirects not to an endpoint as a router (as above;
+ * to the destination itself, "it is on-link", is fine), and link-layer
+ * options that bind only true addresses (up_binding_ok): for RS, RA and NS
+ * the source, for NA and redirects the target. The kernel reads every
+ * option; this walks up to 32 within the IPv6 payload (end), and refuses
+ * more. */
+static __always_inline int nd_vet(struct __sk_buff *skb, const struct pkt *p, const struct ethhdr *eth, __u32 parent,
+				  __u32 end)
 {
 	__u8 t = p->icmp6_type;
-	__u32 off = p->l4off + (t == ICMPV6_ND_RS ? 8 : t == ICMPV6_ND_RA ? 16 : t == ICMPV6_ND_REDIRECT ? 40 : 24);
+	struct up_ip_key bound = p->saddr;
+	__u32 off = p->l4off + (t == ICMPV6_ND_RS ? 8 : t == ICMPV6_ND_RA ? 16 : 24);
+	if (t == ICMPV6_ND_RA && endpoint_addr(&p->saddr, parent))
+		return UP_DROP_SPOOFED_SOURCE;
+	if (t == ICMPV6_ND_NA)
+		bound = p->target;
+	if (t == ICMPV6_ND_REDIRECT) {
+		struct up_ip_key dst;
+		if (bpf_skb_load_bytes(skb, p->l4off + 8, bound.addr, 16) ||
+		    bpf_skb_load_bytes(skb, p->l4off + 24, dst.addr, 16))
+			return UP_DROP_MAX; /* too short: the kernel drops it */
+		if (!addr_eq(bound.addr, dst.addr) && endpoint_addr(&bound, parent))
+			return UP_DROP_SPOOFED_SOURCE;
+		off = p->l4off + 40;
+	}
 #pragma clang loop unroll(disable)
-	for (int i = 0; i < 16; i++) {
+	for (int i = 0; i < 32; i++) {
 		struct nd_opt_ll o;
-		if (off > 4096)
-			return UP_DROP_UNVETTED;
-		/* The helper, not LOAD_HDR: its two ways through, 16 times
+		if (off + sizeof(o) > end)
+			return UP_DROP_MAX; /* all walked */
+		/* The helper, not LOAD_HDR: its two ways through, 32 times
 		 * over, cost the verifier more than the loop is worth. */
 		if (bpf_skb_load_bytes(skb, off, &o, sizeof(o)) || o.len == 0)
-			return UP_DROP_MAX; /* the end, or options the kernel refuses */
-		if ((o.type == ND_OPT_SOURCE_LL || o.type == ND_OPT_TARGET_LL) && advertises_other(o.mac, eth, parent))
+			return UP_DROP_MAX; /* options the kernel refuses */
+		if ((o.type == ND_OPT_SOURCE_LL || o.type == ND_OPT_TARGET_LL) && !up_binding_ok(&o, &bound, eth, parent))
 			return UP_DROP_SPOOFED_SOURCE;
 		off += o.len * 8;
 	}
-	__u8 more;
-	if (off > 4096 || !bpf_skb_load_bytes(skb, off, &more, 1))
-		return UP_DROP_UNVETTED;
-	return UP_DROP_MAX;
+	return off < end ? UP_DROP_UNVETTED : UP_DROP_MAX;
 }
 
 /* A frame a macvlan pod receives from a MAC that is no endpoint's on its
  * parent: the wire, the node, a slave underpass does not know, or a pod
  * that skipped its own filter (PACKET_QDISC_BYPASS, which CAP_NET_RAW
  * allows) and made its MAC up, which no parent-side check sees on the
- * way from slave to slave. Who sent it cannot be vetted, but its ARP and
- * ND may not advertise an endpoint's MAC other than the sender's own: they
- * would point the pod's neighbour cache at that endpoint, and a pod could
- * take its neighbours' gateway traffic. *p is filled for ARP and ICMPv6.
- * Returns the drop reason, UP_DROP_MAX when the frame may pass. A global
- * function, verified once. */
+ * way from slave to slave. Who sent it cannot be vetted, but what would
+ * steer the pod's traffic to another endpoint is: ARP and ND that bind an
+ * address to an endpoint's MAC that is not that endpoint's (the pod's
+ * gateway entry pointed at an attacker), router advertisements from an
+ * endpoint's address, ICMP redirects to an endpoint. What this cannot
+ * parse, of what the kernel could take as ARP or ND, is refused. *p is
+ * filled for ARP, ICMP and ICMPv6. Returns the drop reason, UP_DROP_MAX
+ * when the frame may pass. A global function, verified once. */
 __noinline int up_vet_advertised(struct __sk_buff *skb, const struct ethhdr *eth, __u32 parent, struct pkt *p)
 {
 	if (!skb || !eth || !p)
 		return UP_DROP_MAX;
 	__u16 proto = bpf_ntohs(eth->h_proto);
-	if (proto == ETH_P_IPV6) {
+	/* A tag the kernel left for this hook: it takes a priority tag
+	 * (VID 0) off the frame inside after the hook, without running the
+	 * hook again. A pod has no use for tagged frames (its guard refuses
+	 * the ones it would send). */
+	if (proto == ETH_P_8021Q || proto == ETH_P_8021AD)
+		return UP_DROP_UNVETTED;
+	__u16 plen = 0;
+	if (proto == ETH_P_IP) {
+		__u8 l4;
+		if (LOAD_HDR(skb, ETH_HLEN + offsetof(struct iphdr, protocol), &l4) || l4 != IPPROTO_ICMP)
+			return UP_DROP_MAX;
+	} else if (proto == ETH_P_IPV6) {
 		/* Most of what comes in: TCP or UDP, with no extension
 		 * header to look behind. */
 		__u8 next;
 		if (LOAD_HDR(skb, ETH_HLEN + offsetof(struct ipv6hdr, nexthdr), &next) || next == IPPROTO_TCP ||
 		    next == IPPROTO_UDP)
 			return UP_DROP_MAX;
+		if (LOAD_HDR(skb, ETH_HLEN + offsetof(struct ipv6hdr, payload_len), &plen))
+			return UP_DROP_MAX;
 	} else if (proto != ETH_P_ARP) {
 		return UP_DROP_MAX;
 	}
 	if (!parse_l3(skb, proto, p))
-		return UP_DROP_MAX; /* nothing the kernel takes as ARP or ND */
-	if (proto == ETH_P_ARP)
-		return advertises_other(p->arp_sha, eth, parent) ? UP_DROP_SPOOFED_SOURCE : UP_DROP_MAX;
+		return proto == ETH_P_IP ? UP_DROP_MAX : UP_DROP_UNVETTED;
+	if (proto == ETH_P_ARP) {
+		struct nd_opt_ll sha = {};
+		__builtin_memcpy(sha.mac, p->arp_sha, ETH_ALEN);
+		return up_binding_ok(&sha, &p->saddr, eth, parent) ? UP_DROP_MAX : UP_DROP_SPOOFED_SOURCE;
+	}
+	if (proto == ETH_P_IP)
+		return redirect4_ok(skb, p, parent) ? UP_DROP_MAX : UP_DROP_SPOOFED_SOURCE;
 	/* ND hidden behind more extension headers than parse_l3 walks. */
 	if (ext6_header(p->l4proto))
 		return UP_DROP_UNVETTED;
 	__u8 t = p->icmp6_type;
-	if (p->l4proto != IPPROTO_ICMPV6 || t < ICMPV6_ND_RS || t > ICMPV6_ND_REDIRECT)
+	if (p->l4proto != IPPROTO_ICMPV6 || !p->first_frag || t < ICMPV6_ND_RS || t > ICMPV6_ND_REDIRECT)
 		return UP_DROP_MAX;
-	return nd_options_advertise(skb, p, eth, parent);
+	return nd_vet(skb, p, eth, parent, ETH_HLEN + sizeof(struct ipv6hdr) + bpf_ntohs(plen));
 }
 
 static __always_inline int vet_source(struct __sk_buff *skb, const struct ethhdr *eth, struct up_endpoint *ep,
@@ -1617,17 +1699,6 @@ static __always_inline void backend_mac(struct __sk_buff *skb, const struct pkt 
 	if (bpf_fib_lookup(skb, &f, sizeof(f), BPF_FIB_LOOKUP_OUTPUT) == BPF_FIB_LKUP_RET_SUCCESS &&
 	    f.ifindex == skb->ifindex)
 		bpf_skb_store_bytes(skb, 0, f.dmac, ETH_ALEN, 0);
-}
-
-/* addr_eq compares two 16-byte addresses (there is no memcmp in BPF). */
-static __always_inline int addr_eq(const __u8 *a, const __u8 *b)
-{
-	__u64 a0, a1, b0, b1;
-	__builtin_memcpy(&a0, a, 8);
-	__builtin_memcpy(&a1, a + 8, 8);
-	__builtin_memcpy(&b0, b, 8);
-	__builtin_memcpy(&b1, b + 8, 8);
-	return a0 == b0 && a1 == b1;
 }
 
 /* same_backend says whether be is the backend addr:port names. */

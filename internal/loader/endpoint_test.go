@@ -14,6 +14,7 @@ import (
 	"github.com/cilium/ebpf/asm"
 	"github.com/cilium/ebpf/btf"
 	"github.com/cilium/ebpf/link"
+	"github.com/gopacket/gopacket"
 	"github.com/gopacket/gopacket/layers"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -467,9 +468,10 @@ func TestEndpointIngressRefusesAdvertisedEndpoints(t *testing.T) {
 			Options: layers.ICMPv6Options{{Type: layers.ICMPv6OptSourceAddress, Data: slla}}}
 		return serialize(t, eth(smac, dmac, layers.EthernetTypeIPv6), i6, ic, m)
 	}
-	// An RA with pad options (MTU) before its source link-layer option.
-	ra := func(smac, slla net.HardwareAddr, pads int) []byte {
-		i6 := ip6(linkLocalGW, netip.MustParseAddr("ff02::1"), layers.IPProtocolICMPv6)
+	// An RA from src with pad options (MTU) before its source link-layer
+	// option (none when slla is nil).
+	raFrom := func(smac net.HardwareAddr, src netip.Addr, slla net.HardwareAddr, pads int) []byte {
+		i6 := ip6(src, netip.MustParseAddr("ff02::1"), layers.IPProtocolICMPv6)
 		i6.HopLimit = 255
 		ic := &layers.ICMPv6{TypeCode: layers.CreateICMPv6TypeCode(layers.ICMPv6TypeRouterAdvertisement, 0)}
 		ic.SetNetworkLayerForChecksum(i6)
@@ -477,10 +479,44 @@ func TestEndpointIngressRefusesAdvertisedEndpoints(t *testing.T) {
 		for range pads {
 			opts = append(opts, layers.ICMPv6Option{Type: layers.ICMPv6OptMTU, Data: []byte{0, 0, 0, 0, 0x05, 0xdc}})
 		}
-		opts = append(opts, layers.ICMPv6Option{Type: layers.ICMPv6OptSourceAddress, Data: slla})
+		if slla != nil {
+			opts = append(opts, layers.ICMPv6Option{Type: layers.ICMPv6OptSourceAddress, Data: slla})
+		}
 		m := &layers.ICMPv6RouterAdvertisement{HopLimit: 64, RouterLifetime: 1800, Options: opts}
 		return serialize(t, eth(smac, net.HardwareAddr{0x33, 0x33, 0, 0, 0, 1}, layers.EthernetTypeIPv6), i6, ic, m)
 	}
+	ra := func(smac, slla net.HardwareAddr, pads int) []byte { return raFrom(smac, linkLocalGW, slla, pads) }
+	rs := func(smac, slla net.HardwareAddr) []byte {
+		i6 := ip6(linkLocalGW, netip.MustParseAddr("ff02::2"), layers.IPProtocolICMPv6)
+		i6.HopLimit = 255
+		ic := &layers.ICMPv6{TypeCode: layers.CreateICMPv6TypeCode(layers.ICMPv6TypeRouterSolicitation, 0)}
+		ic.SetNetworkLayerForChecksum(i6)
+		m := &layers.ICMPv6RouterSolicitation{Options: layers.ICMPv6Options{{Type: layers.ICMPv6OptSourceAddress, Data: slla}}}
+		return serialize(t, eth(smac, net.HardwareAddr{0x33, 0x33, 0, 0, 0, 2}, layers.EthernetTypeIPv6), i6, ic, m)
+	}
+	// An IPv6 redirect from the router's link-local: dst is better reached
+	// through target (target == dst: dst is on-link).
+	redirect6 := func(smac net.HardwareAddr, target, dst netip.Addr, tlla net.HardwareAddr) []byte {
+		i6 := ip6(linkLocalGW, linkLocalA, layers.IPProtocolICMPv6)
+		i6.HopLimit = 255
+		ic := &layers.ICMPv6{TypeCode: layers.CreateICMPv6TypeCode(layers.ICMPv6TypeRedirect, 0)}
+		ic.SetNetworkLayerForChecksum(i6)
+		m := &layers.ICMPv6Redirect{TargetAddress: target.AsSlice(), DestinationAddress: dst.AsSlice(),
+			Options: layers.ICMPv6Options{{Type: layers.ICMPv6OptTargetAddress, Data: tlla}}}
+		return serialize(t, eth(smac, macA, layers.EthernetTypeIPv6), i6, ic, m)
+	}
+	// An IPv4 redirect from the gateway's address: use gw for what A sent
+	// to ipRemote.
+	redirect4 := func(smac net.HardwareAddr, gw netip.Addr) []byte {
+		g := gw.As4()
+		inner := serialize(t, ip4(ipA, ipRemote, layers.IPProtocolUDP), gopacket.Payload(make([]byte, 8)))
+		return serialize(t, eth(smac, macA, layers.EthernetTypeIPv4), ip4(ipGW, ipA, layers.IPProtocolICMPv4),
+			&layers.ICMPv4{TypeCode: layers.CreateICMPv4TypeCode(layers.ICMPv4TypeRedirect, 1),
+				Id: uint16(g[0])<<8 | uint16(g[1]), Seq: uint16(g[2])<<8 | uint16(g[3])}, gopacket.Payload(inner))
+	}
+	withTrailer := func(f []byte) []byte { return append(append([]byte{}, f...), 0xde, 0xad, 0xbe, 0xef) }
+	arp802 := arp(t, layers.ARPRequest, madeUp, macA, macB, ipGW, ipA)
+	arp802[14], arp802[15] = 0, 6 // IEEE 802 hardware, which the kernel takes on Ethernet too
 	for _, tc := range []struct {
 		name   string
 		frame  []byte
@@ -493,12 +529,25 @@ func TestEndpointIngressRefusesAdvertisedEndpoints(t *testing.T) {
 		{"NA from a made-up MAC with B's MAC", neighborAdvertFrom(t, madeUp, linkLocalGW, linkLocalGW, macB), loader.DropSpoofedSource},
 		{"RA from a made-up MAC with B's MAC after 3 options", ra(madeUp, macB, 3), loader.DropSpoofedSource},
 		{"RA with B's MAC after 15 options", ra(madeUp, macB, 15), loader.DropSpoofedSource},
-		{"RA with 17 options", ra(macGW, macGW, 16), loader.DropUnvetted},
+		{"RA with 33 options", ra(macGW, macGW, 32), loader.DropUnvetted},
+		{"RS from a made-up MAC with B's MAC", rs(madeUp, macB), loader.DropSpoofedSource},
+		{"RA from B's link-local, no link-layer option", raFrom(madeUp, linkLocalB, nil, 2), loader.DropSpoofedSource},
+		{"IPv6 redirect to B as a router", redirect6(madeUp, linkLocalB, ipRemote6, madeUp), loader.DropSpoofedSource},
+		{"IPv4 redirect to B as the gateway", redirect4(madeUp, ipB), loader.DropSpoofedSource},
+		{"ARP for IEEE 802 hardware with B's MAC", arp802, loader.DropUnvetted},
+		{"an 802.1Q-tagged frame (a priority tag inside one)", vlanTagged(t, madeUp, macA, ipGW, ipA), loader.DropUnvetted},
 		{"NA with B's MAC behind 5 extension headers", behindExtHeaders(t, neighborAdvertFrom(t, madeUp, linkLocalGW, linkLocalGW, macB), 5), loader.DropUnvetted},
 		// What the wire and the node send.
 		{"the gateway's ARP", arp(t, layers.ARPRequest, macGW, macBcast, macGW, ipGW, ipA), loader.DropMax},
 		{"the gateway's NA", neighborAdvertFrom(t, macGW, linkLocalGW, linkLocalGW, macGW), loader.DropMax},
 		{"the gateway's RA with 4 options", ra(macGW, macGW, 3), loader.DropMax},
+		{"the gateway's RA with 32 options", ra(macGW, macGW, 31), loader.DropMax},
+		{"the gateway's RA with 32 options and an Ethernet trailer", withTrailer(ra(macGW, macGW, 31)), loader.DropMax},
+		// True bindings of another pod's address to its MAC: a router's
+		// "B is on-link" redirect, a proxy's NA for B.
+		{"the router's redirect: B is on-link", redirect6(macGW, linkLocalB, linkLocalB, macB), loader.DropMax},
+		{"a proxy's NA for B with B's MAC", neighborAdvertFrom(t, macGW, linkLocalGW, linkLocalB, macB), loader.DropMax},
+		{"the gateway's IPv4 redirect to another router", redirect4(macGW, ipRemote), loader.DropMax},
 		{"the node's NS", ns(macParent, macParent, ipHost6, ipA6), loader.DropMax},
 		{"TCP from the wire", tcpSYN(t, macGW, macA, ipRemote, ipA, "S"), loader.DropMax},
 		{"an NA behind 2 extension headers", behindExtHeaders(t, neighborAdvertFrom(t, macGW, linkLocalGW, linkLocalGW, macGW), 2), loader.DropMax},
