@@ -14,6 +14,7 @@ import (
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/containernetworking/plugins/pkg/utils/sysctl"
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 
 	"github.com/underpass-cni/underpass/internal/datapath"
 	"github.com/underpass-cni/underpass/internal/loader"
@@ -57,6 +58,9 @@ func add(args *skel.CmdArgs) (err error) {
 	}
 	podName, podNamespace, err := parsePodArgs(args.Args)
 	if err != nil {
+		return err
+	}
+	if err := c.applyMACArg(args.Args); err != nil {
 		return err
 	}
 	// What only the user can fix is reported before what goes away by
@@ -262,6 +266,15 @@ func configureSlave(ifname string, ifindex int, result *current.Result) error {
 		var l netlink.Link
 		if l, err = netlink.LinkByIndex(ifindex); err == nil {
 			err = netlink.LinkSetUp(l)
+		}
+	}
+	// ipam.ConfigureIface reports the errno as text (%v), not wrapped.
+	if err != nil && (errors.Is(err, unix.EADDRINUSE) || strings.Contains(err.Error(), unix.EADDRINUSE.Error())) {
+		// macvlan checks a MAC only when the slave comes up: one asked
+		// for (runtimeConfig.mac, CNI_ARGS MAC) that the parent or a
+		// slave underpass does not know has.
+		if l, lerr := netlink.LinkByIndex(ifindex); lerr == nil {
+			return fmt.Errorf("configure %s: %w: its MAC %s is in use on the parent (the NIC itself, or another slave of it)", ifname, err, l.Attrs().HardwareAddr)
 		}
 	}
 	if err != nil {

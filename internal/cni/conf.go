@@ -14,9 +14,11 @@
 package cni
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"path/filepath"
 	"strings"
@@ -54,6 +56,15 @@ type NetConf struct {
 	IPvlanMode  string `json:"ipvlanMode,omitempty"`  // l2 (default) | l3 | l3s
 	MTU         int    `json:"mtu,omitempty"`         // 0: the master's
 	BPFFS       string `json:"bpffs,omitempty"`       // default /sys/fs/bpf/underpass
+	// MAC is the slave's MAC (main mode, macvlan), the reference macvlan
+	// plugin's key; CNI_ARGS MAC overrides it, and runtimeConfig.mac (the
+	// "mac" capability: Multus's "mac" in a network selection) both.
+	// Empty: the kernel's random one. Not an interface key: a chained
+	// entry leaves the MAC to the plugin before it.
+	MAC           string `json:"mac,omitempty"`
+	RuntimeConfig struct {
+		MAC string `json:"mac,omitempty"`
+	} `json:"runtimeConfig,omitempty"`
 }
 
 // Conf is a validated configuration.
@@ -72,6 +83,9 @@ type Conf struct {
 	DatapathMode    loader.Mode
 	MacvlanLinkMode netlink.MacvlanMode
 	IPvlanLinkMode  netlink.IPVlanMode
+	// SlaveMAC is the MAC asked for (mac, runtimeConfig.mac; add applies
+	// CNI_ARGS MAC), nil for the kernel's.
+	SlaveMAC net.HardwareAddr
 	// IPAMSubnets are the subnets and addresses the ipam section names, where
 	// they can be read (host-local ranges/subnet, static addresses): checked
 	// against the service CIDRs before anything is allocated.
@@ -124,6 +138,20 @@ func ParseConf(stdin []byte) (*Conf, error) {
 		c.IPvlanLinkMode, c.DatapathMode = m, dm
 	default:
 		return nil, invalidConf("unknown mode %q: use macvlan or ipvlan", c.Mode)
+	}
+	// runtimeConfig.mac last: it wins.
+	for _, m := range [][2]string{{"mac", c.MAC}, {"runtimeConfig.mac", c.RuntimeConfig.MAC}} {
+		if m[1] == "" {
+			continue
+		}
+		hw, err := parseSlaveMAC(m[1])
+		if err != nil {
+			return nil, invalidConf("%s %q: %v", m[0], m[1], err)
+		}
+		c.SlaveMAC = hw
+	}
+	if c.SlaveMAC != nil && c.Kind == ModeIPvlan {
+		return nil, invalidConf("%s", ipvlanMAC)
 	}
 	// 68 is the IPv4 minimum; anything above 65535 no NIC carries.
 	if c.MTU != 0 && (c.MTU < 68 || c.MTU > 65535) {
@@ -288,6 +316,64 @@ func ipamSubnets(stdin []byte) ([]netip.Prefix, error) {
 		out = append(out, p)
 	}
 	return out, nil
+}
+
+// ipvlanMAC says why an ipvlan slave cannot have the MAC asked for.
+const ipvlanMAC = "a MAC is asked for (mac, CNI_ARGS MAC or runtimeConfig.mac), but ipvlan slaves all have the parent's MAC: use mode macvlan, or leave the MAC out"
+
+// parseSlaveMAC reads a MAC a slave can have: 6 bytes, unicast, not zero.
+func parseSlaveMAC(s string) (net.HardwareAddr, error) {
+	hw, err := net.ParseMAC(s)
+	if err != nil {
+		return nil, err
+	}
+	switch {
+	case len(hw) != 6:
+		return nil, fmt.Errorf("%d bytes: an Ethernet MAC has 6", len(hw))
+	case hw[0]&1 != 0:
+		return nil, errors.New("a multicast MAC (the first byte is odd): use a unicast one, e.g. with 02 as the first byte (locally administered)")
+	case bytes.Equal(hw, make(net.HardwareAddr, 6)):
+		return nil, errors.New("the zero MAC")
+	}
+	return hw, nil
+}
+
+// macArg is CNI_ARGS MAC, as the reference macvlan plugin reads it; nil
+// when it is not there.
+func macArg(s string) (net.HardwareAddr, error) {
+	a := struct {
+		types.CommonArgs
+		MAC types.UnmarshallableString
+	}{}
+	a.IgnoreUnknown = true
+	if err := types.LoadArgs(s, &a); err != nil {
+		return nil, types.NewError(types.ErrInvalidEnvironmentVariables, fmt.Sprintf("CNI_ARGS: %v", err), "")
+	}
+	if a.MAC == "" {
+		return nil, nil
+	}
+	hw, err := parseSlaveMAC(string(a.MAC))
+	if err != nil {
+		return nil, types.NewError(types.ErrInvalidEnvironmentVariables, fmt.Sprintf("CNI_ARGS: MAC=%q: %v", a.MAC, err), "")
+	}
+	return hw, nil
+}
+
+// applyMACArg applies CNI_ARGS MAC (main mode), unless runtimeConfig.mac,
+// which wins, is there.
+func (c *Conf) applyMACArg(args string) error {
+	if c.Chained || c.RuntimeConfig.MAC != "" {
+		return nil
+	}
+	hw, err := macArg(args)
+	if err != nil || hw == nil {
+		return err
+	}
+	if c.Kind == ModeIPvlan {
+		return invalidConf("%s", ipvlanMAC)
+	}
+	c.SlaveMAC = hw
+	return nil
 }
 
 // podArgs are the CNI_ARGS keys the plugin reads; the rest are ignored.

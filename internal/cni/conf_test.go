@@ -180,3 +180,51 @@ func TestGCNeedsTheValidAttachments(t *testing.T) {
 		}
 	}
 }
+
+// The MAC asked for: the reference macvlan plugin's precedence
+// (runtimeConfig.mac over CNI_ARGS MAC over the mac key), checked as a
+// MAC a slave can have; ipvlan cannot have one of its own.
+func TestSlaveMAC(t *testing.T) {
+	const base = `"cniVersion":"1.1.0","type":"underpass","master":"eth0"`
+	for _, tc := range []struct {
+		name, conf, args string
+		want             string // "" with code 0: none asked for
+		code             uint
+		msg              string
+	}{
+		{name: "none", conf: `{` + base + `}`},
+		{name: "mac key", conf: `{` + base + `,"mac":"02:11:22:33:44:55"}`, want: "02:11:22:33:44:55"},
+		{name: "CNI_ARGS over the key", conf: `{` + base + `,"mac":"02:11:22:33:44:55"}`, args: "IgnoreUnknown=1;K8S_POD_NAME=p;MAC=02:aa:bb:cc:dd:ee", want: "02:aa:bb:cc:dd:ee"},
+		{name: "runtimeConfig over both", conf: `{` + base + `,"mac":"02:11:22:33:44:55","runtimeConfig":{"mac":"02:66:77:88:99:00"}}`, args: "MAC=02:aa:bb:cc:dd:ee", want: "02:66:77:88:99:00"},
+		{name: "upper case", conf: `{` + base + `,"runtimeConfig":{"mac":"02:AB:CD:EF:01:23"}}`, want: "02:ab:cd:ef:01:23"},
+		{name: "not a MAC", conf: `{` + base + `,"mac":"02:11:22"}`, code: 7, msg: `mac "02:11:22"`},
+		{name: "multicast", conf: `{` + base + `,"runtimeConfig":{"mac":"01:00:5e:00:00:01"}}`, code: 7, msg: "multicast"},
+		{name: "zero", conf: `{` + base + `,"mac":"00:00:00:00:00:00"}`, code: 7, msg: "zero"},
+		{name: "EUI-64", conf: `{` + base + `,"mac":"02:00:00:ff:fe:00:00:01"}`, code: 7, msg: "8 bytes"},
+		{name: "bad CNI_ARGS MAC", conf: `{` + base + `}`, args: "MAC=03:00:00:00:00:01", code: 4, msg: "CNI_ARGS: MAC="},
+		{name: "ipvlan with the key", conf: `{` + base + `,"mode":"ipvlan","mac":"02:11:22:33:44:55"}`, code: 7, msg: "ipvlan slaves all have the parent's MAC"},
+		{name: "ipvlan with CNI_ARGS", conf: `{` + base + `,"mode":"ipvlan"}`, args: "MAC=02:11:22:33:44:55", code: 7, msg: "ipvlan slaves all have the parent's MAC"},
+		// The plugin before it made the interface, MAC and all.
+		{name: "chained: CNI_ARGS left to the plugin before", conf: `{"cniVersion":"1.1.0","type":"underpass"}`, args: "MAC=02:11:22:33:44:55"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c, err := ParseConf([]byte(tc.conf))
+			if err == nil {
+				err = c.applyMACArg(tc.args)
+			}
+			if tc.code != 0 {
+				var te *types.Error
+				if !errors.As(err, &te) || te.Code != tc.code || !strings.Contains(te.Msg, tc.msg) {
+					t.Fatalf("got %v, want code %d saying %q", err, tc.code, tc.msg)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := c.SlaveMAC.String(); got != tc.want {
+				t.Fatalf("SlaveMAC %q, want %q", got, tc.want)
+			}
+		})
+	}
+}

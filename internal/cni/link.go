@@ -80,6 +80,7 @@ func createSlave(c *Conf, master netlink.Link, ifname string, netns ns.NetNS) (_
 	attrs.Name = tmp
 	attrs.ParentIndex = master.Attrs().Index
 	attrs.MTU = c.MTU
+	attrs.HardwareAddr = c.SlaveMAC // nil: the kernel's random one
 	attrs.Namespace = netlink.NsFd(int(netns.Fd()))
 	var l netlink.Link
 	switch c.Kind {

@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -211,8 +212,8 @@ func TestLearntAddressYieldsOnlyToAnAssignment(t *testing.T) {
 		{"CNI ADD on macvlan, assigned", "net1", loader.ModeMacvlan, holder.Addrs[0].Addr(), "two pods got the same address from IPAM"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			ep := holder
-			ep.ContainerID, ep.Network, ep.Mode, ep.Ifindex = "newcomer", tc.network, tc.mode, 31
+			ep := liveEndpoint("newcomer", 9)
+			ep.Network, ep.Mode, ep.Ifindex = tc.network, tc.mode, 31
 			ep.Addrs = []netip.Prefix{netip.PrefixFrom(tc.addr, 64)}
 			err := datapath.EvictStaleOwners(dp, &ep, nil, slog.New(slog.DiscardHandler))
 			switch {
@@ -222,6 +223,55 @@ func TestLearntAddressYieldsOnlyToAnAssignment(t *testing.T) {
 				t.Fatalf("%v, want ErrAddrInUse saying %q", err, tc.want)
 			}
 		})
+	}
+}
+
+// A MAC on a parent is one endpoint's (a pod may ask for its MAC): a
+// registration with a MAC another live endpoint holds is refused, and the
+// holder keeps its entry (taken over, the holder's frames were vetted as
+// nobody's once the newcomer left); a holder whose netns is gone gives
+// way. The same MAC on another parent is another key.
+func TestMACHeldByAnotherEndpoint(t *testing.T) {
+	dp := testutil.LoadDatapath(t)
+	m := &dp.Maps
+	log := slog.New(slog.DiscardHandler)
+	holder := liveEndpoint("holder", 1)
+	id, err := datapath.Register(m, holder)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ep := liveEndpoint("newcomer", 1) // holder's MAC
+	ep.Ifindex, ep.Addrs = 31, []netip.Prefix{netip.MustParsePrefix("2001:db8:1::200/64")}
+	if err := datapath.EvictStaleOwners(dp, &ep, nil, log); !errors.Is(err, datapath.ErrAddrInUse) || !strings.Contains(err.Error(), "MAC 02:01:01:01:01:01") ||
+		!strings.Contains(err.Error(), "two pods asked for the same MAC") {
+		t.Fatalf("%v, want ErrAddrInUse naming the MAC", err)
+	}
+	if _, err := datapath.Register(m, ep); !errors.Is(err, datapath.ErrAddrInUse) {
+		t.Fatalf("Register with the holder's MAC: %v, want ErrAddrInUse", err)
+	}
+	var ref loader.EndpointRef
+	k := datapath.MACKey(holder.MAC, holder.ParentIfindex)
+	if err := m.EpByMac.Lookup(&k, &ref); err != nil || ref.Id != id {
+		t.Fatalf("the holder's MAC entry: %+v, %v, want endpoint %d's", ref, err, id)
+	}
+	other := ep
+	other.ParentIfindex = 8
+	if err := datapath.EvictStaleOwners(dp, &other, nil, log); err != nil {
+		t.Fatalf("the same MAC on another parent: %v", err)
+	}
+	// The holder's pod is gone without a DEL.
+	gone := liveEndpoint("gone", 3)
+	gone.Netns, gone.Addrs = filepath.Join(t.TempDir(), "missing"), []netip.Prefix{netip.MustParsePrefix("2001:db8:1::300/64")}
+	gid, err := datapath.Register(m, gone)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ep.MAC = gone.MAC
+	if err := datapath.EvictStaleOwners(dp, &ep, nil, log); err != nil {
+		t.Fatalf("a holder whose netns is gone: %v", err)
+	}
+	if _, err := datapath.Lookup(m, gid); err == nil {
+		t.Fatalf("the stale holder %d is still registered", gid)
 	}
 }
 

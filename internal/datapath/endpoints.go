@@ -235,6 +235,10 @@ func writeRefs(m *loader.Maps, s Endpoint, id uint32) error {
 	}
 	if s.Mode == loader.ModeMacvlan {
 		k := MACKey(s.MAC, s.ParentIfindex)
+		var other loader.EndpointRef
+		if err := m.EpByMac.Lookup(&k, &other); err == nil && other.Id != id {
+			return fmt.Errorf("%w: MAC %s belongs to endpoint %d", ErrAddrInUse, s.MAC, other.Id)
+		}
 		if err := m.EpByMac.Update(&k, &ref, ebpf.UpdateAny); err != nil {
 			return fmt.Errorf("register %s: %w", s.MAC, err)
 		}

@@ -388,13 +388,6 @@ func evictStaleOwners(dp *loader.Objects, ep *Endpoint, prior *Endpoint, log *sl
 		if err := m.EpByIp.Lookup(&k, &ref); err != nil {
 			continue
 		}
-		other, err := Lookup(m, ref.Id)
-		if err != nil {
-			continue // Unregister of that one is under way or done
-		}
-		if other.ContainerID == ep.ContainerID && other.IfName == ep.IfName || prior != nil && ref.Id == prior.ID {
-			continue
-		}
 		// Another endpoint only learnt it from its DAD, which any pod can
 		// send for any address (a raw socket, CAP_NET_RAW): IPAM's
 		// assignment wins (writeRefs), and the learner's traffic from it
@@ -409,31 +402,59 @@ func evictStaleOwners(dp *loader.Objects, ep *Endpoint, prior *Endpoint, log *sl
 			log.Info("address learnt by another endpoint goes to its assignee", "addr", p.Addr(), "learner", ref.Id, "container", ep.ContainerID)
 			continue
 		}
-		if other.Network == AdoptedNetwork && ep.Network != AdoptedNetwork {
-			if err := takeOver(dp, ref.Id, &other, ep, log); err != nil {
+		why := "two pods got the same address from IPAM; delete that pod or fix the IPAM ranges"
+		if learnt {
+			why = "which configured it itself (learnt from its DAD)"
+		}
+		if err := evictOwner(dp, ep, prior, ref.Id, "address "+p.Addr().String(), why, log); err != nil {
+			return err
+		}
+	}
+	// A MAC on the parent is one endpoint's too: a pod may ask for its MAC
+	// (runtimeConfig.mac, CNI_ARGS MAC), and one that another pod's
+	// registration holds must not take over that pod's entry (whose
+	// frames would then be vetted as nobody's once this one is gone).
+	if ep.Mode == loader.ModeMacvlan {
+		k := MACKey(ep.MAC, ep.ParentIfindex)
+		var ref loader.EndpointRef
+		if err := m.EpByMac.Lookup(&k, &ref); err == nil {
+			if err := evictOwner(dp, ep, prior, ref.Id, "MAC "+ep.MAC.String(), "two pods asked for the same MAC; delete that pod or ask for another", log); err != nil {
 				return err
 			}
-			continue
 		}
-		if other.Netns != "" {
-			if err := attach.CheckNetns(other.Netns); errors.Is(err, attach.ErrNetnsGone) {
-				log.Debug("evicting stale endpoint", "id", ref.Id, "container", other.ContainerID, "netns", other.Netns, "addr", p.Addr())
-				if err := RemoveEndpoint(dp, ref.Id); err != nil {
-					return fmt.Errorf("remove stale endpoint %d (container %s): %w", ref.Id, other.ContainerID, err)
-				}
-				continue
-			}
-		}
-		pod := ""
-		if other.PodName != "" {
-			pod = fmt.Sprintf(" (pod %s)", other.PodRef())
-		}
-		if learnt {
-			return fmt.Errorf("%w: address %s is in use by container %s interface %s%s, which configured it itself (learnt from its DAD), and its netns %s still exists",
-				ErrAddrInUse, p.Addr(), other.ContainerID, other.IfName, pod, other.Netns)
-		}
-		return fmt.Errorf("%w: address %s is registered to container %s interface %s%s, whose netns %s still exists: two pods got the same address from IPAM; delete that pod or fix the IPAM ranges",
-			ErrAddrInUse, p.Addr(), other.ContainerID, other.IfName, pod, other.Netns)
 	}
 	return nil
+}
+
+// evictOwner clears the way for ep's registration of what (an address or
+// the MAC) that endpoint id holds: nothing to do when id is ep's own
+// attachment or prior; an adoption gives way; so does an endpoint whose
+// netns is gone (a pod deleted without DEL). Any other holder is live:
+// ErrAddrInUse, saying why that is wrong.
+func evictOwner(dp *loader.Objects, ep, prior *Endpoint, id uint32, what, why string, log *slog.Logger) error {
+	other, err := Lookup(&dp.Maps, id)
+	if err != nil {
+		return nil // Unregister of that one is under way or done
+	}
+	if other.ContainerID == ep.ContainerID && other.IfName == ep.IfName || prior != nil && id == prior.ID {
+		return nil
+	}
+	if other.Network == AdoptedNetwork && ep.Network != AdoptedNetwork {
+		return takeOver(dp, id, &other, ep, log)
+	}
+	if other.Netns != "" {
+		if err := attach.CheckNetns(other.Netns); errors.Is(err, attach.ErrNetnsGone) {
+			log.Debug("evicting stale endpoint", "id", id, "container", other.ContainerID, "netns", other.Netns, "holds", what)
+			if err := RemoveEndpoint(dp, id); err != nil {
+				return fmt.Errorf("remove stale endpoint %d (container %s): %w", id, other.ContainerID, err)
+			}
+			return nil
+		}
+	}
+	pod := ""
+	if other.PodName != "" {
+		pod = fmt.Sprintf(" (pod %s)", other.PodRef())
+	}
+	return fmt.Errorf("%w: %s is in use by container %s interface %s%s, whose netns %s still exists: %s",
+		ErrAddrInUse, what, other.ContainerID, other.IfName, pod, other.Netns, why)
 }

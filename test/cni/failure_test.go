@@ -205,7 +205,7 @@ func TestAddFailures(t *testing.T) {
 				}
 			},
 			code: types.ErrInternal,
-			msg:  []string{"address " + u.IP4(150).Addr().String() + " is registered to container live-squatter", "pod default/squatter"},
+			msg:  []string{"address " + u.IP4(150).Addr().String() + " is in use by container live-squatter", "pod default/squatter"},
 		},
 		// Failpoints: a step fails after everything before it is in place
 		// (the slave; IPAM; the parent and the registration; the programs).

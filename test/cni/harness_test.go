@@ -189,6 +189,11 @@ type pod struct {
 	ip4    netip.Addr
 	ip6    netip.Addr
 	mac    net.HardwareAddr
+	// What the runtime passes besides: capability arguments (libcni
+	// puts them in runtimeConfig for a plugin that declares them) and
+	// CNI_ARGS keys.
+	capArgs map[string]any
+	args    [][2]string
 }
 
 func (h *harness) newPod(name string) *pod {
@@ -214,7 +219,9 @@ func (h *harness) addFirstPod(l *libcni.NetworkConfigList, name string) *pod {
 }
 
 func (p *pod) rt() *libcni.RuntimeConf {
-	return testutil.PodRuntimeConf(p.id, p.netns, p.ifname, "default", p.name, [2]string{"K8S_POD_UID", "0000"})
+	rt := testutil.PodRuntimeConf(p.id, p.netns, p.ifname, "default", p.name, append([][2]string{{"K8S_POD_UID", "0000"}}, p.args...)...)
+	rt.CapabilityArgs = p.capArgs
+	return rt
 }
 
 // inNode runs fn with the node netns as the thread's netns: plugins exec'd
