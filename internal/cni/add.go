@@ -1,6 +1,7 @@
 package cni
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"net"
@@ -228,6 +229,30 @@ func checkMain(c *Conf, args *skel.CmdArgs, m *loader.Maps, master netlink.Link)
 	}
 	if mtu := master.Attrs().MTU; c.MTU > mtu {
 		return invalidConf("mtu %d is larger than master %s's MTU %d: lower mtu, or leave it out to use the master's", c.MTU, master.Attrs().Name, mtu)
+	}
+	return checkSlaveMAC(c.SlaveMAC, master)
+}
+
+// checkSlaveMAC refuses a MAC asked for that is the parent's own, or a
+// neighbour's the node knows on the parent (its gateway's, say): a slave
+// with it would take that host's frames from its neighbours, and the
+// datapath would take the host for the pod. A wire host the node has not
+// talked to is not known here.
+func checkSlaveMAC(mac net.HardwareAddr, master netlink.Link) error {
+	if mac == nil {
+		return nil
+	}
+	if bytes.Equal(mac, master.Attrs().HardwareAddr) {
+		return invalidConf("the MAC asked for, %s, is master %s's own: ask for another", mac, master.Attrs().Name)
+	}
+	neighs, err := netlink.NeighList(master.Attrs().Index, netlink.FAMILY_ALL)
+	if err != nil {
+		return fmt.Errorf("list the neighbours on %s: %w", master.Attrs().Name, err)
+	}
+	for _, n := range neighs {
+		if bytes.Equal(n.HardwareAddr, mac) {
+			return invalidConf("the MAC asked for, %s, is the neighbour %s's on master %s: ask for another", mac, n.IP, master.Attrs().Name)
+		}
 	}
 	return nil
 }

@@ -360,9 +360,14 @@ func macArg(s string) (net.HardwareAddr, error) {
 }
 
 // applyMACArg applies CNI_ARGS MAC (main mode), unless runtimeConfig.mac,
-// which wins, is there.
+// which wins, is there. Only where the network declares the "mac"
+// capability, unlike the reference plugin: Multus puts a network
+// selection's "mac" into CNI_ARGS whether or not the network allows it,
+// and a pod author that picks a wire host's MAC (the gateway's) takes its
+// neighbours' traffic to it; the capability is the network admin's
+// consent.
 func (c *Conf) applyMACArg(args string) error {
-	if c.Chained || c.RuntimeConfig.MAC != "" {
+	if c.Chained || c.RuntimeConfig.MAC != "" || !c.Capabilities["mac"] {
 		return nil
 	}
 	hw, err := macArg(args)

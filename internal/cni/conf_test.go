@@ -194,18 +194,22 @@ func TestSlaveMAC(t *testing.T) {
 	}{
 		{name: "none", conf: `{` + base + `}`},
 		{name: "mac key", conf: `{` + base + `,"mac":"02:11:22:33:44:55"}`, want: "02:11:22:33:44:55"},
-		{name: "CNI_ARGS over the key", conf: `{` + base + `,"mac":"02:11:22:33:44:55"}`, args: "IgnoreUnknown=1;K8S_POD_NAME=p;MAC=02:aa:bb:cc:dd:ee", want: "02:aa:bb:cc:dd:ee"},
+		{name: "CNI_ARGS over the key", conf: `{` + base + `,"mac":"02:11:22:33:44:55","capabilities":{"mac":true}}`, args: "IgnoreUnknown=1;K8S_POD_NAME=p;MAC=02:aa:bb:cc:dd:ee", want: "02:aa:bb:cc:dd:ee"},
+		// Multus puts a selection's "mac" into CNI_ARGS whether or not
+		// the network allows it: without the capability it is ignored.
+		{name: "CNI_ARGS without the capability", conf: `{` + base + `,"mac":"02:11:22:33:44:55"}`, args: "MAC=02:aa:bb:cc:dd:ee", want: "02:11:22:33:44:55"},
+		{name: "ipvlan, CNI_ARGS without the capability", conf: `{` + base + `,"mode":"ipvlan"}`, args: "MAC=02:aa:bb:cc:dd:ee"},
 		{name: "runtimeConfig over both", conf: `{` + base + `,"mac":"02:11:22:33:44:55","runtimeConfig":{"mac":"02:66:77:88:99:00"}}`, args: "MAC=02:aa:bb:cc:dd:ee", want: "02:66:77:88:99:00"},
 		{name: "upper case", conf: `{` + base + `,"runtimeConfig":{"mac":"02:AB:CD:EF:01:23"}}`, want: "02:ab:cd:ef:01:23"},
 		{name: "not a MAC", conf: `{` + base + `,"mac":"02:11:22"}`, code: 7, msg: `mac "02:11:22"`},
 		{name: "multicast", conf: `{` + base + `,"runtimeConfig":{"mac":"01:00:5e:00:00:01"}}`, code: 7, msg: "multicast"},
 		{name: "zero", conf: `{` + base + `,"mac":"00:00:00:00:00:00"}`, code: 7, msg: "zero"},
 		{name: "EUI-64", conf: `{` + base + `,"mac":"02:00:00:ff:fe:00:00:01"}`, code: 7, msg: "8 bytes"},
-		{name: "bad CNI_ARGS MAC", conf: `{` + base + `}`, args: "MAC=03:00:00:00:00:01", code: 4, msg: "CNI_ARGS: MAC="},
+		{name: "bad CNI_ARGS MAC", conf: `{` + base + `,"capabilities":{"mac":true}}`, args: "MAC=03:00:00:00:00:01", code: 4, msg: "CNI_ARGS: MAC="},
 		{name: "ipvlan with the key", conf: `{` + base + `,"mode":"ipvlan","mac":"02:11:22:33:44:55"}`, code: 7, msg: "ipvlan slaves all have the parent's MAC"},
-		{name: "ipvlan with CNI_ARGS", conf: `{` + base + `,"mode":"ipvlan"}`, args: "MAC=02:11:22:33:44:55", code: 7, msg: "ipvlan slaves all have the parent's MAC"},
+		{name: "ipvlan with CNI_ARGS", conf: `{` + base + `,"mode":"ipvlan","capabilities":{"mac":true}}`, args: "MAC=02:11:22:33:44:55", code: 7, msg: "ipvlan slaves all have the parent's MAC"},
 		// The plugin before it made the interface, MAC and all.
-		{name: "chained: CNI_ARGS left to the plugin before", conf: `{"cniVersion":"1.1.0","type":"underpass"}`, args: "MAC=02:11:22:33:44:55"},
+		{name: "chained: CNI_ARGS left to the plugin before", conf: `{"cniVersion":"1.1.0","type":"underpass","capabilities":{"mac":true}}`, args: "MAC=02:11:22:33:44:55"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c, err := ParseConf([]byte(tc.conf))

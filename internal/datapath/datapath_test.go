@@ -275,6 +275,39 @@ func TestMACHeldByAnotherEndpoint(t *testing.T) {
 	}
 }
 
+// An adoption gives its MAC to a CNI registration of the same interface
+// (the agent found the slave between the interface plugin making it and
+// underpass registering it), not to another interface that asked for the
+// MAC: that one would strip the adopted container's guard, then fail to
+// come up with the MAC in use.
+func TestAdoptedMACGoesOnlyToItsInterface(t *testing.T) {
+	dp := testutil.LoadDatapath(t)
+	log := slog.New(slog.DiscardHandler)
+	adopted := liveEndpoint("adopted", 5)
+	adopted.Network, adopted.Ifindex = datapath.AdoptedNetwork, 40
+	adopted.Addrs = []netip.Prefix{netip.MustParsePrefix("2001:db8:1::500/64")}
+	id, err := datapath.Register(&dp.Maps, adopted)
+	if err != nil {
+		t.Fatal(err)
+	}
+	other := liveEndpoint("pod", 5) // the adoption's MAC, another interface
+	other.Ifindex, other.Addrs = 41, []netip.Prefix{netip.MustParsePrefix("2001:db8:1::501/64")}
+	if err := datapath.EvictAdopted(dp, &other, log); !errors.Is(err, datapath.ErrAddrInUse) || !strings.Contains(err.Error(), "adopted interface") {
+		t.Fatalf("another interface with the adoption's MAC: %v, want ErrAddrInUse", err)
+	}
+	if _, err := datapath.Lookup(&dp.Maps, id); err != nil {
+		t.Fatalf("the adoption is gone: %v", err)
+	}
+	same := other
+	same.Ifindex = adopted.Ifindex
+	if err := datapath.EvictAdopted(dp, &same, log); err != nil {
+		t.Fatalf("the adopted interface's own registration: %v", err)
+	}
+	if _, err := datapath.Lookup(&dp.Maps, id); err == nil {
+		t.Fatalf("the adoption %d was not taken over", id)
+	}
+}
+
 // Unregister also removes a learnt address that the endpoint's record does
 // not list (two DADs racing for one slot on two CPUs leave one so): left
 // behind, it went to the next endpoint given the id.

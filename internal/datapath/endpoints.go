@@ -235,8 +235,11 @@ func writeRefs(m *loader.Maps, s Endpoint, id uint32) error {
 	}
 	if s.Mode == loader.ModeMacvlan {
 		k := MACKey(s.MAC, s.ParentIfindex)
+		// Another live endpoint's MAC is refused (evictStaleOwners says
+		// whose); an entry left by an endpoint that is gone is taken.
 		var other loader.EndpointRef
-		if err := m.EpByMac.Lookup(&k, &other); err == nil && other.Id != id {
+		var holder loader.Endpoint
+		if err := m.EpByMac.Lookup(&k, &other); err == nil && other.Id != id && m.Endpoints.Lookup(other.Id, &holder) == nil {
 			return fmt.Errorf("%w: MAC %s belongs to endpoint %d", ErrAddrInUse, s.MAC, other.Id)
 		}
 		if err := m.EpByMac.Update(&k, &ref, ebpf.UpdateAny); err != nil {

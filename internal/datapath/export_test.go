@@ -34,3 +34,7 @@ var (
 // EvictStaleOwners is evictStaleOwners, for the rules on whose address
 // wins.
 var EvictStaleOwners = evictStaleOwners
+
+// EvictAdopted is evictAdopted, for when a registration takes an adopted
+// interface's MAC.
+var EvictAdopted = evictAdopted

@@ -362,6 +362,14 @@ func evictAdopted(dp *loader.Objects, ep *Endpoint, log *slog.Logger) error {
 	if err != nil || other.Network != AdoptedNetwork {
 		return nil
 	}
+	// Only that race, on the same interface, or an adoption whose netns
+	// is gone: a pod that asked for an adopted container's MAC must not
+	// strip that container's guard (its own slave would then fail to
+	// come up, with the MAC in use, and leave the container unguarded).
+	if !sameInterface(&other, ep) && (other.Netns == "" || !errors.Is(attach.CheckNetns(other.Netns), attach.ErrNetnsGone)) {
+		return fmt.Errorf("%w: MAC %s is in use by the adopted interface %s in %s (%s): ask for another MAC",
+			ErrAddrInUse, ep.MAC, other.IfName, other.Netns, other.PodRef())
+	}
 	return takeOver(dp, ref.Id, &other, ep, log)
 }
 

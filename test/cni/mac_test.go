@@ -1,9 +1,13 @@
 package cni_test
 
 import (
+	"errors"
+	"fmt"
 	"net"
 	"strings"
 	"testing"
+
+	"github.com/containernetworking/cni/pkg/types"
 
 	"github.com/underpass-cni/underpass/test/netenv"
 )
@@ -52,26 +56,58 @@ func TestRequestedMAC(t *testing.T) {
 	c := h.newPod("c")
 	c.capArgs = map[string]any{"mac": byCap.String()}
 	_, err := h.tryAdd(l, c)
-	if err == nil || !strings.Contains(err.Error(), byCap.String()) || !strings.Contains(err.Error(), "in use") {
-		t.Fatalf("ADD with a MAC another pod has: %v, want an error that names the MAC as in use", err)
+	if err == nil || !strings.Contains(err.Error(), "MAC "+byCap.String()+" is in use by container "+a.id) {
+		t.Fatalf("ADD with a MAC another pod has: %v, want the registration to refuse it, naming a", err)
 	}
 	t.Logf("ADD with a's MAC: %v", err)
 	if err := h.tryDel(l, c); err != nil {
 		t.Errorf("DEL after the failed ADD: %v", err)
 	}
-	// The parent's own MAC: no endpoint has it, macvlan refuses it when
-	// the slave comes up.
-	d := h.newPod("d")
-	d.capArgs = map[string]any{"mac": u.MAC.String()}
-	_, err = h.tryAdd(l, d)
-	if err == nil || !strings.Contains(err.Error(), u.MAC.String()) || !strings.Contains(err.Error(), "in use on the parent") {
-		t.Fatalf("ADD with the parent's MAC: %v, want an error that names the MAC as in use on the parent", err)
+	// a is as it was: its registration (CHECK) and its guard's view of
+	// its MAC (the node, and b, reach it).
+	if err := h.check(l, a); err != nil {
+		t.Errorf("CHECK a after c's refused ADD: %v", err)
 	}
-	t.Logf("ADD with the parent's MAC: %v", err)
-	if err := h.tryDel(l, d); err != nil {
-		t.Errorf("DEL after the failed ADD: %v", err)
+	netenv.MustPing(t, h.env.Node, a.ip4, 2)
+	netenv.MustPing(t, b.ns, a.ip4, 2)
+
+	// MACs a slave must not have: the parent's own, and a neighbour's the
+	// node knows on the parent (the gateway's): refused before anything
+	// is made.
+	netenv.MustPing(t, h.env.Node, u.Gateway4, 1)
+	for i, tc := range []struct {
+		name string
+		mac  net.HardwareAddr
+		want string
+	}{
+		{"the parent's MAC", u.MAC, "is master " + u.Name + "'s own"},
+		{"the gateway's MAC", u.GatewayMAC, "is the neighbour " + u.Gateway4.String() + "'s"},
+	} {
+		d := h.newPod(fmt.Sprintf("d%d", i))
+		d.capArgs = map[string]any{"mac": tc.mac.String()}
+		_, err = h.tryAdd(l, d)
+		var te *types.Error
+		if !errors.As(err, &te) || te.Code != types.ErrInvalidNetworkConfig || !strings.Contains(te.Msg, tc.want) {
+			t.Fatalf("ADD with %s: %v, want code 7 saying %q", tc.name, err, tc.want)
+		}
+		t.Logf("ADD with %s: %v", tc.name, err)
+		if err := h.tryDel(l, d); err != nil {
+			t.Errorf("DEL after the failed ADD: %v", err)
+		}
 	}
+
+	// Without the capability, a MAC in CNI_ARGS (which Multus passes
+	// from a network selection whatever the network allows) is not the
+	// pod's to pick.
+	plain := h.conflist("up-mac", "1.1.0", h.mainConf(false)) // the same network (and its IPAM), without the capability
+	e := h.newPod("e")
+	e.args = [][2]string{{"MAC", net.HardwareAddr{0x02, 0x42, 0xde, 0xad, 0, 5}.String()}}
+	h.add(plain, e)
+	if e.mac.String() == "02:42:de:ad:00:05" {
+		t.Errorf("pod e got the MAC of its CNI_ARGS on a network without the mac capability")
+	}
+	h.del(plain, e)
 	h.del(l, a)
 	h.del(l, b)
-	h.assertNoLeak(t, nil, a.ns, b.ns, c.ns, d.ns)
+	h.assertNoLeak(t, nil, a.ns, b.ns, c.ns, e.ns)
 }
