@@ -39,15 +39,8 @@ func TestParseConf(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c, err := ParseConf([]byte(tc.in))
-			if tc.code != 0 {
-				var te *types.Error
-				if !errors.As(err, &te) || te.Code != tc.code || !strings.Contains(te.Msg, tc.msg) {
-					t.Fatalf("got %v, want code %d saying %q", err, tc.code, tc.msg)
-				}
+			if !wantCode(t, err, tc.code, tc.msg) {
 				return
-			}
-			if err != nil {
-				t.Fatal(err)
 			}
 			if c.Chained != tc.chained || c.DatapathMode != tc.mode || c.BPFFS != loader.DefaultBPFFS {
 				t.Fatalf("chained %v mode %s bpffs %s", c.Chained, c.DatapathMode, c.BPFFS)
@@ -216,19 +209,29 @@ func TestSlaveMAC(t *testing.T) {
 			if err == nil {
 				err = c.applyMACArg(tc.args)
 			}
-			if tc.code != 0 {
-				var te *types.Error
-				if !errors.As(err, &te) || te.Code != tc.code || !strings.Contains(te.Msg, tc.msg) {
-					t.Fatalf("got %v, want code %d saying %q", err, tc.code, tc.msg)
-				}
+			if !wantCode(t, err, tc.code, tc.msg) {
 				return
-			}
-			if err != nil {
-				t.Fatal(err)
 			}
 			if got := c.SlaveMAC.String(); got != tc.want {
 				t.Fatalf("SlaveMAC %q, want %q", got, tc.want)
 			}
 		})
 	}
+}
+
+// wantCode checks err against the CNI error code (0: no error) saying msg,
+// and says whether the case goes on (no error was wanted).
+func wantCode(t *testing.T, err error, code uint, msg string) bool {
+	t.Helper()
+	if code == 0 {
+		if err != nil {
+			t.Fatal(err)
+		}
+		return true
+	}
+	var te *types.Error
+	if !errors.As(err, &te) || te.Code != code || !strings.Contains(te.Msg, msg) {
+		t.Fatalf("got %v, want code %d saying %q", err, code, msg)
+	}
+	return false
 }

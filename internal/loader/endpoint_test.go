@@ -459,14 +459,7 @@ func TestEndpointIngressRefusesAdvertisedEndpoints(t *testing.T) {
 	madeUp := net.HardwareAddr{0x02, 0xde, 0xad, 0xbe, 0xef, 0x01}
 	linkLocalB := netip.MustParseAddr("fe80::bb:ff:fe00:b")
 	ns := func(smac, slla net.HardwareAddr, src, target netip.Addr) []byte {
-		dst, dmac := solicitedNode(target)
-		i6 := ip6(src, dst, layers.IPProtocolICMPv6)
-		i6.HopLimit = 255
-		ic := &layers.ICMPv6{TypeCode: layers.CreateICMPv6TypeCode(layers.ICMPv6TypeNeighborSolicitation, 0)}
-		ic.SetNetworkLayerForChecksum(i6)
-		m := &layers.ICMPv6NeighborSolicitation{TargetAddress: target.AsSlice(),
-			Options: layers.ICMPv6Options{{Type: layers.ICMPv6OptSourceAddress, Data: slla}}}
-		return serialize(t, eth(smac, dmac, layers.EthernetTypeIPv6), i6, ic, m)
+		return neighborSolicitationLL(t, smac, slla, src, target)
 	}
 	// An RA from src with pad options (MTU) before its source link-layer
 	// option (none when slla is nil).

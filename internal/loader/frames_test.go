@@ -153,13 +153,19 @@ func solicitedNode(a netip.Addr) (netip.Addr, net.HardwareAddr) {
 }
 
 func neighborSolicitation(tb testing.TB, smac net.HardwareAddr, src, target netip.Addr) []byte {
+	return neighborSolicitationLL(tb, smac, smac, src, target)
+}
+
+// neighborSolicitationLL is a neighbour solicitation from smac whose
+// source link-layer option says slla.
+func neighborSolicitationLL(tb testing.TB, smac, slla net.HardwareAddr, src, target netip.Addr) []byte {
 	dst, dmac := solicitedNode(target)
 	i6 := ip6(src, dst, layers.IPProtocolICMPv6)
 	i6.HopLimit = 255
 	ic := &layers.ICMPv6{TypeCode: layers.CreateICMPv6TypeCode(layers.ICMPv6TypeNeighborSolicitation, 0)}
 	ic.SetNetworkLayerForChecksum(i6)
 	ns := &layers.ICMPv6NeighborSolicitation{TargetAddress: target.AsSlice(),
-		Options: layers.ICMPv6Options{{Type: layers.ICMPv6OptSourceAddress, Data: smac}}}
+		Options: layers.ICMPv6Options{{Type: layers.ICMPv6OptSourceAddress, Data: slla}}}
 	return serialize(tb, eth(smac, dmac, layers.EthernetTypeIPv6), i6, ic, ns)
 }
 

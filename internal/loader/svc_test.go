@@ -614,41 +614,18 @@ func TestServiceTupleReusedAfterClose(t *testing.T) {
 		netip.AddrPortFrom(netip.MustParseAddr("198.51.100.33"), 80),
 	}
 	vip := netip.AddrPortFrom(vipSvc, 80)
+	fin := func(tcp *layers.TCP) { tcp.SYN, tcp.FIN, tcp.ACK, tcp.Ack = false, true, true, 1 }
+	rst := func(tcp *layers.TCP) { tcp.SYN, tcp.RST = false, true }
+	rstAck := func(tcp *layers.TCP) { tcp.SYN, tcp.RST, tcp.ACK, tcp.Ack = false, true, true, 1 }
 	for _, tc := range []struct {
-		name string
-		// end ends the connection client -> backend: a frame through
-		// the client's egress or ingress program.
-		end func(t *testing.T, r *svcRig, client, backend netip.AddrPort)
+		name       string
+		fromClient bool              // the end goes through the client's egress, else its ingress
+		end        func(*layers.TCP) // the segment that ends the connection
 	}{
-		{"client FIN", func(t *testing.T, r *svcRig, client, backend netip.AddrPort) {
-			fin := reflag(t, segment(t, macA, macGW, client, vip, layers.IPProtocolTCP), func(tcp *layers.TCP) {
-				tcp.SYN, tcp.FIN, tcp.ACK, tcp.Ack = false, true, true, 1
-			})
-			// Still the old backend's: the FIN closes its connection.
-			wantFrame(t, r.rig, r.egressA, fin, reflag(t, segment(t, macA, macGW, client, backend, layers.IPProtocolTCP),
-				func(tcp *layers.TCP) { tcp.SYN, tcp.FIN, tcp.ACK, tcp.Ack = false, true, true, 1 }))
-		}},
-		{"client RST", func(t *testing.T, r *svcRig, client, backend netip.AddrPort) {
-			rst := reflag(t, segment(t, macA, macGW, client, vip, layers.IPProtocolTCP), func(tcp *layers.TCP) {
-				tcp.SYN, tcp.RST = false, true
-			})
-			wantFrame(t, r.rig, r.egressA, rst, reflag(t, segment(t, macA, macGW, client, backend, layers.IPProtocolTCP),
-				func(tcp *layers.TCP) { tcp.SYN, tcp.RST = false, true }))
-		}},
-		{"backend FIN", func(t *testing.T, r *svcRig, client, backend netip.AddrPort) {
-			fin := reflag(t, segment(t, macGW, macA, backend, client, layers.IPProtocolTCP), func(tcp *layers.TCP) {
-				tcp.SYN, tcp.FIN, tcp.ACK, tcp.Ack = false, true, true, 1
-			})
-			wantFrame(t, r.rig, r.ingressA, fin, reflag(t, segment(t, macGW, macA, vip, client, layers.IPProtocolTCP),
-				func(tcp *layers.TCP) { tcp.SYN, tcp.FIN, tcp.ACK, tcp.Ack = false, true, true, 1 }))
-		}},
-		{"backend RST", func(t *testing.T, r *svcRig, client, backend netip.AddrPort) {
-			rst := reflag(t, segment(t, macGW, macA, backend, client, layers.IPProtocolTCP), func(tcp *layers.TCP) {
-				tcp.SYN, tcp.RST, tcp.ACK, tcp.Ack = false, true, true, 1
-			})
-			wantFrame(t, r.rig, r.ingressA, rst, reflag(t, segment(t, macGW, macA, vip, client, layers.IPProtocolTCP),
-				func(tcp *layers.TCP) { tcp.SYN, tcp.RST, tcp.ACK, tcp.Ack = false, true, true, 1 }))
-		}},
+		{"client FIN", true, fin},
+		{"client RST", true, rst},
+		{"backend FIN", false, fin},
+		{"backend RST", false, rstAck},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			r := newSvcRig(t, datapath.Frontend{VIP: vipSvc, Port: 80, Proto: datapath.ProtoTCP, Backends: backs})
@@ -680,7 +657,15 @@ func TestServiceTupleReusedAfterClose(t *testing.T) {
 			if b := to(acked(t, syn)); b != first {
 				t.Fatalf("a segment of the open connection went to %s, not its backend %s", b, first)
 			}
-			tc.end(t, r, client, first)
+			// The end, still the old backend's (translated, or given
+			// the VIP).
+			if tc.fromClient {
+				wantFrame(t, r.rig, r.egressA, reflag(t, segment(t, macA, macGW, client, vip, layers.IPProtocolTCP), tc.end),
+					reflag(t, segment(t, macA, macGW, client, first, layers.IPProtocolTCP), tc.end))
+			} else {
+				wantFrame(t, r.rig, r.ingressA, reflag(t, segment(t, macGW, macA, first, client, layers.IPProtocolTCP), tc.end),
+					reflag(t, segment(t, macGW, macA, vip, client, layers.IPProtocolTCP), tc.end))
+			}
 			again := to(syn)
 			if again == first {
 				t.Fatalf("a new connection on the closed tuple followed the old flow to the draining %s", first)
@@ -698,9 +683,7 @@ func TestServiceTupleReusedAfterClose(t *testing.T) {
 			// given the VIP: the client's stack resets it directly,
 			// instead of meeting it on the new connection's tuple.
 			// Nor does it end the new flow.
-			late := reflag(t, segment(t, macGW, macA, first, client, layers.IPProtocolTCP), func(tcp *layers.TCP) {
-				tcp.SYN, tcp.FIN, tcp.ACK, tcp.Ack = false, true, true, 1
-			})
+			late := reflag(t, segment(t, macGW, macA, first, client, layers.IPProtocolTCP), fin)
 			wantFrame(t, r.rig, r.ingressA, late, late)
 			if b := to(syn); b != again {
 				t.Fatalf("after the old backend's late FIN, a retransmitted SYN went to %s, the connection's backend is %s", b, again)

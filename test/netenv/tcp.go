@@ -78,16 +78,22 @@ func ServeTCP(tb testing.TB, ns *NS, addr netip.AddrPort, handle func(net.Conn))
 // cause, so errors.Is(err, syscall.ECONNREFUSED) tells a reset from a
 // timeout.
 func DialTCPConn(ns *NS, addr netip.AddrPort, timeout time.Duration) (net.Conn, error) {
-	var c net.Conn
-	err := ns.Do(func() error {
-		var err error
-		c, err = net.DialTimeout("tcp", addr.String(), timeout)
-		return err
-	})
+	c, err := dialIn(ns, &net.Dialer{Timeout: timeout}, addr)
 	if err != nil {
 		return nil, fmt.Errorf("dial %s from %s: %w", addr, ns.Name, err)
 	}
 	return c, nil
+}
+
+// dialIn dials addr with d from inside ns.
+func dialIn(ns *NS, d *net.Dialer, addr netip.AddrPort) (net.Conn, error) {
+	var c net.Conn
+	err := ns.Do(func() error {
+		var err error
+		c, err = d.Dial("tcp", addr.String())
+		return err
+	})
+	return c, err
 }
 
 // DialTCPFrom is DialTCPConn from a source port of the caller's choice
@@ -104,12 +110,7 @@ func DialTCPFrom(ns *NS, port uint16, addr netip.AddrPort, timeout time.Duration
 			}
 			return serr
 		}}
-	var c net.Conn
-	err := ns.Do(func() error {
-		var err error
-		c, err = d.Dial("tcp", addr.String())
-		return err
-	})
+	c, err := dialIn(ns, &d, addr)
 	if err != nil {
 		return nil, fmt.Errorf("dial %s from %s port %d: %w", addr, ns.Name, port, err)
 	}
