@@ -1110,7 +1110,12 @@ __noinline int up_binding_ok(const struct nd_opt_ll *o, const struct up_ip_key *
 	if (mac_eq(o->mac, eth->h_source))
 		return 1; /* the sender's own (not an endpoint's: vetted as one otherwise) */
 	__u32 id = ep_by_mac_on(o->mac, parent);
-	return !id || is_unspecified(addr) || eui64_link_local(addr, o->mac) || owns(id, parent, addr);
+	if (!id || is_unspecified(addr) || eui64_link_local(addr, o->mac))
+		return 1;
+	/* Not owns(): that marks a learnt address used, which only the
+	 * endpoint's own sending may. */
+	struct up_ep_ref *r = ref_by_ip(addr, parent);
+	return r && r->id == id;
 }
 
 /* Is addr an endpoint's (registered, learnt, or its EUI-64 link-local)? */
@@ -1130,8 +1135,13 @@ static __always_inline int redirect4_ok(struct __sk_buff *skb, const struct pkt 
 		__u8 type, code;
 		__u16 csum;
 		__u8 gw[4];
+		__u8 quoted[20]; /* the IPv4 header of what was redirected */
 	} ic;
 	if (!p->first_frag || bpf_skb_load_bytes(skb, p->l4off, &ic, sizeof(ic)) || ic.type != 5)
+		return 1;
+	/* To the destination itself: "it is on-link" (a router's true
+	 * redirect between subnets on one L2), as for IPv6 in nd_vet. */
+	if (ic.gw[0] == ic.quoted[16] && ic.gw[1] == ic.quoted[17] && ic.gw[2] == ic.quoted[18] && ic.gw[3] == ic.quoted[19])
 		return 1;
 	struct up_ip_key gw;
 	map_v4(&gw, ic.gw);

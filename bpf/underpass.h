@@ -231,7 +231,7 @@ struct up_ep_stats {
 /* An address learnt from the endpoint's DAD; learned_ns 0 = free slot. */
 struct up_learned {
 	__u8 addr[16];
-	__u64 learned_ns; /* bpf_ktime_get_ns() */
+	__u64 learned_ns; /* the programs' clock (up_now: CLOCK_MONOTONIC, coarse) */
 };
 
 struct up_ep_addr {

@@ -205,7 +205,7 @@ func addMain(c *Conf, args *skel.CmdArgs, dp *loader.Objects, netns ns.NetNS, ma
 	ep.Mode = c.DatapathMode
 	// The programs go on before the link comes up, so the counters see its
 	// first frame and the spoofing guard is in place before it can send.
-	err = attachEndpoint(dp, netns, &ep, ph, func() error { return configureSlave(args.IfName, ep.Ifindex, result) })
+	err = attachEndpoint(dp, netns, &ep, ph, func() error { return configureSlave(args.IfName, ep.Ifindex, result, c.SlaveMAC != nil) })
 	if err != nil {
 		return nil, err
 	}
@@ -234,24 +234,43 @@ func checkMain(c *Conf, args *skel.CmdArgs, m *loader.Maps, master netlink.Link)
 }
 
 // checkSlaveMAC refuses a MAC asked for that is the parent's own, or a
-// neighbour's the node knows on the parent (its gateway's, say): a slave
-// with it would take that host's frames from its neighbours, and the
-// datapath would take the host for the pod. A wire host the node has not
-// talked to is not known here.
+// router's the node knows on the parent (the gateway of a route through
+// it, or an IPv6 neighbour flagged a router): a slave with it would take
+// the router's frames from its bridged neighbours, and the datapath would
+// take the router for the pod. Not any neighbour's: the node's neighbour
+// table holds the pods too (it reaches them through the parent), and a pod
+// made again with its own MAC must get it back. A wire host that is not
+// the node's router is not known here.
 func checkSlaveMAC(mac net.HardwareAddr, master netlink.Link) error {
 	if mac == nil {
 		return nil
 	}
+	name := master.Attrs().Name
 	if bytes.Equal(mac, master.Attrs().HardwareAddr) {
-		return invalidConf("the MAC asked for, %s, is master %s's own: ask for another", mac, master.Attrs().Name)
+		return invalidConf("the MAC asked for, %s, is master %s's own: ask for another", mac, name)
+	}
+	routes, err := netlink.RouteList(master, netlink.FAMILY_ALL)
+	if err != nil {
+		return fmt.Errorf("list the routes through %s: %w", name, err)
+	}
+	gateways := map[string]bool{}
+	for _, r := range routes {
+		if r.Gw != nil {
+			gateways[r.Gw.String()] = true
+		}
+		for _, nh := range r.MultiPath {
+			if nh.Gw != nil {
+				gateways[nh.Gw.String()] = true
+			}
+		}
 	}
 	neighs, err := netlink.NeighList(master.Attrs().Index, netlink.FAMILY_ALL)
 	if err != nil {
-		return fmt.Errorf("list the neighbours on %s: %w", master.Attrs().Name, err)
+		return fmt.Errorf("list the neighbours on %s: %w", name, err)
 	}
 	for _, n := range neighs {
-		if bytes.Equal(n.HardwareAddr, mac) {
-			return invalidConf("the MAC asked for, %s, is the neighbour %s's on master %s: ask for another", mac, n.IP, master.Attrs().Name)
+		if bytes.Equal(n.HardwareAddr, mac) && (gateways[n.IP.String()] || n.Flags&netlink.NTF_ROUTER != 0) {
+			return invalidConf("the MAC asked for, %s, is the router %s's on master %s: ask for another", mac, n.IP, name)
 		}
 	}
 	return nil
@@ -279,7 +298,7 @@ func addIPAMResult(result *current.Result, call *ipamCall, c *Conf) error {
 
 // configureSlave sets result's addresses and routes on the slave and brings
 // it up; it runs inside the container netns.
-func configureSlave(ifname string, ifindex int, result *current.Result) error {
+func configureSlave(ifname string, ifindex int, result *current.Result, macAsked bool) error {
 	// Announce the addresses at once (the reference macvlan plugin does the
 	// same): neighbours may remember a previous owner's MAC.
 	_, _ = sysctl.Sysctl(fmt.Sprintf("net/ipv4/conf/%s/arp_notify", ifname), "1")
@@ -294,7 +313,8 @@ func configureSlave(ifname string, ifindex int, result *current.Result) error {
 		}
 	}
 	// ipam.ConfigureIface reports the errno as text (%v), not wrapped.
-	if err != nil && (errors.Is(err, unix.EADDRINUSE) || strings.Contains(err.Error(), unix.EADDRINUSE.Error())) {
+	// (ipvlan says the same of an address another slave has.)
+	if macAsked && err != nil && (errors.Is(err, unix.EADDRINUSE) || strings.Contains(err.Error(), unix.EADDRINUSE.Error())) {
 		// macvlan checks a MAC only when the slave comes up: one asked
 		// for (runtimeConfig.mac, CNI_ARGS MAC) that the parent or a
 		// slave underpass does not know has.

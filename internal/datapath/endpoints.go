@@ -214,6 +214,17 @@ func claimID(m *loader.Maps, ep *loader.Endpoint, id uint32) (uint32, error) {
 // writeRefs points the name, the addresses and (macvlan) the MAC of s at
 // endpoint id.
 func writeRefs(m *loader.Maps, s Endpoint, id uint32) error {
+	// Another live endpoint's MAC is refused (evictStaleOwners says
+	// whose) before anything is written; an entry left by an endpoint
+	// that is gone is taken.
+	if s.Mode == loader.ModeMacvlan {
+		k := MACKey(s.MAC, s.ParentIfindex)
+		var other loader.EndpointRef
+		var holder loader.Endpoint
+		if err := m.EpByMac.Lookup(&k, &other); err == nil && other.Id != id && m.Endpoints.Lookup(other.Id, &holder) == nil {
+			return fmt.Errorf("%w: MAC %s belongs to endpoint %d", ErrAddrInUse, s.MAC, other.Id)
+		}
+	}
 	nk := attachKey(s.ContainerID, s.IfName)
 	if err := m.EpNames.Update(&nk, id, ebpf.UpdateAny); err != nil {
 		return fmt.Errorf("register the name of endpoint %d: %w", id, err)
@@ -235,13 +246,6 @@ func writeRefs(m *loader.Maps, s Endpoint, id uint32) error {
 	}
 	if s.Mode == loader.ModeMacvlan {
 		k := MACKey(s.MAC, s.ParentIfindex)
-		// Another live endpoint's MAC is refused (evictStaleOwners says
-		// whose); an entry left by an endpoint that is gone is taken.
-		var other loader.EndpointRef
-		var holder loader.Endpoint
-		if err := m.EpByMac.Lookup(&k, &other); err == nil && other.Id != id && m.Endpoints.Lookup(other.Id, &holder) == nil {
-			return fmt.Errorf("%w: MAC %s belongs to endpoint %d", ErrAddrInUse, s.MAC, other.Id)
-		}
 		if err := m.EpByMac.Update(&k, &ref, ebpf.UpdateAny); err != nil {
 			return fmt.Errorf("register %s: %w", s.MAC, err)
 		}

@@ -499,10 +499,10 @@ func TestEndpointIngressRefusesAdvertisedEndpoints(t *testing.T) {
 		return serialize(t, eth(smac, macA, layers.EthernetTypeIPv6), i6, ic, m)
 	}
 	// An IPv4 redirect from the gateway's address: use gw for what A sent
-	// to ipRemote.
-	redirect4 := func(smac net.HardwareAddr, gw netip.Addr) []byte {
+	// to dst.
+	redirect4 := func(smac net.HardwareAddr, gw, dst netip.Addr) []byte {
 		g := gw.As4()
-		inner := serialize(t, ip4(ipA, ipRemote, layers.IPProtocolUDP), gopacket.Payload(make([]byte, 8)))
+		inner := serialize(t, ip4(ipA, dst, layers.IPProtocolUDP), gopacket.Payload(make([]byte, 8)))
 		return serialize(t, eth(smac, macA, layers.EthernetTypeIPv4), ip4(ipGW, ipA, layers.IPProtocolICMPv4),
 			&layers.ICMPv4{TypeCode: layers.CreateICMPv4TypeCode(layers.ICMPv4TypeRedirect, 1),
 				Id: uint16(g[0])<<8 | uint16(g[1]), Seq: uint16(g[2])<<8 | uint16(g[3])}, gopacket.Payload(inner))
@@ -526,7 +526,7 @@ func TestEndpointIngressRefusesAdvertisedEndpoints(t *testing.T) {
 		{"RS from a made-up MAC with B's MAC", rs(madeUp, macB), loader.DropSpoofedSource},
 		{"RA from B's link-local, no link-layer option", raFrom(madeUp, linkLocalB, nil, 2), loader.DropSpoofedSource},
 		{"IPv6 redirect to B as a router", redirect6(madeUp, linkLocalB, ipRemote6, madeUp), loader.DropSpoofedSource},
-		{"IPv4 redirect to B as the gateway", redirect4(madeUp, ipB), loader.DropSpoofedSource},
+		{"IPv4 redirect to B as the gateway", redirect4(madeUp, ipB, ipRemote), loader.DropSpoofedSource},
 		{"ARP for IEEE 802 hardware with B's MAC", arp802, loader.DropUnvetted},
 		{"an 802.1Q-tagged frame (a priority tag inside one)", vlanTagged(t, madeUp, macA, ipGW, ipA), loader.DropUnvetted},
 		{"NA with B's MAC behind 5 extension headers", behindExtHeaders(t, neighborAdvertFrom(t, madeUp, linkLocalGW, linkLocalGW, macB), 5), loader.DropUnvetted},
@@ -540,7 +540,8 @@ func TestEndpointIngressRefusesAdvertisedEndpoints(t *testing.T) {
 		// "B is on-link" redirect, a proxy's NA for B.
 		{"the router's redirect: B is on-link", redirect6(macGW, linkLocalB, linkLocalB, macB), loader.DropMax},
 		{"a proxy's NA for B with B's MAC", neighborAdvertFrom(t, macGW, linkLocalGW, linkLocalB, macB), loader.DropMax},
-		{"the gateway's IPv4 redirect to another router", redirect4(macGW, ipRemote), loader.DropMax},
+		{"the gateway's IPv4 redirect to another router", redirect4(macGW, ipRemote, netip.MustParseAddr("203.0.113.9")), loader.DropMax},
+		{"the router's IPv4 redirect: B is on-link", redirect4(macGW, ipB, ipB), loader.DropMax},
 		{"the node's NS", ns(macParent, macParent, ipHost6, ipA6), loader.DropMax},
 		{"TCP from the wire", tcpSYN(t, macGW, macA, ipRemote, ipA, "S"), loader.DropMax},
 		{"an NA behind 2 extension headers", behindExtHeaders(t, neighborAdvertFrom(t, macGW, linkLocalGW, linkLocalGW, macGW), 2), loader.DropMax},

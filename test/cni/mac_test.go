@@ -71,9 +71,9 @@ func TestRequestedMAC(t *testing.T) {
 	netenv.MustPing(t, h.env.Node, a.ip4, 2)
 	netenv.MustPing(t, b.ns, a.ip4, 2)
 
-	// MACs a slave must not have: the parent's own, and a neighbour's the
-	// node knows on the parent (the gateway's): refused before anything
-	// is made.
+	// MACs a slave must not have: the parent's own, and a router's the
+	// node knows on the parent (the gateway of its default route):
+	// refused before anything is made.
 	netenv.MustPing(t, h.env.Node, u.Gateway4, 1)
 	for i, tc := range []struct {
 		name string
@@ -81,7 +81,7 @@ func TestRequestedMAC(t *testing.T) {
 		want string
 	}{
 		{"the parent's MAC", u.MAC, "is master " + u.Name + "'s own"},
-		{"the gateway's MAC", u.GatewayMAC, "is the neighbour " + u.Gateway4.String() + "'s"},
+		{"the gateway's MAC", u.GatewayMAC, "is the router " + u.Gateway4.String() + "'s"},
 	} {
 		d := h.newPod(fmt.Sprintf("d%d", i))
 		d.capArgs = map[string]any{"mac": tc.mac.String()}
@@ -107,7 +107,18 @@ func TestRequestedMAC(t *testing.T) {
 		t.Errorf("pod e got the MAC of its CNI_ARGS on a network without the mac capability")
 	}
 	h.del(plain, e)
+
+	// A pod made again with its own MAC gets it back, though the node's
+	// neighbour table still has the old pod (the node pinged it above).
 	h.del(l, a)
+	a2 := h.newPod("a2")
+	a2.capArgs = map[string]any{"mac": byCap.String()}
+	h.add(l, a2)
+	if a2.mac.String() != byCap.String() {
+		t.Errorf("pod a2 got %s, want a's MAC %s again", a2.mac, byCap)
+	}
+	netenv.MustPing(t, h.env.Node, a2.ip4, 2)
+	h.del(l, a2)
 	h.del(l, b)
-	h.assertNoLeak(t, nil, a.ns, b.ns, c.ns, e.ns)
+	h.assertNoLeak(t, nil, a.ns, b.ns, c.ns, e.ns, a2.ns)
 }
