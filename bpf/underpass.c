@@ -839,12 +839,15 @@ static __always_inline __u64 up_now(void)
 	return bpf_ktime_get_coarse_ns();
 }
 
-/* Nanoseconds from then to now, 0 when then is later: a stamp from the
- * fine clock (programs before December 2026, kept in pinned maps across
- * an upgrade) can be up to a tick ahead of the coarse one. */
+/* Nanoseconds from then to now, 0 when then is up to a second later: a
+ * stamp from the fine clock (programs before December 2026, kept in pinned
+ * maps across an upgrade) can be up to a tick ahead of the coarse one.
+ * Otherwise the difference modulo 2^64, as a plain subtraction: a stamp
+ * set back past zero (a test ageing a flow soon after boot) still ages. */
 static __always_inline __u64 since(__u64 now, __u64 then)
 {
-	return now > then ? now - then : 0;
+	__u64 d = now - then;
+	return d > (__u64)-1000000000LL ? 0 : d;
 }
 
 /* Learnt addresses remember when they were last used as a source, so that
