@@ -891,11 +891,20 @@ static __always_inline __u32 eui64_owner(const struct up_ip_key *a, __u32 parent
 	return ep_by_mac_on(mac, parent_ifindex);
 }
 
-/* Is addr one of endpoint id's own (registered or learnt) on its parent? */
-static __always_inline int owns(__u32 id, __u32 parent_ifindex, const struct up_ip_key *addr)
+/* The ref of addr if it is one of endpoint id's own (registered or learnt)
+ * on its parent, else NULL. Only looks: see owns(). */
+static __always_inline struct up_ep_ref *own_ref(__u32 id, __u32 parent_ifindex, const struct up_ip_key *addr)
 {
 	struct up_ep_ref *r = ref_by_ip(addr, parent_ifindex);
-	if (!r || r->id != id)
+	return r && r->id == id ? r : NULL;
+}
+
+/* Is addr one of endpoint id's own? For the endpoint's own sending, which
+ * marks a learnt address used (touch). */
+static __always_inline int owns(__u32 id, __u32 parent_ifindex, const struct up_ip_key *addr)
+{
+	struct up_ep_ref *r = own_ref(id, parent_ifindex, addr);
+	if (!r)
 		return 0;
 	touch(r);
 	return 1;
@@ -1117,8 +1126,7 @@ __noinline int up_binding_ok(const struct nd_opt_ll *o, const struct up_ip_key *
 		return 1;
 	/* Not owns(): that marks a learnt address used, which only the
 	 * endpoint's own sending may. */
-	struct up_ep_ref *r = ref_by_ip(addr, parent);
-	return r && r->id == id;
+	return own_ref(id, parent, addr) != NULL;
 }
 
 /* Is addr an endpoint's (registered, learnt, or its EUI-64 link-local)? */

@@ -57,11 +57,11 @@ func add(args *skel.CmdArgs) (err error) {
 	if err != nil {
 		return err
 	}
-	podName, podNamespace, err := parsePodArgs(args.Args)
+	cargs, err := parseCNIArgs(args.Args)
 	if err != nil {
 		return err
 	}
-	if err := c.applyMACArg(args.Args); err != nil {
+	if err := c.applyMACArg(cargs.MAC); err != nil {
 		return err
 	}
 	// What only the user can fix is reported before what goes away by
@@ -104,7 +104,7 @@ func add(args *skel.CmdArgs) (err error) {
 	}
 	defer netns.Close()
 
-	base := datapath.Endpoint{ContainerID: args.ContainerID, IfName: args.IfName, Netns: args.Netns, PodName: podName, PodNamespace: podNamespace, Network: c.Name}
+	base := datapath.Endpoint{ContainerID: args.ContainerID, IfName: args.IfName, Netns: args.Netns, PodName: cargs.PodName, PodNamespace: cargs.PodNamespace, Network: c.Name}
 	var result types.Result
 	if c.Chained {
 		result, err = addChained(c, dp, netns, base, ph)

@@ -11,7 +11,7 @@ import (
 )
 
 // podArgsShape is what types.LoadArgs decides about CNI_ARGS before
-// parsePodArgs looks at the values: ok is false when it refuses the string
+// parseCNIArgs looks at the values: ok is false when it refuses the string
 // (a pair without exactly one '=', an IgnoreUnknown that is not a boolean, a
 // key naming a non-text field, unknown keys after IgnoreUnknown=0). The last
 // K8S_POD_NAME and K8S_POD_NAMESPACE win.
@@ -19,7 +19,7 @@ func podArgsShape(s string) (name, namespace string, ok bool) {
 	if s == "" {
 		return "", "", true
 	}
-	ignoreUnknown, unknown := true, false // parsePodArgs presets IgnoreUnknown
+	ignoreUnknown, unknown := true, false // parseCNIArgs presets IgnoreUnknown
 	for _, pair := range strings.Split(s, ";") {
 		kv := strings.Split(pair, "=")
 		if len(kv) != 2 {
@@ -30,6 +30,7 @@ func podArgsShape(s string) (name, namespace string, ok bool) {
 			name = kv[1]
 		case "K8S_POD_NAMESPACE":
 			namespace = kv[1]
+		case "MAC": // read, checked only where used (applyMACArg)
 		case "IgnoreUnknown":
 			switch strings.ToLower(kv[1]) {
 			case "1", "true":
@@ -59,35 +60,36 @@ func broken(s string) bool {
 	return !utf8.ValidString(s) || strings.ContainsFunc(s, unicode.IsControl)
 }
 
-// checkPodArgs runs parsePodArgs on s and checks it against the model:
+// checkPodArgs runs parseCNIArgs on s and checks it against the model:
 // refused shapes and broken values fail with a CNI error 4 naming CNI_ARGS,
 // printable ASCII values come back exactly. Other printable Unicode may go
 // either way, but never comes back altered.
 func checkPodArgs(t *testing.T, s string) {
 	t.Helper()
-	name, namespace, err := parsePodArgs(s)
+	a, err := parseCNIArgs(s)
+	name, namespace := a.PodName, a.PodNamespace
 	wantName, wantNamespace, shapeOK := podArgsShape(s)
 	if err != nil {
 		var te *types.Error
 		if !errors.As(err, &te) || te.Code != types.ErrInvalidEnvironmentVariables || !strings.HasPrefix(te.Msg, "CNI_ARGS: ") {
-			t.Fatalf("parsePodArgs(%q): %v is not a CNI error 4 about CNI_ARGS", s, err)
+			t.Fatalf("parseCNIArgs(%q): %v is not a CNI error 4 about CNI_ARGS", s, err)
 		}
 		if name != "" || namespace != "" {
-			t.Fatalf("parsePodArgs(%q) failed but returned %q, %q", s, name, namespace)
+			t.Fatalf("parseCNIArgs(%q) failed but returned %q, %q", s, name, namespace)
 		}
 		if shapeOK && printableASCII(wantName) && printableASCII(wantNamespace) {
-			t.Fatalf("parsePodArgs(%q) refused a well-formed CNI_ARGS: %v", s, err)
+			t.Fatalf("parseCNIArgs(%q) refused a well-formed CNI_ARGS: %v", s, err)
 		}
 		return
 	}
 	if !shapeOK {
-		t.Fatalf("parsePodArgs(%q) accepted what LoadArgs refuses: %q, %q", s, name, namespace)
+		t.Fatalf("parseCNIArgs(%q) accepted what LoadArgs refuses: %q, %q", s, name, namespace)
 	}
 	if broken(name) || broken(namespace) {
-		t.Fatalf("parsePodArgs(%q) accepted control characters or invalid UTF-8: %q, %q", s, name, namespace)
+		t.Fatalf("parseCNIArgs(%q) accepted control characters or invalid UTF-8: %q, %q", s, name, namespace)
 	}
 	if name != wantName || namespace != wantNamespace {
-		t.Fatalf("parsePodArgs(%q) = %q, %q; want %q, %q", s, name, namespace, wantName, wantNamespace)
+		t.Fatalf("parseCNIArgs(%q) = %q, %q; want %q, %q", s, name, namespace, wantName, wantNamespace)
 	}
 }
 
@@ -112,8 +114,8 @@ func FuzzParsePodArgs(f *testing.F) {
 		s := "IgnoreUnknown=1;K8S_POD_NAMESPACE=" + namespace + ";K8S_POD_NAME=" + name + ";K8S_POD_INFRA_CONTAINER_ID=abc;K8S_POD_UID=u"
 		checkPodArgs(t, s)
 		if printableASCII(name) && printableASCII(namespace) {
-			if got, gotNS, err := parsePodArgs(s); err != nil || got != name || gotNS != namespace {
-				t.Fatalf("pod %q/%q came back as %q/%q, %v", namespace, name, gotNS, got, err)
+			if a, err := parseCNIArgs(s); err != nil || a.PodName != name || a.PodNamespace != namespace {
+				t.Fatalf("pod %q/%q came back as %q/%q, %v", namespace, name, a.PodNamespace, a.PodName, err)
 			}
 		}
 	})
@@ -140,6 +142,7 @@ func TestParsePodArgsHostile(t *testing.T) {
 		{"invalid UTF-8", "K8S_POD_NAMESPACE=\xff\xfe", "invalid UTF-8", "", ""},
 		{"IgnoreUnknown not a boolean", "IgnoreUnknown=maybe;K8S_POD_NAME=web-0", "maybe", "", ""},
 		{"IgnoreUnknown=0 with other keys", "IgnoreUnknown=0;K8S_POD_NAME=web-0;K8S_POD_UID=u", "unknown args", "", ""},
+		{"IgnoreUnknown=0 with a MAC: a known key", "IgnoreUnknown=0;K8S_POD_NAME=web-0;MAC=02:00:00:00:00:01", "", "web-0", ""},
 		{"a key naming a struct", "CommonArgs=x", "CommonArgs", "", ""},
 		// Accepted, as the code documents:
 		{"empty", "", "", "", ""},
@@ -151,7 +154,8 @@ func TestParsePodArgsHostile(t *testing.T) {
 		{"over-long value: kept, cut in the registry", "K8S_POD_NAME=" + long, "", long, ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			pod, podNS, err := parsePodArgs(tc.args)
+			a, err := parseCNIArgs(tc.args)
+			pod, podNS := a.PodName, a.PodNamespace
 			if tc.errText != "" {
 				var te *types.Error
 				if !errors.As(err, &te) || te.Code != types.ErrInvalidEnvironmentVariables {

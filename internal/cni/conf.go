@@ -150,8 +150,8 @@ func ParseConf(stdin []byte) (*Conf, error) {
 		}
 		c.SlaveMAC = hw
 	}
-	if c.SlaveMAC != nil && c.Kind == ModeIPvlan {
-		return nil, invalidConf("%s", ipvlanMAC)
+	if err := c.checkMACKind(); err != nil {
+		return nil, err
 	}
 	// 68 is the IPv4 minimum; anything above 65535 no NIC carries.
 	if c.MTU != 0 && (c.MTU < 68 || c.MTU > 65535) {
@@ -338,25 +338,13 @@ func parseSlaveMAC(s string) (net.HardwareAddr, error) {
 	return hw, nil
 }
 
-// macArg is CNI_ARGS MAC, as the reference macvlan plugin reads it; nil
-// when it is not there.
-func macArg(s string) (net.HardwareAddr, error) {
-	a := struct {
-		types.CommonArgs
-		MAC types.UnmarshallableString
-	}{}
-	a.IgnoreUnknown = true
-	if err := types.LoadArgs(s, &a); err != nil {
-		return nil, types.NewError(types.ErrInvalidEnvironmentVariables, fmt.Sprintf("CNI_ARGS: %v", err), "")
+// checkMACKind refuses a MAC asked for an ipvlan slave, whichever source
+// asked.
+func (c *Conf) checkMACKind() error {
+	if c.SlaveMAC != nil && c.Kind == ModeIPvlan {
+		return invalidConf("%s", ipvlanMAC)
 	}
-	if a.MAC == "" {
-		return nil, nil
-	}
-	hw, err := parseSlaveMAC(string(a.MAC))
-	if err != nil {
-		return nil, types.NewError(types.ErrInvalidEnvironmentVariables, fmt.Sprintf("CNI_ARGS: MAC=%q: %v", a.MAC, err), "")
-	}
-	return hw, nil
+	return nil
 }
 
 // applyMACArg applies CNI_ARGS MAC (main mode), unless runtimeConfig.mac,
@@ -366,45 +354,46 @@ func macArg(s string) (net.HardwareAddr, error) {
 // and a pod author that picks a wire host's MAC (the gateway's) takes its
 // neighbours' traffic to it; the capability is the network admin's
 // consent.
-func (c *Conf) applyMACArg(args string) error {
-	if c.Chained || c.RuntimeConfig.MAC != "" || !c.Capabilities["mac"] {
+func (c *Conf) applyMACArg(mac string) error {
+	if c.Chained || c.RuntimeConfig.MAC != "" || !c.Capabilities["mac"] || mac == "" {
 		return nil
 	}
-	hw, err := macArg(args)
-	if err != nil || hw == nil {
-		return err
-	}
-	if c.Kind == ModeIPvlan {
-		return invalidConf("%s", ipvlanMAC)
+	hw, err := parseSlaveMAC(mac)
+	if err != nil {
+		return types.NewError(types.ErrInvalidEnvironmentVariables, fmt.Sprintf("CNI_ARGS: MAC=%q: %v", mac, err), "")
 	}
 	c.SlaveMAC = hw
-	return nil
+	return c.checkMACKind()
 }
 
-// podArgs are the CNI_ARGS keys the plugin reads; the rest are ignored.
-type podArgs struct {
-	types.CommonArgs
-	K8S_POD_NAME      types.UnmarshallableString //nolint:revive,stylecheck // the CNI_ARGS key
-	K8S_POD_NAMESPACE types.UnmarshallableString //nolint:revive,stylecheck // the CNI_ARGS key
+// cniArgs are what the plugin reads from CNI_ARGS; the rest is ignored.
+type cniArgs struct {
+	PodName, PodNamespace string
+	MAC                   string // as given: applyMACArg checks it where it is used
 }
 
-// parsePodArgs reads the pod name and namespace from CNI_ARGS.
-func parsePodArgs(s string) (name, namespace string, err error) {
-	a := podArgs{}
+// parseCNIArgs reads CNI_ARGS once for ADD.
+func parseCNIArgs(s string) (cniArgs, error) {
+	a := struct {
+		types.CommonArgs
+		K8S_POD_NAME      types.UnmarshallableString //nolint:revive,stylecheck // the CNI_ARGS key
+		K8S_POD_NAMESPACE types.UnmarshallableString //nolint:revive,stylecheck // the CNI_ARGS key
+		MAC               types.UnmarshallableString // the reference macvlan plugin's key
+	}{}
 	a.IgnoreUnknown = true // runtimes pass keys for other plugins too
 	if err := types.LoadArgs(s, &a); err != nil {
-		return "", "", types.NewError(types.ErrInvalidEnvironmentVariables, fmt.Sprintf("CNI_ARGS: %v", err), "")
+		return cniArgs{}, types.NewError(types.ErrInvalidEnvironmentVariables, fmt.Sprintf("CNI_ARGS: %v", err), "")
 	}
-	name, namespace = string(a.K8S_POD_NAME), string(a.K8S_POD_NAMESPACE)
+	out := cniArgs{PodName: string(a.K8S_POD_NAME), PodNamespace: string(a.K8S_POD_NAMESPACE), MAC: string(a.MAC)}
 	// They become metric labels and registry strings: Kubernetes names are
 	// printable ASCII, so anything else is a broken runtime. Long names are
 	// kept, truncated in the registry (127 bytes for the name).
-	for _, kv := range [][2]string{{"K8S_POD_NAME", name}, {"K8S_POD_NAMESPACE", namespace}} {
+	for _, kv := range [][2]string{{"K8S_POD_NAME", out.PodName}, {"K8S_POD_NAMESPACE", out.PodNamespace}} {
 		if !utf8.ValidString(kv[1]) || strings.ContainsFunc(kv[1], unicode.IsControl) {
-			return "", "", types.NewError(types.ErrInvalidEnvironmentVariables, fmt.Sprintf("CNI_ARGS: %s=%q has control characters or invalid UTF-8", kv[0], kv[1]), "")
+			return cniArgs{}, types.NewError(types.ErrInvalidEnvironmentVariables, fmt.Sprintf("CNI_ARGS: %s=%q has control characters or invalid UTF-8", kv[0], kv[1]), "")
 		}
 	}
-	return name, namespace, nil
+	return out, nil
 }
 
 func invalidConf(format string, args ...any) *types.Error {

@@ -65,12 +65,12 @@ func TestIPAMSubnets(t *testing.T) {
 	}
 }
 
-func TestParsePodArgs(t *testing.T) {
-	name, ns, err := parsePodArgs("K8S_POD_NAMESPACE=kube-system;K8S_POD_NAME=coredns-1;K8S_POD_UID=u;FOO=bar")
-	if err != nil || name != "coredns-1" || ns != "kube-system" {
-		t.Fatalf("%q %q %v", name, ns, err)
+func TestParseCNIArgs(t *testing.T) {
+	a, err := parseCNIArgs("K8S_POD_NAMESPACE=kube-system;K8S_POD_NAME=coredns-1;K8S_POD_UID=u;FOO=bar;MAC=02:00:00:00:00:01")
+	if err != nil || a.PodName != "coredns-1" || a.PodNamespace != "kube-system" || a.MAC != "02:00:00:00:00:01" {
+		t.Fatalf("%+v %v", a, err)
 	}
-	if _, _, err := parsePodArgs("garbage"); err == nil {
+	if _, err := parseCNIArgs("garbage"); err == nil {
 		t.Fatal("malformed CNI_ARGS accepted")
 	}
 }
@@ -207,7 +207,10 @@ func TestSlaveMAC(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			c, err := ParseConf([]byte(tc.conf))
 			if err == nil {
-				err = c.applyMACArg(tc.args)
+				var a cniArgs
+				if a, err = parseCNIArgs(tc.args); err == nil {
+					err = c.applyMACArg(a.MAC)
+				}
 			}
 			if !wantCode(t, err, tc.code, tc.msg) {
 				return
