@@ -112,6 +112,15 @@ UP_MAP(svc_flows, LRU_HASH, 65536, struct up_flow_key, __u64);
  * new one: Cilium's default for non-TCP flows; conntrack's is 30 s, 120 s
  * for a stream. */
 #define SVC_UDP_IDLE_NS (60ULL * 1000000000ULL)
+/* How long an open TCP flow idle holds its tuple at the backend against
+ * another VIP's new flow (tuple_free): Linux's keepalive time, after
+ * which a live connection that uses keepalives has sent one; the flow of a
+ * connection whose end was never seen must not hold the tuple for ever.
+ * UDP and SCTP hold it while not idle (SVC_UDP_IDLE_NS; an SCTP
+ * association sends heartbeats every 30 s). */
+#define SVC_TCP_HOLD_NS (7200ULL * 1000000000ULL)
+/* How many backends a new flow tries when its tuple is taken. */
+#define SVC_TUPLE_TRIES 4
 
 UP_MAP_NOPREALLOC(svc_frontends, HASH, MAX_SERVICES, struct up_svc_key, struct up_svc);
 
@@ -1600,7 +1609,7 @@ int uplink_egress(struct __sk_buff *skb)
  * the backend sees who called. The reply is given the VIP back in the
  * client's ingress program (svc_rev). Nothing goes through the host. */
 
-enum { XLATE_NONE = 0, XLATE_DONE = 1, XLATE_STALE = 2, XLATE_FAILED = -1 };
+enum { XLATE_NONE = 0, XLATE_DONE = 1, XLATE_STALE = 2, XLATE_TUPLE_IN_USE = 3, XLATE_FAILED = -1 };
 
 static __always_inline void svc_count(__u32 stat, __u32 len)
 {
@@ -1778,6 +1787,43 @@ static __always_inline __u32 pick_backend(const struct up_svc *svc, const __u8 *
 	return bid;
 }
 
+/* Is the tuple client:port -> b free for the new flow ck? Not if another
+ * live translated flow has it: one from the same client port through
+ * another VIP or VIP port to the same backend. Two Services with the same
+ * backends, or one Service's two ports with one target port, make that
+ * happen by chance: Linux keeps a source port unique per destination, and
+ * the destinations are the VIPs. The backend sees one tuple, so the second
+ * connection cannot work, and with its reply entry written over the first
+ * one's replies would come from the wrong VIP and be reset. conntrack's
+ * DNAT cannot take another tuple either and drops such a flow
+ * (insert_failed); up_svc_repick takes another backend when there is one.
+ * ck is borrowed as the other flow's key and given back: up_svc_xlate, which
+ * inlines this, has no stack for another key. */
+static __always_inline int tuple_free(struct up_ct_key *ck, const struct up_backend *b, __u64 now)
+{
+	struct up_rev *rv;
+	__u8 vip[16];
+	{
+		struct up_rev_key rk = {.backend_port = b->port, .client_port = ck->client_port, .l4proto = ck->l4proto};
+		__builtin_memcpy(rk.backend, b->addr, 16);
+		__builtin_memcpy(rk.client, ck->client, 16);
+		rv = bpf_map_lookup_elem(&svc_rev, &rk);
+	}
+	if (!rv || (rv->vport == ck->vport && addr_eq(rv->vip, ck->vip)))
+		return 1; /* nobody's, or this flow's own */
+	__u16 vport = ck->vport;
+	__builtin_memcpy(vip, ck->vip, 16);
+	ck->vport = rv->vport;
+	__builtin_memcpy(ck->vip, rv->vip, 16);
+	struct up_ct *ct = bpf_map_lookup_elem(&svc_ct, ck);
+	ck->vport = vport;
+	__builtin_memcpy(ck->vip, vip, 16);
+	/* The other flow is gone, went to another backend since, or ended. */
+	if (!ct || ct->port != b->port || !addr_eq(ct->addr, b->addr) || (ct->flags & UP_CT_CLOSED))
+		return 1;
+	return since(now, ct->seen_ns) > (ck->l4proto == IPPROTO_TCP ? SVC_TCP_HOLD_NS : SVC_UDP_IDLE_NS);
+}
+
 static __always_inline void frag_key(struct up_frag_key *k, const struct pkt *p, __u8 reply)
 {
 	__builtin_memset(k, 0, sizeof(*k));
@@ -1887,10 +1933,82 @@ static __always_inline void mark_closed(struct up_ct *ct)
 		ct->flags |= UP_CT_CLOSED;
 }
 
+/* up_svc_repick starts the flow up_svc_xlate could not (XLATE_TUPLE_IN_USE:
+ * the backend it picked has the flow's tuple in use, see tuple_free) on a
+ * backend whose tuple is free, from a random slot on, never the client
+ * itself, trying SVC_TUPLE_TRIES: the flow and its reply entry are written,
+ * and up_svc_xlate, run again, translates the frame on it. 1 when written,
+ * 0 when none is free (the frame is dropped: the client retries, as when
+ * conntrack drops it). Rare, so a global function of its own: the common
+ * path carries none of its stack. */
+__noinline int up_svc_repick(struct __sk_buff *skb, const struct pkt *p)
+{
+	if (!skb || !p)
+		return 0;
+	__u16 sport, dport;
+	__u8 tflags;
+	if (l4_head(skb, p, &sport, &dport, &tflags))
+		return 0;
+	__u8 l4 = p->l4proto;
+	struct up_svc_key sk = {.port = dport, .l4proto = l4};
+	__builtin_memcpy(sk.addr, p->daddr.addr, 16);
+	struct up_svc *found = bpf_map_lookup_elem(&svc_frontends, &sk);
+	if (!found)
+		return 0;
+	struct up_svc svc = *found;
+	__u32 sid = svc.id;
+	struct up_svc_counters *sc = bpf_map_lookup_elem(&svc_counters, &sid);
+	__u16 count = svc.count;
+	if (!count)
+		return 0;
+	struct up_ct_key ck = {.client_port = sport, .vport = dport, .l4proto = l4};
+	__builtin_memcpy(ck.client, p->saddr.addr, 16);
+	__builtin_memcpy(ck.vip, p->daddr.addr, 16);
+	__u64 now = up_now();
+	__u16 slot = bpf_get_prandom_u32() % count;
+	struct up_backend b;
+	__u32 bid = 0;
+#pragma clang loop unroll(disable)
+	for (int i = 0; i < SVC_TUPLE_TRIES && i < count; i++) {
+		struct up_slot_key k = {.svc_id = svc.id, .slot = slot, .rev = svc.rev};
+		slot = (slot + 1) % count;
+		__u32 *id = bpf_map_lookup_elem(&svc_slots, &k);
+		struct up_backend *be = id ? bpf_map_lookup_elem(&svc_backends, id) : 0;
+		if (!be)
+			break;
+		b = *be;
+		if (!addr_eq(b.addr, ck.client) && tuple_free(&ck, &b, now)) {
+			bid = *id;
+			break;
+		}
+	}
+	if (!bid) {
+		if (sc)
+			sc->failures++;
+		return 0;
+	}
+	struct up_ct nct = {.backend_id = bid, .svc_id = sid, .seen_ns = now, .port = b.port, .gen = svc.gen};
+	__builtin_memcpy(nct.addr, b.addr, 16);
+	if (bpf_map_update_elem(&svc_ct, &ck, &nct, BPF_ANY))
+		return 0;
+	struct up_rev_key rk = {.backend_port = b.port, .client_port = sport, .l4proto = l4};
+	__builtin_memcpy(rk.backend, b.addr, 16);
+	__builtin_memcpy(rk.client, p->saddr.addr, 16);
+	struct up_rev rv = {.vport = dport, .svc_id = sid};
+	__builtin_memcpy(rv.vip, p->daddr.addr, 16);
+	bpf_map_update_elem(&svc_rev, &rk, &rv, BPF_ANY);
+	svc_count(UP_SVC_STAT_NEW_FLOWS, skb->len);
+	if (sc)
+		sc->flows++;
+	return 1;
+}
+
 /* up_svc_xlate translates a pod's frame to a Service in svc_frontends.
  * XLATE_NONE: not one (or left to the host path), XLATE_DONE: sent to a
- * backend, XLATE_STALE: the Service has no backend, XLATE_FAILED: a rewrite
- * failed half-way (drop). A global function, verified once. */
+ * backend, XLATE_STALE: the Service has no backend, XLATE_TUPLE_IN_USE: the
+ * backend a new flow picked has its tuple in use (tuple_free; nothing
+ * written: see up_svc_repick), XLATE_FAILED: a rewrite failed half-way
+ * (drop). A global function, verified once. */
 __noinline int up_svc_xlate(struct __sk_buff *skb, const struct pkt *p, __u32 parent_ifindex, __u32 mode)
 {
 	if (!skb || !p)
@@ -2021,6 +2139,10 @@ __noinline int up_svc_xlate(struct __sk_buff *skb, const struct pkt *p, __u32 pa
 				return XLATE_NONE;
 			}
 			b = *be;
+			/* Taken: up_svc_repick looks further (this stack has
+			 * no room for it), and the flow is translated again. */
+			if (!tuple_free(&ck, &b, now))
+				return XLATE_TUPLE_IN_USE;
 		}
 		if (l4 == IPPROTO_SCTP && b.port != dport) {
 			svc_count(UP_SVC_STAT_UNTRANSLATABLE, len);
@@ -2305,10 +2427,12 @@ int ep_egress_body(struct __sk_buff *skb)
 	struct up_config *cfg = get_config();
 	if (svc_ebpf(cfg) && p.proto != ETH_P_ARP) {
 		int x = up_svc_xlate(skb, &p, ep->parent_ifindex, ep->mode);
+		if (x == XLATE_TUPLE_IN_USE && up_svc_repick(skb, &p))
+			x = up_svc_xlate(skb, &p, ep->parent_ifindex, ep->mode);
 		if (x == XLATE_STALE)
 			return handle_stale(skb, cfg, &p, id);
-		if (x == XLATE_FAILED) {
-			count_drop(UP_DROP_SVC_XLATE_FAILED, id, len);
+		if (x == XLATE_FAILED || x == XLATE_TUPLE_IN_USE) {
+			count_drop(x == XLATE_FAILED ? UP_DROP_SVC_XLATE_FAILED : UP_DROP_SVC_TUPLE_IN_USE, id, len);
 			return TC_ACT_SHOT;
 		}
 	}

@@ -185,7 +185,11 @@ enum up_drop_reason {
 	/* services.mode: ebpf could not rewrite a frame it had begun to
 	 * translate (a helper failed): dropped rather than sent half-rewritten. */
 	UP_DROP_SVC_XLATE_FAILED = 6,
-	UP_DROP_MAX = 7,
+	/* services.mode: ebpf: a new flow whose tuple at every backend tried
+	 * (client address and port to backend address and port) is another
+	 * live flow's, through another VIP or VIP port (tuple_free). */
+	UP_DROP_SVC_TUPLE_IN_USE = 7,
+	UP_DROP_MAX = 8,
 	UP_DROP_SLOTS = 8, /* array sizes: room for reasons without a layout change */
 };
 

@@ -98,7 +98,8 @@ const (
 	bpfUpDropReasonUP_DROP_UNVETTED         bpfUpDropReason = 4
 	bpfUpDropReasonUP_DROP_ROUTED           bpfUpDropReason = 5
 	bpfUpDropReasonUP_DROP_SVC_XLATE_FAILED bpfUpDropReason = 6
-	bpfUpDropReasonUP_DROP_MAX              bpfUpDropReason = 7
+	bpfUpDropReasonUP_DROP_SVC_TUPLE_IN_USE bpfUpDropReason = 7
+	bpfUpDropReasonUP_DROP_MAX              bpfUpDropReason = 8
 	bpfUpDropReasonUP_DROP_SLOTS            bpfUpDropReason = 8
 )
 

@@ -1215,3 +1215,91 @@ func TestServiceHostBackendWithHostReachabilityOff(t *testing.T) {
 		t.Errorf("host_unreachable drops moved by %d, want 1 (the direct frame only)", d)
 	}
 }
+
+// Two Services with the same backend, and a client port that comes round
+// for both (Linux keeps a source port unique per destination, and the
+// destinations are the VIPs): the backend would see both connections on
+// one tuple. A new flow whose tuple is another live flow's takes another
+// backend; with none free it is dropped (service_tuple_in_use), as
+// conntrack drops it; either way the first flow's replies keep their VIP.
+// The tuple is free again once the first flow ended (FIN or RST seen), is
+// gone, or is idle past its hold (UDP: 60 s, TCP: 2 h).
+func TestServiceTupleInUseThroughAnotherVIP(t *testing.T) {
+	b, c := netip.AddrPortFrom(wireBack4, 8080), netip.AddrPortFrom(netip.MustParseAddr("198.51.100.21"), 8080)
+	vip1, vip2 := netip.AddrPortFrom(vipSvc, 80), netip.AddrPortFrom(netip.MustParseAddr("10.96.7.8"), 80)
+	front := func(vip netip.AddrPort, proto uint8, backs ...netip.AddrPort) datapath.Frontend {
+		return datapath.Frontend{VIP: vip.Addr(), Port: vip.Port(), Proto: proto, Backends: backs}
+	}
+	for _, proto := range []layers.IPProtocol{layers.IPProtocolTCP, layers.IPProtocolUDP} {
+		dp := map[layers.IPProtocol]uint8{layers.IPProtocolTCP: datapath.ProtoTCP, layers.IPProtocolUDP: datapath.ProtoUDP}[proto]
+		t.Run(proto.String()+"/another backend", func(t *testing.T) {
+			r := newSvcRig(t, front(vip1, dp, b), front(vip2, dp, b, c))
+			// Each port: a flow to vip1 (on b), then one to vip2, which
+			// must take c; on the old program half went to b.
+			for port := uint16(41000); port < 41020; port++ {
+				client := netip.AddrPortFrom(ipA, port)
+				wantFrame(t, r.rig, r.egressA, segment(t, macA, macGW, client, vip1, proto), segment(t, macA, macGW, client, b, proto))
+				wantFrame(t, r.rig, r.egressA, segment(t, macA, macGW, client, vip2, proto), segment(t, macA, macGW, client, c, proto))
+				wantFrame(t, r.rig, r.egressA, segment(t, macA, macGW, client, vip2, proto), segment(t, macA, macGW, client, c, proto))
+				wantFrame(t, r.rig, r.ingressA, segment(t, macGW, macA, b, client, proto), segment(t, macGW, macA, vip1, client, proto))
+				wantFrame(t, r.rig, r.ingressA, segment(t, macGW, macA, c, client, proto), segment(t, macGW, macA, vip2, client, proto))
+			}
+			if n := r.svcStat(t, loader.SvcStatNewFlows); n != 40 {
+				t.Errorf("new flows %d, want 40", n)
+			}
+		})
+		t.Run(proto.String()+"/none free", func(t *testing.T) {
+			r := newSvcRig(t, front(vip1, dp, b), front(vip2, dp, b))
+			client := netip.AddrPortFrom(ipA, clientPort)
+			wantFrame(t, r.rig, r.egressA, segment(t, macA, macGW, client, vip1, proto), segment(t, macA, macGW, client, b, proto))
+			refused := func() {
+				t.Helper()
+				before := r.epStats(t, r.idA).Drops[loader.DropSvcTupleInUse]
+				if res := r.run(t, r.egressA, segment(t, macA, macGW, client, vip2, proto)); res.verdict != actShot {
+					t.Fatalf("a flow to %s on the tuple of the live flow to %s: verdict %d, want dropped", vip2, vip1, res.verdict)
+				}
+				if d := r.epStats(t, r.idA).Drops[loader.DropSvcTupleInUse] - before; d != 1 {
+					t.Fatalf("service_tuple_in_use drops moved by %d, want 1", d)
+				}
+				// The first flow is intact both ways.
+				wantFrame(t, r.rig, r.egressA, acked(t, segment(t, macA, macGW, client, vip1, proto)), acked(t, segment(t, macA, macGW, client, b, proto)))
+				wantFrame(t, r.rig, r.ingressA, segment(t, macGW, macA, b, client, proto), segment(t, macGW, macA, vip1, client, proto))
+			}
+			if proto == layers.IPProtocolUDP {
+				refused = func() {
+					t.Helper()
+					before := r.epStats(t, r.idA).Drops[loader.DropSvcTupleInUse]
+					if res := r.run(t, r.egressA, segment(t, macA, macGW, client, vip2, proto)); res.verdict != actShot {
+						t.Fatalf("a flow to %s on the tuple of the live flow to %s: verdict %d, want dropped", vip2, vip1, res.verdict)
+					}
+					if d := r.epStats(t, r.idA).Drops[loader.DropSvcTupleInUse] - before; d != 1 {
+						t.Fatalf("service_tuple_in_use drops moved by %d, want 1", d)
+					}
+					wantFrame(t, r.rig, r.ingressA, segment(t, macGW, macA, b, client, proto), segment(t, macGW, macA, vip1, client, proto))
+				}
+			}
+			refused()
+			cs, err := datapath.ServiceCounters(&r.dp.Maps)
+			must(t, err)
+			for _, c := range cs {
+				if want := uint64(map[bool]int{true: 1}[c.VIP == vip2.Addr()]); c.Failures != want {
+					t.Errorf("%s: backend-selection failures %d, want %d", c.VIP, c.Failures, want)
+				}
+			}
+			// Idle, but within its hold: still the first flow's.
+			ageFlow(t, &r.dp.Maps, client, vip1, uint8(proto), 50*time.Second)
+			refused()
+			// Past it (or ended, for TCP): the tuple is free.
+			if proto == layers.IPProtocolTCP {
+				ageFlow(t, &r.dp.Maps, client, vip1, uint8(proto), 30*time.Minute)
+				refused()
+				wantFrame(t, r.rig, r.egressA, reflag(t, segment(t, macA, macGW, client, vip1, proto), func(tcp *layers.TCP) { tcp.SYN, tcp.FIN, tcp.ACK, tcp.Ack = false, true, true, 1 }),
+					reflag(t, segment(t, macA, macGW, client, b, proto), func(tcp *layers.TCP) { tcp.SYN, tcp.FIN, tcp.ACK, tcp.Ack = false, true, true, 1 }))
+			} else {
+				ageFlow(t, &r.dp.Maps, client, vip1, uint8(proto), 11*time.Second)
+			}
+			wantFrame(t, r.rig, r.egressA, segment(t, macA, macGW, client, vip2, proto), segment(t, macA, macGW, client, b, proto))
+			wantFrame(t, r.rig, r.ingressA, segment(t, macGW, macA, b, client, proto), segment(t, macGW, macA, vip2, client, proto))
+		})
+	}
+}

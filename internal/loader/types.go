@@ -88,6 +88,7 @@ const (
 	DropUnvetted        = bpfUpDropReasonUP_DROP_UNVETTED
 	DropRouted          = bpfUpDropReasonUP_DROP_ROUTED
 	DropSvcXlateFailed  = bpfUpDropReasonUP_DROP_SVC_XLATE_FAILED
+	DropSvcTupleInUse   = bpfUpDropReasonUP_DROP_SVC_TUPLE_IN_USE
 	DropMax             = bpfUpDropReasonUP_DROP_MAX
 
 	StatHostToEndpoint = bpfUpStatUP_STAT_HOST_TO_EP
@@ -128,6 +129,8 @@ func (r DropReason) String() string {
 		return "routed_via_node"
 	case DropSvcXlateFailed:
 		return "service_translation_failed"
+	case DropSvcTupleInUse:
+		return "service_tuple_in_use"
 	}
 	return "unknown"
 }

@@ -103,7 +103,7 @@ var (
 	rxTx         = []string{"rx", "tx"}
 	hairpin      = []string{"endpoint_to_host", "host_to_endpoint"}
 	staleActions = []string{"dropped", "rejected"}
-	dropReasons  = []string{"host_unreachable", "reject_failed", "routed_via_node", "service_translation_failed", "spoofed_source", "stale_service", "unvetted_frame"}
+	dropReasons  = []string{"host_unreachable", "reject_failed", "routed_via_node", "service_translation_failed", "service_tuple_in_use", "spoofed_source", "stale_service", "unvetted_frame"}
 )
 
 // help is the HELP text of each family the tests expect.
@@ -210,7 +210,7 @@ func TestCollect(t *testing.T) {
 		endpointFamily("underpass_host_redirects_total", "direction", hairpin, []int{14, 13}, []int{0, 0}),
 		endpointFamily("underpass_host_redirect_bytes_total", "direction", hairpin, []int{1400, 1300}, []int{0, 0}),
 		endpointFamily("underpass_stale_service_packets_total", "action", staleActions, []int{16, 17}, []int{0, 0}),
-		endpointFamily("underpass_endpoint_drops_total", "reason", dropReasons, []int{0, 0, 0, 0, 3, 16, 0}, []int{0, 0, 0, 0, 0, 0, 0}),
+		endpointFamily("underpass_endpoint_drops_total", "reason", dropReasons, []int{0, 0, 0, 0, 0, 3, 16, 0}, []int{0, 0, 0, 0, 0, 0, 0, 0}),
 		endpointFamily("underpass_ip_conflicts_total", "", nil, []int{2}, []int{0}),
 		nodeFamily("underpass_endpoints", "", nil, 2),
 		nodeFamily("underpass_live_services", "", nil, 2),
@@ -241,17 +241,17 @@ func TestProgramCounts(t *testing.T) {
 		endpointFamily("underpass_host_redirects_total", "direction", hairpin, []int{0, 3}, []int{0, 0}),
 		endpointFamily("underpass_host_redirect_bytes_total", "direction", hairpin, []int{0, 3 * len(toA)}, []int{0, 0}),
 		endpointFamily("underpass_stale_service_packets_total", "action", staleActions, []int{0, 0}, []int{1, 0}),
-		nodeFamily("underpass_drops_total", "reason", dropReasons, 0, 0, 0, 0, 0, 1, 0),
-		nodeFamily("underpass_drop_bytes_total", "reason", dropReasons, 0, 0, 0, 0, 0, len(stale), 0))
+		nodeFamily("underpass_drops_total", "reason", dropReasons, 0, 0, 0, 0, 0, 0, 1, 0),
+		nodeFamily("underpass_drop_bytes_total", "reason", dropReasons, 0, 0, 0, 0, 0, 0, len(stale), 0))
 }
 
 func TestDeletedEndpointDisappears(t *testing.T) {
 	r := newRig(t)
 	c := metrics.New(&r.dp.Maps, metrics.Options{})
-	// 20 series per endpoint (7 of them drop reasons); 7+7 node drops, 6+6
+	// 21 series per endpoint (8 of them drop reasons); 8+8 node drops, 6+6
 	// service translation results, 3+3 flow table gauges, 2 gauges, 1 error
 	// counter. No frontend: no per-Service series.
-	const perEndpoint, node = 20, 7 + 7 + 6 + 6 + 3 + 3 + 3
+	const perEndpoint, node = 21, 8 + 8 + 6 + 6 + 3 + 3 + 3
 	if n := testutil.CollectAndCount(c); n != 2*perEndpoint+node {
 		t.Fatalf("%d series with two endpoints", n)
 	}

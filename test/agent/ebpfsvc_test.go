@@ -243,6 +243,84 @@ services:
 		}
 	}
 
+	// Two Services with a backend in common, reached from one client
+	// port (SO_REUSEADDR; Linux's ephemeral ports do the same by chance:
+	// a port is unique per destination, and the destinations are the
+	// VIPs). The backend would see both connections on one tuple: the
+	// second takes the other backend, or, with none, is dropped while
+	// the first goes on. Before, the second took the tuple's reply entry
+	// half the time, and one of the two connections failed.
+	twin := func(name string, backends ...netip.Addr) netip.Addr {
+		vip := createBackedService(t, cs, name)
+		sl := backendSlice(name, backends...)
+		port := int32(7070)
+		sl.Ports[0].Port = &port
+		_, err := cs.DiscoveryV1().EndpointSlices("default").Update(context.Background(), sl, metav1.UpdateOptions{})
+		must(t, err)
+		return vip
+	}
+	twinA, twinB := twin("twin-a", b1.IP4.Addr()), twin("twin-b", b1.IP4.Addr(), b2.IP4.Addr())
+	waitFor(t, 10*time.Second, "twin-a and twin-b in the datapath", func() bool {
+		fs, err := datapath.Frontends(&dp.Maps)
+		n := map[netip.Addr]int{}
+		for _, f := range fs {
+			n[f.VIP] = len(f.Backends)
+		}
+		return err == nil && n[twinA] == 1 && n[twinB] == 2
+	})
+	whoOn := func(c net.Conn) (string, error) {
+		_ = c.SetDeadline(time.Now().Add(2 * time.Second))
+		if _, err := c.Write([]byte("who\n")); err != nil {
+			return "", err
+		}
+		line, err := bufio.NewReader(c).ReadString('\n')
+		return strings.TrimSpace(line), err
+	}
+	// Ports below the ephemeral range, one per try: a closed client
+	// socket keeps its tuple in TIME_WAIT.
+	for port := uint16(23130); port < 23136; port++ {
+		ca, err := netenv.DialTCPFrom(client.NS, port, netip.AddrPortFrom(twinA, 80), 2*time.Second)
+		must(t, err)
+		if who, err := whoOn(ca); err != nil || who != at(b1) {
+			t.Fatalf("twin-a from port %d: %q, %v", port, who, err)
+		}
+		cb, err := netenv.DialTCPFrom(client.NS, port, netip.AddrPortFrom(twinB, 80), 2*time.Second)
+		if err != nil {
+			t.Fatalf("twin-b from port %d, while twin-a's connection from it is open: %v", port, err)
+		}
+		if who, err := whoOn(cb); err != nil || who != at(b2) {
+			t.Fatalf("twin-b from port %d: %q, %v; want backend2 %s (backend1 has the tuple)", port, who, err, at(b2))
+		}
+		if who, err := whoOn(ca); err != nil || who != at(b1) {
+			t.Fatalf("twin-a's connection from port %d after twin-b's: %q, %v", port, who, err)
+		}
+		_ = cb.Close()
+		_ = ca.Close()
+	}
+	// twin-b's only backend now the one in common: nothing free.
+	sl := backendSlice("twin-b", b1.IP4.Addr())
+	port7070 := int32(7070)
+	sl.Ports[0].Port = &port7070
+	_, err = cs.DiscoveryV1().EndpointSlices("default").Update(context.Background(), sl, metav1.UpdateOptions{})
+	must(t, err)
+	waitFor(t, 10*time.Second, "twin-b on backend1 only", func() bool {
+		fs, err := datapath.Frontends(&dp.Maps)
+		return err == nil && slices.ContainsFunc(fs, func(f datapath.Frontend) bool { return f.VIP == twinB && len(f.Backends) == 1 })
+	})
+	inUse := l.endpointStats(t, dp, client).Drops[loader.DropSvcTupleInUse]
+	ca, err := netenv.DialTCPFrom(client.NS, 23140, netip.AddrPortFrom(twinA, 80), 2*time.Second)
+	must(t, err)
+	if _, err := netenv.DialTCPFrom(client.NS, 23140, netip.AddrPortFrom(twinB, 80), 2*time.Second); err == nil {
+		t.Errorf("twin-b from port 23140 connected while twin-a's connection holds the tuple at its only backend")
+	}
+	if who, err := whoOn(ca); err != nil || who != at(b1) {
+		t.Fatalf("twin-a's connection after twin-b's refused one: %q, %v", who, err)
+	}
+	_ = ca.Close()
+	if n := l.endpointStats(t, dp, client).Drops[loader.DropSvcTupleInUse]; n <= inUse {
+		t.Errorf("service_tuple_in_use drops %d -> %d, want more", inUse, n)
+	}
+
 	// UDP to a backend with nothing on the port: the backend's port
 	// unreachable reaches the client's connected socket quoting the VIP
 	// (the ingress program translates the error), so it fails at once.
