@@ -3,6 +3,8 @@ package datapath
 import (
 	"errors"
 	"fmt"
+	"net"
+	"net/netip"
 
 	"github.com/cilium/ebpf"
 	"github.com/underpass-cni/underpass/internal/loader"
@@ -29,6 +31,14 @@ func MoveParent(m *loader.Maps, from, to int) (int, error) {
 		// after the record moved.
 		old := refKeys(&ep)
 		oldMAC := loader.MACKey{Mac: ep.Mac, ParentIfindex: ep.ParentIfindex}
+		// A key another live endpoint holds on the new parent (one
+		// registered there before the move, with the MAC or an address
+		// this one has) is not taken from it, as Register would not:
+		// this endpoint stays whole where it was, and the error says so.
+		if err := heldOnNewParent(m, old, oldMAC, id, to); err != nil {
+			errs = append(errs, fmt.Errorf("endpoint %d left on parent ifindex %d: %w", id, from, err))
+			continue
+		}
 		for _, k := range old {
 			nk := loader.EpIPKey{Addr: k.Addr, ParentIfindex: uint32(to)}
 			errs = append(errs, moveRef(m.EpByIp, &k, &nk, id))
@@ -51,6 +61,33 @@ func MoveParent(m *loader.Maps, from, to int) (int, error) {
 		return moved, fmt.Errorf("move endpoints from parent ifindex %d to %d: %w", from, to, err)
 	}
 	return moved, nil
+}
+
+// heldOnNewParent says which of endpoint id's keys (its addresses old and
+// its MAC) another live endpoint holds under parent ifindex to.
+func heldOnNewParent(m *loader.Maps, old []loader.EpIPKey, mac loader.MACKey, id uint32, to int) error {
+	held := func(mp *ebpf.Map, k any) uint32 {
+		var ref loader.EndpointRef
+		var holder loader.Endpoint
+		if mp.Lookup(k, &ref) == nil && ref.Id != id && m.Endpoints.Lookup(ref.Id, &holder) == nil {
+			return ref.Id
+		}
+		return 0
+	}
+	var cur loader.EndpointRef
+	if m.EpByMac.Lookup(&mac, &cur) == nil && cur.Id == id {
+		nk := loader.MACKey{Mac: mac.Mac, ParentIfindex: uint32(to)}
+		if h := held(m.EpByMac, &nk); h != 0 {
+			return fmt.Errorf("%w: MAC %s belongs to endpoint %d there", ErrAddrInUse, net.HardwareAddr(mac.Mac[:]), h)
+		}
+	}
+	for _, k := range old {
+		nk := loader.EpIPKey{Addr: k.Addr, ParentIfindex: uint32(to)}
+		if h := held(m.EpByIp, &nk); h != 0 {
+			return fmt.Errorf("%w: %s belongs to endpoint %d there", ErrAddrInUse, netip.AddrFrom16(k.Addr).Unmap(), h)
+		}
+	}
+	return nil
 }
 
 // moveRef copies a ref that still belongs to endpoint id to a new key.

@@ -1,9 +1,13 @@
 package datapath_test
 
 import (
+	"errors"
 	"net"
 	"net/netip"
+	"strings"
 	"testing"
+
+	"github.com/cilium/ebpf"
 
 	"github.com/underpass-cni/underpass/internal/datapath"
 	"github.com/underpass-cni/underpass/internal/loader"
@@ -96,5 +100,72 @@ func TestSameMACAndAddressOnTwoParents(t *testing.T) {
 	var ref loader.EndpointRef
 	if err := m.EpByIp.Lookup(&k, &ref); err != nil || ref.Id != b {
 		t.Fatalf("the other network's pod lost its address: %+v %v", ref, err)
+	}
+}
+
+// A key the moving endpoint has that another live endpoint holds on the
+// new parent (registered there before the move) is not taken from it: the
+// moving endpoint stays whole on the old parent, and the error names the
+// key and the holder; the others move.
+func TestMoveParentLeavesAHeldKey(t *testing.T) {
+	m := load(t)
+	reg := func(id string, parent int, mac byte, ip string) uint32 {
+		t.Helper()
+		epID, err := datapath.Register(m, datapath.Endpoint{
+			ContainerID: id, IfName: "eth0", ParentIfindex: parent, Mode: loader.ModeMacvlan,
+			MAC: net.HardwareAddr{2, 0, 0, 0, 0, mac}, Addrs: []netip.Prefix{netip.MustParsePrefix(ip)},
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return epID
+	}
+	a := reg("a", 5, 1, "10.0.0.1/24")
+	b := reg("b", 5, 2, "10.0.0.2/24")
+	c := reg("c", 5, 3, "10.0.0.3/24")
+	d := reg("d", 9, 1, "10.0.0.9/24") // a's MAC on the new parent
+	e := reg("e", 9, 4, "10.0.0.2/24") // b's address on the new parent
+	moved, err := datapath.MoveParent(m, 5, 9)
+	if moved != 1 || !errors.Is(err, datapath.ErrAddrInUse) {
+		t.Fatalf("moved %d, %v; want 1 and ErrAddrInUse", moved, err)
+	}
+	for _, want := range []string{"MAC 02:00:00:00:00:01 belongs to endpoint", "10.0.0.2 belongs to endpoint"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error %q does not say %q", err, want)
+		}
+	}
+	eps, _ := datapath.Endpoints(m)
+	for id, want := range map[uint32]int{a: 5, b: 5, c: 9, d: 9, e: 9} {
+		if got := eps[id].ParentIfindex; got != want {
+			t.Errorf("endpoint %d on parent %d, want %d", id, got, want)
+		}
+	}
+	ref := func(mp *ebpf.Map, k any) uint32 {
+		t.Helper()
+		var r loader.EndpointRef
+		if err := mp.Lookup(k, &r); err != nil {
+			t.Fatalf("%v: %v", k, err)
+		}
+		return r.Id
+	}
+	for _, tc := range []struct {
+		mac    byte
+		parent int
+		want   uint32
+	}{{1, 9, d}, {1, 5, a}, {2, 5, b}, {3, 9, c}} {
+		k := datapath.MACKey(net.HardwareAddr{2, 0, 0, 0, 0, tc.mac}, tc.parent)
+		if got := ref(m.EpByMac, &k); got != tc.want {
+			t.Errorf("MAC ..:%02x on parent %d: endpoint %d, want %d", tc.mac, tc.parent, got, tc.want)
+		}
+	}
+	for _, tc := range []struct {
+		addr   string
+		parent int
+		want   uint32
+	}{{"10.0.0.2", 9, e}, {"10.0.0.2", 5, b}, {"10.0.0.1", 5, a}, {"10.0.0.3", 9, c}} {
+		k := datapath.EpIPKey(netip.MustParseAddr(tc.addr), tc.parent)
+		if got := ref(m.EpByIp, &k); got != tc.want {
+			t.Errorf("%s on parent %d: endpoint %d, want %d", tc.addr, tc.parent, got, tc.want)
+		}
 	}
 }
