@@ -113,12 +113,14 @@ UP_MAP(svc_flows, LRU_HASH, 65536, struct up_flow_key, __u64);
  * for a stream. */
 #define SVC_UDP_IDLE_NS (60ULL * 1000000000ULL)
 /* How long an open TCP flow idle holds its tuple at the backend against
- * another VIP's new flow (tuple_free): Linux's keepalive time, after
- * which a live connection that uses keepalives has sent one; the flow of a
- * connection whose end was never seen must not hold the tuple for ever.
- * UDP and SCTP hold it while not idle (SVC_UDP_IDLE_NS; an SCTP
- * association sends heartbeats every 30 s). */
-#define SVC_TCP_HOLD_NS (7200ULL * 1000000000ULL)
+ * another VIP's new flow (tuple_free): Linux's keepalive time and its 9
+ * probes 75 s apart, within which a live connection that uses keepalives
+ * has made the client send (its probe, or its ACK of the backend's); the
+ * flow of a connection whose end was never seen must not hold the tuple
+ * for ever. UDP and SCTP hold it while not idle (SVC_UDP_IDLE_NS; an
+ * SCTP association sends heartbeats every 30 s). Idle is as the client
+ * sends: its egress stamps the flow, the replies do not. */
+#define SVC_TCP_HOLD_NS ((7200ULL + 9 * 75) * 1000000000ULL)
 /* How many backends a new flow tries when its tuple is taken. */
 #define SVC_TUPLE_TRIES 4
 
@@ -1791,13 +1793,12 @@ static __always_inline __u32 pick_backend(const struct up_svc *svc, const __u8 *
  * live translated flow has it: one from the same client port through
  * another VIP or VIP port to the same backend. Two Services with the same
  * backends, or one Service's two ports with one target port, make that
- * happen by chance: Linux keeps a source port unique per destination, and
- * the destinations are the VIPs. The backend sees one tuple, so the second
+ * happen by chance: connect() keeps a source port unique per destination,
+ * and the destinations are the VIPs (one unconnected UDP socket sends to
+ * both from its one port). The backend sees one tuple, so a second TCP
  * connection cannot work, and with its reply entry written over the first
- * one's replies would come from the wrong VIP and be reset. conntrack's
- * DNAT cannot take another tuple either and drops such a flow
- * (insert_failed); up_svc_repick takes another backend when there is one.
- * ck is borrowed as the other flow's key and given back: up_svc_xlate, which
+ * one's replies would come from the wrong VIP and be reset.
+ * up_svc_repick takes another backend when there is one. ck is borrowed as the other flow's key and given back: up_svc_xlate, which
  * inlines this, has no stack for another key. */
 static __always_inline int tuple_free(struct up_ct_key *ck, const struct up_backend *b, __u64 now)
 {
@@ -1818,8 +1819,12 @@ static __always_inline int tuple_free(struct up_ct_key *ck, const struct up_back
 	struct up_ct *ct = bpf_map_lookup_elem(&svc_ct, ck);
 	ck->vport = vport;
 	__builtin_memcpy(ck->vip, vip, 16);
-	/* The other flow is gone, went to another backend since, or ended. */
-	if (!ct || ct->port != b->port || !addr_eq(ct->addr, b->addr) || (ct->flags & UP_CT_CLOSED))
+	/* The other flow is gone, went to another backend since, or ended
+	 * (a RST, or a FIN each way: half-closed, it still carries data). */
+	if (!ct || ct->port != b->port || !addr_eq(ct->addr, b->addr))
+		return 1;
+	__u8 end = ct->flags & (UP_CT_RESET | UP_CT_FIN_CLIENT | UP_CT_FIN_BACKEND);
+	if ((end & UP_CT_RESET) || end == (UP_CT_FIN_CLIENT | UP_CT_FIN_BACKEND))
 		return 1;
 	return since(now, ct->seen_ns) > (ck->l4proto == IPPROTO_TCP ? SVC_TCP_HOLD_NS : SVC_UDP_IDLE_NS);
 }
@@ -1927,10 +1932,12 @@ static __always_inline int tcp_opens(__u8 tflags)
  * client's source port came round again) picks a backend afresh, as
  * conntrack's does for a SYN on a closed entry, rather than follow the
  * old one, which may be draining. */
-static __always_inline void mark_closed(struct up_ct *ct)
+static __always_inline void mark_closed(struct up_ct *ct, __u8 tflags, int from_backend)
 {
-	if (!(ct->flags & UP_CT_CLOSED))
-		ct->flags |= UP_CT_CLOSED;
+	__u8 f = UP_CT_CLOSED |
+		 (tflags & TCP_FLAG_RST ? UP_CT_RESET : from_backend ? UP_CT_FIN_BACKEND : UP_CT_FIN_CLIENT);
+	if ((ct->flags & f) != f)
+		ct->flags |= f;
 }
 
 /* up_svc_repick starts the flow up_svc_xlate could not (XLATE_TUPLE_IN_USE:
@@ -1938,9 +1945,11 @@ static __always_inline void mark_closed(struct up_ct *ct)
  * backend whose tuple is free, from a random slot on, never the client
  * itself, trying SVC_TUPLE_TRIES: the flow and its reply entry are written,
  * and up_svc_xlate, run again, translates the frame on it. 1 when written,
- * 0 when none is free (the frame is dropped: the client retries, as when
- * conntrack drops it). Rare, so a global function of its own: the common
- * path carries none of its stack. */
+ * 0 when none is free (the frame is dropped; UDP takes the tuple over, see
+ * below). Rare, so a global function of its own: the common path carries
+ * none of its stack. conntrack, in kube-proxy's path, would give such a
+ * flow another client port (its SNAT clash resolution); the flow tables
+ * here have no room for one. */
 __noinline int up_svc_repick(struct __sk_buff *skb, const struct pkt *p)
 {
 	if (!skb || !p)
@@ -1950,36 +1959,59 @@ __noinline int up_svc_repick(struct __sk_buff *skb, const struct pkt *p)
 	if (l4_head(skb, p, &sport, &dport, &tflags))
 		return 0;
 	__u8 l4 = p->l4proto;
-	struct up_svc_key sk = {.port = dport, .l4proto = l4};
-	__builtin_memcpy(sk.addr, p->daddr.addr, 16);
-	struct up_svc *found = bpf_map_lookup_elem(&svc_frontends, &sk);
-	if (!found)
-		return 0;
-	struct up_svc svc = *found;
+	struct up_svc svc;
+	{ /* scopes of their own: the keys' stack is shared */
+		struct up_svc_key sk = {.port = dport, .l4proto = l4};
+		__builtin_memcpy(sk.addr, p->daddr.addr, 16);
+		struct up_svc *found = bpf_map_lookup_elem(&svc_frontends, &sk);
+		if (!found)
+			return 0;
+		svc = *found;
+	}
 	__u32 sid = svc.id;
 	struct up_svc_counters *sc = bpf_map_lookup_elem(&svc_counters, &sid);
 	__u16 count = svc.count;
 	if (!count)
 		return 0;
-	struct up_ct_key ck = {.client_port = sport, .vport = dport, .l4proto = l4};
-	__builtin_memcpy(ck.client, p->saddr.addr, 16);
-	__builtin_memcpy(ck.vip, p->daddr.addr, 16);
 	__u64 now = up_now();
-	__u16 slot = bpf_get_prandom_u32() % count;
 	struct up_backend b;
-	__u32 bid = 0;
+	__u32 bid = 0, any_id = 0;
+	{
+		struct up_ct_key ck = {.client_port = sport, .vport = dport, .l4proto = l4};
+		__builtin_memcpy(ck.client, p->saddr.addr, 16);
+		__builtin_memcpy(ck.vip, p->daddr.addr, 16);
+		__u16 slot = bpf_get_prandom_u32() % count;
 #pragma clang loop unroll(disable)
-	for (int i = 0; i < SVC_TUPLE_TRIES && i < count; i++) {
-		struct up_slot_key k = {.svc_id = svc.id, .slot = slot, .rev = svc.rev};
-		slot = (slot + 1) % count;
-		__u32 *id = bpf_map_lookup_elem(&svc_slots, &k);
-		struct up_backend *be = id ? bpf_map_lookup_elem(&svc_backends, id) : 0;
-		if (!be)
-			break;
-		b = *be;
-		if (!addr_eq(b.addr, ck.client) && tuple_free(&ck, &b, now)) {
-			bid = *id;
-			break;
+		for (int i = 0; i < SVC_TUPLE_TRIES && i < count; i++) {
+			struct up_slot_key k = {.svc_id = svc.id, .slot = slot, .rev = svc.rev};
+			slot = (slot + 1) % count;
+			__u32 *id = bpf_map_lookup_elem(&svc_slots, &k);
+			struct up_backend *be = id ? bpf_map_lookup_elem(&svc_backends, id) : 0;
+			if (!be)
+				break;
+			b = *be;
+			if (addr_eq(b.addr, ck.client) || (l4 == IPPROTO_SCTP && b.port != dport))
+				continue;
+			if (tuple_free(&ck, &b, now)) {
+				bid = *id;
+				break;
+			}
+			if (!any_id)
+				any_id = *id;
+		}
+	}
+	/* None free. A UDP client on one port to two VIPs is one socket
+	 * (an unconnected one: Linux gives two sockets one UDP port only
+	 * when asked), which takes replies from either VIP: the tuple goes
+	 * to the newer flow, as it did before this check. TCP and SCTP
+	 * would break the live connection (the backend answers a SYN or
+	 * an INIT on its tuple as part of it): dropped, and the client's
+	 * retransmission looks again. */
+	if (!bid && l4 == IPPROTO_UDP && any_id) {
+		struct up_backend *be = bpf_map_lookup_elem(&svc_backends, &any_id);
+		if (be) {
+			bid = any_id;
+			b = *be;
 		}
 	}
 	if (!bid) {
@@ -1987,16 +2019,31 @@ __noinline int up_svc_repick(struct __sk_buff *skb, const struct pkt *p)
 			sc->failures++;
 		return 0;
 	}
-	struct up_ct nct = {.backend_id = bid, .svc_id = sid, .seen_ns = now, .port = b.port, .gen = svc.gen};
-	__builtin_memcpy(nct.addr, b.addr, 16);
-	if (bpf_map_update_elem(&svc_ct, &ck, &nct, BPF_ANY))
-		return 0;
-	struct up_rev_key rk = {.backend_port = b.port, .client_port = sport, .l4proto = l4};
-	__builtin_memcpy(rk.backend, b.addr, 16);
-	__builtin_memcpy(rk.client, p->saddr.addr, 16);
-	struct up_rev rv = {.vport = dport, .svc_id = sid};
-	__builtin_memcpy(rv.vip, p->daddr.addr, 16);
-	bpf_map_update_elem(&svc_rev, &rk, &rv, BPF_ANY);
+	/* Under sessionAffinity, the client's backend is the one it got. */
+	if (svc.flags & UP_SVC_AFFINITY) {
+		struct up_affinity_key ak = {.svc_id = sid};
+		__builtin_memcpy(ak.client, p->saddr.addr, 16);
+		struct up_affinity af = {.backend_id = bid, .gen = svc.gen, .seen_ns = now, .port = b.port};
+		__builtin_memcpy(af.addr, b.addr, 16);
+		bpf_map_update_elem(&svc_affinity, &ak, &af, BPF_ANY);
+	}
+	{
+		struct up_ct_key ck = {.client_port = sport, .vport = dport, .l4proto = l4};
+		__builtin_memcpy(ck.client, p->saddr.addr, 16);
+		__builtin_memcpy(ck.vip, p->daddr.addr, 16);
+		struct up_ct nct = {.backend_id = bid, .svc_id = sid, .seen_ns = now, .port = b.port, .gen = svc.gen};
+		__builtin_memcpy(nct.addr, b.addr, 16);
+		if (bpf_map_update_elem(&svc_ct, &ck, &nct, BPF_ANY))
+			return 0;
+	}
+	{
+		struct up_rev_key rk = {.backend_port = b.port, .client_port = sport, .l4proto = l4};
+		__builtin_memcpy(rk.backend, b.addr, 16);
+		__builtin_memcpy(rk.client, p->saddr.addr, 16);
+		struct up_rev rv = {.vport = dport, .svc_id = sid};
+		__builtin_memcpy(rv.vip, p->daddr.addr, 16);
+		bpf_map_update_elem(&svc_rev, &rk, &rv, BPF_ANY);
+	}
 	svc_count(UP_SVC_STAT_NEW_FLOWS, skb->len);
 	if (sc)
 		sc->flows++;
@@ -2095,10 +2142,14 @@ __noinline int up_svc_xlate(struct __sk_buff *skb, const struct pkt *p, __u32 pa
 				struct up_rev_key ok = {.backend_port = ct->port, .client_port = sport, .l4proto = l4};
 				__builtin_memcpy(ok.backend, ct->addr, 16);
 				__builtin_memcpy(ok.client, p->saddr.addr, 16);
-				bpf_map_delete_elem(&svc_rev, &ok);
+				/* Only if it is still this flow's: another VIP's
+				 * live flow may have taken the tuple since. */
+				struct up_rev *orv = bpf_map_lookup_elem(&svc_rev, &ok);
+				if (orv && orv->vport == dport && addr_eq(orv->vip, p->daddr.addr))
+					bpf_map_delete_elem(&svc_rev, &ok);
 				fresh = 1;
 			} else if (l4 == IPPROTO_TCP && (tflags & (TCP_FLAG_FIN | TCP_FLAG_RST)))
-				mark_closed(ct);
+				mark_closed(ct, tflags, 0);
 			if (!fresh && ct->gen != svc->gen)
 				fresh = !same_backend(bpf_map_lookup_elem(&svc_backends, &bid), ct->addr, ct->port);
 			/* UDP has no end: a flow idle that long is over, and the
@@ -2139,15 +2190,15 @@ __noinline int up_svc_xlate(struct __sk_buff *skb, const struct pkt *p, __u32 pa
 				return XLATE_NONE;
 			}
 			b = *be;
-			/* Taken: up_svc_repick looks further (this stack has
-			 * no room for it), and the flow is translated again. */
-			if (!tuple_free(&ck, &b, now))
-				return XLATE_TUPLE_IN_USE;
 		}
 		if (l4 == IPPROTO_SCTP && b.port != dport) {
 			svc_count(UP_SVC_STAT_UNTRANSLATABLE, len);
 			return XLATE_NONE;
 		}
+		/* Taken: up_svc_repick looks further (this stack has no room
+		 * for it), and the flow is translated again. */
+		if (fresh && !tuple_free(&ck, &b, now))
+			return XLATE_TUPLE_IN_USE;
 		if (fresh) {
 			struct up_ct nct = {.backend_id = bid, .svc_id = svc->id, .seen_ns = now, .port = b.port, .gen = svc->gen};
 			__builtin_memcpy(nct.addr, b.addr, 16);
@@ -2332,7 +2383,7 @@ __noinline int up_svc_reverse(struct __sk_buff *skb, const struct pkt *p)
 		/* Only the flow's own backend ends it: one the tuple had
 		 * before (its reply entry outlived that flow) does not. */
 		if (ct && ct->svc_id == r.svc_id && ct->port == ports[0] && addr_eq(ct->addr, rk.backend))
-			mark_closed(ct);
+			mark_closed(ct, tflags, 1);
 	}
 	note_frags(p, 1, r.vip, 0, r.svc_id);
 	if (rewrite_addr(skb, p, saddr_off(p), rk.backend, r.vip))

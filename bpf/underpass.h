@@ -397,6 +397,13 @@ enum up_ct_flags {
 	/* Its TCP connection ended (a FIN or a RST, either way): a SYN on
 	 * the tuple is a new connection, which picks a backend afresh. */
 	UP_CT_CLOSED = 1 << 1,
+	/* How it ended, for another VIP's flow that wants its tuple at the
+	 * backend (tuple_free): a half-closed connection still carries the
+	 * other way, so the tuple is free only after a FIN each way or a
+	 * RST. Flows an older build marked have none of these: held. */
+	UP_CT_FIN_CLIENT = 1 << 2,
+	UP_CT_FIN_BACKEND = 1 << 3,
+	UP_CT_RESET = 1 << 4,
 };
 
 /* The reply direction of a translated flow, as the backend sends it. */

@@ -12,6 +12,7 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/underpass-cni/underpass/internal/attach"
+	"github.com/underpass-cni/underpass/internal/datapath"
 	"github.com/underpass-cni/underpass/internal/loader"
 )
 
@@ -134,6 +135,7 @@ type pinnedLink struct {
 	// link was still attached and only its pin was gone.
 	restore func() (adopted bool, err error)
 	extra   bool // XDP: a failure is logged but does not fail /readyz
+	ifindex int  // the parent's; 0 for an uplink
 }
 
 // restoreLinks re-attaches the parents and uplinks whose link pins were
@@ -142,7 +144,11 @@ func (a *Agent) restoreLinks(dp *loader.Objects) error {
 	seen := map[string]bool{}
 	var fixed []string
 	var errs []string
+	gone := map[int]bool{} // parents released in this pass: their other links went too
 	for _, l := range a.pinnedLinks(dp) {
+		if gone[l.ifindex] {
+			continue
+		}
 		if pinExists(l.pin) {
 			seen[l.pin] = true
 			delete(a.warned, "relink-"+l.pin)
@@ -155,6 +161,15 @@ func (a *Agent) restoreLinks(dp *loader.Objects) error {
 		switch {
 		case errors.Is(err, errLinkGone):
 			// The interface went with its pin: linkDeleted handles that.
+		case errors.Is(err, errParentReleased):
+			// A plugin's failed ADD took back the parent it had
+			// registered and attached (the agent had attached it
+			// too, meanwhile): no repair, the parent is not one.
+			delete(a.parents, l.ifindex)
+			dropParentLinks(dp, l.ifindex)
+			gone[l.ifindex] = true
+			a.log.Info("parent released: its only endpoint's ADD failed and took back its registration and link; forgot it",
+				"ifindex", l.ifindex)
 		case err != nil:
 			seen[l.pin] = true // retried next tick
 			a.errorOnce("relink-"+l.pin, "link pin removed from under the agent; restoring it failed, retrying",
@@ -184,7 +199,10 @@ func (a *Agent) restoreLinks(dp *loader.Objects) error {
 	return nil
 }
 
-var errLinkGone = errors.New("interface gone")
+var (
+	errLinkGone       = errors.New("interface gone")
+	errParentReleased = errors.New("parent released")
+)
 
 // pinnedLinks lists the link pins the agent keeps: the tc egress and XDP
 // links of its parents, the tc egress links of its uplinks.
@@ -193,9 +211,13 @@ func (a *Agent) pinnedLinks(dp *loader.Objects) []pinnedLink {
 	xdp := a.cfg.XDPMode()
 	for idx, p := range a.parents {
 		out = append(out, pinnedLink{
-			pin:  attach.LinkPin(dp.Dir, attach.RoleParent, idx),
-			what: fmt.Sprintf("parent %s (ifindex %d) tc egress", p.name, idx),
+			pin:     attach.LinkPin(dp.Dir, attach.RoleParent, idx),
+			what:    fmt.Sprintf("parent %s (ifindex %d) tc egress", p.name, idx),
+			ifindex: idx,
 			restore: ifPresent(idx, func() (bool, error) {
+				if released(dp, idx) {
+					return false, errParentReleased
+				}
 				// Only the link went: the parents entry is as it was.
 				return attach.RestoreEgress(dp.EgressTarget(attach.RoleParent, idx))
 			}),
@@ -204,6 +226,7 @@ func (a *Agent) pinnedLinks(dp *loader.Objects) []pinnedLink {
 			out = append(out, pinnedLink{
 				pin:     attach.XDPLinkPin(dp.Dir, idx),
 				what:    fmt.Sprintf("parent %s (ifindex %d) xdp", p.name, idx),
+				ifindex: idx,
 				restore: ifPresent(idx, func() (bool, error) { return attach.RestoreXDP(dp.XDPTarget(idx, xdp)) }),
 				extra:   true,
 			})
@@ -221,6 +244,17 @@ func (a *Agent) pinnedLinks(dp *loader.Objects) []pinnedLink {
 		})
 	}
 	return out
+}
+
+// released says whether parent ifindex was given up by its registrant: no
+// parents entry and no endpoint on it, what a plugin's failed first ADD
+// leaves when it undoes its parent (datapath's undoParent). The agent
+// would not attach such a parent; its missing link pin is no repair.
+func released(dp *loader.Objects, ifindex int) bool {
+	if _, err := datapath.GetParent(&dp.Maps, ifindex); !errors.Is(err, datapath.ErrNoParent) {
+		return false
+	}
+	return !parentRefs(&dp.Maps)[ifindex]
 }
 
 // ifPresent runs restore only while interface ifindex exists: a link pin

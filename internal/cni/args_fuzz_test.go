@@ -15,15 +15,15 @@ import (
 // (a pair without exactly one '=', an IgnoreUnknown that is not a boolean, a
 // key naming a non-text field, unknown keys after IgnoreUnknown=0). The last
 // K8S_POD_NAME and K8S_POD_NAMESPACE win.
-func podArgsShape(s string) (name, namespace string, ok bool) {
+func podArgsShape(s string) (name, namespace, mac string, ok bool) {
 	if s == "" {
-		return "", "", true
+		return "", "", "", true
 	}
 	ignoreUnknown, unknown := true, false // parseCNIArgs presets IgnoreUnknown
 	for _, pair := range strings.Split(s, ";") {
 		kv := strings.Split(pair, "=")
 		if len(kv) != 2 {
-			return "", "", false
+			return "", "", "", false
 		}
 		switch kv[0] {
 		case "K8S_POD_NAME":
@@ -31,6 +31,7 @@ func podArgsShape(s string) (name, namespace string, ok bool) {
 		case "K8S_POD_NAMESPACE":
 			namespace = kv[1]
 		case "MAC": // read, checked only where used (applyMACArg)
+			mac = kv[1]
 		case "IgnoreUnknown":
 			switch strings.ToLower(kv[1]) {
 			case "1", "true":
@@ -38,15 +39,15 @@ func podArgsShape(s string) (name, namespace string, ok bool) {
 			case "0", "false":
 				ignoreUnknown = false
 			default:
-				return "", "", false
+				return "", "", "", false
 			}
 		case "CommonArgs":
-			return "", "", false
+			return "", "", "", false
 		default:
 			unknown = true
 		}
 	}
-	return name, namespace, !unknown || ignoreUnknown
+	return name, namespace, mac, !unknown || ignoreUnknown
 }
 
 // printableASCII is what Kubernetes names are made of.
@@ -68,7 +69,7 @@ func checkPodArgs(t *testing.T, s string) {
 	t.Helper()
 	a, err := parseCNIArgs(s)
 	name, namespace := a.PodName, a.PodNamespace
-	wantName, wantNamespace, shapeOK := podArgsShape(s)
+	wantName, wantNamespace, wantMAC, shapeOK := podArgsShape(s)
 	if err != nil {
 		var te *types.Error
 		if !errors.As(err, &te) || te.Code != types.ErrInvalidEnvironmentVariables || !strings.HasPrefix(te.Msg, "CNI_ARGS: ") {
@@ -88,8 +89,8 @@ func checkPodArgs(t *testing.T, s string) {
 	if broken(name) || broken(namespace) {
 		t.Fatalf("parseCNIArgs(%q) accepted control characters or invalid UTF-8: %q, %q", s, name, namespace)
 	}
-	if name != wantName || namespace != wantNamespace {
-		t.Fatalf("parseCNIArgs(%q) = %q, %q; want %q, %q", s, name, namespace, wantName, wantNamespace)
+	if name != wantName || namespace != wantNamespace || a.MAC != wantMAC {
+		t.Fatalf("parseCNIArgs(%q) = %q, %q, MAC %q; want %q, %q, MAC %q", s, name, namespace, a.MAC, wantName, wantNamespace, wantMAC)
 	}
 }
 
@@ -105,6 +106,7 @@ func FuzzParsePodArgs(f *testing.F) {
 	f.Add("IgnoreUnknown=0;FOO=bar", "café", "x\u0085")
 	f.Add("=x;K8S_POD_NAME=a;K8S_POD_NAME=b", strings.Repeat("n", 300), "ns")
 	f.Add("IgnoreUnknown=maybe;CommonArgs=x", "web-0", "")
+	f.Add("IgnoreUnknown=0;MAC=02:00:00:00:00:01;K8S_POD_NAME=a;MAC=zz", "web-0", "shop")
 	f.Fuzz(func(t *testing.T, raw, name, namespace string) {
 		checkPodArgs(t, raw)
 		if strings.ContainsAny(name+namespace, ";=") {

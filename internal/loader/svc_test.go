@@ -1217,23 +1217,30 @@ func TestServiceHostBackendWithHostReachabilityOff(t *testing.T) {
 }
 
 // Two Services with the same backend, and a client port that comes round
-// for both (Linux keeps a source port unique per destination, and the
+// for both (connect() keeps a source port unique per destination, and the
 // destinations are the VIPs): the backend would see both connections on
 // one tuple. A new flow whose tuple is another live flow's takes another
-// backend; with none free it is dropped (service_tuple_in_use), as
-// conntrack drops it; either way the first flow's replies keep their VIP.
-// The tuple is free again once the first flow ended (FIN or RST seen), is
-// gone, or is idle past its hold (UDP: 60 s, TCP: 2 h).
+// backend. With none free, TCP and SCTP are dropped (service_tuple_in_use:
+// the backend would take the SYN or INIT as part of the live connection),
+// UDP takes the tuple over (one unconnected socket sends to both VIPs);
+// either way a dropped flow leaves the live one's replies their VIP. The
+// tuple is free again once the live flow ended (a RST, or a FIN each way:
+// half-closed, it still carries data), is gone, or is idle past its hold.
 func TestServiceTupleInUseThroughAnotherVIP(t *testing.T) {
 	b, c := netip.AddrPortFrom(wireBack4, 8080), netip.AddrPortFrom(netip.MustParseAddr("198.51.100.21"), 8080)
 	vip1, vip2 := netip.AddrPortFrom(vipSvc, 80), netip.AddrPortFrom(netip.MustParseAddr("10.96.7.8"), 80)
 	front := func(vip netip.AddrPort, proto uint8, backs ...netip.AddrPort) datapath.Frontend {
 		return datapath.Frontend{VIP: vip.Addr(), Port: vip.Port(), Proto: proto, Backends: backs}
 	}
-	for _, proto := range []layers.IPProtocol{layers.IPProtocolTCP, layers.IPProtocolUDP} {
-		dp := map[layers.IPProtocol]uint8{layers.IPProtocolTCP: datapath.ProtoTCP, layers.IPProtocolUDP: datapath.ProtoUDP}[proto]
+	protos := map[layers.IPProtocol]uint8{layers.IPProtocolTCP: datapath.ProtoTCP, layers.IPProtocolUDP: datapath.ProtoUDP,
+		layers.IPProtocolSCTP: datapath.ProtoSCTP}
+	for _, proto := range []layers.IPProtocol{layers.IPProtocolTCP, layers.IPProtocolUDP, layers.IPProtocolSCTP} {
+		b, c, vip1, vip2 := b, c, vip1, vip2
+		if proto == layers.IPProtocolSCTP { // translated only to the same port
+			vip1, vip2 = netip.AddrPortFrom(vip1.Addr(), b.Port()), netip.AddrPortFrom(vip2.Addr(), b.Port())
+		}
 		t.Run(proto.String()+"/another backend", func(t *testing.T) {
-			r := newSvcRig(t, front(vip1, dp, b), front(vip2, dp, b, c))
+			r := newSvcRig(t, front(vip1, protos[proto], b), front(vip2, protos[proto], b, c))
 			// Each port: a flow to vip1 (on b), then one to vip2, which
 			// must take c; on the old program half went to b.
 			for port := uint16(41000); port < 41020; port++ {
@@ -1247,59 +1254,157 @@ func TestServiceTupleInUseThroughAnotherVIP(t *testing.T) {
 			if n := r.svcStat(t, loader.SvcStatNewFlows); n != 40 {
 				t.Errorf("new flows %d, want 40", n)
 			}
-		})
-		t.Run(proto.String()+"/none free", func(t *testing.T) {
-			r := newSvcRig(t, front(vip1, dp, b), front(vip2, dp, b))
-			client := netip.AddrPortFrom(ipA, clientPort)
-			wantFrame(t, r.rig, r.egressA, segment(t, macA, macGW, client, vip1, proto), segment(t, macA, macGW, client, b, proto))
-			refused := func() {
-				t.Helper()
-				before := r.epStats(t, r.idA).Drops[loader.DropSvcTupleInUse]
-				if res := r.run(t, r.egressA, segment(t, macA, macGW, client, vip2, proto)); res.verdict != actShot {
-					t.Fatalf("a flow to %s on the tuple of the live flow to %s: verdict %d, want dropped", vip2, vip1, res.verdict)
-				}
-				if d := r.epStats(t, r.idA).Drops[loader.DropSvcTupleInUse] - before; d != 1 {
-					t.Fatalf("service_tuple_in_use drops moved by %d, want 1", d)
-				}
-				// The first flow is intact both ways.
-				wantFrame(t, r.rig, r.egressA, acked(t, segment(t, macA, macGW, client, vip1, proto)), acked(t, segment(t, macA, macGW, client, b, proto)))
-				wantFrame(t, r.rig, r.ingressA, segment(t, macGW, macA, b, client, proto), segment(t, macGW, macA, vip1, client, proto))
-			}
-			if proto == layers.IPProtocolUDP {
-				refused = func() {
-					t.Helper()
-					before := r.epStats(t, r.idA).Drops[loader.DropSvcTupleInUse]
-					if res := r.run(t, r.egressA, segment(t, macA, macGW, client, vip2, proto)); res.verdict != actShot {
-						t.Fatalf("a flow to %s on the tuple of the live flow to %s: verdict %d, want dropped", vip2, vip1, res.verdict)
-					}
-					if d := r.epStats(t, r.idA).Drops[loader.DropSvcTupleInUse] - before; d != 1 {
-						t.Fatalf("service_tuple_in_use drops moved by %d, want 1", d)
-					}
-					wantFrame(t, r.rig, r.ingressA, segment(t, macGW, macA, b, client, proto), segment(t, macGW, macA, vip1, client, proto))
-				}
-			}
-			refused()
 			cs, err := datapath.ServiceCounters(&r.dp.Maps)
 			must(t, err)
-			for _, c := range cs {
-				if want := uint64(map[bool]int{true: 1}[c.VIP == vip2.Addr()]); c.Failures != want {
-					t.Errorf("%s: backend-selection failures %d, want %d", c.VIP, c.Failures, want)
+			for _, sc := range cs {
+				if sc.Flows != 20 || sc.Failures != 0 {
+					t.Errorf("%s: flows %d, failures %d; want 20, 0", sc.VIP, sc.Flows, sc.Failures)
 				}
 			}
-			// Idle, but within its hold: still the first flow's.
-			ageFlow(t, &r.dp.Maps, client, vip1, uint8(proto), 50*time.Second)
-			refused()
-			// Past it (or ended, for TCP): the tuple is free.
-			if proto == layers.IPProtocolTCP {
-				ageFlow(t, &r.dp.Maps, client, vip1, uint8(proto), 30*time.Minute)
-				refused()
-				wantFrame(t, r.rig, r.egressA, reflag(t, segment(t, macA, macGW, client, vip1, proto), func(tcp *layers.TCP) { tcp.SYN, tcp.FIN, tcp.ACK, tcp.Ack = false, true, true, 1 }),
-					reflag(t, segment(t, macA, macGW, client, b, proto), func(tcp *layers.TCP) { tcp.SYN, tcp.FIN, tcp.ACK, tcp.Ack = false, true, true, 1 }))
-			} else {
-				ageFlow(t, &r.dp.Maps, client, vip1, uint8(proto), 11*time.Second)
-			}
-			wantFrame(t, r.rig, r.egressA, segment(t, macA, macGW, client, vip2, proto), segment(t, macA, macGW, client, b, proto))
-			wantFrame(t, r.rig, r.ingressA, segment(t, macGW, macA, b, client, proto), segment(t, macGW, macA, vip2, client, proto))
 		})
 	}
+
+	client := netip.AddrPortFrom(ipA, clientPort)
+	// refused: vip2's flow on the tuple vip1's holds at b is dropped and
+	// counted; vip1's flow goes on both ways.
+	refused := func(t *testing.T, r *svcRig, proto layers.IPProtocol) {
+		t.Helper()
+		before := r.epStats(t, r.idA).Drops[loader.DropSvcTupleInUse]
+		if res := r.run(t, r.egressA, segment(t, macA, macGW, client, vip2, proto)); res.verdict != actShot {
+			t.Fatalf("a flow to %s on the tuple of the live flow to %s: verdict %d, want dropped", vip2, vip1, res.verdict)
+		}
+		if d := r.epStats(t, r.idA).Drops[loader.DropSvcTupleInUse] - before; d != 1 {
+			t.Fatalf("service_tuple_in_use drops moved by %d, want 1", d)
+		}
+		wantFrame(t, r.rig, r.ingressA, segment(t, macGW, macA, b, client, proto), segment(t, macGW, macA, vip1, client, proto))
+	}
+	taken := func(t *testing.T, r *svcRig, proto layers.IPProtocol) {
+		t.Helper()
+		wantFrame(t, r.rig, r.egressA, segment(t, macA, macGW, client, vip2, proto), segment(t, macA, macGW, client, b, proto))
+		wantFrame(t, r.rig, r.ingressA, segment(t, macGW, macA, b, client, proto), segment(t, macGW, macA, vip2, client, proto))
+	}
+	fin := func(tcp *layers.TCP) { tcp.SYN, tcp.FIN, tcp.ACK, tcp.Ack = false, true, true, 1 }
+	rst := func(tcp *layers.TCP) { tcp.SYN, tcp.RST = false, true }
+	fromClient := func(t *testing.T, r *svcRig, set func(*layers.TCP)) {
+		t.Helper()
+		wantFrame(t, r.rig, r.egressA, reflag(t, segment(t, macA, macGW, client, vip1, layers.IPProtocolTCP), set),
+			reflag(t, segment(t, macA, macGW, client, b, layers.IPProtocolTCP), set))
+	}
+	fromBackend := func(t *testing.T, r *svcRig, set func(*layers.TCP)) {
+		t.Helper()
+		wantFrame(t, r.rig, r.ingressA, reflag(t, segment(t, macGW, macA, b, client, layers.IPProtocolTCP), set),
+			reflag(t, segment(t, macGW, macA, vip1, client, layers.IPProtocolTCP), set))
+	}
+	for _, tc := range []struct {
+		name string
+		end  func(*testing.T, *svcRig) // what frees the tuple, after the checks that it is held
+	}{
+		{"a FIN each way", func(t *testing.T, r *svcRig) {
+			fromClient(t, r, fin)
+			refused(t, r, layers.IPProtocolTCP) // half-closed: the backend may still send
+			fromBackend(t, r, fin)
+		}},
+		{"the backend's FIN, then the client's", func(t *testing.T, r *svcRig) {
+			fromBackend(t, r, fin)
+			refused(t, r, layers.IPProtocolTCP)
+			fromClient(t, r, fin)
+		}},
+		{"the client's RST", func(t *testing.T, r *svcRig) { fromClient(t, r, rst) }},
+		{"the backend's RST", func(t *testing.T, r *svcRig) {
+			fromBackend(t, r, func(tcp *layers.TCP) { tcp.SYN, tcp.RST, tcp.ACK, tcp.Ack = false, true, true, 1 })
+		}},
+		{"idle past the hold", func(t *testing.T, r *svcRig) {
+			// 30 minutes idle already: 2 h 1 min in all (past the
+			// keepalive time, within its probes), then 2 h 13 min.
+			ageFlow(t, &r.dp.Maps, client, vip1, uint8(layers.IPProtocolTCP), 91*time.Minute)
+			refused(t, r, layers.IPProtocolTCP) // keepalive's probes are still due
+			ageFlow(t, &r.dp.Maps, client, vip1, uint8(layers.IPProtocolTCP), 12*time.Minute)
+		}},
+	} {
+		t.Run("TCP/none free until "+tc.name, func(t *testing.T) {
+			r := newSvcRig(t, front(vip1, datapath.ProtoTCP, b), front(vip2, datapath.ProtoTCP, b))
+			wantFrame(t, r.rig, r.egressA, segment(t, macA, macGW, client, vip1, layers.IPProtocolTCP),
+				segment(t, macA, macGW, client, b, layers.IPProtocolTCP))
+			refused(t, r, layers.IPProtocolTCP)
+			cs, err := datapath.ServiceCounters(&r.dp.Maps)
+			must(t, err)
+			for _, sc := range cs {
+				if want := uint64(map[bool]int{true: 1}[sc.VIP == vip2.Addr()]); sc.Failures != want {
+					t.Errorf("%s: backend-selection failures %d, want %d", sc.VIP, sc.Failures, want)
+				}
+			}
+			// Idle within the hold: still vip1's.
+			ageFlow(t, &r.dp.Maps, client, vip1, uint8(layers.IPProtocolTCP), 30*time.Minute)
+			refused(t, r, layers.IPProtocolTCP)
+			tc.end(t, r)
+			taken(t, r, layers.IPProtocolTCP)
+		})
+	}
+	// SCTP is translated only to the same port: VIPs on the backend's.
+	s1, s2 := netip.AddrPortFrom(vip1.Addr(), b.Port()), netip.AddrPortFrom(vip2.Addr(), b.Port())
+	sctp := func(t *testing.T, r *svcRig, to netip.AddrPort) result {
+		t.Helper()
+		return r.run(t, r.egressA, segment(t, macA, macGW, client, to, layers.IPProtocolSCTP))
+	}
+	t.Run("SCTP/none free", func(t *testing.T) {
+		r := newSvcRig(t, front(s1, datapath.ProtoSCTP, b), front(s2, datapath.ProtoSCTP, b))
+		wantFrame(t, r.rig, r.egressA, segment(t, macA, macGW, client, s1, layers.IPProtocolSCTP),
+			segment(t, macA, macGW, client, b, layers.IPProtocolSCTP))
+		if res := sctp(t, r, s2); res.verdict != actShot {
+			t.Fatalf("SCTP to %s on the tuple %s's flow holds: verdict %d, want dropped", s2, s1, res.verdict)
+		}
+		if d := r.epStats(t, r.idA).Drops[loader.DropSvcTupleInUse]; d != 1 {
+			t.Errorf("service_tuple_in_use drops %d, want 1", d)
+		}
+		wantFrame(t, r.rig, r.ingressA, segment(t, macGW, macA, b, client, layers.IPProtocolSCTP),
+			segment(t, macGW, macA, s1, client, layers.IPProtocolSCTP))
+		ageFlow(t, &r.dp.Maps, client, s1, uint8(layers.IPProtocolSCTP), 61*time.Second)
+		wantFrame(t, r.rig, r.egressA, segment(t, macA, macGW, client, s2, layers.IPProtocolSCTP),
+			segment(t, macA, macGW, client, b, layers.IPProtocolSCTP))
+	})
+	// SCTP to another port is left to the host, tuple taken or not: no
+	// flow written, nothing dropped.
+	t.Run("SCTP/another port left to the host", func(t *testing.T) {
+		r := newSvcRig(t, front(s1, datapath.ProtoSCTP, b), front(s2, datapath.ProtoSCTP, netip.AddrPortFrom(b.Addr(), 9090), b))
+		wantFrame(t, r.rig, r.egressA, segment(t, macA, macGW, client, s1, layers.IPProtocolSCTP),
+			segment(t, macA, macGW, client, b, layers.IPProtocolSCTP))
+		flows := r.svcStat(t, loader.SvcStatNewFlows)
+		// s2's picks: b:9090 (another port: left to the host) or b (its
+		// tuple held: dropped); never a flow written.
+		for range 20 {
+			res := sctp(t, r, s2)
+			if res.verdict != actOK && res.verdict != actShot {
+				t.Fatalf("verdict %d", res.verdict)
+			}
+		}
+		if n := r.svcStat(t, loader.SvcStatNewFlows); n != flows {
+			t.Errorf("new flows %d -> %d: a flow was written", flows, n)
+		}
+		if n := r.svcStat(t, loader.SvcStatUntranslatable); n == 0 {
+			t.Errorf("no frame left to the host as untranslatable in 20")
+		}
+	})
+	t.Run("UDP/none free: taken over", func(t *testing.T) {
+		r := newSvcRig(t, front(vip1, datapath.ProtoUDP, b), front(vip2, datapath.ProtoUDP, b))
+		wantFrame(t, r.rig, r.egressA, segment(t, macA, macGW, client, vip1, layers.IPProtocolUDP),
+			segment(t, macA, macGW, client, b, layers.IPProtocolUDP))
+		taken(t, r, layers.IPProtocolUDP)
+		if d := r.epStats(t, r.idA).Drops[loader.DropSvcTupleInUse]; d != 0 {
+			t.Errorf("service_tuple_in_use drops %d, want 0", d)
+		}
+	})
+	// A SYN on vip1's closed flow after vip2's took the tuple: vip1 picks
+	// afresh (b, held by vip2: dropped), and vip2's reply entry stays.
+	t.Run("TCP/a closed flow reopened leaves the tuple's new holder", func(t *testing.T) {
+		r := newSvcRig(t, front(vip1, datapath.ProtoTCP, b), front(vip2, datapath.ProtoTCP, b))
+		wantFrame(t, r.rig, r.egressA, segment(t, macA, macGW, client, vip1, layers.IPProtocolTCP),
+			segment(t, macA, macGW, client, b, layers.IPProtocolTCP))
+		fromClient(t, r, rst)
+		taken(t, r, layers.IPProtocolTCP)
+		if res := r.run(t, r.egressA, segment(t, macA, macGW, client, vip1, layers.IPProtocolTCP)); res.verdict != actShot {
+			t.Fatalf("vip1's new connection on the tuple vip2 holds: verdict %d, want dropped", res.verdict)
+		}
+		wantFrame(t, r.rig, r.ingressA, segment(t, macGW, macA, b, client, layers.IPProtocolTCP),
+			segment(t, macGW, macA, vip2, client, layers.IPProtocolTCP))
+	})
 }

@@ -278,7 +278,7 @@ services:
 	}
 	// Ports below the ephemeral range, one per try: a closed client
 	// socket keeps its tuple in TIME_WAIT.
-	for port := uint16(23130); port < 23136; port++ {
+	for port := uint16(23130); port < 23142; port++ {
 		ca, err := netenv.DialTCPFrom(client.NS, port, netip.AddrPortFrom(twinA, 80), 2*time.Second)
 		must(t, err)
 		if who, err := whoOn(ca); err != nil || who != at(b1) {
@@ -308,10 +308,10 @@ services:
 		return err == nil && slices.ContainsFunc(fs, func(f datapath.Frontend) bool { return f.VIP == twinB && len(f.Backends) == 1 })
 	})
 	inUse := l.endpointStats(t, dp, client).Drops[loader.DropSvcTupleInUse]
-	ca, err := netenv.DialTCPFrom(client.NS, 23140, netip.AddrPortFrom(twinA, 80), 2*time.Second)
+	ca, err := netenv.DialTCPFrom(client.NS, 23150, netip.AddrPortFrom(twinA, 80), 2*time.Second)
 	must(t, err)
-	if _, err := netenv.DialTCPFrom(client.NS, 23140, netip.AddrPortFrom(twinB, 80), 2*time.Second); err == nil {
-		t.Errorf("twin-b from port 23140 connected while twin-a's connection holds the tuple at its only backend")
+	if _, err := netenv.DialTCPFrom(client.NS, 23150, netip.AddrPortFrom(twinB, 80), 2*time.Second); err == nil {
+		t.Errorf("twin-b from port 23150 connected while twin-a's connection holds the tuple at its only backend")
 	}
 	if who, err := whoOn(ca); err != nil || who != at(b1) {
 		t.Fatalf("twin-a's connection after twin-b's refused one: %q, %v", who, err)

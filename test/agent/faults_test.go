@@ -23,6 +23,7 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
+	"github.com/containernetworking/plugins/pkg/ns"
 	"golang.org/x/sys/unix"
 
 	"github.com/underpass-cni/underpass/internal/attach"
@@ -668,4 +669,69 @@ func grepLines(s, sub string) string {
 		}
 	}
 	return strings.Join(out, "\n")
+}
+
+// A plugin's first ADD on a parent nobody had attached registers and
+// attaches the parent, the agent attaches it too (it has an endpoint now),
+// and the ADD then fails late: its rollback takes the parent back
+// (registration and link). The agent must not count that as a repair and
+// put the parent program back on a parent with no pods: it forgets the
+// parent, and its XDP link with it. The rollback is the real one
+// (datapath.AddEndpoint, what the plugin calls); only the failure is
+// injected, after the agent has seen the parent's link pin.
+func TestFailedFirstADDReleasesParent(t *testing.T) {
+	l := newLab(t, netenv.Options{SecondUplink: true})
+	eth1 := l.Uplinks[1]
+	c := l.AddMacvlanContainerOn(eth1, "late", eth1.IP4(10), netip.Prefix{})
+	l.writeConfig(cfgReach(true))
+	ag := l.start(agentBin)
+	ag.waitReady()
+	dp := l.open()
+	attached := fmt.Sprintf(`msg="parent program attached" parent=%s ifindex=%d`, eth1.Name, eth1.Index)
+	netns, err := ns.GetNS(c.Path)
+	must(t, err)
+	defer netns.Close()
+	ep := &datapath.Endpoint{ContainerID: "late", IfName: c.IfName, Netns: c.Path, Ifindex: c.Index,
+		MAC: c.MAC, Addrs: []netip.Prefix{c.IP4}, ParentIfindex: eth1.Index, ParentName: eth1.Name, ParentMAC: eth1.MAC,
+		Mode: loader.ModeMacvlan, PodName: "late", PodNamespace: "test"}
+	late := errors.New("injected: the ADD fails after the registration")
+	err = l.Node.Do(func() error {
+		_, err := datapath.AddEndpoint(dp, netns, ep, datapath.AddOptions{}, func() error {
+			// Not waitFor: this runs on ns.Do's goroutine, where t.Fatal
+			// may not be called.
+			for end := time.Now().Add(faultDeadline); !strings.Contains(ag.Out.String(), attached); time.Sleep(50 * time.Millisecond) {
+				if time.Now().After(end) {
+					return fmt.Errorf("the agent did not attach %s within %s", eth1.Name, faultDeadline)
+				}
+			}
+			time.Sleep(2500 * time.Millisecond) // two ticks: the agent has seen the link pin
+			return late
+		})
+		return err
+	})
+	if !errors.Is(err, late) {
+		t.Fatalf("AddEndpoint: %v, want the injected failure", err)
+	}
+	waitFor(t, faultDeadline, "the agent acting on the parent's missing link pin", func() bool {
+		out := ag.Out.String()
+		return strings.Contains(out, `msg="parent released: `) || strings.Contains(out, msgLinksRestored)
+	})
+	time.Sleep(2500 * time.Millisecond) // and two ticks more: nothing comes back
+	if strings.Contains(ag.Out.String(), msgLinksRestored) {
+		t.Errorf("the rollback's detach was taken for a removed link pin and repaired")
+	}
+	if v := l.metric("underpass_agent_repairs_total", `what="links"`); v != 0 {
+		t.Errorf(`underpass_agent_repairs_total{what="links"} = %v, want 0`, v)
+	}
+	for _, pin := range []string{attach.LinkPin(l.dir, attach.RoleParent, eth1.Index), attach.XDPLinkPin(l.dir, eth1.Index)} {
+		if pinExists(pin) {
+			t.Errorf("link pin of the released parent left: %s", pin)
+		}
+	}
+	if ids := tcxPrograms(t, l.Node, eth1.Index); len(ids) != 0 {
+		t.Errorf("programs still on %s's tcx egress: %v", eth1.Name, ids)
+	}
+	if _, err := datapath.GetParent(&dp.Maps, eth1.Index); !errors.Is(err, datapath.ErrNoParent) {
+		t.Errorf("%s still registered: %v", eth1.Name, err)
+	}
 }
