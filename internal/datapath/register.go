@@ -294,12 +294,17 @@ func undoParent(dp *loader.Objects, ifindex int, ps parentState) error {
 			return nil
 		}
 	}
+	// The registration goes first: the agent (which does not take the
+	// lock to check its link pins) must never see the link pin gone
+	// while the parent is still registered, which is what a pin removed
+	// from under it looks like, and would re-attach it (see the agent's
+	// released).
 	var errs []error
-	if ps.attached {
-		errs = append(errs, attach.DetachEgress(dp.EgressTarget(attach.RoleParent, ifindex)))
-	}
 	if ps.registered {
 		errs = append(errs, DeleteParent(&dp.Maps, ifindex))
+	}
+	if ps.attached {
+		errs = append(errs, attach.DetachEgress(dp.EgressTarget(attach.RoleParent, ifindex)))
 	}
 	return errors.Join(errs...)
 }
