@@ -13,22 +13,26 @@ import (
 	"github.com/underpass-cni/underpass/internal/loader"
 )
 
+// regOn registers a macvlan endpoint with MAC 02:00:00:00:00:mac and
+// address ip on parent ifindex parent.
+func regOn(t *testing.T, m *loader.Maps, id string, parent int, mac byte, ip string) uint32 {
+	t.Helper()
+	epID, err := datapath.Register(m, datapath.Endpoint{
+		ContainerID: id, IfName: "eth0", ParentIfindex: parent, Mode: loader.ModeMacvlan,
+		MAC: net.HardwareAddr{2, 0, 0, 0, 0, mac}, Addrs: []netip.Prefix{netip.MustParsePrefix(ip)},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return epID
+}
+
 func TestMoveParentAndCount(t *testing.T) {
 	m := load(t)
 	if n, err := datapath.CountEndpoints(m); err != nil || n != 0 {
 		t.Fatalf("empty: %d %v", n, err)
 	}
-	reg := func(id string, parent int, mac byte, ip string) uint32 {
-		t.Helper()
-		epID, err := datapath.Register(m, datapath.Endpoint{
-			ContainerID: id, IfName: "eth0", ParentIfindex: parent, Mode: loader.ModeMacvlan,
-			MAC: net.HardwareAddr{2, 0, 0, 0, 0, mac}, Addrs: []netip.Prefix{netip.MustParsePrefix(ip)},
-		})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return epID
-	}
+	reg := func(id string, parent int, mac byte, ip string) uint32 { return regOn(t, m, id, parent, mac, ip) }
 	a := reg("a", 5, 1, "10.0.0.1/24")
 	b := reg("b", 5, 2, "10.0.0.2/24")
 	c := reg("c", 6, 3, "10.0.1.3/24")
@@ -109,17 +113,7 @@ func TestSameMACAndAddressOnTwoParents(t *testing.T) {
 // key and the holder; the others move.
 func TestMoveParentLeavesAHeldKey(t *testing.T) {
 	m := load(t)
-	reg := func(id string, parent int, mac byte, ip string) uint32 {
-		t.Helper()
-		epID, err := datapath.Register(m, datapath.Endpoint{
-			ContainerID: id, IfName: "eth0", ParentIfindex: parent, Mode: loader.ModeMacvlan,
-			MAC: net.HardwareAddr{2, 0, 0, 0, 0, mac}, Addrs: []netip.Prefix{netip.MustParsePrefix(ip)},
-		})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return epID
-	}
+	reg := func(id string, parent int, mac byte, ip string) uint32 { return regOn(t, m, id, parent, mac, ip) }
 	a := reg("a", 5, 1, "10.0.0.1/24")
 	b := reg("b", 5, 2, "10.0.0.2/24")
 	c := reg("c", 5, 3, "10.0.0.3/24")
