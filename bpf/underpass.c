@@ -1940,6 +1940,22 @@ static __always_inline void mark_closed(struct up_ct *ct, __u8 tflags, int from_
 		ct->flags |= f;
 }
 
+/* Is rv there, and (when own) this flow's, to vip:vport? */
+static __always_inline int rev_is(const struct up_rev *rv, int own, const __u8 *vip, __u16 vport)
+{
+	return rv && (!own || (rv->vport == vport && addr_eq(rv->vip, vip)));
+}
+
+/* The end flags a flow written for segment tflags starts with: one whose
+ * first segment seen is a FIN or a RST (its entry lost to the LRU) is as
+ * ended as that segment says. */
+static __always_inline __u8 end_flags(__u8 l4, __u8 tflags)
+{
+	if (l4 != IPPROTO_TCP || !(tflags & (TCP_FLAG_FIN | TCP_FLAG_RST)))
+		return 0;
+	return UP_CT_CLOSED | (tflags & TCP_FLAG_RST ? UP_CT_RESET : UP_CT_FIN_CLIENT);
+}
+
 /* up_svc_repick starts the flow up_svc_xlate could not (XLATE_TUPLE_IN_USE:
  * the backend it picked has the flow's tuple in use, see tuple_free) on a
  * backend whose tuple is free, from a random slot on, never the client
@@ -2019,19 +2035,14 @@ __noinline int up_svc_repick(struct __sk_buff *skb, const struct pkt *p)
 			sc->failures++;
 		return 0;
 	}
-	/* Under sessionAffinity, the client's backend is the one it got. */
-	if (svc.flags & UP_SVC_AFFINITY) {
-		struct up_affinity_key ak = {.svc_id = sid};
-		__builtin_memcpy(ak.client, p->saddr.addr, 16);
-		struct up_affinity af = {.backend_id = bid, .gen = svc.gen, .seen_ns = now, .port = b.port};
-		__builtin_memcpy(af.addr, b.addr, 16);
-		bpf_map_update_elem(&svc_affinity, &ak, &af, BPF_ANY);
-	}
+	/* sessionAffinity is left as it was: the client's other connections
+	 * stay with its backend (this one flow could not). */
 	{
 		struct up_ct_key ck = {.client_port = sport, .vport = dport, .l4proto = l4};
 		__builtin_memcpy(ck.client, p->saddr.addr, 16);
 		__builtin_memcpy(ck.vip, p->daddr.addr, 16);
-		struct up_ct nct = {.backend_id = bid, .svc_id = sid, .seen_ns = now, .port = b.port, .gen = svc.gen};
+		struct up_ct nct = {.backend_id = bid, .svc_id = sid, .seen_ns = now, .port = b.port, .gen = svc.gen,
+				    .flags = end_flags(l4, tflags)};
 		__builtin_memcpy(nct.addr, b.addr, 16);
 		if (bpf_map_update_elem(&svc_ct, &ck, &nct, BPF_ANY))
 			return 0;
@@ -2200,7 +2211,8 @@ __noinline int up_svc_xlate(struct __sk_buff *skb, const struct pkt *p, __u32 pa
 		if (fresh && !tuple_free(&ck, &b, now))
 			return XLATE_TUPLE_IN_USE;
 		if (fresh) {
-			struct up_ct nct = {.backend_id = bid, .svc_id = svc->id, .seen_ns = now, .port = b.port, .gen = svc->gen};
+			struct up_ct nct = {.backend_id = bid, .svc_id = svc->id, .seen_ns = now, .port = b.port, .gen = svc->gen,
+					    .flags = end_flags(l4, tflags)};
 			__builtin_memcpy(nct.addr, b.addr, 16);
 			bpf_map_update_elem(&svc_ct, &ck, &nct, BPF_ANY);
 			svc_count(UP_SVC_STAT_NEW_FLOWS, len);
@@ -2215,7 +2227,10 @@ __noinline int up_svc_xlate(struct __sk_buff *skb, const struct pkt *p, __u32 pa
 	struct up_rev_key rk = {.backend_port = b.port, .client_port = sport, .l4proto = l4};
 	__builtin_memcpy(rk.backend, b.addr, 16);
 	__builtin_memcpy(rk.client, p->saddr.addr, 16);
-	if (fresh || (recheck && !bpf_map_lookup_elem(&svc_rev, &rk))) {
+	/* A UDP tuple another VIP's flow took over (up_svc_repick, none
+	 * free) comes back to this one when it sends again: the last sender
+	 * wins, checked once a second. */
+	if (fresh || (recheck && !rev_is(bpf_map_lookup_elem(&svc_rev, &rk), l4 == IPPROTO_UDP, p->daddr.addr, dport))) {
 		struct up_rev rv = {.vport = dport, .svc_id = sid};
 		__builtin_memcpy(rv.vip, p->daddr.addr, 16);
 		bpf_map_update_elem(&svc_rev, &rk, &rv, BPF_ANY);

@@ -238,15 +238,24 @@ func (a *Agent) parentRecreated(l netlink.Link) {
 		}
 		unlock()
 	}
+	// Endpoints left on the old index (a key of theirs held on the new
+	// one) bring this back every tick until GC removes them: said once.
+	key := fmt.Sprint("move-parent-", attrs.Name, "-", st.ifindex)
+	again := a.warned[key]
 	if err != nil {
-		a.log.Error("move endpoints to the re-created parent", "parent", attrs.Name, "error", err)
+		a.errorOnce(key, "move endpoints to the re-created parent; those not moved stay on the old index until GC removes them",
+			"parent", attrs.Name, "error", err)
+	} else {
+		delete(a.warned, key)
 	}
 	// The old index's pins outlive it when the parent was deleted while
 	// the agent was down.
 	dropParentLinks(a.dp.Load(), st.ifindex)
 	delete(a.lost, attrs.Name)
-	a.log.Info("parent re-created: program re-attached and endpoints moved",
-		"parent", attrs.Name, "old_ifindex", st.ifindex, "ifindex", attrs.Index, "endpoints_moved", moved)
+	if !again {
+		a.log.Info("parent re-created: program re-attached and endpoints moved",
+			"parent", attrs.Name, "old_ifindex", st.ifindex, "ifindex", attrs.Index, "endpoints_moved", moved)
+	}
 }
 
 // forgetDeadParents drops parents entries of interfaces that are gone and

@@ -165,11 +165,11 @@ func (a *Agent) restoreLinks(dp *loader.Objects) error {
 			// A plugin's failed ADD took back the parent it had
 			// registered and attached (the agent had attached it
 			// too, meanwhile): no repair, the parent is not one.
-			delete(a.parents, l.ifindex)
-			dropParentLinks(dp, l.ifindex)
+			if !a.releaseParent(dp, l.ifindex, l.pin) {
+				seen[l.pin] = true // an ADD took it again meanwhile: look next tick
+				continue
+			}
 			gone[l.ifindex] = true
-			a.log.Info("parent released: its only endpoint's ADD failed and took back its registration and link; forgot it",
-				"ifindex", l.ifindex)
 		case err != nil:
 			seen[l.pin] = true // retried next tick
 			a.errorOnce("relink-"+l.pin, "link pin removed from under the agent; restoring it failed, retrying",
@@ -244,6 +244,39 @@ func (a *Agent) pinnedLinks(dp *loader.Objects) []pinnedLink {
 		})
 	}
 	return out
+}
+
+// releaseParent forgets parent ifindex, which released says its registrant
+// gave up, and drops its links (XDP: its own). Under the lock, checked
+// again: a plugin's ADD retried meanwhile may have registered and attached
+// it anew, which must stay. An uplink that was this parent gets its own
+// program back. false when it is not released after all.
+func (a *Agent) releaseParent(dp *loader.Objects, ifindex int, pin string) bool {
+	unlock, err := dp.Lock()
+	if err != nil {
+		a.log.Error("release parent: take the datapath lock", "ifindex", ifindex, "error", err)
+		return false
+	}
+	if !released(dp, ifindex) || pinExists(pin) {
+		unlock()
+		return false
+	}
+	delete(a.parents, ifindex)
+	dropParentLinks(dp, ifindex)
+	unlock()
+	a.log.Info("parent released: its only endpoint's ADD failed and took back its registration and link; forgot it",
+		"ifindex", ifindex)
+	resync := false
+	for name, u := range a.uplinks {
+		if u.ifindex == ifindex && u.isParent {
+			delete(a.uplinks, name)
+			resync = true
+		}
+	}
+	if resync {
+		a.syncUplinks(false)
+	}
+	return true
 }
 
 // released says whether parent ifindex was given up by its registrant: no

@@ -82,6 +82,11 @@ func heldOnNewParent(m *loader.Maps, old []loader.EpIPKey, mac loader.MACKey, id
 		}
 	}
 	for _, k := range old {
+		// Only the keys that move: a learnt slot whose address is no
+		// longer this endpoint's is left, as moveRef leaves it.
+		if m.EpByIp.Lookup(&k, &cur) != nil || cur.Id != id {
+			continue
+		}
 		nk := loader.EpIPKey{Addr: k.Addr, ParentIfindex: uint32(to)}
 		if h := held(m.EpByIp, &nk); h != 0 {
 			return fmt.Errorf("%w: %s belongs to endpoint %d there", ErrAddrInUse, netip.AddrFrom16(k.Addr).Unmap(), h)

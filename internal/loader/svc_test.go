@@ -1392,6 +1392,20 @@ func TestServiceTupleInUseThroughAnotherVIP(t *testing.T) {
 		if d := r.epStats(t, r.idA).Drops[loader.DropSvcTupleInUse]; d != 0 {
 			t.Errorf("service_tuple_in_use drops %d, want 0", d)
 		}
+		// vip1's flow sends again (past its once-a-second check): the
+		// replies are its again, the last sender's.
+		ageFlow(t, &r.dp.Maps, client, vip1, uint8(layers.IPProtocolUDP), 2*time.Second)
+		wantFrame(t, r.rig, r.egressA, segment(t, macA, macGW, client, vip1, layers.IPProtocolUDP),
+			segment(t, macA, macGW, client, b, layers.IPProtocolUDP))
+		wantFrame(t, r.rig, r.ingressA, segment(t, macGW, macA, b, client, layers.IPProtocolUDP),
+			segment(t, macGW, macA, vip1, client, layers.IPProtocolUDP))
+	})
+	// A flow first seen at its RST (its entry lost to the LRU) is written
+	// ended: it holds nothing.
+	t.Run("TCP/a flow first seen at its RST holds nothing", func(t *testing.T) {
+		r := newSvcRig(t, front(vip1, datapath.ProtoTCP, b), front(vip2, datapath.ProtoTCP, b))
+		fromClient(t, r, rst)
+		taken(t, r, layers.IPProtocolTCP)
 	})
 	// A SYN on vip1's closed flow after vip2's took the tuple: vip1 picks
 	// afresh (b, held by vip2: dropped), and vip2's reply entry stays.

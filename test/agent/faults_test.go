@@ -683,7 +683,9 @@ func TestFailedFirstADDReleasesParent(t *testing.T) {
 	l := newLab(t, netenv.Options{SecondUplink: true})
 	eth1 := l.Uplinks[1]
 	c := l.AddMacvlanContainerOn(eth1, "late", eth1.IP4(10), netip.Prefix{})
-	l.writeConfig(cfgReach(true))
+	// eth1 is an uplink too: its uplink program gives way to the parent
+	// program while it is a parent, and must be back once it is not.
+	l.writeConfig(cfgReach(true) + "uplinks: [" + eth1.Name + "]\n")
 	ag := l.start(agentBin)
 	ag.waitReady()
 	dp := l.open()
@@ -728,10 +730,23 @@ func TestFailedFirstADDReleasesParent(t *testing.T) {
 			t.Errorf("link pin of the released parent left: %s", pin)
 		}
 	}
-	if ids := tcxPrograms(t, l.Node, eth1.Index); len(ids) != 0 {
-		t.Errorf("programs still on %s's tcx egress: %v", eth1.Name, ids)
+	if !pinExists(attach.LinkPin(l.dir, attach.RoleUplink, eth1.Index)) {
+		t.Errorf("%s, an uplink, has no uplink program back after the parent was released", eth1.Name)
+	}
+	if ids := tcxPrograms(t, l.Node, eth1.Index); len(ids) != 1 {
+		t.Errorf("programs on %s's tcx egress: %v, want the uplink program alone", eth1.Name, ids)
 	}
 	if _, err := datapath.GetParent(&dp.Maps, eth1.Index); !errors.Is(err, datapath.ErrNoParent) {
 		t.Errorf("%s still registered: %v", eth1.Name, err)
+	}
+	// The ADD again, succeeding: the parent is attached again, and stays.
+	must(t, l.Node.Do(func() error {
+		_, err := datapath.AddEndpoint(dp, netns, ep, datapath.AddOptions{}, nil)
+		return err
+	}))
+	l.waitParentAttached(eth1.Index)
+	time.Sleep(2500 * time.Millisecond)
+	if _, ok := l.parentLink(eth1.Index); !ok {
+		t.Errorf("%s lost its parent program after a successful ADD", eth1.Name)
 	}
 }
