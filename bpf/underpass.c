@@ -1789,6 +1789,12 @@ static __always_inline __u32 pick_backend(const struct up_svc *svc, const __u8 *
 	return bid;
 }
 
+/* Is rv there, and (when own) this flow's, to vip:vport? */
+static __always_inline int rev_is(const struct up_rev *rv, int own, const __u8 *vip, __u16 vport)
+{
+	return rv && (!own || (rv->vport == vport && addr_eq(rv->vip, vip)));
+}
+
 /* Is the tuple client:port -> b free for the new flow ck? Not if another
  * live translated flow has it: one from the same client port through
  * another VIP or VIP port to the same backend. Two Services with the same
@@ -1810,7 +1816,7 @@ static __always_inline int tuple_free(struct up_ct_key *ck, const struct up_back
 		__builtin_memcpy(rk.client, ck->client, 16);
 		rv = bpf_map_lookup_elem(&svc_rev, &rk);
 	}
-	if (!rv || (rv->vport == ck->vport && addr_eq(rv->vip, ck->vip)))
+	if (!rv || rev_is(rv, 1, ck->vip, ck->vport))
 		return 1; /* nobody's, or this flow's own */
 	__u16 vport = ck->vport;
 	__builtin_memcpy(vip, ck->vip, 16);
@@ -1927,6 +1933,13 @@ static __always_inline int tcp_opens(__u8 tflags)
 	return (tflags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
 }
 
+/* The flags a FIN or RST segment (tflags) from the client or from the
+ * backend sets on its flow: closed, and how (enum up_ct_flags). */
+static __always_inline __u8 end_bits(__u8 tflags, int from_backend)
+{
+	return UP_CT_CLOSED | (tflags & TCP_FLAG_RST ? UP_CT_RESET : from_backend ? UP_CT_FIN_BACKEND : UP_CT_FIN_CLIENT);
+}
+
 /* mark_closed notes on a translated flow that its TCP connection ended
  * (a FIN or a RST, either way): a new connection on its tuple (the
  * client's source port came round again) picks a backend afresh, as
@@ -1934,16 +1947,9 @@ static __always_inline int tcp_opens(__u8 tflags)
  * old one, which may be draining. */
 static __always_inline void mark_closed(struct up_ct *ct, __u8 tflags, int from_backend)
 {
-	__u8 f = UP_CT_CLOSED |
-		 (tflags & TCP_FLAG_RST ? UP_CT_RESET : from_backend ? UP_CT_FIN_BACKEND : UP_CT_FIN_CLIENT);
+	__u8 f = end_bits(tflags, from_backend);
 	if ((ct->flags & f) != f)
 		ct->flags |= f;
-}
-
-/* Is rv there, and (when own) this flow's, to vip:vport? */
-static __always_inline int rev_is(const struct up_rev *rv, int own, const __u8 *vip, __u16 vport)
-{
-	return rv && (!own || (rv->vport == vport && addr_eq(rv->vip, vip)));
 }
 
 /* The end flags a flow written for segment tflags starts with: one whose
@@ -1953,7 +1959,7 @@ static __always_inline __u8 end_flags(__u8 l4, __u8 tflags)
 {
 	if (l4 != IPPROTO_TCP || !(tflags & (TCP_FLAG_FIN | TCP_FLAG_RST)))
 		return 0;
-	return UP_CT_CLOSED | (tflags & TCP_FLAG_RST ? UP_CT_RESET : UP_CT_FIN_CLIENT);
+	return end_bits(tflags, 0);
 }
 
 /* up_svc_repick starts the flow up_svc_xlate could not (XLATE_TUPLE_IN_USE:
@@ -2155,8 +2161,7 @@ __noinline int up_svc_xlate(struct __sk_buff *skb, const struct pkt *p, __u32 pa
 				__builtin_memcpy(ok.client, p->saddr.addr, 16);
 				/* Only if it is still this flow's: another VIP's
 				 * live flow may have taken the tuple since. */
-				struct up_rev *orv = bpf_map_lookup_elem(&svc_rev, &ok);
-				if (orv && orv->vport == dport && addr_eq(orv->vip, p->daddr.addr))
+				if (rev_is(bpf_map_lookup_elem(&svc_rev, &ok), 1, p->daddr.addr, dport))
 					bpf_map_delete_elem(&svc_rev, &ok);
 				fresh = 1;
 			} else if (l4 == IPPROTO_TCP && (tflags & (TCP_FLAG_FIN | TCP_FLAG_RST)))

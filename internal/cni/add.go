@@ -12,6 +12,7 @@ import (
 	"github.com/containernetworking/cni/pkg/types"
 	current "github.com/containernetworking/cni/pkg/types/100"
 	"github.com/containernetworking/plugins/pkg/ipam"
+	"github.com/containernetworking/plugins/pkg/netlinksafe"
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/containernetworking/plugins/pkg/utils/sysctl"
 	"github.com/vishvananda/netlink"
@@ -249,7 +250,7 @@ func checkSlaveMAC(mac net.HardwareAddr, master netlink.Link) error {
 	if bytes.Equal(mac, master.Attrs().HardwareAddr) {
 		return invalidConf("the MAC asked for, %s, is master %s's own: ask for another", mac, name)
 	}
-	routes, err := netlink.RouteList(master, netlink.FAMILY_ALL)
+	routes, err := netlinksafe.RouteList(master, netlink.FAMILY_ALL)
 	if err != nil {
 		return fmt.Errorf("list the routes through %s: %w", name, err)
 	}

@@ -211,6 +211,18 @@ func claimID(m *loader.Maps, ep *loader.Endpoint, id uint32) (uint32, error) {
 	}
 }
 
+// liveHolder is the endpoint other than id whose ref is k in lookup map mp
+// (ep_by_mac, ep_by_ip) and whose record is still there, or 0: a ref left
+// by an endpoint that is gone holds nothing.
+func liveHolder(m *loader.Maps, mp *ebpf.Map, k any, id uint32) uint32 {
+	var ref loader.EndpointRef
+	var holder loader.Endpoint
+	if mp.Lookup(k, &ref) == nil && ref.Id != id && m.Endpoints.Lookup(ref.Id, &holder) == nil {
+		return ref.Id
+	}
+	return 0
+}
+
 // writeRefs points the name, the addresses and (macvlan) the MAC of s at
 // endpoint id.
 func writeRefs(m *loader.Maps, s Endpoint, id uint32) error {
@@ -219,10 +231,8 @@ func writeRefs(m *loader.Maps, s Endpoint, id uint32) error {
 	// that is gone is taken.
 	if s.Mode == loader.ModeMacvlan {
 		k := MACKey(s.MAC, s.ParentIfindex)
-		var other loader.EndpointRef
-		var holder loader.Endpoint
-		if err := m.EpByMac.Lookup(&k, &other); err == nil && other.Id != id && m.Endpoints.Lookup(other.Id, &holder) == nil {
-			return fmt.Errorf("%w: MAC %s belongs to endpoint %d", ErrAddrInUse, s.MAC, other.Id)
+		if h := liveHolder(m, m.EpByMac, &k, id); h != 0 {
+			return fmt.Errorf("%w: MAC %s belongs to endpoint %d", ErrAddrInUse, s.MAC, h)
 		}
 	}
 	nk := attachKey(s.ContainerID, s.IfName)

@@ -66,18 +66,10 @@ func MoveParent(m *loader.Maps, from, to int) (int, error) {
 // heldOnNewParent says which of endpoint id's keys (its addresses old and
 // its MAC) another live endpoint holds under parent ifindex to.
 func heldOnNewParent(m *loader.Maps, old []loader.EpIPKey, mac loader.MACKey, id uint32, to int) error {
-	held := func(mp *ebpf.Map, k any) uint32 {
-		var ref loader.EndpointRef
-		var holder loader.Endpoint
-		if mp.Lookup(k, &ref) == nil && ref.Id != id && m.Endpoints.Lookup(ref.Id, &holder) == nil {
-			return ref.Id
-		}
-		return 0
-	}
 	var cur loader.EndpointRef
 	if m.EpByMac.Lookup(&mac, &cur) == nil && cur.Id == id {
 		nk := loader.MACKey{Mac: mac.Mac, ParentIfindex: uint32(to)}
-		if h := held(m.EpByMac, &nk); h != 0 {
+		if h := liveHolder(m, m.EpByMac, &nk, id); h != 0 {
 			return fmt.Errorf("%w: MAC %s belongs to endpoint %d there", ErrAddrInUse, net.HardwareAddr(mac.Mac[:]), h)
 		}
 	}
@@ -88,7 +80,7 @@ func heldOnNewParent(m *loader.Maps, old []loader.EpIPKey, mac loader.MACKey, id
 			continue
 		}
 		nk := loader.EpIPKey{Addr: k.Addr, ParentIfindex: uint32(to)}
-		if h := held(m.EpByIp, &nk); h != 0 {
+		if h := liveHolder(m, m.EpByIp, &nk, id); h != 0 {
 			return fmt.Errorf("%w: %s belongs to endpoint %d there", ErrAddrInUse, netip.AddrFrom16(k.Addr).Unmap(), h)
 		}
 	}
